@@ -1,0 +1,1 @@
+"""The operators' side: receives hits and unit status from many units."""

@@ -1,0 +1,1 @@
+"""The unit's daemon: capture, detect, track, embed, match, report."""

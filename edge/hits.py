@@ -1,0 +1,129 @@
+"""Turn matches into hits: once per (track, person), then quiet for that person on that camera.
+
+A person who stands in front of a camera matches on many frames and, as tracks break and
+restart, on several tracks. Operators need one alert per appearance, so a hit is emitted the
+first time a track matches a person, and after that no hit for that person on that camera is
+emitted until ``cooldown_s`` has passed since the last one. Time is the frames' capture time,
+so the rule holds however far analysis lags behind.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from edge.types import Hit, Match
+
+
+class CropConfig(BaseModel):
+    """The face picture a hit carries (``[matching.crop]`` in the unit config)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    margin: float = Field(0.25, ge=0.0, le=2.0, description="margin around the face box, in box sizes")
+    max_px: int = Field(256, ge=32, le=2048, description="longest side of the JPEG, pixels")
+    jpeg_quality: int = Field(90, ge=30, le=100)
+
+
+class HitEmitter:
+    """Decides which matches become hits and builds them. Thread-safe."""
+
+    def __init__(self, unit_id: str, cooldown_s: float = 60.0, crop: CropConfig | None = None) -> None:
+        if cooldown_s < 0:
+            raise ValueError(f"cooldown_s must be >= 0, got {cooldown_s}")
+        self.unit_id = unit_id
+        self.cooldown_s = float(cooldown_s)
+        self.crop = crop or CropConfig()
+        self._lock = threading.Lock()
+        self._hit_tracks: set[tuple[str, int, str]] = set()
+        self._last_hit: dict[tuple[str, str], float] = {}
+        self.suppressed = 0
+
+    def offer(
+        self,
+        *,
+        camera_id: str,
+        track_id: int,
+        match: Match,
+        box: tuple[float, float, float, float],
+        captured_at: float,
+        image: np.ndarray | None,
+        model_id: str,
+        watchlist_version: int,
+    ) -> Hit | None:
+        """Return a new Hit for this match, or None if it is below threshold, a repeat, or in cooldown."""
+        if not match.is_hit:
+            return None
+        track_key = (camera_id, track_id, match.person_id)
+        person_key = (camera_id, match.person_id)
+        with self._lock:
+            if track_key in self._hit_tracks:
+                return None
+            last = self._last_hit.get(person_key)
+            if last is not None and captured_at - last < self.cooldown_s:
+                # Remember the track so later frames of it are not weighed again.
+                self._hit_tracks.add(track_key)
+                self.suppressed += 1
+                return None
+            self._hit_tracks.add(track_key)
+            self._last_hit[person_key] = captured_at
+            self._prune(captured_at)
+        crop = encode_crop(image, box, self.crop) if image is not None else None
+        return Hit(
+            unit_id=self.unit_id,
+            camera_id=camera_id,
+            captured_at=captured_at,
+            person_id=match.person_id,
+            score=float(match.score),
+            threshold=float(match.threshold),
+            margin=float(match.margin),
+            box=box,
+            model_id=model_id,
+            watchlist_version=int(watchlist_version),
+            track_id=track_id,
+            crop_jpeg=crop,
+        )
+
+    def forget_track(self, camera_id: str, track_id: int) -> None:
+        """Drop what is remembered about a track that ended (its person cooldowns stay)."""
+        with self._lock:
+            self._hit_tracks = {k for k in self._hit_tracks if not (k[0] == camera_id and k[1] == track_id)}
+
+    def _prune(self, now: float) -> None:
+        stale = [k for k, t in self._last_hit.items() if now - t >= self.cooldown_s]
+        for k in stale:
+            del self._last_hit[k]
+
+
+def crop_box(
+    shape: tuple[int, ...], box: tuple[float, float, float, float], margin: float
+) -> tuple[int, int, int, int]:
+    """The face box grown by `margin` box sizes on each side and clipped to the image, as ints."""
+    h, w = int(shape[0]), int(shape[1])
+    x1, y1, x2, y2 = box
+    mx, my = (x2 - x1) * margin, (y2 - y1) * margin
+    cx1, cy1 = max(0, int(x1 - mx)), max(0, int(y1 - my))
+    cx2, cy2 = min(w, int(np.ceil(x2 + mx))), min(h, int(np.ceil(y2 + my)))
+    if cx2 <= cx1 or cy2 <= cy1:
+        raise ValueError(f"face box {box} lies outside the {w}x{h} image")
+    return cx1, cy1, cx2, cy2
+
+
+def encode_crop(image: np.ndarray, box: tuple[float, float, float, float], config: CropConfig) -> bytes:
+    """JPEG bytes of the face (with margin) cut from an RGB uint8 image."""
+    import cv2
+
+    x1, y1, x2, y2 = crop_box(image.shape, box, config.margin)
+    crop = image[y1:y2, x1:x2]
+    longest = max(crop.shape[0], crop.shape[1])
+    if longest > config.max_px:
+        s = config.max_px / longest
+        crop = cv2.resize(
+            crop, (max(1, round(crop.shape[1] * s)), max(1, round(crop.shape[0] * s))), interpolation=cv2.INTER_AREA
+        )
+    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(crop[:, :, ::-1]), [cv2.IMWRITE_JPEG_QUALITY, config.jpeg_quality])
+    if not ok:
+        raise ValueError(f"could not encode a {crop.shape} face crop as JPEG")
+    return buf.tobytes()

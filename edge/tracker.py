@@ -1,0 +1,199 @@
+"""Follow faces from frame to frame on one camera, so each person is embedded a few times, not every frame.
+
+A small IoU tracker with a centroid fallback and a constant-velocity guess, enough for faces
+sampled a few times a second: detections are matched greedily to the predicted box of each
+live track by overlap first, then, for what is left, by centre distance measured in face
+widths. A track that has not been seen for ``max_age_s`` ends. Each track keeps its few
+best-quality observations (with whatever payload the caller attached, e.g. the frame and
+detection) so the caller can embed the best one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Box = tuple[float, float, float, float]
+
+
+class TrackerConfig(BaseModel):
+    """How faces are followed on each camera (``[analysis.tracker]`` in the unit config)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    iou_threshold: float = Field(0.2, gt=0.0, le=1.0, description="least overlap for a detection to continue a track")
+    max_center_distance: float = Field(
+        1.0, gt=0.0, description="if overlap fails: largest centre distance, in face widths, to continue a track"
+    )
+    max_size_ratio: float = Field(2.0, ge=1.0, description="largest change of face size between two sightings")
+    max_age_s: float = Field(1.5, gt=0.0, description="a track unseen this long ends")
+    keep_best: int = Field(2, ge=1, le=16, description="best-quality observations kept per track")
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One detection handed to the tracker. `usable` says the face passed the quality gate."""
+
+    box: Box
+    score: float
+    quality: float = 0.0
+    usable: bool = True
+    data: Any = None
+
+
+@dataclass
+class Track:
+    """A face followed over time on one camera."""
+
+    id: int
+    box: Box
+    first_seen: float
+    last_seen: float
+    last: Observation
+    observations: int = 1
+    best: list[Observation] = field(default_factory=list)
+    velocity: tuple[float, float] = (0.0, 0.0)  # centre motion, pixels per second
+
+    @property
+    def best_observation(self) -> Observation | None:
+        """The highest-quality usable observation so far, or None if no sighting passed the quality gate."""
+        return self.best[0] if self.best else None
+
+    def predicted_box(self, t: float) -> Box:
+        """Where the track's box should be at time `t`, moving at its last velocity."""
+        dt = max(0.0, min(t - self.last_seen, 1.0))
+        dx, dy = self.velocity[0] * dt, self.velocity[1] * dt
+        x1, y1, x2, y2 = self.box
+        return (x1 + dx, y1 + dy, x2 + dx, y2 + dy)
+
+
+def iou(a: Box, b: Box) -> float:
+    """Intersection over union of two (x1, y1, x2, y2) boxes."""
+    ix = min(a[2], b[2]) - max(a[0], b[0])
+    iy = min(a[3], b[3]) - max(a[1], b[1])
+    if ix <= 0 or iy <= 0:
+        return 0.0
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _center(b: Box) -> tuple[float, float]:
+    return ((b[0] + b[2]) / 2.0, (b[1] + b[3]) / 2.0)
+
+
+def _width(b: Box) -> float:
+    return math.sqrt(max((b[2] - b[0]) * (b[3] - b[1]), 1e-6))
+
+
+class Tracker:
+    """Tracks of one camera. Not thread-safe: one camera, one caller."""
+
+    def __init__(self, config: TrackerConfig | None = None) -> None:
+        self.config = config or TrackerConfig()
+        self._tracks: dict[int, Track] = {}
+        self._next_id = 1
+        self._last_t: float | None = None
+        self.ended: list[Track] = []
+
+    @property
+    def tracks(self) -> list[Track]:
+        """The live tracks, oldest first."""
+        return list(self._tracks.values())
+
+    def update(self, detections: Sequence[Observation], t: float) -> list[Track]:
+        """Match this frame's detections (taken at time `t`, seconds) to tracks; return the live tracks.
+
+        Tracks that ended in this call are in `self.ended` until the next call. A detection that
+        continues no track starts a new one.
+        """
+        cfg = self.config
+        if self._last_t is not None and t < self._last_t:
+            # Frames arrive in order per camera; a clock step backwards must not age out every track.
+            t = self._last_t
+        self._last_t = t
+        self.ended = [tr for tr in self._tracks.values() if t - tr.last_seen > cfg.max_age_s]
+        for tr in self.ended:
+            del self._tracks[tr.id]
+
+        tracks = list(self._tracks.values())
+        predicted = {tr.id: tr.predicted_box(t) for tr in tracks}
+        unmatched_dets = set(range(len(detections)))
+        unmatched_tracks = {tr.id for tr in tracks}
+        pairs: list[tuple[int, int]] = []
+
+        by_overlap = sorted(
+            (
+                (iou(predicted[tr.id], det.box), tr.id, i)
+                for tr in tracks
+                for i, det in enumerate(detections)
+                if self._sizes_compatible(tr.box, det.box)
+            ),
+            reverse=True,
+        )
+        for overlap, tid, i in by_overlap:
+            if overlap < cfg.iou_threshold:
+                break
+            if tid in unmatched_tracks and i in unmatched_dets:
+                pairs.append((tid, i))
+                unmatched_tracks.discard(tid)
+                unmatched_dets.discard(i)
+
+        by_distance = sorted(
+            (self._distance(predicted[tid], detections[i].box), tid, i)
+            for tid in unmatched_tracks
+            for i in unmatched_dets
+            if self._sizes_compatible(self._tracks[tid].box, detections[i].box)
+        )
+        for dist, tid, i in by_distance:
+            if dist > cfg.max_center_distance:
+                break
+            if tid in unmatched_tracks and i in unmatched_dets:
+                pairs.append((tid, i))
+                unmatched_tracks.discard(tid)
+                unmatched_dets.discard(i)
+
+        for tid, i in pairs:
+            self._continue(self._tracks[tid], detections[i], t)
+        for i in sorted(unmatched_dets):
+            self._start(detections[i], t)
+        return self.tracks
+
+    def _sizes_compatible(self, a: Box, b: Box) -> bool:
+        ratio = _width(a) / _width(b)
+        return 1.0 / self.config.max_size_ratio <= ratio <= self.config.max_size_ratio
+
+    @staticmethod
+    def _distance(a: Box, b: Box) -> float:
+        (ax, ay), (bx, by) = _center(a), _center(b)
+        return math.hypot(ax - bx, ay - by) / ((_width(a) + _width(b)) / 2.0)
+
+    def _start(self, det: Observation, t: float) -> None:
+        tr = Track(id=self._next_id, box=det.box, first_seen=t, last_seen=t, last=det)
+        self._next_id += 1
+        self._keep(tr, det)
+        self._tracks[tr.id] = tr
+
+    def _continue(self, tr: Track, det: Observation, t: float) -> None:
+        dt = t - tr.last_seen
+        if dt > 0:
+            (ox, oy), (nx, ny) = _center(tr.box), _center(det.box)
+            vx, vy = (nx - ox) / dt, (ny - oy) / dt
+            # Smooth the velocity: detector boxes jitter by a few pixels from frame to frame.
+            tr.velocity = (0.5 * tr.velocity[0] + 0.5 * vx, 0.5 * tr.velocity[1] + 0.5 * vy)
+        tr.box = det.box
+        tr.last_seen = t
+        tr.last = det
+        tr.observations += 1
+        self._keep(tr, det)
+
+    def _keep(self, tr: Track, det: Observation) -> None:
+        if not det.usable:
+            return
+        tr.best.append(det)
+        tr.best.sort(key=lambda o: o.quality, reverse=True)
+        del tr.best[self.config.keep_best :]

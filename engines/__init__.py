@@ -1,0 +1,1 @@
+"""Face models: detection, landmarks, alignment, embedding; ONNX Runtime and TensorRT backends."""

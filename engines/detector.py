@@ -1,0 +1,299 @@
+"""MTCNN face detector (Zhang et al. 2016) on ONNX Runtime, the pipeline in numpy.
+
+Follows facenet-pytorch's detect_face() step by step: an image pyramid starting at
+12 / min_face_size and shrinking by `factor`; P-Net on every level, per-level NMS (IoU
+0.5), cross-level NMS (0.7), box regression, squaring; R-Net on 24x24 crops, NMS (0.7),
+regression, squaring; O-Net on 48x48 crops giving landmarks, regression, and a final
+NMS over the smaller box (0.7). R-Net and O-Net crops are batched into one run each.
+
+Coordinates follow facenet-pytorch: boxes are (x1, y1, x2, y2) in image pixels and may
+reach past the image edge (they are not clipped); landmarks are (x, y) in the order
+left eye, right eye, nose, left mouth corner, right mouth corner, "left" meaning the
+smaller x in the image for an upright face (the network's training convention).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from engines.errors import ImageError, ModelError
+
+log = logging.getLogger(__name__)
+
+_PIXEL_MEAN = 127.5
+_PIXEL_SCALE = 0.0078125
+_PNET_CELL = 12
+_PNET_STRIDE = 2
+# R-/O-Net runs are split into chunks so a crowded frame cannot allocate without bound.
+_BATCH = 256
+
+
+class MtcnnConfig(BaseModel):
+    """Settings of the MTCNN detector (the `[detector]` table of the unit's TOML)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_face_size: int = Field(40, ge=12, description="smallest face height in pixels to look for")
+    factor: float = Field(0.709, gt=0.3, lt=0.95, description="pyramid step between scales")
+    thresholds: tuple[float, float, float] = Field(
+        (0.6, 0.7, 0.7), description="face probability thresholds for P-Net, R-Net, O-Net"
+    )
+    intra_op_threads: int = Field(1, ge=0, description="ONNX Runtime threads per model; 0 lets it choose")
+
+    @field_validator("thresholds")
+    @classmethod
+    def _thresholds_are_probabilities(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if not all(0.0 < t < 1.0 for t in v):
+            raise ValueError(f"each threshold must be a probability in (0, 1), got {v}")
+        return v
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One face found by the detector, in image pixels."""
+
+    box: tuple[float, float, float, float]  # x1, y1, x2, y2
+    score: float
+    landmarks: np.ndarray  # (5, 2) float32: left eye, right eye, nose, left mouth, right mouth
+
+
+SessionFactory = Callable[[Path], Any]
+
+
+def cpu_session_factory(intra_op_threads: int = 1) -> SessionFactory:
+    """Return a callable that opens an ONNX model as a CPU onnxruntime.InferenceSession."""
+    import onnxruntime as ort
+
+    def make(path: Path) -> Any:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = intra_op_threads
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+    return make
+
+
+def check_image(image: Any) -> np.ndarray:
+    """Return image if it is a non-empty RGB uint8 (H, W, 3) array, else raise ImageError."""
+    if not isinstance(image, np.ndarray):
+        raise ImageError(f"detector input must be a numpy array (RGB uint8, H x W x 3), got {type(image).__name__}")
+    if image.dtype != np.uint8:
+        raise ImageError(f"detector input must be uint8 RGB, got dtype {image.dtype}; convert with .astype(np.uint8) "
+                         "after scaling to 0..255")
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ImageError(f"detector input must have shape (H, W, 3) RGB, got {image.shape}; convert grey or RGBA "
+                         "images to RGB first")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ImageError(f"detector input is empty (shape {image.shape})")
+    return image
+
+
+def pyramid_scales(height: int, width: int, min_face_size: int, factor: float) -> list[float]:
+    """Scales at which P-Net's 12 px window matches faces from min_face_size up to the whole image."""
+    m = _PNET_CELL / min_face_size
+    minl = min(height, width) * m
+    scales = []
+    scale = m
+    while minl >= _PNET_CELL:
+        scales.append(scale)
+        scale *= factor
+        minl *= factor
+    return scales
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, threshold: float, mode: str = "union") -> np.ndarray:
+    """Greedy non-maximum suppression; returns kept indices, best score first.
+
+    mode "union": IoU with areas (x2-x1)*(y2-y1) (torchvision's, as facenet-pytorch uses);
+    mode "min": intersection over the smaller box with +1 pixel sizes (MTCNN's last stage).
+    A box is dropped when its overlap with a kept box exceeds threshold.
+    """
+    if boxes.shape[0] == 0:
+        return np.zeros(0, dtype=np.intp)
+    plus = 1.0 if mode == "min" else 0.0
+    x1, y1, x2, y2 = (boxes[:, i].astype(np.float64) for i in range(4))
+    area = (x2 - x1 + plus) * (y2 - y1 + plus)
+    order = np.argsort(-scores, kind="stable")
+    keep = []
+    while order.size:
+        i = order[0]
+        keep.append(i)
+        rest = order[1:]
+        iw = np.maximum(0.0, np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]) + plus)
+        ih = np.maximum(0.0, np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]) + plus)
+        inter = iw * ih
+        denom = np.minimum(area[i], area[rest]) if mode == "min" else area[i] + area[rest] - inter
+        overlap = inter / np.maximum(denom, 1e-12)
+        order = rest[overlap <= threshold]
+    return np.asarray(keep, dtype=np.intp)
+
+
+def _square(boxes: np.ndarray) -> np.ndarray:
+    """Grow each box to a square about its centre (facenet-pytorch's rerec)."""
+    out = boxes.copy()
+    w = boxes[:, 2] - boxes[:, 0]
+    h = boxes[:, 3] - boxes[:, 1]
+    side = np.maximum(w, h)
+    out[:, 0] = boxes[:, 0] + w * 0.5 - side * 0.5
+    out[:, 1] = boxes[:, 1] + h * 0.5 - side * 0.5
+    out[:, 2] = out[:, 0] + side
+    out[:, 3] = out[:, 1] + side
+    return out
+
+
+def _regress(boxes: np.ndarray, reg: np.ndarray) -> np.ndarray:
+    """Apply R-/O-Net box offsets (facenet-pytorch's bbreg, +1 pixel sizes)."""
+    out = boxes.copy()
+    w = boxes[:, 2] - boxes[:, 0] + 1
+    h = boxes[:, 3] - boxes[:, 1] + 1
+    out[:, 0] = boxes[:, 0] + reg[:, 0] * w
+    out[:, 1] = boxes[:, 1] + reg[:, 1] * h
+    out[:, 2] = boxes[:, 2] + reg[:, 2] * w
+    out[:, 3] = boxes[:, 3] + reg[:, 3] * h
+    return out
+
+
+class MtcnnDetector:
+    """Finds faces and 5 landmarks in RGB uint8 images with MTCNN's three ONNX networks.
+
+    Example::
+
+        paths = convert_mtcnn(Path("models/mtcnn"))
+        det = MtcnnDetector(paths, MtcnnConfig(min_face_size=40))
+        for d in det.detect(rgb_frame): ...
+    """
+
+    def __init__(
+        self,
+        models: dict[str, Path] | Path,
+        config: MtcnnConfig | None = None,
+        session_factory: SessionFactory | None = None,
+    ) -> None:
+        """models: {"pnet": path, "rnet": path, "onet": path} (convert_mtcnn's result) or their directory.
+
+        session_factory opens one ONNX file and returns an object with onnxruntime's
+        ``run(None, {"input": array})``; by default a CPU session with
+        config.intra_op_threads threads.
+        """
+        self.config = config or MtcnnConfig()
+        if isinstance(models, (str, Path)):
+            models = {net: Path(models) / f"{net}.onnx" for net in ("pnet", "rnet", "onet")}
+        missing = [f"{net} ({models.get(net)})" for net in ("pnet", "rnet", "onet")
+                   if net not in models or not Path(models[net]).is_file()]
+        if missing:
+            raise ModelError(
+                f"MTCNN model files missing: {', '.join(missing)}; create them with "
+                "engines.mtcnn_convert.convert_mtcnn(out_dir)"
+            )
+        factory = session_factory or cpu_session_factory(self.config.intra_op_threads)
+        self._pnet = factory(Path(models["pnet"]))
+        self._rnet = factory(Path(models["rnet"]))
+        self._onet = factory(Path(models["onet"]))
+
+    def detect(self, image: np.ndarray) -> list[Detection]:
+        """Return the faces in an RGB uint8 (H, W, 3) image, highest score first.
+
+        Raises ImageError for anything else (wrong dtype, shape, channel count, empty).
+        """
+        import cv2
+
+        img = check_image(image)
+        h, w = img.shape[:2]
+        t1, t2, t3 = self.config.thresholds
+        # Normalising before resizing is equivalent (both linear) and lets every crop share it.
+        norm = (img.astype(np.float32) - _PIXEL_MEAN) * _PIXEL_SCALE
+
+        proposals = []
+        for scale in pyramid_scales(h, w, self.config.min_face_size, self.config.factor):
+            hs, ws = int(h * scale + 1), int(w * scale + 1)
+            level = cv2.resize(norm, (ws, hs), interpolation=cv2.INTER_AREA)
+            reg, prob = self._pnet.run(None, {"input": np.ascontiguousarray(level.transpose(2, 0, 1)[None])})
+            found = self._pnet_boxes(reg[0], prob[0, 1], scale, t1)
+            if found.shape[0]:
+                proposals.append(found[nms(found[:, :4], found[:, 4], 0.5)])
+        if not proposals:
+            return []
+        boxes = np.concatenate(proposals)
+        boxes = boxes[nms(boxes[:, :4], boxes[:, 4], 0.7)]
+        bw = boxes[:, 2] - boxes[:, 0]
+        bh = boxes[:, 3] - boxes[:, 1]
+        shifted = boxes[:, :4] + boxes[:, 5:9] * np.stack([bw, bh, bw, bh], axis=1)
+        boxes = _square(shifted)
+
+        # R-Net
+        crops, boxes = self._crops(norm, boxes, 24)
+        if boxes.shape[0] == 0:
+            return []
+        reg, prob = self._run_batched(self._rnet, crops)
+        keep = prob[:, 1] > t2
+        boxes, scores, reg = boxes[keep], prob[keep, 1], reg[keep]
+        pick = nms(boxes, scores, 0.7)
+        boxes = _square(_regress(boxes[pick], reg[pick]))
+
+        # O-Net
+        crops, boxes = self._crops(norm, boxes, 48)
+        if boxes.shape[0] == 0:
+            return []
+        reg, marks, prob = self._run_batched(self._onet, crops)
+        keep = prob[:, 1] > t3
+        boxes, scores, reg, marks = boxes[keep], prob[keep, 1], reg[keep], marks[keep]
+        bw = (boxes[:, 2] - boxes[:, 0] + 1)[:, None]
+        bh = (boxes[:, 3] - boxes[:, 1] + 1)[:, None]
+        points = np.stack(
+            [bw * marks[:, :5] + boxes[:, :1] - 1, bh * marks[:, 5:] + boxes[:, 1:2] - 1], axis=2
+        ).astype(np.float32)
+        boxes = _regress(boxes, reg)
+        pick = nms(boxes, scores, 0.7, mode="min")
+        return [
+            Detection(box=tuple(float(v) for v in boxes[i]), score=float(scores[i]), landmarks=points[i])
+            for i in pick
+        ]
+
+    @staticmethod
+    def _pnet_boxes(reg: np.ndarray, prob: np.ndarray, scale: float, threshold: float) -> np.ndarray:
+        """P-Net's map cells above threshold -> rows (x1, y1, x2, y2, score, dx1, dy1, dx2, dy2)."""
+        ys, xs = np.nonzero(prob >= threshold)
+        if ys.size == 0:
+            return np.zeros((0, 9), dtype=np.float32)
+        cells = np.stack([xs, ys], axis=1).astype(np.float32)
+        q1 = np.floor((_PNET_STRIDE * cells + 1) / scale)
+        q2 = np.floor((_PNET_STRIDE * cells + _PNET_CELL) / scale)
+        return np.concatenate(
+            [q1, q2, prob[ys, xs][:, None], reg[:, ys, xs].T], axis=1
+        ).astype(np.float32)
+
+    @staticmethod
+    def _crops(norm: np.ndarray, boxes: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Cut each box (clipped to the image, as facenet-pytorch's pad() does) and resize to size x size.
+
+        Returns the NCHW batch and the boxes whose clipped crop is non-empty, in the same order.
+        """
+        import cv2
+
+        h, w = norm.shape[:2]
+        ib = np.trunc(boxes[:, :4]).astype(np.int64)
+        x = np.maximum(ib[:, 0], 1)
+        y = np.maximum(ib[:, 1], 1)
+        ex = np.minimum(ib[:, 2], w)
+        ey = np.minimum(ib[:, 3], h)
+        valid = (ey > y - 1) & (ex > x - 1)
+        idx = np.nonzero(valid)[0]
+        batch = np.empty((idx.size, size, size, 3), dtype=np.float32)
+        for j, k in enumerate(idx):
+            batch[j] = cv2.resize(norm[y[k] - 1 : ey[k], x[k] - 1 : ex[k]], (size, size), interpolation=cv2.INTER_AREA)
+        return np.ascontiguousarray(batch.transpose(0, 3, 1, 2)), boxes[idx]
+
+    @staticmethod
+    def _run_batched(session: Any, batch: np.ndarray) -> list[np.ndarray]:
+        outs: list[list[np.ndarray]] = []
+        for start in range(0, batch.shape[0], _BATCH):
+            outs.append(session.run(None, {"input": batch[start : start + _BATCH]}))
+        return [np.concatenate(parts) for parts in zip(*outs)]
