@@ -136,6 +136,14 @@ def nms(boxes: np.ndarray, scores: np.ndarray, threshold: float, mode: str = "un
     return np.asarray(keep, dtype=np.intp)
 
 
+def _normalise(batch: np.ndarray) -> np.ndarray:
+    """uint8 NHWC -> float32 NCHW scaled as facenet-pytorch does: (x - 127.5) * 0.0078125."""
+    out = np.ascontiguousarray(batch.transpose(0, 3, 1, 2), dtype=np.float32)
+    out -= _PIXEL_MEAN
+    out *= _PIXEL_SCALE
+    return out
+
+
 def _square(boxes: np.ndarray) -> np.ndarray:
     """Grow each box to a square about its centre (facenet-pytorch's rerec)."""
     out = boxes.copy()
@@ -203,19 +211,12 @@ class MtcnnDetector:
 
         Raises ImageError for anything else (wrong dtype, shape, channel count, empty).
         """
-        import cv2
-
         img = check_image(image)
-        h, w = img.shape[:2]
         t1, t2, t3 = self.config.thresholds
-        # Normalising before resizing is equivalent (both linear) and lets every crop share it.
-        norm = (img.astype(np.float32) - _PIXEL_MEAN) * _PIXEL_SCALE
 
         proposals = []
-        for scale in pyramid_scales(h, w, self.config.min_face_size, self.config.factor):
-            hs, ws = int(h * scale + 1), int(w * scale + 1)
-            level = cv2.resize(norm, (ws, hs), interpolation=cv2.INTER_AREA)
-            reg, prob = self._pnet.run(None, {"input": np.ascontiguousarray(level.transpose(2, 0, 1)[None])})
+        for scale, level in self._pyramid(img):
+            reg, prob = self._pnet.run(None, {"input": _normalise(level[None])})
             found = self._pnet_boxes(reg[0], prob[0, 1], scale, t1)
             if found.shape[0]:
                 proposals.append(found[nms(found[:, :4], found[:, 4], 0.5)])
@@ -229,7 +230,7 @@ class MtcnnDetector:
         boxes = _square(shifted)
 
         # R-Net
-        crops, boxes = self._crops(norm, boxes, 24)
+        crops, boxes = self._crops(img, boxes, 24)
         if boxes.shape[0] == 0:
             return []
         reg, prob = self._run_batched(self._rnet, crops)
@@ -239,7 +240,7 @@ class MtcnnDetector:
         boxes = _square(_regress(boxes[pick], reg[pick]))
 
         # O-Net
-        crops, boxes = self._crops(norm, boxes, 48)
+        crops, boxes = self._crops(img, boxes, 48)
         if boxes.shape[0] == 0:
             return []
         reg, marks, prob = self._run_batched(self._onet, crops)
@@ -257,6 +258,26 @@ class MtcnnDetector:
             for i in pick
         ]
 
+    def _pyramid(self, img: np.ndarray) -> list[tuple[float, np.ndarray]]:
+        """(scale, uint8 level) pairs, each level (int(h*scale+1), int(w*scale+1)) as facenet-pytorch sizes them.
+
+        Only the first level is area-resampled from the full frame; the rest come from it,
+        which is as good for these smoothed, much smaller images and several times cheaper
+        than resampling a 1080p frame ten times.
+        """
+        import cv2
+
+        h, w = img.shape[:2]
+        levels = []
+        source = img
+        for scale in pyramid_scales(h, w, self.config.min_face_size, self.config.factor):
+            size = (int(w * scale + 1), int(h * scale + 1))
+            level = cv2.resize(source, size, interpolation=cv2.INTER_AREA)
+            if source is img:
+                source = level
+            levels.append((scale, level))
+        return levels
+
     @staticmethod
     def _pnet_boxes(reg: np.ndarray, prob: np.ndarray, scale: float, threshold: float) -> np.ndarray:
         """P-Net's map cells above threshold -> rows (x1, y1, x2, y2, score, dx1, dy1, dx2, dy2)."""
@@ -271,14 +292,14 @@ class MtcnnDetector:
         ).astype(np.float32)
 
     @staticmethod
-    def _crops(norm: np.ndarray, boxes: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    def _crops(img: np.ndarray, boxes: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
         """Cut each box (clipped to the image, as facenet-pytorch's pad() does) and resize to size x size.
 
         Returns the NCHW batch and the boxes whose clipped crop is non-empty, in the same order.
         """
         import cv2
 
-        h, w = norm.shape[:2]
+        h, w = img.shape[:2]
         ib = np.trunc(boxes[:, :4]).astype(np.int64)
         x = np.maximum(ib[:, 0], 1)
         y = np.maximum(ib[:, 1], 1)
@@ -286,10 +307,10 @@ class MtcnnDetector:
         ey = np.minimum(ib[:, 3], h)
         valid = (ey > y - 1) & (ex > x - 1)
         idx = np.nonzero(valid)[0]
-        batch = np.empty((idx.size, size, size, 3), dtype=np.float32)
+        batch = np.empty((idx.size, size, size, 3), dtype=np.uint8)
         for j, k in enumerate(idx):
-            batch[j] = cv2.resize(norm[y[k] - 1 : ey[k], x[k] - 1 : ex[k]], (size, size), interpolation=cv2.INTER_AREA)
-        return np.ascontiguousarray(batch.transpose(0, 3, 1, 2)), boxes[idx]
+            batch[j] = cv2.resize(img[y[k] - 1 : ey[k], x[k] - 1 : ex[k]], (size, size), interpolation=cv2.INTER_AREA)
+        return _normalise(batch), boxes[idx]
 
     @staticmethod
     def _run_batched(session: Any, batch: np.ndarray) -> list[np.ndarray]:

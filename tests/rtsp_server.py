@@ -120,7 +120,7 @@ class _AppsrcMount(GstRtspServer.RTSPMediaFactory):
         # Live appsrc timestamped on push: after a stall the stream simply continues.
         self.set_launch(
             f'( appsrc name=src is-live=true do-timestamp=true format=time caps="{caps}" '
-            "! h264parse config-interval=-1 ! rtph264pay name=pay0 pt=96 config-interval=-1 )"
+            "! rtph264pay name=pay0 pt=96 )"
         )
         self.set_shared(False)
         self.connect("media-configure", self._on_configure)

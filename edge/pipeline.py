@@ -1,0 +1,604 @@
+"""Frames in, hits out: sample each camera, detect, track, embed the best faces, match, emit hits.
+
+Threads and queues, data flowing one way:
+
+    camera reader (edge.capture, newest frame only)
+      -> sampler thread per camera, at the camera's analysis_fps
+      -> one slot per camera holding only the newest sampled frame (a slow detector skips frames,
+         it never queues stale ones)
+      -> detector worker(s): detect, assess quality, update the camera's tracker, choose which
+         tracks to embed (their best-quality face so far; again only if a clearly better face comes)
+      -> embed queue (bounded, shared by all cameras)
+      -> embedder thread: batches faces of all cameras, embeds, matches, turns matches into hits,
+         hands hits to the sinks.
+
+Faces that match nothing are dropped in the embedder thread at once: their embedding and image
+are never stored or sent. A track's best face (a reference to its frame) is held in memory only
+while the track lives (``analysis.tracker.max_age_s`` after it was last seen).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from edge.hits import CropConfig, HitEmitter
+from edge.sinks import HitSink
+from edge.tracker import Observation, Tracker, TrackerConfig
+from edge.types import Frame, Hit, Match
+
+log = logging.getLogger(__name__)
+
+
+class MatchingConfig(BaseModel):
+    """Which faces are embedded and when a match becomes a hit (``[matching]`` in the unit config)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    threshold: float | None = Field(
+        None,
+        gt=-1.0,
+        lt=1.0,
+        description="cosine similarity a face needs to match a person; per-person overrides come from the "
+        "watchlist; unset: the watchlist's default",
+    )
+    cooldown_s: float = Field(60.0, ge=0.0, description="no second hit for a person on a camera within this time")
+    min_quality: float = Field(
+        0.0, ge=0.0, description="least face quality score (besides passing the engine's quality checks) to embed"
+    )
+    max_embeds_per_track: int = Field(3, ge=1, le=100, description="embeddings per track at most")
+    reembed_min_gain: float = Field(
+        0.05, ge=0.0, description="quality a later face must gain over the last embedded one to be embedded too"
+    )
+    reembed_interval_s: float = Field(0.5, ge=0.0, description="least time between two embeddings of one track")
+    crop: CropConfig = Field(default_factory=CropConfig)
+
+
+class AnalysisConfig(BaseModel):
+    """How the unit's analysis work is laid out (``[analysis]`` in the unit config)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    detect_workers: int = Field(1, ge=1, le=16, description="threads running face detection (all cameras share them)")
+    embed_batch: int = Field(16, ge=1, le=256, description="most faces embedded in one batch")
+    embed_wait_ms: float = Field(
+        10.0, ge=0.0, le=1000.0, description="how long the embedder waits to fill a batch after the first face"
+    )
+    embed_queue: int = Field(64, ge=1, le=10000, description="faces waiting for the embedder at most; more are dropped")
+    tracker: TrackerConfig = Field(default_factory=TrackerConfig)
+
+
+class FaceEngineLike(Protocol):
+    """What the pipeline needs from engines.face_engine.FaceEngine."""
+
+    model_id: str
+
+    def detect(self, image: np.ndarray) -> list[Any]: ...
+
+    def assess(self, image: np.ndarray, detection: Any) -> Any: ...
+
+    def embed(self, items: list[tuple[np.ndarray, Any]]) -> np.ndarray: ...
+
+
+class MatcherLike(Protocol):
+    """What the pipeline needs from edge.matcher.Matcher."""
+
+    version: int
+
+    def match(self, embeddings: np.ndarray) -> list[Match | None]: ...
+
+
+class FrameSource(Protocol):
+    """What the pipeline needs from edge.capture.CameraReader."""
+
+    def latest(self, after_seq: int = -1, timeout: float = 1.0) -> Frame | None: ...
+
+
+@dataclass(frozen=True)
+class CameraSpec:
+    """One camera as the pipeline sees it: where its frames come from and how often to analyse them."""
+
+    camera_id: str
+    source: FrameSource
+    analysis_fps: float
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A detected face kept by a track: the frame it is in and the engine's detection."""
+
+    frame: Frame
+    detection: Any
+    quality: float
+
+
+@dataclass(frozen=True)
+class EmbedRequest:
+    """A track's face sent to the embedder."""
+
+    camera_id: str
+    track_id: int
+    candidate: Candidate
+
+
+@dataclass
+class _EmbedState:
+    embeds: int = 0
+    last_embed_t: float = float("-inf")
+    embedded_quality: float = float("-inf")
+    pending: bool = False
+    settled: bool = False
+
+
+class _Window:
+    """Counts of events over a sliding time window, for rates (frames/s and such)."""
+
+    def __init__(self, seconds: float = 10.0) -> None:
+        self.seconds = seconds
+        self._times: deque[float] = deque()
+
+    def add(self, t: float) -> None:
+        self._times.append(t)
+        self._trim(t)
+
+    def rate(self, now: float) -> float:
+        self._trim(now)
+        return len(self._times) / self.seconds
+
+    def _trim(self, now: float) -> None:
+        while self._times and now - self._times[0] > self.seconds:
+            self._times.popleft()
+
+
+@dataclass
+class CameraStats:
+    """Running figures of one camera's analysis."""
+
+    frames_sampled: int = 0
+    frames_analysed: int = 0
+    frames_skipped: int = 0  # sampled, then replaced by a newer frame before a detector was free
+    faces: int = 0
+    embedded: int = 0
+    embeds_dropped: int = 0  # embed queue full
+    matched: int = 0
+    hits: int = 0
+    errors: int = 0
+    last_error: str | None = None
+    lag_s: float = 0.0  # capture to end of detection, last analysed frame
+    lag_max_s: float = 0.0
+    hit_latency_s: deque[float] = field(default_factory=lambda: deque(maxlen=1000))
+    analysed_window: _Window = field(default_factory=_Window)
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        """A JSON-ready copy of the figures."""
+        lat = np.array(self.hit_latency_s, dtype=np.float64)
+        return {
+            "frames_sampled": self.frames_sampled,
+            "frames_analysed": self.frames_analysed,
+            "frames_skipped": self.frames_skipped,
+            "analysed_fps": round(self.analysed_window.rate(now), 2),
+            "faces": self.faces,
+            "embedded": self.embedded,
+            "embeds_dropped": self.embeds_dropped,
+            "matched": self.matched,
+            "hits": self.hits,
+            "errors": self.errors,
+            "last_error": self.last_error,
+            "lag_s": round(self.lag_s, 3),
+            "lag_max_s": round(self.lag_max_s, 3),
+            "hit_latency_p50_s": round(float(np.percentile(lat, 50)), 3) if lat.size else None,
+            "hit_latency_p99_s": round(float(np.percentile(lat, 99)), 3) if lat.size else None,
+        }
+
+
+class CameraAnalyser:
+    """Detection, quality, tracking and the embed policy for one camera. One detector thread at a time."""
+
+    def __init__(self, camera_id: str, engine: FaceEngineLike, matching: MatchingConfig, tracker: TrackerConfig) -> None:
+        self.camera_id = camera_id
+        self.engine = engine
+        self.matching = matching
+        self.tracker = Tracker(tracker)
+        self.stats = CameraStats()
+        self._lock = threading.Lock()
+        self._state: dict[int, _EmbedState] = {}
+
+    def analyse(self, frame: Frame) -> tuple[list[EmbedRequest], list[int]]:
+        """Detect and track the faces of one frame; return the faces to embed and the ids of tracks that ended."""
+        image = frame.image
+        detections = self.engine.detect(image)
+        observations = []
+        for det in detections:
+            q = self.engine.assess(image, det)
+            score = float(q.score)
+            usable = bool(q.ok) and score >= self.matching.min_quality
+            observations.append(
+                Observation(
+                    box=tuple(float(v) for v in det.box),  # type: ignore[arg-type]
+                    score=float(det.score),
+                    quality=score,
+                    usable=usable,
+                    data=Candidate(frame, det, score),
+                )
+            )
+        tracks = self.tracker.update(observations, frame.captured_at)
+        requests: list[EmbedRequest] = []
+        with self._lock:
+            ended = [tr.id for tr in self.tracker.ended]
+            for tid in ended:
+                self._state.pop(tid, None)
+            for tr in tracks:
+                best = tr.best_observation
+                if best is None or tr.last_seen != frame.captured_at:
+                    continue
+                st = self._state.setdefault(tr.id, _EmbedState())
+                if self._wants_embed(st, best.quality, frame.captured_at):
+                    st.pending = True
+                    requests.append(EmbedRequest(self.camera_id, tr.id, best.data))
+            self.stats.faces += len(detections)
+        return requests, ended
+
+    def _wants_embed(self, st: _EmbedState, quality: float, t: float) -> bool:
+        m = self.matching
+        if st.settled or st.pending or st.embeds >= m.max_embeds_per_track:
+            return False
+        if st.embeds == 0:
+            return True
+        return quality >= st.embedded_quality + m.reembed_min_gain and t - st.last_embed_t >= m.reembed_interval_s
+
+    def embedded(self, req: EmbedRequest, matched: bool) -> None:
+        """Record that a request was embedded (and whether it matched someone, which ends embedding of the track)."""
+        with self._lock:
+            st = self._state.get(req.track_id)
+            if st is None:
+                return
+            st.pending = False
+            st.embeds += 1
+            st.last_embed_t = req.candidate.frame.captured_at
+            st.embedded_quality = req.candidate.quality
+            st.settled = st.settled or matched
+
+    def not_embedded(self, req: EmbedRequest) -> None:
+        """A request was dropped before embedding; the track may ask again."""
+        with self._lock:
+            st = self._state.get(req.track_id)
+            if st is not None:
+                st.pending = False
+
+
+class _Slots:
+    """The newest sampled frame of each camera, waiting for a detector; a newer frame replaces an older one."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._frames: dict[str, Frame] = {}
+        self._busy: set[str] = set()
+        self._closed = False
+
+    def put(self, frame: Frame) -> bool:
+        """Offer a frame; return True if it replaced one that was never analysed."""
+        with self._cond:
+            replaced = frame.camera_id in self._frames
+            self._frames[frame.camera_id] = frame
+            self._cond.notify()
+            return replaced
+
+    def take(self, timeout: float) -> Frame | None:
+        """The waiting frame of a camera no detector works on, oldest first; None on timeout or close."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not self._closed:
+                ready = [f for cid, f in self._frames.items() if cid not in self._busy]
+                if ready:
+                    frame = min(ready, key=lambda f: f.captured_at)
+                    del self._frames[frame.camera_id]
+                    self._busy.add(frame.camera_id)
+                    return frame
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._cond.wait(left)
+            return None
+
+    def done(self, camera_id: str) -> None:
+        with self._cond:
+            self._busy.discard(camera_id)
+            self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
+_STOP = object()
+
+
+class Pipeline:
+    """Runs the analysis of all cameras: start(), then stop() to finish the work in flight and return."""
+
+    def __init__(
+        self,
+        *,
+        unit_id: str,
+        cameras: Sequence[CameraSpec],
+        engine: FaceEngineLike,
+        matcher: MatcherLike | Callable[[], MatcherLike],
+        sinks: Sequence[HitSink],
+        matching: MatchingConfig | None = None,
+        analysis: AnalysisConfig | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """`matcher` is a Matcher, or a callable returning the current one (the watchlist may be replaced while running)."""
+        ids = [c.camera_id for c in cameras]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"camera ids must be unique, got {ids}")
+        self.unit_id = unit_id
+        self.cameras = list(cameras)
+        self.engine = engine
+        self._matcher = matcher if callable(matcher) and not hasattr(matcher, "match") else (lambda: matcher)
+        self.sinks = list(sinks)
+        self.matching = matching or MatchingConfig()
+        self.analysis = analysis or AnalysisConfig()
+        self.clock = clock
+        self.emitter = HitEmitter(unit_id, self.matching.cooldown_s, self.matching.crop)
+        self.analysers = {
+            c.camera_id: CameraAnalyser(c.camera_id, engine, self.matching, self.analysis.tracker) for c in cameras
+        }
+        self._slots = _Slots()
+        self._embed_q: queue.Queue[EmbedRequest | object] = queue.Queue(self.analysis.embed_queue)
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._beats: dict[str, float] = {}
+        self._hit_listeners: list[Callable[[Hit], None]] = []
+        self.hits_total = 0
+
+    @property
+    def matcher(self) -> MatcherLike:
+        """The matcher in use now."""
+        return self._matcher()
+
+    def add_hit_listener(self, fn: Callable[[Hit], None]) -> None:
+        """Call `fn(hit)` (from the embedder thread) after each hit went to the sinks."""
+        self._hit_listeners.append(fn)
+
+    # -- threads -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the sampler, detector and embedder threads."""
+        if self._threads:
+            raise RuntimeError("pipeline already started")
+        for cam in self.cameras:
+            self._spawn(f"sample-{cam.camera_id}", self._sample_loop, cam)
+        for i in range(self.analysis.detect_workers):
+            self._spawn(f"detect-{i}", self._detect_loop)
+        self._spawn("embed", self._embed_loop)
+
+    def _spawn(self, name: str, target: Callable[..., None], *args: Any) -> None:
+        self._beats[name] = time.monotonic()
+        th = threading.Thread(target=self._guard, args=(name, target, *args), name=name, daemon=True)
+        self._threads.append(th)
+        th.start()
+
+    def _guard(self, name: str, target: Callable[..., None], *args: Any) -> None:
+        try:
+            target(name, *args)
+        except Exception:
+            # A thread that dies silently would stop analysis without a trace; the watchdog sees it via beats.
+            log.exception("pipeline thread %s failed", name)
+            raise
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop sampling, finish the faces already waiting for the embedder (their hits reach the sinks), join."""
+        self._stop.set()
+        self._slots.close()
+        deadline = time.monotonic() + timeout
+        for th in self._threads:
+            if th.name != "embed":
+                th.join(max(0.0, deadline - time.monotonic()))
+        try:
+            self._embed_q.put(_STOP, timeout=max(0.1, deadline - time.monotonic()))
+        except queue.Full:
+            log.warning("embed queue still full at shutdown; faces waiting in it are dropped")
+        for th in self._threads:
+            th.join(max(0.0, deadline - time.monotonic()))
+        alive = [th.name for th in self._threads if th.is_alive()]
+        if alive:
+            log.warning("pipeline threads still running after %.1f s: %s", timeout, ", ".join(alive))
+
+    def healthy(self, max_silence_s: float = 10.0) -> bool:
+        """True if every pipeline thread is alive and went round its loop within `max_silence_s`."""
+        now = time.monotonic()
+        return bool(self._threads) and all(
+            th.is_alive() and now - self._beats.get(th.name, 0.0) <= max_silence_s for th in self._threads
+        )
+
+    def _sample_loop(self, name: str, cam: CameraSpec) -> None:
+        period = 1.0 / cam.analysis_fps
+        stats = self.analysers[cam.camera_id].stats
+        last_seq = -1
+        next_t = time.monotonic()
+        while not self._stop.is_set():
+            self._beats[name] = time.monotonic()
+            wait = next_t - time.monotonic()
+            if wait > 0 and self._stop.wait(wait):
+                return
+            frame = cam.source.latest(after_seq=last_seq, timeout=min(1.0, max(period, 0.1)))
+            if frame is None:
+                continue
+            last_seq = frame.seq
+            stats.frames_sampled += 1
+            if self._slots.put(frame):
+                stats.frames_skipped += 1
+            next_t += period
+            now = time.monotonic()
+            if next_t < now:
+                next_t = now
+
+    def _detect_loop(self, name: str) -> None:
+        while not self._stop.is_set():
+            self._beats[name] = time.monotonic()
+            frame = self._slots.take(timeout=0.5)
+            if frame is None:
+                continue
+            try:
+                self._analyse(frame)
+            finally:
+                self._slots.done(frame.camera_id)
+
+    def _analyse(self, frame: Frame) -> None:
+        an = self.analysers[frame.camera_id]
+        try:
+            requests, ended = an.analyse(frame)
+        except Exception as exc:  # one bad frame or engine hiccup must not stop the camera's analysis
+            an.stats.errors += 1
+            an.stats.last_error = f"{type(exc).__name__}: {exc}"
+            log.warning("camera %s: analysis of frame %d failed: %s", frame.camera_id, frame.seq, exc)
+            return
+        for tid in ended:
+            self.emitter.forget_track(frame.camera_id, tid)
+        for req in requests:
+            try:
+                self._embed_q.put_nowait(req)
+            except queue.Full:
+                an.stats.embeds_dropped += 1
+                an.not_embedded(req)
+        lag = self.clock() - frame.captured_at
+        st = an.stats
+        st.frames_analysed += 1
+        st.analysed_window.add(time.monotonic())
+        st.lag_s = lag
+        st.lag_max_s = max(st.lag_max_s, lag)
+
+    def _embed_loop(self, name: str) -> None:
+        stopping = False
+        while not stopping:
+            self._beats[name] = time.monotonic()
+            try:
+                first = self._embed_q.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if first is _STOP:
+                break
+            batch = [first]
+            deadline = time.monotonic() + self.analysis.embed_wait_ms / 1000.0
+            while len(batch) < self.analysis.embed_batch:
+                try:
+                    item = self._embed_q.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stopping = True
+                    break
+                batch.append(item)
+            self.process_batch(batch)  # type: ignore[arg-type]
+        # Faces queued before the stop still get their chance to become hits.
+        rest = []
+        while True:
+            try:
+                item = self._embed_q.get_nowait()
+            except queue.Empty:
+                break
+            if item is not _STOP:
+                rest.append(item)
+        for i in range(0, len(rest), self.analysis.embed_batch):
+            self.process_batch(rest[i : i + self.analysis.embed_batch])  # type: ignore[arg-type]
+
+    # -- the work, callable without threads ------------------------------------------------------
+
+    def process_frame(self, frame: Frame) -> list[Hit]:
+        """Analyse one frame and embed/match what it asks for, synchronously; return the hits (also sent to sinks)."""
+        an = self.analysers[frame.camera_id]
+        an.stats.frames_sampled += 1
+        requests, ended = an.analyse(frame)
+        for tid in ended:
+            self.emitter.forget_track(frame.camera_id, tid)
+        lag = self.clock() - frame.captured_at
+        an.stats.frames_analysed += 1
+        an.stats.analysed_window.add(time.monotonic())
+        an.stats.lag_s, an.stats.lag_max_s = lag, max(an.stats.lag_max_s, lag)
+        return self.process_batch(requests) if requests else []
+
+    def process_batch(self, batch: list[EmbedRequest]) -> list[Hit]:
+        """Embed a batch of faces (any cameras), match them, emit hits to the sinks; drop the rest at once."""
+        try:
+            embeddings = self.engine.embed([(r.candidate.frame.image, r.candidate.detection) for r in batch])
+            matcher = self.matcher
+            matches = matcher.match(embeddings)
+        except Exception as exc:
+            log.warning("embedding/matching a batch of %d faces failed: %s", len(batch), exc)
+            for r in batch:
+                an = self.analysers[r.camera_id]
+                an.stats.errors += 1
+                an.stats.last_error = f"{type(exc).__name__}: {exc}"
+                an.not_embedded(r)
+            return []
+        del embeddings  # never kept: only the match decision leaves this function
+        hits: list[Hit] = []
+        for req, m in zip(batch, matches):
+            an = self.analysers[req.camera_id]
+            an.stats.embedded += 1
+            matched = m is not None and m.is_hit
+            an.embedded(req, matched)
+            if not matched:
+                continue
+            an.stats.matched += 1
+            det = req.candidate.detection
+            box = tuple(float(v) for v in det.box)
+            frame = req.candidate.frame
+            hit = self.emitter.offer(
+                camera_id=req.camera_id,
+                track_id=req.track_id,
+                match=m,  # type: ignore[arg-type]
+                box=_clip_box(box, frame.width, frame.height),
+                captured_at=frame.captured_at,
+                image=frame.image,
+                model_id=self.engine.model_id,
+                watchlist_version=int(getattr(matcher, "version", 0)),
+            )
+            if hit is None:
+                continue
+            self._deliver(hit)
+            an.stats.hits += 1
+            an.stats.hit_latency_s.append(self.clock() - hit.captured_at)
+            hits.append(hit)
+        return hits
+
+    def _deliver(self, hit: Hit) -> None:
+        self.hits_total += 1
+        log.info(
+            "HIT camera %s person %s score %.3f (threshold %.3f, margin %.3f) track %d hit %s",
+            hit.camera_id, hit.person_id, hit.score, hit.threshold, hit.margin, hit.track_id, hit.id,
+        )
+        for sink in self.sinks:
+            try:
+                sink.submit(hit)
+            except Exception as exc:  # one failing sink must not keep the hit from the others
+                log.error("sink %s could not keep hit %s (camera %s): %s", sink.name, hit.id, hit.camera_id, exc)
+        for fn in self._hit_listeners:
+            try:
+                fn(hit)
+            except Exception:
+                log.exception("hit listener failed for hit %s", hit.id)
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """Per-camera figures (see CameraStats.snapshot)."""
+        now = time.monotonic()
+        return {cid: an.stats.snapshot(now) for cid, an in self.analysers.items()}
+
+
+def _clip_box(box: tuple[float, ...], width: int, height: int) -> tuple[float, float, float, float]:
+    # Detector boxes may reach past the frame edge; a hit's box describes what is in the picture.
+    x1, y1, x2, y2 = box
+    x1, y1 = min(max(0.0, x1), width - 1.0), min(max(0.0, y1), height - 1.0)
+    x2, y2 = max(min(float(width), x2), x1 + 1.0), max(min(float(height), y2), y1 + 1.0)
+    return (x1, y1, x2, y2)

@@ -1,0 +1,142 @@
+"""The conversion cache: ONNX files this project produces from the weights that PyPI packages ship.
+
+Each conversion lives in a folder named after its model and the SHA-256 of its source files, so
+a new package version (new weights) converts again and an old conversion is never used by
+mistake. The installer fills the cache once with `engines build`; loading the engine converts
+anything missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from engines.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+# Bump when a converter's output changes for the same source, so caches convert again.
+DLIB_RESNET_CONVERTER = 1
+MTCNN_CONVERTER = 1
+
+
+def default_cache_dir() -> Path:
+    """$CHECKPOINT_CACHE_DIR, else systemd's $CACHE_DIRECTORY, else ~/.cache/checkpoint."""
+    for var in ("CHECKPOINT_CACHE_DIR", "CACHE_DIRECTORY"):
+        if os.environ.get(var):
+            return Path(os.environ[var].split(":")[0])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "checkpoint"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError as exc:
+        raise ModelError(f"cannot read model file {path}: {exc}") from exc
+    return h.hexdigest()
+
+
+def dlib_model_path(name: str) -> Path:
+    """A model file shipped by the face_recognition_models package."""
+    try:
+        import face_recognition_models
+    except ImportError as exc:
+        raise ModelError(
+            "the face_recognition_models package, which ships dlib's model weights, is not installed; "
+            "install it with `pip install face_recognition_models`"
+        ) from exc
+    path = Path(face_recognition_models.__file__).parent / "models" / name
+    if not path.is_file():
+        raise ModelError(f"{path}: missing from face_recognition_models; reinstall it with `pip install --force-reinstall face_recognition_models`")
+    return path
+
+
+@dataclass(frozen=True)
+class DefaultModels:
+    """Paths of the converted default models and what the engine needs to describe them."""
+
+    detector: dict[str, Path]  # pnet, rnet, onet
+    embedder: Path
+    embedder_source_sha256: str
+    channel_means: tuple[float, float, float]
+    landmarks: Path  # dlib's 5-point shape predictor, read directly (not a network)
+
+
+def _atomic_dir(final: Path):
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        # Another process converted the same source meanwhile: keep theirs.
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not final.is_dir():
+            raise
+
+
+def _dlib_resnet(cache_dir: Path, rebuild: bool) -> tuple[Path, str, tuple[float, float, float]]:
+    from engines import dlib_resnet
+
+    src = dlib_model_path("dlib_face_recognition_resnet_model_v1.dat")
+    digest = sha256_file(src)
+    final = cache_dir / f"dlib-resnet-v1-{digest[:16]}-c{DLIB_RESNET_CONVERTER}"
+    meta_path = final / "model.json"
+    if rebuild and final.exists():
+        shutil.rmtree(final)
+    if not meta_path.is_file():
+        log.info("converting %s to ONNX in %s", src, final)
+        tmp = _atomic_dir(final)
+        net = dlib_resnet.convert(src, tmp / "model.onnx")
+        (tmp / "model.json").write_text(
+            json.dumps({"source": str(src), "source_sha256": digest, "channel_means": list(net.channel_means)})
+        )
+        _publish(tmp, final)
+    meta = json.loads(meta_path.read_text())
+    return final / "model.onnx", digest, tuple(meta["channel_means"])  # type: ignore[return-value]
+
+
+def _mtcnn(cache_dir: Path, rebuild: bool) -> dict[str, Path]:
+    from engines import mtcnn_convert
+
+    sources = mtcnn_convert.find_mtcnn_weights()
+    digest = mtcnn_convert.weights_digest(sources)
+    final = cache_dir / f"mtcnn-{digest[:16]}-c{MTCNN_CONVERTER}"
+    if rebuild and final.exists():
+        shutil.rmtree(final)
+    paths = {net: final / f"{net}.onnx" for net in ("pnet", "rnet", "onet")}
+    if not all(p.is_file() for p in paths.values()):
+        log.info("converting MTCNN weights to ONNX in %s", final)
+        tmp = _atomic_dir(final)
+        mtcnn_convert.convert_mtcnn(tmp, sources)
+        _publish(tmp, final)
+    return paths
+
+
+def ensure_default_models(cache_dir: Path | None = None, rebuild: bool = False) -> DefaultModels:
+    """Convert the default models into the cache where they are missing, and return their paths."""
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ModelError(f"cannot create the model cache {cache_dir}: {exc}; set engine.cache_dir to a writable folder") from exc
+    embedder, digest, means = _dlib_resnet(cache_dir, rebuild)
+    return DefaultModels(
+        detector=_mtcnn(cache_dir, rebuild),
+        embedder=embedder,
+        embedder_source_sha256=digest,
+        channel_means=means,
+        landmarks=dlib_model_path("shape_predictor_5_face_landmarks.dat"),
+    )

@@ -1,0 +1,28 @@
+"""The `[engine]` table of the unit's TOML: models, backend, detector, quality gate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from engines.detector import MtcnnConfig
+from engines.model_spec import EmbedderSpec
+from engines.quality import QualityConfig
+
+
+class EngineConfig(BaseModel):
+    """Face engine settings. Every field has a default, so an empty `[engine]` table works."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cache_dir: Path | None = Field(None, description="where converted models and TensorRT engines live")
+    backend: Literal["auto", "onnxruntime", "tensorrt"] = "auto"
+    precision: Literal["fp16", "fp32"] = "fp16"
+    threads: int = Field(0, ge=0, le=256, description="ONNX Runtime threads for the embedder; 0 lets it choose")
+    max_batch: int = Field(32, ge=1, le=256, description="most faces per embedder call")
+    flip_average: bool = Field(False, description="average each face's embedding with its mirror image's")
+    detector: MtcnnConfig = Field(default_factory=MtcnnConfig)
+    quality: QualityConfig = Field(default_factory=QualityConfig)
+    embedder: EmbedderSpec | None = Field(None, description="a custom embedder; the default is dlib's ResNet")

@@ -1,0 +1,68 @@
+"""Turns aligned face chips into unit-length embeddings, many faces per call."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from engines.backends import Backend
+from engines.errors import ImageError
+from engines.model_spec import EmbedderSpec
+
+
+class Embedder:
+    """Runs an embedder model described by an EmbedderSpec on batches of chips."""
+
+    def __init__(self, spec: EmbedderSpec, backend: Backend, max_batch: int = 32, flip_average: bool = False) -> None:
+        spec.check_signature(
+            [(i.name, i.shape) for i in backend.inputs], [(o.name, o.shape) for o in backend.outputs], spec.name
+        )
+        self.spec = spec
+        self.backend = backend
+        self.max_batch = max(1, int(max_batch))
+        self.flip_average = flip_average
+        self._input = backend.inputs[0].name
+        self._output = backend.outputs[0].name
+        self._mean = np.asarray(spec.mean, dtype=np.float32)
+        self._scale = 1.0 / np.asarray(spec.std, dtype=np.float32)
+
+    @property
+    def dim(self) -> int:
+        return self.spec.embedding_size
+
+    def preprocess(self, chips: np.ndarray) -> np.ndarray:
+        """uint8 RGB chips (N, H, W, 3) -> the model's input tensor."""
+        x = chips[..., ::-1] if self.spec.colour == "bgr" else chips
+        x = (x.astype(np.float32) - self._mean) * self._scale
+        if self.spec.layout == "nchw":
+            x = x.transpose(0, 3, 1, 2)
+        return np.ascontiguousarray(x)
+
+    def embed_chips(self, chips: np.ndarray) -> np.ndarray:
+        """Embed aligned chips (N, H, W, 3) uint8 RGB; returns (N, D) float32 rows of unit length.
+
+        With flip_average the mirrored chip's embedding is added before normalising, which makes
+        the result less sensitive to pose and lighting asymmetry.
+        """
+        chips = np.asarray(chips)
+        want = (self.spec.input_height, self.spec.input_width, 3)
+        if chips.dtype != np.uint8 or chips.ndim != 4 or chips.shape[1:] != want:
+            raise ImageError(f"{self.spec.name}: chips must be uint8 (N, {want[0]}, {want[1]}, 3), got {chips.dtype} {chips.shape}")
+        if len(chips) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        out = np.empty((len(chips), self.dim), dtype=np.float32)
+        for start in range(0, len(chips), self.max_batch):
+            part = chips[start : start + self.max_batch]
+            emb = self._run(part)
+            if self.flip_average:
+                emb = emb + self._run(part[:, :, ::-1])
+            out[start : start + len(part)] = emb
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        return out / np.maximum(norms, 1e-12)
+
+    def raw(self, chips: np.ndarray) -> np.ndarray:
+        """The model's unnormalised output, for checking a conversion against its source."""
+        return self._run(np.asarray(chips))
+
+    def _run(self, chips: np.ndarray) -> np.ndarray:
+        res = self.backend.run({self._input: self.preprocess(chips)})[self._output]
+        return np.asarray(res, dtype=np.float32).reshape(len(chips), -1)

@@ -1,0 +1,142 @@
+"""The face engine: image in, faces with landmarks, quality and embeddings out.
+
+One object the daemon, the HQ enrolment tools and the benchmarks share, so a face is found,
+aligned, judged and embedded the same way at HQ and on the unit.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from engines.align import align_to_template, dlib_chip_transform, extract_chip
+from engines.backends import create_backend
+from engines.cache import ensure_default_models, sha256_file
+from engines.config import EngineConfig
+from engines.detector import Detection, MtcnnDetector
+from engines.embedder import Embedder
+from engines.errors import ModelError
+from engines.image import check_image
+from engines.landmarks import ShapePredictor, dlib_box_from_points
+from engines.model_spec import EmbedderSpec, dlib_resnet_spec
+from engines.quality import Quality, assess
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AnalyzedFace:
+    """A detected face with its quality verdict and, when it passed, its embedding."""
+
+    box: tuple[float, float, float, float]
+    score: float
+    landmarks: np.ndarray  # (5, 2) detector landmarks in image pixels
+    quality: Quality
+    embedding: np.ndarray | None  # (D,) float32, unit length
+
+
+class FaceEngine:
+    """Detector + landmarks + alignment + quality gate + embedder.
+
+    Example::
+
+        engine = FaceEngine.load()
+        for face in engine.analyze(load_image("photo.jpg")):
+            print(face.box, face.quality.ok, face.embedding[:4])
+    """
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        detector: MtcnnDetector,
+        embedder: Embedder,
+        model_id: str,
+        shape_predictor: ShapePredictor | None,
+    ) -> None:
+        self.config = config
+        self.detector = detector
+        self.embedder = embedder
+        self.model_id = model_id
+        self.shape_predictor = shape_predictor
+
+    @classmethod
+    def load(cls, config: EngineConfig | None = None) -> FaceEngine:
+        """Load the models named by `config` (the defaults when None), converting them on first use."""
+        config = config or EngineConfig()
+        models = ensure_default_models(config.cache_dir)
+        cache_dir = Path(config.cache_dir) if config.cache_dir else models.embedder.parent.parent
+        detector = MtcnnDetector(models.detector, config.detector)
+        spec: EmbedderSpec
+        if config.embedder is None:
+            spec = dlib_resnet_spec(models.channel_means)
+            onnx_path = models.embedder
+            model_id = f"{spec.name}:{models.embedder_source_sha256[:12]}"
+        else:
+            spec = config.embedder
+            if spec.onnx is None or not Path(spec.onnx).is_file():
+                raise ModelError(f"engine.embedder.onnx: model file {spec.onnx} not found; give the path of the ONNX file")
+            onnx_path = Path(spec.onnx)
+            model_id = f"{spec.name}:{sha256_file(onnx_path)[:12]}"
+        backend = create_backend(
+            onnx_path,
+            config.backend,
+            threads=config.threads,
+            cache_dir=cache_dir,
+            max_batch=config.max_batch,
+            precision=config.precision,
+        )
+        embedder = Embedder(spec, backend, max_batch=config.max_batch, flip_average=config.flip_average)
+        predictor = ShapePredictor.load(models.landmarks) if spec.alignment == "dlib5" else None
+        log.info("face engine ready: model %s on %s", model_id, backend.name)
+        return cls(config, detector, embedder, model_id, predictor)
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.embedder.dim
+
+    def detect(self, image: np.ndarray) -> list[Detection]:
+        """Faces in an RGB uint8 image, each with a box, a score and 5 landmarks."""
+        return self.detector.detect(check_image(image))
+
+    def assess(self, image: np.ndarray, detection: Detection) -> Quality:
+        """The quality gate's verdict on one detected face."""
+        return assess(image, detection.box, detection.landmarks, detection.score, self.config.quality)
+
+    def align(self, image: np.ndarray, detections: Sequence[Detection]) -> np.ndarray:
+        """Aligned chips (N, H, W, 3) uint8 RGB in the embedder's geometry."""
+        spec = self.embedder.spec
+        chips = np.empty((len(detections), spec.input_height, spec.input_width, 3), dtype=np.uint8)
+        for i, det in enumerate(detections):
+            if spec.alignment == "dlib5":
+                assert self.shape_predictor is not None
+                points = self.shape_predictor.predict(image, dlib_box_from_points(det.landmarks))
+                chips[i] = extract_chip(image, dlib_chip_transform(points, size=spec.input_width), spec.input_width)
+            else:
+                chips[i] = align_to_template(
+                    image, det.landmarks, np.asarray(spec.template, dtype=np.float32), (spec.input_width, spec.input_height)
+                )
+        return chips
+
+    def embed(self, items: Sequence[tuple[np.ndarray, Detection]]) -> np.ndarray:
+        """Embeddings (N, D) for faces from any number of images (for example several cameras), in one batch."""
+        if not items:
+            return np.zeros((0, self.embedding_dim), dtype=np.float32)
+        chips = np.concatenate([self.align(check_image(img), [det]) for img, det in items])
+        return self.embedder.embed_chips(chips)
+
+    def analyze(self, image: np.ndarray, embed_rejected: bool = False) -> list[AnalyzedFace]:
+        """Detect, judge and embed every face in one image; faces that fail the quality gate
+        get no embedding unless `embed_rejected`."""
+        image = check_image(image)
+        dets = self.detect(image)
+        verdicts = [self.assess(image, d) for d in dets]
+        todo = [i for i, q in enumerate(verdicts) if q.ok or embed_rejected]
+        embs = self.embed([(image, dets[i]) for i in todo]) if todo else np.zeros((0, self.embedding_dim), np.float32)
+        by_index = dict(zip(todo, embs))
+        return [
+            AnalyzedFace(d.box, d.score, d.landmarks, q, by_index.get(i)) for i, (d, q) in enumerate(zip(dets, verdicts))
+        ]

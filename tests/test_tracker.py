@@ -1,0 +1,97 @@
+"""The per-camera face tracker: identities kept across frames, tracks end, best faces kept."""
+
+from __future__ import annotations
+
+import pytest
+
+from edge.tracker import Observation, Tracker, TrackerConfig, iou
+
+
+def obs(x: float, y: float, size: float = 80.0, quality: float = 0.5, usable: bool = True, data: object = None) -> Observation:
+    return Observation(box=(x, y, x + size, y + size), score=0.99, quality=quality, usable=usable, data=data)
+
+
+def test_iou_of_known_boxes() -> None:
+    assert iou((0, 0, 10, 10), (0, 0, 10, 10)) == pytest.approx(1.0)
+    assert iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(50 / 150)
+    assert iou((0, 0, 10, 10), (20, 20, 30, 30)) == 0.0
+
+
+def test_two_faces_walking_keep_their_ids() -> None:
+    tr = Tracker()
+    ids: list[tuple[int, int]] = []
+    for k in range(20):
+        t = k * 0.2
+        # One face walks right fast (half a face width per frame, so overlap alone would lose it), one walks left.
+        a = obs(100 + 40 * k, 100)
+        b = obs(1100 - 30 * k, 400)
+        tracks = tr.update([b, a] if k % 2 else [a, b], t)
+        by_box = {tk.last.box: tk.id for tk in tracks if tk.last_seen == t}
+        ids.append((by_box[a.box], by_box[b.box]))
+    assert len(set(ids)) == 1, f"ids changed along the way: {ids}"
+    assert ids[0][0] != ids[0][1]
+
+
+def test_crossing_faces_do_not_swap_when_sizes_differ() -> None:
+    tr = Tracker()
+    first: dict[str, int] = {}
+    for k in range(10):
+        t = k * 0.2
+        big = obs(100 + 60 * k, 200, size=160)
+        small = obs(500 - 30 * k, 240, size=50)
+        tracks = tr.update([big, small], t)
+        ids = {tk.last.box: tk.id for tk in tracks if tk.last_seen == t}
+        first.setdefault("big", ids[big.box])
+        first.setdefault("small", ids[small.box])
+        assert ids[big.box] == first["big"] and ids[small.box] == first["small"]
+
+
+def test_track_survives_short_gap_and_ends_after_max_age() -> None:
+    tr = Tracker(TrackerConfig(max_age_s=1.0))
+    (t1,) = tr.update([obs(100, 100)], 0.0)
+    assert tr.update([], 0.5) and not tr.ended  # missed detections for 0.5 s: still alive
+    (again,) = tr.update([obs(104, 100)], 0.8)
+    assert again.id == t1.id and again.observations == 2
+    assert tr.update([], 2.0) == []
+    assert [t.id for t in tr.ended] == [t1.id]
+    (new,) = tr.update([obs(104, 100)], 2.2)
+    assert new.id != t1.id, "a face after the track ended starts a new track"
+
+
+def test_far_away_detection_starts_new_track() -> None:
+    tr = Tracker()
+    (a,) = tr.update([obs(100, 100)], 0.0)
+    tracks = tr.update([obs(900, 500)], 0.2)
+    assert {t.id for t in tracks} == {a.id, a.id + 1}
+
+
+def test_best_observations_are_kept_by_quality_and_unusable_ones_never() -> None:
+    tr = Tracker(TrackerConfig(keep_best=2))
+    qualities = [0.3, 0.9, 0.1, 0.95, 0.5]
+    for k, q in enumerate(qualities):
+        tr.update([obs(100 + k, 100, quality=q, data=f"frame{k}")], k * 0.2)
+    tr.update([obs(106, 100, quality=0.99, usable=False, data="blurred")], 1.2)
+    (track,) = tr.tracks
+    assert [o.data for o in track.best] == ["frame3", "frame1"]
+    assert track.best_observation is not None and track.best_observation.quality == 0.95
+    assert track.last.data == "blurred"
+
+
+def test_track_without_usable_face_has_no_best() -> None:
+    tr = Tracker()
+    (track,) = tr.update([obs(100, 100, usable=False)], 0.0)
+    assert track.best_observation is None
+
+
+def test_clock_step_backwards_does_not_end_tracks() -> None:
+    tr = Tracker(TrackerConfig(max_age_s=1.0))
+    (a,) = tr.update([obs(100, 100)], 100.0)
+    (b,) = tr.update([obs(102, 100)], 50.0)
+    assert b.id == a.id and not tr.ended
+
+
+def test_bad_tracker_config_is_rejected() -> None:
+    with pytest.raises(ValueError, match="iou_threshold"):
+        TrackerConfig(iou_threshold=0.0)
+    with pytest.raises(ValueError, match="unknown_key|extra"):
+        TrackerConfig.model_validate({"unknown_key": 1})
