@@ -166,7 +166,12 @@ def _dotted(loc: tuple[Any, ...]) -> str:
 def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
     # Pydantic adds the name of the union member or function validator it tried (e.g. 'MqttConfig',
     # 'function-after[...]'); they are not keys the user wrote.
-    return tuple(p for p in loc if isinstance(p, int) or not (p[:1].isupper() or "[" in p or p.startswith("function")))
+    last = len(loc) - 1
+    return tuple(
+        p
+        for i, p in enumerate(loc)
+        if isinstance(p, int) or not ("[" in p or p.startswith("function-") or (p[:1].isupper() and i < last))
+    )
 
 
 def _describe(err: Any, raw: dict[str, Any]) -> str:
