@@ -7,7 +7,9 @@ Recall: the fraction of lag-dev images (100x100, tightly cropped) in which at le
 face is found, for several ways of giving the detector a margin around the face.
 Speed: milliseconds per frame on a 1920x1080 and a 1280x720 frame (a real photo as
 background, lag-dev faces pasted at 40..250 px heights), min face 40 px, one thread;
-also how many of the pasted faces were found. dlib's HOG detector is measured the same way.
+also how many of the pasted faces were found. dlib's HOG detector is measured the same way;
+with --mmod also dlib's MMOD CNN (face_recognition's "cnn" model), upsampled once so it
+reaches 40 px faces, timed once per frame since one run takes tens of seconds on a CPU.
 """
 
 from __future__ import annotations
@@ -75,6 +77,24 @@ def _hog(upsample: int) -> Detect:
     return lambda img: [(r.left(), r.top(), r.right(), r.bottom()) for r in hog(img, upsample)]
 
 
+def _mmod(upsample: int) -> Detect:
+    import dlib
+    import face_recognition_models
+
+    cnn = dlib.cnn_face_detection_model_v1(face_recognition_models.cnn_face_detector_model_location())
+    return lambda img: [(d.rect.left(), d.rect.top(), d.rect.right(), d.rect.bottom()) for d in cnn(img, upsample)]
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _recall(detect: Detect, images: list[np.ndarray], pad: Callable[[np.ndarray], np.ndarray]) -> dict:
     found = 0
     t0 = time.perf_counter()
@@ -100,8 +120,9 @@ def _synthetic_frame(width: int, height: int, faces: list[np.ndarray]) -> tuple[
     return frame, rects
 
 
-def _speed(detect: Detect, frame: np.ndarray, rects, repeats: int) -> dict:
-    detect(frame)
+def _speed(detect: Detect, frame: np.ndarray, rects, repeats: int, warmup: bool = True) -> dict:
+    if warmup:
+        detect(frame)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -119,6 +140,20 @@ def _speed(detect: Detect, frame: np.ndarray, rects, repeats: int) -> dict:
     }
 
 
+def _recall_table(results: dict, images: list[np.ndarray], mtcnn40: Detect, mtcnn20: Detect,
+                  hog0: Detect, hog1: Detect) -> None:
+    print(f"recall on {len(images)} lag-dev images (>= 1 face found)")
+    print(f"{'detector':<22}{'padding':<22}{'recall':>8}{'ms/img':>9}")
+    runs = [("mtcnn min40", mtcnn40, p) for p in PADDINGS]
+    runs += [("hog up0", hog0, p) for p in PADDINGS]
+    runs += [(name, det, p) for name, det in (("mtcnn min20", mtcnn20), ("hog up1", hog1))
+             for p in ("none", "reflect30", "constant30")]
+    for name, detect, pad in runs:
+        r = _recall(detect, images, _pad(pad))
+        results["recall"].setdefault(name, {})[pad] = r
+        print(f"{name:<22}{pad:<22}{r['recall']:>8.3f}{r['ms_per_image']:>9.1f}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data",
@@ -126,6 +161,8 @@ def main() -> int:
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--limit", type=int, default=0, help="use only the first N lag-dev images (0 = all)")
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per frame")
+    ap.add_argument("--no-recall", action="store_true", help="measure speed only")
+    ap.add_argument("--mmod", action="store_true", help="also time dlib's MMOD CNN (about a minute per 1080p frame)")
     args = ap.parse_args()
 
     lag = args.data / "lag-dev" if (args.data / "lag-dev").is_dir() else args.data
@@ -137,41 +174,34 @@ def main() -> int:
         paths = paths[: args.limit]
     images = [_load_rgb(p) for p in paths]
 
-    model_dir = Path(tempfile.mkdtemp(prefix="mtcnn-bench-"))
-    convert_mtcnn(model_dir)
-    mtcnn40 = _mtcnn(model_dir, 40)
-    mtcnn20 = _mtcnn(model_dir, 20)
+    with tempfile.TemporaryDirectory(prefix="mtcnn-bench-") as tmp:
+        # Sessions read the files when they are created, so the directory can go afterwards.
+        model_dir = Path(tmp)
+        convert_mtcnn(model_dir)
+        mtcnn40 = _mtcnn(model_dir, 40)
+        mtcnn20 = _mtcnn(model_dir, 20)
     hog0, hog1 = _hog(0), _hog(1)
 
     results: dict = {
         "command": " ".join(["python", "bench/detector.py", *sys.argv[1:]]),
-        "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
+        "machine": {"cpu": _cpu_name(), "python": platform.python_version()},
         "recall": {},
         "speed": {},
     }
-    print(f"recall on {len(images)} lag-dev images (>= 1 face found)")
-    print(f"{'detector':<22}{'padding':<22}{'recall':>8}{'ms/img':>9}")
-    recall_runs = [("mtcnn min40", mtcnn40, p) for p in PADDINGS]
-    recall_runs += [("hog up0", hog0, p) for p in PADDINGS]
-    for name, detect, pad in recall_runs:
-        r = _recall(detect, images, _pad(pad))
-        results["recall"].setdefault(name, {})[pad] = r
-        print(f"{name:<22}{pad:<22}{r['recall']:>8.3f}{r['ms_per_image']:>9.1f}")
-    for name, detect in (("mtcnn min20", mtcnn20), ("hog up1", hog1)):
-        best = {}
-        for pad in ("none", "reflect30", "constant30"):
-            r = _recall(detect, images, _pad(pad))
-            best[pad] = r
-            print(f"{name:<22}{pad:<22}{r['recall']:>8.3f}{r['ms_per_image']:>9.1f}")
-        results["recall"][name] = best
+    if not args.no_recall:
+        _recall_table(results, images, mtcnn40, mtcnn20, hog0, hog1)
 
     faces = [images[i] for i in np.linspace(0, len(images) - 1, len(PASTE_HEIGHTS)).astype(int)]
     print(f"\nspeed, one thread, median of {args.repeats} (lag-dev faces pasted at {PASTE_HEIGHTS} px)")
     print(f"{'detector':<22}{'frame':<12}{'ms':>9}{'found':>9}{'dets':>6}")
     for w, h in ((1920, 1080), (1280, 720)):
         frame, rects = _synthetic_frame(w, h, faces)
-        for name, detect in (("mtcnn min40", mtcnn40), ("hog up1 (40px)", hog1), ("hog up0 (80px)", hog0)):
-            r = _speed(detect, frame, rects, args.repeats)
+        runs = [("mtcnn min40", mtcnn40, args.repeats), ("hog up1 (40px)", hog1, args.repeats),
+                ("hog up0 (80px)", hog0, args.repeats)]
+        if args.mmod:
+            runs.append(("mmod up1 (40px)", _mmod(1), 1))
+        for name, detect, repeats in runs:
+            r = _speed(detect, frame, rects, repeats, warmup=repeats > 1)
             results["speed"].setdefault(name, {})[f"{w}x{h}"] = r
             print(f"{name:<22}{f'{w}x{h}':<12}{r['ms_median']:>9.1f}{r['pasted_found']:>5}/{r['pasted_faces']:<3}{r['detections']:>6}")
 

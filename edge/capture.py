@@ -26,7 +26,7 @@ from typing import Callable, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from edge.sources import EndOfStream, SourceError, UrlError, classify_url, open_source, redact_url
+from edge.sources import EndOfStream, Source, SourceError, UrlError, classify_url, open_source, redact_url
 from edge.types import Frame
 
 log = logging.getLogger(__name__)
@@ -35,8 +35,8 @@ log = logging.getLogger(__name__)
 _POLL_S = 0.05
 # Extra time granted to a backend's own open timeout before the watchdog abandons the open.
 _OPEN_GRACE_S = 2.0
-# Frames over which fps is measured.
-_FPS_WINDOW = 30
+# Seconds over which fps is measured.
+_FPS_WINDOW_S = 2.0
 
 
 class CaptureConfig(BaseModel):
@@ -46,7 +46,9 @@ class CaptureConfig(BaseModel):
 
     id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="camera id used in logs and hits")
     url: str | int = Field(description="rtsp://, rtsps://, a video file path, /dev/videoN or a camera index")
-    backend: Literal["opencv", "pyav", "gstreamer"] = "opencv"
+    # pyav by default: OpenCV opens streams one at a time process-wide, so one hanging camera would
+    # hold up the others' reconnects (docs/capture.md).
+    backend: Literal["opencv", "pyav", "gstreamer"] = "pyav"
     rtsp_transport: Literal["tcp", "udp"] = "tcp"
     open_timeout_s: float = Field(10.0, gt=0, le=300)
     read_timeout_s: float = Field(5.0, gt=0, le=300)
@@ -120,6 +122,12 @@ class _Session(threading.Thread):
         self.eof = False
         self.abandoned = threading.Event()
         self.done = threading.Event()
+        self.source: Source | None = None
+
+    def decode_note(self) -> str:
+        """What the backend knows about decode failures so far ('' when nothing)."""
+        note = getattr(self.source, "decode_note", None)
+        return note() if note is not None else ""
 
     def run(self) -> None:
         try:
@@ -133,6 +141,7 @@ class _Session(threading.Thread):
             self.error = f"unexpected error opening: {type(e).__name__}: {e}"
             self.done.set()
             return
+        self.source = source
         self.opened_at = time.monotonic()
         try:
             self._read_loop(source)
@@ -147,7 +156,7 @@ class _Session(threading.Thread):
             source.close()
             self.done.set()
 
-    def _read_loop(self, source) -> None:
+    def _read_loop(self, source: Source) -> None:
         pace = self.cfg.realtime and source.kind == "file"
         anchor: tuple[float, float] | None = None  # (wall, pts) the file's clock is measured from
         period = 1.0 / (getattr(source, "fps", None) or 25.0)
@@ -180,7 +189,8 @@ class CameraReader:
         self._frame: Frame | None = None
         self._seq = -1
         self._frames = 0
-        self._times: deque[float] = deque(maxlen=_FPS_WINDOW)
+        self._times: deque[float] = deque(maxlen=2000)
+        self._up_at = 0.0
         self._up = False
         self._since = time.time()
         self._last_error: str | None = None
@@ -252,11 +262,13 @@ class CameraReader:
 
     def _snapshot(self) -> CameraState:
         fps = 0.0
-        if self._up and len(self._times) >= 2:
-            span = self._times[-1] - self._times[0]
-            # A camera that stopped delivering shows a falling rate before the watchdog fires.
-            span = max(span, time.monotonic() - self._times[0] - (span / (len(self._times) - 1)))
-            fps = (len(self._times) - 1) / span if span > 0 else 0.0
+        if self._up:
+            now = time.monotonic()
+            while self._times and self._times[0] < now - _FPS_WINDOW_S:
+                self._times.popleft()
+            # Over the window, or since coming up if that is shorter; so a silent camera reads ~0.
+            span = min(_FPS_WINDOW_S, now - self._up_at)
+            fps = len(self._times) / span if span > 0.2 else 0.0
         return CameraState(
             camera_id=self.config.id,
             up=self._up,
@@ -277,17 +289,20 @@ class CameraReader:
             self._frame = Frame(self.config.id, self._seq, time.time(), image)
             self._times.append(time.monotonic())
             if not self._up:
-                down_for = time.time() - self._since
+                waited = time.time() - self._since
+                first = self._frames == 1
                 self._up, self._since = True, time.time()
+                self._up_at = time.monotonic()
                 self._times.clear()
-                self._times.append(time.monotonic())
+                self._times.append(self._up_at)
                 notify = self._snapshot()
                 log.info(
-                    "camera %s: up (%dx%d) after %.1f s down, reconnects=%d",
+                    "camera %s: up (%dx%d), %s %.1f s, reconnects=%d",
                     self.config.id,
                     image.shape[1],
                     image.shape[0],
-                    down_for,
+                    "first frame after" if first else "was down for",
+                    waited,
                     self._reconnects,
                 )
             self._cond.notify_all()
@@ -297,7 +312,7 @@ class CameraReader:
     def _mark_down(self, error: str, retry_in: float | None) -> None:
         with self._cond:
             changed = self._up or error != self._last_error
-            was_up = self._up
+            word = "down" if self._up or self._last_error is None else "still down"
             if self._up:
                 self._up, self._since = False, time.time()
             self._last_error = error
@@ -305,10 +320,10 @@ class CameraReader:
         retry = f"; retrying in {retry_in:.1f} s" if retry_in is not None else ""
         if changed:
             log.warning(
-                "camera %s: down%s since %s: %s%s",
+                "camera %s: %s since %s: %s%s",
                 self.config.id,
-                "" if was_up else " (still)",
-                time.strftime("%H:%M:%S", time.localtime(snap.since)),
+                word,
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(snap.since)),
                 error,
                 retry,
             )
@@ -343,7 +358,13 @@ class CameraReader:
             else:
                 last = session.last_frame_at or session.opened_at
                 if now - last > cfg.stall_timeout_s:
-                    return f"stalled: no frame for stall_timeout_s={cfg.stall_timeout_s:g} (connected but silent)"
+                    limit = f"stall_timeout_s={cfg.stall_timeout_s:g}"
+                    if not session.delivered:
+                        return (
+                            f"connected, but no frame decoded within {limit} (garbage data, unsupported codec, "
+                            f"or a camera that sends nothing){session.decode_note()}"
+                        )
+                    return f"stalled: no new frame for {limit} (connected but silent){session.decode_note()}"
         if session.eof:
             return None
         return session.error or "stream ended"
@@ -372,7 +393,8 @@ class CameraReader:
             if error is None and session.eof:
                 if self.config.loop and session.delivered:
                     continue
-                self._mark_down(f"end of file {self.config.url}", None)
+                ended = "end of file" if session.delivered else "no frame could be decoded from file"
+                self._mark_down(f"{ended} {self.config.url}", None)
                 self._finished.set()
                 with self._cond:
                     self._cond.notify_all()

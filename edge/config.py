@@ -47,7 +47,7 @@ class UnitSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: str = Field(description="unit id, unique in the deployment (letters, digits, '-', '_', '.')")
-    site: str = Field("default", description="site (station, checkpoint) the unit belongs to")
+    site: str = Field(description="site (station, checkpoint) the unit belongs to; also the MQTT topic level")
 
     @field_validator("id", "site")
     @classmethod
@@ -133,13 +133,11 @@ def parse_config(text: str, name: str = "<config>", base_dir: Path | None = None
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{name}: TOML syntax error: {exc}") from None
-    cfg = _validate(raw, name)
     if base_dir is not None:
-        relative = [loc for loc, value in _paths(cfg, ()) if not value.is_absolute() and _has(raw, loc)]
-        if relative:
-            for loc in relative:
-                _set(raw, loc, str(base_dir / _get(raw, loc)))
-            cfg = _validate(raw, name)
+        _resolve_paths(UnitConfig, raw, base_dir)
+        _resolve_camera_files(raw, base_dir)
+    _inherit_site(raw, name)
+    cfg = _validate(raw, name)
     _check_files(cfg, name)
     _check_cameras(cfg, name)
     return cfg
@@ -221,17 +219,59 @@ def _model_of(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def _paths(obj: Any, loc: tuple[Any, ...]) -> list[tuple[tuple[Any, ...], Path]]:
-    out: list[tuple[tuple[Any, ...], Path]] = []
-    if isinstance(obj, BaseModel):
-        for fname in type(obj).model_fields:
-            out += _paths(getattr(obj, fname), (*loc, fname))
-    elif isinstance(obj, (list, tuple)):
-        for i, item in enumerate(obj):
-            out += _paths(item, (*loc, i))
-    elif isinstance(obj, Path):
-        out.append((loc, obj))
-    return out
+def _resolve_paths(model: type[BaseModel], raw: Any, base_dir: Path) -> None:
+    """Make relative paths in `raw` (for fields typed Path) relative to `base_dir`, in place."""
+    if not isinstance(raw, dict):
+        return
+    for fname, field in model.model_fields.items():
+        if fname not in raw:
+            continue
+        value = raw[fname]
+        if _is_path_type(field.annotation):
+            if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+                raw[fname] = str(base_dir / value)
+            continue
+        sub = _model_of(field.annotation)
+        if sub is None:
+            continue
+        if isinstance(value, list):
+            for item in value:
+                _resolve_paths(sub, item, base_dir)
+        else:
+            _resolve_paths(sub, value, base_dir)
+
+
+def _is_path_type(annotation: Any) -> bool:
+    if annotation is Path:
+        return True
+    return any(a is Path for a in getattr(annotation, "__args__", ()) or ())
+
+
+def _resolve_camera_files(raw: dict[str, Any], base_dir: Path) -> None:
+    # A camera url that is a plain relative path names a video file; it too starts at the config's folder.
+    cams = raw.get("cameras")
+    if not isinstance(cams, list):
+        return
+    for cam in cams:
+        url = cam.get("url") if isinstance(cam, dict) else None
+        if isinstance(url, str) and url.strip() and "://" not in url and not url.strip().isdigit():
+            if not url.startswith(("/", "~")):
+                cam["url"] = str(base_dir / url.strip())
+
+
+def _inherit_site(raw: dict[str, Any], name: str) -> None:
+    # The site is said once, in [unit]; [mqtt] may repeat it but must then agree.
+    unit, mqtt = raw.get("unit"), raw.get("mqtt")
+    if not isinstance(unit, dict) or not isinstance(mqtt, dict):
+        return
+    if "site" not in mqtt:
+        if "site" in unit:
+            mqtt["site"] = unit["site"]
+    elif "site" in unit and mqtt["site"] != unit["site"]:
+        raise ConfigError(
+            f"{name}: mqtt.site: {mqtt['site']!r} differs from unit.site {unit['site']!r}; "
+            "remove mqtt.site (it defaults to unit.site) or make them equal"
+        )
 
 
 def _has(raw: Any, loc: tuple[Any, ...]) -> bool:
@@ -251,10 +291,6 @@ def _get(raw: Any, loc: tuple[Any, ...]) -> Any:
     return raw
 
 
-def _set(raw: Any, loc: tuple[Any, ...], value: Any) -> None:
-    _get(raw, loc[:-1])[loc[-1]] = value
-
-
 def _check_files(cfg: UnitConfig, name: str) -> None:
     spec = cfg.engine.embedder
     if spec is not None:
@@ -265,6 +301,11 @@ def _check_files(cfg: UnitConfig, name: str) -> None:
                 f"{name}: engine.embedder.onnx: model file {spec.onnx} not found; "
                 "copy the model there or correct the path (relative paths start at the config file's folder)"
             )
+    if not Path(cfg.watchlist.root_key).is_file():
+        raise ConfigError(
+            f"{name}: watchlist.root_key: no such file {str(cfg.watchlist.root_key)!r}; install HQ's root public key "
+            "there (it is pinned at installation) or correct the path"
+        )
     if cfg.engine.cache_dir is not None and Path(cfg.engine.cache_dir).exists() and not Path(cfg.engine.cache_dir).is_dir():
         raise ConfigError(f"{name}: engine.cache_dir: {cfg.engine.cache_dir} exists and is not a folder")
 

@@ -33,6 +33,17 @@ log = logging.getLogger(__name__)
 NO_MATCHING_SUBSCRIBERS = 0x10
 
 
+class _PahoNoise(logging.Filter):
+    """paho logs an error on every loop pass while it has no socket; MqttLink reports the cause."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Client is not connected")
+
+
+_paho_log = logging.getLogger(__name__ + ".paho")
+_paho_log.addFilter(_PahoNoise())
+
+
 def _existing_file(value: Path | None, key: str) -> Path | None:
     if value is None:
         return None
@@ -199,7 +210,7 @@ def build_client(
             CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311,
             clean_session=False, manual_ack=manual_ack,
         )
-    client.enable_logger(logging.getLogger(__name__ + ".paho"))
+    client.enable_logger(_paho_log)
     # An exception in one of our callbacks must not kill paho's network thread.
     client.suppress_exceptions = True
     client.max_inflight_messages_set(max_inflight)
@@ -256,6 +267,7 @@ class MqttLink:
         on_connected: Callable[[bool, Any], None] | None = None,
         on_message: Callable[[Any], None] | None = None,
         on_publish: Callable[[int, Any], None] | None = None,
+        on_subscribe: Callable[[list[Any]], None] | None = None,
     ) -> None:
         self.conn = conn
         self.name = name
@@ -268,6 +280,8 @@ class MqttLink:
         self._receive_maximum_asked = receive_maximum
         self._on_connected = on_connected
         self._last_logged: tuple[str, float] | None = None
+        self._last_paho_error = ""
+        self._connected_at = 0.0
         self.client = build_client(conn, client_id, manual_ack=manual_ack, max_inflight=max_inflight)
         if will is not None:
             self.client.will_set(will[0], will[1], qos=1, retain=True)
@@ -275,10 +289,13 @@ class MqttLink:
         self.client.on_connect = self._handle_connect
         self.client.on_connect_fail = self._handle_connect_fail
         self.client.on_disconnect = self._handle_disconnect
+        self.client.on_log = self._handle_log
         if on_message is not None:
             self.client.on_message = lambda _c, _u, msg: on_message(msg)
         if on_publish is not None:
             self.client.on_publish = lambda _c, _u, mid, rc, _p: on_publish(mid, rc)
+        if on_subscribe is not None:
+            self.client.on_subscribe = lambda _c, _u, _mid, rcs, _p: on_subscribe(list(rcs))
 
     @property
     def connected(self) -> bool:
@@ -338,6 +355,7 @@ class MqttLink:
             )
             return
         self.state = "connected"
+        self._connected_at = time.monotonic()
         self.connects += 1
         self.last_error = None
         self._last_logged = None
@@ -360,13 +378,38 @@ class MqttLink:
             self.state = "disconnected"
         self.note_error(describe_connect_error(exc, self.conn))
 
+    def _handle_log(self, _client: Any, _userdata: Any, level: int, text: str) -> None:
+        import paho.mqtt.client as mqtt
+
+        # Socket and TLS failures after the handshake reach us only through paho's log.
+        if level == mqtt.MQTT_LOG_ERR and not text.startswith("Client is not connected"):
+            self._last_paho_error = text
+
     def _handle_disconnect(self, _client: Any, _userdata: Any, _flags: Any, reason: Any, _props: Any) -> None:
         was = self.state
         if was == "closed":
             return
         self.state = "disconnected"
+        if was == "disconnected":
+            return  # the CONNACK refusal was already reported
+        detail = self._last_paho_error or str(reason)
+        self._last_paho_error = ""
+        where = f"{self.conn.host}:{self.conn.port}"
         if was == "connected":
-            self.note_error(f"lost the connection to {self.conn.host}:{self.conn.port} ({reason})")
+            hint = ""
+            if time.monotonic() - self._connected_at < 5.0:
+                hint = (
+                    "; dropped right after connecting: check the broker's log (Mosquitto drops clients whose "
+                    "ACL forbids their topics, or when another client takes the same client id)"
+                )
+            self.note_error(f"lost the connection to {where} ({detail}){hint}")
+        elif "certificate" in detail.lower():
+            self.note_error(
+                f"{where} closed the connection during set-up ({detail}): the broker wants a client certificate "
+                f"it trusts; set tls.cert_file and tls.key_file"
+            )
+        else:
+            self.note_error(f"{where} closed the connection before accepting it ({detail}); check the broker's log")
 
 
 class MqttReporter:

@@ -434,6 +434,9 @@ class Pipeline:
                 return
             frame = cam.source.latest(after_seq=last_seq, timeout=min(1.0, max(period, 0.1)))
             if frame is None:
+                # Down or finished cameras may answer at once; do not spin on them.
+                if self._stop.wait(min(period, 0.5)):
+                    return
                 continue
             last_seq = frame.seq
             stats.frames_sampled += 1

@@ -122,6 +122,10 @@ def _resize(rgb: np.ndarray, width: int | None, height: int | None) -> np.ndarra
     return cv2.resize(rgb, (tw, th), interpolation=interp)
 
 
+# FFmpeg may probe up to 5 s of a live stream by default and then hands the probed frames over at
+# once; 1 s opens faster and keeps the first frames closer to live.
+_PROBE_US = "1000000"
+
 # OpenCV takes FFmpeg options only from this environment variable, read at each open: it is
 # process-wide, so OpenCV cameras in one process share one RTSP transport (PyAV has no such limit).
 _FFMPEG_ENV = "OPENCV_FFMPEG_CAPTURE_OPTIONS"
@@ -131,7 +135,7 @@ _env_ours: str | None = None
 
 def _set_opencv_rtsp_transport(transport: str, camera_id: str) -> None:
     global _env_ours
-    wanted = f"rtsp_transport;{transport}"
+    wanted = f"rtsp_transport;{transport}|analyzeduration;{_PROBE_US}"
     with _env_lock:
         current = os.environ.get(_FFMPEG_ENV)
         if current is not None and current != _env_ours:
@@ -160,7 +164,7 @@ class OpenCVSource:
         self.description = f"opencv:{redact_url(target)}" if pipeline is None else "gstreamer pipeline"
         params: list[int] = []
         if pipeline is not None:
-            if "GStreamer:                   YES" not in cv2.getBuildInformation():
+            if not opencv_has_gstreamer():
                 raise SourceError(
                     "backend 'gstreamer' needs an OpenCV built with GStreamer (JetPack's OpenCV is; the pip "
                     "wheel opencv-python-headless is not): check `python -c \"import cv2; "
@@ -184,6 +188,7 @@ class OpenCVSource:
             cap.release()
             raise SourceError(f"could not open {self._what()}: {self._open_hint()}")
         self._cap = cap
+        self._frames = 0
         fps = cap.get(cv2.CAP_PROP_FPS)
         self.fps = float(fps) if fps and 0 < fps < 1000 else None
 
@@ -205,19 +210,29 @@ class OpenCVSource:
 
         t0 = time.monotonic()
         ok, bgr = self._cap.read()
+        waited = time.monotonic() - t0
         if not ok or bgr is None:
             if self.kind == "file":
                 raise EndOfStream(f"end of video file {self.cfg.url}")
-            waited = time.monotonic() - t0
+            if not self._frames:
+                raise SourceError(
+                    "connected, but no decodable video arrived (garbage data, unsupported codec, or no frames "
+                    f"within read_timeout_s={self.cfg.read_timeout_s:g})"
+                )
             if waited >= self.cfg.read_timeout_s * 0.9:
                 raise SourceError(f"no frame within read_timeout_s={self.cfg.read_timeout_s:g} (stream stalled?)")
-            raise SourceError("stream ended or sent an undecodable frame")
+            raise SourceError("stream ended (connection closed?) or sent an undecodable frame")
+        if self.kind != "file" and waited >= self.cfg.read_timeout_s * 0.9:
+            # FFmpeg holds the newest packet until the next one starts; a read timeout flushes it,
+            # so this old frame is the sign of a stall, not of a live stream.
+            raise SourceError(f"no new frame within read_timeout_s={self.cfg.read_timeout_s:g} (stream stalled?)")
         if bgr.ndim == 2:
             rgb = cv2.cvtColor(bgr, cv2.COLOR_GRAY2RGB)
         elif bgr.shape[2] == 4:
             rgb = cv2.cvtColor(bgr, cv2.COLOR_BGRA2RGB)
         else:
             rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        self._frames += 1
         pts = self._cap.get(cv2.CAP_PROP_POS_MSEC) / 1000.0 if self.kind == "file" else None
         return _resize(rgb, self.cfg.width, self.cfg.height), pts
 
@@ -232,7 +247,10 @@ class PyAVSource:
     MAX_DECODE_ERRORS = 50
 
     def __init__(self, cfg: CaptureConfig, kind: SourceKind, target: str | int) -> None:
-        import av
+        try:
+            import av
+        except ImportError:
+            raise SourceError("backend 'pyav' needs the av package: pip install av (or use backend 'opencv')") from None
 
         self.kind = kind
         self.cfg = cfg
@@ -240,7 +258,7 @@ class PyAVSource:
         options: dict[str, str] = {}
         fmt = None
         if kind == "rtsp":
-            options = {"rtsp_transport": cfg.rtsp_transport, "fflags": "nobuffer", "flags": "low_delay"}
+            options = {"rtsp_transport": cfg.rtsp_transport, "analyzeduration": _PROBE_US}
         elif kind == "v4l2":
             fmt = "video4linux2"
             target = f"/dev/video{target}" if isinstance(target, int) else target
@@ -258,12 +276,14 @@ class PyAVSource:
         self.fps = float(rate) if rate else None
         self._packets = self._container.demux(self._stream)
         self._pending: deque = deque()
+        self._frames = 0
+        self._decode_errors = 0
+        self._last_decode_error = ""
 
     def read(self) -> tuple[np.ndarray, float | None]:
         import av
 
         errors = 0
-        last_error = ""
         while not self._pending:
             t0 = time.monotonic()
             try:
@@ -271,23 +291,43 @@ class PyAVSource:
             except StopIteration:
                 if self.kind == "file":
                     raise EndOfStream(f"end of video file {self.cfg.url}") from None
-                raise SourceError("stream ended (camera closed the connection)") from None
+                raise SourceError(f"stream ended (camera closed the connection){self.decode_note()}") from None
             except av.FFmpegError as e:
                 if time.monotonic() - t0 >= self.cfg.read_timeout_s * 0.9:
-                    raise SourceError(
-                        f"no data within read_timeout_s={self.cfg.read_timeout_s:g} (stream stalled?)"
-                    ) from None
-                raise SourceError(f"read failed: {_av_message(e)}") from None
+                    raise self._silent_error() from None
+                raise SourceError(f"read failed: {_av_message(e)}{self.decode_note()}") from None
+            if self.kind != "file" and time.monotonic() - t0 >= self.cfg.read_timeout_s * 0.9:
+                # A read timeout makes FFmpeg flush the packet it was holding: stale, not live.
+                raise self._silent_error()
             try:
                 self._pending.extend(packet.decode())
             except av.FFmpegError as e:
                 errors += 1
-                last_error = _av_message(e)
+                self._decode_errors += 1
+                self._last_decode_error = _av_message(e)
                 if errors >= self.MAX_DECODE_ERRORS:
-                    raise SourceError(f"undecodable stream: {errors} packets in a row failed ({last_error})") from None
+                    raise SourceError(
+                        f"undecodable stream: {errors} packets in a row failed ({self._last_decode_error})"
+                    ) from None
+        self._frames += 1
         frame = self._pending.popleft()
         rgb = frame.to_ndarray(format="rgb24", width=self._out_w(frame), height=self._out_h(frame))
         return rgb, (float(frame.time) if frame.time is not None else None)
+
+    def decode_note(self) -> str:
+        """'; N packets failed to decode, last: ...' or '' when none did."""
+        if not self._decode_errors:
+            return ""
+        return f"; {self._decode_errors} packets failed to decode, last: {self._last_decode_error}"
+
+    def _silent_error(self) -> SourceError:
+        t = f"read_timeout_s={self.cfg.read_timeout_s:g}"
+        if not self._frames:
+            return SourceError(
+                f"connected, but no decodable video arrived within {t} (garbage data or unsupported codec?)"
+                f"{self.decode_note()}"
+            )
+        return SourceError(f"no new data within {t} (stream stalled?){self.decode_note()}")
 
     def _out_w(self, frame) -> int:
         w, h = self.cfg.width, self.cfg.height
@@ -335,8 +375,7 @@ def gstreamer_pipeline(
     sink = "appsink drop=true max-buffers=1 sync=false"
     if kind == "v4l2":
         device = f"/dev/video{target}" if isinstance(target, int) else target
-        scale = f" ! videoscale ! video/x-raw{size}" if size else ""
-        return f"v4l2src device={device} ! videoconvert{scale} ! video/x-raw,format=BGR ! {sink}"
+        return f"v4l2src device={device} ! videoconvert ! videoscale ! video/x-raw,format=BGR{size} ! {sink}"
     if kind == "rtsp":
         src = (
             f"rtspsrc location={_gst_quote(str(target))} protocols={rtsp_transport} latency={int(latency_ms)} "
@@ -347,11 +386,18 @@ def gstreamer_pipeline(
         demux = "matroskademux" if path.lower().endswith((".mkv", ".webm")) else "qtdemux"
         src = f"filesrc location={_gst_quote(path)} ! {demux}"
     if decoder == "nvv4l2decoder":
-        convert = f"nvv4l2decoder ! nvvidconv ! video/x-raw,format=BGRx{size} ! videoconvert"
+        # nvvidconv scales in hardware and leaves NVMM memory; videoconvert only drops the alpha byte.
+        convert = f"nvv4l2decoder ! nvvidconv ! video/x-raw,format=BGRx{size} ! videoconvert ! video/x-raw,format=BGR"
     else:
-        scale = f" ! videoscale ! video/x-raw{size}" if size else ""
-        convert = f"{decoder} ! videoconvert{scale}"
-    return f"{src} ! {codec}parse ! {convert} ! video/x-raw,format=BGR ! {sink}"
+        convert = f"{decoder} ! videoconvert ! videoscale ! video/x-raw,format=BGR{size}"
+    return f"{src} ! {codec}parse ! {convert} ! {sink}"
+
+
+def opencv_has_gstreamer() -> bool:
+    """Whether this OpenCV can read GStreamer pipelines (JetPack's can, the pip wheels cannot)."""
+    import cv2
+
+    return re.search(r"GStreamer:\s+YES", cv2.getBuildInformation()) is not None
 
 
 def _gst_quote(value: str) -> str:
@@ -391,5 +437,6 @@ __all__ = [
     "classify_url",
     "gstreamer_pipeline",
     "open_source",
+    "opencv_has_gstreamer",
     "redact_url",
 ]

@@ -14,7 +14,6 @@ smaller x in the image for an upright face (the network's training convention).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +23,6 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from engines.errors import ImageError, ModelError
-
-log = logging.getLogger(__name__)
 
 _PIXEL_MEAN = 127.5
 _PIXEL_SCALE = 0.0078125

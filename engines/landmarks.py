@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -111,14 +110,7 @@ class _IntStream:
 
     def floats(self, n: int) -> np.ndarray:
         pairs = self.take(2 * n).reshape(n, 2)
-        mantissa, exponent = pairs[:, 0], pairs[:, 1]
-        if (np.abs(exponent) >= _EXP_SPECIAL).any():
-            raise self.fail("non-finite number")
-        with np.errstate(over="raise"):
-            try:
-                return np.ldexp(mantissa.astype(np.float64), exponent.astype(np.int32)).astype(np.float32)
-            except FloatingPointError as exc:
-                raise self.fail("number out of range") from exc
+        return _ldexp(pairs[:, 0], pairs[:, 1], self)
 
     def column(self, what: str) -> np.ndarray:
         """matrix<float,0,1>: rows and columns (newer dlib stores them negated), then the elements."""
@@ -129,35 +121,86 @@ class _IntStream:
         return self.floats(nr)
 
 
-@dataclass(frozen=True)
 class _Level:
-    """One cascade level, as arrays for vectorised evaluation."""
+    """One cascade level, flattened so that all its trees are walked at once.
 
-    idx1: np.ndarray  # (trees, splits) int64: first pixel of each split
-    idx2: np.ndarray  # (trees, splits) int64: second pixel
-    thresh: np.ndarray  # (trees, splits) float32
-    leaves: np.ndarray  # (trees, leaves, 2*parts) float32
-    anchor: np.ndarray  # (pixels,) int64: shape part each sample pixel hangs on
-    deltas: np.ndarray  # (pixels, 2) float32: offset from that part in the initial shape's frame
+    Split nodes are numbered tree * splits + node and leaves tree * leaves + leaf, dlib's
+    in-tree order (children of node i are 2i+1 and 2i+2, leaves follow the splits).
+    """
+
+    def __init__(self, idx1: np.ndarray, idx2: np.ndarray, thresh: np.ndarray, leaves: np.ndarray,
+                 anchor: np.ndarray, deltas: np.ndarray) -> None:
+        self.n_trees, self.n_splits = idx1.shape
+        self.depth = (self.n_splits + 1).bit_length() - 1
+        self.idx1 = idx1.astype(np.intp).ravel()
+        self.idx2 = idx2.astype(np.intp).ravel()
+        self.thresh = thresh.astype(np.float32).ravel()
+        self.leaves = leaves.reshape(self.n_trees * (self.n_splits + 1), -1).astype(np.float32)
+        self.anchor = anchor.astype(np.intp)
+        self.deltas = deltas.astype(np.float32)
+        self.dx = np.ascontiguousarray(self.deltas[:, 0])
+        self.dy = np.ascontiguousarray(self.deltas[:, 1])
+        # Where each tree's first split and first leaf sit in the flat arrays; a leaf is
+        # reached as node index >= splits, so the leaf offset folds in the -splits.
+        self.split_base = np.arange(self.n_trees) * self.n_splits
+        self.leaf_base = np.arange(self.n_trees) * (self.n_splits + 1) - self.n_splits
+
+
+def _read_level(s: _IntStream, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One cascade level: vector<regression_tree>, each tree a vector of splits (idx1, idx2,
+    thresh) and a vector of leaf columns. All trees of a level must have the same depth (true
+    of dlib's trainer); the level is then one block of integers with a fixed record layout."""
+    n_trees = s.count("number of trees", 100_000)
+    if n_trees == 0:
+        raise s.fail("cascade level without trees")
+    n_splits = int(s.ints[s.pos]) if s.pos < s.ints.size else -1
+    if not 0 <= n_splits < 1 << 16:
+        raise s.fail(f"implausible number of splits {n_splits}")
+    n_leaves = n_splits + 1
+    if n_leaves & (n_leaves - 1):
+        raise s.fail(f"tree with {n_splits} splits is not a full binary tree")
+    leaf_len = 2 + 2 * dim
+    rec = 1 + 4 * n_splits + 1 + n_leaves * leaf_len
+    block = s.take(n_trees * rec).reshape(n_trees, rec)
+    splits = block[:, 1 : 1 + 4 * n_splits].reshape(n_trees, n_splits, 4)
+    leaves = block[:, 2 + 4 * n_splits :].reshape(n_trees, n_leaves, leaf_len)
+    if (block[:, 0] != n_splits).any() or (block[:, 1 + 4 * n_splits] != n_leaves).any():
+        raise s.fail("trees of different depths in one cascade level (not supported) or a corrupt tree")
+    if (np.abs(leaves[:, :, 0]) != dim).any() or (np.abs(leaves[:, :, 1]) != 1).any():
+        raise s.fail(f"leaf values are not columns of {dim} numbers")
+    thresh = _ldexp(splits[..., 2], splits[..., 3], s)
+    values = leaves[:, :, 2:].reshape(n_trees, n_leaves, dim, 2)
+    return splits[..., 0], splits[..., 1], thresh, _ldexp(values[..., 0], values[..., 1], s)
+
+
+def _ldexp(mantissa: np.ndarray, exponent: np.ndarray, s: _IntStream) -> np.ndarray:
+    """dlib floats (mantissa * 2**exponent) as float32; every value the model holds is a float."""
+    if (np.abs(exponent) >= _EXP_SPECIAL).any():
+        raise s.fail("non-finite number")
+    with np.errstate(over="raise"):
+        try:
+            return np.ldexp(mantissa.astype(np.float64), exponent.astype(np.int32)).astype(np.float32)
+        except FloatingPointError as exc:
+            raise s.fail("number out of range") from exc
 
 
 # --------------------------------------------------------------------------------------
 # Geometry helpers shared with dlib's code paths
 
 
-def _similarity_m(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """The 2x2 part (scale x rotation) of dlib's find_similarity_transform, for a batch.
+def _similarity_basis(initial: np.ndarray) -> np.ndarray:
+    """(2*parts, 2) matrix B with shape.ravel() @ B / |centred initial|^2 = (p, q), where
+    [[p, -q], [q, p]] is the least-squares similarity transform initial -> shape.
 
-    src, dst: (F, N, 2) float64. Returns (F, 2, 2) float64.
+    This is the 2-D closed form of Umeyama's solution that dlib's find_tform_between_shapes
+    computes by SVD; the two agree to double rounding, far below the float32 dlib casts the
+    result to. The centred initial shape sums to zero, so the shape needs no centring.
     """
-    from engines.align import umeyama
-
-    return umeyama(src, dst)[0]
-
-
-def _round_half_up(v: np.ndarray) -> np.ndarray:
-    """dlib's conversion of a double point to an integer point: floor(v + 0.5)."""
-    return np.floor(v + 0.5)
+    a = initial.astype(np.float64) - initial.astype(np.float64).mean(axis=0)
+    basis = np.empty((a.shape[0], 2, 2))
+    basis[:, 0, 0], basis[:, 1, 0] = a[:, 0], a[:, 1]  # p = sum(ax*bx + ay*by)
+    basis[:, 0, 1], basis[:, 1, 1] = -a[:, 1], a[:, 0]  # q = sum(ax*by - ay*bx)
+    return basis.reshape(-1, 2) / (a**2).sum()
 
 
 def _as_boxes(boxes: object) -> np.ndarray:
@@ -173,21 +216,26 @@ def _as_boxes(boxes: object) -> np.ndarray:
     return arr
 
 
-def _grey(image: object) -> np.ndarray:
-    """dlib's get_pixel_intensity: a grey image as is, or the truncated mean of R, G and B."""
+def _flat_pixels(image: object) -> tuple[np.ndarray, int]:
+    """The image's bytes, flat, and its channel count, after checking it is RGB or grey uint8."""
     if not isinstance(image, np.ndarray):
         raise ImageError(f"landmark input must be a numpy array (H, W, 3) uint8 RGB, got {type(image).__name__}")
     if image.dtype != np.uint8:
         raise ImageError(f"landmark input must be uint8, got dtype {image.dtype}")
-    if image.ndim == 3 and image.shape[2] == 3:
-        grey = (image.astype(np.uint16).sum(axis=2) // 3).astype(np.uint8)
-    elif image.ndim == 2:
-        grey = image
-    else:
+    if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
         raise ImageError(f"landmark input must have shape (H, W, 3) RGB or (H, W) grey, got {image.shape}")
-    if grey.shape[0] == 0 or grey.shape[1] == 0:
+    if image.shape[0] == 0 or image.shape[1] == 0:
         raise ImageError(f"landmark input is empty (shape {image.shape})")
-    return grey
+    return image.reshape(-1), (1 if image.ndim == 2 else 3)
+
+
+def _intensity(flat: np.ndarray, channels: int, at: np.ndarray) -> np.ndarray:
+    """dlib's get_pixel_intensity at pixel indices `at`: grey as is, RGB as the truncated
+    integer mean of R, G and B."""
+    if channels == 1:
+        return np.take(flat, at)
+    at = 3 * at
+    return (np.take(flat, at).astype(np.int32) + np.take(flat, at + 1) + np.take(flat, at + 2)) // 3
 
 
 # --------------------------------------------------------------------------------------
@@ -206,6 +254,7 @@ class ShapePredictor:
         self.initial_shape = np.asarray(initial_shape, dtype=np.float32).reshape(-1, 2)
         self.levels = tuple(levels)
         self.source = source
+        self._basis = _similarity_basis(self.initial_shape)
 
     @property
     def num_parts(self) -> int:
@@ -249,25 +298,10 @@ class ShapePredictor:
 
         forests = []
         for _ in range(s.count("number of cascade levels", 1000)):
-            trees = []
-            for _ in range(s.count("number of trees", 100_000)):
-                n_splits = s.count("number of splits", 1 << 16)
-                splits = s.take(4 * n_splits).reshape(n_splits, 4)
-                exps = splits[:, 3]
-                if (np.abs(exps) >= _EXP_SPECIAL).any():
-                    raise s.fail("non-finite split threshold")
-                thresh = np.ldexp(splits[:, 2].astype(np.float64), exps.astype(np.int32)).astype(np.float32)
-                n_leaves = s.count("number of leaves", 1 << 17)
-                if n_leaves != n_splits + 1 or n_leaves & (n_leaves - 1):
-                    raise s.fail(f"tree with {n_splits} splits and {n_leaves} leaves is not a full binary tree")
-                leaves = np.stack([s.column("leaf value") for _ in range(n_leaves)])
-                if leaves.shape[1] != dim:
-                    raise s.fail(f"leaf of {leaves.shape[1]} values for a shape of {dim}")
-                trees.append((splits[:, 0], splits[:, 1], thresh, leaves))
-            forests.append(trees)
+            forests.append(_read_level(s, dim))
 
         anchors = [s.take(s.count("number of sample pixels", 1 << 20)) for _ in range(s.count("anchor lists", 1000))]
-        deltas = [s.floats(s.count("number of sample pixels", 1 << 20)).reshape(-1, 2)
+        deltas = [s.floats(2 * s.count("number of sample pixels", 1 << 20)).reshape(-1, 2)
                   for _ in range(s.count("delta lists", 1000))]
         if s.pos != s.ints.size:
             raise s.fail(f"{s.ints.size - s.pos} unexpected values after the model")
@@ -275,23 +309,14 @@ class ShapePredictor:
             raise s.fail(f"{len(forests)} cascade levels but {len(anchors)} anchor and {len(deltas)} delta lists")
 
         levels = []
-        for trees, anchor, delta in zip(forests, anchors, deltas):
-            if not trees:
-                raise s.fail("cascade level without trees")
-            if len({t[0].size for t in trees}) != 1:
-                raise s.fail("trees of different depths in one cascade level (not supported)")
+        for (idx1, idx2, thresh, leaves), anchor, delta in zip(forests, anchors, deltas):
             if anchor.size != delta.shape[0]:
                 raise s.fail(f"{anchor.size} anchors for {delta.shape[0]} sample pixels")
             if anchor.size and (anchor.min() < 0 or anchor.max() >= dim // 2):
                 raise s.fail("sample pixel anchored on a part the shape does not have")
-            idx1 = np.stack([t[0] for t in trees])
-            idx2 = np.stack([t[1] for t in trees])
             if idx1.size and (min(idx1.min(), idx2.min()) < 0 or max(idx1.max(), idx2.max()) >= anchor.size):
                 raise s.fail("split refers to a sample pixel that does not exist")
-            levels.append(_Level(
-                idx1=idx1, idx2=idx2, thresh=np.stack([t[2] for t in trees]),
-                leaves=np.stack([t[3] for t in trees]), anchor=anchor.astype(np.int64), deltas=delta,
-            ))
+            levels.append(_Level(idx1, idx2, thresh, leaves, anchor, delta))
         log.debug("%s: %d parts, %d cascade levels", source, dim // 2, len(levels))
         return cls(initial, levels, source)
 
@@ -310,48 +335,45 @@ class ShapePredictor:
 
     def predict_many(self, image: np.ndarray, boxes: object, *, subpixel: bool = False) -> np.ndarray:
         """`predict` for several boxes in one image at once; returns (N, num_parts, 2) float32."""
-        grey = _grey(image)
+        flat, channels = _flat_pixels(image)
         rects = _as_boxes(boxes)
-        h, w = grey.shape
+        h, w = image.shape[:2]
         n = rects.shape[0]
-        scale = np.stack([rects[:, 2] - rects[:, 0], rects[:, 3] - rects[:, 1]], axis=1)[:, None, :]  # (N,1,2)
-        offset = rects[:, None, :2]
-        reference = self.initial_shape.astype(np.float64)
-        shape = np.repeat(self.initial_shape[None], n, axis=0)  # (N, P, 2) float32
-        rows = np.arange(n)[:, None]
+        # dlib's unnormalizing_tform: the unit square onto the box.
+        sx, sy = (rects[:, 2] - rects[:, 0])[:, None], (rects[:, 3] - rects[:, 1])[:, None]
+        ox, oy = rects[:, 0, None], rects[:, 1, None]
+        dim = 2 * self.num_parts
+        faces = np.arange(n)[:, None]
+        shape = np.repeat(self.initial_shape.reshape(1, dim), n, axis=0)  # (N, 2*parts) float32
         for level in self.levels:
-            # dlib: float matrix from the double similarity transform, float products and sums.
-            m = _similarity_m(np.broadcast_to(reference, shape.shape), shape.astype(np.float64)).astype(np.float32)
-            d = level.deltas
-            local = np.empty((n, d.shape[0], 2), dtype=np.float32)
-            local[..., 0] = m[:, None, 0, 0] * d[:, 0] + m[:, None, 0, 1] * d[:, 1]
-            local[..., 1] = m[:, None, 1, 0] * d[:, 0] + m[:, None, 1, 1] * d[:, 1]
-            local += shape[:, level.anchor, :]
-            pix = _round_half_up(local.astype(np.float64) * scale + offset)
-            inside = (pix[..., 0] >= 0) & (pix[..., 0] <= w - 1) & (pix[..., 1] >= 0) & (pix[..., 1] <= h - 1)
-            px = np.where(inside, pix[..., 0], 0).astype(np.intp)
-            py = np.where(inside, pix[..., 1], 0).astype(np.intp)
-            values = np.where(inside, grey[py, px], 0).astype(np.float32)  # (N, pixels)
+            pq = (shape.astype(np.float64) @ self._basis).astype(np.float32)
+            p, q = pq[:, 0, None], pq[:, 1, None]
+            # float32 products and sums, as dlib computes tform*delta + anchor point.
+            anchor = shape.reshape(n, -1, 2)[:, level.anchor]
+            x = (p * level.dx + -q * level.dy) + anchor[..., 0]
+            y = (q * level.dx + p * level.dy) + anchor[..., 1]
+            px = np.floor(x.astype(np.float64) * sx + ox + 0.5)
+            py = np.floor(y.astype(np.float64) * sy + oy + 0.5)
+            inside = (px >= 0) & (px <= w - 1) & (py >= 0) & (py <= h - 1)
+            at = np.where(inside, py * w + px, 0).astype(np.intp)
+            values = np.where(inside, _intensity(flat, channels, at), 0).astype(np.float32).ravel()
 
-            n_trees, n_splits = level.idx1.shape
-            trees = np.arange(n_trees)
-            node = np.zeros((n, n_trees), dtype=np.intp)
-            while True:
-                open_ = node < n_splits
-                if not open_.any():
-                    break
-                at = np.minimum(node, n_splits - 1)
-                a = values[rows, level.idx1[trees, at]]
-                b = values[rows, level.idx2[trees, at]]
-                left = (a - b) > level.thresh[trees, at]
-                node = np.where(open_, np.where(left, 2 * node + 1, 2 * node + 2), node)
-            picked = level.leaves[trees, node - n_splits]  # (N, trees, 2P)
+            # Evaluate every split of every tree, then walk the trees on the outcomes.
+            row = faces * level.deltas.shape[0]
+            goes_left = (np.take(values, row + level.idx1) - np.take(values, row + level.idx2) > level.thresh).ravel()
+            base = faces * level.idx1.size + level.split_base
+            node = np.zeros((n, level.n_trees), dtype=np.intp)
+            for _ in range(level.depth):
+                node = 2 * node + 2 - np.take(goes_left, base + node)
+            seq = np.empty((n, level.n_trees + 1, dim), dtype=np.float32)
+            seq[:, 0] = shape
+            seq[:, 1:] = np.take(level.leaves, level.leaf_base + node, axis=0)
             # dlib adds the trees' leaves one after another in float; cumsum keeps that order.
-            seq = np.concatenate([shape.reshape(n, 1, -1), picked], axis=1)
-            shape = np.cumsum(seq, axis=1, dtype=np.float32)[:, -1].reshape(n, -1, 2)
-        points = shape.astype(np.float64) * scale + offset
+            shape = np.cumsum(seq, axis=1)[:, -1]
+        shape = shape.reshape(n, -1, 2).astype(np.float64)
+        points = np.stack([shape[..., 0] * sx + ox, shape[..., 1] * sy + oy], axis=-1)
         if not subpixel:
-            points = _round_half_up(points)
+            points = np.floor(points + 0.5)
         return points.astype(np.float32)
 
 
@@ -370,14 +392,15 @@ def default_model_path() -> Path:
 # --------------------------------------------------------------------------------------
 # Detector points -> the box the landmark model expects
 
-# Fitted by bench/fit_box_mapping.py (see docs/alignment.md): MTCNN's 5 points vs dlib's
-# HOG detector box on the same faces. In the face's own frame -- origin at the eye
-# midpoint, x along the eye line, y towards the mouth midpoint -- the box centre sits at
-# _BOX_CENTRE[0] * eye distance + _BOX_CENTRE[1] * eye-mouth distance across and
-# _BOX_CENTRE[2] * eye distance + _BOX_CENTRE[3] * eye-mouth distance down; the box is a
-# square of side _BOX_SIDE[0] * eye distance + _BOX_SIDE[1] * eye-mouth distance.
-_BOX_CENTRE = (0.0, 0.0, 0.0, 0.0)
-_BOX_SIDE = (0.0, 0.0)
+# Fitted once with `python bench/fit_box_mapping.py` (see docs/alignment.md): MTCNN's 5 points
+# against dlib's HOG detector box on the same faces of lag-dev (2,289 faces both detectors
+# found; fitted on the 1,188 of even-hashed identities, checked on the rest). In the face's
+# own frame -- origin at the eye midpoint, x along the eye line, y square to it towards the
+# mouth -- the box centre sits at _BOX_CENTRE[0] * E + _BOX_CENTRE[1] * M across and
+# _BOX_CENTRE[2] * E + _BOX_CENTRE[3] * M down, E being the eye distance and M the
+# eye-to-mouth distance; the box is an upright square of side _BOX_SIDE[0] * E + _BOX_SIDE[1] * M.
+_BOX_CENTRE = (-0.2642, 0.1613, 0.3309, 0.1374)
+_BOX_SIDE = (1.8532, 0.4524)
 
 
 def dlib_box_from_points(points5: np.ndarray) -> tuple[float, float, float, float]:

@@ -47,10 +47,6 @@ class WatchlistConfig(BaseModel):
         le=8 * 1024**3,
         description="largest bundle accepted, checked before anything is parsed",
     )
-    spool_dir: Path | None = Field(
-        None,
-        description="where bundles received over MQTT are assembled (default: beside the store)",
-    )
 
     @field_validator("topic")
     @classmethod

@@ -1,0 +1,264 @@
+"""Benchmark of hit reporting: outbox -> Mosquitto -> checkpoint-receiver, all real, on this machine.
+
+Measures
+  * outbox write cost per hit (Outbox.put, WAL + synchronous=FULL: one fsync per hit),
+  * sustained hits/s from MqttReporter.submit to rows committed in the receiver's store,
+  * publish-to-receive latency p50/p99 (queued_at in the unit -> received_at in the receiver) at a
+    paced rate and under saturation,
+  * recovery after a broker restart with a backlog of pending hits (default 10,000).
+
+It starts its own mosquitto (the test fixture's runner) on a free loopback port and the receiver
+as a subprocess (`python -m central.cli run`), as operators would run it.
+
+    python bench/reporting.py --json OUT.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from edge import protocol  # noqa: E402
+from edge.mqtt_reporter import MqttConfig, MqttReporter  # noqa: E402
+from edge.outbox import Outbox, OutboxConfig  # noqa: E402
+from edge.types import Hit  # noqa: E402
+from tests.fixtures.broker import MosquittoBroker, find_mosquitto  # noqa: E402
+from tests.fixtures.hits import noise_jpeg  # noqa: E402
+
+
+def make_hit(tag: str, crop: bytes | None) -> Hit:
+    return Hit(unit_id="unit-1", camera_id="cam-1", captured_at=time.time(), person_id=tag, score=0.8,
+               threshold=0.6, margin=0.2, box=(10.0, 10.0, 80.0, 90.0), model_id="bench", watchlist_version=1,
+               crop_jpeg=crop)
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+class ReceiverProcess:
+    """checkpoint-receiver in its own process; progress is read from its SQLite store."""
+
+    def __init__(self, broker: MosquittoBroker, db: Path, log: Path) -> None:
+        self.db = db
+        self._log = open(log, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "central.cli", "run", "--host", broker.host, "--port", str(broker.port),
+             "--db", str(db), "--client-id", "bench-rx", "--quiet", "--reconnect-max-delay", "0.5"],
+            stdout=self._log, stderr=subprocess.STDOUT, cwd=str(Path(__file__).resolve().parents[1]),
+        )
+        self._con: sqlite3.Connection | None = None
+
+    def _conn(self) -> sqlite3.Connection | None:
+        if self._con is None and self.db.exists():
+            try:
+                self._con = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=10)
+            except sqlite3.Error:
+                return None
+        return self._con
+
+    def count(self, tag: str) -> int:
+        con = self._conn()
+        if con is None:
+            return 0
+        try:
+            return int(con.execute("SELECT COUNT(*) FROM hits WHERE person_id = ?", (tag,)).fetchone()[0])
+        except sqlite3.OperationalError:
+            return 0
+
+    def wait(self, tag: str, n: int, timeout: float) -> float:
+        """Block until `n` hits tagged `tag` are stored; returns the time it happened."""
+        deadline = time.monotonic() + timeout
+        while self.count(tag) < n:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"receiver has {self.count(tag)}/{n} {tag} hits after {timeout}s")
+            time.sleep(0.01)
+        return time.monotonic()
+
+    def latencies_ms(self, tag: str) -> list[float]:
+        con = self._conn()
+        assert con is not None
+        return [1000.0 * r[0] for r in con.execute(
+            "SELECT received_at - queued_at FROM hits WHERE person_id = ?", (tag,))]
+
+    def last_received_at(self, tag: str) -> float:
+        con = self._conn()
+        assert con is not None
+        return float(con.execute("SELECT MAX(received_at) FROM hits WHERE person_id = ?", (tag,)).fetchone()[0])
+
+    def stop(self) -> None:
+        if self._con is not None:
+            self._con.close()
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+
+def bench_outbox(work: Path, n: int, crop: bytes) -> dict[str, dict[str, float]]:
+    out = {}
+    for name, c in (("no_crop", None), (f"crop_{len(crop) // 1000}kB", crop)):
+        box = Outbox(OutboxConfig(path=work / f"put-{name}.sqlite"))
+        times = []
+        for _ in range(n):
+            h = make_hit("put", c)
+            record = protocol.encode_record(protocol.hit_record(h, "site-a"))
+            t0 = time.perf_counter()
+            box.put(h.id, record, c)
+            times.append((time.perf_counter() - t0) * 1e6)
+        box.close()
+        out[name] = {"mean_us": float(np.mean(times)), "p50_us": pct(times, 50), "p99_us": pct(times, 99)}
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", type=Path, help="write the figures here")
+    ap.add_argument("--puts", type=int, default=2000, help="hits for the outbox write cost")
+    ap.add_argument("--hits", type=int, default=5000, help="hits for the sustained throughput run")
+    ap.add_argument("--rate", type=float, default=50.0, help="hits/s for the paced latency run")
+    ap.add_argument("--latency-hits", type=int, default=300)
+    ap.add_argument("--backlog", type=int, default=10000, help="hits pending when the broker comes back")
+    ap.add_argument("--crop-bytes", type=int, default=8000, help="size of each face crop JPEG")
+    args = ap.parse_args()
+
+    if find_mosquitto() is None:
+        print("needs mosquitto (apt-get install -y mosquitto)", file=sys.stderr)
+        return 2
+    crop = noise_jpeg(args.crop_bytes)
+    results: dict = {
+        "command": "python bench/reporting.py " + " ".join(sys.argv[1:]),
+        "machine": {
+            "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "sqlite": sqlite3.sqlite_version,
+            "mosquitto": subprocess.run([find_mosquitto(), "-h"], capture_output=True, text=True).stdout.split("\n")[0],
+        },
+        "crop_bytes": len(crop),
+    }
+    with tempfile.TemporaryDirectory(prefix="bench-reporting-") as tmp:
+        work = Path(tmp)
+        results["outbox_put"] = bench_outbox(work, args.puts, crop)
+
+        broker = MosquittoBroker(work / "broker").start()
+        rx = ReceiverProcess(broker, work / "receiver.sqlite", work / "receiver.log")
+        reporter = MqttReporter(
+            MqttConfig(host=broker.host, port=broker.port, site="site-a", reconnect_min_delay_s=0.1,
+                       reconnect_max_delay_s=1.0, heartbeat_interval_s=5.0),
+            OutboxConfig(path=work / "outbox.sqlite", max_bytes=1024 ** 3),
+            "unit-1",
+        )
+        try:
+            deadline = time.monotonic() + 20
+            while reporter.state != "connected" or not (work / "receiver.sqlite").exists():
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"no connection: {reporter.last_error}")
+                time.sleep(0.05)
+            # Warm up until the receiver is subscribed (the reporter holds hits until then).
+            reporter.submit(make_hit("warmup", crop))
+            rx.wait("warmup", 1, 30)
+
+            # Sustained throughput: submit as fast as the outbox takes them.
+            t0 = time.monotonic()
+            for _ in range(args.hits):
+                reporter.submit(make_hit("throughput", crop))
+            t_submitted = time.monotonic()
+            t_done = rx.wait("throughput", args.hits, 300)
+            lat = rx.latencies_ms("throughput")
+            results["throughput"] = {
+                "hits": args.hits,
+                "seconds": t_done - t0,
+                "hits_per_s": args.hits / (t_done - t0),
+                "submit_hits_per_s": args.hits / (t_submitted - t0),
+                "latency_saturated_p50_ms": pct(lat, 50),
+                "latency_saturated_p99_ms": pct(lat, 99),
+            }
+
+            # Latency at a paced rate, as in the field (hits are rare).
+            period = 1.0 / args.rate
+            t_next = time.monotonic()
+            for _ in range(args.latency_hits):
+                reporter.submit(make_hit("latency", crop))
+                t_next += period
+                time.sleep(max(0.0, t_next - time.monotonic()))
+            rx.wait("latency", args.latency_hits, 60)
+            lat = rx.latencies_ms("latency")
+            results["latency"] = {
+                "rate_per_s": args.rate, "hits": args.latency_hits,
+                "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99), "max_ms": max(lat),
+            }
+
+            # Recovery: broker down, backlog builds up on disk, broker back.
+            broker.stop()
+            t_fill = time.monotonic()
+            for _ in range(args.backlog):
+                reporter.submit(make_hit("backlog", crop))
+            fill_s = time.monotonic() - t_fill
+            pending = reporter.outbox.depth
+            t_start = time.monotonic()
+            broker.start()
+            wall_start = time.time()
+            while reporter.state != "connected":
+                time.sleep(0.01)
+            t_connected = time.monotonic()
+            t_all = rx.wait("backlog", args.backlog, 600)
+            drained = reporter.flush(60)
+            results["recovery"] = {
+                "pending_at_restart": pending,
+                "fill_seconds": fill_s,
+                "reporter_reconnect_s": t_connected - t_start,
+                "all_received_s": t_all - t_start,
+                "last_stored_after_restart_s": rx.last_received_at("backlog") - wall_start,
+                "drain_hits_per_s": args.backlog / (t_all - t_connected),
+                "outbox_empty": drained,
+                "reconnect_max_delay_s": 1.0,
+            }
+        finally:
+            reporter.close(5)
+            rx.stop()
+            broker.stop()
+
+    put = results["outbox_put"]
+    rows = [
+        ("outbox write, no crop (mean / p99)", f"{put['no_crop']['mean_us']:.0f} / {put['no_crop']['p99_us']:.0f} us"),
+    ]
+    crop_key = next(k for k in put if k != "no_crop")
+    rows.append((f"outbox write, {crop_key} (mean / p99)",
+                 f"{put[crop_key]['mean_us']:.0f} / {put[crop_key]['p99_us']:.0f} us"))
+    t, lt, r = results["throughput"], results["latency"], results["recovery"]
+    rows += [
+        (f"sustained, {t['hits']} hits submit->stored", f"{t['hits_per_s']:.0f} hits/s"),
+        ("  submit alone", f"{t['submit_hits_per_s']:.0f} hits/s"),
+        ("  latency when saturated p50 / p99", f"{t['latency_saturated_p50_ms']:.0f} / "
+                                                f"{t['latency_saturated_p99_ms']:.0f} ms"),
+        (f"latency at {lt['rate_per_s']:g} hits/s p50 / p99", f"{lt['p50_ms']:.1f} / {lt['p99_ms']:.1f} ms"),
+        (f"recovery, {r['pending_at_restart']} pending: reconnect", f"{r['reporter_reconnect_s']:.2f} s"),
+        ("  all received after broker start", f"{r['all_received_s']:.2f} s"),
+        ("  drain rate", f"{r['drain_hits_per_s']:.0f} hits/s"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print(f"hit reporting benchmark ({results['machine']['cpus']} CPUs, crop {len(crop)} bytes)")
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

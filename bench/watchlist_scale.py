@@ -1,0 +1,200 @@
+"""Watchlist at national scale: build, sign, transport and apply times, and bundle sizes.
+
+    python bench/watchlist_scale.py --json OUT.json                       # 100,000 persons x 3 photos
+    python bench/watchlist_scale.py --persons 333334 --json OUT-1M.json   # 1,000,000 templates
+
+Everything is real: HQ's register and the unit's store are SQLite files in a temporary folder,
+bundles are signed with Ed25519, and (unless --no-mqtt, or mosquitto is missing) the full bundle
+and the delta travel through a local Mosquitto to a unit's WatchlistSubscriber. Embeddings are
+synthetic (sync.synthetic), so no face engine runs; enrolment cost is the engine's (bench/throughput.py).
+
+Measured:
+  HQ:   register load (bulk), full bundle plan + sign + write, its size; a delta of --delta persons
+        (half removed, a quarter re-photographed, a quarter new) likewise.
+  Unit: full bundle verify, store transaction, index build, and end to end (Watchlist.offer);
+        start-up from the store (load_index); the delta end to end and in parts.
+  MQTT: publish to applied on the unit, full and delta.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from edge.matcher import Matcher  # noqa: E402
+from sync.apply import Watchlist, index_for  # noqa: E402
+from sync.build import plan_bundle, release  # noqa: E402
+from sync.config import WatchlistConfig  # noqa: E402
+from sync.keys import parse_keyset  # noqa: E402
+from sync.register import Register  # noqa: E402
+from sync.store import UnitStore  # noqa: E402
+from sync.synthetic import Authority, make_persons, person_centers, samples_of  # noqa: E402
+from sync.verify import UnitTrust, verify_bundle  # noqa: E402
+
+MODEL = "synthetic:v1"
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.t: dict[str, float] = {}
+
+    def __call__(self, name: str):  # noqa: ANN204
+        timer = self
+
+        class _Ctx:
+            def __enter__(self) -> None:
+                self.start = time.perf_counter()
+
+            def __exit__(self, *exc: object) -> None:
+                timer.t[name] = round(time.perf_counter() - self.start, 3)
+
+        return _Ctx()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--persons", type=int, default=100_000)
+    ap.add_argument("--photos", type=int, default=3, help="templates per person")
+    ap.add_argument("--delta", type=int, default=1000, help="persons touched by the delta")
+    ap.add_argument("--no-mqtt", action="store_true", help="skip the transport through Mosquitto")
+    ap.add_argument("--chunk-bytes", type=int, default=1024 * 1024)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+
+    tm = Timer()
+    work = Path(tempfile.mkdtemp(prefix="watchlist-scale-"))
+    hq = Authority(model_id=MODEL, threshold=0.5)
+    keyset = parse_keyset(hq.keyset, hq.root.public_key())
+    ids = [f"case-{i:07d}" for i in range(args.persons)]
+    centers = person_centers(args.persons, seed=1)
+    emb = samples_of(centers, args.photos, seed=2)
+    persons = make_persons(ids, args.photos)
+
+    reg = Register(work / "hq.db")
+    with tm("hq_register_load_s"):
+        reg.add_persons(persons, emb, model_id=MODEL)
+    with tm("hq_full_plan_s"):
+        full_b, full_d, _ = plan_bundle(reg, model_id=MODEL, default_threshold=0.5)
+    with tm("hq_full_sign_write_s"):
+        full = release(reg, full_b, full_d, hq.signing, keyset, work / "full.cpwl")
+
+    # HQ changes: half of the delta found (removed), a quarter re-photographed, a quarter new.
+    rng = np.random.default_rng(5)
+    touched = rng.choice(args.persons, args.delta // 2 + args.delta // 4, replace=False)
+    gone = [ids[i] for i in touched[: args.delta // 2]]
+    rephoto = [ids[i] for i in touched[args.delta // 2 :]]
+    n_new = args.delta - len(gone) - len(rephoto)
+    reg.remove_persons(gone)
+    re_emb = samples_of(centers[touched[args.delta // 2 :]], 1, seed=6)
+    for pid, e in zip(rephoto, re_emb):
+        reg.add_template(pid, e, model_id=MODEL, photo_sha256=os.urandom(32).hex(), age=15)
+    new_ids = [f"new-{i:07d}" for i in range(n_new)]
+    reg.add_persons(make_persons(new_ids, args.photos),
+                    samples_of(person_centers(n_new, seed=7), args.photos, seed=8), model_id=MODEL)
+    with tm("hq_delta_plan_s"):
+        delta_b, delta_d, _ = plan_bundle(reg, model_id=MODEL, default_threshold=0.5, kind="delta")
+    with tm("hq_delta_sign_write_s"):
+        delta = release(reg, delta_b, delta_d, hq.signing, keyset, work / "delta.cpwl")
+
+    # Unit, in parts (fresh objects so each part is measured alone).
+    root = hq.write_root(work / "root.pub")
+    trust = UnitTrust(hq.root.public_key(), MODEL, max_bundle_bytes=2**33)
+    with tm("unit_full_verify_s"):
+        verified = verify_bundle(full.data, trust, time.time())
+    with tm("unit_full_index_build_s"):
+        index_for(verified, Matcher().index)
+    parts_store = UnitStore(work / "parts.db")
+    with tm("unit_full_store_transaction_s"):
+        parts_store.apply(verified)
+    parts_store.close()
+
+    cfg = WatchlistConfig(root_key=root, store=work / "unit.db", max_bundle_bytes=2**33)
+    matcher = Matcher()
+    wl = Watchlist(cfg, matcher, MODEL)
+    wl.start()
+    with tm("unit_full_apply_end_to_end_s"):
+        wl.offer(full.data, "bench")
+    with tm("unit_startup_load_index_s"):
+        UnitStore(work / "unit.db").load_index()
+
+    trust2 = UnitTrust(hq.root.public_key(), MODEL, max_bundle_bytes=2**33, applied_version=1, applied_model_id=MODEL)
+    with tm("unit_delta_verify_s"):
+        dv = verify_bundle(delta.data, trust2, time.time())
+    with tm("unit_delta_index_s"):
+        index_for(dv, wl.current_index)
+    with tm("unit_delta_apply_end_to_end_s"):
+        wl.offer(delta.data, "bench")
+    assert wl.version == 2 and gone[0] not in wl.current_index and new_ids[-1] in wl.current_index
+    index_mb = wl.current_index.nbytes / 2**20
+    wl.close()
+
+    mqtt = {}
+    if not args.no_mqtt:
+        mqtt = measure_mqtt(work, cfg, full.data, delta.data, args.chunk_bytes)
+
+    result = {
+        "persons": args.persons, "photos_per_person": args.photos, "templates": int(full_b.n_templates),
+        "delta_persons": {"removed": len(delta_b.removed), "upserted": len(delta_b.persons),
+                          "templates_in": int(delta_b.n_templates)},
+        "full_bundle_bytes": len(full.data), "delta_bundle_bytes": len(delta.data),
+        "embedding_bytes_per_template": 2 * 128,
+        "index_mb": round(index_mb, 1),
+        "times_s": tm.t, "mqtt": mqtt,
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+    }
+    print(f"\n{args.persons:,} persons x {args.photos} photos = {full_b.n_templates:,} templates; index {index_mb:.0f} MB")
+    print(f"full bundle  {len(full.data) / 2**20:8.1f} MiB   delta ({args.delta} persons) {len(delta.data) / 2**10:8.1f} KiB")
+    for k, v in tm.t.items():
+        print(f"  {k:34} {v:8.3f} s")
+    for k, v in mqtt.items():
+        print(f"  mqtt {k:29} {v:8.3f} s" if isinstance(v, float) else f"  mqtt {k:29} {v}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+def measure_mqtt(work: Path, cfg: WatchlistConfig, full: bytes, delta: bytes, chunk_bytes: int) -> dict:
+    """Publish both bundles through a local Mosquitto; time until a subscribed unit has applied each."""
+    from sync.publish import publish_bundle
+    from sync.subscriber import WatchlistSubscriber
+    from tests.fixtures.broker import MosquittoBroker, find_mosquitto
+
+    if find_mosquitto() is None:
+        return {"skipped": "mosquitto not installed"}
+    broker = MosquittoBroker(work / "broker", persistence=False).start()
+    topic = "checkpoint/bench/watchlist"
+    unit_cfg = cfg.model_copy(update={"store": work / "unit-mqtt.db", "topic": topic})
+    wl = Watchlist(unit_cfg, Matcher(), MODEL)
+    wl.start()
+    sub = WatchlistSubscriber(wl, topic, host=broker.host, port=broker.port, tick_interval_s=0.2)
+    sub.start()
+    out: dict = {"chunk_bytes": chunk_bytes}
+    try:
+        for name, data, version in (("full", full, 1), ("delta", delta, 2)):
+            t = time.perf_counter()
+            publish_bundle(data, topic, host=broker.host, port=broker.port, chunk_bytes=chunk_bytes, timeout=300)
+            out[f"{name}_publish_s"] = round(time.perf_counter() - t, 3)
+            while wl.version < version:
+                if time.perf_counter() - t > 600:
+                    raise RuntimeError(f"the unit did not apply the {name} bundle: {wl.status()}")
+                time.sleep(0.01)
+            out[f"{name}_publish_to_applied_s"] = round(time.perf_counter() - t, 3)
+    finally:
+        sub.stop()
+        wl.close()
+        broker.stop()
+    return out
+
+
+if __name__ == "__main__":
+    main()

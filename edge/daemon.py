@@ -1,0 +1,367 @@
+"""The unit's long-running process: cameras, analysis pipeline, watchlist, hit sinks, systemd.
+
+    daemon = Daemon(load_config("/etc/checkpoint/unit.toml"))
+    daemon.start()                     # models, watchlist, sinks, cameras, pipeline; then READY=1
+    daemon.run()                       # until SIGTERM/SIGINT (or daemon.request_stop())
+    daemon.stop()                      # finish faces in flight, flush sinks, release cameras
+
+Every `logging.stats_interval_s` it logs one line per camera (analysed fps, faces, hits, lag
+behind live) and sets the systemd STATUS line; it sends WATCHDOG=1 only while every analysis
+thread is going round its loop, so a hung unit is restarted by systemd. `status()` is the unit's
+part of the MQTT heartbeat.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from edge.config import CameraConfig, LoggingConfig, UnitConfig
+from edge.notify import Notifier
+from edge.pipeline import CameraSpec, MatcherLike, Pipeline
+from edge.sinks import HitSink, JsonlSink
+
+log = logging.getLogger(__name__)
+
+# A thread that has not gone round its loop for this long counts as hung (its loops wake every
+# second or so even with nothing to do; an embed batch on a slow CPU takes well under this).
+_HUNG_AFTER_S = 30.0
+# How often the watchlist re-checks its expiry and a store changed by `watchlist apply` from outside.
+_WATCHLIST_TICK_S = 30.0
+
+
+class DaemonError(RuntimeError):
+    """The unit could not start (models, watchlist, sinks or cameras); the message says what to fix."""
+
+
+class Daemon:
+    """Wires the unit together from its config. Parts may be passed in (tests, benchmarks, demo)."""
+
+    def __init__(
+        self,
+        config: UnitConfig,
+        *,
+        engine: Any = None,
+        matcher: MatcherLike | Callable[[], MatcherLike] | None = None,
+        sinks: Sequence[HitSink] | None = None,
+        notifier: Notifier | None = None,
+    ) -> None:
+        self.config = config
+        self.engine = engine
+        self._matcher = matcher
+        self._given_sinks = list(sinks) if sinks is not None else None
+        self.sinks: list[HitSink] = []
+        self.notifier = notifier or Notifier()
+        self.readers: dict[str, Any] = {}
+        self.pipeline: Pipeline | None = None
+        self.watchlist: Any = None
+        self.started_at: float | None = None
+        self._stop = threading.Event()
+        self._stopped = False
+        self._camera_names = {c.id: c.name for c in config.cameras}
+
+    # -- life cycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Open sinks, load models and watchlist, start cameras and analysis; then tell systemd READY."""
+        cfg = self.config
+        self.started_at = time.time()
+        self.notifier.status("starting: opening sinks")
+        self.sinks = self._given_sinks if self._given_sinks is not None else self._open_sinks()
+        try:
+            if self.engine is None:
+                self.notifier.status("starting: loading face models")
+                self.engine = _load_engine(cfg)
+            if self._matcher is None:
+                self.notifier.status("starting: loading the watchlist")
+                self._matcher = self._open_watchlist()
+            self.notifier.status("starting: cameras")
+            self.readers = {cam.id: self._open_camera(cam) for cam in cfg.enabled_cameras}
+            self.pipeline = Pipeline(
+                unit_id=cfg.unit.id,
+                cameras=[CameraSpec(c.id, self.readers[c.id], c.analysis_fps) for c in cfg.enabled_cameras],
+                engine=self.engine,
+                matcher=self._matcher,
+                sinks=self.sinks,
+                matching=cfg.matching,
+                analysis=cfg.analysis,
+            )
+            for reader in self.readers.values():
+                reader.start()
+            self.pipeline.start()
+        except BaseException:
+            self._shutdown(timeout=5.0)
+            raise
+        line = self.status_line()
+        log.info("unit %s (site %s) running: %s", cfg.unit.id, cfg.unit.site, line)
+        self.notifier.ready(line)
+
+    def request_stop(self) -> None:
+        """Ask `run()` to return (safe from signal handlers and other threads)."""
+        self._stop.set()
+
+    def run(self, *, until_sources_finished: bool = False, max_seconds: float | None = None) -> None:
+        """Keep the unit going: watchdog pings, STATUS, periodic figures; return when asked to stop.
+
+        `until_sources_finished` also returns once every camera is a file read to its end (demo, benchmarks).
+        """
+        if self.pipeline is None:
+            raise DaemonError("run() needs start() first")
+        stats_every = self.config.logging.stats_interval_s
+        wd_every = self.notifier.watchdog_interval
+        tick = min(1.0, wd_every) if wd_every else 1.0
+        next_stats = time.monotonic() + stats_every
+        next_wd = time.monotonic()
+        next_watchlist = time.monotonic() + _WATCHLIST_TICK_S
+        deadline = time.monotonic() + max_seconds if max_seconds is not None else None
+        while not self._stop.wait(tick):
+            now = time.monotonic()
+            if wd_every is not None and now >= next_wd:
+                if self.pipeline.healthy(_HUNG_AFTER_S):
+                    self.notifier.watchdog()
+                else:
+                    log.error("analysis threads are hung or dead; withholding the systemd watchdog ping")
+                next_wd = now + wd_every
+            if self.watchlist is not None and now >= next_watchlist:
+                self._tick_watchlist()
+                next_watchlist = now + _WATCHLIST_TICK_S
+            if now >= next_stats:
+                self.log_figures()
+                self.notifier.status(self.status_line())
+                next_stats = now + stats_every
+            if until_sources_finished and self._sources_finished():
+                # Let the last sampled frames through detection before stopping.
+                self._stop.wait(min(2.0, 2.0 / min(c.analysis_fps for c in self.config.enabled_cameras)))
+                return
+            if deadline is not None and now >= deadline:
+                return
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """Stop cleanly: finish faces in flight (their hits reach the sinks), release cameras, flush sinks."""
+        if self._stopped:
+            return
+        self.notifier.stopping("stopping: flushing hits")
+        log.info("unit %s stopping", self.config.unit.id)
+        self._shutdown(timeout)
+        self.log_figures()
+        log.info("unit %s stopped; %d hits this run", self.config.unit.id, self.pipeline.hits_total if self.pipeline else 0)
+
+    def _shutdown(self, timeout: float) -> None:
+        self._stopped = True
+        deadline = time.monotonic() + timeout
+        if self.pipeline is not None:
+            self.pipeline.stop(timeout=max(1.0, 0.5 * timeout))
+        stoppers = [
+            threading.Thread(target=r.stop, args=(max(0.5, deadline - time.monotonic()),), daemon=True)
+            for r in self.readers.values()
+        ]
+        for th in stoppers:
+            th.start()
+        for th in stoppers:
+            th.join(max(0.5, deadline - time.monotonic()))
+        for sink in self.sinks:
+            try:
+                sink.close(timeout=max(1.0, deadline - time.monotonic()))
+            except Exception as exc:
+                log.error("sink %s did not close cleanly: %s", sink.name, exc)
+        if self.watchlist is not None and hasattr(self.watchlist, "close"):
+            self.watchlist.close()
+        self.notifier.close()
+
+    # -- parts ---------------------------------------------------------------------------------
+
+    def _open_sinks(self) -> list[HitSink]:
+        cfg = self.config
+        sinks: list[HitSink] = []
+        if cfg.sinks.jsonl is not None:
+            sinks.append(JsonlSink(cfg.sinks.jsonl))
+        if cfg.mqtt is not None:
+            from edge.mqtt_reporter import MqttReporter
+
+            sinks.append(MqttReporter(cfg.mqtt, cfg.outbox, cfg.unit.id, status_provider=self.status))
+        return sinks
+
+    def _open_watchlist(self) -> MatcherLike:
+        from edge.matcher import Matcher
+        from sync.apply import Watchlist
+        from sync.errors import WatchlistError
+
+        matcher = Matcher(threshold=self.config.matching.threshold, dim=int(self.engine.embedding_dim))
+        try:
+            self.watchlist = Watchlist(self.config.watchlist, matcher, model_id=self.engine.model_id)
+            # A list made with another model is refused by Watchlist itself: it matches nothing and says why.
+            self.watchlist.start()
+        except WatchlistError as exc:
+            raise DaemonError(f"the watchlist could not be opened: {exc}") from exc
+        return matcher
+
+    def _open_camera(self, cam: CameraConfig) -> Any:
+        from edge.capture import CameraReader, CaptureConfig
+
+        capture = CaptureConfig.model_validate(cam.model_dump(include=set(CaptureConfig.model_fields)))
+        return CameraReader(capture, on_state=self._camera_changed)
+
+    def _tick_watchlist(self) -> None:
+        try:
+            self.watchlist.tick()
+        except Exception as exc:  # the list in memory keeps matching; the next tick tries again
+            log.error("watchlist check failed: %s", exc)
+
+    def _camera_changed(self, state: Any) -> None:
+        # The reader logs the transition itself; the status line shows it at once.
+        self.notifier.status(self.status_line())
+
+    def _sources_finished(self) -> bool:
+        return all(getattr(r, "finished", False) for r in self.readers.values())
+
+    # -- figures -------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """The unit's figures for the heartbeat: cameras (up/down since, last error, fps, lag), watchlist, hits."""
+        per_cam = self.pipeline.stats() if self.pipeline is not None else {}
+        cameras = []
+        for cid, reader in self.readers.items():
+            st = reader.state
+            an = per_cam.get(cid, {})
+            cameras.append({
+                "id": cid,
+                "name": self._camera_names.get(cid, ""),
+                "up": st.up,
+                "since": round(st.since, 3),
+                "last_error": st.last_error,
+                "reconnects": st.reconnects,
+                "fps_in": st.fps,
+                "fps_analysed": an.get("analysed_fps", 0.0),
+                "faces": an.get("faces", 0),
+                "hits": an.get("hits", 0),
+                "lag_s": an.get("lag_s", 0.0),
+                "frames_skipped": an.get("frames_skipped", 0),
+                "errors": an.get("errors", 0),
+            })
+        matcher = self.pipeline.matcher if self.pipeline is not None else None
+        index = getattr(matcher, "index", None)
+        watchlist: dict[str, Any] = {
+            "version": int(getattr(matcher, "version", 0)),
+            "model_id": getattr(matcher, "model_id", None),
+            "persons": int(getattr(index, "n_persons", 0)),
+        }
+        if self.watchlist is not None:
+            watchlist.update(self.watchlist.status())
+        return {
+            "started_at": round(self.started_at or 0.0, 3),
+            "model_id": getattr(self.engine, "model_id", None),
+            "cameras": cameras,
+            "cameras_up": sum(c["up"] for c in cameras),
+            "cameras_total": len(cameras),
+            "watchlist": watchlist,
+            "hits": self.pipeline.hits_total if self.pipeline is not None else 0,
+            "sinks": {s.name: s.stats() for s in self.sinks if s.name != "mqtt"},
+        }
+
+    def status_line(self) -> str:
+        """One line for `systemctl status`: cameras up, analysed fps, hits, watchlist version."""
+        st = self.status()
+        fps = sum(c["fps_analysed"] for c in st["cameras"])
+        down = [c["id"] for c in st["cameras"] if not c["up"]]
+        parts = [
+            f"{st['cameras_up']}/{st['cameras_total']} cameras up",
+            f"{fps:.1f} fps analysed",
+            f"{st['hits']} hits",
+            f"watchlist v{st['watchlist']['version']}",
+        ]
+        if down:
+            parts.append("down: " + ",".join(down))
+        return "; ".join(parts)
+
+    def log_figures(self) -> None:
+        """Log one line of figures per camera."""
+        for cam in self.status()["cameras"]:
+            log.info(
+                "camera %s: %s, %.1f fps in, %.1f fps analysed, faces %d, hits %d, lag %.2f s, skipped %d, errors %d%s",
+                cam["id"],
+                "up" if cam["up"] else "DOWN",
+                cam["fps_in"],
+                cam["fps_analysed"],
+                cam["faces"],
+                cam["hits"],
+                cam["lag_s"],
+                cam["frames_skipped"],
+                cam["errors"],
+                f", last error: {cam['last_error']}" if cam["last_error"] and not cam["up"] else "",
+                extra={"figures": cam},
+            )
+
+
+def _load_engine(cfg: UnitConfig) -> Any:
+    from engines.errors import EngineError
+    from engines.face_engine import FaceEngine
+
+    try:
+        return FaceEngine.load(cfg.engine)
+    except EngineError as exc:
+        raise DaemonError(f"face models could not be loaded: {exc}") from exc
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, thread, and any `figures` attached."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname,
+            "logger": record.name,
+            "thread": record.threadName,
+            "msg": record.getMessage(),
+        }
+        figures = getattr(record, "figures", None)
+        if figures is not None:
+            out["figures"] = figures
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def configure_logging(cfg: LoggingConfig) -> None:
+    """Set up the root logger: text (systemd's journal adds the time) or JSON lines, to stderr."""
+    handler = logging.StreamHandler()
+    if cfg.format == "json":
+        handler.setFormatter(JsonLogFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s"))
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(handler)
+    root.setLevel(cfg.level)
+
+
+def run_daemon(config: UnitConfig, config_path: str | Path | None = None) -> int:
+    """Start the unit, run until SIGTERM/SIGINT, stop cleanly; the process exit status."""
+    daemon = Daemon(config)
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("received %s; shutting down", signal.Signals(signum).name)
+        daemon.request_stop()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        try:
+            daemon.start()
+        except DaemonError as exc:
+            log.error("%s", exc)
+            return 1
+        except Exception as exc:  # sinks, outbox, store: their messages say what to fix
+            log.error("unit could not start: %s: %s", type(exc).__name__, exc)
+            return 1
+        daemon.run()
+    finally:
+        daemon.stop()
+        for s, h in previous.items():
+            signal.signal(s, h)
+    return 0

@@ -1,0 +1,57 @@
+"""A unit's reporter in its own process, for tests that kill it: build an MqttReporter from the
+arguments, submit `--count` hits, say so on stdout, then either wait to be killed or drain.
+
+    python tests/reporter_child.py --port 1883 --outbox /tmp/o.sqlite --count 100 --prefix a
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from edge.mqtt_reporter import MqttConfig, MqttReporter  # noqa: E402
+from edge.outbox import OutboxConfig  # noqa: E402
+from edge.types import Hit  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--site", default="site-a")
+    ap.add_argument("--unit", default="unit-1")
+    ap.add_argument("--outbox", type=Path, required=True)
+    ap.add_argument("--count", type=int, default=0)
+    ap.add_argument("--prefix", default="hit")
+    ap.add_argument("--drain", action="store_true", help="wait until the outbox is empty, then exit 0")
+    ap.add_argument("--timeout", type=float, default=30.0)
+    args = ap.parse_args()
+
+    reporter = MqttReporter(
+        MqttConfig(host=args.host, port=args.port, site=args.site, heartbeat_interval_s=1.0,
+                   reconnect_min_delay_s=0.1, reconnect_max_delay_s=0.5),
+        OutboxConfig(path=args.outbox),
+        args.unit,
+    )
+    for i in range(args.count):
+        reporter.submit(Hit(
+            unit_id=args.unit, camera_id="cam-1", captured_at=time.time(), person_id=f"person-{i % 7}",
+            score=0.8, threshold=0.6, margin=0.2, box=(10.0, 10.0, 60.0, 70.0), model_id="test-model",
+            watchlist_version=3, id=f"{args.prefix}-{i:05d}",
+        ))
+    print(f"submitted {args.count}", flush=True)
+    if args.drain:
+        ok = reporter.flush(args.timeout)
+        reporter.close(2.0)
+        print("drained" if ok else "not drained", flush=True)
+        return 0 if ok else 1
+    while True:
+        time.sleep(1.0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""The unit config: a good file loads; each kind of mistake gives an error naming the file and the key."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from edge.cli import main
+from edge.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str, name: str = "unit.toml") -> Path:
+    (tmp_path / "clip.mp4").write_bytes(b"")  # a camera that is a video file must exist
+    (tmp_path / "hq-root.pub").write_text("0" * 64)
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+GOOD = """
+[unit]
+id = "unit-1"
+site = "station-12"
+
+[[cameras]]
+id = "cam1"
+url = "rtsp://user:pw@10.0.0.5:554/stream1"
+
+[[cameras]]
+id = "cam2"
+name = "Platform 2"
+url = "clip.mp4"
+analysis_fps = 2.5
+
+[watchlist]
+root_key = "hq-root.pub"
+store = "state/watchlist.db"
+
+[sinks.jsonl]
+path = "state/hits.jsonl"
+"""
+
+
+def error_of(tmp_path: Path, text: str) -> str:
+    p = write(tmp_path, text)
+    with pytest.raises(ConfigError) as exc:
+        load_config(p)
+    return str(exc.value)
+
+
+def test_good_config_loads_with_defaults_and_relative_paths(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, GOOD))
+    assert cfg.unit.id == "unit-1" and cfg.unit.site == "station-12"
+    assert [c.id for c in cfg.cameras] == ["cam1", "cam2"]
+    assert cfg.cameras[0].analysis_fps == 5.0 and cfg.cameras[0].enabled
+    assert cfg.cameras[1].analysis_fps == 2.5 and cfg.cameras[1].name == "Platform 2"
+    assert cfg.cameras[1].url == str(tmp_path / "clip.mp4")
+    assert cfg.watchlist.store == tmp_path / "state" / "watchlist.db"
+    assert cfg.watchlist.root_key == tmp_path / "hq-root.pub"
+    assert cfg.sinks.jsonl is not None and cfg.sinks.jsonl.path == tmp_path / "state" / "hits.jsonl"
+    assert cfg.mqtt is None
+    assert cfg.matching.cooldown_s == 60.0 and cfg.matching.threshold is None
+
+
+def test_unknown_key_names_file_key_and_allowed_keys(tmp_path: Path) -> None:
+    msg = error_of(tmp_path, GOOD.replace('analysis_fps = 2.5', 'analysis_fsp = 2.5'))
+    assert msg.startswith(f"{tmp_path / 'unit.toml'}: cameras[1].analysis_fsp: unknown key")
+    assert "analysis_fps" in msg  # the allowed keys are listed, so the typo is easy to see
+    msg = error_of(tmp_path, GOOD + "\n[matching]\ncooldown = 5\n")
+    assert re.search(r"unit\.toml: matching\.cooldown: unknown key \(allowed here: .*cooldown_s", msg)
+    msg = error_of(tmp_path, "colour = 1\n" + GOOD)
+    assert "unit.toml: colour: unknown key" in msg
+
+
+def test_bad_url_names_the_camera(tmp_path: Path) -> None:
+    msg = error_of(tmp_path, GOOD.replace("rtsp://user:pw@10.0.0.5:554/stream1", "http://10.0.0.5/mjpeg"))
+    assert "unit.toml: cameras[0].url:" in msg and "'http' is not supported" in msg
+    msg = error_of(tmp_path, GOOD.replace('url = "clip.mp4"', 'url = "missing.mp4"'))
+    assert "unit.toml: cameras[1].url:" in msg and "does not exist" in msg
+    msg = error_of(tmp_path, GOOD.replace("rtsp://user:pw@10.0.0.5:554/stream1", "rtsp://:554/x"))
+    assert "cameras[0].url:" in msg and "has no host" in msg
+
+
+def test_missing_model_file(tmp_path: Path) -> None:
+    text = GOOD + """
+[engine.embedder]
+name = "arcface"
+onnx = "models/arcface.onnx"
+input_width = 112
+input_height = 112
+embedding_size = 512
+template = [[38.3, 51.7], [73.5, 51.5], [56.0, 71.7], [41.5, 92.4], [70.7, 92.2]]
+"""
+    msg = error_of(tmp_path, text)
+    assert msg.startswith(f"{tmp_path / 'unit.toml'}: engine.embedder.onnx: model file")
+    assert str(tmp_path / "models" / "arcface.onnx") in msg and "not found" in msg
+
+
+@pytest.mark.parametrize(
+    ("snippet", "key"),
+    [
+        ("[matching]\nthreshold = 1.5\n", "matching.threshold"),
+        ("[matching]\nthreshold = \"high\"\n", "matching.threshold"),
+        ("[matching]\ncooldown_s = -1\n", "matching.cooldown_s"),
+        ("[analysis.tracker]\niou_threshold = 0\n", "analysis.tracker.iou_threshold"),
+    ],
+)
+def test_bad_numbers(tmp_path: Path, snippet: str, key: str) -> None:
+    msg = error_of(tmp_path, GOOD + snippet)
+    assert f"unit.toml: {key}:" in msg and "(got " in msg
+
+
+def test_bad_analysis_fps(tmp_path: Path) -> None:
+    msg = error_of(tmp_path, GOOD.replace("analysis_fps = 2.5", "analysis_fps = 0"))
+    assert "cameras[1].analysis_fps: Input should be greater than 0 (got 0)" in msg
+
+
+def test_toml_syntax_error_gives_line_and_column(tmp_path: Path) -> None:
+    msg = error_of(tmp_path, '[unit]\nid = "unit-1"\nsite = station\n')
+    assert msg.startswith(f"{tmp_path / 'unit.toml'}: TOML syntax error:")
+    assert "line 3" in msg and "column" in msg
+
+
+def test_missing_file_and_missing_sections(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"nothere\.toml: no such config file"):
+        load_config(tmp_path / "nothere.toml")
+    msg = error_of(tmp_path, GOOD.replace('id = "unit-1"\n', ""))
+    assert "unit.toml: unit.id: required key is missing" in msg
+    msg = error_of(tmp_path, GOOD.replace('[watchlist]\nroot_key = "hq-root.pub"\nstore = "state/watchlist.db"\n', ""))
+    assert "unit.toml: watchlist: required key is missing" in msg
+
+
+def test_several_problems_are_reported_together(tmp_path: Path) -> None:
+    msg = error_of(tmp_path, GOOD.replace("analysis_fps = 2.5", "analysis_fps = -1\nfoo = 1"))
+    lines = msg.splitlines()
+    assert any("cameras[1].analysis_fps" in x for x in lines) and any("cameras[1].foo" in x for x in lines)
+    assert all(x.startswith(str(tmp_path / "unit.toml")) for x in lines)
+
+
+def test_duplicate_camera_ids_and_all_disabled(tmp_path: Path) -> None:
+    msg = error_of(tmp_path, GOOD.replace('id = "cam2"', 'id = "cam1"'))
+    assert "unit.toml: cameras[1].id: camera id 'cam1' is already used by cameras[0]" in msg
+    text = GOOD.replace('url = "clip.mp4"', 'url = "clip.mp4"\nenabled = false').replace(
+        'url = "rtsp://user:pw@10.0.0.5:554/stream1"', 'url = "rtsp://user:pw@10.0.0.5:554/stream1"\nenabled = false'
+    )
+    assert "cameras: every camera has enabled = false" in error_of(tmp_path, text)
+
+
+def test_bad_ids(tmp_path: Path) -> None:
+    assert "unit.toml: unit.site:" in error_of(tmp_path, GOOD.replace('site = "station-12"', 'site = "a/b"'))
+    assert "unit.toml: cameras[0].id:" in error_of(tmp_path, GOOD.replace('id = "cam1"', 'id = "cam 1"'))
+
+
+def test_hits_must_go_somewhere(tmp_path: Path) -> None:
+    text = GOOD.replace('[sinks.jsonl]\npath = "state/hits.jsonl"\n', "")
+    assert "hits would go nowhere: configure [mqtt] or [sinks.jsonl]" in error_of(tmp_path, text)
+
+
+def test_mqtt_site_comes_from_unit_and_must_agree(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, GOOD + '\n[mqtt]\nhost = "broker.example"\n'))
+    assert cfg.mqtt is not None and cfg.mqtt.site == "station-12"
+    msg = error_of(tmp_path, GOOD + '\n[mqtt]\nhost = "broker.example"\nsite = "other"\n')
+    assert "unit.toml: mqtt.site: 'other' differs from unit.site 'station-12'" in msg
+    msg = error_of(tmp_path, GOOD + '\n[mqtt]\npassword_file = "secret.txt"\nusername = "u"\n')
+    assert "unit.toml: mqtt.password_file:" in msg and "secret.txt" in msg
+
+
+def test_example_config_is_valid(tmp_path: Path) -> None:
+    text = (REPO / "systemd" / "unit.example.toml").read_text()
+    # The example names files of an installed unit; point them at stand-ins here.
+    for name in ("mqtt-password", "hq-ca.pem", "hq-root.pub"):
+        (tmp_path / name).write_text("x\n")
+        text = text.replace(f"/etc/checkpoint/{name}", str(tmp_path / name))
+    cfg = load_config(write(tmp_path, text))
+    assert [c.id for c in cfg.enabled_cameras] == ["gate-a-1", "gate-a-2"]
+    assert cfg.mqtt is not None and cfg.mqtt.site == "station-12" and cfg.mqtt.tls is not None
+
+
+def test_check_config_command(tmp_path: Path) -> None:
+    runner = CliRunner()
+    ok = runner.invoke(main, ["check-config", str(write(tmp_path, GOOD))])
+    assert ok.exit_code == 0, ok.output
+    assert "OK" in ok.output and "camera cam2 (Platform 2)" in ok.output
+    assert "pw@" not in ok.output, "camera passwords are not printed"
+    bad = runner.invoke(main, ["check-config", str(write(tmp_path, GOOD + "[matching]\nthreshold = 2\n", "bad.toml"))])
+    assert bad.exit_code == 2
+    assert "bad.toml: matching.threshold:" in bad.output

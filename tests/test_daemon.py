@@ -1,0 +1,232 @@
+"""The unit end to end: a real RTSP server, the real engine, a signed watchlist, `edge run` under a
+systemd-style notify socket, SIGTERM; cameras failing and coming back while the others run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.edge_support import People, engine_or_skip, people_or_skip, signed_store
+from tests.fixtures.media import make_face_clip
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def engine() -> Any:
+    return engine_or_skip()
+
+
+@pytest.fixture(scope="module")
+def people(engine: Any) -> People:
+    return people_or_skip()
+
+
+@pytest.fixture(scope="module")
+def loop_clip(tmp_path_factory: pytest.TempPathFactory, people: People) -> Path:
+    """4 s, looped by the server: the enrolled person 0.5-2.5 s, the other person 0.5-3.5 s."""
+    return make_face_clip(
+        tmp_path_factory.mktemp("clips") / "loop.mp4",
+        [(people.enrolled_face, 0.5, 2.5, 40, 60, 180), (people.other_face, 0.5, 3.5, 380, 60, 180)],
+        size=(640, 360),
+        fps=10,
+        seconds=4.0,
+    )
+
+
+def unit_toml(tmp: Path, root_pub: Path, store: Path, cameras: dict[str, str], cooldown_s: float = 1.0) -> Path:
+    cams = "".join(
+        f"""
+[[cameras]]
+id = "{cid}"
+url = "{url}"
+analysis_fps = 5
+open_timeout_s = 3
+read_timeout_s = 2
+stall_timeout_s = 2
+reconnect_min_s = 0.2
+reconnect_max_s = 1
+"""
+        for cid, url in cameras.items()
+    )
+    text = f"""
+[unit]
+id = "unit-e2e"
+site = "test-site"
+{cams}
+[matching]
+cooldown_s = {cooldown_s}
+
+[watchlist]
+root_key = "{root_pub}"
+store = "{store}"
+
+[sinks.jsonl]
+path = "hits.jsonl"
+
+[logging]
+stats_interval_s = 1
+"""
+    path = tmp / "unit.toml"
+    path.write_text(text)
+    return path
+
+
+def wait_for(cond: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def read_hits(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+class NotifyListener:
+    """A unix datagram socket standing in for systemd's notify socket; keeps every message."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.messages: list[dict[str, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.messages.append(dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line))
+
+    def has(self, key: str) -> list[dict[str, str]]:
+        return [m for m in self.messages if key in m]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
+
+
+@pytest.fixture()
+def notify_socket(tmp_path: Path) -> Iterator[NotifyListener]:
+    listener = NotifyListener(tmp_path / "notify.sock")
+    yield listener
+    listener.close()
+
+
+def test_edge_run_under_systemd_notify_then_sigterm(rtsp_server_factory: Any, loop_clip: Path, people: People,
+                                                    tmp_path: Path, notify_socket: NotifyListener) -> None:
+    srv = rtsp_server_factory({"gate": loop_clip})
+    root_pub, store = signed_store(tmp_path, people)
+    config = unit_toml(tmp_path, root_pub, store, {"gate": srv.url("gate")})
+    env = dict(os.environ, NOTIFY_SOCKET=str(notify_socket.path), WATCHDOG_USEC="2000000", PYTHONUNBUFFERED="1")
+    log_path = tmp_path / "edge.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "edge.cli", "run", "--config", str(config)],
+                                cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        ready = wait_for(lambda: notify_socket.has("READY"), 40, "READY=1 from edge run")
+        assert "cameras up" in ready[0].get("STATUS", "") or "cameras up" in json.dumps(notify_socket.messages)
+        hits = wait_for(lambda: read_hits(tmp_path / "hits.jsonl"), 20, "a hit in hits.jsonl")
+        wait_for(lambda: notify_socket.has("WATCHDOG"), 5, "a WATCHDOG=1 ping")
+        wait_for(lambda: "fps analysed" in log_path.read_text(), 5, "a per-camera figures line")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0, log_path.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    log_text = log_path.read_text()
+    assert notify_socket.has("STOPPING"), notify_socket.messages
+    hits = read_hits(tmp_path / "hits.jsonl")
+    assert hits and all(h["person_id"] == people.enrolled_id for h in hits), hits
+    assert all(h["unit_id"] == "unit-e2e" and h["camera_id"] == "gate" for h in hits)
+    # One hit per appearance: the face shows once per 4 s loop, so at most one hit per loop (and a spare).
+    ran_s = max(h["captured_at"] for h in hits) - min(h["captured_at"] for h in hits)
+    assert len(hits) <= ran_s / 4.0 + 2, hits
+    assert "received SIGTERM" in log_text and "stopped;" in log_text
+    assert "camera gate: up" in log_text and "fps analysed" in log_text
+
+
+def test_cameras_fail_and_recover_while_others_run(rtsp_server_factory: Any, loop_clip: Path, people: People,
+                                                   engine: Any, tmp_path: Path) -> None:
+    from edge.config import load_config
+    from edge.daemon import Daemon
+    from edge.notify import Notifier
+
+    srv = rtsp_server_factory({"gate": loop_clip, "noise": "garbage"})
+    root_pub, store = signed_store(tmp_path, people)
+    config = unit_toml(tmp_path, root_pub, store, {"gate": srv.url("gate"), "noise": srv.url("noise")})
+    daemon = Daemon(load_config(config), engine=engine, notifier=Notifier(environ={}))
+    hits_file = tmp_path / "hits.jsonl"
+
+    def cam(cid: str) -> dict[str, Any]:
+        return next(c for c in daemon.status()["cameras"] if c["id"] == cid)
+
+    daemon.start()
+    try:
+        # The garbage stream is marked down with a reason; the good camera runs and hits.
+        wait_for(lambda: read_hits(hits_file), 20, "a first hit")
+        wait_for(lambda: not cam("noise")["up"] and cam("noise")["last_error"], 15, "the garbage camera marked down")
+        assert cam("gate")["up"]
+        status = daemon.status()
+        assert status["watchlist"]["version"] == 1 and status["watchlist"]["persons"] == 1
+        assert status["cameras_total"] == 2 and status["cameras_up"] == 1
+        json.dumps(status)  # the heartbeat carries it as JSON
+
+        # A stream that stalls without closing is detected.
+        srv.stall("gate")
+        wait_for(lambda: not cam("gate")["up"], 10, "the stalled camera marked down")
+        assert "stall" in (cam("gate")["last_error"] or ""), cam("gate")
+        srv.resume("gate")
+        wait_for(lambda: cam("gate")["up"], 15, "the camera back after the stall")
+
+        # The server dies and comes back: the camera reconnects and hits resume.
+        srv.kill()
+        wait_for(lambda: not cam("gate")["up"], 10, "the camera marked down after the server died")
+        restarted = time.time()
+        srv.restart()
+        wait_for(lambda: cam("gate")["up"], 20, "the camera up after the server restart")
+        wait_for(lambda: [h for h in read_hits(hits_file) if h["captured_at"] > restarted], 20,
+                 "a hit after the restart")
+        assert cam("gate")["reconnects"] >= 2
+    finally:
+        daemon.stop()
+    hits = read_hits(hits_file)
+    assert hits and {h["person_id"] for h in hits} == {people.enrolled_id}
+    assert {h["camera_id"] for h in hits} == {"gate"}
+    assert not [t for t in threading.enumerate() if t.name.startswith(("sample-", "detect-", "embed"))]
+
+
+def test_run_with_bad_config_exits_2_with_the_key(tmp_path: Path) -> None:
+    bad = tmp_path / "unit.toml"
+    bad.write_text('[unit]\nid = "u"\nsite = "s"\n[[cameras]]\nid = "c"\nurl = "ftp://x/y"\n')
+    out = subprocess.run([sys.executable, "-m", "edge.cli", "run", "--config", str(bad)], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert f"{bad}: cameras[0].url: camera url scheme 'ftp' is not supported" in out.stderr
+    assert f"{bad}: watchlist: required key is missing" in out.stderr

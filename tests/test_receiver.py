@@ -1,0 +1,252 @@
+"""The operators' receiver and store against a real Mosquitto: once per hit, shared subscriptions,
+unit status, bad messages kept aside, and the checkpoint-receiver CLI."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from central.cli import main as cli
+from central.receiver import Receiver, ReceiverConfig
+from central.store import HitStore, StoreError
+from edge import protocol
+from edge.mqtt_reporter import MqttConfig, MqttReporter
+from edge.outbox import OutboxConfig
+from tests.fixtures.hits import face_jpeg, make_hit
+from tests.fixtures.broker import FAST, wait_for
+
+
+def rx_config(broker, client_id: str = "rx-1", **kw) -> ReceiverConfig:
+    return ReceiverConfig(host=broker.host, port=broker.port, client_id=client_id,
+                          reconnect_min_delay_s=0.1, reconnect_max_delay_s=0.5, **kw)
+
+
+def start_receiver(broker, store, client_id="rx-1", **kw) -> tuple[Receiver, list[dict]]:
+    got: list[dict] = []
+    rx = Receiver(rx_config(broker, client_id, **kw), store, on_hit=got.append)
+    rx.start()
+    wait_for(rx.subscribed.is_set, what="receiver subscribed")
+    return rx, got
+
+
+def publisher(broker):
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="raw-pub", protocol=mqtt.MQTTv5)
+    c.connect(broker.host, broker.port)
+    c.loop_start()
+    return c
+
+
+def hit_message(hit, site="site-a") -> bytes:
+    return protocol.hit_payload(protocol.hit_record(hit, site), hit.crop_jpeg, None)
+
+
+def test_duplicate_deliveries_are_stored_and_printed_once(mosquitto, tmp_path):
+    store = HitStore(tmp_path / "hits.sqlite")
+    rx, got = start_receiver(mosquitto, store)
+    pub = publisher(mosquitto)
+    h = make_hit(crop=face_jpeg())
+    for _ in range(3):
+        pub.publish("checkpoint/v1/site-a/unit-1/hits", hit_message(h), qos=1).wait_for_publish(5)
+    wait_for(lambda: rx.counts["received"] == 3, what="three deliveries")
+    pub.loop_stop()
+    rx.close()
+    assert [g["id"] for g in got] == [h.id]
+    assert rx.counts["duplicates"] == 2
+    assert store.count_hits() == 1
+    row = store.hit(h.id)
+    assert row["review_state"] == "pending" and row["has_crop"] and row["box"] == list(h.box)
+    assert store.crop(h.id) == h.crop_jpeg
+    store.close()
+
+
+def test_bad_messages_are_kept_aside_acknowledged_and_do_not_stop_the_receiver(mosquitto, tmp_path):
+    store = HitStore(tmp_path / "hits.sqlite")
+    rx, got = start_receiver(mosquitto, store)
+    pub = publisher(mosquitto)
+    good = make_hit()
+    body = json.loads(hit_message(make_hit()))
+    bad = {
+        "not JSON": b"{nope",
+        "schema version": json.dumps({**body, "v": 2}).encode(),
+        "says": json.dumps({**body, "unit_id": "unit-9"}).encode(),  # payload claims another unit
+        "not a JPEG": json.dumps({**body, "crop_jpeg_b64": base64.b64encode(b"GIF89a....").decode()}).encode(),
+        "lacks required key 'person_id'": json.dumps({k: v for k, v in body.items() if k != "person_id"}).encode(),
+    }
+    for payload in bad.values():
+        pub.publish("checkpoint/v1/site-a/unit-1/hits", payload, qos=1).wait_for_publish(5)
+    pub.publish("checkpoint/v1/site-a/unit-1/hits", hit_message(good), qos=1).wait_for_publish(5)
+    wait_for(lambda: [g["id"] for g in got] == [good.id], what="the good hit after the bad ones")
+    rx.close()
+    rejects = store.rejects()
+    assert len(rejects) == len(bad)
+    for (expected, payload), rej in zip(bad.items(), rejects):
+        assert expected in rej["error"], rej["error"]
+        assert rej["payload"] == payload
+    assert "upgrade" in rejects[1]["error"]
+
+    # They were acknowledged: the same persistent session does not get them again.
+    rx, got = start_receiver(mosquitto, store)
+    time.sleep(0.5)
+    rx.close()
+    assert len(store.rejects()) == len(bad) and got == []
+    store.close()
+
+
+def test_shared_subscription_splits_hits_between_receivers(mosquitto, tmp_path):
+    a_store, b_store = HitStore(tmp_path / "a.sqlite"), HitStore(tmp_path / "b.sqlite")
+    a, got_a = start_receiver(mosquitto, a_store, "rx-a")
+    b, got_b = start_receiver(mosquitto, b_store, "rx-b")
+    pub = publisher(mosquitto)
+    hits = [make_hit() for _ in range(40)]
+    for h in hits:
+        pub.publish("checkpoint/v1/site-a/unit-1/hits", hit_message(h), qos=1)
+    wait_for(lambda: len(got_a) + len(got_b) == 40, what="40 hits across both receivers")
+    time.sleep(0.3)
+    pub.loop_stop()
+    a.close()
+    b.close()
+    ids_a, ids_b = {g["id"] for g in got_a}, {g["id"] for g in got_b}
+    assert ids_a | ids_b == {h.id for h in hits}
+    assert not ids_a & ids_b
+    assert ids_a and ids_b, "both receivers should take a share"
+
+
+def test_hits_sent_while_the_receiver_is_down_wait_in_its_session(mosquitto, tmp_path):
+    store = HitStore(tmp_path / "hits.sqlite")
+    rx, _ = start_receiver(mosquitto, store)
+    rx.close()  # the session (and its shared subscription) stays on the broker
+    reporter = MqttReporter(MqttConfig(host=mosquitto.host, port=mosquitto.port, site="site-a", **FAST),
+                            OutboxConfig(path=tmp_path / "o.sqlite"), "unit-1")
+    hits = [make_hit() for _ in range(20)]
+    for h in hits:
+        reporter.submit(h)
+    assert reporter.flush(10), "the broker accepts them for the offline receiver"
+    rx, got = start_receiver(mosquitto, store)
+    wait_for(lambda: len(got) == 20, what="queued hits after the receiver came back")
+    assert [g["id"] for g in got] == [h.id for h in hits]
+    reporter.close()
+    rx.close()
+    store.close()
+
+
+def test_unit_status_and_heartbeat_are_tracked(mosquitto, tmp_path):
+    store = HitStore(tmp_path / "hits.sqlite")
+    changes: list[tuple[str, str, str]] = []
+    rx = Receiver(rx_config(mosquitto), store, on_unit=lambda *c: changes.append(c))
+    rx.start()
+    wait_for(rx.subscribed.is_set, what="receiver subscribed")
+    reporter = MqttReporter(MqttConfig(host=mosquitto.host, port=mosquitto.port, site="site-a", **FAST),
+                            OutboxConfig(path=tmp_path / "o.sqlite"), "unit-1", lambda: {"cameras_up": 1})
+    wait_for(lambda: [u["health"] for u in store.units()] == ["online"], what="unit online")
+    wait_for(lambda: store.units()[0]["heartbeat"] is not None, what="a heartbeat")
+    unit = store.units()[0]
+    assert unit["heartbeat"]["unit"] == {"cameras_up": 1}
+    assert unit["heartbeat_interval_s"] == FAST["heartbeat_interval_s"]
+    # No heartbeat for three intervals: stale, even without a Last Will.
+    assert store.units(now=unit["last_heartbeat_at"] + 10)[0]["health"] == "stale"
+    reporter.close()
+    wait_for(lambda: [u["health"] for u in store.units()] == ["offline"], what="unit offline after shutdown")
+    assert store.units()[0]["state_reason"] == "shutdown"
+    rx.close()
+    assert changes == [("site-a", "unit-1", "online"), ("site-a", "unit-1", "offline")]
+    store.close()
+
+
+def test_store_review_state_and_purge(tmp_path):
+    store = HitStore(tmp_path / "hits.sqlite")
+    fields, crop = protocol.decode_hit(hit_message(make_hit(crop=face_jpeg())))
+    assert store.add_hit(fields, crop, received_at=time.time() - 100 * 86400)
+    assert not store.add_hit(fields, crop)
+    with pytest.raises(StoreError, match="review state"):
+        store.set_review(fields["id"], "maybe", "ops")
+    with pytest.raises(StoreError, match="no hit"):
+        store.set_review("missing", "confirmed", "ops")
+    store.set_review(fields["id"], "confirmed", "duty officer", "seen on camera")
+    assert store.hits(review_state="confirmed")[0]["reviewed_by"] == "duty officer"
+    assert store.purge(90 * 86400) == 1
+    assert store.count_hits() == 0 and store.crop(fields["id"]) is None
+    store.close()
+
+
+def test_cli_export_units_hits_review_crop(mosquitto, tmp_path):
+    db = tmp_path / "hits.sqlite"
+    store = HitStore(db)
+    rx, _ = start_receiver(mosquitto, store)
+    reporter = MqttReporter(MqttConfig(host=mosquitto.host, port=mosquitto.port, site="site-a", **FAST),
+                            OutboxConfig(path=tmp_path / "o.sqlite"), "unit-1")
+    face = face_jpeg()
+    hits = [make_hit(crop=face, person_id=f"person-{i}") for i in range(3)]
+    for h in hits:
+        reporter.submit(h)
+    wait_for(lambda: store.count_hits() == 3, what="3 hits stored")
+    reporter.close()
+    rx.close()
+    store.close()
+
+    runner = CliRunner()
+    out = tmp_path / "hits.jsonl"
+    res = runner.invoke(cli, ["export", "--db", str(db), "--jsonl", str(out), "--with-crops"])
+    assert res.exit_code == 0, res.output
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [row["id"] for row in lines] == [h.id for h in hits]
+    assert base64.b64decode(lines[0]["crop_jpeg_b64"]) == face
+    assert lines[0]["review_state"] == "pending" and lines[0]["site"] == "site-a"
+
+    res = runner.invoke(cli, ["units", "--db", str(db)])
+    assert res.exit_code == 0 and "site-a/unit-1" in res.output and "offline" in res.output
+    res = runner.invoke(cli, ["review", "--db", str(db), hits[1].id, "confirmed", "--by", "ops"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(cli, ["hits", "--db", str(db), "--state", "confirmed"])
+    assert res.exit_code == 0 and hits[1].id in res.output and hits[0].id not in res.output
+    res = runner.invoke(cli, ["crop", "--db", str(db), hits[2].id, "--out", str(tmp_path / "f.jpg")])
+    assert res.exit_code == 0 and (tmp_path / "f.jpg").read_bytes() == face
+    res = runner.invoke(cli, ["export", "--db", str(tmp_path / "none.sqlite"), "--jsonl", "-"])
+    assert res.exit_code != 0 and "no hit store" in res.output
+    for command in ("run", "export", "units", "hits", "review", "crop", "purge"):
+        help_text = runner.invoke(cli, [command, "--help"]).output
+        assert "Example:" in help_text and "checkpoint-receiver " in help_text
+
+
+def test_cli_run_prints_one_line_per_new_hit_and_stops_on_sigterm(mosquitto, tmp_path):
+    db = tmp_path / "hits.sqlite"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "central.cli", "-v", "run", "--host", mosquitto.host, "--port", str(mosquitto.port),
+         "--db", str(db), "--client-id", "cli-rx", "--reconnect-max-delay", "0.5"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    try:
+        wait_for(lambda: "cli-rx 1 checkpoint/v1/+/+/heartbeat" in mosquitto.log_text(), what="CLI receiver subscribed")
+        pub = publisher(mosquitto)
+        hits = [make_hit(person_id="person-42") for _ in range(3)]
+        for h in hits + hits[:1]:  # one duplicate
+            pub.publish("checkpoint/v1/site-a/unit-1/hits", hit_message(h), qos=1).wait_for_publish(5)
+        pub.loop_stop()
+        lines = [proc.stdout.readline() for _ in range(3)]
+        time.sleep(0.3)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rest, err = proc.communicate(timeout=15)
+    assert proc.returncode == 0, err
+    assert rest == "", "no line for the duplicate"
+    for h, line in zip(hits, lines):
+        assert " HIT " in line and "site-a/unit-1" in line and "person=person-42" in line and h.id in line
+    assert "3 new hits, 1 duplicates dropped" in err
+
+
+def test_cli_run_rejects_bad_options_with_the_key(tmp_path):
+    res = CliRunner().invoke(cli, ["run", "--db", str(tmp_path / "h.sqlite"), "--port", "0"])
+    assert res.exit_code == 2 and "port" in res.output
+    res = CliRunner().invoke(cli, ["run", "--db", str(tmp_path / "h.sqlite"), "--ca-file", str(tmp_path / "x.pem")])
+    assert res.exit_code == 2 and "tls.ca_file" in res.output
