@@ -177,11 +177,12 @@ def main() -> None:
         "delta_persons": args.delta_persons,
         "delta_index_swap_s": round(delta_s, 3),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+                    "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
                     "numpy": np.__version__, "faiss": faiss.__version__, "onnxruntime": onnxruntime.__version__},
     }
     print()
     print(f"{len(templates):,} templates x {args.dim}-d, batch {args.batch}, top-{args.k}, {args.threads} threads, "
-          f"{nq} queries ({int(is_genuine.sum())} genuine)")
+          f"{nq} queries ({int(is_genuine.sum())} genuine); load average {result['machine']['load_average_1_5_15']}")
     print(f"{'':28} {'median ms':>10} {'p90 ms':>8} {'memory MB':>10}")
     print(f"{'edge.matcher search':28} {result['matcher_search']['median_ms']:>10} {result['matcher_search']['p90_ms']:>8} "
           f"{result['index_mb']:>10}")

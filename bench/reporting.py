@@ -149,6 +149,8 @@ def main() -> int:
             "mosquitto": subprocess.run([find_mosquitto(), "-h"], capture_output=True, text=True).stdout.split("\n")[0],
         },
         "crop_bytes": len(crop),
+        # Other work on the machine moves every figure here (fsync latency above all): record it.
+        "load_avg_1m_start": os.getloadavg()[0],
     }
     with tempfile.TemporaryDirectory(prefix="bench-reporting-") as tmp:
         work = Path(tmp)
@@ -232,6 +234,7 @@ def main() -> int:
             rx.stop()
             broker.stop()
 
+    results["load_avg_1m_end"] = os.getloadavg()[0]
     put = results["outbox_put"]
     rows = [
         ("outbox write, no crop (mean / p99)", f"{put['no_crop']['mean_us']:.0f} / {put['no_crop']['p99_us']:.0f} us"),
@@ -251,7 +254,8 @@ def main() -> int:
         ("  drain rate", f"{r['drain_hits_per_s']:.0f} hits/s"),
     ]
     width = max(len(k) for k, _ in rows)
-    print(f"hit reporting benchmark ({results['machine']['cpus']} CPUs, crop {len(crop)} bytes)")
+    print(f"hit reporting benchmark ({results['machine']['cpus']} CPUs, crop {len(crop)} bytes, load average "
+          f"{results['load_avg_1m_start']:.1f} -> {results['load_avg_1m_end']:.1f})")
     for k, v in rows:
         print(f"  {k:<{width}}  {v}")
     if args.json:

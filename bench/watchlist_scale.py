@@ -150,7 +150,8 @@ def main() -> None:
         "embedding_bytes_per_template": 2 * 128,
         "index_mb": round(index_mb, 1),
         "times_s": tm.t, "mqtt": mqtt,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                    "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()]},
     }
     print(f"\n{args.persons:,} persons x {args.photos} photos = {full_b.n_templates:,} templates; index {index_mb:.0f} MB")
     print(f"full bundle  {len(full.data) / 2**20:8.1f} MiB   delta ({args.delta} persons) {len(delta.data) / 2**10:8.1f} KiB")

@@ -34,8 +34,9 @@ SIZE = (960, 540)
 FPS = 10
 ASTRONAUT = "astronaut"
 # Demo threshold: cosine similarity on the default dlib ResNet model. dlib's own rule (Euclidean
-# distance 0.6 between its embeddings) corresponds to a cosine of about 0.82; stricter here.
-DEMO_THRESHOLD = 0.85
+# distance 0.6 between its embeddings) corresponds to a cosine of about 0.82; stricter here
+# (0.90 is a distance of about 0.45).
+DEMO_THRESHOLD = 0.90
 
 
 class DemoError(RuntimeError):
@@ -267,7 +268,8 @@ class _ConsoleSink:
         at = f"{hit.captured_at - start:5.1f} s" if start else time.strftime("%H:%M:%S", time.localtime(hit.captured_at))
         self.echo(
             f"  HIT at {at}: person {hit.person_id}, score {hit.score:.3f} (threshold {hit.threshold:.2f}, "
-            f"margin {hit.margin:.2f}), camera {hit.camera_id}, track {hit.track_id}, "
+            f"{'only person on the list' if hit.margin > 1.0 else f'margin {hit.margin:.2f} over the next'}), "
+            f"camera {hit.camera_id}, track {hit.track_id}, "
             f"box {tuple(round(v) for v in hit.box)}, crop {len(hit.crop_jpeg or b'')} bytes JPEG"
         )
 

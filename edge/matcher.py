@@ -448,6 +448,8 @@ def _make_session(threads: int | None):  # noqa: ANN202
 class Matcher:
     """Matches embeddings against the current watchlist index; the index can be swapped live.
 
+    An empty index (no list applied yet) matches nothing, whatever the embeddings' dimension.
+
     Example::
 
         matcher = Matcher(TemplateIndex.build(ids, embeddings, version=7, model_id=engine.model_id))
@@ -492,7 +494,7 @@ class Matcher:
         """The k best persons for each row of `embeddings` (N, D): (person_id, score of their best
         template), best first; fewer when the watchlist holds fewer persons."""
         index = self._index
-        q = _check_queries(embeddings, index.dim)
+        q = _check_queries(embeddings, index.dim, empty=index.n_templates == 0)
         if k < 1:
             raise MatcherError(f"k must be at least 1, got {k}")
         return [[(index.person_id(c), s) for c, s in row] for row in index.search_persons(q, k, self._scorer)]
@@ -501,7 +503,7 @@ class Matcher:
         """For each row of `embeddings`: a Match for the best person when their score reaches their
         threshold, else None. `second_score` is the best score of any other person (-1: none)."""
         index = self._index
-        q = _check_queries(embeddings, index.dim)
+        q = _check_queries(embeddings, index.dim, empty=index.n_templates == 0)
         out: list[Match | None] = []
         for row in index.search_persons(q, 2, self._scorer):
             if not row:
@@ -519,11 +521,11 @@ class Matcher:
         return out
 
 
-def _check_queries(embeddings: np.ndarray, dim: int) -> np.ndarray:
+def _check_queries(embeddings: np.ndarray, dim: int, empty: bool = False) -> np.ndarray:
     q = np.asarray(embeddings, dtype=np.float32)
     if q.ndim == 1:
         q = q[None, :]
-    if q.ndim != 2 or q.shape[1] != dim:
+    if q.ndim != 2 or (q.shape[1] != dim and not empty):
         raise MatcherError(f"embeddings must have shape (N, {dim}) to match this watchlist, got {np.shape(embeddings)}")
     if not np.all(np.isfinite(q)):
         raise MatcherError("embeddings contain NaN or infinite values")

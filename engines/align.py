@@ -163,7 +163,8 @@ def dlib_chip_transform(landmarks5: np.ndarray, size: int = 150, padding: float 
     scale = math.sqrt(px * px + py * py)
     cx, cy = m @ np.array([size / 2.0, size / 2.0]) + t
     half = (size * scale - 1) / 2
-    return ChipTransform(rect=(cx - half, cy - half, cx + half, cy + half), angle=angle, rows=size, cols=size)
+    rect = (float(cx - half), float(cy - half), float(cx + half), float(cy + half))
+    return ChipTransform(rect=rect, angle=float(angle), rows=size, cols=size)
 
 
 def _rect_area(rect: tuple[float, float, float, float]) -> float:

@@ -27,7 +27,8 @@ class Embedder:
 
     @property
     def dim(self) -> int:
-        return self.spec.embedding_size
+        """Length of the embeddings returned (the model's output, plus one with a norm anchor)."""
+        return self.spec.embedding_size + (1 if self.spec.norm_anchor else 0)
 
     def preprocess(self, chips: np.ndarray) -> np.ndarray:
         """uint8 RGB chips (N, H, W, 3) -> the model's input tensor."""
@@ -54,7 +55,9 @@ class Embedder:
             part = chips[start : start + self.max_batch]
             emb = self._run(part)
             if self.flip_average:
-                emb = emb + self._run(part[:, :, ::-1])
+                emb = (emb + self._run(part[:, :, ::-1])) / 2
+            if self.spec.norm_anchor:
+                emb = np.hstack([emb, np.full((len(emb), 1), self.spec.norm_anchor, np.float32)])
             out[start : start + len(part)] = emb
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         return out / np.maximum(norms, 1e-12)

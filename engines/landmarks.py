@@ -5,7 +5,9 @@ The model is an ensemble of regression trees (Kazemi & Sullivan 2014): 15 cascad
 current shape estimate, walks every tree on differences of pixel pairs, and adds the leaf
 vectors to the shape. `ShapePredictor` follows dlib/image_processing/shape_predictor.h step
 by step (float32 where dlib uses float, float64 where it uses double, round-half-up pixel
-positions, grey = integer mean of R, G, B), so its points equal dlib's.
+positions, grey = integer mean of R, G, B, leaves summed in tree order), so its points equal
+dlib's; only the similarity transform between shapes is the 2-D closed form instead of
+dlib's SVD, which agrees far below the float32 the result is cast to.
 
 The five parts, in the model's order (x grows to the right of the image):
   0: outer corner of the eye on the image's right   1: inner corner of that eye
@@ -185,7 +187,7 @@ def _ldexp(mantissa: np.ndarray, exponent: np.ndarray, s: _IntStream) -> np.ndar
 
 
 # --------------------------------------------------------------------------------------
-# Geometry helpers shared with dlib's code paths
+# Geometry and input checks
 
 
 def _similarity_basis(initial: np.ndarray) -> np.ndarray:

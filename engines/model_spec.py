@@ -42,7 +42,13 @@ class EmbedderSpec(BaseModel):
     template: tuple[tuple[float, float], ...] | None = Field(
         None, description="5 (x, y) points in chip pixels: left eye, right eye, nose tip, left and right mouth corners"
     )
-    embedding_size: int = Field(gt=0, le=4096)
+    embedding_size: int = Field(gt=0, le=4096, description="values the model outputs per face")
+    norm_anchor: float | None = Field(
+        None,
+        gt=0,
+        description="for models trained with a Euclidean loss: a constant appended to each output before "
+        "normalising, so that cosine similarity ranks pairs as Euclidean distance does",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> EmbedderSpec:
@@ -94,4 +100,10 @@ def dlib_resnet_spec(channel_means: tuple[float, float, float]) -> EmbedderSpec:
         std=(256.0, 256.0, 256.0),
         alignment="dlib5",
         embedding_size=128,
+        # dlib trained this model with a Euclidean-distance loss, and the descriptor's length
+        # carries identity information that plain cosine similarity throws away (measured with
+        # bench/accuracy.py on lag-dev: see docs/engine.md). Appending a constant before
+        # normalising keeps the embeddings unit-length for the matcher while cosine similarity
+        # follows Euclidean distance closely (exactly as the constant grows without bound).
+        norm_anchor=3.0,
     )

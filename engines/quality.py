@@ -34,6 +34,10 @@ REASONS = ("too_small", "blurred", "not_frontal", "low_score")
 # Side of the grey square sharpness is measured on, and its size relative to the face.
 _PATCH = 64
 _PATCH_PER_FACE = 1.6  # patch side / larger of (eye distance, eye-to-mouth distance)
+# Where the score's size and sharpness factors reach 1, as multiples of their thresholds:
+# twice the least eye distance; ten times the least sharpness (about lag-dev's median).
+_GOOD_EYES = 2.0
+_GOOD_SHARPNESS = 10.0
 # Grey-level variance added before dividing, so a nearly flat patch does not score as sharp.
 _VAR_FLOOR = 25.0
 
@@ -45,13 +49,13 @@ class QualityConfig(BaseModel):
 
     min_eye_distance_px: float = Field(20.0, ge=0, description="least distance between the eye centres, pixels")
     min_face_height_px: float = Field(40.0, ge=0, description="least detector box height, pixels")
-    min_sharpness: float = Field(0.02, ge=0, description="least sharpness (Laplacian variance / grey variance)")
-    max_yaw: float = Field(0.45, gt=0, description="largest |yaw|: nose offset from the midline, in eye distances")
-    max_pitch: float = Field(0.25, gt=0, description="largest |pitch|: nose height between eyes and mouth minus typical")
+    min_sharpness: float = Field(0.015, ge=0, description="least sharpness (Laplacian variance / grey variance)")
+    max_yaw: float = Field(0.50, gt=0, description="largest |yaw|: nose offset from the midline, in eye distances")
+    max_pitch: float = Field(0.30, gt=0, description="largest |pitch|: nose height between eyes and mouth minus typical")
     typical_nose_height: float = Field(
         0.58, gt=0, lt=1, description="where the nose tip sits between eye line (0) and mouth line (1) in a level face"
     )
-    min_detector_score: float = Field(0.90, ge=0, le=1, description="least detector confidence")
+    min_detector_score: float = Field(0.85, ge=0, le=1, description="least detector confidence")
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,17 @@ class Quality:
     yaw: float
     pitch: float
     detector_score: float
+
+
+def _ramp(value: float, threshold: float, good: float) -> float:
+    """0 at nothing, 0.5 at the threshold, 1 from `good` up, linear in between."""
+    if threshold <= 0:
+        return 1.0
+    if value < threshold:
+        return 0.5 * max(value, 0.0) / threshold
+    if value >= good:
+        return 1.0
+    return 0.5 + 0.5 * (value - threshold) / (good - threshold)
 
 
 def face_geometry(landmarks: np.ndarray) -> tuple[float, float, float, float]:
@@ -151,9 +166,8 @@ def assess(
     if det < cfg.min_detector_score:
         reasons.append("low_score")
 
-    # Each factor is 1 for a comfortably good face and about 0.5 at its threshold.
-    size_q = min(1.0, eye_dist / (2 * cfg.min_eye_distance_px)) if cfg.min_eye_distance_px > 0 else 1.0
-    sharp_q = min(1.0, sharp / (2 * cfg.min_sharpness)) if cfg.min_sharpness > 0 else 1.0
+    size_q = _ramp(eye_dist, cfg.min_eye_distance_px, _GOOD_EYES * cfg.min_eye_distance_px)
+    sharp_q = _ramp(sharp, cfg.min_sharpness, _GOOD_SHARPNESS * cfg.min_sharpness)
     pose_q = 0.0
     if math.isfinite(yaw) and math.isfinite(pitch):
         pose_q = max(0.0, 1 - 0.5 * abs(yaw) / cfg.max_yaw) * max(0.0, 1 - 0.5 * abs(pitch) / cfg.max_pitch)

@@ -271,12 +271,19 @@ def frame(data: bytes | memoryview) -> Framed:
     return Framed(keyset, header, blob, kid, mv[:pos], bytes(mv[pos:]))
 
 
-def _person_from_json(d: dict) -> Person:
-    templates = tuple(Template(photo_date=t["photo_date"], age=t["age"]) for t in d["templates"])
+def _person_from_json(d: dict, cache: dict[tuple, Template]) -> Person:
+    # Most templates share a (date, age) pair with others; one object each keeps a large list light.
+    templates = []
+    for t in d["templates"]:
+        key = (t["photo_date"], t["age"])
+        tpl = cache.get(key)
+        if tpl is None:
+            tpl = cache[key] = Template(photo_date=key[0], age=key[1])
+        templates.append(tpl)
     threshold = d["threshold"]
     return Person(
         person_id=d["id"],
-        templates=templates,
+        templates=tuple(templates),
         name=d["name"],
         priority=d["priority"],
         threshold=float(threshold) if isinstance(threshold, (int, float)) and not isinstance(threshold, bool) else threshold,
@@ -303,6 +310,7 @@ def parse_verified(framed: Framed) -> Bundle:
         if not np.all(np.isfinite(emb)):
             raise ValueError("embeddings contain NaN or infinity")
         threshold = h["default_threshold"]
+        cache: dict[tuple, Template] = {}
         return Bundle(
             kind=h["kind"],
             version=h["version"],
@@ -312,7 +320,7 @@ def parse_verified(framed: Framed) -> Bundle:
             model_id=h["model_id"],
             embedding_dim=dim,
             default_threshold=float(threshold) if isinstance(threshold, int) and not isinstance(threshold, bool) else threshold,
-            persons=tuple(_person_from_json(p) for p in h["persons"]),
+            persons=tuple(_person_from_json(p, cache) for p in h["persons"]),
             embeddings=emb,
             removed=tuple(h["removed"]),
         )

@@ -11,11 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from edge.mqtt_reporter import MqttConfig, MqttReporter  # noqa: E402
-from edge.outbox import OutboxConfig  # noqa: E402
-from edge.types import Hit  # noqa: E402
+from edge.mqtt_reporter import MqttConfig, MqttReporter
+from edge.outbox import OutboxConfig
+from edge.types import Hit
 
 
 def main() -> int:

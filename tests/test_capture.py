@@ -172,9 +172,9 @@ def test_stalled_stream_is_detected_by_the_watchdog(backend, rtsp_server, reader
     assert reader.latest(after_seq=last, timeout=10) is not None, reader.state
     assert reader.state.up and reader.state.reconnects >= 1
     # The abandoned connection is closed once its blocked read returns: no leaked sessions.
-    assert wait_for(lambda: rtsp_server.clients("cam1") == 1, 8), rtsp_server.clients("cam1")
+    assert wait_for(lambda: rtsp_server.clients("cam1") == 1, 15), rtsp_server.clients("cam1")
     reader.stop()
-    assert wait_for(lambda: rtsp_server.clients("cam1") == 0, 8), rtsp_server.clients("cam1")
+    assert wait_for(lambda: rtsp_server.clients("cam1") == 0, 15), rtsp_server.clients("cam1")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

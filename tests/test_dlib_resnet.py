@@ -62,7 +62,7 @@ def test_embeddings_are_unit_length_and_batched(converted):
     emb = Embedder(dlib_resnet_spec(net.channel_means), OrtBackend(onnx_path), max_batch=2)
     chips = _astronaut_chips()
     out = emb.embed_chips(chips)
-    assert out.shape == (3, 128)
+    assert out.shape == (3, 129)  # 128 values and the norm anchor
     np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-5)
     one = emb.embed_chips(chips[2:3])
     np.testing.assert_allclose(out[2], one[0], atol=1e-5)

@@ -102,6 +102,7 @@ def test_no_match_for_stranger_and_empty_index() -> None:
     assert empty.match(stranger) == [None] * 4
     assert empty.search(stranger, k=5) == [[]] * 4
     assert empty.version == 0
+    assert empty.match(unit_rows(np.ones((2, 512)))) == [None, None]  # before any list: any engine dimension
 
 
 def test_bad_queries_are_refused_with_a_reason() -> None:

@@ -41,7 +41,7 @@ def test_sharp_frontal_face_passes(face, astronaut):
     assert q.ok and q.reasons == ()
     assert 0.5 < q.score <= 1.0
     assert q.eye_distance_px == pytest.approx(42.8, abs=1.0)
-    assert abs(q.yaw) < 0.1 and abs(q.pitch) < 0.1
+    assert abs(q.yaw) < 0.1 and abs(q.pitch) < 0.15
 
 
 def test_downscaled_face_is_too_small(face, astronaut):
@@ -64,10 +64,15 @@ def test_blurred_face_is_blurred(face, astronaut):
     import cv2
 
     sharp = assess(astronaut, face.box, face.landmarks, face.score)
-    blurred = assess(cv2.GaussianBlur(astronaut, (0, 0), 3.0), face.box, face.landmarks, face.score)
+    # blur of a tenth of the eye distance: the eyes and mouth are smudges
+    sigma = 0.1 * sharp.eye_distance_px
+    blurred = assess(cv2.GaussianBlur(astronaut, (0, 0), sigma), face.box, face.landmarks, face.score)
     assert blurred.reasons == ("blurred",)
-    assert blurred.sharpness < sharp.sharpness / 3
-    assert blurred.score < sharp.score
+    assert blurred.sharpness < sharp.sharpness / 10
+    assert blurred.score < sharp.score / 2
+    # a slight blur passes, but scores lower: the score picks the sharper frame of a track
+    slight = assess(cv2.GaussianBlur(astronaut, (0, 0), 1.0), face.box, face.landmarks, face.score)
+    assert slight.ok and slight.score < sharp.score
 
 
 def test_sharpness_does_not_depend_on_face_size_or_contrast(face, astronaut):

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from edge.matcher import Matcher
 from sync.apply import Watchlist
