@@ -284,9 +284,9 @@ def phase_peer(plan: dict[str, Any], _work: Path, args: argparse.Namespace) -> d
     }
 
 
-def _live(plan: dict[str, Any], work: Path, seconds: float, sample_every: float) -> dict[str, Any]:
+def _live(plan: dict[str, Any], work: Path, seconds: float, sample_every: float, detect_workers: int) -> dict[str, Any]:
     from edge.capture import CameraReader, CaptureConfig
-    from edge.pipeline import CameraSpec, MatchingConfig, Pipeline
+    from edge.pipeline import AnalysisConfig, CameraSpec, MatchingConfig, Pipeline
     from engines.face_engine import FaceEngine
 
     engine = FaceEngine.load()
@@ -310,7 +310,8 @@ def _live(plan: dict[str, Any], work: Path, seconds: float, sample_every: float)
             return None
 
     pipe = Pipeline(unit_id="bench", cameras=[CameraSpec(r.camera_id, r, LIVE_FPS) for r in readers], engine=engine,
-                    matcher=matcher, sinks=[Count()], matching=MatchingConfig(cooldown_s=0.0))
+                    matcher=matcher, sinks=[Count()], matching=MatchingConfig(cooldown_s=0.0),
+                    analysis=AnalysisConfig(detect_workers=detect_workers))
     for r in readers:
         r.start()
     pipe.start()
@@ -344,7 +345,7 @@ def _live(plan: dict[str, Any], work: Path, seconds: float, sample_every: float)
 
 
 def phase_live(plan: dict[str, Any], work: Path, args: argparse.Namespace) -> dict[str, Any]:
-    r = _live(plan, work, args.live_seconds, 1.0)
+    r = _live(plan, work, args.live_seconds, 1.0, args.detect_workers)
     samples = r["samples"]
     # Judge the steady state: skip the first 5 s (models warming, cameras connecting).
     steady = [s for s in samples if s["t"] >= 5.0]
@@ -368,7 +369,7 @@ def phase_live(plan: dict[str, Any], work: Path, args: argparse.Namespace) -> di
     lat = np.array(r["latencies"], dtype=np.float64)
     sustained = all(c["analysed_fps"] >= 0.95 * LIVE_FPS for c in per_cam.values()) and not growing
     return {
-        "cameras": LIVE_CAMERAS, "resolution": f"{SIZE[0]}x{SIZE[1]}", "stream_fps": FPS, "analysis_fps": LIVE_FPS,
+        "cameras": LIVE_CAMERAS, "detect_workers": args.detect_workers, "resolution": f"{SIZE[0]}x{SIZE[1]}", "stream_fps": FPS, "analysis_fps": LIVE_FPS,
         "seconds": round(r["wall"], 1), "per_camera": per_cam, "sustained_without_growing_lag": sustained,
         "hits": r["hits"],
         "frame_to_hit_latency_p50_s": round(float(np.percentile(lat, 50)), 3) if lat.size else None,
@@ -379,7 +380,7 @@ def phase_live(plan: dict[str, Any], work: Path, args: argparse.Namespace) -> di
 
 
 def phase_soak(plan: dict[str, Any], work: Path, args: argparse.Namespace) -> dict[str, Any]:
-    r = _live(plan, work, args.soak_minutes * 60.0, 10.0)
+    r = _live(plan, work, args.soak_minutes * 60.0, 10.0, args.detect_workers)
     rss = [(s["t"], s["rss_mb"]) for s in r["samples"]]
     base = next((m for t, m in rss if t >= 60.0), rss[0][1] if rss else float("nan"))
     end = rss[-1][1] if rss else float("nan")
@@ -396,7 +397,8 @@ PHASES = {"ours": phase_ours, "peer": phase_peer, "live": phase_live, "soak": ph
 
 def run_phase(name: str, plan_path: Path, args: argparse.Namespace, timeout: float) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--phase", name, "--plan", str(plan_path), "--peer-every", str(args.peer_every),
-           "--live-seconds", str(args.live_seconds), "--soak-minutes", str(args.soak_minutes)]
+           "--live-seconds", str(args.live_seconds), "--soak-minutes", str(args.soak_minutes),
+           "--detect-workers", str(args.detect_workers)]
     print(f"[{name}] running ...", file=sys.stderr, flush=True)
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     if out.returncode != 0:
@@ -424,7 +426,7 @@ def table(results: dict[str, Any]) -> str:
         ("alerts (total)", h(o, "alerts"), h(p, "alerts")),
     ]
     width = [max(len(r[i]) for r in rows) for i in range(3)]
-    lines = ["  ".join(c.ljust(width[i]) for i, c in enumerate(r)) for r in rows]
+    lines = ["  ".join(c.ljust(width[i]) for i, c in enumerate(r)).rstrip() for r in rows] if o or p else []
     if "ours" in results and "peer" in results:
         lines.append(f"speed-up: {o['frames_per_s'] / p['frames_per_s']:.1f}x frames/s")
     lv = results.get("live")
@@ -451,6 +453,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peer-every", type=int, default=1, help="the peer analyses every Nth frame (default: all)")
     ap.add_argument("--live-seconds", type=float, default=60.0, help="length of the 4-camera live run (0: skip)")
     ap.add_argument("--soak-minutes", type=float, default=0.0, help="also run the live setup this long, watching RSS")
+    ap.add_argument("--detect-workers", type=int, default=2,
+                    help="[analysis] detect_workers for the live run (one per CPU core suits a CPU-only unit)")
+    ap.add_argument("--phases", default="ours,peer,live", help="which of ours,peer,live to run (soak: --soak-minutes)")
     ap.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
     ap.add_argument("--plan", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -468,17 +473,23 @@ def main(argv: list[str] | None = None) -> int:
         plan_path.write_text(json.dumps(plan))
         print(f"clip: {args.seconds:g} s {SIZE[0]}x{SIZE[1]} {FPS} fps; {plan['source']}", file=sys.stderr)
         results: dict[str, Any] = {}
-        results["ours"] = run_phase("ours", plan_path, args, 1800)
-        if not args.no_peer:
+        phases = {p.strip() for p in args.phases.split(",") if p.strip()}
+        load_before = os.getloadavg()
+        if "ours" in phases:
+            results["ours"] = run_phase("ours", plan_path, args, 1800)
+        if "peer" in phases and not args.no_peer:
             results["peer"] = run_phase("peer", plan_path, args, 3600)
-        if args.live_seconds > 0:
+        if "live" in phases and args.live_seconds > 0:
             results["live"] = run_phase("live", plan_path, args, args.live_seconds + 300)
         if args.soak_minutes > 0:
             results["soak"] = run_phase("soak", plan_path, args, args.soak_minutes * 60 + 300)
     out = {
         "benchmark": "pipeline",
         "command": "python bench/pipeline.py " + " ".join(sys.argv[1:]),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor()},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor(),
+                    # Other work on the machine skews every figure; the load averages say how much there was.
+                    "loadavg_before": [round(x, 2) for x in load_before],
+                    "loadavg_after": [round(x, 2) for x in os.getloadavg()]},
         "clip": {"seconds": args.seconds, "size": list(SIZE), "fps": FPS, "source": plan["source"],
                  "appearances": plan["appearances"]},
         "threshold_cosine": THRESHOLD,
@@ -488,6 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     if "ours" in results and "peer" in results:
         out["speedup_frames_per_s"] = results["ours"]["frames_per_s"] / results["peer"]["frames_per_s"]
     print(table(results))
+    print(f"load average before/after: {out['machine']['loadavg_before']} / {out['machine']['loadavg_after']}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=2, default=float))

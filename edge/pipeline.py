@@ -281,6 +281,9 @@ class _Slots:
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._frames: dict[str, Frame] = {}
+        # When each camera's slot was filled after it was last emptied: a replaced frame keeps its
+        # camera's place in line, or a camera whose frames keep being replaced would never be served.
+        self._waiting_since: dict[str, float] = {}
         self._busy: set[str] = set()
         self._closed = False
 
@@ -289,19 +292,21 @@ class _Slots:
         with self._cond:
             replaced = frame.camera_id in self._frames
             self._frames[frame.camera_id] = frame
+            self._waiting_since.setdefault(frame.camera_id, time.monotonic())
             self._cond.notify()
             return replaced
 
     def take(self, timeout: float) -> Frame | None:
-        """The waiting frame of a camera no detector works on, oldest first; None on timeout or close."""
+        """The frame of the camera that has waited longest and that no detector works on; None on timeout or close."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while not self._closed:
-                ready = [f for cid, f in self._frames.items() if cid not in self._busy]
+                ready = [cid for cid in self._frames if cid not in self._busy]
                 if ready:
-                    frame = min(ready, key=lambda f: f.captured_at)
-                    del self._frames[frame.camera_id]
-                    self._busy.add(frame.camera_id)
+                    cid = min(ready, key=lambda c: self._waiting_since[c])
+                    frame = self._frames.pop(cid)
+                    del self._waiting_since[cid]
+                    self._busy.add(cid)
                     return frame
                 left = deadline - time.monotonic()
                 if left <= 0:

@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from engines.errors import ImageError, ModelError
+from engines.errors import ModelError
+from engines.image import check_image
 
 _PIXEL_MEAN = 127.5
 _PIXEL_SCALE = 0.0078125
@@ -76,21 +77,6 @@ def cpu_session_factory(intra_op_threads: int = 1) -> SessionFactory:
         return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
     return make
-
-
-def check_image(image: Any) -> np.ndarray:
-    """Return image if it is a non-empty RGB uint8 (H, W, 3) array, else raise ImageError."""
-    if not isinstance(image, np.ndarray):
-        raise ImageError(f"detector input must be a numpy array (RGB uint8, H x W x 3), got {type(image).__name__}")
-    if image.dtype != np.uint8:
-        raise ImageError(f"detector input must be uint8 RGB, got dtype {image.dtype}; convert with .astype(np.uint8) "
-                         "after scaling to 0..255")
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ImageError(f"detector input must have shape (H, W, 3) RGB, got {image.shape}; convert grey or RGBA "
-                         "images to RGB first")
-    if image.shape[0] == 0 or image.shape[1] == 0:
-        raise ImageError(f"detector input is empty (shape {image.shape})")
-    return image
 
 
 def pyramid_scales(height: int, width: int, min_face_size: int, factor: float) -> list[float]:
@@ -208,7 +194,7 @@ class MtcnnDetector:
 
         Raises ImageError for anything else (wrong dtype, shape, channel count, empty).
         """
-        img = check_image(image)
+        img = check_image(image, "detector input")
         t1, t2, t3 = self.config.thresholds
 
         proposals = []

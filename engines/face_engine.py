@@ -14,10 +14,10 @@ from typing import Sequence
 import numpy as np
 
 from engines.align import align_to_template, dlib_chip_transform, extract_chip
-from engines.backends import create_backend
+from engines.backends import Backend, create_backend, tensorrt_available
 from engines.cache import ensure_default_models, sha256_file
 from engines.config import EngineConfig
-from engines.detector import Detection, MtcnnDetector
+from engines.detector import Detection, MtcnnDetector, cpu_session_factory
 from engines.embedder import Embedder
 from engines.errors import ModelError
 from engines.image import check_image
@@ -26,6 +26,46 @@ from engines.model_spec import EmbedderSpec, dlib_resnet_spec
 from engines.quality import Quality, assess
 
 log = logging.getLogger(__name__)
+
+
+# TensorRT needs shape bounds for P-Net, which runs on each pyramid level of a frame
+# (up to 1080p at min_face_size 12), and for the batched R-Net and O-Net crops.
+_PNET_BOUNDS = {"input": ((1, 3, 12, 12), (1, 3, 360, 640), (1, 3, 1088, 1920))}
+_DETECTOR_MAX_BATCH = 256
+
+
+class _BackendSession:
+    """onnxruntime's session.run(None, feeds) call shape over any Backend, for the detector."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self._names = [o.name for o in backend.outputs]
+
+    def run(self, _outputs: None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        out = self.backend.run(feeds)
+        return [out[n] for n in self._names]
+
+
+def _detector_sessions(config: EngineConfig, cache_dir: Path):
+    """ONNX Runtime sessions on the CPU, or TensorRT engines where the config and machine allow."""
+    use_trt = config.backend == "tensorrt" or (config.backend == "auto" and tensorrt_available() is None)
+    if not use_trt:
+        return cpu_session_factory(config.detector.intra_op_threads)
+
+    def make(path: Path) -> _BackendSession:
+        bounds = _PNET_BOUNDS if path.stem == "pnet" else None
+        return _BackendSession(
+            create_backend(
+                path,
+                "tensorrt",
+                cache_dir=cache_dir,
+                max_batch=_DETECTOR_MAX_BATCH,
+                precision=config.precision,
+                dynamic_bounds=bounds,
+            )
+        )
+
+    return make
 
 
 @dataclass(frozen=True)
@@ -69,7 +109,7 @@ class FaceEngine:
         config = config or EngineConfig()
         models = ensure_default_models(config.cache_dir)
         cache_dir = Path(config.cache_dir) if config.cache_dir else models.embedder.parent.parent
-        detector = MtcnnDetector(models.detector, config.detector)
+        detector = MtcnnDetector(models.detector, config.detector, session_factory=_detector_sessions(config, cache_dir))
         spec: EmbedderSpec
         if config.embedder is None:
             spec = dlib_resnet_spec(models.channel_means)
@@ -111,8 +151,7 @@ class FaceEngine:
         spec = self.embedder.spec
         chips = np.empty((len(detections), spec.input_height, spec.input_width, 3), dtype=np.uint8)
         for i, det in enumerate(detections):
-            if spec.alignment == "dlib5":
-                assert self.shape_predictor is not None
+            if spec.alignment == "dlib5" and self.shape_predictor is not None:
                 points = self.shape_predictor.predict(image, dlib_box_from_points(det.landmarks))
                 chips[i] = extract_chip(image, dlib_chip_transform(points, size=spec.input_width), spec.input_width)
             else:

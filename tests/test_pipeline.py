@@ -194,3 +194,36 @@ def test_threaded_pipeline_two_cameras_to_jsonl(engine: Any, people: People, wat
         assert 4.0 <= st["frames_analysed"] / 8.0 <= 5.5  # about analysis_fps, not the stream's 10 fps
         assert st["lag_max_s"] < 2.0
         assert st["hit_latency_p50_s"] is not None and st["hit_latency_p50_s"] < 2.0
+
+
+def test_slots_keep_only_the_newest_frame_and_serve_cameras_fairly() -> None:
+    import numpy as np
+
+    from edge.pipeline import _Slots
+
+    img = np.zeros((4, 4, 3), np.uint8)
+    slots = _Slots()
+
+    def f(cam: str, seq: int) -> Frame:
+        return Frame(cam, seq, time.time(), img)
+
+    assert slots.put(f("a", 0)) is False
+    assert slots.put(f("b", 0)) is False
+    assert slots.put(f("b", 1)) is True, "a newer frame replaces the waiting one"
+    first = slots.take(0.1)
+    assert first is not None and (first.camera_id, first.seq) == ("a", 0)
+    slots.done("a")
+    slots.put(f("a", 1))
+    # b has waited since before a's new frame, though its frame is newer: b goes first.
+    second = slots.take(0.1)
+    assert second is not None and (second.camera_id, second.seq) == ("b", 1)
+    # A camera being analysed is not handed to a second detector.
+    slots.put(f("b", 2))
+    third = slots.take(0.1)
+    assert third is not None and third.camera_id == "a"
+    assert slots.take(0.1) is None
+    slots.done("b")
+    fourth = slots.take(0.1)
+    assert fourth is not None and (fourth.camera_id, fourth.seq) == ("b", 2)
+    slots.close()
+    assert slots.take(1.0) is None

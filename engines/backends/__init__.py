@@ -61,6 +61,7 @@ def create_backend(
     cache_dir: Path | None = None,
     max_batch: int = 32,
     precision: Literal["fp16", "fp32"] = "fp16",
+    dynamic_bounds: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] | None = None,
 ) -> Backend:
     """Load `onnx_path` on the best available backend (`auto`: native TensorRT when usable, else
     ONNX Runtime with the best execution provider it has)."""
@@ -75,7 +76,11 @@ def create_backend(
         from engines.backends.tensorrt_backend import TensorRTBackend
 
         return TensorRTBackend(
-            Path(onnx_path), cache_dir=cache_dir or Path(onnx_path).parent, max_batch=max_batch, precision=precision
+            Path(onnx_path),
+            cache_dir=cache_dir or Path(onnx_path).parent,
+            max_batch=max_batch,
+            precision=precision,
+            dynamic_bounds=dynamic_bounds,
         )
     if kind == "onnxruntime":
         from engines.backends.ort_backend import OrtBackend
