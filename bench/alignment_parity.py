@@ -32,7 +32,8 @@ from bench.lag import DEFAULT_DATA, list_photos, require_data  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="LAG-layout folder (default ../shared/data/lag-dev)")
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA,
+                    help="LAG-layout folder (default ../shared/data/lag-dev)")
     ap.add_argument("--limit", type=int, default=100, help="photos to use, an even spread over the set (default 100)")
     ap.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = ap.parse_args()

@@ -10,7 +10,7 @@ distance E and the eye-to-mouth distance M. It then checks the fit on the odd-nu
 identities: IoU with the HOG box, and how far dlib's landmarks (and the dlib embedding of
 the chip) move when the fitted box replaces the HOG box -- the number that matters.
 
-    python bench/fit_box_mapping.py                      # all of lag-dev, about 3 minutes
+    python bench/fit_box_mapping.py                      # all of lag-dev, about 10 minutes
     python bench/fit_box_mapping.py --limit 400 --json out.json
 
 Paste the printed constants into engines/landmarks.py when they change.
@@ -88,12 +88,12 @@ def fit(rows) -> tuple[np.ndarray, np.ndarray]:
     a, cx, cy, side = [], [], [], []
     for r in rows:
         eyes, ux, uy, e, m = _frame(r["points"])
-        l, t, rr, b = r["hog_box"]
-        centre = np.array([(l + rr) / 2, (t + b) / 2])
+        x1, y1, x2, y2 = r["hog_box"]
+        centre = np.array([(x1 + x2) / 2, (y1 + y2) / 2])
         a.append([e, m])
         cx.append(float((centre - eyes) @ ux))
         cy.append(float((centre - eyes) @ uy))
-        side.append(((rr - l) + (b - t)) / 2)
+        side.append(((x2 - x1) + (y2 - y1)) / 2)
     a = np.asarray(a)
     centre = np.stack([np.linalg.lstsq(a, np.asarray(v), rcond=None)[0] for v in (cx, cy)])
     side_k = np.linalg.lstsq(a, np.asarray(side), rcond=None)[0]
@@ -114,7 +114,8 @@ def evaluate(rows, box_of, sp, facerec) -> dict:
         eye_dist = float(np.hypot(*((ref[0] + ref[1]) / 2 - (ref[2] + ref[3]) / 2)))
         shifts.append(float(np.abs(got - ref).max() / eye_dist))
         if facerec is not None:
-            chips = [extract_chip(r["image"], dlib_chip_transform(np.floor(p + 0.5), 150, 0.25), 150) for p in (ref, got)]
+            chips = [extract_chip(r["image"], dlib_chip_transform(np.floor(p + 0.5), 150, 0.25), 150)
+                     for p in (ref, got)]
             u, v = (np.asarray(facerec.compute_face_descriptor(c)) for c in chips)
             cosines.append(float(u @ v / np.linalg.norm(u) / np.linalg.norm(v)))
     out = {
@@ -133,7 +134,8 @@ def evaluate(rows, box_of, sp, facerec) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="LAG-layout folder (default ../shared/data/lag-dev)")
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA,
+                    help="LAG-layout folder (default ../shared/data/lag-dev)")
     ap.add_argument("--limit", type=int, default=None, help="use only the first N photos")
     ap.add_argument("--json", type=Path, default=None, help="write the fit and figures here")
     args = ap.parse_args()
@@ -143,17 +145,16 @@ def main() -> None:
     except ImportError:
         sys.exit("needs the dlib python module for its HOG detector: pip install dlib-bin")
 
-    import engines.landmarks as lm
-    from engines.landmarks import ShapePredictor, default_model_path
+    from engines.landmarks import ShapePredictor, default_model_path, dlib_box_from_points
 
     t0 = time.perf_counter()
     rows, skipped = collect(list_photos(args.data), args.limit)
     t1 = time.perf_counter()
     train = [r for r in rows if zlib.crc32(r["photo"].identity.encode()) % 2 == 0]
     test = [r for r in rows if zlib.crc32(r["photo"].identity.encode()) % 2 == 1]
-    centre, side = fit(train)
-    lm._BOX_CENTRE = (float(centre[0, 0]), float(centre[0, 1]), float(centre[1, 0]), float(centre[1, 1]))
-    lm._BOX_SIDE = (float(side[0]), float(side[1]))
+    centre_k, side_k = fit(train)
+    centre = (float(centre_k[0, 0]), float(centre_k[0, 1]), float(centre_k[1, 0]), float(centre_k[1, 1]))
+    side = (float(side_k[0]), float(side_k[1]))
 
     import face_recognition_models
 
@@ -161,19 +162,22 @@ def main() -> None:
     facerec = dlib.face_recognition_model_v1(face_recognition_models.face_recognition_model_location())
     results = {
         "faces_used": len(rows), "skipped": skipped, "train_faces": len(train), "test_faces": len(test),
-        "box_centre": lm._BOX_CENTRE, "box_side": lm._BOX_SIDE, "seconds_detecting": t1 - t0,
-        "fitted_box_on_test": evaluate(test, lambda r: lm.dlib_box_from_points(r["points"]), sp, facerec),
+        "box_centre": centre, "box_side": side, "seconds_detecting": t1 - t0,
+        "fitted_box_on_test": evaluate(
+            test, lambda r: dlib_box_from_points(r["points"], centre=centre, side=side), sp, facerec
+        ),
         "mtcnn_box_on_test": evaluate(test, lambda r: r["mtcnn_box"], sp, facerec),
     }
     print(f"faces used {len(rows)} (fit on {len(train)}, checked on {len(test)}); skipped {skipped}")
-    print(f"_BOX_CENTRE = ({', '.join(f'{v:.4f}' for v in lm._BOX_CENTRE)})")
-    print(f"_BOX_SIDE = ({', '.join(f'{v:.4f}' for v in lm._BOX_SIDE)})")
+    print(f"_BOX_CENTRE = ({', '.join(f'{v:.4f}' for v in centre)})")
+    print(f"_BOX_SIDE = ({', '.join(f'{v:.4f}' for v in side)})")
     print(f"{'box given to the 5-point model':<32}{'IoU':>7}{'IoU p5':>8}{'shift p50':>11}{'shift p95':>11}"
           f"{'shift max':>11}{'cos mean':>10}{'cos min':>9}")
     for name, key in (("fitted from MTCNN points", "fitted_box_on_test"), ("MTCNN box as is", "mtcnn_box_on_test")):
         r = results[key]
         print(f"{name:<32}{r['iou_mean']:>7.3f}{r['iou_p05']:>8.3f}{r['landmark_shift_median']:>11.4f}"
-              f"{r['landmark_shift_p95']:>11.4f}{r['landmark_shift_max']:>11.4f}{r.get('cosine_mean', float('nan')):>10.5f}"
+              f"{r['landmark_shift_p95']:>11.4f}{r['landmark_shift_max']:>11.4f}"
+              f"{r.get('cosine_mean', float('nan')):>10.5f}"
               f"{r.get('cosine_min', float('nan')):>9.5f}")
     print("shift: largest landmark move vs the HOG box, as a fraction of the eye distance; "
           "cos: dlib embedding of the chip vs the HOG-box chip")

@@ -136,7 +136,9 @@ def prepare(work: Path, seconds: float) -> dict[str, Any]:
         photos["astronaut"] = [str(p)]
         head, man = astronaut_photo()[0:300, 90:390], cameraman_photo()[40:300, 120:380]
         q = seconds / 4.0
-        for i, (who, img, x) in enumerate([("astronaut", head, 100), ("cameraman", man, 700), ("astronaut", head, 500)]):
+        for i, (who, img, x) in enumerate(
+            [("astronaut", head, 100), ("cameraman", man, 700), ("astronaut", head, 500)]
+        ):
             t0, t1 = i * q + 0.5, i * q + q * 0.9 + 0.5
             placements.append((img, t0, t1, x, 150, 300))
             appearances.append(Appearance(who, who == "astronaut", t0, t1, x, 150, 300))
@@ -164,8 +166,11 @@ def judge(events: list[tuple[float, str, tuple[float, float, float, float]]], pl
     for t, person, box in events:
         cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
         here = [
-            i for i, a in enumerate(apps)
-            if a.t0 - 0.05 <= t < a.t1 + 0.05 and a.x - 20 <= cx <= a.x + 2 * a.height and a.y - 20 <= cy <= a.y + a.height + 20
+            i
+            for i, a in enumerate(apps)
+            if a.t0 - 0.05 <= t < a.t1 + 0.05
+            and a.x - 20 <= cx <= a.x + 2 * a.height
+            and a.y - 20 <= cy <= a.y + a.height + 20
         ]
         mine = [i for i in here if apps[i].person == person and apps[i].enrolled]
         if not mine:
@@ -175,8 +180,14 @@ def judge(events: list[tuple[float, str, tuple[float, float, float, float]]], pl
         else:
             found.add(mine[0])
     enrolled = sum(a.enrolled for a in apps)
-    return {"correct": len(found), "missed": enrolled - len(found), "wrong": wrong, "repeats": repeats,
-            "enrolled_appearances": enrolled, "alerts": len(events)}
+    return {
+        "correct": len(found),
+        "missed": enrolled - len(found),
+        "wrong": wrong,
+        "repeats": repeats,
+        "enrolled_appearances": enrolled,
+        "alerts": len(events),
+    }
 
 
 def _usage() -> tuple[float, float]:
@@ -231,8 +242,14 @@ def phase_ours(plan: dict[str, Any], work: Path, _args: argparse.Namespace) -> d
         def close(self, timeout: float = 5.0) -> None:
             return None
 
-    pipe = Pipeline(unit_id="bench", cameras=[CameraSpec("cam", None, float(FPS))], engine=engine,  # type: ignore[arg-type]
-                    matcher=matcher, sinks=[Collect()], matching=MatchingConfig(cooldown_s=0.0))
+    pipe = Pipeline(
+        unit_id="bench",
+        cameras=[CameraSpec("cam", None, float(FPS))],
+        engine=engine,  # type: ignore[arg-type]
+        matcher=matcher,
+        sinks=[Collect()],
+        matching=MatchingConfig(cooldown_s=0.0),
+    )
     engine.analyze(frames[0])  # warm-up, not timed
     t0 = 1_700_000_000.0
     cpu0, _ = _usage()
@@ -243,9 +260,16 @@ def phase_ours(plan: dict[str, Any], work: Path, _args: argparse.Namespace) -> d
     cpu1, peak = _usage()
     st = pipe.stats()["cam"]
     return {
-        "frames": len(frames), "seconds": wall, "frames_per_s": len(frames) / wall, "faces": st["faces"],
-        "faces_per_s": st["faces"] / wall, "embedded": st["embedded"], "cpu_cores_used": (cpu1 - cpu0) / wall,
-        "peak_rss_mb": peak, "hits": judge(events, plan), "model_id": engine.model_id,
+        "frames": len(frames),
+        "seconds": wall,
+        "frames_per_s": len(frames) / wall,
+        "faces": st["faces"],
+        "faces_per_s": st["faces"] / wall,
+        "embedded": st["embedded"],
+        "cpu_cores_used": (cpu1 - cpu0) / wall,
+        "peak_rss_mb": peak,
+        "hits": judge(events, plan),
+        "model_id": engine.model_id,
     }
 
 
@@ -277,9 +301,15 @@ def phase_peer(plan: dict[str, Any], _work: Path, args: argparse.Namespace) -> d
     wall = time.perf_counter() - w0
     cpu1, peak = _usage()
     return {
-        "frames": len(frames), "every_nth_frame": args.peer_every, "seconds": wall,
-        "frames_per_s": len(frames) / wall, "faces": faces, "faces_per_s": faces / wall,
-        "cpu_cores_used": (cpu1 - cpu0) / wall, "peak_rss_mb": peak, "enrolled_photos_encoded": len(known),
+        "frames": len(frames),
+        "every_nth_frame": args.peer_every,
+        "seconds": wall,
+        "frames_per_s": len(frames) / wall,
+        "faces": faces,
+        "faces_per_s": faces / wall,
+        "cpu_cores_used": (cpu1 - cpu0) / wall,
+        "peak_rss_mb": peak,
+        "enrolled_photos_encoded": len(known),
         "hits": judge(events, plan),
     }
 
@@ -309,9 +339,15 @@ def _live(plan: dict[str, Any], work: Path, seconds: float, sample_every: float,
         def close(self, timeout: float = 5.0) -> None:
             return None
 
-    pipe = Pipeline(unit_id="bench", cameras=[CameraSpec(r.camera_id, r, LIVE_FPS) for r in readers], engine=engine,
-                    matcher=matcher, sinks=[Count()], matching=MatchingConfig(cooldown_s=0.0),
-                    analysis=AnalysisConfig(detect_workers=detect_workers))
+    pipe = Pipeline(
+        unit_id="bench",
+        cameras=[CameraSpec(r.camera_id, r, LIVE_FPS) for r in readers],
+        engine=engine,
+        matcher=matcher,
+        sinks=[Count()],
+        matching=MatchingConfig(cooldown_s=0.0),
+        analysis=AnalysisConfig(detect_workers=detect_workers),
+    )
     for r in readers:
         r.start()
     pipe.start()
@@ -323,13 +359,15 @@ def _live(plan: dict[str, Any], work: Path, seconds: float, sample_every: float,
         while not stop.wait(sample_every):
             now = time.monotonic() - w0
             st = pipe.stats()
-            samples.append({
-                "t": round(now, 1),
-                "rss_mb": round(_rss_mb(), 1),
-                "lag_s": {c: s["lag_s"] for c, s in st.items()},
-                "analysed": {c: s["frames_analysed"] for c, s in st.items()},
-                "fps_in": {r.camera_id: r.state.fps for r in readers},
-            })
+            samples.append(
+                {
+                    "t": round(now, 1),
+                    "rss_mb": round(_rss_mb(), 1),
+                    "lag_s": {c: s["lag_s"] for c, s in st.items()},
+                    "analysed": {c: s["frames_analysed"] for c, s in st.items()},
+                    "fps_in": {r.camera_id: r.state.fps for r in readers},
+                }
+            )
             if now >= seconds:
                 break
     finally:
@@ -340,8 +378,15 @@ def _live(plan: dict[str, Any], work: Path, seconds: float, sample_every: float,
         pipe.stop()
         for r in readers:
             r.stop()
-    return {"samples": samples, "wall": wall, "cpu": cpu1 - cpu0, "peak": peak, "stats": stats,
-            "latencies": latencies, "hits": Count.hits}
+    return {
+        "samples": samples,
+        "wall": wall,
+        "cpu": cpu1 - cpu0,
+        "peak": peak,
+        "stats": stats,
+        "latencies": latencies,
+        "hits": Count.hits,
+    }
 
 
 def phase_live(plan: dict[str, Any], work: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -362,19 +407,32 @@ def phase_live(plan: dict[str, Any], work: Path, args: argparse.Namespace) -> di
         # Growing: lag rising by more than a frame period over the run, not just jitter.
         grows = slope * (t[-1] - t[0]) > 1.0 / LIVE_FPS and last > first + 0.1 if len(t) > 2 else False
         growing = growing or grows
-        per_cam[cam] = {"analysed_fps": round(fps, 2), "lag_mean_s": round(float(lag.mean()), 3),
-                        "lag_max_s": round(float(lag.max()), 3), "lag_slope_s_per_s": round(slope, 5),
-                        "lag_first_third_s": round(first, 3), "lag_last_third_s": round(last, 3),
-                        "frames_skipped": r["stats"][cam]["frames_skipped"], "embeds_dropped": r["stats"][cam]["embeds_dropped"]}
+        per_cam[cam] = {
+            "analysed_fps": round(fps, 2),
+            "lag_mean_s": round(float(lag.mean()), 3),
+            "lag_max_s": round(float(lag.max()), 3),
+            "lag_slope_s_per_s": round(slope, 5),
+            "lag_first_third_s": round(first, 3),
+            "lag_last_third_s": round(last, 3),
+            "frames_skipped": r["stats"][cam]["frames_skipped"],
+            "embeds_dropped": r["stats"][cam]["embeds_dropped"],
+        }
     lat = np.array(r["latencies"], dtype=np.float64)
     sustained = all(c["analysed_fps"] >= 0.95 * LIVE_FPS for c in per_cam.values()) and not growing
     return {
-        "cameras": LIVE_CAMERAS, "detect_workers": args.detect_workers, "resolution": f"{SIZE[0]}x{SIZE[1]}", "stream_fps": FPS, "analysis_fps": LIVE_FPS,
-        "seconds": round(r["wall"], 1), "per_camera": per_cam, "sustained_without_growing_lag": sustained,
+        "cameras": LIVE_CAMERAS,
+        "detect_workers": args.detect_workers,
+        "resolution": f"{SIZE[0]}x{SIZE[1]}",
+        "stream_fps": FPS,
+        "analysis_fps": LIVE_FPS,
+        "seconds": round(r["wall"], 1),
+        "per_camera": per_cam,
+        "sustained_without_growing_lag": sustained,
         "hits": r["hits"],
         "frame_to_hit_latency_p50_s": round(float(np.percentile(lat, 50)), 3) if lat.size else None,
         "frame_to_hit_latency_p99_s": round(float(np.percentile(lat, 99)), 3) if lat.size else None,
-        "cpu_cores_used": round(r["cpu"] / r["wall"], 2), "peak_rss_mb": round(r["peak"], 1),
+        "cpu_cores_used": round(r["cpu"] / r["wall"], 2),
+        "peak_rss_mb": round(r["peak"], 1),
         "note": "CPU includes decoding 4 H.264 720p streams at 10 fps (a Jetson decodes in hardware)",
     }
 
@@ -384,9 +442,15 @@ def phase_soak(plan: dict[str, Any], work: Path, args: argparse.Namespace) -> di
     rss = [(s["t"], s["rss_mb"]) for s in r["samples"]]
     base = next((m for t, m in rss if t >= 60.0), rss[0][1] if rss else float("nan"))
     end = rss[-1][1] if rss else float("nan")
-    return {"minutes": args.soak_minutes, "rss_after_1_min_mb": base, "rss_end_mb": end,
-            "rss_growth_pct": round(100.0 * (end - base) / base, 2), "rss_samples": rss, "hits": r["hits"],
-            "cpu_cores_used": round(r["cpu"] / r["wall"], 2)}
+    return {
+        "minutes": args.soak_minutes,
+        "rss_after_1_min_mb": base,
+        "rss_end_mb": end,
+        "rss_growth_pct": round(100.0 * (end - base) / base, 2),
+        "rss_samples": rss,
+        "hits": r["hits"],
+        "cpu_cores_used": round(r["cpu"] / r["wall"], 2),
+    }
 
 
 PHASES = {"ours": phase_ours, "peer": phase_peer, "live": phase_live, "soak": phase_soak}
@@ -396,9 +460,22 @@ PHASES = {"ours": phase_ours, "peer": phase_peer, "live": phase_live, "soak": ph
 
 
 def run_phase(name: str, plan_path: Path, args: argparse.Namespace, timeout: float) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--phase", name, "--plan", str(plan_path), "--peer-every", str(args.peer_every),
-           "--live-seconds", str(args.live_seconds), "--soak-minutes", str(args.soak_minutes),
-           "--detect-workers", str(args.detect_workers)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--phase",
+        name,
+        "--plan",
+        str(plan_path),
+        "--peer-every",
+        str(args.peer_every),
+        "--live-seconds",
+        str(args.live_seconds),
+        "--soak-minutes",
+        str(args.soak_minutes),
+        "--detect-workers",
+        str(args.detect_workers),
+    ]
     print(f"[{name}] running ...", file=sys.stderr, flush=True)
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     if out.returncode != 0:
@@ -421,7 +498,11 @@ def table(results: dict[str, Any]) -> str:
         ("faces/s", f(o, "faces_per_s"), f(p, "faces_per_s")),
         ("CPU cores used", f(o, "cpu_cores_used"), f(p, "cpu_cores_used")),
         ("peak RSS MB", f(o, "peak_rss_mb", "{:.0f}"), f(p, "peak_rss_mb", "{:.0f}")),
-        ("appearances found", f"{h(o, 'correct')}/{h(o, 'enrolled_appearances')}", f"{h(p, 'correct')}/{h(p, 'enrolled_appearances')}"),
+        (
+            "appearances found",
+            f"{h(o, 'correct')}/{h(o, 'enrolled_appearances')}",
+            f"{h(p, 'correct')}/{h(p, 'enrolled_appearances')}",
+        ),
         ("wrong alerts", h(o, "wrong"), h(p, "wrong")),
         ("alerts (total)", h(o, "alerts"), h(p, "alerts")),
     ]
@@ -432,16 +513,22 @@ def table(results: dict[str, Any]) -> str:
     lv = results.get("live")
     if lv:
         lines.append(
-            f"live: {lv['cameras']} cameras {lv['resolution']} at {lv['analysis_fps']:g} fps for {lv['seconds']:.0f} s: "
-            + ", ".join(f"{c} {v['analysed_fps']:.2f} fps lag {v['lag_mean_s']:.2f}/{v['lag_max_s']:.2f} s" for c, v in lv["per_camera"].items())
+            f"live: {lv['cameras']} cameras {lv['resolution']} at {lv['analysis_fps']:g} fps "
+            f"for {lv['seconds']:.0f} s: "
+            + ", ".join(
+                f"{c} {v['analysed_fps']:.2f} fps lag {v['lag_mean_s']:.2f}/{v['lag_max_s']:.2f} s"
+                for c, v in lv["per_camera"].items()
+            )
             + f"; sustained without growing lag: {lv['sustained_without_growing_lag']}; "
             f"frame-to-hit p50 {lv['frame_to_hit_latency_p50_s']} s p99 {lv['frame_to_hit_latency_p99_s']} s; "
             f"CPU {lv['cpu_cores_used']} cores; peak RSS {lv['peak_rss_mb']:.0f} MB"
         )
     sk = results.get("soak")
     if sk:
-        lines.append(f"soak: {sk['minutes']} min, RSS {sk['rss_after_1_min_mb']:.0f} -> {sk['rss_end_mb']:.0f} MB "
-                     f"({sk['rss_growth_pct']:+.2f}%)")
+        lines.append(
+            f"soak: {sk['minutes']} min, RSS {sk['rss_after_1_min_mb']:.0f} -> {sk['rss_end_mb']:.0f} MB "
+            f"({sk['rss_growth_pct']:+.2f}%)"
+        )
     return "\n".join(lines)
 
 
@@ -453,8 +540,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peer-every", type=int, default=1, help="the peer analyses every Nth frame (default: all)")
     ap.add_argument("--live-seconds", type=float, default=60.0, help="length of the 4-camera live run (0: skip)")
     ap.add_argument("--soak-minutes", type=float, default=0.0, help="also run the live setup this long, watching RSS")
-    ap.add_argument("--detect-workers", type=int, default=2,
-                    help="[analysis] detect_workers for the live run (one per CPU core suits a CPU-only unit)")
+    ap.add_argument(
+        "--detect-workers",
+        type=int,
+        default=2,
+        help="[analysis] detect_workers for the live run (one per CPU core suits a CPU-only unit)",
+    )
     ap.add_argument("--phases", default="ours,peer,live", help="which of ours,peer,live to run (soak: --soak-minutes)")
     ap.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
     ap.add_argument("--plan", type=Path, help=argparse.SUPPRESS)
@@ -486,12 +577,21 @@ def main(argv: list[str] | None = None) -> int:
     out = {
         "benchmark": "pipeline",
         "command": "python bench/pipeline.py " + " ".join(sys.argv[1:]),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor(),
-                    # Other work on the machine skews every figure; the load averages say how much there was.
-                    "loadavg_before": [round(x, 2) for x in load_before],
-                    "loadavg_after": [round(x, 2) for x in os.getloadavg()]},
-        "clip": {"seconds": args.seconds, "size": list(SIZE), "fps": FPS, "source": plan["source"],
-                 "appearances": plan["appearances"]},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            # Other work on the machine skews every figure; the load averages say how much there was.
+            "loadavg_before": [round(x, 2) for x in load_before],
+            "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        },
+        "clip": {
+            "seconds": args.seconds,
+            "size": list(SIZE),
+            "fps": FPS,
+            "source": plan["source"],
+            "appearances": plan["appearances"],
+        },
         "threshold_cosine": THRESHOLD,
         "peer_tolerance_euclidean": PEER_TOLERANCE,
         **results,

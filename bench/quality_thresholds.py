@@ -32,7 +32,8 @@ PERCENTILES = (0.2, 0.5, 1, 5, 50, 95, 99, 99.5, 99.8)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="LAG-layout folder (default ../shared/data/lag-dev)")
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA,
+                    help="LAG-layout folder (default ../shared/data/lag-dev)")
     ap.add_argument("--limit", type=int, default=None, help="use only the first N photos")
     ap.add_argument("--json", type=Path, default=None, help="write the measurements summary here")
     args = ap.parse_args()
@@ -85,12 +86,12 @@ def main() -> None:
     print(f"{'measure':<18}" + "".join(f"{'p' + str(p):>9}" for p in PERCENTILES))
     for k, v in fields.items():
         pct = np.percentile(np.asarray(v), PERCENTILES)
-        summary["percentiles"][k] = dict(zip(map(str, PERCENTILES), pct.tolist()))
+        summary["percentiles"][k] = dict(zip(map(str, PERCENTILES), pct.tolist(), strict=True))
         print(f"{k:<18}" + "".join(f"{x:>9.3f}" for x in pct))
     print(f"{'sharpness, by copy':<18}" + "".join(f"{'p' + str(p):>9}" for p in PERCENTILES))
     for name, rows in variants.items():
         pct = np.percentile(np.asarray([q.sharpness for q, _ in rows]), PERCENTILES)
-        summary["percentiles"][f"sharpness_{name}"] = dict(zip(map(str, PERCENTILES), pct.tolist()))
+        summary["percentiles"][f"sharpness_{name}"] = dict(zip(map(str, PERCENTILES), pct.tolist(), strict=True))
         print(f"{name:<18}" + "".join(f"{x:>9.3f}" for x in pct))
     print(f"\nrejected by the default QualityConfig ({', '.join(f'{k}={v}' for k, v in cfg.model_dump().items())})")
     print(f"{'faces':<10}{'n':>6}" + "".join(f"{r:>13}" for r in REASONS) + f"{'any':>9}")

@@ -21,11 +21,18 @@ files it names can move together.
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+import tomllib
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from edge.capture import CaptureConfig
 from edge.mqtt_reporter import MqttConfig
@@ -63,7 +70,9 @@ class CameraConfig(CaptureConfig):
 
     name: str = Field("", description="a human name for the camera, shown to operators")
     enabled: bool = Field(True, description="false keeps the camera in the file but does not read it")
-    analysis_fps: float = Field(5.0, gt=0.0, le=60.0, description="frames per second analysed (sampled from the stream)")
+    analysis_fps: float = Field(
+        5.0, gt=0.0, le=60.0, description="frames per second analysed (sampled from the stream)"
+    )
 
 
 class SinksConfig(BaseModel):
@@ -101,9 +110,14 @@ class UnitConfig(BaseModel):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @model_validator(mode="after")
-    def _somewhere_for_hits(self) -> UnitConfig:
+    def _consistent(self) -> UnitConfig:
         if self.mqtt is None and self.sinks.jsonl is None:
             raise ValueError("hits would go nowhere: configure [mqtt] or [sinks.jsonl] (or both)")
+        if self.watchlist.topic and self.mqtt is None:
+            raise ValueError(
+                "watchlist.topic is set but there is no [mqtt] table: live watchlist updates come over MQTT; "
+                "configure [mqtt] or remove watchlist.topic"
+            )
         return self
 
     @property
@@ -184,6 +198,8 @@ def _describe(err: Any, raw: dict[str, Any]) -> str:
     if kind == "missing":
         return f"{key}: required key is missing"
     msg = msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    if not loc:
+        return msg
     if _has(raw, loc) and kind not in ("model_type", "dict_type"):
         value = _get(raw, loc)
         shown = repr(value)
@@ -306,7 +322,11 @@ def _check_files(cfg: UnitConfig, name: str) -> None:
             f"{name}: watchlist.root_key: no such file {str(cfg.watchlist.root_key)!r}; install HQ's root public key "
             "there (it is pinned at installation) or correct the path"
         )
-    if cfg.engine.cache_dir is not None and Path(cfg.engine.cache_dir).exists() and not Path(cfg.engine.cache_dir).is_dir():
+    if (
+        cfg.engine.cache_dir is not None
+        and Path(cfg.engine.cache_dir).exists()
+        and not Path(cfg.engine.cache_dir).is_dir()
+    ):
         raise ConfigError(f"{name}: engine.cache_dir: {cfg.engine.cache_dir} exists and is not a folder")
 
 

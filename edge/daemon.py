@@ -61,6 +61,7 @@ class Daemon:
         self.readers: dict[str, Any] = {}
         self.pipeline: Pipeline | None = None
         self.watchlist: Any = None
+        self.subscriber: Any = None
         self.started_at: float | None = None
         self._stop = threading.Event()
         self._stopped = False
@@ -150,7 +151,9 @@ class Daemon:
         log.info("unit %s stopping", self.config.unit.id)
         self._shutdown(timeout)
         self.log_figures()
-        log.info("unit %s stopped; %d hits this run", self.config.unit.id, self.pipeline.hits_total if self.pipeline else 0)
+        log.info(
+            "unit %s stopped; %d hits this run", self.config.unit.id, self.pipeline.hits_total if self.pipeline else 0
+        )
 
     def _shutdown(self, timeout: float) -> None:
         self._stopped = True
@@ -170,7 +173,9 @@ class Daemon:
                 sink.close(timeout=max(1.0, deadline - time.monotonic()))
             except Exception as exc:
                 log.error("sink %s did not close cleanly: %s", sink.name, exc)
-        if self.watchlist is not None and hasattr(self.watchlist, "close"):
+        if self.subscriber is not None:
+            self.subscriber.stop(timeout=max(0.5, deadline - time.monotonic()))
+        if self.watchlist is not None:
             self.watchlist.close()
         self.notifier.close()
 
@@ -199,6 +204,16 @@ class Daemon:
             self.watchlist.start()
         except WatchlistError as exc:
             raise DaemonError(f"the watchlist could not be opened: {exc}") from exc
+        wl_cfg, mqtt = self.config.watchlist, self.config.mqtt
+        if wl_cfg.topic and mqtt is not None:
+            from edge.mqtt_reporter import build_client
+            from sync.subscriber import WatchlistSubscriber
+
+            client = build_client(mqtt, f"checkpoint-{self.config.unit.site}-{self.config.unit.id}-watchlist")
+            self.subscriber = WatchlistSubscriber(
+                self.watchlist, wl_cfg.topic, host=mqtt.host, port=mqtt.port, client=client
+            )
+            self.subscriber.start()
         return matcher
 
     def _open_camera(self, cam: CameraConfig) -> Any:
@@ -229,21 +244,23 @@ class Daemon:
         for cid, reader in self.readers.items():
             st = reader.state
             an = per_cam.get(cid, {})
-            cameras.append({
-                "id": cid,
-                "name": self._camera_names.get(cid, ""),
-                "up": st.up,
-                "since": round(st.since, 3),
-                "last_error": st.last_error,
-                "reconnects": st.reconnects,
-                "fps_in": st.fps,
-                "fps_analysed": an.get("analysed_fps", 0.0),
-                "faces": an.get("faces", 0),
-                "hits": an.get("hits", 0),
-                "lag_s": an.get("lag_s", 0.0),
-                "frames_skipped": an.get("frames_skipped", 0),
-                "errors": an.get("errors", 0),
-            })
+            cameras.append(
+                {
+                    "id": cid,
+                    "name": self._camera_names.get(cid, ""),
+                    "up": st.up,
+                    "since": round(st.since, 3),
+                    "last_error": st.last_error,
+                    "reconnects": st.reconnects,
+                    "fps_in": st.fps,
+                    "fps_analysed": an.get("analysed_fps", 0.0),
+                    "faces": an.get("faces", 0),
+                    "hits": an.get("hits", 0),
+                    "lag_s": an.get("lag_s", 0.0),
+                    "frames_skipped": an.get("frames_skipped", 0),
+                    "errors": an.get("errors", 0),
+                }
+            )
         matcher = self.pipeline.matcher if self.pipeline is not None else None
         index = getattr(matcher, "index", None)
         watchlist: dict[str, Any] = {
@@ -253,6 +270,8 @@ class Daemon:
         }
         if self.watchlist is not None:
             watchlist.update(self.watchlist.status())
+        if self.subscriber is not None:
+            watchlist["sync"] = self.subscriber.status()
         return {
             "started_at": round(self.started_at or 0.0, 3),
             "model_id": getattr(self.engine, "model_id", None),

@@ -57,7 +57,10 @@ class Appearance:
 
     def position(self, t: float) -> tuple[int, int]:
         a = (t - self.t0) / max(self.t1 - self.t0, 1e-6)
-        return (round(self.start[0] + a * (self.end[0] - self.start[0])), round(self.start[1] + a * (self.end[1] - self.start[1])))
+        return (
+            round(self.start[0] + a * (self.end[0] - self.start[0])),
+            round(self.start[1] + a * (self.end[1] - self.start[1])),
+        )
 
 
 @dataclass
@@ -200,7 +203,9 @@ def build_watchlist(
     try:
         report = enrol(register, engine, entries)
         if report.rejected:
-            raise DemoError("enrolment refused photos: " + "; ".join(f"{r['photo']}: {r['reason']}" for r in report.rejected))
+            raise DemoError(
+                "enrolment refused photos: " + "; ".join(f"{r['photo']}: {r['reason']}" for r in report.rejected)
+            )
         bundle, digests, skipped = plan_bundle(register, model_id=engine.model_id, default_threshold=default_threshold)
         release(register, bundle, digests, signing, keyset, out=out_dir / "watchlist-v1.cpwl", skipped=skipped)
     finally:
@@ -265,7 +270,9 @@ class _ConsoleSink:
     def submit(self, hit: Hit) -> None:
         self.hits.append(hit)
         start = self.t0()
-        at = f"{hit.captured_at - start:5.1f} s" if start else time.strftime("%H:%M:%S", time.localtime(hit.captured_at))
+        at = (
+            f"{hit.captured_at - start:5.1f} s" if start else time.strftime("%H:%M:%S", time.localtime(hit.captured_at))
+        )
         self.echo(
             f"  HIT at {at}: person {hit.person_id}, score {hit.score:.3f} (threshold {hit.threshold:.2f}, "
             f"{'only person on the list' if hit.margin > 1.0 else f'margin {hit.margin:.2f} over the next'}), "
@@ -297,13 +304,16 @@ def run_demo(
     echo(f"edge demo: working in {out_dir}")
     apps = timeline(seconds)
     video = make_video(out_dir / "demo.mp4", seconds, apps)
-    echo(f"  video {video.name}: {seconds:g} s, {SIZE[0]}x{SIZE[1]}, {FPS} fps; "
-         + ", ".join(f"{a.who} {a.t0:.1f}-{a.t1:.1f} s" for a in apps))
+    echo(
+        f"  video {video.name}: {seconds:g} s, {SIZE[0]}x{SIZE[1]}, {FPS} fps; "
+        + ", ".join(f"{a.who} {a.t0:.1f}-{a.t1:.1f} s" for a in apps)
+    )
     echo("  loading the face models (converted into the cache on first use; this takes a while once)")
     engine = FaceEngine.load()
     root_pub, bundle = build_watchlist(out_dir, engine, {ASTRONAUT: [enrolment_photo()]})
-    version = apply_watchlist(out_dir / "unit-state" / "watchlist.db", root_pub, bundle, engine.model_id,
-                              engine.embedding_dim)
+    version = apply_watchlist(
+        out_dir / "unit-state" / "watchlist.db", root_pub, bundle, engine.model_id, engine.embedding_dim
+    )
     echo(f"  watchlist {bundle.name}: signed bundle version {version} holding '{ASTRONAUT}', verified and applied")
     gap = min(b.t0 - a.t1 for a, b in zip(apps, apps[1:]))
     cooldown = max(1.0, 0.5 * (apps[-1].t0 - apps[0].t1 - gap))
@@ -345,8 +355,10 @@ def _judge(hits: list[Hit], apps: Sequence[Appearance], started: float, hits_fil
         cx = (hit.box[0] + hit.box[2]) / 2
         # The clip starts playing a moment after `started`; allow a second of slack either side.
         match = [
-            i for i, a in enumerate(apps)
-            if a.t0 - 1.0 <= t <= a.t1 + 2.0 and min(a.start[0], a.end[0]) - 50 <= cx <= max(a.start[0], a.end[0]) + a.height + 50
+            i
+            for i, a in enumerate(apps)
+            if a.t0 - 1.0 <= t <= a.t1 + 2.0
+            and min(a.start[0], a.end[0]) - 50 <= cx <= max(a.start[0], a.end[0]) + a.height + 50
         ]
         mine = [i for i in match if apps[i].who == hit.person_id]
         if mine and mine[0] not in found:

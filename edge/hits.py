@@ -123,7 +123,9 @@ def encode_crop(image: np.ndarray, box: tuple[float, float, float, float], confi
         crop = cv2.resize(
             crop, (max(1, round(crop.shape[1] * s)), max(1, round(crop.shape[0] * s))), interpolation=cv2.INTER_AREA
         )
-    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(crop[:, :, ::-1]), [cv2.IMWRITE_JPEG_QUALITY, config.jpeg_quality])
+    ok, buf = cv2.imencode(
+        ".jpg", np.ascontiguousarray(crop[:, :, ::-1]), [cv2.IMWRITE_JPEG_QUALITY, config.jpeg_quality]
+    )
     if not ok:
         raise ValueError(f"could not encode a {crop.shape} face crop as JPEG")
     return buf.tobytes()

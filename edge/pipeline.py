@@ -203,7 +203,9 @@ class CameraStats:
 class CameraAnalyser:
     """Detection, quality, tracking and the embed policy for one camera. One detector thread at a time."""
 
-    def __init__(self, camera_id: str, engine: FaceEngineLike, matching: MatchingConfig, tracker: TrackerConfig) -> None:
+    def __init__(
+        self, camera_id: str, engine: FaceEngineLike, matching: MatchingConfig, tracker: TrackerConfig
+    ) -> None:
         self.camera_id = camera_id
         self.engine = engine
         self.matching = matching
@@ -343,7 +345,8 @@ class Pipeline:
         analysis: AnalysisConfig | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        """`matcher` is a Matcher, or a callable returning the current one (the watchlist may be replaced while running)."""
+        """`matcher` is a Matcher, or a callable returning the current one (the watchlist may be replaced
+        while running)."""
         ids = [c.camera_id for c in cameras]
         if len(set(ids)) != len(ids):
             raise ValueError(f"camera ids must be unique, got {ids}")
@@ -585,7 +588,13 @@ class Pipeline:
         self.hits_total += 1
         log.info(
             "HIT camera %s person %s score %.3f (threshold %.3f, margin %.3f) track %d hit %s",
-            hit.camera_id, hit.person_id, hit.score, hit.threshold, hit.margin, hit.track_id, hit.id,
+            hit.camera_id,
+            hit.person_id,
+            hit.score,
+            hit.threshold,
+            hit.margin,
+            hit.track_id,
+            hit.id,
         )
         for sink in self.sinks:
             try:

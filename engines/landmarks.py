@@ -311,7 +311,7 @@ class ShapePredictor:
             raise s.fail(f"{len(forests)} cascade levels but {len(anchors)} anchor and {len(deltas)} delta lists")
 
         levels = []
-        for (idx1, idx2, thresh, leaves), anchor, delta in zip(forests, anchors, deltas):
+        for (idx1, idx2, thresh, leaves), anchor, delta in zip(forests, anchors, deltas, strict=True):
             if anchor.size != delta.shape[0]:
                 raise s.fail(f"{anchor.size} anchors for {delta.shape[0]} sample pixels")
             if anchor.size and (anchor.min() < 0 or anchor.max() >= dim // 2):
@@ -405,12 +405,18 @@ _BOX_CENTRE = (-0.2642, 0.1613, 0.3309, 0.1374)
 _BOX_SIDE = (1.8532, 0.4524)
 
 
-def dlib_box_from_points(points5: np.ndarray) -> tuple[float, float, float, float]:
+def dlib_box_from_points(
+    points5: np.ndarray,
+    *,
+    centre: tuple[float, float, float, float] = _BOX_CENTRE,
+    side: tuple[float, float] = _BOX_SIDE,
+) -> tuple[float, float, float, float]:
     """The box dlib's HOG detector would give for a face, from its 5 detector landmarks.
 
     points5: (5, 2) in MTCNN order -- left eye centre, right eye centre, nose tip, left mouth
     corner, right mouth corner ("left" = smaller x). Returns (x1, y1, x2, y2) for
-    `ShapePredictor.predict`.
+    `ShapePredictor.predict`. centre and side are the mapping's coefficients (see above);
+    the defaults are the fitted ones.
     """
     p = np.asarray(points5, dtype=np.float64)
     if p.shape != (5, 2) or not np.isfinite(p).all():
@@ -425,8 +431,8 @@ def dlib_box_from_points(points5: np.ndarray) -> tuple[float, float, float, floa
         raise ValueError(f"degenerate landmarks (eyes or mouth coincide): {p.tolist()}")
     ux = across / eye_dist
     uy = np.array([-ux[1], ux[0]])
-    cx = _BOX_CENTRE[0] * eye_dist + _BOX_CENTRE[1] * mouth_dist
-    cy = _BOX_CENTRE[2] * eye_dist + _BOX_CENTRE[3] * mouth_dist
-    centre = eyes + cx * ux + cy * uy
-    half = (_BOX_SIDE[0] * eye_dist + _BOX_SIDE[1] * mouth_dist) / 2
-    return (float(centre[0] - half), float(centre[1] - half), float(centre[0] + half), float(centre[1] + half))
+    cx = centre[0] * eye_dist + centre[1] * mouth_dist
+    cy = centre[2] * eye_dist + centre[3] * mouth_dist
+    mid = eyes + cx * ux + cy * uy
+    half = (side[0] * eye_dist + side[1] * mouth_dist) / 2
+    return (float(mid[0] - half), float(mid[1] - half), float(mid[0] + half), float(mid[1] + half))

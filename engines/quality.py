@@ -21,8 +21,8 @@ docs/alignment.md): each rejects clearly bad faces and all together reject under
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -51,7 +51,9 @@ class QualityConfig(BaseModel):
     min_face_height_px: float = Field(40.0, ge=0, description="least detector box height, pixels")
     min_sharpness: float = Field(0.015, ge=0, description="least sharpness (Laplacian variance / grey variance)")
     max_yaw: float = Field(0.50, gt=0, description="largest |yaw|: nose offset from the midline, in eye distances")
-    max_pitch: float = Field(0.30, gt=0, description="largest |pitch|: nose height between eyes and mouth minus typical")
+    max_pitch: float = Field(
+        0.30, gt=0, description="largest |pitch|: nose height between eyes and mouth, minus the typical one"
+    )
     typical_nose_height: float = Field(
         0.58, gt=0, lt=1, description="where the nose tip sits between eye line (0) and mouth line (1) in a level face"
     )

@@ -90,8 +90,13 @@ def _people() -> People:
             return People("lag-dev", name.replace(" ", "_")[:60] or "person", face, enrol, usable[j][1])
     from edge.demo import astronaut_photo, cameraman_photo, enrolment_photo
 
-    return People("scikit-image", "astronaut", astronaut_photo()[0:300, 90:390], enrolment_photo(),
-                  cameraman_photo()[40:300, 120:380])
+    return People(
+        "scikit-image",
+        "astronaut",
+        astronaut_photo()[0:300, 90:390],
+        enrolment_photo(),
+        cameraman_photo()[40:300, 120:380],
+    )
 
 
 def people_or_skip() -> People:
@@ -106,8 +111,9 @@ def signed_store(tmp: Path, people: People, threshold: float = THRESHOLD) -> tup
     from edge.demo import apply_watchlist, build_watchlist
 
     engine = _engine()
-    root_pub, bundle = build_watchlist(tmp, engine, {people.enrolled_id: [people.enrolment_photo]},
-                                       default_threshold=threshold)
+    root_pub, bundle = build_watchlist(
+        tmp, engine, {people.enrolled_id: [people.enrolment_photo]}, default_threshold=threshold
+    )
     store = tmp / "unit-state" / "watchlist.db"
     apply_watchlist(store, root_pub, bundle, engine.model_id, engine.embedding_dim)
     return root_pub, store

@@ -33,7 +33,9 @@ def predictor() -> ShapePredictor:
 
 @pytest.fixture(scope="module")
 def dlib_mod():
-    return pytest.importorskip("dlib", reason="comparison with dlib needs the dlib module: pip install dlib-bin")
+    return pytest.importorskip(
+        "dlib", exc_type=ImportError, reason="comparison with dlib needs the dlib module: pip install dlib-bin"
+    )
 
 
 @pytest.fixture(scope="module")

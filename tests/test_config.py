@@ -68,7 +68,7 @@ def test_good_config_loads_with_defaults_and_relative_paths(tmp_path: Path) -> N
 
 
 def test_unknown_key_names_file_key_and_allowed_keys(tmp_path: Path) -> None:
-    msg = error_of(tmp_path, GOOD.replace('analysis_fps = 2.5', 'analysis_fsp = 2.5'))
+    msg = error_of(tmp_path, GOOD.replace("analysis_fps = 2.5", "analysis_fsp = 2.5"))
     assert msg.startswith(f"{tmp_path / 'unit.toml'}: cameras[1].analysis_fsp: unknown key")
     assert "analysis_fps" in msg  # the allowed keys are listed, so the typo is easy to see
     msg = error_of(tmp_path, GOOD + "\n[matching]\ncooldown = 5\n")
@@ -87,7 +87,9 @@ def test_bad_url_names_the_camera(tmp_path: Path) -> None:
 
 
 def test_missing_model_file(tmp_path: Path) -> None:
-    text = GOOD + """
+    text = (
+        GOOD
+        + """
 [engine.embedder]
 name = "arcface"
 onnx = "models/arcface.onnx"
@@ -96,6 +98,7 @@ input_height = 112
 embedding_size = 512
 template = [[38.3, 51.7], [73.5, 51.5], [56.0, 71.7], [41.5, 92.4], [70.7, 92.2]]
 """
+    )
     msg = error_of(tmp_path, text)
     assert msg.startswith(f"{tmp_path / 'unit.toml'}: engine.embedder.onnx: model file")
     assert str(tmp_path / "models" / "arcface.onnx") in msg and "not found" in msg
@@ -105,7 +108,7 @@ template = [[38.3, 51.7], [73.5, 51.5], [56.0, 71.7], [41.5, 92.4], [70.7, 92.2]
     ("snippet", "key"),
     [
         ("[matching]\nthreshold = 1.5\n", "matching.threshold"),
-        ("[matching]\nthreshold = \"high\"\n", "matching.threshold"),
+        ('[matching]\nthreshold = "high"\n', "matching.threshold"),
         ("[matching]\ncooldown_s = -1\n", "matching.cooldown_s"),
         ("[analysis.tracker]\niou_threshold = 0\n", "analysis.tracker.iou_threshold"),
     ],
@@ -158,7 +161,9 @@ def test_bad_ids(tmp_path: Path) -> None:
 
 def test_hits_must_go_somewhere(tmp_path: Path) -> None:
     text = GOOD.replace('[sinks.jsonl]\npath = "state/hits.jsonl"\n', "")
-    assert "hits would go nowhere: configure [mqtt] or [sinks.jsonl]" in error_of(tmp_path, text)
+    assert f"{tmp_path / 'unit.toml'}: hits would go nowhere: configure [mqtt] or [sinks.jsonl]" in error_of(
+        tmp_path, text
+    )
 
 
 def test_mqtt_site_comes_from_unit_and_must_agree(tmp_path: Path) -> None:
@@ -168,6 +173,10 @@ def test_mqtt_site_comes_from_unit_and_must_agree(tmp_path: Path) -> None:
     assert "unit.toml: mqtt.site: 'other' differs from unit.site 'station-12'" in msg
     msg = error_of(tmp_path, GOOD + '\n[mqtt]\npassword_file = "secret.txt"\nusername = "u"\n')
     assert "unit.toml: mqtt.password_file:" in msg and "secret.txt" in msg
+    msg = error_of(
+        tmp_path, GOOD.replace('store = "state/watchlist.db"', 'store = "state/watchlist.db"\ntopic = "a/b"')
+    )
+    assert "unit.toml: watchlist.topic is set but there is no [mqtt] table" in msg
 
 
 def test_example_config_is_valid(tmp_path: Path) -> None:

@@ -138,16 +138,22 @@ def notify_socket(tmp_path: Path) -> Iterator[NotifyListener]:
     listener.close()
 
 
-def test_edge_run_under_systemd_notify_then_sigterm(rtsp_server_factory: Any, loop_clip: Path, people: People,
-                                                    tmp_path: Path, notify_socket: NotifyListener) -> None:
+def test_edge_run_under_systemd_notify_then_sigterm(
+    rtsp_server_factory: Any, loop_clip: Path, people: People, tmp_path: Path, notify_socket: NotifyListener
+) -> None:
     srv = rtsp_server_factory({"gate": loop_clip})
     root_pub, store = signed_store(tmp_path, people)
     config = unit_toml(tmp_path, root_pub, store, {"gate": srv.url("gate")})
     env = dict(os.environ, NOTIFY_SOCKET=str(notify_socket.path), WATCHDOG_USEC="2000000", PYTHONUNBUFFERED="1")
     log_path = tmp_path / "edge.log"
     with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen([sys.executable, "-m", "edge.cli", "run", "--config", str(config)],
-                                cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "edge.cli", "run", "--config", str(config)],
+            cwd=REPO,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
     try:
         ready = wait_for(lambda: notify_socket.has("READY"), 40, "READY=1 from edge run")
         assert "cameras up" in ready[0].get("STATUS", "") or "cameras up" in json.dumps(notify_socket.messages)
@@ -172,8 +178,9 @@ def test_edge_run_under_systemd_notify_then_sigterm(rtsp_server_factory: Any, lo
     assert "camera gate: up" in log_text and "fps analysed" in log_text
 
 
-def test_cameras_fail_and_recover_while_others_run(rtsp_server_factory: Any, loop_clip: Path, people: People,
-                                                   engine: Any, tmp_path: Path) -> None:
+def test_cameras_fail_and_recover_while_others_run(
+    rtsp_server_factory: Any, loop_clip: Path, people: People, engine: Any, tmp_path: Path
+) -> None:
     from edge.config import load_config
     from edge.daemon import Daemon
     from edge.notify import Notifier
@@ -211,8 +218,9 @@ def test_cameras_fail_and_recover_while_others_run(rtsp_server_factory: Any, loo
         restarted = time.time()
         srv.restart()
         wait_for(lambda: cam("gate")["up"], 20, "the camera up after the server restart")
-        wait_for(lambda: [h for h in read_hits(hits_file) if h["captured_at"] > restarted], 20,
-                 "a hit after the restart")
+        wait_for(
+            lambda: [h for h in read_hits(hits_file) if h["captured_at"] > restarted], 20, "a hit after the restart"
+        )
         assert cam("gate")["reconnects"] >= 2
     finally:
         daemon.stop()
@@ -225,8 +233,79 @@ def test_cameras_fail_and_recover_while_others_run(rtsp_server_factory: Any, loo
 def test_run_with_bad_config_exits_2_with_the_key(tmp_path: Path) -> None:
     bad = tmp_path / "unit.toml"
     bad.write_text('[unit]\nid = "u"\nsite = "s"\n[[cameras]]\nid = "c"\nurl = "ftp://x/y"\n')
-    out = subprocess.run([sys.executable, "-m", "edge.cli", "run", "--config", str(bad)], cwd=REPO,
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "edge.cli", "run", "--config", str(bad)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2
     assert f"{bad}: cameras[0].url: camera url scheme 'ftp' is not supported" in out.stderr
     assert f"{bad}: watchlist: required key is missing" in out.stderr
+
+
+def test_hits_and_heartbeat_reach_a_real_broker(
+    mosquitto: Any, loop_clip: Path, people: People, engine: Any, tmp_path: Path
+) -> None:
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from edge import protocol
+    from edge.config import load_config
+    from edge.daemon import Daemon
+    from edge.notify import Notifier
+
+    root_pub, store = signed_store(tmp_path, people)
+    config = tmp_path / "unit.toml"
+    config.write_text(f"""
+[unit]
+id = "unit-mq"
+site = "test-site"
+
+[[cameras]]
+id = "lobby"
+url = "{loop_clip}"
+loop = true
+analysis_fps = 5
+
+[watchlist]
+root_key = "{root_pub}"
+store = "{store}"
+
+[mqtt]
+host = "{mosquitto.host}"
+port = {mosquitto.port}
+heartbeat_interval_s = 0.5
+reconnect_min_delay_s = 0.1
+reconnect_max_delay_s = 0.5
+
+[outbox]
+path = "outbox.sqlite"
+""")
+    got: list[tuple[str, bytes]] = []
+    sub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="test-operator", protocol=mqtt.MQTTv5)
+    sub.on_message = lambda _c, _u, msg: got.append((msg.topic, bytes(msg.payload)))
+    sub.connect(mosquitto.host, mosquitto.port)
+    sub.subscribe("checkpoint/v1/test-site/unit-mq/#", qos=1)
+    sub.loop_start()
+    daemon = Daemon(load_config(config), engine=engine, notifier=Notifier(environ={}))
+    try:
+        time.sleep(0.3)
+        daemon.start()
+        wait_for(lambda: [p for t, p in got if t.endswith("/hits")], 20, "a hit over MQTT")
+        wait_for(lambda: [p for t, p in got if t.endswith("/heartbeat")], 5, "a heartbeat")
+    finally:
+        daemon.stop()
+        time.sleep(0.3)
+        sub.loop_stop()
+        sub.disconnect()
+    hit, crop = protocol.decode_hit(next(p for t, p in got if t.endswith("/hits")))
+    assert hit["person_id"] == people.enrolled_id and hit["camera_id"] == "lobby" and hit["site"] == "test-site"
+    assert crop is not None and crop[:3] == b"\xff\xd8\xff"
+    beats = [protocol.decode_heartbeat(p) for t, p in got if t.endswith("/heartbeat")]
+    unit = beats[-1]["unit"]
+    assert unit["cameras"][0]["id"] == "lobby" and unit["watchlist"]["version"] == 1
+    assert {"up", "since", "last_error", "fps_analysed", "lag_s"} <= set(unit["cameras"][0])
+    states = [protocol.decode_status(p)["state"] for t, p in got if t.endswith("/status")]
+    assert states[0] == "online" and states[-1] == "offline"

@@ -29,10 +29,25 @@ def match(person: str = "p1", score: float = 0.8, threshold: float = 0.5, second
     return Match(person_id=person, score=score, threshold=threshold, second_score=second)
 
 
-def offer(em: HitEmitter, *, cam: str = "cam1", track: int = 1, m: Match | None = None, t: float = T0,
-          image: np.ndarray | None = None) -> Hit | None:
-    return em.offer(camera_id=cam, track_id=track, match=m or match(), box=BOX, captured_at=t, image=image,
-                    model_id="model-x", watchlist_version=7)
+def offer(
+    em: HitEmitter,
+    *,
+    cam: str = "cam1",
+    track: int = 1,
+    m: Match | None = None,
+    t: float = T0,
+    image: np.ndarray | None = None,
+) -> Hit | None:
+    return em.offer(
+        camera_id=cam,
+        track_id=track,
+        match=m or match(),
+        box=BOX,
+        captured_at=t,
+        image=image,
+        model_id="model-x",
+        watchlist_version=7,
+    )
 
 
 def test_one_hit_per_track_and_person() -> None:
@@ -92,8 +107,20 @@ def test_crop_box_is_clipped_and_outside_box_rejected() -> None:
 
 
 def _hit(person: str = "p1", crop: bytes | None = None) -> Hit:
-    return Hit(unit_id="u", camera_id="c", captured_at=T0, person_id=person, score=0.7, threshold=0.5, margin=0.2,
-               box=BOX, model_id="m", watchlist_version=1, track_id=3, crop_jpeg=crop)
+    return Hit(
+        unit_id="u",
+        camera_id="c",
+        captured_at=T0,
+        person_id=person,
+        score=0.7,
+        threshold=0.5,
+        margin=0.2,
+        box=BOX,
+        model_id="m",
+        watchlist_version=1,
+        track_id=3,
+        crop_jpeg=crop,
+    )
 
 
 def test_jsonl_sink_writes_one_line_per_hit_with_crop(tmp_path: Path) -> None:

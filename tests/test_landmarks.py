@@ -32,7 +32,9 @@ def predictor(model_path) -> ShapePredictor:
 
 @pytest.fixture(scope="module")
 def dlib_predictor(model_path):
-    dlib = pytest.importorskip("dlib", reason="comparison with dlib needs the dlib module: pip install dlib-bin")
+    dlib = pytest.importorskip(
+        "dlib", exc_type=ImportError, reason="comparison with dlib needs the dlib module: pip install dlib-bin"
+    )
     return dlib, dlib.shape_predictor(str(model_path))
 
 
@@ -72,7 +74,8 @@ def test_astronaut_matches_dlib(predictor, dlib_predictor, astronaut):
 def test_grey_image_matches_dlib(predictor, dlib_predictor, astronaut):
     dlib_mod, sp = dlib_predictor
     grey = np.ascontiguousarray(astronaut.mean(axis=2).astype(np.uint8))
-    np.testing.assert_array_equal(predictor.predict(grey, ASTRONAUT_BOX), _dlib_points(dlib_mod, sp, grey, ASTRONAUT_BOX))
+    expected = _dlib_points(dlib_mod, sp, grey, ASTRONAUT_BOX)
+    np.testing.assert_array_equal(predictor.predict(grey, ASTRONAUT_BOX), expected)
 
 
 def test_box_partly_outside_image_matches_dlib(predictor, dlib_predictor, astronaut):
@@ -104,7 +107,7 @@ def test_lag_sample_matches_dlib(predictor, dlib_predictor, lag_dir):
             x, y = int(rng.integers(-30, w - 20)), int(rng.integers(-30, h - 20))
             boxes.append((x, y, x + s, y + s))
         ours = predictor.predict_many(img, boxes)
-        for box, got in zip(boxes, ours):
+        for box, got in zip(boxes, ours, strict=True):
             worst = max(worst, float(np.abs(got - _dlib_points(dlib_mod, sp, img, box)).max()))
             compared += 1
     assert compared >= 200
@@ -115,7 +118,7 @@ def test_predict_many_equals_one_by_one(predictor, astronaut):
     boxes = [ASTRONAUT_BOX, (126.0, 335.0, 215.0, 425.0), (170.5, 70.25, 270.5, 171.75)]
     together = predictor.predict_many(astronaut, boxes)
     assert together.shape == (3, 5, 2)
-    for box, got in zip(boxes, together):
+    for box, got in zip(boxes, together, strict=True):
         np.testing.assert_array_equal(got, predictor.predict(astronaut, box))
 
 
@@ -131,7 +134,8 @@ def test_landmarks_follow_a_moved_face(predictor, astronaut):
     shifted[17:, 9:] = astronaut
     x1, y1, x2, y2 = ASTRONAUT_BOX
     moved = predictor.predict(shifted, (x1 + 9, y1 + 17, x2 + 9, y2 + 17))
-    np.testing.assert_array_equal(moved - np.array([9, 17], dtype=np.float32), predictor.predict(astronaut, ASTRONAUT_BOX))
+    back = moved - np.array([9, 17], dtype=np.float32)
+    np.testing.assert_array_equal(back, predictor.predict(astronaut, ASTRONAUT_BOX))
 
 
 @pytest.mark.parametrize(

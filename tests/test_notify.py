@@ -75,3 +75,54 @@ def test_watchdog_interval_is_half_the_timeout_for_this_process_only() -> None:
     other = Notifier(environ={"NOTIFY_SOCKET": "/x", "WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"})
     assert other.watchdog_interval is None
     assert Notifier(environ={"WATCHDOG_USEC": "junk"}).watchdog_interval is None
+
+
+REPO = Path(__file__).resolve().parents[1]
+UNIT_FILE = REPO / "systemd" / "checkpoint-edge.service"
+
+
+def unit_settings() -> dict[str, list[str]]:
+    settings: dict[str, list[str]] = {}
+    for line in UNIT_FILE.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", "[")) and "=" in line:
+            key, value = line.split("=", 1)
+            settings.setdefault(key, []).append(value)
+    return settings
+
+
+def test_unit_file_is_a_hardened_notify_service() -> None:
+    s = unit_settings()
+    assert s["Type"] == ["notify"] and int(s["WatchdogSec"][0]) >= 10 and s["Restart"] == ["on-failure"]
+    assert "video" in s["SupplementaryGroups"][0].split()
+    assert s.get("User") or s.get("DynamicUser") == ["yes"]
+    for key, value in [
+        ("ProtectSystem", "strict"),
+        ("NoNewPrivileges", "yes"),
+        ("PrivateTmp", "yes"),
+        ("StateDirectory", "checkpoint"),
+        ("KillSignal", "SIGTERM"),
+    ]:
+        assert s.get(key) == [value], key
+    start = s["ExecStart"][0].split()
+    assert start[0].endswith("/edge") and start[1:3] == ["run", "--config"]
+    check = s["ExecStartPre"][0].split()
+    assert check[1:] == ["check-config", start[3]], "the config checked before start is the one run"
+    # A config error (exit 2 from edge run) must not make systemd restart in a loop.
+    assert "2" in s["RestartPreventExitStatus"][0].split()
+
+
+def test_unit_file_passes_systemd_analyze() -> None:
+    import shutil
+    import subprocess
+
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        pytest.skip("needs systemd-analyze (package systemd)")
+    out = subprocess.run([tool, "verify", str(UNIT_FILE)], capture_output=True, text=True, timeout=60)
+    problems = [
+        x
+        for x in (out.stdout + out.stderr).splitlines()
+        if x.strip() and "is not executable" not in x and "No such file" not in x
+    ]
+    assert not problems, problems

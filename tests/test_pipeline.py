@@ -17,7 +17,13 @@ import pytest
 from edge.pipeline import AnalysisConfig, CameraSpec, MatchingConfig, Pipeline
 from edge.sinks import JsonlSink, JsonlSinkConfig
 from edge.types import Frame, Hit
-from tests.edge_support import People, engine_or_skip, matcher_for, people_or_skip, signed_store
+from tests.edge_support import (
+    People,
+    engine_or_skip,
+    matcher_for,
+    people_or_skip,
+    signed_store,
+)
 from tests.fixtures.media import make_face_clip
 
 FPS = 10
@@ -88,8 +94,14 @@ class ListSink:
 def run_sync(engine: Any, matcher: Any, frames: list[Frame], matching: MatchingConfig) -> tuple[Pipeline, ListSink]:
     sink = ListSink()
     cams = sorted({f.camera_id for f in frames})
-    pipe = Pipeline(unit_id="unit-t", cameras=[CameraSpec(c, None, 5.0) for c in cams],  # type: ignore[arg-type]
-                    engine=engine, matcher=matcher, sinks=[sink], matching=matching)
+    pipe = Pipeline(
+        unit_id="unit-t",
+        cameras=[CameraSpec(c, None, 5.0) for c in cams],  # type: ignore[arg-type]
+        engine=engine,
+        matcher=matcher,
+        sinks=[sink],
+        matching=matching,
+    )
     for f in frames:
         pipe.process_frame(f)
     return pipe, sink
@@ -102,8 +114,9 @@ def appearance_of(hit: Hit, t0: float) -> int:
     return 0 if t < 3.0 else 1
 
 
-def test_enrolled_person_hit_once_per_appearance_and_nobody_else(engine: Any, people: People,
-                                                                 watchlist: tuple[Path, Path], clip: Path) -> None:
+def test_enrolled_person_hit_once_per_appearance_and_nobody_else(
+    engine: Any, people: People, watchlist: tuple[Path, Path], clip: Path
+) -> None:
     matcher = matcher_for(*watchlist)
     t0 = 1_700_000_000.0
     frames = decode(clip, "cam1", t0, every=2)  # 5 analysed frames per second
@@ -125,19 +138,22 @@ def test_enrolled_person_hit_once_per_appearance_and_nobody_else(engine: Any, pe
     assert firsts[0] <= 0.5 + 0.6 and 5.0 <= firsts[1] <= 5.0 + 0.6
 
 
-def test_cooldown_covers_the_second_appearance(engine: Any, people: People, watchlist: tuple[Path, Path],
-                                               clip: Path) -> None:
+def test_cooldown_covers_the_second_appearance(
+    engine: Any, people: People, watchlist: tuple[Path, Path], clip: Path
+) -> None:
     matcher = matcher_for(*watchlist)
     frames = decode(clip, "cam1", 1_700_000_000.0, every=2)
     _, sink = run_sync(engine, matcher, frames, MatchingConfig(cooldown_s=60.0))
     assert [h.person_id for h in sink.hits] == [people.enrolled_id]
 
 
-def test_unmatched_person_alone_gives_nothing(engine: Any, people: People, watchlist: tuple[Path, Path],
-                                              tmp_path: Path) -> None:
+def test_unmatched_person_alone_gives_nothing(
+    engine: Any, people: People, watchlist: tuple[Path, Path], tmp_path: Path
+) -> None:
     matcher = matcher_for(*watchlist)
-    other = make_face_clip(tmp_path / "other.mp4", [(people.other_face, 0.0, 3.0, 200, 60, 220)], size=SIZE, fps=FPS,
-                           seconds=3.0)
+    other = make_face_clip(
+        tmp_path / "other.mp4", [(people.other_face, 0.0, 3.0, 200, 60, 220)], size=SIZE, fps=FPS, seconds=3.0
+    )
     pipe, sink = run_sync(engine, matcher, decode(other, "cam1", 1_700_000_000.0, every=2), MatchingConfig())
     assert sink.hits == []
     st = pipe.stats()["cam1"]
@@ -147,8 +163,9 @@ def test_unmatched_person_alone_gives_nothing(engine: Any, people: People, watch
         assert st["embedded"] >= 1
 
 
-def test_threaded_pipeline_two_cameras_to_jsonl(engine: Any, people: People, watchlist: tuple[Path, Path],
-                                                clip: Path, tmp_path: Path) -> None:
+def test_threaded_pipeline_two_cameras_to_jsonl(
+    engine: Any, people: People, watchlist: tuple[Path, Path], clip: Path, tmp_path: Path
+) -> None:
     from edge.capture import CameraReader, CaptureConfig
 
     matcher = matcher_for(*watchlist)

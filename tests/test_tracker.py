@@ -7,7 +7,9 @@ import pytest
 from edge.tracker import Observation, Tracker, TrackerConfig, iou
 
 
-def obs(x: float, y: float, size: float = 80.0, quality: float = 0.5, usable: bool = True, data: object = None) -> Observation:
+def obs(
+    x: float, y: float, size: float = 80.0, quality: float = 0.5, usable: bool = True, data: object = None
+) -> Observation:
     return Observation(box=(x, y, x + size, y + size), score=0.99, quality=quality, usable=usable, data=data)
 
 
