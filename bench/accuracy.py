@@ -135,11 +135,11 @@ def main(argv: list[str] | None = None) -> int:
         key = "ours_flip" if flip else "ours"
         results[key] = info
         rows.append((key, info))
-    best = max(("ours", "ours_flip"), key=lambda k: (results[k]["tar_at_far"]["1e-3"], results[k]["rank1"]))
-    # The headline figures: the better of our two configurations, named in `configuration`.
+    # The headline figures are the engine's default configuration (no flip-averaging, which
+    # doubles the embedding cost); `ours_flip` shows what flip-averaging adds.
     for k in ("no_face", "tar_at_far", "rank1", "rank5"):
-        results[k] = results[best][k]
-    results["configuration"] = best
+        results[k] = results["ours"][k]
+    results["configuration"] = "ours (default engine config)"
     if not args.no_peer:
         peer = run_peer(photos)
         if peer is None:

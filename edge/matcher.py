@@ -261,6 +261,7 @@ class TemplateIndex:
         return [b.decode() for b in self._persons.tolist()]
 
     def person_id(self, code: int) -> str:
+        """The person id behind an internal person code."""
         return bytes(self._persons[code]).decode()
 
     def _codes_of(self, ids: np.ndarray) -> np.ndarray:

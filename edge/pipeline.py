@@ -145,14 +145,18 @@ class _Window:
     def __init__(self, seconds: float = 10.0) -> None:
         self.seconds = seconds
         self._times: deque[float] = deque()
+        # Added to by the detector thread, read by the status/heartbeat thread.
+        self._lock = threading.Lock()
 
     def add(self, t: float) -> None:
-        self._times.append(t)
-        self._trim(t)
+        with self._lock:
+            self._times.append(t)
+            self._trim(t)
 
     def rate(self, now: float) -> float:
-        self._trim(now)
-        return len(self._times) / self.seconds
+        with self._lock:
+            self._trim(now)
+            return len(self._times) / self.seconds
 
     def _trim(self, now: float) -> None:
         while self._times and now - self._times[0] > self.seconds:
@@ -180,7 +184,7 @@ class CameraStats:
 
     def snapshot(self, now: float) -> dict[str, Any]:
         """A JSON-ready copy of the figures."""
-        lat = np.array(self.hit_latency_s, dtype=np.float64)
+        lat = np.array(list(self.hit_latency_s), dtype=np.float64)
         return {
             "frames_sampled": self.frames_sampled,
             "frames_analysed": self.frames_analysed,

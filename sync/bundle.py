@@ -185,6 +185,7 @@ class Bundle:
         return [p.person_id for p in self.persons for _ in p.templates]
 
     def header(self) -> dict:
+        """The header as signed (before canonical encoding)."""
         return {
             "format": FORMAT,
             "kind": self.kind,
@@ -329,6 +330,7 @@ def parse_verified(framed: Framed) -> Bundle:
 
 
 def sha256_hex(data: bytes | memoryview) -> str:
+    """SHA-256 of `data` in hex (bundle digests in logs, manifests and the store)."""
     return hashlib.sha256(data).hexdigest()
 
 

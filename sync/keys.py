@@ -45,10 +45,12 @@ def key_id(public_key: Ed25519PublicKey) -> str:
 
 
 def public_raw(public_key: Ed25519PublicKey) -> bytes:
+    """The raw 32 bytes of a public key."""
     return public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
 def generate_key() -> Ed25519PrivateKey:
+    """A new random Ed25519 private key."""
     return Ed25519PrivateKey.generate()
 
 
@@ -84,6 +86,7 @@ def load_private_key(path: Path, passphrase: bytes | None = None) -> Ed25519Priv
 
 
 def save_public_key(key: Ed25519PublicKey, path: Path) -> None:
+    """Write a public key as PEM (SubjectPublicKeyInfo): the file units pin."""
     Path(path).write_bytes(key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
 
 
@@ -123,6 +126,7 @@ class KeySet:
     envelope: bytes  # the signed bytes, to store or embed as they are
 
     def public_key(self, kid: str) -> Ed25519PublicKey | None:
+        """The signing key `kid` if this key set lists it."""
         raw = self.signing_keys.get(kid)
         return None if raw is None else Ed25519PublicKey.from_public_bytes(raw)
 

@@ -116,10 +116,12 @@ class Register:
     # ---- meta ---------------------------------------------------------------------------------
 
     def get_meta(self, key: str, default: object = None) -> object:
+        """A remembered setting (e.g. the threshold per model)."""
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", [key]).fetchone()
         return default if row is None else json.loads(row[0])
 
     def set_meta(self, key: str, value: object) -> None:
+        """Remember a setting (JSON value)."""
         with self.db.atomic():
             self.db.execute(
                 "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
@@ -200,11 +202,13 @@ class Register:
         return removed
 
     def counts(self) -> tuple[int, int]:
+        """(persons, templates) in the register."""
         p = self.db.execute("SELECT count(*) FROM persons").fetchone()[0]
         t = self.db.execute("SELECT count(*) FROM templates").fetchone()[0]
         return int(p), int(t)
 
     def model_ids(self) -> list[str]:
+        """The embedding models templates were enrolled with."""
         return [r[0] for r in self.db.execute("SELECT DISTINCT model_id FROM templates ORDER BY model_id").fetchall()]
 
     def snapshot(self, model_id: str, *, with_names: bool = False) -> Snapshot:
@@ -243,19 +247,23 @@ class Register:
     # ---- releases -----------------------------------------------------------------------------
 
     def releases(self) -> list[dict]:
+        """Every released version, oldest first."""
         cols = ("version", "kind", "base_version", "created_at", "expires_at", "model_id", "persons", "templates",
                 "bytes", "sha256", "signing_key_id")
         rows = self.db.execute(f"SELECT {', '.join(cols)} FROM releases ORDER BY version").fetchall()
         return [dict(zip(cols, r)) for r in rows]
 
     def latest_version(self) -> int:
+        """The highest released version (0: none yet)."""
         row = self.db.execute("SELECT max(version) FROM releases").fetchone()
         return int(row[0] or 0)
 
     def release(self, version: int) -> dict | None:
+        """One released version's record, or None."""
         return next((r for r in self.releases() if r["version"] == version), None)
 
     def release_digests(self, version: int) -> dict[str, str]:
+        """Person id -> digest of their record as that version left it on the units."""
         return dict(self.db.execute("SELECT person_id, digest FROM release_persons WHERE version = ?", [version]).fetchall())
 
     def record_release(self, bundle: Bundle, digests: dict[str, str], *, size: int, sha256: str,

@@ -121,6 +121,7 @@ class UnitStore:
         )
 
     def state(self) -> StoreState:
+        """The applied list's version, model and times."""
         m = self._meta()
         return StoreState(
             version=int(m.get("version", 0)),
@@ -147,6 +148,7 @@ class UnitStore:
         return None if row is None else bytes(row[0])
 
     def person_ids(self) -> list[str]:
+        """The person ids of the applied list, sorted."""
         return [r[0] for r in self.db.execute("SELECT person_id FROM persons ORDER BY person_id").fetchall()]
 
     def _template_rows(self) -> Iterator[list[tuple[str, bytes]]]:
@@ -215,6 +217,15 @@ class UnitStore:
         """Write a verified bundle in one transaction: all of it, or (on any failure) none of it."""
         b = verified.bundle
         at = time.time() if applied_at is None else applied_at
+        try:
+            self._apply(verified, b, source, at)
+        except sqlite3.Error as exc:
+            raise StoreError(
+                f"could not write watchlist version {b.version} to {self.path} ({exc}); the store keeps "
+                f"version {self.state().version} (check free disk space and file permissions)"
+            ) from None
+
+    def _apply(self, verified: Verified, b: Bundle, source: str, at: float) -> None:
         with self.db.atomic():
             if b.kind == "full":
                 self.db.execute("DELETE FROM templates")

@@ -309,3 +309,19 @@ path = "outbox.sqlite"
     assert {"up", "since", "last_error", "fps_analysed", "lag_s"} <= set(unit["cameras"][0])
     states = [protocol.decode_status(p)["state"] for t, p in got if t.endswith("/status")]
     assert states[0] == "online" and states[-1] == "offline"
+
+
+def test_demo_command_runs_the_whole_loop(engine: Any, tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "edge.cli", "demo", "--out", str(tmp_path / "demo"), "--seconds", "8"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "2 of 2 appearances of 'astronaut' found, 0 wrong" in out.stdout
+    assert out.stdout.count("HIT at") == 2
+    hits = read_hits(tmp_path / "demo" / "hits.jsonl")
+    assert [h["person_id"] for h in hits] == ["astronaut", "astronaut"]
+    assert all(h["crop_jpeg_b64"] for h in hits)

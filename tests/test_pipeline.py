@@ -130,7 +130,7 @@ def test_enrolled_person_hit_once_per_appearance_and_nobody_else(
     assert 2 <= st["embedded"] <= 3 * MatchingConfig().max_embeds_per_track
     for hit in sink.hits:
         assert hit.unit_id == "unit-t" and hit.camera_id == "cam1" and hit.model_id == engine.model_id
-        assert hit.watchlist_version == 1 and hit.threshold == pytest.approx(0.90)
+        assert hit.watchlist_version == 1 and hit.threshold == pytest.approx(people.threshold)
         assert hit.score >= hit.threshold and hit.margin == pytest.approx(hit.score + 1.0)  # nobody second
         assert hit.crop_jpeg is not None and hit.crop_jpeg[:3] == b"\xff\xd8\xff"
     # Frame-to-hit: the hit of each appearance comes from one of its first analysed frames.
