@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engines.errors import ImageError
+from engines.image import check_image
 
 # dlib's 5-point mean face on the unit square (get_face_chip_details, 5-part case), in the
 # 5-point model's part order: outer and inner corner of the image-right eye, outer and inner
@@ -234,13 +234,7 @@ def extract_chip(image: np.ndarray, chip: ChipTransform, size: int | None = None
     from the level of a pyramid_down<2> image pyramid dlib would use, as dlib does. Parts of
     the chip outside the image are black. `size`, when given, must equal the chip's side.
     """
-    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ImageError(
-            f"chip source must be an RGB uint8 (H, W, 3) array, got {getattr(image, 'dtype', type(image).__name__)} "
-            f"{getattr(image, 'shape', '')}"
-        )
-    if image.shape[0] == 0 or image.shape[1] == 0:
-        raise ImageError(f"chip source image is empty ({image.shape})")
+    check_image(image, "chip source")
     if size is not None and (size != chip.rows or size != chip.cols):
         raise ValueError(f"chip is {chip.cols}x{chip.rows} but size {size} was asked for; make the transform "
                          "with dlib_chip_transform(points, size=...)")
@@ -304,8 +298,7 @@ def align_to_template(
     norm_crop. Landmarks and template in the same order (MTCNN's for ARCFACE_TEMPLATE_112)."""
     import cv2
 
-    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ImageError("alignment source must be an RGB uint8 (H, W, 3) array")
+    check_image(image, "alignment source")
     pts = np.asarray(landmarks5, dtype=np.float64)
     tpl = np.asarray(template, dtype=np.float64)
     if pts.shape != tpl.shape or pts.ndim != 2 or pts.shape[1] != 2:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from engines.errors import ImageError
+from engines.image import check_image
 
 REASONS = ("too_small", "blurred", "not_frontal", "low_score")
 
@@ -144,8 +144,7 @@ def assess(
     """Judge one detected face: RGB uint8 image, detector box (x1, y1, x2, y2), its 5
     landmarks in MTCNN order and the detector's score."""
     cfg = config or QualityConfig()
-    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ImageError("quality input must be an RGB uint8 (H, W, 3) array")
+    check_image(image, "quality input")
     lm = np.asarray(landmarks, dtype=np.float64)
     if lm.shape != (5, 2) or not np.isfinite(lm).all():
         raise ValueError(f"landmarks must be a finite (5, 2) array in MTCNN order, got shape {lm.shape}")

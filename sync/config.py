@@ -18,7 +18,7 @@ class WatchlistConfig(BaseModel):
         [watchlist]
         root_key = "hq-root.pub"          # HQ's root public key, pinned at installation
         store = "/var/lib/checkpoint/watchlist.db"
-        topic = "checkpoint/station-12/watchlist"
+        topic = "checkpoint/v1/station-12/watchlist"
         on_expired = "warn"
     """
 
@@ -33,7 +33,7 @@ class WatchlistConfig(BaseModel):
     )
     topic: str | None = Field(
         None,
-        description="MQTT topic prefix HQ publishes this site's watchlist under (e.g. checkpoint/<site>/watchlist); "
+        description="MQTT topic prefix HQ publishes this site's watchlist under (e.g. checkpoint/v1/<site>/watchlist); "
         "unset: no live updates, bundles arrive as files (`watchlist apply`)",
     )
     on_expired: Literal["warn", "stop"] = Field(

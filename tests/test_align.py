@@ -176,7 +176,7 @@ def test_lag_sample_chips_and_embeddings_match_dlib(predictor, dlib_mod, lag_dir
 
 def test_extract_chip_rejects_bad_input(astronaut):
     chip = ChipTransform(rect=(10.0, 10.0, 59.0, 59.0), angle=0.1, rows=50, cols=50)
-    with pytest.raises(ImageError, match="RGB uint8"):
+    with pytest.raises(ImageError, match="chip source: expected dtype uint8"):
         extract_chip(astronaut.astype(np.float32), chip)
     with pytest.raises(ValueError, match="size 60"):
         extract_chip(astronaut, chip, 60)

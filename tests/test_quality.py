@@ -142,7 +142,7 @@ def test_config_rejects_unknown_and_bad_keys():
 
 
 def test_bad_input_is_named(face, astronaut):
-    with pytest.raises(ImageError, match="RGB uint8"):
+    with pytest.raises(ImageError, match="quality input: expected dtype uint8"):
         assess(astronaut.astype(np.float32), face.box, face.landmarks, face.score)
     with pytest.raises(ValueError, match=r"\(5, 2\)"):
         assess(astronaut, face.box, face.landmarks[:4], face.score)

@@ -90,3 +90,21 @@ def test_unit_config_file_is_read(tmp_path: Path) -> None:
     conf.write_text('[watchlist]\nroot_key = "keys/root.pub"\non_expired = "later"\n')
     r = run("apply", tmp_path / "v1.cpwl", "--config", conf, "--model-id", MODEL, ok=False)
     assert r.exit_code == 2 and "on_expired" in r.output
+
+
+def test_encrypted_keys_need_their_passphrase(tmp_path: Path, monkeypatch) -> None:
+    keys = tmp_path / "keys"
+    monkeypatch.setenv("HQ_PASS", "correct horse")
+    run("keygen", "--dir", keys, "--passphrase-env", "HQ_PASS")
+    assert b"ENCRYPTED" in (keys / "root.key").read_bytes()
+    reg = Register(tmp_path / "hq.db")
+    reg.add_persons(make_persons(["case-1"], 1), samples_of(person_centers(1), 1), model_id=MODEL)
+    build = ("build", "--register", tmp_path / "hq.db", "--keys", keys, "--out", tmp_path / "v1.cpwl", "--threshold", "0.5")
+    r = run(*build, ok=False)
+    assert r.exit_code == 2 and "passphrase" in r.output
+    monkeypatch.setenv("HQ_PASS", "wrong")
+    r = run(*build, "--passphrase-env", "HQ_PASS", ok=False)
+    assert r.exit_code == 2 and "not a readable private key" in r.output
+    monkeypatch.setenv("HQ_PASS", "correct horse")
+    run(*build, "--passphrase-env", "HQ_PASS")
+    run("rotate", "--dir", keys, "--passphrase-env", "HQ_PASS")
