@@ -2,7 +2,9 @@
 
 Why it is built this way (measured with ``python bench/matching.py``): a million 128-d templates
 as float32 take 512 MB and an exact scan reads all of it for every batch. Here each template is
-held as 16-bit fixed point split into two byte planes, 256 MB together:
+held as 16-bit fixed point, per dimension, around the templates' mean (real embedders put most of
+every face on one shared direction: the project's default engine scores two strangers at about
+0.97), split into two byte planes, 256 MB together:
 
 * the high plane (``hi``, uint8 holding ``h + 128``) is scanned for every batch with an int8
   matrix product (ONNX Runtime's ``MatMulInteger``, whose MLAS kernels use VNNI on x86 and the
@@ -14,8 +16,8 @@ held as 16-bit fixed point split into two byte planes, 256 MB together:
   exactly in float32 from both planes.
 
 The result equals an exact float32 search over the stored templates (16-bit fixed point, within
-8e-6 per component of the float16 values a bundle carries); only ties closer than that may order
-differently.
+half a step -- 1/65024 of a dimension's spread -- of the values a bundle carries); only ties closer
+than that may order differently.
 
 Live updates: an index is immutable. A new one is built aside (``TemplateIndex.build`` or
 ``with_changes``) and ``Matcher.swap`` replaces one reference; a search already running keeps the
@@ -39,10 +41,11 @@ log = logging.getLogger(__name__)
 
 _FIXED_MAX = 127 * 256  # |v| <= this keeps the high byte within int8 [-127, 127]
 _GROUP_ROWS = 256  # rows per group; groups are strided so the group maximum is a contiguous reduction
+_FINE_ROWS = 16  # rows per fine group (each group is 16 fine groups), for cutting the shortlist
 _MAX_BATCH = 16  # queries per coarse pass: the (rows x batch) int32 score matrix is 4 MB per query at 1M rows
 _BUILD_CHUNK = 65536  # rows quantized at a time, to bound the memory a build needs beside the result
-_MIN_RANGE = 0.25
-_RANGE_STEP = 0.125
+_MIN_RANGE = 2.0**-10
+_RANGE_STEP = 2.0**-8
 _NORM_TOLERANCE = 1e-2
 
 
@@ -54,7 +57,8 @@ class MatcherError(ValueError):
 class _Planes:
     hi: np.ndarray  # (rows_padded, D) uint8, high byte + 128
     lo: np.ndarray  # (rows_padded, D) int8, low byte
-    scale: float  # value = scale * (256 * (hi - 128) + lo)
+    center: np.ndarray  # (D,) float32
+    scale: np.ndarray  # (D,) float32; value = center + scale * (256 * (hi - 128) + lo)
     hmax: float  # largest L2 norm of a row's high byte vector (hi - 128)
 
 
@@ -62,20 +66,43 @@ def _padded_rows(n: int) -> int:
     return max(1, math.ceil(n / _GROUP_ROWS)) * _GROUP_ROWS
 
 
-def _range_for(maxabs: float) -> float:
-    """The fixed-point range: the largest component rounded up to a step, so most deltas fit it
-    (one that does not makes `with_changes` requantize everything)."""
-    if not math.isfinite(maxabs):
-        raise MatcherError("embeddings contain NaN or infinite values")
-    return max(_MIN_RANGE, math.ceil(maxabs / _RANGE_STEP) * _RANGE_STEP)
-
-
-def _quantize_into(emb: np.ndarray, scale: float, hi: np.ndarray, lo: np.ndarray) -> float:
-    """Write `emb` (n, D) as fixed point into hi/lo (n, D); return the largest high-byte row norm."""
-    hmax = 0.0
+def _chunks(emb: np.ndarray, offset: np.ndarray | None):
+    """Rows of `emb` (+ `offset`) as float32, a chunk at a time (bounded extra memory)."""
     for start in range(0, emb.shape[0], _BUILD_CHUNK):
         chunk = np.asarray(emb[start : start + _BUILD_CHUNK], dtype=np.float32)
-        v = np.rint(chunk / np.float32(scale)).astype(np.int32)
+        yield start, chunk if offset is None else chunk + offset
+
+
+def _mean(emb: np.ndarray, offset: np.ndarray | None) -> np.ndarray:
+    total = np.zeros(emb.shape[1], np.float64)
+    for _, chunk in _chunks(emb, offset):
+        total += chunk.sum(axis=0, dtype=np.float64)
+    return (total / max(1, emb.shape[0])).astype(np.float32)
+
+
+def _spread(emb: np.ndarray, offset: np.ndarray | None, center: np.ndarray) -> np.ndarray:
+    """Per dimension, the largest distance of a value from `center`."""
+    out = np.zeros(emb.shape[1], np.float32)
+    for _, chunk in _chunks(emb, offset):
+        if len(chunk):
+            np.maximum(out, np.abs(chunk - center).max(axis=0), out=out)
+    if not np.all(np.isfinite(out)):
+        raise MatcherError("embeddings contain NaN or infinite values")
+    return out
+
+
+def _ranges(spread: np.ndarray) -> np.ndarray:
+    """Each dimension's fixed-point range: its spread rounded up to a step, so most deltas fit it
+    (one that does not makes `with_changes` requantize)."""
+    return np.maximum(_MIN_RANGE, np.ceil(spread / _RANGE_STEP) * _RANGE_STEP).astype(np.float32)
+
+
+def _quantize_into(emb: np.ndarray, offset: np.ndarray | None, center: np.ndarray, scale: np.ndarray,
+                   hi: np.ndarray, lo: np.ndarray) -> float:
+    """Write `emb` (+ `offset`) (n, D) as fixed point into hi/lo (n, D); return the largest high-byte row norm."""
+    hmax = 0.0
+    for start, chunk in _chunks(emb, offset):
+        v = np.rint((chunk - center) / scale).astype(np.int32)
         np.clip(v, -_FIXED_MAX, _FIXED_MAX, out=v)
         h = (v + 128) >> 8  # arithmetic shift: floor division, so lo lands in [-128, 127]
         lo[start : start + len(chunk)] = (v - (h << 8)).astype(np.int8)
@@ -136,6 +163,7 @@ class TemplateIndex:
         person_ids: Sequence[str],
         embeddings: np.ndarray,
         *,
+        offset: np.ndarray | None = None,
         thresholds: Mapping[str, float] | None = None,
         version: int = 0,
         model_id: str = "",
@@ -143,8 +171,10 @@ class TemplateIndex:
     ) -> TemplateIndex:
         """Index `embeddings` (n, D), one row per template; `person_ids[i]` owns row i.
 
-        `thresholds` holds per-person overrides of the global threshold. Rows of one person need
-        not be adjacent. Raises MatcherError on mismatched lengths or non-finite values.
+        `offset` (D,), when given, is added to every row (bundles carry float16 rows around an
+        offset) and becomes the index's center; otherwise the rows' mean is. `thresholds` holds
+        per-person overrides of the global threshold. Rows of one person need not be adjacent.
+        Raises MatcherError on mismatched lengths or non-finite values.
         """
         emb = np.asarray(embeddings)
         if emb.ndim != 2 or emb.shape[1] == 0:
@@ -152,15 +182,16 @@ class TemplateIndex:
         if len(person_ids) != emb.shape[0]:
             raise MatcherError(f"{len(person_ids)} person ids for {emb.shape[0]} embeddings: give one id per row")
         n, dim = emb.shape
+        off = _check_offset(offset, dim)
         persons, codes = np.unique(_encode_ids(person_ids), return_inverse=True)
-        maxabs = float(np.abs(emb).max()) if n else 0.0
-        scale = _range_for(maxabs) / _FIXED_MAX
+        center = off if off is not None else _mean(emb, None)
+        scale = _ranges(_spread(emb, off, center)) / np.float32(_FIXED_MAX)
         rows = _padded_rows(n)
         hi = np.full((rows, dim), 128, dtype=np.uint8)
         lo = np.zeros((rows, dim), dtype=np.int8)
-        hmax = _quantize_into(emb, scale, hi, lo)
+        hmax = _quantize_into(emb, off, center, scale, hi, lo)
         pt = _thresholds_array(persons, thresholds or {})
-        return cls(_Planes(hi, lo, scale, hmax), n, codes.astype(np.int32).reshape(-1), persons, pt,
+        return cls(_Planes(hi, lo, center, scale, hmax), n, codes.astype(np.int32).reshape(-1), persons, pt,
                    version=version, model_id=model_id, default_threshold=default_threshold)
 
     def with_changes(
@@ -169,13 +200,15 @@ class TemplateIndex:
         remove: Iterable[str] = (),
         add_person_ids: Sequence[str] = (),
         add_embeddings: np.ndarray | None = None,
+        add_offset: np.ndarray | None = None,
         thresholds: Mapping[str, float | None] | None = None,
         version: int,
         model_id: str | None = None,
         default_threshold: float | None = None,
     ) -> TemplateIndex:
         """A new index: this one minus every template of the persons in `remove` and of the persons
-        being added (their templates are replaced), plus `add_embeddings` owned by `add_person_ids`.
+        being added (their templates are replaced), plus `add_embeddings` (+ `add_offset`) owned by
+        `add_person_ids`.
 
         `thresholds` sets or (with None) clears per-person overrides for the persons added.
         This index is left as it is (readers may still be using it).
@@ -208,28 +241,34 @@ class TemplateIndex:
                 pt[int(np.searchsorted(persons, _encode_ids([p])[0]))] = np.nan if t is None else float(t)
 
         old = self._planes
-        maxabs = float(np.abs(add).max()) if add.size else 0.0
+        off = _check_offset(add_offset, dim)
         n = kept + add.shape[0]
         rows = _padded_rows(n)
         hi = np.empty((rows, dim), dtype=np.uint8)
         lo = np.empty((rows, dim), dtype=np.int8)
         hi[n:], lo[n:] = 128, 0
-        if maxabs <= old.scale * _FIXED_MAX:
+        need = _spread(add, off, old.center)
+        old_range = old.scale * np.float32(_FIXED_MAX)
+        if np.all(need <= old_range):
             np.compress(keep, old.hi[: self._n], axis=0, out=hi[:kept])
             np.compress(keep, old.lo[: self._n], axis=0, out=lo[:kept])
             scale = old.scale
-            hmax_add = _quantize_into(add, scale, hi[kept:n], lo[kept:n])
+            hmax_add = _quantize_into(add, off, old.center, scale, hi[kept:n], lo[kept:n])
             # The bound needs the largest row norm; a removal can only lower it, so keeping the
             # old figure stays safe without rescanning every row.
             hmax = max(old.hmax, hmax_add)
         else:
-            # A new template is outside the current range: requantize everything at the wider one.
-            scale = _range_for(maxabs) / _FIXED_MAX
-            kept_vals = self.dequantize(np.flatnonzero(keep))
-            _quantize_into(np.concatenate([kept_vals, add.astype(np.float32)]), scale, hi[:n], lo[:n])
+            # A new template is outside a dimension's range: widen those dimensions and
+            # requantize (the other dimensions keep their exact values).
+            scale = np.maximum(old_range, _ranges(need)) / np.float32(_FIXED_MAX)
+            kept_rows = np.flatnonzero(keep)
+            for start in range(0, kept, _BUILD_CHUNK):
+                part = self.dequantize(kept_rows[start : start + _BUILD_CHUNK])
+                _quantize_into(part, None, old.center, scale, hi[start : start + len(part)], lo[start : start + len(part)])
+            _quantize_into(add, off, old.center, scale, hi[kept:n], lo[kept:n])
             hmax = _row_hmax(hi[:n])
         return TemplateIndex(
-            _Planes(hi, lo, scale, hmax), n, codes, persons, pt,
+            _Planes(hi, lo, old.center, scale, hmax), n, codes, persons, pt,
             version=version,
             model_id=self.model_id if model_id is None else model_id,
             default_threshold=self.default_threshold if default_threshold is None else default_threshold,
@@ -291,7 +330,7 @@ class TemplateIndex:
         """The stored templates at `rows` as float32 (n, D): exactly the values searches score."""
         p = self._planes
         v = (p.hi[rows].astype(np.int32) - 128) * 256 + p.lo[rows]
-        return v.astype(np.float32) * np.float32(p.scale)
+        return p.center + v.astype(np.float32) * p.scale
 
     def templates_of(self, person_id: str) -> np.ndarray:
         """The stored templates of one person (k, D) float32; empty when they are not in the index."""
@@ -314,26 +353,53 @@ class TemplateIndex:
         if self._n == 0:
             return [[] for _ in range(nq)]
         p = self._planes
-        maxq = np.abs(q).max(axis=1)
-        sq = np.where(maxq > 0, maxq / 127.0, 1.0).astype(np.float32)
-        qq = np.rint(q / sq[:, None]).astype(np.int8)
-        y = scorer.coarse(p.hi, np.ascontiguousarray(qq.T))
+        # In fixed-point units: score = q.center + sum_d (q_d scale_d) v_d.
+        qs = q.astype(np.float64) * p.scale.astype(np.float64)
+        base = q.astype(np.float64) @ p.center.astype(np.float64)
+        maxq = np.abs(qs).max(axis=1)
+        sq = np.where(maxq > 0, maxq / 127.0, 1.0)
+        qq = np.rint(qs / sq[:, None]).astype(np.int8)
+        # Zero columns pad the batch to 8 or 16 so each row of scores is one or two 8-byte words
+        # (see _shortlists); the product costs the same.
+        qq_t = np.zeros((q.shape[1], 8 if nq <= 8 else 16), dtype=np.int8)
+        qq_t[:, :nq] = qq.T
+        y = scorer.coarse(p.hi, qq_t)
         if y.shape[0] > self._n:
             y[self._n :] = np.iinfo(np.int32).min
         groups = y.shape[0] // _GROUP_ROWS
-        gmax = y.reshape(_GROUP_ROWS, groups, nq).max(axis=0)
-        unit = p.scale * 256.0 * sq.astype(np.float64)
-        bound = _coarse_bound(q, qq, sq, p.scale, p.hmax)
-        return [self._search_one(q[j], y[:, j], gmax[:, j], groups, unit[j], bound[j], k) for j in range(nq)]
+        # Row r is in fine group r mod (16 G) and in group r mod G: both maxima are reductions
+        # over the leading axis, i.e. element-wise maxima of contiguous blocks.
+        fmax = y.reshape(_FINE_ROWS, groups * _GROUP_ROWS // _FINE_ROWS, y.shape[1]).max(axis=0)
+        gmax = fmax.reshape(_GROUP_ROWS // _FINE_ROWS, groups, y.shape[1]).max(axis=0)
+        unit = 256.0 * sq
+        bound = _coarse_bound(qs, qq, sq, p.hmax)
+        # Stage 1, per query: a lower bound on the k-th best person's exact score.
+        qs32 = qs.astype(np.float32)
+        floors = [self._kth_person_floor(qs32[j], base[j], y[:, j], gmax[:, j], groups, k) for j in range(nq)]
+        # Stage 2: every row whose coarse score could reach that bound; then exact scores.
+        limit = np.iinfo(np.int32)
+        t = np.array([limit.min if f is None else max(limit.min + 1, min(limit.max, math.floor((f - base[j] - bound[j]) / unit[j])))
+                      for j, f in enumerate(floors)], dtype=np.int64)
+        rows = self._shortlists(y, fmax, t)
+        return [self._best_per_person(r, self._exact(qs32[j], base[j], r), k) for j, r in enumerate(rows)]
 
     def _group_rows(self, group_ids: np.ndarray, groups: int) -> np.ndarray:
         rows = (group_ids[None, :] + groups * np.arange(_GROUP_ROWS)[:, None]).ravel()
         return rows[rows < self._n]
 
-    def _exact(self, q: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        # Row-wise products summed per row (not a BLAS gemv, whose blocking varies with the
-        # number of rows): a template scores the same whatever else is on the shortlist.
-        return (self.dequantize(rows) * q).sum(axis=1)
+    def _exact(self, qs: np.ndarray, base: float, rows: np.ndarray) -> np.ndarray:
+        """Exact scores q.center + sum_d (q_d scale_d) v_d of `rows` in float32.
+
+        Row-wise products summed per row (not a BLAS gemv, whose blocking varies with the number
+        of rows): a template scores the same whatever else is on the shortlist.
+        """
+        p = self._planes
+        v = p.hi[rows].astype(np.float32)
+        v -= 128.0
+        v *= 256.0
+        v += p.lo[rows]
+        v *= qs
+        return v.sum(axis=1) + np.float32(base)
 
     def _best_per_person(self, rows: np.ndarray, scores: np.ndarray, k: int) -> list[tuple[int, float]]:
         order = np.lexsort((rows, -scores))
@@ -343,44 +409,47 @@ class TemplateIndex:
         top = first[:k]
         return [(int(codes[i]), float(scores[order[i]])) for i in top]
 
-    def _search_one(self, q: np.ndarray, y: np.ndarray, gmax: np.ndarray, groups: int,
-                    unit: float, bound: float, k: int) -> list[tuple[int, float]]:
-        # Stage 1: a lower bound on the k-th best person's exact score, from a few exact scores
-        # of the coarse best rows.
+    def _kth_person_floor(self, qs: np.ndarray, base: float, y: np.ndarray, gmax: np.ndarray, groups: int,
+                          k: int) -> float | None:
+        """The exact score of the k-th best person among a few coarse-best rows (a lower bound on
+        the true k-th best); None when fewer than k persons turn up (then every row is a candidate)."""
         m = min(groups, 4 * k)
         while True:
             top_groups = np.argpartition(-gmax, m - 1)[:m] if m < groups else np.arange(groups)
             rows = self._group_rows(top_groups, groups)
             take = min(len(rows), 8 * k * max(1, m // (4 * k)))
             best = rows[np.argpartition(-y[rows], take - 1)[:take]] if take < len(rows) else rows
-            found = self._best_per_person(best, self._exact(q, best), k)
-            if len(found) >= k or m >= groups:
-                break
+            found = self._best_per_person(best, self._exact(qs, base, best), k)
+            if len(found) >= k:
+                return found[-1][1]
+            if m >= groups:
+                return None
             m = min(groups, m * 4)
-        if len(found) < k:
-            # Fewer than k persons among every row looked at: score them all.
-            rows = np.arange(self._n)
-            return self._best_per_person(rows, self._exact(q, rows), k)
-        floor_score = found[-1][1]
-        # Stage 2: every row whose coarse score could reach that lower bound, scored exactly.
-        t = math.floor((floor_score - bound) / unit)
-        sel = np.flatnonzero(gmax >= t)
-        rows = self._group_rows(sel, groups)
-        rows = rows[y[rows] >= t]
-        return self._best_per_person(rows, self._exact(q, rows), k)
+
+    def _shortlists(self, y: np.ndarray, fmax: np.ndarray, t: np.ndarray) -> list[np.ndarray]:
+        """Per query j, the rows with coarse score y >= t[j]: only inside the fine groups whose
+        maximum reaches t[j], so crowded and sparse scores alike cost a small part of a full pass."""
+        fine = fmax.shape[0]
+        steps = fine * np.arange(_FINE_ROWS)
+        out = []
+        for j in range(len(t)):
+            g = np.flatnonzero(fmax[:, j] >= t[j])
+            rows = (g[None, :] + steps[:, None]).ravel()
+            rows = rows[rows < self._n]
+            out.append(np.sort(rows[y[rows, j] >= t[j]]))
+        return out
 
 
-def _coarse_bound(q: np.ndarray, qq: np.ndarray, sq: np.ndarray, scale: float, hmax: float) -> np.ndarray:
+def _coarse_bound(qs: np.ndarray, qq: np.ndarray, sq: np.ndarray, hmax: float) -> np.ndarray:
     """Per query, the most the coarse score can differ from the exact one.
 
-    exact/scale = sum q_d v_d with v_d = 256 h_d + l_d, |l_d| <= 128; coarse/scale = 256 sq sum qq_d h_d.
-    The difference is sum q_d l_d + 256 sum f_d h_d with f = q - sq*qq, so it is at most
-    128 |q|_1 + 256 |f|_2 max_i |h_i|_2 (Cauchy-Schwarz). A small slack covers float32 rounding.
+    With qs = q * scale, exact - q.center = sum qs_d v_d, v_d = 256 h_d + l_d, |l_d| <= 128, and
+    coarse - q.center = 256 sq sum qq_d h_d. The difference is sum qs_d l_d + 256 sum f_d h_d with
+    f = qs - sq*qq, so it is at most 128 |qs|_1 + 256 |f|_2 max_i |h_i|_2 (Cauchy-Schwarz). A small
+    slack covers float32 rounding.
     """
-    q64 = q.astype(np.float64)
-    f = q64 - sq[:, None].astype(np.float64) * qq.astype(np.float64)
-    b = scale * (128.0 * np.abs(q64).sum(axis=1) + 256.0 * np.sqrt((f * f).sum(axis=1)) * hmax)
-    return b + 1e-5
+    f = qs - sq[:, None] * qq.astype(np.float64)
+    return 128.0 * np.abs(qs).sum(axis=1) + 256.0 * np.sqrt((f * f).sum(axis=1)) * hmax + 1e-5
 
 
 def _thresholds_array(persons: np.ndarray, thresholds: Mapping[str, float]) -> np.ndarray:
@@ -392,6 +461,15 @@ def _thresholds_array(persons: np.ndarray, thresholds: Mapping[str, float]) -> n
         if code < len(persons) and persons[code] == _encode_ids([p])[0]:
             pt[code] = float(t)
     return pt
+
+
+def _check_offset(offset: np.ndarray | None, dim: int) -> np.ndarray | None:
+    if offset is None:
+        return None
+    off = np.asarray(offset, dtype=np.float32).reshape(-1)
+    if off.shape != (dim,) or not np.all(np.isfinite(off)):
+        raise MatcherError(f"offset must be {dim} finite values, got shape {np.shape(offset)}")
+    return off
 
 
 def _encode_ids(ids: Sequence[str]) -> np.ndarray:

@@ -31,13 +31,13 @@ def index_for(verified: Verified, current: TemplateIndex) -> TemplateIndex:
     thresholds = {p.person_id: p.threshold for p in b.persons}
     if b.kind == "full":
         return TemplateIndex.build(
-            b.template_person_ids(), b.embeddings,
+            b.template_person_ids(), b.embeddings, offset=b.embedding_offset,
             thresholds={k: v for k, v in thresholds.items() if v is not None},
             version=b.version, model_id=b.model_id, default_threshold=b.default_threshold,
         )
     return current.with_changes(
         remove=b.removed, add_person_ids=b.template_person_ids(), add_embeddings=b.embeddings,
-        thresholds=thresholds, version=b.version, model_id=b.model_id, default_threshold=b.default_threshold,
+        add_offset=b.embedding_offset, thresholds=thresholds, version=b.version, model_id=b.model_id, default_threshold=b.default_threshold,
     )
 
 
@@ -147,6 +147,7 @@ class Watchlist:
             max_bundle_bytes=self.config.max_bundle_bytes,
             applied_version=st.version,
             applied_model_id=st.model_id,
+            applied_offset=st.embedding_offset,
             keyset=self._keyset,
         )
 

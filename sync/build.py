@@ -52,7 +52,7 @@ def plan_bundle(
         raise RegisterError("the register holds no templates: enrol persons first (`watchlist enrol`)")
     dim = snap.embeddings.shape[1] if snap.persons else _dim_of(register, model_id)
     common = dict(version=version, created_at=created, expires_at=created + int(valid_for_s), model_id=model_id,
-                  embedding_dim=dim, default_threshold=float(default_threshold))
+                  embedding_dim=dim, default_threshold=float(default_threshold), embedding_offset=snap.offset)
     if kind == "full":
         return Bundle(kind="full", persons=snap.persons, embeddings=snap.embeddings, **common), snap.digests, snap.skipped
     if kind != "delta":
@@ -112,4 +112,7 @@ def release(
         os.replace(tmp, out)
     register.record_release(bundle, digests, size=len(data), sha256=digest, signing_key_id=kid)
     register.set_meta(f"dim:{bundle.model_id}", bundle.embedding_dim)
+    if bundle.embedding_offset is not None and register.offset(bundle.model_id) is None:
+        # Fixed from the first release on: a delta must encode rows the way the units' lists do.
+        register.set_meta(f"offset:{bundle.model_id}", [float(v) for v in bundle.embedding_offset])
     return Release(bundle, data, digest, out, skipped)

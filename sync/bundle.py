@@ -8,13 +8,15 @@ Layout (all integers little-endian; docs/watchlist.md is the reference)::
     header_len   u32
     header       canonical JSON (sync.canonical), see `Bundle.header`
     blob_len     u64
-    blob         the embeddings: float16 little-endian, row-major (templates x embedding_dim),
-                 rows in the order the header lists persons and, within a person, templates
+    blob         the embeddings minus `embedding_offset` (header): float16 little-endian, row-major
+                 (templates x embedding_dim), rows in the order the header lists persons and,
+                 within a person, templates
     key_id       16 bytes  id of the signing key (sync.keys.key_id)
     signature    64 bytes  Ed25519(signing key, BUNDLE_DOMAIN || SHA-256(every byte before the signature))
 
-Embeddings travel as float16: half the bytes of float32, and a cosine score moves by about
-2e-5, far below the spread between two photos of one person.
+Embeddings travel as float16 around an offset (HQ's mean embedding for the model, float32 in the
+header): half the bytes of float32, and, since real embeddings share a large common part that
+float16 would round coarsely, a cosine score moves by about 1e-6 (1e-4 without the offset).
 """
 
 from __future__ import annotations
@@ -117,7 +119,8 @@ class Bundle:
     """A full watchlist (kind "full") or the changes from `base_version` (kind "delta").
 
     In a delta, `persons` are added or replaced whole (all their templates), `removed` are
-    deleted. `embeddings` holds every template of `persons`, in order.
+    deleted. `embeddings` holds every template of `persons`, in order, as float16 differences
+    from `embedding_offset` (None: zeros).
     """
 
     kind: Literal["full", "delta"]
@@ -131,6 +134,7 @@ class Bundle:
     embeddings: np.ndarray
     base_version: int | None = None
     removed: tuple[str, ...] = ()
+    embedding_offset: np.ndarray | None = field(default=None, compare=False)
     _offsets: np.ndarray = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -170,6 +174,11 @@ class Bundle:
             )
         if emb.dtype != np.float16:
             object.__setattr__(self, "embeddings", emb.astype(np.float16))
+        if self.embedding_offset is not None:
+            off = np.asarray(self.embedding_offset, dtype=np.float32)
+            if off.shape != (self.embedding_dim,) or not np.all(np.isfinite(off)):
+                raise BundleFormatError(f"embedding_offset must be {self.embedding_dim} finite values")
+            object.__setattr__(self, "embedding_offset", off)
         object.__setattr__(self, "_offsets", np.concatenate([[0], np.cumsum(counts)]))
 
     @property
@@ -177,7 +186,7 @@ class Bundle:
         return int(self.embeddings.shape[0])
 
     def rows_of(self, i: int) -> np.ndarray:
-        """The embeddings of `persons[i]` (float16)."""
+        """The stored rows of `persons[i]` (float16, before the offset is added)."""
         return self.embeddings[self._offsets[i] : self._offsets[i + 1]]
 
     def template_person_ids(self) -> list[str]:
@@ -196,6 +205,7 @@ class Bundle:
             "model_id": self.model_id,
             "embedding_dim": self.embedding_dim,
             "embedding_dtype": EMBEDDING_DTYPE,
+            "embedding_offset": None if self.embedding_offset is None else [float(v) for v in self.embedding_offset],
             "default_threshold": self.default_threshold,
             "templates": self.n_templates,
             "persons": [p.to_json() for p in self.persons],
@@ -311,6 +321,10 @@ def parse_verified(framed: Framed) -> Bundle:
         if not np.all(np.isfinite(emb)):
             raise ValueError("embeddings contain NaN or infinity")
         threshold = h["default_threshold"]
+        offset = h["embedding_offset"]
+        if offset is not None and (not isinstance(offset, list)
+                                   or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in offset)):
+            raise ValueError("embedding_offset must be a list of numbers or null")
         cache: dict[tuple, Template] = {}
         return Bundle(
             kind=h["kind"],
@@ -324,6 +338,7 @@ def parse_verified(framed: Framed) -> Bundle:
             persons=tuple(_person_from_json(p, cache) for p in h["persons"]),
             embeddings=emb,
             removed=tuple(h["removed"]),
+            embedding_offset=None if offset is None else np.array(offset, dtype=np.float32),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise BundleRejected("malformed", f"bundle is signed but its header is malformed: {exc}") from None

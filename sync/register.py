@@ -67,10 +67,12 @@ CREATE TABLE IF NOT EXISTS release_persons (
 """
 
 
-def person_digest(person: Person, rows: np.ndarray) -> str:
-    """What identifies a person's record as shipped: its JSON and its float16 embeddings."""
+def person_digest(person: Person, rows: np.ndarray, offset: np.ndarray | None) -> str:
+    """What identifies a person's record as shipped: its JSON, its float16 rows and their offset."""
     h = hashlib.sha256(canonical.dumps(person.to_json()))
     h.update(np.ascontiguousarray(rows, dtype="<f2").tobytes())
+    if offset is not None:
+        h.update(np.asarray(offset, dtype="<f4").tobytes())
     return h.hexdigest()
 
 
@@ -79,7 +81,8 @@ class Snapshot:
     """The register's current list for one model, as a full bundle would carry it."""
 
     persons: tuple[Person, ...]
-    embeddings: np.ndarray  # float16 (templates, D)
+    embeddings: np.ndarray  # float16 (templates, D): the embeddings minus `offset`
+    offset: np.ndarray | None  # float32 (D,)
     digests: dict[str, str]
     skipped: tuple[str, ...]  # persons with no template of this model
 
@@ -211,8 +214,17 @@ class Register:
         """The embedding models templates were enrolled with."""
         return [r[0] for r in self.db.execute("SELECT DISTINCT model_id FROM templates ORDER BY model_id").fetchall()]
 
-    def snapshot(self, model_id: str, *, with_names: bool = False) -> Snapshot:
-        """The current list for `model_id`: persons sorted by id, templates in enrolment order."""
+    def offset(self, model_id: str) -> np.ndarray | None:
+        """The float32 offset bundles of `model_id` carry embeddings around (None until the first build)."""
+        value = self.get_meta(f"offset:{model_id}")
+        return None if value is None else np.array(value, dtype=np.float32)
+
+    def snapshot(self, model_id: str, *, with_names: bool = False, offset: np.ndarray | None = None) -> Snapshot:
+        """The current list for `model_id`: persons sorted by id, templates in enrolment order.
+
+        Embeddings are taken relative to `offset` (default: the model's remembered offset, or the
+        mean of the current templates when there is none yet).
+        """
         meta = {r[0]: r[1:] for r in self.db.execute(
             "SELECT person_id, name, priority, threshold FROM persons ORDER BY person_id").fetchall()}
         cur = self.db.execute(
@@ -224,25 +236,32 @@ class Register:
             by_person.setdefault(pid, []).append((date, age, blob))
         persons: list[Person] = []
         blocks: list[np.ndarray] = []
-        digests: dict[str, str] = {}
         for pid in sorted(by_person):
             name, priority, threshold = meta[pid]
             rows = by_person[pid]
-            person = Person(
+            persons.append(Person(
                 person_id=pid,
                 templates=tuple(Template(photo_date=d, age=a) for d, a, _ in rows),
                 name=name if with_names else None,
                 priority=int(priority),
                 threshold=None if threshold is None else float(threshold),
-            )
-            emb = np.frombuffer(b"".join(b for _, _, b in rows), dtype="<f4").reshape(len(rows), -1).astype(np.float16)
-            persons.append(person)
-            blocks.append(emb)
-            digests[pid] = person_digest(person, emb)
-        dim = blocks[0].shape[1] if blocks else 0
-        embeddings = np.concatenate(blocks) if blocks else np.zeros((0, dim), np.float16)
+            ))
+            blocks.append(np.frombuffer(b"".join(b for _, _, b in rows), dtype="<f4").reshape(len(rows), -1))
+        dim = blocks[0].shape[1] if blocks else int(self.get_meta(f"dim:{model_id}", 0) or 0)
+        absolute = np.concatenate(blocks) if blocks else np.zeros((0, dim), np.float32)
+        if offset is None:
+            offset = self.offset(model_id)
+        if offset is None and len(absolute):
+            offset = absolute.mean(axis=0, dtype=np.float64).astype(np.float32)
+        rel = (absolute - offset if offset is not None else absolute).astype(np.float16)
+        digests: dict[str, str] = {}
+        pos = 0
+        for person in persons:
+            n = len(person.templates)
+            digests[person.person_id] = person_digest(person, rel[pos : pos + n], offset)
+            pos += n
         skipped = tuple(sorted(set(meta) - set(by_person)))
-        return Snapshot(tuple(persons), embeddings, digests, skipped)
+        return Snapshot(tuple(persons), rel, offset, digests, skipped)
 
     # ---- releases -----------------------------------------------------------------------------
 

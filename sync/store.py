@@ -71,6 +71,7 @@ class StoreState:
     bundle_sha256: str | None = None
     signing_key_id: str | None = None
     applied_at: float | None = None
+    embedding_offset: tuple[float, ...] | None = None  # what stored rows are relative to
 
 
 class UnitStore:
@@ -134,6 +135,7 @@ class UnitStore:
             bundle_sha256=m.get("bundle_sha256"),
             signing_key_id=m.get("signing_key_id"),
             applied_at=m.get("applied_at"),
+            embedding_offset=None if m.get("embedding_offset") is None else tuple(m["embedding_offset"]),
         )
 
     def counts(self) -> tuple[int, int]:
@@ -173,8 +175,9 @@ class UnitStore:
             pos += len(rows)
             pids.extend(interned.setdefault(r[0], r[0]) for r in rows)
         thresholds = dict(self.db.execute("SELECT person_id, threshold FROM persons WHERE threshold IS NOT NULL").fetchall())
+        offset = None if st.embedding_offset is None else np.array(st.embedding_offset, dtype=np.float32)
         return TemplateIndex.build(
-            pids, emb[:pos], thresholds=thresholds, version=st.version, model_id=st.model_id or "",
+            pids, emb[:pos], offset=offset, thresholds=thresholds, version=st.version, model_id=st.model_id or "",
             default_threshold=float(st.default_threshold if st.default_threshold is not None else 1.0),
         )
 
@@ -234,6 +237,9 @@ class UnitStore:
                 self._delete_persons(list(b.removed) + [p.person_id for p in b.persons])
             self._insert_persons(b)
             self._save_keyset(verified.keyset.serial, verified.keyset.envelope)
+            if b.kind == "full":
+                self._set_meta({"embedding_offset": None if b.embedding_offset is None
+                                else [float(v) for v in b.embedding_offset]})
             self._set_meta({
                 "version": b.version,
                 "kind": b.kind,

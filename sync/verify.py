@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -36,6 +37,7 @@ class UnitTrust:
     max_bundle_bytes: int
     applied_version: int = 0  # 0: no list applied yet
     applied_model_id: str | None = None
+    applied_offset: tuple[float, ...] | None = None  # what the applied list's stored rows are relative to
     keyset: KeySet | None = None  # the newest key set the unit has accepted
 
 
@@ -119,9 +121,21 @@ def verify_bundle(data: bytes | memoryview, trust: UnitTrust, now: float) -> Ver
             f"delta {bundle.base_version}->{bundle.version} does not apply to version {trust.applied_version}; "
             "it needs the full bundle or the matching delta",
         )
+    if bundle.kind == "delta" and not _same_offset(bundle.embedding_offset, trust.applied_offset):
+        raise BundleRejected(
+            "wrong_base",
+            f"delta {bundle.version} encodes embeddings around another offset than the applied list; "
+            "it needs the full bundle",
+        )
     if bundle.expires_at <= now:
         raise BundleRejected("expired", f"bundle {bundle.version} expired at {bundle.expires_at} (now {int(now)})")
     return Verified(bundle, keyset, kid, sha256_hex(data), len(data))
+
+
+def _same_offset(offered: np.ndarray | None, applied: tuple[float, ...] | None) -> bool:
+    if offered is None or applied is None:
+        return offered is None and applied is None
+    return bool(np.array_equal(offered, np.array(applied, dtype=np.float32)))
 
 
 def verify_keyset(data: bytes, trust: UnitTrust) -> KeySet:

@@ -138,12 +138,14 @@ def test_with_changes_removes_replaces_and_adds() -> None:
     assert nxt.n_persons == 200 - 2 + 3 and nxt.n_templates == 600 - 6 - 3 + 7
     assert nxt.templates_of("p000005").shape == (1, 128)
     assert nxt.threshold_for("n1") == 0.7 and nxt.threshold_for("p000005") == nxt.default_threshold
-    # The result is the same index a fresh build would give.
+    # The result is the index a fresh build would give (up to the fresh build's own center and steps).
     fresh_ids = [i for i in ids if i not in ("p000000", "p000001", "p000005")] + ["n0", "n0", "n1", "n1", "n2", "n2", "p000005"]
     keep = [i not in ("p000000", "p000001", "p000005") for i in ids]
     fresh = TemplateIndex.build(fresh_ids, np.concatenate([emb[keep], add, replaced]))
     q = _queries(np.concatenate([centers, new_c]), 10, 5)
-    assert Matcher(nxt).search(q, k=3) == Matcher(fresh).search(q, k=3)
+    got, want = Matcher(nxt).search(q, k=3), Matcher(fresh).search(q, k=3)
+    assert [[p for p, _ in r] for r in got] == [[p for p, _ in r] for r in want]
+    np.testing.assert_allclose([[s for _, s in r] for r in got], [[s for _, s in r] for r in want], atol=5e-5)
 
 
 def test_with_changes_widens_range_when_a_template_needs_it() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge.matcher import Matcher
+from edge.matcher import Matcher, TemplateIndex
 from sync.apply import Watchlist
 from sync.build import plan_bundle, release
 from sync.bundle import Bundle, BundleFormatError, Person, Template, encode_bundle, frame, parse_verified
@@ -71,9 +71,11 @@ def test_full_and_delta_from_the_register_reach_the_unit(tmp_path: Path, keys) -
     assert idx.threshold_for("case-0006") == pytest.approx(0.8)
     # The unit now holds exactly what a full bundle of version 2 would give it.
     b3, _, _ = plan_bundle(reg, model_id=MODEL, default_threshold=0.5)
-    full = Matcher(wl.matcher.index.build(b3.template_person_ids(), b3.embeddings, default_threshold=0.5))
+    full = Matcher(TemplateIndex.build(b3.template_person_ids(), b3.embeddings, offset=b3.embedding_offset))
     q = unit_rows(np.concatenate([centers, person_centers(1, seed=42)]))
-    assert wl.matcher.search(q, k=3) == full.search(q, k=3)
+    got, want = wl.matcher.search(q, k=3), full.search(q, k=3)
+    assert [[p for p, _ in r] for r in got] == [[p for p, _ in r] for r in want]
+    np.testing.assert_allclose([[s for _, s in r] for r in got], [[s for _, s in r] for r in want], atol=1e-5)
     wl.close()
 
     # An unchanged register still yields a (empty) delta: a signed, fresh expiry for the units.
