@@ -6,7 +6,7 @@
 Everything is real: HQ's register and the unit's store are SQLite files in a temporary folder,
 bundles are signed with Ed25519, and (unless --no-mqtt, or mosquitto is missing) the full bundle
 and the delta travel through a local Mosquitto to a unit's WatchlistSubscriber. Embeddings are
-synthetic (sync.synthetic), so no face engine runs; enrolment cost is the engine's (bench/throughput.py).
+synthetic (sync.synthetic, engine-like shape), so no face engine runs; enrolment cost is the engine's (bench/throughput.py).
 
 Measured:
   HQ:   register load (bulk), full bundle plan + sign + write, its size; a delta of --delta persons
@@ -38,7 +38,7 @@ from sync.config import WatchlistConfig  # noqa: E402
 from sync.keys import parse_keyset  # noqa: E402
 from sync.register import Register  # noqa: E402
 from sync.store import UnitStore  # noqa: E402
-from sync.synthetic import Authority, make_persons, person_centers, samples_of  # noqa: E402
+from sync.synthetic import ENGINE_LIKE, Authority, make_persons, person_centers, samples_of  # noqa: E402
 from sync.verify import UnitTrust, verify_bundle  # noqa: E402
 
 MODEL = "synthetic:v1"
@@ -76,8 +76,8 @@ def main() -> None:
     hq = Authority(model_id=MODEL, threshold=0.5)
     keyset = parse_keyset(hq.keyset, hq.root.public_key())
     ids = [f"case-{i:07d}" for i in range(args.persons)]
-    centers = person_centers(args.persons, seed=1)
-    emb = samples_of(centers, args.photos, seed=2)
+    centers = person_centers(args.persons, seed=1, shared=ENGINE_LIKE["shared"])
+    emb = samples_of(centers, args.photos, seed=2, spread=ENGINE_LIKE["spread"])
     persons = make_persons(ids, args.photos)
 
     reg = Register(work / "hq.db")
@@ -95,12 +95,13 @@ def main() -> None:
     rephoto = [ids[i] for i in touched[args.delta // 2 :]]
     n_new = args.delta - len(gone) - len(rephoto)
     reg.remove_persons(gone)
-    re_emb = samples_of(centers[touched[args.delta // 2 :]], 1, seed=6)
+    re_emb = samples_of(centers[touched[args.delta // 2 :]], 1, seed=6, spread=ENGINE_LIKE["spread"])
     for pid, e in zip(rephoto, re_emb):
         reg.add_template(pid, e, model_id=MODEL, photo_sha256=os.urandom(32).hex(), age=15)
     new_ids = [f"new-{i:07d}" for i in range(n_new)]
     reg.add_persons(make_persons(new_ids, args.photos),
-                    samples_of(person_centers(n_new, seed=7), args.photos, seed=8), model_id=MODEL)
+                    samples_of(person_centers(n_new, seed=7, shared=ENGINE_LIKE["shared"]), args.photos, seed=8,
+                               spread=ENGINE_LIKE["spread"]), model_id=MODEL)
     with tm("hq_delta_plan_s"):
         delta_b, delta_d, _ = plan_bundle(reg, model_id=MODEL, default_threshold=0.5, kind="delta")
     with tm("hq_delta_sign_write_s"):
@@ -127,7 +128,8 @@ def main() -> None:
     with tm("unit_startup_load_index_s"):
         UnitStore(work / "unit.db").load_index()
 
-    trust2 = UnitTrust(hq.root.public_key(), MODEL, max_bundle_bytes=2**33, applied_version=1, applied_model_id=MODEL)
+    trust2 = UnitTrust(hq.root.public_key(), MODEL, max_bundle_bytes=2**33, applied_version=1, applied_model_id=MODEL,
+                       applied_offset=tuple(float(v) for v in full_b.embedding_offset))
     with tm("unit_delta_verify_s"):
         dv = verify_bundle(delta.data, trust2, time.time())
     with tm("unit_delta_index_s"):

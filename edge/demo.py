@@ -293,9 +293,10 @@ def run_demo(
 ) -> DemoResult:
     """Prepare everything in `out_dir` and run the unit on it; see the module doc."""
     from edge.config import load_config
-    from edge.daemon import Daemon, configure_logging
+    from edge.daemon import Daemon, configure_logging, tune_malloc
     from engines.face_engine import FaceEngine
 
+    tune_malloc()
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     from edge.config import LoggingConfig

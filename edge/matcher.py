@@ -9,8 +9,9 @@ every face on one shared direction: the project's default engine scores two stra
 * the high plane (``hi``, uint8 holding ``h + 128``) is scanned for every batch with an int8
   matrix product (ONNX Runtime's ``MatMulInteger``, whose MLAS kernels use VNNI on x86 and the
   dot-product instructions on ARM), reading 128 MB instead of 512 MB;
-* rows are grouped (row ``r`` is in group ``r mod G``) so each query's best groups are found from
-  a cheap column-wise maximum instead of a sort of a million scores;
+* rows are grouped (row ``r`` is in group ``r mod G``, and in a finer group ``r mod 16G``) so each
+  query's best groups are found from cheap element-wise maxima instead of a sort of a million
+  scores;
 * from the coarse scores a shortlist is cut with a *proven* error bound (see ``_coarse_bound``), so
   every template that can be among the exact top-k persons is on it; the shortlist is then scored
   exactly in float32 from both planes.
@@ -359,11 +360,7 @@ class TemplateIndex:
         maxq = np.abs(qs).max(axis=1)
         sq = np.where(maxq > 0, maxq / 127.0, 1.0)
         qq = np.rint(qs / sq[:, None]).astype(np.int8)
-        # Zero columns pad the batch to 8 or 16 so each row of scores is one or two 8-byte words
-        # (see _shortlists); the product costs the same.
-        qq_t = np.zeros((q.shape[1], 8 if nq <= 8 else 16), dtype=np.int8)
-        qq_t[:, :nq] = qq.T
-        y = scorer.coarse(p.hi, qq_t)
+        y = scorer.coarse(p.hi, np.ascontiguousarray(qq.T))
         if y.shape[0] > self._n:
             y[self._n :] = np.iinfo(np.int32).min
         groups = y.shape[0] // _GROUP_ROWS

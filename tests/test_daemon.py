@@ -325,3 +325,14 @@ def test_demo_command_runs_the_whole_loop(engine: Any, tmp_path: Path) -> None:
     hits = read_hits(tmp_path / "demo" / "hits.jsonl")
     assert [h["person_id"] for h in hits] == ["astronaut", "astronaut"]
     assert all(h["crop_jpeg_b64"] for h in hits)
+
+
+def test_tune_malloc_where_glibc_is() -> None:
+    import platform
+
+    from edge.daemon import tune_malloc
+
+    result = tune_malloc()
+    assert isinstance(result, bool)
+    if platform.libc_ver()[0] == "glibc":
+        assert result, "glibc has mallopt; the unit relies on it to keep RSS flat"

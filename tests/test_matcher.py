@@ -9,7 +9,7 @@ import pytest
 
 from edge.matcher import Matcher, MatcherError, TemplateIndex
 from edge.types import Match
-from sync.synthetic import person_centers, samples_of, unit_rows
+from sync.synthetic import ENGINE_LIKE, person_centers, samples_of, unit_rows
 
 
 def _brute_force(index: TemplateIndex, ids: list[str], q: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
@@ -25,26 +25,34 @@ def _brute_force(index: TemplateIndex, ids: list[str], q: np.ndarray, k: int) ->
     return out
 
 
-def _data(n_persons: int, per: int, seed: int = 0) -> tuple[list[str], np.ndarray, np.ndarray]:
-    centers = person_centers(n_persons, seed=seed)
-    emb = samples_of(centers, per, seed=seed + 1)
+def _data(n_persons: int, per: int, seed: int = 0, shape: dict | None = None) -> tuple[list[str], np.ndarray, np.ndarray]:
+    shape = shape or {}
+    centers = person_centers(n_persons, seed=seed, shared=shape.get("shared", 0.0))
+    emb = samples_of(centers, per, seed=seed + 1, spread=shape.get("spread", 0.55))
     ids = [f"p{i // per:06d}" for i in range(len(emb))]
     return ids, emb, centers
 
 
-def _queries(centers: np.ndarray, n_genuine: int, n_strangers: int, seed: int = 9) -> np.ndarray:
+def _queries(centers: np.ndarray, n_genuine: int, n_strangers: int, seed: int = 9,
+             shape: dict | None = None) -> np.ndarray:
+    shape = shape or {}
     rng = np.random.default_rng(seed)
-    genuine = samples_of(centers[rng.integers(0, len(centers), n_genuine)], 1, seed=seed + 1)
-    strangers = samples_of(person_centers(n_strangers, seed=seed + 2), 1, seed=seed + 3)
+    spread = shape.get("spread", 0.55)
+    genuine = samples_of(centers[rng.integers(0, len(centers), n_genuine)], 1, seed=seed + 1, spread=spread)
+    strangers = samples_of(person_centers(n_strangers, seed=seed + 2, shared=shape.get("shared", 0.0)), 1,
+                           seed=seed + 3, spread=spread)
     return np.concatenate([genuine, strangers])
 
 
-@pytest.mark.parametrize("n_persons,per", [(1, 1), (3, 2), (400, 3), (6000, 3)])
-def test_search_equals_brute_force(n_persons: int, per: int) -> None:
-    ids, emb, centers = _data(n_persons, per)
+@pytest.mark.parametrize("n_persons,per,shape", [
+    (1, 1, None), (3, 2, None), (400, 3, None), (6000, 3, None),
+    (6000, 3, ENGINE_LIKE),  # crowded: strangers at 0.97, the shortlist holds thousands of rows
+])
+def test_search_equals_brute_force(n_persons: int, per: int, shape: dict | None) -> None:
+    ids, emb, centers = _data(n_persons, per, shape=shape)
     index = TemplateIndex.build(ids, emb, version=1, model_id="m")
     matcher = Matcher(index)
-    q = _queries(centers, 12, 12)
+    q = _queries(centers, 12, 12, shape=shape)
     for k in (1, 5):
         got = matcher.search(q, k=k)
         want = _brute_force(index, ids, q, k)

@@ -17,7 +17,7 @@ from sync.enrol import read_manifest, scan_folder
 from sync.errors import RegisterError
 from sync.keys import generate_key, make_keyset, parse_keyset
 from sync.register import Register
-from sync.synthetic import make_persons, person_centers, samples_of, unit_rows
+from sync.synthetic import ENGINE_LIKE, make_persons, person_centers, samples_of, unit_rows
 
 MODEL = "synthetic:v1"
 
@@ -108,8 +108,9 @@ def test_encoding_is_canonical_and_round_trips(keys) -> None:
     persons = (Person("b-2", (Template(age=3), Template("2020-02-29"))), Person("a-1", (Template(age=5),) * 2,
                                                                                 name="Ünïcode", priority=2,
                                                                                 threshold=0.61))
+    offset = emb.mean(axis=0)
     b = Bundle(kind="full", version=3, created_at=1000, expires_at=2000, model_id=MODEL, embedding_dim=128,
-               default_threshold=0.5, persons=persons, embeddings=emb)
+               default_threshold=0.5, persons=persons, embeddings=emb - offset, embedding_offset=offset)
     one, two = encode_bundle(b, signing, keyset.envelope), encode_bundle(b, signing, keyset.envelope)
     assert one == two  # Ed25519 is deterministic and the header canonical
     f = frame(one)
@@ -117,7 +118,8 @@ def test_encoding_is_canonical_and_round_trips(keys) -> None:
     assert header.isascii() and b" " not in header.replace(b"\\u00dcn", b"")
     assert header.startswith(b'{"base_version":null,"created_at":1000,"default_threshold":0.5,')
     back = parse_verified(f)
-    assert back.persons == persons and np.array_equal(back.embeddings, emb.astype(np.float16))
+    assert back.persons == persons and np.array_equal(back.embeddings, (emb - offset).astype(np.float16))
+    assert np.array_equal(back.embedding_offset, offset)  # float32 values survive the JSON exactly
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -172,6 +174,27 @@ def test_manifest_rows_are_checked_before_any_photo_is_opened(tmp_path: Path) ->
     assert [(e.photo.name, e.photo_date, e.age) for e in entries] == [
         ("2016-05-01_front.jpg", "2016-05-01", None), ("age9.png", None, 9)]
     assert len(errors) == 1 and "holiday.jpg" in errors[0]["where"]
+
+
+def test_offset_keeps_crowded_embeddings_precise_and_stays_fixed(tmp_path: Path, keys) -> None:
+    # Engine-like embeddings share one large direction; float16 around HQ's mean keeps scores closer.
+    root, signing, keyset = keys
+    reg = Register(tmp_path / "hq.db")
+    centers = person_centers(200, seed=3, shared=ENGINE_LIKE["shared"])
+    emb = samples_of(centers, 2, seed=4, spread=ENGINE_LIKE["spread"])
+    reg.add_persons(make_persons([f"case-{i:04d}" for i in range(200)], 2), emb, model_id=MODEL)
+    b1, d1, _ = plan_bundle(reg, model_id=MODEL, default_threshold=0.99)
+    release(reg, b1, d1, signing, keyset)
+    decoded = b1.embedding_offset + b1.embeddings.astype(np.float32)
+    plain = emb.astype(np.float16).astype(np.float32)  # what float16 without the offset would give
+    probes = samples_of(centers[:20], 1, seed=5, spread=ENGINE_LIKE["spread"])
+    err, err_plain = np.abs(probes @ decoded.T - probes @ emb.T), np.abs(probes @ plain.T - probes @ emb.T)
+    assert err.max() < 3e-5 and np.median(err) < 5e-6 < 1e-5 < np.median(err_plain)
+    reg.add_persons(make_persons(["case-new"], 1), samples_of(centers[:1], 1, seed=9, spread=0.5), model_id=MODEL)
+    b2, _, _ = plan_bundle(reg, model_id=MODEL, default_threshold=0.99, kind="delta")
+    assert np.array_equal(b2.embedding_offset, b1.embedding_offset)
+    index = TemplateIndex.build(b1.template_person_ids(), b1.embeddings, offset=b1.embedding_offset)
+    assert np.abs(probes @ index.dequantize(np.arange(400)).T - probes @ emb.T).max() < 4e-5
 
 
 def test_names_stay_at_hq_unless_asked(tmp_path: Path) -> None:

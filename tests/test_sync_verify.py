@@ -132,6 +132,12 @@ def test_wrong_base(unit: Watchlist, hq: Authority) -> None:
     _assert_refused(unit, _delta(hq, 7, 4), "wrong_base")
 
 
+def test_delta_around_another_offset(unit: Watchlist, hq: Authority) -> None:
+    persons, emb, _ = _persons(2, seed=50, prefix="new")
+    offset = np.full(128, 0.01, np.float32)
+    _assert_refused(unit, hq.bundle(6, persons, emb, kind="delta", base=5, offset=offset), "wrong_base")
+
+
 def test_expired(unit: Watchlist, hq: Authority) -> None:
     _assert_refused(unit, _delta(hq, 6, 5, created_at=int(time.time()) - 7200, valid_for_s=3600), "expired")
 
