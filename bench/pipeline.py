@@ -8,9 +8,10 @@ Phases, each in its own process so CPU use and peak RSS are its own:
   peer   the per-frame loop of face_recognition's own video example (facerec_from_video_file.py):
          face_locations, face_encodings, compare_faces(tolerance=0.5) on every frame; same figures.
          It has no tracking, so each frame with a match is an alert; appearances are judged as ours.
-  live   4 cameras (the clip played in real time and looped, 1280x720, 10 fps each) analysed at
-         5 fps each by the threaded pipeline for --live-seconds: analysed fps per camera, lag behind
-         live over time (is it growing?), frame-to-hit latency p50/p99, CPU use, RSS.
+  live   4 cameras (the clip served over RTSP by the test RTSP server, looped, 1280x720, 10 fps
+         each; or the file itself with --source file) analysed at 5 fps each by the threaded
+         pipeline for --live-seconds: analysed fps per camera, lag behind live over time (is it
+         growing?), frame-to-hit latency p50/p99, CPU use, RSS.
   soak   (only with --soak-minutes N) the live setup for N minutes: RSS growth after the first minute.
 
 The clip: a still 1280x720 scene where people come and go; from the evaluation set
@@ -362,16 +363,32 @@ def phase_peer(plan: dict[str, Any], _work: Path, args: argparse.Namespace) -> d
     }
 
 
-def _live(plan: dict[str, Any], work: Path, seconds: float, sample_every: float, detect_workers: int) -> dict[str, Any]:
+def _cameras(plan: dict[str, Any], work: Path, source: str) -> tuple[list[str], Any, str]:
+    """Camera URLs for the live runs: RTSP streams of the clip from the test RTSP server (as a unit
+    sees cameras), or the clip file itself, looped, where GStreamer's RTSP server is not installed."""
+    if source == "rtsp":
+        from tests.fixtures.rtsp import RtspServer, gst_rtsp_problem
+
+        problem = gst_rtsp_problem()
+        if problem is None:
+            srv = RtspServer({f"cam{i}": plan["clip"] for i in range(LIVE_CAMERAS)}, work).start()
+            return [srv.url(f"cam{i}") for i in range(LIVE_CAMERAS)], srv, "rtsp (test RTSP server, clip looped)"
+        print(f"no RTSP server ({problem}); reading the clip file instead", file=sys.stderr)
+    return [plan["clip"]] * LIVE_CAMERAS, None, "file (clip looped, reopened at each end)"
+
+
+def _live(
+    plan: dict[str, Any], work: Path, seconds: float, sample_every: float, detect_workers: int, source: str
+) -> dict[str, Any]:
     from edge.capture import CameraReader, CaptureConfig
     from edge.pipeline import AnalysisConfig, CameraSpec, MatchingConfig, Pipeline
     from engines.face_engine import FaceEngine
 
     engine = FaceEngine.load()
     matcher = _watchlist(plan, work, engine)
+    urls, server, source_note = _cameras(plan, work, source)
     readers = [
-        CameraReader(CaptureConfig(id=f"cam{i}", url=plan["clip"], realtime=True, loop=True))
-        for i in range(LIVE_CAMERAS)
+        CameraReader(CaptureConfig(id=f"cam{i}", url=url, realtime=True, loop=True)) for i, url in enumerate(urls)
     ]
 
     class Count:
@@ -426,7 +443,10 @@ def _live(plan: dict[str, Any], work: Path, seconds: float, sample_every: float,
         pipe.stop()
         for r in readers:
             r.stop()
+        if server is not None:
+            server.stop()
     return {
+        "source": source_note,
         "samples": samples,
         "wall": wall,
         "cpu": cpu1 - cpu0,
@@ -438,7 +458,7 @@ def _live(plan: dict[str, Any], work: Path, seconds: float, sample_every: float,
 
 
 def phase_live(plan: dict[str, Any], work: Path, args: argparse.Namespace) -> dict[str, Any]:
-    r = _live(plan, work, args.live_seconds, 1.0, args.detect_workers)
+    r = _live(plan, work, args.live_seconds, 1.0, args.detect_workers, args.source)
     samples = r["samples"]
     # Judge the steady state: skip the first 5 s (models warming, cameras connecting).
     steady = [s for s in samples if s["t"] >= 5.0]
@@ -469,6 +489,7 @@ def phase_live(plan: dict[str, Any], work: Path, args: argparse.Namespace) -> di
     sustained = all(c["analysed_fps"] >= 0.95 * LIVE_FPS for c in per_cam.values()) and not growing
     return {
         "cameras": LIVE_CAMERAS,
+        "source": r["source"],
         "detect_workers": args.detect_workers,
         "resolution": f"{SIZE[0]}x{SIZE[1]}",
         "stream_fps": FPS,
@@ -486,7 +507,7 @@ def phase_live(plan: dict[str, Any], work: Path, args: argparse.Namespace) -> di
 
 
 def phase_soak(plan: dict[str, Any], work: Path, args: argparse.Namespace) -> dict[str, Any]:
-    r = _live(plan, work, args.soak_minutes * 60.0, 10.0, args.detect_workers)
+    r = _live(plan, work, args.soak_minutes * 60.0, 10.0, args.detect_workers, args.source)
     rss = [(s["t"], s["rss_mb"]) for s in r["samples"]]
     # RSS swings by tens of MB as frames and batches come and go: compare averages, not two samples.
     # Start: the second minute (models loaded, caches filled); end: the last tenth of the run.
@@ -497,6 +518,7 @@ def phase_soak(plan: dict[str, Any], work: Path, args: argparse.Namespace) -> di
     slope = float(np.polyfit([t for t, _ in steady], [m for _, m in steady], 1)[0]) * 3600 if len(steady) > 2 else 0.0
     return {
         "minutes": args.soak_minutes,
+        "source": r["source"],
         "rss_second_minute_mb": round(base, 1),
         "rss_end_mb": round(last, 1),
         "rss_growth_pct": round(100.0 * (last - base) / base, 2),
@@ -529,6 +551,8 @@ def run_phase(name: str, plan_path: Path, args: argparse.Namespace, timeout: flo
         str(args.soak_minutes),
         "--detect-workers",
         str(args.detect_workers),
+        "--source",
+        args.source,
     ]
     print(f"[{name}] running ...", file=sys.stderr, flush=True)
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
@@ -600,6 +624,12 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=2,
         help="[analysis] detect_workers for the live run (one per CPU core suits a CPU-only unit)",
+    )
+    ap.add_argument(
+        "--source",
+        choices=["rtsp", "file"],
+        default="rtsp",
+        help="live/soak cameras: RTSP streams of the clip or the file",
     )
     ap.add_argument("--phases", default="ours,peer,live", help="which of ours,peer,live to run (soak: --soak-minutes)")
     ap.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
