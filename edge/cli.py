@@ -100,9 +100,9 @@ def demo(out_dir: Path, seconds: float, verbose: bool) -> None:
     """Run the whole loop on generated data: no camera, no broker, nothing downloaded.
 
     Makes a video from public-domain pictures that ship with scikit-image (the NASA astronaut
-    photo, the cameraman photo), a signed watchlist holding the astronaut (enrolled from a
-    different picture of her than the video shows), and a config whose only camera is the video
-    file and whose sink is a JSON-lines file. Then runs the unit on it and prints each hit:
+    photo, the cameraman photo), a signed watchlist holding the astronaut (enrolled from an
+    altered copy of her photo: mirrored, turned, darkened; not from the video), and a config whose
+    only camera is the video file and whose sink is a JSON-lines file. Then runs the unit on it and prints each hit:
     the astronaut once per appearance, the cameraman never.
 
     \b

@@ -4,8 +4,8 @@
    public-domain photos that ship with scikit-image: the NASA astronaut (Eileen Collins), who
    appears twice, and the cameraman, who appears once in between.
 2. A signed watchlist, built the way HQ builds one (sync: keys, register, enrolment, signed
-   bundle), holding the astronaut enrolled from a different picture than the video shows (the
-   photo mirrored, turned and re-lit), then verified and applied on the unit's side.
+   bundle), holding the astronaut enrolled from an altered copy of her photo (mirrored, turned and
+   darkened; not from the video), then verified and applied on the unit's side.
 3. A unit config whose only camera is the video file (played at its own pace, as a camera would
    deliver it) and whose only sink is a JSON-lines file.
 4. The unit runs until the video ends; each hit is printed as it happens.
