@@ -140,7 +140,7 @@ class FaceEngine:
 
     def detect(self, image: np.ndarray) -> list[Detection]:
         """Faces in an RGB uint8 image, each with a box, a score and 5 landmarks."""
-        return self.detector.detect(check_image(image))
+        return self.detector.detect(image)
 
     def assess(self, image: np.ndarray, detection: Detection) -> Quality:
         """The quality gate's verdict on one detected face."""
@@ -171,7 +171,7 @@ class FaceEngine:
         """Detect, judge and embed every face in one image; faces that fail the quality gate
         get no embedding unless `embed_rejected`."""
         image = check_image(image)
-        dets = self.detect(image)
+        dets = self.detector.detect(image)
         verdicts = [self.assess(image, d) for d in dets]
         todo = [i for i, q in enumerate(verdicts) if q.ok or embed_rejected]
         embs = self.embed([(image, dets[i]) for i in todo]) if todo else np.zeros((0, self.embedding_dim), np.float32)

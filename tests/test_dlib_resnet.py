@@ -101,3 +101,4 @@ def test_conversion_agrees_with_dlib_on_lag_faces(converted, lag_dir):
     cos = np.sum(refs * ours, axis=1) / np.linalg.norm(refs, axis=1) / np.linalg.norm(ours, axis=1)
     assert len(chips) >= 200
     assert cos.min() >= 0.9999, f"worst cosine {cos.min()}"
+    assert np.abs(refs - ours).max() < 1e-4
