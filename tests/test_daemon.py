@@ -17,20 +17,10 @@ from typing import Any
 
 import pytest
 
-from tests.edge_support import People, engine_or_skip, people_or_skip, signed_store
+from tests.edge_support import People, signed_store
 from tests.fixtures.media import make_face_clip
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def engine() -> Any:
-    return engine_or_skip()
-
-
-@pytest.fixture(scope="module")
-def people(engine: Any) -> People:
-    return people_or_skip()
 
 
 @pytest.fixture(scope="module")

@@ -19,25 +19,13 @@ from edge.sinks import JsonlSink, JsonlSinkConfig
 from edge.types import Frame, Hit
 from tests.edge_support import (
     People,
-    engine_or_skip,
     matcher_for,
-    people_or_skip,
     signed_store,
 )
 from tests.fixtures.media import make_face_clip
 
 FPS = 10
 SIZE = (640, 360)
-
-
-@pytest.fixture(scope="module")
-def engine() -> Any:
-    return engine_or_skip()
-
-
-@pytest.fixture(scope="module")
-def people(engine: Any) -> People:
-    return people_or_skip()
 
 
 @pytest.fixture(scope="module")
