@@ -8,18 +8,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import sqlite_utils
 
 from sync import canonical
 from sync.bundle import Bundle, Person, Template, check_person_id
 from sync.errors import RegisterError
+from sync.sqlite import open_database
 
 SCHEMA_VERSION = 1
 _CHUNK = 500
@@ -99,19 +98,15 @@ class Register:
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
-        try:
-            self.db = sqlite_utils.Database(sqlite3.connect(self.path))
-            self.db.execute("PRAGMA foreign_keys = ON")
-            self.db.execute("PRAGMA secure_delete = ON")
-            tables = set(self.db.table_names())
-            if tables and "releases" not in tables:
-                raise RegisterError(f"{self.path} is an SQLite file but not a watchlist register")
-            if not tables:
-                self.db.executescript(
-                    f"BEGIN;{_SCHEMA}INSERT INTO meta(key, value) VALUES ('schema', '{SCHEMA_VERSION}');COMMIT;"
-                )
-        except sqlite3.DatabaseError as exc:
-            raise RegisterError(f"cannot open register {self.path}: {exc}") from None
+        self.db = open_database(
+            self.path,
+            marker_table="releases",
+            schema=_SCHEMA,
+            schema_version=SCHEMA_VERSION,
+            error=RegisterError,
+            what="register",
+            not_ours="not a watchlist register",
+        )
 
     def close(self) -> None:
         self.db.close()

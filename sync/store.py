@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import sqlite_utils
 
 from edge.matcher import TemplateIndex
 from sync.bundle import Bundle
 from sync.errors import StoreError
+from sync.sqlite import open_database
 from sync.verify import Verified
 
 SCHEMA_VERSION = 1
@@ -88,21 +88,20 @@ class UnitStore:
         self.path = Path(path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            # The unit's threads share this connection; sync.apply.Watchlist serializes them.
-            self.db = sqlite_utils.Database(sqlite3.connect(self.path, check_same_thread=False))
-            self.db.execute("PRAGMA secure_delete = ON")
-            self.db.execute("PRAGMA synchronous = FULL")
-            self.db.execute("PRAGMA foreign_keys = ON")
-            tables = set(self.db.table_names())
-            if tables and "meta" not in tables:
-                raise StoreError(f"{self.path} is an SQLite file but not a watchlist store; point [watchlist] store elsewhere")
-            if not tables:
-                # executescript commits whatever is open, so the schema gets its own BEGIN/COMMIT.
-                self.db.executescript(
-                    f"BEGIN;{_SCHEMA}INSERT INTO meta(key, value) VALUES ('schema', '{SCHEMA_VERSION}');COMMIT;"
-                )
-        except sqlite3.DatabaseError as exc:
+        except OSError as exc:
             raise StoreError(f"cannot open watchlist store {self.path}: {exc}") from None
+        # The unit's threads share this connection; sync.apply.Watchlist serializes them.
+        self.db = open_database(
+            self.path,
+            marker_table="meta",
+            schema=_SCHEMA,
+            schema_version=SCHEMA_VERSION,
+            error=StoreError,
+            what="watchlist store",
+            not_ours="not a watchlist store; point [watchlist] store elsewhere",
+            threaded=True,
+            pragmas=("synchronous = FULL",),
+        )
         schema = self._meta().get("schema")
         if schema != SCHEMA_VERSION:
             raise StoreError(f"{self.path} has store schema {schema}, this version reads {SCHEMA_VERSION}")
