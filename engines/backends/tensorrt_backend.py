@@ -141,6 +141,7 @@ class TensorRTBackend:
             (ins if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT else outs).append(info)
         self.inputs, self.outputs = tuple(ins), tuple(outs)
         self._buffers: dict[str, tuple[object, int]] = {}
+        self._host: dict[str, np.ndarray] = {}
 
     def _build(self, onnx_path: Path, precision: str, profiles: dict, workspace_mb: int) -> bytes:
         trt = self._trt
@@ -192,7 +193,11 @@ class TensorRTBackend:
         results: dict[str, np.ndarray] = {}
         for info in self.outputs:
             shape = tuple(self.context.get_tensor_shape(info.name))
-            host = cuda.pagelocked_empty(shape, dtype=trt.nptype(self.engine.get_tensor_dtype(info.name)))
+            host = self._host.get(info.name)
+            if host is None or host.shape != shape:
+                # Page-locked memory is slow to allocate: keep it while the batch shape repeats.
+                host = cuda.pagelocked_empty(shape, dtype=trt.nptype(self.engine.get_tensor_dtype(info.name)))
+                self._host[info.name] = host
             dev = self._buffer(info.name, host.nbytes)
             self.context.set_tensor_address(info.name, int(dev))
             results[info.name] = host
