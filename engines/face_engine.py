@@ -150,21 +150,30 @@ class FaceEngine:
         """Aligned chips (N, H, W, 3) uint8 RGB in the embedder's geometry."""
         spec = self.embedder.spec
         chips = np.empty((len(detections), spec.input_height, spec.input_width, 3), dtype=np.uint8)
-        for i, det in enumerate(detections):
-            if spec.alignment == "dlib5" and self.shape_predictor is not None:
-                points = self.shape_predictor.predict(image, dlib_box_from_points(det.landmarks))
+        if not detections:
+            return chips
+        if spec.alignment == "dlib5" and self.shape_predictor is not None:
+            boxes = [dlib_box_from_points(det.landmarks) for det in detections]
+            for i, points in enumerate(self.shape_predictor.predict_many(image, boxes)):
                 chips[i] = extract_chip(image, dlib_chip_transform(points, size=spec.input_width), spec.input_width)
-            else:
-                chips[i] = align_to_template(
-                    image, det.landmarks, np.asarray(spec.template, dtype=np.float32), (spec.input_width, spec.input_height)
-                )
+        else:
+            template = np.asarray(spec.template, dtype=np.float32)
+            for i, det in enumerate(detections):
+                chips[i] = align_to_template(image, det.landmarks, template, (spec.input_width, spec.input_height))
         return chips
 
     def embed(self, items: Sequence[tuple[np.ndarray, Detection]]) -> np.ndarray:
         """Embeddings (N, D) for faces from any number of images (for example several cameras), in one batch."""
         if not items:
             return np.zeros((0, self.embedding_dim), dtype=np.float32)
-        chips = np.concatenate([self.align(check_image(img), [det]) for img, det in items])
+        # Faces of one image are checked and aligned together, then all chips go in one batch.
+        groups: dict[int, tuple[np.ndarray, list[int]]] = {}
+        for i, (img, _) in enumerate(items):
+            groups.setdefault(id(img), (img, []))[1].append(i)
+        spec = self.embedder.spec
+        chips = np.empty((len(items), spec.input_height, spec.input_width, 3), dtype=np.uint8)
+        for img, idx in groups.values():
+            chips[idx] = self.align(check_image(img), [items[i][1] for i in idx])
         return self.embedder.embed_chips(chips)
 
     def analyze(self, image: np.ndarray, embed_rejected: bool = False) -> list[AnalyzedFace]:
