@@ -143,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_peer:
         peer = run_peer(photos)
         if peer is None:
-            print("face_recognition is not installed: peer comparison skipped (pip install --no-deps face_recognition dlib-bin)")
+            print(
+                "face_recognition is not installed: peer comparison skipped (pip install --no-deps face_recognition dlib-bin)"
+            )
         else:
             embs, info = peer
             info.update(evaluate(photos, embs, _neg_euclid))
@@ -154,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'method':<18}{'no_face':>8}{'TAR@1e-2':>10}{'TAR@1e-3':>10}{'TAR@1e-4':>10}{'rank-1':>8}{'rank-5':>8}")
     for name, r in rows:
         t = r["tar_at_far"]
-        print(f"{name:<18}{r['no_face']:>8}{t['1e-2']:>10.3f}{t['1e-3']:>10.3f}{t['1e-4']:>10.3f}{r['rank1']:>8.3f}{r['rank5']:>8.3f}")
+        print(
+            f"{name:<18}{r['no_face']:>8}{t['1e-2']:>10.3f}{t['1e-3']:>10.3f}{t['1e-4']:>10.3f}{r['rank1']:>8.3f}{r['rank5']:>8.3f}"
+        )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))

@@ -32,8 +32,9 @@ from bench.lag import DEFAULT_DATA, list_photos, require_data  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=DEFAULT_DATA,
-                    help="LAG-layout folder (default ../shared/data/lag-dev)")
+    ap.add_argument(
+        "--data", type=Path, default=DEFAULT_DATA, help="LAG-layout folder (default ../shared/data/lag-dev)"
+    )
     ap.add_argument("--limit", type=int, default=100, help="photos to use, an even spread over the set (default 100)")
     ap.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = ap.parse_args()
@@ -103,13 +104,19 @@ def main() -> None:
         "ms_per_face_dlib": t_dlib / n * 1e3,
     }
     print(f"{n} photos; model load {load_s:.2f} s")
-    print(f"landmarks: identical to dlib's on {res['landmarks_identical']}/{n}, largest difference "
-          f"{res['landmark_max_abs_diff_px']:.3f} px")
-    print(f"chips: identical on {identical}/{n}; mean abs difference mean {res['chip_mean_abs_diff_mean']:.4f}, "
-          f"max {res['chip_mean_abs_diff_max']:.4f} grey levels")
+    print(
+        f"landmarks: identical to dlib's on {res['landmarks_identical']}/{n}, largest difference "
+        f"{res['landmark_max_abs_diff_px']:.3f} px"
+    )
+    print(
+        f"chips: identical on {identical}/{n}; mean abs difference mean {res['chip_mean_abs_diff_mean']:.4f}, "
+        f"max {res['chip_mean_abs_diff_max']:.4f} grey levels"
+    )
     print(f"dlib embedding of our chip vs dlib's: cosine min {res['cosine_min']:.6f}, mean {res['cosine_mean']:.6f}")
     print(f"{'landmarks, ms per face':<28}{'ours 1/call':>12}{'ours 8/call':>12}{'dlib C++':>10}")
-    print(f"{'':<28}{res['ms_per_face_ours']:>12.2f}{res['ms_per_face_ours_batch8']:>12.2f}{res['ms_per_face_dlib']:>10.2f}")
+    print(
+        f"{'':<28}{res['ms_per_face_ours']:>12.2f}{res['ms_per_face_ours_batch8']:>12.2f}{res['ms_per_face_dlib']:>10.2f}"
+    )
     if args.json:
         args.json.write_text(json.dumps(res, indent=2))
 

@@ -101,10 +101,17 @@ def _recall(detect: Detect, images: list[np.ndarray], pad: Callable[[np.ndarray]
     for img in images:
         found += bool(detect(pad(img)))
     dt = time.perf_counter() - t0
-    return {"recall": found / len(images), "found": found, "images": len(images), "ms_per_image": 1000 * dt / len(images)}
+    return {
+        "recall": found / len(images),
+        "found": found,
+        "images": len(images),
+        "ms_per_image": 1000 * dt / len(images),
+    }
 
 
-def _synthetic_frame(width: int, height: int, faces: list[np.ndarray]) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
+def _synthetic_frame(
+    width: int, height: int, faces: list[np.ndarray]
+) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
     """A cluttered real-photo background with faces pasted at PASTE_HEIGHTS, left to right."""
     from skimage import data as skdata
 
@@ -140,14 +147,18 @@ def _speed(detect: Detect, frame: np.ndarray, rects, repeats: int, warmup: bool 
     }
 
 
-def _recall_table(results: dict, images: list[np.ndarray], mtcnn40: Detect, mtcnn20: Detect,
-                  hog0: Detect, hog1: Detect) -> None:
+def _recall_table(
+    results: dict, images: list[np.ndarray], mtcnn40: Detect, mtcnn20: Detect, hog0: Detect, hog1: Detect
+) -> None:
     print(f"recall on {len(images)} lag-dev images (>= 1 face found)")
     print(f"{'detector':<22}{'padding':<22}{'recall':>8}{'ms/img':>9}")
     runs = [("mtcnn min40", mtcnn40, p) for p in PADDINGS]
     runs += [("hog up0", hog0, p) for p in PADDINGS]
-    runs += [(name, det, p) for name, det in (("mtcnn min20", mtcnn20), ("hog up1", hog1))
-             for p in ("none", "reflect30", "constant30")]
+    runs += [
+        (name, det, p)
+        for name, det in (("mtcnn min20", mtcnn20), ("hog up1", hog1))
+        for p in ("none", "reflect30", "constant30")
+    ]
     for name, detect, pad in runs:
         r = _recall(detect, images, _pad(pad))
         results["recall"].setdefault(name, {})[pad] = r
@@ -156,8 +167,12 @@ def _recall_table(results: dict, images: list[np.ndarray], mtcnn40: Detect, mtcn
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data",
-                    help="evaluation data root holding lag-dev/ (default ../shared/data)")
+    ap.add_argument(
+        "--data",
+        type=Path,
+        default=Path(__file__).resolve().parents[2] / "shared" / "data",
+        help="evaluation data root holding lag-dev/ (default ../shared/data)",
+    )
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--limit", type=int, default=0, help="use only the first N lag-dev images (0 = all)")
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per frame")
@@ -196,14 +211,19 @@ def main() -> int:
     print(f"{'detector':<22}{'frame':<12}{'ms':>9}{'found':>9}{'dets':>6}")
     for w, h in ((1920, 1080), (1280, 720)):
         frame, rects = _synthetic_frame(w, h, faces)
-        runs = [("mtcnn min40", mtcnn40, args.repeats), ("hog up1 (40px)", hog1, args.repeats),
-                ("hog up0 (80px)", hog0, args.repeats)]
+        runs = [
+            ("mtcnn min40", mtcnn40, args.repeats),
+            ("hog up1 (40px)", hog1, args.repeats),
+            ("hog up0 (80px)", hog0, args.repeats),
+        ]
         if args.mmod:
             runs.append(("mmod up1 (40px)", _mmod(1), 1))
         for name, detect, repeats in runs:
             r = _speed(detect, frame, rects, repeats, warmup=repeats > 1)
             results["speed"].setdefault(name, {})[f"{w}x{h}"] = r
-            print(f"{name:<22}{f'{w}x{h}':<12}{r['ms_median']:>9.1f}{r['pasted_found']:>5}/{r['pasted_faces']:<3}{r['detections']:>6}")
+            print(
+                f"{name:<22}{f'{w}x{h}':<12}{r['ms_median']:>9.1f}{r['pasted_found']:>5}/{r['pasted_faces']:<3}{r['detections']:>6}"
+            )
 
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

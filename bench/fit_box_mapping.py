@@ -77,8 +77,15 @@ def collect(photos, limit: int | None):
         if best is None or _iou(best, det.box) < 0.3:
             skipped["no_hog"] += 1
             continue
-        rows.append({"photo": photo, "image": img, "points": det.landmarks.astype(np.float64),
-                     "mtcnn_box": det.box, "hog_box": best})
+        rows.append(
+            {
+                "photo": photo,
+                "image": img,
+                "points": det.landmarks.astype(np.float64),
+                "mtcnn_box": det.box,
+                "hog_box": best,
+            }
+        )
     tmp.cleanup()
     return rows, skipped
 
@@ -114,8 +121,9 @@ def evaluate(rows, box_of, sp, facerec) -> dict:
         eye_dist = float(np.hypot(*((ref[0] + ref[1]) / 2 - (ref[2] + ref[3]) / 2)))
         shifts.append(float(np.abs(got - ref).max() / eye_dist))
         if facerec is not None:
-            chips = [extract_chip(r["image"], dlib_chip_transform(np.floor(p + 0.5), 150, 0.25), 150)
-                     for p in (ref, got)]
+            chips = [
+                extract_chip(r["image"], dlib_chip_transform(np.floor(p + 0.5), 150, 0.25), 150) for p in (ref, got)
+            ]
             u, v = (np.asarray(facerec.compute_face_descriptor(c)) for c in chips)
             cosines.append(float(u @ v / np.linalg.norm(u) / np.linalg.norm(v)))
     out = {
@@ -127,15 +135,19 @@ def evaluate(rows, box_of, sp, facerec) -> dict:
         "landmark_shift_max": float(np.max(shifts)),
     }
     if cosines:
-        out |= {"cosine_mean": float(np.mean(cosines)), "cosine_p05": float(np.percentile(cosines, 5)),
-                "cosine_min": float(np.min(cosines))}
+        out |= {
+            "cosine_mean": float(np.mean(cosines)),
+            "cosine_p05": float(np.percentile(cosines, 5)),
+            "cosine_min": float(np.min(cosines)),
+        }
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=DEFAULT_DATA,
-                    help="LAG-layout folder (default ../shared/data/lag-dev)")
+    ap.add_argument(
+        "--data", type=Path, default=DEFAULT_DATA, help="LAG-layout folder (default ../shared/data/lag-dev)"
+    )
     ap.add_argument("--limit", type=int, default=None, help="use only the first N photos")
     ap.add_argument("--json", type=Path, default=None, help="write the fit and figures here")
     args = ap.parse_args()
@@ -161,8 +173,13 @@ def main() -> None:
     sp = ShapePredictor.load(default_model_path())
     facerec = dlib.face_recognition_model_v1(face_recognition_models.face_recognition_model_location())
     results = {
-        "faces_used": len(rows), "skipped": skipped, "train_faces": len(train), "test_faces": len(test),
-        "box_centre": centre, "box_side": side, "seconds_detecting": t1 - t0,
+        "faces_used": len(rows),
+        "skipped": skipped,
+        "train_faces": len(train),
+        "test_faces": len(test),
+        "box_centre": centre,
+        "box_side": side,
+        "seconds_detecting": t1 - t0,
         "fitted_box_on_test": evaluate(
             test, lambda r: dlib_box_from_points(r["points"], centre=centre, side=side), sp, facerec
         ),
@@ -171,16 +188,22 @@ def main() -> None:
     print(f"faces used {len(rows)} (fit on {len(train)}, checked on {len(test)}); skipped {skipped}")
     print(f"_BOX_CENTRE = ({', '.join(f'{v:.4f}' for v in centre)})")
     print(f"_BOX_SIDE = ({', '.join(f'{v:.4f}' for v in side)})")
-    print(f"{'box given to the 5-point model':<32}{'IoU':>7}{'IoU p5':>8}{'shift p50':>11}{'shift p95':>11}"
-          f"{'shift max':>11}{'cos mean':>10}{'cos min':>9}")
+    print(
+        f"{'box given to the 5-point model':<32}{'IoU':>7}{'IoU p5':>8}{'shift p50':>11}{'shift p95':>11}"
+        f"{'shift max':>11}{'cos mean':>10}{'cos min':>9}"
+    )
     for name, key in (("fitted from MTCNN points", "fitted_box_on_test"), ("MTCNN box as is", "mtcnn_box_on_test")):
         r = results[key]
-        print(f"{name:<32}{r['iou_mean']:>7.3f}{r['iou_p05']:>8.3f}{r['landmark_shift_median']:>11.4f}"
-              f"{r['landmark_shift_p95']:>11.4f}{r['landmark_shift_max']:>11.4f}"
-              f"{r.get('cosine_mean', float('nan')):>10.5f}"
-              f"{r.get('cosine_min', float('nan')):>9.5f}")
-    print("shift: largest landmark move vs the HOG box, as a fraction of the eye distance; "
-          "cos: dlib embedding of the chip vs the HOG-box chip")
+        print(
+            f"{name:<32}{r['iou_mean']:>7.3f}{r['iou_p05']:>8.3f}{r['landmark_shift_median']:>11.4f}"
+            f"{r['landmark_shift_p95']:>11.4f}{r['landmark_shift_max']:>11.4f}"
+            f"{r.get('cosine_mean', float('nan')):>10.5f}"
+            f"{r.get('cosine_min', float('nan')):>9.5f}"
+        )
+    print(
+        "shift: largest landmark move vs the HOG box, as a fraction of the eye distance; "
+        "cos: dlib embedding of the chip vs the HOG-box chip"
+    )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -80,7 +80,9 @@ def main() -> None:
     faiss.omp_set_num_threads(args.threads)
     n_persons = -(-args.templates // args.per_person)
     shape = SHAPES[args.shape]
-    print(f"generating {n_persons} persons x {args.per_person} templates of {args.dim}-d ({args.shape}) ...", flush=True)
+    print(
+        f"generating {n_persons} persons x {args.per_person} templates of {args.dim}-d ({args.shape}) ...", flush=True
+    )
     centers = person_centers(n_persons, args.dim, seed=1, shared=shape["shared"])
     original = samples_of(centers, args.per_person, seed=2, spread=shape["spread"])[: args.templates]
     person_of = np.arange(len(original)) // args.per_person
@@ -105,11 +107,14 @@ def main() -> None:
     nq = args.batches * args.batch
     n_gen = nq // 2
     genuine_person = rng.integers(0, n_persons, n_gen)
-    queries = np.concatenate([
-        samples_of(centers[genuine_person], 1, seed=4, spread=shape["spread"]),
-        samples_of(person_centers(nq - n_gen, args.dim, seed=5, shared=shape["shared"]), 1, seed=6,
-                   spread=shape["spread"]),
-    ])
+    queries = np.concatenate(
+        [
+            samples_of(centers[genuine_person], 1, seed=4, spread=shape["spread"]),
+            samples_of(
+                person_centers(nq - n_gen, args.dim, seed=5, shared=shape["shared"]), 1, seed=6, spread=shape["spread"]
+            ),
+        ]
+    )
     is_genuine = np.arange(nq) < n_gen
     order = rng.permutation(nq)  # mix genuine and strangers within batches
     queries, is_genuine = queries[order], is_genuine[order]
@@ -155,25 +160,34 @@ def main() -> None:
     # A delta of half removals, half new persons.
     gone = [f"case-{i:07d}" for i in rng.choice(n_persons, args.delta_persons // 2, replace=False)]
     n_new = args.delta_persons - len(gone)
-    new_emb = samples_of(person_centers(n_new, args.dim, seed=7, shared=shape["shared"]), args.per_person, seed=8,
-                         spread=shape["spread"])
+    new_emb = samples_of(
+        person_centers(n_new, args.dim, seed=7, shared=shape["shared"]), args.per_person, seed=8, spread=shape["spread"]
+    )
     new_rows = (new_emb - offset).astype(np.float16)
     new_ids = [f"new-{i // args.per_person:07d}" for i in range(len(new_emb))]
     t = time.perf_counter()
-    nxt = index.with_changes(remove=gone, add_person_ids=new_ids, add_embeddings=new_rows, add_offset=offset,
-                             version=2)
+    nxt = index.with_changes(remove=gone, add_person_ids=new_ids, add_embeddings=new_rows, add_offset=offset, version=2)
     matcher.swap(nxt)
     delta_s = time.perf_counter() - t
 
     def stats(xs: list[float]) -> dict:
         a = np.asarray(xs) * 1000
-        return {"median_ms": round(float(np.median(a)), 2), "p90_ms": round(float(np.percentile(a, 90)), 2),
-                "mean_ms": round(float(a.mean()), 2)}
+        return {
+            "median_ms": round(float(np.median(a)), 2),
+            "p90_ms": round(float(np.percentile(a, 90)), 2),
+            "mean_ms": round(float(a.mean()), 2),
+        }
 
     result = {
-        "shape": args.shape, "templates": len(templates), "persons": n_persons, "dim": args.dim,
-        "batch": args.batch, "k": args.k,
-        "queries": nq, "genuine_queries": int(is_genuine.sum()), "threads": args.threads,
+        "shape": args.shape,
+        "templates": len(templates),
+        "persons": n_persons,
+        "dim": args.dim,
+        "batch": args.batch,
+        "k": args.k,
+        "queries": nq,
+        "genuine_queries": int(is_genuine.sum()),
+        "threads": args.threads,
         "matcher_search": stats(ours_s),
         "matcher_match": stats(match_s),
         "faiss_flat_ip": stats(faiss_s),
@@ -191,23 +205,41 @@ def main() -> None:
         "index_build_s": round(build_s, 2),
         "delta_persons": args.delta_persons,
         "delta_index_swap_s": round(delta_s, 3),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
-                    "numpy": np.__version__, "faiss": faiss.__version__, "onnxruntime": onnxruntime.__version__},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpus": os.cpu_count(),
+            "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
+            "numpy": np.__version__,
+            "faiss": faiss.__version__,
+            "onnxruntime": onnxruntime.__version__,
+        },
     }
     print()
-    print(f"{len(templates):,} {args.shape} templates x {args.dim}-d, batch {args.batch}, top-{args.k}, {args.threads} threads, "
-          f"{nq} queries ({int(is_genuine.sum())} genuine); load average {result['machine']['load_average_1_5_15']}")
+    print(
+        f"{len(templates):,} {args.shape} templates x {args.dim}-d, batch {args.batch}, top-{args.k}, {args.threads} threads, "
+        f"{nq} queries ({int(is_genuine.sum())} genuine); load average {result['machine']['load_average_1_5_15']}"
+    )
     print(f"{'':28} {'median ms':>10} {'p90 ms':>8} {'memory MB':>10}")
-    print(f"{'edge.matcher search':28} {result['matcher_search']['median_ms']:>10} {result['matcher_search']['p90_ms']:>8} "
-          f"{result['index_mb']:>10}")
-    print(f"{'edge.matcher match':28} {result['matcher_match']['median_ms']:>10} {result['matcher_match']['p90_ms']:>8}")
-    print(f"{'faiss IndexFlatIP':28} {result['faiss_flat_ip']['median_ms']:>10} {result['faiss_flat_ip']['p90_ms']:>8} "
-          f"{result['faiss_flat_mb']:>10}")
-    print(f"speed-up {result['speedup_vs_faiss_median']}x; top-1 agreement {agree_flat:.5f} vs FAISS flat, "
-          f"{agree_orig:.5f} vs exact float32 before float16 rounding; max top-1 score diff {score_diff:.2e}")
-    print(f"index build {build_s:.2f} s, RSS growth {rss_index:.0f} MB; {args.delta_persons}-person delta "
-          f"(index side) {delta_s:.3f} s")
+    print(
+        f"{'edge.matcher search':28} {result['matcher_search']['median_ms']:>10} {result['matcher_search']['p90_ms']:>8} "
+        f"{result['index_mb']:>10}"
+    )
+    print(
+        f"{'edge.matcher match':28} {result['matcher_match']['median_ms']:>10} {result['matcher_match']['p90_ms']:>8}"
+    )
+    print(
+        f"{'faiss IndexFlatIP':28} {result['faiss_flat_ip']['median_ms']:>10} {result['faiss_flat_ip']['p90_ms']:>8} "
+        f"{result['faiss_flat_mb']:>10}"
+    )
+    print(
+        f"speed-up {result['speedup_vs_faiss_median']}x; top-1 agreement {agree_flat:.5f} vs FAISS flat, "
+        f"{agree_orig:.5f} vs exact float32 before float16 rounding; max top-1 score diff {score_diff:.2e}"
+    )
+    print(
+        f"index build {build_s:.2f} s, RSS growth {rss_index:.0f} MB; {args.delta_persons}-person delta "
+        f"(index side) {delta_s:.3f} s"
+    )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))

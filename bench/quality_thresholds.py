@@ -32,8 +32,9 @@ PERCENTILES = (0.2, 0.5, 1, 5, 50, 95, 99, 99.5, 99.8)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=DEFAULT_DATA,
-                    help="LAG-layout folder (default ../shared/data/lag-dev)")
+    ap.add_argument(
+        "--data", type=Path, default=DEFAULT_DATA, help="LAG-layout folder (default ../shared/data/lag-dev)"
+    )
     ap.add_argument("--limit", type=int, default=None, help="use only the first N photos")
     ap.add_argument("--json", type=Path, default=None, help="write the measurements summary here")
     args = ap.parse_args()
@@ -80,8 +81,14 @@ def main() -> None:
         "nose_height": [h for _, h in orig],
         "detector_score": [q.detector_score for q, _ in orig],
     }
-    summary: dict = {"photos": len(photos), "no_face": no_face, "seconds": seconds, "config": cfg.model_dump(),
-                     "percentiles": {}, "reject_rate": {}}
+    summary: dict = {
+        "photos": len(photos),
+        "no_face": no_face,
+        "seconds": seconds,
+        "config": cfg.model_dump(),
+        "percentiles": {},
+        "reject_rate": {},
+    }
     print(f"{len(photos)} photos, {len(orig)} with a face ({no_face} without), {seconds:.0f} s")
     print(f"{'measure':<18}" + "".join(f"{'p' + str(p):>9}" for p in PERCENTILES))
     for k, v in fields.items():

@@ -39,9 +39,19 @@ from tests.fixtures.hits import noise_jpeg  # noqa: E402
 
 
 def make_hit(tag: str, crop: bytes | None) -> Hit:
-    return Hit(unit_id="unit-1", camera_id="cam-1", captured_at=time.time(), person_id=tag, score=0.8,
-               threshold=0.6, margin=0.2, box=(10.0, 10.0, 80.0, 90.0), model_id="bench", watchlist_version=1,
-               crop_jpeg=crop)
+    return Hit(
+        unit_id="unit-1",
+        camera_id="cam-1",
+        captured_at=time.time(),
+        person_id=tag,
+        score=0.8,
+        threshold=0.6,
+        margin=0.2,
+        box=(10.0, 10.0, 80.0, 90.0),
+        model_id="bench",
+        watchlist_version=1,
+        crop_jpeg=crop,
+    )
 
 
 def pct(values: list[float], q: float) -> float:
@@ -55,9 +65,26 @@ class ReceiverProcess:
         self.db = db
         self._log = open(log, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "central.cli", "run", "--host", broker.host, "--port", str(broker.port),
-             "--db", str(db), "--client-id", "bench-rx", "--quiet", "--reconnect-max-delay", "0.5"],
-            stdout=self._log, stderr=subprocess.STDOUT, cwd=str(Path(__file__).resolve().parents[1]),
+            [
+                sys.executable,
+                "-m",
+                "central.cli",
+                "run",
+                "--host",
+                broker.host,
+                "--port",
+                str(broker.port),
+                "--db",
+                str(db),
+                "--client-id",
+                "bench-rx",
+                "--quiet",
+                "--reconnect-max-delay",
+                "0.5",
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=str(Path(__file__).resolve().parents[1]),
         )
         self._con: sqlite3.Connection | None = None
 
@@ -90,8 +117,9 @@ class ReceiverProcess:
     def latencies_ms(self, tag: str) -> list[float]:
         con = self._conn()
         assert con is not None
-        return [1000.0 * r[0] for r in con.execute(
-            "SELECT received_at - queued_at FROM hits WHERE person_id = ?", (tag,))]
+        return [
+            1000.0 * r[0] for r in con.execute("SELECT received_at - queued_at FROM hits WHERE person_id = ?", (tag,))
+        ]
 
     def last_received_at(self, tag: str) -> float:
         con = self._conn()
@@ -144,7 +172,9 @@ def main() -> int:
     results: dict = {
         "command": "python bench/reporting.py " + " ".join(sys.argv[1:]),
         "machine": {
-            "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
             "sqlite": sqlite3.sqlite_version,
             "mosquitto": subprocess.run([find_mosquitto(), "-h"], capture_output=True, text=True).stdout.split("\n")[0],
         },
@@ -159,9 +189,15 @@ def main() -> int:
         broker = MosquittoBroker(work / "broker").start()
         rx = ReceiverProcess(broker, work / "receiver.sqlite", work / "receiver.log")
         reporter = MqttReporter(
-            MqttConfig(host=broker.host, port=broker.port, site="site-a", reconnect_min_delay_s=0.1,
-                       reconnect_max_delay_s=1.0, heartbeat_interval_s=5.0),
-            OutboxConfig(path=work / "outbox.sqlite", max_bytes=1024 ** 3),
+            MqttConfig(
+                host=broker.host,
+                port=broker.port,
+                site="site-a",
+                reconnect_min_delay_s=0.1,
+                reconnect_max_delay_s=1.0,
+                heartbeat_interval_s=5.0,
+            ),
+            OutboxConfig(path=work / "outbox.sqlite", max_bytes=1024**3),
             "unit-1",
         )
         try:
@@ -200,8 +236,11 @@ def main() -> int:
             rx.wait("latency", args.latency_hits, 60)
             lat = rx.latencies_ms("latency")
             results["latency"] = {
-                "rate_per_s": args.rate, "hits": args.latency_hits,
-                "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99), "max_ms": max(lat),
+                "rate_per_s": args.rate,
+                "hits": args.latency_hits,
+                "p50_ms": pct(lat, 50),
+                "p99_ms": pct(lat, 99),
+                "max_ms": max(lat),
             }
 
             # Recovery: broker down, backlog builds up on disk, broker back.
@@ -240,22 +279,27 @@ def main() -> int:
         ("outbox write, no crop (mean / p99)", f"{put['no_crop']['mean_us']:.0f} / {put['no_crop']['p99_us']:.0f} us"),
     ]
     crop_key = next(k for k in put if k != "no_crop")
-    rows.append((f"outbox write, {crop_key} (mean / p99)",
-                 f"{put[crop_key]['mean_us']:.0f} / {put[crop_key]['p99_us']:.0f} us"))
+    rows.append(
+        (f"outbox write, {crop_key} (mean / p99)", f"{put[crop_key]['mean_us']:.0f} / {put[crop_key]['p99_us']:.0f} us")
+    )
     t, lt, r = results["throughput"], results["latency"], results["recovery"]
     rows += [
         (f"sustained, {t['hits']} hits submit->stored", f"{t['hits_per_s']:.0f} hits/s"),
         ("  submit alone", f"{t['submit_hits_per_s']:.0f} hits/s"),
-        ("  latency when saturated p50 / p99", f"{t['latency_saturated_p50_ms']:.0f} / "
-                                                f"{t['latency_saturated_p99_ms']:.0f} ms"),
+        (
+            "  latency when saturated p50 / p99",
+            f"{t['latency_saturated_p50_ms']:.0f} / {t['latency_saturated_p99_ms']:.0f} ms",
+        ),
         (f"latency at {lt['rate_per_s']:g} hits/s p50 / p99", f"{lt['p50_ms']:.1f} / {lt['p99_ms']:.1f} ms"),
         (f"recovery, {r['pending_at_restart']} pending: reconnect", f"{r['reporter_reconnect_s']:.2f} s"),
         ("  all received after broker start", f"{r['all_received_s']:.2f} s"),
         ("  drain rate", f"{r['drain_hits_per_s']:.0f} hits/s"),
     ]
     width = max(len(k) for k, _ in rows)
-    print(f"hit reporting benchmark ({results['machine']['cpus']} CPUs, crop {len(crop)} bytes, load average "
-          f"{results['load_avg_1m_start']:.1f} -> {results['load_avg_1m_end']:.1f})")
+    print(
+        f"hit reporting benchmark ({results['machine']['cpus']} CPUs, crop {len(crop)} bytes, load average "
+        f"{results['load_avg_1m_start']:.1f} -> {results['load_avg_1m_end']:.1f})"
+    )
     for k, v in rows:
         print(f"  {k:<{width}}  {v}")
     if args.json:

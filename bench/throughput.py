@@ -104,15 +104,21 @@ def main(argv: list[str] | None = None) -> int:
             }
             best = max(v["faces_per_s"] for v in res["embedding"].values())
             res["embed_ratio_vs_peer"] = best / res["peer_face_recognition"]["embedding"]["faces_per_s"]
-            res["detect_ratio_vs_peer"] = res["detection"]["images_per_s"] / res["peer_face_recognition"]["detection"]["images_per_s"]
+            res["detect_ratio_vs_peer"] = (
+                res["detection"]["images_per_s"] / res["peer_face_recognition"]["detection"]["images_per_s"]
+            )
 
     print(f"\n{source}; backend {res['backend']}")
     print(f"{'what':<34}{'ours':>12}{'face_recognition':>18}")
     peer = res.get("peer_face_recognition")
-    print(f"{'detection images/s':<34}{res['detection']['images_per_s']:>12.1f}{(peer['detection']['images_per_s'] if peer else float('nan')):>18.1f}")
+    print(
+        f"{'detection images/s':<34}{res['detection']['images_per_s']:>12.1f}{(peer['detection']['images_per_s'] if peer else float('nan')):>18.1f}"
+    )
     for batch in (1, 8, 32):
         p = peer["embedding"]["faces_per_s"] if peer and batch == 1 else float("nan")
-        print(f"{'embedding faces/s, batch ' + str(batch):<34}{res['embedding'][f'batch_{batch}']['faces_per_s']:>12.1f}{p:>18.1f}")
+        print(
+            f"{'embedding faces/s, batch ' + str(batch):<34}{res['embedding'][f'batch_{batch}']['faces_per_s']:>12.1f}{p:>18.1f}"
+        )
     if "embed_ratio_vs_peer" in res:
         print(f"embed_ratio_vs_peer = {res['embed_ratio_vs_peer']:.1f}x")
     if args.json:

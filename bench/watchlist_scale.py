@@ -99,9 +99,16 @@ def main() -> None:
     for pid, e in zip(rephoto, re_emb):
         reg.add_template(pid, e, model_id=MODEL, photo_sha256=os.urandom(32).hex(), age=15)
     new_ids = [f"new-{i:07d}" for i in range(n_new)]
-    reg.add_persons(make_persons(new_ids, args.photos),
-                    samples_of(person_centers(n_new, seed=7, shared=ENGINE_LIKE["shared"]), args.photos, seed=8,
-                               spread=ENGINE_LIKE["spread"]), model_id=MODEL)
+    reg.add_persons(
+        make_persons(new_ids, args.photos),
+        samples_of(
+            person_centers(n_new, seed=7, shared=ENGINE_LIKE["shared"]),
+            args.photos,
+            seed=8,
+            spread=ENGINE_LIKE["spread"],
+        ),
+        model_id=MODEL,
+    )
     with tm("hq_delta_plan_s"):
         delta_b, delta_d, _ = plan_bundle(reg, model_id=MODEL, default_threshold=0.5, kind="delta")
     with tm("hq_delta_sign_write_s"):
@@ -128,8 +135,14 @@ def main() -> None:
     with tm("unit_startup_load_index_s"):
         UnitStore(work / "unit.db").load_index()
 
-    trust2 = UnitTrust(hq.root.public_key(), MODEL, max_bundle_bytes=2**33, applied_version=1, applied_model_id=MODEL,
-                       applied_offset=tuple(float(v) for v in full_b.embedding_offset))
+    trust2 = UnitTrust(
+        hq.root.public_key(),
+        MODEL,
+        max_bundle_bytes=2**33,
+        applied_version=1,
+        applied_model_id=MODEL,
+        applied_offset=tuple(float(v) for v in full_b.embedding_offset),
+    )
     with tm("unit_delta_verify_s"):
         dv = verify_bundle(delta.data, trust2, time.time())
     with tm("unit_delta_index_s"):
@@ -145,18 +158,32 @@ def main() -> None:
         mqtt = measure_mqtt(work, cfg, full.data, delta.data, args.chunk_bytes)
 
     result = {
-        "persons": args.persons, "photos_per_person": args.photos, "templates": int(full_b.n_templates),
-        "delta_persons": {"removed": len(delta_b.removed), "upserted": len(delta_b.persons),
-                          "templates_in": int(delta_b.n_templates)},
-        "full_bundle_bytes": len(full.data), "delta_bundle_bytes": len(delta.data),
+        "persons": args.persons,
+        "photos_per_person": args.photos,
+        "templates": int(full_b.n_templates),
+        "delta_persons": {
+            "removed": len(delta_b.removed),
+            "upserted": len(delta_b.persons),
+            "templates_in": int(delta_b.n_templates),
+        },
+        "full_bundle_bytes": len(full.data),
+        "delta_bundle_bytes": len(delta.data),
         "embedding_bytes_per_template": 2 * 128,
         "index_mb": round(index_mb, 1),
-        "times_s": tm.t, "mqtt": mqtt,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()]},
+        "times_s": tm.t,
+        "mqtt": mqtt,
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
+        },
     }
-    print(f"\n{args.persons:,} persons x {args.photos} photos = {full_b.n_templates:,} templates; index {index_mb:.0f} MB")
-    print(f"full bundle  {len(full.data) / 2**20:8.1f} MiB   delta ({args.delta} persons) {len(delta.data) / 2**10:8.1f} KiB")
+    print(
+        f"\n{args.persons:,} persons x {args.photos} photos = {full_b.n_templates:,} templates; index {index_mb:.0f} MB"
+    )
+    print(
+        f"full bundle  {len(full.data) / 2**20:8.1f} MiB   delta ({args.delta} persons) {len(delta.data) / 2**10:8.1f} KiB"
+    )
     for k, v in tm.t.items():
         print(f"  {k:34} {v:8.3f} s")
     for k, v in mqtt.items():

@@ -71,28 +71,62 @@ def main(verbose: int) -> None:
 @DB_OPTION
 @click.option("--host", default="localhost", show_default=True, help="Broker host.")
 @click.option("--port", type=int, default=1883, show_default=True, help="Broker port (8883 usually for TLS).")
-@click.option("--protocol", type=click.Choice(["5", "3.1.1"]), default="5", show_default=True,
-              help="MQTT version; 3.1.1 has no shared subscriptions.")
+@click.option(
+    "--protocol",
+    type=click.Choice(["5", "3.1.1"]),
+    default="5",
+    show_default=True,
+    help="MQTT version; 3.1.1 has no shared subscriptions.",
+)
 @click.option("--client-id", default=None, help="Stable id, different per receiver [checkpoint-receiver-<hostname>].")
 @click.option("--group", default="checkpoint-receivers", show_default=True, help="Shared-subscription group.")
 @click.option("--no-share", is_flag=True, help="Subscribe to all hits instead of sharing them with the group.")
 @click.option("--username", default=None, help="Broker user name.")
-@click.option("--password", default=None, envvar="CHECKPOINT_MQTT_PASSWORD",
-              help="Broker password (prefer --password-file or env CHECKPOINT_MQTT_PASSWORD).")
+@click.option(
+    "--password",
+    default=None,
+    envvar="CHECKPOINT_MQTT_PASSWORD",
+    help="Broker password (prefer --password-file or env CHECKPOINT_MQTT_PASSWORD).",
+)
 @click.option("--password-file", type=click.Path(path_type=Path), default=None, help="File holding the password.")
 @click.option("--ca-file", type=click.Path(path_type=Path), default=None, help="CA certificate (PEM): turns TLS on.")
 @click.option("--cert-file", type=click.Path(path_type=Path), default=None, help="Client certificate (PEM).")
 @click.option("--key-file", type=click.Path(path_type=Path), default=None, help="Client key (PEM).")
 @click.option("--tls", "use_tls", is_flag=True, help="TLS with the system CA store (implied by --ca-file).")
-@click.option("--reconnect-max-delay", type=float, default=60.0, show_default=True,
-              help="Longest wait between reconnect attempts, seconds.")
-@click.option("--retention-days", type=float, default=90.0, show_default=True,
-              help="Hits older than this are deleted from the store.")
+@click.option(
+    "--reconnect-max-delay",
+    type=float,
+    default=60.0,
+    show_default=True,
+    help="Longest wait between reconnect attempts, seconds.",
+)
+@click.option(
+    "--retention-days",
+    type=float,
+    default=90.0,
+    show_default=True,
+    help="Hits older than this are deleted from the store.",
+)
 @click.option("--quiet", is_flag=True, help="Do not print a line per hit.")
-def run(db_path: Path, host: str, port: int, protocol: str, client_id: str | None, group: str, no_share: bool,
-        username: str | None, password: str | None, password_file: Path | None, ca_file: Path | None,
-        cert_file: Path | None, key_file: Path | None, use_tls: bool, reconnect_max_delay: float,
-        retention_days: float, quiet: bool) -> None:
+def run(
+    db_path: Path,
+    host: str,
+    port: int,
+    protocol: str,
+    client_id: str | None,
+    group: str,
+    no_share: bool,
+    username: str | None,
+    password: str | None,
+    password_file: Path | None,
+    ca_file: Path | None,
+    cert_file: Path | None,
+    key_file: Path | None,
+    use_tls: bool,
+    reconnect_max_delay: float,
+    retention_days: float,
+    quiet: bool,
+) -> None:
     """Subscribe to the hits, status and heartbeats of all units; store each hit once; print one line per new hit.
 
     Runs until SIGINT/SIGTERM. Unit status changes go to the log (stderr, shown with -v).
@@ -105,10 +139,17 @@ def run(db_path: Path, host: str, port: int, protocol: str, client_id: str | Non
     from central.receiver import Receiver, ReceiverConfig
 
     values: dict[str, Any] = {
-        "host": host, "port": port, "protocol": protocol, "group": group, "shared": not no_share,
-        "username": username, "password": password, "password_file": password_file,
+        "host": host,
+        "port": port,
+        "protocol": protocol,
+        "group": group,
+        "shared": not no_share,
+        "username": username,
+        "password": password,
+        "password_file": password_file,
         "reconnect_max_delay_s": reconnect_max_delay,
-        "reconnect_min_delay_s": min(1.0, reconnect_max_delay), "retention_days": retention_days,
+        "reconnect_min_delay_s": min(1.0, reconnect_max_delay),
+        "retention_days": retention_days,
     }
     if client_id:
         values["client_id"] = client_id
@@ -146,10 +187,19 @@ def run(db_path: Path, host: str, port: int, protocol: str, client_id: str | Non
 
 @main.command()
 @DB_OPTION
-@click.option("--jsonl", "jsonl", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path), required=True,
-              help="Output file, '-' for stdout.")
-@click.option("--since", type=click.DateTime(formats=["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"]),
-              default=None, help="Only hits received at or after this UTC time.")
+@click.option(
+    "--jsonl",
+    "jsonl",
+    type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
+    required=True,
+    help="Output file, '-' for stdout.",
+)
+@click.option(
+    "--since",
+    type=click.DateTime(formats=["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"]),
+    default=None,
+    help="Only hits received at or after this UTC time.",
+)
 @click.option("--with-crops", is_flag=True, help="Include face crops as base64 JPEG (crop_jpeg_b64).")
 def export(db_path: Path, jsonl: Path, since: dt.datetime | None, with_crops: bool) -> None:
     """Write the stored hits, oldest first, as JSON lines.
@@ -189,8 +239,9 @@ def units(db_path: Path) -> None:
     click.echo(f"{'UNIT':<32} {'HEALTH':<8} {'LAST SEEN':<21} {'HITS':>6} {'PENDING':>8} {'DROPPED':>8}  ERROR")
     for row in rows:
         outbox = (row["heartbeat"] or {}).get("outbox", {})
-        dropped = sum(int(outbox.get(k, 0)) for k in ("crops_dropped_oversized", "crops_dropped_full",
-                                                      "hits_dropped_full"))
+        dropped = sum(
+            int(outbox.get(k, 0)) for k in ("crops_dropped_oversized", "crops_dropped_full", "hits_dropped_full")
+        )
         error = ((row["heartbeat"] or {}).get("link", {}) or {}).get("last_error") or ""
         click.echo(
             f"{row['site'] + '/' + row['unit_id']:<32} {row['health']:<8} {_utc(row['last_seen']):<21} "
@@ -201,8 +252,12 @@ def units(db_path: Path) -> None:
 @main.command()
 @DB_OPTION
 @click.option("--limit", type=int, default=20, show_default=True, help="How many, newest first.")
-@click.option("--state", type=click.Choice(["pending", "confirmed", "rejected"]), default=None,
-              help="Only hits in this review state.")
+@click.option(
+    "--state",
+    type=click.Choice(["pending", "confirmed", "rejected"]),
+    default=None,
+    help="Only hits in this review state.",
+)
 def hits(db_path: Path, limit: int, state: str | None) -> None:
     """List stored hits, newest first.
 

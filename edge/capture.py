@@ -20,8 +20,9 @@ import random
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -83,7 +84,7 @@ class CaptureConfig(BaseModel):
                 f"reconnect_min_s ({self.reconnect_min_s:g}) must not exceed reconnect_max_s ({self.reconnect_max_s:g})"
             )
         if self.gst_pipeline is not None and self.backend != "gstreamer":
-            raise ValueError("gst_pipeline is only used with backend = \"gstreamer\"")
+            raise ValueError('gst_pipeline is only used with backend = "gstreamer"')
         if self.gst_pipeline is not None and "appsink" not in self.gst_pipeline:
             raise ValueError("gst_pipeline must end in an appsink (OpenCV reads frames from it)")
         return self
@@ -251,7 +252,9 @@ class CameraReader:
                 s.join(max(0.0, deadline - time.monotonic()))
         still = [s.name for s in [self._session, *self._abandoned] if s is not None and s.is_alive()]
         if still:
-            log.warning("camera %s: stopped; %d read(s) still blocked, left to time out: %s", self.config.id, len(still), still)
+            log.warning(
+                "camera %s: stopped; %d read(s) still blocked, left to time out: %s", self.config.id, len(still), still
+            )
         self._finished.set()
         with self._cond:
             if self._up:

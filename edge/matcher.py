@@ -98,8 +98,9 @@ def _ranges(spread: np.ndarray) -> np.ndarray:
     return np.maximum(_MIN_RANGE, np.ceil(spread / _RANGE_STEP) * _RANGE_STEP).astype(np.float32)
 
 
-def _quantize_into(emb: np.ndarray, offset: np.ndarray | None, center: np.ndarray, scale: np.ndarray,
-                   hi: np.ndarray, lo: np.ndarray) -> float:
+def _quantize_into(
+    emb: np.ndarray, offset: np.ndarray | None, center: np.ndarray, scale: np.ndarray, hi: np.ndarray, lo: np.ndarray
+) -> float:
     """Write `emb` (+ `offset`) (n, D) as fixed point into hi/lo (n, D); return the largest high-byte row norm."""
     hmax = 0.0
     for start, chunk in _chunks(emb, offset):
@@ -144,7 +145,9 @@ class TemplateIndex:
         self._planes = planes
         self._n = int(n)
         self._codes = codes
-        self._persons = persons  # sorted, fixed-width UTF-8 bytes: a dict of a million str would cost more than the index
+        self._persons = (
+            persons  # sorted, fixed-width UTF-8 bytes: a dict of a million str would cost more than the index
+        )
         self._person_thresholds = person_thresholds
         self.version = int(version)
         self.model_id = str(model_id)
@@ -155,8 +158,9 @@ class TemplateIndex:
     @classmethod
     def empty(cls, dim: int, *, version: int = 0, model_id: str = "", default_threshold: float = 1.0) -> TemplateIndex:
         """An index with no templates: every search finds nobody."""
-        return cls.build([], np.zeros((0, dim), np.float32), version=version, model_id=model_id,
-                         default_threshold=default_threshold)
+        return cls.build(
+            [], np.zeros((0, dim), np.float32), version=version, model_id=model_id, default_threshold=default_threshold
+        )
 
     @classmethod
     def build(
@@ -192,8 +196,16 @@ class TemplateIndex:
         lo = np.zeros((rows, dim), dtype=np.int8)
         hmax = _quantize_into(emb, off, center, scale, hi, lo)
         pt = _thresholds_array(persons, thresholds or {})
-        return cls(_Planes(hi, lo, center, scale, hmax), n, codes.astype(np.int32).reshape(-1), persons, pt,
-                   version=version, model_id=model_id, default_threshold=default_threshold)
+        return cls(
+            _Planes(hi, lo, center, scale, hmax),
+            n,
+            codes.astype(np.int32).reshape(-1),
+            persons,
+            pt,
+            version=version,
+            model_id=model_id,
+            default_threshold=default_threshold,
+        )
 
     def with_changes(
         self,
@@ -265,11 +277,17 @@ class TemplateIndex:
             kept_rows = np.flatnonzero(keep)
             for start in range(0, kept, _BUILD_CHUNK):
                 part = self.dequantize(kept_rows[start : start + _BUILD_CHUNK])
-                _quantize_into(part, None, old.center, scale, hi[start : start + len(part)], lo[start : start + len(part)])
+                _quantize_into(
+                    part, None, old.center, scale, hi[start : start + len(part)], lo[start : start + len(part)]
+                )
             _quantize_into(add, off, old.center, scale, hi[kept:n], lo[kept:n])
             hmax = _row_hmax(hi[:n])
         return TemplateIndex(
-            _Planes(hi, lo, old.center, scale, hmax), n, codes, persons, pt,
+            _Planes(hi, lo, old.center, scale, hmax),
+            n,
+            codes,
+            persons,
+            pt,
             version=version,
             model_id=self.model_id if model_id is None else model_id,
             default_threshold=self.default_threshold if default_threshold is None else default_threshold,
@@ -293,8 +311,9 @@ class TemplateIndex:
     def nbytes(self) -> int:
         """Memory held by the index's arrays."""
         p = self._planes
-        return int(p.hi.nbytes + p.lo.nbytes + self._codes.nbytes + self._person_thresholds.nbytes
-                   + self._persons.nbytes)
+        return int(
+            p.hi.nbytes + p.lo.nbytes + self._codes.nbytes + self._person_thresholds.nbytes + self._persons.nbytes
+        )
 
     def persons(self) -> list[str]:
         """The person ids in the index, sorted by their UTF-8 bytes."""
@@ -375,8 +394,15 @@ class TemplateIndex:
         floors = [self._kth_person_floor(qs32[j], base[j], y[:, j], gmax[:, j], groups, k) for j in range(nq)]
         # Stage 2: every row whose coarse score could reach that bound; then exact scores.
         limit = np.iinfo(np.int32)
-        t = np.array([limit.min if f is None else max(limit.min + 1, min(limit.max, math.floor((f - base[j] - bound[j]) / unit[j])))
-                      for j, f in enumerate(floors)], dtype=np.int64)
+        t = np.array(
+            [
+                limit.min
+                if f is None
+                else max(limit.min + 1, min(limit.max, math.floor((f - base[j] - bound[j]) / unit[j])))
+                for j, f in enumerate(floors)
+            ],
+            dtype=np.int64,
+        )
         rows = self._shortlists(y, fmax, t)
         return [self._best_per_person(r, self._exact(qs32[j], base[j], r), k) for j, r in enumerate(rows)]
 
@@ -406,8 +432,9 @@ class TemplateIndex:
         top = first[:k]
         return [(int(codes[i]), float(scores[order[i]])) for i in top]
 
-    def _kth_person_floor(self, qs: np.ndarray, base: float, y: np.ndarray, gmax: np.ndarray, groups: int,
-                          k: int) -> float | None:
+    def _kth_person_floor(
+        self, qs: np.ndarray, base: float, y: np.ndarray, gmax: np.ndarray, groups: int, k: int
+    ) -> float | None:
         """The exact score of the k-th best person among a few coarse-best rows (a lower bound on
         the true k-th best); None when fewer than k persons turn up (then every row is a candidate)."""
         m = min(groups, 4 * k)
@@ -508,8 +535,10 @@ def _make_session(threads: int | None):  # noqa: ANN202
     graph = helper.make_graph(
         [helper.make_node("MatMulInteger", ["a", "b", "a_zero"], ["y"])],
         "watchlist_coarse",
-        [helper.make_tensor_value_info("a", TensorProto.UINT8, ["rows", "dim"]),
-         helper.make_tensor_value_info("b", TensorProto.INT8, ["dim", "queries"])],
+        [
+            helper.make_tensor_value_info("a", TensorProto.UINT8, ["rows", "dim"]),
+            helper.make_tensor_value_info("b", TensorProto.INT8, ["dim", "queries"]),
+        ],
         [helper.make_tensor_value_info("y", TensorProto.INT32, ["rows", "queries"])],
         initializer=[helper.make_tensor("a_zero", TensorProto.UINT8, [], [128])],
     )
@@ -535,8 +564,14 @@ class Matcher:
         matcher.swap(next_index)                       # readers keep going; next call sees it
     """
 
-    def __init__(self, index: TemplateIndex | None = None, *, threshold: float | None = None,
-                 threads: int | None = None, dim: int = 128) -> None:
+    def __init__(
+        self,
+        index: TemplateIndex | None = None,
+        *,
+        threshold: float | None = None,
+        threads: int | None = None,
+        dim: int = 128,
+    ) -> None:
         """`threshold` is the global threshold (None: the watchlist's default); per-person overrides
         from the watchlist take precedence. `threads`: threads of the coarse pass."""
         self._index = index if index is not None else TemplateIndex.empty(dim)
@@ -562,8 +597,13 @@ class Matcher:
         if not isinstance(new_index, TemplateIndex):
             raise MatcherError(f"swap needs a TemplateIndex, got {type(new_index).__name__}")
         old, self._index = self._index, new_index
-        log.info("watchlist index swapped: version %d -> %d (%d persons, %d templates)",
-                 old.version, new_index.version, new_index.n_persons, new_index.n_templates)
+        log.info(
+            "watchlist index swapped: version %d -> %d (%d persons, %d templates)",
+            old.version,
+            new_index.version,
+            new_index.n_persons,
+            new_index.n_templates,
+        )
         return old
 
     def search(self, embeddings: np.ndarray, k: int = 5) -> list[list[tuple[str, float]]]:
@@ -592,8 +632,9 @@ class Matcher:
                 out.append(None)
                 continue
             second = row[1][1] if len(row) > 1 else -1.0
-            out.append(Match(person_id=person, score=min(score, 1.0), threshold=thr,
-                             second_score=max(min(second, 1.0), -1.0)))
+            out.append(
+                Match(person_id=person, score=min(score, 1.0), threshold=thr, second_score=max(min(second, 1.0), -1.0))
+            )
         return out
 
 

@@ -193,9 +193,7 @@ def describe_connect_error(exc: BaseException | None, conn: MqttConnection) -> s
     return f"cannot connect to {where}: {exc}"
 
 
-def build_client(
-    conn: MqttConnection, client_id: str, *, manual_ack: bool = False, max_inflight: int = 20
-) -> Any:
+def build_client(conn: MqttConnection, client_id: str, *, manual_ack: bool = False, max_inflight: int = 20) -> Any:
     """A paho client for `conn` (callback API v2, persistent session), not yet connected.
     Raises ValueError naming the key when TLS files cannot be loaded."""
     import paho.mqtt.client as mqtt
@@ -207,8 +205,11 @@ def build_client(
         )
     else:
         client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311,
-            clean_session=False, manual_ack=manual_ack,
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=mqtt.MQTTv311,
+            clean_session=False,
+            manual_ack=manual_ack,
         )
     client.enable_logger(_paho_log)
     # An exception in one of our callbacks must not kill paho's network thread.
@@ -336,7 +337,10 @@ class MqttLink:
             self._last_logged = (message, now)
             log.error(
                 "%s: %s; retrying (backoff %g..%gs)",
-                self.name, message, self.conn.reconnect_min_delay_s, self.conn.reconnect_max_delay_s,
+                self.name,
+                message,
+                self.conn.reconnect_min_delay_s,
+                self.conn.reconnect_max_delay_s,
             )
 
     def _handle_pre_connect(self, _client: Any, _userdata: Any) -> None:
@@ -362,7 +366,11 @@ class MqttLink:
         self.receive_maximum = getattr(properties, "ReceiveMaximum", None) if properties is not None else None
         log.info(
             "%s: connected to %s:%d as %s (MQTT %s, session %s)",
-            self.name, self.conn.host, self.conn.port, self.client_id, self.conn.protocol,
+            self.name,
+            self.conn.host,
+            self.conn.port,
+            self.client_id,
+            self.conn.protocol,
             "resumed" if flags.session_present else "new",
         )
         if self._on_connected is not None:
@@ -456,7 +464,10 @@ class MqttReporter:
                 config,
                 client_id,
                 name=f"mqtt reporter {self.site}/{self.unit_id}",
-                will=(self.status_topic, protocol.status_payload(self.site, self.unit_id, "offline", "connection lost")),
+                will=(
+                    self.status_topic,
+                    protocol.status_payload(self.site, self.unit_id, "offline", "connection lost"),
+                ),
                 max_inflight=config.inflight_window + 1,
                 on_connected=self._on_connected,
                 on_publish=self._on_publish,
@@ -611,7 +622,9 @@ class MqttReporter:
             if seq is None:
                 continue
             value = getattr(reason, "value", 0)
-            if getattr(reason, "is_failure", False) or (value == NO_MATCHING_SUBSCRIBERS and self.config.require_subscriber):
+            if getattr(reason, "is_failure", False) or (
+                value == NO_MATCHING_SUBSCRIBERS and self.config.require_subscriber
+            ):
                 refused.append((seq, reason))
             else:
                 acked.append(seq)
@@ -671,17 +684,23 @@ class MqttReporter:
         outbox["refused"] = self._refused
         try:
             payload = protocol.heartbeat_payload(
-                self.site, self.unit_id,
+                self.site,
+                self.unit_id,
                 interval_s=self.config.heartbeat_interval_s,
                 uptime_s=time.monotonic() - self._started_at,
-                unit=unit, outbox=outbox, link=self.link.figures(),
+                unit=unit,
+                outbox=outbox,
+                link=self.link.figures(),
             )
         except (TypeError, ValueError) as e:
             log.warning("mqtt reporter %s: status provider gave figures that are not JSON: %s", self.unit_id, e)
             payload = protocol.heartbeat_payload(
-                self.site, self.unit_id,
+                self.site,
+                self.unit_id,
                 interval_s=self.config.heartbeat_interval_s,
                 uptime_s=time.monotonic() - self._started_at,
-                unit={"error": f"figures not JSON-serialisable: {e}"}, outbox=outbox, link=self.link.figures(),
+                unit={"error": f"figures not JSON-serialisable: {e}"},
+                outbox=outbox,
+                link=self.link.figures(),
             )
         self.link.client.publish(self.heartbeat_topic, payload, qos=0, retain=True)

@@ -111,9 +111,7 @@ class Outbox:
             # Keep the WAL from growing without bound between checkpoints.
             self._db.execute("PRAGMA journal_size_limit=8388608")
             self._db.executescript(_SCHEMA)
-            self._db.executemany(
-                "INSERT OR IGNORE INTO counters(name, value) VALUES (?, 0)", [(c,) for c in COUNTERS]
-            )
+            self._db.executemany("INSERT OR IGNORE INTO counters(name, value) VALUES (?, 0)", [(c,) for c in COUNTERS])
             rows, size = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM outbox").fetchone()
         except sqlite3.Error as e:
             self._release_file_lock()
@@ -163,7 +161,9 @@ class Outbox:
             if crop is not None and len(crop) > self.config.max_crop_bytes:
                 log.warning(
                     "hit %s: face crop of %d bytes is over outbox.max_crop_bytes (%d); sending the hit without it",
-                    hit_id, len(crop), self.config.max_crop_bytes,
+                    hit_id,
+                    len(crop),
+                    self.config.max_crop_bytes,
                 )
                 crop, crop_dropped = None, "oversized"
                 bumps["crops_dropped_oversized"] = 1
@@ -213,9 +213,7 @@ class Outbox:
 
     def _drop_crops(self, excess: int, bumps: dict[str, int]) -> tuple[int, int]:
         freed = 0
-        rows = self._db.execute(
-            "SELECT seq, hit_id, length(crop) FROM outbox WHERE crop IS NOT NULL ORDER BY seq"
-        )
+        rows = self._db.execute("SELECT seq, hit_id, length(crop) FROM outbox WHERE crop IS NOT NULL ORDER BY seq")
         victims = []
         for seq, hit_id, n in rows:
             if excess <= 0:

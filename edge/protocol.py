@@ -103,15 +103,17 @@ def status_payload(site: str, unit_id: str, state: str, reason: str, at: float |
     """The retained status message ('online' on connect, 'offline' as Last Will or on shutdown)."""
     if state not in STATES:
         raise ProtocolError(f"status state must be one of {STATES}, got {state!r}")
-    return encode_record({
-        "schema": STATUS_SCHEMA,
-        "v": SCHEMA_VERSION,
-        "site": site,
-        "unit_id": unit_id,
-        "state": state,
-        "reason": reason,
-        "at": float(time.time() if at is None else at),
-    })
+    return encode_record(
+        {
+            "schema": STATUS_SCHEMA,
+            "v": SCHEMA_VERSION,
+            "site": site,
+            "unit_id": unit_id,
+            "state": state,
+            "reason": reason,
+            "at": float(time.time() if at is None else at),
+        }
+    )
 
 
 def heartbeat_payload(
@@ -127,18 +129,20 @@ def heartbeat_payload(
 ) -> bytes:
     """The periodic heartbeat: the unit's own figures (cameras, fps, watchlist version: whatever
     the status provider gives), the outbox depth and drop counters, and the link's state."""
-    return encode_record({
-        "schema": HEARTBEAT_SCHEMA,
-        "v": SCHEMA_VERSION,
-        "site": site,
-        "unit_id": unit_id,
-        "at": float(time.time() if at is None else at),
-        "interval_s": float(interval_s),
-        "uptime_s": float(uptime_s),
-        "unit": unit,
-        "outbox": outbox,
-        "link": link,
-    })
+    return encode_record(
+        {
+            "schema": HEARTBEAT_SCHEMA,
+            "v": SCHEMA_VERSION,
+            "site": site,
+            "unit_id": unit_id,
+            "at": float(time.time() if at is None else at),
+            "interval_s": float(interval_s),
+            "uptime_s": float(uptime_s),
+            "unit": unit,
+            "outbox": outbox,
+            "link": link,
+        }
+    )
 
 
 # --- decoding (receiver side) -------------------------------------------------------------------
@@ -182,16 +186,36 @@ def _require(body: dict[str, Any], schema: str, fields: dict[str, tuple[type, ..
 
 
 HIT_FIELDS: dict[str, tuple[type, ...]] = {
-    "id": _STR, "site": _STR, "unit_id": _STR, "camera_id": _STR, "captured_at": _NUM, "queued_at": _NUM,
-    "person_id": _STR, "score": _NUM, "threshold": _NUM, "margin": _NUM, "model_id": _STR,
-    "watchlist_version": _INT, "track_id": _INT,
+    "id": _STR,
+    "site": _STR,
+    "unit_id": _STR,
+    "camera_id": _STR,
+    "captured_at": _NUM,
+    "queued_at": _NUM,
+    "person_id": _STR,
+    "score": _NUM,
+    "threshold": _NUM,
+    "margin": _NUM,
+    "model_id": _STR,
+    "watchlist_version": _INT,
+    "track_id": _INT,
 }
 STATUS_FIELDS: dict[str, tuple[type, ...]] = {
-    "site": _STR, "unit_id": _STR, "state": _STR, "reason": _STR, "at": _NUM,
+    "site": _STR,
+    "unit_id": _STR,
+    "state": _STR,
+    "reason": _STR,
+    "at": _NUM,
 }
 HEARTBEAT_FIELDS: dict[str, tuple[type, ...]] = {
-    "site": _STR, "unit_id": _STR, "at": _NUM, "interval_s": _NUM, "uptime_s": _NUM,
-    "unit": (dict,), "outbox": (dict,), "link": (dict,),
+    "site": _STR,
+    "unit_id": _STR,
+    "at": _NUM,
+    "interval_s": _NUM,
+    "uptime_s": _NUM,
+    "unit": (dict,),
+    "outbox": (dict,),
+    "link": (dict,),
 }
 
 
@@ -201,9 +225,11 @@ def decode_hit(payload: bytes) -> tuple[dict[str, Any], bytes | None]:
     _require(body, HIT_SCHEMA, HIT_FIELDS)
     box = body.get("box")
     if (
-        not isinstance(box, list) or len(box) != 4
+        not isinstance(box, list)
+        or len(box) != 4
         or not all(isinstance(v, _NUM) and not isinstance(v, bool) and math.isfinite(v) for v in box)
-        or box[2] <= box[0] or box[3] <= box[1]
+        or box[2] <= box[0]
+        or box[3] <= box[1]
     ):
         raise ProtocolError(f"hit {body['id']}: 'box' must be [x1, y1, x2, y2] with x2 > x1, y2 > y1, got {box!r}")
     dropped = body.get("crop_dropped")

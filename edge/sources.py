@@ -71,7 +71,7 @@ def classify_url(url: str | int) -> tuple[SourceKind, str | int]:
         if not parts.hostname:
             raise UrlError(f"camera url {redact_url(text)!r} has no host: use {scheme}://HOST[:PORT]/PATH")
         try:
-            parts.port
+            _ = parts.port  # urlsplit checks the port only when asked for it
         except ValueError:
             raise UrlError(f"camera url {redact_url(text)!r} has a bad port number") from None
         return "rtsp", text
@@ -144,7 +144,7 @@ def _set_opencv_rtsp_transport(transport: str, camera_id: str) -> None:
         if _env_ours is not None and _env_ours != wanted:
             log.warning(
                 "camera %s: wants RTSP over %s but another OpenCV camera set %r; OpenCV's FFmpeg options are "
-                "process-wide, use backend = \"pyav\" for per-camera transports",
+                'process-wide, use backend = "pyav" for per-camera transports',
                 camera_id,
                 transport,
                 _env_ours,
@@ -167,7 +167,7 @@ class OpenCVSource:
             if not opencv_has_gstreamer():
                 raise SourceError(
                     "backend 'gstreamer' needs an OpenCV built with GStreamer (JetPack's OpenCV is; the pip "
-                    "wheel opencv-python-headless is not): check `python -c \"import cv2; "
+                    'wheel opencv-python-headless is not): check `python -c "import cv2; '
                     "print(cv2.getBuildInformation())\"` or use backend 'opencv' / 'pyav'"
                 )
             api, arg = cv2.CAP_GSTREAMER, pipeline

@@ -236,8 +236,10 @@ def extract_chip(image: np.ndarray, chip: ChipTransform, size: int | None = None
     """
     check_image(image, "chip source")
     if size is not None and (size != chip.rows or size != chip.cols):
-        raise ValueError(f"chip is {chip.cols}x{chip.rows} but size {size} was asked for; make the transform "
-                         "with dlib_chip_transform(points, size=...)")
+        raise ValueError(
+            f"chip is {chip.cols}x{chip.rows} but size {size} was asked for; make the transform "
+            "with dlib_chip_transform(points, size=...)"
+        )
     if chip.size <= 0 or _rect_area(chip.rect) <= 0:
         raise ValueError(f"empty chip: {chip}")
     h, w = image.shape[:2]
@@ -252,8 +254,12 @@ def extract_chip(image: np.ndarray, chip: ChipTransform, size: int | None = None
         depth += 1
         grow = grow * 2 + 2
     corners = _rotated_corners(chip.rect, chip.angle)
-    grown = (corners[:, 0].min() - grow, corners[:, 1].min() - grow, corners[:, 0].max() + grow,
-             corners[:, 1].max() + grow)
+    grown = (
+        corners[:, 0].min() - grow,
+        corners[:, 1].min() - grow,
+        corners[:, 0].max() + grow,
+        corners[:, 1].max() + grow,
+    )
     clipped = (max(grown[0], 0.0), max(grown[1], 0.0), min(grown[2], w - 1.0), min(grown[3], h - 1.0))
     if clipped[0] > clipped[2] or clipped[1] > clipped[3]:
         return np.zeros((chip.rows, chip.cols, 3), dtype=np.uint8)

@@ -57,7 +57,9 @@ def dlib_model_path(name: str) -> Path:
         ) from exc
     path = Path(face_recognition_models.__file__).parent / "models" / name
     if not path.is_file():
-        raise ModelError(f"{path}: missing from face_recognition_models; reinstall it with `pip install --force-reinstall face_recognition_models`")
+        raise ModelError(
+            f"{path}: missing from face_recognition_models; reinstall it with `pip install --force-reinstall face_recognition_models`"
+        )
     return path
 
 
@@ -131,7 +133,9 @@ def ensure_default_models(cache_dir: Path | None = None, rebuild: bool = False) 
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ModelError(f"cannot create the model cache {cache_dir}: {exc}; set engine.cache_dir to a writable folder") from exc
+        raise ModelError(
+            f"cannot create the model cache {cache_dir}: {exc}; set engine.cache_dir to a writable folder"
+        ) from exc
     embedder, digest, means = _dlib_resnet(cache_dir, rebuild)
     return DefaultModels(
         detector=_mtcnn(cache_dir, rebuild),

@@ -16,11 +16,15 @@ from engines.errors import EngineError
 @click.option("-v", "--verbose", is_flag=True, help="log progress")
 def main(verbose: bool) -> None:
     """Prepare and inspect the face models."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
 
 
 @main.command()
-@click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help="model cache (default: ~/.cache/checkpoint)")
+@click.option(
+    "--cache-dir", type=click.Path(path_type=Path), default=None, help="model cache (default: ~/.cache/checkpoint)"
+)
 @click.option("--rebuild", is_flag=True, help="convert again even if the cache has the models")
 @click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True)
 def build(cache_dir: Path | None, rebuild: bool, backend: str) -> None:

@@ -177,8 +177,11 @@ class MtcnnDetector:
         self.config = config or MtcnnConfig()
         if isinstance(models, (str, Path)):
             models = {net: Path(models) / f"{net}.onnx" for net in ("pnet", "rnet", "onet")}
-        missing = [f"{net} ({models.get(net)})" for net in ("pnet", "rnet", "onet")
-                   if net not in models or not Path(models[net]).is_file()]
+        missing = [
+            f"{net} ({models.get(net)})"
+            for net in ("pnet", "rnet", "onet")
+            if net not in models or not Path(models[net]).is_file()
+        ]
         if missing:
             raise ModelError(
                 f"MTCNN model files missing: {', '.join(missing)}; create them with "
@@ -231,14 +234,13 @@ class MtcnnDetector:
         boxes, scores, reg, marks = boxes[keep], prob[keep, 1], reg[keep], marks[keep]
         bw = (boxes[:, 2] - boxes[:, 0] + 1)[:, None]
         bh = (boxes[:, 3] - boxes[:, 1] + 1)[:, None]
-        points = np.stack(
-            [bw * marks[:, :5] + boxes[:, :1] - 1, bh * marks[:, 5:] + boxes[:, 1:2] - 1], axis=2
-        ).astype(np.float32)
+        points = np.stack([bw * marks[:, :5] + boxes[:, :1] - 1, bh * marks[:, 5:] + boxes[:, 1:2] - 1], axis=2).astype(
+            np.float32
+        )
         boxes = _regress(boxes, reg)
         pick = nms(boxes, scores, 0.7, mode="min")
         return [
-            Detection(box=tuple(float(v) for v in boxes[i]), score=float(scores[i]), landmarks=points[i])
-            for i in pick
+            Detection(box=tuple(float(v) for v in boxes[i]), score=float(scores[i]), landmarks=points[i]) for i in pick
         ]
 
     def _pyramid(self, img: np.ndarray) -> list[tuple[float, np.ndarray]]:
@@ -270,9 +272,7 @@ class MtcnnDetector:
         cells = np.stack([xs, ys], axis=1).astype(np.float32)
         q1 = np.floor((_PNET_STRIDE * cells + 1) / scale)
         q2 = np.floor((_PNET_STRIDE * cells + _PNET_CELL) / scale)
-        return np.concatenate(
-            [q1, q2, prob[ys, xs][:, None], reg[:, ys, xs].T], axis=1
-        ).astype(np.float32)
+        return np.concatenate([q1, q2, prob[ys, xs][:, None], reg[:, ys, xs].T], axis=1).astype(np.float32)
 
     @staticmethod
     def _crops(img: np.ndarray, boxes: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -47,7 +47,9 @@ class Embedder:
         chips = np.asarray(chips)
         want = (self.spec.input_height, self.spec.input_width, 3)
         if chips.dtype != np.uint8 or chips.ndim != 4 or chips.shape[1:] != want:
-            raise ImageError(f"{self.spec.name}: chips must be uint8 (N, {want[0]}, {want[1]}, 3), got {chips.dtype} {chips.shape}")
+            raise ImageError(
+                f"{self.spec.name}: chips must be uint8 (N, {want[0]}, {want[1]}, 3), got {chips.dtype} {chips.shape}"
+            )
         if len(chips) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
         out = np.empty((len(chips), self.dim), dtype=np.float32)

@@ -7,9 +7,9 @@ aligned, judged and embedded the same way at HQ and on the unit.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -109,7 +109,9 @@ class FaceEngine:
         config = config or EngineConfig()
         models = ensure_default_models(config.cache_dir)
         cache_dir = Path(config.cache_dir) if config.cache_dir else models.embedder.parent.parent
-        detector = MtcnnDetector(models.detector, config.detector, session_factory=_detector_sessions(config, cache_dir))
+        detector = MtcnnDetector(
+            models.detector, config.detector, session_factory=_detector_sessions(config, cache_dir)
+        )
         spec: EmbedderSpec
         if config.embedder is None:
             spec = dlib_resnet_spec(models.channel_means)
@@ -118,7 +120,9 @@ class FaceEngine:
         else:
             spec = config.embedder
             if spec.onnx is None or not Path(spec.onnx).is_file():
-                raise ModelError(f"engine.embedder.onnx: model file {spec.onnx} not found; give the path of the ONNX file")
+                raise ModelError(
+                    f"engine.embedder.onnx: model file {spec.onnx} not found; give the path of the ONNX file"
+                )
             onnx_path = Path(spec.onnx)
             model_id = f"{spec.name}:{sha256_file(onnx_path)[:12]}"
         backend = create_backend(
@@ -186,5 +190,6 @@ class FaceEngine:
         embs = self.embed([(image, dets[i]) for i in todo]) if todo else np.zeros((0, self.embedding_dim), np.float32)
         by_index = dict(zip(todo, embs))
         return [
-            AnalyzedFace(d.box, d.score, d.landmarks, q, by_index.get(i)) for i, (d, q) in enumerate(zip(dets, verdicts))
+            AnalyzedFace(d.box, d.score, d.landmarks, q, by_index.get(i))
+            for i, (d, q) in enumerate(zip(dets, verdicts))
         ]

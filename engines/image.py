@@ -18,7 +18,9 @@ def check_image(image: object, what: str = "image") -> np.ndarray:
             f"{what}: expected dtype uint8, got {image.dtype}; convert with np.clip(img, 0, 255).astype(np.uint8)"
         )
     if image.ndim != 3 or image.shape[2] != 3:
-        raise ImageError(f"{what}: expected shape (H, W, 3) RGB, got {image.shape}; convert greyscale/RGBA to RGB first")
+        raise ImageError(
+            f"{what}: expected shape (H, W, 3) RGB, got {image.shape}; convert greyscale/RGBA to RGB first"
+        )
     if image.shape[0] == 0 or image.shape[1] == 0:
         raise ImageError(f"{what}: image is empty ({image.shape})")
     return image
@@ -39,7 +41,9 @@ def load_image(path: str | Path) -> np.ndarray:
         raise ImageError(f"{p}: file is empty")
     bgr = cv2.imdecode(data, cv2.IMREAD_COLOR)
     if bgr is None:
-        raise ImageError(f"{p}: not a readable image (JPEG, PNG, BMP, TIFF, WebP); the file may be corrupt or truncated")
+        raise ImageError(
+            f"{p}: not a readable image (JPEG, PNG, BMP, TIFF, WebP); the file may be corrupt or truncated"
+        )
     return np.ascontiguousarray(bgr[:, :, ::-1])
 
 

@@ -130,8 +130,15 @@ class _Level:
     in-tree order (children of node i are 2i+1 and 2i+2, leaves follow the splits).
     """
 
-    def __init__(self, idx1: np.ndarray, idx2: np.ndarray, thresh: np.ndarray, leaves: np.ndarray,
-                 anchor: np.ndarray, deltas: np.ndarray) -> None:
+    def __init__(
+        self,
+        idx1: np.ndarray,
+        idx2: np.ndarray,
+        thresh: np.ndarray,
+        leaves: np.ndarray,
+        anchor: np.ndarray,
+        deltas: np.ndarray,
+    ) -> None:
         self.n_trees, self.n_splits = idx1.shape
         self.depth = (self.n_splits + 1).bit_length() - 1
         self.idx1 = idx1.astype(np.intp).ravel()
@@ -303,8 +310,10 @@ class ShapePredictor:
             forests.append(_read_level(s, dim))
 
         anchors = [s.take(s.count("number of sample pixels", 1 << 20)) for _ in range(s.count("anchor lists", 1000))]
-        deltas = [s.floats(2 * s.count("number of sample pixels", 1 << 20)).reshape(-1, 2)
-                  for _ in range(s.count("delta lists", 1000))]
+        deltas = [
+            s.floats(2 * s.count("number of sample pixels", 1 << 20)).reshape(-1, 2)
+            for _ in range(s.count("delta lists", 1000))
+        ]
         if s.pos != s.ints.size:
             raise s.fail(f"{s.ints.size - s.pos} unexpected values after the model")
         if not (len(forests) == len(anchors) == len(deltas)):

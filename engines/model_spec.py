@@ -57,7 +57,9 @@ class EmbedderSpec(BaseModel):
                 raise ValueError("alignment = 'template' needs `template`: 5 [x, y] points in chip pixels")
             for x, y in self.template:
                 if not (0 <= x < self.input_width and 0 <= y < self.input_height):
-                    raise ValueError(f"template point ({x}, {y}) lies outside the {self.input_width}x{self.input_height} chip")
+                    raise ValueError(
+                        f"template point ({x}, {y}) lies outside the {self.input_width}x{self.input_height} chip"
+                    )
         if any(s == 0 for s in self.std):
             raise ValueError("std must not contain 0")
         return self
@@ -69,7 +71,11 @@ class EmbedderSpec(BaseModel):
         name, shape = inputs[0]
         if len(shape) != 4:
             raise ModelError(f"{where}: input {name!r} has shape {shape}; an embedder takes a 4-d image batch")
-        want = (3, self.input_height, self.input_width) if self.layout == "nchw" else (self.input_height, self.input_width, 3)
+        want = (
+            (3, self.input_height, self.input_width)
+            if self.layout == "nchw"
+            else (self.input_height, self.input_width, 3)
+        )
         got = tuple(shape[1:])
         for w, g in zip(want, got):
             if isinstance(g, int) and g > 0 and g != w:

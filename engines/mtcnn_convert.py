@@ -36,24 +36,42 @@ NETS = ("pnet", "rnet", "onet")
 # (op, name, params): "conv" k, "prelu", "pool" (kernel, stride), "flatten_cwh", "dense"
 _ARCH: dict[str, list[tuple]] = {
     "pnet": [
-        ("conv", "conv1"), ("prelu", "prelu1"), ("pool", 2, 2),
-        ("conv", "conv2"), ("prelu", "prelu2"),
-        ("conv", "conv3"), ("prelu", "prelu3"),
+        ("conv", "conv1"),
+        ("prelu", "prelu1"),
+        ("pool", 2, 2),
+        ("conv", "conv2"),
+        ("prelu", "prelu2"),
+        ("conv", "conv3"),
+        ("prelu", "prelu3"),
     ],
     "rnet": [
-        ("conv", "conv1"), ("prelu", "prelu1"), ("pool", 3, 2),
-        ("conv", "conv2"), ("prelu", "prelu2"), ("pool", 3, 2),
-        ("conv", "conv3"), ("prelu", "prelu3"),
+        ("conv", "conv1"),
+        ("prelu", "prelu1"),
+        ("pool", 3, 2),
+        ("conv", "conv2"),
+        ("prelu", "prelu2"),
+        ("pool", 3, 2),
+        ("conv", "conv3"),
+        ("prelu", "prelu3"),
         ("permute_flatten",),
-        ("dense", "dense4"), ("prelu", "prelu4"),
+        ("dense", "dense4"),
+        ("prelu", "prelu4"),
     ],
     "onet": [
-        ("conv", "conv1"), ("prelu", "prelu1"), ("pool", 3, 2),
-        ("conv", "conv2"), ("prelu", "prelu2"), ("pool", 3, 2),
-        ("conv", "conv3"), ("prelu", "prelu3"), ("pool", 2, 2),
-        ("conv", "conv4"), ("prelu", "prelu4"),
+        ("conv", "conv1"),
+        ("prelu", "prelu1"),
+        ("pool", 3, 2),
+        ("conv", "conv2"),
+        ("prelu", "prelu2"),
+        ("pool", 3, 2),
+        ("conv", "conv3"),
+        ("prelu", "prelu3"),
+        ("pool", 2, 2),
+        ("conv", "conv4"),
+        ("prelu", "prelu4"),
         ("permute_flatten",),
-        ("dense", "dense5"), ("prelu", "prelu5"),
+        ("dense", "dense5"),
+        ("prelu", "prelu5"),
     ],
 }
 # head layer -> output name; "prob" heads get a softmax over the class axis.
@@ -130,10 +148,15 @@ def build_mtcnn_graph(net: str, weights: dict[str, np.ndarray]):
         if op == "conv":
             name = layer[1]
             weight, bias = w(f"{name}.weight", 4), w(f"{name}.bias", 1)
-            nodes.append(helper.make_node(
-                "Conv", [x, const(f"{name}.weight", weight), const(f"{name}.bias", bias)], [out],
-                kernel_shape=list(weight.shape[2:]), name=name,
-            ))
+            nodes.append(
+                helper.make_node(
+                    "Conv",
+                    [x, const(f"{name}.weight", weight), const(f"{name}.bias", bias)],
+                    [out],
+                    kernel_shape=list(weight.shape[2:]),
+                    name=name,
+                )
+            )
         elif op == "prelu":
             name = layer[1]
             slope = w(f"{name}.weight", 1)
@@ -142,9 +165,17 @@ def build_mtcnn_graph(net: str, weights: dict[str, np.ndarray]):
             nodes.append(helper.make_node("PRelu", [x, const(f"{name}.weight", slope)], [out], name=name))
         elif op == "pool":
             k, s = layer[1], layer[2]
-            nodes.append(helper.make_node(
-                "MaxPool", [x], [out], kernel_shape=[k, k], strides=[s, s], ceil_mode=1, name=f"pool_{i}",
-            ))
+            nodes.append(
+                helper.make_node(
+                    "MaxPool",
+                    [x],
+                    [out],
+                    kernel_shape=[k, k],
+                    strides=[s, s],
+                    ceil_mode=1,
+                    name=f"pool_{i}",
+                )
+            )
         elif op == "permute_flatten":
             perm = f"permute_{i}"
             nodes.append(helper.make_node("Transpose", [x], [perm], perm=[0, 3, 2, 1], name=perm))
@@ -153,25 +184,40 @@ def build_mtcnn_graph(net: str, weights: dict[str, np.ndarray]):
         elif op == "dense":
             name = layer[1]
             weight, bias = w(f"{name}.weight", 2), w(f"{name}.bias", 1)
-            nodes.append(helper.make_node(
-                "Gemm", [x, const(f"{name}.weight", weight), const(f"{name}.bias", bias)], [out],
-                transB=1, name=name,
-            ))
+            nodes.append(
+                helper.make_node(
+                    "Gemm",
+                    [x, const(f"{name}.weight", weight), const(f"{name}.bias", bias)],
+                    [out],
+                    transB=1,
+                    name=name,
+                )
+            )
         x = out
 
     outputs = []
     for name, out_name in _HEADS[net]:
         if spatial:
             weight = w(f"{name}.weight", 4)
-            head = [helper.make_node(
-                "Conv", [x, const(f"{name}.weight", weight), const(f"{name}.bias", w(f"{name}.bias", 1))],
-                [f"{name}_out" if out_name == "prob" else out_name], kernel_shape=[1, 1], name=name,
-            )]
+            head = [
+                helper.make_node(
+                    "Conv",
+                    [x, const(f"{name}.weight", weight), const(f"{name}.bias", w(f"{name}.bias", 1))],
+                    [f"{name}_out" if out_name == "prob" else out_name],
+                    kernel_shape=[1, 1],
+                    name=name,
+                )
+            ]
         else:
-            head = [helper.make_node(
-                "Gemm", [x, const(f"{name}.weight", w(f"{name}.weight", 2)), const(f"{name}.bias", w(f"{name}.bias", 1))],
-                [f"{name}_out" if out_name == "prob" else out_name], transB=1, name=name,
-            )]
+            head = [
+                helper.make_node(
+                    "Gemm",
+                    [x, const(f"{name}.weight", w(f"{name}.weight", 2)), const(f"{name}.bias", w(f"{name}.bias", 1))],
+                    [f"{name}_out" if out_name == "prob" else out_name],
+                    transB=1,
+                    name=name,
+                )
+            ]
         if out_name == "prob":
             head.append(helper.make_node("Softmax", [f"{name}_out"], ["prob"], axis=1, name="softmax"))
         nodes.extend(head)
@@ -186,10 +232,16 @@ def build_mtcnn_graph(net: str, weights: dict[str, np.ndarray]):
     size = _INPUT_SIZE[net]
     in_shape = ["N", 3, "H", "W"] if size is None else ["N", 3, size, size]
     graph = helper.make_graph(
-        nodes, f"mtcnn_{net}", [helper.make_tensor_value_info("input", TensorProto.FLOAT, in_shape)], outputs, inits,
+        nodes,
+        f"mtcnn_{net}",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, in_shape)],
+        outputs,
+        inits,
     )
     model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="checkpoint.engines.mtcnn_convert",
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET)],
+        producer_name="checkpoint.engines.mtcnn_convert",
     )
     model.ir_version = IR_VERSION
     model.doc_string = (

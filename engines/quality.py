@@ -174,6 +174,13 @@ def assess(
         pose_q = max(0.0, 1 - 0.5 * abs(yaw) / cfg.max_yaw) * max(0.0, 1 - 0.5 * abs(pitch) / cfg.max_pitch)
     total = float(np.clip(size_q * sharp_q * pose_q * min(max(det, 0.0), 1.0), 0.0, 1.0))
     return Quality(
-        ok=not reasons, reasons=tuple(reasons), score=total, eye_distance_px=eye_dist, face_height_px=height,
-        sharpness=sharp, yaw=yaw, pitch=pitch, detector_score=det,
+        ok=not reasons,
+        reasons=tuple(reasons),
+        score=total,
+        eye_distance_px=eye_dist,
+        face_height_px=height,
+        sharpness=sharp,
+        yaw=yaw,
+        pitch=pitch,
+        detector_score=det,
     )

@@ -178,8 +178,18 @@ def _load_pickle(f: BinaryIO, storages: dict[str, _Storage], source: str, what: 
         return _RestrictedUnpickler(f, storages, source).load()
     except TorchFileError:
         raise
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError,
-            AttributeError, UnicodeDecodeError, struct.error, MemoryError) as exc:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        IndexError,
+        KeyError,
+        AttributeError,
+        UnicodeDecodeError,
+        struct.error,
+        MemoryError,
+    ) as exc:
         raise TorchFileError(f"{source}: corrupt or truncated {what}: {exc}") from exc
 
 
@@ -255,8 +265,6 @@ def load_state_dict(path: Path | str) -> dict[str, np.ndarray]:
         raise TorchFileError(f"{source}: cannot read: {exc.strerror or exc}") from exc
     if obj is None:
         obj = _read_zip(path, source)
-    if not isinstance(obj, dict) or not all(
-        isinstance(k, str) and isinstance(v, np.ndarray) for k, v in obj.items()
-    ):
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, np.ndarray) for k, v in obj.items()):
         raise TorchFileError(f"{source}: expected a state_dict (names mapped to tensors), got {type(obj).__name__}")
     return dict(obj)

@@ -31,13 +31,23 @@ def index_for(verified: Verified, current: TemplateIndex) -> TemplateIndex:
     thresholds = {p.person_id: p.threshold for p in b.persons}
     if b.kind == "full":
         return TemplateIndex.build(
-            b.template_person_ids(), b.embeddings, offset=b.embedding_offset,
+            b.template_person_ids(),
+            b.embeddings,
+            offset=b.embedding_offset,
             thresholds={k: v for k, v in thresholds.items() if v is not None},
-            version=b.version, model_id=b.model_id, default_threshold=b.default_threshold,
+            version=b.version,
+            model_id=b.model_id,
+            default_threshold=b.default_threshold,
         )
     return current.with_changes(
-        remove=b.removed, add_person_ids=b.template_person_ids(), add_embeddings=b.embeddings,
-        add_offset=b.embedding_offset, thresholds=thresholds, version=b.version, model_id=b.model_id, default_threshold=b.default_threshold,
+        remove=b.removed,
+        add_person_ids=b.template_person_ids(),
+        add_embeddings=b.embeddings,
+        add_offset=b.embedding_offset,
+        thresholds=thresholds,
+        version=b.version,
+        model_id=b.model_id,
+        default_threshold=b.default_threshold,
     )
 
 
@@ -54,8 +64,9 @@ class Watchlist:
         print(wl.status())
     """
 
-    def __init__(self, config: WatchlistConfig, matcher: Matcher, model_id: str, *,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, config: WatchlistConfig, matcher: Matcher, model_id: str, *, clock: Callable[[], float] = time.time
+    ) -> None:
         self.config = config
         self.matcher = matcher
         self.model_id = model_id
@@ -97,8 +108,13 @@ class Watchlist:
             )
             log.error("watchlist: %s", self._halt_reason)
         self._publish()
-        log.info("watchlist version %d loaded from %s: %d persons, %d templates",
-                 self._current.version, self.store.path, self._current.n_persons, self._current.n_templates)
+        log.info(
+            "watchlist version %d loaded from %s: %d persons, %d templates",
+            self._current.version,
+            self.store.path,
+            self._current.n_persons,
+            self._current.n_templates,
+        )
 
     def tick(self) -> None:
         """Re-check what changes with time: expiry, and a list applied to the store by another
@@ -122,7 +138,8 @@ class Watchlist:
         if expired and not self._expired_warned:
             log.warning(
                 "watchlist version %d expired at %s; %s until HQ sends a fresh bundle",
-                self._current.version, self._state.expires_at,
+                self._current.version,
+                self._state.expires_at,
                 "matching stopped" if stop else "still matching (on_expired = warn)",
             )
             self._expired_warned = True
@@ -130,8 +147,11 @@ class Watchlist:
             self._expired_warned = False
         if stop:
             if self._matching:
-                self.matcher.swap(TemplateIndex.empty(self._current.dim, version=self._current.version,
-                                                      model_id=self._current.model_id))
+                self.matcher.swap(
+                    TemplateIndex.empty(
+                        self._current.dim, version=self._current.version, model_id=self._current.model_id
+                    )
+                )
         elif self.matcher.index is not self._current:
             self.matcher.swap(self._current)
         self._matching = not stop
@@ -213,8 +233,13 @@ class Watchlist:
             self.store.save_keyset(ks.serial, ks.envelope)
             self._keyset = ks
             self.store.record_event("keyset", version=ks.serial, detail=f"revoked: {sorted(ks.revoked)}", source=source)
-            log.info("watchlist key set %d accepted from %s (%d signing keys, %d revoked)",
-                     ks.serial, source or "?", len(ks.signing_keys), len(ks.revoked))
+            log.info(
+                "watchlist key set %d accepted from %s (%d signing keys, %d revoked)",
+                ks.serial,
+                source or "?",
+                len(ks.signing_keys),
+                len(ks.revoked),
+            )
             return ks
 
     def record_rejection(self, exc: BundleRejected, source: str) -> None:
@@ -223,18 +248,33 @@ class Watchlist:
         with self._lock:
             self._rejections += 1
             self._last_rejection = {"at": self.clock(), "reason": exc.reason, "message": exc.message, "source": source}
-            log.warning("watchlist bundle from %s rejected (%s): %s; keeping version %d",
-                        source or "?", exc.reason, exc.message, self._current.version)
+            log.warning(
+                "watchlist bundle from %s rejected (%s): %s; keeping version %d",
+                source or "?",
+                exc.reason,
+                exc.message,
+                self._current.version,
+            )
             try:
-                self.store.record_event("rejected", reason=exc.reason, detail=exc.message, source=source, at=self.clock())
+                self.store.record_event(
+                    "rejected", reason=exc.reason, detail=exc.message, source=source, at=self.clock()
+                )
             except Exception as store_exc:  # the rejection itself must not be lost to a logging failure
                 log.error("watchlist: could not record the rejection in %s: %s", self.store.path, store_exc)
 
     def _log_applied(self, b: Bundle, source: str, seconds: float) -> None:
-        log.info("watchlist %s bundle version %d applied from %s in %.2fs: %d persons in, %d removed; "
-                 "now %d persons, %d templates",
-                 b.kind, b.version, source or "?", seconds, len(b.persons), len(b.removed),
-                 self._current.n_persons, self._current.n_templates)
+        log.info(
+            "watchlist %s bundle version %d applied from %s in %.2fs: %d persons in, %d removed; "
+            "now %d persons, %d templates",
+            b.kind,
+            b.version,
+            source or "?",
+            seconds,
+            len(b.persons),
+            len(b.removed),
+            self._current.n_persons,
+            self._current.n_templates,
+        )
 
     # ---- reporting ----------------------------------------------------------------------------
 

@@ -51,19 +51,34 @@ def plan_bundle(
     if not snap.persons and kind == "full" and not register.model_ids():
         raise RegisterError("the register holds no templates: enrol persons first (`watchlist enrol`)")
     dim = snap.embeddings.shape[1] if snap.persons else _dim_of(register, model_id)
-    common = dict(version=version, created_at=created, expires_at=created + int(valid_for_s), model_id=model_id,
-                  embedding_dim=dim, default_threshold=float(default_threshold), embedding_offset=snap.offset)
+    common = dict(
+        version=version,
+        created_at=created,
+        expires_at=created + int(valid_for_s),
+        model_id=model_id,
+        embedding_dim=dim,
+        default_threshold=float(default_threshold),
+        embedding_offset=snap.offset,
+    )
     if kind == "full":
-        return Bundle(kind="full", persons=snap.persons, embeddings=snap.embeddings, **common), snap.digests, snap.skipped
+        return (
+            Bundle(kind="full", persons=snap.persons, embeddings=snap.embeddings, **common),
+            snap.digests,
+            snap.skipped,
+        )
     if kind != "delta":
         raise RegisterError(f"kind must be 'full' or 'delta', got {kind!r}")
     base = register.latest_version() if base_version is None else int(base_version)
     base_release = register.release(base)
     if base_release is None:
-        raise RegisterError(f"version {base} was never released: give --base one of the released versions "
-                            f"({', '.join(str(r['version']) for r in register.releases()) or 'none yet: build a full bundle first'})")
+        raise RegisterError(
+            f"version {base} was never released: give --base one of the released versions "
+            f"({', '.join(str(r['version']) for r in register.releases()) or 'none yet: build a full bundle first'})"
+        )
     if base_release["model_id"] != model_id:
-        raise RegisterError(f"version {base} is of model {base_release['model_id']!r}, not {model_id!r}: build a full bundle")
+        raise RegisterError(
+            f"version {base} is of model {base_release['model_id']!r}, not {model_id!r}: build a full bundle"
+        )
     old = register.release_digests(base)
     changed = [i for i, p in enumerate(snap.persons) if old.get(p.person_id) != snap.digests[p.person_id]]
     removed = tuple(sorted(set(old) - set(snap.digests)))
@@ -76,7 +91,9 @@ def plan_bundle(
 
 
 def _dim_of(register: Register, model_id: str) -> int:
-    row = register.db.execute("SELECT length(embedding) FROM templates WHERE model_id = ? LIMIT 1", [model_id]).fetchone()
+    row = register.db.execute(
+        "SELECT length(embedding) FROM templates WHERE model_id = ? LIMIT 1", [model_id]
+    ).fetchone()
     if row is None:
         dim = register.get_meta(f"dim:{model_id}")
         if dim is None:
@@ -98,8 +115,10 @@ def release(
     file), and record the release in the register."""
     kid = key_id(signing_key.public_key())
     if kid not in keyset.signing_keys:
-        raise RegisterError(f"signing key {kid} is not in key set {keyset.serial}: rotate (`watchlist rotate`) "
-                            "or use the current signing key")
+        raise RegisterError(
+            f"signing key {kid} is not in key set {keyset.serial}: rotate (`watchlist rotate`) "
+            "or use the current signing key"
+        )
     data = encode_bundle(bundle, signing_key, keyset.envelope)
     digest = sha256_hex(data)
     if out is not None:

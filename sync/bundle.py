@@ -147,7 +147,11 @@ class Bundle:
                 raise BundleFormatError(f"a delta needs base_version in [0, version), got {self.base_version!r}")
         elif self.base_version is not None or self.removed:
             raise BundleFormatError("a full bundle has no base_version and no removed list")
-        if not isinstance(self.created_at, int) or not isinstance(self.expires_at, int) or self.expires_at <= self.created_at:
+        if (
+            not isinstance(self.created_at, int)
+            or not isinstance(self.expires_at, int)
+            or self.expires_at <= self.created_at
+        ):
             raise BundleFormatError("created_at and expires_at must be integer epoch seconds, expires_at later")
         if not isinstance(self.model_id, str) or not self.model_id:
             raise BundleFormatError("model_id must name the embedding model")
@@ -220,10 +224,18 @@ def encode_bundle(bundle: Bundle, signing_key: Ed25519PrivateKey, keyset: bytes)
     header = canonical.dumps(bundle.header())
     blob = np.ascontiguousarray(bundle.embeddings, dtype="<f2").tobytes()
     kid = bytes.fromhex(key_id(signing_key.public_key()))
-    body = b"".join([
-        BUNDLE_MAGIC, _U32.pack(len(keyset)), keyset, _U32.pack(len(header)), header,
-        _U64.pack(len(blob)), blob, kid,
-    ])
+    body = b"".join(
+        [
+            BUNDLE_MAGIC,
+            _U32.pack(len(keyset)),
+            keyset,
+            _U32.pack(len(header)),
+            header,
+            _U64.pack(len(blob)),
+            blob,
+            kid,
+        ]
+    )
     return body + signing_key.sign(signed_message(BUNDLE_DOMAIN, body))
 
 
@@ -297,7 +309,9 @@ def _person_from_json(d: dict, cache: dict[tuple, Template]) -> Person:
         templates=tuple(templates),
         name=d["name"],
         priority=d["priority"],
-        threshold=float(threshold) if isinstance(threshold, (int, float)) and not isinstance(threshold, bool) else threshold,
+        threshold=float(threshold)
+        if isinstance(threshold, (int, float)) and not isinstance(threshold, bool)
+        else threshold,
     )
 
 
@@ -322,8 +336,10 @@ def parse_verified(framed: Framed) -> Bundle:
             raise ValueError("embeddings contain NaN or infinity")
         threshold = h["default_threshold"]
         offset = h["embedding_offset"]
-        if offset is not None and (not isinstance(offset, list)
-                                   or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in offset)):
+        if offset is not None and (
+            not isinstance(offset, list)
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in offset)
+        ):
             raise ValueError("embedding_offset must be a list of numbers or null")
         cache: dict[tuple, Template] = {}
         return Bundle(
@@ -334,7 +350,9 @@ def parse_verified(framed: Framed) -> Bundle:
             expires_at=h["expires_at"],
             model_id=h["model_id"],
             embedding_dim=dim,
-            default_threshold=float(threshold) if isinstance(threshold, int) and not isinstance(threshold, bool) else threshold,
+            default_threshold=float(threshold)
+            if isinstance(threshold, int) and not isinstance(threshold, bool)
+            else threshold,
             persons=tuple(_person_from_json(p, cache) for p in h["persons"]),
             embeddings=emb,
             removed=tuple(h["removed"]),

@@ -8,10 +8,10 @@ import os
 import re
 import sys
 import time
-import tomllib
 from pathlib import Path
 
 import click
+import tomllib
 
 from sync.errors import BundleRejected, WatchlistError
 
@@ -39,8 +39,9 @@ def _passphrase(env: str | None) -> bytes | None:
 @click.option("-v", "--verbose", is_flag=True, help="log progress")
 def main(verbose: bool) -> None:
     """Signed watchlist tools: keys, enrolment, bundles and publishing at HQ; apply and status on a unit."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
 
 def _fail(exc: Exception) -> None:
@@ -49,6 +50,7 @@ def _fail(exc: Exception) -> None:
 
 
 # ---- keys ---------------------------------------------------------------------------------------
+
 
 class _KeyDir:
     """HQ's key folder: root.key (keep offline), root.pub (pin on units), keyset.bin, signing-<id>.key."""
@@ -136,12 +138,15 @@ def rotate(directory: Path, keep_old: bool, passphrase_env: str | None) -> None:
         old = {k: Ed25519PublicKey.from_public_bytes(raw) for k, raw in ks.signing_keys.items()}
         keep = list(old.values()) if keep_old else []
         revoked = set(ks.revoked) | (set() if keep_old else set(old))
-        kd.write_keyset(make_keyset(root, ks.serial + 1, keep + [signing.public_key()], revoked,
-                                    issued_at=int(time.time())), kid)
+        kd.write_keyset(
+            make_keyset(root, ks.serial + 1, keep + [signing.public_key()], revoked, issued_at=int(time.time())), kid
+        )
     except (WatchlistError, BundleRejected) as exc:
         _fail(exc)
-    click.echo(f"signing key {kid} in force (key set serial {ks.serial + 1}); "
-               f"{'old keys kept' if keep_old else f'revoked: {sorted(old)}'}")
+    click.echo(
+        f"signing key {kid} in force (key set serial {ks.serial + 1}); "
+        f"{'old keys kept' if keep_old else f'revoked: {sorted(old)}'}"
+    )
 
 
 @main.command()
@@ -163,25 +168,32 @@ def revoke(key_id: str, directory: Path, passphrase_env: str | None) -> None:
         if key_id not in ks.signing_keys and key_id not in ks.revoked:
             raise WatchlistError(f"key {key_id} is not in key set {ks.serial}: nothing to revoke")
         keep = [Ed25519PublicKey.from_public_bytes(raw) for k, raw in ks.signing_keys.items() if k != key_id]
-        kd.write_keyset(make_keyset(root, ks.serial + 1, keep, set(ks.revoked) | {key_id}, issued_at=int(time.time())),
-                        None)
+        kd.write_keyset(
+            make_keyset(root, ks.serial + 1, keep, set(ks.revoked) | {key_id}, issued_at=int(time.time())), None
+        )
     except (WatchlistError, BundleRejected) as exc:
         _fail(exc)
-    click.echo(f"key {key_id} revoked in key set {ks.serial + 1}" + ("" if keep else "; no signing key left: run rotate"))
+    click.echo(
+        f"key {key_id} revoked in key set {ks.serial + 1}" + ("" if keep else "; no signing key left: run rotate")
+    )
 
 
 # ---- HQ: enrolment, build, publish ----------------------------------------------------------------
 
+
 @main.command()
 @click.argument("source", type=click.Path(path_type=Path, exists=True))
-@click.option("--register", "register_path", type=click.Path(path_type=Path), required=True, help="HQ register (SQLite)")
+@click.option(
+    "--register", "register_path", type=click.Path(path_type=Path), required=True, help="HQ register (SQLite)"
+)
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="write the full report as JSON here")
 def enrol(source: Path, register_path: Path, report_path: Path | None) -> None:
     """Enrol photos from a CSV manifest or a folder (<folder>/<person_id>/<photo>) into the register.
 
     Example: watchlist enrol cases.csv --register hq.db --report enrol-report.json
     """
-    from sync.enrol import EnrolmentReport, enrol as run_enrol, entries_from
+    from sync.enrol import EnrolmentReport, entries_from
+    from sync.enrol import enrol as run_enrol
     from sync.register import Register
 
     try:
@@ -227,8 +239,18 @@ def remove(person_ids: tuple[str, ...], register_path: Path) -> None:
 @click.option("--model-id", help="embedding model (default: the only one in the register)")
 @click.option("--with-names", is_flag=True, help="ship display names to units (default: case numbers only)")
 @click.option("--passphrase-env", help="environment variable holding the key passphrase")
-def build(register_path: Path, keys_dir: Path, out: Path, delta: bool, base: int | None, valid_for: str,
-          threshold: float | None, model_id: str | None, with_names: bool, passphrase_env: str | None) -> None:
+def build(
+    register_path: Path,
+    keys_dir: Path,
+    out: Path,
+    delta: bool,
+    base: int | None,
+    valid_for: str,
+    threshold: float | None,
+    model_id: str | None,
+    with_names: bool,
+    passphrase_env: str | None,
+) -> None:
     """Build and sign the next bundle (full, or --delta) from the register.
 
     Example: watchlist build --register hq.db --keys /secure/hq-keys --out v12.cpwl --delta --valid-for 7d
@@ -241,27 +263,38 @@ def build(register_path: Path, keys_dir: Path, out: Path, delta: bool, base: int
         models = reg.model_ids()
         if model_id is None:
             if len(models) != 1:
-                raise WatchlistError(f"the register holds templates of {len(models)} models ({', '.join(models)}): "
-                                     "give --model-id")
+                raise WatchlistError(
+                    f"the register holds templates of {len(models)} models ({', '.join(models)}): give --model-id"
+                )
             model_id = models[0]
         if threshold is None:
             threshold = reg.get_meta(f"threshold:{model_id}")
             if threshold is None:
-                raise WatchlistError(f"give --threshold: the cosine similarity at which model {model_id} "
-                                     "calls two faces the same person (it is remembered afterwards)")
+                raise WatchlistError(
+                    f"give --threshold: the cosine similarity at which model {model_id} "
+                    "calls two faces the same person (it is remembered afterwards)"
+                )
         else:
             reg.set_meta(f"threshold:{model_id}", threshold)
         kd = _KeyDir(keys_dir, _passphrase(passphrase_env))
-        bundle, digests, skipped = plan_bundle(reg, model_id=model_id, default_threshold=float(threshold),
-                                               kind="delta" if delta else "full", base_version=base,
-                                               valid_for_s=_duration(valid_for), with_names=with_names)
+        bundle, digests, skipped = plan_bundle(
+            reg,
+            model_id=model_id,
+            default_threshold=float(threshold),
+            kind="delta" if delta else "full",
+            base_version=base,
+            valid_for_s=_duration(valid_for),
+            with_names=with_names,
+        )
         rel = release(reg, bundle, digests, kd.current_signing(), kd.keyset(), out, skipped)
     except (WatchlistError, BundleRejected, ValueError) as exc:
         _fail(exc)
     b = rel.bundle
     what = f"delta {b.base_version}->{b.version}" if b.kind == "delta" else f"full version {b.version}"
-    click.echo(f"{what}: {len(b.persons)} persons ({b.n_templates} templates) in, {len(b.removed)} removed, "
-               f"{len(rel.data)} bytes -> {out}")
+    click.echo(
+        f"{what}: {len(b.persons)} persons ({b.n_templates} templates) in, {len(b.removed)} removed, "
+        f"{len(rel.data)} bytes -> {out}"
+    )
     if skipped:
         click.echo(f"warning: {len(skipped)} persons have no template of model {model_id} and are not in the list")
 
@@ -311,11 +344,18 @@ def inspect_cmd(bundle: Path, root_key: Path | None) -> None:
     data = bundle.read_bytes()
     try:
         h = peek(data)
-        click.echo(json.dumps({k: v for k, v in h.items() if k != "persons"} | {"persons": len(h.get("persons", []))},
-                              indent=2))
+        click.echo(
+            json.dumps(
+                {k: v for k, v in h.items() if k != "persons"} | {"persons": len(h.get("persons", []))}, indent=2
+            )
+        )
         if root_key:
-            trust = UnitTrust(load_public_key(root_key), expected_model_id=h.get("model_id", ""),
-                              max_bundle_bytes=len(data), applied_version=0)
+            trust = UnitTrust(
+                load_public_key(root_key),
+                expected_model_id=h.get("model_id", ""),
+                max_bundle_bytes=len(data),
+                applied_version=0,
+            )
             verify_bundle(data, trust, now=time.time())
             click.echo("signature chain: valid")
     except (WatchlistError, BundleRejected) as exc:
@@ -323,6 +363,7 @@ def inspect_cmd(bundle: Path, root_key: Path | None) -> None:
 
 
 # ---- unit side -----------------------------------------------------------------------------------
+
 
 def _unit_config(config: Path | None, store: Path | None, root_key: Path | None, max_bytes: int | None):  # noqa: ANN202
     from sync.config import WatchlistConfig
@@ -358,8 +399,14 @@ def _unit_config(config: Path | None, store: Path | None, root_key: Path | None,
 @click.option("--root-key", type=click.Path(path_type=Path, exists=True), help="HQ's root public key")
 @click.option("--model-id", help="the unit's embedding model (default: the applied list's)")
 @click.option("--max-bytes", type=int, help="largest bundle accepted")
-def apply_cmd(bundle: Path, config: Path | None, store: Path | None, root_key: Path | None,
-              model_id: str | None, max_bytes: int | None) -> None:
+def apply_cmd(
+    bundle: Path,
+    config: Path | None,
+    store: Path | None,
+    root_key: Path | None,
+    model_id: str | None,
+    max_bytes: int | None,
+) -> None:
     """Verify and apply a bundle or key set file on a unit (USB, scp). A running unit picks it up within its tick.
 
     Example: watchlist apply /media/usb/watchlist-v12-full.cpwl --config /etc/checkpoint/unit.toml
@@ -387,8 +434,10 @@ def apply_cmd(bundle: Path, config: Path | None, store: Path | None, root_key: P
     if wl.status()["applied_since_start"] == 0:
         click.echo(f"key set {wl.status()['keyset_serial']} accepted; watchlist version {version} unchanged")
         return
-    click.echo(f"applied: watchlist version {version} ({wl.current_index.n_persons} persons, "
-               f"{wl.current_index.n_templates} templates)")
+    click.echo(
+        f"applied: watchlist version {version} ({wl.current_index.n_persons} persons, "
+        f"{wl.current_index.n_templates} templates)"
+    )
 
 
 @main.command()
@@ -417,23 +466,36 @@ def status(config: Path | None, store: Path | None, as_json: bool) -> None:
     persons, templates = s.counts()
     now = time.time()
     out = {
-        "store": str(store), "version": st.version, "kind": st.kind, "model_id": st.model_id,
-        "persons": persons, "templates": templates, "created_at": st.created_at, "expires_at": st.expires_at,
+        "store": str(store),
+        "version": st.version,
+        "kind": st.kind,
+        "model_id": st.model_id,
+        "persons": persons,
+        "templates": templates,
+        "created_at": st.created_at,
+        "expires_at": st.expires_at,
         "expired": bool(st.expires_at is not None and now >= st.expires_at),
-        "signing_key_id": st.signing_key_id, "applied_at": st.applied_at, "events": s.events(10),
+        "signing_key_id": st.signing_key_id,
+        "applied_at": st.applied_at,
+        "events": s.events(10),
     }
     if as_json:
         click.echo(json.dumps(out, indent=2))
         return
-    click.echo(f"version {st.version} ({st.kind or 'none'}), model {st.model_id}, {persons} persons, {templates} templates")
+    click.echo(
+        f"version {st.version} ({st.kind or 'none'}), model {st.model_id}, {persons} persons, {templates} templates"
+    )
     if st.expires_at:
         left = st.expires_at - now
-        click.echo(f"expires {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(st.expires_at))}"
-                   + (" (EXPIRED)" if left <= 0 else f" (in {left / 3600:.1f} h)"))
+        click.echo(
+            f"expires {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(st.expires_at))}"
+            + (" (EXPIRED)" if left <= 0 else f" (in {left / 3600:.1f} h)")
+        )
     for e in out["events"]:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["at"]))
-        click.echo(f"  {when} {e['kind']} {e['version'] or ''} {e['reason'] or ''} {e['detail'] or ''} "
-                   f"[{e['source'] or ''}]")
+        click.echo(
+            f"  {when} {e['kind']} {e['version'] or ''} {e['reason'] or ''} {e['detail'] or ''} [{e['source'] or ''}]"
+        )
 
 
 if __name__ == "__main__":

@@ -80,8 +80,10 @@ class EnrolmentReport:
         return asdict(self)
 
     def summary(self) -> str:
-        return (f"{len(self.enrolled)} photos enrolled for {len(self.persons)} persons, "
-                f"{len(self.rejected)} rejected, {len(self.duplicates)} already enrolled")
+        return (
+            f"{len(self.enrolled)} photos enrolled for {len(self.persons)} persons, "
+            f"{len(self.rejected)} rejected, {len(self.duplicates)} already enrolled"
+        )
 
 
 def _entry_error(where: str, msg: str) -> dict:
@@ -105,16 +107,20 @@ def read_manifest(path: Path) -> tuple[list[PhotoEntry], list[dict]]:
     reader = csv.DictReader(text.splitlines())
     missing = {"person_id", "photo"} - set(reader.fieldnames or ())
     if missing:
-        raise EnrolmentError(f"manifest {path}: header must name the columns {', '.join(_COLUMNS)} "
-                             f"(person_id and photo are required; missing {', '.join(sorted(missing))})")
+        raise EnrolmentError(
+            f"manifest {path}: header must name the columns {', '.join(_COLUMNS)} "
+            f"(person_id and photo are required; missing {', '.join(sorted(missing))})"
+        )
     unknown = set(reader.fieldnames or ()) - set(_COLUMNS)
     if unknown:
-        raise EnrolmentError(f"manifest {path}: unknown columns {', '.join(sorted(unknown))}; allowed: {', '.join(_COLUMNS)}")
+        raise EnrolmentError(
+            f"manifest {path}: unknown columns {', '.join(sorted(unknown))}; allowed: {', '.join(_COLUMNS)}"
+        )
     entries: list[PhotoEntry] = []
     errors: list[dict] = []
     for line, row in enumerate(reader, start=2):
         where = f"{path.name}:{line}"
-        get = lambda k: (row.get(k) or "").strip()  # noqa: E731
+        get = lambda k, row=row: (row.get(k) or "").strip()  # noqa: E731
         try:
             pid = check_person_id(get("person_id"))
             photo = Path(get("photo"))
@@ -134,7 +140,9 @@ def read_manifest(path: Path) -> tuple[list[PhotoEntry], list[dict]]:
             if threshold is not None and not -1.0 < threshold < 1.0:
                 raise ValueError(f"threshold {threshold} must be a cosine similarity in (-1, 1)")
         except (ValueError, BundleFormatError) as exc:
-            errors.append({**_entry_error(where, str(exc)), "person_id": row.get("person_id"), "photo": row.get("photo")})
+            errors.append(
+                {**_entry_error(where, str(exc)), "person_id": row.get("person_id"), "photo": row.get("photo")}
+            )
             continue
         entries.append(PhotoEntry(pid, photo, date, age, get("name") or None, priority, threshold, where))
     return entries, errors
@@ -156,8 +164,10 @@ def scan_folder(folder: Path) -> tuple[list[PhotoEntry], list[dict]]:
                 date = _parse_date(m_date.group(1)) if m_date else None
                 age = int(m_age.group(1)) if m_age else None
                 if date is None and age is None:
-                    raise ValueError("file name must start with the photo date (2019-06-01_x.jpg) or the age "
-                                     "(age9.jpg); or use a CSV manifest")
+                    raise ValueError(
+                        "file name must start with the photo date (2019-06-01_x.jpg) or the age "
+                        "(age9.jpg); or use a CSV manifest"
+                    )
             except (ValueError, BundleFormatError) as exc:
                 errors.append({**_entry_error(where, str(exc)), "person_id": person_dir.name, "photo": str(photo)})
                 continue
@@ -204,8 +214,9 @@ def enrol(
             if value is None:
                 continue
             if key in d and d[key] != value:
-                report.warnings.append(f"{e.where}: {key} {value!r} differs from the person's earlier {d[key]!r}; "
-                                       "the earlier one is kept")
+                report.warnings.append(
+                    f"{e.where}: {key} {value!r} differs from the person's earlier {d[key]!r}; the earlier one is kept"
+                )
             d.setdefault(key, value)
         base = {"where": e.where, "person_id": e.person_id, "photo": str(e.photo)}
         try:
@@ -224,8 +235,9 @@ def enrol(
         register.upsert_person(pid, name=d.get("name"), priority=d.get("priority", 0), threshold=d.get("threshold"))
         for e, emb, digest in items:
             base = {"where": e.where, "person_id": pid, "photo": str(e.photo)}
-            if register.add_template(pid, emb, model_id=engine.model_id, photo_sha256=digest,
-                                     photo_date=e.photo_date, age=e.age):
+            if register.add_template(
+                pid, emb, model_id=engine.model_id, photo_sha256=digest, photo_date=e.photo_date, age=e.age
+            ):
                 report.enrolled.append(base)
             else:
                 report.duplicates.append({**base, "reason": "this photo is already enrolled for this person"})

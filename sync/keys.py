@@ -56,8 +56,7 @@ def generate_key() -> Ed25519PrivateKey:
 
 def save_private_key(key: Ed25519PrivateKey, path: Path, passphrase: bytes | None = None) -> None:
     """Write a private key as PKCS#8 PEM, readable by the owner only (encrypted when a passphrase is given)."""
-    enc = (serialization.BestAvailableEncryption(passphrase) if passphrase
-           else serialization.NoEncryption())
+    enc = serialization.BestAvailableEncryption(passphrase) if passphrase else serialization.NoEncryption()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, enc)
     path = Path(path)
     if path.exists():
@@ -87,7 +86,9 @@ def load_private_key(path: Path, passphrase: bytes | None = None) -> Ed25519Priv
 
 def save_public_key(key: Ed25519PublicKey, path: Path) -> None:
     """Write a public key as PEM (SubjectPublicKeyInfo): the file units pin."""
-    Path(path).write_bytes(key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    Path(path).write_bytes(
+        key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
 
 
 def load_public_key(path: Path) -> Ed25519PublicKey:
@@ -102,7 +103,9 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
             return Ed25519PublicKey.from_public_bytes(bytes.fromhex(text.decode()))
         key = serialization.load_pem_public_key(data)
     except ValueError as exc:
-        raise KeyFileError(f"{path} is not a public key ({exc}); give the root.pub file `watchlist keygen` wrote") from None
+        raise KeyFileError(
+            f"{path} is not a public key ({exc}); give the root.pub file `watchlist keygen` wrote"
+        ) from None
     if not isinstance(key, Ed25519PublicKey):
         raise KeyFileError(f"{path} holds a {type(key).__name__}, not an Ed25519 public key")
     return key
@@ -145,15 +148,17 @@ def make_keyset(
     revoked_ids = sorted(set(revoked))
     if any(kid in revoked_ids for kid, _ in keys):
         raise ValueError("a key cannot be both in force and revoked")
-    payload = canonical.dumps({
-        "format": 1,
-        "type": "keyset",
-        "serial": int(serial),
-        "issued_at": int(issued_at),
-        "root_key_id": key_id(root.public_key()),
-        "signing_keys": [{"key_id": kid, "public_key": pub} for kid, pub in keys],
-        "revoked": revoked_ids,
-    })
+    payload = canonical.dumps(
+        {
+            "format": 1,
+            "type": "keyset",
+            "serial": int(serial),
+            "issued_at": int(issued_at),
+            "root_key_id": key_id(root.public_key()),
+            "signing_keys": [{"key_id": kid, "public_key": pub} for kid, pub in keys],
+            "revoked": revoked_ids,
+        }
+    )
     head = KEYSET_MAGIC + _LEN.pack(len(payload)) + payload
     return head + root.sign(signed_message(KEYSET_DOMAIN, head))
 
@@ -171,7 +176,9 @@ def parse_keyset(data: bytes, root: Ed25519PublicKey) -> KeySet:
         raise BundleRejected("truncated", f"key set of {len(data)} bytes is shorter than its fixed fields")
     (plen,) = _LEN.unpack_from(data, 8)
     if 12 + plen + SIGNATURE_BYTES != len(data):
-        raise BundleRejected("truncated", f"key set says {plen} payload bytes, {len(data) - 12 - SIGNATURE_BYTES} present")
+        raise BundleRejected(
+            "truncated", f"key set says {plen} payload bytes, {len(data) - 12 - SIGNATURE_BYTES} present"
+        )
     head, sig = data[: 12 + plen], data[12 + plen :]
     try:
         root.verify(sig, signed_message(KEYSET_DOMAIN, head))

@@ -74,10 +74,14 @@ class Manifest:
         try:
             d = json.loads(data)
             m = cls(
-                kind=str(d["kind"]), version=int(d["version"]),
+                kind=str(d["kind"]),
+                version=int(d["version"]),
                 base_version=None if d["base_version"] is None else int(d["base_version"]),
-                size=int(d["size"]), sha256=str(d["sha256"]), chunk_bytes=int(d["chunk_bytes"]),
-                chunks=int(d["chunks"]), published_at=float(d["published_at"]),
+                size=int(d["size"]),
+                sha256=str(d["sha256"]),
+                chunk_bytes=int(d["chunk_bytes"]),
+                chunks=int(d["chunks"]),
+                published_at=float(d["published_at"]),
             )
         except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
             raise ValueError(f"manifest is not valid: {exc}") from None
@@ -115,12 +119,16 @@ class _Connection:
         from paho.mqtt.enums import CallbackAPIVersion
 
         self.timeout = timeout
-        self.client = client or mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"watchlist-publish-{uuid.uuid4().hex[:8]}")
+        self.client = client or mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"watchlist-publish-{uuid.uuid4().hex[:8]}"
+        )
         self._connected = threading.Event()
         self._retained: dict[str, bytes] = {}
         self._suback = threading.Event()
         self.client.on_connect = lambda c, u, f, rc, p=None: self._connected.set() if not rc.is_failure else None
-        self.client.on_message = lambda c, u, msg: self._retained.__setitem__(msg.topic, msg.payload) if msg.retain else None
+        self.client.on_message = lambda c, u, msg: (
+            self._retained.__setitem__(msg.topic, msg.payload) if msg.retain else None
+        )
         self.client.on_subscribe = lambda c, u, mid, rcs, p=None: self._suback.set()
         try:
             self.client.connect(host, port)
@@ -151,8 +159,16 @@ class _Connection:
         self.client.loop_stop()
 
 
-def publish_bundle(data: bytes, prefix: str, *, host: str = "localhost", port: int = 1883, client: Any | None = None,
-                   chunk_bytes: int = DEFAULT_CHUNK_BYTES, timeout: float = 30.0) -> Manifest:
+def publish_bundle(
+    data: bytes,
+    prefix: str,
+    *,
+    host: str = "localhost",
+    port: int = 1883,
+    client: Any | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    timeout: float = 30.0,
+) -> Manifest:
     """Publish a bundle (retained, QoS 1, in chunks) under `prefix`; returns the manifest sent.
 
     `client`: a configured, unconnected paho client (TLS, credentials); default a plain one.
@@ -164,8 +180,16 @@ def publish_bundle(data: bytes, prefix: str, *, host: str = "localhost", port: i
     if slot not in SLOTS:
         raise PublishError(f"bundle kind {slot!r} is neither full nor delta")
     chunks = math.ceil(len(data) / chunk_bytes)
-    manifest = Manifest(kind=slot, version=int(h["version"]), base_version=h.get("base_version"), size=len(data),
-                        sha256=sha256_hex(data), chunk_bytes=chunk_bytes, chunks=chunks, published_at=time.time())
+    manifest = Manifest(
+        kind=slot,
+        version=int(h["version"]),
+        base_version=h.get("base_version"),
+        size=len(data),
+        sha256=sha256_hex(data),
+        chunk_bytes=chunk_bytes,
+        chunks=chunks,
+        published_at=time.time(),
+    )
     conn = _Connection(host, port, client, timeout)
     try:
         previous = None
@@ -177,20 +201,35 @@ def publish_bundle(data: bytes, prefix: str, *, host: str = "localhost", port: i
                 log.warning("the retained manifest on %s is not valid; replacing it", manifest_topic(prefix, slot))
         mv = memoryview(data)
         for i in range(chunks):
-            conn.publish(chunk_topic(prefix, slot, manifest.version, i), bytes(mv[i * chunk_bytes : (i + 1) * chunk_bytes]))
+            conn.publish(
+                chunk_topic(prefix, slot, manifest.version, i), bytes(mv[i * chunk_bytes : (i + 1) * chunk_bytes])
+            )
         conn.publish(manifest_topic(prefix, slot), manifest.to_bytes())
         if previous is not None and previous.version != manifest.version:
             for i in range(previous.chunks):
                 conn.publish(chunk_topic(prefix, slot, previous.version, i), b"")
     finally:
         conn.close()
-    log.info("published %s bundle version %d (%d bytes, %d chunks) under %s", slot, manifest.version,
-             len(data), chunks, prefix)
+    log.info(
+        "published %s bundle version %d (%d bytes, %d chunks) under %s",
+        slot,
+        manifest.version,
+        len(data),
+        chunks,
+        prefix,
+    )
     return manifest
 
 
-def publish_keyset(envelope: bytes, prefix: str, *, host: str = "localhost", port: int = 1883,
-                   client: Any | None = None, timeout: float = 30.0) -> None:
+def publish_keyset(
+    envelope: bytes,
+    prefix: str,
+    *,
+    host: str = "localhost",
+    port: int = 1883,
+    client: Any | None = None,
+    timeout: float = 30.0,
+) -> None:
     """Publish a key set on its own (retained), e.g. to revoke a signing key without a new list."""
     if envelope[:8] != KEYSET_MAGIC:
         raise PublishError("not a key set (it does not start with CPWLKEY1)")

@@ -128,8 +128,9 @@ class Register:
 
     # ---- persons and templates ---------------------------------------------------------------
 
-    def upsert_person(self, person_id: str, *, name: str | None = None, priority: int = 0,
-                      threshold: float | None = None) -> None:
+    def upsert_person(
+        self, person_id: str, *, name: str | None = None, priority: int = 0, threshold: float | None = None
+    ) -> None:
         """Add a person or update their name, priority and threshold override."""
         check_person_id(person_id)
         with self.db.atomic():
@@ -143,8 +144,16 @@ class Register:
             [person_id, name, int(priority), threshold, time.time()],
         )
 
-    def add_template(self, person_id: str, embedding: np.ndarray, *, model_id: str, photo_sha256: str,
-                     photo_date: str | None = None, age: int | None = None) -> bool:
+    def add_template(
+        self,
+        person_id: str,
+        embedding: np.ndarray,
+        *,
+        model_id: str,
+        photo_sha256: str,
+        photo_date: str | None = None,
+        age: int | None = None,
+    ) -> bool:
         """Add one template; False when this photo is already enrolled for this person and model."""
         emb = np.asarray(embedding, dtype=np.float32).reshape(-1)
         if not np.all(np.isfinite(emb)) or abs(float(np.linalg.norm(emb)) - 1.0) > 1e-2:
@@ -220,8 +229,12 @@ class Register:
         Embeddings are taken relative to `offset` (default: the model's remembered offset, or the
         mean of the current templates when there is none yet).
         """
-        meta = {r[0]: r[1:] for r in self.db.execute(
-            "SELECT person_id, name, priority, threshold FROM persons ORDER BY person_id").fetchall()}
+        meta = {
+            r[0]: r[1:]
+            for r in self.db.execute(
+                "SELECT person_id, name, priority, threshold FROM persons ORDER BY person_id"
+            ).fetchall()
+        }
         cur = self.db.execute(
             "SELECT person_id, photo_date, age, embedding FROM templates WHERE model_id = ? ORDER BY person_id, id",
             [model_id],
@@ -234,13 +247,15 @@ class Register:
         for pid in sorted(by_person):
             name, priority, threshold = meta[pid]
             rows = by_person[pid]
-            persons.append(Person(
-                person_id=pid,
-                templates=tuple(Template(photo_date=d, age=a) for d, a, _ in rows),
-                name=name if with_names else None,
-                priority=int(priority),
-                threshold=None if threshold is None else float(threshold),
-            ))
+            persons.append(
+                Person(
+                    person_id=pid,
+                    templates=tuple(Template(photo_date=d, age=a) for d, a, _ in rows),
+                    name=name if with_names else None,
+                    priority=int(priority),
+                    threshold=None if threshold is None else float(threshold),
+                )
+            )
             blocks.append(np.frombuffer(b"".join(b for _, _, b in rows), dtype="<f4").reshape(len(rows), -1))
         dim = blocks[0].shape[1] if blocks else int(self.get_meta(f"dim:{model_id}", 0) or 0)
         absolute = np.concatenate(blocks) if blocks else np.zeros((0, dim), np.float32)
@@ -262,8 +277,19 @@ class Register:
 
     def releases(self) -> list[dict]:
         """Every released version, oldest first."""
-        cols = ("version", "kind", "base_version", "created_at", "expires_at", "model_id", "persons", "templates",
-                "bytes", "sha256", "signing_key_id")
+        cols = (
+            "version",
+            "kind",
+            "base_version",
+            "created_at",
+            "expires_at",
+            "model_id",
+            "persons",
+            "templates",
+            "bytes",
+            "sha256",
+            "signing_key_id",
+        )
         rows = self.db.execute(f"SELECT {', '.join(cols)} FROM releases ORDER BY version").fetchall()
         return [dict(zip(cols, r)) for r in rows]
 
@@ -278,10 +304,13 @@ class Register:
 
     def release_digests(self, version: int) -> dict[str, str]:
         """Person id -> digest of their record as that version left it on the units."""
-        return dict(self.db.execute("SELECT person_id, digest FROM release_persons WHERE version = ?", [version]).fetchall())
+        return dict(
+            self.db.execute("SELECT person_id, digest FROM release_persons WHERE version = ?", [version]).fetchall()
+        )
 
-    def record_release(self, bundle: Bundle, digests: dict[str, str], *, size: int, sha256: str,
-                       signing_key_id: str) -> None:
+    def record_release(
+        self, bundle: Bundle, digests: dict[str, str], *, size: int, sha256: str, signing_key_id: str
+    ) -> None:
         """Remember a released version and the digest of every person it leaves on the units."""
         with self.db.atomic():
             if self.db.execute("SELECT 1 FROM releases WHERE version = ?", [bundle.version]).fetchone():
@@ -289,8 +318,19 @@ class Register:
             self.db.execute(
                 "INSERT INTO releases(version, kind, base_version, created_at, expires_at, model_id, persons, "
                 "templates, bytes, sha256, signing_key_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [bundle.version, bundle.kind, bundle.base_version, bundle.created_at, bundle.expires_at,
-                 bundle.model_id, len(digests), bundle.n_templates, size, sha256, signing_key_id],
+                [
+                    bundle.version,
+                    bundle.kind,
+                    bundle.base_version,
+                    bundle.created_at,
+                    bundle.expires_at,
+                    bundle.model_id,
+                    len(digests),
+                    bundle.n_templates,
+                    size,
+                    sha256,
+                    signing_key_id,
+                ],
             )
             self.db.conn.executemany(
                 "INSERT INTO release_persons(version, person_id, digest) VALUES (?, ?, ?)",

@@ -173,10 +173,17 @@ class UnitStore:
             emb[pos : pos + len(rows)] = block
             pos += len(rows)
             pids.extend(interned.setdefault(r[0], r[0]) for r in rows)
-        thresholds = dict(self.db.execute("SELECT person_id, threshold FROM persons WHERE threshold IS NOT NULL").fetchall())
+        thresholds = dict(
+            self.db.execute("SELECT person_id, threshold FROM persons WHERE threshold IS NOT NULL").fetchall()
+        )
         offset = None if st.embedding_offset is None else np.array(st.embedding_offset, dtype=np.float32)
         return TemplateIndex.build(
-            pids, emb[:pos], offset=offset, thresholds=thresholds, version=st.version, model_id=st.model_id or "",
+            pids,
+            emb[:pos],
+            offset=offset,
+            thresholds=thresholds,
+            version=st.version,
+            model_id=st.model_id or "",
             default_threshold=float(st.default_threshold if st.default_threshold is not None else 1.0),
         )
 
@@ -189,21 +196,34 @@ class UnitStore:
 
     # ---- writing ------------------------------------------------------------------------------
 
-    def record_event(self, kind: str, *, version: int | None = None, reason: str | None = None,
-                     detail: str | None = None, source: str | None = None, at: float | None = None) -> None:
+    def record_event(
+        self,
+        kind: str,
+        *,
+        version: int | None = None,
+        reason: str | None = None,
+        detail: str | None = None,
+        source: str | None = None,
+        at: float | None = None,
+    ) -> None:
         """Log an event (kept: the last EVENTS_KEPT)."""
         with self.db.atomic():
             self._insert_event(kind, version, reason, detail, source, at)
 
-    def _insert_event(self, kind: str, version: int | None, reason: str | None, detail: str | None,
-                      source: str | None, at: float | None) -> None:
+    def _insert_event(
+        self,
+        kind: str,
+        version: int | None,
+        reason: str | None,
+        detail: str | None,
+        source: str | None,
+        at: float | None,
+    ) -> None:
         self.db.execute(
             "INSERT INTO events(at, kind, version, reason, detail, source) VALUES (?, ?, ?, ?, ?, ?)",
             [time.time() if at is None else at, kind, version, reason, detail, source],
         )
-        self.db.execute(
-            "DELETE FROM events WHERE id <= (SELECT max(id) FROM events) - ?", [EVENTS_KEPT]
-        )
+        self.db.execute("DELETE FROM events WHERE id <= (SELECT max(id) FROM events) - ?", [EVENTS_KEPT])
 
     def save_keyset(self, serial: int, envelope: bytes) -> None:
         """Keep a newer verified key set (on its own transaction)."""
@@ -212,7 +232,8 @@ class UnitStore:
 
     def _save_keyset(self, serial: int, envelope: bytes) -> None:
         self.db.execute(
-            "INSERT OR IGNORE INTO keysets(serial, envelope, stored_at) VALUES (?, ?, ?)", [serial, envelope, time.time()]
+            "INSERT OR IGNORE INTO keysets(serial, envelope, stored_at) VALUES (?, ?, ?)",
+            [serial, envelope, time.time()],
         )
 
     def apply(self, verified: Verified, *, source: str = "", applied_at: float | None = None) -> None:
@@ -237,24 +258,30 @@ class UnitStore:
             self._insert_persons(b)
             self._save_keyset(verified.keyset.serial, verified.keyset.envelope)
             if b.kind == "full":
-                self._set_meta({"embedding_offset": None if b.embedding_offset is None
-                                else [float(v) for v in b.embedding_offset]})
-            self._set_meta({
-                "version": b.version,
-                "kind": b.kind,
-                "model_id": b.model_id,
-                "embedding_dim": b.embedding_dim,
-                "default_threshold": b.default_threshold,
-                "created_at": b.created_at,
-                "expires_at": b.expires_at,
-                "bundle_sha256": verified.sha256,
-                "signing_key_id": verified.signing_key_id,
-                "applied_at": at,
-            })
+                self._set_meta(
+                    {"embedding_offset": None if b.embedding_offset is None else [float(v) for v in b.embedding_offset]}
+                )
+            self._set_meta(
+                {
+                    "version": b.version,
+                    "kind": b.kind,
+                    "model_id": b.model_id,
+                    "embedding_dim": b.embedding_dim,
+                    "default_threshold": b.default_threshold,
+                    "created_at": b.created_at,
+                    "expires_at": b.expires_at,
+                    "bundle_sha256": verified.sha256,
+                    "signing_key_id": verified.signing_key_id,
+                    "applied_at": at,
+                }
+            )
             self._insert_event(
-                "applied", b.version, None,
+                "applied",
+                b.version,
+                None,
                 f"{b.kind} bundle: {len(b.persons)} persons in, {len(b.removed)} removed",
-                source, at,
+                source,
+                at,
             )
 
     def _delete_persons(self, ids: list[str]) -> None:

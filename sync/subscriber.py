@@ -49,8 +49,16 @@ class WatchlistSubscriber:
     edge.mqtt_reporter.build_client) -- default a plain one for `host`:`port`.
     """
 
-    def __init__(self, watchlist: Watchlist, topic: str, *, host: str = "localhost", port: int = 1883,
-                 client: Any | None = None, tick_interval_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        watchlist: Watchlist,
+        topic: str,
+        *,
+        host: str = "localhost",
+        port: int = 1883,
+        client: Any | None = None,
+        tick_interval_s: float = 30.0,
+    ) -> None:
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
 
@@ -58,8 +66,7 @@ class WatchlistSubscriber:
         self.prefix = topic
         self.host, self.port = host, port
         self.tick_interval_s = tick_interval_s
-        self.client = client or mqtt.Client(CallbackAPIVersion.VERSION2,
-                                            client_id=f"watchlist-{uuid.uuid4().hex[:12]}")
+        self.client = client or mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"watchlist-{uuid.uuid4().hex[:12]}")
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self._lock = threading.Lock()
@@ -94,9 +101,13 @@ class WatchlistSubscriber:
             a = self._assembly
             return {
                 "connected": self.connected,
-                "downloading": None if a is None else {
-                    "kind": a.slot, "version": a.manifest.version,
-                    "chunks": a.manifest.chunks, "received": len(a.have),
+                "downloading": None
+                if a is None
+                else {
+                    "kind": a.slot,
+                    "version": a.manifest.version,
+                    "chunks": a.manifest.chunks,
+                    "received": len(a.have),
                 },
                 "downloads": self.downloads,
             }
@@ -150,9 +161,14 @@ class WatchlistSubscriber:
                 return
             i = int(index)
             if i >= a.manifest.chunks or len(payload) != a.manifest.chunk_len(i):
-                log.warning("watchlist: chunk %s of %s bundle %s has %d bytes, expected %s; waiting for a republish",
-                            index, slot, version, len(payload),
-                            a.manifest.chunk_len(i) if i < a.manifest.chunks else "no such chunk")
+                log.warning(
+                    "watchlist: chunk %s of %s bundle %s has %d bytes, expected %s; waiting for a republish",
+                    index,
+                    slot,
+                    version,
+                    len(payload),
+                    a.manifest.chunk_len(i) if i < a.manifest.chunks else "no such chunk",
+                )
                 return
             start = i * a.manifest.chunk_bytes
             a.buf[start : start + len(payload)] = payload
@@ -190,13 +206,21 @@ class WatchlistSubscriber:
                 self.client.subscribe(self.prefix + self._assembly.topic, qos=1)
         if oversized is not None:
             self.watchlist.record_rejection(
-                BundleRejected("oversized", f"the {oversized.kind} bundle version {oversized.version} announced is "
-                               f"{oversized.size} bytes, over max_bundle_bytes ({limit}); not downloaded"),
+                BundleRejected(
+                    "oversized",
+                    f"the {oversized.kind} bundle version {oversized.version} announced is "
+                    f"{oversized.size} bytes, over max_bundle_bytes ({limit}); not downloaded",
+                ),
                 f"mqtt:{manifest_topic(self.prefix, oversized.kind)}",
             )
         else:
-            log.info("watchlist: fetching %s bundle version %d (%d bytes, %d chunks)",
-                     want.kind, want.version, want.size, want.chunks)
+            log.info(
+                "watchlist: fetching %s bundle version %d (%d bytes, %d chunks)",
+                want.kind,
+                want.version,
+                want.size,
+                want.chunks,
+            )
 
     def _apply(self, a: _Assembly) -> None:
         m = a.manifest
@@ -204,8 +228,11 @@ class WatchlistSubscriber:
         if hashlib.sha256(a.buf).hexdigest() != m.sha256:
             # The chunks on the broker belong to another upload than the manifest (a publish in
             # progress); the next manifest starts over.
-            log.warning("watchlist: %s bundle %d assembled with the wrong digest; waiting for the next manifest",
-                        a.slot, m.version)
+            log.warning(
+                "watchlist: %s bundle %d assembled with the wrong digest; waiting for the next manifest",
+                a.slot,
+                m.version,
+            )
             return
         self.downloads += 1
         try:

@@ -102,16 +102,36 @@ class Authority:
         self.keyset = make_keyset(self.root, self.serial, keep, self.revoked)
         return old
 
-    def bundle(self, version: int, persons: tuple[Person, ...], embeddings: np.ndarray, *, kind: str = "full",
-               base: int | None = None, removed: tuple[str, ...] = (), model_id: str | None = None,
-               created_at: int | None = None, valid_for_s: int = 7 * 86400,
-               signing: Ed25519PrivateKey | None = None, keyset: bytes | None = None,
-               offset: np.ndarray | None = None) -> bytes:
+    def bundle(
+        self,
+        version: int,
+        persons: tuple[Person, ...],
+        embeddings: np.ndarray,
+        *,
+        kind: str = "full",
+        base: int | None = None,
+        removed: tuple[str, ...] = (),
+        model_id: str | None = None,
+        created_at: int | None = None,
+        valid_for_s: int = 7 * 86400,
+        signing: Ed25519PrivateKey | None = None,
+        keyset: bytes | None = None,
+        offset: np.ndarray | None = None,
+    ) -> bytes:
         """A signed bundle of `persons` with `embeddings` (absolute values; stored around `offset`)."""
         created = int(time.time()) if created_at is None else created_at
-        b = Bundle(kind=kind, version=version, created_at=created, expires_at=created + valid_for_s,
-                   model_id=model_id or self.model_id, embedding_dim=embeddings.shape[1] if embeddings.ndim == 2 else self.dim,
-                   default_threshold=self.threshold, persons=persons,
-                   embeddings=embeddings if offset is None else embeddings - offset,
-                   base_version=base, removed=removed, embedding_offset=offset)
+        b = Bundle(
+            kind=kind,
+            version=version,
+            created_at=created,
+            expires_at=created + valid_for_s,
+            model_id=model_id or self.model_id,
+            embedding_dim=embeddings.shape[1] if embeddings.ndim == 2 else self.dim,
+            default_threshold=self.threshold,
+            persons=persons,
+            embeddings=embeddings if offset is None else embeddings - offset,
+            base_version=base,
+            removed=removed,
+            embedding_offset=offset,
+        )
         return encode_bundle(b, signing or self.signing, keyset if keyset is not None else self.keyset)

@@ -87,7 +87,8 @@ def verify_bundle(data: bytes | memoryview, trust: UnitTrust, now: float) -> Ver
     kid = framed.key_id
     if kid in keyset.revoked:
         raise BundleRejected(
-            "revoked_key", f"signed by key {kid}, which key set {keyset.serial} revokes; ask HQ to re-sign with a current key"
+            "revoked_key",
+            f"signed by key {kid}, which key set {keyset.serial} revokes; ask HQ to re-sign with a current key",
         )
     public = keyset.public_key(kid)
     if public is None:

@@ -30,17 +30,33 @@ def main() -> int:
     args = ap.parse_args()
 
     reporter = MqttReporter(
-        MqttConfig(host=args.host, port=args.port, site=args.site, heartbeat_interval_s=1.0,
-                   reconnect_min_delay_s=0.1, reconnect_max_delay_s=0.5),
+        MqttConfig(
+            host=args.host,
+            port=args.port,
+            site=args.site,
+            heartbeat_interval_s=1.0,
+            reconnect_min_delay_s=0.1,
+            reconnect_max_delay_s=0.5,
+        ),
         OutboxConfig(path=args.outbox),
         args.unit,
     )
     for i in range(args.count):
-        reporter.submit(Hit(
-            unit_id=args.unit, camera_id="cam-1", captured_at=time.time(), person_id=f"person-{i % 7}",
-            score=0.8, threshold=0.6, margin=0.2, box=(10.0, 10.0, 60.0, 70.0), model_id="test-model",
-            watchlist_version=3, id=f"{args.prefix}-{i:05d}",
-        ))
+        reporter.submit(
+            Hit(
+                unit_id=args.unit,
+                camera_id="cam-1",
+                captured_at=time.time(),
+                person_id=f"person-{i % 7}",
+                score=0.8,
+                threshold=0.6,
+                margin=0.2,
+                box=(10.0, 10.0, 60.0, 70.0),
+                model_id="test-model",
+                watchlist_version=3,
+                id=f"{args.prefix}-{i:05d}",
+            )
+        )
     print(f"submitted {args.count}", flush=True)
     if args.drain:
         ok = reporter.flush(args.timeout)

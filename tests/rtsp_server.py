@@ -79,7 +79,7 @@ def load_access_units(path: str) -> tuple[list[tuple[bytes, bool]], float, str]:
 class _Pusher(threading.Thread):
     """Feeds one client's appsrc at the mount's frame rate; pausing it is how a mount stalls."""
 
-    def __init__(self, mount: "_AppsrcMount", appsrc: Gst.Element) -> None:
+    def __init__(self, mount: _AppsrcMount, appsrc: Gst.Element) -> None:
         super().__init__(daemon=True)
         self.mount = mount
         self.appsrc = appsrc
@@ -119,8 +119,7 @@ class _AppsrcMount(GstRtspServer.RTSPMediaFactory):
         self.pushers: list[_Pusher] = []
         # Live appsrc timestamped on push: after a stall the stream simply continues.
         self.set_launch(
-            f'( appsrc name=src is-live=true do-timestamp=true format=time caps="{caps}" '
-            "! rtph264pay name=pay0 pt=96 )"
+            f'( appsrc name=src is-live=true do-timestamp=true format=time caps="{caps}" ! rtph264pay name=pay0 pt=96 )'
         )
         self.set_shared(False)
         self.connect("media-configure", self._on_configure)

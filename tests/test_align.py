@@ -73,6 +73,7 @@ def test_similarity_transform_is_least_squares_and_never_mirrors():
     assert np.linalg.det(m[:, :2]) > 0
     np.testing.assert_allclose(m[0, 0], m[1, 1], atol=1e-12)  # scale x rotation, no shear
     np.testing.assert_allclose(m[0, 1], -m[1, 0], atol=1e-12)
+
     # no small change of the parameters fits better
     def err(mm):
         return float(((src @ mm[:, :2].T + mm[:, 2] - dst) ** 2).sum())

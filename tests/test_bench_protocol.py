@@ -17,8 +17,10 @@ def test_tar_at_far_uses_the_impostor_quantile():
 
 def test_missing_faces_count_as_misses():
     photos = [
-        Photo(None, "a", False), Photo(None, "b", False),
-        Photo(None, "a", True), Photo(None, "b", True),
+        Photo(None, "a", False),
+        Photo(None, "b", False),
+        Photo(None, "a", True),
+        Photo(None, "b", True),
     ]
     e = np.eye(4, dtype=np.float32)
     emb = [e[0], None, e[0], e[1]]  # b's adult photo had no face

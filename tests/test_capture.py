@@ -77,7 +77,10 @@ def test_bad_config_values_name_the_key(values, key, words):
 
 
 def test_accepted_sources_are_classified(face_clip: pathlib.Path):
-    assert classify_url("rtsp://user:pw@10.0.0.5:554/Streaming/101") == ("rtsp", "rtsp://user:pw@10.0.0.5:554/Streaming/101")
+    assert classify_url("rtsp://user:pw@10.0.0.5:554/Streaming/101") == (
+        "rtsp",
+        "rtsp://user:pw@10.0.0.5:554/Streaming/101",
+    )
     assert classify_url("rtsps://cam.local/s")[0] == "rtsp"
     assert classify_url(str(face_clip)) == ("file", str(face_clip))
     assert classify_url(f"file://{face_clip}") == ("file", str(face_clip))
@@ -157,9 +160,7 @@ def test_server_killed_then_restarted_reader_reconnects(backend, rtsp_server, re
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_stalled_stream_is_detected_by_the_watchdog(backend, rtsp_server, readers):
     # The backend's read timeout is set far beyond the stall timeout: only the watchdog can notice.
-    reader = readers(
-        id="cam1", url=rtsp_server.url("cam1"), backend=backend, read_timeout_s=30, stall_timeout_s=1.5
-    )
+    reader = readers(id="cam1", url=rtsp_server.url("cam1"), backend=backend, read_timeout_s=30, stall_timeout_s=1.5)
     assert reader.latest(timeout=10) is not None, reader.state
     rtsp_server.stall("cam1")
     t0 = time.monotonic()
@@ -216,7 +217,9 @@ def test_file_plays_at_native_rate_and_loops(face_clip: pathlib.Path, readers):
 def test_looping_file_goes_past_its_end(tmp_path: pathlib.Path, readers):
     from tests.fixtures.media import astronaut_face, make_face_clip
 
-    clip = make_face_clip(tmp_path / "short.mkv", [(astronaut_face(), 0, 1, 10, 10, 100)], size=(320, 240), fps=20, seconds=1)
+    clip = make_face_clip(
+        tmp_path / "short.mkv", [(astronaut_face(), 0, 1, 10, 10, 100)], size=(320, 240), fps=20, seconds=1
+    )
     reader = readers(id="loop", url=str(clip), loop=True, realtime=False, backend="opencv")
     assert reader.latest(after_seq=60, timeout=10) is not None, reader.state
     assert reader.state.up and reader.state.reconnects == 0

@@ -70,7 +70,7 @@ def test_embeddings_are_unit_length_and_batched(converted):
 
 def test_truncated_model_file_is_named(converted):
     src, _, _ = converted
-    data = src.read_bytes()[: 500_000]
+    data = src.read_bytes()[:500_000]
     with pytest.raises(ModelError, match="file ends early|corrupt"):
         parse_dlib_net(data, "truncated.dat")
 

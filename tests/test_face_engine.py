@@ -101,7 +101,9 @@ def test_corrupt_cached_model_is_named_and_rebuild_fixes_it(tmp_path):
     onnx_file.write_bytes(b"garbage")
     with pytest.raises(ModelError, match="corrupt"):
         FaceEngine.load(EngineConfig(cache_dir=cache, backend="onnxruntime"))
-    result = CliRunner().invoke(engines_cli, ["build", "--cache-dir", str(cache), "--rebuild", "--backend", "onnxruntime"])
+    result = CliRunner().invoke(
+        engines_cli, ["build", "--cache-dir", str(cache), "--rebuild", "--backend", "onnxruntime"]
+    )
     assert result.exit_code == 0, result.output
     assert "dlib-resnet-v1:" in result.output
     FaceEngine.load(EngineConfig(cache_dir=cache, backend="onnxruntime"))
@@ -111,8 +113,12 @@ def test_custom_embedder_missing_file_is_named(tmp_path):
     from engines.model_spec import ARCFACE_112_TEMPLATE, EmbedderSpec
 
     spec = EmbedderSpec(
-        name="arcface", onnx=tmp_path / "nope.onnx", input_width=112, input_height=112,
-        template=ARCFACE_112_TEMPLATE, embedding_size=512,
+        name="arcface",
+        onnx=tmp_path / "nope.onnx",
+        input_width=112,
+        input_height=112,
+        template=ARCFACE_112_TEMPLATE,
+        embedding_size=512,
     )
     with pytest.raises(ModelError, match="engine.embedder.onnx"):
         FaceEngine.load(EngineConfig(cache_dir=tmp_path / "c", embedder=spec))

@@ -25,7 +25,9 @@ def _brute_force(index: TemplateIndex, ids: list[str], q: np.ndarray, k: int) ->
     return out
 
 
-def _data(n_persons: int, per: int, seed: int = 0, shape: dict | None = None) -> tuple[list[str], np.ndarray, np.ndarray]:
+def _data(
+    n_persons: int, per: int, seed: int = 0, shape: dict | None = None
+) -> tuple[list[str], np.ndarray, np.ndarray]:
     shape = shape or {}
     centers = person_centers(n_persons, seed=seed, shared=shape.get("shared", 0.0))
     emb = samples_of(centers, per, seed=seed + 1, spread=shape.get("spread", 0.55))
@@ -33,21 +35,29 @@ def _data(n_persons: int, per: int, seed: int = 0, shape: dict | None = None) ->
     return ids, emb, centers
 
 
-def _queries(centers: np.ndarray, n_genuine: int, n_strangers: int, seed: int = 9,
-             shape: dict | None = None) -> np.ndarray:
+def _queries(
+    centers: np.ndarray, n_genuine: int, n_strangers: int, seed: int = 9, shape: dict | None = None
+) -> np.ndarray:
     shape = shape or {}
     rng = np.random.default_rng(seed)
     spread = shape.get("spread", 0.55)
     genuine = samples_of(centers[rng.integers(0, len(centers), n_genuine)], 1, seed=seed + 1, spread=spread)
-    strangers = samples_of(person_centers(n_strangers, seed=seed + 2, shared=shape.get("shared", 0.0)), 1,
-                           seed=seed + 3, spread=spread)
+    strangers = samples_of(
+        person_centers(n_strangers, seed=seed + 2, shared=shape.get("shared", 0.0)), 1, seed=seed + 3, spread=spread
+    )
     return np.concatenate([genuine, strangers])
 
 
-@pytest.mark.parametrize("n_persons,per,shape", [
-    (1, 1, None), (3, 2, None), (400, 3, None), (6000, 3, None),
-    (6000, 3, ENGINE_LIKE),  # crowded: strangers at 0.97, the shortlist holds thousands of rows
-])
+@pytest.mark.parametrize(
+    "n_persons,per,shape",
+    [
+        (1, 1, None),
+        (3, 2, None),
+        (400, 3, None),
+        (6000, 3, None),
+        (6000, 3, ENGINE_LIKE),  # crowded: strangers at 0.97, the shortlist holds thousands of rows
+    ],
+)
 def test_search_equals_brute_force(n_persons: int, per: int, shape: dict | None) -> None:
     ids, emb, centers = _data(n_persons, per, shape=shape)
     index = TemplateIndex.build(ids, emb, version=1, model_id="m")
@@ -147,7 +157,15 @@ def test_with_changes_removes_replaces_and_adds() -> None:
     assert nxt.templates_of("p000005").shape == (1, 128)
     assert nxt.threshold_for("n1") == 0.7 and nxt.threshold_for("p000005") == nxt.default_threshold
     # The result is the index a fresh build would give (up to the fresh build's own center and steps).
-    fresh_ids = [i for i in ids if i not in ("p000000", "p000001", "p000005")] + ["n0", "n0", "n1", "n1", "n2", "n2", "p000005"]
+    fresh_ids = [i for i in ids if i not in ("p000000", "p000001", "p000005")] + [
+        "n0",
+        "n0",
+        "n1",
+        "n1",
+        "n2",
+        "n2",
+        "p000005",
+    ]
     keep = [i not in ("p000000", "p000001", "p000005") for i in ids]
     fresh = TemplateIndex.build(fresh_ids, np.concatenate([emb[keep], add, replaced]))
     q = _queries(np.concatenate([centers, new_c]), 10, 5)

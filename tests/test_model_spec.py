@@ -88,7 +88,9 @@ def test_description_that_contradicts_the_file_is_refused(tmp_path):
         Embedder(_arcface_spec(path, embedding_size=256), backend)
     with pytest.raises(ModelError, match="input_width/input_height"):
         Embedder(
-            _arcface_spec(path, input_width=128, input_height=128, template=((40, 50), (80, 50), (60, 70), (45, 90), (75, 90))),
+            _arcface_spec(
+                path, input_width=128, input_height=128, template=((40, 50), (80, 50), (60, 70), (45, 90), (75, 90))
+            ),
             backend,
         )
 

@@ -28,8 +28,9 @@ from tests.fixtures.hits import face_jpeg, make_hit, noise_jpeg, schema_errors
 CHILD = Path(__file__).with_name("reporter_child.py")
 
 
-def reporter_for(broker, tmp_path: Path, unit: str = "unit-1", outbox: OutboxConfig | None = None,
-                 status_provider=None, **overrides) -> MqttReporter:
+def reporter_for(
+    broker, tmp_path: Path, unit: str = "unit-1", outbox: OutboxConfig | None = None, status_provider=None, **overrides
+) -> MqttReporter:
     cfg = MqttConfig(host=broker.host, port=broker.port, site="site-a", **{**FAST, **overrides})
     return MqttReporter(cfg, outbox or OutboxConfig(path=tmp_path / f"{unit}-outbox.sqlite"), unit, status_provider)
 
@@ -41,8 +42,14 @@ class Collected:
         self.ids: list[str] = []
         self.rows: list[dict] = []
         self.store = HitStore(tmp_path / f"{client_id}.sqlite")
-        cfg = ReceiverConfig(host=broker.host, port=broker.port, client_id=client_id,
-                             reconnect_min_delay_s=0.1, reconnect_max_delay_s=0.5, **overrides)
+        cfg = ReceiverConfig(
+            host=broker.host,
+            port=broker.port,
+            client_id=client_id,
+            reconnect_min_delay_s=0.1,
+            reconnect_max_delay_s=0.5,
+            **overrides,
+        )
         self.receiver = Receiver(cfg, self.store, on_hit=self._on_hit)
         self.receiver.start()
 
@@ -105,8 +112,9 @@ def test_hits_status_and_heartbeat_follow_the_schemas(mosquitto, tmp_path, colle
     rx = collect().wait_connected()
 
     face = face_jpeg()
-    reporter = reporter_for(mosquitto, tmp_path, status_provider=lambda: {"cameras_up": 2, "fps": 12.5,
-                                                                          "watchlist_version": 4})
+    reporter = reporter_for(
+        mosquitto, tmp_path, status_provider=lambda: {"cameras_up": 2, "fps": 12.5, "watchlist_version": 4}
+    )
     hits = [make_hit(crop=face, person_id="person-1"), make_hit(person_id="person-2")]
     for h in hits:
         reporter.submit(h)
@@ -134,7 +142,12 @@ def test_hits_status_and_heartbeat_follow_the_schemas(mosquitto, tmp_path, colle
     assert states[0] == "online" and states[-1] == "offline"
     # The receiver decodes exactly what the schema allows: required keys match.
     assert set(payload_schemas["hit"]["required"]) == set(protocol.HIT_FIELDS) | {
-        "schema", "v", "box", "crop_jpeg_b64", "crop_dropped"}
+        "schema",
+        "v",
+        "box",
+        "crop_jpeg_b64",
+        "crop_dropped",
+    }
 
 
 def test_broker_outage_every_hit_arrives_exactly_once(mosquitto, tmp_path, collect):
@@ -286,13 +299,13 @@ def test_tls_with_client_certificate_and_a_wrong_ca(broker_factory, tmp_path, tl
     good.close()
 
 
-def test_full_outbox_and_oversized_crops_follow_the_policy_and_show_in_the_heartbeat(broker_factory, tmp_path,
-                                                                                    collect):
+def test_full_outbox_and_oversized_crops_follow_the_policy_and_show_in_the_heartbeat(broker_factory, tmp_path, collect):
     broker = broker_factory()  # down while the hits pile up
     crop = noise_jpeg(20_000)
     big = noise_jpeg(40_000, seed=1)
-    outbox = OutboxConfig(path=tmp_path / "o.sqlite", max_bytes=4 * len(crop) + len(crop) // 2,
-                          max_crop_bytes=len(crop) + 100)
+    outbox = OutboxConfig(
+        path=tmp_path / "o.sqlite", max_bytes=4 * len(crop) + len(crop) // 2, max_crop_bytes=len(crop) + 100
+    )
     reporter = reporter_for(broker, tmp_path, outbox=outbox)
     oversized = make_hit(crop=big)
     reporter.submit(oversized)
@@ -308,11 +321,13 @@ def test_full_outbox_and_oversized_crops_follow_the_policy_and_show_in_the_heart
     broker.start()
     rx = collect(broker).wait_connected()
     wait_for(lambda: len(rx.ids) == stats["pending"], what="the hits that were kept")
-    wait_for(lambda: any(u["heartbeat"] and u["heartbeat"]["outbox"]["sent"] == len(rx.ids)
-                         for u in rx.store.units()), what="a heartbeat with the figures after sending")
+    wait_for(
+        lambda: any(u["heartbeat"] and u["heartbeat"]["outbox"]["sent"] == len(rx.ids) for u in rx.store.units()),
+        what="a heartbeat with the figures after sending",
+    )
     reporter.close()
     kept = rx.ids
-    assert kept == [h.id for h in hits][-len(kept):], "the newest hits are kept, in order"
+    assert kept == [h.id for h in hits][-len(kept) :], "the newest hits are kept, in order"
     rows = {r["id"]: r for r in rx.rows}
     assert all(rows[i]["crop_dropped"] == "outbox_full" and not rows[i]["has_crop"] for i in kept)
     hb = rx.store.units()[0]["heartbeat"]["outbox"]

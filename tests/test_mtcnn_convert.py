@@ -157,9 +157,19 @@ def test_reader_refuses_code_execution_globals(tmp_path):
 def test_reader_reads_facenet_weights(sources):
     sd = load_state_dict(sources["pnet"])
     assert list(sd) == [
-        "conv1.weight", "conv1.bias", "prelu1.weight", "conv2.weight", "conv2.bias", "prelu2.weight",
-        "conv3.weight", "conv3.bias", "prelu3.weight", "conv4_1.weight", "conv4_1.bias",
-        "conv4_2.weight", "conv4_2.bias",
+        "conv1.weight",
+        "conv1.bias",
+        "prelu1.weight",
+        "conv2.weight",
+        "conv2.bias",
+        "prelu2.weight",
+        "conv3.weight",
+        "conv3.bias",
+        "prelu3.weight",
+        "conv4_1.weight",
+        "conv4_1.bias",
+        "conv4_2.weight",
+        "conv4_2.bias",
     ]
     assert sd["conv1.weight"].shape == (10, 3, 3, 3) and sd["conv1.weight"].dtype == np.float32
     assert sd["conv4_2.weight"].shape == (4, 32, 1, 1)

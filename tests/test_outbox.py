@@ -122,7 +122,7 @@ def test_full_outbox_drops_oldest_crops_first_then_oldest_records(tmp_path):
     assert counters["hits_dropped_full"] > 0, "records should go once no old crop is left"
     kept = [r.hit_id for r in rows]
     # The oldest records went, the newest stayed, in order.
-    assert kept == ids[len(ids) - len(kept):]
+    assert kept == ids[len(ids) - len(kept) :]
     # Records go last: by the time one is dropped, no crop is left (the new hits' own crops included).
     with_crop = [r.crop is not None for r in rows]
     assert not any(with_crop)
@@ -136,8 +136,9 @@ def test_full_outbox_drops_oldest_crops_first_then_oldest_records(tmp_path):
 
 def test_in_flight_rows_are_never_dropped(tmp_path):
     crop = noise_jpeg(20_000)
-    box = Outbox(OutboxConfig(path=tmp_path / "o.sqlite", max_bytes=4 * len(crop) + len(crop) // 2,
-                              max_crop_bytes=len(crop)))
+    box = Outbox(
+        OutboxConfig(path=tmp_path / "o.sqlite", max_bytes=4 * len(crop) + len(crop) // 2, max_crop_bytes=len(crop))
+    )
     for i in range(4):
         put(box, make_hit(id=f"h{i}", crop=crop))
     taken = box.take(2)

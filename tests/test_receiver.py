@@ -20,13 +20,19 @@ from central.store import HitStore, StoreError
 from edge import protocol
 from edge.mqtt_reporter import MqttConfig, MqttReporter
 from edge.outbox import OutboxConfig
-from tests.fixtures.hits import face_jpeg, make_hit
 from tests.fixtures.broker import FAST, wait_for
+from tests.fixtures.hits import face_jpeg, make_hit
 
 
 def rx_config(broker, client_id: str = "rx-1", **kw) -> ReceiverConfig:
-    return ReceiverConfig(host=broker.host, port=broker.port, client_id=client_id,
-                          reconnect_min_delay_s=0.1, reconnect_max_delay_s=0.5, **kw)
+    return ReceiverConfig(
+        host=broker.host,
+        port=broker.port,
+        client_id=client_id,
+        reconnect_min_delay_s=0.1,
+        reconnect_max_delay_s=0.5,
+        **kw,
+    )
 
 
 def start_receiver(broker, store, client_id="rx-1", **kw) -> tuple[Receiver, list[dict]]:
@@ -126,8 +132,11 @@ def test_hits_sent_while_the_receiver_is_down_wait_in_its_session(mosquitto, tmp
     store = HitStore(tmp_path / "hits.sqlite")
     rx, _ = start_receiver(mosquitto, store)
     rx.close()  # the session (and its shared subscription) stays on the broker
-    reporter = MqttReporter(MqttConfig(host=mosquitto.host, port=mosquitto.port, site="site-a", **FAST),
-                            OutboxConfig(path=tmp_path / "o.sqlite"), "unit-1")
+    reporter = MqttReporter(
+        MqttConfig(host=mosquitto.host, port=mosquitto.port, site="site-a", **FAST),
+        OutboxConfig(path=tmp_path / "o.sqlite"),
+        "unit-1",
+    )
     hits = [make_hit() for _ in range(20)]
     for h in hits:
         reporter.submit(h)
@@ -146,8 +155,12 @@ def test_unit_status_and_heartbeat_are_tracked(mosquitto, tmp_path):
     rx = Receiver(rx_config(mosquitto), store, on_unit=lambda *c: changes.append(c))
     rx.start()
     wait_for(rx.subscribed.is_set, what="receiver subscribed")
-    reporter = MqttReporter(MqttConfig(host=mosquitto.host, port=mosquitto.port, site="site-a", **FAST),
-                            OutboxConfig(path=tmp_path / "o.sqlite"), "unit-1", lambda: {"cameras_up": 1})
+    reporter = MqttReporter(
+        MqttConfig(host=mosquitto.host, port=mosquitto.port, site="site-a", **FAST),
+        OutboxConfig(path=tmp_path / "o.sqlite"),
+        "unit-1",
+        lambda: {"cameras_up": 1},
+    )
     wait_for(lambda: [u["health"] for u in store.units()] == ["online"], what="unit online")
     wait_for(lambda: store.units()[0]["heartbeat"] is not None, what="a heartbeat")
     unit = store.units()[0]
@@ -183,8 +196,11 @@ def test_cli_export_units_hits_review_crop(mosquitto, tmp_path):
     db = tmp_path / "hits.sqlite"
     store = HitStore(db)
     rx, _ = start_receiver(mosquitto, store)
-    reporter = MqttReporter(MqttConfig(host=mosquitto.host, port=mosquitto.port, site="site-a", **FAST),
-                            OutboxConfig(path=tmp_path / "o.sqlite"), "unit-1")
+    reporter = MqttReporter(
+        MqttConfig(host=mosquitto.host, port=mosquitto.port, site="site-a", **FAST),
+        OutboxConfig(path=tmp_path / "o.sqlite"),
+        "unit-1",
+    )
     face = face_jpeg()
     hits = [make_hit(crop=face, person_id=f"person-{i}") for i in range(3)]
     for h in hits:
@@ -222,9 +238,27 @@ def test_cli_run_prints_one_line_per_new_hit_and_stops_on_sigterm(mosquitto, tmp
     db = tmp_path / "hits.sqlite"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "central.cli", "-v", "run", "--host", mosquitto.host, "--port", str(mosquitto.port),
-         "--db", str(db), "--client-id", "cli-rx", "--reconnect-max-delay", "0.5"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        [
+            sys.executable,
+            "-m",
+            "central.cli",
+            "-v",
+            "run",
+            "--host",
+            mosquitto.host,
+            "--port",
+            str(mosquitto.port),
+            "--db",
+            str(db),
+            "--client-id",
+            "cli-rx",
+            "--reconnect-max-delay",
+            "0.5",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
     )
     try:
         wait_for(lambda: "cli-rx 1 checkpoint/v1/+/+/heartbeat" in mosquitto.log_text(), what="CLI receiver subscribed")

@@ -26,19 +26,28 @@ def test_hq_to_unit_through_the_cli(tmp_path: Path) -> None:
     assert "pin" in run("keygen", "--dir", keys).output
     assert "already holds HQ keys" in run("keygen", "--dir", keys, ok=False).output
     reg = Register(hq)
-    reg.add_persons(make_persons([f"case-{i}" for i in range(12)], 2), samples_of(person_centers(12), 2), model_id=MODEL)
+    reg.add_persons(
+        make_persons([f"case-{i}" for i in range(12)], 2), samples_of(person_centers(12), 2), model_id=MODEL
+    )
 
     r = run("build", "--register", hq, "--keys", keys, "--out", tmp_path / "v1.cpwl", ok=False)
     assert r.exit_code == 2 and "--threshold" in r.output
-    assert "full version 1: 12 persons" in run("build", "--register", hq, "--keys", keys, "--out", tmp_path / "v1.cpwl",
-                                               "--threshold", "0.55").output
+    assert (
+        "full version 1: 12 persons"
+        in run("build", "--register", hq, "--keys", keys, "--out", tmp_path / "v1.cpwl", "--threshold", "0.55").output
+    )
     unit_args = ("--store", unit, "--root-key", keys / "root.pub")
     r = run("apply", tmp_path / "v1.cpwl", *unit_args, ok=False)
     assert r.exit_code != 0 and "--model-id" in r.output
-    assert "version 1 (12 persons, 24 templates)" in run("apply", tmp_path / "v1.cpwl", *unit_args, "--model-id", MODEL).output
+    assert (
+        "version 1 (12 persons, 24 templates)"
+        in run("apply", tmp_path / "v1.cpwl", *unit_args, "--model-id", MODEL).output
+    )
 
     run("remove", "case-3", "case-4", "--register", hq)
-    out = run("build", "--register", hq, "--keys", keys, "--out", tmp_path / "v2.cpwl", "--delta", "--valid-for", "2d").output
+    out = run(
+        "build", "--register", hq, "--keys", keys, "--out", tmp_path / "v2.cpwl", "--delta", "--valid-for", "2d"
+    ).output
     assert "delta 1->2: 0 persons (0 templates) in, 2 removed" in out
     assert "version 2 (10 persons, 20 templates)" in run("apply", tmp_path / "v2.cpwl", *unit_args).output
 
@@ -99,7 +108,17 @@ def test_encrypted_keys_need_their_passphrase(tmp_path: Path, monkeypatch) -> No
     assert b"ENCRYPTED" in (keys / "root.key").read_bytes()
     reg = Register(tmp_path / "hq.db")
     reg.add_persons(make_persons(["case-1"], 1), samples_of(person_centers(1), 1), model_id=MODEL)
-    build = ("build", "--register", tmp_path / "hq.db", "--keys", keys, "--out", tmp_path / "v1.cpwl", "--threshold", "0.5")
+    build = (
+        "build",
+        "--register",
+        tmp_path / "hq.db",
+        "--keys",
+        keys,
+        "--out",
+        tmp_path / "v1.cpwl",
+        "--threshold",
+        "0.5",
+    )
     r = run(*build, ok=False)
     assert r.exit_code == 2 and "passphrase" in r.output
     monkeypatch.setenv("HQ_PASS", "wrong")

@@ -83,8 +83,9 @@ def test_enrol_refuses_bad_photos_with_reasons_and_the_unit_matches(tmp_path: Pa
     b, d, _ = plan_bundle(reg, model_id=engine.model_id, default_threshold=0.6)
     rel = release(reg, b, d, signing, keyset)
     save_public_key(root.public_key(), tmp_path / "root.pub")
-    wl = Watchlist(WatchlistConfig(root_key=tmp_path / "root.pub", store=tmp_path / "unit.db"), Matcher(),
-                   engine.model_id)
+    wl = Watchlist(
+        WatchlistConfig(root_key=tmp_path / "root.pub", store=tmp_path / "unit.db"), Matcher(), engine.model_id
+    )
     wl.start()
     wl.offer(rel.data, "hq")
     (face,) = engine.analyze(load_image(tmp_path / "good.png"))

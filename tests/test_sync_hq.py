@@ -30,8 +30,9 @@ def keys():
 
 def _fill(reg: Register, n: int, seed: int = 0) -> np.ndarray:
     centers = person_centers(n, seed=seed)
-    reg.add_persons(make_persons([f"case-{i:04d}" for i in range(n)], 2), samples_of(centers, 2, seed=seed + 1),
-                    model_id=MODEL)
+    reg.add_persons(
+        make_persons([f"case-{i:04d}" for i in range(n)], 2), samples_of(centers, 2, seed=seed + 1), model_id=MODEL
+    )
     return centers
 
 
@@ -49,8 +50,13 @@ def test_full_and_delta_from_the_register_reach_the_unit(tmp_path: Path, keys) -
     reg.add_template("case-0005", unit_rows(centers[5:6])[0], model_id=MODEL, photo_sha256="ab" * 32, age=12)
     reg.upsert_person("case-0006", threshold=0.8)
     reg.upsert_person("case-9999", priority=3)
-    reg.add_template("case-9999", unit_rows(person_centers(1, seed=42))[0], model_id=MODEL, photo_sha256="cd" * 32,
-                     photo_date="2021-03-04")
+    reg.add_template(
+        "case-9999",
+        unit_rows(person_centers(1, seed=42))[0],
+        model_id=MODEL,
+        photo_sha256="cd" * 32,
+        photo_date="2021-03-04",
+    )
     b2, d2, _ = plan_bundle(reg, model_id=MODEL, default_threshold=0.5, kind="delta")
     assert b2.base_version == 1 and b2.version == 2 and b2.removed == ("case-0004",)
     assert sorted(p.person_id for p in b2.persons) == ["case-0005", "case-0006", "case-9999"]
@@ -59,7 +65,8 @@ def test_full_and_delta_from_the_register_reach_the_unit(tmp_path: Path, keys) -
 
     cfg = WatchlistConfig(root_key=tmp_path / "root.pub", store=tmp_path / "unit.db")
     (tmp_path / "root.pub").write_bytes(
-        root.public_key().public_bytes_raw().hex().encode())  # the raw-hex form of a pinned key
+        root.public_key().public_bytes_raw().hex().encode()
+    )  # the raw-hex form of a pinned key
     wl = Watchlist(cfg, Matcher(), MODEL)
     wl.start()
     wl.offer(r1.data, "hq")
@@ -105,12 +112,23 @@ def test_release_refuses_bad_bases_and_keys(tmp_path: Path, keys) -> None:
 def test_encoding_is_canonical_and_round_trips(keys) -> None:
     root, signing, keyset = keys
     emb = samples_of(person_centers(2), 2)
-    persons = (Person("b-2", (Template(age=3), Template("2020-02-29"))), Person("a-1", (Template(age=5),) * 2,
-                                                                                name="Ünïcode", priority=2,
-                                                                                threshold=0.61))
+    persons = (
+        Person("b-2", (Template(age=3), Template("2020-02-29"))),
+        Person("a-1", (Template(age=5),) * 2, name="Ünïcode", priority=2, threshold=0.61),
+    )
     offset = emb.mean(axis=0)
-    b = Bundle(kind="full", version=3, created_at=1000, expires_at=2000, model_id=MODEL, embedding_dim=128,
-               default_threshold=0.5, persons=persons, embeddings=emb - offset, embedding_offset=offset)
+    b = Bundle(
+        kind="full",
+        version=3,
+        created_at=1000,
+        expires_at=2000,
+        model_id=MODEL,
+        embedding_dim=128,
+        default_threshold=0.5,
+        persons=persons,
+        embeddings=emb - offset,
+        embedding_offset=offset,
+    )
     one, two = encode_bundle(b, signing, keyset.envelope), encode_bundle(b, signing, keyset.envelope)
     assert one == two  # Ed25519 is deterministic and the header canonical
     f = frame(one)
@@ -122,21 +140,33 @@ def test_encoding_is_canonical_and_round_trips(keys) -> None:
     assert np.array_equal(back.embedding_offset, offset)  # float32 values survive the JSON exactly
 
 
-@pytest.mark.parametrize("bad,match", [
-    (dict(version=0), "version"),
-    (dict(kind="delta"), "base_version"),
-    (dict(removed=("x",)), "no base_version"),
-    (dict(persons=(Person("a", ()),)), "no templates"),
-    (dict(persons=(Person(" a", (Template(),)),)), "edge spaces"),
-    (dict(persons=(Person("a" * 65, (Template(),)),)), "longer than 64"),
-    (dict(persons=(Person("a", (Template("2021-02-30"),)),)), "not a date"),
-    (dict(persons=(Person("a", (Template(age=200),)),)), "age"),
-    (dict(persons=(Person("a", (Template(),), priority=10),)), "priority"),
-    (dict(expires_at=10), "expires_at"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (dict(version=0), "version"),
+        (dict(kind="delta"), "base_version"),
+        (dict(removed=("x",)), "no base_version"),
+        (dict(persons=(Person("a", ()),)), "no templates"),
+        (dict(persons=(Person(" a", (Template(),)),)), "edge spaces"),
+        (dict(persons=(Person("a" * 65, (Template(),)),)), "longer than 64"),
+        (dict(persons=(Person("a", (Template("2021-02-30"),)),)), "not a date"),
+        (dict(persons=(Person("a", (Template(age=200),)),)), "age"),
+        (dict(persons=(Person("a", (Template(),), priority=10),)), "priority"),
+        (dict(expires_at=10), "expires_at"),
+    ],
+)
 def test_bundle_rules(bad: dict, match: str) -> None:
-    base = dict(kind="full", version=1, created_at=100, expires_at=200, model_id=MODEL, embedding_dim=128,
-                default_threshold=0.5, persons=(Person("a", (Template(),)),), embeddings=np.zeros((1, 128)))
+    base = dict(
+        kind="full",
+        version=1,
+        created_at=100,
+        expires_at=200,
+        model_id=MODEL,
+        embedding_dim=128,
+        default_threshold=0.5,
+        persons=(Person("a", (Template(),)),),
+        embeddings=np.zeros((1, 128)),
+    )
     args = base | bad
     if "persons" in bad:
         args["embeddings"] = np.zeros((sum(len(p.templates) for p in bad["persons"]), 128))
@@ -158,7 +188,9 @@ def test_manifest_rows_are_checked_before_any_photo_is_opened(tmp_path: Path) ->
     )
     entries, errors = read_manifest(manifest)
     assert [(e.person_id, e.photo.name, e.photo_date, e.age) for e in entries] == [
-        ("case-1", "a.jpg", "2019-06-01", None), ("case-1", "b.jpg", None, 9)]
+        ("case-1", "a.jpg", "2019-06-01", None),
+        ("case-1", "b.jpg", None, 9),
+    ]
     assert entries[0].name == "Ann" and entries[0].priority == 2
     reasons = {e["where"]: e["reason"] for e in errors}
     assert "person id" in reasons["cases.csv:4"]
@@ -172,7 +204,9 @@ def test_manifest_rows_are_checked_before_any_photo_is_opened(tmp_path: Path) ->
         (folder / "case-7" / name).write_bytes(b"x")
     entries, errors = scan_folder(folder)
     assert [(e.photo.name, e.photo_date, e.age) for e in entries] == [
-        ("2016-05-01_front.jpg", "2016-05-01", None), ("age9.png", None, 9)]
+        ("2016-05-01_front.jpg", "2016-05-01", None),
+        ("age9.png", None, 9),
+    ]
     assert len(errors) == 1 and "holiday.jpg" in errors[0]["where"]
 
 

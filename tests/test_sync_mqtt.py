@@ -44,8 +44,9 @@ def hq() -> Authority:
 
 @pytest.fixture
 def unit(tmp_path: Path, hq: Authority, mosquitto):
-    cfg = WatchlistConfig(root_key=hq.write_root(tmp_path / "root.pub"), store=tmp_path / "wl.db", topic=TOPIC,
-                          max_bundle_bytes=200_000)
+    cfg = WatchlistConfig(
+        root_key=hq.write_root(tmp_path / "root.pub"), store=tmp_path / "wl.db", topic=TOPIC, max_bundle_bytes=200_000
+    )
     wl = Watchlist(cfg, Matcher(), MODEL)
     wl.start()
     subs: list[WatchlistSubscriber] = []

@@ -57,8 +57,9 @@ def test_full_then_delta_removes_and_forgets(tmp_path: Path) -> None:
     new_persons, new_emb, new_centers = _list(2, seed=9, prefix="new")
     changed = make_persons(["case-00003"], 1)
     changed_emb = samples_of(new_centers[[0]], 1, seed=99)
-    delta = hq.bundle(2, new_persons + changed, np.concatenate([new_emb, changed_emb]), kind="delta", base=1,
-                      removed=("case-00007",))
+    delta = hq.bundle(
+        2, new_persons + changed, np.concatenate([new_emb, changed_emb]), kind="delta", base=1, removed=("case-00007",)
+    )
     assert wl.offer(delta, source="t") == 2
     assert wl.matcher.match(found) == [None]  # stops matching as soon as the delta is applied
     assert wl.matcher.match(unit_rows(new_centers[[1]]))[0].person_id == "new-00001"
@@ -109,8 +110,9 @@ def test_expired_list_warn_keeps_matching_stop_stops(tmp_path: Path) -> None:
         assert st["expired"] is True and st["matching"] is matching
         assert (wl.matcher.match(q)[0] is not None) is matching
         # A fresh bundle (an empty delta is enough) lifts the policy.
-        wl.offer(hq.bundle(2, (), np.zeros((0, 128), np.float32), kind="delta", base=1,
-                           created_at=int(clock.t)), source="t")
+        wl.offer(
+            hq.bundle(2, (), np.zeros((0, 128), np.float32), kind="delta", base=1, created_at=int(clock.t)), source="t"
+        )
         assert wl.status()["expired"] is False and wl.matcher.match(q)[0] is not None
         wl.close()
 
@@ -139,9 +141,23 @@ def test_list_applied_by_another_process_is_picked_up(tmp_path: Path) -> None:
     bundle = tmp_path / "v4.cpwl"
     bundle.write_bytes(hq.bundle(4, persons, emb))
     out = subprocess.run(
-        [sys.executable, "-m", "sync.cli", "apply", str(bundle), "--store", str(tmp_path / "wl.db"),
-         "--root-key", str(tmp_path / "root.pub"), "--model-id", MODEL],
-        cwd=REPO, capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "sync.cli",
+            "apply",
+            str(bundle),
+            "--store",
+            str(tmp_path / "wl.db"),
+            "--root-key",
+            str(tmp_path / "root.pub"),
+            "--model-id",
+            MODEL,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert out.returncode == 0, out.stderr
     assert "version 4" in out.stdout
@@ -204,8 +220,12 @@ def test_sigkill_during_apply_leaves_old_or_new_never_a_mix(tmp_path: Path) -> N
         return path
 
     def run_child(path: Path, kill_after: int) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-c", _CHILD, str(path), str(root), str(bundle), str(kill_after)],
-                                cwd=REPO, stdout=subprocess.PIPE, text=True)
+        return subprocess.Popen(
+            [sys.executable, "-c", _CHILD, str(path), str(root), str(bundle), str(kill_after)],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
 
     # Killed inside the transaction, half the new templates written.
     path = fresh_store()

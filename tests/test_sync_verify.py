@@ -35,8 +35,9 @@ def _persons(n: int, seed: int = 0, prefix: str = "case") -> tuple[tuple, np.nda
 @pytest.fixture
 def unit(tmp_path: Path, hq: Authority):
     """A unit holding full version 5 of a 20-person list."""
-    cfg = WatchlistConfig(root_key=hq.write_root(tmp_path / "root.pub"), store=tmp_path / "wl.db",
-                          max_bundle_bytes=256 * 1024)
+    cfg = WatchlistConfig(
+        root_key=hq.write_root(tmp_path / "root.pub"), store=tmp_path / "wl.db", max_bundle_bytes=256 * 1024
+    )
     wl = Watchlist(cfg, Matcher(), MODEL)
     wl.start()
     persons, emb, centers = _persons(20)
@@ -169,7 +170,7 @@ def test_oversized_refused_before_parsing(unit: Watchlist, hq: Authority, tmp_pa
     assert info.value.reason == "oversized" and unit.version == 5
 
 
-@pytest.mark.parametrize("junk", [b"", b"{\"version\": 99}", b"CPWLKEY", os.urandom(3000), b"PK\x03\x04" + bytes(100)])
+@pytest.mark.parametrize("junk", [b"", b'{"version": 99}', b"CPWLKEY", os.urandom(3000), b"PK\x03\x04" + bytes(100)])
 def test_not_a_bundle(unit: Watchlist, junk: bytes) -> None:
     _assert_refused(unit, junk, "not_a_bundle")
 
@@ -177,15 +178,37 @@ def test_not_a_bundle(unit: Watchlist, junk: bytes) -> None:
 def test_signed_but_malformed_header(unit: Watchlist, hq: Authority) -> None:
     # HQ's own key signing a header that breaks the format (a bug at HQ, not an attack).
     header = canonical.dumps({"format": 1, "kind": "full", "version": 6})
-    body = b"".join([BUNDLE_MAGIC, struct.pack("<I", len(hq.keyset)), hq.keyset, struct.pack("<I", len(header)),
-                     header, struct.pack("<Q", 0), bytes.fromhex(key_id(hq.signing.public_key()))])
+    body = b"".join(
+        [
+            BUNDLE_MAGIC,
+            struct.pack("<I", len(hq.keyset)),
+            hq.keyset,
+            struct.pack("<I", len(header)),
+            header,
+            struct.pack("<Q", 0),
+            bytes.fromhex(key_id(hq.signing.public_key())),
+        ]
+    )
     data = body + hq.signing.sign(signed_message(BUNDLE_DOMAIN, body))
     _assert_refused(unit, data, "malformed")
 
 
 def test_every_reason_has_a_test() -> None:
-    covered = {"oversized", "not_a_bundle", "truncated", "bad_keyset_signature", "keyset_rollback", "unknown_key",
-               "revoked_key", "bad_signature", "malformed", "wrong_model", "rollback", "wrong_base", "expired"}
+    covered = {
+        "oversized",
+        "not_a_bundle",
+        "truncated",
+        "bad_keyset_signature",
+        "keyset_rollback",
+        "unknown_key",
+        "revoked_key",
+        "bad_signature",
+        "malformed",
+        "wrong_model",
+        "rollback",
+        "wrong_base",
+        "expired",
+    }
     assert covered == set(REASONS)
 
 

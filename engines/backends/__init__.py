@@ -72,7 +72,7 @@ def create_backend(
     if kind == "tensorrt":
         reason = tensorrt_available()
         if reason is not None:
-            raise BackendError(f"TensorRT backend requested but unavailable: {reason}; use backend = \"onnxruntime\"")
+            raise BackendError(f'TensorRT backend requested but unavailable: {reason}; use backend = "onnxruntime"')
         from engines.backends.tensorrt_backend import TensorRTBackend
 
         return TensorRTBackend(

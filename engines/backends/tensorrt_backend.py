@@ -88,7 +88,9 @@ def _onnx_inputs(onnx_path: Path) -> list[tuple[str, tuple[int | str | None, ...
     for inp in model.graph.input:
         if inp.name in init_names:
             continue
-        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in inp.type.tensor_type.shape.dim)
+        dims = tuple(
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in inp.type.tensor_type.shape.dim
+        )
         result.append((inp.name, dims))
     return result
 
@@ -137,7 +139,9 @@ class TensorRTBackend:
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         ins, outs = [], []
         for n in names:
-            info = TensorInfo(n, tuple(self.engine.get_tensor_shape(n)), str(trt.nptype(self.engine.get_tensor_dtype(n))))
+            info = TensorInfo(
+                n, tuple(self.engine.get_tensor_shape(n)), str(trt.nptype(self.engine.get_tensor_dtype(n)))
+            )
             (ins if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT else outs).append(info)
         self.inputs, self.outputs = tuple(ins), tuple(outs)
         self._buffers: dict[str, tuple[object, int]] = {}
@@ -185,7 +189,9 @@ class TensorRTBackend:
             arr = np.ascontiguousarray(feeds[info.name], dtype=trt.nptype(self.engine.get_tensor_dtype(info.name)))
             mn, _, mx = self._profiles[info.name]
             if any(a < lo or a > hi for a, lo, hi in zip(arr.shape, mn, mx)):
-                raise BackendError(f"{self.name}: input {info.name} shape {arr.shape} outside the engine's profile {mn}..{mx}")
+                raise BackendError(
+                    f"{self.name}: input {info.name} shape {arr.shape} outside the engine's profile {mn}..{mx}"
+                )
             self.context.set_input_shape(info.name, arr.shape)
             dev = self._buffer(info.name, arr.nbytes)
             cuda.memcpy_htod_async(dev, arr, self.stream)
