@@ -86,7 +86,8 @@ def wait_for(cond: Callable[[], Any], timeout: float, what: str) -> Any:
 def read_hits(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    # The sink may be midway through a line: only whole lines (ending in a newline) are records.
+    return [json.loads(x) for x in path.read_text().splitlines(keepends=True) if x.endswith("\n") and x.strip()]
 
 
 class NotifyListener:
