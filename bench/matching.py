@@ -1,8 +1,8 @@
-"""Watchlist search benchmark: edge.matcher against FAISS's exact flat index on 1,000,000 templates.
+"""Watchlist search benchmark: matching.matcher against FAISS's exact flat index on 1,000,000 templates.
 
     python bench/matching.py --json OUT.json            # 1M templates x 128-d, batches of 8, top-5
 
-Data (sync.synthetic): 333,334 persons x 3 templates of 128-d unit vectors, clustered per person
+Data (testing.synthetic): 333,334 persons x 3 templates of 128-d unit vectors, clustered per person
 with an anisotropic spread, carried as bundles carry them (float16 around their mean). --shape:
   engine-like  (default) faces share one direction, as with the default engine: strangers score
                about 0.97, two photos of one person about 0.985 -- crowded scores, the hard case;
@@ -35,8 +35,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edge.matcher import Matcher, TemplateIndex  # noqa: E402
-from sync.synthetic import ENGINE_LIKE, person_centers, samples_of  # noqa: E402
+from matching.matcher import Matcher, TemplateIndex  # noqa: E402
+from testing.synthetic import ENGINE_LIKE, person_centers, samples_of  # noqa: E402
 
 SHAPES = {"engine-like": ENGINE_LIKE, "sphere": {"shared": 0.0, "spread": 0.55}}
 
@@ -222,11 +222,11 @@ def main() -> None:
     )
     print(f"{'':28} {'median ms':>10} {'p90 ms':>8} {'memory MB':>10}")
     print(
-        f"{'edge.matcher search':28} {result['matcher_search']['median_ms']:>10} {result['matcher_search']['p90_ms']:>8} "
+        f"{'matching.matcher search':28} {result['matcher_search']['median_ms']:>10} {result['matcher_search']['p90_ms']:>8} "
         f"{result['index_mb']:>10}"
     )
     print(
-        f"{'edge.matcher match':28} {result['matcher_match']['median_ms']:>10} {result['matcher_match']['p90_ms']:>8}"
+        f"{'matching.matcher match':28} {result['matcher_match']['median_ms']:>10} {result['matcher_match']['p90_ms']:>8}"
     )
     print(
         f"{'faiss IndexFlatIP':28} {result['faiss_flat_ip']['median_ms']:>10} {result['faiss_flat_ip']['p90_ms']:>8} "

@@ -80,7 +80,7 @@ def _usable_people(candidates: list[Any]) -> list[Any]:
     """3 persons whose two adult photos both show one face that passes the quality gate (enrolled
     from one, shown in the other), then 3 persons with one such photo (never enrolled)."""
     from engines.face_engine import FaceEngine
-    from tests.fixtures.media import load_rgb
+    from testing.media import load_rgb
 
     engine = FaceEngine.load()
 
@@ -109,7 +109,7 @@ def equivalent_threshold(photos: list[Path]) -> dict[str, Any]:
     import face_recognition
 
     from engines.face_engine import FaceEngine
-    from tests.fixtures.media import load_rgb
+    from testing.media import load_rgb
 
     engine = FaceEngine.load()
     ours, peer = [], []
@@ -141,7 +141,7 @@ def prepare(work: Path, seconds: float) -> dict[str, Any]:
     """Write the clip and the enrolment photos into `work`; return the plan (ground truth and paths)."""
     import cv2
 
-    from tests.fixtures.media import lag_people, load_rgb, make_face_clip
+    from testing.media import lag_people, load_rgb, make_face_clip
 
     photos: dict[str, list[str]] = {}
     placements = []
@@ -169,7 +169,7 @@ def prepare(work: Path, seconds: float) -> dict[str, Any]:
                 placements.append((face, t0, t1, x, y, h))
                 appearances.append(Appearance(f"person-{k}", enrolled, t0, t1, x, y, h))
     else:
-        from edge.demo import astronaut_photo, cameraman_photo, enrolment_photo
+        from testing.demo import astronaut_photo, cameraman_photo, enrolment_photo
 
         source = "scikit-image: the astronaut (enrolled from an altered copy) and the cameraman"
         p = work / "enrol-astronaut.png"
@@ -253,10 +253,10 @@ def _rss_mb() -> float:
 
 
 def _watchlist(plan: dict[str, Any], work: Path, engine: Any) -> Any:
-    from edge.demo import apply_watchlist, build_watchlist
-    from edge.matcher import Matcher
-    from sync.apply import Watchlist
-    from sync.config import WatchlistConfig
+    from matching.matcher import Matcher
+    from testing.demo import apply_watchlist, build_watchlist
+    from watchlist.unit.apply import Watchlist
+    from watchlist.unit.config import WatchlistConfig
 
     photos = {pid: [Path(p) for p in ps] for pid, ps in plan["photos"].items()}
     root_pub, bundle = build_watchlist(work / "wl", engine, photos, default_threshold=plan["threshold"])
@@ -270,8 +270,8 @@ def _watchlist(plan: dict[str, Any], work: Path, engine: Any) -> Any:
 
 
 def phase_ours(plan: dict[str, Any], work: Path, _args: argparse.Namespace) -> dict[str, Any]:
+    from edge.frame import Frame
     from edge.pipeline import CameraSpec, MatchingConfig, Pipeline
-    from edge.types import Frame
     from engines.face_engine import FaceEngine
 
     engine = FaceEngine.load()
@@ -367,7 +367,7 @@ def _cameras(plan: dict[str, Any], work: Path, source: str) -> tuple[list[str], 
     """Camera URLs for the live runs: RTSP streams of the clip from the test RTSP server (as a unit
     sees cameras), or the clip file itself, looped, where GStreamer's RTSP server is not installed."""
     if source == "rtsp":
-        from tests.fixtures.rtsp import RtspServer, gst_rtsp_problem
+        from testing.rtsp import RtspServer, gst_rtsp_problem
 
         problem = gst_rtsp_problem()
         if problem is None:
@@ -380,7 +380,7 @@ def _cameras(plan: dict[str, Any], work: Path, source: str) -> tuple[list[str], 
 def _live(
     plan: dict[str, Any], work: Path, seconds: float, sample_every: float, detect_workers: int, source: str
 ) -> dict[str, Any]:
-    from edge.capture import CameraReader, CaptureConfig
+    from edge.camera.capture import CameraReader, CaptureConfig
     from edge.pipeline import AnalysisConfig, CameraSpec, MatchingConfig, Pipeline
     from engines.face_engine import FaceEngine
 

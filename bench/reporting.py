@@ -31,11 +31,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edge import protocol  # noqa: E402
-from edge.mqtt_reporter import MqttConfig, MqttReporter  # noqa: E402
+from edge.frame import Hit  # noqa: E402
 from edge.outbox import Outbox, OutboxConfig  # noqa: E402
-from edge.types import Hit  # noqa: E402
-from tests.fixtures.broker import MosquittoBroker, find_mosquitto  # noqa: E402
-from tests.fixtures.hits import noise_jpeg  # noqa: E402
+from edge.reporter import MqttConfig, MqttReporter  # noqa: E402
+from testing.broker import MosquittoBroker, find_mosquitto  # noqa: E402
+from testing.hits import noise_jpeg  # noqa: E402
 
 
 def make_hit(tag: str, crop: bytes | None) -> Hit:

@@ -6,7 +6,7 @@
 Everything is real: HQ's register and the unit's store are SQLite files in a temporary folder,
 bundles are signed with Ed25519, and (unless --no-mqtt, or mosquitto is missing) the full bundle
 and the delta travel through a local Mosquitto to a unit's WatchlistSubscriber. Embeddings are
-synthetic (sync.synthetic, engine-like shape), so no face engine runs; enrolment cost is the engine's (bench/throughput.py).
+synthetic (testing.synthetic, engine-like shape), so no face engine runs; enrolment cost is the engine's (bench/throughput.py).
 
 Measured:
   HQ:   register load (bulk), full bundle plan + sign + write, its size; a delta of --delta persons
@@ -31,15 +31,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edge.matcher import Matcher  # noqa: E402
-from sync.apply import Watchlist, index_for  # noqa: E402
-from sync.build import plan_bundle, release  # noqa: E402
-from sync.config import WatchlistConfig  # noqa: E402
-from sync.keys import parse_keyset  # noqa: E402
-from sync.register import Register  # noqa: E402
-from sync.store import UnitStore  # noqa: E402
-from sync.synthetic import ENGINE_LIKE, Authority, make_persons, person_centers, samples_of  # noqa: E402
-from sync.verify import UnitTrust, verify_bundle  # noqa: E402
+from matching.matcher import Matcher  # noqa: E402
+from testing.synthetic import ENGINE_LIKE, Authority, make_persons, person_centers, samples_of  # noqa: E402
+from watchlist.format.keys import parse_keyset  # noqa: E402
+from watchlist.format.verify import UnitTrust, verify_bundle  # noqa: E402
+from watchlist.hq.build import plan_bundle, release  # noqa: E402
+from watchlist.hq.register import Register  # noqa: E402
+from watchlist.unit.apply import Watchlist, index_for  # noqa: E402
+from watchlist.unit.config import WatchlistConfig  # noqa: E402
+from watchlist.unit.store import UnitStore  # noqa: E402
 
 MODEL = "synthetic:v1"
 
@@ -195,9 +195,9 @@ def main() -> None:
 
 def measure_mqtt(work: Path, cfg: WatchlistConfig, full: bytes, delta: bytes, chunk_bytes: int) -> dict:
     """Publish both bundles through a local Mosquitto; time until a subscribed unit has applied each."""
-    from sync.publish import publish_bundle
-    from sync.subscriber import WatchlistSubscriber
-    from tests.fixtures.broker import MosquittoBroker, find_mosquitto
+    from testing.broker import MosquittoBroker, find_mosquitto
+    from watchlist.hq.publish import publish_bundle
+    from watchlist.unit.subscriber import WatchlistSubscriber
 
     if find_mosquitto() is None:
         return {"skipped": "mosquitto not installed"}

@@ -23,8 +23,8 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from central.store import HitStore
-from edge import protocol
-from edge.mqtt_reporter import MqttConnection, MqttLink
+from edge.reporter import MqttConnection, MqttLink
+from wire import records as protocol
 
 log = logging.getLogger(__name__)
 

@@ -42,7 +42,7 @@ def check_config(file: Path) -> None:
     Example:
       edge check-config /etc/checkpoint/unit.toml
     """
-    from edge.sources import redact_url
+    from edge.camera.sources import redact_url
 
     cfg = _load_or_exit(str(file))
     click.echo(f"{file}: OK")
@@ -109,7 +109,7 @@ def demo(out_dir: Path, seconds: float, verbose: bool) -> None:
     Example:
       edge demo --out /tmp/edge-demo
     """
-    from edge.demo import DemoError, run_demo
+    from testing.demo import DemoError, run_demo
 
     try:
         result = run_demo(out_dir, seconds=seconds, verbose=verbose, echo=click.echo)

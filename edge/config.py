@@ -3,12 +3,12 @@
 Each module defines the model of its own table beside its code; this module only composes them:
 
     [unit]            UnitSection            (here)
-    [[cameras]]       CameraConfig           (edge.capture.CaptureConfig + name, enabled, analysis_fps)
+    [[cameras]]       CameraConfig           (edge.camera.capture.CaptureConfig + name, enabled, analysis_fps)
     [engine]          EngineConfig           (engines.config)
     [analysis]        AnalysisConfig         (edge.pipeline; [analysis.tracker]: edge.tracker.TrackerConfig)
     [matching]        MatchingConfig         (edge.pipeline; [matching.crop]: edge.hits.CropConfig)
-    [watchlist]       WatchlistConfig        (sync.config)
-    [mqtt]            MqttConfig             (edge.mqtt_reporter; optional)
+    [watchlist]       WatchlistConfig        (watchlist.unit.config)
+    [mqtt]            MqttConfig             (edge.reporter; optional)
     [outbox]          OutboxConfig           (edge.outbox; used with [mqtt])
     [sinks.jsonl]     JsonlSinkConfig        (edge.sinks; optional)
     [logging]         LoggingConfig          (here)
@@ -34,14 +34,14 @@ from pydantic import (
     model_validator,
 )
 
-from edge.capture import CaptureConfig
-from edge.mqtt_reporter import MqttConfig
+from edge.camera.capture import CaptureConfig
 from edge.outbox import OutboxConfig
 from edge.pipeline import AnalysisConfig, MatchingConfig
-from edge.protocol import ProtocolError, check_topic_level
+from edge.reporter import MqttConfig
 from edge.sinks import JsonlSinkConfig
 from engines.config import EngineConfig
-from sync.config import WatchlistConfig
+from watchlist.unit.config import WatchlistConfig
+from wire.records import ProtocolError, check_topic_level
 
 
 class ConfigError(Exception):

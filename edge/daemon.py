@@ -191,15 +191,15 @@ class Daemon:
         if cfg.sinks.jsonl is not None:
             sinks.append(JsonlSink(cfg.sinks.jsonl))
         if cfg.mqtt is not None:
-            from edge.mqtt_reporter import MqttReporter
+            from edge.reporter import MqttReporter
 
             sinks.append(MqttReporter(cfg.mqtt, cfg.outbox, cfg.unit.id, status_provider=self.status))
         return sinks
 
     def _open_watchlist(self) -> MatcherLike:
-        from edge.matcher import Matcher
-        from sync.apply import Watchlist
-        from sync.errors import WatchlistError
+        from matching.matcher import Matcher
+        from watchlist.format.errors import WatchlistError
+        from watchlist.unit.apply import Watchlist
 
         matcher = Matcher(threshold=self.config.matching.threshold, dim=int(self.engine.embedding_dim))
         try:
@@ -210,8 +210,8 @@ class Daemon:
             raise DaemonError(f"the watchlist could not be opened: {exc}") from exc
         wl_cfg, mqtt = self.config.watchlist, self.config.mqtt
         if wl_cfg.topic and mqtt is not None:
-            from edge.mqtt_reporter import build_client
-            from sync.subscriber import WatchlistSubscriber
+            from edge.reporter import build_client
+            from watchlist.unit.subscriber import WatchlistSubscriber
 
             client = build_client(mqtt, f"checkpoint-{self.config.unit.site}-{self.config.unit.id}-watchlist")
             self.subscriber = WatchlistSubscriber(
@@ -221,7 +221,7 @@ class Daemon:
         return matcher
 
     def _open_camera(self, cam: CameraConfig) -> Any:
-        from edge.capture import CameraReader, CaptureConfig
+        from edge.camera.capture import CameraReader, CaptureConfig
 
         capture = CaptureConfig.model_validate(cam.model_dump(include=set(CaptureConfig.model_fields)))
         return CameraReader(capture, on_state=self._camera_changed)

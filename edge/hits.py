@@ -14,7 +14,7 @@ import threading
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from edge.types import Hit, Match
+from edge.frame import Hit, Match
 
 
 class CropConfig(BaseModel):

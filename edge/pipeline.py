@@ -2,7 +2,7 @@
 
 Threads and queues, data flowing one way:
 
-    camera reader (edge.capture, newest frame only)
+    camera reader (edge.camera.capture, newest frame only)
       -> sampler thread per camera, at the camera's analysis_fps
       -> one slot per camera holding only the newest sampled frame (a slow detector skips frames,
          it never queues stale ones)
@@ -31,10 +31,10 @@ from typing import Any, Protocol
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from edge.frame import Frame, Hit, Match
 from edge.hits import CropConfig, HitEmitter
 from edge.sinks import HitSink
 from edge.tracker import Observation, Tracker, TrackerConfig
-from edge.types import Frame, Hit, Match
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class FaceEngineLike(Protocol):
 
 
 class MatcherLike(Protocol):
-    """What the pipeline needs from edge.matcher.Matcher."""
+    """What the pipeline needs from matching.matcher.Matcher."""
 
     version: int
 
@@ -98,7 +98,7 @@ class MatcherLike(Protocol):
 
 
 class FrameSource(Protocol):
-    """What the pipeline needs from edge.capture.CameraReader."""
+    """What the pipeline needs from edge.camera.capture.CameraReader."""
 
     def latest(self, after_seq: int = -1, timeout: float = 1.0) -> Frame | None: ...
 

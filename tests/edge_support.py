@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.fixtures.media import lag_people, load_rgb
+from testing.media import lag_people, load_rgb
 
 
 @functools.lru_cache(maxsize=1)
@@ -94,7 +94,7 @@ def _people() -> People:
                 name, face, enrol = usable[i][:3]
                 pid = name.replace(" ", "_")[:60] or "person"
                 return People("lag-dev", (genuine + impostor) / 2, pid, face, enrol, usable[j][1])
-    from edge.demo import astronaut_photo, cameraman_photo, enrolment_photo
+    from testing.demo import astronaut_photo, cameraman_photo, enrolment_photo
 
     face, other, enrol = astronaut_photo()[0:300, 90:390], cameraman_photo()[40:300, 120:380], enrolment_photo()
     e_enrol = _embedding(engine, enrol)
@@ -115,7 +115,7 @@ def signed_store(tmp: Path, people: People, threshold: float | None = None) -> t
     """Build a signed watchlist holding the enrolled person (as HQ does) and apply it to a unit store.
 
     Returns (root public key, store path)."""
-    from edge.demo import apply_watchlist, build_watchlist
+    from testing.demo import apply_watchlist, build_watchlist
 
     engine = _engine()
     root_pub, bundle = build_watchlist(
@@ -131,9 +131,9 @@ def signed_store(tmp: Path, people: People, threshold: float | None = None) -> t
 
 def matcher_for(root_pub: Path, store: Path) -> Any:
     """A matcher loaded from a unit store, as the daemon loads it."""
-    from edge.matcher import Matcher
-    from sync.apply import Watchlist
-    from sync.config import WatchlistConfig
+    from matching.matcher import Matcher
+    from watchlist.unit.apply import Watchlist
+    from watchlist.unit.config import WatchlistConfig
 
     engine = _engine()
     matcher = Matcher(dim=engine.embedding_dim)

@@ -11,9 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-from edge.mqtt_reporter import MqttConfig, MqttReporter
+from edge.frame import Hit
 from edge.outbox import OutboxConfig
-from edge.types import Hit
+from edge.reporter import MqttConfig, MqttReporter
 
 
 def main() -> int:

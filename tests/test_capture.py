@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from edge.capture import CameraReader, CameraState, CaptureConfig
-from edge.sources import classify_url, gstreamer_pipeline, opencv_has_gstreamer, redact_url
-from tests.fixtures.media import background
-from tests.fixtures.rtsp import SYSTEM_PYTHON, gst_rtsp_problem
+from edge.camera.capture import CameraReader, CameraState, CaptureConfig
+from edge.camera.sources import classify_url, gstreamer_pipeline, opencv_has_gstreamer, redact_url
+from testing.media import background
+from testing.rtsp import SYSTEM_PYTHON, gst_rtsp_problem
 
 BACKENDS = ["pyav", "opencv"]
 
@@ -215,7 +215,7 @@ def test_file_plays_at_native_rate_and_loops(face_clip: pathlib.Path, readers):
 
 
 def test_looping_file_goes_past_its_end(tmp_path: pathlib.Path, readers):
-    from tests.fixtures.media import astronaut_face, make_face_clip
+    from testing.media import astronaut_face, make_face_clip
 
     clip = make_face_clip(
         tmp_path / "short.mkv", [(astronaut_face(), 0, 1, 10, 10, 100)], size=(320, 240), fps=20, seconds=1
@@ -291,7 +291,7 @@ def _placed(face: np.ndarray, height: int) -> np.ndarray:
 
 
 def test_face_clip_shows_each_face_only_in_its_time_window(tmp_path: pathlib.Path):
-    from tests.fixtures.media import astronaut_face, make_face_clip
+    from testing.media import astronaut_face, make_face_clip
 
     face = astronaut_face()
     clip = make_face_clip(
@@ -315,7 +315,7 @@ def test_face_clip_shows_each_face_only_in_its_time_window(tmp_path: pathlib.Pat
 
 
 def test_face_clip_from_the_cross_age_set(lag_dir, tmp_path: pathlib.Path):
-    from tests.fixtures.media import lag_people, load_rgb, make_face_clip, with_margin
+    from testing.media import lag_people, load_rgb, make_face_clip, with_margin
 
     people = lag_people(2, seed=1, lag_dir=lag_dir)
     assert len(people) == 2 and people[0].name != people[1].name and people[0].young and people[0].adult

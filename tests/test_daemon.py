@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
+from testing.media import make_face_clip
 from tests.edge_support import People, signed_store
-from tests.fixtures.media import make_face_clip
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -242,10 +242,10 @@ def test_hits_and_heartbeat_reach_a_real_broker(
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
-    from edge import protocol
     from edge.config import load_config
     from edge.daemon import Daemon
     from edge.notify import Notifier
+    from wire import records as protocol
 
     root_pub, store = signed_store(tmp_path, people)
     config = tmp_path / "unit.toml"

@@ -10,9 +10,9 @@ import cv2
 import numpy as np
 import pytest
 
+from edge.frame import Hit, Match
 from edge.hits import CropConfig, HitEmitter, crop_box
 from edge.sinks import HitSink, JsonlSink, JsonlSinkConfig, SinkError
-from edge.types import Hit, Match
 
 T0 = 1_700_000_000.0
 BOX = (100.0, 80.0, 180.0, 180.0)

@@ -7,9 +7,9 @@ import threading
 import numpy as np
 import pytest
 
-from edge.matcher import Matcher, MatcherError, TemplateIndex
-from edge.types import Match
-from sync.synthetic import ENGINE_LIKE, person_centers, samples_of, unit_rows
+from edge.frame import Match
+from matching.matcher import Matcher, MatcherError, TemplateIndex
+from testing.synthetic import ENGINE_LIKE, person_centers, samples_of, unit_rows
 
 
 def _brute_force(index: TemplateIndex, ids: list[str], q: np.ndarray, k: int) -> list[list[tuple[str, float]]]:

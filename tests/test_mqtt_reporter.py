@@ -18,12 +18,12 @@ from pydantic import ValidationError
 
 from central.receiver import Receiver, ReceiverConfig
 from central.store import HitStore
-from edge import protocol
-from edge.mqtt_reporter import MqttConfig, MqttReporter, ReporterError
 from edge.outbox import OutboxConfig
+from edge.reporter import MqttConfig, MqttReporter, ReporterError
 from edge.sinks import HitSink
-from tests.fixtures.broker import FAST, wait_for
-from tests.fixtures.hits import face_jpeg, make_hit, noise_jpeg, schema_errors
+from testing.broker import FAST, wait_for
+from testing.hits import face_jpeg, make_hit, noise_jpeg, schema_errors
+from wire import records as protocol
 
 CHILD = Path(__file__).with_name("reporter_child.py")
 

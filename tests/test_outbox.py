@@ -12,9 +12,9 @@ import textwrap
 import pytest
 from pydantic import ValidationError
 
-from edge import protocol
 from edge.outbox import Outbox, OutboxConfig, OutboxError
-from tests.fixtures.hits import make_hit, noise_jpeg
+from testing.hits import make_hit, noise_jpeg
+from wire import records as protocol
 
 
 def record_of(hit) -> bytes:

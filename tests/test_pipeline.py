@@ -14,15 +14,15 @@ from typing import Any
 
 import pytest
 
+from edge.frame import Frame, Hit
 from edge.pipeline import AnalysisConfig, CameraSpec, MatchingConfig, Pipeline
 from edge.sinks import JsonlSink, JsonlSinkConfig
-from edge.types import Frame, Hit
+from testing.media import make_face_clip
 from tests.edge_support import (
     People,
     matcher_for,
     signed_store,
 )
-from tests.fixtures.media import make_face_clip
 
 FPS = 10
 SIZE = (640, 360)
@@ -154,7 +154,7 @@ def test_unmatched_person_alone_gives_nothing(
 def test_threaded_pipeline_two_cameras_to_jsonl(
     engine: Any, people: People, watchlist: tuple[Path, Path], clip: Path, tmp_path: Path
 ) -> None:
-    from edge.capture import CameraReader, CaptureConfig
+    from edge.camera.capture import CameraReader, CaptureConfig
 
     matcher = matcher_for(*watchlist)
     readers = [CameraReader(CaptureConfig(id=f"cam{i}", url=str(clip), realtime=True)) for i in (1, 2)]

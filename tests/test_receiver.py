@@ -17,11 +17,11 @@ from click.testing import CliRunner
 from central.cli import main as cli
 from central.receiver import Receiver, ReceiverConfig
 from central.store import HitStore, StoreError
-from edge import protocol
-from edge.mqtt_reporter import MqttConfig, MqttReporter
 from edge.outbox import OutboxConfig
-from tests.fixtures.broker import FAST, wait_for
-from tests.fixtures.hits import face_jpeg, make_hit
+from edge.reporter import MqttConfig, MqttReporter
+from testing.broker import FAST, wait_for
+from testing.hits import face_jpeg, make_hit
+from wire import records as protocol
 
 
 def rx_config(broker, client_id: str = "rx-1", **kw) -> ReceiverConfig:

@@ -1,0 +1,129 @@
+"""The `watchlist` command line, HQ to unit, with real files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from testing.synthetic import make_persons, person_centers, samples_of
+from watchlist.cli import main
+from watchlist.hq.register import Register
+
+MODEL = "synthetic:v1"
+
+
+def run(*args: str, ok: bool = True):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    if ok:
+        assert result.exit_code == 0, result.output
+    return result
+
+
+def test_hq_to_unit_through_the_cli(tmp_path: Path) -> None:
+    keys, hq, unit = tmp_path / "keys", tmp_path / "hq.db", tmp_path / "unit.db"
+    assert "pin" in run("keygen", "--dir", keys).output
+    assert "already holds HQ keys" in run("keygen", "--dir", keys, ok=False).output
+    reg = Register(hq)
+    reg.add_persons(
+        make_persons([f"case-{i}" for i in range(12)], 2), samples_of(person_centers(12), 2), model_id=MODEL
+    )
+
+    r = run("build", "--register", hq, "--keys", keys, "--out", tmp_path / "v1.cpwl", ok=False)
+    assert r.exit_code == 2 and "--threshold" in r.output
+    assert (
+        "full version 1: 12 persons"
+        in run("build", "--register", hq, "--keys", keys, "--out", tmp_path / "v1.cpwl", "--threshold", "0.55").output
+    )
+    unit_args = ("--store", unit, "--root-key", keys / "root.pub")
+    r = run("apply", tmp_path / "v1.cpwl", *unit_args, ok=False)
+    assert r.exit_code != 0 and "--model-id" in r.output
+    assert (
+        "version 1 (12 persons, 24 templates)"
+        in run("apply", tmp_path / "v1.cpwl", *unit_args, "--model-id", MODEL).output
+    )
+
+    run("remove", "case-3", "case-4", "--register", hq)
+    out = run(
+        "build", "--register", hq, "--keys", keys, "--out", tmp_path / "v2.cpwl", "--delta", "--valid-for", "2d"
+    ).output
+    assert "delta 1->2: 0 persons (0 templates) in, 2 removed" in out
+    assert "version 2 (10 persons, 20 templates)" in run("apply", tmp_path / "v2.cpwl", *unit_args).output
+
+    # Rotation: the next bundle is signed by the new key and carries key set 2, revoking the first key.
+    first_kid = (keys / "signing.current").read_text().strip()
+    assert first_kid in run("rotate", "--dir", keys).output
+    run("build", "--register", hq, "--keys", keys, "--out", tmp_path / "v3.cpwl", "--delta")
+    run("apply", tmp_path / "v3.cpwl", *unit_args)
+    status = json.loads(run("status", "--store", unit, "--json").output)
+    assert status["version"] == 3 and status["persons"] == 10 and status["expired"] is False
+    assert status["signing_key_id"] == (keys / "signing.current").read_text().strip() != first_kid
+    assert [e["kind"] for e in status["events"][:3]] == ["applied", "applied", "applied"]
+
+    # A tampered copy is refused with its reason; the unit keeps version 3.
+    data = bytearray((tmp_path / "v3.cpwl").read_bytes())
+    data[-100] ^= 1
+    (tmp_path / "bad.cpwl").write_bytes(bytes(data))
+    r = run("apply", tmp_path / "bad.cpwl", *unit_args, ok=False)
+    assert r.exit_code == 1 and "rejected (bad_signature)" in r.output
+    assert "version 3 (delta)" in run("status", "--store", unit).output
+    assert "rejected" in run("status", "--store", unit).output
+
+    # Revoking the only signing key: HQ cannot build until it rotates.
+    current = (keys / "signing.current").read_text().strip()
+    assert "run rotate" in run("revoke", current, "--dir", keys).output
+    r = run("build", "--register", hq, "--keys", keys, "--out", tmp_path / "v4.cpwl", "--delta", ok=False)
+    assert r.exit_code == 2 and "not in key set" in r.output
+    # The key set file on its own revokes the key on the unit too.
+    assert "key set 3 accepted" in run("apply", keys / "keyset.bin", *unit_args).output
+    status = json.loads(run("status", "--store", unit, "--json").output)
+    assert status["events"][0]["kind"] == "keyset"
+
+    info = run("inspect", tmp_path / "v2.cpwl").output
+    assert '"removed": [' in info and '"case-3"' in info
+    assert "valid" in run("inspect", tmp_path / "v1.cpwl", "--root-key", keys / "root.pub").output
+
+
+def test_unit_config_file_is_read(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    run("keygen", "--dir", keys)
+    reg = Register(tmp_path / "hq.db")
+    reg.add_persons(make_persons(["case-1"], 1), samples_of(person_centers(1), 1), model_id=MODEL)
+    run("build", "--register", tmp_path / "hq.db", "--keys", keys, "--out", tmp_path / "v1.cpwl", "--threshold", "0.5")
+    conf = tmp_path / "unit.toml"
+    conf.write_text('[watchlist]\nroot_key = "keys/root.pub"\nstore = "state/wl.db"\non_expired = "stop"\n')
+    run("apply", tmp_path / "v1.cpwl", "--config", conf, "--model-id", MODEL)
+    assert (tmp_path / "state" / "wl.db").exists()
+    assert "version 1 (full)" in run("status", "--config", conf).output
+    conf.write_text('[watchlist]\nroot_key = "keys/root.pub"\non_expired = "later"\n')
+    r = run("apply", tmp_path / "v1.cpwl", "--config", conf, "--model-id", MODEL, ok=False)
+    assert r.exit_code == 2 and "on_expired" in r.output
+
+
+def test_encrypted_keys_need_their_passphrase(tmp_path: Path, monkeypatch) -> None:
+    keys = tmp_path / "keys"
+    monkeypatch.setenv("HQ_PASS", "correct horse")
+    run("keygen", "--dir", keys, "--passphrase-env", "HQ_PASS")
+    assert b"ENCRYPTED" in (keys / "root.key").read_bytes()
+    reg = Register(tmp_path / "hq.db")
+    reg.add_persons(make_persons(["case-1"], 1), samples_of(person_centers(1), 1), model_id=MODEL)
+    build = (
+        "build",
+        "--register",
+        tmp_path / "hq.db",
+        "--keys",
+        keys,
+        "--out",
+        tmp_path / "v1.cpwl",
+        "--threshold",
+        "0.5",
+    )
+    r = run(*build, ok=False)
+    assert r.exit_code == 2 and "passphrase" in r.output
+    monkeypatch.setenv("HQ_PASS", "wrong")
+    r = run(*build, "--passphrase-env", "HQ_PASS", ok=False)
+    assert r.exit_code == 2 and "not a readable private key" in r.output
+    monkeypatch.setenv("HQ_PASS", "correct horse")
+    run(*build, "--passphrase-env", "HQ_PASS")
+    run("rotate", "--dir", keys, "--passphrase-env", "HQ_PASS")

@@ -1,0 +1,257 @@
+"""The unit side with a real SQLite store: apply, removal, restart, expiry policy, crash safety."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+
+from matching.matcher import Matcher
+from testing.synthetic import Authority, make_persons, person_centers, samples_of, unit_rows
+from watchlist.unit.apply import Watchlist
+from watchlist.unit.config import WatchlistConfig
+from watchlist.unit.store import UnitStore
+
+MODEL = "synthetic:v1"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _list(n: int, seed: int, prefix: str = "case", per: int = 3):
+    centers = person_centers(n, seed=seed)
+    return make_persons([f"{prefix}-{i:05d}" for i in range(n)], per), samples_of(centers, per, seed=seed + 1), centers
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = time.time()
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _unit(tmp_path: Path, hq: Authority, **cfg) -> Watchlist:
+    root = tmp_path / "root.pub"
+    if not root.exists():
+        hq.write_root(root)
+    clock = cfg.pop("clock", None) or time.time
+    config = WatchlistConfig(root_key=root, store=tmp_path / "wl.db", **cfg)
+    wl = Watchlist(config, Matcher(), MODEL, clock=clock)
+    wl.start()
+    return wl
+
+
+def test_full_then_delta_removes_and_forgets(tmp_path: Path) -> None:
+    hq = Authority(model_id=MODEL, threshold=0.5)
+    wl = _unit(tmp_path, hq)
+    persons, emb, centers = _list(50, seed=1)
+    assert wl.offer(hq.bundle(1, persons, emb), source="t") == 1
+    found = unit_rows(centers[[7]])
+    assert wl.matcher.match(found)[0].person_id == "case-00007"
+
+    new_persons, new_emb, new_centers = _list(2, seed=9, prefix="new")
+    changed = make_persons(["case-00003"], 1)
+    changed_emb = samples_of(new_centers[[0]], 1, seed=99)
+    delta = hq.bundle(
+        2, new_persons + changed, np.concatenate([new_emb, changed_emb]), kind="delta", base=1, removed=("case-00007",)
+    )
+    assert wl.offer(delta, source="t") == 2
+    assert wl.matcher.match(found) == [None]  # stops matching as soon as the delta is applied
+    assert wl.matcher.match(unit_rows(new_centers[[1]]))[0].person_id == "new-00001"
+    st = wl.status()
+    assert (st["version"], st["persons"], st["templates"]) == (2, 51, 150 - 3 - 3 + 6 + 1)
+
+    store = UnitStore(tmp_path / "wl.db")
+    assert "case-00007" not in store.person_ids()
+    assert store.counts() == (51, 151)
+    store.close()
+    # The removed person's embeddings are gone from the file itself, not just unlinked.
+    raw = (tmp_path / "wl.db").read_bytes()
+    for row in emb[21:24].astype("<f2"):
+        assert row.tobytes()[:64] not in raw
+    assert emb[0].astype("<f2").tobytes()[:64] in raw  # (and the check can find one that is there)
+    assert not (tmp_path / "wl.db-journal").exists()
+    wl.close()
+
+
+def test_restart_loads_the_applied_list(tmp_path: Path) -> None:
+    hq = Authority(model_id=MODEL, threshold=0.5)
+    wl = _unit(tmp_path, hq)
+    persons, emb, centers = _list(40, seed=2)
+    wl.offer(hq.bundle(3, persons, emb), source="t")
+    q = unit_rows(centers[:10])
+    before = wl.matcher.search(q, k=3)
+    wl.close()
+    again = _unit(tmp_path, hq)
+    assert again.matcher.version == 3
+    assert again.matcher.search(q, k=3) == before
+    again.close()
+
+
+def test_expired_list_warn_keeps_matching_stop_stops(tmp_path: Path) -> None:
+    hq = Authority(model_id=MODEL, threshold=0.5)
+    persons, emb, centers = _list(10, seed=3)
+    q = unit_rows(centers[[2]])
+    for policy, matching in (("warn", True), ("stop", False)):
+        d = tmp_path / policy
+        d.mkdir()
+        clock = Clock()
+        wl = _unit(d, hq, on_expired=policy, clock=clock)
+        wl.offer(hq.bundle(1, persons, emb, valid_for_s=3600), source="t")
+        assert wl.matcher.match(q)[0] is not None
+        clock.t += 7200
+        wl.tick()
+        st = wl.status()
+        assert st["expired"] is True and st["matching"] is matching
+        assert (wl.matcher.match(q)[0] is not None) is matching
+        # A fresh bundle (an empty delta is enough) lifts the policy.
+        wl.offer(
+            hq.bundle(2, (), np.zeros((0, 128), np.float32), kind="delta", base=1, created_at=int(clock.t)), source="t"
+        )
+        assert wl.status()["expired"] is False and wl.matcher.match(q)[0] is not None
+        wl.close()
+
+
+def test_list_of_another_model_is_not_matched_after_an_engine_change(tmp_path: Path) -> None:
+    old_hq = Authority(model_id="old-model:v1", threshold=0.5)
+    persons, emb, centers = _list(10, seed=4)
+    config = WatchlistConfig(root_key=old_hq.write_root(tmp_path / "root.pub"), store=tmp_path / "wl.db")
+    wl = Watchlist(config, Matcher(), "old-model:v1")
+    wl.start()
+    wl.offer(old_hq.bundle(1, persons, emb), source="t")
+    wl.close()
+    wl = Watchlist(config, Matcher(), MODEL)  # the unit's engine was upgraded
+    wl.start()
+    assert wl.status()["halted"] and wl.matcher.match(unit_rows(centers[[1]])) == [None]
+    new_hq = Authority(model_id=MODEL, threshold=0.5, root=old_hq.root, signing=old_hq.signing, keyset=old_hq.keyset)
+    wl.offer(new_hq.bundle(2, persons, emb), source="t")
+    assert wl.status()["halted"] is None and wl.matcher.match(unit_rows(centers[[1]]))[0] is not None
+    wl.close()
+
+
+def test_list_applied_by_another_process_is_picked_up(tmp_path: Path) -> None:
+    hq = Authority(model_id=MODEL, threshold=0.5)
+    wl = _unit(tmp_path, hq)
+    persons, emb, centers = _list(10, seed=5)
+    bundle = tmp_path / "v4.cpwl"
+    bundle.write_bytes(hq.bundle(4, persons, emb))
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "watchlist.cli",
+            "apply",
+            str(bundle),
+            "--store",
+            str(tmp_path / "wl.db"),
+            "--root-key",
+            str(tmp_path / "root.pub"),
+            "--model-id",
+            MODEL,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "version 4" in out.stdout
+    assert wl.matcher.version == 0
+    wl.tick()
+    assert wl.matcher.version == 4 and wl.matcher.match(unit_rows(centers[[0]]))[0].person_id == "case-00000"
+    wl.close()
+
+
+_CHILD = textwrap.dedent("""
+    import os, signal, sys, time
+    from pathlib import Path
+    from matching.matcher import Matcher
+    from watchlist.unit.apply import Watchlist
+    from watchlist.unit.config import WatchlistConfig
+
+    store, root, bundle, kill_after = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    wl = Watchlist(WatchlistConfig(root_key=root, store=store), Matcher(), "synthetic:v1")
+    wl.start()
+    inserts = [0]
+    def trace(stmt):
+        if stmt.startswith("INSERT INTO templates"):
+            inserts[0] += 1
+            if inserts[0] == kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+    if kill_after > 0:
+        wl.store.db.conn.set_trace_callback(trace)
+    print("applying", flush=True)
+    wl.offer(Path(bundle).read_bytes(), source="child")
+    print("applied", flush=True)
+    time.sleep(60)
+""")
+
+
+def _store_content(path: Path) -> tuple[int, frozenset[str], int]:
+    s = UnitStore(path)
+    try:
+        persons, templates = s.counts()
+        return s.state().version, frozenset(s.person_ids()), templates
+    finally:
+        s.close()
+
+
+def test_sigkill_during_apply_leaves_old_or_new_never_a_mix(tmp_path: Path) -> None:
+    hq = Authority(model_id=MODEL, threshold=0.5)
+    root = hq.write_root(tmp_path / "root.pub")
+    old_p, old_e, _ = _list(300, seed=6, prefix="old")
+    new_p, new_e, _ = _list(3000, seed=7, prefix="new")
+    bundle = tmp_path / "v2.cpwl"
+    bundle.write_bytes(hq.bundle(2, new_p, new_e))
+    old = (1, frozenset(p.person_id for p in old_p), 900)
+    new = (2, frozenset(p.person_id for p in new_p), 9000)
+
+    def fresh_store() -> Path:
+        path = tmp_path / f"wl-{time.monotonic_ns()}.db"
+        wl = Watchlist(WatchlistConfig(root_key=root, store=path), Matcher(), MODEL)
+        wl.start()
+        wl.offer(hq.bundle(1, old_p, old_e), source="setup")
+        wl.close()
+        return path
+
+    def run_child(path: Path, kill_after: int) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-c", _CHILD, str(path), str(root), str(bundle), str(kill_after)],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    # Killed inside the transaction, half the new templates written.
+    path = fresh_store()
+    child = run_child(path, kill_after=4500)
+    assert child.wait(60) == -signal.SIGKILL
+    assert "applied" not in child.stdout.read()
+    assert _store_content(path) == old
+
+    # Killed at moments spread over the whole apply, from outside: always one version or the other.
+    seen = set()
+    for delay in (0.0, 0.05, 0.15, 0.3, 0.6, 1.2):
+        path = fresh_store()
+        child = run_child(path, kill_after=0)
+        assert child.stdout.readline().strip() == "applying"
+        time.sleep(delay)
+        child.send_signal(signal.SIGKILL)
+        child.wait(30)
+        child.stdout.close()
+        content = _store_content(path)
+        assert content in (old, new), f"mixed store after a kill at +{delay}s: version {content[0]}"
+        seen.add(content[0])
+    assert 1 in seen  # at least one kill landed before the commit
+
+    # And a unit restarted on a crashed store runs the list the store holds.
+    wl = Watchlist(WatchlistConfig(root_key=root, store=path), Matcher(), MODEL)
+    wl.start()
+    assert wl.matcher.version == content[0] and wl.matcher.index.n_templates == content[2]
+    wl.close()
+    assert os.path.exists(path)

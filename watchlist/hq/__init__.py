@@ -1,0 +1,1 @@
+"""HQ's side of the watchlist: the register of missing persons, enrolment, release building, publishing."""

@@ -1,0 +1,279 @@
+"""The unit's MQTT side of the watchlist: watch the manifests, fetch chunks, hand the bundle to `Watchlist`.
+
+paho's network thread only files messages away; verification and applying run on this module's
+own worker thread, so a large bundle never stalls the MQTT keepalive. The manifest (unsigned)
+only decides what to download; `Watchlist.offer` verifies the assembled bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import threading
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from watchlist.format.errors import BundleRejected
+from watchlist.format.keys import parse_keyset
+from watchlist.hq.publish import SLOTS, Manifest, chunk_topic, keyset_topic, manifest_topic
+from watchlist.unit.apply import Watchlist
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Assembly:
+    slot: str
+    manifest: Manifest
+    buf: bytearray
+    have: set[int] = field(default_factory=set)
+
+    @property
+    def topic(self) -> str:
+        return chunk_topic("", self.slot, self.manifest.version, "+")
+
+
+class WatchlistSubscriber:
+    """Keeps a unit's watchlist in step with what HQ publishes under `topic`.
+
+    Example::
+
+        sub = WatchlistSubscriber(watchlist, "checkpoint/site-1/watchlist", host="broker.local")
+        sub.start()
+        ...
+        sub.stop()
+
+    `client`: a configured, unconnected paho client (TLS, credentials; e.g. from
+    edge.reporter.build_client) -- default a plain one for `host`:`port`.
+    """
+
+    def __init__(
+        self,
+        watchlist: Watchlist,
+        topic: str,
+        *,
+        host: str = "localhost",
+        port: int = 1883,
+        client: Any | None = None,
+        tick_interval_s: float = 30.0,
+    ) -> None:
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        self.watchlist = watchlist
+        self.prefix = topic
+        self.host, self.port = host, port
+        self.tick_interval_s = tick_interval_s
+        self.client = client or mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"watchlist-{uuid.uuid4().hex[:12]}")
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self._lock = threading.Lock()
+        self._manifests: dict[str, Manifest] = {}
+        self._assembly: _Assembly | None = None
+        self._failed: set[str] = set()  # sha256 of bundles already refused: not fetched again
+        self._work: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._worker: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.connected = False
+        self.downloads = 0
+
+    # ---- life cycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect (retrying in the background if the broker is down) and start the worker."""
+        self._worker = threading.Thread(target=self._run, name="watchlist-sync", daemon=True)
+        self._worker.start()
+        self.client.connect_async(self.host, self.port)
+        self.client.loop_start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._work.put(("stop", None))
+        self.client.disconnect()
+        self.client.loop_stop()
+        if self._worker is not None:
+            self._worker.join(timeout)
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            a = self._assembly
+            return {
+                "connected": self.connected,
+                "downloading": None
+                if a is None
+                else {
+                    "kind": a.slot,
+                    "version": a.manifest.version,
+                    "chunks": a.manifest.chunks,
+                    "received": len(a.have),
+                },
+                "downloads": self.downloads,
+            }
+
+    # ---- MQTT callbacks (paho's thread) -------------------------------------------------------
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any = None) -> None:
+        if reason_code.is_failure:
+            log.warning("watchlist: broker %s:%d refused the connection: %s", self.host, self.port, reason_code)
+            return
+        self.connected = True
+        topics = [(manifest_topic(self.prefix, s), 1) for s in SLOTS] + [(keyset_topic(self.prefix), 1)]
+        client.subscribe(topics)
+        with self._lock:
+            if self._assembly is not None:
+                client.subscribe(self.prefix + self._assembly.topic, qos=1)
+        log.info("watchlist: listening on %s/# at %s:%d", self.prefix, self.host, self.port)
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        topic = msg.topic
+        rest = topic[len(self.prefix) + 1 :] if topic.startswith(self.prefix + "/") else ""
+        parts = rest.split("/")
+        if rest == "keyset":
+            if msg.payload:
+                self._work.put(("keyset", bytes(msg.payload)))
+        elif len(parts) == 2 and parts[0] in SLOTS and parts[1] == "manifest":
+            self._on_manifest(parts[0], bytes(msg.payload))
+        elif len(parts) == 3 and parts[0] in SLOTS:
+            self._on_chunk(parts[0], parts[1], parts[2], bytes(msg.payload))
+
+    def _on_manifest(self, slot: str, payload: bytes) -> None:
+        if not payload:
+            return
+        try:
+            m = Manifest.from_bytes(payload)
+        except ValueError as exc:
+            log.warning("watchlist: ignoring the %s manifest: %s", slot, exc)
+            return
+        if m.kind != slot:
+            log.warning("watchlist: the %s manifest announces a %s bundle; ignored", slot, m.kind)
+            return
+        with self._lock:
+            self._manifests[slot] = m
+        self._work.put(("evaluate", None))
+
+    def _on_chunk(self, slot: str, version: str, index: str, payload: bytes) -> None:
+        done: _Assembly | None = None
+        with self._lock:
+            a = self._assembly
+            if a is None or a.slot != slot or str(a.manifest.version) != version or not index.isdigit():
+                return
+            i = int(index)
+            if i >= a.manifest.chunks or len(payload) != a.manifest.chunk_len(i):
+                log.warning(
+                    "watchlist: chunk %s of %s bundle %s has %d bytes, expected %s; waiting for a republish",
+                    index,
+                    slot,
+                    version,
+                    len(payload),
+                    a.manifest.chunk_len(i) if i < a.manifest.chunks else "no such chunk",
+                )
+                return
+            start = i * a.manifest.chunk_bytes
+            a.buf[start : start + len(payload)] = payload
+            a.have.add(i)
+            if len(a.have) == a.manifest.chunks:
+                done, self._assembly = a, None
+        if done is not None:
+            self.client.unsubscribe(self.prefix + done.topic)
+            self._work.put(("bundle", done))
+
+    # ---- decisions and work (worker thread) ---------------------------------------------------
+
+    def _evaluate(self) -> None:
+        """Start fetching the bundle that moves this unit forward, if one is announced."""
+        applied = self.watchlist.version
+        limit = self.watchlist.config.max_bundle_bytes
+        with self._lock:
+            delta, full = self._manifests.get("delta"), self._manifests.get("full")
+            want: Manifest | None = None
+            if delta and delta.base_version == applied and delta.version > applied and delta.sha256 not in self._failed:
+                want = delta
+            elif full and full.version > applied and full.sha256 not in self._failed:
+                want = full
+            a = self._assembly
+            if want is None or (a is not None and a.manifest == want):
+                return
+            if want.size > limit:
+                self._failed.add(want.sha256)
+                oversized = want
+            else:
+                oversized = None
+                if a is not None:
+                    self.client.unsubscribe(self.prefix + a.topic)
+                self._assembly = _Assembly(want.kind, want, bytearray(want.size))
+                self.client.subscribe(self.prefix + self._assembly.topic, qos=1)
+        if oversized is not None:
+            self.watchlist.record_rejection(
+                BundleRejected(
+                    "oversized",
+                    f"the {oversized.kind} bundle version {oversized.version} announced is "
+                    f"{oversized.size} bytes, over max_bundle_bytes ({limit}); not downloaded",
+                ),
+                f"mqtt:{manifest_topic(self.prefix, oversized.kind)}",
+            )
+        else:
+            log.info(
+                "watchlist: fetching %s bundle version %d (%d bytes, %d chunks)",
+                want.kind,
+                want.version,
+                want.size,
+                want.chunks,
+            )
+
+    def _apply(self, a: _Assembly) -> None:
+        m = a.manifest
+        source = f"mqtt:{chunk_topic(self.prefix, a.slot, m.version, '*')}"
+        if hashlib.sha256(a.buf).hexdigest() != m.sha256:
+            # The chunks on the broker belong to another upload than the manifest (a publish in
+            # progress); the next manifest starts over.
+            log.warning(
+                "watchlist: %s bundle %d assembled with the wrong digest; waiting for the next manifest",
+                a.slot,
+                m.version,
+            )
+            return
+        self.downloads += 1
+        try:
+            self.watchlist.offer(memoryview(a.buf), source=source)
+        except BundleRejected:
+            self._failed.add(m.sha256)  # already logged and recorded by Watchlist
+        except Exception:
+            log.exception("watchlist: applying %s bundle %d failed; keeping the current list", a.slot, m.version)
+            self._failed.add(m.sha256)
+
+    def _keyset(self, data: bytes) -> None:
+        source = f"mqtt:{keyset_topic(self.prefix)}"
+        try:
+            ks = parse_keyset(data, self.watchlist.root_key)
+        except BundleRejected as exc:
+            self.watchlist.record_rejection(exc, source)
+            return
+        held = self.watchlist.status()["keyset_serial"]
+        if held is not None and ks.serial <= held:
+            return  # the retained key set is one this unit already holds
+        try:
+            self.watchlist.offer_keyset(data, source=source)
+        except BundleRejected:
+            pass  # logged and recorded by Watchlist
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                kind, item = self._work.get(timeout=self.tick_interval_s)
+            except queue.Empty:
+                kind, item = "tick", None
+            try:
+                if kind == "stop":
+                    return
+                if kind == "evaluate":
+                    self._evaluate()
+                elif kind == "bundle":
+                    self._apply(item)
+                    self._evaluate()
+                elif kind == "keyset":
+                    self._keyset(item)
+                self.watchlist.tick()
+            except Exception:
+                log.exception("watchlist: the sync worker hit an error handling %s; continuing", kind)

@@ -1,0 +1,266 @@
+"""The wire format between units and operators: MQTT topics and JSON payloads, version 1.
+
+Topics live under ``checkpoint/v1/<site>/<unit>/`` (``hits``, ``status``, ``heartbeat``). Every
+payload is a JSON object carrying ``schema`` (which message it is) and ``v`` (its version), so a
+receiver can refuse what it does not understand instead of misreading it. The face crop travels
+inside the hit as base64 JPEG: one message, one PUBACK, nothing to reassemble (docs/protocol.md
+says why). JSON Schemas for the three payloads are in docs/schemas/; `decode_*` here check the
+same rules.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import time
+from typing import Any
+
+from edge.frame import Hit
+
+TOPIC_ROOT = "checkpoint/v1"
+SCHEMA_VERSION = 1
+HIT_SCHEMA = "checkpoint/hit"
+STATUS_SCHEMA = "checkpoint/status"
+HEARTBEAT_SCHEMA = "checkpoint/heartbeat"
+KINDS = ("hits", "status", "heartbeat")
+CROP_DROP_REASONS = ("oversized", "outbox_full")
+STATES = ("online", "offline")
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+class ProtocolError(ValueError):
+    """A topic or payload does not follow checkpoint protocol v1."""
+
+
+def check_topic_level(value: str, what: str) -> str:
+    """Return `value` if it can be one MQTT topic level (a site or unit id), else raise ProtocolError."""
+    if not isinstance(value, str) or not value:
+        raise ProtocolError(f"{what} must be a non-empty string, got {value!r}")
+    bad = [c for c in "/+#\x00" if c in value]
+    if bad or value.startswith("$") or value != value.strip():
+        raise ProtocolError(
+            f"{what} {value!r} cannot be an MQTT topic level: no '/', '+', '#', NUL, leading '$' "
+            f"or surrounding spaces (use letters, digits, '-', '_', '.')"
+        )
+    return value
+
+
+def topic(site: str, unit_id: str, kind: str) -> str:
+    """The topic a unit publishes `kind` ('hits', 'status', 'heartbeat') on."""
+    if kind not in KINDS:
+        raise ProtocolError(f"unknown topic kind {kind!r}; expected one of {', '.join(KINDS)}")
+    return f"{TOPIC_ROOT}/{check_topic_level(site, 'site')}/{check_topic_level(unit_id, 'unit id')}/{kind}"
+
+
+def parse_topic(name: str) -> tuple[str, str, str]:
+    """Split ``checkpoint/v1/<site>/<unit>/<kind>`` into (site, unit, kind)."""
+    parts = name.split("/")
+    if len(parts) != 5 or "/".join(parts[:2]) != TOPIC_ROOT or parts[4] not in KINDS or not parts[2] or not parts[3]:
+        raise ProtocolError(f"topic {name!r} is not {TOPIC_ROOT}/<site>/<unit>/<hits|status|heartbeat>")
+    return parts[2], parts[3], parts[4]
+
+
+def hit_record(hit: Hit, site: str, queued_at: float | None = None) -> dict[str, Any]:
+    """The hit's fields as they go on the wire, without the crop (the outbox keeps the crop apart
+    so it can drop it alone when full)."""
+    return {
+        "schema": HIT_SCHEMA,
+        "v": SCHEMA_VERSION,
+        "id": hit.id,
+        "site": site,
+        "unit_id": hit.unit_id,
+        "camera_id": hit.camera_id,
+        "captured_at": float(hit.captured_at),
+        "queued_at": float(time.time() if queued_at is None else queued_at),
+        "person_id": hit.person_id,
+        "score": float(hit.score),
+        "threshold": float(hit.threshold),
+        "margin": float(hit.margin),
+        "box": [float(v) for v in hit.box],
+        "model_id": hit.model_id,
+        "watchlist_version": int(hit.watchlist_version),
+        "track_id": int(hit.track_id),
+    }
+
+
+def encode_record(record: dict[str, Any]) -> bytes:
+    return json.dumps(record, separators=(",", ":"), allow_nan=False).encode()
+
+
+def hit_payload(record: bytes | dict[str, Any], crop: bytes | None, crop_dropped: str | None) -> bytes:
+    """The complete hit message: the stored record plus the crop (base64) or why it is missing."""
+    body = json.loads(record) if isinstance(record, (bytes, str)) else dict(record)
+    if crop_dropped is not None and crop_dropped not in CROP_DROP_REASONS:
+        raise ProtocolError(f"crop_dropped must be one of {CROP_DROP_REASONS}, got {crop_dropped!r}")
+    body["crop_jpeg_b64"] = base64.b64encode(crop).decode("ascii") if crop else None
+    body["crop_dropped"] = crop_dropped
+    return encode_record(body)
+
+
+def status_payload(site: str, unit_id: str, state: str, reason: str, at: float | None = None) -> bytes:
+    """The retained status message ('online' on connect, 'offline' as Last Will or on shutdown)."""
+    if state not in STATES:
+        raise ProtocolError(f"status state must be one of {STATES}, got {state!r}")
+    return encode_record(
+        {
+            "schema": STATUS_SCHEMA,
+            "v": SCHEMA_VERSION,
+            "site": site,
+            "unit_id": unit_id,
+            "state": state,
+            "reason": reason,
+            "at": float(time.time() if at is None else at),
+        }
+    )
+
+
+def heartbeat_payload(
+    site: str,
+    unit_id: str,
+    *,
+    interval_s: float,
+    uptime_s: float,
+    unit: dict[str, Any],
+    outbox: dict[str, Any],
+    link: dict[str, Any],
+    at: float | None = None,
+) -> bytes:
+    """The periodic heartbeat: the unit's own figures (cameras, fps, watchlist version: whatever
+    the status provider gives), the outbox depth and drop counters, and the link's state."""
+    return encode_record(
+        {
+            "schema": HEARTBEAT_SCHEMA,
+            "v": SCHEMA_VERSION,
+            "site": site,
+            "unit_id": unit_id,
+            "at": float(time.time() if at is None else at),
+            "interval_s": float(interval_s),
+            "uptime_s": float(uptime_s),
+            "unit": unit,
+            "outbox": outbox,
+            "link": link,
+        }
+    )
+
+
+# --- decoding (receiver side) -------------------------------------------------------------------
+
+_STR = (str,)
+_NUM = (int, float)
+_INT = (int,)
+
+
+def _load(payload: bytes, schema: str) -> dict[str, Any]:
+    try:
+        body = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ProtocolError(f"{schema} payload is not JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise ProtocolError(f"{schema} payload must be a JSON object, got {type(body).__name__}")
+    if body.get("schema") != schema:
+        raise ProtocolError(f"payload schema is {body.get('schema')!r}, expected {schema!r}")
+    v = body.get("v")
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise ProtocolError(f"{schema} payload lacks an integer 'v' (schema version)")
+    if v != SCHEMA_VERSION:
+        raise ProtocolError(
+            f"{schema} payload has schema version {v}; this receiver understands {SCHEMA_VERSION} (upgrade it)"
+        )
+    return body
+
+
+def _require(body: dict[str, Any], schema: str, fields: dict[str, tuple[type, ...]]) -> None:
+    for key, types in fields.items():
+        if key not in body:
+            raise ProtocolError(f"{schema} payload lacks required key {key!r}")
+        value = body[key]
+        if isinstance(value, bool) or not isinstance(value, types):
+            names = "/".join(t.__name__ for t in types)
+            raise ProtocolError(f"{schema} payload key {key!r} must be {names}, got {type(value).__name__}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ProtocolError(f"{schema} payload key {key!r} must be finite, got {value}")
+        if types is _STR and not value:
+            raise ProtocolError(f"{schema} payload key {key!r} must not be empty")
+
+
+HIT_FIELDS: dict[str, tuple[type, ...]] = {
+    "id": _STR,
+    "site": _STR,
+    "unit_id": _STR,
+    "camera_id": _STR,
+    "captured_at": _NUM,
+    "queued_at": _NUM,
+    "person_id": _STR,
+    "score": _NUM,
+    "threshold": _NUM,
+    "margin": _NUM,
+    "model_id": _STR,
+    "watchlist_version": _INT,
+    "track_id": _INT,
+}
+STATUS_FIELDS: dict[str, tuple[type, ...]] = {
+    "site": _STR,
+    "unit_id": _STR,
+    "state": _STR,
+    "reason": _STR,
+    "at": _NUM,
+}
+HEARTBEAT_FIELDS: dict[str, tuple[type, ...]] = {
+    "site": _STR,
+    "unit_id": _STR,
+    "at": _NUM,
+    "interval_s": _NUM,
+    "uptime_s": _NUM,
+    "unit": (dict,),
+    "outbox": (dict,),
+    "link": (dict,),
+}
+
+
+def decode_hit(payload: bytes) -> tuple[dict[str, Any], bytes | None]:
+    """Check a hit message and return (fields without the crop, crop JPEG bytes or None)."""
+    body = _load(payload, HIT_SCHEMA)
+    _require(body, HIT_SCHEMA, HIT_FIELDS)
+    box = body.get("box")
+    if (
+        not isinstance(box, list)
+        or len(box) != 4
+        or not all(isinstance(v, _NUM) and not isinstance(v, bool) and math.isfinite(v) for v in box)
+        or box[2] <= box[0]
+        or box[3] <= box[1]
+    ):
+        raise ProtocolError(f"hit {body['id']}: 'box' must be [x1, y1, x2, y2] with x2 > x1, y2 > y1, got {box!r}")
+    dropped = body.get("crop_dropped")
+    if dropped is not None and dropped not in CROP_DROP_REASONS:
+        raise ProtocolError(f"hit {body['id']}: 'crop_dropped' must be null or one of {CROP_DROP_REASONS}")
+    b64 = body.pop("crop_jpeg_b64", None)
+    crop = None
+    if b64 is not None:
+        if not isinstance(b64, str):
+            raise ProtocolError(f"hit {body['id']}: 'crop_jpeg_b64' must be a base64 string or null")
+        try:
+            crop = base64.b64decode(b64, validate=True)
+        except binascii.Error as e:
+            raise ProtocolError(f"hit {body['id']}: 'crop_jpeg_b64' is not valid base64: {e}") from None
+        if not crop.startswith(JPEG_MAGIC):
+            raise ProtocolError(f"hit {body['id']}: crop is not a JPEG (does not start FF D8 FF)")
+    body["crop_dropped"] = dropped
+    return body, crop
+
+
+def decode_status(payload: bytes) -> dict[str, Any]:
+    """Check a status message and return its fields."""
+    body = _load(payload, STATUS_SCHEMA)
+    _require(body, STATUS_SCHEMA, STATUS_FIELDS)
+    if body["state"] not in STATES:
+        raise ProtocolError(f"status 'state' must be one of {STATES}, got {body['state']!r}")
+    return body
+
+
+def decode_heartbeat(payload: bytes) -> dict[str, Any]:
+    """Check a heartbeat message and return its fields."""
+    body = _load(payload, HEARTBEAT_SCHEMA)
+    _require(body, HEARTBEAT_SCHEMA, HEARTBEAT_FIELDS)
+    return body
