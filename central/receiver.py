@@ -20,11 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from central.store import HitStore
-from edge.reporter import MqttConnection, MqttLink
-from wire import records as protocol
+from wire import records, topics
+from wire.errors import ProtocolError
+from wire.mqtt import MqttConnection, MqttLink
+from wire.topics import TopicLevel
 
 log = logging.getLogger(__name__)
 
@@ -36,25 +38,17 @@ class ReceiverConfig(MqttConnection):
         default_factory=lambda: f"checkpoint-receiver-{socket.gethostname()}",
         description="stable and different for each receiver (the broker keeps its session by this id)",
     )
-    group: str = Field(default="checkpoint-receivers", description="shared-subscription group that splits hits")
+    group: TopicLevel = Field(default="checkpoint-receivers", description="shared-subscription group that splits hits")
     shared: bool = Field(default=True, description="use $share/<group>/... (MQTT 5); off: receive every hit")
     receive_maximum: int = Field(default=100, ge=1, le=65535, description="hits the broker may send unacknowledged")
     batch_max: int = Field(default=200, ge=1, le=10000, description="messages committed to the store at once")
     retention_days: float = Field(default=90.0, gt=0, description="hits older than this are purged from the store")
 
-    @field_validator("group")
-    @classmethod
-    def _group_is_topic_level(cls, v: str) -> str:
-        try:
-            return protocol.check_topic_level(v, "group")
-        except protocol.ProtocolError as e:
-            raise ValueError(str(e)) from None
-
     def subscriptions(self) -> list[str]:
-        hits = f"{protocol.TOPIC_ROOT}/+/+/hits"
+        hits = f"{topics.TOPIC_ROOT}/+/+/hits"
         if self.shared and self.protocol == "5":
             hits = f"$share/{self.group}/{hits}"
-        return [hits, f"{protocol.TOPIC_ROOT}/+/+/status", f"{protocol.TOPIC_ROOT}/+/+/heartbeat"]
+        return [hits, f"{topics.TOPIC_ROOT}/+/+/status", f"{topics.TOPIC_ROOT}/+/+/heartbeat"]
 
 
 @dataclass(frozen=True)
@@ -192,13 +186,13 @@ class Receiver:
         changes: list[tuple[str, str, str]] = []
         for m in batch:
             try:
-                site, unit_id, kind = protocol.parse_topic(m.topic)
+                site, unit_id, kind = topics.parse_topic(m.topic)
                 if kind == "hits":
-                    fields, crop = protocol.decode_hit(m.payload)
+                    fields, crop = records.decode_hit(m.payload)
                     self._check_origin(fields, site, unit_id)
                     hits.append((fields, crop, m.received_at))
                 elif kind == "status":
-                    body = protocol.decode_status(m.payload)
+                    body = records.decode_status(m.payload)
                     self._check_origin(body, site, unit_id)
                     at = body["at"] if m.retain else m.received_at
                     if self.store.set_unit_status(site, unit_id, body["state"], body["reason"], at, m.received_at):
@@ -206,11 +200,11 @@ class Receiver:
                         log.info("unit %s/%s is %s (%s)", site, unit_id, body["state"], body["reason"])
                     self.counts["status"] += 1
                 else:
-                    body = protocol.decode_heartbeat(m.payload)
+                    body = records.decode_heartbeat(m.payload)
                     self._check_origin(body, site, unit_id)
                     self.store.set_heartbeat(site, unit_id, body, body["at"] if m.retain else m.received_at)
                     self.counts["heartbeats"] += 1
-            except protocol.ProtocolError as e:
+            except ProtocolError as e:
                 log.warning("receiver: rejected message on %s: %s (kept in the store's rejects table)", m.topic, e)
                 self.store.add_reject(m.topic, m.payload, str(e), m.received_at)
                 self.counts["rejected"] += 1
@@ -241,6 +235,6 @@ class Receiver:
     @staticmethod
     def _check_origin(body: dict[str, Any], site: str, unit_id: str) -> None:
         if body["site"] != site or body["unit_id"] != unit_id:
-            raise protocol.ProtocolError(
+            raise ProtocolError(
                 f"payload says {body['site']}/{body['unit_id']} but came on the topic of {site}/{unit_id}"
             )

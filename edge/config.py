@@ -30,7 +30,6 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
-    field_validator,
     model_validator,
 )
 
@@ -41,7 +40,7 @@ from edge.reporter import MqttConfig
 from edge.sinks import JsonlSinkConfig
 from engines.config import EngineConfig
 from watchlist.unit.config import WatchlistConfig
-from wire.records import ProtocolError, check_topic_level
+from wire.topics import TopicLevel
 
 
 class ConfigError(Exception):
@@ -53,16 +52,8 @@ class UnitSection(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    id: str = Field(description="unit id, unique in the deployment (letters, digits, '-', '_', '.')")
-    site: str = Field(description="site (station, checkpoint) the unit belongs to; also the MQTT topic level")
-
-    @field_validator("id", "site")
-    @classmethod
-    def _topic_level(cls, v: str, info: Any) -> str:
-        try:
-            return check_topic_level(v, info.field_name)
-        except ProtocolError as exc:
-            raise ValueError(str(exc)) from None
+    id: TopicLevel = Field(description="unit id, unique in the deployment (letters, digits, '-', '_', '.')")
+    site: TopicLevel = Field(description="site (station, checkpoint) the unit belongs to; also the MQTT topic level")
 
 
 class CameraConfig(CaptureConfig):

@@ -210,8 +210,8 @@ class Daemon:
             raise DaemonError(f"the watchlist could not be opened: {exc}") from exc
         wl_cfg, mqtt = self.config.watchlist, self.config.mqtt
         if wl_cfg.topic and mqtt is not None:
-            from edge.reporter import build_client
             from watchlist.unit.subscriber import WatchlistSubscriber
+            from wire.mqtt import build_client
 
             client = build_client(mqtt, f"checkpoint-{self.config.unit.site}-{self.config.unit.id}-watchlist")
             self.subscriber = WatchlistSubscriber(

@@ -14,7 +14,8 @@ import threading
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from edge.frame import Hit, Match
+from matching.match import Match
+from wire.records import Hit
 
 
 class CropConfig(BaseModel):

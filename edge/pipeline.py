@@ -31,10 +31,12 @@ from typing import Any, Protocol
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from edge.frame import Frame, Hit, Match
+from edge.frame import Frame
 from edge.hits import CropConfig, HitEmitter
 from edge.sinks import HitSink
 from edge.tracker import Observation, Tracker, TrackerConfig
+from matching.match import Match
+from wire.records import Hit
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from typing import IO, Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from edge.frame import Hit
+from wire.records import Hit
 
 
 class SinkError(Exception):

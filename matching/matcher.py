@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge.frame import Match
+from matching.match import Match
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from edge.frame import Hit
+from wire.records import Hit
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from edge.frame import Hit
+from wire.records import Hit
 
-SCHEMA_DIR = Path(__file__).resolve().parents[2] / "docs" / "schemas"
+SCHEMA_DIR = Path(__file__).resolve().parents[1] / "docs" / "schemas"
 
 
 def face_jpeg() -> bytes:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-LAG_DIR = pathlib.Path(__file__).resolve().parents[3] / "shared" / "data" / "lag-dev"
+LAG_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "lag-dev"
 
 # (image RGB uint8 or path, appear_from_s, appear_to_s, x, y, height_px); x, y is the top-left corner.
 FacePlacement = tuple["np.ndarray | str | pathlib.Path", float, float, int, int, int]

@@ -11,9 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-from edge.frame import Hit
 from edge.outbox import OutboxConfig
 from edge.reporter import MqttConfig, MqttReporter
+from wire.records import Hit
 
 
 def main() -> int:

@@ -245,7 +245,7 @@ def test_hits_and_heartbeat_reach_a_real_broker(
     from edge.config import load_config
     from edge.daemon import Daemon
     from edge.notify import Notifier
-    from wire import records as protocol
+    from wire import records
 
     root_pub, store = signed_store(tmp_path, people)
     config = tmp_path / "unit.toml"
@@ -291,14 +291,14 @@ path = "outbox.sqlite"
         time.sleep(0.3)
         sub.loop_stop()
         sub.disconnect()
-    hit, crop = protocol.decode_hit(next(p for t, p in got if t.endswith("/hits")))
+    hit, crop = records.decode_hit(next(p for t, p in got if t.endswith("/hits")))
     assert hit["person_id"] == people.enrolled_id and hit["camera_id"] == "lobby" and hit["site"] == "test-site"
     assert crop is not None and crop[:3] == b"\xff\xd8\xff"
-    beats = [protocol.decode_heartbeat(p) for t, p in got if t.endswith("/heartbeat")]
+    beats = [records.decode_heartbeat(p) for t, p in got if t.endswith("/heartbeat")]
     unit = beats[-1]["unit"]
     assert unit["cameras"][0]["id"] == "lobby" and unit["watchlist"]["version"] == 1
     assert {"up", "since", "last_error", "fps_analysed", "lag_s"} <= set(unit["cameras"][0])
-    states = [protocol.decode_status(p)["state"] for t, p in got if t.endswith("/status")]
+    states = [records.decode_status(p)["state"] for t, p in got if t.endswith("/status")]
     assert states[0] == "online" and states[-1] == "offline"
 
 

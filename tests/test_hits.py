@@ -10,9 +10,10 @@ import cv2
 import numpy as np
 import pytest
 
-from edge.frame import Hit, Match
 from edge.hits import CropConfig, HitEmitter, crop_box
 from edge.sinks import HitSink, JsonlSink, JsonlSinkConfig, SinkError
+from matching.match import Match
+from wire.records import Hit
 
 T0 = 1_700_000_000.0
 BOX = (100.0, 80.0, 180.0, 180.0)

@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 
-from edge.frame import Match
+from matching.match import Match
 from matching.matcher import Matcher, MatcherError, TemplateIndex
 from testing.synthetic import ENGINE_LIKE, person_centers, samples_of, unit_rows
 

@@ -23,7 +23,7 @@ from edge.reporter import MqttConfig, MqttReporter, ReporterError
 from edge.sinks import HitSink
 from testing.broker import FAST, wait_for
 from testing.hits import face_jpeg, make_hit, noise_jpeg, schema_errors
-from wire import records as protocol
+from wire import records
 
 CHILD = Path(__file__).with_name("reporter_child.py")
 
@@ -141,7 +141,7 @@ def test_hits_status_and_heartbeat_follow_the_schemas(mosquitto, tmp_path, colle
     states = [json.loads(p)["state"] for t, p, _ in raw if t.endswith("/status")]
     assert states[0] == "online" and states[-1] == "offline"
     # The receiver decodes exactly what the schema allows: required keys match.
-    assert set(payload_schemas["hit"]["required"]) == set(protocol.HIT_FIELDS) | {
+    assert set(payload_schemas["hit"]["required"]) == set(records.HIT_FIELDS) | {
         "schema",
         "v",
         "box",
@@ -181,7 +181,7 @@ def test_broker_outage_every_hit_arrives_exactly_once(mosquitto, tmp_path, colle
     assert Counter(rx.ids).most_common(1)[0][1] == 1
     assert rx.store.count_hits() == len(sent)
     # Order is kept except where the broker refused a publish while the receiver's shared
-    # subscription was not yet back (docs/protocol.md, "Delivery guarantees"): a refused hit is
+    # subscription was not yet back (docs/records.md, "Delivery guarantees"): a refused hit is
     # retried after later ones. What must hold: the held hits come after those sent before.
     pos = {hid: i for i, hid in enumerate(rx.ids)}
     assert max(pos[h] for h in sent[:10]) < min(pos[h] for h in sent[40:100])

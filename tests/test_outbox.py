@@ -14,11 +14,11 @@ from pydantic import ValidationError
 
 from edge.outbox import Outbox, OutboxConfig, OutboxError
 from testing.hits import make_hit, noise_jpeg
-from wire import records as protocol
+from wire import records
 
 
 def record_of(hit) -> bytes:
-    return protocol.encode_record(protocol.hit_record(hit, "site-a"))
+    return records.encode_record(records.hit_record(hit, "site-a"))
 
 
 def put(box: Outbox, hit) -> int | None:

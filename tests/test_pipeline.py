@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from edge.frame import Frame, Hit
+from edge.frame import Frame
 from edge.pipeline import AnalysisConfig, CameraSpec, MatchingConfig, Pipeline
 from edge.sinks import JsonlSink, JsonlSinkConfig
 from testing.media import make_face_clip
@@ -23,6 +23,7 @@ from tests.edge_support import (
     matcher_for,
     signed_store,
 )
+from wire.records import Hit
 
 FPS = 10
 SIZE = (640, 360)

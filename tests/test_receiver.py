@@ -21,7 +21,7 @@ from edge.outbox import OutboxConfig
 from edge.reporter import MqttConfig, MqttReporter
 from testing.broker import FAST, wait_for
 from testing.hits import face_jpeg, make_hit
-from wire import records as protocol
+from wire import records
 
 
 def rx_config(broker, client_id: str = "rx-1", **kw) -> ReceiverConfig:
@@ -54,7 +54,7 @@ def publisher(broker):
 
 
 def hit_message(hit, site="site-a") -> bytes:
-    return protocol.hit_payload(protocol.hit_record(hit, site), hit.crop_jpeg, None)
+    return records.hit_payload(records.hit_record(hit, site), hit.crop_jpeg, None)
 
 
 def test_duplicate_deliveries_are_stored_and_printed_once(mosquitto, tmp_path):
@@ -178,7 +178,7 @@ def test_unit_status_and_heartbeat_are_tracked(mosquitto, tmp_path):
 
 def test_store_review_state_and_purge(tmp_path):
     store = HitStore(tmp_path / "hits.sqlite")
-    fields, crop = protocol.decode_hit(hit_message(make_hit(crop=face_jpeg())))
+    fields, crop = records.decode_hit(hit_message(make_hit(crop=face_jpeg())))
     assert store.add_hit(fields, crop, received_at=time.time() - 100 * 86400)
     assert not store.add_hit(fields, crop)
     with pytest.raises(StoreError, match="review state"):

@@ -1,6 +1,6 @@
-"""The wire format between units and operators: MQTT topics and JSON payloads, version 1.
+"""The records that travel between units and operators (protocol v1): the Hit and its JSON payloads.
 
-Topics live under ``checkpoint/v1/<site>/<unit>/`` (``hits``, ``status``, ``heartbeat``). Every
+Topics are in wire.topics. Every
 payload is a JSON object carrying ``schema`` (which message it is) and ``v`` (its version), so a
 receiver can refuse what it does not understand instead of misreading it. The face crop travels
 inside the hit as base64 JPEG: one message, one PUBACK, nothing to reassemble (docs/protocol.md
@@ -15,51 +15,59 @@ import binascii
 import json
 import math
 import time
+import uuid
+from dataclasses import dataclass, field
 from typing import Any
 
-from edge.frame import Hit
+from wire.errors import ProtocolError, RecordError
 
-TOPIC_ROOT = "checkpoint/v1"
 SCHEMA_VERSION = 1
 HIT_SCHEMA = "checkpoint/hit"
 STATUS_SCHEMA = "checkpoint/status"
 HEARTBEAT_SCHEMA = "checkpoint/heartbeat"
-KINDS = ("hits", "status", "heartbeat")
 CROP_DROP_REASONS = ("oversized", "outbox_full")
 STATES = ("online", "offline")
 JPEG_MAGIC = b"\xff\xd8\xff"
 
 
-class ProtocolError(ValueError):
-    """A topic or payload does not follow checkpoint protocol v1."""
+def _check_box(box: tuple[float, float, float, float], what: str) -> tuple[float, float, float, float]:
+    if len(box) != 4:
+        raise RecordError(f"{what}: box must be (x1, y1, x2, y2), got {box!r}")
+    x1, y1, x2, y2 = (float(v) for v in box)
+    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)) or x2 <= x1 or y2 <= y1:
+        raise RecordError(f"{what}: box must have x2 > x1 and y2 > y1 and finite values, got {box!r}")
+    return (x1, y1, x2, y2)
 
 
-def check_topic_level(value: str, what: str) -> str:
-    """Return `value` if it can be one MQTT topic level (a site or unit id), else raise ProtocolError."""
-    if not isinstance(value, str) or not value:
-        raise ProtocolError(f"{what} must be a non-empty string, got {value!r}")
-    bad = [c for c in "/+#\x00" if c in value]
-    if bad or value.startswith("$") or value != value.strip():
-        raise ProtocolError(
-            f"{what} {value!r} cannot be an MQTT topic level: no '/', '+', '#', NUL, leading '$' "
-            f"or surrounding spaces (use letters, digits, '-', '_', '.')"
-        )
-    return value
+@dataclass(frozen=True)
+class Hit:
+    """A match worth an operator's attention; what the unit reports."""
 
+    unit_id: str
+    camera_id: str
+    captured_at: float
+    person_id: str
+    score: float
+    threshold: float
+    margin: float
+    box: tuple[float, float, float, float]
+    model_id: str
+    watchlist_version: int
+    track_id: int = -1
+    crop_jpeg: bytes | None = None
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
-def topic(site: str, unit_id: str, kind: str) -> str:
-    """The topic a unit publishes `kind` ('hits', 'status', 'heartbeat') on."""
-    if kind not in KINDS:
-        raise ProtocolError(f"unknown topic kind {kind!r}; expected one of {', '.join(KINDS)}")
-    return f"{TOPIC_ROOT}/{check_topic_level(site, 'site')}/{check_topic_level(unit_id, 'unit id')}/{kind}"
-
-
-def parse_topic(name: str) -> tuple[str, str, str]:
-    """Split ``checkpoint/v1/<site>/<unit>/<kind>`` into (site, unit, kind)."""
-    parts = name.split("/")
-    if len(parts) != 5 or "/".join(parts[:2]) != TOPIC_ROOT or parts[4] not in KINDS or not parts[2] or not parts[3]:
-        raise ProtocolError(f"topic {name!r} is not {TOPIC_ROOT}/<site>/<unit>/<hits|status|heartbeat>")
-    return parts[2], parts[3], parts[4]
+    def __post_init__(self) -> None:
+        for name in ("unit_id", "camera_id", "person_id", "model_id", "id"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise RecordError(f"hit: {name} must be a non-empty string, got {getattr(self, name)!r}")
+        object.__setattr__(self, "box", _check_box(self.box, f"hit {self.id}"))
+        if self.crop_jpeg is not None and not bytes(self.crop_jpeg[:3]) == JPEG_MAGIC:
+            raise RecordError(f"hit {self.id}: crop_jpeg must be JPEG bytes (starting FF D8 FF)")
+        if not math.isfinite(self.captured_at) or self.captured_at <= 0:
+            raise RecordError(f"hit {self.id}: captured_at must be seconds since the epoch, got {self.captured_at}")
+        if int(self.watchlist_version) < 0:
+            raise RecordError(f"hit {self.id}: watchlist_version must be >= 0")
 
 
 def hit_record(hit: Hit, site: str, queued_at: float | None = None) -> dict[str, Any]:

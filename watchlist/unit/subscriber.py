@@ -46,7 +46,7 @@ class WatchlistSubscriber:
         sub.stop()
 
     `client`: a configured, unconnected paho client (TLS, credentials; e.g. from
-    edge.reporter.build_client) -- default a plain one for `host`:`port`.
+    wire.mqtt.build_client) -- default a plain one for `host`:`port`.
     """
 
     def __init__(

@@ -1,0 +1,55 @@
+"""MQTT topics of protocol v1: ``checkpoint/v1/<site>/<unit>/<hits|status|heartbeat>``.
+
+A site, unit or group id is one topic level; `TopicLevel` is that rule as a pydantic type, for the
+config models of every role.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import AfterValidator
+
+from wire.errors import ProtocolError
+
+TOPIC_ROOT = "checkpoint/v1"
+KINDS = ("hits", "status", "heartbeat")
+
+
+def check_topic_level(value: str, what: str) -> str:
+    """Return `value` if it can be one MQTT topic level (a site or unit id), else raise ProtocolError."""
+    if not isinstance(value, str) or not value:
+        raise ProtocolError(f"{what} must be a non-empty string, got {value!r}")
+    bad = [c for c in "/+#\x00" if c in value]
+    if bad or value.startswith("$") or value != value.strip():
+        raise ProtocolError(
+            f"{what} {value!r} cannot be an MQTT topic level: no '/', '+', '#', NUL, leading '$' "
+            f"or surrounding spaces (use letters, digits, '-', '_', '.')"
+        )
+    return value
+
+
+def topic(site: str, unit_id: str, kind: str) -> str:
+    """The topic a unit publishes `kind` ('hits', 'status', 'heartbeat') on."""
+    if kind not in KINDS:
+        raise ProtocolError(f"unknown topic kind {kind!r}; expected one of {', '.join(KINDS)}")
+    return f"{TOPIC_ROOT}/{check_topic_level(site, 'site')}/{check_topic_level(unit_id, 'unit id')}/{kind}"
+
+
+def parse_topic(name: str) -> tuple[str, str, str]:
+    """Split ``checkpoint/v1/<site>/<unit>/<kind>`` into (site, unit, kind)."""
+    parts = name.split("/")
+    if len(parts) != 5 or "/".join(parts[:2]) != TOPIC_ROOT or parts[4] not in KINDS or not parts[2] or not parts[3]:
+        raise ProtocolError(f"topic {name!r} is not {TOPIC_ROOT}/<site>/<unit>/<hits|status|heartbeat>")
+    return parts[2], parts[3], parts[4]
+
+
+def _topic_level(value: str) -> str:
+    try:
+        return check_topic_level(value, "id")
+    except ProtocolError as e:
+        raise ValueError(str(e)) from None
+
+
+TopicLevel = Annotated[str, AfterValidator(_topic_level)]
+"""A config value that must be one MQTT topic level (site, unit id, subscription group)."""
