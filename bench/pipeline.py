@@ -380,7 +380,8 @@ def _cameras(plan: dict[str, Any], work: Path, source: str) -> tuple[list[str], 
 def _live(
     plan: dict[str, Any], work: Path, seconds: float, sample_every: float, detect_workers: int, source: str
 ) -> dict[str, Any]:
-    from edge.camera.capture import CameraReader, CaptureConfig
+    from edge.camera.capture import CameraReader
+    from edge.camera.config import CaptureConfig
     from edge.pipeline import AnalysisConfig, CameraSpec, MatchingConfig, Pipeline
     from engines.face_engine import FaceEngine
 

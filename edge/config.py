@@ -27,13 +27,13 @@ from typing import Any, Literal
 import tomllib
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     model_validator,
 )
 
-from edge.camera.capture import CaptureConfig
+from common.config import StrictModel
+from edge.camera.config import CaptureConfig
 from edge.outbox import OutboxConfig
 from edge.pipeline import AnalysisConfig, MatchingConfig
 from edge.reporter import MqttConfig
@@ -47,10 +47,8 @@ class ConfigError(Exception):
     """The unit config cannot be used. The message names the file, the key and what to change."""
 
 
-class UnitSection(BaseModel):
+class UnitSection(StrictModel):
     """``[unit]``: who this unit is; both ids appear in every hit and in the MQTT topics."""
-
-    model_config = ConfigDict(extra="forbid")
 
     id: TopicLevel = Field(description="unit id, unique in the deployment (letters, digits, '-', '_', '.')")
     site: TopicLevel = Field(description="site (station, checkpoint) the unit belongs to; also the MQTT topic level")
@@ -66,28 +64,22 @@ class CameraConfig(CaptureConfig):
     )
 
 
-class SinksConfig(BaseModel):
+class SinksConfig(StrictModel):
     """``[sinks]``: where hits go besides MQTT."""
-
-    model_config = ConfigDict(extra="forbid")
 
     jsonl: JsonlSinkConfig | None = None
 
 
-class LoggingConfig(BaseModel):
+class LoggingConfig(StrictModel):
     """``[logging]``: log level and format, and how often per-camera figures are logged."""
-
-    model_config = ConfigDict(extra="forbid")
 
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = Field("text", description="json: one JSON object per line, for log collectors")
     stats_interval_s: float = Field(60.0, ge=1.0, description="seconds between per-camera figure lines")
 
 
-class UnitConfig(BaseModel):
+class UnitConfig(StrictModel):
     """The whole unit config file."""
-
-    model_config = ConfigDict(extra="forbid")
 
     unit: UnitSection
     cameras: list[CameraConfig] = Field(min_length=1)

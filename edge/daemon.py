@@ -221,7 +221,8 @@ class Daemon:
         return matcher
 
     def _open_camera(self, cam: CameraConfig) -> Any:
-        from edge.camera.capture import CameraReader, CaptureConfig
+        from edge.camera.capture import CameraReader
+        from edge.camera.config import CaptureConfig
 
         capture = CaptureConfig.model_validate(cam.model_dump(include=set(CaptureConfig.model_fields)))
         return CameraReader(capture, on_state=self._camera_changed)

@@ -12,16 +12,15 @@ from __future__ import annotations
 import threading
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from common.config import StrictModel
 from matching.match import Match
 from wire.records import Hit
 
 
-class CropConfig(BaseModel):
+class CropConfig(StrictModel):
     """The face picture a hit carries (``[matching.crop]`` in the unit config)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     margin: float = Field(0.25, ge=0.0, le=2.0, description="margin around the face box, in box sizes")
     max_px: int = Field(256, ge=32, le=2048, description="longest side of the JPEG, pixels")

@@ -18,7 +18,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from common.config import StrictModel
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +28,8 @@ COUNTERS = ("accepted", "sent", "crops_dropped_oversized", "crops_dropped_full",
 MIN_MAX_BYTES = 64 * 1024
 
 
-class OutboxConfig(BaseModel):
+class OutboxConfig(StrictModel):
     """[outbox]: where unsent hits wait and how much room they may take."""
-
-    model_config = ConfigDict(extra="forbid")
 
     path: Path = Field(
         default=Path("/var/lib/checkpoint/outbox.sqlite"),

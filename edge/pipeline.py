@@ -29,8 +29,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from common.config import StrictModel
 from edge.frame import Frame
 from edge.hits import CropConfig, HitEmitter
 from edge.sinks import HitSink
@@ -41,10 +42,8 @@ from wire.records import Hit
 log = logging.getLogger(__name__)
 
 
-class MatchingConfig(BaseModel):
+class MatchingConfig(StrictModel):
     """Which faces are embedded and when a match becomes a hit (``[matching]`` in the unit config)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     threshold: float | None = Field(
         None,
@@ -65,10 +64,8 @@ class MatchingConfig(BaseModel):
     crop: CropConfig = Field(default_factory=CropConfig)
 
 
-class AnalysisConfig(BaseModel):
+class AnalysisConfig(StrictModel):
     """How the unit's analysis work is laid out (``[analysis]`` in the unit config)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     detect_workers: int = Field(1, ge=1, le=16, description="threads running face detection (all cameras share them)")
     embed_batch: int = Field(16, ge=1, le=256, description="most faces embedded in one batch")

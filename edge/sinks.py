@@ -9,8 +9,9 @@ import threading
 from pathlib import Path
 from typing import IO, Any, Protocol, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from common.config import StrictModel
 from wire.records import Hit
 
 
@@ -35,10 +36,8 @@ class HitSink(Protocol):
         """Flush what can be flushed within `timeout` seconds and release resources."""
 
 
-class JsonlSinkConfig(BaseModel):
+class JsonlSinkConfig(StrictModel):
     """A JSON-lines file of hits (``[sinks.jsonl]`` in the unit config)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     path: Path = Field(description="file the hits are appended to, one JSON object per line")
     include_crop: bool = Field(True, description="write the face crop as base64 JPEG (crop_jpeg_b64)")

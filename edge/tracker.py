@@ -15,15 +15,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from common.config import StrictModel
 
 Box = tuple[float, float, float, float]
 
 
-class TrackerConfig(BaseModel):
+class TrackerConfig(StrictModel):
     """How faces are followed on each camera (``[analysis.tracker]`` in the unit config)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     iou_threshold: float = Field(0.2, gt=0.0, le=1.0, description="least overlap for a detection to continue a track")
     max_center_distance: float = Field(

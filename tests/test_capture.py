@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from edge.camera.capture import CameraReader, CameraState, CaptureConfig
+from edge.camera.capture import CameraReader, CameraState
+from edge.camera.config import CaptureConfig
 from edge.camera.sources import classify_url, gstreamer_pipeline, opencv_has_gstreamer, redact_url
 from testing.media import background
 from testing.rtsp import SYSTEM_PYTHON, gst_rtsp_problem

@@ -155,7 +155,8 @@ def test_unmatched_person_alone_gives_nothing(
 def test_threaded_pipeline_two_cameras_to_jsonl(
     engine: Any, people: People, watchlist: tuple[Path, Path], clip: Path, tmp_path: Path
 ) -> None:
-    from edge.camera.capture import CameraReader, CaptureConfig
+    from edge.camera.capture import CameraReader
+    from edge.camera.config import CaptureConfig
 
     matcher = matcher_for(*watchlist)
     readers = [CameraReader(CaptureConfig(id=f"cam{i}", url=str(clip), realtime=True)) for i in (1, 2)]

@@ -14,7 +14,8 @@ import pytest
 from matching.matcher import Matcher
 from testing.synthetic import Authority, make_persons, person_centers, samples_of, unit_rows
 from watchlist.format.keys import generate_key, key_id, make_keyset
-from watchlist.hq.publish import Manifest, manifest_topic, publish_bundle, publish_keyset
+from watchlist.format.transport import Manifest, manifest_topic
+from watchlist.hq.publish import publish_bundle, publish_keyset
 from watchlist.unit.apply import Watchlist
 from watchlist.unit.config import WatchlistConfig
 from watchlist.unit.subscriber import WatchlistSubscriber

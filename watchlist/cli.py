@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 import tomllib
 
+from common.files import atomic_write
 from watchlist.format.errors import BundleRejected, WatchlistError
 
 _DURATION = re.compile(r"^(\d+)([smhd]?)$")
@@ -84,11 +85,9 @@ class _KeyDir:
         return key, kid
 
     def write_keyset(self, envelope: bytes, current: str | None) -> None:
-        tmp = self.path / "keyset.bin.part"
-        tmp.write_bytes(envelope)
-        os.replace(tmp, self.path / "keyset.bin")
+        atomic_write(self.path / "keyset.bin", envelope)
         if current:
-            (self.path / "signing.current").write_text(current + "\n")
+            atomic_write(self.path / "signing.current", (current + "\n").encode())
 
 
 @main.command()

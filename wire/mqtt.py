@@ -16,7 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
+
+from common.config import StrictModel
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +43,8 @@ def _existing_file(value: Path | None, key: str) -> Path | None:
     return path
 
 
-class TlsConfig(BaseModel):
+class TlsConfig(StrictModel):
     """[mqtt.tls]: TLS to the broker. Without ca_file the system's CA store is used."""
-
-    model_config = ConfigDict(extra="forbid")
 
     ca_file: Path | None = Field(default=None, description="PEM file of the CA that signed the broker's certificate")
     cert_file: Path | None = Field(default=None, description="client certificate (PEM), when the broker asks for one")
@@ -65,10 +65,8 @@ class TlsConfig(BaseModel):
         return self
 
 
-class MqttConnection(BaseModel):
+class MqttConnection(StrictModel):
     """How to reach the broker: address, protocol, session, credentials, TLS and reconnect backoff."""
-
-    model_config = ConfigDict(extra="forbid")
 
     host: str = Field(default="localhost", min_length=1)
     port: int = Field(default=1883, description="1883 plain, 8883 usually for TLS")

@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 if TYPE_CHECKING:
-    from edge.camera.capture import CaptureConfig
+    from edge.camera.config import CaptureConfig
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from common.files import atomic_write
 from watchlist.format.bundle import Bundle, encode_bundle, sha256_hex
 from watchlist.format.errors import RegisterError
 from watchlist.format.keys import KeySet, key_id
@@ -122,13 +122,7 @@ def release(
     data = encode_bundle(bundle, signing_key, keyset.envelope)
     digest = sha256_hex(data)
     if out is not None:
-        out = Path(out)
-        tmp = out.with_name(out.name + ".part")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
+        atomic_write(out, data)
     register.record_release(bundle, digests, size=len(data), sha256=digest, signing_key_id=kid)
     register.set_meta(f"dim:{bundle.model_id}", bundle.embedding_dim)
     if bundle.embedding_offset is not None and register.offset(bundle.model_id) is None:

@@ -5,12 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
+
+from common.config import StrictModel
 
 DEFAULT_MAX_BUNDLE_BYTES = 512 * 1024 * 1024
 
 
-class WatchlistConfig(BaseModel):
+class WatchlistConfig(StrictModel):
     """The unit side of the signed watchlist.
 
     Example (unit TOML)::
@@ -21,8 +23,6 @@ class WatchlistConfig(BaseModel):
         topic = "checkpoint/v1/station-12/watchlist"
         on_expired = "warn"
     """
-
-    model_config = ConfigDict(extra="forbid")
 
     root_key: Path = Field(
         description="HQ's root public key (PEM or 64 hex digits), pinned at installation; every bundle must chain to it"

@@ -17,7 +17,7 @@ from typing import Any
 
 from watchlist.format.errors import BundleRejected
 from watchlist.format.keys import parse_keyset
-from watchlist.hq.publish import SLOTS, Manifest, chunk_topic, keyset_topic, manifest_topic
+from watchlist.format.transport import SLOTS, Manifest, chunk_topic, keyset_topic, manifest_topic
 from watchlist.unit.apply import Watchlist
 
 log = logging.getLogger(__name__)
