@@ -189,7 +189,7 @@ class Daemon:
         cfg = self.config
         sinks: list[HitSink] = []
         if cfg.sinks.jsonl is not None:
-            sinks.append(JsonlSink(cfg.sinks.jsonl))
+            sinks.append(JsonlSink(cfg.sinks.jsonl, cfg.unit.site))
         if cfg.mqtt is not None:
             from edge.reporter import MqttReporter
 

@@ -115,6 +115,8 @@ def encode_crop(image: np.ndarray, box: tuple[float, float, float, float], confi
     """JPEG bytes of the face (with margin) cut from an RGB uint8 image."""
     import cv2
 
+    from engines.image import encode_jpeg
+
     x1, y1, x2, y2 = crop_box(image.shape, box, config.margin)
     crop = image[y1:y2, x1:x2]
     longest = max(crop.shape[0], crop.shape[1])
@@ -123,9 +125,4 @@ def encode_crop(image: np.ndarray, box: tuple[float, float, float, float], confi
         crop = cv2.resize(
             crop, (max(1, round(crop.shape[1] * s)), max(1, round(crop.shape[0] * s))), interpolation=cv2.INTER_AREA
         )
-    ok, buf = cv2.imencode(
-        ".jpg", np.ascontiguousarray(crop[:, :, ::-1]), [cv2.IMWRITE_JPEG_QUALITY, config.jpeg_quality]
-    )
-    if not ok:
-        raise ValueError(f"could not encode a {crop.shape} face crop as JPEG")
-    return buf.tobytes()
+    return encode_jpeg(crop, config.jpeg_quality)

@@ -321,9 +321,6 @@ class Outbox:
                 self._inflight.difference_update(seqs)
                 self._cursor = min(self._cursor, min(seqs) - 1)
 
-    def release_all(self) -> None:
-        self.release(list(self._inflight))
-
     # --- figures ------------------------------------------------------------------------------
 
     @property

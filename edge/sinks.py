@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import base64
-import json
 import os
 import threading
 from pathlib import Path
-from typing import IO, Any, Protocol, runtime_checkable
+from typing import IO, Protocol, runtime_checkable
 
 from pydantic import Field
 
 from common.config import StrictModel
+from wire import records
 from wire.records import Hit
 
 
@@ -40,30 +39,11 @@ class JsonlSinkConfig(StrictModel):
     """A JSON-lines file of hits (``[sinks.jsonl]`` in the unit config)."""
 
     path: Path = Field(description="file the hits are appended to, one JSON object per line")
-    include_crop: bool = Field(True, description="write the face crop as base64 JPEG (crop_jpeg_b64)")
+    include_crop: bool = Field(
+        True, description='write the face crop as base64 JPEG (crop_jpeg_b64); off: crop_dropped is "not_kept"'
+    )
     max_bytes: int = Field(64 * 1024 * 1024, ge=4096, description="rotate the file when it grows past this size")
     backups: int = Field(3, ge=0, le=100, description="rotated files kept (path.1 ... path.N); older ones are deleted")
-
-
-def hit_record(hit: Hit, include_crop: bool = True) -> dict[str, Any]:
-    """A hit as a JSON-ready dict; the crop, if kept, as base64 under `crop_jpeg_b64`."""
-    rec: dict[str, Any] = {
-        "id": hit.id,
-        "unit_id": hit.unit_id,
-        "camera_id": hit.camera_id,
-        "captured_at": hit.captured_at,
-        "person_id": hit.person_id,
-        "score": round(float(hit.score), 6),
-        "threshold": round(float(hit.threshold), 6),
-        "margin": round(float(hit.margin), 6),
-        "box": [round(float(v), 2) for v in hit.box],
-        "track_id": hit.track_id,
-        "model_id": hit.model_id,
-        "watchlist_version": int(hit.watchlist_version),
-    }
-    if include_crop and hit.crop_jpeg is not None:
-        rec["crop_jpeg_b64"] = base64.b64encode(hit.crop_jpeg).decode("ascii")
-    return rec
 
 
 class JsonlSink:
@@ -75,8 +55,9 @@ class JsonlSink:
 
     name = "jsonl"
 
-    def __init__(self, config: JsonlSinkConfig) -> None:
+    def __init__(self, config: JsonlSinkConfig, site: str) -> None:
         self.config = config
+        self.site = site
         self.path = Path(config.path)
         self._lock = threading.Lock()
         self._written = 0
@@ -89,7 +70,10 @@ class JsonlSink:
 
     def submit(self, hit: Hit) -> None:
         """Write the hit as one line and flush it to the OS."""
-        line = json.dumps(hit_record(hit, self.config.include_crop), separators=(",", ":")) + "\n"
+        # The same record as on MQTT (wire.records), so one schema and one parser serve both.
+        crop = hit.crop_jpeg if self.config.include_crop else None
+        dropped = "not_kept" if hit.crop_jpeg is not None and crop is None else None
+        line = records.hit_payload(records.hit_record(hit, self.site), crop, dropped).decode() + "\n"
         with self._lock:
             if self._fh is None:
                 raise SinkError(f"jsonl sink: {self.path} is closed; hit {hit.id} not written")

@@ -330,7 +330,11 @@ def run_demo(
 
     started = time.time()
     console = _ConsoleSink(echo, lambda: started)
-    daemon = Daemon(cfg, engine=engine, sinks=[JsonlSink(cfg.sinks.jsonl or JsonlSinkConfig(path=hits_file)), console])
+    daemon = Daemon(
+        cfg,
+        engine=engine,
+        sinks=[JsonlSink(cfg.sinks.jsonl or JsonlSinkConfig(path=hits_file), cfg.unit.site), console],
+    )
     daemon.start()
     try:
         daemon.run(until_sources_finished=True, max_seconds=seconds * 3 + 30)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -13,6 +14,8 @@ import pytest
 from edge.hits import CropConfig, HitEmitter, crop_box
 from edge.sinks import HitSink, JsonlSink, JsonlSinkConfig, SinkError
 from matching.match import Match
+from testing.hits import schema_errors
+from wire import records
 from wire.records import Hit
 
 T0 = 1_700_000_000.0
@@ -126,7 +129,7 @@ def _hit(person: str = "p1", crop: bytes | None = None) -> Hit:
 
 def test_jsonl_sink_writes_one_line_per_hit_with_crop(tmp_path: Path) -> None:
     jpeg = cv2.imencode(".jpg", np.zeros((8, 8, 3), np.uint8))[1].tobytes()
-    sink = JsonlSink(JsonlSinkConfig(path=tmp_path / "sub" / "hits.jsonl"))
+    sink = JsonlSink(JsonlSinkConfig(path=tmp_path / "sub" / "hits.jsonl"), "site-a")
     assert isinstance(sink, HitSink)
     sink.submit(_hit("p1", jpeg))
     sink.submit(_hit("p2"))
@@ -146,20 +149,34 @@ def test_jsonl_sink_writes_one_line_per_hit_with_crop(tmp_path: Path) -> None:
 def test_jsonl_sink_without_crops_and_rotation(tmp_path: Path) -> None:
     jpeg = cv2.imencode(".jpg", np.zeros((8, 8, 3), np.uint8))[1].tobytes()
     path = tmp_path / "hits.jsonl"
-    sink = JsonlSink(JsonlSinkConfig(path=path, include_crop=False, max_bytes=4096, backups=2))
+    sink = JsonlSink(JsonlSinkConfig(path=path, include_crop=False, max_bytes=4096, backups=2), "site-a")
     for k in range(60):
         sink.submit(_hit(f"p{k}", jpeg))
     sink.close()
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == ["hits.jsonl", "hits.jsonl.1", "hits.jsonl.2"]
     kept = [json.loads(x) for p in tmp_path.iterdir() for x in p.read_text().splitlines()]
-    assert all("crop_jpeg_b64" not in r for r in kept)
+    assert all(r["crop_jpeg_b64"] is None and r["crop_dropped"] == "not_kept" for r in kept)
     assert all(p.stat().st_size <= 4096 for p in tmp_path.iterdir())
     assert "p59" in {r["person_id"] for r in kept} and "p0" not in {r["person_id"] for r in kept}
+
+
+def test_jsonl_line_is_the_mqtt_hit_record(tmp_path: Path, payload_schemas: dict[str, Any]) -> None:
+    jpeg = cv2.imencode(".jpg", np.zeros((8, 8, 3), np.uint8))[1].tobytes()
+    path = tmp_path / "hits.jsonl"
+    sink = JsonlSink(JsonlSinkConfig(path=path), "site-a")
+    hit = _hit("p1", jpeg)
+    sink.submit(hit)
+    sink.close()
+    line = path.read_bytes().splitlines()[0]
+    assert schema_errors(json.loads(line), payload_schemas["hit"]) == []
+    fields, crop = records.decode_hit(line)
+    assert crop == jpeg
+    assert fields["id"] == hit.id and fields["site"] == "site-a" and fields["schema"] == records.HIT_SCHEMA
 
 
 def test_jsonl_sink_unwritable_path_names_the_file(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(SinkError, match=str(blocker / "hits.jsonl")):
-        JsonlSink(JsonlSinkConfig(path=blocker / "hits.jsonl"))
+        JsonlSink(JsonlSinkConfig(path=blocker / "hits.jsonl"), "site-a")

@@ -160,7 +160,7 @@ def test_threaded_pipeline_two_cameras_to_jsonl(
 
     matcher = matcher_for(*watchlist)
     readers = [CameraReader(CaptureConfig(id=f"cam{i}", url=str(clip), realtime=True)) for i in (1, 2)]
-    sink = JsonlSink(JsonlSinkConfig(path=tmp_path / "hits.jsonl"))
+    sink = JsonlSink(JsonlSinkConfig(path=tmp_path / "hits.jsonl"), "site-a")
     pipe = Pipeline(
         unit_id="unit-t",
         cameras=[CameraSpec(r.camera_id, r, 5.0) for r in readers],

@@ -25,7 +25,7 @@ SCHEMA_VERSION = 1
 HIT_SCHEMA = "checkpoint/hit"
 STATUS_SCHEMA = "checkpoint/status"
 HEARTBEAT_SCHEMA = "checkpoint/heartbeat"
-CROP_DROP_REASONS = ("oversized", "outbox_full")
+CROP_DROP_REASONS = ("oversized", "outbox_full", "not_kept")
 STATES = ("online", "offline")
 JPEG_MAGIC = b"\xff\xd8\xff"
 
