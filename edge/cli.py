@@ -1,4 +1,4 @@
-"""`edge`: the unit's command line: check a config, run the unit, run the demo."""
+"""`edge`: the unit's command line: check a config, run the unit."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ def main() -> None:
     Examples:
       edge check-config /etc/checkpoint/unit.toml
       edge run --config /etc/checkpoint/unit.toml
-      edge demo
     """
 
 
@@ -83,40 +82,6 @@ def run(config_path: Path) -> None:
     cfg = _load_or_exit(str(config_path))
     configure_logging(cfg.logging)
     sys.exit(run_daemon(cfg, config_path))
-
-
-@main.command("demo")
-@click.option(
-    "--out",
-    "out_dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("edge-demo"),
-    show_default=True,
-    help="folder for the generated video, watchlist, config and hits file",
-)
-@click.option("--seconds", type=click.FloatRange(6.0, 300.0), default=16.0, show_default=True, help="video length")
-@click.option("--verbose", is_flag=True, help="show the unit's log lines too")
-def demo(out_dir: Path, seconds: float, verbose: bool) -> None:
-    """Run the whole loop on generated data: no camera, no broker, nothing downloaded.
-
-    Makes a video from public-domain pictures that ship with scikit-image (the NASA astronaut
-    photo, the cameraman photo), a signed watchlist holding the astronaut (enrolled from an
-    altered copy of her photo: mirrored, turned, darkened; not from the video), and a config whose
-    only camera is the video file and whose sink is a JSON-lines file. Then runs the unit on it and prints each hit:
-    the astronaut once per appearance, the cameraman never.
-
-    \b
-    Example:
-      edge demo --out /tmp/edge-demo
-    """
-    from testing.demo import DemoError, run_demo
-
-    try:
-        result = run_demo(out_dir, seconds=seconds, verbose=verbose, echo=click.echo)
-    except DemoError as exc:
-        click.echo(f"demo failed: {exc}", err=True)
-        sys.exit(1)
-    sys.exit(0 if result.ok else 1)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""`edge demo`: the whole loop on generated data, with nothing but the installed packages.
+"""`checkpoint-demo`: the whole loop on generated data, with nothing but the installed packages.
 
 1. A video (MPEG-4, 960x540, 10 fps) of a still scene in which two people come and go, made from
    public-domain photos that ship with scikit-image: the NASA astronaut (Eileen Collins), who
@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import click
 import numpy as np
 
 from wire.records import Hit
@@ -228,7 +230,7 @@ def apply_watchlist(store: Path, root_pub: Path, bundle: Path, model_id: str, di
         wl.close()
 
 
-CONFIG_TEMPLATE = """# Written by `edge demo`. Check it with: edge check-config {name}
+CONFIG_TEMPLATE = """# Written by `checkpoint-demo`. Check it with: edge check-config {name}
 [unit]
 id = "demo-unit"
 site = "demo-site"
@@ -303,7 +305,7 @@ def run_demo(
 
     # Quiet unless asked: the demo prints what matters; --verbose shows the unit's own log.
     configure_logging(LoggingConfig(level="INFO" if verbose else "ERROR"))
-    echo(f"edge demo: working in {out_dir}")
+    echo(f"checkpoint-demo: working in {out_dir}")
     apps = timeline(seconds)
     video = make_video(out_dir / "demo.mp4", seconds, apps)
     echo(
@@ -380,3 +382,39 @@ def _judge(hits: list[Hit], apps: Sequence[Appearance], started: float, hits_fil
         if len(lines) != len(hits):
             log.warning("hits file holds %d hits, the console saw %d", len(lines), len(hits))
     return res
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("edge-demo"),
+    show_default=True,
+    help="folder for the generated video, watchlist, config and hits file",
+)
+@click.option("--seconds", type=click.FloatRange(6.0, 300.0), default=16.0, show_default=True, help="video length")
+@click.option("--verbose", is_flag=True, help="show the unit's log lines too")
+def main(out_dir: Path, seconds: float, verbose: bool) -> None:
+    """Run the whole loop, HQ and unit, on generated data: no camera, no broker, nothing downloaded.
+
+    Makes a video from public-domain pictures that ship with scikit-image (the NASA astronaut
+    photo, the cameraman photo), a signed watchlist holding the astronaut (enrolled from an
+    altered copy of her photo: mirrored, turned, darkened; not from the video), and a config whose
+    only camera is the video file and whose sink is a JSON-lines file. Then runs the unit on it and prints each hit:
+    the astronaut once per appearance, the cameraman never.
+
+    \b
+    Example:
+      checkpoint-demo --out /tmp/edge-demo
+    """
+    try:
+        result = run_demo(out_dir, seconds=seconds, verbose=verbose, echo=click.echo)
+    except DemoError as exc:
+        click.echo(f"demo failed: {exc}", err=True)
+        sys.exit(1)
+    sys.exit(0 if result.ok else 1)
+
+
+if __name__ == "__main__":
+    main()

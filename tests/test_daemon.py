@@ -304,7 +304,7 @@ path = "outbox.sqlite"
 
 def test_demo_command_runs_the_whole_loop(engine: Any, tmp_path: Path) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "edge.cli", "demo", "--out", str(tmp_path / "demo"), "--seconds", "8"],
+        [sys.executable, "-m", "testing.demo", "--out", str(tmp_path / "demo"), "--seconds", "8"],
         cwd=REPO,
         capture_output=True,
         text=True,
