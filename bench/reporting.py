@@ -30,12 +30,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edge import protocol  # noqa: E402
-from edge.frame import Hit  # noqa: E402
 from edge.outbox import Outbox, OutboxConfig  # noqa: E402
 from edge.reporter import MqttConfig, MqttReporter  # noqa: E402
 from testing.broker import MosquittoBroker, find_mosquitto  # noqa: E402
 from testing.hits import noise_jpeg  # noqa: E402
+from wire import records  # noqa: E402
+from wire.records import Hit  # noqa: E402
 
 
 def make_hit(tag: str, crop: bytes | None) -> Hit:
@@ -145,7 +145,7 @@ def bench_outbox(work: Path, n: int, crop: bytes) -> dict[str, dict[str, float]]
         times = []
         for _ in range(n):
             h = make_hit("put", c)
-            record = protocol.encode_record(protocol.hit_record(h, "site-a"))
+            record = records.encode_record(records.hit_record(h, "site-a"))
             t0 = time.perf_counter()
             box.put(h.id, record, c)
             times.append((time.perf_counter() - t0) * 1e6)

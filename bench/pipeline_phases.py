@@ -1,0 +1,314 @@
+"""The pipeline bench's phases; each runs in its own process (bench/pipeline.py starts them) so its
+CPU use and peak RSS are its own."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.pipeline_scene import FPS, PEER_TOLERANCE, SIZE, decode, judge
+
+LIVE_CAMERAS = 4
+LIVE_FPS = 5.0
+
+
+def _usage() -> tuple[float, float]:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime, ru.ru_maxrss / 1024.0
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+# -- phases (run in child processes) ---------------------------------------------------------------
+
+
+def _watchlist(plan: dict[str, Any], work: Path, engine: Any) -> Any:
+    from matching.matcher import Matcher
+    from testing.demo import apply_watchlist, build_watchlist
+    from watchlist.unit.apply import Watchlist
+    from watchlist.unit.config import WatchlistConfig
+
+    photos = {pid: [Path(p) for p in ps] for pid, ps in plan["photos"].items()}
+    root_pub, bundle = build_watchlist(work / "wl", engine, photos, default_threshold=plan["threshold"])
+    store = work / "wl" / "unit.db"
+    apply_watchlist(store, root_pub, bundle, engine.model_id, engine.embedding_dim)
+    matcher = Matcher(dim=engine.embedding_dim)
+    wl = Watchlist(WatchlistConfig(root_key=root_pub, store=store), matcher, model_id=engine.model_id)
+    wl.start()
+    wl.close()
+    return matcher
+
+
+def phase_ours(plan: dict[str, Any], work: Path, _args: argparse.Namespace) -> dict[str, Any]:
+    from edge.frame import Frame
+    from edge.pipeline import CameraSpec, MatchingConfig, Pipeline
+    from engines.face_engine import FaceEngine
+
+    engine = FaceEngine.load()
+    matcher = _watchlist(plan, work, engine)
+    frames = decode(plan["clip"])
+    events: list[tuple[float, str, tuple[float, float, float, float]]] = []
+
+    class Collect:
+        name = "bench"
+
+        def submit(self, hit: Any) -> None:
+            events.append((hit.captured_at - t0, hit.person_id, hit.box))
+
+        def stats(self) -> dict[str, int]:
+            return {}
+
+        def close(self, timeout: float = 5.0) -> None:
+            return None
+
+    pipe = Pipeline(
+        unit_id="bench",
+        cameras=[CameraSpec("cam", None, float(FPS))],
+        engine=engine,  # type: ignore[arg-type]
+        matcher=matcher,
+        sinks=[Collect()],
+        matching=MatchingConfig(cooldown_s=0.0),
+    )
+    engine.analyze(frames[0])  # warm-up, not timed
+    t0 = 1_700_000_000.0
+    cpu0, _ = _usage()
+    w0 = time.perf_counter()
+    for i, img in enumerate(frames):
+        pipe.process_frame(Frame("cam", i, t0 + i / FPS, img))
+    wall = time.perf_counter() - w0
+    cpu1, peak = _usage()
+    st = pipe.stats()["cam"]
+    return {
+        "frames": len(frames),
+        "seconds": wall,
+        "frames_per_s": len(frames) / wall,
+        "faces": st["faces"],
+        "faces_per_s": st["faces"] / wall,
+        "embedded": st["embedded"],
+        "cpu_cores_used": (cpu1 - cpu0) / wall,
+        "peak_rss_mb": peak,
+        "hits": judge(events, plan),
+        "model_id": engine.model_id,
+    }
+
+
+def phase_peer(plan: dict[str, Any], _work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    import face_recognition
+
+    known, names = [], []
+    for pid, paths in plan["photos"].items():
+        for p in paths:
+            encs = face_recognition.face_encodings(face_recognition.load_image_file(p))
+            if encs:
+                known.append(encs[0])
+                names.append(pid)
+    frames = decode(plan["clip"])[:: args.peer_every]
+    events: list[tuple[float, str, tuple[float, float, float, float]]] = []
+    faces = 0
+    cpu0, _ = _usage()
+    w0 = time.perf_counter()
+    for k, rgb in enumerate(frames):
+        # As in the package's examples/facerec_from_video_file.py (the frame is already RGB here).
+        locations = face_recognition.face_locations(rgb)
+        encodings = face_recognition.face_encodings(rgb, locations)
+        faces += len(locations)
+        for (top, right, bottom, left), enc in zip(locations, encodings):
+            match = face_recognition.compare_faces(known, enc, tolerance=PEER_TOLERANCE)
+            if any(match):
+                # The example names the first known face that matches.
+                events.append((k * args.peer_every / FPS, names[match.index(True)], (left, top, right, bottom)))
+    wall = time.perf_counter() - w0
+    cpu1, peak = _usage()
+    return {
+        "frames": len(frames),
+        "every_nth_frame": args.peer_every,
+        "seconds": wall,
+        "frames_per_s": len(frames) / wall,
+        "faces": faces,
+        "faces_per_s": faces / wall,
+        "cpu_cores_used": (cpu1 - cpu0) / wall,
+        "peak_rss_mb": peak,
+        "enrolled_photos_encoded": len(known),
+        "hits": judge(events, plan),
+    }
+
+
+def _cameras(plan: dict[str, Any], work: Path, source: str) -> tuple[list[str], Any, str]:
+    """Camera URLs for the live runs: RTSP streams of the clip from the test RTSP server (as a unit
+    sees cameras), or the clip file itself, looped, where GStreamer's RTSP server is not installed."""
+    if source == "rtsp":
+        from testing.rtsp import RtspServer, gst_rtsp_problem
+
+        problem = gst_rtsp_problem()
+        if problem is None:
+            srv = RtspServer({f"cam{i}": plan["clip"] for i in range(LIVE_CAMERAS)}, work).start()
+            return [srv.url(f"cam{i}") for i in range(LIVE_CAMERAS)], srv, "rtsp (test RTSP server, clip looped)"
+        print(f"no RTSP server ({problem}); reading the clip file instead", file=sys.stderr)
+    return [plan["clip"]] * LIVE_CAMERAS, None, "file (clip looped, reopened at each end)"
+
+
+def _live(
+    plan: dict[str, Any], work: Path, seconds: float, sample_every: float, detect_workers: int, source: str
+) -> dict[str, Any]:
+    from edge.camera.capture import CameraReader
+    from edge.camera.config import CaptureConfig
+    from edge.pipeline import AnalysisConfig, CameraSpec, MatchingConfig, Pipeline
+    from engines.face_engine import FaceEngine
+
+    engine = FaceEngine.load()
+    matcher = _watchlist(plan, work, engine)
+    urls, server, source_note = _cameras(plan, work, source)
+    readers = [
+        CameraReader(CaptureConfig(id=f"cam{i}", url=url, realtime=True, loop=True)) for i, url in enumerate(urls)
+    ]
+
+    class Count:
+        name = "bench"
+        hits = 0
+
+        def submit(self, hit: Any) -> None:
+            Count.hits += 1
+
+        def stats(self) -> dict[str, int]:
+            return {}
+
+        def close(self, timeout: float = 5.0) -> None:
+            return None
+
+    pipe = Pipeline(
+        unit_id="bench",
+        cameras=[CameraSpec(r.camera_id, r, LIVE_FPS) for r in readers],
+        engine=engine,
+        matcher=matcher,
+        sinks=[Count()],
+        matching=MatchingConfig(cooldown_s=0.0),
+        analysis=AnalysisConfig(detect_workers=detect_workers),
+    )
+    for r in readers:
+        r.start()
+    pipe.start()
+    samples: list[dict[str, Any]] = []
+    cpu0, _ = _usage()
+    w0 = time.monotonic()
+    stop = threading.Event()
+    try:
+        while not stop.wait(sample_every):
+            now = time.monotonic() - w0
+            st = pipe.stats()
+            samples.append(
+                {
+                    "t": round(now, 1),
+                    "rss_mb": round(_rss_mb(), 1),
+                    "lag_s": {c: s["lag_s"] for c, s in st.items()},
+                    "analysed": {c: s["frames_analysed"] for c, s in st.items()},
+                    "fps_in": {r.camera_id: r.state.fps for r in readers},
+                }
+            )
+            if now >= seconds:
+                break
+    finally:
+        wall = time.monotonic() - w0
+        cpu1, peak = _usage()
+        stats = pipe.stats()
+        latencies = [x for an in pipe.analysers.values() for x in an.stats.hit_latency_s]
+        pipe.stop()
+        for r in readers:
+            r.stop()
+        if server is not None:
+            server.stop()
+    return {
+        "source": source_note,
+        "samples": samples,
+        "wall": wall,
+        "cpu": cpu1 - cpu0,
+        "peak": peak,
+        "stats": stats,
+        "latencies": latencies,
+        "hits": Count.hits,
+    }
+
+
+def phase_live(plan: dict[str, Any], work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    r = _live(plan, work, args.live_seconds, 1.0, args.detect_workers, args.source)
+    samples = r["samples"]
+    # Judge the steady state: skip the first 5 s (models warming, cameras connecting).
+    steady = [s for s in samples if s["t"] >= 5.0]
+    per_cam: dict[str, dict[str, float]] = {}
+    growing = False
+    for cam in r["stats"]:
+        t = np.array([s["t"] for s in steady])
+        lag = np.array([s["lag_s"][cam] for s in steady])
+        n = np.array([s["analysed"][cam] for s in steady])
+        fps = float((n[-1] - n[0]) / (t[-1] - t[0])) if len(t) > 1 else 0.0
+        slope = float(np.polyfit(t, lag, 1)[0]) if len(t) > 2 else 0.0
+        third = max(1, len(lag) // 3)
+        first, last = float(lag[:third].mean()), float(lag[-third:].mean())
+        # Growing: lag rising by more than a frame period over the run, not just jitter.
+        grows = slope * (t[-1] - t[0]) > 1.0 / LIVE_FPS and last > first + 0.1 if len(t) > 2 else False
+        growing = growing or grows
+        per_cam[cam] = {
+            "analysed_fps": round(fps, 2),
+            "lag_mean_s": round(float(lag.mean()), 3),
+            "lag_max_s": round(float(lag.max()), 3),
+            "lag_slope_s_per_s": round(slope, 5),
+            "lag_first_third_s": round(first, 3),
+            "lag_last_third_s": round(last, 3),
+            "frames_skipped": r["stats"][cam]["frames_skipped"],
+            "embeds_dropped": r["stats"][cam]["embeds_dropped"],
+        }
+    lat = np.array(r["latencies"], dtype=np.float64)
+    sustained = all(c["analysed_fps"] >= 0.95 * LIVE_FPS for c in per_cam.values()) and not growing
+    return {
+        "cameras": LIVE_CAMERAS,
+        "source": r["source"],
+        "detect_workers": args.detect_workers,
+        "resolution": f"{SIZE[0]}x{SIZE[1]}",
+        "stream_fps": FPS,
+        "analysis_fps": LIVE_FPS,
+        "seconds": round(r["wall"], 1),
+        "per_camera": per_cam,
+        "sustained_without_growing_lag": sustained,
+        "hits": r["hits"],
+        "frame_to_hit_latency_p50_s": round(float(np.percentile(lat, 50)), 3) if lat.size else None,
+        "frame_to_hit_latency_p99_s": round(float(np.percentile(lat, 99)), 3) if lat.size else None,
+        "cpu_cores_used": round(r["cpu"] / r["wall"], 2),
+        "peak_rss_mb": round(r["peak"], 1),
+        "note": "CPU includes decoding 4 H.264 720p streams at 10 fps (a Jetson decodes in hardware)",
+    }
+
+
+def phase_soak(plan: dict[str, Any], work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    r = _live(plan, work, args.soak_minutes * 60.0, 10.0, args.detect_workers, args.source)
+    rss = [(s["t"], s["rss_mb"]) for s in r["samples"]]
+    # RSS swings by tens of MB as frames and batches come and go: compare averages, not two samples.
+    # Start: the second minute (models loaded, caches filled); end: the last tenth of the run.
+    start = [m for t, m in rss if 60.0 <= t < 120.0] or [m for _, m in rss[:1]]
+    steady = [(t, m) for t, m in rss if t >= 60.0]
+    end = [m for _, m in steady[-max(1, len(steady) // 10) :]] or start
+    base, last = float(np.mean(start)), float(np.mean(end))
+    slope = float(np.polyfit([t for t, _ in steady], [m for _, m in steady], 1)[0]) * 3600 if len(steady) > 2 else 0.0
+    return {
+        "minutes": args.soak_minutes,
+        "source": r["source"],
+        "rss_second_minute_mb": round(base, 1),
+        "rss_end_mb": round(last, 1),
+        "rss_growth_pct": round(100.0 * (last - base) / base, 2),
+        "rss_slope_mb_per_hour": round(slope, 1),
+        "rss_samples": rss,
+        "hits": r["hits"],
+        "cpu_cores_used": round(r["cpu"] / r["wall"], 2),
+    }
+
+
+PHASES = {"ours": phase_ours, "peer": phase_peer, "live": phase_live, "soak": phase_soak}
