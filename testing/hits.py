@@ -1,20 +1,17 @@
 """Hits to report in tests: real JPEG crops (a face from skimage's astronaut photo, or noise JPEGs
 of a chosen size), hit records, and a small JSON Schema checker for the payload schemas in
-docs/schemas/ (jsonschema is not a dependency; this covers the keywords those files use)."""
+wire/schemas/ (jsonschema is not a dependency; this covers the keywords those files use)."""
 
 from __future__ import annotations
 
 import io
 import re
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from wire.records import Hit
-
-SCHEMA_DIR = Path(__file__).resolve().parents[1] / "docs" / "schemas"
 
 
 def face_jpeg() -> bytes:
@@ -79,7 +76,7 @@ def _is_type(value: Any, name: str) -> bool:
 
 
 def schema_errors(instance: Any, schema: dict[str, Any], path: str = "$") -> list[str]:
-    """Violations of `schema` by `instance` (subset of JSON Schema 2020-12 used in docs/schemas)."""
+    """Violations of `schema` by `instance` (subset of JSON Schema 2020-12 used in wire/schemas)."""
     errs: list[str] = []
     if "const" in schema and instance != schema["const"]:
         errs.append(f"{path}: expected {schema['const']!r}, got {instance!r}")

@@ -6,15 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-try:
-    from engines.face_engine import FaceEngine
-    from engines.image import load_image
-except ImportError as exc:  # the engine is built alongside; until then these tests wait for it
-    pytest.skip(f"needs engines.face_engine (not importable yet: {exc})", allow_module_level=True)
-
 from PIL import Image
 
+from engines.face_engine import FaceEngine
+from engines.image import load_image
 from matching.matcher import Matcher
 from watchlist.format.keys import generate_key, make_keyset, parse_keyset, save_public_key
 from watchlist.hq.build import plan_bundle, release

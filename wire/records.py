@@ -4,7 +4,7 @@ Topics are in wire.topics. Every
 payload is a JSON object carrying ``schema`` (which message it is) and ``v`` (its version), so a
 receiver can refuse what it does not understand instead of misreading it. The face crop travels
 inside the hit as base64 JPEG: one message, one PUBACK, nothing to reassemble (docs/protocol.md
-says why). JSON Schemas for the three payloads are in docs/schemas/; `decode_*` here check the
+says why). JSON Schemas for the three payloads are in wire/schemas/; `decode_*` here check the
 same rules.
 """
 
@@ -17,6 +17,7 @@ import math
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from wire.errors import ProtocolError, RecordError
@@ -28,6 +29,8 @@ HEARTBEAT_SCHEMA = "checkpoint/heartbeat"
 CROP_DROP_REASONS = ("oversized", "outbox_full", "not_kept")
 STATES = ("online", "offline")
 JPEG_MAGIC = b"\xff\xd8\xff"
+# The payloads' JSON Schemas, installed with this package.
+SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
 
 
 def _check_box(box: tuple[float, float, float, float], what: str) -> tuple[float, float, float, float]:
