@@ -109,7 +109,7 @@ def test_the_layer_check_catches_a_crossing(tmp_path: Path) -> None:
     [
         (
             ["central.cli", "central.receiver", "central.store", "wire.mqtt", "wire.records"],
-            ["cv2", "onnxruntime", "av", "numpy"],
+            ["cv2", "onnxruntime", "av"],
         ),
         (
             ["watchlist.cli", "watchlist.unit.apply", "watchlist.hq.build", "edge.cli", "edge.config"],
