@@ -19,3 +19,14 @@ def lag_dir() -> pathlib.Path:
     if not LAG_DIR.is_dir():
         pytest.skip(f"needs the evaluation data at {LAG_DIR} (../shared/data beside the checkout)")
     return LAG_DIR
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test that reads the evaluation data must carry the `data` marker, so `-m "not data"` means what it says."""
+    unmarked = [
+        item.nodeid
+        for item in items
+        if "lag_dir" in getattr(item, "fixturenames", ()) and item.get_closest_marker("data") is None
+    ]
+    if unmarked:
+        raise pytest.UsageError(f"tests that use lag_dir need @pytest.mark.data: {', '.join(unmarked)}")

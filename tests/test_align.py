@@ -149,6 +149,7 @@ def test_pyramid_down_halves_the_image():
     assert pyramid_down2(img[:8]).shape[:2] == (0, 0)
 
 
+@pytest.mark.data
 def test_lag_sample_chips_and_embeddings_match_dlib(predictor, dlib_mod, lag_dir):
     """Chips of ~100 real photos against dlib's, and dlib's own embedding of a subset of each."""
     import cv2

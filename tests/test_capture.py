@@ -315,6 +315,7 @@ def test_face_clip_shows_each_face_only_in_its_time_window(tmp_path: pathlib.Pat
     assert [v[1] for v in visible] == [15 <= i < 30 for i in range(30)]
 
 
+@pytest.mark.data
 def test_face_clip_from_the_cross_age_set(lag_dir, tmp_path: pathlib.Path):
     from testing.media import lag_people, load_rgb, make_face_clip, with_margin
 

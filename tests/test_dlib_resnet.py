@@ -80,6 +80,7 @@ def test_not_a_dlib_file_is_named():
         parse_dlib_net(b"\x89PNG\r\n\x1a\n" + b"\x00" * 100, "not-a-model.dat")
 
 
+@pytest.mark.data
 def test_conversion_agrees_with_dlib_on_lag_faces(converted, lag_dir):
     """The issue's acceptance check: >= 200 real faces, cosine >= 0.9999 for every one."""
     import cv2

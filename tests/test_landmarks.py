@@ -85,6 +85,7 @@ def test_box_partly_outside_image_matches_dlib(predictor, dlib_predictor, astron
     np.testing.assert_array_equal(predictor.predict(crop, box), _dlib_points(dlib_mod, sp, crop, box))
 
 
+@pytest.mark.data
 def test_lag_sample_matches_dlib(predictor, dlib_predictor, lag_dir):
     """~100 real photos, each with a margin, for the central box and three random boxes
     (some reaching past the image edge): dlib's points, to the pixel."""

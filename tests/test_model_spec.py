@@ -152,6 +152,7 @@ def test_tensorrt_cache_key_changes_with_each_input():
         batch_profiles([("input", ("batch", 3, "h", "w"))], max_batch=4)
 
 
+@pytest.mark.gpu
 def test_tensorrt_backend_runs_like_onnxruntime(tmp_path):
     from engines.backends import tensorrt_available
 

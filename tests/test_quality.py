@@ -148,6 +148,7 @@ def test_bad_input_is_named(face, astronaut):
         assess(astronaut, face.box, face.landmarks[:4], face.score)
 
 
+@pytest.mark.data
 def test_lag_sample_mostly_passes(mtcnn, lag_dir):
     """The default thresholds let through nearly all of a sample of the evaluation photos."""
     import cv2

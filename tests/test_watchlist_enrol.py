@@ -89,6 +89,7 @@ def test_enrol_refuses_bad_photos_with_reasons_and_the_unit_matches(tmp_path: Pa
     wl.close()
 
 
+@pytest.mark.data
 def test_enrol_lag_young_photos(tmp_path: Path, engine, lag_dir: Path) -> None:
     people = sorted(p for p in lag_dir.iterdir() if p.is_dir())[:4]
     lines = ["person_id,photo,photo_date,age,name,priority"]
