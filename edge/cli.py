@@ -41,7 +41,7 @@ def check_config(file: Path) -> None:
     Example:
       edge check-config /etc/checkpoint/unit.toml
     """
-    from edge.camera.sources import redact_url
+    from edge.camera.urls import redact_url
 
     cfg = _load_or_exit(str(file))
     click.echo(f"{file}: OK")

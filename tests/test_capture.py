@@ -12,7 +12,8 @@ from pydantic import ValidationError
 
 from edge.camera.capture import CameraReader, CameraState
 from edge.camera.config import CaptureConfig
-from edge.camera.sources import classify_url, gstreamer_pipeline, opencv_has_gstreamer, redact_url
+from edge.camera.sources import gstreamer_pipeline, opencv_has_gstreamer
+from edge.camera.urls import classify_url, redact_url
 from testing.media import background
 from testing.rtsp import SYSTEM_PYTHON, gst_rtsp_problem
 

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from edge.camera.config import CaptureConfig
-from edge.camera.sources import EndOfStream, Source, SourceError, open_source, redact_url
+from edge.camera.sources import EndOfStream, Source, SourceError, open_source
+from edge.camera.urls import redact_url
 from edge.frame import Frame
 
 log = logging.getLogger(__name__)

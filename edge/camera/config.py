@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from common.config import StrictModel
-from edge.camera.sources import UrlError, classify_url
+from edge.camera.urls import UrlError, classify_url
 
 
 class CaptureConfig(StrictModel):

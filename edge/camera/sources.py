@@ -19,19 +19,16 @@ import re
 import threading
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Literal, Protocol
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
+
+from edge.camera.urls import SourceKind, classify_url, redact_url
 
 if TYPE_CHECKING:
     from edge.camera.config import CaptureConfig
 
 log = logging.getLogger(__name__)
-
-SourceKind = Literal["rtsp", "file", "v4l2"]
-
-_DEV_VIDEO = re.compile(r"^/dev/video(\d+)$")
 
 
 class SourceError(RuntimeError):
@@ -40,61 +37,6 @@ class SourceError(RuntimeError):
 
 class EndOfStream(SourceError):
     """A video file was read to its end."""
-
-
-class UrlError(ValueError):
-    """A camera URL is not one of the accepted forms."""
-
-
-def classify_url(url: str | int) -> tuple[SourceKind, str | int]:
-    """Sort a camera URL into rtsp / file / v4l2 and normalise it.
-
-    Accepted: rtsp://host[:port]/path, rtsps://..., a video file path (or file://path),
-    /dev/videoN, or a camera index (0, "0"). Raises UrlError naming what is wrong.
-    """
-    if isinstance(url, bool):
-        raise UrlError(f"camera url must be a string or a camera index, got {url!r}")
-    if isinstance(url, int):
-        if url < 0:
-            raise UrlError(f"camera index must be >= 0, got {url}")
-        return "v4l2", url
-    text = url.strip()
-    if not text:
-        raise UrlError("camera url is empty: give rtsp://host/path, a video file path, /dev/videoN or a camera index")
-    if text.isdigit():
-        return "v4l2", int(text)
-    if _DEV_VIDEO.match(text):
-        return "v4l2", text
-    scheme = text.split("://", 1)[0].lower() if "://" in text else ""
-    if scheme in ("rtsp", "rtsps"):
-        parts = urlsplit(text)
-        if not parts.hostname:
-            raise UrlError(f"camera url {redact_url(text)!r} has no host: use {scheme}://HOST[:PORT]/PATH")
-        try:
-            _ = parts.port  # urlsplit checks the port only when asked for it
-        except ValueError:
-            raise UrlError(f"camera url {redact_url(text)!r} has a bad port number") from None
-        return "rtsp", text
-    if scheme == "file":
-        text = text[len("file://") :]
-    elif scheme:
-        raise UrlError(
-            f"camera url scheme {scheme!r} is not supported: use rtsp://, rtsps://, a video file path, "
-            "/dev/videoN or a camera index"
-        )
-    if text.startswith("/dev/"):
-        raise UrlError(f"camera device {text!r} is not a V4L2 capture device path: use /dev/videoN")
-    if not os.path.isfile(text):
-        raise UrlError(f"video file {text!r} does not exist (or is not a file)")
-    return "file", text
-
-
-_CREDENTIALS = re.compile(r"(://[^/\s:@]*:)[^/\s]*@")
-
-
-def redact_url(text: str | int) -> str:
-    """`text` (a URL, or a pipeline holding one) with any password replaced by ***, fit for logs and status."""
-    return _CREDENTIALS.sub(r"\1***@", str(text))
 
 
 class Source(Protocol):
@@ -433,10 +375,7 @@ __all__ = [
     "PyAVSource",
     "Source",
     "SourceError",
-    "UrlError",
-    "classify_url",
     "gstreamer_pipeline",
     "open_source",
     "opencv_has_gstreamer",
-    "redact_url",
 ]
