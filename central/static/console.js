@@ -21,5 +21,7 @@
         .finally(function () { busy = false; if (again) { again = false; refresh(); } });
     }
     source.addEventListener(el.dataset.event, refresh);
+    // (Re)connected: whatever changed while the stream was down is fetched once.
+    source.addEventListener("open", refresh);
   });
 })();
