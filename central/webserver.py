@@ -46,13 +46,21 @@ def make_server(
 class BackgroundServer:
     """uvicorn in a daemon thread on a free loopback port: `url`, `stop()`."""
 
-    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        app: Any,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        tls_cert: Path | None = None,
+        tls_key: Path | None = None,
+    ) -> None:
         if port == 0:
             with socket.socket() as s:
                 s.bind((host, 0))
                 port = s.getsockname()[1]
-        self.url = f"http://{host}:{port}"
-        self.server = make_server(app, host, port)
+        self.url = f"{'https' if tls_cert else 'http'}://{host}:{port}"
+        self.server = make_server(app, host, port, tls_cert=tls_cert, tls_key=tls_key)
         self.thread = threading.Thread(target=self.server.run, name="console-http", daemon=True)
 
     def start(self, timeout: float = 15.0) -> BackgroundServer:
