@@ -47,16 +47,24 @@ class DemoData:
     users: tuple[tuple[str, str, str], ...]
 
 
-def _faces() -> list[np.ndarray]:
+def _faces() -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per demo person, a (tight, wide) pair of crops of one face."""
     try:
         from skimage import data
 
         astro = data.astronaut()
         camera = np.stack([data.camera()] * 3, axis=-1)
-        return [astro[20:220, 140:310], astro[0:260, 110:350], camera[40:220, 200:340], astro[30:200, 150:300]]
+        grey = np.stack([astro.mean(axis=-1).astype(np.uint8)] * 3, axis=-1)[:, ::-1]
+        return [
+            (astro[30:200, 150:300], astro[0:260, 110:350]),
+            (camera[60:200, 210:330], camera[20:260, 150:390]),
+            (grey[30:200, 212:362], grey[0:260, 162:402]),
+            (camera[60:200, 210:330][:, ::-1], camera[20:260, 150:390][:, ::-1]),
+        ]
     except ImportError:
         rng = np.random.default_rng(7)
-        return [np.full((200, 160, 3), rng.integers(80, 200, 3), dtype=np.uint8) for _ in range(4)]
+        plain = [np.full((200, 160, 3), rng.integers(80, 200, 3), dtype=np.uint8) for _ in range(4)]
+        return [(img, img) for img in plain]
 
 
 def _jpeg(img: np.ndarray, size: tuple[int, int] | None = None) -> bytes:
@@ -68,7 +76,7 @@ def _jpeg(img: np.ndarray, size: tuple[int, int] | None = None) -> bytes:
     return buf.tobytes() if ok else b""
 
 
-def _register(path: Path, photos: Path, faces: list[np.ndarray]) -> None:
+def _register(path: Path, photos: Path, faces: list[tuple[np.ndarray, np.ndarray]]) -> None:
     # The subset of HQ's register layout (watchlist register) that the console reads.
     conn = sqlite3.connect(path)
     conn.executescript(
@@ -83,7 +91,7 @@ def _register(path: Path, photos: Path, faces: list[np.ndarray]) -> None:
         folder = photos / pid
         folder.mkdir(parents=True)
         for j, (date, age) in enumerate((("2016-05-01", 7), ("2019-09-12", 10))):
-            (folder / f"{date}_front.jpg").write_bytes(_jpeg(faces[(i + j) % len(faces)], (160, 200)))
+            (folder / f"{date}_front.jpg").write_bytes(_jpeg(faces[i][1 - j], (160, 200)))
             conn.execute(
                 "INSERT INTO templates(person_id, model_id, photo_sha256, photo_date, age, embedding, enrolled_at) "
                 "VALUES (?,?,?,?,?,?,?)",
@@ -158,7 +166,7 @@ def seed_demo(folder: Path, *, now: float | None = None) -> DemoData:
                 "crop_dropped": None,
                 "v": 1,
             }
-            store.add_hit(fields, _jpeg(faces[(person + k) % len(faces)], (128, 160)), received_at=captured + 0.4)
+            store.add_hit(fields, _jpeg(faces[person][0], (128, 160)), received_at=captured + 0.4)
             for user, decision, reason in decisions:
                 store.decide(hit_id, user, decision, reason)
         store.audit("ana", "login", None, {"address": "127.0.0.1", "ok": True})
