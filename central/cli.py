@@ -326,6 +326,10 @@ def serve(
             receiver = _start_receiver(config, store, None)
         scheme = "https" if tls_cert else "http"
         click.echo(f"console on {scheme}://{listen}:{http_port}  (store {store.location})", err=True)
+        # uvicorn handles SIGINT/SIGTERM itself and raises the signal again once it has stopped, to
+        # the handler that was in place before: this one, so the receiver and store close cleanly.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: None)
         server.run()
     finally:
         if receiver is not None:
