@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from central import accounts
 from central.cli import main as cli
-from central.console import create_app
+from central.console import ConsoleSettings, create_app
 from central.demo import DEMO_USERS, seed_demo
 from central.register_view import RegisterView
 from central.store import HitStore
@@ -204,3 +204,28 @@ def test_cli_user_commands(tmp_path):
     assert res.exit_code == 0 and "3 entries" in res.output
     for command in (["serve"], ["user", "add"], ["user", "disable"], ["user", "passwd"], ["audit", "verify"]):
         assert "Example:" in runner.invoke(cli, [*command, "--help"]).output
+
+
+def test_the_console_on_a_postgresql_store(postgres_url):
+    store = HitStore(postgres_url)
+    for user in ("ana", "ben"):
+        store.add_user(user, "operator", accounts.hash_password(f"{user}-password-1"), actor="test")
+    hit = make_hit(crop=face_jpeg(), person_id="case-1")
+    fields, crop = protocol.decode_hit(protocol.hit_payload(protocol.hit_record(hit, "site-a"), hit.crop_jpeg, None))
+    store.add_hit(fields, crop)
+    server = BackgroundServer(create_app(store, settings=ConsoleSettings(poll_s=0.1))).start()
+    try:
+        for user in ("ana", "ben"):
+            with httpx.Client(base_url=server.url) as c:
+                login(c, user, f"{user}-password-1")
+                assert hit.id in c.get("/hits/rows").text
+                assert c.get("/hit/crop", params={"id": hit.id}).content == hit.crop_jpeg
+                token = csrf_of(c.get("/hit", params={"id": hit.id}).text)
+                assert (
+                    c.post("/hit/decide", data={"id": hit.id, "decision": "confirm", "csrf": token}).status_code == 303
+                )
+        assert store.hit(hit.id)["review_state"] == "confirmed"
+        assert store.verify_audit().ok
+    finally:
+        server.stop()
+        store.close()
