@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import hmac
+import io
 import json
 import logging
 import re
@@ -253,7 +254,7 @@ class Console:
             hits=self._hit_rows(flt),
             f=raw,
             states=REVIEW_STATES,
-            pending=len(self.store.hits(limit=None, review_state="pending")),
+            pending=self.store.count_hits("pending"),
         )
 
     def hits_rows(self, request: Request) -> Response:
@@ -301,6 +302,8 @@ class Console:
         if key not in self._crop_views:
             # One entry per session and hit: the list refreshes its thumbnails often.
             self.store.audit(sess["username"], "view_crop", hit_id, {})
+            if len(self._crop_views) > 100_000:
+                self._crop_views.clear()
             self._crop_views.add(key)
         return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "private, no-store"})
 
@@ -344,8 +347,6 @@ class Console:
         return await self._download(request, sess, "hits")
 
     async def _download(self, request: Request, sess: dict[str, Any], what: str) -> Response:
-        import io
-
         buf = io.StringIO()
         if what == "audit":
             await anyio.to_thread.run_sync(lambda: self.store.export_audit_jsonl(buf, actor=sess["username"]))

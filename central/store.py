@@ -395,8 +395,11 @@ class HitStore(abc.ABC):
         rows = self._read("SELECT jpeg FROM crops WHERE hit_id = ?", (hit_id,))
         return bytes(rows[0]["jpeg"]) if rows else None
 
-    def count_hits(self) -> int:
-        return int(self._read("SELECT COUNT(*) AS n FROM hits")[0]["n"])
+    def count_hits(self, review_state: str | None = None) -> int:
+        """How many hits are stored (in this review state, if given)."""
+        if review_state is None:
+            return int(self._read("SELECT COUNT(*) AS n FROM hits")[0]["n"])
+        return int(self._read("SELECT COUNT(*) AS n FROM hits WHERE review_state = ?", (review_state,))[0]["n"])
 
     def distinct(self, column: str) -> list[str]:
         """The values seen in a hit column that the list filters on (person, camera, unit)."""
