@@ -298,6 +298,8 @@ def serve(
     from central.register_view import RegisterView, RegisterViewError
     from central.webserver import ServerError, make_server
 
+    if (tls_cert is None) != (tls_key is None):
+        raise click.UsageError("give both --tls-cert and --tls-key (or neither)")
     tmp = None
     if demo:
         from central.demo import seed_demo

@@ -26,9 +26,9 @@ from central.store import HitStore
 from central.webserver import BackgroundServer
 from edge.mqtt_reporter import MqttConfig, MqttReporter
 from edge.outbox import OutboxConfig
+from tests.fixtures._services import missing_service
 from tests.fixtures.broker import FAST, MosquittoBroker, find_mosquitto, wait_for
 from tests.fixtures.hits import face_jpeg, make_hit
-from tests.fixtures._services import missing_service
 
 PASSWORDS = {"ana": "ana-password-1", "ben": "ben-password-1", "sam": "sam-password-1"}
 ROOT = Path(__file__).resolve().parents[1]

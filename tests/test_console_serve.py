@@ -97,7 +97,12 @@ def test_serve_runs_the_receiver_and_the_console_in_one_process(mosquitto, tmp_p
     assert "1 new hits" in err
 
 
-@pytest.mark.parametrize("args", [["--tls-cert", __file__], ["--register", "/nonexistent.sqlite"]])
-def test_serve_refuses_bad_options(args):
-    res = CliRunner().invoke(cli, ["serve", "--no-receiver", "--db", "x.sqlite", *args])
-    assert res.exit_code == 2
+@pytest.mark.parametrize(
+    "args, says",
+    [(["--tls-cert", __file__], "--tls-key"), (["--register", "/nonexistent.sqlite"], "does not exist")],
+)
+def test_serve_refuses_bad_options(args, says, tmp_path):
+    db = tmp_path / "x.sqlite"
+    res = CliRunner().invoke(cli, ["serve", "--no-receiver", "--db", str(db), *args])
+    assert res.exit_code == 2 and says in res.output
+    assert not db.exists(), "nothing created before the options are checked"
