@@ -193,31 +193,49 @@ class HitStore(abc.ABC):
     def add_hits(self, items: list[tuple[dict[str, Any], bytes | None, float]]) -> list[bool]:
         """Store decoded hits (fields, crop, received_at) in one transaction; for each, True if it
         was new, False if a hit with that id was already stored (a duplicate delivery)."""
-        new: list[bool] = []
+        rows = []
+        for fields, crop, received_at in items:
+            row = dict(fields)
+            row["received_at"] = received_at
+            row["box"] = json.dumps(fields["box"])
+            row["has_crop"] = 1 if crop else 0
+            row["schema_version"] = fields.get("v")
+            rows.append(row)
+        inserted: set[str] = set()
         cols = ",".join(HIT_COLUMNS)
-        marks = ",".join("?" * len(HIT_COLUMNS))
+        one = "(" + ",".join("?" * len(HIT_COLUMNS)) + ")"
         with self._tx() as q:
-            for fields, crop, received_at in items:
-                row = dict(fields)
-                row["received_at"] = received_at
-                row["box"] = json.dumps(fields["box"])
-                row["has_crop"] = 1 if crop else 0
-                row["schema_version"] = fields.get("v")
+            # Multi-row statements: one round trip per chunk instead of three per hit (PostgreSQL).
+            for chunk in _chunks(rows, 500):
+                args = [row.get(c) for row in chunk for c in HIT_COLUMNS]
+                values = ",".join([one] * len(chunk))
+                got = q(f"INSERT INTO hits({cols}) VALUES {values} ON CONFLICT (id) DO NOTHING RETURNING id", args)
+                inserted.update(r["id"] for r in got)
+            new: list[bool] = []
+            first: list[tuple[dict[str, Any], bytes | None]] = []
+            for row, (_, crop, _) in zip(rows, items):
+                is_new = row["id"] in inserted
+                inserted.discard(row["id"])  # a second copy within the batch is a duplicate
+                new.append(is_new)
+                if is_new:
+                    first.append((row, crop))
+            with_crop = [(row["id"], crop, len(crop)) for row, crop in first if crop]
+            for chunk in _chunks(with_crop, 500):
                 q(
-                    f"INSERT INTO hits({cols}) VALUES ({marks}) ON CONFLICT (id) DO NOTHING",
-                    [row.get(c) for c in HIT_COLUMNS],
+                    "INSERT INTO crops(hit_id, jpeg, bytes) VALUES " + ",".join(["(?,?,?)"] * len(chunk)),
+                    [v for item in chunk for v in item],
                 )
-                inserted = q.rowcount == 1
-                new.append(inserted)
-                if not inserted:
-                    continue
-                if crop:
-                    q("INSERT INTO crops(hit_id, jpeg, bytes) VALUES (?,?,?)", (row["id"], crop, len(crop)))
+            per_unit: dict[tuple[str, str], tuple[int, float]] = {}
+            for row, _ in first:
+                key = (row["site"], row["unit_id"])
+                n, seen = per_unit.get(key, (0, 0.0))
+                per_unit[key] = (n + 1, max(seen, row["received_at"]))
+            for (site, unit_id), (n, seen) in sorted(per_unit.items()):
                 q(
-                    "INSERT INTO units(site, unit_id, last_seen, hits) VALUES (?,?,?,1) "
-                    "ON CONFLICT (site, unit_id) DO UPDATE SET hits = units.hits + 1, "
+                    "INSERT INTO units(site, unit_id, last_seen, hits) VALUES (?,?,?,?) "
+                    "ON CONFLICT (site, unit_id) DO UPDATE SET hits = units.hits + excluded.hits, "
                     f"last_seen = {self.greatest}(coalesce(units.last_seen, 0), excluded.last_seen)",
-                    (row["site"], row["unit_id"], received_at),
+                    (site, unit_id, seen, n),
                 )
         return new
 
@@ -593,6 +611,11 @@ class HitStore(abc.ABC):
         if actor:
             self.audit(actor, "export", None, {"what": "audit", "count": n})
         return n
+
+
+def _chunks(seq: list, size: int) -> Iterator[list]:
+    for i in range(0, len(seq), size):
+        yield seq[i : i + size]
 
 
 def heartbeat_facts(body: dict[str, Any]) -> dict[str, Any]:
