@@ -167,7 +167,7 @@ class Receiver:
                     self._handle(batch)
                     break
                 except Exception as e:  # noqa: BLE001 - retry rather than drop an unacknowledged batch
-                    self.link.note_error(f"cannot write to the hit store {self.store.path}: {e}")
+                    self.link.note_error(f"cannot write to the hit store {self.store.location}: {e}")
                     if self._stop.wait(1.0):
                         return
             self._maybe_purge()

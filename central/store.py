@@ -1,29 +1,37 @@
-"""The operators' hit store: one SQLite file with hits, their crops, units and rejected messages.
+"""The operators' store: hits and their crops, units, reviews, accounts, sessions and the audit chain.
 
-Shaped for a web console to sit on later: `hits` carries a review state (pending / confirmed /
-rejected, who and when), `crops` keeps the JPEGs apart so listing hits stays cheap, `units` holds
-each unit's status and last heartbeat, `rejects` keeps messages that did not follow the protocol
-(so a bad message is never silently lost). WAL mode, so readers never block the receiver.
-Everything here has a retention limit: `purge` removes hits, crops and rejects older than it.
+One small interface, `HitStore`, with two implementations chosen by URL (`open_store`):
+SQLite (`sqlite:///path` or a plain path; the default, embedded) and PostgreSQL
+(`postgresql://...`, for a centre where several receivers and consoles share one database).
+The SQL lives here once, in the subset both speak; a backend only says how to connect, how to
+run a transaction, and the few words that differ (`central/store_sqlite.py`,
+`central/store_postgres.py`). The schema is versioned (`central/migrations.py`).
+
+Everything here has a retention limit except the audit chain, which is the record of who did
+what: `purge` removes hits, crops, reviews and rejects older than it.
 """
 
 from __future__ import annotations
 
+import abc
 import base64
 import contextlib
 import json
-import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-import sqlite_utils
+from central import audit as audit_chain
+from central.migrations import migrate
 
 REVIEW_STATES = ("pending", "confirmed", "rejected")
-STORE_VERSION = 1
+DECISIONS = ("confirm", "reject")
+ROLES = ("operator", "supervisor")
 STALE_AFTER_INTERVALS = 3.0
+EXPIRY_WARNING_S = 3 * 86400.0
 
 HIT_COLUMNS = (
     "id",
@@ -48,141 +56,186 @@ HIT_COLUMNS = (
 
 
 class StoreError(RuntimeError):
-    """The store cannot be opened, or was asked for something it does not hold."""
+    """The store cannot be opened, or was asked for something it does not hold or allow."""
 
 
-class HitStore:
-    """Hits (each stored once, by id), crops, unit status and heartbeats in one SQLite file.
+@dataclass(frozen=True)
+class HitFilter:
+    """What the hit list is narrowed to; None means any."""
 
-    Safe to share between threads (one connection behind a lock) and between processes (WAL,
-    busy timeout): several receivers may write one file, a console may read it.
+    review_state: str | None = None
+    person_id: str | None = None
+    site: str | None = None
+    unit_id: str | None = None
+    camera_id: str | None = None
+    since: float | None = None
+    until: float | None = None
+
+    def where(self) -> tuple[str, list[Any]]:
+        clauses, args = [], []
+        for column in ("review_state", "person_id", "site", "unit_id", "camera_id"):
+            value = getattr(self, column)
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                args.append(value)
+        if self.since is not None:
+            clauses.append("received_at >= ?")
+            args.append(self.since)
+        if self.until is not None:
+            clauses.append("received_at < ?")
+            args.append(self.until)
+        return (" WHERE " + " AND ".join(clauses)) if clauses else "", args
+
+
+class Runner(abc.ABC):
+    """Runs statements inside one transaction: `q(sql, args)` returns the rows as dicts (none for
+    writes) and leaves the count of rows written in `q.rowcount`."""
+
+    rowcount = -1
+
+    @abc.abstractmethod
+    def __call__(self, sql: str, args: Sequence[Any] = ()) -> list[dict[str, Any]]: ...
+
+
+def open_store(url: str | Path) -> HitStore:
+    """The store at `url`: `postgresql://user@host:port/db`, `sqlite:///relative.sqlite`,
+    `sqlite:////absolute.sqlite`, or a plain file path (SQLite)."""
+    return HitStore(url)
+
+
+def _backend(url: str | Path) -> type[HitStore]:
+    text = str(url)
+    if text.startswith(("postgresql://", "postgres://")):
+        from central.store_postgres import PostgresHitStore
+
+        return PostgresHitStore
+    if "://" in text and not text.startswith("sqlite://"):
+        raise StoreError(
+            f"unknown store URL {text!r}: use sqlite:///path/to/hits.sqlite or postgresql://user@host:port/dbname"
+        )
+    from central.store_sqlite import SqliteHitStore
+
+    return SqliteHitStore
+
+
+class HitStore(abc.ABC):
+    """Hits (each stored once, by id), crops, units, two-person reviews, accounts and the audit chain.
+
+    `HitStore(url)` opens the backend the URL names (see `open_store`). Safe to share between
+    threads; several processes (receivers, consoles) may share one database.
     """
 
-    def __init__(self, path: Path | str) -> None:
-        self.path = Path(path)
-        try:
-            if self.path.parent != Path(""):
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
-            conn.execute("PRAGMA journal_mode=WAL")
-            # A hit is acknowledged to the broker only after it is committed here; FULL makes that hold
-            # through a power cut.
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA foreign_keys=ON")
-            self.db = sqlite_utils.Database(conn)
-            self._lock = threading.RLock()
-            self._create()
-        except sqlite3.Error as e:
-            raise StoreError(f"cannot open hit store {self.path}: {e}") from None
+    #: SQL words that differ between backends.
+    greatest = "max"
+    for_update = ""
 
-    def _create(self) -> None:
-        db = self.db
-        db["meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
-        db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('store_version', ?)", (str(STORE_VERSION),))
-        db["hits"].create(
-            {
-                "id": str,
-                "site": str,
-                "unit_id": str,
-                "camera_id": str,
-                "person_id": str,
-                "captured_at": float,
-                "queued_at": float,
-                "received_at": float,
-                "score": float,
-                "threshold": float,
-                "margin": float,
-                "box": str,
-                "model_id": str,
-                "watchlist_version": int,
-                "track_id": int,
-                "has_crop": int,
-                "crop_dropped": str,
-                "schema_version": int,
-                "review_state": str,
-                "reviewed_by": str,
-                "reviewed_at": float,
-                "review_note": str,
-            },
-            pk="id",
-            not_null=["site", "unit_id", "camera_id", "person_id", "captured_at", "received_at", "review_state"],
-            defaults={"review_state": "pending", "has_crop": 0},
-            if_not_exists=True,
-        )
-        db["crops"].create(
-            {"hit_id": str, "jpeg": bytes, "bytes": int},
-            pk="hit_id",
-            foreign_keys=[("hit_id", "hits", "id")],
-            if_not_exists=True,
-        )
-        db["units"].create(
-            {
-                "site": str,
-                "unit_id": str,
-                "state": str,
-                "state_reason": str,
-                "state_at": float,
-                "last_seen": float,
-                "last_heartbeat_at": float,
-                "heartbeat_interval_s": float,
-                "heartbeat": str,
-                "hits": int,
-            },
-            pk=("site", "unit_id"),
-            defaults={"state": "unknown", "hits": 0},
-            if_not_exists=True,
-        )
-        db["rejects"].create(
-            {"id": int, "received_at": float, "topic": str, "error": str, "payload": bytes},
-            pk="id",
-            if_not_exists=True,
-        )
-        db["hits"].create_index(["received_at"], if_not_exists=True)
-        db["hits"].create_index(["review_state", "received_at"], if_not_exists=True)
-        db["hits"].create_index(["site", "unit_id", "captured_at"], if_not_exists=True)
-        db["hits"].create_index(["person_id", "captured_at"], if_not_exists=True)
+    def __new__(cls, *args: Any, **kwargs: Any) -> HitStore:
+        if cls is HitStore:
+            cls = _backend(args[0] if args else kwargs["url"])
+        return super().__new__(cls)
+
+    def __init__(self, url: str | Path) -> None:
+        self.location = str(url)
+        self._lock = threading.RLock()
+        self._connect()
+        with self._tx() as q:
+            self._lock_audit(q)
+            self.schema_version = migrate(q, self.dialect)
+
+    # --- what a backend provides ------------------------------------------------------------
+
+    dialect: str = ""
+
+    @abc.abstractmethod
+    def _connect(self) -> None:
+        """Open the connection (raise StoreError naming the location when it cannot)."""
+
+    @abc.abstractmethod
+    def _transaction(self) -> contextlib.AbstractContextManager[Runner]:
+        """A transaction that holds the database's write lock."""
+
+    @abc.abstractmethod
+    def _query(self, sql: str, args: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        """Run one read outside a transaction; rows as dicts."""
+
+    @abc.abstractmethod
+    def _lock_audit(self, q: Runner) -> None:
+        """Serialise appends to the audit chain (and migrations) across processes."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Close the connection."""
+
+    # --- helpers ------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self) -> Iterator[Runner]:
+        with self._lock, self._transaction() as q:
+            yield q
+
+    def _read(self, sql: str, args: Sequence[Any] = ()) -> list[dict[str, Any]]:
         with self._lock:
-            conn = self.db.conn
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+            return self._query(sql, args)
+
+    def _audit(self, q: Runner, actor: str, action: str, subject: str | None, detail: dict) -> None:
+        self._lock_audit(q)
+        last = q("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
+        seq = int(last[0]["seq"]) + 1 if last else 1
+        prev = last[0]["hash"] if last else audit_chain.GENESIS
+        entry = audit_chain.make_entry(seq, time.time(), actor, action, subject, detail, prev)
+        q(
+            "INSERT INTO audit(seq, at, actor, action, subject, detail, prev_hash, hash) VALUES (?,?,?,?,?,?,?,?)",
+            [entry[c] for c in audit_chain.COLUMNS],
+        )
 
     # --- writing (receiver) -------------------------------------------------------------------
 
     def add_hits(self, items: list[tuple[dict[str, Any], bytes | None, float]]) -> list[bool]:
         """Store decoded hits (fields, crop, received_at) in one transaction; for each, True if it
         was new, False if a hit with that id was already stored (a duplicate delivery)."""
-        new: list[bool] = []
+        rows = []
+        for fields, crop, received_at in items:
+            row = dict(fields)
+            row["received_at"] = received_at
+            row["box"] = json.dumps(fields["box"])
+            row["has_crop"] = 1 if crop else 0
+            row["schema_version"] = fields.get("v")
+            rows.append(row)
+        inserted: set[str] = set()
         cols = ",".join(HIT_COLUMNS)
-        marks = ",".join("?" * len(HIT_COLUMNS))
-        with self._tx() as conn:
-            for fields, crop, received_at in items:
-                row = dict(fields)
-                row["received_at"] = received_at
-                row["box"] = json.dumps(fields["box"])
-                row["has_crop"] = 1 if crop else 0
-                row["schema_version"] = fields.get("v")
-                cur = conn.execute(
-                    f"INSERT OR IGNORE INTO hits({cols}) VALUES ({marks})", [row.get(c) for c in HIT_COLUMNS]
+        one = "(" + ",".join("?" * len(HIT_COLUMNS)) + ")"
+        with self._tx() as q:
+            # Multi-row statements: one round trip per chunk instead of three per hit (PostgreSQL).
+            for chunk in _chunks(rows, 500):
+                args = [row.get(c) for row in chunk for c in HIT_COLUMNS]
+                values = ",".join([one] * len(chunk))
+                got = q(f"INSERT INTO hits({cols}) VALUES {values} ON CONFLICT (id) DO NOTHING RETURNING id", args)
+                inserted.update(r["id"] for r in got)
+            new: list[bool] = []
+            first: list[tuple[dict[str, Any], bytes | None]] = []
+            for row, (_, crop, _) in zip(rows, items):
+                is_new = row["id"] in inserted
+                inserted.discard(row["id"])  # a second copy within the batch is a duplicate
+                new.append(is_new)
+                if is_new:
+                    first.append((row, crop))
+            with_crop = [(row["id"], crop, len(crop)) for row, crop in first if crop]
+            for chunk in _chunks(with_crop, 500):
+                q(
+                    "INSERT INTO crops(hit_id, jpeg, bytes) VALUES " + ",".join(["(?,?,?)"] * len(chunk)),
+                    [v for item in chunk for v in item],
                 )
-                inserted = cur.rowcount == 1
-                new.append(inserted)
-                if not inserted:
-                    continue
-                if crop:
-                    conn.execute("INSERT INTO crops(hit_id, jpeg, bytes) VALUES (?,?,?)", (row["id"], crop, len(crop)))
-                conn.execute(
-                    "INSERT INTO units(site, unit_id, last_seen, hits) VALUES (?,?,?,1) "
-                    "ON CONFLICT(site, unit_id) DO UPDATE SET hits = hits + 1, "
-                    "last_seen = max(coalesce(last_seen, 0), excluded.last_seen)",
-                    (row["site"], row["unit_id"], received_at),
+            per_unit: dict[tuple[str, str], tuple[int, float]] = {}
+            for row, _ in first:
+                key = (row["site"], row["unit_id"])
+                n, seen = per_unit.get(key, (0, 0.0))
+                per_unit[key] = (n + 1, max(seen, row["received_at"]))
+            for (site, unit_id), (n, seen) in sorted(per_unit.items()):
+                q(
+                    "INSERT INTO units(site, unit_id, last_seen, hits) VALUES (?,?,?,?) "
+                    "ON CONFLICT (site, unit_id) DO UPDATE SET hits = units.hits + excluded.hits, "
+                    f"last_seen = {self.greatest}(coalesce(units.last_seen, 0), excluded.last_seen)",
+                    (site, unit_id, seen, n),
                 )
         return new
 
@@ -193,53 +246,115 @@ class HitStore:
     def set_unit_status(self, site: str, unit_id: str, state: str, reason: str, at: float, seen_at: float) -> bool:
         """Record a unit's status ('online'/'offline') as of `at`; an older report than the one
         stored (a retained message replayed on subscribe) is ignored. True if applied."""
-        with self._tx() as conn:
-            cur = conn.execute(
+        with self._tx() as q:
+            q(
                 "INSERT INTO units(site, unit_id, state, state_reason, state_at, last_seen) VALUES (?,?,?,?,?,?) "
-                "ON CONFLICT(site, unit_id) DO UPDATE SET state = excluded.state, "
+                "ON CONFLICT (site, unit_id) DO UPDATE SET state = excluded.state, "
                 "state_reason = excluded.state_reason, state_at = excluded.state_at, "
-                "last_seen = max(coalesce(last_seen, 0), excluded.last_seen) "
+                f"last_seen = {self.greatest}(coalesce(units.last_seen, 0), excluded.last_seen) "
                 "WHERE coalesce(units.state_at, 0) <= excluded.state_at",
                 (site, unit_id, state, reason, at, seen_at),
             )
-            return cur.rowcount == 1
+            return q.rowcount == 1
 
     def set_heartbeat(self, site: str, unit_id: str, body: dict[str, Any], at: float) -> None:
-        """Record a unit's latest heartbeat (older ones than stored are ignored)."""
-        with self._tx() as conn:
-            conn.execute(
-                "INSERT INTO units(site, unit_id, last_seen, last_heartbeat_at, heartbeat_interval_s, heartbeat) "
-                "VALUES (?,?,?,?,?,?) ON CONFLICT(site, unit_id) DO UPDATE SET "
+        """Record a unit's latest heartbeat (older ones than stored are ignored). A watchlist version
+        the unit had not reported before goes into the audit chain."""
+        facts = heartbeat_facts(body)
+        with self._tx() as q:
+            before = q(
+                f"SELECT watchlist_version FROM units WHERE site = ? AND unit_id = ?{self.for_update}", (site, unit_id)
+            )
+            q(
+                "INSERT INTO units(site, unit_id, last_seen, last_heartbeat_at, heartbeat_interval_s, heartbeat, "
+                "software_version, watchlist_version, watchlist_expires_at) VALUES (?,?,?,?,?,?,?,?,?) "
+                "ON CONFLICT (site, unit_id) DO UPDATE SET "
                 "last_heartbeat_at = excluded.last_heartbeat_at, "
                 "heartbeat_interval_s = excluded.heartbeat_interval_s, heartbeat = excluded.heartbeat, "
-                "last_seen = max(coalesce(last_seen, 0), excluded.last_seen) "
+                "software_version = excluded.software_version, watchlist_version = excluded.watchlist_version, "
+                "watchlist_expires_at = excluded.watchlist_expires_at, "
+                f"last_seen = {self.greatest}(coalesce(units.last_seen, 0), excluded.last_seen) "
                 "WHERE coalesce(units.last_heartbeat_at, 0) <= excluded.last_heartbeat_at",
-                (site, unit_id, at, at, float(body.get("interval_s", 0)), json.dumps(body)),
+                (
+                    site,
+                    unit_id,
+                    at,
+                    at,
+                    float(body.get("interval_s", 0)),
+                    json.dumps(body),
+                    facts["software_version"],
+                    facts["watchlist_version"],
+                    facts["watchlist_expires_at"],
+                ),
             )
+            version = facts["watchlist_version"]
+            applied = q.rowcount == 1
+            if applied and version is not None and (not before or before[0]["watchlist_version"] != version):
+                self._audit(
+                    q,
+                    f"unit:{site}/{unit_id}",
+                    "watchlist_seen",
+                    f"{site}/{unit_id}",
+                    {"watchlist_version": version, "expires_at": facts["watchlist_expires_at"]},
+                )
 
     def add_reject(self, topic: str, payload: bytes, error: str, received_at: float | None = None) -> None:
         """Keep a message that did not follow the protocol, with why, for someone to look at."""
-        with self._tx() as conn:
-            conn.execute(
+        with self._tx() as q:
+            q(
                 "INSERT INTO rejects(received_at, topic, error, payload) VALUES (?,?,?,?)",
                 (time.time() if received_at is None else received_at, topic, error, payload),
             )
 
-    # --- review (console) ---------------------------------------------------------------------
+    # --- two-person review --------------------------------------------------------------------
 
-    def set_review(self, hit_id: str, state: str, by: str, note: str | None = None) -> None:
-        """Mark a hit confirmed, rejected or back to pending, with who did it."""
-        if state not in REVIEW_STATES:
-            raise StoreError(f"review state must be one of {', '.join(REVIEW_STATES)}, got {state!r}")
-        if not by:
-            raise StoreError("say who reviewed the hit (reviewer name must not be empty)")
-        with self._tx() as conn:
-            cur = conn.execute(
-                "UPDATE hits SET review_state = ?, reviewed_by = ?, reviewed_at = ?, review_note = ? WHERE id = ?",
-                (state, by, time.time(), note, hit_id),
+    def decide(self, hit_id: str, username: str, decision: str, reason: str | None = None) -> str:
+        """Record one operator's decision on a pending hit and return the hit's state after it.
+
+        A hit becomes `confirmed` only when two different operators have confirmed it; one
+        `reject` (with a reason) closes it as `rejected`. Every step is a new row in `reviews`
+        and an entry in the audit chain; a closed hit takes no further decisions.
+        """
+        if decision not in DECISIONS:
+            raise StoreError(f"decision must be one of {', '.join(DECISIONS)}, got {decision!r}")
+        reason = (reason or "").strip() or None
+        if decision == "reject" and not reason:
+            raise StoreError("a rejection needs a reason (say why this is not the person)")
+        with self._tx() as q:
+            user = q("SELECT active FROM users WHERE username = ?", (username,))
+            if not user or not user[0]["active"]:
+                raise StoreError(f"no active user {username!r}: decisions are taken by registered operators only")
+            hit = q(f"SELECT review_state FROM hits WHERE id = ?{self.for_update}", (hit_id,))
+            if not hit:
+                raise StoreError(f"no hit with id {hit_id!r} in {self.location}")
+            state = hit[0]["review_state"]
+            if state != "pending":
+                raise StoreError(f"hit {hit_id} is already {state}; a closed hit takes no further decisions")
+            confirmers = {
+                r["username"]
+                for r in q("SELECT username FROM reviews WHERE hit_id = ? AND decision = 'confirm'", (hit_id,))
+            }
+            if decision == "confirm" and username in confirmers:
+                raise StoreError(
+                    f"{username} has already confirmed hit {hit_id}: a second, different operator must confirm it"
+                )
+            now = time.time()
+            q(
+                "INSERT INTO reviews(hit_id, username, decision, reason, at) VALUES (?,?,?,?,?)",
+                (hit_id, username, decision, reason, now),
             )
-            if cur.rowcount != 1:
-                raise StoreError(f"no hit with id {hit_id!r} in {self.path}")
+            new_state = "rejected" if decision == "reject" else "confirmed" if confirmers else "pending"
+            if new_state != "pending":
+                q(
+                    "UPDATE hits SET review_state = ?, reviewed_by = ?, reviewed_at = ?, review_note = ? WHERE id = ?",
+                    (new_state, username, now, reason, hit_id),
+                )
+            self._audit(q, username, "decision", hit_id, {"decision": decision, "reason": reason, "state": new_state})
+        return new_state
+
+    def reviews(self, hit_id: str) -> list[dict[str, Any]]:
+        """Every decision on a hit, oldest first."""
+        return self._read("SELECT username, decision, reason, at FROM reviews WHERE hit_id = ? ORDER BY id", (hit_id,))
 
     # --- reading ------------------------------------------------------------------------------
 
@@ -257,51 +372,80 @@ class HitStore:
         since: float | None = None,
         review_state: str | None = None,
         newest_first: bool = True,
+        where: HitFilter | None = None,
     ) -> list[dict[str, Any]]:
         """Stored hits (without crops), newest first unless asked otherwise."""
-        where, args = [], []
-        if since is not None:
-            where.append("received_at >= ?")
-            args.append(since)
-        if review_state is not None:
-            where.append("review_state = ?")
-            args.append(review_state)
-        with self._lock:
-            rows = self.db["hits"].rows_where(
-                " AND ".join(where) or None,
-                args,
-                order_by="received_at DESC, rowid DESC" if newest_first else "received_at, rowid",
-                limit=limit,
-            )
-            return [self._hit_row(r) for r in rows]
+        if review_state is not None and review_state not in REVIEW_STATES:
+            raise StoreError(f"review state must be one of {', '.join(REVIEW_STATES)}, got {review_state!r}")
+        flt = where or HitFilter()
+        if since is not None or review_state is not None:
+            flt = HitFilter(**{**flt.__dict__, "since": since, "review_state": review_state})
+        clause, args = flt.where()
+        order = "received_at DESC, id DESC" if newest_first else "received_at, id"
+        sql = f"SELECT * FROM hits{clause} ORDER BY {order}"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(int(limit))
+        return [self._hit_row(r) for r in self._read(sql, args)]
 
     def hit(self, hit_id: str) -> dict[str, Any] | None:
-        with self._lock:
-            rows = list(self.db["hits"].rows_where("id = ?", [hit_id]))
+        rows = self._read("SELECT * FROM hits WHERE id = ?", (hit_id,))
         return self._hit_row(rows[0]) if rows else None
+
+    def resolve_hit_id(self, prefix: str) -> str:
+        """The full id of the one hit whose id is `prefix` or starts with it."""
+        if not prefix:
+            raise StoreError("give a hit id (or the first characters of one)")
+        if self._read("SELECT id FROM hits WHERE id = ?", (prefix,)):
+            return prefix
+        rows = self._read("SELECT id FROM hits WHERE substr(id, 1, ?) = ? ORDER BY id LIMIT 3", (len(prefix), prefix))
+        if not rows:
+            raise StoreError(f"no hit whose id starts with {prefix!r} in {self.location}")
+        if len(rows) > 1:
+            raise StoreError(
+                f"{prefix!r} is the start of several hit ids ({', '.join(r['id'] for r in rows[:2])}, ...): "
+                "give more characters"
+            )
+        return str(rows[0]["id"])
 
     def crop(self, hit_id: str) -> bytes | None:
         """The face crop JPEG of a hit, or None if it came without one."""
-        with self._lock:
-            row = self.db.execute("SELECT jpeg FROM crops WHERE hit_id = ?", (hit_id,)).fetchone()
-        return bytes(row[0]) if row else None
+        rows = self._read("SELECT jpeg FROM crops WHERE hit_id = ?", (hit_id,))
+        return bytes(rows[0]["jpeg"]) if rows else None
 
-    def count_hits(self) -> int:
-        with self._lock:
-            return int(self.db.execute("SELECT COUNT(*) FROM hits").fetchone()[0])
+    def count_hits(self, review_state: str | None = None) -> int:
+        """How many hits are stored (in this review state, if given)."""
+        if review_state is None:
+            return int(self._read("SELECT COUNT(*) AS n FROM hits")[0]["n"])
+        return int(self._read("SELECT COUNT(*) AS n FROM hits WHERE review_state = ?", (review_state,))[0]["n"])
+
+    def distinct(self, column: str) -> list[str]:
+        """The values seen in a hit column that the list filters on (person, camera, unit)."""
+        if column not in ("person_id", "camera_id", "site", "unit_id"):
+            raise StoreError(f"cannot list distinct values of {column!r}")
+        return [r["v"] for r in self._read(f"SELECT DISTINCT {column} AS v FROM hits ORDER BY v LIMIT 500")]
+
+    def change_marker(self) -> tuple[Any, ...]:
+        """A value that changes when hits arrive, decisions are taken or units report: consoles poll
+        it to push live updates, whichever process wrote the change."""
+        h = self._read("SELECT COUNT(*) AS n, MAX(received_at) AS t FROM hits")[0]
+        r = self._read("SELECT MAX(id) AS n FROM reviews")[0]
+        u = self._read("SELECT MAX(state_at) AS s, MAX(last_heartbeat_at) AS b, MAX(last_seen) AS l FROM units")[0]
+        return (h["n"], h["t"], r["n"]), (u["s"], u["b"], u["l"])
 
     def rejects(self) -> list[dict[str, Any]]:
-        with self._lock:
-            return list(self.db["rejects"].rows_where(order_by="id"))
+        rows = self._read("SELECT * FROM rejects ORDER BY id")
+        for r in rows:
+            r["payload"] = bytes(r["payload"]) if r["payload"] is not None else None
+        return rows
 
-    def units(self, now: float | None = None) -> list[dict[str, Any]]:
+    def units(self, now: float | None = None, expiry_warning_s: float = EXPIRY_WARNING_S) -> list[dict[str, Any]]:
         """Every unit heard from, with `health`: 'offline' (said so, or its Last Will), 'stale' (no
-        heartbeat for 3 intervals), 'online', or 'unknown'."""
+        heartbeat for 3 intervals), 'online', or 'unknown'; and `watchlist_state`: 'expired',
+        'expiring' (within `expiry_warning_s`), 'ok' or 'unknown'."""
         now = time.time() if now is None else now
-        with self._lock:
-            rows = list(self.db["units"].rows_where(order_by="site, unit_id"))
         out = []
-        for row in rows:
+        for row in self._read("SELECT * FROM units ORDER BY site, unit_id"):
             row["heartbeat"] = json.loads(row["heartbeat"]) if row.get("heartbeat") else None
             interval = row.get("heartbeat_interval_s") or 0
             last_hb = row.get("last_heartbeat_at")
@@ -314,29 +458,186 @@ class HitStore:
             else:
                 health = "unknown"
             row["health"] = health
+            facts = heartbeat_facts(row["heartbeat"] or {})
+            row["cameras_up"], row["cameras_total"] = facts["cameras_up"], facts["cameras_total"]
+            row["outbox_pending"] = facts["outbox_pending"]
+            expires = row.get("watchlist_expires_at")
+            if not expires:
+                row["watchlist_state"] = "unknown"
+            elif expires <= now:
+                row["watchlist_state"] = "expired"
+            elif expires - now <= expiry_warning_s:
+                row["watchlist_state"] = "expiring"
+            else:
+                row["watchlist_state"] = "ok"
             out.append(row)
         return out
 
-    def export_jsonl(self, fh: IO[str], *, since: float | None = None, with_crops: bool = False) -> int:
-        """Write hits oldest first, one JSON object per line; crops as base64 if asked. Returns the count."""
+    def export_jsonl(
+        self, fh: IO[str], *, since: float | None = None, with_crops: bool = False, actor: str | None = None
+    ) -> int:
+        """Write hits oldest first, one JSON object per line, with their decisions; crops as base64 if
+        asked. The export is entered in the audit chain as `actor`'s. Returns the count."""
         n = 0
         for row in self.hits(limit=None, since=since, newest_first=False):
+            row["reviews"] = self.reviews(row["id"])
             if with_crops:
                 crop = self.crop(row["id"])
                 row["crop_jpeg_b64"] = base64.b64encode(crop).decode("ascii") if crop else None
             fh.write(json.dumps(row, separators=(",", ":")) + "\n")
             n += 1
+        if actor:
+            self.audit(actor, "export", None, {"what": "hits", "count": n, "since": since, "with_crops": with_crops})
         return n
 
     def purge(self, older_than_s: float, now: float | None = None) -> int:
-        """Delete hits (with crops) and rejects received more than `older_than_s` ago; returns hits deleted."""
-        cutoff = (time.time() if now is None else now) - older_than_s
-        with self._tx() as conn:
-            conn.execute("DELETE FROM crops WHERE hit_id IN (SELECT id FROM hits WHERE received_at < ?)", (cutoff,))
-            n = conn.execute("DELETE FROM hits WHERE received_at < ?", (cutoff,)).rowcount
-            conn.execute("DELETE FROM rejects WHERE received_at < ?", (cutoff,))
+        """Delete hits (with crops and reviews) and rejects received more than `older_than_s` ago,
+        and expired sessions; returns hits deleted. The audit chain is kept."""
+        now = time.time() if now is None else now
+        cutoff = now - older_than_s
+        old = "SELECT id FROM hits WHERE received_at < ?"
+        with self._tx() as q:
+            q(f"DELETE FROM crops WHERE hit_id IN ({old})", (cutoff,))
+            q(f"DELETE FROM reviews WHERE hit_id IN ({old})", (cutoff,))
+            q("DELETE FROM hits WHERE received_at < ?", (cutoff,))
+            n = q.rowcount
+            q("DELETE FROM rejects WHERE received_at < ?", (cutoff,))
+            q("DELETE FROM sessions WHERE expires_at < ?", (now,))
         return int(n)
 
-    def close(self) -> None:
-        with self._lock:
-            self.db.conn.close()
+    # --- accounts and sessions ----------------------------------------------------------------
+
+    def add_user(self, username: str, role: str, password_hash: str, *, actor: str) -> None:
+        """Register an operator or supervisor (the password already hashed)."""
+        if role not in ROLES:
+            raise StoreError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+        if not username or username != username.strip() or any(ord(c) < 32 for c in username):
+            raise StoreError(f"user name {username!r} must be non-empty, without spaces around or control characters")
+        with self._tx() as q:
+            q(
+                "INSERT INTO users(username, role, password_hash, active, created_at) VALUES (?,?,?,1,?) "
+                "ON CONFLICT (username) DO NOTHING",
+                (username, role, password_hash, time.time()),
+            )
+            if q.rowcount != 1:
+                raise StoreError(f"user {username!r} already exists (use `checkpoint-receiver user passwd`)")
+            self._audit(q, actor, "user_add", username, {"role": role})
+
+    def set_password(self, username: str, password_hash: str, *, actor: str) -> None:
+        """Replace a user's password hash and end their sessions."""
+        self._change_user(username, "password_hash = ?, changed_at = ?", (password_hash,), actor, "user_passwd")
+
+    def disable_user(self, username: str, *, actor: str) -> None:
+        """Stop a user from logging in or deciding, and end their sessions."""
+        self._change_user(username, "active = 0, changed_at = ?", (), actor, "user_disable")
+
+    def _change_user(self, username: str, sets: str, args: tuple, actor: str, action: str) -> None:
+        with self._tx() as q:
+            q(f"UPDATE users SET {sets} WHERE username = ?", (*args, time.time(), username))
+            if q.rowcount != 1:
+                raise StoreError(f"no user {username!r} (see `checkpoint-receiver user add`)")
+            q("DELETE FROM sessions WHERE username = ?", (username,))
+            self._audit(q, actor, action, username, {})
+
+    def user(self, username: str) -> dict[str, Any] | None:
+        rows = self._read("SELECT username, role, password_hash, active FROM users WHERE username = ?", (username,))
+        return rows[0] if rows else None
+
+    def users(self) -> list[dict[str, Any]]:
+        return self._read("SELECT username, role, active, created_at, changed_at FROM users ORDER BY username")
+
+    def create_session(self, token_hash: str, username: str, csrf: str, ttl_s: float) -> None:
+        now = time.time()
+        with self._tx() as q:
+            q(
+                "INSERT INTO sessions(token_hash, username, csrf, created_at, last_seen, expires_at) "
+                "VALUES (?,?,?,?,?,?)",
+                (token_hash, username, csrf, now, now, now + ttl_s),
+            )
+
+    def session(self, token_hash: str, idle_s: float) -> dict[str, Any] | None:
+        """The live session with this token hash (joined with its active user), or None; touches it."""
+        now = time.time()
+        rows = self._read(
+            "SELECT s.token_hash, s.username, s.csrf, s.last_seen, s.expires_at, u.role FROM sessions s "
+            "JOIN users u ON u.username = s.username WHERE s.token_hash = ? AND u.active = 1",
+            (token_hash,),
+        )
+        if not rows or rows[0]["expires_at"] < now or now - rows[0]["last_seen"] > idle_s:
+            return None
+        if now - rows[0]["last_seen"] > 30:
+            with self._tx() as q:
+                q("UPDATE sessions SET last_seen = ? WHERE token_hash = ?", (now, token_hash))
+        return rows[0]
+
+    def end_session(self, token_hash: str) -> None:
+        with self._tx() as q:
+            q("DELETE FROM sessions WHERE token_hash = ?", (token_hash,))
+
+    # --- audit --------------------------------------------------------------------------------
+
+    def audit(self, actor: str, action: str, subject: str | None = None, detail: dict | None = None) -> None:
+        """Append an entry to the audit chain."""
+        with self._tx() as q:
+            self._audit(q, actor, action, subject, detail or {})
+
+    def audit_entries(self, *, limit: int | None = 200, newest_first: bool = True) -> list[dict[str, Any]]:
+        sql = f"SELECT * FROM audit ORDER BY seq {'DESC' if newest_first else 'ASC'}"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        return self._read(sql)
+
+    def iter_audit(self, chunk: int = 1000) -> Iterator[dict[str, Any]]:
+        """Every audit entry, oldest first, read in chunks."""
+        after = 0
+        while True:
+            rows = self._read("SELECT * FROM audit WHERE seq > ? ORDER BY seq LIMIT ?", (after, chunk))
+            if not rows:
+                return
+            yield from rows
+            after = rows[-1]["seq"]
+
+    def verify_audit(self) -> audit_chain.Verdict:
+        """Check every entry's hash and its link to the one before."""
+        return audit_chain.verify(self.iter_audit())
+
+    def export_audit_jsonl(self, fh: IO[str], *, actor: str | None = None) -> int:
+        """Write the audit chain oldest first as JSON lines (with hashes, so a copy can be verified);
+        the export itself is entered as `actor`'s afterwards. Returns the count written."""
+        n = 0
+        for row in self.iter_audit():
+            fh.write(json.dumps(row, separators=(",", ":"), ensure_ascii=False) + "\n")
+            n += 1
+        if actor:
+            self.audit(actor, "export", None, {"what": "audit", "count": n})
+        return n
+
+
+def _chunks(seq: list, size: int) -> Iterator[list]:
+    for i in range(0, len(seq), size):
+        yield seq[i : i + size]
+
+
+def heartbeat_facts(body: dict[str, Any]) -> dict[str, Any]:
+    """What the fleet page needs from a heartbeat, wherever the unit put it: `software_version` at
+    the top level (or in `unit`), cameras up/total, the watchlist version and expiry (in
+    `unit.watchlist` as the daemon reports it, or flat in `unit`), the outbox backlog."""
+    unit = body.get("unit") if isinstance(body.get("unit"), dict) else {}
+    watchlist = unit.get("watchlist") if isinstance(unit.get("watchlist"), dict) else {}
+
+    def pick(*values: Any, kind: type | tuple[type, ...]) -> Any:
+        for v in values:
+            if isinstance(v, kind) and not isinstance(v, bool):
+                return v
+        return None
+
+    software = pick(body.get("software_version"), unit.get("software_version"), kind=str)
+    outbox = body.get("outbox") if isinstance(body.get("outbox"), dict) else {}
+    return {
+        "software_version": software[:64] if software else None,
+        "watchlist_version": pick(watchlist.get("version"), unit.get("watchlist_version"), kind=int),
+        "watchlist_expires_at": pick(watchlist.get("expires_at"), unit.get("watchlist_expires_at"), kind=(int, float)),
+        "cameras_up": pick(unit.get("cameras_up"), kind=int),
+        "cameras_total": pick(unit.get("cameras_total"), kind=int),
+        "outbox_pending": pick(outbox.get("pending"), kind=int),
+    }

@@ -149,6 +149,25 @@ def test_hits_sent_while_the_receiver_is_down_wait_in_its_session(mosquitto, tmp
     store.close()
 
 
+def test_heartbeat_software_version_reaches_the_store(mosquitto, tmp_path):
+    store = HitStore(tmp_path / "hits.sqlite")
+    rx, _ = start_receiver(mosquitto, store)
+    reporter = MqttReporter(
+        MqttConfig(host=mosquitto.host, port=mosquitto.port, site="site-a", **FAST),
+        OutboxConfig(path=tmp_path / "o.sqlite"),
+        "unit-1",
+        lambda: {"software_version": "0.5.0", "cameras_up": 2, "cameras_total": 3, "watchlist": {"version": 9}},
+    )
+    wait_for(lambda: store.units() and store.units()[0]["software_version"] == "0.5.0", what="software version")
+    unit = store.units()[0]
+    assert (unit["cameras_up"], unit["cameras_total"], unit["watchlist_version"]) == (2, 3, 9)
+    reporter.close()
+    rx.close()
+    seen = [e for e in store.audit_entries(limit=None) if e["action"] == "watchlist_seen"]
+    assert len(seen) == 1 and json.loads(seen[0]["detail"])["watchlist_version"] == 9
+    store.close()
+
+
 def test_unit_status_and_heartbeat_are_tracked(mosquitto, tmp_path):
     store = HitStore(tmp_path / "hits.sqlite")
     changes: list[tuple[str, str, str]] = []
@@ -182,11 +201,10 @@ def test_store_review_state_and_purge(tmp_path):
     assert store.add_hit(fields, crop, received_at=time.time() - 100 * 86400)
     assert not store.add_hit(fields, crop)
     with pytest.raises(StoreError, match="review state"):
-        store.set_review(fields["id"], "maybe", "ops")
-    with pytest.raises(StoreError, match="no hit"):
-        store.set_review("missing", "confirmed", "ops")
-    store.set_review(fields["id"], "confirmed", "duty officer", "seen on camera")
-    assert store.hits(review_state="confirmed")[0]["reviewed_by"] == "duty officer"
+        store.hits(review_state="maybe")
+    store.add_user("duty", "operator", "not-a-real-hash", actor="test")
+    store.decide(fields["id"], "duty", "reject", "seen on camera: someone else")
+    assert store.hits(review_state="rejected")[0]["reviewed_by"] == "duty"
     assert store.purge(90 * 86400) == 1
     assert store.count_hits() == 0 and store.crop(fields["id"]) is None
     store.close()
@@ -221,15 +239,22 @@ def test_cli_export_units_hits_review_crop(mosquitto, tmp_path):
 
     res = runner.invoke(cli, ["units", "--db", str(db)])
     assert res.exit_code == 0 and "site-a/unit-1" in res.output and "offline" in res.output
-    res = runner.invoke(cli, ["review", "--db", str(db), hits[1].id, "confirmed", "--by", "ops"])
-    assert res.exit_code == 0, res.output
+    pw = tmp_path / "pw"
+    pw.write_text("ops-password-1")
+    for user in ("ops1", "ops2"):
+        assert runner.invoke(cli, ["user", "add", "--db", str(db), "--password-file", str(pw), user]).exit_code == 0
+    for user in ("ops1", "ops2"):
+        res = runner.invoke(
+            cli, ["review", "--db", str(db), hits[1].id[:8], "confirm", "--user", user, "--password-file", str(pw)]
+        )
+        assert res.exit_code == 0, res.output
     res = runner.invoke(cli, ["hits", "--db", str(db), "--state", "confirmed"])
     assert res.exit_code == 0 and hits[1].id in res.output and hits[0].id not in res.output
     res = runner.invoke(cli, ["crop", "--db", str(db), hits[2].id, "--out", str(tmp_path / "f.jpg")])
     assert res.exit_code == 0 and (tmp_path / "f.jpg").read_bytes() == face
     res = runner.invoke(cli, ["export", "--db", str(tmp_path / "none.sqlite"), "--jsonl", "-"])
     assert res.exit_code != 0 and "no hit store" in res.output
-    for command in ("run", "export", "units", "hits", "review", "crop", "purge"):
+    for command in ("run", "serve", "export", "units", "hits", "review", "crop", "purge"):
         help_text = runner.invoke(cli, [command, "--help"]).output
         assert "Example:" in help_text and "checkpoint-receiver " in help_text
 

@@ -1,0 +1,176 @@
+"""A demo data set for the console: a store with hits, units and decisions, a register of
+synthetic persons with enrolment photos, and three accounts. Everything is made up; the face
+images are public-domain photos shipped with scikit-image where it is installed, else drawn."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from central import accounts
+from central.store import HitStore
+
+DEMO_USERS = (
+    ("ana", "operator", "demo-ana-password"),
+    ("ben", "operator", "demo-ben-password"),
+    ("sam", "supervisor", "demo-sam-password"),
+)
+# (person id, name, priority); the last one is not in the register (a case closed at HQ).
+DEMO_PERSONS = (
+    ("case-2024-0173", "Mila Novak", 9),
+    ("case-2023-0412", "Jonas Berger", 6),
+    ("case-2022-0088", "Lea Horvat", 3),
+    ("case-2019-0007", None, 0),
+)
+DEMO_UNITS = (
+    # site, unit, cameras up/total, watchlist expires in (days), software, health
+    ("station-north", "gate-1", 4, 4, 6.0, "0.4.2", "online"),
+    ("station-north", "gate-2", 3, 4, 1.5, "0.4.2", "online"),
+    ("station-south", "platform-3", 2, 2, 6.0, "0.4.1", "offline"),
+    ("airport", "arrivals-1", 6, 6, 6.0, "0.4.2", "stale"),
+)
+
+
+@dataclass(frozen=True)
+class DemoData:
+    """Where the demo put things, and the accounts (name, role, password) to log in with."""
+
+    db: Path
+    register: Path
+    photos: Path
+    users: tuple[tuple[str, str, str], ...]
+
+
+def _faces() -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per demo person, a (tight, wide) pair of crops of one face."""
+    try:
+        from skimage import data
+
+        astro = data.astronaut()
+        camera = np.stack([data.camera()] * 3, axis=-1)
+        grey = np.stack([astro.mean(axis=-1).astype(np.uint8)] * 3, axis=-1)[:, ::-1]
+        return [
+            (astro[30:200, 150:300], astro[0:260, 110:350]),
+            (camera[60:200, 210:330], camera[20:260, 150:390]),
+            (grey[30:200, 212:362], grey[0:260, 162:402]),
+            (camera[60:200, 210:330][:, ::-1], camera[20:260, 150:390][:, ::-1]),
+        ]
+    except ImportError:
+        rng = np.random.default_rng(7)
+        plain = [np.full((200, 160, 3), rng.integers(80, 200, 3), dtype=np.uint8) for _ in range(4)]
+        return [(img, img) for img in plain]
+
+
+def _jpeg(img: np.ndarray, size: tuple[int, int] | None = None) -> bytes:
+    import cv2
+
+    if size is not None:
+        img = cv2.resize(img, size, interpolation=cv2.INTER_AREA)
+    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(img[:, :, ::-1]), [cv2.IMWRITE_JPEG_QUALITY, 88])
+    return buf.tobytes() if ok else b""
+
+
+def _register(path: Path, photos: Path, faces: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    # The subset of HQ's register layout (watchlist register) that the console reads.
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        "CREATE TABLE persons (person_id TEXT PRIMARY KEY, name TEXT, priority INTEGER NOT NULL DEFAULT 0, "
+        "threshold REAL, updated_at REAL NOT NULL);"
+        "CREATE TABLE templates (id INTEGER PRIMARY KEY, person_id TEXT NOT NULL, model_id TEXT NOT NULL, "
+        "photo_sha256 TEXT NOT NULL, photo_date TEXT, age INTEGER, embedding BLOB NOT NULL, enrolled_at REAL NOT NULL);"
+    )
+    now = time.time()
+    for i, (pid, name, priority) in enumerate(DEMO_PERSONS[:3]):
+        conn.execute("INSERT INTO persons VALUES (?,?,?,NULL,?)", (pid, name, priority, now))
+        folder = photos / pid
+        folder.mkdir(parents=True)
+        for j, (date, age) in enumerate((("2016-05-01", 7), ("2019-09-12", 10))):
+            (folder / f"{date}_front.jpg").write_bytes(_jpeg(faces[i][1 - j], (160, 200)))
+            conn.execute(
+                "INSERT INTO templates(person_id, model_id, photo_sha256, photo_date, age, embedding, enrolled_at) "
+                "VALUES (?,?,?,?,?,?,?)",
+                (pid, "dlib-resnet-v1", f"{i}{j}" * 32, date, age, b"\0" * 512, now),
+            )
+    conn.commit()
+    conn.close()
+
+
+def seed_demo(folder: Path, *, now: float | None = None) -> DemoData:
+    """Write the demo store, register and photos into `folder` (which should be empty)."""
+    now = time.time() if now is None else now
+    folder.mkdir(parents=True, exist_ok=True)
+    faces = _faces()
+    photos = folder / "photos"
+    register = folder / "register.sqlite"
+    _register(register, photos, faces)
+    db = folder / "hits.sqlite"
+    store = HitStore(db)
+    try:
+        for name, role, password in DEMO_USERS:
+            store.add_user(name, role, accounts.hash_password(password), actor="demo")
+        for site, unit, up, total, expires_days, software, health in DEMO_UNITS:
+            at = now - (120 if health == "stale" else 5)
+            state = "offline" if health == "offline" else "online"
+            store.set_unit_status(site, unit, state, "connection lost" if state == "offline" else "connected", at, at)
+            body = {
+                "interval_s": 30.0,
+                "software_version": software,
+                "unit": {
+                    "cameras_up": up,
+                    "cameras_total": total,
+                    "watchlist": {"version": 42, "expires_at": now + expires_days * 86400},
+                },
+                "outbox": {"pending": 17 if health == "offline" else 0},
+            }
+            store.set_heartbeat(site, unit, body, at)
+        plan = [
+            (0, "station-north", "gate-1", "platform-1", 0.74, 0.29, []),
+            (1, "station-north", "gate-2", "concourse", 0.66, 0.12, [("ana", "confirm", None)]),
+            (2, "airport", "arrivals-1", "belt-4", 0.61, 0.04, [("ben", "reject", "different person: older, no scar")]),
+            (
+                0,
+                "station-north",
+                "gate-1",
+                "platform-2",
+                0.79,
+                0.33,
+                [("ana", "confirm", None), ("ben", "confirm", None)],
+            ),
+            (3, "station-south", "platform-3", "stairs", 0.63, 0.09, []),
+            (1, "station-north", "gate-2", "entrance", 0.69, 0.18, []),
+        ]
+        for k, (person, site, unit, camera, score, margin, decisions) in enumerate(plan):
+            hit_id = uuid.UUID(int=0xC0FFEE00 + k).hex
+            captured = now - 60 * (len(plan) - k) * 7
+            fields = {
+                "id": hit_id,
+                "site": site,
+                "unit_id": unit,
+                "camera_id": camera,
+                "person_id": DEMO_PERSONS[person][0],
+                "captured_at": captured,
+                "queued_at": captured + 0.1,
+                "score": score,
+                "threshold": 0.6,
+                "margin": margin,
+                "box": [10.0, 10.0, 120.0, 150.0],
+                "model_id": "dlib-resnet-v1",
+                "watchlist_version": 42,
+                "track_id": k,
+                "crop_dropped": None,
+                "v": 1,
+            }
+            store.add_hit(fields, _jpeg(faces[person][0], (128, 160)), received_at=captured + 0.4)
+            for user, decision, reason in decisions:
+                store.decide(hit_id, user, decision, reason)
+        store.audit("ana", "login", None, {"address": "127.0.0.1", "ok": True})
+    finally:
+        store.close()
+    (folder / "README.txt").write_text(json.dumps({"demo": True, "users": [u[:2] for u in DEMO_USERS]}) + "\n")
+    return DemoData(db, register, photos, DEMO_USERS)

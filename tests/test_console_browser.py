@@ -1,0 +1,222 @@
+"""The console in a real browser (Debian's Chromium via Playwright) against a real receiver fed by
+a real Mosquitto and real unit reporters: live hits, two-person verification, rejection, hostile
+ids, a unit going offline, and the audit chain before and after an edit in the database."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from click.testing import CliRunner
+
+from central import accounts
+from central.cli import main as cli
+from central.console import ConsoleSettings, create_app, visible
+from central.demo import seed_demo
+from central.receiver import Receiver, ReceiverConfig
+from central.register_view import RegisterView
+from central.store import HitStore
+from central.webserver import BackgroundServer
+from edge.mqtt_reporter import MqttConfig, MqttReporter
+from edge.outbox import OutboxConfig
+from tests.fixtures._services import missing_service
+from tests.fixtures.broker import FAST, MosquittoBroker, find_mosquitto, wait_for
+from tests.fixtures.hits import face_jpeg, make_hit
+
+PASSWORDS = {"ana": "ana-password-1", "ben": "ben-password-1", "sam": "sam-password-1"}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """Broker, store with three accounts, receiver, console over HTTP, and one unit reporting."""
+    if find_mosquitto() is None:
+        missing_service("needs the mosquitto broker binary (apt-get install -y mosquitto mosquitto-clients)")
+    tmp = tmp_path_factory.mktemp("console")
+    broker = MosquittoBroker(tmp / "broker").start()
+    demo = seed_demo(tmp / "demo")  # for its register and enrolment photos only
+    store = HitStore(tmp / "hits.sqlite")
+    store.add_user("ana", "operator", accounts.hash_password(PASSWORDS["ana"]), actor="test")
+    store.add_user("ben", "operator", accounts.hash_password(PASSWORDS["ben"]), actor="test")
+    store.add_user("sam", "supervisor", accounts.hash_password(PASSWORDS["sam"]), actor="test")
+    rx = Receiver(
+        ReceiverConfig(
+            host=broker.host,
+            port=broker.port,
+            client_id="rx-console",
+            reconnect_min_delay_s=0.1,
+            reconnect_max_delay_s=0.5,
+        ),
+        store,
+    )
+    rx.start()
+    wait_for(rx.subscribed.is_set, what="receiver subscribed")
+    app = create_app(store, register=RegisterView(demo.register, demo.photos), settings=ConsoleSettings(poll_s=0.25))
+    server = BackgroundServer(app).start()
+    expires = time.time() + 20 * 86400
+    reporter = MqttReporter(
+        MqttConfig(host=broker.host, port=broker.port, site="site-a", **FAST),
+        OutboxConfig(path=tmp / "outbox.sqlite"),
+        "unit-1",
+        lambda: {
+            "cameras_up": 1,
+            "cameras_total": 2,
+            "software_version": "9.8.7",
+            "watchlist": {"version": 3, "expires_at": expires},
+        },
+    )
+    yield SimpleNamespace(broker=broker, store=store, rx=rx, url=server.url, reporter=reporter, tmp=tmp)
+    reporter.close()
+    server.stop()
+    rx.close()
+    store.close()
+    broker.kill()
+
+
+def login(page, url: str, user: str) -> None:
+    page.goto(url + "/hits")
+    assert "/login" in page.url, "no page without a session"
+    page.fill("input[name=username]", user)
+    page.fill("input[name=password]", PASSWORDS[user])
+    page.click("button[type=submit]")
+    page.wait_for_url("**/hits")
+
+
+def send(site, **fields) -> str:
+    hit = make_hit(crop=face_jpeg(), **fields)
+    site.reporter.submit(hit)
+    wait_for(lambda: site.store.hit(hit.id) is not None, what=f"hit {hit.id} stored")
+    return hit.id
+
+
+def test_a_hit_appears_live_and_needs_two_operators_to_confirm(site, new_page):
+    from playwright.sync_api import expect
+
+    ana, ben = new_page(), new_page()
+    login(ana, site.url, "ana")
+    login(ben, site.url, "ben")
+    ana.evaluate("window.__notReloaded = true")
+    hit_id = send(site, person_id="case-2024-0173", camera_id="platform-1")
+    row = ana.locator(f"tr[data-hit-id='{hit_id}']")
+    # Within 2 s of being stored, without a reload.
+    expect(row).to_be_visible(timeout=2000)
+    assert ana.evaluate("window.__notReloaded") is True
+    expect(row.locator(".name")).to_have_text("Mila Novak")  # from HQ's register
+    expect(row.locator(".badge")).to_have_text("pending")
+    assert ana.locator("tr.hit").first.get_attribute("data-hit-id") == hit_id, "newest first"
+
+    row.locator(".person a").click()
+    ana.wait_for_url("**/hit?id=*")
+    expect(ana.locator(".enrolled img")).to_have_count(2)  # enrolment photos beside the crop
+    ana.click("button.confirm")
+    expect(ana.locator("#state")).to_have_text("pending")
+    expect(ana.locator("ol.reviews li")).to_have_count(1)
+    expect(ana.locator("button.confirm")).to_be_disabled()
+
+    ben.goto(f"{site.url}/hit?id={hit_id}")
+    expect(ben.locator("#state")).to_have_text("pending")
+    ben.click("button.confirm")
+    expect(ben.locator("#state")).to_have_text("confirmed")
+    # The first operator's open page follows without a reload.
+    expect(ana.locator("#state")).to_have_text("confirmed")
+    reviews = site.store.reviews(hit_id)
+    assert [(r["username"], r["decision"]) for r in reviews] == [("ana", "confirm"), ("ben", "confirm")]
+
+
+def test_one_rejection_with_a_reason_closes_a_hit(site, new_page):
+    from playwright.sync_api import expect
+
+    page = new_page()
+    login(page, site.url, "ben")
+    hit_id = send(site, person_id="case-2023-0412")
+    page.goto(f"{site.url}/hit?id={hit_id}")
+    page.fill("input[name=reason]", "not him: different ears")
+    page.click("button.reject")
+    expect(page.locator("#state")).to_have_text("rejected")
+    expect(page.locator("ol.reviews")).to_contain_text("not him: different ears")
+    expect(page.locator("button.confirm")).to_have_count(0)
+    assert site.store.hit(hit_id)["review_state"] == "rejected"
+
+
+def test_hostile_ids_render_as_text(site, new_page):
+    from playwright.sync_api import expect
+
+    person = "<script>window.__xss=1</script>\"'\x07\x1b[2J"
+    camera = '<img src=x onerror="window.__xss=2">\'\u202e'
+    page = new_page()
+    dialogs: list[str] = []
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    login(page, site.url, "ana")
+    hit_id = send(site, person_id=person, camera_id=camera)
+    row = page.locator(f"tr[data-hit-id='{hit_id}']")
+    expect(row).to_be_visible(timeout=5000)
+    expect(row.locator(".person a")).to_have_text(visible(person))
+    expect(row.locator(".camera")).to_have_text(visible(camera))
+    page.goto(f"{site.url}/hit?id={hit_id}")
+    expect(page.locator("h1 .pid")).to_have_text(visible(person))
+    assert page.evaluate("window.__xss") is None
+    assert page.locator("main script, main img[src=x]").count() == 0
+    assert dialogs == []
+
+
+def test_fleet_shows_a_unit_going_offline_when_its_reporter_is_killed(site, new_page):
+    from playwright.sync_api import expect
+
+    page = new_page()
+    login(page, site.url, "ana")
+    page.goto(site.url + "/fleet")
+    unit1 = page.locator("tr[data-unit='site-a/unit-1']")
+    expect(unit1.locator(".badge").first).to_have_text("online")
+    expect(unit1).to_contain_text("9.8.7")
+    expect(unit1).to_contain_text("1/2")
+    child = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "reporter_child.py"), "--port", str(site.broker.port), "--unit", "unit-9"]
+        + ["--outbox", str(site.tmp / "child-outbox.sqlite")],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=str(ROOT),
+    )
+    try:
+        assert child.stdout.readline().startswith("submitted")
+        unit9 = page.locator("tr[data-unit='site-a/unit-9']")
+        expect(unit9.locator(".badge").first).to_have_text("online", timeout=15000)
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+        expect(unit9.locator(".badge").first).to_have_text("offline", timeout=15000)
+        expect(unit9).to_have_class("unit health-offline watchlist-unknown")
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+def test_audit_chain_verifies_and_fails_after_an_edit(site, new_page):
+    from playwright.sync_api import expect
+
+    page = new_page()
+    login(page, site.url, "sam")
+    page.goto(site.url + "/audit")
+    expect(page.locator("#verdict")).to_contain_text("Chain intact")
+    actions = {e["action"] for e in site.store.audit_entries(limit=None)}
+    assert {"user_add", "login", "view_crop", "decision", "watchlist_seen"} <= actions
+    db = str(site.tmp / "hits.sqlite")
+    res = CliRunner().invoke(cli, ["audit", "verify", "--db", db])
+    assert res.exit_code == 0 and "intact" in res.output
+
+    decision = next(e for e in site.store.audit_entries(limit=None) if e["action"] == "decision")
+    conn = sqlite3.connect(db)
+    with conn:
+        conn.execute("UPDATE audit SET detail = ? WHERE seq = ?", (json.dumps({"decision": "reject"}), decision["seq"]))
+    conn.close()
+    page.reload()
+    expect(page.locator("#verdict")).to_contain_text(f"entry {decision['seq']}")
+    expect(page.locator("#verdict")).to_contain_text("Chain broken")
+    res = CliRunner().invoke(cli, ["audit", "verify", "--db", db])
+    assert res.exit_code == 1 and f"entry {decision['seq']}" in res.output

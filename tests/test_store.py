@@ -1,0 +1,243 @@
+"""The store's interface, run against both backends: SQLite files and a real PostgreSQL cluster
+started for the tests. Hits once by id, two-person review, accounts and sessions, the audit chain
+(and how an edit or a deletion shows), fleet facts from heartbeats, purge, migrations."""
+
+from __future__ import annotations
+
+import io
+import json
+import sqlite3
+import time
+
+import pytest
+
+from central import accounts
+from central.store import HitFilter, HitStore, StoreError, heartbeat_facts
+from edge import protocol
+from tests.fixtures.hits import face_jpeg, make_hit
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/hits.sqlite"
+    return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+def store(store_url):
+    s = HitStore(store_url)
+    for name in ("ana", "ben"):
+        s.add_user(name, "operator", accounts.hash_password(f"{name}-password-1"), actor="test")
+    yield s
+    s.close()
+
+
+def raw_sql(store, sql: str, args=()) -> None:
+    """Change the database behind the store's back, as someone with database access could."""
+    if store.dialect == "sqlite":
+        conn = sqlite3.connect(store.path)
+        with conn:
+            conn.execute(sql, args)
+        conn.close()
+    else:
+        import psycopg
+
+        with psycopg.connect(store.url, autocommit=True) as conn:
+            conn.execute(sql.replace("?", "%s"), args)
+
+
+def decoded(**kw):
+    hit = make_hit(**kw)
+    return protocol.decode_hit(protocol.hit_payload(protocol.hit_record(hit, "site-a"), hit.crop_jpeg, None))
+
+
+def test_backend_is_chosen_by_url(store, store_url):
+    assert type(store).__name__ == ("SqliteHitStore" if store_url.startswith("sqlite") else "PostgresHitStore")
+    assert store.schema_version == 2
+    with pytest.raises(StoreError, match="unknown store URL"):
+        HitStore("mysql://x/y")
+
+
+def test_each_hit_is_stored_once_with_its_crop(store):
+    fields, crop = decoded(crop=face_jpeg())
+    assert store.add_hits([(fields, crop, 10.0), (fields, crop, 11.0)]) == [True, False]
+    row = store.hit(fields["id"])
+    assert row["received_at"] == 10.0 and row["has_crop"] and row["review_state"] == "pending"
+    assert store.crop(fields["id"]) == crop
+    assert store.units()[0]["hits"] == 1
+
+
+def test_two_different_operators_confirm_and_nothing_is_overwritten(store):
+    fields, crop = decoded()
+    store.add_hit(fields, crop)
+    hid = fields["id"]
+    assert store.decide(hid, "ana", "confirm") == "pending"
+    with pytest.raises(StoreError, match="second, different operator"):
+        store.decide(hid, "ana", "confirm")
+    assert store.hit(hid)["review_state"] == "pending"
+    assert store.decide(hid, "ben", "confirm") == "confirmed"
+    with pytest.raises(StoreError, match="already confirmed"):
+        store.decide(hid, "ben", "reject", "changed my mind")
+    assert [(r["username"], r["decision"]) for r in store.reviews(hid)] == [("ana", "confirm"), ("ben", "confirm")]
+    assert store.hit(hid)["reviewed_by"] == "ben"
+
+
+def test_one_rejection_with_a_reason_closes_a_hit(store):
+    fields, crop = decoded()
+    store.add_hit(fields, crop)
+    hid = fields["id"]
+    store.decide(hid, "ana", "confirm")
+    with pytest.raises(StoreError, match="needs a reason"):
+        store.decide(hid, "ben", "reject", "  ")
+    assert store.decide(hid, "ben", "reject", "older man, not the boy") == "rejected"
+    with pytest.raises(StoreError, match="already rejected"):
+        store.decide(hid, "ana", "confirm")
+    assert store.reviews(hid)[-1]["reason"] == "older man, not the boy"
+    assert [h["id"] for h in store.hits(review_state="rejected")] == [hid]
+
+
+def test_only_active_registered_users_decide(store):
+    fields, crop = decoded()
+    store.add_hit(fields, crop)
+    with pytest.raises(StoreError, match="no active user 'mallory'"):
+        store.decide(fields["id"], "mallory", "confirm")
+    store.disable_user("ana", actor="test")
+    with pytest.raises(StoreError, match="no active user 'ana'"):
+        store.decide(fields["id"], "ana", "confirm")
+    with pytest.raises(StoreError, match="no hit"):
+        store.decide("missing", "ben", "confirm")
+    with pytest.raises(StoreError, match="decision must be"):
+        store.decide(fields["id"], "ben", "maybe")
+
+
+def test_short_hit_ids_resolve_when_they_name_one_hit(store):
+    a, _ = decoded(id="abc123")
+    b, _ = decoded(id="abd456")
+    store.add_hits([(a, None, 1.0), (b, None, 2.0)])
+    assert store.resolve_hit_id("abc") == "abc123"
+    assert store.resolve_hit_id("abd456") == "abd456"
+    with pytest.raises(StoreError, match="several hit ids"):
+        store.resolve_hit_id("ab")
+    with pytest.raises(StoreError, match="no hit whose id starts with 'zz'"):
+        store.resolve_hit_id("zz")
+
+
+def test_hit_filters(store):
+    rows = [
+        decoded(person_id="p1", camera_id="c1", unit_id="unit-1"),
+        decoded(person_id="p2", camera_id="c2", unit_id="unit-1"),
+        decoded(person_id="p1", camera_id="c2", unit_id="unit-1"),
+    ]
+    store.add_hits([(f, c, 100.0 + i) for i, (f, c) in enumerate(rows)])
+    ids = [f["id"] for f, _ in rows]
+    assert [h["id"] for h in store.hits()] == ids[::-1]
+    assert [h["id"] for h in store.hits(where=HitFilter(person_id="p1"))] == [ids[2], ids[0]]
+    assert [h["id"] for h in store.hits(where=HitFilter(camera_id="c2", person_id="p1"))] == [ids[2]]
+    assert [h["id"] for h in store.hits(where=HitFilter(since=101.0, until=102.0))] == [ids[1]]
+    assert len(store.hits(where=HitFilter(site="site-a", unit_id="unit-1"))) == 3
+    assert store.hits(where=HitFilter(site="site-b")) == []
+
+
+def test_audit_chain_verifies_and_shows_an_edit_or_a_deletion(store):
+    fields, crop = decoded()
+    store.add_hit(fields, crop)
+    store.decide(fields["id"], "ana", "confirm")
+    store.audit("ben", "view_crop", fields["id"])
+    store.audit("ben", "login", None, {"ok": True})
+    verdict = store.verify_audit()
+    assert verdict.ok and verdict.entries == 5  # 2 user_add, decision, view_crop, login
+    raw_sql(store, "UPDATE audit SET actor = ? WHERE seq = ?", ("ben", 3))
+    verdict = store.verify_audit()
+    assert not verdict.ok and verdict.entries == 2 and "entry 3" in verdict.problem
+    raw_sql(store, "UPDATE audit SET actor = ? WHERE seq = ?", ("ana", 3))
+    assert store.verify_audit().ok
+    raw_sql(store, "DELETE FROM audit WHERE seq = ?", (4,))
+    verdict = store.verify_audit()
+    assert not verdict.ok and "missing" in verdict.problem
+    out = io.StringIO()
+    assert store.export_audit_jsonl(out, actor="ben") == 4
+    assert [json.loads(line)["seq"] for line in out.getvalue().splitlines()] == [1, 2, 3, 5]
+
+
+def test_heartbeats_give_fleet_facts_and_audit_each_new_watchlist_version(store):
+    now = time.time()
+    store.set_unit_status("site-a", "unit-1", "online", "connected", now, now)
+    body = {
+        "interval_s": 30.0,
+        "software_version": "1.2.3",
+        "unit": {"cameras_up": 3, "cameras_total": 4, "watchlist": {"version": 7, "expires_at": now + 3600}},
+        "outbox": {"pending": 5},
+    }
+    store.set_heartbeat("site-a", "unit-1", body, now)
+    store.set_heartbeat("site-a", "unit-1", body, now + 1)
+    store.set_heartbeat("site-a", "unit-1", {**body, "unit": {**body["unit"], "watchlist": {"version": 8}}}, now - 5)
+    unit = store.units(now=now)[0]
+    assert (unit["health"], unit["software_version"], unit["cameras_up"], unit["cameras_total"]) == (
+        "online",
+        "1.2.3",
+        3,
+        4,
+    )
+    assert (unit["watchlist_version"], unit["watchlist_state"], unit["outbox_pending"]) == (7, "expiring", 5)
+    assert store.units(now=now, expiry_warning_s=60)[0]["watchlist_state"] == "ok"
+    assert store.units(now=now + 7200)[0]["watchlist_state"] == "expired"
+    seen = [e for e in store.audit_entries(limit=None) if e["action"] == "watchlist_seen"]
+    assert len(seen) == 1 and seen[0]["subject"] == "site-a/unit-1", "an older heartbeat (v8) is ignored"
+    # The unit's version may also come flat in `unit`, as older units send it.
+    assert heartbeat_facts({"unit": {"watchlist_version": 4, "software_version": "x"}})["watchlist_version"] == 4
+
+
+def test_sessions_end_with_the_account(store):
+    token, digest = accounts.new_token()
+    store.create_session(digest, "ana", "csrf-token", ttl_s=60)
+    assert store.session(digest, idle_s=60)["username"] == "ana"
+    assert store.session(accounts.token_hash("other"), idle_s=60) is None
+    store.set_password("ana", accounts.hash_password("new-password-1"), actor="test")
+    assert store.session(digest, idle_s=60) is None
+    assert accounts.check_login(store.user("ana"), "new-password-1")
+    assert not accounts.check_login(store.user("ana"), "ana-password-1")
+    with pytest.raises(StoreError, match="already exists"):
+        store.add_user("ana", "operator", "x", actor="test")
+    with pytest.raises(StoreError, match="role"):
+        store.add_user("eve", "admin", "x", actor="test")
+
+
+def test_purge_keeps_the_audit_chain(store):
+    fields, crop = decoded(crop=face_jpeg())
+    store.add_hit(fields, crop, received_at=time.time() - 100 * 86400)
+    store.decide(fields["id"], "ana", "confirm")
+    assert store.purge(90 * 86400) == 1
+    assert store.count_hits() == 0 and store.crop(fields["id"]) is None and store.reviews(fields["id"]) == []
+    assert store.verify_audit().ok and store.verify_audit().entries == 3
+
+
+def test_a_version_1_sqlite_store_is_migrated_in_place(tmp_path):
+    path = tmp_path / "old.sqlite"
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT); INSERT INTO meta VALUES ('store_version', '1');"
+        "CREATE TABLE hits (id TEXT PRIMARY KEY, site TEXT NOT NULL, unit_id TEXT NOT NULL, camera_id TEXT NOT NULL,"
+        " person_id TEXT NOT NULL, captured_at FLOAT NOT NULL, queued_at FLOAT, received_at FLOAT NOT NULL,"
+        " score FLOAT, threshold FLOAT, margin FLOAT, box TEXT, model_id TEXT, watchlist_version INTEGER,"
+        " track_id INTEGER, has_crop INTEGER DEFAULT 0, crop_dropped TEXT, schema_version INTEGER,"
+        " review_state TEXT NOT NULL DEFAULT 'pending', reviewed_by TEXT, reviewed_at FLOAT, review_note TEXT);"
+        "CREATE TABLE crops (hit_id TEXT PRIMARY KEY REFERENCES hits(id), jpeg BLOB, bytes INTEGER);"
+        "CREATE TABLE units (site TEXT, unit_id TEXT, state TEXT DEFAULT 'unknown', state_reason TEXT, state_at FLOAT,"
+        " last_seen FLOAT, last_heartbeat_at FLOAT, heartbeat_interval_s FLOAT, heartbeat TEXT, hits INTEGER DEFAULT 0,"
+        " PRIMARY KEY (site, unit_id));"
+        "CREATE TABLE rejects (id INTEGER PRIMARY KEY, received_at FLOAT, topic TEXT, error TEXT, payload BLOB);"
+        "INSERT INTO hits(id, site, unit_id, camera_id, person_id, captured_at, received_at, review_state,"
+        " reviewed_by, reviewed_at, review_note) VALUES ('h1', 's', 'u', 'c', 'p', 1, 2, 'rejected', 'duty', 3, 'no');"
+    )
+    conn.close()
+    store = HitStore(path)
+    assert store.schema_version == 2
+    assert store.reviews("h1") == [{"username": "duty", "decision": "reject", "reason": "no", "at": 3.0}]
+    store.close()
+    conn = sqlite3.connect(path)
+    conn.execute("INSERT INTO schema_version VALUES (99, 0)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreError, match="schema version 99.*upgrade"):
+        HitStore(path)
