@@ -101,7 +101,6 @@ def main(verbose: int) -> None:
 
     \b
     Example:
-      checkpoint-receiver serve --demo
       checkpoint-receiver user add --db hits.sqlite --role operator alice
       checkpoint-receiver serve --db hits.sqlite --host broker.example.org --port 8883 --ca-file ca.pem \\
           --username ops --password-file ops.pw --register /srv/hq/register.sqlite
@@ -266,7 +265,6 @@ def run(db_url: str, quiet: bool, **broker: Any) -> None:
 @click.option(
     "--expiry-warning-days", type=float, default=3.0, show_default=True, help="Flag watchlists expiring sooner."
 )
-@click.option("--demo", is_flag=True, help="Serve a temporary store seeded with demo hits, units, register and users.")
 def serve(
     db_url: str,
     no_receiver: bool,
@@ -277,7 +275,6 @@ def serve(
     register: Path | None,
     photos: Path | None,
     expiry_warning_days: float,
-    demo: bool,
     **broker: Any,
 ) -> None:
     """Serve the operators' web console, with the receiver in the same process (unless --no-receiver).
@@ -287,29 +284,16 @@ def serve(
 
     \b
     Example:
-      checkpoint-receiver serve --demo              # then open http://127.0.0.1:8080
       checkpoint-receiver serve --db hits.sqlite --host broker.example.org --port 8883 --ca-file ca.pem \\
           --username ops --password-file ops.pw --register /srv/hq/register.sqlite --photos /srv/hq/photos
       checkpoint-receiver serve --no-receiver --db postgresql://console@db.example.org/checkpoint
     """
-    import tempfile
-
     from central.console import ConsoleSettings, create_app
     from central.register_view import RegisterView, RegisterViewError
     from central.webserver import ServerError, make_server
 
     if (tls_cert is None) != (tls_key is None):
         raise click.UsageError("give both --tls-cert and --tls-key (or neither)")
-    tmp = None
-    if demo:
-        from central.demo import seed_demo
-
-        tmp = tempfile.TemporaryDirectory(prefix="checkpoint-demo-")
-        info = seed_demo(Path(tmp.name))
-        db_url, register, photos, no_receiver = str(info.db), info.register, info.photos, True
-        click.echo(f"demo store in {tmp.name}; log in as one of:", err=True)
-        for user, role, password in info.users:
-            click.echo(f"  {user:<10} {role:<11} password: {password}", err=True)
     config = None if no_receiver else _receiver_config(broker)
     store = _open_store(db_url, must_exist=False)
     receiver = None
@@ -337,8 +321,6 @@ def serve(
         if receiver is not None:
             _stop_receiver(receiver)
         store.close()
-        if tmp is not None:
-            tmp.cleanup()
 
 
 @main.command()

@@ -395,7 +395,13 @@ def _judge(hits: list[Hit], apps: Sequence[Appearance], started: float, hits_fil
 )
 @click.option("--seconds", type=click.FloatRange(6.0, 300.0), default=16.0, show_default=True, help="video length")
 @click.option("--verbose", is_flag=True, help="show the unit's log lines too")
-def main(out_dir: Path, seconds: float, verbose: bool) -> None:
+@click.option(
+    "--console",
+    is_flag=True,
+    help="instead: serve the operators' console on made-up hits, units and a register (no broker needed)",
+)
+@click.option("--http-port", type=click.IntRange(1, 65535), default=8080, show_default=True, help="with --console")
+def main(out_dir: Path, seconds: float, verbose: bool, console: bool, http_port: int) -> None:
     """Run the whole loop, HQ and unit, on generated data: no camera, no broker, nothing downloaded.
 
     Makes a video from public-domain pictures that ship with scikit-image (the NASA astronaut
@@ -405,9 +411,19 @@ def main(out_dir: Path, seconds: float, verbose: bool) -> None:
     the astronaut once per appearance, the cameraman never.
 
     \b
-    Example:
+    With --console, serves the operators' web console on a temporary store seeded with made-up
+    hits, four units, a register of three persons and three accounts (printed), until Ctrl-C.
+
+    \b
+    Examples:
       checkpoint-demo --out /tmp/edge-demo
+      checkpoint-demo --console          # then open http://127.0.0.1:8080
     """
+    if console:
+        from testing.console_demo import serve_demo
+
+        serve_demo(http_port)
+        return
     try:
         result = run_demo(out_dir, seconds=seconds, verbose=verbose, echo=click.echo)
     except DemoError as exc:

@@ -14,12 +14,12 @@ from click.testing import CliRunner
 from central import accounts
 from central.cli import main as cli
 from central.console import ConsoleSettings, create_app
-from central.demo import DEMO_USERS, seed_demo
 from central.register_view import RegisterView
 from central.store import HitStore
 from central.webserver import BackgroundServer
-from edge import protocol
-from tests.fixtures.hits import face_jpeg, make_hit
+from testing.console_demo import DEMO_USERS, seed_demo
+from testing.hits import face_jpeg, make_hit
+from wire import records
 
 PAGES = ["/", "/hits", "/hit?id=x", "/fleet", "/audit"]
 FRAGMENTS = ["/hits/rows", "/hit/panel?id=x", "/hit/crop?id=x", "/person/photo?person=x&n=0", "/fleet/rows", "/events"]
@@ -127,8 +127,8 @@ def test_text_from_units_is_escaped(demo):
     url, store, _ = demo
     hostile = "<script>alert(1)</script>\"'&\x1b[31m"
     hit = make_hit(crop=face_jpeg(), person_id=hostile, camera_id=hostile)
-    fields, crop = protocol.decode_hit(
-        protocol.hit_payload(protocol.hit_record(hit, "site-a"), crop=hit.crop_jpeg, crop_dropped=None)
+    fields, crop = records.decode_hit(
+        records.hit_payload(records.hit_record(hit, "site-a"), crop=hit.crop_jpeg, crop_dropped=None)
     )
     store.add_hit(fields, crop)
     with httpx.Client(base_url=url) as c:
@@ -145,8 +145,8 @@ def test_cli_review_uses_the_two_person_rule_and_short_ids(tmp_path):
     for user in ("ana", "ben"):
         store.add_user(user, "operator", accounts.hash_password(f"{user}-password-1"), actor="test")
     for hit_id in ("aa11" + "0" * 28, "aa22" + "0" * 28):
-        fields, crop = protocol.decode_hit(
-            protocol.hit_payload(protocol.hit_record(make_hit(id=hit_id), "site-a"), None, None)
+        fields, crop = records.decode_hit(
+            records.hit_payload(records.hit_record(make_hit(id=hit_id), "site-a"), None, None)
         )
         store.add_hit(fields, crop)
     store.close()
@@ -211,7 +211,7 @@ def test_the_console_on_a_postgresql_store(postgres_url):
     for user in ("ana", "ben"):
         store.add_user(user, "operator", accounts.hash_password(f"{user}-password-1"), actor="test")
     hit = make_hit(crop=face_jpeg(), person_id="case-1")
-    fields, crop = protocol.decode_hit(protocol.hit_payload(protocol.hit_record(hit, "site-a"), hit.crop_jpeg, None))
+    fields, crop = records.decode_hit(records.hit_payload(records.hit_record(hit, "site-a"), hit.crop_jpeg, None))
     store.add_hit(fields, crop)
     server = BackgroundServer(create_app(store, settings=ConsoleSettings(poll_s=0.1))).start()
     try:

@@ -19,16 +19,16 @@ from click.testing import CliRunner
 from central import accounts
 from central.cli import main as cli
 from central.console import ConsoleSettings, create_app, visible
-from central.demo import seed_demo
 from central.receiver import Receiver, ReceiverConfig
 from central.register_view import RegisterView
 from central.store import HitStore
 from central.webserver import BackgroundServer
-from edge.mqtt_reporter import MqttConfig, MqttReporter
 from edge.outbox import OutboxConfig
-from tests.fixtures._services import missing_service
-from tests.fixtures.broker import FAST, MosquittoBroker, find_mosquitto, wait_for
-from tests.fixtures.hits import face_jpeg, make_hit
+from edge.reporter import MqttConfig, MqttReporter
+from testing.broker import FAST, MosquittoBroker, find_mosquitto, wait_for
+from testing.console_demo import seed_demo
+from testing.hits import face_jpeg, make_hit
+from tests.services import missing_service
 
 PASSWORDS = {"ana": "ana-password-1", "ben": "ben-password-1", "sam": "sam-password-1"}
 ROOT = Path(__file__).resolve().parents[1]

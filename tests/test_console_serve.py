@@ -1,4 +1,4 @@
-"""`checkpoint-receiver serve` as operators start it: the demo in one command, and the console with
+"""`checkpoint-receiver serve` as operators start it, and the console demo (`checkpoint-demo --console`) in one command, and the console with
 the receiver in one process, fed by a real Mosquitto."""
 
 from __future__ import annotations
@@ -15,17 +15,17 @@ import pytest
 from click.testing import CliRunner
 
 from central.cli import main as cli
-from edge import protocol
-from tests.fixtures.broker import free_port, wait_for
-from tests.fixtures.hits import make_hit
+from testing.broker import free_port, wait_for
+from testing.hits import make_hit
+from wire import records
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def start_serve(*args: str) -> tuple[subprocess.Popen, str]:
+def start_serve(*args: str, command: tuple[str, ...] = ("-m", "central.cli", "serve")) -> tuple[subprocess.Popen, str]:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "central.cli", "serve", "--http-port", str(port), *args],
+        [sys.executable, *command, "--http-port", str(port), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -56,7 +56,7 @@ def login(c: httpx.Client, user: str, password: str) -> None:
 
 
 def test_serve_demo_in_one_command():
-    proc, url, banner = start_serve("--demo")
+    proc, url, banner = start_serve("--console", command=("-m", "testing.demo"))
     try:
         password = re.search(r"ana\s+operator\s+password: (\S+)", banner).group(1)
         with httpx.Client(base_url=url) as c:
@@ -86,7 +86,7 @@ def test_serve_runs_the_receiver_and_the_console_in_one_process(mosquitto, tmp_p
         pub.connect(mosquitto.host, mosquitto.port)
         pub.loop_start()
         hit = make_hit(person_id="person-77")
-        payload = protocol.hit_payload(protocol.hit_record(hit, "site-a"), None, None)
+        payload = records.hit_payload(records.hit_record(hit, "site-a"), None, None)
         pub.publish("checkpoint/v1/site-a/unit-1/hits", payload, qos=1).wait_for_publish(5)
         pub.loop_stop()
         with httpx.Client(base_url=url) as c:

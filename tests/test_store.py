@@ -13,8 +13,8 @@ import pytest
 
 from central import accounts
 from central.store import HitFilter, HitStore, StoreError, heartbeat_facts
-from edge import protocol
-from tests.fixtures.hits import face_jpeg, make_hit
+from testing.hits import face_jpeg, make_hit
+from wire import records
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -49,7 +49,7 @@ def raw_sql(store, sql: str, args=()) -> None:
 
 def decoded(**kw):
     hit = make_hit(**kw)
-    return protocol.decode_hit(protocol.hit_payload(protocol.hit_record(hit, "site-a"), hit.crop_jpeg, None))
+    return records.decode_hit(records.hit_payload(records.hit_record(hit, "site-a"), hit.crop_jpeg, None))
 
 
 def test_backend_is_chosen_by_url(store, store_url):

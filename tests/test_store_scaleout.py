@@ -7,12 +7,12 @@ import pytest
 
 from central.receiver import Receiver, ReceiverConfig
 from central.store import HitStore
-from edge import protocol
-from edge.mqtt_reporter import MqttConfig, MqttReporter
 from edge.outbox import OutboxConfig
-from tests.fixtures._services import missing_service
-from tests.fixtures.broker import FAST, MosquittoBroker, find_mosquitto, wait_for
-from tests.fixtures.hits import make_hit
+from edge.reporter import MqttConfig, MqttReporter
+from testing.broker import FAST, MosquittoBroker, find_mosquitto, wait_for
+from testing.hits import make_hit
+from tests.services import missing_service
+from wire import records
 
 
 @pytest.fixture
@@ -57,7 +57,7 @@ def test_two_receivers_in_one_group_store_every_hit_once_in_postgresql(broker, p
     pub.connect(broker.host, broker.port)
     pub.loop_start()
     for h in hits[:50]:
-        payload = protocol.hit_payload(protocol.hit_record(h, "site-a"), None, None)
+        payload = records.hit_payload(records.hit_record(h, "site-a"), None, None)
         pub.publish(f"checkpoint/v1/site-a/{h.unit_id}/hits", payload, qos=1).wait_for_publish(5)
     pub.loop_stop()
     for r in reporters:

@@ -1,6 +1,6 @@
 """Screenshots of the console's pages on the demo data, for docs/console.md.
 
-    python -m central.screenshots --out docs/img
+    python -m testing.console_screenshots --out docs/img
 
 Seeds the demo store in a temporary folder, serves the console on a loopback port and drives the
 system's Chromium through Playwright (pip install playwright; apt-get install -y chromium; no
@@ -18,10 +18,10 @@ import tempfile
 from pathlib import Path
 
 from central.console import create_app
-from central.demo import DEMO_USERS, seed_demo
 from central.register_view import RegisterView
 from central.store import HitStore
 from central.webserver import BackgroundServer
+from testing.console_demo import DEMO_USERS, seed_demo
 
 log = logging.getLogger(__name__)
 

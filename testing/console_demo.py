@@ -174,3 +174,21 @@ def seed_demo(folder: Path, *, now: float | None = None) -> DemoData:
         store.close()
     (folder / "README.txt").write_text(json.dumps({"demo": True, "users": [u[:2] for u in DEMO_USERS]}) + "\n")
     return DemoData(db, register, photos, DEMO_USERS)
+
+
+def serve_demo(http_port: int = 8080) -> None:
+    """Seed the demo into a temporary folder and serve the console on it (no receiver) until stopped."""
+    import tempfile
+
+    import click
+
+    from central.cli import main as receiver_cli
+
+    with tempfile.TemporaryDirectory(prefix="checkpoint-demo-") as tmp:
+        info = seed_demo(Path(tmp))
+        click.echo(f"demo store in {tmp}; log in as one of:", err=True)
+        for user, role, password in info.users:
+            click.echo(f"  {user:<10} {role:<11} password: {password}", err=True)
+        args = ["serve", "--no-receiver", "--db", str(info.db), "--register", str(info.register)]
+        args += ["--photos", str(info.photos), "--http-port", str(http_port)]
+        receiver_cli.main(args, standalone_mode=False)

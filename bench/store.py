@@ -1,9 +1,9 @@
 """How fast the hit store takes hits, SQLite beside PostgreSQL, and a probe that reads progress from
 either (for bench/reporting.py's receiver-in-a-subprocess measurement).
 
-    python -m central.bench_store --hits 5000 --json store.json             # SQLite, and PostgreSQL
+    python bench/store.py --hits 5000 --json store.json             # SQLite, and PostgreSQL
                                                                             # in a temporary cluster
-    python -m central.bench_store --db postgresql://bench@db/checkpoint     # one given store
+    python bench/store.py --db postgresql://bench@db/checkpoint     # one given store
 
 Each hit carries an 8.8 kB JPEG crop, as in bench/reporting.py. Hits go in as the receiver writes
 them: `add_hits` batches of `--batch` (the receiver's batch_max is 200; under a trickle of hits a
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         cluster = None
         urls = args.db
         if urls is None:
-            from tests.fixtures.postgres import PostgresCluster, find_pg_bin
+            from testing.postgres import PostgresCluster, find_pg_bin
 
             urls = [str(Path(tmp) / "hits.sqlite")]
             bindir = find_pg_bin()
