@@ -97,7 +97,9 @@ def test_no_package_imports_a_package_above_it() -> None:
 
 def test_the_layer_check_catches_a_crossing(tmp_path: Path) -> None:
     bad = tmp_path / "bad.py"
-    bad.write_text("def f():\n    from edge.reporter import MqttReporter\n\nfrom watchlist import hq\nimport tests.services\n")
+    bad.write_text(
+        "def f():\n    from edge.reporter import MqttReporter\n\nfrom watchlist import hq\nimport tests.services\n"
+    )
     found = {target for _, target in imports_of(bad)}
     assert {"edge.reporter", "watchlist.hq", "tests.services"} <= found
     assert layer_of("edge.reporter") not in ALLOWED["central"]
