@@ -148,8 +148,10 @@ class Bundle:
     def __post_init__(self) -> None:
         if self.kind not in ("full", "delta"):
             raise BundleFormatError(f"kind must be 'full' or 'delta', got {self.kind!r}")
-        if not isinstance(self.version, int) or self.version < 1:
-            raise BundleFormatError(f"version must be an integer >= 1, got {self.version!r}")
+        if not isinstance(self.version, int) or not 1 <= self.version <= MAX_VERSION:
+            raise BundleFormatError(f"version must be an integer in [1, {MAX_VERSION}], got {self.version!r}")
+        if not isinstance(self.embedding_dim, int) or not 1 <= self.embedding_dim <= MAX_EMBEDDING_DIM:
+            raise BundleFormatError(f"embedding_dim must be in [1, {MAX_EMBEDDING_DIM}], got {self.embedding_dim!r}")
         if self.kind == "delta":
             if not isinstance(self.base_version, int) or not 0 <= self.base_version < self.version:
                 raise BundleFormatError(f"a delta needs base_version in [0, version), got {self.base_version!r}")
@@ -159,8 +161,11 @@ class Bundle:
             not isinstance(self.created_at, int)
             or not isinstance(self.expires_at, int)
             or self.expires_at <= self.created_at
+            or not 0 <= self.created_at < self.expires_at <= MAX_EPOCH
         ):
-            raise BundleFormatError("created_at and expires_at must be integer epoch seconds, expires_at later")
+            raise BundleFormatError(
+                "created_at and expires_at must be integer epoch seconds up to 9999-12-31, expires_at later"
+            )
         if not isinstance(self.model_id, str) or not self.model_id:
             raise BundleFormatError("model_id must name the embedding model")
         if not isinstance(self.default_threshold, float) or not -1.0 < self.default_threshold < 1.0:
