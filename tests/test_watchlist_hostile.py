@@ -21,7 +21,7 @@ from testing.synthetic import Authority, make_persons, person_centers, samples_o
 from watchlist.format import canonical
 from watchlist.format.bundle import BUNDLE_DOMAIN, BUNDLE_MAGIC, frame, parse_verified
 from watchlist.format.errors import BundleRejected
-from watchlist.format.keys import key_id, make_keyset, signed_message
+from watchlist.format.keys import KEYSET_DOMAIN, KEYSET_MAGIC, key_id, make_keyset, signed_message
 from watchlist.format.verify import UnitTrust, read_bundle_file, verify_bundle
 from watchlist.unit.apply import Watchlist
 from watchlist.unit.config import WatchlistConfig
@@ -233,6 +233,23 @@ def test_fuzzed_bundles_only_ever_raise_bundle_rejected(hq: Authority) -> None:
             outcomes[exc.reason] = outcomes.get(exc.reason, 0) + 1
     # The fuzzing reached the parser and the checks behind it, not just the signature.
     assert {"bad_signature", "malformed", "bad_embedding"} <= set(outcomes), outcomes
+
+
+def test_fuzzed_key_sets_signed_by_the_root_only_ever_raise_bundle_rejected(hq: Authority) -> None:
+    payload = hq.keyset[12:-64]
+    persons, emb = _list(2)
+    rng = random.Random(9)
+    trust = _trust(hq)
+    for _ in range(500):
+        mutated = bytearray(payload[: rng.randrange(1, len(payload) + 1)])
+        for _ in range(rng.randint(1, 3)):
+            mutated[rng.randrange(len(mutated))] ^= 1 << rng.randrange(8)
+        head = KEYSET_MAGIC + struct.pack("<I", len(mutated)) + bytes(mutated)
+        hq.keyset = head + hq.root.sign(signed_message(KEYSET_DOMAIN, head))
+        try:
+            verify_bundle(hq.bundle(6, persons, emb), trust, now=0)
+        except BundleRejected:
+            pass
 
 
 def test_parse_verified_never_raises_anything_but_bundle_rejected(hq: Authority) -> None:
