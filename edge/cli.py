@@ -25,7 +25,13 @@ def _load_or_exit(path: str) -> UnitConfig:
     try:
         return load_config(path)
     except ConfigError as exc:
-        click.echo(f"config error: {exc}", err=True)
+        problems = str(exc).splitlines()
+        if len(problems) == 1:
+            click.echo(f"config error: {problems[0]}", err=True)
+        else:
+            click.echo(f"config error: {len(problems)} problems:", err=True)
+            for line in problems:
+                click.echo(f"  {line}", err=True)
         sys.exit(2)
 
 

@@ -21,6 +21,7 @@ files it names can move together.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,6 +30,7 @@ from pydantic import (
     BaseModel,
     Field,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -73,9 +75,16 @@ class SinksConfig(StrictModel):
 class LoggingConfig(StrictModel):
     """``[logging]``: log level and format, and how often per-camera figures are logged."""
 
-    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="DEBUG, INFO, WARNING or ERROR (any case)"
+    )
     format: Literal["text", "json"] = Field("text", description="json: one JSON object per line, for log collectors")
     stats_interval_s: float = Field(60.0, ge=1.0, description="seconds between per-camera figure lines")
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _any_case(cls, v: object) -> object:
+        return v.upper() if isinstance(v, str) else v
 
 
 class UnitConfig(StrictModel):
@@ -125,27 +134,140 @@ def load_config(path: str | Path) -> UnitConfig:
 
 
 def parse_config(text: str, name: str = "<config>", base_dir: Path | None = None) -> UnitConfig:
-    """Check config text (TOML); `name` is used in messages, relative paths resolve against `base_dir`."""
+    """Check config text (TOML); `name` is used in messages, relative paths resolve against `base_dir`.
+
+    Every problem found is reported in one ConfigError, one line each (file: key: what and what to do).
+    """
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{name}: TOML syntax error: {exc}") from None
+    except RecursionError:
+        raise ConfigError(
+            f"{name}: arrays or inline tables are nested too deeply to read; a unit config needs a few "
+            "levels at most: check that this is the unit config file"
+        ) from None
+    try:
+        return _check_all(raw, name, base_dir)
+    except RecursionError:
+        raise ConfigError(
+            f"{name}: tables are nested too deeply to check; a unit config needs a few levels at most: "
+            "check that this is the unit config file"
+        ) from None
+
+
+def _check_all(raw: dict[str, Any], name: str, base_dir: Path | None) -> UnitConfig:
     if base_dir is not None:
         _resolve_paths(UnitConfig, raw, base_dir)
         _resolve_camera_files(raw, base_dir)
-    _inherit_site(raw, name)
-    cfg = _validate(raw, name)
-    _check_files(cfg, name)
-    _check_cameras(cfg, name)
+    problems: dict[str, str] = {}  # key -> problem; the first found for a key wins
+    for key, problem in _inherit_site(raw):
+        problems.setdefault(key, problem)
+    for key, problem in _value_problems(raw) + _range_problems(raw):
+        problems.setdefault(key, problem)
+    cfg: UnitConfig | None = None
+    try:
+        cfg = UnitConfig.model_validate(raw)
+    except ValidationError as exc:
+        for err in exc.errors(include_url=False):
+            key = _dotted(_clean_loc(tuple(err.get("loc", ())))) or "(top level)"
+            problems.setdefault(key, _describe(err, raw))
+    for key, problem in _file_problems(raw):
+        problems.setdefault(key, problem)
+    if cfg is not None:
+        for key, problem in _camera_problems(cfg):
+            problems.setdefault(key, problem)
+    if problems:
+        raise ConfigError("\n".join(f"{name}: {p}" for p in problems.values()))
+    assert cfg is not None  # no problem means validation succeeded
     return cfg
 
 
-def _validate(raw: dict[str, Any], name: str) -> UnitConfig:
-    try:
-        return UnitConfig.model_validate(raw)
-    except ValidationError as exc:
-        problems = [_describe(err, raw) for err in exc.errors(include_url=False)]
-        raise ConfigError("\n".join(f"{name}: {p}" for p in problems)) from None
+def _value_problems(raw: dict[str, Any]) -> list[tuple[str, str]]:
+    """Non-finite numbers anywhere, and quoted numbers where the key takes a number (pydantic would take "1883")."""
+    out: list[tuple[str, str]] = []
+    stack: list[tuple[tuple[Any, ...], Any]] = [((), raw)]
+    while stack:  # iterative: a deeply nested file must not overflow the stack here
+        loc, value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend((loc + (k,), v) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((loc + (i,), v) for i, v in enumerate(value))
+        elif isinstance(value, float) and not math.isfinite(value):
+            key = _dotted(loc)
+            out.append((key, f"{key}: {value} is not a usable value; give a finite number"))
+    _quoted_numbers(UnitConfig, raw, (), out)
+    return sorted(out)
+
+
+def _quoted_numbers(model: type[BaseModel], raw: Any, loc: tuple[Any, ...], out: list[tuple[str, str]]) -> None:
+    if not isinstance(raw, dict):
+        return
+    for fname, field in model.model_fields.items():
+        if fname not in raw:
+            continue
+        value, here = raw[fname], loc + (fname,)
+        if isinstance(value, str) and _number_only(field.annotation):
+            key = _dotted(here)
+            out.append((key, f"{key}: must be a number, got the text {value!r}; remove the quotes"))
+            continue
+        sub = _model_of(field.annotation)
+        if sub is None:
+            continue
+        items = enumerate(value) if isinstance(value, list) else [(None, value)]
+        for i, item in items:
+            _quoted_numbers(sub, item, here if i is None else here + (i,), out)
+
+
+def _number_only(annotation: Any) -> bool:
+    args = [a for a in (getattr(annotation, "__args__", None) or (annotation,)) if a is not type(None)]
+    return bool(args) and all(a in (int, float) for a in args)
+
+
+# Upper bounds the field models leave open; beyond them a unit would in effect never act again.
+_LONGEST: dict[tuple[str, ...], tuple[float, str]] = {
+    ("matching", "cooldown_s"): (86400.0, "a day"),
+    ("matching", "reembed_interval_s"): (3600.0, "an hour"),
+    ("analysis", "tracker", "max_age_s"): (60.0, "a minute"),
+    ("logging", "stats_interval_s"): (86400.0, "a day"),
+    ("mqtt", "reconnect_min_delay_s"): (3600.0, "an hour"),
+    ("mqtt", "reconnect_max_delay_s"): (3600.0, "an hour"),
+}
+
+
+def _number(raw: dict[str, Any], loc: tuple[str, ...]) -> float | None:
+    v = _raw_value(raw, loc)
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def _range_problems(raw: dict[str, Any]) -> list[tuple[str, str]]:
+    """Values the field models allow but no unit can work with; read from the raw values, so they are
+    reported alongside any other problem."""
+    out: list[tuple[str, str]] = []
+    t = _number(raw, ("matching", "threshold"))
+    if t is not None and t <= 0.0:
+        out.append(
+            (
+                "matching.threshold",
+                f"matching.threshold: {t:g} would let strangers match (unrelated faces score about 0); give a "
+                "value in (0, 1), or remove the key to use the watchlist's calibrated default",
+            )
+        )
+    q = _number(raw, ("matching", "min_quality"))
+    if q is not None and q > 1.0:
+        out.append(
+            (
+                "matching.min_quality",
+                f"matching.min_quality: {q:g} is above 1, the best quality score: no face would ever be embedded; "
+                "give a value in [0, 1] (0 keeps the engine's own checks only)",
+            )
+        )
+    for loc, (limit, words) in _LONGEST.items():
+        v = _number(raw, loc)
+        if v is not None and v > limit:
+            key = ".".join(loc)
+            out.append((key, f"{key}: {v:g} s is longer than {words} ({limit:g} s); give at most {limit:g}"))
+    return out
 
 
 def _dotted(loc: tuple[Any, ...]) -> str:
@@ -183,11 +305,15 @@ def _describe(err: Any, raw: dict[str, Any]) -> str:
     msg = msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
     if not loc:
         return msg
-    if _has(raw, loc) and kind not in ("model_type", "dict_type"):
+    if _has(raw, loc) and kind not in ("model_type", "dict_type", "list_type"):
         value = _get(raw, loc)
+        if isinstance(value, (dict, list)):
+            return f"{key}: {msg}"
         shown = repr(value)
         if len(shown) > 80:
             shown = shown[:77] + "..."
+        if f"got {shown}" in msg or f"got {value}" in msg:  # the model's own message already shows it
+            return f"{key}: {msg}"
         return f"{key}: {msg} (got {shown})"
     return f"{key}: {msg}"
 
@@ -258,19 +384,23 @@ def _resolve_camera_files(raw: dict[str, Any], base_dir: Path) -> None:
                 cam["url"] = str(base_dir / url.strip())
 
 
-def _inherit_site(raw: dict[str, Any], name: str) -> None:
+def _inherit_site(raw: dict[str, Any]) -> list[tuple[str, str]]:
     # The site is said once, in [unit]; [mqtt] may repeat it but must then agree.
     unit, mqtt = raw.get("unit"), raw.get("mqtt")
     if not isinstance(unit, dict) or not isinstance(mqtt, dict):
-        return
+        return []
     if "site" not in mqtt:
         if "site" in unit:
             mqtt["site"] = unit["site"]
     elif "site" in unit and mqtt["site"] != unit["site"]:
-        raise ConfigError(
-            f"{name}: mqtt.site: {mqtt['site']!r} differs from unit.site {unit['site']!r}; "
-            "remove mqtt.site (it defaults to unit.site) or make them equal"
-        )
+        return [
+            (
+                "mqtt.site",
+                f"mqtt.site: {mqtt['site']!r} differs from unit.site {unit['site']!r}; "
+                "remove mqtt.site (it defaults to unit.site) or make them equal",
+            )
+        ]
+    return []
 
 
 def _has(raw: Any, loc: tuple[Any, ...]) -> bool:
@@ -290,35 +420,124 @@ def _get(raw: Any, loc: tuple[Any, ...]) -> Any:
     return raw
 
 
-def _check_files(cfg: UnitConfig, name: str) -> None:
-    spec = cfg.engine.embedder
-    if spec is not None:
-        if spec.onnx is None:
-            raise ConfigError(f"{name}: engine.embedder.onnx: a custom embedder needs the path of its ONNX model file")
-        if not Path(spec.onnx).is_file():
-            raise ConfigError(
-                f"{name}: engine.embedder.onnx: model file {spec.onnx} not found; "
-                "copy the model there or correct the path (relative paths start at the config file's folder)"
+# File systems the kernel makes up: nothing written there survives, or writing there is harmful.
+_VIRTUAL_ROOTS = (Path("/proc"), Path("/sys"), Path("/dev"))
+MAX_ROOT_KEY_BYTES = 64 * 1024
+
+
+def _raw_value(raw: dict[str, Any], loc: tuple[str, ...]) -> Any:
+    for part in loc:
+        if not isinstance(raw, dict) or part not in raw:
+            return None
+        raw = raw[part]
+    return raw
+
+
+def _default_of(model: type[BaseModel], loc: tuple[str, ...]) -> Any:
+    for part in loc[:-1]:
+        sub = _model_of(model.model_fields[part].annotation)
+        if sub is None:
+            return None
+        model = sub
+    field = model.model_fields[loc[-1]]
+    return None if field.is_required() else field.get_default(call_default_factory=True)
+
+
+def _file_problems(raw: dict[str, Any]) -> list[tuple[str, str]]:
+    """Problems with the files the config names, read from the raw values (so they are found even when
+    other keys are wrong)."""
+    out: list[tuple[str, str]] = []
+    spec = _raw_value(raw, ("engine", "embedder"))
+    if isinstance(spec, dict):
+        onnx = spec.get("onnx")
+        if onnx is None:
+            out.append(
+                (
+                    "engine.embedder.onnx",
+                    "engine.embedder.onnx: a custom embedder needs the path of its ONNX model file",
+                )
             )
-    if not Path(cfg.watchlist.root_key).is_file():
-        raise ConfigError(
-            f"{name}: watchlist.root_key: no such file {str(cfg.watchlist.root_key)!r}; install HQ's root public key "
-            "there (it is pinned at installation) or correct the path"
-        )
-    if (
-        cfg.engine.cache_dir is not None
-        and Path(cfg.engine.cache_dir).exists()
-        and not Path(cfg.engine.cache_dir).is_dir()
-    ):
-        raise ConfigError(f"{name}: engine.cache_dir: {cfg.engine.cache_dir} exists and is not a folder")
+        elif isinstance(onnx, str) and not Path(onnx).is_file():
+            out.append(
+                (
+                    "engine.embedder.onnx",
+                    f"engine.embedder.onnx: model file {onnx} not found; copy the model there or correct the path "
+                    "(relative paths start at the config file's folder)",
+                )
+            )
+    root_key = _raw_value(raw, ("watchlist", "root_key"))
+    if isinstance(root_key, str):
+        problem = _root_key_problem(Path(root_key))
+        if problem:
+            out.append(("watchlist.root_key", f"watchlist.root_key: {problem}"))
+    cache_dir = _raw_value(raw, ("engine", "cache_dir"))
+    if isinstance(cache_dir, str) and Path(cache_dir).exists() and not Path(cache_dir).is_dir():
+        out.append(("engine.cache_dir", f"engine.cache_dir: {cache_dir} exists and is not a folder; give a folder"))
+    places = [("watchlist", "store"), ("sinks", "jsonl", "path")]
+    if isinstance(raw.get("mqtt"), dict):
+        places.append(("outbox", "path"))
+    for loc in places:
+        value = _raw_value(raw, loc)
+        if value is None and _raw_value(raw, loc[:-1]) is not None:
+            value = _default_of(UnitConfig, loc)
+        if isinstance(value, (str, Path)) and str(value):
+            problem = _data_file_problem(Path(value))
+            if problem:
+                key = ".".join(loc)
+                out.append((key, f"{key}: {problem}"))
+    return out
 
 
-def _check_cameras(cfg: UnitConfig, name: str) -> None:
+def _root_key_problem(path: Path) -> str | None:
+    from watchlist.format.errors import KeyFileError
+    from watchlist.format.keys import load_public_key
+
+    fix = "install HQ's root public key there (it is pinned at installation) or correct the path"
+    if not path.exists():
+        return f"no such file {str(path)!r}; {fix}"
+    if not path.is_file():
+        return f"{path} is {'a folder' if path.is_dir() else 'not a regular file'}; {fix}"
+    if path.stat().st_size > MAX_ROOT_KEY_BYTES:
+        return f"{path} is {path.stat().st_size} bytes, far too large for a public key; {fix}"
+    try:
+        load_public_key(path)
+    except KeyFileError as exc:
+        return f"{exc} (HQ's root public key is pinned at installation)"
+    return None
+
+
+def _data_file_problem(path: Path) -> str | None:
+    """Why the unit could not keep a file at `path` (None: it can try)."""
+    resolved = path.expanduser().resolve(strict=False)
+    for root in _VIRTUAL_ROOTS:
+        if resolved == root or root in resolved.parents:
+            return (
+                f"{path} is under {root}, a file system the kernel makes up (nothing kept there survives); "
+                "give a path on the unit's disk, such as /var/lib/checkpoint/"
+            )
+    if resolved.is_dir():
+        return f"{path} is a folder; give the path of a file in it (for example {path / path.name}.sqlite)"
+    if resolved.exists() and not resolved.is_file():
+        return f"{path} is not a regular file (a device or FIFO?); give the path of a file on the unit's disk"
+    parent = resolved.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{parent} is a file, so no folder can be made for {path}; correct the path"
+    return None
+
+
+def _camera_problems(cfg: UnitConfig) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
     seen: dict[str, int] = {}
     for i, cam in enumerate(cfg.cameras):
         cid = cam.id
         if cid in seen:
-            raise ConfigError(f"{name}: cameras[{i}].id: camera id {cid!r} is already used by cameras[{seen[cid]}]")
-        seen[cid] = i
+            out.append(
+                (f"cameras[{i}].id", f"cameras[{i}].id: camera id {cid!r} is already used by cameras[{seen[cid]}]")
+            )
+        else:
+            seen[cid] = i
     if not cfg.enabled_cameras:
-        raise ConfigError(f"{name}: cameras: every camera has enabled = false; enable at least one")
+        out.append(("cameras", "cameras: every camera has enabled = false; enable at least one"))
+    return out

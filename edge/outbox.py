@@ -5,6 +5,13 @@ power cut. Rows leave only through `ack` (the broker's PUBACK) or the size polic
 bounded by `max_bytes` of stored hit data; when a new hit does not fit, the crops of the oldest
 pending hits go first, hit records last, and every drop is counted (persistently, in the same
 transaction) and logged, so nothing disappears silently.
+
+The outbox checks on each put, take and ack that its file and lock file are still the ones it
+opened (same inode): deleted or replaced, it raises OutboxGone rather than accept hits into a
+file nobody will read again (and a second daemon could already hold the new path). The unit is
+meant to stop then and be restarted (systemd). A file SQLite finds corrupt at start is moved
+aside (``<name>.corrupt-<UTC time>``) and a new outbox started; the log says how many pending
+hits the old file still counted.
 """
 
 from __future__ import annotations
@@ -60,6 +67,11 @@ class OutboxError(RuntimeError):
     """The outbox file cannot be opened or written."""
 
 
+class OutboxGone(OutboxError):
+    """The outbox file or its lock file was deleted or replaced while open: stop the unit (it restarts
+    with a fresh outbox); hits are no longer accepted, since nothing would ever send them."""
+
+
 @dataclass(frozen=True)
 class OutboxRow:
     """One pending hit: the record (JSON bytes, without crop), its crop, and why a crop is missing."""
@@ -102,32 +114,121 @@ class Outbox:
         except OSError as e:
             raise OutboxError(f"outbox.path: cannot create directory {self.path.parent}: {e}") from None
         self._lock_file = self._take_file_lock()
+        self.moved_aside: Path | None = None  # where a corrupt file found at start was moved
+        self.lost_pending: int | None = None  # how many pending hits that file counted (None: unreadable)
         try:
-            self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=10)
-            mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise OutboxError(f"outbox.path: {self.path} cannot use WAL journaling (got {mode}); use a local disk")
-            self._db.execute("PRAGMA synchronous=FULL")
-            # Keep the WAL from growing without bound between checkpoints.
-            self._db.execute("PRAGMA journal_size_limit=8388608")
-            self._db.executescript(_SCHEMA)
-            self._db.executemany("INSERT OR IGNORE INTO counters(name, value) VALUES (?, 0)", [(c,) for c in COUNTERS])
-            rows, size = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM outbox").fetchone()
-        except sqlite3.Error as e:
+            rows, size = self._open_or_replace()
+            self._identity = self._file_identity()
+        except BaseException:
             self._release_file_lock()
-            raise OutboxError(f"outbox.path: cannot open {self.path} as an SQLite outbox: {e}") from None
+            raise
         self._lock = threading.Lock()
         self._rows = int(rows)
         self._bytes = int(size)
         self._inflight: set[int] = set()
         self._cursor = 0
         self._closed = False
+        self.gone: str | None = None  # why the outbox stopped accepting hits (file deleted or replaced)
         if rows:
             log.info("outbox %s: %d hits (%d bytes) pending from before, sending them first", self.path, rows, size)
 
+    def _connect(self) -> tuple[int, int]:
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=10)
+        mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise OutboxError(f"outbox.path: {self.path} cannot use WAL journaling (got {mode}); use a local disk")
+        self._db.execute("PRAGMA synchronous=FULL")
+        # Keep the WAL from growing without bound between checkpoints.
+        self._db.execute("PRAGMA journal_size_limit=8388608")
+        problems = [r[0] for r in self._db.execute("PRAGMA quick_check(5)").fetchall()]
+        if problems != ["ok"]:
+            raise _Corrupt("; ".join(str(p) for p in problems))
+        self._db.executescript(_SCHEMA)
+        self._db.executemany("INSERT OR IGNORE INTO counters(name, value) VALUES (?, 0)", [(c,) for c in COUNTERS])
+        rows, size = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM outbox").fetchone()
+        return int(rows), int(size)
+
+    def _open_or_replace(self) -> tuple[int, int]:
+        try:
+            return self._connect()
+        except OutboxError:
+            self._close_db()
+            raise
+        except sqlite3.Error as e:
+            self._close_db()
+            if not _is_corruption(e) or not self.path.is_file():
+                raise OutboxError(f"outbox.path: cannot open {self.path} as an SQLite outbox: {e}") from None
+            self._move_aside(str(e))
+        try:
+            return self._connect()
+        except sqlite3.Error as e:
+            self._close_db()
+            raise OutboxError(f"outbox.path: cannot start a new outbox at {self.path}: {e}") from None
+
+    def _close_db(self) -> None:
+        db = getattr(self, "_db", None)
+        if db is not None:
+            db.close()
+
+    def _move_aside(self, reason: str) -> None:
+        self.lost_pending = _count_pending(self.path)
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        try:
+            for suffix in ("", "-wal", "-shm"):
+                src = Path(str(self.path) + suffix)
+                if src.exists():
+                    os.replace(src, str(aside) + suffix)
+        except OSError as e:
+            raise OutboxError(
+                f"outbox.path: {self.path} is corrupt ({reason}) and cannot be moved aside: {e}; "
+                "move or delete it by hand"
+            ) from None
+        self.moved_aside = aside
+        pending = "an unknown number of" if self.lost_pending is None else str(self.lost_pending)
+        log.error(
+            "outbox %s is corrupt (%s): moved it aside to %s and started a new outbox; %s pending hits in it "
+            "may be lost (try `sqlite3 %s .recover` to rescue them)",
+            self.path,
+            reason,
+            aside,
+            pending,
+            aside,
+        )
+
+    def _file_identity(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        db, lock = os.stat(self.path), os.fstat(self._lock_file)
+        return (db.st_dev, db.st_ino), (lock.st_dev, lock.st_ino)
+
+    def _check_present(self) -> None:
+        """Raise OutboxGone if the file or lock file on disk is no longer the one this outbox holds."""
+        if self.gone is not None:
+            raise OutboxGone(self.gone)
+        (db_id, lock_id) = self._identity
+        problem = None
+        for what, path, held in (("outbox file", self.path, db_id), ("lock file", self._lock_path, lock_id)):
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                problem = f"its {what} {path} was deleted"
+                break
+            except OSError as e:
+                problem = f"its {what} {path} cannot be checked ({e.strerror})"
+                break
+            if (st.st_dev, st.st_ino) != held:
+                problem = f"its {what} {path} was replaced by another file"
+                break
+        if problem is not None:
+            self.gone = (
+                f"outbox {self.path}: {problem} while the unit ran; refusing hits from now on so none is "
+                "accepted into a file nobody sends from: restart the unit (systemd does) to start a fresh outbox"
+            )
+            log.critical("%s", self.gone)
+            raise OutboxGone(self.gone)
+
     def _take_file_lock(self) -> int:
         # Two publishers on one outbox would each send every row; refuse the second one.
-        lock_path = str(self.path) + ".lock"
+        lock_path = self._lock_path
         try:
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as e:
@@ -141,6 +242,10 @@ class Outbox:
                 f"or give this one its own outbox path)"
             ) from None
         return fd
+
+    @property
+    def _lock_path(self) -> str:
+        return str(self.path) + ".lock"
 
     def _release_file_lock(self) -> None:
         fcntl.flock(self._lock_file, fcntl.LOCK_UN)
@@ -156,7 +261,7 @@ class Outbox:
         queued_at = time.time() if queued_at is None else queued_at
         crop_dropped = None
         with self._lock:
-            self._check_open()
+            self._check_writable()
             bumps: dict[str, int] = {"accepted": 1}
             if crop is not None and len(crop) > self.config.max_crop_bytes:
                 log.warning(
@@ -265,6 +370,10 @@ class Outbox:
         if self._closed:
             raise OutboxError(f"outbox {self.path} is closed")
 
+    def _check_writable(self) -> None:
+        self._check_open()
+        self._check_present()
+
     # --- publisher side -----------------------------------------------------------------------
 
     def take(self, limit: int) -> list[OutboxRow]:
@@ -295,7 +404,7 @@ class Outbox:
         if not seqs:
             return 0
         with self._lock:
-            self._check_open()
+            self._check_writable()
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 marks = ",".join("?" * len(seqs))
@@ -367,3 +476,28 @@ class Outbox:
                 self._db.close()
             finally:
                 self._release_file_lock()
+
+
+class _Corrupt(sqlite3.DatabaseError):
+    """SQLite's integrity check found damage."""
+
+
+_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
+
+
+def _is_corruption(e: sqlite3.Error) -> bool:
+    # Only damage moves a file aside; "cannot open" (permissions, a folder) is the user's to fix.
+    code = getattr(e, "sqlite_errorcode", None)
+    return isinstance(e, _Corrupt) or (code is not None and code & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB))
+
+
+def _count_pending(path: Path) -> int | None:
+    """How many rows a (possibly corrupt) outbox file still counts, or None if it cannot tell."""
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            return int(db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return None

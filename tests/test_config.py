@@ -115,7 +115,7 @@ template = [[38.3, 51.7], [73.5, 51.5], [56.0, 71.7], [41.5, 92.4], [70.7, 92.2]
 )
 def test_bad_numbers(tmp_path: Path, snippet: str, key: str) -> None:
     msg = error_of(tmp_path, GOOD + snippet)
-    assert f"unit.toml: {key}:" in msg and "(got " in msg
+    assert f"unit.toml: {key}:" in msg and "got " in msg
 
 
 def test_bad_analysis_fps(tmp_path: Path) -> None:
@@ -199,3 +199,105 @@ def test_check_config_command(tmp_path: Path) -> None:
     bad = runner.invoke(main, ["check-config", str(write(tmp_path, GOOD + "[matching]\nthreshold = 2\n", "bad.toml"))])
     assert bad.exit_code == 2
     assert "bad.toml: matching.threshold:" in bad.output
+
+
+MQTT = '\n[mqtt]\nhost = "broker.example"\n'
+
+
+@pytest.mark.parametrize(
+    ("snippet", "key", "words"),
+    [
+        ("[matching]\nthreshold = 0.0\n", "matching.threshold", "(0, 1)"),
+        ("[matching]\nthreshold = -0.5\n", "matching.threshold", "strangers"),
+        ("[matching]\nmin_quality = 1e9\n", "matching.min_quality", "[0, 1]"),
+        ("[matching]\ncooldown_s = inf\n", "matching.cooldown_s", "finite"),
+        ("[matching]\ncooldown_s = 1e12\n", "matching.cooldown_s", "longer than a day"),
+        ("[matching]\nreembed_interval_s = nan\n", "matching.reembed_interval_s", "finite"),
+        ("[analysis.tracker]\nmax_age_s = inf\n", "analysis.tracker.max_age_s", "finite"),
+        (MQTT + "reconnect_max_delay_s = inf\n", "mqtt.reconnect_max_delay_s", "finite"),
+        (MQTT + "reconnect_min_delay_s = 1e300\n", "mqtt.reconnect_min_delay_s", "longer than an hour"),
+        (MQTT + 'port = "1883"\n', "mqtt.port", "remove the quotes"),
+    ],
+)
+def test_values_that_would_disable_the_unit(tmp_path: Path, snippet: str, key: str, words: str) -> None:
+    msg = error_of(tmp_path, GOOD + snippet)
+    line = next(x for x in msg.splitlines() if f"unit.toml: {key}:" in x)
+    assert words in line
+
+
+def test_a_garbage_root_key_file(tmp_path: Path) -> None:
+    p = write(tmp_path, GOOD)
+    (tmp_path / "hq-root.pub").write_bytes(b"-----BEGIN NONSENSE-----\x00\xff garbage")
+    with pytest.raises(ConfigError) as exc:
+        load_config(p)
+    line = str(exc.value)
+    assert "unit.toml: watchlist.root_key:" in line and "not a public key" in line and "root public key" in line
+
+
+@pytest.mark.parametrize(
+    ("snippet", "key", "words"),
+    [
+        ('store = "/proc/self/watchlist.db"', "watchlist.store", "under /proc"),
+        ('store = "/sys/kernel/watchlist.db"', "watchlist.store", "under /sys"),
+        ('store = "state"', "watchlist.store", "is a folder"),
+    ],
+)
+def test_a_store_where_no_file_can_be_kept(tmp_path: Path, snippet: str, key: str, words: str) -> None:
+    (tmp_path / "state").mkdir(exist_ok=True)
+    msg = error_of(tmp_path, GOOD.replace('store = "state/watchlist.db"', snippet))
+    assert f"unit.toml: {key}:" in msg and words in msg
+
+
+def test_an_outbox_path_that_is_a_folder(tmp_path: Path) -> None:
+    (tmp_path / "outbox").mkdir()
+    msg = error_of(tmp_path, GOOD + MQTT + '\n[outbox]\npath = "outbox"\n')
+    assert f"unit.toml: outbox.path: {tmp_path / 'outbox'} is a folder" in msg
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a = " + "[" * 10_000 + "]" * 10_000,
+        "a = " + "{b = " * 10_000 + "1" + "}" * 10_000,
+        "[" + ".".join(["unit"] * 10_000) + "]",
+        "[" + ".".join(["x"] * 10_000) + "]",
+    ],
+)
+def test_deeply_nested_toml_gives_a_clear_error(tmp_path: Path, text: str) -> None:
+    msg = error_of(tmp_path, text)
+    assert msg.startswith(str(tmp_path / "unit.toml")) and "Traceback" not in msg
+
+
+def test_every_problem_is_listed_in_one_run(tmp_path: Path) -> None:
+    (tmp_path / "outbox").mkdir()
+    text = GOOD.replace('site = "station-12"', 'site = "station-12"\ncolour = "blue"') + (
+        MQTT + 'port = 408721\n\n[outbox]\npath = "outbox"\n\n[matching]\nthreshold = 0.0\n'
+    )
+    p = write(tmp_path, text)
+    (tmp_path / "hq-root.pub").write_text("not a key")
+    with pytest.raises(ConfigError) as exc:
+        load_config(p)
+    keys = [line.split(": ")[1] for line in str(exc.value).splitlines()]
+    assert set(keys) == {"unit.colour", "mqtt.port", "outbox.path", "matching.threshold", "watchlist.root_key"}
+    port = next(x for x in str(exc.value).splitlines() if "mqtt.port" in x)
+    assert port.count("408721") == 1, port
+
+
+def test_log_level_in_any_case(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, GOOD + '\n[logging]\nlevel = "info"\n'))
+    assert cfg.logging.level == "INFO"
+    assert "logging.level" in error_of(tmp_path, GOOD + '\n[logging]\nlevel = "chatty"\n')
+
+
+def test_check_config_lists_every_problem(tmp_path: Path) -> None:
+    (tmp_path / "outbox").mkdir()
+    p = write(
+        tmp_path, GOOD + MQTT + '\n[outbox]\npath = "outbox"\n\n[matching]\nthreshold = -0.2\nmin_quality = 1e9\n'
+    )
+    result = CliRunner().invoke(main, ["check-config", str(p)])
+    assert result.exit_code == 2
+    out = result.output
+    assert "3 problems" in out
+    for key in ("outbox.path", "matching.threshold", "matching.min_quality"):
+        assert f"unit.toml: {key}:" in out
+    assert "Traceback" not in out

@@ -159,11 +159,19 @@ def test_second_process_cannot_open_the_same_outbox(tmp_path):
     Outbox(cfg).close()
 
 
-def test_a_file_that_is_not_sqlite_gives_a_clear_error(tmp_path):
+def test_a_file_that_is_not_sqlite_is_moved_aside_not_lost(tmp_path):
     path = tmp_path / "o.sqlite"
     path.write_bytes(b"this is not a database" * 100)
+    box = Outbox(OutboxConfig(path=path))
+    assert box.moved_aside is not None and box.moved_aside.read_bytes() == b"this is not a database" * 100
+    assert box.lost_pending is None and box.depth == 0
+    box.close()
+
+
+def test_a_folder_at_the_outbox_path_gives_a_clear_error(tmp_path):
+    (tmp_path / "o.sqlite").mkdir()
     with pytest.raises(OutboxError, match="outbox.path"):
-        Outbox(OutboxConfig(path=path))
+        Outbox(OutboxConfig(path=tmp_path / "o.sqlite"))
 
 
 def test_wal_and_full_sync_are_on(tmp_path):

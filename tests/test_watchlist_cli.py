@@ -127,3 +127,21 @@ def test_encrypted_keys_need_their_passphrase(tmp_path: Path, monkeypatch) -> No
     monkeypatch.setenv("HQ_PASS", "correct horse")
     run(*build, "--passphrase-env", "HQ_PASS")
     run("rotate", "--dir", keys, "--passphrase-env", "HQ_PASS")
+
+
+def test_apply_of_a_link_to_dev_zero_is_refused_not_read_forever(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    keys = tmp_path / "keys"
+    run("keygen", "--dir", keys)
+    link = tmp_path / "list.cpwl"
+    link.symlink_to("/dev/zero")
+    args = ["apply", str(link), "--store", str(tmp_path / "unit.db"), "--root-key", str(keys / "root.pub")]
+    args += ["--model-id", MODEL, "--max-bytes", str(1 << 20)]
+    code = "import sys; from watchlist.cli import main; sys.exit(main())"
+    # A subprocess with a timeout: before the bounded read this command read /dev/zero until memory ran out.
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1]
+    )
+    assert done.returncode == 1 and "rejected (oversized)" in done.stderr, done.stderr

@@ -208,6 +208,11 @@ def test_every_reason_has_a_test() -> None:
         "rollback",
         "wrong_base",
         "expired",
+        # tests/test_watchlist_hostile.py: signed, but refused all the same
+        "out_of_range",
+        "wrong_dimension",
+        "bad_embedding",
+        "bad_threshold",
     }
     assert covered == set(REASONS)
 

@@ -69,7 +69,7 @@ class MqttConnection(StrictModel):
     """How to reach the broker: address, protocol, session, credentials, TLS and reconnect backoff."""
 
     host: str = Field(default="localhost", min_length=1)
-    port: int = Field(default=1883, description="1883 plain, 8883 usually for TLS")
+    port: int = Field(default=1883, strict=True, description="1883 plain, 8883 usually for TLS")
     protocol: Literal["5", "3.1.1"] = Field(default="5", description='"5" (default) or "3.1.1" for old brokers')
     keepalive_s: int = Field(default=30, ge=5, le=3600)
     connect_timeout_s: float = Field(default=5.0, gt=0, le=120)
@@ -80,8 +80,8 @@ class MqttConnection(StrictModel):
     password: SecretStr | None = None
     password_file: Path | None = Field(default=None, description="file holding the password (first line)")
     tls: TlsConfig | None = None
-    reconnect_min_delay_s: float = Field(default=1.0, gt=0)
-    reconnect_max_delay_s: float = Field(default=60.0, gt=0)
+    reconnect_min_delay_s: float = Field(default=1.0, gt=0, le=3600)
+    reconnect_max_delay_s: float = Field(default=60.0, gt=0, le=3600)
 
     @field_validator("port")
     @classmethod

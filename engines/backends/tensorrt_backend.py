@@ -3,6 +3,13 @@
 The engine is built once from the ONNX file and cached. A serialised engine is only valid for
 the TensorRT version and GPU that built it, and its optimisation profile fixes the batch range,
 so the cache key covers all of these: a change of any of them builds a new engine.
+
+Threads: the unit calls one backend from its detect and embed worker threads, while the CUDA
+context was made in the loading thread. The backend therefore uses the device's primary context
+and pushes it around each run (a CUDA context is current per thread), and keeps a small pool of
+execution slots -- each an execution context with its own optimisation profile, stream, device
+buffers and page-locked host buffers, used by one thread at a time under its own lock -- so no
+two threads ever share a binding or a staging buffer.
 """
 
 from __future__ import annotations
@@ -10,8 +17,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import queue
+import threading
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -37,18 +46,19 @@ def engine_cache_key(
     gpu_name: str,
     precision: str,
     profiles: dict[str, tuple[Shape, Shape, Shape]],
+    contexts: int = 1,
 ) -> str:
     """A stable key for a built engine; any change of its inputs gives a different key."""
-    blob = json.dumps(
-        {
-            "onnx": onnx_sha256,
-            "trt": trt_version,
-            "gpu": gpu_name,
-            "precision": precision,
-            "profiles": {k: [list(s) for s in v] for k, v in sorted(profiles.items())},
-        },
-        sort_keys=True,
-    )
+    fields: dict[str, Any] = {
+        "onnx": onnx_sha256,
+        "trt": trt_version,
+        "gpu": gpu_name,
+        "precision": precision,
+        "profiles": {k: [list(s) for s in v] for k, v in sorted(profiles.items())},
+    }
+    if contexts != 1:  # one profile per execution context; a single-context engine keeps its old key
+        fields["contexts"] = contexts
+    blob = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
@@ -95,8 +105,29 @@ def _onnx_inputs(onnx_path: Path) -> list[tuple[str, tuple[int | str | None, ...
     return result
 
 
+class _Slot:
+    """One execution context and everything only it may touch: its stream, bindings and staging buffers."""
+
+    def __init__(self, engine: Any, profile: int, cuda: Any) -> None:
+        self.lock = threading.Lock()
+        self.profile = profile
+        self.stream = cuda.Stream()
+        self.context = engine.create_execution_context()
+        if self.context is None:
+            raise BackendError("TensorRT could not create an execution context (out of GPU memory?)")
+        if engine.num_optimization_profiles > 1:
+            self.context.set_optimization_profile_async(profile, self.stream.handle)
+            self.stream.synchronize()
+        self.device: dict[str, tuple[Any, int]] = {}  # tensor name -> (allocation, bytes)
+        self.host: dict[str, np.ndarray] = {}  # tensor name -> page-locked array
+
+
 class TensorRTBackend:
-    """Runs one ONNX model through a cached TensorRT engine (FP16 by default, dynamic batch)."""
+    """Runs one ONNX model through a cached TensorRT engine (FP16 by default, dynamic batch).
+
+    Safe to call from several threads: `contexts` execution slots run at the same time (each with
+    its own optimisation profile); more callers wait for a free one.
+    """
 
     def __init__(
         self,
@@ -106,24 +137,49 @@ class TensorRTBackend:
         precision: Literal["fp16", "fp32"] = "fp16",
         dynamic_bounds: dict[str, tuple[Shape, Shape, Shape]] | None = None,
         workspace_mb: int = 1024,
+        contexts: int = 1,
+        device: int = 0,
     ) -> None:
-        import pycuda.autoinit  # noqa: F401  (creates the CUDA context)
         import pycuda.driver as cuda
         import tensorrt as trt
 
+        if not 1 <= contexts <= 16:
+            raise BackendError(f"contexts must be 1..16, got {contexts}")
+        cuda.init()
         self._cuda = cuda
         self._trt = trt
         self._logger = trt.Logger(trt.Logger.WARNING)
+        # The primary context (not pycuda.autoinit's, which is current in the loading thread only) is
+        # shared with ONNX Runtime's CUDA provider and pushed by whichever thread runs.
+        self._ctx = cuda.Device(device).retain_primary_context()
+        self._ctx.push()
+        try:
+            self._load(onnx_path, cache_dir, max_batch, precision, dynamic_bounds, workspace_mb, contexts, device)
+        finally:
+            cuda.Context.pop()
+
+    def _load(
+        self,
+        onnx_path: Path,
+        cache_dir: Path,
+        max_batch: int,
+        precision: str,
+        dynamic_bounds: dict[str, tuple[Shape, Shape, Shape]] | None,
+        workspace_mb: int,
+        contexts: int,
+        device: int,
+    ) -> None:
+        cuda, trt = self._cuda, self._trt
         profiles = batch_profiles(_onnx_inputs(onnx_path), max_batch, dynamic_bounds=dynamic_bounds)
-        gpu = cuda.Device(0).name()
-        key = engine_cache_key(file_sha256(onnx_path), trt.__version__, gpu, precision, profiles)
+        gpu = cuda.Device(device).name()
+        key = engine_cache_key(file_sha256(onnx_path), trt.__version__, gpu, precision, profiles, contexts)
         engine_path = Path(cache_dir) / f"{Path(onnx_path).stem}-{key}.engine"
         if engine_path.is_file():
             log.info("loading TensorRT engine %s", engine_path)
             data = engine_path.read_bytes()
         else:
             log.info("building TensorRT engine for %s (%s, %s); this takes minutes once", onnx_path, precision, gpu)
-            data = self._build(onnx_path, precision, profiles, workspace_mb)
+            data = self._build(onnx_path, precision, profiles, workspace_mb, contexts)
             engine_path.parent.mkdir(parents=True, exist_ok=True)
             tmp = engine_path.with_suffix(".tmp")
             tmp.write_bytes(data)
@@ -132,8 +188,6 @@ class TensorRTBackend:
         self.engine = runtime.deserialize_cuda_engine(data)
         if self.engine is None:
             raise ModelError(f"{engine_path}: TensorRT could not load this engine; delete it to rebuild")
-        self.context = self.engine.create_execution_context()
-        self.stream = cuda.Stream()
         self.name = f"tensorrt[{gpu},{precision}]"
         self._profiles = profiles
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
@@ -144,10 +198,11 @@ class TensorRTBackend:
             )
             (ins if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT else outs).append(info)
         self.inputs, self.outputs = tuple(ins), tuple(outs)
-        self._buffers: dict[str, tuple[object, int]] = {}
-        self._host: dict[str, np.ndarray] = {}
+        self._slots: queue.Queue[_Slot] = queue.Queue()
+        for profile in range(contexts):
+            self._slots.put(_Slot(self.engine, profile, cuda))
 
-    def _build(self, onnx_path: Path, precision: str, profiles: dict, workspace_mb: int) -> bytes:
+    def _build(self, onnx_path: Path, precision: str, profiles: dict, workspace_mb: int, contexts: int = 1) -> bytes:
         trt = self._trt
         builder = trt.Builder(self._logger)
         flags = 0
@@ -165,51 +220,79 @@ class TensorRTBackend:
                 log.warning("this GPU has no fast FP16; building an FP32 engine")
             else:
                 config.set_flag(trt.BuilderFlag.FP16)
-        profile = builder.create_optimization_profile()
-        for name, (mn, opt, mx) in profiles.items():
-            profile.set_shape(name, mn, opt, mx)
-        config.add_optimization_profile(profile)
+        for _ in range(contexts):  # execution contexts running at once each need a profile of their own
+            profile = builder.create_optimization_profile()
+            for name, (mn, opt, mx) in profiles.items():
+                profile.set_shape(name, mn, opt, mx)
+            config.add_optimization_profile(profile)
         serialized = builder.build_serialized_network(network, config)
         if serialized is None:
             raise BackendError(f"{onnx_path}: TensorRT engine build failed (see the TensorRT log above)")
         return bytes(serialized)
 
-    def _buffer(self, name: str, nbytes: int):
-        buf = self._buffers.get(name)
+    def _device_buffer(self, slot: _Slot, name: str, nbytes: int) -> Any:
+        buf = slot.device.get(name)
         if buf is None or buf[1] < nbytes:
             buf = (self._cuda.mem_alloc(max(nbytes, 1)), nbytes)
-            self._buffers[name] = buf
+            slot.device[name] = buf
         return buf[0]
 
+    def _host_buffer(self, slot: _Slot, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        host = slot.host.get(name)
+        if host is None or host.shape != shape:
+            # Page-locked memory is slow to allocate: keep it while the batch shape repeats.
+            host = self._cuda.pagelocked_empty(shape, dtype=self._trt.nptype(self.engine.get_tensor_dtype(name)))
+            slot.host[name] = host
+        return host
+
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        cuda, trt = self._cuda, self._trt
+        """Run one batch; any thread may call it (see the module doc)."""
+        arrays = self._check_feeds(feeds)
+        slot = self._slots.get()
+        try:
+            with slot.lock:
+                self._ctx.push()
+                try:
+                    return self._run_on(slot, arrays)
+                finally:
+                    self._cuda.Context.pop()
+        finally:
+            self._slots.put(slot)
+
+    def _check_feeds(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = {}
         for info in self.inputs:
             if info.name not in feeds:
                 raise BackendError(f"{self.name}: missing input {info.name!r}")
-            arr = np.ascontiguousarray(feeds[info.name], dtype=trt.nptype(self.engine.get_tensor_dtype(info.name)))
+            arr = np.ascontiguousarray(
+                feeds[info.name], dtype=self._trt.nptype(self.engine.get_tensor_dtype(info.name))
+            )
             mn, _, mx = self._profiles[info.name]
-            if any(a < lo or a > hi for a, lo, hi in zip(arr.shape, mn, mx)):
+            if arr.ndim != len(mn) or any(a < lo or a > hi for a, lo, hi in zip(arr.shape, mn, mx)):
                 raise BackendError(
                     f"{self.name}: input {info.name} shape {arr.shape} outside the engine's profile {mn}..{mx}"
                 )
-            self.context.set_input_shape(info.name, arr.shape)
-            dev = self._buffer(info.name, arr.nbytes)
-            cuda.memcpy_htod_async(dev, arr, self.stream)
-            self.context.set_tensor_address(info.name, int(dev))
+            out[info.name] = arr
+        return out
+
+    def _run_on(self, slot: _Slot, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        cuda, ctx, stream = self._cuda, slot.context, slot.stream
+        for name, arr in arrays.items():
+            ctx.set_input_shape(name, arr.shape)
+            staged = self._host_buffer(slot, name, arr.shape)
+            staged[...] = arr
+            dev = self._device_buffer(slot, name, arr.nbytes)
+            cuda.memcpy_htod_async(dev, staged, stream)
+            ctx.set_tensor_address(name, int(dev))
         results: dict[str, np.ndarray] = {}
         for info in self.outputs:
-            shape = tuple(self.context.get_tensor_shape(info.name))
-            host = self._host.get(info.name)
-            if host is None or host.shape != shape:
-                # Page-locked memory is slow to allocate: keep it while the batch shape repeats.
-                host = cuda.pagelocked_empty(shape, dtype=trt.nptype(self.engine.get_tensor_dtype(info.name)))
-                self._host[info.name] = host
-            dev = self._buffer(info.name, host.nbytes)
-            self.context.set_tensor_address(info.name, int(dev))
+            host = self._host_buffer(slot, info.name, tuple(ctx.get_tensor_shape(info.name)))
+            ctx.set_tensor_address(info.name, int(self._device_buffer(slot, info.name, host.nbytes)))
             results[info.name] = host
-        if not self.context.execute_async_v3(self.stream.handle):
+        if not ctx.execute_async_v3(stream.handle):
             raise BackendError(f"{self.name}: TensorRT execution failed")
-        for info in self.outputs:
-            cuda.memcpy_dtoh_async(results[info.name], self._buffers[info.name][0], self.stream)
-        self.stream.synchronize()
+        for name, host in results.items():
+            cuda.memcpy_dtoh_async(host, slot.device[name][0], stream)
+        stream.synchronize()
+        # Copies: the page-locked arrays are this slot's and are overwritten by its next run.
         return {k: np.array(v, dtype=np.float32) for k, v in results.items()}

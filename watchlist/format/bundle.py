@@ -42,6 +42,14 @@ EMBEDDING_DTYPE = "float16"
 KEY_ID_BYTES = 16
 MAX_PERSON_ID_BYTES = 64
 MAX_NAME_CHARS = 200
+# Bounds a unit checks in a signed header (HQ's tools never come near them): every integer fits
+# SQLite and JSON doubles, a dimension and a template count cannot size a huge allocation.
+MAX_VERSION = 2**53 - 1
+MAX_EPOCH = 253402300799  # 9999-12-31T23:59:59Z
+MAX_EMBEDDING_DIM = 4096
+MAX_TEMPLATES = 50_000_000
+UNIT_NORM_TOLERANCE = 0.01  # float16 storage moves a unit row's length by about 1e-3
+_NORM_BLOCK = 65536
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _ID_RE = re.compile(r"^[^\x00-\x1f\x7f]+$")
@@ -140,8 +148,10 @@ class Bundle:
     def __post_init__(self) -> None:
         if self.kind not in ("full", "delta"):
             raise BundleFormatError(f"kind must be 'full' or 'delta', got {self.kind!r}")
-        if not isinstance(self.version, int) or self.version < 1:
-            raise BundleFormatError(f"version must be an integer >= 1, got {self.version!r}")
+        if not isinstance(self.version, int) or not 1 <= self.version <= MAX_VERSION:
+            raise BundleFormatError(f"version must be an integer in [1, {MAX_VERSION}], got {self.version!r}")
+        if not isinstance(self.embedding_dim, int) or not 1 <= self.embedding_dim <= MAX_EMBEDDING_DIM:
+            raise BundleFormatError(f"embedding_dim must be in [1, {MAX_EMBEDDING_DIM}], got {self.embedding_dim!r}")
         if self.kind == "delta":
             if not isinstance(self.base_version, int) or not 0 <= self.base_version < self.version:
                 raise BundleFormatError(f"a delta needs base_version in [0, version), got {self.base_version!r}")
@@ -151,8 +161,11 @@ class Bundle:
             not isinstance(self.created_at, int)
             or not isinstance(self.expires_at, int)
             or self.expires_at <= self.created_at
+            or not 0 <= self.created_at < self.expires_at <= MAX_EPOCH
         ):
-            raise BundleFormatError("created_at and expires_at must be integer epoch seconds, expires_at later")
+            raise BundleFormatError(
+                "created_at and expires_at must be integer epoch seconds up to 9999-12-31, expires_at later"
+            )
         if not isinstance(self.model_id, str) or not self.model_id:
             raise BundleFormatError("model_id must name the embedding model")
         if not isinstance(self.default_threshold, float) or not -1.0 < self.default_threshold < 1.0:
@@ -299,48 +312,107 @@ def _person_from_json(d: dict, cache: dict[tuple, Template]) -> Person:
     templates = []
     for t in d["templates"]:
         key = (t["photo_date"], t["age"])
+        if not all(v is None or isinstance(v, (str, int)) for v in key):
+            raise ValueError(f"person {_short(d.get('id'))}: photo_date and age must be text or integers")
         tpl = cache.get(key)
         if tpl is None:
             tpl = cache[key] = Template(photo_date=key[0], age=key[1])
         templates.append(tpl)
-    threshold = d["threshold"]
     return Person(
         person_id=d["id"],
         templates=tuple(templates),
         name=d["name"],
         priority=d["priority"],
-        threshold=float(threshold)
-        if isinstance(threshold, (int, float)) and not isinstance(threshold, bool)
-        else threshold,
+        threshold=_as_float(d["threshold"]),
     )
+
+
+def _int_in(h: dict, key: str, lo: int, hi: int, *, null: bool = False) -> int | None:
+    v = h[key]
+    if v is None and null:
+        return None
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise ValueError(f"{key} must be an integer, got {type(v).__name__}")
+    if not lo <= v <= hi:
+        raise BundleRejected("out_of_range", f"{key} {_short(v)} is outside [{lo}, {hi}]: refused")
+    return v
+
+
+def _short(v: object) -> str:
+    text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _check_sizes(h: dict) -> tuple[int, int]:
+    """The header's numbers that size or order anything, bounded before they are used."""
+    _int_in(h, "version", 1, MAX_VERSION)
+    _int_in(h, "base_version", 0, MAX_VERSION, null=True)
+    _int_in(h, "created_at", 0, MAX_EPOCH)
+    _int_in(h, "expires_at", 0, MAX_EPOCH)
+    dim = _int_in(h, "embedding_dim", 1, MAX_EMBEDDING_DIM)
+    n = _int_in(h, "templates", 0, MAX_TEMPLATES)
+    persons, removed = h["persons"], h["removed"]
+    if not isinstance(persons, list) or not isinstance(removed, list):
+        raise ValueError("persons and removed must be lists")
+    if len(persons) + len(removed) > MAX_TEMPLATES:
+        raise BundleRejected("out_of_range", f"{len(persons)} persons and {len(removed)} removals: too many")
+    for p in persons:
+        if not isinstance(p, dict) or not isinstance(p.get("templates"), list):
+            raise ValueError("each person must be an object with a templates list")
+    listed = sum(len(p["templates"]) for p in persons)
+    if listed != n:
+        raise ValueError(f"persons list {listed} templates, the header says {n}")
+    return dim, n  # type: ignore[return-value]
+
+
+def _check_unit_norm(emb: np.ndarray, offset: np.ndarray | None) -> None:
+    # Rows are float16 around the offset; blockwise so a large list never needs a float32 copy.
+    for start in range(0, emb.shape[0], _NORM_BLOCK):
+        block = emb[start : start + _NORM_BLOCK].astype(np.float32)
+        if offset is not None:
+            block += offset
+        if not np.all(np.isfinite(block)):
+            raise BundleRejected("bad_embedding", "an embedding contains NaN or infinity")
+        norms = np.linalg.norm(block, axis=1)
+        bad = np.flatnonzero(np.abs(norms - 1.0) > UNIT_NORM_TOLERANCE)
+        if bad.size:
+            i = int(bad[0])
+            raise BundleRejected(
+                "bad_embedding",
+                f"template {start + i} has length {float(norms[i]):.4g}, not 1 (+-{UNIT_NORM_TOLERANCE}): "
+                "the unit compares unit-length embeddings only",
+            )
 
 
 def parse_verified(framed: Framed) -> Bundle:
     """Build the Bundle from sections whose signature has been checked.
 
-    Raises BundleRejected("malformed") when the signed header breaks the format.
+    The signature only says who made the bytes; everything a mistaken or compromised HQ could
+    put in them is still checked (defence in depth). Raises BundleRejected -- malformed (breaks
+    the format), out_of_range (a number beyond the format's limits), bad_embedding (not unit
+    length, not finite) -- and never any other exception.
     """
     try:
         h = canonical.loads(bytes(framed.header))
         if not isinstance(h, dict) or h.get("format") != FORMAT:
             raise ValueError(f"format {h.get('format') if isinstance(h, dict) else None!r}, this unit reads {FORMAT}")
         if h["embedding_dtype"] != EMBEDDING_DTYPE:
-            raise ValueError(f"embedding_dtype {h['embedding_dtype']!r}")
-        dim, n = h["embedding_dim"], h["templates"]
-        if not isinstance(dim, int) or not isinstance(n, int) or dim < 1 or n < 0:
-            raise ValueError("embedding_dim and templates must be non-negative integers")
+            raise ValueError(f"embedding_dtype {_short(h['embedding_dtype'])}")
+        dim, n = _check_sizes(h)
         if len(framed.blob) != n * dim * 2:
             raise ValueError(f"{len(framed.blob)} embedding bytes for {n} templates of {dim} float16")
         emb = np.frombuffer(framed.blob, dtype="<f2").reshape(n, dim)
-        if not np.all(np.isfinite(emb)):
-            raise ValueError("embeddings contain NaN or infinity")
         threshold = h["default_threshold"]
         offset = h["embedding_offset"]
         if offset is not None and (
             not isinstance(offset, list)
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in offset)
+            or len(offset) != dim
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) <= 2.0 for v in offset)
         ):
-            raise ValueError("embedding_offset must be a list of numbers or null")
+            # The offset is a mean of unit vectors: each value lies in [-1, 1].
+            raise ValueError(f"embedding_offset must be null or a list of {dim} numbers in [-2, 2]")
+        off = None if offset is None else np.array(offset, dtype=np.float32)
+        _check_unit_norm(emb, off)
         cache: dict[tuple, Template] = {}
         return Bundle(
             kind=h["kind"],
@@ -350,16 +422,29 @@ def parse_verified(framed: Framed) -> Bundle:
             expires_at=h["expires_at"],
             model_id=h["model_id"],
             embedding_dim=dim,
-            default_threshold=float(threshold)
-            if isinstance(threshold, int) and not isinstance(threshold, bool)
-            else threshold,
+            default_threshold=_as_float(threshold),
             persons=tuple(_person_from_json(p, cache) for p in h["persons"]),
             embeddings=emb,
             removed=tuple(h["removed"]),
-            embedding_offset=None if offset is None else np.array(offset, dtype=np.float32),
+            embedding_offset=off,
         )
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise BundleRejected("malformed", f"bundle is signed but its header is malformed: {exc}") from None
+    except BundleRejected:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, OverflowError, RecursionError) as exc:
+        # KeyError's text is the bare key: say it is a missing one.
+        what = f"missing {exc}" if isinstance(exc, KeyError) else _short_text(exc)
+        raise BundleRejected("malformed", f"bundle is signed but its header is malformed: {what}") from None
+
+
+def _short_text(exc: Exception) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _as_float(v: object) -> object:
+    # JSON has one number type; a threshold written as 1 or 0 is read as a float, anything else is left
+    # for Bundle to refuse. A huge integer has no float: OverflowError, reported as malformed.
+    return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
 
 
 def sha256_hex(data: bytes | memoryview) -> str:

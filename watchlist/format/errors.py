@@ -31,12 +31,20 @@ REASONS = {
     "unknown_key": "signed by a key the current key set does not list",
     "revoked_key": "signed by a key the current key set revokes",
     "bad_signature": "the signature does not match the bytes (tampered, or signed by another key)",
-    "malformed": "signed, but its header does not follow the format",
+    "malformed": "signed, but its header does not follow the format (or cannot be parsed at all)",
+    "out_of_range": "signed, but a number in it is beyond the format's limits (version, times, dimension, counts)",
+    "wrong_dimension": "embeddings of another size than the unit's engine produces",
+    "bad_embedding": "a template is not a unit-length vector of finite numbers",
+    "bad_threshold": "a threshold outside the range calibrated for the model",
     "wrong_model": "embeddings of another model than the unit's",
     "rollback": "not newer than the version the unit holds",
     "wrong_base": "a delta against another version than the one the unit holds",
     "expired": "past its expiry time",
 }
+
+
+class BundleFileError(WatchlistError):
+    """A bundle file cannot be opened or read (missing, permissions, a read error)."""
 
 
 class KeyFileError(WatchlistError):

@@ -7,15 +7,19 @@ Order (each step only reads what the previous ones vouched for):
 3. the embedded key set is signed by the pinned root key; the newer of it and the key set the
    unit already holds decides which signing keys count (revocation, rotation);
 4. the signing key is listed and not revoked, and the bundle's signature holds (arbitrary content);
-5. only now the header JSON is parsed; then model identity (mix-and-match), version newer than the
-   applied one (rollback), a delta's base equal to the applied version (mix-and-match), and the
-   expiry time (freeze).
+5. only now the header JSON is parsed, bounded and checked as if unsigned (defence in depth: a
+   mistaken or stolen signing key must not crash or blind the unit): sizes and numbers within the
+   format's limits, unit-length finite templates (watchlist.format.bundle.parse_verified);
+6. model identity (mix-and-match), the dimension the unit's engine produces, thresholds inside the
+   model's calibrated range, version newer than the applied one (rollback), a delta's base equal
+   to the applied version (mix-and-match), and the expiry time (freeze).
 
 Any failure raises BundleRejected with a reason code; the caller keeps its current list.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,9 +27,14 @@ import numpy as np
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from watchlist.format.bundle import BUNDLE_DOMAIN, Bundle, frame, parse_verified, sha256_hex
-from watchlist.format.errors import BundleRejected
+from watchlist.format.bundle import BUNDLE_DOMAIN, MAX_VERSION, Bundle, frame, parse_verified, sha256_hex
+from watchlist.format.errors import BundleFileError, BundleRejected
 from watchlist.format.keys import KeySet, parse_keyset, signed_message
+
+# Thresholds any cosine model can use: at or below 0 half of all strangers would match, at 1 nobody.
+# A model's calibrated range (engines.calibration, passed in by the unit as UnitTrust.threshold_range)
+# narrows it; this is the fallback where none is known.
+MODEL_INDEPENDENT_THRESHOLD_RANGE = (0.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -35,6 +44,9 @@ class UnitTrust:
     root_key: Ed25519PublicKey
     expected_model_id: str  # the unit's embedding model
     max_bundle_bytes: int
+    expected_dim: int | None = None  # the unit's engine's embedding size (None: not known, e.g. `watchlist apply`)
+    threshold_range: tuple[float, float] = MODEL_INDEPENDENT_THRESHOLD_RANGE  # open interval
+    applied_dim: int | None = None
     applied_version: int = 0  # 0: no list applied yet
     applied_model_id: str | None = None
     applied_offset: tuple[float, ...] | None = None  # what the applied list's stored rows are relative to
@@ -63,11 +75,19 @@ def check_size(size: int, max_bytes: int, what: str = "bundle") -> None:
 
 
 def read_bundle_file(path: Path, max_bytes: int) -> bytes:
-    """Read a bundle file, refusing one larger than `max_bytes` before reading it."""
+    """Read a bundle file, reading at most `max_bytes` + 1 bytes whatever it is.
+
+    A regular file's size is checked before reading; a pipe, FIFO, device or a symlink to one
+    reports size 0, so the read itself is bounded (/dev/zero gives 'oversized', not an endless read).
+    """
     path = Path(path)
-    check_size(path.stat().st_size, max_bytes, f"bundle file {path}")
-    data = path.read_bytes()
-    check_size(len(data), max_bytes, f"bundle file {path}")
+    try:
+        with open(path, "rb") as f:
+            check_size(os.fstat(f.fileno()).st_size, max_bytes, f"bundle file {path}")
+            data = f.read(max_bytes + 1)
+    except OSError as exc:
+        raise BundleFileError(f"cannot read bundle file {path}: {exc.strerror or exc}") from None
+    check_size(len(data), max_bytes, f"bundle file {path} (read {len(data)} bytes, stopped there)")
     return data
 
 
@@ -82,7 +102,7 @@ def verify_bundle(data: bytes | memoryview, trust: UnitTrust, now: float) -> Ver
     """Check `data` completely against `trust` at time `now` (epoch seconds); see the module doc."""
     check_size(len(data), trust.max_bundle_bytes)
     framed = frame(data)
-    embedded = parse_keyset(bytes(framed.keyset), trust.root_key)
+    embedded = _bounded(parse_keyset(bytes(framed.keyset), trust.root_key))
     keyset = newest_keyset(trust.keyset, embedded)
     kid = framed.key_id
     if kid in keyset.revoked:
@@ -112,6 +132,8 @@ def verify_bundle(data: bytes | memoryview, trust: UnitTrust, now: float) -> Ver
             f"delta {bundle.version} is for model {bundle.model_id!r} but the applied list is of "
             f"{trust.applied_model_id!r}; send a full bundle",
         )
+    _check_dimension(bundle, trust)
+    _check_thresholds(bundle, trust.threshold_range)
     if bundle.version <= trust.applied_version:
         raise BundleRejected(
             "rollback", f"bundle version {bundle.version} is not newer than the applied version {trust.applied_version}"
@@ -133,6 +155,43 @@ def verify_bundle(data: bytes | memoryview, trust: UnitTrust, now: float) -> Ver
     return Verified(bundle, keyset, kid, sha256_hex(data), len(data))
 
 
+def _bounded(ks: KeySet) -> KeySet:
+    # The serial is stored and compared as an SQLite integer.
+    if not 1 <= ks.serial <= MAX_VERSION or not 0 <= ks.issued_at <= MAX_VERSION:
+        raise BundleRejected("out_of_range", f"key set serial {ks.serial} or issued_at is beyond the format's limits")
+    return ks
+
+
+def _check_dimension(bundle: Bundle, trust: UnitTrust) -> None:
+    dim = bundle.embedding_dim
+    if trust.expected_dim is not None and dim != trust.expected_dim:
+        raise BundleRejected(
+            "wrong_dimension",
+            f"bundle {bundle.version} holds {dim}-d embeddings, this unit's engine makes {trust.expected_dim}-d "
+            f"ones for model {trust.expected_model_id!r}; HQ must enrol with the unit's model",
+        )
+    if trust.applied_dim is not None and trust.applied_model_id == bundle.model_id and dim != trust.applied_dim:
+        raise BundleRejected(
+            "wrong_dimension",
+            f"bundle {bundle.version} holds {dim}-d embeddings of model {bundle.model_id!r}, the applied list "
+            f"of that model is {trust.applied_dim}-d; one model has one embedding size",
+        )
+
+
+def _check_thresholds(bundle: Bundle, allowed: tuple[float, float]) -> None:
+    lo, hi = allowed
+    named = [("default_threshold", bundle.default_threshold)] + [
+        (f"person {p.person_id} threshold", p.threshold) for p in bundle.persons if p.threshold is not None
+    ]
+    for what, value in named:
+        if not lo < value < hi:
+            raise BundleRejected(
+                "bad_threshold",
+                f"bundle {bundle.version}: {what} {value:g} is outside ({lo:g}, {hi:g}), the range calibrated "
+                f"for model {bundle.model_id!r}; a threshold there would match strangers or nobody",
+            )
+
+
 def _same_offset(offered: np.ndarray | None, applied: tuple[float, ...] | None) -> bool:
     if offered is None or applied is None:
         return offered is None and applied is None
@@ -145,7 +204,7 @@ def verify_keyset(data: bytes, trust: UnitTrust) -> KeySet:
     Raises BundleRejected; 'keyset_rollback' when it is not newer than the one held.
     """
     check_size(len(data), trust.max_bundle_bytes, "key set")
-    ks = parse_keyset(bytes(data), trust.root_key)
+    ks = _bounded(parse_keyset(bytes(data), trust.root_key))
     if trust.keyset is not None and ks.serial <= trust.keyset.serial:
         raise BundleRejected(
             "keyset_rollback", f"key set serial {ks.serial} is not newer than the held serial {trust.keyset.serial}"

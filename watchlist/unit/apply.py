@@ -18,7 +18,14 @@ from matching.matcher import Matcher, TemplateIndex
 from watchlist.format.bundle import Bundle
 from watchlist.format.errors import BundleRejected
 from watchlist.format.keys import KEYSET_MAGIC, KeySet, load_public_key, parse_keyset
-from watchlist.format.verify import UnitTrust, Verified, read_bundle_file, verify_bundle, verify_keyset
+from watchlist.format.verify import (
+    MODEL_INDEPENDENT_THRESHOLD_RANGE,
+    UnitTrust,
+    Verified,
+    read_bundle_file,
+    verify_bundle,
+    verify_keyset,
+)
 from watchlist.unit.config import WatchlistConfig
 from watchlist.unit.store import UnitStore
 
@@ -65,11 +72,23 @@ class Watchlist:
     """
 
     def __init__(
-        self, config: WatchlistConfig, matcher: Matcher, model_id: str, *, clock: Callable[[], float] = time.time
+        self,
+        config: WatchlistConfig,
+        matcher: Matcher,
+        model_id: str,
+        *,
+        embedding_dim: int | None = None,
+        threshold_range: tuple[float, float] = MODEL_INDEPENDENT_THRESHOLD_RANGE,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        """`embedding_dim`: the size of the embeddings the unit's engine makes (bundles of another size are
+        refused; None where no engine is loaded, as in `watchlist apply`). `threshold_range`: the open range
+        of thresholds calibrated for the model (engines.calibration); the default is model-independent."""
         self.config = config
         self.matcher = matcher
         self.model_id = model_id
+        self.embedding_dim = embedding_dim
+        self.threshold_range = threshold_range
         self.clock = clock
         self.root_key = load_public_key(config.root_key)
         self.store = UnitStore(config.store)
@@ -165,6 +184,9 @@ class Watchlist:
             root_key=self.root_key,
             expected_model_id=self.model_id,
             max_bundle_bytes=self.config.max_bundle_bytes,
+            expected_dim=self.embedding_dim,
+            threshold_range=self.threshold_range,
+            applied_dim=st.embedding_dim,
             applied_version=st.version,
             applied_model_id=st.model_id,
             applied_offset=st.embedding_offset,
@@ -212,7 +234,8 @@ class Watchlist:
             return new_index.version
 
     def offer_file(self, path: Path, source: str | None = None) -> int:
-        """`offer` for a file, refusing an oversized one before reading it."""
+        """`offer` for a file, reading at most max_bundle_bytes + 1 of it (a FIFO or /dev/zero is refused
+        as oversized, not read until memory runs out)."""
         src = source or f"file:{path}"
         with self._lock:
             try:

@@ -12,6 +12,7 @@ import logging
 import queue
 import threading
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,17 +23,50 @@ from watchlist.unit.apply import Watchlist
 
 log = logging.getLogger(__name__)
 
+FAILED_KEPT = 64  # refused bundle digests remembered; older ones may be fetched (and refused) once more
+
 
 @dataclass
 class _Assembly:
+    """A bundle being downloaded. Chunks are kept as they arrive: the (unsigned) manifest's size is
+    never allocated up front, so a manifest alone cannot make the unit reserve memory."""
+
     slot: str
     manifest: Manifest
-    buf: bytearray
-    have: set[int] = field(default_factory=set)
+    chunks: dict[int, bytes] = field(default_factory=dict)
 
     @property
     def topic(self) -> str:
         return chunk_topic("", self.slot, self.manifest.version, "+")
+
+    @property
+    def have(self) -> int:
+        return len(self.chunks)
+
+    def assembled(self) -> bytes:
+        data = b"".join(self.chunks[i] for i in range(self.manifest.chunks))
+        self.chunks.clear()
+        return data
+
+
+class _FailedDigests:
+    """The digests of bundles refused (or announced wrongly), newest `limit` of them: not fetched again."""
+
+    def __init__(self, limit: int = FAILED_KEPT) -> None:
+        self.limit = limit
+        self._digests: OrderedDict[str, None] = OrderedDict()
+
+    def add(self, digest: str) -> None:
+        self._digests[digest] = None
+        self._digests.move_to_end(digest)
+        while len(self._digests) > self.limit:
+            self._digests.popitem(last=False)
+
+    def __contains__(self, digest: object) -> bool:
+        return digest in self._digests
+
+    def __len__(self) -> int:
+        return len(self._digests)
 
 
 class WatchlistSubscriber:
@@ -72,12 +106,15 @@ class WatchlistSubscriber:
         self._lock = threading.Lock()
         self._manifests: dict[str, Manifest] = {}
         self._assembly: _Assembly | None = None
-        self._failed: set[str] = set()  # sha256 of bundles already refused: not fetched again
+        self._failed = _FailedDigests()  # sha256 of bundles already refused: not fetched again
+        # Manifests whose chunks assembled to another digest: not fetched again until a new manifest comes.
+        self._mismatched: dict[str, Manifest] = {}
         self._work: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._worker: threading.Thread | None = None
         self._stop = threading.Event()
         self.connected = False
         self.downloads = 0
+        self.fetches = 0  # downloads started (a bundle fetched again and again shows here)
 
     # ---- life cycle ---------------------------------------------------------------------------
 
@@ -107,9 +144,10 @@ class WatchlistSubscriber:
                     "kind": a.slot,
                     "version": a.manifest.version,
                     "chunks": a.manifest.chunks,
-                    "received": len(a.have),
+                    "received": a.have,
                 },
                 "downloads": self.downloads,
+                "fetches": self.fetches,
             }
 
     # ---- MQTT callbacks (paho's thread) -------------------------------------------------------
@@ -170,10 +208,8 @@ class WatchlistSubscriber:
                     a.manifest.chunk_len(i) if i < a.manifest.chunks else "no such chunk",
                 )
                 return
-            start = i * a.manifest.chunk_bytes
-            a.buf[start : start + len(payload)] = payload
-            a.have.add(i)
-            if len(a.have) == a.manifest.chunks:
+            a.chunks[i] = payload
+            if a.have == a.manifest.chunks:
                 done, self._assembly = a, None
         if done is not None:
             self.client.unsubscribe(self.prefix + done.topic)
@@ -188,9 +224,9 @@ class WatchlistSubscriber:
         with self._lock:
             delta, full = self._manifests.get("delta"), self._manifests.get("full")
             want: Manifest | None = None
-            if delta and delta.base_version == applied and delta.version > applied and delta.sha256 not in self._failed:
+            if delta and delta.base_version == applied and delta.version > applied and self._worth_fetching(delta):
                 want = delta
-            elif full and full.version > applied and full.sha256 not in self._failed:
+            elif full and full.version > applied and self._worth_fetching(full):
                 want = full
             a = self._assembly
             if want is None or (a is not None and a.manifest == want):
@@ -202,7 +238,8 @@ class WatchlistSubscriber:
                 oversized = None
                 if a is not None:
                     self.client.unsubscribe(self.prefix + a.topic)
-                self._assembly = _Assembly(want.kind, want, bytearray(want.size))
+                self._assembly = _Assembly(want.kind, want)
+                self.fetches += 1
                 self.client.subscribe(self.prefix + self._assembly.topic, qos=1)
         if oversized is not None:
             self.watchlist.record_rejection(
@@ -222,21 +259,29 @@ class WatchlistSubscriber:
                 want.chunks,
             )
 
+    def _worth_fetching(self, m: Manifest) -> bool:
+        return m.sha256 not in self._failed and self._mismatched.get(m.kind) != m
+
     def _apply(self, a: _Assembly) -> None:
         m = a.manifest
         source = f"mqtt:{chunk_topic(self.prefix, a.slot, m.version, '*')}"
-        if hashlib.sha256(a.buf).hexdigest() != m.sha256:
+        data = a.assembled()
+        if hashlib.sha256(data).hexdigest() != m.sha256:
             # The chunks on the broker belong to another upload than the manifest (a publish in
-            # progress); the next manifest starts over.
+            # progress, or a bad publisher). Fetching again would give the same bytes: wait for the
+            # next manifest, which replaces this one.
+            with self._lock:
+                self._mismatched[m.kind] = m
             log.warning(
-                "watchlist: %s bundle %d assembled with the wrong digest; waiting for the next manifest",
+                "watchlist: %s bundle %d assembled with another digest than its manifest announces; "
+                "not fetching it again until a new manifest is published",
                 a.slot,
                 m.version,
             )
             return
         self.downloads += 1
         try:
-            self.watchlist.offer(memoryview(a.buf), source=source)
+            self.watchlist.offer(data, source=source)
         except BundleRejected:
             self._failed.add(m.sha256)  # already logged and recorded by Watchlist
         except Exception:
