@@ -66,6 +66,9 @@ class Daemon:
         self.pipeline: Pipeline | None = None
         self.watchlist: Any = None
         self.subscriber: Any = None
+        self.reporter: Any = None
+        # Why the unit stopped on its own (a failure systemd should restart it for); None otherwise.
+        self.failure: str | None = None
         self.started_at: float | None = None
         self._stop = threading.Event()
         self._stopped = False
@@ -140,12 +143,27 @@ class Daemon:
                 self.log_figures()
                 self.notifier.status(self.status_line())
                 next_stats = now + stats_every
+            if self.reporter is not None and self._outbox_gone():
+                return
             if until_sources_finished and self._sources_finished():
                 # Let the last sampled frames through detection before stopping.
                 self._stop.wait(min(2.0, 2.0 / min(c.analysis_fps for c in self.config.enabled_cameras)))
                 return
             if deadline is not None and now >= deadline:
                 return
+
+    def _outbox_gone(self) -> bool:
+        """True (and `failure` set) once the outbox file was deleted or replaced under the unit: no hit
+        may be accepted into an outbox nobody sends from, so the unit stops and systemd restarts it."""
+        from edge.outbox import OutboxGone
+
+        try:
+            self.reporter.outbox.check_present()
+        except OutboxGone as exc:
+            self.failure = str(exc)
+            log.critical("unit %s stopping: %s", self.config.unit.id, self.failure)
+            return True
+        return False
 
     def stop(self, timeout: float = 20.0) -> None:
         """Stop cleanly: finish faces in flight (their hits reach the sinks), release cameras, flush sinks."""
@@ -193,7 +211,8 @@ class Daemon:
         if cfg.mqtt is not None:
             from edge.reporter import MqttReporter
 
-            sinks.append(MqttReporter(cfg.mqtt, cfg.outbox, cfg.unit.id, status_provider=self.status))
+            self.reporter = MqttReporter(cfg.mqtt, cfg.outbox, cfg.unit.id, status_provider=self.status)
+            sinks.append(self.reporter)
         return sinks
 
     def _open_watchlist(self) -> MatcherLike:
@@ -203,7 +222,12 @@ class Daemon:
 
         matcher = Matcher(threshold=self.config.matching.threshold, dim=int(self.engine.embedding_dim))
         try:
-            self.watchlist = Watchlist(self.config.watchlist, matcher, model_id=self.engine.model_id)
+            self.watchlist = Watchlist(
+                self.config.watchlist,
+                matcher,
+                model_id=self.engine.model_id,
+                embedding_dim=int(self.engine.embedding_dim),
+            )
             # A list made with another model is refused by Watchlist itself: it matches nothing and says why.
             self.watchlist.start()
         except WatchlistError as exc:
@@ -409,4 +433,4 @@ def run_daemon(config: UnitConfig, config_path: str | Path | None = None) -> int
         daemon.stop()
         for s, h in previous.items():
             signal.signal(s, h)
-    return 0
+    return 1 if daemon.failure else 0

@@ -200,7 +200,7 @@ class Outbox:
         db, lock = os.stat(self.path), os.fstat(self._lock_file)
         return (db.st_dev, db.st_ino), (lock.st_dev, lock.st_ino)
 
-    def _check_present(self) -> None:
+    def check_present(self) -> None:
         """Raise OutboxGone if the file or lock file on disk is no longer the one this outbox holds."""
         if self.gone is not None:
             raise OutboxGone(self.gone)
@@ -372,7 +372,7 @@ class Outbox:
 
     def _check_writable(self) -> None:
         self._check_open()
-        self._check_present()
+        self.check_present()
 
     # --- publisher side -----------------------------------------------------------------------
 

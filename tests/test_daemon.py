@@ -327,3 +327,52 @@ def test_tune_malloc_where_glibc_is() -> None:
     assert isinstance(result, bool)
     if platform.libc_ver()[0] == "glibc":
         assert result, "glibc has mallopt; the unit relies on it to keep RSS flat"
+
+
+def test_unit_stops_when_its_outbox_is_deleted_under_it(
+    loop_clip: Path, people: People, engine: Any, tmp_path: Path
+) -> None:
+    import threading
+
+    from edge.config import load_config
+    from edge.daemon import Daemon
+    from edge.notify import Notifier
+    from testing.broker import free_port
+
+    root_pub, store = signed_store(tmp_path, people)
+    config = tmp_path / "unit.toml"
+    # Nobody listens on the broker port: hits wait in the outbox, which is what matters here.
+    config.write_text(f"""
+[unit]
+id = "unit-ob"
+site = "test-site"
+
+[[cameras]]
+id = "lobby"
+url = "{loop_clip}"
+loop = true
+analysis_fps = 5
+
+[watchlist]
+root_key = "{root_pub}"
+store = "{store}"
+
+[mqtt]
+host = "127.0.0.1"
+port = {free_port()}
+
+[outbox]
+path = "outbox.sqlite"
+""")
+    daemon = Daemon(load_config(config), engine=engine, notifier=Notifier(environ={}))
+    daemon.start()
+    runner = threading.Thread(target=daemon.run, daemon=True)
+    try:
+        runner.start()
+        (tmp_path / "outbox.sqlite").unlink()
+        runner.join(timeout=30)
+        assert not runner.is_alive(), "the unit kept running on a deleted outbox"
+        assert daemon.failure is not None and "outbox" in daemon.failure
+    finally:
+        daemon.request_stop()
+        daemon.stop()

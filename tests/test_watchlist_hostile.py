@@ -323,3 +323,13 @@ def test_a_fifo_carrying_a_valid_bundle_is_applied(unit: Watchlist, hq: Authorit
     data = hq.bundle(6, *_list(3))
     threading.Thread(target=lambda: fifo.write_bytes(data), daemon=True).start()
     assert read_bundle_file(fifo, MAX_BYTES) == data
+
+
+def test_a_key_set_file_that_never_ends_is_read_no_further_than_the_limit(tmp_path: Path) -> None:
+    from watchlist.format.errors import KeyFileError
+    from watchlist.format.keys import read_keyset_file
+
+    link = tmp_path / "keyset.bin"
+    link.symlink_to("/dev/zero")
+    with pytest.raises(KeyFileError, match="too large for a key set"):
+        read_keyset_file(link)
