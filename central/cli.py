@@ -13,6 +13,8 @@ from typing import Any
 import click
 from pydantic import ValidationError
 
+from common.version import VERSION_MESSAGE, software_version
+
 DB_OPTION = click.option(
     "--db",
     "db_path",
@@ -52,6 +54,7 @@ def _open_store(db_path: Path, must_exist: bool = True) -> Any:
 
 
 @click.group()
+@click.version_option(software_version(), message=VERSION_MESSAGE)
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
 def main(verbose: int) -> None:
     """Receive hits and unit status from checkpoint units over MQTT, and look into the stored hits.

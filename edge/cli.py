@@ -7,10 +7,12 @@ from pathlib import Path
 
 import click
 
+from common.version import VERSION_MESSAGE, software_version
 from edge.config import ConfigError, UnitConfig, load_config
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(software_version(), message=VERSION_MESSAGE)
 def main() -> None:
     """The checkpoint edge unit: cameras in, faces matched against the watchlist, hits out.
 

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import click
 
+from common.version import VERSION_MESSAGE, software_version
 from engines.errors import EngineError
 
 
 @click.group()
+@click.version_option(software_version(), message=VERSION_MESSAGE)
 @click.option("-v", "--verbose", is_flag=True, help="log progress")
 def main(verbose: bool) -> None:
     """Prepare and inspect the face models."""

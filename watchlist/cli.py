@@ -14,6 +14,7 @@ import click
 import tomllib
 
 from common.files import atomic_write
+from common.version import VERSION_MESSAGE, software_version
 from watchlist.format.errors import BundleRejected, WatchlistError
 
 _DURATION = re.compile(r"^(\d+)([smhd]?)$")
@@ -37,6 +38,7 @@ def _passphrase(env: str | None) -> bytes | None:
 
 
 @click.group()
+@click.version_option(software_version(), message=VERSION_MESSAGE)
 @click.option("-v", "--verbose", is_flag=True, help="log progress")
 def main(verbose: bool) -> None:
     """Signed watchlist tools: keys, enrolment, bundles and publishing at HQ; apply and status on a unit."""
