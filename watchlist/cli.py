@@ -188,8 +188,13 @@ def revoke(key_id: str, directory: Path, passphrase_env: str | None) -> None:
     "--register", "register_path", type=click.Path(path_type=Path), required=True, help="HQ register (SQLite)"
 )
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="write the full report as JSON here")
-def enrol(source: Path, register_path: Path, report_path: Path | None) -> None:
+@click.option("--dry-run", is_flag=True, help="check the photos and say what would be enrolled; write nothing")
+def enrol(source: Path, register_path: Path, report_path: Path | None, dry_run: bool) -> None:
     """Enrol photos from a CSV manifest or a folder (<folder>/<person_id>/<photo>) into the register.
+
+    Prints one line per photo: its face height, quality score and, for a refused photo, why (the
+    measured value and the limit). Exit status: 0 all enrolled, 1 some refused, 2 none enrolled or
+    bad input.
 
     Example: watchlist enrol cases.csv --register hq.db --report enrol-report.json
     """
@@ -202,17 +207,24 @@ def enrol(source: Path, register_path: Path, report_path: Path | None) -> None:
         from engines.face_engine import FaceEngine
 
         engine = FaceEngine.load()
-        report = EnrolmentReport(model_id=engine.model_id, rejected=list(refused))
-        run_enrol(Register(register_path), engine, entries, report=report)
+        report = EnrolmentReport(model_id=engine.model_id, rejected=list(refused), dry_run=dry_run)
+        register = None if dry_run else Register(register_path)
+        run_enrol(register, engine, entries, report=report)
     except WatchlistError as exc:
         _fail(exc)
-    for r in report.rejected:
-        click.echo(f"rejected {r.get('where')}: {r['reason']}")
+    for status, rows in (("enrolled", report.enrolled), ("already", report.duplicates), ("REFUSED", report.rejected)):
+        for r in rows:
+            measured = ""
+            if r.get("face_px") is not None:
+                measured = f" face {r['face_px']:.0f} px, quality {r['quality']:.2f}"
+            why = f": {r['reason']}" if status == "REFUSED" else ""
+            click.echo(f"{status:8} {r.get('where')} {r.get('person_id') or ''}{measured}{why}")
     for w in report.warnings:
         click.echo(f"warning: {w}")
-    click.echo(report.summary())
+    click.echo(report.summary() + (" (dry run: the register is unchanged)" if dry_run else ""))
     if report_path:
-        report_path.write_text(json.dumps(report.to_json(), indent=2))
+        atomic_write(report_path, json.dumps(report.to_json(), indent=2).encode())
+    sys.exit(report.exit_status())
 
 
 @main.command()
