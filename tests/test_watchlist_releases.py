@@ -77,7 +77,7 @@ def test_an_unpublished_build_never_becomes_a_delta_base(hq: dict, tmp_path: Pat
 
     table = run("releases", "--register", reg).output.splitlines()
     assert table[0].split() == [
-        "version", "kind", "base", "created", "(UTC)", "expires", "(UTC)", "persons", "templates", "bytes", "published"
+        "version", "kind", "base", "created", "(UTC)", "expires", "(UTC)", "listed", "sent", "bytes", "published"
     ]  # fmt: skip
     rows = {int(line.split()[0]): line.split() for line in table[1:]}
     assert rows[1][1:3] == ["full", "-"] and rows[1][-1].startswith("file:") and rows[1][-2].endswith("Z")

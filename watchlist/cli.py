@@ -353,7 +353,9 @@ def _print_changes(bundle, changes: dict, out: Path) -> None:  # noqa: ANN001
 @click.option("--register", "register_path", type=click.Path(path_type=Path, exists=True), required=True)
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 def releases(register_path: Path, as_json: bool) -> None:
-    """List every release built from the register: version, kind, base, times, counts, published or not.
+    """List every release built from the register: version, kind, base, times (UTC), persons on the
+    list after it (listed), templates the bundle carries (sent), size, and when and where it was
+    published ("no": never, so no delta is built on it by default).
 
     Example: watchlist releases --register hq.db
     """
@@ -371,7 +373,7 @@ def releases(register_path: Path, as_json: bool) -> None:
         return
     click.echo(
         f"{'version':>7}  {'kind':5}  {'base':>4}  {'created (UTC)':20}  {'expires (UTC)':20}  "
-        f"{'persons':>7}  {'templates':>9}  {'bytes':>9}  published"
+        f"{'listed':>7}  {'sent':>9}  {'bytes':>9}  published"
     )
     for r in rows:
         pub = f"{_iso(r['published_at'])} {r['published_to']}" if r["published_at"] else "no"
