@@ -177,3 +177,27 @@ def test_apply_takes_the_model_from_the_units_engine(tmp_path: Path) -> None:
     conf.write_text('[engine]\nthreds = 1\n[watchlist]\nroot_key = "keys/root.pub"\nstore = "wl2.db"\n')
     r = run("apply", tmp_path / "v1.cpwl", "--config", conf, code=2)
     assert "[engine]" in r.output and "threds" in r.output
+
+
+def test_publishing_over_mqtt_is_recorded(hq: dict, mosquitto) -> None:
+    d, reg = hq["dir"], hq["reg"]
+    run(*hq["build"], "--out", d / "v1.cpwl")
+    topic = "checkpoint/v1/site-1/watchlist"
+    out = run("publish", d / "v1.cpwl", "--register", reg, "--topic", topic, "--host", mosquitto.host,
+              "--port", mosquitto.port).output  # fmt: skip
+    assert f"full bundle version 1 published on {topic}/full" in out and "recorded as published" in out
+    (rel,) = Register(reg).releases()
+    assert rel["published_to"] == f"mqtt://{mosquitto.host}:{mosquitto.port}/{topic}"
+    assert Register(reg).latest_published_version() == 1
+
+
+def test_a_register_from_before_publications_opens_and_records(hq: dict) -> None:
+    import sqlite3
+
+    run(*hq["build"], "--out", hq["dir"] / "v1.cpwl")
+    with sqlite3.connect(hq["reg"]) as db:  # as registers written before the table existed
+        db.execute("DROP TABLE publications")
+    reg = Register(hq["reg"])
+    assert reg.latest_published_version() is None and reg.releases()[0]["published_at"] is None
+    run("publish", hq["dir"] / "v1.cpwl", "--register", hq["reg"], "--export", hq["dir"] / "usb")
+    assert Register(hq["reg"]).latest_published_version() == 1

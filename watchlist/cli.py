@@ -749,12 +749,9 @@ def status(config: Path | None, store: Path | None, as_json: bool) -> None:
     )
     if st.expires_at:
         left = st.expires_at - now
-        click.echo(
-            f"expires {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(st.expires_at))}"
-            + (" (EXPIRED)" if left <= 0 else f" (in {left / 3600:.1f} h)")
-        )
+        click.echo(f"expires {_iso(st.expires_at)}" + (" (EXPIRED)" if left <= 0 else f" (in {left / 3600:.1f} h)"))
     for e in out["events"]:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["at"]))
+        when = _iso(e["at"])
         click.echo(
             f"  {when} {e['kind']} {e['version'] or ''} {e['reason'] or ''} {e['detail'] or ''} [{e['source'] or ''}]"
         )
