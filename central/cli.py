@@ -17,6 +17,8 @@ from typing import Any
 import click
 from pydantic import ValidationError
 
+from common.version import VERSION_MESSAGE, software_version
+
 DB_OPTION = click.option(
     "--db",
     "db_url",
@@ -94,6 +96,7 @@ def _store_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @click.group()
+@click.version_option(software_version(), message=VERSION_MESSAGE)
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
 def main(verbose: int) -> None:
     """Receive hits and unit status from checkpoint units over MQTT, review them in a web console,

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import click
 
+from common.version import VERSION_MESSAGE, software_version
 from edge.config import ConfigError, UnitConfig, load_config
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(software_version(), message=VERSION_MESSAGE)
 def main() -> None:
     """The checkpoint edge unit: cameras in, faces matched against the watchlist, hits out.
 
@@ -37,32 +39,79 @@ def _load_or_exit(path: str) -> UnitConfig:
 
 @main.command("check-config")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
-def check_config(file: Path) -> None:
-    """Check a unit config file and print what it sets up; exit status 2 and each problem if it is wrong.
+@click.option("--probe", is_flag=True, help="also read one frame from each camera and connect to the broker")
+def check_config(file: Path, probe: bool) -> None:
+    """Check a unit config file and print what it sets up (software version, cameras, watchlist
+    applied or not, where hits go); exit status 2 and each problem if it is wrong.
 
     Every problem names the file and the key, for example
     `unit.toml: cameras[1].url: camera url scheme 'http' is not supported ...`.
 
+    With --probe each enabled camera is opened and one frame read (its size is printed), and the
+    broker is connected to with the unit's credentials (under a client id of its own, so a running
+    unit is not disturbed); exit status 1 when any of them failed.
+
     \b
-    Example:
+    Examples:
       edge check-config /etc/checkpoint/unit.toml
+      edge check-config --probe /etc/checkpoint/unit.toml
     """
     from edge.camera.urls import redact_url
 
     cfg = _load_or_exit(str(file))
-    click.echo(f"{file}: OK")
+    click.echo(f"{file}: OK (checkpoint {software_version()})")
     click.echo(f"  unit {cfg.unit.id} at site {cfg.unit.site}")
     for cam in cfg.cameras:
         state = f"{cam.analysis_fps:g} fps analysed" if cam.enabled else "disabled"
         name = f" ({cam.name})" if cam.name else ""
         click.echo(f"  camera {cam.id}{name}: {redact_url(cam.url)} via {cam.backend}, {state}")
     click.echo(f"  watchlist store {cfg.watchlist.store}, root key {cfg.watchlist.root_key}")
+    click.echo(f"  watchlist: {_watchlist_state(cfg.watchlist.store)}")
     sinks = []
     if cfg.mqtt is not None:
         sinks.append(f"mqtt {cfg.mqtt.host}:{cfg.mqtt.port} (outbox {cfg.outbox.path})")
     if cfg.sinks.jsonl is not None:
         sinks.append(f"jsonl {cfg.sinks.jsonl.path}")
     click.echo(f"  hits go to: {', '.join(sinks)}")
+    if not probe:
+        return
+    from edge.probe import probe_all
+
+    click.echo("probe:")
+    results = probe_all(cfg)
+    for r in results:
+        click.echo(f"  {r.what}: {'OK' if r.ok else 'FAILED'}: {r.detail}")
+    failed = [r.what for r in results if not r.ok]
+    click.echo(
+        f"probe: {len(results) - len(failed)} of {len(results)} worked"
+        + (f"; failed: {', '.join(failed)}" if failed else "")
+    )
+    if failed:
+        sys.exit(1)
+
+
+def _watchlist_state(store: Path) -> str:
+    """Whether a list is applied in the unit's store, without creating the store."""
+    import time
+
+    if not Path(store).is_file():
+        return "no list applied yet (the store is created at first start); apply one: watchlist apply FILE --config ..."
+    from watchlist.format.errors import WatchlistError
+    from watchlist.unit.store import UnitStore
+
+    try:
+        s = UnitStore(store)
+    except WatchlistError as exc:
+        return f"cannot read the store: {exc}"
+    try:
+        st, (persons, templates) = s.state(), s.counts()
+    finally:
+        s.close()
+    if not st.version:
+        return "no list applied yet; apply one: watchlist apply FILE --config ..."
+    expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(st.expires_at)) if st.expires_at else "never"
+    expired = " (EXPIRED)" if st.expires_at and st.expires_at <= time.time() else ""
+    return f"version {st.version} ({st.kind}), {persons} persons, {templates} templates, expires {expires}{expired}"
 
 
 @main.command("run")

@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from common.version import software_version
 from edge.config import CameraConfig, LoggingConfig, UnitConfig
 from edge.notify import Notifier
 from edge.pipeline import CameraSpec, MatcherLike, Pipeline
@@ -38,6 +39,8 @@ _HUNG_AFTER_S = 30.0
 _M_MMAP_THRESHOLD = -3
 # How often the watchlist re-checks its expiry and a store changed by `watchlist apply` from outside.
 _WATCHLIST_TICK_S = 30.0
+# A warning that still holds is logged again this often (the heartbeat carries it all the time).
+_REWARN_S = 600.0
 
 
 class DaemonError(RuntimeError):
@@ -73,6 +76,7 @@ class Daemon:
         self._stop = threading.Event()
         self._stopped = False
         self._camera_names = {c.id: c.name for c in config.cameras}
+        self._warned: dict[str, float] = {}  # warning -> when it was last logged (monotonic)
 
     # -- life cycle ----------------------------------------------------------------------------
 
@@ -107,8 +111,9 @@ class Daemon:
             self._shutdown(timeout=5.0)
             raise
         line = self.status_line()
-        log.info("unit %s (site %s) running: %s", cfg.unit.id, cfg.unit.site, line)
+        log.info("unit %s (site %s) running checkpoint %s: %s", cfg.unit.id, cfg.unit.site, software_version(), line)
         self.notifier.ready(line)
+        self._log_warnings()
 
     def request_stop(self) -> None:
         """Ask `run()` to return (safe from signal handlers and other threads)."""
@@ -138,6 +143,7 @@ class Daemon:
                 next_wd = now + wd_every
             if self.watchlist is not None and now >= next_watchlist:
                 self._tick_watchlist()
+                self._log_warnings()
                 next_watchlist = now + _WATCHLIST_TICK_S
             if now >= next_stats:
                 self.log_figures()
@@ -257,6 +263,35 @@ class Daemon:
         except Exception as exc:  # the list in memory keeps matching; the next tick tries again
             log.error("watchlist check failed: %s", exc)
 
+    def warnings(self) -> list[str]:
+        """What the unit should not be running like: no watchlist, or an expired one."""
+        if self.watchlist is None:
+            return []
+        wl = self.watchlist.status()
+        if not wl["version"]:
+            return [
+                "running with no watchlist: no face can match until a list is applied "
+                "(`watchlist apply FILE --config ...` or a publication on the unit's watchlist topic)"
+            ]
+        if wl["expired"]:
+            expired = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(wl["expires_at"] or 0))
+            doing = (
+                "still matching it (on_expired = warn)" if wl["matching"] else "matching stopped (on_expired = stop)"
+            )
+            return [f"watchlist version {wl['version']} expired at {expired}; {doing} until HQ sends a fresh one"]
+        return []
+
+    def _log_warnings(self) -> None:
+        now = time.monotonic()
+        current = self.warnings()
+        for text in current:
+            if now - self._warned.get(text, -_REWARN_S) >= _REWARN_S:
+                log.warning("%s", text)
+                self._warned[text] = now
+        for text in [t for t in self._warned if t not in current]:
+            log.info("resolved: %s", text)
+            del self._warned[text]
+
     def _camera_changed(self, state: Any) -> None:
         # The reader logs the transition itself; the status line shows it at once.
         self.notifier.status(self.status_line())
@@ -280,6 +315,8 @@ class Daemon:
                     "up": st.up,
                     "since": round(st.since, 3),
                     "last_error": st.last_error,
+                    "previous_error": st.previous_error,
+                    "previous_error_at": None if st.previous_error_at is None else round(st.previous_error_at, 3),
                     "reconnects": st.reconnects,
                     "fps_in": st.fps,
                     "fps_analysed": an.get("analysed_fps", 0.0),
@@ -302,7 +339,9 @@ class Daemon:
         if self.subscriber is not None:
             watchlist["sync"] = self.subscriber.status()
         return {
+            "software_version": software_version(),
             "started_at": round(self.started_at or 0.0, 3),
+            "warnings": self.warnings(),
             "model_id": getattr(self.engine, "model_id", None),
             "cameras": cameras,
             "cameras_up": sum(c["up"] for c in cameras),

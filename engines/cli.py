@@ -9,10 +9,12 @@ from pathlib import Path
 
 import click
 
+from common.version import VERSION_MESSAGE, software_version
 from engines.errors import EngineError
 
 
 @click.group()
+@click.version_option(software_version(), message=VERSION_MESSAGE)
 @click.option("-v", "--verbose", is_flag=True, help="log progress")
 def main(verbose: bool) -> None:
     """Prepare and inspect the face models."""
@@ -87,3 +89,134 @@ def analyze(images: tuple[Path, ...], cache_dir: Path | None) -> None:
                 )
             )
     sys.exit(1 if failed else 0)
+
+
+def _compare_threshold(threshold: float | None, config: Path | None) -> tuple[float | None, str]:
+    """The threshold to judge a score by, and where it comes from."""
+    if threshold is not None:
+        return threshold, "--threshold"
+    if config is not None:
+        import tomllib
+
+        value = (tomllib.loads(config.read_text()).get("matching") or {}).get("threshold")
+        if value is not None:
+            return float(value), f"{config} [matching] threshold"
+    return None, ""
+
+
+def _engine_config(config: Path | None, cache_dir: Path | None):  # noqa: ANN202
+    from engines.config import EngineConfig
+
+    table: dict = {}
+    if config is not None:
+        import tomllib
+
+        table = dict(tomllib.loads(config.read_text()).get("engine") or {})
+        for key in ("cache_dir",):
+            if table.get(key) and not Path(table[key]).is_absolute():
+                table[key] = str(config.parent / table[key])
+        spec = dict(table.get("embedder") or {})
+        if spec.get("onnx") and not Path(spec["onnx"]).is_absolute():
+            table["embedder"] = spec | {"onnx": str(config.parent / spec["onnx"])}
+    if cache_dir is not None:
+        table["cache_dir"] = cache_dir
+    try:
+        return EngineConfig(**table)
+    except ValueError as exc:
+        raise click.UsageError(f"{config}: [engine]: {exc}") from None
+
+
+def _face_summary(face, gate_reasons: tuple[str, ...]) -> dict:  # noqa: ANN001
+    q = face.quality
+    return {
+        "box": [round(v, 1) for v in face.box],
+        "height_px": round(face.box[3] - face.box[1], 1),
+        "detector_score": round(face.score, 3),
+        "quality": round(q.score, 3),
+        "passes_gate": q.ok,
+        "gate_reasons": list(gate_reasons),
+    }
+
+
+@main.command()
+@click.argument("image_a", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("image_b", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="a unit's TOML")
+@click.option("--threshold", type=float, help="judge the score at this cosine threshold")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None)
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+def compare(
+    image_a: Path, image_b: Path, config: Path | None, threshold: float | None, cache_dir: Path | None, as_json: bool
+) -> None:
+    """Compare the largest face of two photos: the faces found, their quality, the similarity score,
+    and what it means at the threshold (--threshold, else the unit's [matching] threshold).
+
+    The engine is the unit's when --config is given ([engine]: model, detector, quality gate).
+    A face that fails the quality gate is still compared, but a unit would not embed it.
+    Exit status: 0 compared, 1 no face in a photo.
+
+    \b
+    Example:
+      engines compare case-0173.jpg camera-still.png --config /etc/checkpoint/unit.toml
+    """
+    import numpy as np
+
+    from engines.face_engine import FaceEngine
+    from engines.image import load_image
+
+    try:
+        engine = FaceEngine.load(_engine_config(config, cache_dir))
+        found = {}
+        for path in (image_a, image_b):
+            faces = engine.analyze(load_image(path), embed_rejected=True)
+            found[path] = sorted(faces, key=lambda f: f.box[3] - f.box[1], reverse=True)
+    except EngineError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    out: dict = {"model_id": engine.model_id, "images": {}}
+    for path, faces in found.items():
+        out["images"][str(path)] = {"faces": [_face_summary(f, f.quality.reasons) for f in faces]}
+    missing = [str(p) for p, faces in found.items() if not faces]
+    limit, source = _compare_threshold(threshold, config)
+    if not missing:
+        a, b = (found[p][0].embedding for p in (image_a, image_b))
+        score = float(np.dot(a, b))
+        out["score"] = round(score, 4)
+        out["threshold"] = limit
+        out["threshold_source"] = source or None
+        out["same_person"] = None if limit is None else score >= limit
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+    else:
+        click.echo(f"model {engine.model_id}")
+        for path, info in out["images"].items():
+            faces = info["faces"]
+            if not faces:
+                click.echo(f"{path}: no face found")
+                continue
+            f = faces[0]
+            gate = "passes the quality gate" if f["passes_gate"] else f"FAILS the gate ({', '.join(f['gate_reasons'])})"
+            more = f"; {len(faces) - 1} smaller face(s) ignored" if len(faces) > 1 else ""
+            click.echo(
+                f"{path}: face {f['height_px']:.0f} px high, detector {f['detector_score']:.2f}, "
+                f"quality {f['quality']:.2f}, {gate}{more}"
+            )
+        if not missing:
+            click.echo(f"score {out['score']:.4f} (cosine similarity of the two faces' embeddings, -1..1)")
+            if limit is None:
+                click.echo(
+                    "no threshold to judge it by: give --threshold or --config with [matching] threshold (a unit "
+                    "otherwise uses its watchlist's default, set at HQ by `watchlist build --threshold`); "
+                    "no calibrated operating points (false-match rates) are installed to say more"
+                )
+            else:
+                verdict = "a MATCH" if out["same_person"] else "NOT a match"
+                click.echo(
+                    f"at threshold {limit:g} ({source}): {verdict} "
+                    f"(score {'>=' if out['same_person'] else '<'} threshold); this threshold is not calibrated "
+                    "to a false-match rate here"
+                )
+    if missing:
+        if not as_json:
+            click.echo(f"cannot compare: no face found in {', '.join(missing)}", err=True)
+        sys.exit(1)

@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
+from common.version import software_version
 from testing.media import make_face_clip
 from tests.edge_support import People, signed_store
 
@@ -202,6 +204,11 @@ def test_cameras_fail_and_recover_while_others_run(
         assert "stall" in (cam("gate")["last_error"] or ""), cam("gate")
         srv.resume("gate")
         wait_for(lambda: cam("gate")["up"], 15, "the camera back after the stall")
+        # Up again: the error is no longer current, but kept (with its time) for whoever looks.
+        back = cam("gate")
+        assert back["last_error"] is None and "stall" in back["previous_error"], back
+        assert back["previous_error_at"] <= time.time() and status["warnings"] == []
+        assert status["software_version"] == software_version()
 
         # The server dies and comes back: the camera reconnects and hits resume.
         srv.kill()
@@ -219,6 +226,50 @@ def test_cameras_fail_and_recover_while_others_run(
     assert hits and {h["person_id"] for h in hits} == {people.enrolled_id}
     assert {h["camera_id"] for h in hits} == {"gate"}
     assert not [t for t in threading.enumerate() if t.name.startswith(("sample-", "detect-", "embed"))]
+
+
+def test_the_unit_warns_while_it_has_no_list_or_an_expired_one(
+    rtsp_server_factory: Any, loop_clip: Path, people: People, engine: Any, tmp_path: Path, caplog: Any
+) -> None:
+    import logging
+
+    from edge.config import load_config
+    from edge.daemon import Daemon
+    from edge.notify import Notifier
+    from watchlist.cli import main as watchlist_cli
+
+    srv = rtsp_server_factory({"gate": loop_clip})
+    root_pub, filled = signed_store(tmp_path / "hq", people)
+    empty = tmp_path / "unit-state" / "empty.db"
+    empty.parent.mkdir()
+    config = unit_toml(tmp_path, root_pub, empty, {"gate": srv.url("gate")})
+    daemon = Daemon(load_config(config), engine=engine, notifier=Notifier(environ={}))
+    caplog.set_level(logging.INFO, logger="edge.daemon")
+    daemon.start()
+    try:
+        (warning,) = daemon.status()["warnings"]
+        assert warning.startswith("running with no watchlist: no face can match")
+        assert [r for r in caplog.records if r.levelno == logging.WARNING and "no watchlist" in r.getMessage()]
+        # The list arrives (here from a file, as `watchlist apply` does): the warning clears.
+        bundle = tmp_path / "hq" / "watchlist-v1.cpwl"
+        applied = CliRunner().invoke(
+            watchlist_cli,
+            ["apply", str(bundle), "--store", str(empty), "--root-key", str(root_pub), "--model-id", engine.model_id],
+        )
+        assert applied.exit_code == 0, applied.output
+        daemon._tick_watchlist()
+        daemon._log_warnings()
+        assert daemon.status()["warnings"] == [] and daemon.status()["watchlist"]["version"] == 1
+        assert any("resolved: running with no watchlist" in r.getMessage() for r in caplog.records)
+        # A month later the list has expired: warned again, in the status the heartbeat carries.
+        daemon.watchlist.clock = lambda: time.time() + 30 * 86400
+        (expired,) = daemon.warnings()
+        assert expired.startswith("watchlist version 1 expired at 20") and "still matching it" in expired
+        daemon._log_warnings()
+        assert [r for r in caplog.records if r.levelno == logging.WARNING and "expired at" in r.getMessage()]
+    finally:
+        daemon.stop()
+    assert filled.exists()
 
 
 def test_run_with_bad_config_exits_2_with_the_key(tmp_path: Path) -> None:
@@ -300,6 +351,11 @@ path = "outbox.sqlite"
     assert {"up", "since", "last_error", "fps_analysed", "lag_s"} <= set(unit["cameras"][0])
     states = [records.decode_status(p)["state"] for t, p in got if t.endswith("/status")]
     assert states[0] == "online" and states[-1] == "offline"
+    # Which software the unit runs: in every status and heartbeat.
+    assert beats[-1]["software_version"] == unit["software_version"] == software_version()
+    assert {records.decode_status(p)["software_version"] for t, p in got if t.endswith("/status")} == {
+        software_version()
+    }
 
 
 def test_demo_command_runs_the_whole_loop(engine: Any, tmp_path: Path) -> None:

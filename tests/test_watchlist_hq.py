@@ -44,6 +44,7 @@ def test_full_and_delta_from_the_register_reach_the_unit(tmp_path: Path, keys) -
     assert (b1.kind, b1.version, len(b1.persons), b1.n_templates) == ("full", 1, 30, 60)
     r1 = release(reg, b1, d1, signing, keyset, tmp_path / "v1.cpwl")
     assert (tmp_path / "v1.cpwl").read_bytes() == r1.data
+    reg.mark_published(r1.sha256, "test")
 
     # Changes at HQ: one found, one re-photographed, one new threshold, one new person.
     reg.remove_persons(["case-0004"])
@@ -62,6 +63,7 @@ def test_full_and_delta_from_the_register_reach_the_unit(tmp_path: Path, keys) -
     assert sorted(p.person_id for p in b2.persons) == ["case-0005", "case-0006", "case-9999"]
     assert next(p for p in b2.persons if p.person_id == "case-0005").templates[-1] == Template(age=12)
     r2 = release(reg, b2, d2, signing, keyset)
+    reg.mark_published(r2.sha256, "test")
 
     cfg = WatchlistConfig(root_key=tmp_path / "root.pub", store=tmp_path / "unit.db")
     (tmp_path / "root.pub").write_bytes(
@@ -95,7 +97,7 @@ def test_release_refuses_bad_bases_and_keys(tmp_path: Path, keys) -> None:
     root, signing, keyset = keys
     reg = Register(tmp_path / "hq.db")
     _fill(reg, 3)
-    with pytest.raises(RegisterError, match="never released"):
+    with pytest.raises(RegisterError, match="no release was published yet"):
         plan_bundle(reg, model_id=MODEL, default_threshold=0.5, kind="delta")
     b, d, _ = plan_bundle(reg, model_id=MODEL, default_threshold=0.5)
     with pytest.raises(RegisterError, match="not in key set"):
@@ -218,7 +220,7 @@ def test_offset_keeps_crowded_embeddings_precise_and_stays_fixed(tmp_path: Path,
     emb = samples_of(centers, 2, seed=4, spread=ENGINE_LIKE["spread"])
     reg.add_persons(make_persons([f"case-{i:04d}" for i in range(200)], 2), emb, model_id=MODEL)
     b1, d1, _ = plan_bundle(reg, model_id=MODEL, default_threshold=0.99)
-    release(reg, b1, d1, signing, keyset)
+    reg.mark_published(release(reg, b1, d1, signing, keyset).sha256, "test")
     decoded = b1.embedding_offset + b1.embeddings.astype(np.float32)
     plain = emb.astype(np.float16).astype(np.float32)  # what float16 without the offset would give
     probes = samples_of(centers[:20], 1, seed=5, spread=ENGINE_LIKE["spread"])

@@ -14,6 +14,7 @@ import click
 import tomllib
 
 from common.files import atomic_write
+from common.version import VERSION_MESSAGE, software_version
 from watchlist.format.errors import BundleRejected, WatchlistError
 
 _DURATION = re.compile(r"^(\d+)([smhd]?)$")
@@ -37,6 +38,7 @@ def _passphrase(env: str | None) -> bytes | None:
 
 
 @click.group()
+@click.version_option(software_version(), message=VERSION_MESSAGE)
 @click.option("-v", "--verbose", is_flag=True, help="log progress")
 def main(verbose: bool) -> None:
     """Signed watchlist tools: keys, enrolment, bundles and publishing at HQ; apply and status on a unit."""
@@ -186,8 +188,13 @@ def revoke(key_id: str, directory: Path, passphrase_env: str | None) -> None:
     "--register", "register_path", type=click.Path(path_type=Path), required=True, help="HQ register (SQLite)"
 )
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="write the full report as JSON here")
-def enrol(source: Path, register_path: Path, report_path: Path | None) -> None:
+@click.option("--dry-run", is_flag=True, help="check the photos and say what would be enrolled; write nothing")
+def enrol(source: Path, register_path: Path, report_path: Path | None, dry_run: bool) -> None:
     """Enrol photos from a CSV manifest or a folder (<folder>/<person_id>/<photo>) into the register.
+
+    Prints one line per photo: its face height, quality score and, for a refused photo, why (the
+    measured value and the limit). Exit status: 0 all enrolled, 1 some refused, 2 none enrolled or
+    bad input.
 
     Example: watchlist enrol cases.csv --register hq.db --report enrol-report.json
     """
@@ -200,17 +207,24 @@ def enrol(source: Path, register_path: Path, report_path: Path | None) -> None:
         from engines.face_engine import FaceEngine
 
         engine = FaceEngine.load()
-        report = EnrolmentReport(model_id=engine.model_id, rejected=list(refused))
-        run_enrol(Register(register_path), engine, entries, report=report)
+        report = EnrolmentReport(model_id=engine.model_id, rejected=list(refused), dry_run=dry_run)
+        register = None if dry_run else Register(register_path)
+        run_enrol(register, engine, entries, report=report)
     except WatchlistError as exc:
         _fail(exc)
-    for r in report.rejected:
-        click.echo(f"rejected {r.get('where')}: {r['reason']}")
+    for status, rows in (("enrolled", report.enrolled), ("already", report.duplicates), ("REFUSED", report.rejected)):
+        for r in rows:
+            measured = ""
+            if r.get("face_px") is not None:
+                measured = f" face {r['face_px']:.0f} px, quality {r['quality']:.2f}"
+            why = f": {r['reason']}" if status == "REFUSED" else ""
+            click.echo(f"{status:8} {r.get('where')} {r.get('person_id') or ''}{measured}{why}")
     for w in report.warnings:
         click.echo(f"warning: {w}")
-    click.echo(report.summary())
+    click.echo(report.summary() + (" (dry run: the register is unchanged)" if dry_run else ""))
     if report_path:
-        report_path.write_text(json.dumps(report.to_json(), indent=2))
+        atomic_write(report_path, json.dumps(report.to_json(), indent=2).encode())
+    sys.exit(report.exit_status())
 
 
 @main.command()
@@ -219,19 +233,32 @@ def enrol(source: Path, register_path: Path, report_path: Path | None) -> None:
 def remove(person_ids: tuple[str, ...], register_path: Path) -> None:
     """Take persons off the list (found, or case closed); the next bundle removes them from units.
 
+    Every id the register does not hold is named and the exit status is 1 (a typo must not leave
+    a found child on the list unnoticed); the known ids are removed all the same.
+
     Example: watchlist remove case-2024-0173 --register hq.db && watchlist build --delta ...
     """
     from watchlist.hq.register import Register
 
-    n = Register(register_path).remove_persons(person_ids)
-    click.echo(f"{n} of {len(person_ids)} persons removed from the register")
+    try:
+        reg = Register(register_path)
+        unknown = reg.unknown_persons(person_ids)
+        n = reg.remove_persons(person_ids)
+    except WatchlistError as exc:
+        _fail(exc)
+    click.echo(f"{n} of {len(set(person_ids))} persons removed from the register")
+    if unknown:
+        click.echo(f"error: not in the register (check the ids): {', '.join(unknown)}", err=True)
+        sys.exit(1)
 
 
 @main.command()
 @click.option("--register", "register_path", type=click.Path(path_type=Path, exists=True), required=True)
 @click.option("--keys", "keys_dir", type=click.Path(path_type=Path, exists=True), required=True, help="key folder")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="bundle file to write")
-@click.option("--delta", is_flag=True, help="only the changes since --base (default: the latest release)")
+@click.option("--force", is_flag=True, help="overwrite --out if it exists")
+@click.option("--dry-run", is_flag=True, help="print what the bundle would change; sign, write and record nothing")
+@click.option("--delta", is_flag=True, help="only the changes since --base (default: the latest published release)")
 @click.option("--base", type=int, help="released version the delta applies to")
 @click.option("--valid-for", default="7d", show_default=True, help="time until units treat the list as expired")
 @click.option("--threshold", type=float, help="default cosine threshold for the list (remembered for next builds)")
@@ -242,6 +269,8 @@ def build(
     register_path: Path,
     keys_dir: Path,
     out: Path,
+    force: bool,
+    dry_run: bool,
     delta: bool,
     base: int | None,
     valid_for: str,
@@ -250,14 +279,19 @@ def build(
     with_names: bool,
     passphrase_env: str | None,
 ) -> None:
-    """Build and sign the next bundle (full, or --delta) from the register.
+    """Build and sign the next bundle (full, or --delta) from the register, and record it as a release.
+
+    A delta applies to the latest *published* release unless --base says otherwise. --out is never
+    overwritten without --force; --dry-run prints what would change on the units.
 
     Example: watchlist build --register hq.db --keys /secure/hq-keys --out v12.cpwl --delta --valid-for 7d
     """
-    from watchlist.hq.build import plan_bundle, release
+    from watchlist.hq.build import describe_changes, plan_bundle, release
     from watchlist.hq.register import Register
 
     try:
+        if out.exists() and not force and not dry_run:
+            raise WatchlistError(f"{out} exists: give another --out, or --force to overwrite it")
         reg = Register(register_path)
         models = reg.model_ids()
         if model_id is None:
@@ -273,7 +307,7 @@ def build(
                     f"give --threshold: the cosine similarity at which model {model_id} "
                     "calls two faces the same person (it is remembered afterwards)"
                 )
-        else:
+        elif not dry_run:
             reg.set_meta(f"threshold:{model_id}", threshold)
         kd = _KeyDir(keys_dir, _passphrase(passphrase_env))
         bundle, digests, skipped = plan_bundle(
@@ -285,6 +319,9 @@ def build(
             valid_for_s=_duration(valid_for),
             with_names=with_names,
         )
+        if dry_run:
+            _print_changes(bundle, describe_changes(reg, bundle, digests), out)
+            return
         rel = release(reg, bundle, digests, kd.current_signing(), kd.keyset(), out, skipped)
     except (WatchlistError, BundleRejected, ValueError) as exc:
         _fail(exc)
@@ -298,67 +335,268 @@ def build(
         click.echo(f"warning: {len(skipped)} persons have no template of model {model_id} and are not in the list")
 
 
+def _print_changes(bundle, changes: dict, out: Path) -> None:  # noqa: ANN001
+    what = (
+        f"delta {bundle.base_version}->{bundle.version}" if bundle.kind == "delta" else f"full version {bundle.version}"
+    )
+    base = changes["base_version"]
+    click.echo(f"dry run: would write {what} to {out} ({len(bundle.persons)} persons, {bundle.n_templates} templates)")
+    click.echo(f"  against {'published version ' + str(base) if base else 'no published version'}:")
+    for key in ("added", "changed", "removed"):
+        ids = changes[key]
+        click.echo(f"  {key} {len(ids)}" + (f": {', '.join(ids)}" if ids else ""))
+    click.echo(f"  unchanged {changes['unchanged']}")
+    click.echo("nothing signed, written or recorded")
+
+
+@main.command()
+@click.option("--register", "register_path", type=click.Path(path_type=Path, exists=True), required=True)
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+def releases(register_path: Path, as_json: bool) -> None:
+    """List every release built from the register: version, kind, base, times (UTC), persons on the
+    list after it (listed), templates the bundle carries (sent), size, and when and where it was
+    published ("no": never, so no delta is built on it by default).
+
+    Example: watchlist releases --register hq.db
+    """
+    from watchlist.hq.register import Register
+
+    try:
+        rows = Register(register_path).releases()
+    except WatchlistError as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("no release yet: `watchlist build` makes the first")
+        return
+    click.echo(
+        f"{'version':>7}  {'kind':5}  {'base':>4}  {'created (UTC)':20}  {'expires (UTC)':20}  "
+        f"{'listed':>7}  {'sent':>9}  {'bytes':>9}  published"
+    )
+    for r in rows:
+        pub = f"{_iso(r['published_at'])} {r['published_to']}" if r["published_at"] else "no"
+        click.echo(
+            f"{r['version']:>7}  {r['kind']:5}  {r['base_version'] if r['base_version'] is not None else '-':>4}  "
+            f"{_iso(r['created_at']):20}  {_iso(r['expires_at']):20}  {r['persons']:>7}  {r['templates']:>9}  "
+            f"{r['bytes']:>9}  {pub}"
+        )
+
+
+def _iso(epoch: float | None) -> str:
+    from watchlist.hq.listing import iso_utc
+
+    return iso_utc(epoch) or "-"
+
+
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path, exists=True, dir_okay=False))
-@click.option("--topic", required=True, help="the site's watchlist topic prefix, e.g. checkpoint/site-1/watchlist")
+@click.option("--register", "register_path", type=click.Path(path_type=Path, exists=True), help="HQ register")
+@click.option("--topic", help="the site's watchlist topic prefix, e.g. checkpoint/v1/site-1/watchlist")
 @click.option("--host", default="localhost", show_default=True)
 @click.option("--port", default=1883, show_default=True)
 @click.option("--chunk-bytes", default=1024 * 1024, show_default=True, help="bytes per MQTT message")
-@click.option("--export", "export_dir", type=click.Path(path_type=Path), help="also write a copy here (USB, scp)")
-def publish(bundle: Path, topic: str, host: str, port: int, chunk_bytes: int, export_dir: Path | None) -> None:
-    """Publish a bundle (retained, QoS 1, chunked) to a site's watchlist topic; a key set file goes to
-    the keyset topic.
+@click.option(
+    "--export", "export_dir", type=click.Path(path_type=Path), help="write a copy into this folder (USB, scp)"
+)
+def publish(
+    bundle: Path,
+    register_path: Path | None,
+    topic: str | None,
+    host: str,
+    port: int,
+    chunk_bytes: int,
+    export_dir: Path | None,
+) -> None:
+    """Publish a bundle to a site's watchlist topic (retained, QoS 1, chunked) and/or as a file
+    (--export), and record it in the register as published: later deltas are built against it.
+    A key set file goes to the keyset topic.
 
-    Example: watchlist publish v12.cpwl --topic checkpoint/site-1/watchlist --host broker.hq
+    \b
+    Examples:
+      watchlist publish v12.cpwl --register hq.db --topic checkpoint/v1/site-1/watchlist --host broker.hq
+      watchlist publish v12.cpwl --register hq.db --export /media/usb
     """
+    from watchlist.format.bundle import sha256_hex
     from watchlist.format.keys import KEYSET_MAGIC
     from watchlist.hq.publish import export_file, publish_bundle, publish_keyset
+    from watchlist.hq.register import Register
 
     data = bundle.read_bytes()
     try:
         if data[:8] == KEYSET_MAGIC:
+            if topic is None:
+                raise click.UsageError("give --topic: key sets travel over MQTT")
             publish_keyset(data, topic, host=host, port=port)
             click.echo(f"key set published on {topic}/keyset")
             return
-        m = publish_bundle(data, topic, host=host, port=port, chunk_bytes=chunk_bytes)
-        if export_dir:
-            click.echo(f"exported to {export_file(data, export_dir)}")
+        if topic is None and export_dir is None:
+            raise click.UsageError("give --topic (MQTT), --export DIR (a file), or both")
+        if register_path is None:
+            raise click.UsageError("give --register: HQ's register records what is published, deltas build on it")
+        reg = Register(register_path)
+        digest = sha256_hex(data)
+        reg.release_with_sha256(digest)  # before anything goes out: is it one of this register's releases?
+        if topic is not None:
+            m = publish_bundle(data, topic, host=host, port=port, chunk_bytes=chunk_bytes)
+            version = reg.mark_published(digest, f"mqtt://{host}:{port}/{topic}")
+            click.echo(
+                f"{m.kind} bundle version {m.version} published on {topic}/{m.kind} ({m.chunks} chunks, {m.size} bytes)"
+            )
+        if export_dir is not None:
+            path = export_file(data, export_dir)
+            version = reg.mark_published(digest, f"file:{path}")
+            click.echo(f"exported to {path}")
     except (WatchlistError, BundleRejected) as exc:
         _fail(exc)
-    click.echo(f"{m.kind} bundle version {m.version} published on {topic}/{m.kind} ({m.chunks} chunks, {m.size} bytes)")
+    click.echo(f"version {version} recorded as published in {register_path}")
 
 
 @main.command("inspect")
 @click.argument("bundle", type=click.Path(path_type=Path, exists=True, dir_okay=False))
-@click.option("--root-key", type=click.Path(path_type=Path, exists=True), help="also verify against this root key")
-def inspect_cmd(bundle: Path, root_key: Path | None) -> None:
-    """Show a bundle's header (and, with --root-key, whether its signature chain holds).
+@click.option("--root-key", type=click.Path(path_type=Path, exists=True), help="verify signature and key chain")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+def inspect_cmd(bundle: Path, root_key: Path | None, as_json: bool) -> None:
+    """Show what a bundle holds: kind, version, base, dates (ISO 8601 UTC), model, threshold, the
+    person ids with their template counts (names only if the bundle carries them), removed ids.
+
+    With --root-key the signature and the key chain up to that root key are verified, as a unit
+    would, but without a unit's state: a delta can be checked before it is published. Exit status
+    1 when the verification fails.
 
     Example: watchlist inspect v12.cpwl --root-key hq-keys/root.pub
     """
-    from watchlist.format.bundle import peek
+    from watchlist.format.bundle import peek, sha256_hex
     from watchlist.format.keys import load_public_key
-    from watchlist.format.verify import UnitTrust, verify_bundle
+    from watchlist.format.verify import verify_signed
+    from watchlist.hq.listing import describe_bundle, format_rows
 
     data = bundle.read_bytes()
     try:
-        h = peek(data)
-        click.echo(
-            json.dumps(
-                {k: v for k, v in h.items() if k != "persons"} | {"persons": len(h.get("persons", []))}, indent=2
-            )
-        )
-        if root_key:
-            trust = UnitTrust(
-                load_public_key(root_key),
-                expected_model_id=h.get("model_id", ""),
-                max_bundle_bytes=len(data),
-                applied_version=0,
-            )
-            verify_bundle(data, trust, now=time.time())
-            click.echo("signature chain: valid")
+        out = describe_bundle(peek(data)) | {"bytes": len(data), "sha256": sha256_hex(data)}
     except (WatchlistError, BundleRejected) as exc:
         _fail(exc)
+    failure = None
+    if root_key:
+        try:
+            _, keyset, kid = verify_signed(data, load_public_key(root_key), max_bytes=len(data))
+            out["signature"] = {"valid": True, "signing_key_id": kid, "keyset_serial": keyset.serial}
+        except BundleRejected as exc:
+            failure = f"{exc.reason}: {exc.message}"
+            out["signature"] = {"valid": False, "reason": exc.reason, "detail": exc.message}
+        except WatchlistError as exc:
+            _fail(exc)
+    else:
+        out["signature"] = {"valid": None, "detail": "not checked: give --root-key"}
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+    else:
+        base = f" (delta from version {out['base_version']})" if out["kind"] == "delta" else ""
+        click.echo(f"{bundle}: {out['kind']} bundle, version {out['version']}{base}")
+        click.echo(f"  created {out['created_at']}, expires {out['expires_at']}")
+        click.echo(
+            f"  model {out['model_id']} ({out['embedding_dim']} dims), default threshold {out['default_threshold']}"
+        )
+        click.echo(f"  {len(out['persons'])} persons, {out['templates']} templates, {out['bytes']} bytes")
+        sig = out["signature"]
+        if sig["valid"]:
+            click.echo(f"  signature: valid (key {sig['signing_key_id']}, key set {sig['keyset_serial']})")
+        else:
+            click.echo(f"  signature: {'INVALID: ' + failure if failure else sig['detail']}")
+        for line in format_rows(out["persons"]):
+            click.echo("  " + line)
+        if out["kind"] == "delta":
+            click.echo(f"  removed: {', '.join(out['removed']) or 'none'}")
+    if failure:
+        sys.exit(1)
+
+
+@main.command("list")
+@click.argument("bundle", required=False, type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--register", "register_path", type=click.Path(path_type=Path, exists=True), help="HQ register")
+@click.option("--config", type=click.Path(path_type=Path, exists=True), help="a unit's TOML: its applied list")
+@click.option("--store", type=click.Path(path_type=Path, exists=True), help="a unit's watchlist store")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+def list_cmd(
+    bundle: Path | None, register_path: Path | None, config: Path | None, store: Path | None, as_json: bool
+) -> None:
+    """Who is on a list: HQ's register (--register), a bundle (BUNDLE) or a unit (--config or --store):
+    person ids, priorities, templates with ages or photo dates, and the version.
+
+    \b
+    Examples:
+      watchlist list --register hq.db
+      watchlist list v12.cpwl
+      watchlist list --config /etc/checkpoint/unit.toml
+    """
+    from watchlist.hq.listing import describe_bundle, format_rows, iso_utc, rows_from_register
+
+    if sum(x is not None for x in (bundle, register_path, config or store)) != 1:
+        raise click.UsageError("give one of: BUNDLE, --register, --config (or --store)")
+    try:
+        if bundle is not None:
+            from watchlist.format.bundle import peek
+
+            d = describe_bundle(peek(bundle.read_bytes()))
+            rows = d["persons"]
+            what = f"bundle {bundle}: {d['kind']} version {d['version']}" + (
+                f" (delta from {d['base_version']}, removes {len(d['removed'])})" if d["kind"] == "delta" else ""
+            )
+            meta = {"source": str(bundle), "version": d["version"], "kind": d["kind"], "removed": d["removed"]}
+        elif register_path is not None:
+            from watchlist.hq.register import Register
+
+            reg = Register(register_path)
+            rows = rows_from_register(reg.persons())
+            rels = reg.releases()
+            published = reg.latest_published_version()
+            what = (
+                f"register {register_path}: latest release {rels[-1]['version'] if rels else 'none'}, "
+                f"latest published {published or 'none'}"
+            )
+            meta = {
+                "source": str(register_path),
+                "latest_release": rels[-1]["version"] if rels else None,
+                "latest_published": published,
+            }
+        else:
+            store_path = store if store is not None else _unit_config(config, None, None, None).store
+            rows, st = _unit_rows(store_path)
+            what = (
+                f"unit store {store_path}: version {st.version} ({st.kind or 'no list'}), "
+                f"expires {iso_utc(st.expires_at) or '-'}"
+            )
+            meta = {"source": str(store_path), "version": st.version, "expires_at": iso_utc(st.expires_at)}
+    except (WatchlistError, BundleRejected) as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps(meta | {"persons": rows}, indent=2))
+        return
+    click.echo(f"{what}; {len(rows)} persons, {sum(r['templates'] for r in rows)} templates")
+    for line in format_rows(rows):
+        click.echo(line)
+
+
+def _unit_rows(store_path: Path):  # noqa: ANN202
+    """The persons of a unit's store as listing rows, and its state."""
+    from watchlist.hq.listing import person_row
+    from watchlist.unit.store import UnitStore
+
+    st = UnitStore(store_path)
+    try:
+        templates: dict[str, list] = {}
+        for pid, date, age in st.db.execute("SELECT person_id, photo_date, age FROM templates ORDER BY id"):
+            templates.setdefault(pid, []).append((date, age))
+        rows = [
+            person_row(pid, name=name, priority=prio, threshold=thr, templates=templates.get(pid, []))
+            for pid, name, prio, thr in st.db.execute(
+                "SELECT person_id, name, priority, threshold FROM persons ORDER BY person_id"
+            )
+        ]
+        return rows, st.state()
+    finally:
+        st.close()
 
 
 # ---- unit side -----------------------------------------------------------------------------------
@@ -391,12 +629,30 @@ def _unit_config(config: Path | None, store: Path | None, root_key: Path | None,
         raise click.UsageError(f"{config or 'options'}: [watchlist] {exc}") from None
 
 
+def _engine_model_id(config: Path) -> str:
+    """The embedding model id the unit's [engine] table gives (the models are loaded to tell)."""
+    from engines.config import EngineConfig
+    from engines.errors import EngineError
+    from engines.face_engine import FaceEngine
+
+    table = dict(tomllib.loads(config.read_text()).get("engine") or {})
+    if table.get("cache_dir") and not Path(table["cache_dir"]).is_absolute():
+        table["cache_dir"] = str(config.parent / table["cache_dir"])
+    spec = dict(table.get("embedder") or {})
+    if spec.get("onnx") and not Path(spec["onnx"]).is_absolute():
+        table["embedder"] = spec | {"onnx": str(config.parent / spec["onnx"])}
+    try:
+        return FaceEngine.load(EngineConfig(**table)).model_id
+    except (EngineError, ValueError) as exc:
+        raise click.UsageError(f"{config}: [engine]: {exc}") from None
+
+
 @main.command("apply")
 @click.argument("bundle", type=click.Path(path_type=Path, exists=True, dir_okay=False))
 @click.option("--config", type=click.Path(path_type=Path, exists=True), help="unit TOML ([watchlist] is read)")
 @click.option("--store", type=click.Path(path_type=Path), help="the unit's watchlist store")
 @click.option("--root-key", type=click.Path(path_type=Path, exists=True), help="HQ's root public key")
-@click.option("--model-id", help="the unit's embedding model (default: the applied list's)")
+@click.option("--model-id", help="override the embedding model id (default: from --config's [engine])")
 @click.option("--max-bytes", type=int, help="largest bundle accepted")
 def apply_cmd(
     bundle: Path,
@@ -408,6 +664,9 @@ def apply_cmd(
 ) -> None:
     """Verify and apply a bundle or key set file on a unit (USB, scp). A running unit picks it up within its tick.
 
+    The embedding model is the one the unit's [engine] table (in --config) gives; --model-id
+    overrides it; with neither, the applied list's.
+
     Example: watchlist apply /media/usb/watchlist-v12-full.cpwl --config /etc/checkpoint/unit.toml
     """
     from matching.matcher import Matcher
@@ -415,12 +674,16 @@ def apply_cmd(
     from watchlist.unit.store import UnitStore
 
     cfg = _unit_config(config, store, root_key, max_bytes)
+    if model_id is None and config is not None:
+        model_id = _engine_model_id(config)
     if model_id is None:
         st = UnitStore(cfg.store)
         model_id = st.state().model_id
         st.close()
         if model_id is None:
-            raise click.UsageError("this store holds no list yet: give --model-id (the unit's embedding model id)")
+            raise click.UsageError(
+                "this store holds no list yet: give --config (the unit's [engine] decides the model) or --model-id"
+            )
     try:
         wl = Watchlist(cfg, Matcher(), model_id)
         wl.start()
@@ -486,12 +749,9 @@ def status(config: Path | None, store: Path | None, as_json: bool) -> None:
     )
     if st.expires_at:
         left = st.expires_at - now
-        click.echo(
-            f"expires {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(st.expires_at))}"
-            + (" (EXPIRED)" if left <= 0 else f" (in {left / 3600:.1f} h)")
-        )
+        click.echo(f"expires {_iso(st.expires_at)}" + (" (EXPIRED)" if left <= 0 else f" (in {left / 3600:.1f} h)"))
     for e in out["events"]:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["at"]))
+        when = _iso(e["at"])
         click.echo(
             f"  {when} {e['kind']} {e['version'] or ''} {e['reason'] or ''} {e['detail'] or ''} [{e['source'] or ''}]"
         )

@@ -110,8 +110,16 @@ def hit_payload(record: bytes | dict[str, Any], crop: bytes | None, crop_dropped
     return encode_record(body)
 
 
-def status_payload(site: str, unit_id: str, state: str, reason: str, at: float | None = None) -> bytes:
-    """The retained status message ('online' on connect, 'offline' as Last Will or on shutdown)."""
+def status_payload(
+    site: str,
+    unit_id: str,
+    state: str,
+    reason: str,
+    at: float | None = None,
+    software_version: str | None = None,
+) -> bytes:
+    """The retained status message ('online' on connect, 'offline' as Last Will or on shutdown),
+    with the unit's software version (default: this installation's)."""
     if state not in STATES:
         raise ProtocolError(f"status state must be one of {STATES}, got {state!r}")
     return encode_record(
@@ -123,6 +131,7 @@ def status_payload(site: str, unit_id: str, state: str, reason: str, at: float |
             "state": state,
             "reason": reason,
             "at": float(time.time() if at is None else at),
+            "software_version": software_version or _software_version(),
         }
     )
 
@@ -137,9 +146,11 @@ def heartbeat_payload(
     outbox: dict[str, Any],
     link: dict[str, Any],
     at: float | None = None,
+    software_version: str | None = None,
 ) -> bytes:
     """The periodic heartbeat: the unit's own figures (cameras, fps, watchlist version: whatever
-    the status provider gives), the outbox depth and drop counters, and the link's state."""
+    the status provider gives), the outbox depth and drop counters, the link's state, and the
+    unit's software version (default: this installation's)."""
     return encode_record(
         {
             "schema": HEARTBEAT_SCHEMA,
@@ -152,8 +163,15 @@ def heartbeat_payload(
             "unit": unit,
             "outbox": outbox,
             "link": link,
+            "software_version": software_version or _software_version(),
         }
     )
+
+
+def _software_version() -> str:
+    from common.version import software_version
+
+    return software_version()
 
 
 # --- decoding (receiver side) -------------------------------------------------------------------
@@ -261,10 +279,18 @@ def decode_hit(payload: bytes) -> tuple[dict[str, Any], bytes | None]:
     return body, crop
 
 
+def _optional_version(body: dict[str, Any], schema: str) -> None:
+    # Optional: units from before it was added send none.
+    v = body.get("software_version")
+    if v is not None and (not isinstance(v, str) or not v):
+        raise ProtocolError(f"{schema} payload key 'software_version' must be a non-empty string or absent")
+
+
 def decode_status(payload: bytes) -> dict[str, Any]:
     """Check a status message and return its fields."""
     body = _load(payload, STATUS_SCHEMA)
     _require(body, STATUS_SCHEMA, STATUS_FIELDS)
+    _optional_version(body, STATUS_SCHEMA)
     if body["state"] not in STATES:
         raise ProtocolError(f"status 'state' must be one of {STATES}, got {body['state']!r}")
     return body
@@ -274,4 +300,5 @@ def decode_heartbeat(payload: bytes) -> dict[str, Any]:
     """Check a heartbeat message and return its fields."""
     body = _load(payload, HEARTBEAT_SCHEMA)
     _require(body, HEARTBEAT_SCHEMA, HEARTBEAT_FIELDS)
+    _optional_version(body, HEARTBEAT_SCHEMA)
     return body

@@ -47,10 +47,12 @@ class CameraState:
     camera_id: str
     up: bool
     since: float  # epoch seconds of the last change between up and down
-    last_error: str | None  # why it is (or last was) down; None before any failure
+    last_error: str | None  # why it is down; None while up (the error moves to previous_error)
     reconnects: int  # connection attempts after the first
     frames: int  # frames delivered since start
     fps: float  # recent delivery rate; 0 while down
+    previous_error: str | None = None  # why it was last down, once it came back
+    previous_error_at: float | None = None  # epoch seconds when that error was last seen
 
 
 class _Session(threading.Thread):
@@ -140,6 +142,9 @@ class CameraReader:
         self._up = False
         self._since = time.time()
         self._last_error: str | None = None
+        self._last_error_at: float | None = None
+        self._previous_error: str | None = None
+        self._previous_error_at: float | None = None
         self._reconnects = 0
         self._session: _Session | None = None
         self._abandoned: list[_Session] = []
@@ -225,6 +230,8 @@ class CameraReader:
             reconnects=self._reconnects,
             frames=self._frames,
             fps=round(fps, 2),
+            previous_error=self._previous_error,
+            previous_error_at=self._previous_error_at,
         )
 
     def _deliver(self, session: _Session, image: np.ndarray) -> None:
@@ -240,6 +247,10 @@ class CameraReader:
                 waited = time.time() - self._since
                 first = self._frames == 1
                 self._up, self._since = True, time.time()
+                if self._last_error is not None:
+                    # An error shown while the camera is up again misleads whoever reads the heartbeat.
+                    self._previous_error, self._previous_error_at = self._last_error, self._last_error_at
+                    self._last_error = self._last_error_at = None
                 self._up_at = time.monotonic()
                 self._times.clear()
                 self._times.append(self._up_at)
@@ -263,7 +274,7 @@ class CameraReader:
             word = "down" if self._up or self._last_error is None else "still down"
             if self._up:
                 self._up, self._since = False, time.time()
-            self._last_error = error
+            self._last_error, self._last_error_at = error, time.time()
             snap = self._snapshot()
         retry = f"; retrying in {retry_in:.1f} s" if retry_in is not None else ""
         if changed:

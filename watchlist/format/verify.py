@@ -98,12 +98,16 @@ def newest_keyset(held: KeySet | None, offered: KeySet) -> KeySet:
     return offered
 
 
-def verify_bundle(data: bytes | memoryview, trust: UnitTrust, now: float) -> Verified:
-    """Check `data` completely against `trust` at time `now` (epoch seconds); see the module doc."""
-    check_size(len(data), trust.max_bundle_bytes)
+def verify_signed(
+    data: bytes | memoryview, root_key: Ed25519PublicKey, max_bytes: int, held: KeySet | None = None
+) -> tuple[Bundle, KeySet, str]:
+    """Steps 1-4 of the module doc: size, framing, key chain up to `root_key`, signature; then the
+    header is parsed. Returns (bundle, keyset, signing key id). Nothing about a unit's state is
+    checked, so HQ can inspect any bundle (a delta too) before publishing it."""
+    check_size(len(data), max_bytes)
     framed = frame(data)
-    embedded = _bounded(parse_keyset(bytes(framed.keyset), trust.root_key))
-    keyset = newest_keyset(trust.keyset, embedded)
+    embedded = _bounded(parse_keyset(bytes(framed.keyset), root_key))
+    keyset = newest_keyset(held, embedded)
     kid = framed.key_id
     if kid in keyset.revoked:
         raise BundleRejected(
@@ -119,7 +123,12 @@ def verify_bundle(data: bytes | memoryview, trust: UnitTrust, now: float) -> Ver
         raise BundleRejected(
             "bad_signature", f"signature by key {kid} does not match the bundle's bytes (altered in transit or storage)"
         ) from None
-    bundle = parse_verified(framed)
+    return parse_verified(framed), keyset, kid
+
+
+def verify_bundle(data: bytes | memoryview, trust: UnitTrust, now: float) -> Verified:
+    """Check `data` completely against `trust` at time `now` (epoch seconds); see the module doc."""
+    bundle, keyset, kid = verify_signed(data, trust.root_key, trust.max_bundle_bytes, trust.keyset)
     if bundle.model_id != trust.expected_model_id:
         raise BundleRejected(
             "wrong_model",

@@ -18,6 +18,20 @@ from watchlist.hq.register import Register
 DEFAULT_VALID_FOR_S = 7 * 24 * 3600
 
 
+def describe_changes(register: Register, bundle: Bundle, digests: dict[str, str]) -> dict:
+    """What `bundle` changes on a unit holding the latest published release (a delta: its base):
+    the ids it adds, changes and removes."""
+    base = bundle.base_version if bundle.kind == "delta" else register.latest_published_version()
+    old = register.release_digests(base) if base else {}
+    return {
+        "base_version": base,
+        "added": sorted(set(digests) - set(old)),
+        "changed": sorted(p for p in set(digests) & set(old) if digests[p] != old[p]),
+        "removed": sorted(set(old) - set(digests)),
+        "unchanged": sum(1 for p in set(digests) & set(old) if digests[p] == old[p]),
+    }
+
+
 @dataclass(frozen=True)
 class Release:
     """A bundle built, signed, written and recorded in the register."""
@@ -43,7 +57,8 @@ def plan_bundle(
     """The next bundle from the register's current state, with the per-person digests it leaves on units.
 
     A delta (kind "delta") holds the persons added or changed since `base_version` (default: the
-    latest release) and the ids removed since.
+    latest *published* release, so that a build nobody published never becomes a base units lack)
+    and the ids removed since.
     """
     created = int(time.time() if now is None else now)
     version = register.latest_version() + 1
@@ -68,7 +83,16 @@ def plan_bundle(
         )
     if kind != "delta":
         raise RegisterError(f"kind must be 'full' or 'delta', got {kind!r}")
-    base = register.latest_version() if base_version is None else int(base_version)
+    if base_version is None:
+        published = register.latest_published_version()
+        if published is None:
+            raise RegisterError(
+                "no release was published yet, so no unit holds a base for a delta: publish a full bundle "
+                "first (`watchlist publish`), or give --base"
+            )
+        base = published
+    else:
+        base = int(base_version)
     base_release = register.release(base)
     if base_release is None:
         raise RegisterError(

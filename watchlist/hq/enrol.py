@@ -1,9 +1,10 @@
 """Enrolment at HQ: photos in, templates into the register, and a report of every photo refused.
 
 Each photo goes through the same face engine as the units (detection, alignment, quality gate,
-embedder). A photo is refused when no face is found, when several are (crop it to the person),
-or when the face fails the quality gate (the engine's reasons are given). Several photos of one
-person (different ages) become separate templates.
+embedder). A photo is refused when no face is found, when two plausible faces compete (crop it
+to the person; a face that clearly dominates the others is enrolled with a warning, see
+`judge_photo`), or when the face fails the quality gate; each reason names the measured value
+and its limit. Several photos of one person (different ages) become separate templates.
 
 Input is a CSV manifest::
 
@@ -19,6 +20,7 @@ date (``2019-06-01_front.jpg``) or the age (``age9.jpg``).
 
 from __future__ import annotations
 
+import copy
 import csv
 import datetime as dt
 import hashlib
@@ -70,6 +72,7 @@ class EnrolmentReport:
     """What happened to every photo; `rejected` lists each refused photo with its reason."""
 
     model_id: str
+    dry_run: bool = False
     enrolled: list[dict] = field(default_factory=list)
     rejected: list[dict] = field(default_factory=list)
     duplicates: list[dict] = field(default_factory=list)
@@ -80,10 +83,17 @@ class EnrolmentReport:
         return asdict(self)
 
     def summary(self) -> str:
+        verb = "would be enrolled" if self.dry_run else "enrolled"
         return (
-            f"{len(self.enrolled)} photos enrolled for {len(self.persons)} persons, "
+            f"{len(self.enrolled)} photos {verb} for {len(self.persons)} persons, "
             f"{len(self.rejected)} rejected, {len(self.duplicates)} already enrolled"
         )
+
+    def exit_status(self) -> int:
+        """0: every photo enrolled (or already was); 1: some refused; 2: none enrolled."""
+        if not self.enrolled and not self.duplicates:
+            return 2
+        return 1 if self.rejected else 0
 
 
 def _entry_error(where: str, msg: str) -> dict:
@@ -175,22 +185,144 @@ def scan_folder(folder: Path) -> tuple[list[PhotoEntry], list[dict]]:
     return entries, errors
 
 
-def embed_photo(engine: EngineLike, image: np.ndarray) -> tuple[np.ndarray | None, str | None]:
-    """The embedding of the one face in `image`, or None and the reason it cannot be enrolled."""
-    faces = engine.analyze(image)
+# A face "clearly dominates" a photo when every other face found is either under this fraction of
+# its height (a quarter of its area) or less confident than the quality gate's detector floor.
+# Such photos are enrolled with a warning; two faces above both limits compete and the photo is
+# refused. docs/watchlist.md says the same.
+DOMINANT_HEIGHT_RATIO = 0.5
+# MTCNN's smallest window: faces under this many pixels cannot be found at all, whatever the pyramid.
+FINEST_FACE_PX = 12
+
+
+@dataclass
+class PhotoVerdict:
+    """What enrolment measured on one photo, and whether it can be enrolled."""
+
+    embedding: np.ndarray | None = None
+    faces: int = 0
+    face_px: float | None = None  # height of the enrolled (or judged) face's box
+    eye_distance_px: float | None = None
+    quality: float | None = None  # the quality gate's score in [0, 1]
+    detector_score: float | None = None
+    reasons: list[str] = field(default_factory=list)  # why it is refused (empty: accepted)
+    warnings: list[str] = field(default_factory=list)  # accepted, but look at this
+
+    def measured(self) -> dict:
+        """The measurements for the report (rounded)."""
+        r = lambda v, n=1: None if v is None else round(float(v), n)  # noqa: E731
+        return {
+            "faces": self.faces,
+            "face_px": r(self.face_px),
+            "eye_distance_px": r(self.eye_distance_px),
+            "quality": r(self.quality, 3),
+            "detector_score": r(self.detector_score, 3),
+        }
+
+
+def quality_reasons(quality: Any, config: Any) -> list[str]:
+    """The quality gate's failures, each naming the measured value and the limit."""
+    out = []
+    if "too_small" in quality.reasons:
+        if quality.face_height_px < config.min_face_height_px:
+            out.append(f"face {quality.face_height_px:.0f} px, needs at least {config.min_face_height_px:.0f}")
+        if quality.eye_distance_px < config.min_eye_distance_px:
+            out.append(f"eyes {quality.eye_distance_px:.0f} px apart, needs at least {config.min_eye_distance_px:.0f}")
+    if "blurred" in quality.reasons:
+        out.append(f"blurred: sharpness {quality.sharpness:.3f}, needs at least {config.min_sharpness:g}")
+    if "not_frontal" in quality.reasons:
+        out.append(
+            f"not frontal: yaw {quality.yaw:+.2f} (limit +-{config.max_yaw:g}), "
+            f"pitch {quality.pitch:+.2f} (limit +-{config.max_pitch:g})"
+        )
+    if "low_score" in quality.reasons:
+        out.append(f"detector confidence {quality.detector_score:.2f}, needs at least {config.min_detector_score:g}")
+    return out or [f"quality gate: {', '.join(quality.reasons)}"]
+
+
+def _gate_config(engine: EngineLike) -> Any:
+    from engines.quality import QualityConfig
+
+    cfg = getattr(engine, "config", None)
+    return getattr(cfg, "quality", None) or QualityConfig()
+
+
+def _height(face: Any) -> float:
+    return float(face.box[3]) - float(face.box[1])
+
+
+def _finer_look(engine: EngineLike, image: np.ndarray) -> list[Any]:
+    """Faces the engine's detector skipped as smaller than its min_face_size, judged by the gate.
+
+    Only used to explain a refusal: such faces fail the gate's size floor anyway (the default
+    detector minimum equals it), but "face 22 px, needs at least 40" tells the clerk what to do.
+    """
+    detector = getattr(engine, "detector", None)
+    config = getattr(detector, "config", None)
+    if config is None or getattr(config, "min_face_size", FINEST_FACE_PX) <= FINEST_FACE_PX:
+        return []
+    fine = copy.copy(detector)
+    fine.config = config.model_copy(update={"min_face_size": FINEST_FACE_PX})
+    return [(d, engine.assess(image, d)) for d in fine.detect(image)]
+
+
+def judge_photo(engine: EngineLike, image: np.ndarray) -> PhotoVerdict:
+    """Find the face to enrol in `image`: the only face, or the one that clearly dominates.
+
+    Refused (with reasons naming the measured values and limits) when no usable face is found,
+    when the face fails the quality gate, or when two plausible faces compete.
+    """
+    gate = _gate_config(engine)
+    faces = sorted(engine.analyze(image), key=_height, reverse=True)
+    v = PhotoVerdict(faces=len(faces))
     if not faces:
-        return None, "no face found"
-    if len(faces) > 1:
-        return None, f"{len(faces)} faces found: crop the photo to the missing person"
-    face = faces[0]
-    if not face.quality.ok or face.embedding is None:
-        reasons = ", ".join(face.quality.reasons) or "quality gate"
-        return None, f"face quality too low ({reasons})"
-    return np.asarray(face.embedding, dtype=np.float32), None
+        small = sorted(_finer_look(engine, image), key=lambda dq: dq[1].face_height_px, reverse=True)
+        if not small:
+            v.reasons.append(
+                f"no face found (the detector finds faces from {FINEST_FACE_PX} px high up; "
+                "use a photo where the face is larger and turned to the camera)"
+            )
+            return v
+        det, q = small[0]
+        v.faces, v.face_px, v.eye_distance_px = len(small), q.face_height_px, q.eye_distance_px
+        v.quality, v.detector_score = q.score, q.detector_score
+        v.reasons.append("too small: " + "; ".join(quality_reasons(q, gate)) if q.reasons else "too small")
+        return v
+    main = faces[0]
+    q = main.quality
+    v.face_px, v.eye_distance_px, v.quality, v.detector_score = _height(main), q.eye_distance_px, q.score, main.score
+    competing = [
+        f
+        for f in faces[1:]
+        if _height(f) >= DOMINANT_HEIGHT_RATIO * _height(main) and f.score >= gate.min_detector_score
+    ]
+    if competing:
+        sizes = ", ".join(f"{_height(f):.0f} px ({f.score:.2f})" for f in [main, *competing])
+        v.reasons.append(
+            f"{1 + len(competing)} plausible faces compete: {sizes}; a face is enrolled only when every other is "
+            f"under {DOMINANT_HEIGHT_RATIO:g} of its height or below confidence {gate.min_detector_score:g}: "
+            "crop the photo to the missing person"
+        )
+        return v
+    for f in faces[1:]:
+        v.warnings.append(
+            f"another face ignored: {_height(f):.0f} px (confidence {f.score:.2f}) beside the enrolled "
+            f"{v.face_px:.0f} px face; check that the enrolled face is the missing person"
+        )
+    if not q.ok or main.embedding is None:
+        v.reasons.extend(quality_reasons(q, gate))
+        return v
+    v.embedding = np.asarray(main.embedding, dtype=np.float32)
+    return v
+
+
+def embed_photo(engine: EngineLike, image: np.ndarray) -> tuple[np.ndarray | None, str | None]:
+    """The embedding of the face to enrol in `image`, or None and the reasons it cannot be enrolled."""
+    v = judge_photo(engine, image)
+    return v.embedding, ("; ".join(v.reasons) or None)
 
 
 def enrol(
-    register: Register,
+    register: Register | None,
     engine: EngineLike,
     entries: Sequence[PhotoEntry],
     *,
@@ -200,12 +332,13 @@ def enrol(
     """Run every photo through `engine` and add the accepted ones to `register`.
 
     A person is written only when at least one of their photos is accepted; their name, priority
-    and threshold come from their first entry that gives each.
+    and threshold come from their first entry that gives each. With `register` None nothing is
+    written (a dry run): the report says what would be enrolled.
     """
     if load is None:
         from engines.image import load_image as load
     report = report or EnrolmentReport(model_id=engine.model_id)
-    accepted: dict[str, list[tuple[PhotoEntry, np.ndarray, str]]] = {}
+    accepted: dict[str, list[tuple[PhotoEntry, np.ndarray, str, dict]]] = {}
     details: dict[str, dict[str, Any]] = {}
     for e in entries:
         d = details.setdefault(e.person_id, {})
@@ -223,24 +356,30 @@ def enrol(
             raw = e.photo.read_bytes()
             image = load(e.photo)
         except Exception as exc:  # a photo that cannot be read is a reported refusal, not a crash
-            report.rejected.append({**base, "reason": f"cannot read the photo: {exc}"})
+            report.rejected.append({**base, "reason": f"cannot read the photo: {exc}", "reasons": []})
             continue
-        emb, reason = embed_photo(engine, image)
-        if emb is None:
-            report.rejected.append({**base, "reason": reason})
+        v = judge_photo(engine, image)
+        row = {**base, **v.measured(), "warnings": v.warnings}
+        report.warnings.extend(f"{e.where}: {w}" for w in v.warnings)
+        if v.embedding is None:
+            report.rejected.append({**row, "reason": "; ".join(v.reasons), "reasons": v.reasons})
             continue
-        accepted.setdefault(e.person_id, []).append((e, emb, hashlib.sha256(raw).hexdigest()))
+        accepted.setdefault(e.person_id, []).append((e, v.embedding, hashlib.sha256(raw).hexdigest(), row))
     for pid, items in accepted.items():
         d = details[pid]
-        register.upsert_person(pid, name=d.get("name"), priority=d.get("priority", 0), threshold=d.get("threshold"))
-        for e, emb, digest in items:
-            base = {"where": e.where, "person_id": pid, "photo": str(e.photo)}
-            if register.add_template(
-                pid, emb, model_id=engine.model_id, photo_sha256=digest, photo_date=e.photo_date, age=e.age
-            ):
-                report.enrolled.append(base)
+        if register is not None:
+            register.upsert_person(pid, name=d.get("name"), priority=d.get("priority", 0), threshold=d.get("threshold"))
+        for e, emb, digest, row in items:
+            if register is None:
+                new = True
             else:
-                report.duplicates.append({**base, "reason": "this photo is already enrolled for this person"})
+                new = register.add_template(
+                    pid, emb, model_id=engine.model_id, photo_sha256=digest, photo_date=e.photo_date, age=e.age
+                )
+            if new:
+                report.enrolled.append(row)
+            else:
+                report.duplicates.append({**row, "reason": "this photo is already enrolled for this person"})
         report.persons.append(pid)
     for pid in details:
         if pid not in accepted:

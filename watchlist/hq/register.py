@@ -64,6 +64,14 @@ CREATE TABLE IF NOT EXISTS release_persons (
     PRIMARY KEY (version, person_id)
 ) WITHOUT ROWID;
 """
+# Added after schema 1 shipped, so created on every open (registers made before it lack it).
+_PUBLICATIONS = """
+CREATE TABLE IF NOT EXISTS publications (
+    version INTEGER NOT NULL REFERENCES releases(version),
+    published_at REAL NOT NULL,
+    target TEXT NOT NULL
+);
+"""
 
 
 def person_digest(person: Person, rows: np.ndarray, offset: np.ndarray | None) -> str:
@@ -107,6 +115,7 @@ class Register:
             what="register",
             not_ours="not a watchlist register",
         )
+        self.db.executescript(f"BEGIN;{_PUBLICATIONS}COMMIT;")
 
     def close(self) -> None:
         self.db.close()
@@ -195,6 +204,42 @@ class Register:
                 "enrolled_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
+
+    def unknown_persons(self, person_ids: Iterable[str]) -> list[str]:
+        """The ids in `person_ids` that the register does not hold, in the order given."""
+        ids = list(dict.fromkeys(person_ids))
+        known: set[str] = set()
+        for start in range(0, len(ids), _CHUNK):
+            chunk = ids[start : start + _CHUNK]
+            marks = ",".join("?" * len(chunk))
+            known.update(
+                r[0] for r in self.db.execute(f"SELECT person_id FROM persons WHERE person_id IN ({marks})", chunk)
+            )
+        return [i for i in ids if i not in known]
+
+    def persons(self) -> list[dict]:
+        """Every person with their priority, threshold, update time and templates (per model, with
+        the photo date or age of each), sorted by id."""
+        out = {
+            pid: {
+                "person_id": pid,
+                "name": name,
+                "priority": int(priority),
+                "threshold": threshold,
+                "updated_at": updated_at,
+                "templates": [],
+            }
+            for pid, name, priority, threshold, updated_at in self.db.execute(
+                "SELECT person_id, name, priority, threshold, updated_at FROM persons ORDER BY person_id"
+            )
+        }
+        for pid, model_id, date, age, enrolled_at in self.db.execute(
+            "SELECT person_id, model_id, photo_date, age, enrolled_at FROM templates ORDER BY id"
+        ):
+            out[pid]["templates"].append(
+                {"model_id": model_id, "photo_date": date, "age": age, "enrolled_at": enrolled_at}
+            )
+        return list(out.values())
 
     def remove_persons(self, person_ids: Iterable[str]) -> int:
         """Delete persons (found, or withdrawn) and all their templates; returns how many existed."""
@@ -291,7 +336,45 @@ class Register:
             "signing_key_id",
         )
         rows = self.db.execute(f"SELECT {', '.join(cols)} FROM releases ORDER BY version").fetchall()
-        return [dict(zip(cols, r)) for r in rows]
+        published: dict[int, tuple[float, str]] = {}
+        for version, at, target in self.db.execute(
+            "SELECT version, published_at, target FROM publications ORDER BY published_at"
+        ):
+            published.setdefault(version, (at, target))
+        return [
+            dict(zip(cols, r))
+            | {
+                "published_at": published.get(r[0], (None, None))[0],
+                "published_to": published.get(r[0], (None, None))[1],
+            }
+            for r in rows
+        ]
+
+    def latest_published_version(self) -> int | None:
+        """The highest version ever published (None: nothing published yet)."""
+        row = self.db.execute("SELECT max(version) FROM publications").fetchone()
+        return None if row[0] is None else int(row[0])
+
+    def mark_published(self, sha256: str, target: str, at: float | None = None) -> int:
+        """Record that the release with bundle digest `sha256` went out to `target` (a topic or a
+        file); returns its version. Deltas are built against published versions only."""
+        version = self.release_with_sha256(sha256)
+        with self.db.atomic():
+            self.db.execute(
+                "INSERT INTO publications(version, published_at, target) VALUES (?, ?, ?)",
+                [version, time.time() if at is None else float(at), target],
+            )
+        return version
+
+    def release_with_sha256(self, sha256: str) -> int:
+        """The version of the release whose bundle has digest `sha256`; RegisterError if none."""
+        row = self.db.execute("SELECT version FROM releases WHERE sha256 = ?", [sha256]).fetchone()
+        if row is None:
+            raise RegisterError(
+                f"this bundle (sha256 {sha256[:16]}...) is not a release of register {self.path}: "
+                "publish bundles built from this register (`watchlist releases` lists them)"
+            )
+        return int(row[0])
 
     def latest_version(self) -> int:
         """The highest released version (0: none yet)."""
