@@ -19,7 +19,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from wire.errors import ProtocolError, RecordError
 
@@ -110,31 +110,50 @@ def encode_record(record: dict[str, Any]) -> bytes:
     return json.dumps(record, separators=(",", ":"), allow_nan=False).encode()
 
 
-def hit_payload(record: bytes | dict[str, Any], crop: bytes | None, crop_dropped: str | None) -> bytes:
-    """The complete hit message: the stored record plus the crop (base64) or why it is missing."""
+class RecordSigner(Protocol):
+    """What signs a record (wire.signing.UnitSigner): returns it with ``key_id`` and ``sig`` added."""
+
+    def sign(self, record: dict[str, Any]) -> dict[str, Any]: ...
+
+
+def hit_payload(
+    record: bytes | dict[str, Any],
+    crop: bytes | None,
+    crop_dropped: str | None,
+    signer: RecordSigner | None = None,
+) -> bytes:
+    """The complete hit message: the stored record plus the crop (base64) or why it is missing,
+    signed by `signer` when one is given (after the crop is in: the signature covers its digest)."""
     body = json.loads(record) if isinstance(record, (bytes, str)) else dict(record)
     if crop_dropped is not None and crop_dropped not in CROP_DROP_REASONS:
         raise ProtocolError(f"crop_dropped must be one of {CROP_DROP_REASONS}, got {crop_dropped!r}")
     body["crop_jpeg_b64"] = base64.b64encode(crop).decode("ascii") if crop else None
     body["crop_dropped"] = crop_dropped
-    return encode_record(body)
+    return encode_record(signer.sign(body) if signer is not None else body)
 
 
-def status_payload(site: str, unit_id: str, state: str, reason: str, at: float | None = None) -> bytes:
-    """The retained status message ('online' on connect, 'offline' as Last Will or on shutdown)."""
+def status_payload(
+    site: str,
+    unit_id: str,
+    state: str,
+    reason: str,
+    at: float | None = None,
+    signer: RecordSigner | None = None,
+) -> bytes:
+    """The retained status message ('online' on connect, 'offline' as Last Will or on shutdown),
+    signed by `signer` when one is given."""
     if state not in STATES:
         raise ProtocolError(f"status state must be one of {STATES}, got {state!r}")
-    return encode_record(
-        {
-            "schema": STATUS_SCHEMA,
-            "v": SCHEMA_VERSION,
-            "site": site,
-            "unit_id": unit_id,
-            "state": state,
-            "reason": reason,
-            "at": float(time.time() if at is None else at),
-        }
-    )
+    body = {
+        "schema": STATUS_SCHEMA,
+        "v": SCHEMA_VERSION,
+        "site": site,
+        "unit_id": unit_id,
+        "state": state,
+        "reason": reason,
+        "at": float(time.time() if at is None else at),
+    }
+    return encode_record(signer.sign(body) if signer is not None else body)
 
 
 def heartbeat_payload(
@@ -252,20 +271,28 @@ def _parse_float(text: str) -> float | _BadNumber:
     return value if math.isfinite(value) else _BadNumber(text)
 
 
-def _load(payload: bytes, schema: str, max_bytes: int, bound: str = "") -> dict[str, Any]:
+def load_json_object(payload: bytes, what: str, max_bytes: int | None = None, bound: str = "") -> dict[str, Any]:
+    """Parse untrusted JSON into an object without ever raising anything but ProtocolError: no
+    RecursionError on deep nesting, no ValueError on a 5,000-digit integer; numbers JSON cannot
+    hold exactly (NaN, Infinity, 1e400, over 20 digits) are left as markers the field checks refuse."""
     if not isinstance(payload, (bytes, bytearray, memoryview)):
-        raise ProtocolError(f"{schema} payload must be bytes, got {type(payload).__name__}")
-    if len(payload) > max_bytes:
-        raise ProtocolError(f"{schema} payload of {len(payload)} bytes is over the limit of {max_bytes} bytes{bound}")
+        raise ProtocolError(f"{what} payload must be bytes, got {type(payload).__name__}")
+    if max_bytes is not None and len(payload) > max_bytes:
+        raise ProtocolError(f"{what} payload of {len(payload)} bytes is over the limit of {max_bytes} bytes{bound}")
     try:
         body = json.loads(bytes(payload), parse_int=_parse_int, parse_float=_parse_float, parse_constant=_BadNumber)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ProtocolError(f"{schema} payload is not JSON: {e}") from None
+        raise ProtocolError(f"{what} payload is not JSON: {e}") from None
     except RecursionError:
         # json's C parser stops at the interpreter's recursion limit; nothing in protocol v1 nests deeply.
-        raise ProtocolError(f"{schema} payload is nested too deeply to be a protocol v1 message") from None
+        raise ProtocolError(f"{what} payload is nested too deeply to be a protocol v1 message") from None
     if not isinstance(body, dict):
-        raise ProtocolError(f"{schema} payload must be a JSON object, got {type(body).__name__}")
+        raise ProtocolError(f"{what} payload must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def _load(payload: bytes, schema: str, max_bytes: int, bound: str = "") -> dict[str, Any]:
+    body = load_json_object(payload, schema, max_bytes, bound)
     if body.get("schema") != schema:
         raise ProtocolError(f"payload schema is {safe_text(body.get('schema'), 80)!r}, expected {schema!r}")
     v = body.get("v")
