@@ -11,6 +11,7 @@ It starts its own mosquitto (the test fixture's runner) on a free loopback port 
 as a subprocess (`python -m central.cli run`), as operators would run it.
 
     python bench/reporting.py --json OUT.json
+    python bench/reporting.py --sign --json OUT.json    # the same with every hit and status signed (Ed25519)
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from testing.broker import MosquittoBroker, find_mosquitto  # noqa: E402
 from testing.hits import noise_jpeg  # noqa: E402
 from wire import records  # noqa: E402
 from wire.records import Hit  # noqa: E402
+from wire.signing import generate_unit_key, write_unit_key  # noqa: E402
 
 
 def make_hit(tag: str, crop: bytes | None) -> Hit:
@@ -163,6 +165,7 @@ def main() -> int:
     ap.add_argument("--latency-hits", type=int, default=300)
     ap.add_argument("--backlog", type=int, default=10000, help="hits pending when the broker comes back")
     ap.add_argument("--crop-bytes", type=int, default=8000, help="size of each face crop JPEG")
+    ap.add_argument("--sign", action="store_true", help="the unit signs every hit and status ([mqtt] signing_key)")
     args = ap.parse_args()
 
     if find_mosquitto() is None:
@@ -179,6 +182,7 @@ def main() -> int:
             "mosquitto": subprocess.run([find_mosquitto(), "-h"], capture_output=True, text=True).stdout.split("\n")[0],
         },
         "crop_bytes": len(crop),
+        "signed": args.sign,
         # Other work on the machine moves every figure here (fsync latency above all): record it.
         "load_avg_1m_start": os.getloadavg()[0],
     }
@@ -186,6 +190,7 @@ def main() -> int:
         work = Path(tmp)
         results["outbox_put"] = bench_outbox(work, args.puts, crop)
 
+        signing_key = write_unit_key(generate_unit_key(), work / "unit-1.key") if args.sign else None
         broker = MosquittoBroker(work / "broker").start()
         rx = ReceiverProcess(broker, work / "receiver.sqlite", work / "receiver.log")
         reporter = MqttReporter(
@@ -196,6 +201,7 @@ def main() -> int:
                 reconnect_min_delay_s=0.1,
                 reconnect_max_delay_s=1.0,
                 heartbeat_interval_s=5.0,
+                signing_key=signing_key,
             ),
             OutboxConfig(path=work / "outbox.sqlite", max_bytes=1024**3),
             "unit-1",
@@ -297,7 +303,8 @@ def main() -> int:
     ]
     width = max(len(k) for k, _ in rows)
     print(
-        f"hit reporting benchmark ({results['machine']['cpus']} CPUs, crop {len(crop)} bytes, load average "
+        f"hit reporting benchmark ({'signed' if args.sign else 'unsigned'} hits, {results['machine']['cpus']} CPUs, "
+        f"crop {len(crop)} bytes, load average "
         f"{results['load_avg_1m_start']:.1f} -> {results['load_avg_1m_end']:.1f})"
     )
     for k, v in rows:

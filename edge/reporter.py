@@ -52,6 +52,37 @@ class MqttConfig(MqttConnection):
         "messages are signed with it so the centre knows they come from this unit",
     )
 
+    watchlist_username: str | None = Field(
+        default=None,
+        description="broker account the watchlist link uses; default '<site>/watchlist' when "
+        "watchlist_password_file is set (deploy/mosquitto/acl: one read-only account per site)",
+    )
+    watchlist_password_file: Path | None = Field(
+        default=None,
+        description="password of the site's watchlist account; unset: the watchlist link uses username/password",
+    )
+
+    @field_validator("watchlist_password_file")
+    @classmethod
+    def _watchlist_password_file_exists(cls, v: Path | None) -> Path | None:
+        if v is not None and not Path(v).expanduser().is_file():
+            raise ValueError(f"watchlist_password_file: no such file {str(v)!r}")
+        return None if v is None else Path(v).expanduser()
+
+    def watchlist_connection(self) -> MqttConnection:
+        """The connection for the watchlist subscriber: this one, with the site's watchlist account
+        when watchlist_password_file is set."""
+        fields = self.model_dump(include=set(MqttConnection.model_fields))
+        if self.watchlist_password_file is not None:
+            fields.update(
+                username=self.watchlist_username or f"{self.site}/watchlist",
+                password=None,
+                password_file=self.watchlist_password_file,
+            )
+        elif self.watchlist_username is not None:
+            fields["username"] = self.watchlist_username
+        return MqttConnection.model_validate(fields)
+
     @field_validator("signing_key")
     @classmethod
     def _signing_key_loads(cls, v: Path | None) -> Path | None:

@@ -300,27 +300,62 @@ def build(
 
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path, exists=True, dir_okay=False))
-@click.option("--topic", required=True, help="the site's watchlist topic prefix, e.g. checkpoint/site-1/watchlist")
+@click.option("--topic", required=True, help="the site's watchlist topic prefix, e.g. checkpoint/v1/site-1/watchlist")
 @click.option("--host", default="localhost", show_default=True)
-@click.option("--port", default=1883, show_default=True)
+@click.option("--port", default=1883, show_default=True, help="1883 plain, 8883 usually for TLS")
+@click.option("--username", default=None, help="broker user name (HQ's account, e.g. hq)")
+@click.option("--password-file", type=click.Path(path_type=Path), default=None, help="file holding the password")
+@click.option("--ca-file", type=click.Path(path_type=Path), default=None, help="CA certificate (PEM): turns TLS on")
+@click.option("--cert-file", type=click.Path(path_type=Path), default=None, help="client certificate (PEM)")
+@click.option("--key-file", type=click.Path(path_type=Path), default=None, help="client key (PEM)")
+@click.option("--tls", "use_tls", is_flag=True, help="TLS with the system CA store (implied by --ca-file)")
 @click.option("--chunk-bytes", default=1024 * 1024, show_default=True, help="bytes per MQTT message")
+@click.option("--timeout", default=30.0, show_default=True, help="seconds to wait for the broker at each step")
 @click.option("--export", "export_dir", type=click.Path(path_type=Path), help="also write a copy here (USB, scp)")
-def publish(bundle: Path, topic: str, host: str, port: int, chunk_bytes: int, export_dir: Path | None) -> None:
+def publish(
+    bundle: Path,
+    topic: str,
+    host: str,
+    port: int,
+    username: str | None,
+    password_file: Path | None,
+    ca_file: Path | None,
+    cert_file: Path | None,
+    key_file: Path | None,
+    use_tls: bool,
+    chunk_bytes: int,
+    timeout: float,
+    export_dir: Path | None,
+) -> None:
     """Publish a bundle (retained, QoS 1, chunked) to a site's watchlist topic; a key set file goes to
-    the keyset topic.
+    the keyset topic. A broker that refuses the account, the certificate or a topic fails at once.
 
-    Example: watchlist publish v12.cpwl --topic checkpoint/site-1/watchlist --host broker.hq
+    \b
+    Example:
+      watchlist publish v12.cpwl --topic checkpoint/v1/site-1/watchlist --host broker.hq --port 8883 \\
+          --username hq --password-file /secure/hq.pw --ca-file /secure/ca.pem
     """
+    from pydantic import ValidationError
+
     from watchlist.format.keys import KEYSET_MAGIC
     from watchlist.hq.publish import export_file, publish_bundle, publish_keyset
+    from wire.mqtt import MqttConnection
 
+    values: dict[str, object] = {"host": host, "port": port, "username": username, "password_file": password_file}
+    if ca_file or cert_file or key_file or use_tls:
+        values["tls"] = {"ca_file": ca_file, "cert_file": cert_file, "key_file": key_file}
+    try:
+        connection = MqttConnection(**values)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'options'}: {err['msg']}" for err in e.errors())
+        raise click.UsageError(problems) from None
     data = bundle.read_bytes()
     try:
         if data[:8] == KEYSET_MAGIC:
-            publish_keyset(data, topic, host=host, port=port)
+            publish_keyset(data, topic, connection=connection, timeout=timeout)
             click.echo(f"key set published on {topic}/keyset")
             return
-        m = publish_bundle(data, topic, host=host, port=port, chunk_bytes=chunk_bytes)
+        m = publish_bundle(data, topic, connection=connection, chunk_bytes=chunk_bytes, timeout=timeout)
         if export_dir:
             click.echo(f"exported to {export_file(data, export_dir)}")
     except (WatchlistError, BundleRejected) as exc:
