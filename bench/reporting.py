@@ -37,7 +37,7 @@ from testing.broker import MosquittoBroker, find_mosquitto  # noqa: E402
 from testing.hits import noise_jpeg  # noqa: E402
 from wire import records  # noqa: E402
 from wire.records import Hit  # noqa: E402
-from wire.signing import generate_unit_key, write_unit_key  # noqa: E402
+from wire.signing import KnownKeys, generate_unit_key, public_key_line, verify_record, write_unit_key  # noqa: E402
 
 
 def make_hit(tag: str, crop: bytes | None) -> Hit:
@@ -156,6 +156,28 @@ def bench_outbox(work: Path, n: int, crop: bytes) -> dict[str, dict[str, float]]
     return out
 
 
+def bench_signing(n: int, crop: bytes) -> dict[str, float]:
+    """CPU cost per hit of building the message the reporter publishes, unsigned and signed, and of
+    the receiver's verify_record: what signing adds, apart from fsyncs and the network."""
+    signer = generate_unit_key()
+    keys = KnownKeys.parse(public_key_line("site-a", "unit-1", signer.public_raw))
+    record = records.encode_record(records.hit_record(make_hit("sign", crop), "site-a"))
+    out: dict[str, float] = {}
+    for name, fn in (
+        ("payload_unsigned_us", lambda: records.hit_payload(record, crop, None)),
+        ("payload_signed_us", lambda: records.hit_payload(record, crop, None, signer=signer)),
+    ):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            payload = fn()
+        out[name] = (time.perf_counter() - t0) / n * 1e6
+    t0 = time.perf_counter()
+    for _ in range(n):
+        verify_record(payload, keys)
+    out["verify_us"] = (time.perf_counter() - t0) / n * 1e6
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", type=Path, help="write the figures here")
@@ -189,6 +211,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-reporting-") as tmp:
         work = Path(tmp)
         results["outbox_put"] = bench_outbox(work, args.puts, crop)
+        results["signing_cpu"] = bench_signing(args.puts, crop)
 
         signing_key = write_unit_key(generate_unit_key(), work / "unit-1.key") if args.sign else None
         broker = MosquittoBroker(work / "broker").start()
@@ -287,6 +310,13 @@ def main() -> int:
     crop_key = next(k for k in put if k != "no_crop")
     rows.append(
         (f"outbox write, {crop_key} (mean / p99)", f"{put[crop_key]['mean_us']:.0f} / {put[crop_key]['p99_us']:.0f} us")
+    )
+    sc = results["signing_cpu"]
+    rows.append(
+        (
+            "hit message unsigned / signed / verify",
+            f"{sc['payload_unsigned_us']:.0f} / {sc['payload_signed_us']:.0f} / {sc['verify_us']:.0f} us",
+        )
     )
     t, lt, r = results["throughput"], results["latency"], results["recovery"]
     rows += [

@@ -20,6 +20,7 @@ from watchlist.hq.publish import publish_bundle, publish_keyset
 from watchlist.unit.apply import Watchlist
 from watchlist.unit.config import WatchlistConfig
 from watchlist.unit.subscriber import WatchlistSubscriber
+from wire.mqtt import MqttConnection
 
 MODEL = "synthetic:v1"
 TOPIC = "checkpoint/site-7/watchlist"
@@ -189,8 +190,6 @@ def _secure_broker(broker_factory, **kw):
 def test_publish_with_an_account_and_a_unit_that_reads_with_its_site_account(
     tmp_path: Path, hq: Authority, broker_factory
 ) -> None:
-    from wire.mqtt import MqttConnection
-
     broker = _secure_broker(broker_factory)
     (tmp_path / "hq.pw").write_text("hq-secret\n")
     persons, emb, _ = _list(10, seed=11)
@@ -252,9 +251,8 @@ def test_publish_fails_fast_and_clearly(tmp_path: Path, hq: Authority, broker_fa
 
 def test_the_subscriber_follows_disconnects_and_reconnects(unit: Watchlist, hq: Authority, broker_factory) -> None:
     broker = broker_factory().start()
-    sub = WatchlistSubscriber(unit, TOPIC, host=broker.host, port=broker.port, tick_interval_s=0.2)
-    sub.link.conn = sub.link.conn.model_copy(update={"reconnect_min_delay_s": 0.1, "reconnect_max_delay_s": 0.5})
-    sub.client.reconnect_delay_set(0.1, 0.5)
+    conn = MqttConnection(host=broker.host, port=broker.port, reconnect_min_delay_s=0.1, reconnect_max_delay_s=0.5)
+    sub = WatchlistSubscriber(unit, TOPIC, connection=conn, tick_interval_s=0.2)
     sub.start()
     try:
         assert wait_for(lambda: sub.connected)
@@ -294,8 +292,6 @@ def test_a_manifest_of_size_10_to_the_400_does_not_kill_the_network_thread(
 
 
 def test_a_subscription_the_acl_silently_refuses_is_reported(unit: Watchlist, tmp_path: Path, broker_factory) -> None:
-    from wire.mqtt import MqttConnection
-
     broker = _secure_broker(broker_factory)
     (tmp_path / "other.pw").write_text("other-secret\n")
     # site-8's account on site-7's list: Mosquitto grants the subscription and delivers nothing.
@@ -318,7 +314,6 @@ def test_a_refused_subscription_is_reported_with_its_topic(unit: Watchlist, tmp_
     import subprocess
 
     from testing.broker import HOST
-    from wire.mqtt import MqttConnection
 
     plugin = Path("/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so")
     ctrl = shutil.which("mosquitto_ctrl")

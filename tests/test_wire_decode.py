@@ -214,3 +214,15 @@ def test_the_unit_cannot_build_a_hit_the_receiver_would_refuse() -> None:
     body = records.hit_record(make_hit(score=1.00005, margin=2.0001), "site-a")
     assert body["score"] == 1.0 and body["margin"] == 2.0
     records.decode_hit(records.hit_payload(body, None, None))
+
+
+def test_the_unit_cuts_long_heartbeat_text_instead_of_losing_the_heartbeat() -> None:
+    outbox = {k: 0 for k in records.HEARTBEAT_OUTBOX_KEYS}
+    link = {"state": "disconnected", "connects": 0, "connect_attempts": 3, "last_error": "e" * 5000}
+    unit = {"cameras": [{"id": "cam-1", "last_error": "ffmpeg said " + "x" * 20_000 + " \ud800"}]}
+    payload = records.heartbeat_payload(
+        "site-a", "unit-1", interval_s=30, uptime_s=1, unit=unit, outbox=outbox, link=link
+    )
+    body = records.decode_heartbeat(payload)
+    assert len(body["unit"]["cameras"][0]["last_error"]) == records.MAX_TEXT_CHARS
+    assert len(body["link"]["last_error"]) == records.MAX_TEXT_CHARS

@@ -113,7 +113,7 @@ def encode_record(record: dict[str, Any]) -> bytes:
 class RecordSigner(Protocol):
     """What signs a record (wire.signing.UnitSigner): returns it with ``key_id`` and ``sig`` added."""
 
-    def sign(self, record: dict[str, Any]) -> dict[str, Any]: ...
+    def sign(self, record: dict[str, Any], crop: bytes | None = ...) -> dict[str, Any]: ...
 
 
 def hit_payload(
@@ -127,9 +127,17 @@ def hit_payload(
     body = json.loads(record) if isinstance(record, (bytes, str)) else dict(record)
     if crop_dropped is not None and crop_dropped not in CROP_DROP_REASONS:
         raise ProtocolError(f"crop_dropped must be one of {CROP_DROP_REASONS}, got {crop_dropped!r}")
-    body["crop_jpeg_b64"] = base64.b64encode(crop).decode("ascii") if crop else None
+    body.pop("crop_jpeg_b64", None)
     body["crop_dropped"] = crop_dropped
-    return encode_record(signer.sign(body) if signer is not None else body)
+    if signer is not None:
+        body = signer.sign({**body, "crop_jpeg_b64": None}, crop or None)
+        del body["crop_jpeg_b64"]
+    # The base64 text is spliced in after the rest is encoded: it needs no JSON escaping, and
+    # json.dumps scanning a 300 kB string costs more than the rest of the message.
+    head = encode_record(body)[:-1]
+    if not crop:
+        return head + b',"crop_jpeg_b64":null}'
+    return head + b',"crop_jpeg_b64":"' + base64.b64encode(crop) + b'"}'
 
 
 def status_payload(
@@ -168,7 +176,12 @@ def heartbeat_payload(
     at: float | None = None,
 ) -> bytes:
     """The periodic heartbeat: the unit's own figures (cameras, fps, watchlist version: whatever
-    the status provider gives), the outbox depth and drop counters, and the link's state."""
+    the status provider gives), the outbox depth and drop counters, and the link's state.
+
+    Free text is cut to what a receiver takes (a camera's error message can be long), so that
+    one long message never costs the whole heartbeat."""
+    unit = _clip_tree(unit, 0)
+    link = {k: _clip_tree(v, MAX_TREE_DEPTH) for k, v in link.items()}
     return encode_record(
         {
             "schema": HEARTBEAT_SCHEMA,
@@ -183,6 +196,21 @@ def heartbeat_payload(
             "link": link,
         }
     )
+
+
+def _clip_tree(value: Any, depth: int) -> Any:
+    """`value` within the heartbeat's limits: strings cut to MAX_TEXT_CHARS without lone
+    surrogates, nesting past MAX_TREE_DEPTH replaced by a note."""
+    if isinstance(value, str):
+        text = value if len(value) <= MAX_TEXT_CHARS else value[: MAX_TEXT_CHARS - 3] + "..."
+        return _SURROGATES_RE.sub("\ufffd", text)
+    if isinstance(value, (dict, list)) and depth >= MAX_TREE_DEPTH:
+        return "(nested too deeply)"
+    if isinstance(value, dict):
+        return {str(k)[:MAX_ID_CHARS]: _clip_tree(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clip_tree(v, depth + 1) for v in value]
+    return value
 
 
 # --- limits (the JSON Schemas in wire/schemas/ state the same; tests/test_wire_decode.py checks they agree) ---

@@ -67,13 +67,20 @@ def _public_raw(key: Any) -> bytes:
     return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
-def canonical_bytes(record: dict[str, Any]) -> bytes:
-    """The bytes a signature covers: every field but ``sig``, a hit's crop by its SHA-256."""
+_FROM_RECORD: Any = object()
+
+
+def canonical_bytes(record: dict[str, Any], crop: bytes | None = _FROM_RECORD) -> bytes:
+    """The bytes a signature covers: every field but ``sig``, a hit's crop by its SHA-256.
+
+    `crop`: the crop's bytes when the caller has them (saves decoding the base64 again); by
+    default they are decoded from the record's ``crop_jpeg_b64``."""
     body = {k: v for k, v in record.items() if k != "sig"}
     if body.get("schema") == HIT_SCHEMA:
         b64 = body.pop("crop_jpeg_b64", None)
-        crop = base64.b64decode(b64, validate=True) if isinstance(b64, str) else None
-        body["crop_sha256"] = hashlib.sha256(crop).hexdigest() if crop is not None else None
+        if crop is _FROM_RECORD:
+            crop = base64.b64decode(b64, validate=True) if isinstance(b64, str) else None
+        body["crop_sha256"] = hashlib.sha256(crop).hexdigest() if crop else None
     return DOMAIN + json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
 
 
@@ -92,12 +99,13 @@ class UnitSigner:
     def public_raw(self) -> bytes:
         return _public_raw(self.key.public_key())
 
-    def sign(self, record: dict[str, Any]) -> dict[str, Any]:
-        """`record` with ``key_id`` and ``sig`` set (a hit with its ``crop_jpeg_b64`` already in)."""
+    def sign(self, record: dict[str, Any], crop: bytes | None = _FROM_RECORD) -> dict[str, Any]:
+        """`record` with ``key_id`` and ``sig`` set (a hit with its ``crop_jpeg_b64`` already in;
+        `crop`: its bytes, if at hand)."""
         signed = dict(record)
         signed.pop("sig", None)
         signed["key_id"] = self.key_id
-        signed["sig"] = base64.b64encode(self.key.sign(canonical_bytes(signed))).decode("ascii")
+        signed["sig"] = base64.b64encode(self.key.sign(canonical_bytes(signed, crop))).decode("ascii")
         return signed
 
 
@@ -236,10 +244,13 @@ class KnownKeys:
         return keys
 
 
-def verify_record(payload: bytes | dict[str, Any], known_keys: KnownKeys) -> Verdict:
+def verify_record(
+    payload: bytes | dict[str, Any], known_keys: KnownKeys, *, crop: bytes | None = _FROM_RECORD
+) -> Verdict:
     """Check a hit's or status message's signature against the unit keys the centre holds.
 
-    `payload` is the message as received (or its parsed JSON object). Call it after the record
+    `payload` is the message as received (or its parsed JSON object); `crop`, optionally, the crop
+    bytes decode_hit returned for it (saves decoding the base64 again). Call it after the record
     has been decoded (wire.records.decode_*), and check that the record's site and unit match its
     topic. Raises ProtocolError only when `payload` is not a JSON object at all."""
     from cryptography.exceptions import InvalidSignature
@@ -256,7 +267,7 @@ def verify_record(payload: bytes | dict[str, Any], known_keys: KnownKeys) -> Ver
         return Verdict.UNKNOWN_KEY
     try:
         signature = base64.b64decode(sig, validate=True) if isinstance(sig, str) else b""
-        public.verify(signature, canonical_bytes(body))
+        public.verify(signature, canonical_bytes(body, crop))
     except (InvalidSignature, binascii.Error, ValueError, TypeError):
         return Verdict.BAD_SIGNATURE
     return Verdict.VALID
