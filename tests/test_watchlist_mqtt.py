@@ -14,6 +14,7 @@ import pytest
 
 from matching.matcher import Matcher
 from testing.synthetic import Authority, make_persons, person_centers, samples_of, unit_rows
+from tests.services import missing_service
 from watchlist.format.keys import generate_key, key_id, make_keyset
 from watchlist.format.transport import Manifest, manifest_topic
 from watchlist.hq.publish import publish_bundle, publish_keyset
@@ -315,10 +316,11 @@ def test_a_refused_subscription_is_reported_with_its_topic(unit: Watchlist, tmp_
 
     from testing.broker import HOST
 
-    plugin = Path("/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so")
+    plugins = sorted(Path("/usr/lib").glob("*/mosquitto_dynamic_security.so"))
     ctrl = shutil.which("mosquitto_ctrl")
-    if not plugin.exists() or ctrl is None:
-        pytest.skip("needs Mosquitto's dynamic-security plugin and mosquitto_ctrl")
+    if not plugins or ctrl is None:
+        missing_service("needs Mosquitto's dynamic-security plugin and mosquitto_ctrl (Debian package mosquitto)")
+    plugin = plugins[0]
     work = tmp_path / "dynsec"
     work.mkdir()
     subprocess.run(
