@@ -11,6 +11,7 @@ It starts its own mosquitto (the test fixture's runner) on a free loopback port 
 as a subprocess (`python -m central.cli run`), as operators would run it.
 
     python bench/reporting.py --json OUT.json
+    python bench/reporting.py --sign --json OUT.json    # the same with every hit and status signed (Ed25519)
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from testing.broker import MosquittoBroker, find_mosquitto  # noqa: E402
 from testing.hits import noise_jpeg  # noqa: E402
 from wire import records  # noqa: E402
 from wire.records import Hit  # noqa: E402
+from wire.signing import KnownKeys, generate_unit_key, public_key_line, verify_record, write_unit_key  # noqa: E402
 
 
 def make_hit(tag: str, crop: bytes | None) -> Hit:
@@ -154,6 +156,28 @@ def bench_outbox(work: Path, n: int, crop: bytes) -> dict[str, dict[str, float]]
     return out
 
 
+def bench_signing(n: int, crop: bytes) -> dict[str, float]:
+    """CPU cost per hit of building the message the reporter publishes, unsigned and signed, and of
+    the receiver's verify_record: what signing adds, apart from fsyncs and the network."""
+    signer = generate_unit_key()
+    keys = KnownKeys.parse(public_key_line("site-a", "unit-1", signer.public_raw))
+    record = records.encode_record(records.hit_record(make_hit("sign", crop), "site-a"))
+    out: dict[str, float] = {}
+    for name, fn in (
+        ("payload_unsigned_us", lambda: records.hit_payload(record, crop, None)),
+        ("payload_signed_us", lambda: records.hit_payload(record, crop, None, signer=signer)),
+    ):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            payload = fn()
+        out[name] = (time.perf_counter() - t0) / n * 1e6
+    t0 = time.perf_counter()
+    for _ in range(n):
+        verify_record(payload, keys)
+    out["verify_us"] = (time.perf_counter() - t0) / n * 1e6
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", type=Path, help="write the figures here")
@@ -163,6 +187,7 @@ def main() -> int:
     ap.add_argument("--latency-hits", type=int, default=300)
     ap.add_argument("--backlog", type=int, default=10000, help="hits pending when the broker comes back")
     ap.add_argument("--crop-bytes", type=int, default=8000, help="size of each face crop JPEG")
+    ap.add_argument("--sign", action="store_true", help="the unit signs every hit and status ([mqtt] signing_key)")
     args = ap.parse_args()
 
     if find_mosquitto() is None:
@@ -179,13 +204,16 @@ def main() -> int:
             "mosquitto": subprocess.run([find_mosquitto(), "-h"], capture_output=True, text=True).stdout.split("\n")[0],
         },
         "crop_bytes": len(crop),
+        "signed": args.sign,
         # Other work on the machine moves every figure here (fsync latency above all): record it.
         "load_avg_1m_start": os.getloadavg()[0],
     }
     with tempfile.TemporaryDirectory(prefix="bench-reporting-") as tmp:
         work = Path(tmp)
         results["outbox_put"] = bench_outbox(work, args.puts, crop)
+        results["signing_cpu"] = bench_signing(args.puts, crop)
 
+        signing_key = write_unit_key(generate_unit_key(), work / "unit-1.key") if args.sign else None
         broker = MosquittoBroker(work / "broker").start()
         rx = ReceiverProcess(broker, work / "receiver.sqlite", work / "receiver.log")
         reporter = MqttReporter(
@@ -196,6 +224,7 @@ def main() -> int:
                 reconnect_min_delay_s=0.1,
                 reconnect_max_delay_s=1.0,
                 heartbeat_interval_s=5.0,
+                signing_key=signing_key,
             ),
             OutboxConfig(path=work / "outbox.sqlite", max_bytes=1024**3),
             "unit-1",
@@ -282,6 +311,13 @@ def main() -> int:
     rows.append(
         (f"outbox write, {crop_key} (mean / p99)", f"{put[crop_key]['mean_us']:.0f} / {put[crop_key]['p99_us']:.0f} us")
     )
+    sc = results["signing_cpu"]
+    rows.append(
+        (
+            "hit message unsigned / signed / verify",
+            f"{sc['payload_unsigned_us']:.0f} / {sc['payload_signed_us']:.0f} / {sc['verify_us']:.0f} us",
+        )
+    )
     t, lt, r = results["throughput"], results["latency"], results["recovery"]
     rows += [
         (f"sustained, {t['hits']} hits submit->stored", f"{t['hits_per_s']:.0f} hits/s"),
@@ -297,7 +333,8 @@ def main() -> int:
     ]
     width = max(len(k) for k, _ in rows)
     print(
-        f"hit reporting benchmark ({results['machine']['cpus']} CPUs, crop {len(crop)} bytes, load average "
+        f"hit reporting benchmark ({'signed' if args.sign else 'unsigned'} hits, {results['machine']['cpus']} CPUs, "
+        f"crop {len(crop)} bytes, load average "
         f"{results['load_avg_1m_start']:.1f} -> {results['load_avg_1m_end']:.1f})"
     )
     for k, v in rows:

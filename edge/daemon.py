@@ -241,11 +241,12 @@ class Daemon:
         wl_cfg, mqtt = self.config.watchlist, self.config.mqtt
         if wl_cfg.topic and mqtt is not None:
             from watchlist.unit.subscriber import WatchlistSubscriber
-            from wire.mqtt import build_client
 
-            client = build_client(mqtt, f"checkpoint-{self.config.unit.site}-{self.config.unit.id}-watchlist")
             self.subscriber = WatchlistSubscriber(
-                self.watchlist, wl_cfg.topic, host=mqtt.host, port=mqtt.port, client=client
+                self.watchlist,
+                wl_cfg.topic,
+                connection=mqtt.watchlist_connection(),
+                client_id=f"checkpoint-{self.config.unit.site}-{self.config.unit.id}-watchlist",
             )
             self.subscriber.start()
         return matcher

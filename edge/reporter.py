@@ -16,14 +16,16 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from edge.outbox import Outbox, OutboxConfig, OutboxError
 from wire import records, topics
 from wire.mqtt import MqttConnection, MqttLink
 from wire.records import Hit
+from wire.signing import SigningError, UnitSigner, load_unit_key
 from wire.topics import TopicLevel
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,57 @@ class MqttConfig(MqttConnection):
         default=True,
         description="MQTT 5: keep a hit in the outbox when the broker says nobody subscribes to hits yet",
     )
+    signing_key: Path | None = Field(
+        default=None,
+        description="this unit's Ed25519 private key (PEM, made by deploy/make-credentials); hits and status "
+        "messages are signed with it so the centre knows they come from this unit",
+    )
+
+    watchlist_username: str | None = Field(
+        default=None,
+        description="broker account the watchlist link uses; default '<site>/watchlist' when "
+        "watchlist_password_file is set (deploy/mosquitto/acl: one read-only account per site)",
+    )
+    watchlist_password_file: Path | None = Field(
+        default=None,
+        description="password of the site's watchlist account; unset: the watchlist link uses username/password",
+    )
+
+    @field_validator("watchlist_password_file")
+    @classmethod
+    def _watchlist_password_file_exists(cls, v: Path | None) -> Path | None:
+        if v is not None and not Path(v).expanduser().is_file():
+            raise ValueError(f"watchlist_password_file: no such file {str(v)!r}")
+        return None if v is None else Path(v).expanduser()
+
+    def watchlist_connection(self) -> MqttConnection:
+        """The connection for the watchlist subscriber: this one, with the site's watchlist account
+        when watchlist_password_file is set."""
+        fields = self.model_dump(include=set(MqttConnection.model_fields))
+        if self.watchlist_password_file is not None:
+            fields.update(
+                username=self.watchlist_username or f"{self.site}/watchlist",
+                password=None,
+                password_file=self.watchlist_password_file,
+            )
+        elif self.watchlist_username is not None:
+            fields["username"] = self.watchlist_username
+        return MqttConnection.model_validate(fields)
+
+    @field_validator("signing_key")
+    @classmethod
+    def _signing_key_loads(cls, v: Path | None) -> Path | None:
+        if v is None:
+            return None
+        try:
+            load_unit_key(Path(v).expanduser())
+        except SigningError as e:
+            raise ValueError(str(e)) from None
+        return Path(v).expanduser()
+
+    def signer(self) -> UnitSigner | None:
+        """The unit's signing key, or None when hits go unsigned."""
+        return load_unit_key(self.signing_key) if self.signing_key is not None else None
 
 
 class ReporterError(RuntimeError):
@@ -76,6 +129,7 @@ class MqttReporter:
         self.status_topic = topics.topic(self.site, self.unit_id, "status")
         self.heartbeat_topic = topics.topic(self.site, self.unit_id, "heartbeat")
         self._status_provider = status_provider
+        self.signer = config.signer()
         self.outbox = outbox if isinstance(outbox, Outbox) else Outbox(outbox)
         self._started_at = time.monotonic()
         self._acks: deque[tuple[int, Any]] = deque()
@@ -96,7 +150,7 @@ class MqttReporter:
                 name=f"mqtt reporter {self.site}/{self.unit_id}",
                 will=(
                     self.status_topic,
-                    records.status_payload(self.site, self.unit_id, "offline", "connection lost"),
+                    records.status_payload(self.site, self.unit_id, "offline", "connection lost", signer=self.signer),
                 ),
                 max_inflight=config.inflight_window + 1,
                 on_connected=self._on_connected,
@@ -176,7 +230,7 @@ class MqttReporter:
         if self.link.connected:
             info = self.link.client.publish(
                 self.status_topic,
-                records.status_payload(self.site, self.unit_id, "offline", "shutdown"),
+                records.status_payload(self.site, self.unit_id, "offline", "shutdown", signer=self.signer),
                 qos=1,
                 retain=True,
             )
@@ -196,7 +250,7 @@ class MqttReporter:
     def _on_connected(self, _session_present: bool, _properties: Any) -> None:
         self.link.client.publish(
             self.status_topic,
-            records.status_payload(self.site, self.unit_id, "online", "connected"),
+            records.status_payload(self.site, self.unit_id, "online", "connected", signer=self.signer),
             qos=1,
             retain=True,
         )
@@ -291,7 +345,7 @@ class MqttReporter:
             return
         rows = self.outbox.take(self._window() - self.outbox.inflight)
         for i, row in enumerate(rows):
-            payload = records.hit_payload(row.record, row.crop, row.crop_dropped)
+            payload = records.hit_payload(row.record, row.crop, row.crop_dropped, signer=self.signer)
             info = self.link.client.publish(self.hits_topic, payload, qos=1)
             if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
                 # paho did not take it (queue full): give this row and the rest back, try again later.

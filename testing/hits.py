@@ -1,6 +1,8 @@
 """Hits to report in tests: real JPEG crops (a face from skimage's astronaut photo, or noise JPEGs
 of a chosen size), hit records, and a small JSON Schema checker for the payload schemas in
-wire/schemas/ (jsonschema is not a dependency; this covers the keywords those files use)."""
+wire/schemas/ (jsonschema is not a dependency; this covers the keywords those files use: type, const,
+enum, minimum/maximum and their exclusive forms, minLength/maxLength/pattern, minItems/maxItems/items,
+required/properties/additionalProperties/maxProperties)."""
 
 from __future__ import annotations
 
@@ -93,9 +95,13 @@ def schema_errors(instance: Any, schema: dict[str, Any], path: str = "$") -> lis
             errs.append(f"{path}: {instance} > maximum {schema['maximum']}")
         if "exclusiveMinimum" in schema and instance <= schema["exclusiveMinimum"]:
             errs.append(f"{path}: {instance} <= exclusiveMinimum {schema['exclusiveMinimum']}")
+        if "exclusiveMaximum" in schema and instance >= schema["exclusiveMaximum"]:
+            errs.append(f"{path}: {instance} >= exclusiveMaximum {schema['exclusiveMaximum']}")
     if isinstance(instance, str):
         if len(instance) < schema.get("minLength", 0):
             errs.append(f"{path}: shorter than {schema['minLength']}")
+        if "maxLength" in schema and len(instance) > schema["maxLength"]:
+            errs.append(f"{path}: {len(instance)} characters, longer than {schema['maxLength']}")
         if "pattern" in schema and not re.search(schema["pattern"], instance):
             errs.append(f"{path}: does not match {schema['pattern']}")
     if isinstance(instance, list):
@@ -105,6 +111,8 @@ def schema_errors(instance: Any, schema: dict[str, Any], path: str = "$") -> lis
             for i, item in enumerate(instance):
                 errs += schema_errors(item, schema["items"], f"{path}[{i}]")
     if isinstance(instance, dict):
+        if "maxProperties" in schema and len(instance) > schema["maxProperties"]:
+            errs.append(f"{path}: {len(instance)} keys, more than {schema['maxProperties']}")
         for key in schema.get("required", []):
             if key not in instance:
                 errs.append(f"{path}: missing required key {key!r}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -13,12 +14,14 @@ import pytest
 
 from matching.matcher import Matcher
 from testing.synthetic import Authority, make_persons, person_centers, samples_of, unit_rows
+from tests.services import missing_service
 from watchlist.format.keys import generate_key, key_id, make_keyset
 from watchlist.format.transport import Manifest, manifest_topic
 from watchlist.hq.publish import publish_bundle, publish_keyset
 from watchlist.unit.apply import Watchlist
 from watchlist.unit.config import WatchlistConfig
 from watchlist.unit.subscriber import WatchlistSubscriber
+from wire.mqtt import MqttConnection
 
 MODEL = "synthetic:v1"
 TOPIC = "checkpoint/site-7/watchlist"
@@ -164,3 +167,179 @@ def test_revocation_published_on_the_keyset_topic(unit: Watchlist, hq: Authority
     _publish(mosquitto, hq.bundle(2, persons, np.flipud(emb).copy(), kind="full"))
     assert wait_for(lambda: (unit.status()["last_rejection"] or {}).get("reason") == "revoked_key")
     assert unit.version == 1 and unit.matcher.match(unit_rows(centers[[0]]))[0].person_id == "case-0000"
+
+
+# ---- one MQTT link for every client: accounts, TLS, refusals (issue 11) ----------------------------
+
+SECURE_TOPIC = "checkpoint/v1/site-7/watchlist"  # the deploy/ layout: checkpoint/v1/<site>/watchlist
+SECURE_ACL = "pattern read checkpoint/v1/%u/#\nuser hq\ntopic readwrite checkpoint/v1/+/watchlist/#\n"
+
+
+def _cli(*args: object):
+    from click.testing import CliRunner
+
+    from watchlist.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def _secure_broker(broker_factory, **kw):
+    users = {"hq": "hq-secret", "site-7/watchlist": "reader-secret", "site-8/watchlist": "other-secret"}
+    return broker_factory(users=users, acl=SECURE_ACL, **kw).start()
+
+
+def test_publish_with_an_account_and_a_unit_that_reads_with_its_site_account(
+    tmp_path: Path, hq: Authority, broker_factory
+) -> None:
+    broker = _secure_broker(broker_factory)
+    (tmp_path / "hq.pw").write_text("hq-secret\n")
+    persons, emb, _ = _list(10, seed=11)
+    (tmp_path / "v1.cpwl").write_bytes(hq.bundle(1, persons, emb))
+    common = ["--topic", SECURE_TOPIC, "--host", broker.host, "--port", broker.port, "--chunk-bytes", 4096]
+    done = _cli("publish", tmp_path / "v1.cpwl", *common, "--username", "hq", "--password-file", tmp_path / "hq.pw")
+    assert done.exit_code == 0, done.output
+    (tmp_path / "reader.pw").write_text("reader-secret\n")
+    cfg = WatchlistConfig(root_key=hq.write_root(tmp_path / "root.pub"), store=tmp_path / "wl.db", topic=SECURE_TOPIC)
+    wl = Watchlist(cfg, Matcher(), MODEL)
+    wl.start()
+    conn = MqttConnection(
+        host=broker.host, port=broker.port, username="site-7/watchlist", password_file=tmp_path / "reader.pw"
+    )
+    sub = WatchlistSubscriber(wl, SECURE_TOPIC, connection=conn, tick_interval_s=0.2)
+    sub.start()
+    try:
+        assert wait_for(lambda: wl.version == 1), (wl.status(), sub.status())
+    finally:
+        sub.stop()
+        wl.close()
+
+
+def test_publish_fails_fast_and_clearly(tmp_path: Path, hq: Authority, broker_factory, tls_files) -> None:
+    broker = _secure_broker(broker_factory)
+    (tmp_path / "wrong.pw").write_text("not-the-password\n")
+    persons, emb, _ = _list(5, seed=12)
+    (tmp_path / "v1.cpwl").write_bytes(hq.bundle(1, persons, emb))
+    common = ["--topic", SECURE_TOPIC, "--host", broker.host, "--chunk-bytes", 4096, "--timeout", 30]
+
+    t0 = time.monotonic()
+    done = _cli("publish", tmp_path / "v1.cpwl", *common, "--port", broker.port)  # anonymous
+    assert done.exit_code == 2 and "not authorised" in done.output, done.output
+    done = _cli(
+        "publish", tmp_path / "v1.cpwl", *common, "--port", broker.port, "--username", "hq",
+        "--password-file", tmp_path / "wrong.pw",
+    )  # fmt: skip
+    assert done.exit_code == 2 and "not authorised" in done.output, done.output
+    assert time.monotonic() - t0 < 15, "a refusal must not wait for the 30 s timeout"
+
+    # An account that may read but not write the topics: the PUBACK refusal is reported.
+    (tmp_path / "reader.pw").write_text("reader-secret\n")
+    done = _cli(
+        "publish", tmp_path / "v1.cpwl", "--topic", SECURE_TOPIC, "--host", broker.host, "--port", broker.port,
+        "--username", "site-7/watchlist", "--password-file", tmp_path / "reader.pw",
+    )  # fmt: skip
+    assert done.exit_code == 2 and "not authorised" in done.output and "ACL" in done.output, done.output
+
+    nobody = broker_factory()  # made, never started
+    done = _cli("publish", tmp_path / "v1.cpwl", *common, "--port", nobody.port)
+    assert done.exit_code == 2 and "unreachable" in done.output, done.output
+
+    tls = broker_factory(tls=tls_files).start()
+    done = _cli("publish", tmp_path / "v1.cpwl", *common, "--port", tls.port, "--ca-file", tls_files.wrong_ca)
+    assert done.exit_code == 2 and "certificate" in done.output, done.output
+    done = _cli("publish", tmp_path / "v1.cpwl", *common, "--port", tls.port, "--ca-file", tls_files.ca)
+    assert done.exit_code == 0, done.output
+
+
+def test_the_subscriber_follows_disconnects_and_reconnects(unit: Watchlist, hq: Authority, broker_factory) -> None:
+    broker = broker_factory().start()
+    conn = MqttConnection(host=broker.host, port=broker.port, reconnect_min_delay_s=0.1, reconnect_max_delay_s=0.5)
+    sub = WatchlistSubscriber(unit, TOPIC, connection=conn, tick_interval_s=0.2)
+    sub.start()
+    try:
+        assert wait_for(lambda: sub.connected)
+        broker.stop()
+        assert wait_for(lambda: not sub.connected), "connected must fall when the broker goes"
+        assert sub.status()["state"] == "disconnected"
+        broker.start()
+        assert wait_for(lambda: sub.connected), sub.status()
+        persons, emb, _ = _list(5, seed=13)
+        _publish(broker, hq.bundle(1, persons, emb))
+        assert wait_for(lambda: unit.version == 1)
+    finally:
+        sub.stop()
+
+
+def test_a_manifest_of_size_10_to_the_400_does_not_kill_the_network_thread(
+    unit: Watchlist, hq: Authority, mosquitto, caplog
+) -> None:
+    import paho.mqtt.publish as single
+
+    sub = unit.connect()
+    bad = json.dumps(
+        {
+            "kind": "full", "version": 9, "base_version": None, "size": 10**400, "sha256": "0" * 64,
+            "chunk_bytes": 1024, "chunks": 1, "published_at": 1.0,
+        }
+    )  # fmt: skip
+    with caplog.at_level("WARNING", logger="watchlist.unit.subscriber"):
+        single.single(
+            manifest_topic(TOPIC, "full"), bad, qos=1, retain=True, hostname=mosquitto.host, port=mosquitto.port
+        )
+        assert wait_for(lambda: "manifest" in caplog.text)
+    assert sub.client._thread is not None and sub.client._thread.is_alive()
+    persons, emb, _ = _list(5, seed=14)
+    _publish(mosquitto, hq.bundle(1, persons, emb))
+    assert wait_for(lambda: unit.version == 1), "the subscriber must still work after the bad manifest"
+
+
+def test_a_subscription_the_acl_silently_refuses_is_reported(unit: Watchlist, tmp_path: Path, broker_factory) -> None:
+    broker = _secure_broker(broker_factory)
+    (tmp_path / "other.pw").write_text("other-secret\n")
+    # site-8's account on site-7's list: Mosquitto grants the subscription and delivers nothing.
+    conn = MqttConnection(
+        host=broker.host, port=broker.port, username="site-8/watchlist", password_file=tmp_path / "other.pw"
+    )
+    sub = WatchlistSubscriber(unit, SECURE_TOPIC, connection=conn, tick_interval_s=0.1, silence_warning_s=0.5)
+    sub.start()
+    try:
+        assert wait_for(lambda: sub.status()["last_error"] is not None)
+        err = sub.status()["last_error"]
+        assert "site-8/watchlist" in err and "ACL" in err and SECURE_TOPIC in err
+    finally:
+        sub.stop()
+
+
+def test_a_refused_subscription_is_reported_with_its_topic(unit: Watchlist, tmp_path: Path, broker_factory) -> None:
+    """Mosquitto's dynamic-security plugin answers a forbidden SUBSCRIBE with a SUBACK failure."""
+    import shutil
+    import subprocess
+
+    from testing.broker import HOST
+
+    plugins = sorted(Path("/usr/lib").glob("*/mosquitto_dynamic_security.so"))
+    ctrl = shutil.which("mosquitto_ctrl")
+    if not plugins or ctrl is None:
+        missing_service("needs Mosquitto's dynamic-security plugin and mosquitto_ctrl (Debian package mosquitto)")
+    plugin = plugins[0]
+    work = tmp_path / "dynsec"
+    work.mkdir()
+    subprocess.run(
+        [ctrl, "dynsec", "init", str(work / "dynsec.json"), "admin", "admin-pw"], check=True, capture_output=True
+    )
+    broker = broker_factory()
+    conf = broker.conf_path.read_text().replace("allow_anonymous true\n", "")
+    conf += f"plugin {plugin}\nplugin_opt_config_file {work / 'dynsec.json'}\n"
+    broker.conf_path.write_text(conf)
+    broker.start()
+    admin = [ctrl, "-h", HOST, "-p", str(broker.port), "-u", "admin", "-P", "admin-pw", "dynsec"]
+    subprocess.run(admin + ["createClient", "site-9/watchlist", "-p", "pw9"], check=True, capture_output=True)
+    conn = MqttConnection(host=HOST, port=broker.port, username="site-9/watchlist", password="pw9")
+    sub = WatchlistSubscriber(unit, SECURE_TOPIC, connection=conn, tick_interval_s=0.1)
+    sub.start()
+    try:
+        assert wait_for(lambda: sub.refused), sub.status()
+        assert manifest_topic(SECURE_TOPIC, "full") in sub.refused
+        err = sub.status()["last_error"]
+        assert "refused the subscription" in err and manifest_topic(SECURE_TOPIC, "full") in err and "ACL" in err
+    finally:
+        sub.stop()

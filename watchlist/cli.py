@@ -395,8 +395,15 @@ def _iso(epoch: float | None) -> str:
 @click.option("--register", "register_path", type=click.Path(path_type=Path, exists=True), help="HQ register")
 @click.option("--topic", help="the site's watchlist topic prefix, e.g. checkpoint/v1/site-1/watchlist")
 @click.option("--host", default="localhost", show_default=True)
-@click.option("--port", default=1883, show_default=True)
+@click.option("--port", default=1883, show_default=True, help="1883 plain, 8883 usually for TLS")
+@click.option("--username", default=None, help="broker user name (HQ's account, e.g. hq)")
+@click.option("--password-file", type=click.Path(path_type=Path), default=None, help="file holding the password")
+@click.option("--ca-file", type=click.Path(path_type=Path), default=None, help="CA certificate (PEM): turns TLS on")
+@click.option("--cert-file", type=click.Path(path_type=Path), default=None, help="client certificate (PEM)")
+@click.option("--key-file", type=click.Path(path_type=Path), default=None, help="client key (PEM)")
+@click.option("--tls", "use_tls", is_flag=True, help="TLS with the system CA store (implied by --ca-file)")
 @click.option("--chunk-bytes", default=1024 * 1024, show_default=True, help="bytes per MQTT message")
+@click.option("--timeout", default=30.0, show_default=True, help="seconds to wait for the broker at each step")
 @click.option(
     "--export", "export_dir", type=click.Path(path_type=Path), help="write a copy into this folder (USB, scp)"
 )
@@ -406,29 +413,49 @@ def publish(
     topic: str | None,
     host: str,
     port: int,
+    username: str | None,
+    password_file: Path | None,
+    ca_file: Path | None,
+    cert_file: Path | None,
+    key_file: Path | None,
+    use_tls: bool,
     chunk_bytes: int,
+    timeout: float,
     export_dir: Path | None,
 ) -> None:
     """Publish a bundle to a site's watchlist topic (retained, QoS 1, chunked) and/or as a file
     (--export), and record it in the register as published: later deltas are built against it.
-    A key set file goes to the keyset topic.
+    A key set file goes to the keyset topic. A broker that refuses the account, the certificate or
+    a topic fails at once.
 
     \b
     Examples:
-      watchlist publish v12.cpwl --register hq.db --topic checkpoint/v1/site-1/watchlist --host broker.hq
+      watchlist publish v12.cpwl --register hq.db --topic checkpoint/v1/site-1/watchlist --host broker.hq \\
+          --port 8883 --username hq --password-file /secure/hq.pw --ca-file /secure/ca.pem
       watchlist publish v12.cpwl --register hq.db --export /media/usb
     """
+    from pydantic import ValidationError
+
     from watchlist.format.bundle import sha256_hex
     from watchlist.format.keys import KEYSET_MAGIC
     from watchlist.hq.publish import export_file, publish_bundle, publish_keyset
     from watchlist.hq.register import Register
+    from wire.mqtt import MqttConnection
 
+    values: dict[str, object] = {"host": host, "port": port, "username": username, "password_file": password_file}
+    if ca_file or cert_file or key_file or use_tls:
+        values["tls"] = {"ca_file": ca_file, "cert_file": cert_file, "key_file": key_file}
+    try:
+        connection = MqttConnection(**values)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'options'}: {err['msg']}" for err in e.errors())
+        raise click.UsageError(problems) from None
     data = bundle.read_bytes()
     try:
         if data[:8] == KEYSET_MAGIC:
             if topic is None:
                 raise click.UsageError("give --topic: key sets travel over MQTT")
-            publish_keyset(data, topic, host=host, port=port)
+            publish_keyset(data, topic, connection=connection, timeout=timeout)
             click.echo(f"key set published on {topic}/keyset")
             return
         if topic is None and export_dir is None:
@@ -439,7 +466,7 @@ def publish(
         digest = sha256_hex(data)
         reg.release_with_sha256(digest)  # before anything goes out: is it one of this register's releases?
         if topic is not None:
-            m = publish_bundle(data, topic, host=host, port=port, chunk_bytes=chunk_bytes)
+            m = publish_bundle(data, topic, connection=connection, chunk_bytes=chunk_bytes, timeout=timeout)
             version = reg.mark_published(digest, f"mqtt://{host}:{port}/{topic}")
             click.echo(
                 f"{m.kind} bundle version {m.version} published on {topic}/{m.kind} ({m.chunks} chunks, {m.size} bytes)"

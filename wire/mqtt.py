@@ -121,8 +121,8 @@ class MqttConnection(StrictModel):
 _REFUSAL_HINTS = {
     0x84: 'the broker does not speak this MQTT version: set protocol = "3.1.1"',
     0x85: "the broker rejected the client id: set client_id",
-    0x86: "check username and password (or password_file)",
-    0x87: "the broker does not allow this user: check username/password and the broker's ACL",
+    0x86: "not authorised: check username and password (or password_file)",
+    0x87: "not authorised: the broker does not allow this user: check username/password and the broker's ACL",
     0x88: "the broker is up but not taking connections; will retry",
     0x8A: "the broker is banning this client",
 }
@@ -142,19 +142,29 @@ def describe_connect_error(exc: BaseException | None, conn: MqttConnection) -> s
             f"broker asks for client certificates, tls.cert_file/tls.key_file"
         )
     if isinstance(exc, ConnectionRefusedError):
-        return f"connection refused by {where}: is the broker running and listening there? (check host and port)"
+        return (
+            f"broker unreachable: connection refused by {where}: is the broker running and listening there? "
+            f"(check host and port)"
+        )
     if isinstance(exc, socket.gaierror):
-        return f"cannot resolve broker host {conn.host!r}: {exc} (check host)"
+        return f"broker unreachable: cannot resolve broker host {conn.host!r}: {exc} (check host)"
     if isinstance(exc, (TimeoutError, socket.timeout)):
-        return f"no answer from {where} within {conn.connect_timeout_s:g}s (broker down, or a firewall in the way?)"
+        return (
+            f"broker unreachable: no answer from {where} within {conn.connect_timeout_s:g}s "
+            f"(broker down, or a firewall in the way?)"
+        )
+    if isinstance(exc, OSError):
+        return f"broker unreachable: cannot connect to {where}: {exc}"
     if exc is None:
         return f"cannot connect to {where}"
     return f"cannot connect to {where}: {exc}"
 
 
-def build_client(conn: MqttConnection, client_id: str, *, manual_ack: bool = False, max_inflight: int = 20) -> Any:
-    """A paho client for `conn` (callback API v2, persistent session), not yet connected.
-    Raises ValueError naming the key when TLS files cannot be loaded."""
+def build_client(
+    conn: MqttConnection, client_id: str, *, manual_ack: bool = False, max_inflight: int = 20, clean: bool = False
+) -> Any:
+    """A paho client for `conn` (callback API v2; a persistent session unless `clean`), not yet
+    connected. Raises ValueError naming the key when TLS files cannot be loaded."""
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
@@ -167,7 +177,7 @@ def build_client(conn: MqttConnection, client_id: str, *, manual_ack: bool = Fal
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=mqtt.MQTTv311,
-            clean_session=False,
+            clean_session=clean,
             manual_ack=manual_ack,
         )
     client.enable_logger(_paho_log)
@@ -196,15 +206,16 @@ def build_client(conn: MqttConnection, client_id: str, *, manual_ack: bool = Fal
     return client
 
 
-def connect_properties(conn: MqttConnection, receive_maximum: int | None = None) -> Any:
-    """MQTT 5 CONNECT properties (session expiry, receive maximum); None for 3.1.1."""
+def connect_properties(conn: MqttConnection, receive_maximum: int | None = None, keep_session: bool = True) -> Any:
+    """MQTT 5 CONNECT properties (session expiry, receive maximum); None for 3.1.1. Without
+    `keep_session` the broker forgets the session at disconnect (short-lived tools, retained-only readers)."""
     if conn.protocol != "5":
         return None
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
 
     props = Properties(PacketTypes.CONNECT)
-    props.SessionExpiryInterval = conn.session_expiry_s
+    props.SessionExpiryInterval = conn.session_expiry_s if keep_session else 0
     if receive_maximum:
         props.ReceiveMaximum = receive_maximum
     return props
@@ -228,6 +239,8 @@ class MqttLink:
         on_message: Callable[[Any], None] | None = None,
         on_publish: Callable[[int, Any], None] | None = None,
         on_subscribe: Callable[[list[Any]], None] | None = None,
+        on_suback: Callable[[int, list[Any]], None] | None = None,
+        clean_start: bool = False,
     ) -> None:
         self.conn = conn
         self.name = name
@@ -242,7 +255,8 @@ class MqttLink:
         self._last_logged: tuple[str, float] | None = None
         self._last_paho_error = ""
         self._connected_at = 0.0
-        self.client = build_client(conn, client_id, manual_ack=manual_ack, max_inflight=max_inflight)
+        self.clean_start = clean_start
+        self.client = build_client(conn, client_id, manual_ack=manual_ack, max_inflight=max_inflight, clean=clean_start)
         if will is not None:
             self.client.will_set(will[0], will[1], qos=1, retain=True)
         self.client.on_pre_connect = self._handle_pre_connect
@@ -256,18 +270,37 @@ class MqttLink:
             self.client.on_publish = lambda _c, _u, mid, rc, _p: on_publish(mid, rc)
         if on_subscribe is not None:
             self.client.on_subscribe = lambda _c, _u, _mid, rcs, _p: on_subscribe(list(rcs))
+        elif on_suback is not None:
+            self.client.on_subscribe = lambda _c, _u, mid, rcs, _p: on_suback(mid, list(rcs))
 
     @property
     def connected(self) -> bool:
         return self.state == "connected"
+
+    def wait_connected(self, timeout: float) -> str | None:
+        """Wait until the link is connected (None) or its first attempt failed (the error message);
+        for short-lived tools that must fail fast instead of retrying. Times out with a message too."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.state == "connected":
+                return None
+            if self.last_error is not None:
+                return self.last_error
+            time.sleep(0.01)
+        return (
+            f"broker unreachable: no connection to {self.conn.host}:{self.conn.port} within {timeout:g}s "
+            f"(broker down, or a firewall in the way?)"
+        )
 
     def start(self) -> None:
         """Start connecting in paho's network thread; failures are retried, never raised."""
         self.state = "connecting"
         kwargs: dict[str, Any] = {"keepalive": self.conn.keepalive_s}
         if self.conn.protocol == "5":
-            kwargs["clean_start"] = False
-            kwargs["properties"] = connect_properties(self.conn, self._receive_maximum_asked)
+            kwargs["clean_start"] = self.clean_start
+            kwargs["properties"] = connect_properties(
+                self.conn, self._receive_maximum_asked, keep_session=not self.clean_start
+            )
         self.client.connect_async(self.conn.host, self.conn.port, **kwargs)
         self.client.loop_start()
 

@@ -14,11 +14,12 @@ import base64
 import binascii
 import json
 import math
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from wire.errors import ProtocolError, RecordError
 
@@ -62,8 +63,12 @@ class Hit:
 
     def __post_init__(self) -> None:
         for name in ("unit_id", "camera_id", "person_id", "model_id", "id"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise RecordError(f"hit: {name} must be a non-empty string, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value or len(value) > MAX_ID_CHARS or not _TEXT_RE.fullmatch(value):
+                raise RecordError(
+                    f"hit: {name} must be a string of 1 to {MAX_ID_CHARS} characters without control characters, "
+                    f"got {safe_text(value, 80)!r}"
+                )
         object.__setattr__(self, "box", _check_box(self.box, f"hit {self.id}"))
         if self.crop_jpeg is not None and not bytes(self.crop_jpeg[:3]) == JPEG_MAGIC:
             raise RecordError(f"hit {self.id}: crop_jpeg must be JPEG bytes (starting FF D8 FF)")
@@ -71,6 +76,10 @@ class Hit:
             raise RecordError(f"hit {self.id}: captured_at must be seconds since the epoch, got {self.captured_at}")
         if int(self.watchlist_version) < 0:
             raise RecordError(f"hit {self.id}: watchlist_version must be >= 0")
+
+
+def _clamp(value: float, bound: float) -> float:
+    return min(bound, max(-bound, float(value)))
 
 
 def hit_record(hit: Hit, site: str, queued_at: float | None = None) -> dict[str, Any]:
@@ -86,9 +95,10 @@ def hit_record(hit: Hit, site: str, queued_at: float | None = None) -> dict[str,
         "captured_at": float(hit.captured_at),
         "queued_at": float(time.time() if queued_at is None else queued_at),
         "person_id": hit.person_id,
-        "score": float(hit.score),
-        "threshold": float(hit.threshold),
-        "margin": float(hit.margin),
+        # Quantised scores can stray a hair past +-1; the receiver refuses values outside the schema.
+        "score": _clamp(hit.score, 1.0),
+        "threshold": _clamp(hit.threshold, 1.0),
+        "margin": _clamp(hit.margin, 2.0),
         "box": [float(v) for v in hit.box],
         "model_id": hit.model_id,
         "watchlist_version": int(hit.watchlist_version),
@@ -100,14 +110,34 @@ def encode_record(record: dict[str, Any]) -> bytes:
     return json.dumps(record, separators=(",", ":"), allow_nan=False).encode()
 
 
-def hit_payload(record: bytes | dict[str, Any], crop: bytes | None, crop_dropped: str | None) -> bytes:
-    """The complete hit message: the stored record plus the crop (base64) or why it is missing."""
+class RecordSigner(Protocol):
+    """What signs a record (wire.signing.UnitSigner): returns it with ``key_id`` and ``sig`` added."""
+
+    def sign(self, record: dict[str, Any], crop: bytes | None = ...) -> dict[str, Any]: ...
+
+
+def hit_payload(
+    record: bytes | dict[str, Any],
+    crop: bytes | None,
+    crop_dropped: str | None,
+    signer: RecordSigner | None = None,
+) -> bytes:
+    """The complete hit message: the stored record plus the crop (base64) or why it is missing,
+    signed by `signer` when one is given (after the crop is in: the signature covers its digest)."""
     body = json.loads(record) if isinstance(record, (bytes, str)) else dict(record)
     if crop_dropped is not None and crop_dropped not in CROP_DROP_REASONS:
         raise ProtocolError(f"crop_dropped must be one of {CROP_DROP_REASONS}, got {crop_dropped!r}")
-    body["crop_jpeg_b64"] = base64.b64encode(crop).decode("ascii") if crop else None
+    body.pop("crop_jpeg_b64", None)
     body["crop_dropped"] = crop_dropped
-    return encode_record(body)
+    if signer is not None:
+        body = signer.sign({**body, "crop_jpeg_b64": None}, crop or None)
+        del body["crop_jpeg_b64"]
+    # The base64 text is spliced in after the rest is encoded: it needs no JSON escaping, and
+    # json.dumps scanning a 300 kB string costs more than the rest of the message.
+    head = encode_record(body)[:-1]
+    if not crop:
+        return head + b',"crop_jpeg_b64":null}'
+    return head + b',"crop_jpeg_b64":"' + base64.b64encode(crop) + b'"}'
 
 
 def status_payload(
@@ -117,23 +147,24 @@ def status_payload(
     reason: str,
     at: float | None = None,
     software_version: str | None = None,
+    signer: RecordSigner | None = None,
 ) -> bytes:
     """The retained status message ('online' on connect, 'offline' as Last Will or on shutdown),
-    with the unit's software version (default: this installation's)."""
+    with the unit's software version (default: this installation's), signed by `signer` when one
+    is given."""
     if state not in STATES:
         raise ProtocolError(f"status state must be one of {STATES}, got {state!r}")
-    return encode_record(
-        {
-            "schema": STATUS_SCHEMA,
-            "v": SCHEMA_VERSION,
-            "site": site,
-            "unit_id": unit_id,
-            "state": state,
-            "reason": reason,
-            "at": float(time.time() if at is None else at),
-            "software_version": software_version or _software_version(),
-        }
-    )
+    body = {
+        "schema": STATUS_SCHEMA,
+        "v": SCHEMA_VERSION,
+        "site": site,
+        "unit_id": unit_id,
+        "state": state,
+        "reason": reason,
+        "at": float(time.time() if at is None else at),
+        "software_version": software_version or _software_version(),
+    }
+    return encode_record(signer.sign(body) if signer is not None else body)
 
 
 def heartbeat_payload(
@@ -150,7 +181,12 @@ def heartbeat_payload(
 ) -> bytes:
     """The periodic heartbeat: the unit's own figures (cameras, fps, watchlist version: whatever
     the status provider gives), the outbox depth and drop counters, the link's state, and the
-    unit's software version (default: this installation's)."""
+    unit's software version (default: this installation's).
+
+    Free text is cut to what a receiver takes (a camera's error message can be long), so that
+    one long message never costs the whole heartbeat."""
+    unit = _clip_tree(unit, 0)
+    link = {k: _clip_tree(v, MAX_TREE_DEPTH) for k, v in link.items()}
     return encode_record(
         {
             "schema": HEARTBEAT_SCHEMA,
@@ -174,22 +210,131 @@ def _software_version() -> str:
     return software_version()
 
 
+def _clip_tree(value: Any, depth: int) -> Any:
+    """`value` within the heartbeat's limits: strings cut to MAX_TEXT_CHARS without lone
+    surrogates, nesting past MAX_TREE_DEPTH replaced by a note."""
+    if isinstance(value, str):
+        text = value if len(value) <= MAX_TEXT_CHARS else value[: MAX_TEXT_CHARS - 3] + "..."
+        return _SURROGATES_RE.sub("\ufffd", text)
+    if isinstance(value, (dict, list)) and depth >= MAX_TREE_DEPTH:
+        return "(nested too deeply)"
+    if isinstance(value, dict):
+        return {str(k)[:MAX_ID_CHARS]: _clip_tree(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clip_tree(v, depth + 1) for v in value]
+    return value
+
+
+# --- limits (the JSON Schemas in wire/schemas/ state the same; tests/test_wire_decode.py checks they agree) ---
+
+MAX_ID_CHARS = 128
+"""ids (hit, site, unit, camera, person, model): at most this many characters, none of them a control character."""
+MAX_TEXT_CHARS = 1024
+"""free text (a status reason, strings in a heartbeat)."""
+MAX_CROP_BYTES = 256 * 1024
+"""the crop a receiver takes by default: the outbox's default max_crop_bytes."""
+MAX_TIME = 4102444800.0
+"""2100-01-01 UTC: later times are a broken clock or an attack (1e300 crashes date formatting)."""
+MAX_COUNT = 2**53 - 1
+"""largest integer counter (track id, watchlist version, heartbeat counters): exact in JSON everywhere."""
+MAX_BOX = 1e6
+"""a face box coordinate, in pixels."""
+MAX_INTEGER_DIGITS = 20
+"""a JSON integer literal longer than this is refused before Python turns it into an int."""
+MAX_HEARTBEAT_BYTES = 256 * 1024
+MAX_STATUS_BYTES = 16 * 1024
+MAX_TREE_DEPTH = 8
+"""nesting allowed inside a heartbeat's free-form `unit` object (cameras -> camera -> figures)."""
+MAX_TREE_ITEMS = 4096
+"""values allowed inside a heartbeat's free-form `unit` object, all levels together."""
+_HIT_OVERHEAD_BYTES = 32 * 1024
+"""room in a hit payload for everything but the crop: 6 ids of 128 characters as \\uXXXX escapes and the rest."""
+
+# Characters an id or a reason may not contain: C0 and C1 controls, DEL, the Unicode line
+# separators (they forge log and terminal lines) and lone surrogates (not encodable as UTF-8:
+# they break every store). The same class is the schemas' "pattern".
+_BAD_TEXT_CHARS = "\\x00-\\x1f\\x7f-\\x9f\\u2028\\u2029\\ud800-\\udfff"
+TEXT_PATTERN = "^[^" + _BAD_TEXT_CHARS + "]*$"
+_TEXT_RE = re.compile("[^" + _BAD_TEXT_CHARS + "]*")
+_SURROGATES_RE = re.compile("[\\ud800-\\udfff]")
+_CONTROL_RE = re.compile("[" + _BAD_TEXT_CHARS + "\\\\]")
+
+
+def b64_length(n_bytes: int) -> int:
+    """Characters of the base64 text of `n_bytes` bytes (padded)."""
+    return 4 * ((n_bytes + 2) // 3)
+
+
+def safe_text(value: Any, limit: int = 200) -> str:
+    """`value` for a log line or a terminal: control characters, line separators, surrogates and
+    backslashes escaped (``\\n``, ``\\x1b``, ``\\u2028``), cut to `limit` characters with '...'.
+
+    A received id printed as it came could forge a whole line of output (a newline) or drive the
+    terminal (escape sequences); this is what the receiver prints instead."""
+    text = value if isinstance(value, str) else str(value)
+    cut = len(text) > limit
+    text = text[:limit]
+
+    def esc(m: re.Match[str]) -> str:
+        c = m.group(0)
+        if c == "\\":
+            return "\\\\"
+        code = ord(c)
+        if c in "\n\r\t":
+            return {"\n": "\\n", "\r": "\\r", "\t": "\\t"}[c]
+        return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+    return _CONTROL_RE.sub(esc, text) + ("..." if cut else "")
+
+
 # --- decoding (receiver side) -------------------------------------------------------------------
 
-_STR = (str,)
-_NUM = (int, float)
-_INT = (int,)
+
+class _BadNumber:
+    """A JSON number the parser refused to convert (NaN, Infinity, 1e400, a 5,000-digit integer):
+    kept as a marker so the check of the field it sits in can name that field."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text if len(text) <= 24 else f"{text[:12]}...({len(text)} characters)"
 
 
-def _load(payload: bytes, schema: str) -> dict[str, Any]:
+def _parse_int(text: str) -> int | _BadNumber:
+    if len(text) > MAX_INTEGER_DIGITS:
+        return _BadNumber(text)
+    return int(text)
+
+
+def _parse_float(text: str) -> float | _BadNumber:
+    value = float(text)
+    return value if math.isfinite(value) else _BadNumber(text)
+
+
+def load_json_object(payload: bytes, what: str, max_bytes: int | None = None, bound: str = "") -> dict[str, Any]:
+    """Parse untrusted JSON into an object without ever raising anything but ProtocolError: no
+    RecursionError on deep nesting, no ValueError on a 5,000-digit integer; numbers JSON cannot
+    hold exactly (NaN, Infinity, 1e400, over 20 digits) are left as markers the field checks refuse."""
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise ProtocolError(f"{what} payload must be bytes, got {type(payload).__name__}")
+    if max_bytes is not None and len(payload) > max_bytes:
+        raise ProtocolError(f"{what} payload of {len(payload)} bytes is over the limit of {max_bytes} bytes{bound}")
     try:
-        body = json.loads(payload)
+        body = json.loads(bytes(payload), parse_int=_parse_int, parse_float=_parse_float, parse_constant=_BadNumber)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ProtocolError(f"{schema} payload is not JSON: {e}") from None
+        raise ProtocolError(f"{what} payload is not JSON: {e}") from None
+    except RecursionError:
+        # json's C parser stops at the interpreter's recursion limit; nothing in protocol v1 nests deeply.
+        raise ProtocolError(f"{what} payload is nested too deeply to be a protocol v1 message") from None
     if not isinstance(body, dict):
-        raise ProtocolError(f"{schema} payload must be a JSON object, got {type(body).__name__}")
+        raise ProtocolError(f"{what} payload must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def _load(payload: bytes, schema: str, max_bytes: int, bound: str = "") -> dict[str, Any]:
+    body = load_json_object(payload, schema, max_bytes, bound)
     if body.get("schema") != schema:
-        raise ProtocolError(f"payload schema is {body.get('schema')!r}, expected {schema!r}")
+        raise ProtocolError(f"payload schema is {safe_text(body.get('schema'), 80)!r}, expected {schema!r}")
     v = body.get("v")
     if not isinstance(v, int) or isinstance(v, bool):
         raise ProtocolError(f"{schema} payload lacks an integer 'v' (schema version)")
@@ -200,105 +345,245 @@ def _load(payload: bytes, schema: str) -> dict[str, Any]:
     return body
 
 
-def _require(body: dict[str, Any], schema: str, fields: dict[str, tuple[type, ...]]) -> None:
-    for key, types in fields.items():
+@dataclass(frozen=True)
+class FieldRule:
+    """What one top-level payload key must hold; the schemas say the same with type/minimum/maximum/
+    maxLength/pattern."""
+
+    kind: str  # "id" (<= MAX_ID_CHARS, no control characters), "text" (<= MAX_TEXT_CHARS, same), "number", "integer"
+    lo: float | None = None
+    hi: float | None = None
+    lo_exclusive: bool = False
+    choices: tuple[str, ...] = ()
+
+    def check(self, schema: str, key: str, value: Any) -> None:
+        """Raise ProtocolError naming `key` if `value` breaks this rule."""
+        where = f"{schema} payload key {key!r}"
+        if isinstance(value, _BadNumber):
+            raise ProtocolError(f"{where} is not a finite number of at most {MAX_INTEGER_DIGITS} digits: {value.text}")
+        if self.kind in ("id", "text"):
+            if not isinstance(value, str):
+                raise ProtocolError(f"{where} must be a string, got {type(value).__name__}")
+            limit = MAX_ID_CHARS if self.kind == "id" else MAX_TEXT_CHARS
+            if not value:
+                raise ProtocolError(f"{where} must not be empty")
+            if len(value) > limit:
+                raise ProtocolError(f"{where} has {len(value)} characters, over the limit of {limit}")
+            if not _TEXT_RE.fullmatch(value):
+                raise ProtocolError(
+                    f"{where} contains a control character, line separator or lone surrogate: {safe_text(value, 80)}"
+                )
+            if self.choices and value not in self.choices:
+                raise ProtocolError(f"{where} must be one of {self.choices}, got {safe_text(value, 80)!r}")
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ProtocolError(f"{where} must be a {self.kind}, got {type(value).__name__}")
+        if self.kind == "integer" and not isinstance(value, int):
+            raise ProtocolError(f"{where} must be an integer, got {value!r}")
+        low_ok = self.lo is None or (value > self.lo if self.lo_exclusive else value >= self.lo)
+        if not low_ok or (self.hi is not None and value > self.hi):
+            lo = "(" if self.lo_exclusive else "["
+            raise ProtocolError(f"{where} = {value!r} is outside {lo}{self.lo:g}, {self.hi:g}]")
+
+
+_ID = FieldRule("id")
+_TIME = FieldRule("number", 0, MAX_TIME, lo_exclusive=True)
+_COUNT = FieldRule("integer", 0, MAX_COUNT)
+_COSINE = FieldRule("number", -1, 1)
+
+HIT_FIELDS: dict[str, FieldRule] = {
+    "id": _ID,
+    "site": _ID,
+    "unit_id": _ID,
+    "camera_id": _ID,
+    "captured_at": _TIME,
+    "queued_at": _TIME,
+    "person_id": _ID,
+    "score": _COSINE,
+    "threshold": _COSINE,
+    "margin": FieldRule("number", -2, 2),
+    "model_id": _ID,
+    "watchlist_version": _COUNT,
+    "track_id": FieldRule("integer", -1, MAX_COUNT),
+}
+STATUS_FIELDS: dict[str, FieldRule] = {
+    "site": _ID,
+    "unit_id": _ID,
+    "state": FieldRule("id", choices=STATES),
+    "reason": FieldRule("text"),
+    "at": _TIME,
+}
+HEARTBEAT_FIELDS: dict[str, FieldRule] = {
+    "site": _ID,
+    "unit_id": _ID,
+    "at": _TIME,
+    "interval_s": FieldRule("number", 0, 86400, lo_exclusive=True),
+    "uptime_s": FieldRule("number", 0, 1e10),
+}
+HEARTBEAT_OUTBOX_KEYS = (
+    "pending",
+    "pending_bytes",
+    "max_bytes",
+    "accepted",
+    "sent",
+    "crops_dropped_oversized",
+    "crops_dropped_full",
+    "hits_dropped_full",
+    "inflight",
+    "refused",
+)
+LINK_STATES = ("idle", "connecting", "connected", "disconnected", "closed")
+SIGNATURE_FIELDS = ("key_id", "sig")
+"""Optional on hits and status (wire/signing.py): checked for shape here, for truth by verify_record."""
+KEY_ID_PATTERN = "^[0-9a-f]{16}$"
+SIG_PATTERN = "^[A-Za-z0-9+/]{86}==$"
+
+
+def _check_fields(body: dict[str, Any], schema: str, rules: dict[str, FieldRule]) -> dict[str, Any]:
+    out: dict[str, Any] = {"schema": body["schema"], "v": body["v"]}
+    for key, rule in rules.items():
         if key not in body:
             raise ProtocolError(f"{schema} payload lacks required key {key!r}")
-        value = body[key]
-        if isinstance(value, bool) or not isinstance(value, types):
-            names = "/".join(t.__name__ for t in types)
-            raise ProtocolError(f"{schema} payload key {key!r} must be {names}, got {type(value).__name__}")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ProtocolError(f"{schema} payload key {key!r} must be finite, got {value}")
-        if types is _STR and not value:
-            raise ProtocolError(f"{schema} payload key {key!r} must not be empty")
+        rule.check(schema, key, body[key])
+        out[key] = body[key]
+    return out
 
 
-HIT_FIELDS: dict[str, tuple[type, ...]] = {
-    "id": _STR,
-    "site": _STR,
-    "unit_id": _STR,
-    "camera_id": _STR,
-    "captured_at": _NUM,
-    "queued_at": _NUM,
-    "person_id": _STR,
-    "score": _NUM,
-    "threshold": _NUM,
-    "margin": _NUM,
-    "model_id": _STR,
-    "watchlist_version": _INT,
-    "track_id": _INT,
-}
-STATUS_FIELDS: dict[str, tuple[type, ...]] = {
-    "site": _STR,
-    "unit_id": _STR,
-    "state": _STR,
-    "reason": _STR,
-    "at": _NUM,
-}
-HEARTBEAT_FIELDS: dict[str, tuple[type, ...]] = {
-    "site": _STR,
-    "unit_id": _STR,
-    "at": _NUM,
-    "interval_s": _NUM,
-    "uptime_s": _NUM,
-    "unit": (dict,),
-    "outbox": (dict,),
-    "link": (dict,),
-}
+def _check_signature_fields(body: dict[str, Any], schema: str) -> None:
+    for key, pattern in (("key_id", KEY_ID_PATTERN), ("sig", SIG_PATTERN)):
+        value = body.get(key)
+        if value is not None and not (isinstance(value, str) and re.fullmatch(pattern, value)):
+            raise ProtocolError(f"{schema} payload key {key!r} must match {pattern}, got {safe_text(value, 100)!r}")
 
 
-def decode_hit(payload: bytes) -> tuple[dict[str, Any], bytes | None]:
-    """Check a hit message and return (fields without the crop, crop JPEG bytes or None)."""
-    body = _load(payload, HIT_SCHEMA)
-    _require(body, HIT_SCHEMA, HIT_FIELDS)
+def _check_tree(value: Any, where: str) -> None:
+    """A free-form JSON value (a heartbeat's `unit`): bounded depth, size and strings, finite numbers."""
+    stack = [(value, where, 0)]
+    seen = 0
+    while stack:
+        item, path, depth = stack.pop()
+        seen += 1
+        if seen > MAX_TREE_ITEMS:
+            raise ProtocolError(f"{where} holds more than {MAX_TREE_ITEMS} values")
+        if depth > MAX_TREE_DEPTH:
+            raise ProtocolError(f"{path} is nested deeper than {MAX_TREE_DEPTH} levels")
+        if isinstance(item, _BadNumber):
+            raise ProtocolError(f"{path} is not a finite number of at most {MAX_INTEGER_DIGITS} digits: {item.text}")
+        if isinstance(item, str):
+            if len(item) > MAX_TEXT_CHARS or _SURROGATES_RE.search(item):
+                raise ProtocolError(
+                    f"{path} must be text of at most {MAX_TEXT_CHARS} characters without lone surrogates"
+                )
+        elif isinstance(item, int) and not isinstance(item, bool) and abs(item) > MAX_COUNT:
+            raise ProtocolError(f"{path} = {item} is outside [-{MAX_COUNT}, {MAX_COUNT}]")
+        elif isinstance(item, dict):
+            for k, v in item.items():
+                if len(k) > MAX_ID_CHARS or not _TEXT_RE.fullmatch(k):
+                    raise ProtocolError(f"{path} has a key that is not a printable name of at most {MAX_ID_CHARS}")
+                stack.append((v, f"{path}.{k}", depth + 1))
+        elif isinstance(item, list):
+            stack.extend((v, f"{path}[{i}]", depth + 1) for i, v in enumerate(item))
+
+
+def _check_payload_box(body: dict[str, Any], schema: str) -> list[float]:
     box = body.get("box")
     if (
         not isinstance(box, list)
         or len(box) != 4
-        or not all(isinstance(v, _NUM) and not isinstance(v, bool) and math.isfinite(v) for v in box)
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and -MAX_BOX <= v <= MAX_BOX for v in box)
         or box[2] <= box[0]
         or box[3] <= box[1]
     ):
-        raise ProtocolError(f"hit {body['id']}: 'box' must be [x1, y1, x2, y2] with x2 > x1, y2 > y1, got {box!r}")
+        shown = [v.text if isinstance(v, _BadNumber) else v for v in box] if isinstance(box, list) else box
+        raise ProtocolError(
+            f"{schema} payload key 'box' must be [x1, y1, x2, y2] with x2 > x1, y2 > y1, each within "
+            f"+-{MAX_BOX:g}, got {safe_text(shown, 120)}"
+        )
+    return box
+
+
+def decode_hit(payload: bytes, *, max_crop_bytes: int = MAX_CROP_BYTES) -> tuple[dict[str, Any], bytes | None]:
+    """Check a hit message and return (its fields without the crop, the crop JPEG bytes or None).
+
+    Raises ProtocolError naming the field for anything the hit schema forbids (ranges, sizes,
+    control characters) and for what JSON allows but no store can keep (huge integers, NaN,
+    nesting); keys it does not know are dropped."""
+    body = _load(
+        payload,
+        HIT_SCHEMA,
+        b64_length(max_crop_bytes) + _HIT_OVERHEAD_BYTES,
+        f" (crop_jpeg_b64 of at most {max_crop_bytes} bytes, ids of at most {MAX_ID_CHARS} characters)",
+    )
+    out = _check_fields(body, HIT_SCHEMA, HIT_FIELDS)
+    out["box"] = _check_payload_box(body, HIT_SCHEMA)
+    _check_signature_fields(body, HIT_SCHEMA)
     dropped = body.get("crop_dropped")
     if dropped is not None and dropped not in CROP_DROP_REASONS:
-        raise ProtocolError(f"hit {body['id']}: 'crop_dropped' must be null or one of {CROP_DROP_REASONS}")
-    b64 = body.pop("crop_jpeg_b64", None)
+        raise ProtocolError(
+            f"{HIT_SCHEMA} payload key 'crop_dropped' must be null or one of {CROP_DROP_REASONS}, "
+            f"got {safe_text(dropped, 80)!r}"
+        )
+    b64 = body.get("crop_jpeg_b64")
     crop = None
     if b64 is not None:
         if not isinstance(b64, str):
-            raise ProtocolError(f"hit {body['id']}: 'crop_jpeg_b64' must be a base64 string or null")
+            raise ProtocolError(f"{HIT_SCHEMA} payload key 'crop_jpeg_b64' must be a base64 string or null")
+        if len(b64) > b64_length(max_crop_bytes):
+            raise ProtocolError(
+                f"{HIT_SCHEMA} payload key 'crop_jpeg_b64' holds about {len(b64) * 3 // 4} bytes, over the crop "
+                f"limit of {max_crop_bytes} bytes"
+            )
         try:
             crop = base64.b64decode(b64, validate=True)
-        except binascii.Error as e:
-            raise ProtocolError(f"hit {body['id']}: 'crop_jpeg_b64' is not valid base64: {e}") from None
+        except (binascii.Error, ValueError) as e:
+            raise ProtocolError(f"{HIT_SCHEMA} payload key 'crop_jpeg_b64' is not valid base64: {e}") from None
         if not crop.startswith(JPEG_MAGIC):
-            raise ProtocolError(f"hit {body['id']}: crop is not a JPEG (does not start FF D8 FF)")
-    body["crop_dropped"] = dropped
-    return body, crop
+            raise ProtocolError(f"{HIT_SCHEMA} payload key 'crop_jpeg_b64' is not a JPEG (does not start FF D8 FF)")
+    out["crop_dropped"] = dropped
+    return out, crop
 
 
-def _optional_version(body: dict[str, Any], schema: str) -> None:
+def _optional_version(body: dict[str, Any], schema: str, out: dict[str, Any]) -> None:
     # Optional: units from before it was added send none.
-    v = body.get("software_version")
-    if v is not None and (not isinstance(v, str) or not v):
-        raise ProtocolError(f"{schema} payload key 'software_version' must be a non-empty string or absent")
+    if "software_version" in body:
+        _ID.check(schema, "software_version", body["software_version"])
+        out["software_version"] = body["software_version"]
 
 
 def decode_status(payload: bytes) -> dict[str, Any]:
-    """Check a status message and return its fields."""
-    body = _load(payload, STATUS_SCHEMA)
-    _require(body, STATUS_SCHEMA, STATUS_FIELDS)
-    _optional_version(body, STATUS_SCHEMA)
-    if body["state"] not in STATES:
-        raise ProtocolError(f"status 'state' must be one of {STATES}, got {body['state']!r}")
-    return body
+    """Check a status message and return its fields (ProtocolError naming the field otherwise)."""
+    body = _load(payload, STATUS_SCHEMA, MAX_STATUS_BYTES)
+    out = _check_fields(body, STATUS_SCHEMA, STATUS_FIELDS)
+    _check_signature_fields(body, STATUS_SCHEMA)
+    _optional_version(body, STATUS_SCHEMA, out)
+    return out
 
 
 def decode_heartbeat(payload: bytes) -> dict[str, Any]:
-    """Check a heartbeat message and return its fields."""
-    body = _load(payload, HEARTBEAT_SCHEMA)
-    _require(body, HEARTBEAT_SCHEMA, HEARTBEAT_FIELDS)
-    _optional_version(body, HEARTBEAT_SCHEMA)
-    return body
+    """Check a heartbeat message and return its fields (ProtocolError naming the field otherwise)."""
+    body = _load(payload, HEARTBEAT_SCHEMA, MAX_HEARTBEAT_BYTES)
+    out = _check_fields(body, HEARTBEAT_SCHEMA, HEARTBEAT_FIELDS)
+    _optional_version(body, HEARTBEAT_SCHEMA, out)
+    for key in ("unit", "outbox", "link"):
+        if not isinstance(body.get(key), dict):
+            raise ProtocolError(f"{HEARTBEAT_SCHEMA} payload key {key!r} must be an object")
+    if len(body["unit"]) > 64:
+        raise ProtocolError(f"{HEARTBEAT_SCHEMA} payload key 'unit' has {len(body['unit'])} keys, over the limit of 64")
+    _check_tree(body["unit"], "heartbeat payload key 'unit'")
+    outbox = body["outbox"]
+    for key in HEARTBEAT_OUTBOX_KEYS:
+        if key not in outbox:
+            raise ProtocolError(f"{HEARTBEAT_SCHEMA} payload key 'outbox' lacks {key!r}")
+        _COUNT.check(HEARTBEAT_SCHEMA, f"outbox.{key}", outbox[key])
+    link = body["link"]
+    FieldRule("id", choices=LINK_STATES).check(HEARTBEAT_SCHEMA, "link.state", link.get("state"))
+    for key in ("connects", "connect_attempts"):
+        _COUNT.check(HEARTBEAT_SCHEMA, f"link.{key}", link.get(key))
+    if link.get("last_error") is not None:
+        error = link["last_error"]
+        if not isinstance(error, str) or len(error) > MAX_TEXT_CHARS or _SURROGATES_RE.search(error):
+            raise ProtocolError(f"{HEARTBEAT_SCHEMA} payload key 'link.last_error' must be null or text")
+    out["unit"] = body["unit"]
+    out["outbox"] = {k: outbox[k] for k in HEARTBEAT_OUTBOX_KEYS}
+    out["link"] = {k: link.get(k) for k in ("state", "connects", "connect_attempts", "last_error")}
+    return out

@@ -24,6 +24,7 @@ from watchlist.format.transport import (
     keyset_topic,
     manifest_topic,
 )
+from wire.mqtt import MqttConnection, MqttLink
 
 log = logging.getLogger(__name__)
 
@@ -39,51 +40,85 @@ def export_file(data: bytes, directory: Path) -> Path:
 
 
 class _Connection:
-    """A short-lived publishing client: connect, publish with QoS 1 and wait, disconnect."""
+    """A short-lived publishing link (wire.mqtt, the one every role uses): connect, failing fast
+    with the link's message ("not authorised", "certificate", "unreachable"); publish with QoS 1 and
+    wait for each PUBACK, refusals included; disconnect."""
 
-    def __init__(self, host: str, port: int, client: Any | None, timeout: float) -> None:
-        import paho.mqtt.client as mqtt
-        from paho.mqtt.enums import CallbackAPIVersion
-
+    def __init__(self, conn: MqttConnection, timeout: float) -> None:
         self.timeout = timeout
-        self.client = client or mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=f"watchlist-publish-{uuid.uuid4().hex[:8]}"
-        )
-        self._connected = threading.Event()
+        self.conn = conn
         self._retained: dict[str, bytes] = {}
-        self._suback = threading.Event()
-        self.client.on_connect = lambda c, u, f, rc, p=None: self._connected.set() if not rc.is_failure else None
-        self.client.on_message = lambda c, u, msg: (
-            self._retained.__setitem__(msg.topic, msg.payload) if msg.retain else None
-        )
-        self.client.on_subscribe = lambda c, u, mid, rcs, p=None: self._suback.set()
+        self._acks: dict[int, Any] = {}
+        self._subacks: dict[int, list[Any]] = {}
+        self._cond = threading.Condition()
         try:
-            self.client.connect(host, port)
-        except OSError as exc:
-            raise PublishError(f"cannot connect to the broker at {host}:{port}: {exc}") from None
-        self.client.loop_start()
-        if not self._connected.wait(timeout):
+            self.link = MqttLink(
+                conn,
+                f"watchlist-publish-{uuid.uuid4().hex[:8]}",
+                name="watchlist publish",
+                clean_start=True,
+                on_message=self._on_message,
+                on_publish=self._on_publish,
+                on_suback=self._on_suback,
+            )
+        except ValueError as exc:  # TLS files that do not load
+            raise PublishError(str(exc)) from None
+        self.link.start()
+        problem = self.link.wait_connected(timeout)
+        if problem is not None:
             self.close()
-            raise PublishError(f"the broker at {host}:{port} did not accept the connection within {timeout:g}s")
+            raise PublishError(f"cannot publish: {problem}")
+
+    def _on_message(self, msg: Any) -> None:
+        if msg.retain:
+            self._retained[msg.topic] = bytes(msg.payload)
+
+    def _on_publish(self, mid: int, reason: Any) -> None:
+        with self._cond:
+            self._acks[mid] = reason
+            self._cond.notify_all()
+
+    def _on_suback(self, mid: int, reasons: list[Any]) -> None:
+        with self._cond:
+            self._subacks[mid] = reasons
+            self._cond.notify_all()
+
+    def _wait(self, table: dict[int, Any], mid: int, what: str) -> Any:
+        with self._cond:
+            if not self._cond.wait_for(lambda: mid in table or not self.link.connected, self.timeout):
+                raise PublishError(f"the broker did not acknowledge {what} within {self.timeout:g}s")
+            if mid not in table:
+                raise PublishError(f"lost the connection while publishing {what}: {self.link.last_error}")
+            return table.pop(mid)
 
     def retained(self, topic: str, grace: float = 0.5) -> bytes | None:
         """The retained message on `topic`, if any (retained messages follow the SUBACK at once)."""
-        self._suback.clear()
-        self.client.subscribe(topic, qos=1)
-        self._suback.wait(self.timeout)
+        _rc, mid = self.link.client.subscribe(topic, qos=1)
+        reasons = self._wait(self._subacks, mid, f"the subscription to {topic}")
+        if any(getattr(r, "is_failure", False) for r in reasons):
+            raise PublishError(
+                f"the broker refused the subscription to {topic} ({reasons[0]}): not authorised to read it; "
+                f"the broker's ACL must let {self.conn.username or 'this user'} read the watchlist topics"
+            )
         time.sleep(grace)
-        self.client.unsubscribe(topic)
+        self.link.client.unsubscribe(topic)
         return self._retained.get(topic)
 
     def publish(self, topic: str, payload: bytes) -> None:
-        info = self.client.publish(topic, payload, qos=1, retain=True)
-        info.wait_for_publish(self.timeout)
-        if not info.is_published():
-            raise PublishError(f"the broker did not acknowledge {topic} within {self.timeout:g}s")
+        info = self.link.client.publish(topic, payload, qos=1, retain=True)
+        reason = self._wait(self._acks, info.mid, topic)
+        if getattr(reason, "is_failure", False):
+            raise PublishError(
+                f"the broker refused {topic}: {reason} (not authorised: the broker's ACL must let "
+                f"{self.conn.username or 'this user'} write the watchlist topics)"
+            )
 
     def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
+        self.link.stop()
+
+
+def _connection(connection: MqttConnection | None, host: str, port: int) -> MqttConnection:
+    return connection if connection is not None else MqttConnection(host=host, port=port)
 
 
 def publish_bundle(
@@ -92,13 +127,14 @@ def publish_bundle(
     *,
     host: str = "localhost",
     port: int = 1883,
-    client: Any | None = None,
+    connection: MqttConnection | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     timeout: float = 30.0,
 ) -> Manifest:
     """Publish a bundle (retained, QoS 1, in chunks) under `prefix`; returns the manifest sent.
 
-    `client`: a configured, unconnected paho client (TLS, credentials); default a plain one.
+    `connection`: the broker, credentials and TLS (default: plain MQTT to `host`:`port`). A broker
+    that refuses the connection or a topic raises PublishError at once, naming the cause.
     """
     if data[:8] == KEYSET_MAGIC:
         raise PublishError("that is a key set, not a bundle: publish it with publish_keyset")
@@ -117,14 +153,14 @@ def publish_bundle(
         chunks=chunks,
         published_at=time.time(),
     )
-    conn = _Connection(host, port, client, timeout)
+    conn = _Connection(_connection(connection, host, port), timeout)
     try:
         previous = None
         raw = conn.retained(manifest_topic(prefix, slot))
         if raw:
             try:
                 previous = Manifest.from_bytes(raw)
-            except ValueError:
+            except (ValueError, ArithmeticError):  # a size of 10**400 overflows the chunk arithmetic
                 log.warning("the retained manifest on %s is not valid; replacing it", manifest_topic(prefix, slot))
         mv = memoryview(data)
         for i in range(chunks):
@@ -154,13 +190,13 @@ def publish_keyset(
     *,
     host: str = "localhost",
     port: int = 1883,
-    client: Any | None = None,
+    connection: MqttConnection | None = None,
     timeout: float = 30.0,
 ) -> None:
     """Publish a key set on its own (retained), e.g. to revoke a signing key without a new list."""
     if envelope[:8] != KEYSET_MAGIC:
         raise PublishError("not a key set (it does not start with CPWLKEY1)")
-    conn = _Connection(host, port, client, timeout)
+    conn = _Connection(_connection(connection, host, port), timeout)
     try:
         conn.publish(keyset_topic(prefix), envelope)
     finally:

@@ -3,6 +3,12 @@
 paho's network thread only files messages away; verification and applying run on this module's
 own worker thread, so a large bundle never stalls the MQTT keepalive. The manifest (unsigned)
 only decides what to download; `Watchlist.offer` verifies the assembled bytes.
+
+The connection is wire.mqtt's `MqttLink`, as for every role: the same options, reconnects and
+error messages. A refused subscription (SUBACK failure) is reported with its topic; a broker that
+grants the subscription but delivers nothing (Mosquitto does that when its ACL forbids reading)
+is reported after `silence_warning_s` without a manifest. No message, however malformed, stops
+paho's network thread.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import hashlib
 import logging
 import queue
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -20,6 +27,7 @@ from watchlist.format.errors import BundleRejected
 from watchlist.format.keys import parse_keyset
 from watchlist.format.transport import SLOTS, Manifest, chunk_topic, keyset_topic, manifest_topic
 from watchlist.unit.apply import Watchlist
+from wire.mqtt import MqttConnection, MqttLink
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +82,14 @@ class WatchlistSubscriber:
 
     Example::
 
-        sub = WatchlistSubscriber(watchlist, "checkpoint/site-1/watchlist", host="broker.local")
+        conn = MqttConnection(host="broker.local", port=8883, username="site-1/watchlist",
+                              password_file="/etc/checkpoint/watchlist.pw", tls={"ca_file": "/etc/checkpoint/ca.pem"})
+        sub = WatchlistSubscriber(watchlist, "checkpoint/v1/site-1/watchlist", connection=conn)
         sub.start()
         ...
         sub.stop()
 
-    `client`: a configured, unconnected paho client (TLS, credentials; e.g. from
-    wire.mqtt.build_client) -- default a plain one for `host`:`port`.
+    `connection`: the broker, credentials and TLS (wire.mqtt); without it, plain MQTT to `host`:`port`.
     """
 
     def __init__(
@@ -88,21 +97,31 @@ class WatchlistSubscriber:
         watchlist: Watchlist,
         topic: str,
         *,
+        connection: MqttConnection | None = None,
         host: str = "localhost",
         port: int = 1883,
-        client: Any | None = None,
+        client_id: str | None = None,
         tick_interval_s: float = 30.0,
+        silence_warning_s: float = 60.0,
     ) -> None:
-        import paho.mqtt.client as mqtt
-        from paho.mqtt.enums import CallbackAPIVersion
-
         self.watchlist = watchlist
         self.prefix = topic
-        self.host, self.port = host, port
+        self.connection = connection if connection is not None else MqttConnection(host=host, port=port)
+        self.host, self.port = self.connection.host, self.connection.port
         self.tick_interval_s = tick_interval_s
-        self.client = client or mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"watchlist-{uuid.uuid4().hex[:12]}")
-        self.client.on_connect = self._on_connect
-        self.client.on_message = self._on_message
+        self.silence_warning_s = silence_warning_s
+        # A clean session: everything this reader needs is retained, and a kept session would make the
+        # broker queue every chunk of every publication while the unit is off.
+        self.link = MqttLink(
+            self.connection,
+            client_id or f"watchlist-{uuid.uuid4().hex[:12]}",
+            name=f"watchlist {topic}",
+            clean_start=True,
+            on_connected=self._on_connect,
+            on_message=self._on_message,
+            on_suback=self._on_suback,
+        )
+        self.client = self.link.client
         self._lock = threading.Lock()
         self._manifests: dict[str, Manifest] = {}
         self._assembly: _Assembly | None = None
@@ -112,9 +131,19 @@ class WatchlistSubscriber:
         self._work: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._worker: threading.Thread | None = None
         self._stop = threading.Event()
-        self.connected = False
+        self._pending_subs: dict[int, list[str]] = {}
+        self._connected_at = 0.0
+        self._heard_at = 0.0
+        self._silence_reported = False
+        self.refused: set[str] = set()
+        self.last_error: str | None = None
         self.downloads = 0
         self.fetches = 0  # downloads started (a bundle fetched again and again shows here)
+
+    @property
+    def connected(self) -> bool:
+        """True while the link to the broker is up (it follows disconnects and reconnects)."""
+        return self.link.connected
 
     # ---- life cycle ---------------------------------------------------------------------------
 
@@ -122,14 +151,12 @@ class WatchlistSubscriber:
         """Connect (retrying in the background if the broker is down) and start the worker."""
         self._worker = threading.Thread(target=self._run, name="watchlist-sync", daemon=True)
         self._worker.start()
-        self.client.connect_async(self.host, self.port)
-        self.client.loop_start()
+        self.link.start()
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
         self._work.put(("stop", None))
-        self.client.disconnect()
-        self.client.loop_stop()
+        self.link.stop()
         if self._worker is not None:
             self._worker.join(timeout)
 
@@ -138,6 +165,9 @@ class WatchlistSubscriber:
             a = self._assembly
             return {
                 "connected": self.connected,
+                "state": self.link.state,
+                "last_error": self.last_error or self.link.last_error,
+                "refused": sorted(self.refused),
                 "downloading": None
                 if a is None
                 else {
@@ -152,26 +182,69 @@ class WatchlistSubscriber:
 
     # ---- MQTT callbacks (paho's thread) -------------------------------------------------------
 
-    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any = None) -> None:
-        if reason_code.is_failure:
-            log.warning("watchlist: broker %s:%d refused the connection: %s", self.host, self.port, reason_code)
-            return
-        self.connected = True
-        topics = [(manifest_topic(self.prefix, s), 1) for s in SLOTS] + [(keyset_topic(self.prefix), 1)]
-        client.subscribe(topics)
+    def _on_connect(self, _session_present: bool, _properties: Any) -> None:
+        self._connected_at = time.monotonic()
+        self._silence_reported = False
+        topics = [manifest_topic(self.prefix, s) for s in SLOTS] + [keyset_topic(self.prefix)]
         with self._lock:
             if self._assembly is not None:
-                client.subscribe(self.prefix + self._assembly.topic, qos=1)
+                topics.append(self.prefix + self._assembly.topic)
+        self._subscribe(topics)
         log.info("watchlist: listening on %s/# at %s:%d", self.prefix, self.host, self.port)
 
-    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+    def _subscribe(self, topics: list[str]) -> None:
+        _rc, mid = self.client.subscribe([(t, 1) for t in topics])
+        with self._lock:
+            self._pending_subs[mid] = topics
+
+    def _on_suback(self, mid: int, reasons: list[Any]) -> None:
+        with self._lock:
+            topics = self._pending_subs.pop(mid, None)
+        refused = []
+        for i, reason in enumerate(reasons):
+            if getattr(reason, "is_failure", False):
+                topic = topics[i] if topics is not None and i < len(topics) else f"a topic under {self.prefix}"
+                refused.append(f"{topic} ({reason})")
+                self.refused.add(topic)
+        if refused:
+            self.last_error = (
+                f"the broker refused the subscription to {', '.join(refused)}: not authorised to read it; the "
+                f"broker's ACL must let {self.connection.username or 'this user'} read {self.prefix}/# "
+                f"(deploy/mosquitto/acl: the site's watchlist account <site>/watchlist)"
+            )
+            log.error("watchlist: %s", self.last_error)
+
+    def _check_silence(self) -> None:
+        """Mosquitto grants a subscription its ACL forbids and then delivers nothing: say so."""
+        if not self.connected or self._silence_reported or self._heard_at >= self._connected_at:
+            return
+        if time.monotonic() - self._connected_at < self.silence_warning_s:
+            return
+        self._silence_reported = True
+        self.last_error = (
+            f"no manifest or key set on {self.prefix}/# for {self.silence_warning_s:g}s after subscribing: either "
+            f"HQ has published nothing for this site yet, or the broker's ACL does not let "
+            f"{self.connection.username or 'this user'} read {self.prefix}/# (Mosquitto then grants the "
+            f"subscription and delivers nothing)"
+        )
+        log.warning("watchlist: %s", self.last_error)
+
+    def _on_message(self, msg: Any) -> None:
+        try:
+            self._dispatch(msg)
+        except Exception as exc:  # noqa: BLE001 - one bad message must not stop the network thread
+            log.warning("watchlist: ignoring a message on %s: %s: %s", msg.topic, type(exc).__name__, exc)
+
+    def _dispatch(self, msg: Any) -> None:
         topic = msg.topic
         rest = topic[len(self.prefix) + 1 :] if topic.startswith(self.prefix + "/") else ""
         parts = rest.split("/")
         if rest == "keyset":
+            self._heard_at = time.monotonic()
             if msg.payload:
                 self._work.put(("keyset", bytes(msg.payload)))
         elif len(parts) == 2 and parts[0] in SLOTS and parts[1] == "manifest":
+            self._heard_at = time.monotonic()
             self._on_manifest(parts[0], bytes(msg.payload))
         elif len(parts) == 3 and parts[0] in SLOTS:
             self._on_chunk(parts[0], parts[1], parts[2], bytes(msg.payload))
@@ -181,8 +254,8 @@ class WatchlistSubscriber:
             return
         try:
             m = Manifest.from_bytes(payload)
-        except ValueError as exc:
-            log.warning("watchlist: ignoring the %s manifest: %s", slot, exc)
+        except (ValueError, ArithmeticError) as exc:  # 10**400 bytes: OverflowError in the chunk arithmetic
+            log.warning("watchlist: ignoring the %s manifest: %s: %s", slot, type(exc).__name__, exc)
             return
         if m.kind != slot:
             log.warning("watchlist: the %s manifest announces a %s bundle; ignored", slot, m.kind)
@@ -319,6 +392,7 @@ class WatchlistSubscriber:
                     self._evaluate()
                 elif kind == "keyset":
                     self._keyset(item)
+                self._check_silence()
                 self.watchlist.tick()
             except Exception:
                 log.exception("watchlist: the sync worker hit an error handling %s; continuing", kind)
