@@ -135,3 +135,17 @@ class Authority:
             embedding_offset=offset,
         )
         return encode_bundle(b, signing or self.signing, keyset if keyset is not None else self.keyset)
+
+
+def register_release(register: Path, data: bytes) -> Path:
+    """Record a bundle made by an `Authority` as a release of the HQ register at `register`, so that
+    `watchlist publish --register` takes it, as it takes the register's own builds."""
+    from watchlist.format.bundle import frame, parse_verified, sha256_hex
+    from watchlist.hq.register import Register
+
+    framed = frame(data)
+    reg = Register(register)
+    reg.record_release(
+        parse_verified(framed), {}, size=len(data), sha256=sha256_hex(data), signing_key_id=framed.key_id
+    )
+    return register

@@ -23,7 +23,7 @@ from edge.reporter import MqttConfig, MqttReporter
 from matching.matcher import Matcher
 from testing.broker import HOST, MosquittoBroker, free_port, make_tls_files, wait_for
 from testing.hits import face_jpeg, make_hit
-from testing.synthetic import Authority, make_persons, person_centers, samples_of
+from testing.synthetic import Authority, make_persons, person_centers, register_release, samples_of
 from watchlist.hq.publish import publish_bundle
 from watchlist.unit.apply import Watchlist
 from watchlist.unit.config import WatchlistConfig
@@ -299,7 +299,9 @@ def test_wrong_password_and_wrong_ca_fail_fast_and_clearly(site: Site, tmp_path:
     from watchlist.cli import main
 
     (tmp_path / "v1.cpwl").write_bytes(_bundle(site.hq, 1, 5))
-    args = ["publish", str(tmp_path / "v1.cpwl"), "--topic", "checkpoint/v1/site-a/watchlist", "--host", HOST]
+    register = register_release(tmp_path / "hq.db", (tmp_path / "v1.cpwl").read_bytes())
+    args = ["publish", str(tmp_path / "v1.cpwl"), "--register", str(register)]
+    args += ["--topic", "checkpoint/v1/site-a/watchlist", "--host", HOST]
     args += ["--port", str(site.broker.port), "--username", "hq", "--ca-file", str(site.creds / "broker" / "ca.pem")]
     done = CliRunner().invoke(main, args + ["--password-file", str(tmp_path / "wrong.pw")])
     assert done.exit_code == 2 and "not authorised" in done.output, done.output

@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from central.cli import main as cli
 from central.receiver import Receiver, ReceiverConfig
 from central.store import HitStore, StoreError
+from common.version import software_version
 from edge.outbox import OutboxConfig
 from edge.reporter import MqttConfig, MqttReporter
 from testing.broker import FAST, wait_for
@@ -156,9 +157,12 @@ def test_heartbeat_software_version_reaches_the_store(mosquitto, tmp_path):
         MqttConfig(host=mosquitto.host, port=mosquitto.port, site="site-a", **FAST),
         OutboxConfig(path=tmp_path / "o.sqlite"),
         "unit-1",
-        lambda: {"software_version": "0.5.0", "cameras_up": 2, "cameras_total": 3, "watchlist": {"version": 9}},
+        lambda: {"cameras_up": 2, "cameras_total": 3, "watchlist": {"version": 9}},
     )
-    wait_for(lambda: store.units() and store.units()[0]["software_version"] == "0.5.0", what="software version")
+    # Every unit sends its own software version (edge --version) in the heartbeat.
+    wait_for(
+        lambda: store.units() and store.units()[0]["software_version"] == software_version(), what="software version"
+    )
     unit = store.units()[0]
     assert (unit["cameras_up"], unit["cameras_total"], unit["watchlist_version"]) == (2, 3, 9)
     reporter.close()

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from matching.matcher import Matcher
-from testing.synthetic import Authority, make_persons, person_centers, samples_of, unit_rows
+from testing.synthetic import Authority, make_persons, person_centers, register_release, samples_of, unit_rows
 from tests.services import missing_service
 from watchlist.format.keys import generate_key, key_id, make_keyset
 from watchlist.format.transport import Manifest, manifest_topic
@@ -195,7 +195,9 @@ def test_publish_with_an_account_and_a_unit_that_reads_with_its_site_account(
     (tmp_path / "hq.pw").write_text("hq-secret\n")
     persons, emb, _ = _list(10, seed=11)
     (tmp_path / "v1.cpwl").write_bytes(hq.bundle(1, persons, emb))
+    register = register_release(tmp_path / "hq.db", (tmp_path / "v1.cpwl").read_bytes())
     common = ["--topic", SECURE_TOPIC, "--host", broker.host, "--port", broker.port, "--chunk-bytes", 4096]
+    common += ["--register", register]
     done = _cli("publish", tmp_path / "v1.cpwl", *common, "--username", "hq", "--password-file", tmp_path / "hq.pw")
     assert done.exit_code == 0, done.output
     (tmp_path / "reader.pw").write_text("reader-secret\n")
@@ -219,7 +221,9 @@ def test_publish_fails_fast_and_clearly(tmp_path: Path, hq: Authority, broker_fa
     (tmp_path / "wrong.pw").write_text("not-the-password\n")
     persons, emb, _ = _list(5, seed=12)
     (tmp_path / "v1.cpwl").write_bytes(hq.bundle(1, persons, emb))
+    register = register_release(tmp_path / "hq.db", (tmp_path / "v1.cpwl").read_bytes())
     common = ["--topic", SECURE_TOPIC, "--host", broker.host, "--chunk-bytes", 4096, "--timeout", 30]
+    common += ["--register", register]
 
     t0 = time.monotonic()
     done = _cli("publish", tmp_path / "v1.cpwl", *common, "--port", broker.port)  # anonymous
@@ -235,7 +239,7 @@ def test_publish_fails_fast_and_clearly(tmp_path: Path, hq: Authority, broker_fa
     (tmp_path / "reader.pw").write_text("reader-secret\n")
     done = _cli(
         "publish", tmp_path / "v1.cpwl", "--topic", SECURE_TOPIC, "--host", broker.host, "--port", broker.port,
-        "--username", "site-7/watchlist", "--password-file", tmp_path / "reader.pw",
+        "--username", "site-7/watchlist", "--password-file", tmp_path / "reader.pw", "--register", register,
     )  # fmt: skip
     assert done.exit_code == 2 and "not authorised" in done.output and "ACL" in done.output, done.output
 

@@ -13,8 +13,10 @@ from wire.errors import ProtocolError
 
 
 def _heartbeat(**kw) -> bytes:
+    outbox = dict.fromkeys(records.HEARTBEAT_OUTBOX_KEYS, 0)
+    link = {"state": "connected", "connects": 1, "connect_attempts": 1, "last_error": None}
     return records.heartbeat_payload(
-        "site-1", "unit-1", interval_s=10, uptime_s=1, unit={}, outbox={}, link={}, at=1.0, **kw
+        "site-1", "unit-1", interval_s=10, uptime_s=1, unit={}, outbox=outbox, link=link, at=1.0, **kw
     )
 
 
