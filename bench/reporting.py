@@ -2,7 +2,8 @@
 
 Measures
   * outbox write cost per hit (Outbox.put, WAL + synchronous=FULL: one fsync per hit),
-  * sustained hits/s from MqttReporter.submit to rows committed in the receiver's store,
+  * sustained hits/s from MqttReporter.submit to rows committed in the receiver's store: SQLite,
+    and PostgreSQL (a temporary cluster, fsync on) where Debian's postgresql is installed,
   * publish-to-receive latency p50/p99 (queued_at in the unit -> received_at in the receiver) at a
     paced rate and under saturation,
   * recovery after a broker restart with a backlog of pending hits (default 10,000).
@@ -31,10 +32,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.store import StoreProbe  # noqa: E402
 from edge.outbox import Outbox, OutboxConfig  # noqa: E402
 from edge.reporter import MqttConfig, MqttReporter  # noqa: E402
 from testing.broker import MosquittoBroker, find_mosquitto  # noqa: E402
 from testing.hits import noise_jpeg  # noqa: E402
+from testing.postgres import PostgresCluster, find_pg_bin  # noqa: E402
 from wire import records  # noqa: E402
 from wire.records import Hit  # noqa: E402
 from wire.signing import KnownKeys, generate_unit_key, public_key_line, verify_record, write_unit_key  # noqa: E402
@@ -61,9 +64,9 @@ def pct(values: list[float], q: float) -> float:
 
 
 class ReceiverProcess:
-    """checkpoint-receiver in its own process; progress is read from its SQLite store."""
+    """checkpoint-receiver in its own process; progress is read from its store (SQLite or PostgreSQL)."""
 
-    def __init__(self, broker: MosquittoBroker, db: Path, log: Path) -> None:
+    def __init__(self, broker: MosquittoBroker, db: str, log: Path, client_id: str) -> None:
         self.db = db
         self._log = open(log, "w")
         self.proc = subprocess.Popen(
@@ -77,9 +80,9 @@ class ReceiverProcess:
                 "--port",
                 str(broker.port),
                 "--db",
-                str(db),
+                db,
                 "--client-id",
-                "bench-rx",
+                client_id,
                 "--quiet",
                 "--reconnect-max-delay",
                 "0.5",
@@ -88,49 +91,43 @@ class ReceiverProcess:
             stderr=subprocess.STDOUT,
             cwd=str(Path(__file__).resolve().parents[1]),
         )
-        self._con: sqlite3.Connection | None = None
+        self._probe: StoreProbe | None = None
 
-    def _conn(self) -> sqlite3.Connection | None:
-        if self._con is None and self.db.exists():
+    def probe(self) -> StoreProbe | None:
+        """The store, once the receiver has created it."""
+        if self._probe is None:
+            if "://" not in self.db and not Path(self.db).exists():
+                return None  # the receiver creates its SQLite store as it starts
             try:
-                self._con = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=10)
-            except sqlite3.Error:
+                self._probe = StoreProbe(self.db)
+            except Exception:  # noqa: BLE001 - not created yet (the receiver makes it on start)
                 return None
-        return self._con
+        return self._probe
 
     def count(self, tag: str) -> int:
-        con = self._conn()
-        if con is None:
-            return 0
-        try:
-            return int(con.execute("SELECT COUNT(*) FROM hits WHERE person_id = ?", (tag,)).fetchone()[0])
-        except sqlite3.OperationalError:
-            return 0
+        probe = self.probe()
+        return 0 if probe is None else probe.count(tag)
 
     def wait(self, tag: str, n: int, timeout: float) -> float:
         """Block until `n` hits tagged `tag` are stored; returns the time it happened."""
         deadline = time.monotonic() + timeout
         while self.count(tag) < n:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the receiver exited ({self.proc.returncode}); see its log")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"receiver has {self.count(tag)}/{n} {tag} hits after {timeout}s")
-            time.sleep(0.01)
+            time.sleep(0.1)
         return time.monotonic()
 
     def latencies_ms(self, tag: str) -> list[float]:
-        con = self._conn()
-        assert con is not None
-        return [
-            1000.0 * r[0] for r in con.execute("SELECT received_at - queued_at FROM hits WHERE person_id = ?", (tag,))
-        ]
+        return self.probe().latencies_ms(tag)
 
     def last_received_at(self, tag: str) -> float:
-        con = self._conn()
-        assert con is not None
-        return float(con.execute("SELECT MAX(received_at) FROM hits WHERE person_id = ?", (tag,)).fetchone()[0])
+        return self.probe().last_received_at(tag)
 
     def stop(self) -> None:
-        if self._con is not None:
-            self._con.close()
+        if self._probe is not None:
+            self._probe.close()
         self.proc.terminate()
         try:
             self.proc.wait(15)
@@ -178,6 +175,104 @@ def bench_signing(n: int, crop: bytes) -> dict[str, float]:
     return out
 
 
+def measure(
+    work: Path, name: str, store_url: str, args: argparse.Namespace, crop: bytes, signing_key: Path | None, full: bool
+) -> dict:
+    """Unit reporter -> a fresh Mosquitto -> a receiver writing to `store_url`: sustained hits/s, and
+    with `full` also the paced latency and the recovery of a backlog after a broker restart."""
+    out: dict = {}
+    broker = MosquittoBroker(work / f"broker-{name}").start()
+    rx = ReceiverProcess(broker, store_url, work / f"receiver-{name}.log", f"bench-rx-{name}")
+    reporter = MqttReporter(
+        MqttConfig(
+            host=broker.host,
+            port=broker.port,
+            site="site-a",
+            reconnect_min_delay_s=0.1,
+            reconnect_max_delay_s=1.0,
+            heartbeat_interval_s=5.0,
+            signing_key=signing_key,
+        ),
+        OutboxConfig(path=work / f"outbox-{name}.sqlite", max_bytes=1024**3),
+        "unit-1",
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while reporter.state != "connected" or rx.probe() is None:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no connection: {reporter.last_error}")
+            time.sleep(0.05)
+        # Warm up until the receiver is subscribed (the reporter holds hits until then).
+        reporter.submit(make_hit("warmup", crop))
+        rx.wait("warmup", 1, 30)
+
+        # Sustained throughput: submit as fast as the outbox takes them.
+        t0 = time.monotonic()
+        for _ in range(args.hits):
+            reporter.submit(make_hit("throughput", crop))
+        t_submitted = time.monotonic()
+        t_done = rx.wait("throughput", args.hits, 300)
+        lat = rx.latencies_ms("throughput")
+        out["throughput"] = {
+            "hits": args.hits,
+            "seconds": t_done - t0,
+            "hits_per_s": args.hits / (t_done - t0),
+            "submit_hits_per_s": args.hits / (t_submitted - t0),
+            "latency_saturated_p50_ms": pct(lat, 50),
+            "latency_saturated_p99_ms": pct(lat, 99),
+        }
+
+        if not full:
+            return out
+        # Latency at a paced rate, as in the field (hits are rare).
+        period = 1.0 / args.rate
+        t_next = time.monotonic()
+        for _ in range(args.latency_hits):
+            reporter.submit(make_hit("latency", crop))
+            t_next += period
+            time.sleep(max(0.0, t_next - time.monotonic()))
+        rx.wait("latency", args.latency_hits, 60)
+        lat = rx.latencies_ms("latency")
+        out["latency"] = {
+            "rate_per_s": args.rate,
+            "hits": args.latency_hits,
+            "p50_ms": pct(lat, 50),
+            "p99_ms": pct(lat, 99),
+            "max_ms": max(lat),
+        }
+
+        # Recovery: broker down, backlog builds up on disk, broker back.
+        broker.stop()
+        t_fill = time.monotonic()
+        for _ in range(args.backlog):
+            reporter.submit(make_hit("backlog", crop))
+        fill_s = time.monotonic() - t_fill
+        pending = reporter.outbox.depth
+        t_start = time.monotonic()
+        broker.start()
+        wall_start = time.time()
+        while reporter.state != "connected":
+            time.sleep(0.01)
+        t_connected = time.monotonic()
+        t_all = rx.wait("backlog", args.backlog, 600)
+        drained = reporter.flush(60)
+        out["recovery"] = {
+            "pending_at_restart": pending,
+            "fill_seconds": fill_s,
+            "reporter_reconnect_s": t_connected - t_start,
+            "all_received_s": t_all - t_start,
+            "last_stored_after_restart_s": rx.last_received_at("backlog") - wall_start,
+            "drain_hits_per_s": args.backlog / (t_all - t_connected),
+            "outbox_empty": drained,
+            "reconnect_max_delay_s": 1.0,
+        }
+    finally:
+        reporter.close(5)
+        rx.stop()
+        broker.stop()
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", type=Path, help="write the figures here")
@@ -188,6 +283,7 @@ def main() -> int:
     ap.add_argument("--backlog", type=int, default=10000, help="hits pending when the broker comes back")
     ap.add_argument("--crop-bytes", type=int, default=8000, help="size of each face crop JPEG")
     ap.add_argument("--sign", action="store_true", help="the unit signs every hit and status ([mqtt] signing_key)")
+    ap.add_argument("--no-postgres", action="store_true", help="measure the SQLite store only")
     args = ap.parse_args()
 
     if find_mosquitto() is None:
@@ -214,93 +310,23 @@ def main() -> int:
         results["signing_cpu"] = bench_signing(args.puts, crop)
 
         signing_key = write_unit_key(generate_unit_key(), work / "unit-1.key") if args.sign else None
-        broker = MosquittoBroker(work / "broker").start()
-        rx = ReceiverProcess(broker, work / "receiver.sqlite", work / "receiver.log")
-        reporter = MqttReporter(
-            MqttConfig(
-                host=broker.host,
-                port=broker.port,
-                site="site-a",
-                reconnect_min_delay_s=0.1,
-                reconnect_max_delay_s=1.0,
-                heartbeat_interval_s=5.0,
-                signing_key=signing_key,
-            ),
-            OutboxConfig(path=work / "outbox.sqlite", max_bytes=1024**3),
-            "unit-1",
-        )
+        stores = {"sqlite": str(work / "receiver.sqlite")}
+        cluster = None
+        if not args.no_postgres and find_pg_bin() is not None:
+            # Its own top-level folder: the server's user must reach it.
+            cluster = PostgresCluster(find_pg_bin(), Path(tempfile.mkdtemp(prefix="bench-pg-")), fsync=True).start()
+            stores["postgresql"] = cluster.create_database()
+        elif not args.no_postgres:
+            print("PostgreSQL not installed (apt-get install -y postgresql): SQLite only", file=sys.stderr)
         try:
-            deadline = time.monotonic() + 20
-            while reporter.state != "connected" or not (work / "receiver.sqlite").exists():
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"no connection: {reporter.last_error}")
-                time.sleep(0.05)
-            # Warm up until the receiver is subscribed (the reporter holds hits until then).
-            reporter.submit(make_hit("warmup", crop))
-            rx.wait("warmup", 1, 30)
-
-            # Sustained throughput: submit as fast as the outbox takes them.
-            t0 = time.monotonic()
-            for _ in range(args.hits):
-                reporter.submit(make_hit("throughput", crop))
-            t_submitted = time.monotonic()
-            t_done = rx.wait("throughput", args.hits, 300)
-            lat = rx.latencies_ms("throughput")
-            results["throughput"] = {
-                "hits": args.hits,
-                "seconds": t_done - t0,
-                "hits_per_s": args.hits / (t_done - t0),
-                "submit_hits_per_s": args.hits / (t_submitted - t0),
-                "latency_saturated_p50_ms": pct(lat, 50),
-                "latency_saturated_p99_ms": pct(lat, 99),
-            }
-
-            # Latency at a paced rate, as in the field (hits are rare).
-            period = 1.0 / args.rate
-            t_next = time.monotonic()
-            for _ in range(args.latency_hits):
-                reporter.submit(make_hit("latency", crop))
-                t_next += period
-                time.sleep(max(0.0, t_next - time.monotonic()))
-            rx.wait("latency", args.latency_hits, 60)
-            lat = rx.latencies_ms("latency")
-            results["latency"] = {
-                "rate_per_s": args.rate,
-                "hits": args.latency_hits,
-                "p50_ms": pct(lat, 50),
-                "p99_ms": pct(lat, 99),
-                "max_ms": max(lat),
-            }
-
-            # Recovery: broker down, backlog builds up on disk, broker back.
-            broker.stop()
-            t_fill = time.monotonic()
-            for _ in range(args.backlog):
-                reporter.submit(make_hit("backlog", crop))
-            fill_s = time.monotonic() - t_fill
-            pending = reporter.outbox.depth
-            t_start = time.monotonic()
-            broker.start()
-            wall_start = time.time()
-            while reporter.state != "connected":
-                time.sleep(0.01)
-            t_connected = time.monotonic()
-            t_all = rx.wait("backlog", args.backlog, 600)
-            drained = reporter.flush(60)
-            results["recovery"] = {
-                "pending_at_restart": pending,
-                "fill_seconds": fill_s,
-                "reporter_reconnect_s": t_connected - t_start,
-                "all_received_s": t_all - t_start,
-                "last_stored_after_restart_s": rx.last_received_at("backlog") - wall_start,
-                "drain_hits_per_s": args.backlog / (t_all - t_connected),
-                "outbox_empty": drained,
-                "reconnect_max_delay_s": 1.0,
-            }
+            results.update(measure(work, "sqlite", stores["sqlite"], args, crop, signing_key, full=True))
+            results["stores"] = {"sqlite": results["throughput"]}
+            if "postgresql" in stores:
+                pg = measure(work, "postgresql", stores["postgresql"], args, crop, signing_key, full=False)
+                results["stores"]["postgresql"] = pg["throughput"]
         finally:
-            reporter.close(5)
-            rx.stop()
-            broker.stop()
+            if cluster is not None:
+                cluster.stop()
 
     results["load_avg_1m_end"] = os.getloadavg()[0]
     put = results["outbox_put"]
@@ -320,7 +346,7 @@ def main() -> int:
     )
     t, lt, r = results["throughput"], results["latency"], results["recovery"]
     rows += [
-        (f"sustained, {t['hits']} hits submit->stored", f"{t['hits_per_s']:.0f} hits/s"),
+        (f"sustained, {t['hits']} hits submit->stored (SQLite)", f"{t['hits_per_s']:.0f} hits/s"),
         ("  submit alone", f"{t['submit_hits_per_s']:.0f} hits/s"),
         (
             "  latency when saturated p50 / p99",
@@ -331,6 +357,9 @@ def main() -> int:
         ("  all received after broker start", f"{r['all_received_s']:.2f} s"),
         ("  drain rate", f"{r['drain_hits_per_s']:.0f} hits/s"),
     ]
+    if "postgresql" in results["stores"]:
+        pg = results["stores"]["postgresql"]
+        rows.append((f"sustained, {pg['hits']} hits submit->stored (PostgreSQL)", f"{pg['hits_per_s']:.0f} hits/s"))
     width = max(len(k) for k, _ in rows)
     print(
         f"hit reporting benchmark ({'signed' if args.sign else 'unsigned'} hits, {results['machine']['cpus']} CPUs, "
