@@ -248,6 +248,9 @@ def main() -> int:
     ap.add_argument(
         "--thresholds", type=float, nargs=3, default=defaults.thresholds, help="MTCNN P-, R-, O-Net thresholds"
     )
+    ap.add_argument(
+        "--paddings", nargs="+", choices=PADDINGS, default=PADDINGS, help="margins to measure MTCNN's recall with"
+    )
     ap.add_argument("--label", default="", help="a name for this run in the JSON (e.g. the commit measured)")
     args = ap.parse_args()
 
@@ -279,7 +282,7 @@ def main() -> int:
         "speed": {},
     }
     if not args.no_recall:
-        runs = [(name, mtcnn, PADDINGS)]
+        runs = [(name, mtcnn, tuple(args.paddings))]
         if not args.mtcnn_only:
             runs += [("hog up0", hog0, PADDINGS)]
             runs += [

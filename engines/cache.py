@@ -145,7 +145,7 @@ def int8_embedder(
     name); calibration_key the calibration chips (engines.int8_chips.photos_key). make_inputs()
     gives the preprocessed calibration inputs; it is called only when the model is missing.
     """
-    from engines.int8 import DEFAULT_KEEP_FLOAT, INT8_QUANTISER, quantize_embedder
+    from engines.int8 import INT8_QUANTISER, quantize_embedder
 
     final = Path(cache_dir) / f"{model_key}-int8-q{INT8_QUANTISER}-{calibration_key}"
     if rebuild and final.exists():
@@ -155,7 +155,7 @@ def int8_embedder(
         inputs = make_inputs()
         tmp = _atomic_dir(final)
         try:
-            quantize_embedder(float_onnx, tmp / "model.onnx", inputs, DEFAULT_KEEP_FLOAT)
+            kept = quantize_embedder(float_onnx, tmp / "model.onnx", inputs)
         except Exception:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -166,7 +166,7 @@ def int8_embedder(
                     "float_sha256": sha256_file(float_onnx),
                     "calibration": calibration_source,
                     "calibration_inputs": len(inputs),
-                    "kept_float": list(DEFAULT_KEEP_FLOAT),
+                    "kept_float": kept,
                     "format": "QDQ, uint8 activations (min-max), int8 per-channel weights",
                 }
             )
