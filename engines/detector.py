@@ -317,7 +317,8 @@ class MtcnnDetector:
         image (see `_pyramid`) on which the box still spans `size` pixels: the sources are
         already area-averaged, so shrinking by less than 2x from there needs no more averaging.
         Area-resampling every crop from the full frame, as facenet-pytorch does, cost ~20 ms per
-        720p frame.
+        720p frame; boxes so small that only the frame itself qualifies still are (cheap, and it
+        keeps small faces' crops as facenet-pytorch makes them).
 
         Returns the NCHW batch and the boxes whose clipped crop is non-empty, in the same order.
         """
@@ -340,6 +341,10 @@ class MtcnnDetector:
             sx, sy, src = next(
                 ((sx, sy, src) for sx, sy, src in scaled if cw * sx >= size and ch * sy >= size), scaled[-1]
             )
+            if src is img:
+                # Small boxes, where detail matters most: area-resampled from the frame, as before.
+                batch[j] = cv2.resize(img[y0 : ey[k], x0 : ex[k]], (size, size), interpolation=cv2.INTER_AREA)
+                continue
             # Output pixel u's centre is crop pixel (u + 0.5) * cw / size - 0.5; map it into the source.
             m = np.array(
                 [

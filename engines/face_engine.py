@@ -92,23 +92,36 @@ def _int8_calibration(
 ) -> tuple[Callable[[], np.ndarray], str, str]:
     """(make_inputs, key, description) of the int8 calibration set: preprocessed chips made lazily,
     since a cached int8 model or TensorRT calibration table needs none."""
-    from engines.int8_chips import calibration_chips, folder_photos, photos_key, public_domain_photos
-
-    folder = config.int8_calibration_photos
-    photos = folder_photos(Path(folder)) if folder else public_domain_photos()
-    count = 256
-    source = (
-        f"{len(photos)} photos from {folder}" if folder else "scikit-image public-domain photos (astronaut, camera)"
+    from engines.int8_chips import (
+        calibration_chips,
+        folder_photos,
+        photos_key,
+        public_domain_photos,
+        public_photos_key,
     )
-    source += f", {count} jittered chips"
+
+    count, seed = 256, 0
+    folder = config.int8_calibration_photos
+    if folder:
+        photos = folder_photos(Path(folder))
+        key = photos_key(photos, count, seed)
+        source = f"{len(photos)} photos under {folder}, {count} jittered chips"
+    else:
+        photos = None
+        key = public_photos_key(count, seed)
+        source = f"scikit-image public-domain photos (astronaut, camera), {count} jittered chips"
 
     def make_inputs() -> np.ndarray:
         chips = calibration_chips(
-            photos, detector.detect, lambda img, dets: align_faces(img, dets, spec, predictor), count
+            photos if photos is not None else public_domain_photos(),
+            detector.detect,
+            lambda img, dets: align_faces(img, dets, spec, predictor),
+            count,
+            seed,
         )
         return preprocess_chips(chips, spec)
 
-    return make_inputs, photos_key(photos, count, seed=0), source
+    return make_inputs, key, source
 
 
 @dataclass(frozen=True)

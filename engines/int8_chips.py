@@ -73,6 +73,13 @@ def photos_key(photos: Sequence[tuple[str, np.ndarray]], count: int, seed: int) 
     return h.hexdigest()[:12]
 
 
+def public_photos_key(count: int, seed: int) -> str:
+    """`photos_key` of the public-domain set, from the photos' names: scikit-image ships them
+    unchanged, and a unit with the int8 model already cached then needs no scikit-image."""
+    h = hashlib.sha256(f"chips-v{CHIPS_VERSION}:{count}:{seed}:skimage:{','.join(PUBLIC_DOMAIN_PHOTOS)}".encode())
+    return h.hexdigest()[:12]
+
+
 def jitter(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A randomly moved, mirrored and relit copy of an RGB uint8 photo, with a mirrored margin
     of a fifth of its size on every side (tightly cropped faces need one to be detected)."""

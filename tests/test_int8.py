@@ -93,7 +93,7 @@ def test_quantiser_refuses_an_empty_calibration_set(tmp_path):
 
 
 def test_calibration_chips_are_aligned_faces_and_repeatable():
-    from engines.int8_chips import calibration_chips, photos_key, public_domain_photos
+    from engines.int8_chips import calibration_chips, photos_key, public_domain_photos, public_photos_key
 
     engine = FaceEngine.load(EngineConfig(backend="onnxruntime", precision="fp32"))
     photos = public_domain_photos()
@@ -107,6 +107,7 @@ def test_calibration_chips_are_aligned_faces_and_repeatable():
     sims = engine.embedder.embed_chips(a[0::2]) @ ref  # even turns are the astronaut
     assert sims.min() > 0.9
     assert photos_key(photos, 6, 3) != photos_key(photos, 7, 3) != photos_key(photos[:1], 7, 3)
+    assert public_photos_key(6, 3) != public_photos_key(7, 3)
 
 
 def test_calibration_photos_folder_errors_name_the_key(tmp_path):
@@ -135,11 +136,11 @@ def engines_fp32_int8():
 def test_int8_engine_runs_the_cached_quantised_model(engines_fp32_int8):
     from engines.cache import ensure_default_models
     from engines.int8 import INT8_QUANTISER
-    from engines.int8_chips import photos_key, public_domain_photos
+    from engines.int8_chips import public_photos_key
 
     fp32, int8 = engines_fp32_int8
     float_dir = ensure_default_models().embedder.parent
-    key = photos_key(public_domain_photos(), 256, seed=0)
+    key = public_photos_key(256, seed=0)
     model_path = float_dir.parent / f"{float_dir.name}-int8-q{INT8_QUANTISER}-{key}" / "model.onnx"
     meta = json.loads((model_path.parent / "model.json").read_text())
     assert "public-domain" in meta["calibration"] and meta["calibration_inputs"] == 256
