@@ -2,7 +2,7 @@
 against the face_recognition package on the same images in the same run, and what fraction of
 the CPU's measured peak the embedder uses.
 
-Peak: the best of a float32 matrix product (4096 x 4096, numpy's BLAS and ONNX Runtime's MatMul)
+Peak: the best of 15 runs of a float32 matrix product (2048 x 2048, numpy's BLAS and ONNX Runtime's MatMul)
 timed on this machine with one thread and with every core; int8 peak the same with ONNX
 Runtime's MatMulInteger (uint8 x int8). Work per face: multiply-adds of every Conv and MatMul in
 the embedder's ONNX graph at batch 1, times two (GFLOP per face). Used fraction = GFLOP per face x
@@ -142,7 +142,7 @@ def _numpy_sgemm_gflops(threads: int, n: int, repeats: int) -> float:
     return 2.0 * n**3 / float(out.stdout.strip()) / 1e9
 
 
-def measure_peak(threads: int, n: int = 4096, repeats: int = 5) -> dict:
+def measure_peak(threads: int, n: int = 2048, repeats: int = 15) -> dict:
     """Best float32 and int8 matrix-product rates (GFLOP/s, GOP/s) on `threads` threads."""
     flop = 2.0 * n**3
     rates = {
