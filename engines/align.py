@@ -219,9 +219,9 @@ def _bilinear(src: np.ndarray, matrix: np.ndarray, rows: int, cols: int) -> np.n
     ti = np.where(valid, top, 0).astype(np.intp)
     fx = (x - left)[..., None]
     fy = (y - top)[..., None]
-    s = src.astype(np.float64)
-    tl, tr = s[ti, li], s[ti, li + 1]
-    bl, br = s[ti + 1, li], s[ti + 1, li + 1]
+    # Gather, then convert: converting the whole frame to float64 first cost more than the chip.
+    tl, tr = src[ti, li].astype(np.float64), src[ti, li + 1].astype(np.float64)
+    bl, br = src[ti + 1, li].astype(np.float64), src[ti + 1, li + 1].astype(np.float64)
     value = (1 - fy) * ((1 - fx) * tl + fx * tr) + fy * ((1 - fx) * bl + fx * br)
     out[valid] = value[valid].astype(np.uint8)
     return out

@@ -14,8 +14,11 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from engines.errors import ModelError
 
@@ -23,7 +26,7 @@ log = logging.getLogger(__name__)
 
 # Bump when a converter's output changes for the same source, so caches convert again.
 DLIB_RESNET_CONVERTER = 1
-MTCNN_CONVERTER = 1
+MTCNN_CONVERTER = 2
 
 
 def default_cache_dir() -> Path:
@@ -125,6 +128,51 @@ def _mtcnn(cache_dir: Path, rebuild: bool) -> dict[str, Path]:
         mtcnn_convert.convert_mtcnn(tmp, sources)
         _publish(tmp, final)
     return paths
+
+
+def int8_embedder(
+    cache_dir: Path,
+    float_onnx: Path,
+    model_key: str,
+    calibration_key: str,
+    make_inputs: Callable[[], np.ndarray],
+    calibration_source: str,
+    rebuild: bool = False,
+) -> Path:
+    """The int8 copy of an embedder, quantised into the cache on first use.
+
+    model_key names the float model and its version (for the default model, its cache folder's
+    name); calibration_key the calibration chips (engines.int8_chips.photos_key). make_inputs()
+    gives the preprocessed calibration inputs; it is called only when the model is missing.
+    """
+    from engines.int8 import INT8_QUANTISER, quantize_embedder
+
+    final = Path(cache_dir) / f"{model_key}-int8-q{INT8_QUANTISER}-{calibration_key}"
+    if rebuild and final.exists():
+        shutil.rmtree(final)
+    if not (final / "model.json").is_file():
+        log.info("quantising %s to int8 in %s (calibration: %s)", float_onnx, final, calibration_source)
+        inputs = make_inputs()
+        tmp = _atomic_dir(final)
+        try:
+            kept = quantize_embedder(float_onnx, tmp / "model.onnx", inputs)
+        except Exception:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        (tmp / "model.json").write_text(
+            json.dumps(
+                {
+                    "float_model": str(float_onnx),
+                    "float_sha256": sha256_file(float_onnx),
+                    "calibration": calibration_source,
+                    "calibration_inputs": len(inputs),
+                    "kept_float": kept,
+                    "format": "QDQ, uint8 activations (min-max), int8 per-channel weights",
+                }
+            )
+        )
+        _publish(tmp, final)
+    return final / "model.onnx"
 
 
 def ensure_default_models(cache_dir: Path | None = None, rebuild: bool = False) -> DefaultModels:

@@ -29,12 +29,19 @@ def main(verbose: bool) -> None:
 )
 @click.option("--rebuild", is_flag=True, help="convert again even if the cache has the models")
 @click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True)
-def build(cache_dir: Path | None, rebuild: bool, backend: str) -> None:
+@click.option(
+    "--precision",
+    type=click.Choice(["fp16", "fp32", "int8"]),
+    default="fp16",
+    show_default=True,
+    help="int8 also quantises (ONNX Runtime) or calibrates (TensorRT) the embedder",
+)
+def build(cache_dir: Path | None, rebuild: bool, backend: str, precision: str) -> None:
     """Convert the default models to ONNX (and TensorRT engines where TensorRT is present).
 
     Run once by the installer; later starts reuse the cache.
 
-    Example: engines build --cache-dir /var/cache/checkpoint
+    Example: engines build --cache-dir /var/cache/checkpoint --precision int8
     """
     from engines.cache import ensure_default_models
     from engines.config import EngineConfig
@@ -42,12 +49,12 @@ def build(cache_dir: Path | None, rebuild: bool, backend: str) -> None:
 
     try:
         models = ensure_default_models(cache_dir, rebuild=rebuild)
-        engine = FaceEngine.load(EngineConfig(cache_dir=cache_dir, backend=backend))
+        engine = FaceEngine.load(EngineConfig(cache_dir=cache_dir, backend=backend, precision=precision))
     except EngineError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
     click.echo(f"detector: {', '.join(str(p) for p in models.detector.values())}")
-    click.echo(f"embedder: {models.embedder} ({engine.model_id}, {engine.embedder.backend.name})")
+    click.echo(f"embedder: {models.embedder} ({engine.model_id}, {engine.embedder.backend.name}, {precision})")
     click.echo(f"landmarks: {models.landmarks}")
 
 

@@ -19,7 +19,14 @@ class EngineConfig(BaseModel):
 
     cache_dir: Path | None = Field(None, description="where converted models and TensorRT engines live")
     backend: Literal["auto", "onnxruntime", "tensorrt"] = "auto"
-    precision: Literal["fp16", "fp32"] = "fp16"
+    precision: Literal["fp16", "fp32", "int8"] = Field(
+        "fp16",
+        description="fp16 and fp32 choose TensorRT's precision (ONNX Runtime on a CPU runs float32 for both); "
+        "int8 runs a calibrated int8 embedder on either backend (docs/engine.md)",
+    )
+    int8_calibration_photos: Path | None = Field(
+        None, description="folder of face photos to calibrate int8 on; default: scikit-image's public-domain photos"
+    )
     threads: int = Field(0, ge=0, le=256, description="ONNX Runtime threads for the embedder; 0 lets it choose")
     max_batch: int = Field(32, ge=1, le=256, description="most faces per embedder call")
     flip_average: bool = Field(False, description="average each face's embedding with its mirror image's")

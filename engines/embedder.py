@@ -9,6 +9,17 @@ from engines.errors import ImageError
 from engines.model_spec import EmbedderSpec
 
 
+def preprocess_chips(chips: np.ndarray, spec: EmbedderSpec) -> np.ndarray:
+    """uint8 RGB chips (N, H, W, 3) -> the input tensor of the model `spec` describes."""
+    x = chips[..., ::-1] if spec.colour == "bgr" else chips
+    x = (x.astype(np.float32) - np.asarray(spec.mean, dtype=np.float32)) * (
+        1.0 / np.asarray(spec.std, dtype=np.float32)
+    )
+    if spec.layout == "nchw":
+        x = x.transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(x)
+
+
 class Embedder:
     """Runs an embedder model described by an EmbedderSpec on batches of chips."""
 
@@ -22,8 +33,6 @@ class Embedder:
         self.flip_average = flip_average
         self._input = backend.inputs[0].name
         self._output = backend.outputs[0].name
-        self._mean = np.asarray(spec.mean, dtype=np.float32)
-        self._scale = 1.0 / np.asarray(spec.std, dtype=np.float32)
 
     @property
     def dim(self) -> int:
@@ -32,11 +41,7 @@ class Embedder:
 
     def preprocess(self, chips: np.ndarray) -> np.ndarray:
         """uint8 RGB chips (N, H, W, 3) -> the model's input tensor."""
-        x = chips[..., ::-1] if self.spec.colour == "bgr" else chips
-        x = (x.astype(np.float32) - self._mean) * self._scale
-        if self.spec.layout == "nchw":
-            x = x.transpose(0, 3, 1, 2)
-        return np.ascontiguousarray(x)
+        return preprocess_chips(chips, self.spec)
 
     def embed_chips(self, chips: np.ndarray) -> np.ndarray:
         """Embed aligned chips (N, H, W, 3) uint8 RGB; returns (N, D) float32 rows of unit length.

@@ -7,7 +7,7 @@ aligned, judged and embedded the same way at HQ and on the unit.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,10 +15,10 @@ import numpy as np
 
 from engines.align import align_to_template, dlib_chip_transform, extract_chip
 from engines.backends import Backend, create_backend, tensorrt_available
-from engines.cache import ensure_default_models, sha256_file
+from engines.cache import ensure_default_models, int8_embedder, sha256_file
 from engines.config import EngineConfig
 from engines.detector import Detection, MtcnnDetector, cpu_session_factory
-from engines.embedder import Embedder
+from engines.embedder import Embedder, preprocess_chips
 from engines.errors import ModelError
 from engines.image import check_image
 from engines.landmarks import ShapePredictor, dlib_box_from_points
@@ -60,12 +60,68 @@ def _detector_sessions(config: EngineConfig, cache_dir: Path):
                 "tensorrt",
                 cache_dir=cache_dir,
                 max_batch=_DETECTOR_MAX_BATCH,
-                precision=config.precision,
+                # No calibrator for MTCNN: its small PReLU networks gain little from int8.
+                precision="fp16" if config.precision == "int8" else config.precision,
                 dynamic_bounds=bounds,
             )
         )
 
     return make
+
+
+def align_faces(
+    image: np.ndarray, detections: Sequence[Detection], spec: EmbedderSpec, predictor: ShapePredictor | None
+) -> np.ndarray:
+    """Aligned chips (N, H, W, 3) uint8 RGB in the geometry `spec` describes."""
+    chips = np.empty((len(detections), spec.input_height, spec.input_width, 3), dtype=np.uint8)
+    if not detections:
+        return chips
+    if spec.alignment == "dlib5" and predictor is not None:
+        boxes = [dlib_box_from_points(det.landmarks) for det in detections]
+        for i, points in enumerate(predictor.predict_many(image, boxes)):
+            chips[i] = extract_chip(image, dlib_chip_transform(points, size=spec.input_width), spec.input_width)
+    else:
+        template = np.asarray(spec.template, dtype=np.float32)
+        for i, det in enumerate(detections):
+            chips[i] = align_to_template(image, det.landmarks, template, (spec.input_width, spec.input_height))
+    return chips
+
+
+def _int8_calibration(
+    config: EngineConfig, detector: MtcnnDetector, spec: EmbedderSpec, predictor: ShapePredictor | None
+) -> tuple[Callable[[], np.ndarray], str, str]:
+    """(make_inputs, key, description) of the int8 calibration set: preprocessed chips made lazily,
+    since a cached int8 model or TensorRT calibration table needs none."""
+    from engines.int8_chips import (
+        calibration_chips,
+        folder_photos,
+        photos_key,
+        public_domain_photos,
+        public_photos_key,
+    )
+
+    count, seed = 256, 0
+    folder = config.int8_calibration_photos
+    if folder:
+        photos = folder_photos(Path(folder))
+        key = photos_key(photos, count, seed)
+        source = f"{len(photos)} photos under {folder}, {count} jittered chips"
+    else:
+        photos = None
+        key = public_photos_key(count, seed)
+        source = f"scikit-image public-domain photos (astronaut, camera), {count} jittered chips"
+
+    def make_inputs() -> np.ndarray:
+        chips = calibration_chips(
+            photos if photos is not None else public_domain_photos(),
+            detector.detect,
+            lambda img, dets: align_faces(img, dets, spec, predictor),
+            count,
+            seed,
+        )
+        return preprocess_chips(chips, spec)
+
+    return make_inputs, key, source
 
 
 @dataclass(frozen=True)
@@ -117,6 +173,7 @@ class FaceEngine:
             spec = dlib_resnet_spec(models.channel_means)
             onnx_path = models.embedder
             model_id = f"{spec.name}:{models.embedder_source_sha256[:12]}"
+            model_key = models.embedder.parent.name
         else:
             spec = config.embedder
             if spec.onnx is None or not Path(spec.onnx).is_file():
@@ -124,17 +181,31 @@ class FaceEngine:
                     f"engine.embedder.onnx: model file {spec.onnx} not found; give the path of the ONNX file"
                 )
             onnx_path = Path(spec.onnx)
-            model_id = f"{spec.name}:{sha256_file(onnx_path)[:12]}"
+            digest = sha256_file(onnx_path)
+            model_id = f"{spec.name}:{digest[:12]}"
+            model_key = f"{spec.name}-{digest[:16]}"
+        predictor = ShapePredictor.load(models.landmarks) if spec.alignment == "dlib5" else None
+        calibration = None
+        calibration_key = ""
+        kind = config.backend
+        if config.precision == "int8":
+            # int8 embeddings stay comparable with float32 ones (docs/engine.md), so the model id
+            # does not change and watchlists enrolled in float32 still match.
+            calibration, calibration_key, source = _int8_calibration(config, detector, spec, predictor)
+            if kind == "onnxruntime" or (kind == "auto" and tensorrt_available() is not None):
+                onnx_path = int8_embedder(cache_dir, onnx_path, model_key, calibration_key, calibration, source)
+                kind = "onnxruntime"
         backend = create_backend(
             onnx_path,
-            config.backend,
+            kind,
             threads=config.threads,
             cache_dir=cache_dir,
             max_batch=config.max_batch,
             precision=config.precision,
+            calibration=calibration,
+            calibration_key=calibration_key,
         )
         embedder = Embedder(spec, backend, max_batch=config.max_batch, flip_average=config.flip_average)
-        predictor = ShapePredictor.load(models.landmarks) if spec.alignment == "dlib5" else None
         log.info("face engine ready: model %s on %s", model_id, backend.name)
         return cls(config, detector, embedder, model_id, predictor)
 
@@ -152,19 +223,7 @@ class FaceEngine:
 
     def align(self, image: np.ndarray, detections: Sequence[Detection]) -> np.ndarray:
         """Aligned chips (N, H, W, 3) uint8 RGB in the embedder's geometry."""
-        spec = self.embedder.spec
-        chips = np.empty((len(detections), spec.input_height, spec.input_width, 3), dtype=np.uint8)
-        if not detections:
-            return chips
-        if spec.alignment == "dlib5" and self.shape_predictor is not None:
-            boxes = [dlib_box_from_points(det.landmarks) for det in detections]
-            for i, points in enumerate(self.shape_predictor.predict_many(image, boxes)):
-                chips[i] = extract_chip(image, dlib_chip_transform(points, size=spec.input_width), spec.input_width)
-        else:
-            template = np.asarray(spec.template, dtype=np.float32)
-            for i, det in enumerate(detections):
-                chips[i] = align_to_template(image, det.landmarks, template, (spec.input_width, spec.input_height))
-        return chips
+        return align_faces(image, detections, self.embedder.spec, self.shape_predictor)
 
     def embed(self, items: Sequence[tuple[np.ndarray, Detection]]) -> np.ndarray:
         """Embeddings (N, D) for faces from any number of images (for example several cameras), in one batch."""

@@ -7,6 +7,7 @@ batch as the first dimension of each input.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
@@ -60,11 +61,18 @@ def create_backend(
     threads: int = 0,
     cache_dir: Path | None = None,
     max_batch: int = 32,
-    precision: Literal["fp16", "fp32"] = "fp16",
+    precision: Literal["fp16", "fp32", "int8"] = "fp16",
     dynamic_bounds: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] | None = None,
+    calibration: Callable[[], np.ndarray] | None = None,
+    calibration_key: str = "",
 ) -> Backend:
     """Load `onnx_path` on the best available backend (`auto`: native TensorRT when usable, else
-    ONNX Runtime with the best execution provider it has)."""
+    ONNX Runtime with the best execution provider it has).
+
+    precision applies to TensorRT; ONNX Runtime runs the file as it is (for int8, give it the
+    quantised file). TensorRT int8 calibrates on `calibration()` (preprocessed inputs, called only
+    when no calibration cache exists), named by `calibration_key` in the engine's cache key.
+    """
     if not Path(onnx_path).is_file():
         raise BackendError(f"{onnx_path}: model file missing; run `engines build` to convert the models")
     if kind == "auto":
@@ -81,6 +89,8 @@ def create_backend(
             max_batch=max_batch,
             precision=precision,
             dynamic_bounds=dynamic_bounds,
+            calibration=calibration,
+            calibration_key=calibration_key,
         )
     if kind == "onnxruntime":
         from engines.backends.ort_backend import OrtBackend

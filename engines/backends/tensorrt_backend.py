@@ -17,8 +17,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import queue
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -105,6 +107,78 @@ def _onnx_inputs(onnx_path: Path) -> list[tuple[str, tuple[int | str | None, ...
     return result
 
 
+class CalibrationFeed:
+    """What TensorRT's INT8 calibrator reads: full batches of preprocessed inputs, and the
+    calibration cache file beside the engine.
+
+    Plain Python, so it is tested where TensorRT is absent. make_inputs() is called on the first
+    batch only, so a calibration cache left by an earlier build needs no calibration chips.
+    """
+
+    def __init__(self, make_inputs: Callable[[], np.ndarray], batch_size: int, cache_path: Path) -> None:
+        if batch_size < 1:
+            raise BackendError(f"calibration batch size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
+        self.cache_path = Path(cache_path)
+        self._make_inputs = make_inputs
+        self._inputs: np.ndarray | None = None
+        self._next = 0
+
+    def next_batch(self) -> np.ndarray | None:
+        """The next full batch as contiguous float32, or None when no full batch is left."""
+        if self._inputs is None:
+            self._inputs = np.asarray(self._make_inputs(), dtype=np.float32)
+            if len(self._inputs) < self.batch_size:
+                raise BackendError(
+                    f"int8 calibration needs at least {self.batch_size} inputs (one batch), got {len(self._inputs)}"
+                )
+        start = self._next
+        if start + self.batch_size > len(self._inputs):
+            return None
+        self._next += self.batch_size
+        return np.ascontiguousarray(self._inputs[start : start + self.batch_size])
+
+    def read_cache(self) -> bytes | None:
+        """The calibration table an earlier build wrote, or None."""
+        return self.cache_path.read_bytes() if self.cache_path.is_file() else None
+
+    def write_cache(self, data: bytes) -> None:
+        """Keep the calibration table beside the engine, written whole or not at all."""
+        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.cache_path.with_name(f".{self.cache_path.name}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, self.cache_path)
+
+
+def _int8_calibrator(trt, cuda, feed: CalibrationFeed):
+    """A TensorRT IInt8EntropyCalibrator2 reading `feed` (defined here: its base class needs tensorrt)."""
+
+    class Calibrator(trt.IInt8EntropyCalibrator2):
+        def __init__(self) -> None:
+            trt.IInt8EntropyCalibrator2.__init__(self)
+            self._device = None
+
+        def get_batch_size(self) -> int:
+            return feed.batch_size
+
+        def get_batch(self, names):  # noqa: ARG002  (one input)
+            batch = feed.next_batch()
+            if batch is None:
+                return None
+            if self._device is None:
+                self._device = cuda.mem_alloc(batch.nbytes)
+            cuda.memcpy_htod(self._device, batch)
+            return [int(self._device)]
+
+        def read_calibration_cache(self):
+            return feed.read_cache()
+
+        def write_calibration_cache(self, cache) -> None:
+            feed.write_cache(bytes(cache))
+
+    return Calibrator()
+
+
 class _Slot:
     """One execution context and everything only it may touch: its stream, bindings and staging buffers."""
 
@@ -127,6 +201,9 @@ class TensorRTBackend:
 
     Safe to call from several threads: `contexts` execution slots run at the same time (each with
     its own optimisation profile); more callers wait for a free one.
+
+    precision "int8" calibrates with an INT8 entropy calibrator on `calibration()` and keeps its
+    table as `<engine>.calib` beside the engine; layers without an int8 kernel run in FP16.
     """
 
     def __init__(
@@ -134,11 +211,13 @@ class TensorRTBackend:
         onnx_path: Path,
         cache_dir: Path,
         max_batch: int = 32,
-        precision: Literal["fp16", "fp32"] = "fp16",
+        precision: Literal["fp16", "fp32", "int8"] = "fp16",
         dynamic_bounds: dict[str, tuple[Shape, Shape, Shape]] | None = None,
         workspace_mb: int = 1024,
         contexts: int = 1,
         device: int = 0,
+        calibration: Callable[[], np.ndarray] | None = None,
+        calibration_key: str = "",
     ) -> None:
         import pycuda.driver as cuda
         import tensorrt as trt
@@ -154,7 +233,10 @@ class TensorRTBackend:
         self._ctx = cuda.Device(device).retain_primary_context()
         self._ctx.push()
         try:
-            self._load(onnx_path, cache_dir, max_batch, precision, dynamic_bounds, workspace_mb, contexts, device)
+            self._load(
+                onnx_path, cache_dir, max_batch, precision, dynamic_bounds, workspace_mb, contexts, device,
+                calibration, calibration_key,
+            )  # fmt: skip
         finally:
             cuda.Context.pop()
 
@@ -168,18 +250,27 @@ class TensorRTBackend:
         workspace_mb: int,
         contexts: int,
         device: int,
+        calibration: Callable[[], np.ndarray] | None,
+        calibration_key: str,
     ) -> None:
         cuda, trt = self._cuda, self._trt
         profiles = batch_profiles(_onnx_inputs(onnx_path), max_batch, dynamic_bounds=dynamic_bounds)
         gpu = cuda.Device(device).name()
-        key = engine_cache_key(file_sha256(onnx_path), trt.__version__, gpu, precision, profiles, contexts)
+        if precision == "int8" and calibration is None:
+            raise BackendError(f"{onnx_path}: a TensorRT int8 engine needs calibration inputs; none were given")
+        key_precision = f"int8:{calibration_key}" if precision == "int8" else precision
+        key = engine_cache_key(file_sha256(onnx_path), trt.__version__, gpu, key_precision, profiles, contexts)
         engine_path = Path(cache_dir) / f"{Path(onnx_path).stem}-{key}.engine"
         if engine_path.is_file():
             log.info("loading TensorRT engine %s", engine_path)
             data = engine_path.read_bytes()
         else:
             log.info("building TensorRT engine for %s (%s, %s); this takes minutes once", onnx_path, precision, gpu)
-            data = self._build(onnx_path, precision, profiles, workspace_mb, contexts)
+            feed = None
+            if precision == "int8":
+                opt_batch = next(iter(profiles.values()))[1][0]
+                feed = CalibrationFeed(calibration, opt_batch, engine_path.with_suffix(".calib"))
+            data = self._build(onnx_path, precision, profiles, workspace_mb, contexts, feed)
             engine_path.parent.mkdir(parents=True, exist_ok=True)
             tmp = engine_path.with_suffix(".tmp")
             tmp.write_bytes(data)
@@ -202,7 +293,15 @@ class TensorRTBackend:
         for profile in range(contexts):
             self._slots.put(_Slot(self.engine, profile, cuda))
 
-    def _build(self, onnx_path: Path, precision: str, profiles: dict, workspace_mb: int, contexts: int = 1) -> bytes:
+    def _build(
+        self,
+        onnx_path: Path,
+        precision: str,
+        profiles: dict,
+        workspace_mb: int,
+        contexts: int = 1,
+        feed: CalibrationFeed | None = None,
+    ) -> bytes:
         trt = self._trt
         builder = trt.Builder(self._logger)
         flags = 0
@@ -220,11 +319,24 @@ class TensorRTBackend:
                 log.warning("this GPU has no fast FP16; building an FP32 engine")
             else:
                 config.set_flag(trt.BuilderFlag.FP16)
+        first_profile = None
         for _ in range(contexts):  # execution contexts running at once each need a profile of their own
             profile = builder.create_optimization_profile()
             for name, (mn, opt, mx) in profiles.items():
                 profile.set_shape(name, mn, opt, mx)
             config.add_optimization_profile(profile)
+            first_profile = first_profile or profile
+        if precision == "int8":
+            if not builder.platform_has_fast_int8:
+                log.warning("this GPU has no fast INT8; building an FP16 engine")
+                config.set_flag(trt.BuilderFlag.FP16)
+            else:
+                # Layers without an int8 kernel fall back to FP16 rather than FP32.
+                config.set_flag(trt.BuilderFlag.INT8)
+                config.set_flag(trt.BuilderFlag.FP16)
+                config.int8_calibrator = _int8_calibrator(trt, self._cuda, feed)
+                # Calibration runs at the profile's opt shapes, which is the feed's batch size.
+                config.set_calibration_profile(first_profile)
         serialized = builder.build_serialized_network(network, config)
         if serialized is None:
             raise BackendError(f"{onnx_path}: TensorRT engine build failed (see the TensorRT log above)")
