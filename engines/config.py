@@ -5,17 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from common.config import StrictModel
 from engines.detector import MtcnnConfig
 from engines.model_spec import EmbedderSpec
 from engines.quality import QualityConfig
 
 
-class EngineConfig(BaseModel):
+class EngineConfig(StrictModel):
     """Face engine settings. Every field has a default, so an empty `[engine]` table works."""
-
-    model_config = ConfigDict(extra="forbid")
 
     cache_dir: Path | None = Field(None, description="where converted models and TensorRT engines live")
     backend: Literal["auto", "onnxruntime", "tensorrt"] = "auto"

@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
+from common.config import StrictModel
 from engines.errors import ModelError
 from engines.image import check_image
 
@@ -33,10 +34,8 @@ _PNET_STRIDE = 2
 _BATCH = 256
 
 
-class MtcnnConfig(BaseModel):
+class MtcnnConfig(StrictModel):
     """Settings of the MTCNN detector (the `[detector]` table of the unit's TOML)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     min_face_size: int = Field(40, ge=12, description="smallest face height in pixels to look for")
     factor: float = Field(0.709, gt=0.3, lt=0.95, description="pyramid step between scales")

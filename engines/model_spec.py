@@ -10,8 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
+from common.config import StrictModel
 from engines.errors import ModelError
 
 # The standard ArcFace 5-point template (left eye, right eye, nose tip, mouth corners) for
@@ -25,10 +26,10 @@ ARCFACE_112_TEMPLATE: tuple[tuple[float, float], ...] = (
 )
 
 
-class EmbedderSpec(BaseModel):
+class EmbedderSpec(StrictModel):
     """Description of an embedder ONNX model: input geometry, colour, normalisation, alignment, output."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(frozen=True)
 
     name: str = Field(min_length=1, description="short model name, part of the model id in hits and bundles")
     onnx: Path | None = Field(None, description="path of the ONNX file; None for the built-in default model")

@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from common.files import atomic_write
 from engines.errors import ModelError
 from engines.torch_legacy import load_state_dict
 
@@ -261,21 +260,6 @@ def build_mtcnn_graph(net: str, weights: dict[str, np.ndarray]):
     return model
 
 
-def _write_atomic(data: bytes, dest: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp creates 0600; models are not secret and other services read them.
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def convert_mtcnn(out_dir: Path, sources: dict[str, Path] | None = None) -> dict[str, Path]:
     """Write pnet.onnx, rnet.onnx and onet.onnx into out_dir and return their paths by net name.
 
@@ -290,6 +274,6 @@ def convert_mtcnn(out_dir: Path, sources: dict[str, Path] | None = None) -> dict
     for net in NETS:
         model = build_mtcnn_graph(net, load_state_dict(sources[net]))
         dest = out_dir / f"{net}.onnx"
-        _write_atomic(model.SerializeToString(), dest)
+        atomic_write(dest, model.SerializeToString())
         result[net] = dest
     return result

@@ -25,8 +25,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from common.config import StrictModel
 from engines.image import check_image
 
 REASONS = ("too_small", "blurred", "not_frontal", "low_score")
@@ -42,10 +43,8 @@ _GOOD_SHARPNESS = 10.0
 _VAR_FLOOR = 25.0
 
 
-class QualityConfig(BaseModel):
+class QualityConfig(StrictModel):
     """Thresholds of the quality gate (the `[engine.quality]` table of the unit's TOML)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     min_eye_distance_px: float = Field(20.0, ge=0, description="least distance between the eye centres, pixels")
     min_face_height_px: float = Field(40.0, ge=0, description="least detector box height, pixels")

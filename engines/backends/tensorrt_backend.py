@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import queue
 import threading
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from common.files import atomic_write
 from engines.backends import TensorInfo
 from engines.errors import BackendError, ModelError
 
@@ -145,9 +145,7 @@ class CalibrationFeed:
     def write_cache(self, data: bytes) -> None:
         """Keep the calibration table beside the engine, written whole or not at all."""
         self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.cache_path.with_name(f".{self.cache_path.name}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, self.cache_path)
+        atomic_write(self.cache_path, data)
 
 
 def _int8_calibrator(trt, cuda, feed: CalibrationFeed):
@@ -272,9 +270,7 @@ class TensorRTBackend:
                 feed = CalibrationFeed(calibration, opt_batch, engine_path.with_suffix(".calib"))
             data = self._build(onnx_path, precision, profiles, workspace_mb, contexts, feed)
             engine_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = engine_path.with_suffix(".tmp")
-            tmp.write_bytes(data)
-            tmp.replace(engine_path)
+            atomic_write(engine_path, data)
         runtime = trt.Runtime(self._logger)
         self.engine = runtime.deserialize_cuda_engine(data)
         if self.engine is None:
