@@ -138,6 +138,8 @@ class HitStore(abc.ABC):
     #: SQL words that differ between backends.
     greatest = "max"
     for_update = ""
+    #: Rows the rejects table keeps (the newest).
+    max_rejects = MAX_REJECTS
 
     def __new__(cls, *args: Any, **kwargs: Any) -> HitStore:
         if cls is HitStore:
@@ -335,7 +337,7 @@ class HitStore(abc.ABC):
                     len(payload),
                 ),
             )
-            q("DELETE FROM rejects WHERE id <= (SELECT max(id) FROM rejects) - ?", (MAX_REJECTS,))
+            q("DELETE FROM rejects WHERE id <= (SELECT max(id) FROM rejects) - ?", (self.max_rejects,))
 
     # --- two-person review --------------------------------------------------------------------
 
