@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from central.store import HitStore
 from wire import records, signing, topics
@@ -59,6 +59,12 @@ class ReceiverConfig(MqttConnection):
         "(stored with their verdict, while units migrate) or reject (quarantined). Units with a registered "
         "key must always sign validly.",
     )
+
+    @model_validator(mode="after")
+    def _reject_needs_keys(self) -> ReceiverConfig:
+        if self.unsigned == "reject" and self.unit_keys is None:
+            raise ValueError("unsigned = reject quarantines every hit unless unit_keys names the units' public keys")
+        return self
 
     def subscriptions(self) -> list[str]:
         hits = f"{topics.TOPIC_ROOT}/+/+/hits"

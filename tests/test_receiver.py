@@ -309,6 +309,11 @@ def test_cli_run_prints_one_line_per_new_hit_and_stops_on_sigterm(mosquitto, tmp
 
 
 def test_cli_run_rejects_bad_options_with_the_key(tmp_path):
+    res = CliRunner().invoke(cli, ["run", "--db", str(tmp_path / "h.sqlite"), "--unsigned", "reject"])
+    assert res.exit_code == 2 and "unit_keys" in res.output, res.output
+    (tmp_path / "keys").write_text("checkpoint-unit-key v1 site-a unit-1 not-base64\n")
+    res = CliRunner().invoke(cli, ["run", "--db", str(tmp_path / "h.sqlite"), "--unit-keys", str(tmp_path / "keys")])
+    assert res.exit_code == 2 and "keys:1: the key is not 32 bytes" in res.output, res.output
     res = CliRunner().invoke(cli, ["run", "--db", str(tmp_path / "h.sqlite"), "--port", "0"])
     assert res.exit_code == 2 and "port" in res.output
     res = CliRunner().invoke(cli, ["run", "--db", str(tmp_path / "h.sqlite"), "--ca-file", str(tmp_path / "x.pem")])
