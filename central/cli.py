@@ -446,7 +446,7 @@ def hits(
     camera: str | None,
     since: dt.datetime | None,
 ) -> None:
-    """List stored hits, newest first.
+    """List stored hits, newest first; sig= is each hit's signature verdict (valid, unsigned, unknown_unit).
 
     \b
     Example:
