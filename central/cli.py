@@ -30,26 +30,40 @@ DB_OPTION = click.option(
 TIME = click.DateTime(formats=["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"])
 
 
-def _utc(ts: float | None) -> str:
+def _utc(ts: Any) -> str:
+    """A stored time as UTC text; a value no calendar holds (1e300, a string) is shown, not fatal."""
     if not ts:
         return "-"
-    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    try:
+        return dt.datetime.fromtimestamp(float(ts), dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (OverflowError, OSError, ValueError, TypeError):
+        return f"<bad time {_text(ts, 24)}>"
 
 
-def _text(value: Any) -> str:
-    """Unit-supplied text for a terminal: control characters shown as escapes, not obeyed."""
-    from central.console import visible
+def _num(value: Any) -> str:
+    try:
+        return f"{float(value):.3f}"
+    except (TypeError, ValueError):
+        return _text(value, 24)
 
-    return visible(value)
+
+def _text(value: Any, limit: int = 200) -> str:
+    """Unit-supplied text for a terminal: control characters shown as escapes, not obeyed (a
+    newline in a camera id must not start a line of its own)."""
+    from wire.records import safe_text
+
+    return "-" if value is None else safe_text(value, limit)
 
 
 def format_hit(row: dict[str, Any]) -> str:
-    """The one line printed for a new hit."""
-    crop = "yes" if row.get("has_crop") else f"no ({row['crop_dropped']})" if row.get("crop_dropped") else "no"
+    """The one line printed for a new hit; `sig=` is the signature verdict (valid, unsigned, unknown_unit)."""
+    dropped = row.get("crop_dropped")
+    crop = "yes" if row.get("has_crop") else f"no ({_text(dropped, 32)})" if dropped else "no"
     return (
-        f"{_utc(row['captured_at'])}  HIT  {_text(row['site'])}/{_text(row['unit_id'])}  "
-        f"camera={_text(row['camera_id'])}  person={_text(row['person_id'])}  score={row['score']:.3f} "
-        f"thr={row['threshold']:.3f} margin={row['margin']:.3f}  crop={crop}  id={_text(row['id'])}"
+        f"{_utc(row.get('captured_at'))}  HIT  {_text(row.get('site'))}/{_text(row.get('unit_id'))}  "
+        f"camera={_text(row.get('camera_id'))}  person={_text(row.get('person_id'))}  score={_num(row.get('score'))} "
+        f"thr={_num(row.get('threshold'))} margin={_num(row.get('margin'))}  crop={crop}  "
+        f"sig={_text(row.get('signature'), 32)}  id={_text(row.get('id'))}"
     )
 
 
@@ -151,6 +165,20 @@ def broker_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             help="Longest wait between reconnect attempts, seconds.",
         ),
         click.option(
+            "--unit-keys",
+            type=click.Path(path_type=Path, exists=True),
+            default=None,
+            help="Unit public keys: a file of key lines or a folder of *.pub (deploy/make-credentials unit).",
+        ),
+        click.option(
+            "--unsigned",
+            type=click.Choice(["accept", "reject"]),
+            default="accept",
+            show_default=True,
+            help="Hits/status not signed by a registered key, from units with no registered key: store them "
+            "with their verdict, or quarantine them. Units with a registered key must always sign.",
+        ),
+        click.option(
             "--retention-days",
             type=float,
             default=90.0,
@@ -178,6 +206,8 @@ def _receiver_config(o: dict[str, Any]) -> Any:
         "reconnect_max_delay_s": o["reconnect_max_delay"],
         "reconnect_min_delay_s": min(1.0, o["reconnect_max_delay"]),
         "retention_days": o["retention_days"],
+        "unit_keys": o["unit_keys"],
+        "unsigned": o["unsigned"],
     }
     if o["client_id"]:
         values["client_id"] = o["client_id"]
@@ -416,7 +446,7 @@ def hits(
     camera: str | None,
     since: dt.datetime | None,
 ) -> None:
-    """List stored hits, newest first.
+    """List stored hits, newest first; sig= is each hit's signature verdict (valid, unsigned, unknown_unit).
 
     \b
     Example:
@@ -491,7 +521,7 @@ def review(
     finally:
         store.close()
     waiting = " (a second operator must confirm it)" if decision == "confirm" and state == "pending" else ""
-    click.echo(f"hit {full_id}: {state}{waiting}")
+    click.echo(f"hit {_text(full_id)}: {state}{waiting}")
 
 
 @main.command()
@@ -515,7 +545,7 @@ def crop(db_url: str, hit_id: str, out: Path) -> None:
     finally:
         store.close()
     if jpeg is None:
-        raise click.ClickException(f"hit {full_id} came without a crop")
+        raise click.ClickException(f"hit {_text(full_id)} came without a crop")
     out.write_bytes(jpeg)
     click.echo(f"wrote {len(jpeg)} bytes to {out}")
 

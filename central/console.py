@@ -74,7 +74,11 @@ def visible(value: Any) -> str:
 def utc(ts: float | None) -> str:
     if not ts:
         return "-"
-    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    try:
+        return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    except (OverflowError, OSError, ValueError, TypeError):
+        # A stored time no calendar holds (1e300) is shown as such, not a failed page.
+        return f"(bad time {visible(ts)[:24]})"
 
 
 def ago(ts: float | None, now: float | None = None) -> str:

@@ -69,6 +69,20 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             "action TEXT NOT NULL, subject TEXT, detail TEXT NOT NULL, prev_hash TEXT NOT NULL, hash TEXT NOT NULL)",
         ],
     ),
+    (
+        3,
+        "signature verdicts, bounded rejects, status ordered by receive time",
+        [
+            "ALTER TABLE hits ADD COLUMN signature TEXT",
+            "ALTER TABLE rejects ADD COLUMN reason TEXT",
+            "ALTER TABLE rejects ADD COLUMN payload_bytes {INT}",
+            "ALTER TABLE units ADD COLUMN state_claimed_at {REAL}",
+            "CREATE INDEX idx_rejects_received_at ON rejects(received_at)",
+            # Rejects kept in full before this version are cut to the prefix kept from now on.
+            "UPDATE rejects SET payload_bytes = length(payload), payload = substr(payload, 1, 4096) "
+            "WHERE payload IS NOT NULL",
+        ],
+    ),
 ]
 
 LATEST = MIGRATIONS[-1][0]

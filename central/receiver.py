@@ -4,8 +4,14 @@ Hits come through an MQTT 5 shared subscription (``$share/<group>/checkpoint/v1/
 several receivers split the load; status and heartbeat through plain subscriptions, so every
 receiver knows every unit. Each message is acknowledged to the broker only after it is committed
 to the store (manual PUBACK): a receiver that dies mid-way gets the message again, and the store
-drops the duplicate by hit id. A message that breaks the protocol is kept in `rejects`, acknowledged,
-and logged, never retried forever nor lost.
+drops the duplicate by hit id.
+
+Every message ends either stored or quarantined (the store's `rejects` table, with a reason), and
+is acknowledged either way; one bad message never holds up the others. A message that breaks the
+protocol, or whose signature does not hold (`signature_policy`), is quarantined at once. When a
+batch of hits fails to commit, its hits are retried one by one: the one the store refuses is
+quarantined with the store's error, the rest are stored. Only when even quarantining fails (the
+store is down) is the batch kept unacknowledged and retried.
 """
 
 from __future__ import annotations
@@ -18,14 +24,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from central.store import HitStore
-from wire import records, topics
+from wire import records, signing, topics
 from wire.errors import ProtocolError
 from wire.mqtt import MqttConnection, MqttLink
+from wire.records import safe_text
 from wire.topics import TopicLevel
 
 log = logging.getLogger(__name__)
@@ -43,12 +50,52 @@ class ReceiverConfig(MqttConnection):
     receive_maximum: int = Field(default=100, ge=1, le=65535, description="hits the broker may send unacknowledged")
     batch_max: int = Field(default=200, ge=1, le=10000, description="messages committed to the store at once")
     retention_days: float = Field(default=90.0, gt=0, description="hits older than this are purged from the store")
+    unit_keys: Path | None = Field(
+        default=None, description="unit public keys (a file of key lines or a folder of *.pub files)"
+    )
+    unsigned: Literal["accept", "reject"] = Field(
+        default="accept",
+        description="hits and status not verifiably signed from units with no registered key: accept "
+        "(stored with their verdict, while units migrate) or reject (quarantined). Units with a registered "
+        "key must always sign validly.",
+    )
+
+    @model_validator(mode="after")
+    def _reject_needs_keys(self) -> ReceiverConfig:
+        if self.unsigned == "reject" and self.unit_keys is None:
+            raise ValueError("unsigned = reject quarantines every hit unless unit_keys names the units' public keys")
+        return self
 
     def subscriptions(self) -> list[str]:
         hits = f"{topics.TOPIC_ROOT}/+/+/hits"
         if self.shared and self.protocol == "5":
             hits = f"$share/{self.group}/{hits}"
         return [hits, f"{topics.TOPIC_ROOT}/+/+/status", f"{topics.TOPIC_ROOT}/+/+/heartbeat"]
+
+
+class Quarantined(Exception):
+    """A message the receiver will not store; `reason` is the short word kept in `rejects.reason`."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def signature_policy(verdict: signing.Verdict, known_unit: bool, unsigned: str) -> str | None:
+    """Why a record with this verdict is quarantined, or None when it may be stored.
+
+    The rule: a unit with a registered key must sign every hit and status with it (anything else --
+    unsigned, a bad signature, a key the centre does not hold -- is what a stolen broker account
+    without the unit's key looks like). A unit with no registered key is accepted with its verdict
+    (`unsigned`/`unknown_unit`, shown to operators) unless `unsigned` is "reject". Registering a
+    unit's key is the switch that migrates it."""
+    if verdict == signing.Verdict.VALID:
+        return None
+    if known_unit:
+        return str(verdict)
+    if verdict in (signing.Verdict.UNSIGNED, signing.Verdict.UNKNOWN_UNIT):
+        return str(verdict) if unsigned == "reject" else None
+    return str(verdict)
 
 
 @dataclass(frozen=True)
@@ -74,6 +121,7 @@ class Receiver:
         on_unit: Callable[[str, str, str], None] | None = None,
     ) -> None:
         self.config = config
+        self.known_keys = signing.KnownKeys.load(config.unit_keys) if config.unit_keys else signing.KnownKeys()
         self.store = store if isinstance(store, HitStore) else HitStore(store)
         self._owns_store = not isinstance(store, HitStore)
         self._on_hit = on_hit
@@ -182,34 +230,18 @@ class Receiver:
             log.info("receiver: purged %d hits older than %g days", n, self.config.retention_days)
 
     def _handle(self, batch: list[_Incoming]) -> None:
-        hits: list[tuple[dict[str, Any], bytes | None, float]] = []
+        hits: list[tuple[_Incoming, tuple[dict[str, Any], bytes | None, float]]] = []
         changes: list[tuple[str, str, str]] = []
         for m in batch:
             try:
-                site, unit_id, kind = topics.parse_topic(m.topic)
-                if kind == "hits":
-                    fields, crop = records.decode_hit(m.payload)
-                    self._check_origin(fields, site, unit_id)
-                    hits.append((fields, crop, m.received_at))
-                elif kind == "status":
-                    body = records.decode_status(m.payload)
-                    self._check_origin(body, site, unit_id)
-                    at = body["at"] if m.retain else m.received_at
-                    if self.store.set_unit_status(site, unit_id, body["state"], body["reason"], at, m.received_at):
-                        changes.append((site, unit_id, body["state"]))
-                        log.info("unit %s/%s is %s (%s)", site, unit_id, body["state"], body["reason"])
-                    self.counts["status"] += 1
-                else:
-                    body = records.decode_heartbeat(m.payload)
-                    self._check_origin(body, site, unit_id)
-                    self.store.set_heartbeat(site, unit_id, body, body["at"] if m.retain else m.received_at)
-                    self.counts["heartbeats"] += 1
-            except ProtocolError as e:
-                log.warning("receiver: rejected message on %s: %s (kept in the store's rejects table)", m.topic, e)
-                self.store.add_reject(m.topic, m.payload, str(e), m.received_at)
-                self.counts["rejected"] += 1
-        new = self.store.add_hits(hits) if hits else []
-        # Acknowledge only now: everything in the batch is committed.
+                self._take(m, hits, changes)
+            except (ProtocolError, Quarantined) as e:
+                self._quarantine(m, getattr(e, "reason", "protocol"), str(e))
+            except Exception as e:  # noqa: BLE001 - a message the checks did not foresee: set aside, not retried
+                log.exception("receiver: unexpected error on a message on %s", safe_text(m.topic))
+                self._quarantine(m, "error", f"{type(e).__name__}: {e}")
+        stored, new = self._store_hits(hits)
+        # Acknowledge only now: everything in the batch is committed, as a hit or as a reject.
         for m in batch:
             if m.qos > 0:
                 self.link.client.ack(m.mid, m.qos)
@@ -220,21 +252,103 @@ class Receiver:
                     self._on_unit(*change)
                 except Exception:  # noqa: BLE001 - a display problem must not stop storing
                     log.exception("receiver: on_unit handler failed for %s/%s", change[0], change[1])
-        for (fields, crop, received_at), is_new in zip(hits, new):
+        for (fields, crop, received_at), is_new in zip(stored, new):
             if not is_new:
                 self.counts["duplicates"] += 1
-                log.debug("receiver: duplicate of hit %s dropped", fields["id"])
+                log.debug("receiver: duplicate of hit %s dropped", safe_text(fields["id"]))
                 continue
             self.counts["new"] += 1
             if self._on_hit is not None:
                 try:
                     self._on_hit(dict(fields, received_at=received_at, has_crop=crop is not None))
                 except Exception:  # noqa: BLE001 - a display problem must not stop storing
-                    log.exception("receiver: on_hit handler failed for hit %s", fields["id"])
+                    log.exception("receiver: on_hit handler failed for hit %s", safe_text(fields["id"]))
+
+    def _take(
+        self,
+        m: _Incoming,
+        hits: list[tuple[_Incoming, tuple[dict[str, Any], bytes | None, float]]],
+        changes: list[tuple[str, str, str]],
+    ) -> None:
+        """Decode and check one message; queue a hit, or apply a status or heartbeat now."""
+        site, unit_id, kind = topics.parse_topic(m.topic)
+        if kind == "hits":
+            fields, crop = records.decode_hit(m.payload)
+            self._check_origin(fields, site, unit_id)
+            fields["signature"] = self._verify(m.payload, site, unit_id, crop)
+            hits.append((m, (fields, crop, m.received_at)))
+            return
+        if kind == "status":
+            body = records.decode_status(m.payload)
+            self._check_origin(body, site, unit_id)
+            self._verify(m.payload, site, unit_id, None)
+            try:
+                applied = self.store.set_unit_status(
+                    site, unit_id, body["state"], body["reason"], body["at"], m.received_at, replay=m.retain
+                )
+            except Exception as e:  # noqa: BLE001 - this message, not the store, may be the problem
+                raise Quarantined("store", f"the store refused this status: {e}") from None
+            if applied:
+                changes.append((site, unit_id, body["state"]))
+                log.info("unit %s/%s is %s (%s)", safe_text(site), safe_text(unit_id), body["state"], body["reason"])
+            self.counts["status"] += 1
+            return
+        body = records.decode_heartbeat(m.payload)
+        self._check_origin(body, site, unit_id)
+        try:
+            self.store.set_heartbeat(site, unit_id, body, body["at"] if m.retain else m.received_at)
+        except Exception as e:  # noqa: BLE001 - this message, not the store, may be the problem
+            raise Quarantined("store", f"the store refused this heartbeat: {e}") from None
+        self.counts["heartbeats"] += 1
+
+    def _verify(self, payload: bytes, site: str, unit_id: str, crop: bytes | None) -> str:
+        """The record's signature verdict, or Quarantined when the policy refuses it."""
+        verdict = signing.verify_record(payload, self.known_keys, crop=crop)
+        known = self.known_keys.knows_unit(site, unit_id)
+        refused = signature_policy(verdict, known, self.config.unsigned)
+        if refused is not None:
+            why = "a unit with a registered key must sign with it" if known else "this receiver runs --unsigned reject"
+            raise Quarantined(
+                refused, f"signature {verdict} on a record of {safe_text(site)}/{safe_text(unit_id)}: {why}"
+            )
+        return str(verdict)
+
+    def _store_hits(
+        self, hits: list[tuple[_Incoming, tuple[dict[str, Any], bytes | None, float]]]
+    ) -> tuple[list[tuple[dict[str, Any], bytes | None, float]], list[bool]]:
+        """Commit the hits in one transaction; if that fails, one by one, quarantining each hit the
+        store refuses with its error. Returns the hits stored and, for each, whether it was new."""
+        if not hits:
+            return [], []
+        items = [item for _, item in hits]
+        try:
+            return items, self.store.add_hits(items)
+        except Exception as e:  # noqa: BLE001 - find the one hit that fails rather than retry all forever
+            log.warning("receiver: a batch of %d hits failed to commit (%s); storing them one by one", len(hits), e)
+        stored: list[tuple[dict[str, Any], bytes | None, float]] = []
+        new: list[bool] = []
+        for m, item in hits:
+            try:
+                new.append(self.store.add_hits([item])[0])
+                stored.append(item)
+            except Exception as e:  # noqa: BLE001 - quarantine it; if the store is down, that raises too
+                self._quarantine(m, "store", f"the store refused this hit: {e}")
+        return stored, new
+
+    def _quarantine(self, m: _Incoming, reason: str, error: str) -> None:
+        log.warning(
+            "receiver: quarantined message on %s: %s: %s (kept in the store's rejects table)",
+            safe_text(m.topic),
+            reason,
+            safe_text(error, 500),
+        )
+        self.store.add_reject(m.topic, m.payload, error, m.received_at, reason=reason)
+        self.counts["rejected"] += 1
 
     @staticmethod
     def _check_origin(body: dict[str, Any], site: str, unit_id: str) -> None:
         if body["site"] != site or body["unit_id"] != unit_id:
             raise ProtocolError(
-                f"payload says {body['site']}/{body['unit_id']} but came on the topic of {site}/{unit_id}"
+                f"payload says {safe_text(body['site'])}/{safe_text(body['unit_id'])} but came on the topic of "
+                f"{safe_text(site)}/{safe_text(unit_id)}"
             )

@@ -26,6 +26,7 @@ from typing import IO, Any
 
 from central import audit as audit_chain
 from central.migrations import migrate
+from wire.records import safe_text
 
 REVIEW_STATES = ("pending", "confirmed", "rejected")
 DECISIONS = ("confirm", "reject")
@@ -52,7 +53,16 @@ HIT_COLUMNS = (
     "has_crop",
     "crop_dropped",
     "schema_version",
+    "signature",
 )
+SIGNATURE_VERDICTS = ("valid", "unsigned", "unknown_unit")
+"""What a stored hit's `signature` column may say (hits with any other verdict are quarantined);
+NULL for hits stored before signatures were checked."""
+REJECT_PAYLOAD_BYTES = 4096
+"""How much of a rejected message is kept: enough to see what it was, never a 20 MiB payload."""
+MAX_REJECTS = 10_000
+"""The rejects table keeps the newest this many rows (and none older than the hit retention)."""
+REJECT_TEXT_CHARS = 1000
 
 
 class StoreError(RuntimeError):
@@ -128,6 +138,8 @@ class HitStore(abc.ABC):
     #: SQL words that differ between backends.
     greatest = "max"
     for_update = ""
+    #: Rows the rejects table keeps (the newest).
+    max_rejects = MAX_REJECTS
 
     def __new__(cls, *args: Any, **kwargs: Any) -> HitStore:
         if cls is HitStore:
@@ -243,17 +255,25 @@ class HitStore(abc.ABC):
         """Store one decoded hit; True if new."""
         return self.add_hits([(fields, crop, time.time() if received_at is None else received_at)])[0]
 
-    def set_unit_status(self, site: str, unit_id: str, state: str, reason: str, at: float, seen_at: float) -> bool:
-        """Record a unit's status ('online'/'offline') as of `at`; an older report than the one
-        stored (a retained message replayed on subscribe) is ignored. True if applied."""
+    def set_unit_status(
+        self, site: str, unit_id: str, state: str, reason: str, at: float, seen_at: float, *, replay: bool = False
+    ) -> bool:
+        """Record a unit's status ('online'/'offline') as received at `seen_at` (the receiver's clock);
+        `at` is what the unit's own clock said, kept for reference only. Statuses are ordered by
+        receive time, never by the unit's clock: a status claiming a time ten years ahead does not keep
+        a dead unit online when its Last Will arrives later. A `replay` (a retained message delivered
+        again on subscribe) of the state already stored changes nothing. True if applied."""
+        same = " AND (units.state <> excluded.state OR coalesce(units.state_reason, '') <> excluded.state_reason)"
         with self._tx() as q:
             q(
-                "INSERT INTO units(site, unit_id, state, state_reason, state_at, last_seen) VALUES (?,?,?,?,?,?) "
+                "INSERT INTO units(site, unit_id, state, state_reason, state_at, state_claimed_at, last_seen) "
+                "VALUES (?,?,?,?,?,?,?) "
                 "ON CONFLICT (site, unit_id) DO UPDATE SET state = excluded.state, "
                 "state_reason = excluded.state_reason, state_at = excluded.state_at, "
+                "state_claimed_at = excluded.state_claimed_at, "
                 f"last_seen = {self.greatest}(coalesce(units.last_seen, 0), excluded.last_seen) "
-                "WHERE coalesce(units.state_at, 0) <= excluded.state_at",
-                (site, unit_id, state, reason, at, seen_at),
+                "WHERE coalesce(units.state_at, 0) <= excluded.state_at" + (same if replay else ""),
+                (site, unit_id, state, reason, seen_at, at, seen_at),
             )
             return q.rowcount == 1
 
@@ -298,13 +318,26 @@ class HitStore(abc.ABC):
                     {"watchlist_version": version, "expires_at": facts["watchlist_expires_at"]},
                 )
 
-    def add_reject(self, topic: str, payload: bytes, error: str, received_at: float | None = None) -> None:
-        """Keep a message that did not follow the protocol, with why, for someone to look at."""
+    def add_reject(
+        self, topic: str, payload: bytes, error: str, received_at: float | None = None, reason: str = "protocol"
+    ) -> None:
+        """Quarantine a message that was not stored, with why (`reason`: a short word such as
+        'protocol', 'store', 'unsigned', 'bad_signature'; `error`: the full sentence), for someone to
+        look at. Only the first REJECT_PAYLOAD_BYTES of the payload are kept (its full size beside
+        them), topic and error are cut and escaped, and the table keeps the newest MAX_REJECTS rows."""
         with self._tx() as q:
             q(
-                "INSERT INTO rejects(received_at, topic, error, payload) VALUES (?,?,?,?)",
-                (time.time() if received_at is None else received_at, topic, error, payload),
+                "INSERT INTO rejects(received_at, topic, reason, error, payload, payload_bytes) VALUES (?,?,?,?,?,?)",
+                (
+                    time.time() if received_at is None else received_at,
+                    safe_text(topic, 512),
+                    safe_text(reason, 64),
+                    safe_text(error, REJECT_TEXT_CHARS),
+                    bytes(payload[:REJECT_PAYLOAD_BYTES]),
+                    len(payload),
+                ),
             )
+            q("DELETE FROM rejects WHERE id <= (SELECT max(id) FROM rejects) - ?", (self.max_rejects,))
 
     # --- two-person review --------------------------------------------------------------------
 
@@ -434,6 +467,7 @@ class HitStore(abc.ABC):
         return (h["n"], h["t"], r["n"]), (u["s"], u["b"], u["l"])
 
     def rejects(self) -> list[dict[str, Any]]:
+        """The quarantined messages, oldest first: topic, reason, error, payload prefix, payload_bytes."""
         rows = self._read("SELECT * FROM rejects ORDER BY id")
         for r in rows:
             r["payload"] = bytes(r["payload"]) if r["payload"] is not None else None

@@ -6,179 +6,34 @@ fast and clearly (issue 11)."""
 
 from __future__ import annotations
 
-import getpass
-import os
-import subprocess
-import sys
-import threading
-import uuid
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from edge.outbox import OutboxConfig
 from edge.reporter import MqttConfig, MqttReporter
 from matching.matcher import Matcher
-from testing.broker import HOST, MosquittoBroker, free_port, make_tls_files, wait_for
+from testing.broker import HOST, make_tls_files, wait_for
 from testing.hits import face_jpeg, make_hit
+from testing.site import Probe, Site, make_site_credentials, start_deployed_broker
 from testing.synthetic import Authority, make_persons, person_centers, register_release, samples_of
 from watchlist.hq.publish import publish_bundle
 from watchlist.unit.apply import Watchlist
 from watchlist.unit.config import WatchlistConfig
 from watchlist.unit.subscriber import WatchlistSubscriber
-from wire.mqtt import MqttConnection, MqttLink
+from wire.mqtt import MqttLink
 from wire.signing import KnownKeys, Verdict, verify_record
 
-ROOT = Path(__file__).resolve().parents[1]
-DEPLOY = ROOT / "deploy"
-INSTALL_DIR = "/etc/mosquitto/checkpoint/"
 MODEL = "synthetic:v1"
-
-
-def render_conf(broker_dir: Path, work: Path, port: int, require_certificate: bool = False) -> str:
-    """deploy/mosquitto/checkpoint.conf with its install folder and port replaced, plus what Debian's
-    main mosquitto.conf adds (persistence, log); the ACL is the repository's file itself."""
-    text = (DEPLOY / "mosquitto" / "checkpoint.conf").read_text()
-    for old in (f"{INSTALL_DIR}acl", INSTALL_DIR, "listener 8883\n", "require_certificate false\n"):
-        assert old in text, f"deploy/mosquitto/checkpoint.conf no longer has {old!r}: update this test"
-    text = text.replace(f"{INSTALL_DIR}acl", str(DEPLOY / "mosquitto" / "acl"))
-    text = text.replace(INSTALL_DIR, f"{broker_dir}/")
-    text = text.replace("listener 8883\n", f"listener {port} {HOST}\n")
-    if require_certificate:
-        text = text.replace("require_certificate false\n", "require_certificate true\n")
-    lines = [
-        "persistence true",
-        f"persistence_location {work}/",
-        f"log_dest file {work}/mosquitto.log",
-        "log_type all",
-    ]
-    if os.geteuid() == 0:
-        lines.append(f"user {getpass.getuser()}")
-    return "\n".join(lines) + "\n" + text
-
-
-def make_credentials(*args: object) -> str:
-    done = subprocess.run(
-        [sys.executable, str(DEPLOY / "make-credentials"), *map(str, args)], capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout
-
-
-@dataclass
-class Site:
-    broker: MosquittoBroker
-    creds: Path
-    unit_keys: Path
-    hq: Authority
-
-    def conn(self, username: str | None, password_file: Path | None, **tls: Any) -> MqttConnection:
-        return MqttConnection(
-            host=HOST,
-            port=self.broker.port,
-            username=username,
-            password_file=password_file,
-            tls={"ca_file": self.creds / "broker" / "ca.pem", **tls},
-            reconnect_min_delay_s=0.1,
-            reconnect_max_delay_s=0.5,
-            connect_timeout_s=3,
-        )
-
-    def account(self, who: str) -> MqttConnection:
-        files = {
-            "unit-1": ("site-a/unit-1", "unit-1/mqtt.pw"),
-            "unit-2": ("site-b/unit-2", "unit-2/mqtt.pw"),
-            "reader-a": ("site-a/watchlist", "site-a/watchlist.pw"),
-            "reader-b": ("site-b/watchlist", "site-b/watchlist.pw"),
-            "hq": ("hq", "hq/hq.pw"),
-            "receiver": ("receiver", "receiver/receiver.pw"),
-        }
-        user, pw = files[who]
-        return self.conn(user, self.creds / pw)
-
-
-def start_deployed_broker(workdir: Path, creds: Path, require_certificate: bool = False) -> MosquittoBroker:
-    broker = MosquittoBroker(workdir, port=free_port())
-    broker.conf_path.write_text(render_conf(creds / "broker", workdir, broker.port, require_certificate))
-    return broker.start()
 
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory, mosquitto_bin: str):
     creds = tmp_path_factory.mktemp("creds")
-    broker_dir, passwd, unit_keys = creds / "broker", creds / "broker" / "passwd", creds / "unit-keys"
-    make_credentials("ca", "--out", broker_dir, "--broker-host", HOST, "--broker-host", "localhost")
-    common = ["--passwd", passwd, "--ca-dir", broker_dir, "--client-cert"]
-    for site_id, unit in (("site-a", "unit-1"), ("site-b", "unit-2")):
-        make_credentials(
-            "unit", "--site", site_id, "--unit", unit, "--out", creds / unit, "--unit-keys", unit_keys, *common
-        )
-        make_credentials("site", "--site", site_id, "--out", creds / site_id, *common)
-    make_credentials("hq", "--out", creds / "hq", *common)
-    make_credentials("receiver", "--out", creds / "receiver", *common)
+    unit_keys = make_site_credentials(creds)
     broker = start_deployed_broker(tmp_path_factory.mktemp("broker"), creds)
     yield Site(broker, creds, unit_keys, Authority(model_id=MODEL, threshold=0.5))
     broker.stop()
-
-
-class Probe:
-    """A bare client over the one MQTT link: publish and wait for the PUBACK's reason, collect messages."""
-
-    def __init__(self, conn: MqttConnection) -> None:
-        self.messages: list[tuple[str, bytes]] = []
-        self.acks: dict[int, Any] = {}
-        self.subacks: dict[int, list[Any]] = {}
-        self._cond = threading.Condition()
-        self.link = MqttLink(
-            conn,
-            f"probe-{uuid.uuid4().hex[:8]}",
-            name="probe",
-            clean_start=True,
-            on_message=self._message,
-            on_publish=self._published,
-            on_suback=self._subscribed,
-        )
-        self.link.start()
-
-    def _message(self, msg: Any) -> None:
-        with self._cond:
-            self.messages.append((msg.topic, bytes(msg.payload)))
-            self._cond.notify_all()
-
-    def _published(self, mid: int, reason: Any) -> None:
-        with self._cond:
-            self.acks[mid] = reason
-            self._cond.notify_all()
-
-    def _subscribed(self, mid: int, reasons: list[Any]) -> None:
-        with self._cond:
-            self.subacks[mid] = reasons
-            self._cond.notify_all()
-
-    def connected(self) -> Probe:
-        problem = self.link.wait_connected(10)
-        assert problem is None, problem
-        return self
-
-    def publish(self, topic: str, payload: bytes = b"{}") -> str:
-        info = self.link.client.publish(topic, payload, qos=1)
-        with self._cond:
-            assert self._cond.wait_for(lambda: info.mid in self.acks, 10), f"no PUBACK for {topic}"
-            return str(self.acks[info.mid])
-
-    def subscribe(self, topic: str) -> None:
-        _rc, mid = self.link.client.subscribe(topic, qos=1)
-        with self._cond:
-            assert self._cond.wait_for(lambda: mid in self.subacks, 10), f"no SUBACK for {topic}"
-
-    def topics(self) -> list[str]:
-        with self._cond:
-            return [t for t, _ in self.messages]
-
-    def close(self) -> None:
-        self.link.stop()
 
 
 def _bundle(hq: Authority, version: int, seed: int) -> bytes:

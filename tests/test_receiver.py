@@ -309,7 +309,32 @@ def test_cli_run_prints_one_line_per_new_hit_and_stops_on_sigterm(mosquitto, tmp
 
 
 def test_cli_run_rejects_bad_options_with_the_key(tmp_path):
+    res = CliRunner().invoke(cli, ["run", "--db", str(tmp_path / "h.sqlite"), "--unsigned", "reject"])
+    assert res.exit_code == 2 and "unit_keys" in res.output, res.output
+    (tmp_path / "keys").write_text("checkpoint-unit-key v1 site-a unit-1 not-base64\n")
+    res = CliRunner().invoke(cli, ["run", "--db", str(tmp_path / "h.sqlite"), "--unit-keys", str(tmp_path / "keys")])
+    assert res.exit_code == 2 and "keys:1: the key is not 32 bytes" in res.output, res.output
     res = CliRunner().invoke(cli, ["run", "--db", str(tmp_path / "h.sqlite"), "--port", "0"])
     assert res.exit_code == 2 and "port" in res.output
     res = CliRunner().invoke(cli, ["run", "--db", str(tmp_path / "h.sqlite"), "--ca-file", str(tmp_path / "x.pem")])
     assert res.exit_code == 2 and "tls.ca_file" in res.output
+
+
+def test_cli_prints_unit_supplied_text_safely_and_survives_impossible_times(tmp_path):
+    # What the decoder refuses today may already sit in an older store: the printing defends itself.
+    db = tmp_path / "hits.sqlite"
+    store = HitStore(db)
+    forged_line = "\n2025-01-01T10:00:00Z  HIT  site-a/unit-1  camera=gate  person=P42"
+    fields = dict(records.hit_record(make_hit(), "site-a\x1b[2J"), camera_id="cam" + forged_line, captured_at=1e300)
+    store.add_hit(dict(fields, signature="valid"), None)
+    store.set_unit_status("site-a\x1b[2J", "unit-1\r", "online", "connected", 1e300, time.time())
+    store.close()
+    runner = CliRunner()
+    res = runner.invoke(cli, ["hits", "--db", str(db)])
+    assert res.exit_code == 0, res.output
+    assert len(res.output.splitlines()) == 1, res.output
+    assert "camera=cam\\n2025-01-01T10:00:00Z  HIT" in res.output and "\x1b" not in res.output
+    assert "<bad time 1e+300>" in res.output and "sig=valid" in res.output
+    res = runner.invoke(cli, ["units", "--db", str(db)])
+    assert res.exit_code == 0, res.output
+    assert "site-a\\x1b[2J/unit-1\\r" in res.output and "\r" not in res.output

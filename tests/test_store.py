@@ -54,7 +54,7 @@ def decoded(**kw):
 
 def test_backend_is_chosen_by_url(store, store_url):
     assert type(store).__name__ == ("SqliteHitStore" if store_url.startswith("sqlite") else "PostgresHitStore")
-    assert store.schema_version == 2
+    assert store.schema_version == 3
     with pytest.raises(StoreError, match="unknown store URL"):
         HitStore("mysql://x/y")
 
@@ -230,10 +230,14 @@ def test_a_version_1_sqlite_store_is_migrated_in_place(tmp_path):
         "INSERT INTO hits(id, site, unit_id, camera_id, person_id, captured_at, received_at, review_state,"
         " reviewed_by, reviewed_at, review_note) VALUES ('h1', 's', 'u', 'c', 'p', 1, 2, 'rejected', 'duty', 3, 'no');"
     )
+    # Rejects were kept whole before version 3: migrating cuts them to the prefix kept from then on.
+    conn.execute("INSERT INTO rejects(received_at, topic, error, payload) VALUES (1, 't', 'e', ?)", (b"y" * 10_000,))
+    conn.commit()
     conn.close()
     store = HitStore(path)
-    assert store.schema_version == 2
+    assert store.schema_version == 3
     assert store.reviews("h1") == [{"username": "duty", "decision": "reject", "reason": "no", "at": 3.0}]
+    assert [(r["payload"], r["payload_bytes"]) for r in store.rejects()] == [(b"y" * 4096, 10_000)]
     store.close()
     conn = sqlite3.connect(path)
     conn.execute("INSERT INTO schema_version VALUES (99, 0)")
@@ -241,3 +245,28 @@ def test_a_version_1_sqlite_store_is_migrated_in_place(tmp_path):
     conn.close()
     with pytest.raises(StoreError, match="schema version 99.*upgrade"):
         HitStore(path)
+
+
+def test_quarantine_is_bounded_and_status_follows_receive_time(store):
+    # Rejects: a 4 KiB prefix and the full size; the newest max_rejects rows; surrogates escaped (PostgreSQL
+    # cannot hold them in TEXT).
+    store.max_rejects = 3
+    for n in range(5):
+        store.add_reject(f"checkpoint/v1/s/u{n}/hits\ud800", b"x" * 100_000, f"error {n}\n", 1000.0 + n, reason="store")
+    rows = store.rejects()
+    assert [r["topic"] for r in rows] == [f"checkpoint/v1/s/u{n}/hits\\ud800" for n in (2, 3, 4)]
+    assert {(len(r["payload"]), r["payload_bytes"], r["reason"]) for r in rows} == {(4096, 100_000, "store")}
+    assert rows[0]["error"] == "error 2\\n"
+    # Status: the receive time orders it, whatever the unit's clock claims; a retained replay of the
+    # state already stored changes nothing.
+    ahead = time.time() + 10 * 365 * 86400
+    assert store.set_unit_status("s", "u", "online", "connected", ahead, 100.0)
+    assert store.set_unit_status("s", "u", "offline", "connection lost", 50.0, 200.0)
+    assert not store.set_unit_status("s", "u", "offline", "connection lost", 50.0, 300.0, replay=True)
+    unit = store.units()[0]
+    assert (unit["state"], unit["state_at"], unit["state_claimed_at"]) == ("offline", 200.0, 50.0)
+    assert not store.set_unit_status("s", "u", "online", "connected", ahead, 150.0), "received earlier"
+    # The signature verdict is kept with the hit.
+    fields, crop = decoded()
+    store.add_hit(dict(fields, signature="valid"), crop)
+    assert store.hit(fields["id"])["signature"] == "valid"
