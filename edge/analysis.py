@@ -356,8 +356,11 @@ class CameraAnalyser:
             return None, "embedded lately"
         best = tr.best_observation
         if m.decision == "track" and len(st.faces) < m.min_track_faces:
-            # The track's mean needs a few faces before it may decide; take the best one not yet embedded.
-            return (latest or best), "more faces for the track's mean"
+            # The track's mean needs a few faces before it may decide: take the face now (the best one
+            # may be the face already embedded).
+            if latest is None:
+                return None, _rejected(tr.last)
+            return latest, "more faces for the track's mean"
         if best is not None and best.quality >= st.embedded_quality + m.reembed_min_gain:
             return best, "better face"
         return None, "no better face"
