@@ -22,17 +22,24 @@ from testing.gate import FPS, GateScene, gate_scene, judge_gate
 T0 = 1_700_000_000.0
 
 
-def _matcher(engine: Any, scene: GateScene, tmp: Path) -> Any:
-    from matching.matcher import Matcher
+def _store(engine: Any, scene: GateScene, tmp: Path) -> tuple[Path, Path]:
+    """A signed watchlist of the scene's enrolled people, applied to a unit store: (root key, store)."""
     from testing.demo import apply_watchlist, build_watchlist
-    from watchlist.unit.apply import Watchlist
-    from watchlist.unit.config import WatchlistConfig
 
     root, bundle = build_watchlist(
         tmp, engine, {p: [img] for p, img in scene.enrolment.items()}, default_threshold=scene.threshold
     )
     store = tmp / "unit.db"
     apply_watchlist(store, root, bundle, engine.model_id, engine.embedding_dim)
+    return root, store
+
+
+def _matcher(engine: Any, scene: GateScene, tmp: Path) -> Any:
+    from matching.matcher import Matcher
+    from watchlist.unit.apply import Watchlist
+    from watchlist.unit.config import WatchlistConfig
+
+    root, store = _store(engine, scene, tmp)
     matcher = Matcher(dim=engine.embedding_dim)
     wl = Watchlist(WatchlistConfig(root_key=root, store=store), matcher, model_id=engine.model_id)
     wl.start()
@@ -184,3 +191,47 @@ def test_gate_over_rtsp(engine: Any, scene: GateScene, rtsp_server_factory: Any,
     first_loop = [t for t in embeds if t * FPS < loop_frames]
     result = judge_gate(scene.appearances, hits, first_loop, slack=0.3)
     assert_every_person_checked(result, scene)
+
+
+def test_edge_analyse_tells_each_tracks_story(engine: Any, scene: GateScene, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from edge.cli import main
+
+    root, store = _store(engine, scene, tmp_path)
+    config = tmp_path / "unit.toml"
+    config.write_text(
+        f"""
+[unit]
+id = "unit-a"
+site = "site-a"
+
+[[cameras]]
+id = "gate"
+url = "{scene.clip}"
+analysis_fps = 5
+
+[watchlist]
+root_key = "{root}"
+store = "{store}"
+
+[sinks.jsonl]
+path = "{tmp_path / "hits.jsonl"}"
+"""
+    )
+    out = CliRunner().invoke(main, ["analyse", "--config", str(config), str(scene.clip)])
+    assert out.exit_code == 0, out.output
+    lines = out.output.splitlines()
+    assert "5 hits" in lines[0] and "watchlist version 1" in lines[0], lines[0]
+    tracks = [x for x in lines[2:] if not x.startswith("hit at")]
+    enrolled = [a.person for a in scene.appearances if a.enrolled]
+    for person in enrolled:
+        assert any(person[:24] in x and "hit:" in x for x in tracks), (person, out.output)
+    # Tracks of people not on the list say how near they came: best person, score, threshold, shortfall.
+    assert any("no hit: best" in x and "short by" in x for x in tracks), out.output
+    assert any("split from" in x for x in tracks), out.output
+    assert [x.split(": ")[1].split(" score")[0] for x in lines if x.startswith("hit at")] == enrolled
+    assert not (tmp_path / "hits.jsonl").exists(), "analyse prints hits, it never sends or stores them"
+
+    missing = CliRunner().invoke(main, ["analyse", "--config", str(config), str(tmp_path / "nope.mp4")])
+    assert missing.exit_code == 1 and "no such video file" in missing.output
