@@ -216,3 +216,67 @@ def judge_gate(
         "embeddings": len(embeds),
         "embeddings_per_person": {a.person: per_person.get(a.person, 0) for a in appearances},
     }
+
+
+# The unit before tracks checked who they follow: no change cues, no re-checks, no splits, any face decides.
+LEGACY_MATCHING = {"decision": "face", "max_rechecks_per_track": 0, "same_person": -0.99}
+LEGACY_TRACKER = {"change_gap_s": 100.0, "change_size_ratio": 100.0, "change_min_cue": -1.0}
+
+
+def run_gate_clip(
+    engine: Any, scene: GateScene, matcher: Any, matching: Any, tracker: Any = None, every: int = 2
+) -> tuple[dict[str, Any], Any]:
+    """Every `every`-th frame of the gate clip (5 fps by default) through the pipeline, synchronously.
+    Returns (judge_gate's result plus the wall time and embeddings per clip second, the pipeline)."""
+    import time
+
+    import av
+
+    from edge.analysis import AnalysisConfig
+    from edge.frame import Frame
+    from edge.pipeline import CameraSpec, Pipeline
+    from edge.tracker import TrackerConfig
+
+    t_base = 1_700_000_000.0
+    hits: list[tuple[float, str]] = []
+
+    class Collect:
+        name = "gate"
+
+        def submit(self, hit: Any) -> None:
+            hits.append((hit.captured_at - t_base, hit.person_id))
+
+        def stats(self) -> dict[str, int]:
+            return {"hits": len(hits)}
+
+        def close(self, timeout: float = 5.0) -> None:
+            return None
+
+    pipe = Pipeline(
+        unit_id="gate",
+        cameras=[CameraSpec("gate", None, FPS / every)],  # type: ignore[arg-type]
+        engine=engine,
+        matcher=matcher,
+        sinks=[Collect()],
+        matching=matching,
+        analysis=AnalysisConfig(tracker=tracker or TrackerConfig()),
+        keep_reports=True,
+    )
+    embeds: list[float] = []
+    real = pipe.process_batch
+
+    def spy(batch: list[Any]) -> list[Any]:
+        embeds.extend(r.candidate.frame.captured_at - t_base for r in batch)
+        return real(batch)
+
+    pipe.process_batch = spy  # type: ignore[method-assign]
+    w0 = time.perf_counter()
+    with av.open(str(scene.clip)) as c:
+        for i, f in enumerate(c.decode(video=0)):
+            if i % every == 0:
+                pipe.process_frame(Frame("gate", i, t_base + i / FPS, f.to_ndarray(format="rgb24")))
+    wall = time.perf_counter() - w0
+    result = judge_gate(scene.appearances, hits, embeds)
+    result["wall_s"] = round(wall, 2)
+    result["embeddings_per_clip_second"] = round(len(embeds) / scene.seconds, 3)
+    return result, pipe

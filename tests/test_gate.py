@@ -17,9 +17,7 @@ import pytest
 from edge.frame import Frame
 from edge.pipeline import CameraSpec, MatchingConfig, Pipeline
 from edge.tracker import TrackerConfig
-from testing.gate import FPS, GateScene, gate_scene, judge_gate
-
-T0 = 1_700_000_000.0
+from testing.gate import FPS, LEGACY_MATCHING, LEGACY_TRACKER, GateScene, gate_scene, judge_gate, run_gate_clip
 
 
 def _store(engine: Any, scene: GateScene, tmp: Path) -> tuple[Path, Path]:
@@ -78,35 +76,7 @@ def run_file(
     engine: Any, scene: GateScene, tmp: Path, matching: MatchingConfig, tracker: TrackerConfig | None = None
 ) -> tuple[dict[str, Any], Pipeline]:
     """The clip's frames at 5 fps through the pipeline, synchronously; the judged result."""
-    import av
-
-    from edge.analysis import AnalysisConfig
-
-    sink = Collect()
-    pipe = Pipeline(
-        unit_id="gate",
-        cameras=[CameraSpec("gate", None, 5.0)],  # type: ignore[arg-type]
-        engine=engine,
-        matcher=_matcher(engine, scene, tmp),
-        sinks=[sink],
-        matching=matching,
-        analysis=AnalysisConfig(tracker=tracker or TrackerConfig()),
-        keep_reports=True,
-    )
-    embeds: list[float] = []
-    real = pipe.process_batch
-
-    def spy(batch: list[Any]) -> list[Any]:
-        embeds.extend(r.candidate.frame.captured_at - T0 for r in batch)
-        return real(batch)
-
-    pipe.process_batch = spy  # type: ignore[method-assign]
-    with av.open(str(scene.clip)) as c:
-        for i, f in enumerate(c.decode(video=0)):
-            if i % 2 == 0:
-                pipe.process_frame(Frame("gate", i, T0 + i / FPS, f.to_ndarray(format="rgb24")))
-    hits = [(h.captured_at - T0, h.person_id) for h in sink.hits]
-    return judge_gate(scene.appearances, hits, embeds), pipe
+    return run_gate_clip(engine, scene, _matcher(engine, scene, tmp), matching, tracker)
 
 
 def assert_every_person_checked(result: dict[str, Any], scene: GateScene) -> None:
@@ -136,8 +106,7 @@ def test_position_only_tracking_misses_the_next_person(
     engine: Any, scene_without_data: GateScene, tmp_path: Path
 ) -> None:
     # The unit as it was: no change cues, no re-checks, no splits, any face decides.
-    legacy = MatchingConfig(decision="face", max_rechecks_per_track=0, same_person=-0.99)
-    blind = TrackerConfig(change_gap_s=100.0, change_size_ratio=100.0, change_min_cue=-1.0)
+    legacy, blind = MatchingConfig(**LEGACY_MATCHING), TrackerConfig(**LEGACY_TRACKER)
     result, _ = run_file(engine, scene_without_data, tmp_path, legacy, blind)
     assert result["enrolled_hit"] < 5 and result["unchecked"], result
 
