@@ -51,6 +51,19 @@ class GateAppearance:
     enrolled: bool
     t0: float
     t1: float
+    x: int = SPOT[0]  # left edge of the face where the person stands
+    walk_x: int | None = None  # where a walk starts (walking in) or ends (walking out), if the person walks
+    walk_in: bool = False
+
+    def x_at(self, t: float) -> float:
+        """The left edge of the person's face at clip time `t` (within the appearance)."""
+        if self.walk_x is None:
+            return float(self.x)
+        if self.walk_in:
+            f = min(1.0, max(0.0, (t - self.t0) / WALK_S))
+            return self.walk_x + (self.x - self.walk_x) * f
+        f = min(1.0, max(0.0, (t - (self.t1 - WALK_S)) / WALK_S))
+        return self.x + (self.walk_x - self.x) * f
 
 
 @dataclass(frozen=True)
@@ -141,23 +154,23 @@ def gate_scene(engine: Any, path: str | pathlib.Path, use_data: bool = True) -> 
     t = 0.5
     x, y = SPOT
     for k, ((name, shown, _), enrolled) in enumerate(zip(people, ENROLLED)):
-        if k < len(GAPS_S) + 1:
-            t0 = t
-            t1 = t0 + STAY_S
-            if k == len(GAPS_S):
-                # Walks out to the right while the next walks in from the left, no gap.
-                placements.append((shown, t0, t1, x, y, HEIGHT))
-                placements += walk(shown, t1, t1 + WALK_S, x, x + 400, y, HEIGHT, FPS)
-                t1 += WALK_S
-            else:
-                placements.append((shown, t0, t1, x, y, HEIGHT))
-                t = t1 + GAPS_S[k]
+        if k < len(GAPS_S):
+            t0, t1 = t, t + STAY_S
+            placements.append((shown, t0, t1, x, y, HEIGHT))
+            appearances.append(GateAppearance(name, enrolled, t0, t1))
+            t = t1 + GAPS_S[k]
+        elif k == len(GAPS_S):
+            # Walks out to the right while the next walks in from the left, no gap.
+            t0, t1 = t, t + STAY_S
+            placements.append((shown, t0, t1, x, y, HEIGHT))
+            placements += walk(shown, t1, t1 + WALK_S, x, x + 400, y, HEIGHT, FPS)
+            appearances.append(GateAppearance(name, enrolled, t0, t1 + WALK_S, walk_x=x + 400))
         else:
             t0 = appearances[-1].t1 - WALK_S
             placements += walk(shown, t0, t0 + WALK_S, x - 400, x, y, HEIGHT, FPS)
             t1 = t0 + WALK_S + STAY_S
             placements.append((shown, t0 + WALK_S - 0.5 / FPS, t1, x, y, HEIGHT))
-        appearances.append(GateAppearance(name, enrolled, t0, t1))
+            appearances.append(GateAppearance(name, enrolled, t0, t1, walk_x=x - 400, walk_in=True))
     seconds = appearances[-1].t1 + 1.0
     clip = make_face_clip(path, placements, size=SIZE, fps=FPS, seconds=seconds)
     return GateScene(
@@ -175,12 +188,13 @@ def gate_scene(engine: Any, path: str | pathlib.Path, use_data: bool = True) -> 
 def judge_gate(
     appearances: Sequence[GateAppearance],
     hits: Sequence[tuple[float, str]],
-    embeds: Sequence[float],
+    embeds: Sequence[float | tuple[float, float]],
     t_base: float = 0.0,
     slack: float = 0.01,
 ) -> dict[str, Any]:
     """Judge a run of the gate clip: `hits` as (capture time, person), `embeds` as the capture times of the
-    faces embedded (all relative to the clip's start after subtracting `t_base`).
+    faces embedded, or (capture time, centre x of the face) to tell apart two people on screen at once
+    (all relative to the clip's start after subtracting `t_base`).
 
     checked: people with at least one face embedded while they were shown; found: enrolled people
     hit (once or more) while shown; repeats: hits beyond the first per person; wrong: hits naming
@@ -188,11 +202,19 @@ def judge_gate(
     appearance (frame times of a file need only float rounding; a stream's need more)."""
     checked, found, per_person = set(), set(), {}
     wrong = repeats = 0
-    for t in embeds:
-        for a in appearances:
-            if a.t0 - slack <= t - t_base < a.t1 + slack:
-                per_person[a.person] = per_person.get(a.person, 0) + 1
-                checked.add(a.person)
+    for e in embeds:
+        t, cx = e if isinstance(e, tuple) else (e, None)
+        t -= t_base
+        shown = [a for a in appearances if a.t0 - slack <= t < a.t1 + slack]
+        if len(shown) > 1:
+            # A face replaced by the next between two frames: the frame at the boundary shows the next.
+            shown = [a for a in shown if a.t0 - 0.01 <= t < a.t1 - 0.01] or shown
+        if len(shown) > 1 and cx is not None:
+            # Two people on screen (one walking out, one in): the face embedded is the one nearer.
+            shown = [min(shown, key=lambda a: abs(a.x_at(t) + HEIGHT / 2 - cx))]
+        for a in shown:
+            per_person[a.person] = per_person.get(a.person, 0) + 1
+            checked.add(a.person)
     for t, person in hits:
         shown = [
             a for a in appearances if a.person == person and a.enrolled and a.t0 - slack <= t - t_base < a.t1 + slack
@@ -262,11 +284,13 @@ def run_gate_clip(
         analysis=AnalysisConfig(tracker=tracker or TrackerConfig()),
         keep_reports=True,
     )
-    embeds: list[float] = []
+    embeds: list[tuple[float, float]] = []
     real = pipe.process_batch
 
     def spy(batch: list[Any]) -> list[Any]:
-        embeds.extend(r.candidate.frame.captured_at - t_base for r in batch)
+        for r in batch:
+            box = r.candidate.detection.box
+            embeds.append((r.candidate.frame.captured_at - t_base, (float(box[0]) + float(box[2])) / 2))
         return real(batch)
 
     pipe.process_batch = spy  # type: ignore[method-assign]
