@@ -337,6 +337,7 @@ class CameraAnalyser:
         if latest is None and not tr.best:
             return None, _rejected(tr.last)
         if st.embeds == 0:
+            tr.change = None  # nothing embedded yet to compare with: the first face is checked anyway
             return tr.best_observation, "first face"
         if tr.change is not None:
             if latest is None:
@@ -437,9 +438,7 @@ class CameraAnalyser:
             else:
                 st.embeds += 1
             st.last_embed_t = t
-            st.embedded_quality = (
-                max(st.embedded_quality, req.candidate.quality) if split_from is None else (req.candidate.quality)
-            )
+            st.embedded_quality = max(st.embedded_quality, req.candidate.quality)
             st.faces.append((req.candidate.quality, emb))
             st.faces.sort(key=lambda f: f[0], reverse=True)
             del st.faces[m.aggregate_faces :]
