@@ -373,7 +373,11 @@ class Pipeline:
             matcher = self.matcher
             same_person = self._same_person(matcher)
             evidence = [self.analysers[r.camera_id].embedded(r, e, same_person) for r, e in zip(batch, embeddings)]
-            queries = np.vstack([np.asarray(embeddings, dtype=np.float32), np.stack([ev.probe for ev in evidence])])
+            # A track's probe is matched only when it holds more than the face just embedded.
+            means = [i for i, ev in enumerate(evidence) if ev.faces > 1]
+            queries = np.asarray(embeddings, dtype=np.float32)
+            if means:
+                queries = np.vstack([queries, np.stack([evidence[i].probe for i in means])])
             found = matcher.match(queries, misses=True)
         except Exception as exc:
             log.warning("embedding/matching a batch of %d faces failed: %s", len(batch), exc)
@@ -385,8 +389,11 @@ class Pipeline:
             return []
         del embeddings, queries  # never kept beyond the live tracks: only the decision leaves this function
         n = len(batch)
+        probes = list(found[:n])
+        for k, i in enumerate(means):
+            probes[i] = found[n + k]
         hits: list[Hit] = []
-        for req, ev, face, probe in zip(batch, evidence, found[:n], found[n:]):
+        for req, ev, face, probe in zip(batch, evidence, found[:n], probes):
             an = self.analysers[req.camera_id]
             an.stats.embedded += 1
             match, decision = decide(self.matching, face, probe, ev.faces)
