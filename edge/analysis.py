@@ -216,6 +216,8 @@ class CameraStats:
     faces: int = 0
     embedded: int = 0
     embeds_dropped: int = 0  # embed queue full
+    rechecks: int = 0  # embeddings that checked a track still holds the same person
+    splits: int = 0  # tracks split because a face was someone else's
     matched: int = 0
     hits: int = 0
     errors: int = 0
@@ -236,6 +238,8 @@ class CameraStats:
             "faces": self.faces,
             "embedded": self.embedded,
             "embeds_dropped": self.embeds_dropped,
+            "rechecks": self.rechecks,
+            "splits": self.splits,
             "matched": self.matched,
             "hits": self.hits,
             "errors": self.errors,
@@ -433,8 +437,11 @@ class CameraAnalyser:
                         st = self._state[new.id] = _EmbedState(
                             TrackReport(self.camera_id, new.id, new.first_seen, new.last_seen, split_from=split_from)
                         )
+            if split_from is not None:
+                self.stats.splits += 1
             if req.reason.startswith("re-check") and st.embeds > 0 and split_from is None:
                 st.rechecks += 1
+                self.stats.rechecks += 1
             else:
                 st.embeds += 1
             st.last_embed_t = t

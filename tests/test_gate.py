@@ -93,6 +93,7 @@ def test_gate_clip_every_person_checked_and_enrolled_hit_once(engine: Any, scene
     assert result["embeddings"] <= 4 * result["people_shown"], result
     reports = pipe.analysers["gate"].finish_all()
     assert sum(r.split_from is not None for r in reports) >= 3  # the swaps at one spot were split, not new tracks
+    assert pipe.stats()["gate"]["splits"] >= 3
     assert sum(r.hit for r in reports) >= 5
 
 
