@@ -128,6 +128,13 @@ def table(results: dict[str, Any]) -> str:
                 + ", ".join(str(n) for n in g["embeddings_per_person"].values())
                 + ")"
             )
+        six = gt.get("six_in_a_row")
+        if six:
+            lines.append(
+                "six enrolled in a row (2.5 s each, 0.5 s apart): hit "
+                + ", ".join(f"{n} {six[n]['enrolled_hit']}/{six[n]['enrolled']}" for n in ("before", "after"))
+                + f"; embeddings {six['before']['embeddings']} -> {six['after']['embeddings']}"
+            )
     lv = results.get("live")
     if lv:
         lines.append(

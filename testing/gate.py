@@ -185,6 +185,32 @@ def gate_scene(engine: Any, path: str | pathlib.Path, use_data: bool = True) -> 
     )
 
 
+def queue_scene(
+    engine: Any, path: str | pathlib.Path, n: int = 6, stay_s: float = 2.5, gap_s: float = 0.5, use_data: bool = True
+) -> GateScene:
+    """`n` enrolled people one after another at the spot, `stay_s` each, `gap_s` apart (the case issue 9
+    measured: with position-only tracks, 1 of 6 hit)."""
+    source, people, genuine, impostor = choose_people(engine, n, use_data)
+    placements, appearances = [], []
+    t = 0.5
+    for name, shown, _ in people:
+        placements.append((shown, t, t + stay_s, SPOT[0], SPOT[1], HEIGHT))
+        appearances.append(GateAppearance(name, True, t, t + stay_s))
+        t += stay_s + gap_s
+    seconds = t + 0.5
+    clip = make_face_clip(path, placements, size=SIZE, fps=FPS, seconds=seconds)
+    return GateScene(
+        source=source,
+        clip=pathlib.Path(clip),
+        threshold=round((genuine + impostor) / 2, 5),
+        genuine_min=genuine,
+        impostor_max=impostor,
+        appearances=tuple(appearances),
+        enrolment={name: enrol for name, _, enrol in people},
+        seconds=seconds,
+    )
+
+
 def judge_gate(
     appearances: Sequence[GateAppearance],
     hits: Sequence[tuple[float, str]],
