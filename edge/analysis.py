@@ -344,6 +344,13 @@ class CameraAnalyser:
             tr.change = None  # nothing embedded yet to compare with: the first face is checked anyway
             return tr.best_observation, "first face"
         if tr.change is not None:
+            # A flag that keeps coming (flicker, a face the detector keeps losing) must not cost an
+            # embedding per frame: the flag waits for reembed_interval_s and counts as a re-check.
+            if st.rechecks >= m.max_rechecks_per_track:
+                tr.change = None
+                return None, "re-check budget used"
+            if t - st.last_embed_t < m.reembed_interval_s:
+                return None, f"embedded lately (check after {tr.change} waits)"
             if latest is None:
                 return None, f"{_rejected(tr.last)} (after {tr.change})"
             # The face now may be someone else's: check it, not the best face of whoever was here before.

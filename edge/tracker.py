@@ -49,7 +49,7 @@ class TrackerConfig(StrictModel):
         1.25, ge=1.0, description="a face this much larger or smaller than the last may be someone else"
     )
     change_min_cue: float = Field(
-        0.6,
+        0.7,
         ge=-1.0,
         le=1.0,
         description="a face whose grey patch correlates less than this with the track's last one may be someone else",

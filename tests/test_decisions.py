@@ -82,9 +82,10 @@ class _Engine:
 
     def __init__(self) -> None:
         self.ok = True
+        self.face = True
 
     def detect(self, image: np.ndarray) -> list[_Det]:
-        return [_Det((100.0, 100.0, 200.0, 200.0))]
+        return [_Det((100.0, 100.0, 200.0, 200.0))] if self.face else []
 
     def assess(self, image: np.ndarray, det: _Det) -> _Quality:
         return _Quality(self.ok)
@@ -129,3 +130,19 @@ def test_policy_splits_on_another_person_and_rechecks_settled_tracks(caplog: pyt
     assert [r.split_from for r in reports] == [None, ev.track_id]
     assert reports[0].hit and reports[0].best_person == "p1" and reports[0].rechecks == 0
     assert reports[1].not_embedded == {"embedded lately": 2, "quality: blurred": 1}
+
+
+def test_a_gap_flags_a_check_that_waits_for_the_reembed_interval() -> None:
+    eng = _Engine()
+    an = CameraAnalyser("cam", eng, MatchingConfig(reembed_interval_s=0.5), TrackerConfig(change_gap_s=0.3))
+    (req,), _ = an.analyse(_frame(0.0))
+    an.decided(an.embedded(req, np.eye(8, dtype=np.float32)[0], same_person=0.9).track_id, m(0.95), "hit", True)
+    eng.face = False
+    assert an.analyse(_frame(0.2))[0] == []
+    eng.face = True
+    assert an.analyse(_frame(0.4))[0] == []  # the face is back after a gap, but an embedding was 0.4 s ago
+    (req,), _ = an.analyse(_frame(0.6))
+    assert req.reason == "re-check: gap 0.40 s", req.reason
+    ev = an.embedded(req, np.eye(8, dtype=np.float32)[0], same_person=0.9)
+    assert ev.split_from is None and ev.faces == 2  # the same person: no split, one more face for the mean
+    assert an.stats.rechecks == 1 and an.stats.splits == 0

@@ -107,7 +107,7 @@ def cue(seed: int) -> np.ndarray:
 
 
 def test_gap_size_jump_and_another_look_flag_a_possible_change_of_person() -> None:
-    tr = Tracker(TrackerConfig(change_gap_s=0.3, change_size_ratio=1.25, change_min_cue=0.6))
+    tr = Tracker(TrackerConfig(change_gap_s=0.3, change_size_ratio=1.25, change_min_cue=0.7))
     a, b = cue(1), cue(2)
     (track,) = tr.update([obs(100, 100, data="a0")], 0.0)
     track = tr.update([obs(102, 100)], 0.2)[0]
