@@ -8,7 +8,11 @@ Phases, each in its own process so CPU use and peak RSS are its own:
   peer   the per-frame loop of face_recognition's own video example (facerec_from_video_file.py):
          face_locations, face_encodings, compare_faces(tolerance=0.5) on every frame; same figures.
          It has no tracking, so each frame with a match is an alert; appearances are judged as ours.
-  live   4 cameras (the clip served over RTSP by the test RTSP server, looped, 1280x720, 10 fps
+  gate   the gate scenario (testing/gate.py: seven people in turn at one spot, gaps 0.2-1.5 s, a swap
+         between two frames, a walk-out/walk-in) at 5 fps, as the unit was (position-only tracks,
+         any one face decides) and is: people checked / shown, enrolled hit, wrong alerts,
+         embeddings per person and per second of clip.
+  live   --cameras N (4) cameras (the clip served over RTSP by the test RTSP server, looped, 1280x720, 10 fps
          each; or the file itself with --source file) analysed at 5 fps each by the threaded
          pipeline for --live-seconds: analysed fps per camera, lag behind live over time (is it
          growing?), frame-to-hit latency p50/p99, CPU use, RSS.
@@ -21,8 +25,12 @@ and cameraman. Both pipelines enrol the same photos. Both run dlib's ResNet; the
 Euclidean distance (tolerance 0.5), ours by cosine: our threshold is the cosine that decides as
 tolerance 0.5 does, fitted on 40 lag-dev photos in the same run (0.99 without the data).
 
+With --distractors, the ours phase also runs the clip before/after (as above), with and without
+every other lag-dev identity's young photos enrolled as distractor children, in the same run.
+
 Example:
     python bench/pipeline.py --json bench/results/pipeline.json
+    python bench/pipeline.py --no-peer --phases ours,gate --distractors --json /tmp/gate.json
     python bench/pipeline.py --json /tmp/soak.json --no-peer --live-seconds 30 --soak-minutes 30
 """
 
@@ -65,7 +73,11 @@ def run_phase(name: str, plan_path: Path, args: argparse.Namespace, timeout: flo
         str(args.detect_workers),
         "--source",
         args.source,
+        "--cameras",
+        str(args.cameras),
     ]
+    if args.threshold is not None:
+        cmd += ["--threshold", str(args.threshold)]
     print(f"[{name}] running ...", file=sys.stderr, flush=True)
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     if out.returncode != 0:
@@ -100,6 +112,29 @@ def table(results: dict[str, Any]) -> str:
     lines = ["  ".join(c.ljust(width[i]) for i, c in enumerate(r)).rstrip() for r in rows] if o or p else []
     if "ours" in results and "peer" in results:
         lines.append(f"speed-up: {o['frames_per_s'] / p['frames_per_s']:.1f}x frames/s")
+    for name, v in (results.get("ours") or {}).get("variants", {}).items():
+        lines.append(
+            f"{name}: {v['correct']}/{v['enrolled_appearances']} appearances found, {v['wrong']} wrong alerts, "
+            f"{v['repeats']} repeats, {v['embedded']} embeddings ({v['persons_listed']} persons listed)"
+        )
+    gt = results.get("gate")
+    if gt:
+        for name in ("before", "after"):
+            g = gt[name]
+            lines.append(
+                f"gate {name}: people checked {g['people_checked']}/{g['people_shown']}, enrolled hit "
+                f"{g['enrolled_hit']}/{g['enrolled']}, wrong {g['wrong']}, repeats {g['repeats']}, "
+                f"{g['embeddings']} embeddings ({g['embeddings_per_clip_second']:.2f}/s of clip; per person "
+                + ", ".join(str(n) for n in g["embeddings_per_person"].values())
+                + ")"
+            )
+        six = gt.get("six_in_a_row")
+        if six:
+            lines.append(
+                "six enrolled in a row (2.5 s each, 0.5 s apart): hit "
+                + ", ".join(f"{n} {six[n]['enrolled_hit']}/{six[n]['enrolled']}" for n in ("before", "after"))
+                + f"; embeddings {six['before']['embeddings']} -> {six['after']['embeddings']}"
+            )
     lv = results.get("live")
     if lv:
         lines.append(
@@ -129,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=16.0, help="clip length (10 fps, 1280x720)")
     ap.add_argument("--no-peer", action="store_true", help="skip the face_recognition loop (it is slow)")
     ap.add_argument("--peer-every", type=int, default=1, help="the peer analyses every Nth frame (default: all)")
-    ap.add_argument("--live-seconds", type=float, default=60.0, help="length of the 4-camera live run (0: skip)")
+    ap.add_argument("--live-seconds", type=float, default=60.0, help="length of the live run (0: skip)")
     ap.add_argument("--soak-minutes", type=float, default=0.0, help="also run the live setup this long, watching RSS")
     ap.add_argument(
         "--detect-workers",
@@ -143,7 +178,22 @@ def main(argv: list[str] | None = None) -> int:
         default="rtsp",
         help="live/soak cameras: RTSP streams of the clip or the file",
     )
-    ap.add_argument("--phases", default="ours,peer,live", help="which of ours,peer,live to run (soak: --soak-minutes)")
+    ap.add_argument("--cameras", type=int, default=4, help="cameras of the live (and soak) run")
+    ap.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="the watchlist's threshold for our pipeline (default: the cosine equivalent to the peer's tolerance)",
+    )
+    ap.add_argument(
+        "--distractors",
+        action="store_true",
+        help="also enrol every other lag-dev identity's young photos as distractor children and run the clip "
+        "before/after (position-only tracks, any face decides / the unit now), with and without them",
+    )
+    ap.add_argument(
+        "--phases", default="ours,peer,live,gate", help="which of ours,peer,live,gate to run (soak: --soak-minutes)"
+    )
     ap.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
     ap.add_argument("--plan", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -159,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         work = Path(tmp)
-        plan = prepare(work, args.seconds)
+        plan = prepare(work, args.seconds, distractors=args.distractors)
         plan_path = work / "plan.json"
         plan_path.write_text(json.dumps(plan))
         print(f"clip: {args.seconds:g} s {SIZE[0]}x{SIZE[1]} {FPS} fps; {plan['source']}", file=sys.stderr)
@@ -170,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
             results["ours"] = run_phase("ours", plan_path, args, 1800)
         if "peer" in phases and not args.no_peer:
             results["peer"] = run_phase("peer", plan_path, args, 3600)
+        if "gate" in phases:
+            results["gate"] = run_phase("gate", plan_path, args, 1800)
         if "live" in phases and args.live_seconds > 0:
             results["live"] = run_phase("live", plan_path, args, args.live_seconds + 300)
         if args.soak_minutes > 0:

@@ -33,14 +33,16 @@ def _rss_mb() -> float:
 # -- phases (run in child processes) ---------------------------------------------------------------
 
 
-def _watchlist(plan: dict[str, Any], work: Path, engine: Any) -> Any:
+def _watchlist(plan: dict[str, Any], work: Path, engine: Any, threshold: float | None = None) -> Any:
     from matching.matcher import Matcher
     from testing.demo import apply_watchlist, build_watchlist
     from watchlist.unit.apply import Watchlist
     from watchlist.unit.config import WatchlistConfig
 
     photos = {pid: [Path(p) for p in ps] for pid, ps in plan["photos"].items()}
-    root_pub, bundle = build_watchlist(work / "wl", engine, photos, default_threshold=plan["threshold"])
+    root_pub, bundle = build_watchlist(
+        work / "wl", engine, photos, default_threshold=plan["threshold"] if threshold is None else threshold
+    )
     store = work / "wl" / "unit.db"
     apply_watchlist(store, root_pub, bundle, engine.model_id, engine.embedding_dim)
     matcher = Matcher(dim=engine.embedding_dim)
@@ -50,15 +52,43 @@ def _watchlist(plan: dict[str, Any], work: Path, engine: Any) -> Any:
     return matcher
 
 
-def phase_ours(plan: dict[str, Any], work: Path, _args: argparse.Namespace) -> dict[str, Any]:
-    from edge.frame import Frame
-    from edge.pipeline import CameraSpec, MatchingConfig, Pipeline
-    from engines.face_engine import FaceEngine
+def _with_distractors(matcher: Any, plan: dict[str, Any]) -> Any:
+    """A matcher holding the enrolled people and the distractor children (plan["distractors"])."""
+    from matching.matcher import Matcher, TemplateIndex
 
-    engine = FaceEngine.load()
-    matcher = _watchlist(plan, work, engine)
-    frames = decode(plan["clip"])
+    index = matcher.index
+    d = np.load(plan["distractors"]["path"])
+    ids = [p for p in index.persons() for _ in range(len(index.templates_of(p)))] + [str(x) for x in d["ids"]]
+    emb = np.vstack([np.vstack([index.templates_of(p) for p in index.persons()]), d["emb"]])
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    return Matcher(
+        TemplateIndex.build(
+            ids, emb, version=index.version, model_id=index.model_id, default_threshold=index.default_threshold
+        ),
+        dim=index.dim,
+    )
+
+
+def _variant(name: str) -> tuple[Any, Any]:
+    """(MatchingConfig, AnalysisConfig) of a variant: "after" the unit as it is, "before" as it was
+    (position-only tracks, any one face decides; testing.gate.LEGACY_*)."""
+    from edge.pipeline import AnalysisConfig, MatchingConfig
+    from edge.tracker import TrackerConfig
+    from testing.gate import LEGACY_MATCHING, LEGACY_TRACKER
+
+    if name == "before":
+        return MatchingConfig(cooldown_s=0.0, **LEGACY_MATCHING), AnalysisConfig(
+            tracker=TrackerConfig(**LEGACY_TRACKER)
+        )
+    return MatchingConfig(cooldown_s=0.0), AnalysisConfig()
+
+
+def _run_clip(engine: Any, matcher: Any, frames: list[np.ndarray], plan: dict[str, Any], variant: str) -> dict:
+    from edge.frame import Frame
+    from edge.pipeline import CameraSpec, Pipeline
+
     events: list[tuple[float, str, tuple[float, float, float, float]]] = []
+    t0 = 1_700_000_000.0
 
     class Collect:
         name = "bench"
@@ -72,16 +102,16 @@ def phase_ours(plan: dict[str, Any], work: Path, _args: argparse.Namespace) -> d
         def close(self, timeout: float = 5.0) -> None:
             return None
 
+    matching, analysis = _variant(variant)
     pipe = Pipeline(
         unit_id="bench",
         cameras=[CameraSpec("cam", None, float(FPS))],
         engine=engine,  # type: ignore[arg-type]
         matcher=matcher,
         sinks=[Collect()],
-        matching=MatchingConfig(cooldown_s=0.0),
+        matching=matching,
+        analysis=analysis,
     )
-    engine.analyze(frames[0])  # warm-up, not timed
-    t0 = 1_700_000_000.0
     cpu0, _ = _usage()
     w0 = time.perf_counter()
     for i, img in enumerate(frames):
@@ -90,17 +120,90 @@ def phase_ours(plan: dict[str, Any], work: Path, _args: argparse.Namespace) -> d
     cpu1, peak = _usage()
     st = pipe.stats()["cam"]
     return {
+        "seconds": wall,
+        "cpu": cpu1 - cpu0,
+        "peak": peak,
+        "stats": st,
+        "hits": judge(events, plan),
+    }
+
+
+def phase_ours(plan: dict[str, Any], work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    from engines.face_engine import FaceEngine
+
+    engine = FaceEngine.load()
+    matcher = _watchlist(plan, work, engine, args.threshold)
+    frames = decode(plan["clip"])
+    engine.analyze(frames[0])  # warm-up, not timed
+    r = _run_clip(engine, matcher, frames, plan, "after")
+    wall, st = r["seconds"], r["stats"]
+    out = {
         "frames": len(frames),
         "seconds": wall,
         "frames_per_s": len(frames) / wall,
         "faces": st["faces"],
         "faces_per_s": st["faces"] / wall,
         "embedded": st["embedded"],
-        "cpu_cores_used": (cpu1 - cpu0) / wall,
-        "peak_rss_mb": peak,
-        "hits": judge(events, plan),
+        "cpu_cores_used": r["cpu"] / wall,
+        "peak_rss_mb": r["peak"],
+        "hits": r["hits"],
+        "threshold": matcher.default_threshold,
         "model_id": engine.model_id,
     }
+    if plan.get("distractors"):
+        crowded = _with_distractors(matcher, plan)
+        variants: dict[str, Any] = {}
+        # Before and after, with and without the distractors, on the same frames in the same process.
+        for name in ("before", "after", "before+distractors", "after+distractors"):
+            m = crowded if name.endswith("+distractors") else matcher
+            r = _run_clip(engine, m, frames, plan, name.split("+")[0])
+            variants[name] = {**r["hits"], "embedded": r["stats"]["embedded"], "persons_listed": m.index.n_persons}
+        out["variants"] = variants
+        out["distractors"] = {k: v for k, v in plan["distractors"].items() if k != "path"}
+    return out
+
+
+def phase_gate(plan: dict[str, Any], work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The gate scenario (testing/gate.py) at 5 fps, as the unit was (before) and is (after)."""
+    from edge.pipeline import MatchingConfig
+    from edge.tracker import TrackerConfig
+    from engines.face_engine import FaceEngine
+    from matching.matcher import Matcher
+    from testing.demo import apply_watchlist, build_watchlist
+    from testing.gate import LEGACY_MATCHING, LEGACY_TRACKER, gate_scene, queue_scene, run_gate_clip
+    from watchlist.unit.apply import Watchlist
+    from watchlist.unit.config import WatchlistConfig
+
+    engine = FaceEngine.load()
+    out: dict[str, Any] = {"analysis_fps": FPS / 2}
+    # The gate scenario, then the case issue 9 measured (six enrolled people, 2.5 s each, 0.5 s apart).
+    for key, scene in (
+        ("gate", gate_scene(engine, work / "gate.mp4")),
+        ("six_in_a_row", queue_scene(engine, work / "six.mp4")),
+    ):
+        wl_dir = work / f"{key}-wl"
+        root, bundle = build_watchlist(
+            wl_dir, engine, {p: [i] for p, i in scene.enrolment.items()}, default_threshold=scene.threshold
+        )
+        store = wl_dir / "unit.db"
+        apply_watchlist(store, root, bundle, engine.model_id, engine.embedding_dim)
+        matcher = Matcher(dim=engine.embedding_dim)
+        wl = Watchlist(WatchlistConfig(root_key=root, store=store), matcher, model_id=engine.model_id)
+        wl.start()
+        wl.close()
+        part: dict[str, Any] = {"scene": scene.plan()}
+        for name, matching, tracker in (
+            ("before", MatchingConfig(**LEGACY_MATCHING), TrackerConfig(**LEGACY_TRACKER)),
+            ("after", MatchingConfig(), TrackerConfig()),
+        ):
+            result, _ = run_gate_clip(engine, scene, matcher, matching, tracker)
+            result["people_checked_of_shown"] = f"{result['people_checked']}/{result['people_shown']}"
+            part[name] = result
+        if key == "gate":
+            out.update(part)
+        else:
+            out[key] = part
+    return out
 
 
 def phase_peer(plan: dict[str, Any], _work: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -144,7 +247,7 @@ def phase_peer(plan: dict[str, Any], _work: Path, args: argparse.Namespace) -> d
     }
 
 
-def _cameras(plan: dict[str, Any], work: Path, source: str) -> tuple[list[str], Any, str]:
+def _cameras(plan: dict[str, Any], work: Path, source: str, n: int) -> tuple[list[str], Any, str]:
     """Camera URLs for the live runs: RTSP streams of the clip from the test RTSP server (as a unit
     sees cameras), or the clip file itself, looped, where GStreamer's RTSP server is not installed."""
     if source == "rtsp":
@@ -152,14 +255,20 @@ def _cameras(plan: dict[str, Any], work: Path, source: str) -> tuple[list[str], 
 
         problem = gst_rtsp_problem()
         if problem is None:
-            srv = RtspServer({f"cam{i}": plan["clip"] for i in range(LIVE_CAMERAS)}, work).start()
-            return [srv.url(f"cam{i}") for i in range(LIVE_CAMERAS)], srv, "rtsp (test RTSP server, clip looped)"
+            srv = RtspServer({f"cam{i}": plan["clip"] for i in range(n)}, work).start()
+            return [srv.url(f"cam{i}") for i in range(n)], srv, "rtsp (test RTSP server, clip looped)"
         print(f"no RTSP server ({problem}); reading the clip file instead", file=sys.stderr)
-    return [plan["clip"]] * LIVE_CAMERAS, None, "file (clip looped, reopened at each end)"
+    return [plan["clip"]] * n, None, "file (clip looped, reopened at each end)"
 
 
 def _live(
-    plan: dict[str, Any], work: Path, seconds: float, sample_every: float, detect_workers: int, source: str
+    plan: dict[str, Any],
+    work: Path,
+    seconds: float,
+    sample_every: float,
+    detect_workers: int,
+    source: str,
+    cameras: int = LIVE_CAMERAS,
 ) -> dict[str, Any]:
     from edge.camera.capture import CameraReader
     from edge.camera.config import CaptureConfig
@@ -168,7 +277,7 @@ def _live(
 
     engine = FaceEngine.load()
     matcher = _watchlist(plan, work, engine)
-    urls, server, source_note = _cameras(plan, work, source)
+    urls, server, source_note = _cameras(plan, work, source, cameras)
     readers = [
         CameraReader(CaptureConfig(id=f"cam{i}", url=url, realtime=True, loop=True)) for i, url in enumerate(urls)
     ]
@@ -240,7 +349,7 @@ def _live(
 
 
 def phase_live(plan: dict[str, Any], work: Path, args: argparse.Namespace) -> dict[str, Any]:
-    r = _live(plan, work, args.live_seconds, 1.0, args.detect_workers, args.source)
+    r = _live(plan, work, args.live_seconds, 1.0, args.detect_workers, args.source, args.cameras)
     samples = r["samples"]
     # Judge the steady state: skip the first 5 s (models warming, cameras connecting).
     steady = [s for s in samples if s["t"] >= 5.0]
@@ -270,7 +379,7 @@ def phase_live(plan: dict[str, Any], work: Path, args: argparse.Namespace) -> di
     lat = np.array(r["latencies"], dtype=np.float64)
     sustained = all(c["analysed_fps"] >= 0.95 * LIVE_FPS for c in per_cam.values()) and not growing
     return {
-        "cameras": LIVE_CAMERAS,
+        "cameras": args.cameras,
         "source": r["source"],
         "detect_workers": args.detect_workers,
         "resolution": f"{SIZE[0]}x{SIZE[1]}",
@@ -284,12 +393,12 @@ def phase_live(plan: dict[str, Any], work: Path, args: argparse.Namespace) -> di
         "frame_to_hit_latency_p99_s": round(float(np.percentile(lat, 99)), 3) if lat.size else None,
         "cpu_cores_used": round(r["cpu"] / r["wall"], 2),
         "peak_rss_mb": round(r["peak"], 1),
-        "note": "CPU includes decoding 4 H.264 720p streams at 10 fps (a Jetson decodes in hardware)",
+        "note": f"CPU includes decoding {args.cameras} H.264 720p streams at 10 fps (a Jetson decodes in hardware)",
     }
 
 
 def phase_soak(plan: dict[str, Any], work: Path, args: argparse.Namespace) -> dict[str, Any]:
-    r = _live(plan, work, args.soak_minutes * 60.0, 10.0, args.detect_workers, args.source)
+    r = _live(plan, work, args.soak_minutes * 60.0, 10.0, args.detect_workers, args.source, args.cameras)
     rss = [(s["t"], s["rss_mb"]) for s in r["samples"]]
     # RSS swings by tens of MB as frames and batches come and go: compare averages, not two samples.
     # Start: the second minute (models loaded, caches filled); end: the last tenth of the run.
@@ -311,4 +420,4 @@ def phase_soak(plan: dict[str, Any], work: Path, args: argparse.Namespace) -> di
     }
 
 
-PHASES = {"ours": phase_ours, "peer": phase_peer, "live": phase_live, "soak": phase_soak}
+PHASES = {"ours": phase_ours, "peer": phase_peer, "live": phase_live, "soak": phase_soak, "gate": phase_gate}

@@ -97,8 +97,38 @@ def equivalent_threshold(photos: list[Path]) -> dict[str, Any]:
     }
 
 
-def prepare(work: Path, seconds: float) -> dict[str, Any]:
-    """Write the clip and the enrolment photos into `work`; return the plan (ground truth and paths)."""
+def distractor_templates(work: Path, exclude: set[str]) -> dict[str, Any]:
+    """Every lag-dev identity's young photos (but `exclude`'s), embedded as the accuracy bench does,
+    saved to `work`/distractors.npz: the watchlist's missing children who are not in the clip."""
+    from bench.accuracy import run_ours
+    from bench.lag import DEFAULT_DATA, list_photos
+    from engines.config import EngineConfig
+    from testing.media import LAG_DIR
+
+    root = LAG_DIR if LAG_DIR.is_dir() else DEFAULT_DATA
+    if not root.is_dir():
+        raise SystemExit(f"--distractors needs the evaluation data at {root} (../shared/data/lag-dev)")
+    photos = [p for p in list_photos(root) if p.young and p.identity not in exclude]
+    embs, info = run_ours(photos, flip=EngineConfig().flip_average)
+    kept = [(p.identity, e) for p, e in zip(photos, embs) if e is not None]
+    path = work / "distractors.npz"
+    np.savez(
+        path,
+        ids=np.array([f"child-{i}" for i, _ in kept]),
+        emb=np.stack([e for _, e in kept]).astype(np.float32),
+    )
+    return {
+        "path": str(path),
+        "persons": len({i for i, _ in kept}),
+        "templates": len(kept),
+        "photos_without_face": info["no_face"],
+        "excluded_persons_shown": sorted(exclude),
+    }
+
+
+def prepare(work: Path, seconds: float, distractors: bool = False) -> dict[str, Any]:
+    """Write the clip and the enrolment photos into `work`; return the plan (ground truth and paths).
+    `distractors`: also embed every other lag-dev identity's young photos (see distractor_templates)."""
     import cv2
 
     from testing.media import lag_people, load_rgb, make_face_clip
@@ -107,6 +137,7 @@ def prepare(work: Path, seconds: float) -> dict[str, Any]:
     placements = []
     appearances: list[Appearance] = []
     people = _usable_people(lag_people(60, seed=11))
+    shown_names = {p.name for p in people}
     slots = [(80, 140), (520, 120), (940, 160)]
     if len(people) == 6:
         source = "lag-dev: 3 enrolled persons (enrolled from one adult photo, shown in another) and 3 others"
@@ -145,7 +176,9 @@ def prepare(work: Path, seconds: float) -> dict[str, Any]:
             appearances.append(Appearance(who, who == "astronaut", t0, t1, x, 150, 300))
     clip = make_face_clip(work / "clip.mp4", placements, size=SIZE, fps=FPS, seconds=seconds)
     calibration = equivalent_threshold([p.adult[0] for p in lag_people(40, seed=5)])
+    extra = distractor_templates(work, shown_names) if distractors else None
     return {
+        "distractors": extra,
         "clip": str(clip),
         "photos": photos,
         "appearances": [asdict(a) for a in appearances],

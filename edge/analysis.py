@@ -6,10 +6,11 @@ edge.pipeline; this module holds no threads of its own.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 from pydantic import Field
@@ -18,6 +19,8 @@ from common.config import StrictModel
 from edge.frame import Frame
 from edge.hits import CropConfig
 from edge.tracker import Observation, Tracker, TrackerConfig
+
+log = logging.getLogger(__name__)
 
 
 class MatchingConfig(StrictModel):
@@ -39,7 +42,39 @@ class MatchingConfig(StrictModel):
         0.05, ge=0.0, description="quality a later face must gain over the last embedded one to be embedded too"
     )
     reembed_interval_s: float = Field(0.5, ge=0.0, description="least time between two embeddings of one track")
+    same_person: float | None = Field(
+        None,
+        gt=-1.0,
+        lt=1.0,
+        description="cosine below which a track's new face is taken for another person and the track is split; "
+        "unset: the match threshold in force (the model's level for 'same person')",
+    )
+    recheck_interval_s: float = Field(
+        2.0, gt=0.0, description="a track that matched or used its budget is embedded again this often while it stays"
+    )
+    max_rechecks_per_track: int = Field(
+        30, ge=0, le=10000, description="such re-check embeddings per track at most (0: never re-check)"
+    )
+    decision: Literal["track", "face"] = Field(
+        "track",
+        description="track: a hit needs the mean of the track's best faces above threshold, or one face above a "
+        "stricter level; face: any one face above threshold (the behaviour before tracks had evidence)",
+    )
+    min_track_faces: int = Field(
+        2, ge=1, le=100, description="faces a track's mean needs before it may decide alone (decision = track)"
+    )
+    single_face_strictness: float = Field(
+        0.25,
+        ge=0.0,
+        le=1.0,
+        description="one face alone decides when its score reaches threshold + this share of (1 - threshold)",
+    )
+    aggregate_faces: int = Field(4, ge=1, le=100, description="best-quality faces of a track averaged into its probe")
     crop: CropConfig = Field(default_factory=CropConfig)
+
+    def strict_threshold(self, threshold: float) -> float:
+        """The score one face needs to decide alone, for a person whose threshold is `threshold`."""
+        return threshold + self.single_face_strictness * (1.0 - threshold)
 
 
 class AnalysisConfig(StrictModel):
@@ -73,24 +108,78 @@ class Candidate:
     frame: Frame
     detection: Any
     quality: float
+    rejected: str = ""  # why the face may not be embedded ("" when it may)
 
 
 @dataclass(frozen=True)
 class EmbedRequest:
-    """A track's face sent to the embedder."""
+    """A track's face sent to the embedder, and why this face (first, better, re-check ...)."""
 
     camera_id: str
     track_id: int
     candidate: Candidate
+    reason: str = "first"
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What a track has shown after one more embedding: its probe (the mean of its best faces) and how many."""
+
+    track_id: int  # the track the face belongs to now (a new one when it was split off)
+    faces: int
+    probe: np.ndarray  # unit length
+    split_from: int | None = None
+
+
+@dataclass
+class TrackReport:
+    """A track's story, for diagnostics (``edge analyse``) and the DEBUG log: when, how often embedded, the
+    best person it came near and what was decided."""
+
+    camera_id: str
+    track_id: int
+    first_seen: float
+    last_seen: float
+    split_from: int | None = None
+    embeds: int = 0
+    rechecks: int = 0
+    not_embedded: dict[str, int] = field(default_factory=dict)  # why not, frames
+    best_person: str | None = None
+    best_score: float | None = None
+    threshold: float | None = None
+    decision: str = "not embedded"
+    hit: bool = False
 
 
 @dataclass
 class _EmbedState:
-    embeds: int = 0
+    report: TrackReport
+    embeds: int = 0  # embeddings of this track (its budget), re-checks not counted
+    rechecks: int = 0
     last_embed_t: float = float("-inf")
     embedded_quality: float = float("-inf")
     pending: bool = False
     settled: bool = False
+    faces: list[tuple[float, np.ndarray]] = field(default_factory=list)  # (quality, embedding), best first
+    why_not: str | None = None
+
+
+def appearance_cue(image: np.ndarray, box: tuple[float, float, float, float], size: int = 12) -> np.ndarray | None:
+    """A cheap look of a face: its box, grey, shrunk to `size` x `size`, zero mean and unit length, so the
+    dot product of two cues is their correlation. None for a box outside the image or a flat patch."""
+    import cv2
+
+    h, w = image.shape[:2]
+    x1, y1 = max(0, int(box[0])), max(0, int(box[1]))
+    x2, y2 = min(w, int(np.ceil(box[2]))), min(h, int(np.ceil(box[3])))
+    if x2 - x1 < 2 or y2 - y1 < 2:
+        return None
+    crop = image[y1:y2, x1:x2]
+    grey = crop.mean(axis=2, dtype=np.float32) if crop.ndim == 3 else crop.astype(np.float32)
+    small = cv2.resize(grey, (size, size), interpolation=cv2.INTER_AREA).ravel()
+    small -= small.mean()
+    norm = float(np.linalg.norm(small))
+    return small / norm if norm > 1e-3 else None
 
 
 class _Window:
@@ -127,6 +216,8 @@ class CameraStats:
     faces: int = 0
     embedded: int = 0
     embeds_dropped: int = 0  # embed queue full
+    rechecks: int = 0  # embeddings that checked a track still holds the same person
+    splits: int = 0  # tracks split because a face was someone else's
     matched: int = 0
     hits: int = 0
     errors: int = 0
@@ -147,6 +238,8 @@ class CameraStats:
             "faces": self.faces,
             "embedded": self.embedded,
             "embeds_dropped": self.embeds_dropped,
+            "rechecks": self.rechecks,
+            "splits": self.splits,
             "matched": self.matched,
             "hits": self.hits,
             "errors": self.errors,
@@ -159,11 +252,30 @@ class CameraStats:
 
 
 class CameraAnalyser:
-    """Detection, quality, tracking and the embed policy for one camera. One detector thread at a time."""
+    """Detection, quality, tracking and the embed policy for one camera. One detector thread at a time;
+    the embedder thread reports back through `embedded`, `decided` and `not_embedded`.
+
+    A track is one person: when a new face of a track does not look like its earlier faces (cosine
+    below `same_person`), the track is split and the new one gets a fresh budget. A face is embedded
+    when the track is new, when a clearly better face comes, while its mean has too few faces to
+    decide, at once when the tracker flags a possible change of person (a gap, a size jump, another
+    look), and at `recheck_interval_s` once it matched or used its budget -- so the next person at a
+    gate is checked even when the tracker saw nothing change.
+
+    Embeddings of a track are held in memory while the track lives, to average its faces; they are
+    never stored or sent, and go when the track ends.
+    """
 
     def __init__(
-        self, camera_id: str, engine: FaceEngineLike, matching: MatchingConfig, tracker: TrackerConfig
+        self,
+        camera_id: str,
+        engine: FaceEngineLike,
+        matching: MatchingConfig,
+        tracker: TrackerConfig,
+        *,
+        keep_reports: bool = False,
     ) -> None:
+        """`keep_reports`: keep the story of every finished track in `reports` (for diagnostics of a clip)."""
         self.camera_id = camera_id
         self.engine = engine
         self.matching = matching
@@ -171,6 +283,8 @@ class CameraAnalyser:
         self.stats = CameraStats()
         self._lock = threading.Lock()
         self._state: dict[int, _EmbedState] = {}
+        self.keep_reports = keep_reports
+        self.reports: list[TrackReport] = []
 
     def analyse(self, frame: Frame) -> tuple[list[EmbedRequest], list[int]]:
         """Detect and track the faces of one frame; return the faces to embed and the ids of tracks that ended."""
@@ -181,55 +295,206 @@ class CameraAnalyser:
             q = self.engine.assess(image, det)
             score = float(q.score)
             usable = bool(q.ok) and score >= self.matching.min_quality
+            box = tuple(float(v) for v in det.box)
             observations.append(
                 Observation(
-                    box=tuple(float(v) for v in det.box),  # type: ignore[arg-type]
+                    box=box,  # type: ignore[arg-type]
                     score=float(det.score),
                     quality=score,
                     usable=usable,
-                    data=Candidate(frame, det, score),
+                    data=Candidate(frame, det, score, "" if usable else _why_unusable(q, score, self.matching)),
+                    cue=appearance_cue(image, box),  # type: ignore[arg-type]
                 )
             )
-        tracks = self.tracker.update(observations, frame.captured_at)
+        t = frame.captured_at
         requests: list[EmbedRequest] = []
         with self._lock:
+            tracks = self.tracker.update(observations, t)
             ended = [tr.id for tr in self.tracker.ended]
-            for tid in ended:
-                self._state.pop(tid, None)
+            for tr in self.tracker.ended:
+                self._finish(tr.id, tr.last_seen)
             for tr in tracks:
-                best = tr.best_observation
-                if best is None or tr.last_seen != frame.captured_at:
+                if tr.last_seen != t:
                     continue
-                st = self._state.setdefault(tr.id, _EmbedState())
-                if self._wants_embed(st, best.quality, frame.captured_at):
-                    st.pending = True
-                    requests.append(EmbedRequest(self.camera_id, tr.id, best.data))
+                st = self._state.get(tr.id)
+                if st is None:
+                    st = self._state[tr.id] = _EmbedState(
+                        TrackReport(self.camera_id, tr.id, tr.first_seen, t, split_from=tr.split_from)
+                    )
+                st.report.last_seen = t
+                obs, reason = self._plan(tr, st, t)
+                if obs is None:
+                    self._note_not_embedded(tr.id, st, reason)
+                    continue
+                st.pending = True
+                st.why_not = None
+                requests.append(EmbedRequest(self.camera_id, tr.id, obs.data, reason))
             self.stats.faces += len(detections)
         return requests, ended
 
-    def _wants_embed(self, st: _EmbedState, quality: float, t: float) -> bool:
+    def _plan(self, tr: Any, st: _EmbedState, t: float) -> tuple[Observation | None, str]:
+        """Which face of `tr` to embed now and why, or (None, why not)."""
         m = self.matching
-        if st.settled or st.pending or st.embeds >= m.max_embeds_per_track:
-            return False
+        if st.pending:
+            return None, "waiting for the embedder"
+        latest = tr.last if tr.last.usable else None
+        if latest is None and not tr.best:
+            return None, _rejected(tr.last)
         if st.embeds == 0:
-            return True
-        return quality >= st.embedded_quality + m.reembed_min_gain and t - st.last_embed_t >= m.reembed_interval_s
+            tr.change = None  # nothing embedded yet to compare with: the first face is checked anyway
+            return tr.best_observation, "first face"
+        if tr.change is not None:
+            # A flag that keeps coming (flicker, a face the detector keeps losing) must not cost an
+            # embedding per frame: the flag waits for reembed_interval_s and counts as a re-check.
+            if st.rechecks >= m.max_rechecks_per_track:
+                tr.change = None
+                return None, "re-check budget used"
+            if t - st.last_embed_t < m.reembed_interval_s:
+                return None, f"embedded lately (check after {tr.change} waits)"
+            if latest is None:
+                return None, f"{_rejected(tr.last)} (after {tr.change})"
+            # The face now may be someone else's: check it, not the best face of whoever was here before.
+            change, tr.change = tr.change, None
+            return latest, f"re-check: {change}"
+        if st.settled or st.embeds >= m.max_embeds_per_track:
+            if st.rechecks >= m.max_rechecks_per_track:
+                return None, "re-check budget used"
+            if t - st.last_embed_t < m.recheck_interval_s:
+                return None, "matched" if st.settled else "budget used"
+            if latest is None:
+                return None, _rejected(tr.last)
+            return latest, "re-check: periodic"
+        if t - st.last_embed_t < m.reembed_interval_s:
+            return None, "embedded lately"
+        best = tr.best_observation
+        if m.decision == "track" and len(st.faces) < m.min_track_faces:
+            # The track's mean needs a few faces before it may decide: take the face now (the best one
+            # may be the face already embedded).
+            if latest is None:
+                return None, _rejected(tr.last)
+            return latest, "more faces for the track's mean"
+        if best is not None and best.quality >= st.embedded_quality + m.reembed_min_gain:
+            return best, "better face"
+        return None, "no better face"
 
-    def embedded(self, req: EmbedRequest, matched: bool) -> None:
-        """Record that a request was embedded (and whether it matched someone, which ends embedding of the track)."""
+    def _note_not_embedded(self, track_id: int, st: _EmbedState, why: str) -> None:
+        st.report.not_embedded[why] = st.report.not_embedded.get(why, 0) + 1
+        if why != st.why_not:
+            st.why_not = why
+            log.debug("camera %s track %d: not embedded: %s", self.camera_id, track_id, why)
+
+    def _finish(self, track_id: int, last_seen: float) -> None:
+        st = self._state.pop(track_id, None)
+        if st is None:
+            return
+        st.report.last_seen = last_seen
+        st.report.embeds, st.report.rechecks = st.embeds, st.rechecks
+        log.debug(
+            "camera %s track %d ended: %.1f s, %d embeddings (+%d re-checks), best %s %s, %s",
+            self.camera_id,
+            track_id,
+            st.report.last_seen - st.report.first_seen,
+            st.embeds,
+            st.rechecks,
+            st.report.best_person or "-",
+            "-" if st.report.best_score is None else f"{st.report.best_score:.4f}",
+            st.report.decision,
+        )
+        if self.keep_reports:
+            self.reports.append(st.report)
+
+    def finish_all(self) -> list[TrackReport]:
+        """End every live track's story (the clip is over); return all reports, oldest first."""
+        with self._lock:
+            for tr in self.tracker.tracks:
+                self._finish(tr.id, tr.last_seen)
+        return sorted(self.reports, key=lambda r: (r.first_seen, r.track_id))
+
+    def embedded(self, req: EmbedRequest, embedding: np.ndarray, same_person: float | None) -> Evidence:
+        """Record an embedding of a request's face; return the track's evidence. When the face does not look
+        like the track's earlier ones (cosine to their mean below `same_person`), the track is split first and
+        the evidence is the new track's."""
+        m = self.matching
+        emb = np.asarray(embedding, dtype=np.float32)
+        t = req.candidate.frame.captured_at
         with self._lock:
             st = self._state.get(req.track_id)
+            if st is None:  # the track ended while its face waited
+                return Evidence(req.track_id, 1, emb)
+            st.pending = False
+            split_from = None
+            track_id = req.track_id
+            if st.faces and same_person is not None:
+                similarity = float(_mean_unit([e for _, e in st.faces]) @ emb)
+                if similarity < same_person:
+                    new = self.tracker.split(req.track_id, t)
+                    if new is not None:
+                        log.debug(
+                            "camera %s track %d split at %.2f (%s): the face is someone else (%.4f < %.4f); "
+                            "now track %d",
+                            self.camera_id,
+                            req.track_id,
+                            t,
+                            req.reason,
+                            similarity,
+                            same_person,
+                            new.id,
+                        )
+                        split_from, track_id = req.track_id, new.id
+                        st = self._state[new.id] = _EmbedState(
+                            TrackReport(self.camera_id, new.id, new.first_seen, new.last_seen, split_from=split_from)
+                        )
+            if split_from is not None:
+                self.stats.splits += 1
+            if req.reason.startswith("re-check") and st.embeds > 0 and split_from is None:
+                st.rechecks += 1
+                self.stats.rechecks += 1
+            else:
+                st.embeds += 1
+            st.last_embed_t = t
+            st.embedded_quality = max(st.embedded_quality, req.candidate.quality)
+            st.faces.append((req.candidate.quality, emb))
+            st.faces.sort(key=lambda f: f[0], reverse=True)
+            del st.faces[m.aggregate_faces :]
+            st.report.embeds, st.report.rechecks = st.embeds, st.rechecks
+            probe = _mean_unit([e for _, e in st.faces])
+            return Evidence(track_id, len(st.faces), probe, split_from)
+
+    def decided(self, track_id: int, best: Any, decision: str, hit: bool) -> None:
+        """Record the decision on a track's latest evidence (`best`: the Match of the best person, hit or not)."""
+        with self._lock:
+            st = self._state.get(track_id)
             if st is None:
                 return
-            st.pending = False
-            st.embeds += 1
-            st.last_embed_t = req.candidate.frame.captured_at
-            st.embedded_quality = req.candidate.quality
-            st.settled = st.settled or matched
+            st.settled = st.settled or hit
+            rep = st.report
+            if rep.hit:
+                return  # the track's story is its hit
+            if best is not None and (hit or rep.best_score is None or best.score > rep.best_score):
+                rep.best_person, rep.best_score, rep.threshold = best.person_id, float(best.score), best.threshold
+            rep.decision, rep.hit = decision, hit
 
-    def not_embedded(self, req: EmbedRequest) -> None:
+    def not_embedded(self, req: EmbedRequest, why: str = "embed queue full") -> None:
         """A request was dropped before embedding; the track may ask again."""
         with self._lock:
             st = self._state.get(req.track_id)
             if st is not None:
                 st.pending = False
+                self._note_not_embedded(req.track_id, st, why)
+
+
+def _why_unusable(quality: Any, score: float, matching: MatchingConfig) -> str:
+    reasons = tuple(getattr(quality, "reasons", ()) or ())
+    if reasons:
+        return "quality: " + ", ".join(reasons)
+    return f"quality score {score:.2f} below min_quality {matching.min_quality:g}"
+
+
+def _rejected(obs: Observation) -> str:
+    return getattr(obs.data, "rejected", "") or "quality"
+
+
+def _mean_unit(vectors: list[np.ndarray]) -> np.ndarray:
+    v = np.mean(np.stack(vectors), axis=0) if len(vectors) > 1 else np.asarray(vectors[0], dtype=np.float32)
+    n = float(np.linalg.norm(v))
+    return (v / n).astype(np.float32) if n > 0 else v.astype(np.float32)

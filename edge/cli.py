@@ -139,5 +139,41 @@ def run(config_path: Path) -> None:
     sys.exit(run_daemon(cfg, config_path))
 
 
+@main.command("analyse")
+@click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="the unit's TOML config file (its engine, [matching], [analysis] and watchlist store are used)",
+)
+@click.option("--fps", type=float, default=None, help="frames analysed per second (default: the first camera's)")
+@click.option("--debug", is_flag=True, help="also log every decision (DEBUG) to stderr")
+@click.argument("clip", type=click.Path(dir_okay=False, path_type=Path))
+def analyse(config_path: Path, fps: float | None, debug: bool, clip: Path) -> None:
+    """Run a video file through the unit's analysis and say, per track, why it hit or not.
+
+    Prints each track's time span in the clip, embeddings (+ re-checks), the best watchlist person
+    and score against the threshold, and the decision (or why no face was embedded). Hits are
+    printed, never sent.
+
+    \b
+    Example:
+      edge analyse --config /etc/checkpoint/unit.toml gate-camera.mp4
+    """
+    import logging
+
+    from edge.diagnose import DiagnoseError, analyse_clip, format_diagnosis
+
+    cfg = _load_or_exit(str(config_path))
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        diagnosis = analyse_clip(cfg, clip, fps)
+    except DiagnoseError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    click.echo(format_diagnosis(diagnosis))
+
+
 if __name__ == "__main__":
     main()

@@ -45,7 +45,43 @@ class MatcherLike(Protocol):
 
     version: int
 
-    def match(self, embeddings: np.ndarray) -> list[Match | None]: ...
+    def match(self, embeddings: np.ndarray, *, misses: bool = False) -> list[Match | None]: ...
+
+
+def decide(matching: MatchingConfig, face: Match | None, probe: Match | None, faces: int) -> tuple[Match | None, str]:
+    """Whether a track's evidence makes a hit: (the match to report, or None; the decision in words).
+
+    `face` is the best person for the newest face, `probe` for the mean of the track's best `faces`
+    faces (both given even below threshold). With ``decision = "face"`` any face at its person's
+    threshold hits. With ``"track"`` (the default) a hit needs the track's mean at threshold once it
+    holds `min_track_faces` faces, or one face at the stricter level (`strict_threshold`): one
+    face of a stranger reaches a threshold by chance far more often than the mean of several.
+    """
+    if matching.decision == "face" or faces < 1:
+        if face is not None and face.is_hit:
+            return face, f"hit: face {face.score:.4f} >= {face.threshold:.4f}"
+        return None, _miss(face)
+    if probe is not None and probe.is_hit and faces >= matching.min_track_faces:
+        return probe, f"hit: mean of {faces} faces {probe.score:.4f} >= {probe.threshold:.4f}"
+    if face is not None and face.is_hit:
+        strict = matching.strict_threshold(face.threshold)
+        if face.score >= strict:
+            return face, f"hit: one face {face.score:.4f} >= strict {strict:.4f}"
+        if faces < matching.min_track_faces:
+            return None, f"waiting: one face {face.score:.4f} >= {face.threshold:.4f}, needs {matching.min_track_faces}"
+    return None, _miss(probe if faces > 1 else face)
+
+
+def _miss(m: Match | None) -> str:
+    if m is None:
+        return "no hit: nobody on the list"
+    return f"no hit: best {m.person_id} {m.score:.4f} < {m.threshold:.4f} (short by {m.threshold - m.score:.4f})"
+
+
+def _describe(m: Match | None) -> str:
+    if m is None:
+        return "-"
+    return f"{m.person_id} {m.score:.4f}/{m.threshold:.4f} margin {m.margin:.4f}"
 
 
 class FrameSource(Protocol):
@@ -130,9 +166,11 @@ class Pipeline:
         matching: MatchingConfig | None = None,
         analysis: AnalysisConfig | None = None,
         clock: Callable[[], float] = time.time,
+        keep_reports: bool = False,
     ) -> None:
         """`matcher` is a Matcher, or a callable returning the current one (the watchlist may be replaced
-        while running)."""
+        while running). `keep_reports`: keep every finished track's story (edge.analysis.TrackReport) in
+        the analysers, for diagnostics of a clip."""
         ids = [c.camera_id for c in cameras]
         if len(set(ids)) != len(ids):
             raise ValueError(f"camera ids must be unique, got {ids}")
@@ -146,7 +184,10 @@ class Pipeline:
         self.clock = clock
         self.emitter = HitEmitter(unit_id, self.matching.cooldown_s, self.matching.crop)
         self.analysers = {
-            c.camera_id: CameraAnalyser(c.camera_id, engine, self.matching, self.analysis.tracker) for c in cameras
+            c.camera_id: CameraAnalyser(
+                c.camera_id, engine, self.matching, self.analysis.tracker, keep_reports=keep_reports
+            )
+            for c in cameras
         }
         self._slots = _Slots()
         self._embed_q: queue.Queue[EmbedRequest | object] = queue.Queue(self.analysis.embed_queue)
@@ -263,7 +304,7 @@ class Pipeline:
                 self._embed_q.put_nowait(req)
             except queue.Full:
                 an.stats.embeds_dropped += 1
-                an.not_embedded(req)
+                an.not_embedded(req, "embed queue full")
         lag = self.clock() - frame.captured_at
         st = an.stats
         st.frames_analysed += 1
@@ -321,27 +362,55 @@ class Pipeline:
         return self.process_batch(requests) if requests else []
 
     def process_batch(self, batch: list[EmbedRequest]) -> list[Hit]:
-        """Embed a batch of faces (any cameras), match them, emit hits to the sinks; drop the rest at once."""
+        """Embed a batch of faces (any cameras), weigh each track's evidence, emit hits to the sinks; drop the
+        rest at once.
+
+        Each face is matched alone and as part of its track's probe (the mean of the track's best faces);
+        see `decide` for when that makes a hit.
+        """
         try:
             embeddings = self.engine.embed([(r.candidate.frame.image, r.candidate.detection) for r in batch])
             matcher = self.matcher
-            matches = matcher.match(embeddings)
+            same_person = self._same_person(matcher)
+            evidence = [self.analysers[r.camera_id].embedded(r, e, same_person) for r, e in zip(batch, embeddings)]
+            # A track's probe is matched only when it holds more than the face just embedded.
+            means = [i for i, ev in enumerate(evidence) if ev.faces > 1]
+            queries = np.asarray(embeddings, dtype=np.float32)
+            if means:
+                queries = np.vstack([queries, np.stack([evidence[i].probe for i in means])])
+            found = matcher.match(queries, misses=True)
         except Exception as exc:
             log.warning("embedding/matching a batch of %d faces failed: %s", len(batch), exc)
             for r in batch:
                 an = self.analysers[r.camera_id]
                 an.stats.errors += 1
                 an.stats.last_error = f"{type(exc).__name__}: {exc}"
-                an.not_embedded(r)
+                an.not_embedded(r, f"embedding failed: {type(exc).__name__}")
             return []
-        del embeddings  # never kept: only the match decision leaves this function
+        del embeddings, queries  # never kept beyond the live tracks: only the decision leaves this function
+        n = len(batch)
+        probes = list(found[:n])
+        for k, i in enumerate(means):
+            probes[i] = found[n + k]
         hits: list[Hit] = []
-        for req, m in zip(batch, matches):
+        for req, ev, face, probe in zip(batch, evidence, found[:n], probes):
             an = self.analysers[req.camera_id]
             an.stats.embedded += 1
-            matched = m is not None and m.is_hit
-            an.embedded(req, matched)
-            if not matched:
+            match, decision = decide(self.matching, face, probe, ev.faces)
+            best = match or (probe if ev.faces > 1 else face)
+            an.decided(ev.track_id, best, decision, match is not None)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "camera %s track %d (%s): face %s; mean of %d %s; %s",
+                    req.camera_id,
+                    ev.track_id,
+                    req.reason,
+                    _describe(face),
+                    ev.faces,
+                    _describe(probe),
+                    decision,
+                )
+            if match is None:
                 continue
             an.stats.matched += 1
             det = req.candidate.detection
@@ -349,8 +418,8 @@ class Pipeline:
             frame = req.candidate.frame
             hit = self.emitter.offer(
                 camera_id=req.camera_id,
-                track_id=req.track_id,
-                match=m,  # type: ignore[arg-type]
+                track_id=ev.track_id,
+                match=match,
                 box=_clip_box(box, frame.width, frame.height),
                 captured_at=frame.captured_at,
                 image=frame.image,
@@ -364,6 +433,16 @@ class Pipeline:
             an.stats.hit_latency_s.append(self.clock() - hit.captured_at)
             hits.append(hit)
         return hits
+
+    def _same_person(self, matcher: MatcherLike) -> float | None:
+        # The match threshold is the model's calibrated level for "the same person"; faces of one
+        # track (one person, seconds apart, same camera) score well above it, so a face below it is
+        # taken for someone else. A wrong split costs one embedding; hits stay one per person and cooldown.
+        if self.matching.same_person is not None:
+            return self.matching.same_person
+        if self.matching.threshold is not None:
+            return self.matching.threshold
+        return getattr(matcher, "default_threshold", None)
 
     def _deliver(self, hit: Hit) -> None:
         self.hits_total += 1

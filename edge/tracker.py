@@ -6,6 +6,13 @@ live track by overlap first, then, for what is left, by centre distance measured
 widths. A track that has not been seen for ``max_age_s`` ends. Each track keeps its few
 best-quality observations (with whatever payload the caller attached, e.g. the frame and
 detection) so the caller can embed the best one.
+
+Position alone cannot tell one person from the next at a gate, where people step one after
+another into the same spot. So the tracker also flags cheap signs that the face it continues may
+belong to someone else -- a gap with no face, a jump in face size, a change in a small grey patch
+of the face (the observation's ``cue``) -- in ``Track.change``. It never decides on them alone:
+the caller embeds the face and, if it does not look like the track's earlier faces, calls
+``split`` to end the track and start a new one in its place.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from pydantic import Field
 
 from common.config import StrictModel
@@ -32,6 +40,20 @@ class TrackerConfig(StrictModel):
     max_size_ratio: float = Field(2.0, ge=1.0, description="largest change of face size between two sightings")
     max_age_s: float = Field(1.5, gt=0.0, description="a track unseen this long ends")
     keep_best: int = Field(2, ge=1, le=16, description="best-quality observations kept per track")
+    change_gap_s: float = Field(
+        0.3,
+        gt=0.0,
+        description="a face after at least one analysed frame without it and this long may be someone else",
+    )
+    change_size_ratio: float = Field(
+        1.25, ge=1.0, description="a face this much larger or smaller than the last may be someone else"
+    )
+    change_min_cue: float = Field(
+        0.7,
+        ge=-1.0,
+        le=1.0,
+        description="a face whose grey patch correlates less than this with the track's last one may be someone else",
+    )
 
 
 @dataclass(frozen=True)
@@ -43,6 +65,7 @@ class Observation:
     quality: float = 0.0
     usable: bool = True
     data: Any = None
+    cue: np.ndarray | None = None  # a cheap appearance descriptor, unit length (see edge.analysis.appearance_cue)
 
 
 @dataclass
@@ -57,6 +80,9 @@ class Track:
     observations: int = 1
     best: list[Observation] = field(default_factory=list)
     velocity: tuple[float, float] = (0.0, 0.0)  # centre motion, pixels per second
+    missed: int = 0  # analysed frames in a row without this track's face
+    change: str | None = None  # why the latest face may be someone else (gap, size, look); cleared by the caller
+    split_from: int | None = None  # the track this one was split from (same place, another person)
 
     @property
     def best_observation(self) -> Observation | None:
@@ -99,6 +125,7 @@ class Tracker:
         self._next_id = 1
         self._last_t: float | None = None
         self.ended: list[Track] = []
+        self._split_ended: list[Track] = []
 
     @property
     def tracks(self) -> list[Track]:
@@ -108,17 +135,18 @@ class Tracker:
     def update(self, detections: Sequence[Observation], t: float) -> list[Track]:
         """Match this frame's detections (taken at time `t`, seconds) to tracks; return the live tracks.
 
-        Tracks that ended in this call are in `self.ended` until the next call. A detection that
-        continues no track starts a new one.
+        Tracks that ended in this call (or were split since the last one) are in `self.ended` until
+        the next call. A detection that continues no track starts a new one.
         """
         cfg = self.config
         if self._last_t is not None and t < self._last_t:
             # Frames arrive in order per camera; a clock step backwards must not age out every track.
             t = self._last_t
         self._last_t = t
-        self.ended = [tr for tr in self._tracks.values() if t - tr.last_seen > cfg.max_age_s]
+        self.ended = self._split_ended + [tr for tr in self._tracks.values() if t - tr.last_seen > cfg.max_age_s]
+        self._split_ended = []
         for tr in self.ended:
-            del self._tracks[tr.id]
+            self._tracks.pop(tr.id, None)
 
         tracks = list(self._tracks.values())
         predicted = {tr.id: tr.predicted_box(t) for tr in tracks}
@@ -157,6 +185,8 @@ class Tracker:
                 unmatched_tracks.discard(tid)
                 unmatched_dets.discard(i)
 
+        for tid in unmatched_tracks:
+            self._tracks[tid].missed += 1
         for tid, i in pairs:
             self._continue(self._tracks[tid], detections[i], t)
         for i in sorted(unmatched_dets):
@@ -172,6 +202,28 @@ class Tracker:
         (ax, ay), (bx, by) = _center(a), _center(b)
         return math.hypot(ax - bx, ay - by) / ((_width(a) + _width(b)) / 2.0)
 
+    def split(self, track_id: int, t: float) -> Track | None:
+        """End track `track_id` and start a new one in its place from its latest face (seen at `t` or
+        later): the face there is someone else's. The old track is in `self.ended` after the next
+        `update`. Returns the new track, or None if `track_id` is no longer live."""
+        old = self._tracks.pop(track_id, None)
+        if old is None:
+            return None
+        new = Track(
+            id=self._next_id,
+            box=old.box,
+            first_seen=max(t, old.first_seen),
+            last_seen=old.last_seen,
+            last=old.last,
+            velocity=old.velocity,
+            split_from=old.id,
+        )
+        self._next_id += 1
+        self._keep(new, old.last)
+        self._tracks[new.id] = new
+        self._split_ended.append(old)
+        return new
+
     def _start(self, det: Observation, t: float) -> None:
         tr = Track(id=self._next_id, box=det.box, first_seen=t, last_seen=t, last=det)
         self._next_id += 1
@@ -185,11 +237,29 @@ class Tracker:
             vx, vy = (nx - ox) / dt, (ny - oy) / dt
             # Smooth the velocity: detector boxes jitter by a few pixels from frame to frame.
             tr.velocity = (0.5 * tr.velocity[0] + 0.5 * vx, 0.5 * tr.velocity[1] + 0.5 * vy)
+        change = self._change(tr, det, dt)
+        if change is not None:
+            tr.change = change
         tr.box = det.box
         tr.last_seen = t
         tr.last = det
+        tr.missed = 0
         tr.observations += 1
         self._keep(tr, det)
+
+    def _change(self, tr: Track, det: Observation, dt: float) -> str | None:
+        cfg = self.config
+        # A slow detector spaces frames out; only a frame analysed without the face makes a gap.
+        if tr.missed and dt >= cfg.change_gap_s:
+            return f"gap {dt:.2f} s"
+        ratio = _width(det.box) / _width(tr.box)
+        if max(ratio, 1.0 / ratio) >= cfg.change_size_ratio:
+            return f"size x{ratio:.2f}"
+        if det.cue is not None and tr.last.cue is not None and det.cue.shape == tr.last.cue.shape:
+            corr = float(det.cue @ tr.last.cue)
+            if corr < cfg.change_min_cue:
+                return f"look {corr:.2f}"
+        return None
 
     def _keep(self, tr: Track, det: Observation) -> None:
         if not det.usable:

@@ -615,9 +615,12 @@ class Matcher:
             raise MatcherError(f"k must be at least 1, got {k}")
         return [[(index.person_id(c), s) for c, s in row] for row in index.search_persons(q, k, self._scorer)]
 
-    def match(self, embeddings: np.ndarray) -> list[Match | None]:
+    def match(self, embeddings: np.ndarray, *, misses: bool = False) -> list[Match | None]:
         """For each row of `embeddings`: a Match for the best person when their score reaches their
-        threshold, else None. `second_score` is the best score of any other person (-1: none)."""
+        threshold, else None. `second_score` is the best score of any other person (-1: none).
+
+        `misses=True`: a Match for the best person whatever the score (`is_hit` tells which are
+        hits), so a caller can say how near a face came; the search is the same."""
         index = self._index
         q = _check_queries(embeddings, index.dim, empty=index.n_templates == 0)
         out: list[Match | None] = []
@@ -628,14 +631,26 @@ class Matcher:
             code, score = row[0]
             person = index.person_id(code)
             thr = index.threshold_for(person, self.threshold)
-            if score < thr:
+            if score < thr and not misses:
                 out.append(None)
                 continue
             second = row[1][1] if len(row) > 1 else -1.0
             out.append(
-                Match(person_id=person, score=min(score, 1.0), threshold=thr, second_score=max(min(second, 1.0), -1.0))
+                Match(
+                    person_id=person,
+                    score=max(min(score, 1.0), -1.0),
+                    threshold=thr,
+                    second_score=max(min(second, 1.0), -1.0),
+                )
             )
         return out
+
+    @property
+    def default_threshold(self) -> float | None:
+        """The threshold that applies to a person without an override (None: no list applied yet)."""
+        if self.threshold is not None:
+            return float(self.threshold)
+        return self._index.default_threshold if self._index.n_templates else None
 
 
 def _check_queries(embeddings: np.ndarray, dim: int, empty: bool = False) -> np.ndarray:

@@ -50,6 +50,48 @@ def astronaut_face() -> np.ndarray:
     return np.ascontiguousarray(data.astronaut()[0:250, 115:335])
 
 
+def lfw_face(index: int, height: int = 220, flip: bool = False) -> np.ndarray:
+    """Face `index` (0-99) of the Labeled Faces in the Wild subset that ships with scikit-image
+    (``skimage.data.lfw_subset``: 25x25 grey crops), as RGB, scaled up to `height` px with a margin
+    of repeated border so a detector sees head and background. `flip`: mirrored (a second rendering
+    of the same person, e.g. to enrol from)."""
+    import cv2
+    from skimage import data
+
+    faces = data.lfw_subset()
+    if not 0 <= index < 100:
+        raise ClipError(f"lfw_subset holds faces 0-99 (100-199 are not faces), got {index}")
+    grey = np.round(faces[index] * 255).astype(np.uint8)
+    if flip:
+        grey = grey[:, ::-1]
+    inner = round(height / 1.6)
+    grey = cv2.resize(grey, (inner, inner), interpolation=cv2.INTER_CUBIC)
+    m = (height - inner) // 2
+    grey = cv2.copyMakeBorder(grey, m, m, m, m, cv2.BORDER_REPLICATE)
+    return np.ascontiguousarray(np.stack([grey] * 3, axis=-1))
+
+
+def walk(
+    image: np.ndarray | str | pathlib.Path,
+    t0: float,
+    t1: float,
+    x0: int,
+    x1: int,
+    y: int,
+    height: int,
+    fps: int,
+) -> list[FacePlacement]:
+    """Placements of a face walking from x0 to x1 between t0 and t1, a step per frame (for make_face_clip)."""
+    n = max(1, round((t1 - t0) * fps))
+    img = load_rgb(image)
+    # Half a frame early: frame i is shown at i / fps, and float sums of steps must not fall between frames.
+    half = 0.5 / fps
+    return [
+        (img, t0 + k / fps - half, t0 + (k + 1) / fps - half, round(x0 + (x1 - x0) * k / max(1, n - 1)), y, height)
+        for k in range(n)
+    ]
+
+
 def astronaut() -> np.ndarray:
     """The whole astronaut photo (512x512 RGB), face and shoulders."""
     from skimage import data

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from edge.tracker import Observation, Tracker, TrackerConfig, iou
@@ -97,3 +98,53 @@ def test_bad_tracker_config_is_rejected() -> None:
         TrackerConfig(iou_threshold=0.0)
     with pytest.raises(ValueError, match="unknown_key|extra"):
         TrackerConfig.model_validate({"unknown_key": 1})
+
+
+def cue(seed: int) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal(144).astype(np.float32)
+    v -= v.mean()
+    return v / np.linalg.norm(v)
+
+
+def test_gap_size_jump_and_another_look_flag_a_possible_change_of_person() -> None:
+    tr = Tracker(TrackerConfig(change_gap_s=0.3, change_size_ratio=1.25, change_min_cue=0.7))
+    a, b = cue(1), cue(2)
+    (track,) = tr.update([obs(100, 100, data="a0")], 0.0)
+    track = tr.update([obs(102, 100)], 0.2)[0]
+    assert track.change is None, "a face in the next frame, same size, no cue: nothing to check"
+    tr.update([], 0.4)  # an analysed frame without the face
+    track = tr.update([obs(102, 100)], 0.6)[0]
+    assert track.change is not None and track.change.startswith("gap")
+    track.change = None
+    track = tr.update([obs(100, 100, size=110)], 0.8)[0]
+    assert track.change is not None and track.change.startswith("size")
+    track.change = None
+    base = Observation(box=(100, 100, 210, 210), score=0.99, quality=0.5, cue=a)
+    tr.update([base], 1.0)
+    same = Observation(box=(101, 100, 211, 210), score=0.99, quality=0.5, cue=a * 0.9 + b * 0.1)
+    track = tr.update([same], 1.2)[0]
+    assert track.change is None
+    other = Observation(box=(101, 100, 211, 210), score=0.99, quality=0.5, cue=b)
+    track = tr.update([other], 1.4)[0]
+    assert track.change is not None and track.change.startswith("look")
+    assert [t.id for t in tr.tracks] == [track.id], "the tracker flags; it does not split on its own"
+
+
+def test_slow_frames_alone_are_no_gap() -> None:
+    tr = Tracker(TrackerConfig(change_gap_s=0.3))
+    tr.update([obs(100, 100)], 0.0)
+    track = tr.update([obs(101, 100)], 0.9)[0]  # the detector was slow; no frame went by without the face
+    assert track.change is None
+
+
+def test_split_ends_the_track_and_continues_in_a_new_one() -> None:
+    tr = Tracker()
+    (old,) = tr.update([obs(100, 100, data="first person")], 0.0)
+    tr.update([obs(101, 100, data="second person")], 0.2)
+    new = tr.split(old.id, 0.2)
+    assert new is not None and new.id != old.id and new.split_from == old.id
+    assert [o.data for o in new.best] == ["second person"], "the new track keeps no face of the one before"
+    assert tr.split(old.id, 0.2) is None
+    tracks = tr.update([obs(102, 100)], 0.4)
+    assert [t.id for t in tracks] == [new.id] and [t.id for t in tr.ended] == [old.id]
+    assert tr.update([obs(103, 100)], 0.6) and tr.ended == []
