@@ -46,6 +46,30 @@ _JITTERS = ((0, 0, 1.0), (3, 0, 1.0), (-3, 0, 1.0), (0, 3, 1.0), (0, 0, 1.06))
 # ---------------------------------------------------------------- the metric
 
 
+def _search(person_scores: np.ndarray, truth: np.ndarray, extra_max: np.ndarray | None):
+    """(strangers' best scores, enrolled probes' own-person scores, their best other scores)."""
+    scores = np.asarray(person_scores, np.float64)
+    truth = np.asarray(truth)
+    n_probe = len(truth)
+    extra = np.full(n_probe, -np.inf) if extra_max is None else np.asarray(extra_max, np.float64)
+    mated = truth >= 0
+    if not mated.any() or mated.all():
+        raise ValueError("open-set rates need both enrolled persons' probes and strangers' probes")
+    best_any = np.maximum(scores.max(axis=1) if scores.shape[1] else np.full(n_probe, -np.inf), extra)
+    rows = np.flatnonzero(mated)
+    own = scores[rows, truth[rows]]
+    others = scores[rows].copy()
+    others[np.arange(len(rows)), truth[rows]] = -np.inf
+    rival = np.maximum(others.max(axis=1), extra[rows])
+    return best_any[~mated], own, rival
+
+
+def _fnir(own: np.ndarray, rival: np.ndarray, threshold: float) -> float:
+    """Share of enrolled probes not found: own person not first, or not above the threshold."""
+    found = (own > threshold) & (own >= rival) & np.isfinite(own)
+    return float(1 - found.mean())
+
+
 def open_set_rates(
     person_scores: np.ndarray, truth: np.ndarray, fpirs=FPIRS, extra_max: np.ndarray | None = None
 ) -> dict[float, dict]:
@@ -56,31 +80,26 @@ def open_set_rates(
     extra_max: per probe, the best score over extra distractor templates (or None).
     Returns {fpir: {"fnir", "threshold", "fpir_measured"}}; a probe alerts when its score > threshold.
     """
-    scores = np.asarray(person_scores, np.float64)
-    truth = np.asarray(truth)
-    n_probe = len(truth)
-    extra = np.full(n_probe, -np.inf) if extra_max is None else np.asarray(extra_max, np.float64)
-    mated = truth >= 0
-    if not mated.any() or mated.all():
-        raise ValueError("open-set rates need both enrolled persons' probes and strangers' probes")
-    best_any = np.maximum(scores.max(axis=1) if scores.shape[1] else np.full(n_probe, -np.inf), extra)
-    nonmated = np.sort(best_any[~mated])[::-1]
-    rows = np.flatnonzero(mated)
-    own = scores[rows, truth[rows]]
-    others = scores[rows].copy()
-    others[np.arange(len(rows)), truth[rows]] = -np.inf
-    rival = np.maximum(others.max(axis=1), extra[rows])
+    strangers, own, rival = _search(person_scores, truth, extra_max)
+    nonmated = np.sort(strangers)[::-1]
     out = {}
     for f in fpirs:
         k = int(np.floor(f * len(nonmated)))
         thr = nonmated[k] if k < len(nonmated) else -np.inf
-        found = (own > thr) & (own >= rival) & np.isfinite(own)
         out[f] = {
-            "fnir": float(1 - found.mean()),
+            "fnir": _fnir(own, rival, thr),
             "threshold": float(thr),
             "fpir_measured": float(np.mean(nonmated > thr)),
         }
     return out
+
+
+def rates_at_threshold(
+    person_scores: np.ndarray, truth: np.ndarray, threshold: float, extra_max: np.ndarray | None = None
+) -> tuple[float, float]:
+    """(FNIR, FPIR) at a given threshold, for one split."""
+    strangers, own, rival = _search(person_scores, truth, extra_max)
+    return _fnir(own, rival, threshold), float(np.mean(strangers > threshold))
 
 
 def person_matrix(S: np.ndarray, young_person: np.ndarray, n_persons: int) -> np.ndarray:
@@ -301,66 +320,192 @@ def first_photo_only(young_person: np.ndarray, ok: np.ndarray) -> np.ndarray:
 class DistractorModel:
     """Per-probe best scores over K synthetic distractor templates, drawn to match measured stranger scores.
 
-    Each probe's stranger scores (against every young photo of another identity) give its own mean and
-    spread; the standardised scores of all probes pooled give the shape. The best of K independent draws
-    is drawn directly by inverting the pooled distribution at u ** (1 / K).
+    Each probe's own stranger scores (against every young photo of another identity, about 1,160 on
+    lag-dev) are its distribution: within them, the measured scores themselves; beyond its highest one,
+    a tail that rises TAIL_SLOPE times as fast as a normal tail fitted to its top 5% would (cosine
+    scores are bounded, and their tails are shorter than normal ones), so that lists longer than the
+    measured cohort can be drawn. TAIL_SLOPE was set by the held-out check in `run_scaling`: a model
+    made from a quarter of the persons predicts the best score over the other three quarters. The best of K independent draws is drawn directly by inverting that
+    distribution at u ** (1 / K). Faces differ in how alike they look to strangers (their means, spreads
+    and tails differ), which is why each probe keeps its own distribution rather than a pooled one.
     """
 
-    def __init__(self, S: np.ndarray, proto: Protocol, seed: int = 1) -> None:
-        stranger = proto.adult_person[:, None] != proto.young_person[None, :]
-        X = np.where(stranger & np.isfinite(S), S, np.nan)
-        self.mu = np.nanmean(X, axis=1)
-        self.sd = np.nanstd(X, axis=1)
-        z = (X - self.mu[:, None]) / self.sd[:, None]
-        self.z = np.sort(z[np.isfinite(z)])
-        self.probe_ok = np.isfinite(self.mu)
+    TAIL = 0.05
+    TAIL_SLOPE = 0.4
+
+    def __init__(self, P_all: np.ndarray, proto: Protocol, seed: int = 1) -> None:
+        from scipy.stats import norm
+
+        stranger = proto.adult_person[:, None] != np.arange(P_all.shape[1])[None, :]
+        X = np.where(stranger & np.isfinite(P_all), P_all, np.inf)
+        self.sorted = np.sort(X, axis=1)  # finite scores first, then inf
+        self.n = np.isfinite(self.sorted).sum(axis=1)
+        self.probe_ok = self.n >= 20
+        self._ppf = norm.ppf
+        # Fit score = a + b * normal_quantile over each probe's top 5% of stranger scores.
+        self.a = np.full(len(X), np.nan)
+        self.b = np.full(len(X), np.nan)
+        for i in np.flatnonzero(self.probe_ok):
+            n = self.n[i]
+            m = max(5, int(self.TAIL * n))
+            ranks = np.arange(n - m, n)
+            z = norm.ppf((ranks + 0.5) / n)
+            self.b[i], self.a[i] = np.polyfit(z, self.sorted[i, n - m : n], 1)
         self.rng = np.random.default_rng(seed)
 
+    def quantile(self, q: np.ndarray) -> np.ndarray:
+        """Each probe's stranger-score quantile at its own q (array over probes)."""
+        rows = np.arange(len(q))
+        last = np.maximum(self.n - 1, 0)
+        pos = np.clip(q * self.n - 0.5, 0, last)
+        lo = np.floor(pos).astype(int)
+        hi = np.minimum(lo + 1, last)
+        body = self.sorted[rows, lo] + (pos - lo) * (self.sorted[rows, hi] - self.sorted[rows, lo])
+        beyond = q * self.n - 0.5 > last
+        # The fitted tail's slope, continued from the probe's highest measured score.
+        z_last = self._ppf((last + 0.5) / np.maximum(self.n, 1))
+        tail = self.sorted[rows, last] + self.TAIL_SLOPE * self.b * np.maximum(
+            self._ppf(np.where(beyond, q, 0.5)) - z_last, 0
+        )
+        out = np.where(beyond, tail, body)
+        return np.where(self.probe_ok, out, -np.inf)
+
     def best_of(self, k: int) -> np.ndarray:
+        """Per probe, the best score over `k` synthetic distractor templates (-inf for k = 0)."""
         if k == 0:
-            return np.full(len(self.mu), -np.inf)
-        u = self.rng.random(len(self.mu))
-        q = u ** (1.0 / k)
-        z = np.quantile(self.z, q, method="linear")
-        return np.where(self.probe_ok, self.mu + self.sd * z, -np.inf)
+            return np.full(len(self.n), -np.inf)
+        q = self.rng.random(len(self.n)) ** (1.0 / k)
+        return self.quantile(q)
 
 
-def run_scaling(P_all: np.ndarray, S: np.ndarray, proto: Protocol) -> dict:
-    model = DistractorModel(S, proto)
+def run_scaling(P_all: np.ndarray, proto: Protocol) -> dict:
+    """FNIR at FPIR 0.01 with synthetic extra distractors on the list, and a check of the synthetic model:
+    the real list's strangers replaced by as many synthetic persons, beside the real list."""
+    model = DistractorModel(P_all, proto)
+    per_person = len(proto.young) / len(proto.identities)
     out = {
-        "note": "extra distractor templates are SYNTHETIC scores: per probe, drawn from its own measured "
-        "stranger-score mean and spread with the pooled shape (lag-dev has no more identities)",
+        "note": "extra distractors are SYNTHETIC: per probe, its best score over K/t extra persons "
+        f"(t = {per_person:.2f} templates per person on lag-dev) is drawn from that probe's own measured "
+        "scores against the persons of other identities (normal tail fitted beyond them); lag-dev has "
+        "no more identities",
         "list": {},
     }
     for k in SCALING:
-        r = proto.run(P_all, (0.01,), extra=lambda _i, k=k: model.best_of(k))
+        persons = round(k / per_person)
+        r = proto.run(P_all, (0.01,), extra=lambda _i, n=persons: model.best_of(n))
         out["list"][str(k)] = {
             "extra_templates": k,
+            "extra_persons": persons,
             "fnir_at_fpir_0.01": r["fnir_at_fpir"]["0.01"],
             "threshold": r["threshold"]["0.01"],
+        }
+    out["check_held_out"] = held_out_check(P_all, proto)
+    return out
+
+
+def held_out_check(P_all: np.ndarray, proto: Protocol, reps: int = 5) -> dict:
+    """How well the synthetic model predicts longer lists than it was made from: made from the scores
+    against a random quarter of the persons, it draws each probe's best over the other three quarters,
+    beside the real best over them. Compared: the score that 1% of probes exceed (the threshold at FPIR
+    0.01 if every probe were a stranger), and the median."""
+    n = P_all.shape[1]
+    own = proto.adult_person[:, None] == np.arange(n)[None, :]
+    rng = np.random.default_rng(5)
+    real, synthetic = [], []
+    for _ in range(reps):
+        perm = rng.permutation(n)
+        fit, rest = np.zeros(n, bool), np.zeros(n, bool)
+        fit[perm[: n // 4]] = True
+        rest[perm[n // 4 :]] = True
+        model = DistractorModel(np.where(fit[None, :] & ~own, P_all, -np.inf), proto, seed=int(rng.integers(1 << 30)))
+        best_rest = np.where(rest[None, :] & ~own, P_all, -np.inf).max(axis=1)
+        drawn = model.best_of(int(rest.sum()))
+        ok = np.isfinite(best_rest) & np.isfinite(drawn)
+        real.append(np.quantile(best_rest[ok], [0.5, 0.99]))
+        synthetic.append(np.quantile(drawn[ok], [0.5, 0.99]))
+    r, s_ = np.mean(real, axis=0), np.mean(synthetic, axis=0)
+    return {
+        "persons_fitted": n // 4,
+        "persons_predicted": n - n // 4,
+        "real_median": round(float(r[0]), 5),
+        "synthetic_median": round(float(s_[0]), 5),
+        "real_q99": round(float(r[1]), 5),
+        "synthetic_q99": round(float(s_[1]), 5),
+    }
+
+
+def calibration_for(model_id: str, flip: bool, S: np.ndarray, proto: Protocol):
+    """The packaged calibration of the model where there is one, else one made from this run's stranger pairs."""
+    from engines.calibration import Calibration, CalibrationError
+
+    name = model_id.split(":", 1)[0]
+    try:
+        cal = Calibration.load_for(name, flip_average=flip)
+        if cal.description.get("model_id") == model_id:
+            return cal, f"packaged calibration of {name}{' +flip' if flip else ''}"
+    except CalibrationError:
+        pass
+    stranger = proto.adult_person[:, None] != proto.young_person[None, :]
+    return Calibration.from_scores(name, flip, {"cross_age": S[stranger]}, {}), "this run's stranger pairs"
+
+
+def fpir_model_check(cal, source: str, P_all: np.ndarray, proto: Protocol, result: dict) -> dict:
+    """How well the calibration's independence model holds: the FPIR it predicts at each measured threshold,
+    and the FPIR and FNIR measured at the threshold it picks for each list size (synthetic extras beyond
+    the real list, as in `run_scaling`)."""
+    per_person = len(proto.young) / len(proto.identities)
+    n = len(proto.splits[0])
+    # The protocol's list holds child photos and its probes are adults: the cross-age cohort applies.
+    cohort = "cross_age" if "cross_age" in cal.cohorts else None
+    out: dict = {
+        "calibration": source,
+        "cohort": cohort or "worst of all",
+        "templates_per_person": round(per_person, 3),
+        "at_measured_threshold": {},
+    }
+    for f in FPIRS:
+        thr = result["threshold"][str(f)]
+        out["at_measured_threshold"][str(f)] = {
+            "threshold": thr,
+            "fpir_measured": result["fpir_measured"][str(f)],
+            "fpir_predicted": round(cal.expected_rates(thr, n, per_person, cohort).fpir, 4),
+        }
+    model = DistractorModel(P_all, proto)
+    out["calibrated_threshold_fpir_0.01"] = {}
+    for k in SCALING:
+        extra = round(k / per_person)
+        op = cal.threshold_for_fpir(0.01, n + extra, per_person, cohort)
+        fn, fp = [], []
+        for enrolled in proto.splits:
+            _, truth = proto.split_truth(enrolled)
+            a, b = rates_at_threshold(P_all[:, enrolled], truth, op.threshold, model.best_of(extra))
+            fn.append(a)
+            fp.append(b)
+        out["calibrated_threshold_fpir_0.01"][str(k)] = {
+            "persons": n + extra,
+            "threshold": round(op.threshold, 6),
+            "extrapolated": op.extrapolated,
+            "fpir_measured": round(float(np.mean(fp)), 4),
+            "fnir": round(float(np.mean(fn)), 4),
         }
     return out
 
 
-def fpir_model_check(S: np.ndarray, P_all: np.ndarray, proto: Protocol, result: dict, model: str) -> dict:
-    """The FPIR the independence model predicts at each measured threshold, with this run's own stranger pairs."""
-    from engines.calibration import Calibration
-
-    stranger = proto.adult_person[:, None] != proto.young_person[None, :]
-    cal = Calibration.from_scores(model, False, {"cross_age": S[stranger]}, {})
-    templates = len(proto.young) / len(proto.identities)
-    n = len(proto.splits[0])
-    out = {}
-    for f in FPIRS:
-        thr = result["threshold"][str(f)]
-        op = cal.expected_rates(thr, n, templates)
-        out[str(f)] = {
-            "threshold": thr,
-            "fpir_measured": result["fpir_measured"][str(f)],
-            "fpir_predicted": round(op.fpir, 4),
-        }
-    pred = cal.threshold_for_fpir(0.01, n, templates)
-    out["threshold_for_fpir_0.01"] = {"predicted": round(pred.threshold, 6), "measured": result["threshold"]["0.01"]}
+def second_look(P_plain: np.ndarray, P_flip: np.ndarray, proto: Protocol, gate_fpir: float = 0.35) -> dict:
+    """Flip-averaging only for faces whose plain best score comes near the threshold: a face whose plain
+    best exceeds the threshold for FPIR `gate_fpir` (measured on the split's strangers; in the field it
+    comes from the calibration) is embedded again with its mirror image and judged on that."""
+    per, share = [], []
+    for enrolled in proto.splits:
+        _, truth = proto.split_truth(enrolled)
+        A, B = P_plain[:, enrolled], P_flip[:, enrolled]
+        gate = open_set_rates(A, truth, (gate_fpir,))[gate_fpir]["threshold"]
+        again = A.max(axis=1) > gate
+        share.append(again.mean())
+        per.append(open_set_rates(np.where(again[:, None], B, A), truth))
+    out = summarise(per, FPIRS)
+    out["share_embedded_twice"] = round(float(np.mean(share)), 3)
+    out["gate"] = f"plain best above the threshold for FPIR {gate_fpir}"
     return out
 
 
@@ -415,9 +560,13 @@ def main(argv: list[str] | None = None) -> int:
         f"(flip_average = {str(config.flip_average).lower()})",
         "ours_info": ours.info,
     }
-    base, S, P_all = evaluate_method(ours, default_variant, proto, cosine)
+    n_id = len(proto.identities)
+    scores = {v: cosine(ours.variants[v][proto.adult], ours.variants[v][proto.young]) for v in ("plain", "flip")}
+    persons = {v: person_matrix(scores[v], proto.young_person, n_id) for v in scores}
+    S, P_all = scores[default_variant], persons[default_variant]
+    base = proto.run(P_all)
     results.update(base)
-    flip, S_flip, _ = evaluate_method(ours, "flip", proto, cosine)
+    flip = proto.run(persons["flip"])
     results["ours_flip"] = flip
     rows = [("ours (default)", base), ("ours + flip", flip)]
     if not args.no_peer:
@@ -429,23 +578,25 @@ def main(argv: list[str] | None = None) -> int:
             results["peer_face_recognition"] = {**r, **peer.info}
             rows.append(("face_recognition", r))
 
+    # Levers, each against the plain (default) configuration unless named.
     levers: dict = {}
     for variant in ("multicrop", "multicrop_flip"):
         if variant in ours.variants:
             levers[variant] = evaluate_method(ours, variant, proto, cosine)[0]
+    keep = first_photo_only(proto.young_person, ours.ok[proto.young])
     for variant in ("plain", "flip"):
         X = ours.variants[variant]
-        T = mean_templates(X[proto.young], proto.young_person, len(proto.identities))
+        T = mean_templates(X[proto.young], proto.young_person, n_id)
         levers[f"{variant}_mean_template"] = proto.run(cosine(X[proto.adult], T))
-        keep = first_photo_only(proto.young_person, ours.ok[proto.young])
-        S_v = S if variant == default_variant else S_flip
-        P_one = person_matrix(np.where(keep[None, :], S_v, -np.inf), proto.young_person, len(proto.identities))
-        levers[f"{variant}_one_photo_per_person"] = proto.run(P_one)
-    levers["plain_snorm"] = run_snorm(S, proto)
+        one = person_matrix(np.where(keep[None, :], scores[variant], -np.inf), proto.young_person, n_id)
+        levers[f"{variant}_one_photo_per_person"] = proto.run(one)
+    levers["plain_snorm"] = run_snorm(scores["plain"], proto)
+    levers["second_look_flip"] = second_look(persons["plain"], persons["flip"], proto)
     results["levers"] = levers
     rows += [(k, v) for k, v in levers.items()]
-    results["scaling"] = run_scaling(P_all, S, proto)
-    results["fpir_model"] = fpir_model_check(S, P_all, proto, base, ours.info["model_id"].split(":")[0])
+    results["scaling"] = run_scaling(P_all, proto)
+    cal, source = calibration_for(ours.info["model_id"], config.flip_average, S, proto)
+    results["fpir_model"] = fpir_model_check(cal, source, P_all, proto, base)
     results["seconds"] = round(time.perf_counter() - t0, 1)
 
     print(f"\n{len(photos)} images, {len(proto.identities)} identities, {args.splits} splits ({root})")
@@ -457,9 +608,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  +{int(k):>7} templates: FNIR {v['fnir_at_fpir_0.01']:.3f} (threshold {v['threshold']:.4f})")
     print("\nFPIR measured vs the independence model at the same threshold:")
     for f in FPIRS:
-        m = results["fpir_model"][str(f)]
+        m = results["fpir_model"]["at_measured_threshold"][str(f)]
         print(
             f"  threshold {m['threshold']:.4f}: measured {m['fpir_measured']:.3f}, predicted {m['fpir_predicted']:.3f}"
+        )
+    print(f"\nAt the threshold the calibration picks for FPIR 0.01 ({results['fpir_model']['calibration']}):")
+    for v in results["fpir_model"]["calibrated_threshold_fpir_0.01"].values():
+        print(
+            f"  {v['persons']:>7} persons: threshold {v['threshold']:.4f}, FPIR {v['fpir_measured']:.4f}, FNIR {v['fnir']:.3f}"
         )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -53,6 +53,12 @@ class OperatingPoint:
     templates_per_person: float
     extrapolated: bool  # the pair FAR lies beyond the measured stranger pairs
 
+    def describe(self) -> str:
+        """One line for an operator: the threshold and what it means at this list size."""
+        per = f"{self.templates_per_person:g} photo{'s' if self.templates_per_person != 1 else ''} each"
+        note = " (beyond the measured strangers: an estimate on the safe side)" if self.extrapolated else ""
+        return f"threshold {self.threshold:.4f}: with {self.list_size} persons on the list ({per}), {_rate_words(self.fpir)}{note}"
+
     def as_dict(self) -> dict:
         return {
             "threshold": round(self.threshold, 6),
@@ -85,7 +91,8 @@ class ScoreTail:
             raise CalibrationError(f"{n} stranger pairs are too few to calibrate; give photos of more people")
         decades = math.log10(n)
         far = 10.0 ** (-np.arange(0, int(decades * _POINTS_PER_DECADE) + 1) / _POINTS_PER_DECADE)
-        far = np.unique(np.concatenate([far, [0.5, 1.0 / n]]))[::-1]
+        # The body (every 2%) for rates and medians, the tail on a log scale for thresholds.
+        far = np.unique(np.concatenate([far, np.linspace(0.02, 0.98, 49), [1.0 / n]]))[::-1]
         # The score exceeded by a share `f` of pairs: the (floor(f*n))-th highest, accepting strictly above.
         idx = np.minimum(np.floor(far * n).astype(int), n - 1)
         score = s[idx]
@@ -243,30 +250,43 @@ class Calibration:
         """The median score of a stranger pair (highest over cohorts): a threshold below it matches strangers."""
         return max(t.median for t in self.cohorts.values())
 
-    def far(self, threshold: float) -> tuple[float, bool]:
-        """Share of stranger pairs above `threshold` (the worst cohort), and whether it is extrapolated."""
-        rates = [t.far_at(threshold) for t in self.cohorts.values()]
+    def _tails(self, cohort: str | None) -> list[ScoreTail]:
+        if cohort is None:
+            return list(self.cohorts.values())
+        if cohort not in self.cohorts:
+            raise CalibrationError(f"the calibration has no cohort {cohort!r}; it has {', '.join(self.cohorts)}")
+        return [self.cohorts[cohort]]
+
+    def far(self, threshold: float, cohort: str | None = None) -> tuple[float, bool]:
+        """Share of stranger pairs above `threshold` (in `cohort`, or the worst of all cohorts when None),
+        and whether it is extrapolated beyond the measured pairs."""
+        rates = [t.far_at(threshold) for t in self._tails(cohort)]
         return max(r[0] for r in rates), any(r[1] for r in rates)
 
-    def threshold_for_far(self, far: float) -> tuple[float, bool]:
-        """The threshold where at most `far` of stranger pairs score above it in every cohort."""
-        points = [t.threshold_at(far) for t in self.cohorts.values()]
+    def threshold_for_far(self, far: float, cohort: str | None = None) -> tuple[float, bool]:
+        """The threshold where at most `far` of stranger pairs score above it (in `cohort`, else in every one)."""
+        points = [t.threshold_at(far) for t in self._tails(cohort)]
         return max(p[0] for p in points), any(p[1] for p in points)
 
-    def threshold_for_fpir(self, fpir: float, list_size: int, templates_per_person: float = 1.0) -> OperatingPoint:
+    def threshold_for_fpir(
+        self, fpir: float, list_size: int, templates_per_person: float = 1.0, cohort: str | None = None
+    ) -> OperatingPoint:
         """The threshold giving at most `fpir` false alerts per stranger's face with `list_size` persons
-        on the list, each with `templates_per_person` templates (photos) compared by their best score."""
+        on the list, each with `templates_per_person` templates (photos) compared by their best score.
+        `cohort` picks one cohort's scores ("cross_age" for a list of child photos); None takes the worst."""
         if not 0 < fpir < 1:
             raise CalibrationError(f"the false-alert rate per face must lie in (0, 1), got {fpir}")
         n = _templates(list_size, templates_per_person)
         far_pair = -math.expm1(math.log1p(-fpir) / n)
-        threshold, _ = self.threshold_for_far(far_pair)
-        return self.expected_rates(threshold, list_size, templates_per_person)
+        threshold, _ = self.threshold_for_far(far_pair, cohort)
+        return self.expected_rates(threshold, list_size, templates_per_person, cohort)
 
-    def expected_rates(self, threshold: float, list_size: int, templates_per_person: float = 1.0) -> OperatingPoint:
+    def expected_rates(
+        self, threshold: float, list_size: int, templates_per_person: float = 1.0, cohort: str | None = None
+    ) -> OperatingPoint:
         """The false-alert rates expected at `threshold` with `list_size` persons on the list."""
         n = _templates(list_size, templates_per_person)
-        far_pair, extrapolated = self.far(threshold)
+        far_pair, extrapolated = self.far(threshold, cohort)
         far_person = _at_least_one(far_pair, templates_per_person)
         return OperatingPoint(
             threshold=float(threshold),
@@ -292,3 +312,10 @@ def _at_least_one(p: float, n: float) -> float:
     if p >= 1:
         return 1.0
     return float(-math.expm1(n * math.log1p(-p)))
+
+
+def _rate_words(p: float) -> str:
+    """A false-alert rate per face in words ("about 1 in 100 faces ..."), N to 2 significant figures."""
+    if p * 1.5 >= 1:
+        return "nearly every face of a person not on the list raises a false alert"
+    return f"about 1 in {float(f'{1 / p:.2g}'):,.0f} faces of people not on the list raises a false alert"

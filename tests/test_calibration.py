@@ -206,3 +206,11 @@ def test_engines_calibrate_names_a_bad_config_key(strangers_folder, tmp_path) ->
     )
     assert res.exit_code == 1
     assert "engine.flip_averaging" in res.output and str(unit) in res.output
+
+
+def test_operating_points_are_told_in_words() -> None:
+    cal, _ = _normal_calibration()
+    assert "about 1 in 100 faces of people not on the list" in cal.threshold_for_fpir(0.01, 600, 2).describe()
+    assert "nearly every face" in cal.expected_rates(0.6, 600, 2).describe()
+    far_out = cal.threshold_for_fpir(0.01, 10_000_000)
+    assert far_out.extrapolated and "estimate on the safe side" in far_out.describe()
