@@ -22,11 +22,14 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 FORMAT = "checkpoint-calibration/1"
 PACKAGED_DIR = Path(__file__).resolve().parent / "calibrations"
@@ -220,6 +223,18 @@ class Calibration:
             raise CalibrationError(
                 f"{path}: calibrated with flip_average = {str(cal.flip_average).lower()}, but the engine has "
                 f"flip_average = {str(flip_average).lower()}; calibrate again with the engine's config"
+            )
+        return cal
+
+    @classmethod
+    def for_engine(cls, engine) -> Calibration:
+        """The calibration of a loaded FaceEngine's model and flip setting (what `watchlist build` and the
+        unit use). A calibration made from other weights of the same model name is used with a warning."""
+        cal = cls.load_for(engine.embedder.spec, flip_average=engine.config.flip_average)
+        made_with = cal.description.get("model_id")
+        if made_with and made_with != engine.model_id:
+            log.warning(
+                "calibration made with model %s, the engine runs %s; calibrate again", made_with, engine.model_id
             )
         return cal
 

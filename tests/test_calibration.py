@@ -214,3 +214,12 @@ def test_operating_points_are_told_in_words() -> None:
     assert "nearly every face" in cal.expected_rates(0.6, 600, 2).describe()
     far_out = cal.threshold_for_fpir(0.01, 10_000_000)
     assert far_out.extrapolated and "estimate on the safe side" in far_out.describe()
+
+
+def test_a_loaded_engine_finds_its_calibration() -> None:
+    from engines.config import EngineConfig
+    from engines.face_engine import FaceEngine
+
+    engine = FaceEngine.load(EngineConfig(backend="onnxruntime"))
+    cal = Calibration.for_engine(engine)
+    assert cal.model == engine.model_id.split(":")[0] and cal.flip_average is False
