@@ -10,12 +10,14 @@ splits. A photo with no face found is a miss (and never alerts). Each photo is e
 the splits only re-partition the identities.
 
 Also measured in the same run:
-  levers   - flip-averaging, multi-crop, mean template vs best template, one enrolment photo, S-norm
-  scaling  - FNIR at FPIR 0.01 with 1k, 10k, 100k extra distractor templates. lag-dev has no more
-             identities, so these are SYNTHETIC: each probe's extra scores are drawn from its own
-             measured stranger-score mean and spread, with the shape of the pooled stranger scores
-  fpir_model - the FPIR the independence model of engines/calibration.py predicts at each measured
-             threshold, beside the FPIR measured
+  levers     - flip-averaging, multi-crop, mean template vs best template, one enrolment photo per
+               person, S-norm, and a "second look" (flip-averaging only for faces near the threshold)
+  scaling    - FNIR at FPIR 0.01 with 1k, 10k, 100k extra distractor photos. lag-dev has no more
+               identities, so these are SYNTHETIC: each probe's best score over the extra persons is
+               drawn from its own measured scores against other identities (DistractorModel), with
+               a held-out check of that model
+  fpir_model - how well the calibration (engines/calibration.py) holds: the FPIR it predicts at each
+               measured threshold, and the FPIR and FNIR at the threshold it picks per list size
 
 Example:
     python bench/openset.py --data ../shared/data/lag-dev --json bench/results/openset.json
@@ -28,6 +30,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -282,6 +285,13 @@ def snorm(S: np.ndarray, proto: Protocol, enrolled: np.ndarray) -> np.ndarray:
     stranger[enrolled] = False
     cohort_cols = stranger[proto.young_person]
     finite = np.isfinite(S)
+    with warnings.catch_warnings():
+        # Photos without a face have no cohort scores: their statistics are NaN and their scores -inf.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return _snorm(S, finite, proto, stranger, cohort_cols)
+
+
+def _snorm(S, finite, proto, stranger, cohort_cols) -> np.ndarray:
     C = np.where(finite, S, np.nan)[:, cohort_cols]
     own = proto.adult_person[:, None] == proto.young_person[cohort_cols][None, :]
     C[own] = np.nan
@@ -397,7 +407,8 @@ def run_scaling(P_all: np.ndarray, proto: Protocol) -> dict:
     out = {
         "note": "extra distractors are SYNTHETIC: per probe, its best score over K/t extra persons "
         f"(t = {per_person:.2f} templates per person on lag-dev) is drawn from that probe's own measured "
-        "scores against the persons of other identities (normal tail fitted beyond them); lag-dev has "
+        "scores against the persons of other identities (beyond its highest, a tail rising "
+        f"{DistractorModel.TAIL_SLOPE} times as fast as a normal one fitted to its top 5%); lag-dev has "
         "no more identities",
         "list": {},
     }
