@@ -223,3 +223,22 @@ def test_a_loaded_engine_finds_its_calibration() -> None:
     engine = FaceEngine.load(EngineConfig(backend="onnxruntime"))
     cal = Calibration.for_engine(engine)
     assert cal.model == engine.model_id.split(":")[0] and cal.flip_average is False
+
+
+def test_the_engine_table_alone_is_read_from_a_unit_config(tmp_path) -> None:
+    from engines.config import EngineConfigError, load_engine_config
+
+    unit = tmp_path / "unit.toml"
+    unit.write_text('[unit]\nanything = 1\n\n[engine]\ncache_dir = "models"\nflip_average = true\n')
+    cfg = load_engine_config(unit)
+    assert cfg.flip_average is True and cfg.cache_dir == tmp_path / "models"
+    assert load_engine_config(_write(tmp_path / "empty.toml", "[unit]\n")).flip_average is False
+    with pytest.raises(EngineConfigError, match="TOML|cannot read"):
+        load_engine_config(_write(tmp_path / "bad.toml", "[engine\n"))
+    with pytest.raises(EngineConfigError, match="no such config file"):
+        load_engine_config(tmp_path / "absent.toml")
+
+
+def _write(path, text: str):
+    path.write_text(text)
+    return path
