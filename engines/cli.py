@@ -97,7 +97,8 @@ def analyze(images: tuple[Path, ...], cache_dir: Path | None) -> None:
     "--config", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="unit config; uses [engine]"
 )
 @click.option("--tight-crops", is_flag=True, help="photos are cropped close around the face (as LAG): add a margin")
-def calibrate(folder: Path, out: Path, config: Path | None, tight_crops: bool) -> None:
+@click.option("--note", default="", help="recorded with the figures: where the photos come from, their licence")
+def calibrate(folder: Path, out: Path, config: Path | None, tight_crops: bool, note: str) -> None:
     """Measure how the engine's model scores strangers, from FOLDER (one subfolder of photos per person,
     each a different person; the LAG layout with young photos in <person>/y/ is accepted), and write the
     calibration that `watchlist build` uses to turn a false-alert rate into a threshold.
@@ -113,8 +114,8 @@ def calibrate(folder: Path, out: Path, config: Path | None, tight_crops: bool) -
 
     try:
         command = ["engines", "calibrate", str(folder)] + (["--config", str(config)] if config else [])
-        command += (["--tight-crops"] if tight_crops else []) + ["--out", str(out)]
-        cal = calibrate_folder(folder, config, tight_crops, shlex.join(command))
+        command += (["--tight-crops"] if tight_crops else []) + (["--note", note] if note else []) + ["--out", str(out)]
+        cal = calibrate_folder(folder, config, tight_crops, shlex.join(command), note)
         cal.save(out)
     except (EngineError, EngineConfigError, CohortError, CalibrationError) as exc:
         click.echo(f"error: {exc}", err=True)

@@ -114,7 +114,11 @@ def stranger_scores(
 
 
 def calibrate_folder(
-    folder: str | Path, config_path: str | Path | None = None, tight_crops: bool = False, command: str = ""
+    folder: str | Path,
+    config_path: str | Path | None = None,
+    tight_crops: bool = False,
+    command: str = "",
+    note: str = "",
 ):
     """The Calibration of the engine that `config_path`'s [engine] table describes (defaults when None),
     measured on a folder of photos of strangers (one subfolder per person); `command` is recorded with it."""
@@ -147,4 +151,6 @@ def calibrate_folder(
         "model_id": engine.model_id,
         "command": command,
     }
+    if note:
+        description["note"] = note
     return Calibration.from_scores(engine.model_id.split(":", 1)[0], config.flip_average, scores, description)

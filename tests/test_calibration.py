@@ -178,7 +178,8 @@ def test_engines_calibrate_writes_a_calibration_of_real_photos(strangers_folder,
     unit.write_text('[unit]\nname = "ignored here"\n\n[engine]\nbackend = "onnxruntime"\n')
     out = tmp_path / "mine.json"
     res = CliRunner().invoke(
-        engines_cli, ["calibrate", str(strangers_folder), "--config", str(unit), "--out", str(out)]
+        engines_cli,
+        ["calibrate", str(strangers_folder), "--config", str(unit), "--note", "scikit-image photos", "--out", str(out)],
     )
     assert res.exit_code == 0, res.output
     assert "2 people, 24 photos with a face" in res.output
@@ -186,6 +187,10 @@ def test_engines_calibrate_writes_a_calibration_of_real_photos(strangers_folder,
     assert cal.model == "dlib-resnet-v1" and cal.flip_average is False
     assert set(cal.cohorts) == {"all"} and cal.cohorts["all"].pairs == 144
     assert cal.description["command"].startswith("engines calibrate ")
+    assert (
+        cal.description["note"] == "scikit-image photos"
+        and "--note 'scikit-image photos'" in cal.description["command"]
+    )
     # Two different people: their pairs score below what the same model gives one person's variants.
     assert cal.strangers_median < 0.99
 
