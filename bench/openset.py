@@ -443,8 +443,12 @@ def held_out_check(P_all: np.ndarray, proto: Protocol, reps: int = 5) -> dict:
         best_rest = np.where(rest[None, :] & ~own, P_all, -np.inf).max(axis=1)
         drawn = model.best_of(int(rest.sum()))
         ok = np.isfinite(best_rest) & np.isfinite(drawn)
+        if not ok.any():
+            continue
         real.append(np.quantile(best_rest[ok], [0.5, 0.99]))
         synthetic.append(np.quantile(drawn[ok], [0.5, 0.99]))
+    if not real:
+        return {"skipped": "too few identities for the synthetic model (it needs 20 per probe)"}
     r, s_ = np.mean(real, axis=0), np.mean(synthetic, axis=0)
     return {
         "persons_fitted": n // 4,
