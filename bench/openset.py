@@ -355,14 +355,14 @@ class DistractorModel:
     TAIL_SLOPE = 0.4
 
     def __init__(self, P_all: np.ndarray, proto: Protocol, seed: int = 1) -> None:
-        from scipy.stats import norm
+        from statistics import NormalDist
 
         stranger = proto.adult_person[:, None] != np.arange(P_all.shape[1])[None, :]
         X = np.where(stranger & np.isfinite(P_all), P_all, np.inf)
         self.sorted = np.sort(X, axis=1)  # finite scores first, then inf
         self.n = np.isfinite(self.sorted).sum(axis=1)
         self.probe_ok = self.n >= 20
-        self._ppf = norm.ppf
+        self._ppf = np.vectorize(NormalDist().inv_cdf, otypes=[float])
         # Fit score = a + b * normal_quantile over each probe's top 5% of stranger scores.
         self.a = np.full(len(X), np.nan)
         self.b = np.full(len(X), np.nan)
@@ -370,7 +370,7 @@ class DistractorModel:
             n = self.n[i]
             m = max(5, int(self.TAIL * n))
             ranks = np.arange(n - m, n)
-            z = norm.ppf((ranks + 0.5) / n)
+            z = self._ppf((ranks + 0.5) / n)
             self.b[i], self.a[i] = np.polyfit(z, self.sorted[i, n - m : n], 1)
         self.rng = np.random.default_rng(seed)
 
@@ -395,7 +395,8 @@ class DistractorModel:
         """Per probe, the best score over `k` synthetic distractor templates (-inf for k = 0)."""
         if k == 0:
             return np.full(len(self.n), -np.inf)
-        q = self.rng.random(len(self.n)) ** (1.0 / k)
+        # Keep q below 1: the best of very many draws still has a finite score.
+        q = np.minimum(self.rng.random(len(self.n)) ** (1.0 / k), 1 - 1e-15)
         return self.quantile(q)
 
 
