@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -227,3 +228,41 @@ def compare(
         if not as_json:
             click.echo(f"cannot compare: no face found in {', '.join(missing)}", err=True)
         sys.exit(1)
+
+
+@main.command()
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="calibration JSON to write")
+@click.option(
+    "--config", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="unit config; uses [engine]"
+)
+@click.option("--tight-crops", is_flag=True, help="photos are cropped close around the face (as LAG): add a margin")
+@click.option("--note", default="", help="recorded with the figures: where the photos come from, their licence")
+def calibrate(folder: Path, out: Path, config: Path | None, tight_crops: bool, note: str) -> None:
+    """Measure how the engine's model scores strangers, from FOLDER (one subfolder of photos per person,
+    each a different person; the LAG layout with young photos in <person>/y/ is accepted), and write the
+    calibration that `watchlist build` uses to turn a false-alert rate into a threshold.
+
+    Only figures are written (score quantiles, counts, the command, the date): no photos or embeddings.
+    Set the file in the unit config as [engine.embedder] calibration = "FILE".
+
+    Example: engines calibrate /data/strangers --config unit.toml --out mymodel-calibration.json
+    """
+    from engines.calibration import CalibrationError
+    from engines.cohort import CohortError, calibrate_folder
+    from engines.config import EngineConfigError
+
+    try:
+        command = ["engines", "calibrate", str(folder)] + (["--config", str(config)] if config else [])
+        command += (["--tight-crops"] if tight_crops else []) + (["--note", note] if note else []) + ["--out", str(out)]
+        cal = calibrate_folder(folder, config, tight_crops, shlex.join(command), note)
+        cal.save(out)
+    except (EngineError, EngineConfigError, CohortError, CalibrationError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    d = cal.description
+    click.echo(f"{d['people']} people, {d['photos_used']} photos with a face ({d['photos_no_face']} without)")
+    for name, tail in cal.cohorts.items():
+        thr, _ = tail.threshold_at(1e-3)
+        click.echo(f"{name}: {tail.pairs} stranger pairs, median {tail.median:.4f}, FAR 1e-3 at {thr:.4f}")
+    click.echo(f"wrote {out}")

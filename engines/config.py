@@ -32,3 +32,44 @@ class EngineConfig(StrictModel):
     detector: MtcnnConfig = Field(default_factory=MtcnnConfig)
     quality: QualityConfig = Field(default_factory=QualityConfig)
     embedder: EmbedderSpec | None = Field(None, description="a custom embedder; the default is dlib's ResNet")
+
+
+class EngineConfigError(ValueError):
+    """A unit config file's `[engine]` table is unreadable or wrong; the message names the file and key."""
+
+
+def load_engine_config(path: str | Path) -> EngineConfig:
+    """Only the `[engine]` table of a unit config file (TOML), for tools that need no other part of it.
+
+    Relative paths (cache_dir, embedder.onnx, embedder.calibration) resolve against the file's folder.
+    Example: ``cfg = load_engine_config("/etc/checkpoint/unit.toml")``
+    """
+    import tomllib
+    from pydantic import ValidationError
+
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise EngineConfigError(f"{path}: no such config file") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise EngineConfigError(f"{path}: cannot read the config file: {exc}") from None
+    table = raw.get("engine", {})
+    if not isinstance(table, dict):
+        raise EngineConfigError(f"{path}: engine must be a table ([engine])")
+    base = path.resolve().parent
+    if "cache_dir" in table:
+        table["cache_dir"] = base / Path(table["cache_dir"]).expanduser()
+    emb = table.get("embedder")
+    if isinstance(emb, dict):
+        for key in ("onnx", "calibration"):
+            if isinstance(emb.get(key), str):
+                emb[key] = base / Path(emb[key]).expanduser()
+    try:
+        return EngineConfig.model_validate(table)
+    except ValidationError as exc:
+        problems = [
+            f"{path}: engine.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
+            for err in exc.errors(include_url=False)
+        ]
+        raise EngineConfigError("\n".join(problems)) from None

@@ -50,6 +50,11 @@ class EmbedderSpec(StrictModel):
         description="for models trained with a Euclidean loss: a constant appended to each output before "
         "normalising, so that cosine similarity ranks pairs as Euclidean distance does",
     )
+    calibration: Path | None = Field(
+        None,
+        description="JSON file of the model's stranger scores, made by `engines calibrate`; "
+        "sets the thresholds that give a chosen false-alert rate",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> EmbedderSpec:
