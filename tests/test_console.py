@@ -126,11 +126,13 @@ def test_login_is_rate_limited_and_next_stays_on_site(demo):
 def test_text_from_units_is_escaped(demo):
     url, store, _ = demo
     hostile = "<script>alert(1)</script>\"'&\x1b[31m"
-    hit = make_hit(crop=face_jpeg(), person_id=hostile, camera_id=hostile)
+    hit = make_hit(crop=face_jpeg())
     fields, crop = records.decode_hit(
         records.hit_payload(records.hit_record(hit, "site-a"), crop=hit.crop_jpeg, crop_dropped=None)
     )
-    store.add_hit(fields, crop)
+    # The wire refuses control characters in ids; a store written by an older receiver may hold
+    # them anyway, so the pages must escape whatever the store holds.
+    store.add_hit({**fields, "person_id": hostile, "camera_id": hostile}, crop)
     with httpx.Client(base_url=url) as c:
         login(c, "ana", password("ana"))
         for path in ("/hits", f"/hit?id={hit.id}", "/hits/rows"):

@@ -79,4 +79,4 @@ def test_probe_reads_a_frame_from_each_camera_and_connects_to_the_broker(
 
     broker.stop()
     out = CliRunner().invoke(main, ["check-config", "--probe", str(good)])
-    assert out.exit_code == 1 and "broker: FAILED: connection refused by" in out.output, out.output
+    assert out.exit_code == 1 and "broker: FAILED: " in out.output and "connection refused by" in out.output, out.output

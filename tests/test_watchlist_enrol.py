@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -112,7 +113,8 @@ def test_a_dominant_face_is_enrolled_and_the_other_reported(tmp_path: Path, engi
     # Two faces of the same size compete: refused, both sizes named.
     two = judge_photo(engine, np.concatenate([astronaut, astronaut], axis=1))
     assert two.embedding is None and two.faces == 2
-    assert two.reasons[0].startswith("2 plausible faces compete: 115 px") and "crop the photo" in two.reasons[0]
+    assert re.match(r"2 plausible faces compete: \d+ px \(1\.00\), \d+ px \(1\.00\)", two.reasons[0]), two.reasons
+    assert "crop the photo" in two.reasons[0]
 
 
 def test_small_faces_name_their_size_and_the_limit(engine, astronaut) -> None:
@@ -163,7 +165,8 @@ def test_enrol_cli_exit_status_report_and_dry_run(tmp_path: Path, astronaut) -> 
 
     ok = _cli("enrol", tmp_path / "all.csv", "--register", reg)
     assert ok.exit_code == 0, ok.output
-    assert "enrolled all.csv:3 case-B face 115 px" in ok.output and "warning: all.csv:3: another face" in ok.output
+    assert re.search(r"enrolled all.csv:3 case-B face \d+ px", ok.output), ok.output
+    assert "warning: all.csv:3: another face" in ok.output
     assert Register(reg).counts() == (2, 2)
     assert _cli("enrol", tmp_path / "some.csv", "--register", reg).exit_code == 1
     assert _cli("enrol", tmp_path / "none.csv", "--register", reg).exit_code == 2
