@@ -48,7 +48,7 @@ def test_build_chooses_the_threshold_from_the_false_alert_rate(hq: dict) -> None
     expected = CAL.threshold_for_fpir(0.01, 12, 2, cohort="cross_age")
     out = run(*hq["build"], "--out", d / "v1.cpwl").output  # default --fpir 0.01
     assert f"threshold {expected.threshold:.4f} (chosen for at most 0.01 false alerts per face" in out
-    assert f"expected at 12 persons x 2 photos: FPIR per face {expected.fpir:.3g}" in out
+    assert f"expected: FPIR per face {expected.fpir:.3g} at 12 listed" in out
     assert "cross_age strangers" in out and "faces of people not on the list raises a false alert" in out
     assert _default_threshold(d / "v1.cpwl") == pytest.approx(expected.threshold, abs=1e-6)
     assert expected.threshold > CAL.strangers_median

@@ -362,8 +362,7 @@ def _print_threshold(choice, model_id: str) -> None:  # noqa: ANN001
     if p is not None:
         cohort = f", {choice.cohort} strangers" if choice.cohort else ""
         click.echo(
-            f"  expected at {p.list_size} persons x {p.templates_per_person:.3g} photos: FPIR per face {p.fpir:.3g}, "
-            f"FAR per pair {p.far_pair:.3g}{cohort}"
+            f"  expected: FPIR per face {p.fpir:.3g} at {p.list_size} listed, FAR per pair {p.far_pair:.3g}{cohort}"
             + (" (extrapolated beyond the measured strangers: on the safe side)" if p.extrapolated else "")
         )
         click.echo(f"  {p.describe()}")
