@@ -97,6 +97,14 @@ def test_a_threshold_below_the_strangers_median_is_refused(hq: dict) -> None:
     assert rel[0]["fpir_target"] is None and rel[0]["threshold"] == pytest.approx(low)
 
 
+def test_a_persons_own_threshold_below_the_median_is_named_at_hq(hq: dict) -> None:
+    Register(hq["reg"]).upsert_person("case-3", threshold=0.6)  # units would refuse the whole bundle
+    r = run(*hq["build"], "--out", hq["dir"] / "v1.cpwl", code=2)
+    assert "1 persons have their own threshold" in r.output and "case-3 (0.6)" in r.output
+    Register(hq["reg"]).upsert_person("case-3", threshold=0.995)
+    run(*hq["build"], "--out", hq["dir"] / "v1.cpwl")
+
+
 def test_a_model_without_calibration_needs_a_threshold(tmp_path: Path) -> None:
     keys, reg = tmp_path / "keys", tmp_path / "hq.db"
     run("keygen", "--dir", keys)

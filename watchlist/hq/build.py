@@ -87,6 +87,19 @@ def choose_threshold(
                 "`engines calibrate DIR --out FILE` and pass it with --calibration FILE"
             ) from None
         return ThresholdChoice(float(threshold), None, None, None, None)
+    median = cal.strangers_median
+    low = register.db.execute(
+        "SELECT person_id, threshold FROM persons WHERE threshold IS NOT NULL AND threshold <= ? AND person_id IN "
+        "(SELECT person_id FROM templates WHERE model_id = ?) ORDER BY person_id",
+        [median, model_id],
+    ).fetchall()
+    if low:
+        # The units would refuse the whole bundle (bad_threshold): say so at HQ, naming the persons.
+        named = ", ".join(f"{pid} ({thr:g})" for pid, thr in low[:10]) + (" ..." if len(low) > 10 else "")
+        raise ThresholdRefused(
+            f"{len(low)} persons have their own threshold at or below the strangers' median score {median:.4f} for "
+            f"model {cal.model}, which units refuse: {named}; clear or raise them in the manifest and enrol again"
+        )
     persons, per, children = list_shape(register, model_id)
     cohort = "cross_age" if children and "cross_age" in cal.cohorts else None
     if threshold is None:
@@ -96,7 +109,6 @@ def choose_threshold(
         except CalibrationError as exc:
             raise ThresholdRefused(f"--fpir {target}: {exc}") from None
         return ThresholdChoice(point.threshold, target, point, cohort, None)
-    median = cal.strangers_median
     if not threshold > median:
         raise ThresholdRefused(
             f"--threshold {threshold} is at or below the strangers' median score {median:.4f} for model "
