@@ -113,6 +113,21 @@ def test_a_model_without_calibration_needs_a_threshold(tmp_path: Path) -> None:
     assert "give --threshold" in r.output and "engines calibrate" in r.output
     out = run("build", "--register", reg, "--keys", keys, "--out", tmp_path / "v1.cpwl", "--threshold", "0.5").output
     assert "no calibration: no rates known" in out
+    other = Calibration.load_for("dlib-resnet-v1")
+    other.save(tmp_path / "other.json")
+    r = run(
+        "build",
+        "--register",
+        reg,
+        "--keys",
+        keys,
+        "--out",
+        tmp_path / "v2.cpwl",
+        "--calibration",
+        tmp_path / "other.json",
+        code=2,
+    )
+    assert "the calibration is for model 'dlib-resnet-v1'" in r.output
 
 
 def test_the_unit_refuses_a_bundle_below_the_strangers_median(engine: Any, tmp_path: Path) -> None:

@@ -87,6 +87,11 @@ def choose_threshold(
                 "`engines calibrate DIR --out FILE` and pass it with --calibration FILE"
             ) from None
         return ThresholdChoice(float(threshold), None, None, None, None)
+    if cal.model != model_id.split(":", 1)[0]:
+        raise ThresholdRefused(
+            f"{calibration_path}: the calibration is for model {cal.model!r}, the list holds {model_id!r}: "
+            "give the calibration of the list's model"
+        )
     median = cal.strangers_median
     low = register.db.execute(
         "SELECT person_id, threshold FROM persons WHERE threshold IS NOT NULL AND threshold <= ? AND person_id IN "
