@@ -222,17 +222,26 @@ class Daemon:
         return sinks
 
     def _open_watchlist(self) -> MatcherLike:
+        from engines.calibration import Calibration, CalibrationError
         from matching.matcher import Matcher
         from watchlist.format.errors import WatchlistError
+        from watchlist.format.verify import MODEL_INDEPENDENT_THRESHOLD_RANGE
         from watchlist.unit.apply import Watchlist
 
         matcher = Matcher(threshold=self.config.matching.threshold, dim=int(self.engine.embedding_dim))
+        try:
+            # A bundle threshold at or below the strangers' median would make most passers-by alerts.
+            threshold_range = (Calibration.for_engine(self.engine).strangers_median, 1.0)
+        except CalibrationError as exc:
+            log.warning("bundle thresholds are checked against (0, 1) only: %s", exc)
+            threshold_range = MODEL_INDEPENDENT_THRESHOLD_RANGE
         try:
             self.watchlist = Watchlist(
                 self.config.watchlist,
                 matcher,
                 model_id=self.engine.model_id,
                 embedding_dim=int(self.engine.embedding_dim),
+                threshold_range=threshold_range,
             )
             # A list made with another model is refused by Watchlist itself: it matches nothing and says why.
             self.watchlist.start()

@@ -193,6 +193,9 @@ def compare(
         out["threshold"] = limit
         out["threshold_source"] = source or None
         out["same_person"] = None if limit is None else score >= limit
+        cal = _calibration_or_none(engine)
+        if cal is not None:
+            out["calibrated"] = _calibrated_meaning(cal, score, limit)
     if as_json:
         click.echo(json.dumps(out, indent=2))
     else:
@@ -211,23 +214,77 @@ def compare(
             )
         if not missing:
             click.echo(f"score {out['score']:.4f} (cosine similarity of the two faces' embeddings, -1..1)")
+            calibrated = out.get("calibrated")
+            if calibrated is not None:
+                _echo_calibrated(calibrated)
             if limit is None:
                 click.echo(
                     "no threshold to judge it by: give --threshold or --config with [matching] threshold (a unit "
-                    "otherwise uses its watchlist's default, set at HQ by `watchlist build --threshold`); "
-                    "no calibrated operating points (false-match rates) are installed to say more"
+                    "otherwise uses its watchlist's default, chosen at HQ by `watchlist build --fpir`)"
+                    + ("" if calibrated else "; the model has no calibration (`engines calibrate`) to say more")
                 )
             else:
                 verdict = "a MATCH" if out["same_person"] else "NOT a match"
+                meaning = (
+                    calibrated["threshold"]
+                    if calibrated
+                    else "this threshold is not calibrated to a false-match rate here"
+                )
                 click.echo(
                     f"at threshold {limit:g} ({source}): {verdict} "
-                    f"(score {'>=' if out['same_person'] else '<'} threshold); this threshold is not calibrated "
-                    "to a false-match rate here"
+                    f"(score {'>=' if out['same_person'] else '<'} threshold); {meaning}"
                 )
     if missing:
         if not as_json:
             click.echo(f"cannot compare: no face found in {', '.join(missing)}", err=True)
         sys.exit(1)
+
+
+# List sizes at which `compare` says what a score would mean as a watchlist threshold.
+_COMPARE_LIST_SIZES = (100, 1000, 10000)
+
+
+def _calibration_or_none(engine):  # noqa: ANN001, ANN202
+    from engines.calibration import Calibration, CalibrationError
+
+    try:
+        return Calibration.for_engine(engine)
+    except CalibrationError:
+        return None
+
+
+def _calibrated_meaning(cal, score: float, limit: float | None) -> dict:  # noqa: ANN001
+    """What `score` means by the model's calibration (one photo per person, the worst cohort)."""
+    far, extrapolated = cal.far(score)
+    fpir = {str(n): cal.expected_rates(score, n).fpir for n in _COMPARE_LIST_SIZES}
+    out = {
+        "model": cal.model,
+        "strangers_median": round(cal.strangers_median, 4),
+        "far_pair": far,
+        "extrapolated": extrapolated,
+        "fpir_if_threshold": fpir,
+        "threshold": None,
+    }
+    if limit is not None:
+        op = cal.expected_rates(limit, 1000)
+        rate = "nearly every face" if op.fpir >= 0.5 else f"{op.fpir:.2g} of the faces"
+        out["threshold"] = (
+            f"as a watchlist threshold with 1,000 persons listed: false alerts on {rate} of people not on the list"
+        )
+    return out
+
+
+def _echo_calibrated(c: dict) -> None:
+    if c["far_pair"] >= 0.5:
+        click.echo(
+            f"  strangers score this high or higher half the time or more (their median is {c['strangers_median']:.4f}"
+            f" for {c['model']}): this score says nothing about identity"
+        )
+        return
+    est = " (beyond the measured strangers: an estimate)" if c["extrapolated"] else ""
+    click.echo(f"  two different people score above it with chance {c['far_pair']:.2g} ({c['model']} calibration){est}")
+    rates = ", ".join(f"{p:.2g} at {int(n):,}" for n, p in c["fpir_if_threshold"].items())
+    click.echo(f"  as a watchlist threshold, false alerts per face of someone not on the list: {rates} persons listed")
 
 
 @main.command()

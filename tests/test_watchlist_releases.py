@@ -77,11 +77,13 @@ def test_an_unpublished_build_never_becomes_a_delta_base(hq: dict, tmp_path: Pat
 
     table = run("releases", "--register", reg).output.splitlines()
     assert table[0].split() == [
-        "version", "kind", "base", "created", "(UTC)", "expires", "(UTC)", "listed", "sent", "bytes", "published"
+        "version", "kind", "base", "created", "(UTC)", "expires", "(UTC)", "listed", "sent", "bytes", "threshold",
+        "fpir", "published"
     ]  # fmt: skip
     rows = {int(line.split()[0]): line.split() for line in table[1:]}
     assert rows[1][1:3] == ["full", "-"] and rows[1][-1].startswith("file:") and rows[1][-2].endswith("Z")
     assert rows[2][1:3] == ["delta", "1"] and rows[2][-1] == "no"
+    assert rows[2][-3:-1] == ["0.5000", "-"]  # an explicit threshold (the synthetic model has no calibration)
     assert rows[3][1:3] == ["delta", "1"] and rows[4][1:3] == ["delta", "3"] and rows[4][-1] == "no"
     rel = json.loads(run("releases", "--register", reg, "--json").output)
     assert [r["persons"] for r in rel] == [6, 5, 5, 5] and rel[0]["published_at"] and rel[1]["published_at"] is None
@@ -167,7 +169,7 @@ def test_apply_takes_the_model_from_the_units_engine(tmp_path: Path) -> None:
     keys, reg = tmp_path / "keys", tmp_path / "hq.db"
     run("keygen", "--dir", keys)
     Register(reg).add_persons(make_persons(["case-1"], 1), samples_of(person_centers(1), 1), model_id=model)
-    run("build", "--register", reg, "--keys", keys, "--out", tmp_path / "v1.cpwl", "--threshold", "0.5")
+    run("build", "--register", reg, "--keys", keys, "--out", tmp_path / "v1.cpwl")  # calibrated: --fpir 0.01
     conf = tmp_path / "unit.toml"
     conf.write_text('[engine]\nthreads = 1\n[watchlist]\nroot_key = "keys/root.pub"\nstore = "wl.db"\n')
     assert "applied: watchlist version 1" in run("apply", tmp_path / "v1.cpwl", "--config", conf).output

@@ -261,7 +261,23 @@ def remove(person_ids: tuple[str, ...], register_path: Path) -> None:
 @click.option("--delta", is_flag=True, help="only the changes since --base (default: the latest published release)")
 @click.option("--base", type=int, help="released version the delta applies to")
 @click.option("--valid-for", default="7d", show_default=True, help="time until units treat the list as expired")
-@click.option("--threshold", type=float, help="default cosine threshold for the list (remembered for next builds)")
+@click.option(
+    "--fpir",
+    type=float,
+    help="false alerts per face of someone not on the list, at the list's size [default: 0.01]; "
+    "the threshold follows from the model's calibration",
+)
+@click.option(
+    "--threshold",
+    type=float,
+    help="explicit cosine threshold instead of --fpir (refused below the strangers' median score)",
+)
+@click.option(
+    "--calibration",
+    "calibration_path",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    help="the model's calibration file (`engines calibrate`; default: the packaged one for the model)",
+)
 @click.option("--model-id", help="embedding model (default: the only one in the register)")
 @click.option("--with-names", is_flag=True, help="ship display names to units (default: case numbers only)")
 @click.option("--passphrase-env", help="environment variable holding the key passphrase")
@@ -274,19 +290,23 @@ def build(
     delta: bool,
     base: int | None,
     valid_for: str,
+    fpir: float | None,
     threshold: float | None,
+    calibration_path: Path | None,
     model_id: str | None,
     with_names: bool,
     passphrase_env: str | None,
 ) -> None:
     """Build and sign the next bundle (full, or --delta) from the register, and record it as a release.
 
-    A delta applies to the latest *published* release unless --base says otherwise. --out is never
-    overwritten without --force; --dry-run prints what would change on the units.
+    The list's threshold follows from --fpir (default 1% of the faces of people not on the list
+    raise a false alert) and the list's size, by the model's calibration; it is printed with the
+    rates it gives. A delta applies to the latest *published* release unless --base says otherwise.
+    --out is never overwritten without --force; --dry-run prints what would change on the units.
 
-    Example: watchlist build --register hq.db --keys /secure/hq-keys --out v12.cpwl --delta --valid-for 7d
+    Example: watchlist build --register hq.db --keys /secure/hq-keys --out v12.cpwl --delta --fpir 0.01
     """
-    from watchlist.hq.build import describe_changes, plan_bundle, release
+    from watchlist.hq.build import choose_threshold, describe_changes, plan_bundle, release
     from watchlist.hq.register import Register
 
     try:
@@ -300,29 +320,24 @@ def build(
                     f"the register holds templates of {len(models)} models ({', '.join(models)}): give --model-id"
                 )
             model_id = models[0]
-        if threshold is None:
-            threshold = reg.get_meta(f"threshold:{model_id}")
-            if threshold is None:
-                raise WatchlistError(
-                    f"give --threshold: the cosine similarity at which model {model_id} "
-                    "calls two faces the same person (it is remembered afterwards)"
-                )
-        elif not dry_run:
-            reg.set_meta(f"threshold:{model_id}", threshold)
+        choice = choose_threshold(reg, model_id, fpir=fpir, threshold=threshold, calibration_path=calibration_path)
+        if threshold is not None and choice.point is None and not dry_run:
+            reg.set_meta(f"threshold:{model_id}", threshold)  # an uncalibrated model's number, kept for next builds
         kd = _KeyDir(keys_dir, _passphrase(passphrase_env))
         bundle, digests, skipped = plan_bundle(
             reg,
             model_id=model_id,
-            default_threshold=float(threshold),
+            default_threshold=choice.threshold,
             kind="delta" if delta else "full",
             base_version=base,
             valid_for_s=_duration(valid_for),
             with_names=with_names,
         )
+        _print_threshold(choice, model_id)
         if dry_run:
             _print_changes(bundle, describe_changes(reg, bundle, digests), out)
             return
-        rel = release(reg, bundle, digests, kd.current_signing(), kd.keyset(), out, skipped)
+        rel = release(reg, bundle, digests, kd.current_signing(), kd.keyset(), out, skipped, choice)
     except (WatchlistError, BundleRejected, ValueError) as exc:
         _fail(exc)
     b = rel.bundle
@@ -333,6 +348,26 @@ def build(
     )
     if skipped:
         click.echo(f"warning: {len(skipped)} persons have no template of model {model_id} and are not in the list")
+
+
+def _print_threshold(choice, model_id: str) -> None:  # noqa: ANN001
+    if choice.fpir_target is not None:
+        how = f"chosen for at most {choice.fpir_target:g} false alerts per face of someone not on the list"
+    elif choice.point is not None:
+        how = "given by --threshold"
+    else:
+        how = f"given by --threshold (model {model_id} has no calibration: no rates known)"
+    click.echo(f"threshold {choice.threshold:.4f} ({how})")
+    p = choice.point
+    if p is not None:
+        cohort = f", {choice.cohort} strangers" if choice.cohort else ""
+        click.echo(
+            f"  expected: FPIR per face {p.fpir:.3g} at {p.list_size} listed, FAR per pair {p.far_pair:.3g}{cohort}"
+            + (" (extrapolated beyond the measured strangers: on the safe side)" if p.extrapolated else "")
+        )
+        click.echo(f"  {p.describe()}")
+    if choice.warning:
+        click.echo(f"WARNING: {choice.warning}", err=True)
 
 
 def _print_changes(bundle, changes: dict, out: Path) -> None:  # noqa: ANN001
@@ -354,15 +389,20 @@ def _print_changes(bundle, changes: dict, out: Path) -> None:  # noqa: ANN001
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 def releases(register_path: Path, as_json: bool) -> None:
     """List every release built from the register: version, kind, base, times (UTC), persons on the
-    list after it (listed), templates the bundle carries (sent), size, and when and where it was
-    published ("no": never, so no delta is built on it by default).
+    list after it (listed), templates the bundle carries (sent), size, the list's threshold and the
+    false-alert rate per face it was chosen for ("-": an explicit --threshold), and when and where it
+    was published ("no": never, so no delta is built on it by default).
 
     Example: watchlist releases --register hq.db
     """
     from watchlist.hq.register import Register
 
     try:
-        rows = Register(register_path).releases()
+        reg = Register(register_path)
+        rows = reg.releases()
+        for r in rows:
+            op = reg.get_meta(f"operating_point:{r['version']}") or {}
+            r["threshold"], r["fpir_target"] = op.get("threshold"), op.get("fpir_target")
     except WatchlistError as exc:
         _fail(exc)
     if as_json:
@@ -373,15 +413,19 @@ def releases(register_path: Path, as_json: bool) -> None:
         return
     click.echo(
         f"{'version':>7}  {'kind':5}  {'base':>4}  {'created (UTC)':20}  {'expires (UTC)':20}  "
-        f"{'listed':>7}  {'sent':>9}  {'bytes':>9}  published"
+        f"{'listed':>7}  {'sent':>9}  {'bytes':>9}  {'threshold':>9}  {'fpir':>6}  published"
     )
     for r in rows:
         pub = f"{_iso(r['published_at'])} {r['published_to']}" if r["published_at"] else "no"
         click.echo(
             f"{r['version']:>7}  {r['kind']:5}  {r['base_version'] if r['base_version'] is not None else '-':>4}  "
             f"{_iso(r['created_at']):20}  {_iso(r['expires_at']):20}  {r['persons']:>7}  {r['templates']:>9}  "
-            f"{r['bytes']:>9}  {pub}"
+            f"{r['bytes']:>9}  {_num(r['threshold'], '.4f'):>9}  {_num(r['fpir_target'], 'g'):>6}  {pub}"
         )
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
 
 
 def _iso(epoch: float | None) -> str:

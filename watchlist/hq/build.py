@@ -16,6 +16,119 @@ from watchlist.format.keys import KeySet, key_id
 from watchlist.hq.register import Register
 
 DEFAULT_VALID_FOR_S = 7 * 24 * 3600
+DEFAULT_FPIR = 0.01
+# An explicit threshold whose expected false alerts per stranger's face exceed this is warned about loudly.
+LOUD_FPIR = 0.10
+CHILD_AGE = 18
+
+
+class ThresholdRefused(RegisterError):
+    """A threshold HQ must not ship: below the strangers' median, or none given for an uncalibrated model."""
+
+
+@dataclass(frozen=True)
+class ThresholdChoice:
+    """The list's default threshold and why: a calibrated operating point, or an operator's number."""
+
+    threshold: float
+    fpir_target: float | None  # None: an explicit --threshold
+    point: object | None  # engines.calibration.OperatingPoint; None where the model has no calibration
+    cohort: str | None
+    warning: str | None  # a loud warning to print (expected false alerts far above the usual)
+
+    def as_dict(self) -> dict:
+        """What the register keeps with the release."""
+        return {
+            "threshold": round(self.threshold, 6),
+            "fpir_target": self.fpir_target,
+            "cohort": self.cohort,
+            "expected": self.point.as_dict() if self.point is not None else None,
+        }
+
+
+def list_shape(register: Register, model_id: str) -> tuple[int, float, bool]:
+    """(persons on the list, templates per person, whether every template with a known age is a child's)."""
+    persons, templates, children, aged = register.db.execute(
+        "SELECT count(DISTINCT person_id), count(*), coalesce(sum(age < ?), 0), count(age) "
+        "FROM templates WHERE model_id = ?",
+        [CHILD_AGE, model_id],
+    ).fetchone()
+    per = templates / persons if persons else 1.0
+    return max(int(persons), 1), max(float(per), 1.0), bool(aged) and children == aged
+
+
+def choose_threshold(
+    register: Register,
+    model_id: str,
+    *,
+    fpir: float | None = None,
+    threshold: float | None = None,
+    calibration_path: Path | None = None,
+) -> ThresholdChoice:
+    """The list's default threshold: from the model's calibration at the false-alert rate per face
+    `fpir` (default 1%) and the list's size, or an explicit `threshold` checked against it.
+
+    A threshold below the strangers' median is refused (ThresholdRefused); a model with no
+    calibration needs an explicit threshold (given now, or remembered from an earlier build).
+    """
+    from engines.calibration import Calibration, CalibrationError
+
+    if fpir is not None and threshold is not None:
+        raise ThresholdRefused("give --fpir or --threshold, not both")
+    try:
+        cal = Calibration.load(calibration_path) if calibration_path else Calibration.load_for(model_id)
+    except CalibrationError as exc:
+        if threshold is None:
+            threshold = register.get_meta(f"threshold:{model_id}")
+        if threshold is None or fpir is not None:
+            raise ThresholdRefused(
+                f"model {model_id} has no calibration ({exc}), so no threshold follows from a false-alert rate: "
+                "give --threshold, or make a calibration from photos of strangers with "
+                "`engines calibrate DIR --out FILE` and pass it with --calibration FILE"
+            ) from None
+        return ThresholdChoice(float(threshold), None, None, None, None)
+    if cal.model != model_id.split(":", 1)[0]:
+        raise ThresholdRefused(
+            f"{calibration_path}: the calibration is for model {cal.model!r}, the list holds {model_id!r}: "
+            "give the calibration of the list's model"
+        )
+    median = cal.strangers_median
+    low = register.db.execute(
+        "SELECT person_id, threshold FROM persons WHERE threshold IS NOT NULL AND threshold <= ? AND person_id IN "
+        "(SELECT person_id FROM templates WHERE model_id = ?) ORDER BY person_id",
+        [median, model_id],
+    ).fetchall()
+    if low:
+        # The units would refuse the whole bundle (bad_threshold): say so at HQ, naming the persons.
+        named = ", ".join(f"{pid} ({thr:g})" for pid, thr in low[:10]) + (" ..." if len(low) > 10 else "")
+        raise ThresholdRefused(
+            f"{len(low)} persons have their own threshold at or below the strangers' median score {median:.4f} for "
+            f"model {cal.model}, which units refuse: {named}; clear or raise them in the manifest and enrol again"
+        )
+    persons, per, children = list_shape(register, model_id)
+    cohort = "cross_age" if children and "cross_age" in cal.cohorts else None
+    if threshold is None:
+        target = DEFAULT_FPIR if fpir is None else float(fpir)
+        try:
+            point = cal.threshold_for_fpir(target, persons, per, cohort)
+        except CalibrationError as exc:
+            raise ThresholdRefused(f"--fpir {target}: {exc}") from None
+        return ThresholdChoice(point.threshold, target, point, cohort, None)
+    if not threshold > median:
+        raise ThresholdRefused(
+            f"--threshold {threshold} is at or below the strangers' median score {median:.4f} for model "
+            f"{cal.model}: at least every second passer-by would be an alert. Leave --threshold out and give "
+            f"the false-alert rate per face instead (--fpir, default {DEFAULT_FPIR})"
+        )
+    point = cal.expected_rates(float(threshold), persons, per, cohort)
+    warning = None
+    if point.fpir > LOUD_FPIR:
+        warning = (
+            f"--threshold {threshold} expects false alerts on {point.fpir:.0%} of the faces of people not on the "
+            f"list ({persons} persons): far above the usual 1%; `--fpir 0.01` gives "
+            f"{cal.threshold_for_fpir(DEFAULT_FPIR, persons, per, cohort).threshold:.4f}"
+        )
+    return ThresholdChoice(float(threshold), None, point, cohort, warning)
 
 
 def describe_changes(register: Register, bundle: Bundle, digests: dict[str, str]) -> dict:
@@ -134,9 +247,10 @@ def release(
     keyset: KeySet,
     out: Path | None = None,
     skipped: tuple[str, ...] = (),
+    choice: ThresholdChoice | None = None,
 ) -> Release:
     """Sign `bundle`, write it to `out` (atomically: a unit copying the folder never sees half a
-    file), and record the release in the register."""
+    file), and record the release in the register (with `choice`, how its threshold was chosen)."""
     kid = key_id(signing_key.public_key())
     if kid not in keyset.signing_keys:
         raise RegisterError(
@@ -149,6 +263,8 @@ def release(
         atomic_write(out, data)
     register.record_release(bundle, digests, size=len(data), sha256=digest, signing_key_id=kid)
     register.set_meta(f"dim:{bundle.model_id}", bundle.embedding_dim)
+    if choice is not None:
+        register.set_meta(f"operating_point:{bundle.version}", choice.as_dict())
     if bundle.embedding_offset is not None and register.offset(bundle.model_id) is None:
         # Fixed from the first release on: a delta must encode rows the way the units' lists do.
         register.set_meta(f"offset:{bundle.model_id}", [float(v) for v in bundle.embedding_offset])
