@@ -228,22 +228,22 @@ def test_unsigned_reject_refuses_units_with_no_registered_key(mosquitto, tmp_pat
 def test_console_hit_page_shows_the_signature_verdict_and_survives_impossible_times(tmp_path):
     import httpx
 
+    from central import accounts
     from central.console import create_app
     from central.register_view import RegisterView
     from central.webserver import BackgroundServer
-    from testing.console_demo import DEMO_USERS, seed_demo
 
-    data = seed_demo(tmp_path / "demo")
-    store = HitStore(data.db)
+    store = HitStore(tmp_path / "hits.sqlite")
+    user, pw = "ana", "ana-password-1"
+    store.add_user(user, "operator", accounts.hash_password(pw), actor="test")
     signed, legacy = make_hit("unit-1"), make_hit("unit-2")
     store.add_hit(dict(records.hit_record(signed, "site-a"), signature="valid"), None)
     store.add_hit(dict(records.hit_record(legacy, "site-a"), captured_at=1e300, signature="unsigned"), None)
-    server = BackgroundServer(create_app(store, register=RegisterView(data.register, data.photos))).start()
+    server = BackgroundServer(create_app(store, register=RegisterView(None, None))).start()
     try:
         with httpx.Client(base_url=server.url) as c:
             page = c.get("/login").text
             token = page.split('name="csrf" value="', 1)[1].split('"', 1)[0]
-            user, _, pw = DEMO_USERS[0]
             c.post("/login", data={"csrf": token, "username": user, "password": pw})
             r = c.get("/hit", params={"id": signed.id})
             assert r.status_code == 200 and 'class="badge sig-valid"' in r.text
