@@ -72,7 +72,7 @@ def _with_distractors(matcher: Any, plan: dict[str, Any]) -> Any:
 def _variant(name: str) -> tuple[Any, Any]:
     """(MatchingConfig, AnalysisConfig) of a variant: "after" the unit as it is, "before" as it was
     (position-only tracks, any one face decides; testing.gate.LEGACY_*)."""
-    from edge.pipeline import AnalysisConfig, MatchingConfig
+    from edge.analysis import AnalysisConfig, MatchingConfig
     from edge.tracker import TrackerConfig
     from testing.gate import LEGACY_MATCHING, LEGACY_TRACKER
 
@@ -86,21 +86,10 @@ def _variant(name: str) -> tuple[Any, Any]:
 def _run_clip(engine: Any, matcher: Any, frames: list[np.ndarray], plan: dict[str, Any], variant: str) -> dict:
     from edge.frame import Frame
     from edge.pipeline import CameraSpec, Pipeline
+    from edge.sinks import MemorySink
 
-    events: list[tuple[float, str, tuple[float, float, float, float]]] = []
     t0 = 1_700_000_000.0
-
-    class Collect:
-        name = "bench"
-
-        def submit(self, hit: Any) -> None:
-            events.append((hit.captured_at - t0, hit.person_id, hit.box))
-
-        def stats(self) -> dict[str, int]:
-            return {}
-
-        def close(self, timeout: float = 5.0) -> None:
-            return None
+    sink = MemorySink()
 
     matching, analysis = _variant(variant)
     pipe = Pipeline(
@@ -108,7 +97,7 @@ def _run_clip(engine: Any, matcher: Any, frames: list[np.ndarray], plan: dict[st
         cameras=[CameraSpec("cam", None, float(FPS))],
         engine=engine,  # type: ignore[arg-type]
         matcher=matcher,
-        sinks=[Collect()],
+        sinks=[sink],
         matching=matching,
         analysis=analysis,
     )
@@ -124,7 +113,7 @@ def _run_clip(engine: Any, matcher: Any, frames: list[np.ndarray], plan: dict[st
         "cpu": cpu1 - cpu0,
         "peak": peak,
         "stats": st,
-        "hits": judge(events, plan),
+        "hits": judge([(h.captured_at - t0, h.person_id, h.box) for h in sink.hits], plan),
     }
 
 
@@ -165,7 +154,7 @@ def phase_ours(plan: dict[str, Any], work: Path, args: argparse.Namespace) -> di
 
 def phase_gate(plan: dict[str, Any], work: Path, args: argparse.Namespace) -> dict[str, Any]:
     """The gate scenario (testing/gate.py) at 5 fps, as the unit was (before) and is (after)."""
-    from edge.pipeline import MatchingConfig
+    from edge.analysis import MatchingConfig
     from edge.tracker import TrackerConfig
     from engines.face_engine import FaceEngine
     from matching.matcher import Matcher
@@ -270,9 +259,11 @@ def _live(
     source: str,
     cameras: int = LIVE_CAMERAS,
 ) -> dict[str, Any]:
+    from edge.analysis import AnalysisConfig, MatchingConfig
     from edge.camera.capture import CameraReader
     from edge.camera.config import CaptureConfig
-    from edge.pipeline import AnalysisConfig, CameraSpec, MatchingConfig, Pipeline
+    from edge.pipeline import CameraSpec, Pipeline
+    from edge.sinks import MemorySink
     from engines.face_engine import FaceEngine
 
     engine = FaceEngine.load()
@@ -282,25 +273,14 @@ def _live(
         CameraReader(CaptureConfig(id=f"cam{i}", url=url, realtime=True, loop=True)) for i, url in enumerate(urls)
     ]
 
-    class Count:
-        name = "bench"
-        hits = 0
-
-        def submit(self, hit: Any) -> None:
-            Count.hits += 1
-
-        def stats(self) -> dict[str, int]:
-            return {}
-
-        def close(self, timeout: float = 5.0) -> None:
-            return None
+    counted = MemorySink()
 
     pipe = Pipeline(
         unit_id="bench",
         cameras=[CameraSpec(r.camera_id, r, LIVE_FPS) for r in readers],
         engine=engine,
         matcher=matcher,
-        sinks=[Count()],
+        sinks=[counted],
         matching=MatchingConfig(cooldown_s=0.0),
         analysis=AnalysisConfig(detect_workers=detect_workers),
     )
@@ -344,7 +324,7 @@ def _live(
         "peak": peak,
         "stats": stats,
         "latencies": latencies,
-        "hits": Count.hits,
+        "hits": len(counted.hits),
     }
 
 

@@ -35,9 +35,9 @@ from pydantic import (
 )
 
 from common.config import StrictModel
+from edge.analysis import AnalysisConfig, MatchingConfig
 from edge.camera.config import CaptureConfig
 from edge.outbox import OutboxConfig
-from edge.pipeline import AnalysisConfig, MatchingConfig
 from edge.reporter import MqttConfig
 from edge.sinks import JsonlSinkConfig
 from engines.config import EngineConfig

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from edge.analysis import TrackReport
+from edge.sinks import MemorySink
 
 
 class DiagnoseError(RuntimeError):
@@ -56,22 +57,7 @@ def analyse_clip(cfg: Any, clip: Path, fps: float | None = None, engine: Any = N
     matcher = Matcher(threshold=cfg.matching.threshold, dim=int(engine.embedding_dim))
     _load_watchlist(cfg, matcher, engine.model_id)
 
-    class Keep:
-        name = "analyse"
-
-        def __init__(self) -> None:
-            self.hits: list[Any] = []
-
-        def submit(self, hit: Any) -> None:
-            self.hits.append(hit)
-
-        def stats(self) -> dict[str, int]:
-            return {"hits": len(self.hits)}
-
-        def close(self, timeout: float = 5.0) -> None:
-            return None
-
-    sink = Keep()
+    sink = MemorySink()
     pipe = Pipeline(
         unit_id=cfg.unit.id,
         cameras=[CameraSpec("clip", None, rate)],  # type: ignore[arg-type]

@@ -116,3 +116,23 @@ class JsonlSink:
                 if older.exists():
                     os.replace(older, self.path.with_name(f"{self.path.name}.{i + 1}"))
             os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+
+
+class MemorySink:
+    """Keeps hits in a list (`hits`) and sends them nowhere: for `edge analyse`, tests and benchmarks."""
+
+    name = "memory"
+
+    def __init__(self) -> None:
+        self.hits: list[Hit] = []
+
+    def submit(self, hit: Hit) -> None:
+        """Keep the hit."""
+        self.hits.append(hit)
+
+    def stats(self) -> dict[str, int | float | str]:
+        """How many hits were kept."""
+        return {"hits": len(self.hits)}
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Nothing to flush."""

@@ -283,29 +283,17 @@ def run_gate_clip(
     from edge.analysis import AnalysisConfig
     from edge.frame import Frame
     from edge.pipeline import CameraSpec, Pipeline
+    from edge.sinks import MemorySink
     from edge.tracker import TrackerConfig
 
     t_base = 1_700_000_000.0
-    hits: list[tuple[float, str]] = []
-
-    class Collect:
-        name = "gate"
-
-        def submit(self, hit: Any) -> None:
-            hits.append((hit.captured_at - t_base, hit.person_id))
-
-        def stats(self) -> dict[str, int]:
-            return {"hits": len(hits)}
-
-        def close(self, timeout: float = 5.0) -> None:
-            return None
-
+    sink = MemorySink()
     pipe = Pipeline(
         unit_id="gate",
         cameras=[CameraSpec("gate", None, FPS / every)],  # type: ignore[arg-type]
         engine=engine,
         matcher=matcher,
-        sinks=[Collect()],
+        sinks=[sink],
         matching=matching,
         analysis=AnalysisConfig(tracker=tracker or TrackerConfig()),
         keep_reports=True,
@@ -326,6 +314,7 @@ def run_gate_clip(
             if i % every == 0:
                 pipe.process_frame(Frame("gate", i, t_base + i / FPS, f.to_ndarray(format="rgb24")))
     wall = time.perf_counter() - w0
+    hits = [(h.captured_at - t_base, h.person_id) for h in sink.hits]
     result = judge_gate(scene.appearances, hits, embeds)
     result["wall_s"] = round(wall, 2)
     result["embeddings_per_clip_second"] = round(len(embeds) / scene.seconds, 3)

@@ -16,6 +16,7 @@ import pytest
 
 from edge.frame import Frame
 from edge.pipeline import CameraSpec, MatchingConfig, Pipeline
+from edge.sinks import MemorySink
 from edge.tracker import TrackerConfig
 from testing.gate import FPS, LEGACY_MATCHING, LEGACY_TRACKER, GateScene, gate_scene, judge_gate, run_gate_clip
 
@@ -54,22 +55,6 @@ def scene(engine: Any, tmp_path_factory: pytest.TempPathFactory) -> GateScene:
 @pytest.fixture(scope="module")
 def scene_without_data(engine: Any, tmp_path_factory: pytest.TempPathFactory) -> GateScene:
     return gate_scene(engine, tmp_path_factory.mktemp("gate-skimage") / "gate.mp4", use_data=False)
-
-
-class Collect:
-    name = "collect"
-
-    def __init__(self) -> None:
-        self.hits: list[Any] = []
-
-    def submit(self, hit: Any) -> None:
-        self.hits.append(hit)
-
-    def stats(self) -> dict[str, int]:
-        return {"hits": len(self.hits)}
-
-    def close(self, timeout: float = 5.0) -> None:
-        return None
 
 
 def run_file(
@@ -130,7 +115,7 @@ def test_gate_over_rtsp(engine: Any, scene: GateScene, rtsp_server_factory: Any,
                 seq_of[frame.captured_at] = frame.seq
             return frame
 
-    sink = Collect()
+    sink = MemorySink()
     pipe = Pipeline(
         unit_id="gate",
         cameras=[CameraSpec("gate", Recording(), 5.0)],

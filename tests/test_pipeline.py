@@ -16,7 +16,7 @@ import pytest
 
 from edge.frame import Frame
 from edge.pipeline import AnalysisConfig, CameraSpec, MatchingConfig, Pipeline
-from edge.sinks import JsonlSink, JsonlSinkConfig
+from edge.sinks import JsonlSink, JsonlSinkConfig, MemorySink
 from testing.media import make_face_clip
 from tests.edge_support import (
     People,
@@ -62,26 +62,8 @@ def decode(path: Path, camera_id: str, t0: float, every: int = 1) -> list[Frame]
     return frames
 
 
-class ListSink:
-    """A sink keeping hits in a list (the JSON-lines sink is exercised in the threaded test)."""
-
-    name = "list"
-
-    def __init__(self) -> None:
-        self.hits: list[Hit] = []
-
-    def submit(self, hit: Hit) -> None:
-        self.hits.append(hit)
-
-    def stats(self) -> dict[str, int | float | str]:
-        return {"hits": len(self.hits)}
-
-    def close(self, timeout: float = 5.0) -> None:
-        return None
-
-
-def run_sync(engine: Any, matcher: Any, frames: list[Frame], matching: MatchingConfig) -> tuple[Pipeline, ListSink]:
-    sink = ListSink()
+def run_sync(engine: Any, matcher: Any, frames: list[Frame], matching: MatchingConfig) -> tuple[Pipeline, MemorySink]:
+    sink = MemorySink()
     cams = sorted({f.camera_id for f in frames})
     pipe = Pipeline(
         unit_id="unit-t",
