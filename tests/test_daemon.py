@@ -287,6 +287,38 @@ def test_run_with_bad_config_exits_2_with_the_key(tmp_path: Path) -> None:
     assert f"{bad}: watchlist: required key is missing" in out.stderr
 
 
+def mqtt_unit_toml(tmp: Path, people: People, clip: Path, unit_id: str, host: str, port: int) -> Path:
+    """A unit with one looped camera, a signed list holding the enrolled person, and an MQTT outbox."""
+    root_pub, store = signed_store(tmp, people)
+    path = tmp / "unit.toml"
+    path.write_text(f"""
+[unit]
+id = "{unit_id}"
+site = "test-site"
+
+[[cameras]]
+id = "lobby"
+url = "{clip}"
+loop = true
+analysis_fps = 5
+
+[watchlist]
+root_key = "{root_pub}"
+store = "{store}"
+
+[mqtt]
+host = "{host}"
+port = {port}
+heartbeat_interval_s = 0.5
+reconnect_min_delay_s = 0.1
+reconnect_max_delay_s = 0.5
+
+[outbox]
+path = "outbox.sqlite"
+""")
+    return path
+
+
 def test_hits_and_heartbeat_reach_a_real_broker(
     mosquitto: Any, loop_clip: Path, people: People, engine: Any, tmp_path: Path
 ) -> None:
@@ -298,33 +330,7 @@ def test_hits_and_heartbeat_reach_a_real_broker(
     from edge.notify import Notifier
     from wire import records
 
-    root_pub, store = signed_store(tmp_path, people)
-    config = tmp_path / "unit.toml"
-    config.write_text(f"""
-[unit]
-id = "unit-mq"
-site = "test-site"
-
-[[cameras]]
-id = "lobby"
-url = "{loop_clip}"
-loop = true
-analysis_fps = 5
-
-[watchlist]
-root_key = "{root_pub}"
-store = "{store}"
-
-[mqtt]
-host = "{mosquitto.host}"
-port = {mosquitto.port}
-heartbeat_interval_s = 0.5
-reconnect_min_delay_s = 0.1
-reconnect_max_delay_s = 0.5
-
-[outbox]
-path = "outbox.sqlite"
-""")
+    config = mqtt_unit_toml(tmp_path, people, loop_clip, "unit-mq", mosquitto.host, mosquitto.port)
     got: list[tuple[str, bytes]] = []
     sub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="test-operator", protocol=mqtt.MQTTv5)
     sub.on_message = lambda _c, _u, msg: got.append((msg.topic, bytes(msg.payload)))
@@ -395,31 +401,8 @@ def test_unit_stops_when_its_outbox_is_deleted_under_it(
     from edge.notify import Notifier
     from testing.broker import free_port
 
-    root_pub, store = signed_store(tmp_path, people)
-    config = tmp_path / "unit.toml"
     # Nobody listens on the broker port: hits wait in the outbox, which is what matters here.
-    config.write_text(f"""
-[unit]
-id = "unit-ob"
-site = "test-site"
-
-[[cameras]]
-id = "lobby"
-url = "{loop_clip}"
-loop = true
-analysis_fps = 5
-
-[watchlist]
-root_key = "{root_pub}"
-store = "{store}"
-
-[mqtt]
-host = "127.0.0.1"
-port = {free_port()}
-
-[outbox]
-path = "outbox.sqlite"
-""")
+    config = mqtt_unit_toml(tmp_path, people, loop_clip, "unit-ob", "127.0.0.1", free_port())
     daemon = Daemon(load_config(config), engine=engine, notifier=Notifier(environ={}))
     daemon.start()
     runner = threading.Thread(target=daemon.run, daemon=True)
