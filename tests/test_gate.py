@@ -8,7 +8,6 @@ person shown must be embedded, every enrolled one hit once, nobody else. Positio
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from edge.frame import Frame
 from edge.pipeline import CameraSpec, MatchingConfig, Pipeline
 from edge.sinks import MemorySink
 from edge.tracker import TrackerConfig
+from testing.broker import wait_for
 from testing.gate import FPS, LEGACY_MATCHING, LEGACY_TRACKER, GateScene, gate_scene, judge_gate, run_gate_clip
 
 
@@ -134,14 +134,15 @@ def test_gate_over_rtsp(engine: Any, scene: GateScene, rtsp_server_factory: Any,
     pipe.process_batch = spy  # type: ignore[method-assign]
     reader.start()
     pipe.start()
-    deadline = time.monotonic() + scene.seconds + 60
     try:
-        while (max(seq_of.values(), default=-1) < loop_frames) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_for(
+            lambda: max(seq_of.values(), default=-1) >= loop_frames,
+            timeout=scene.seconds + 60,
+            what="the RTSP stream to play the clip through",
+        )
     finally:
         pipe.stop()
         reader.stop()
-    assert max(seq_of.values(), default=-1) >= loop_frames, "the RTSP stream did not play the clip through"
     hits = [(seq_of[h.captured_at] / FPS, h.person_id) for h in sink.hits if seq_of[h.captured_at] < loop_frames]
     first_loop = [t for t in embeds if t * FPS < loop_frames]
     result = judge_gate(scene.appearances, hits, first_loop, slack=0.3)

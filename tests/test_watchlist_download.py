@@ -28,13 +28,6 @@ MODEL = "synthetic:v1"
 TOPIC = "checkpoint/site-9/watchlist"
 
 
-def worker_caught_up(sub: WatchlistSubscriber) -> bool:
-    """True once the subscriber's worker has handled everything queued so far: one more item is
-    queued and taken, and the worker takes items one at a time."""
-    sub._work.put(("evaluate", None))
-    return wait_for(sub._work.empty)
-
-
 def wait_for(pred: Callable[[], bool], timeout: float = 15.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -121,7 +114,7 @@ def test_a_digest_mismatch_is_fetched_once_until_a_new_manifest(rig, hq: Authori
     # Many worker ticks and evaluations later, the same chunks were not fetched again.
     for _ in range(10):
         sub._work.put(("evaluate", None))
-    assert worker_caught_up(sub)
+    assert sub.wait_idle()
     assert sub.fetches == 1 and sub.downloads == 0 and wl.version == 0
     # A new manifest (HQ republishes) is fetched.
     pub.bundle(real)
@@ -141,7 +134,7 @@ def test_a_manifest_announcing_the_size_limit_allocates_only_what_arrives(rig, h
             Manifest(kind="full", version=1, base_version=None, published_at=time.time(), **announce).to_bytes(),
         )
         assert wait_for(lambda: sub.status()["downloading"] is not None)
-        assert worker_caught_up(sub)
+        assert sub.wait_idle()
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

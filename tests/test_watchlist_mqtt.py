@@ -125,11 +125,15 @@ def test_old_chunks_are_cleared_when_a_new_version_is_published(hq: Authority, m
     c.on_message = lambda cl, u, msg: seen.__setitem__(msg.topic, msg.payload) if msg.retain else None
     c.connect(mosquitto.host, mosquitto.port)
     c.loop_start()
+    marker = threading.Event()
+    c.message_callback_add(f"{TOPIC}/full/marker", lambda cl, u, msg: marker.set())
     c.subscribe(f"{TOPIC}/full/#", qos=1)
-    time.sleep(1.0)
+    # The broker sends the retained messages at the subscription, before anything published after it.
+    c.publish(f"{TOPIC}/full/marker", b"", qos=1)
+    assert marker.wait(15), "the marker published after subscribing never came back"
     c.disconnect()
     c.loop_stop()
-    versions = {t.split("/")[-2] for t in seen if not t.endswith("manifest")}
+    versions = {t.split("/")[-2] for t in seen if not t.endswith(("manifest", "marker"))}
     assert versions == {"2"}
     assert Manifest.from_bytes(seen[manifest_topic(TOPIC, "full")]).version == 2
 
@@ -138,12 +142,16 @@ def test_tampered_and_oversized_bundles_are_refused_once(unit: Watchlist, hq: Au
     persons, emb, _ = _list(10, seed=4)
     data = bytearray(hq.bundle(1, persons, emb))
     data[-300] ^= 1
-    unit.connect()
+    sub = unit.connect()
     _publish(mosquitto, bytes(data))
     assert wait_for(lambda: unit.status()["last_rejection"] is not None)
     assert unit.status()["last_rejection"]["reason"] == "bad_signature" and unit.version == 0
-    time.sleep(1.5)  # several worker ticks: the same bytes are not fetched and refused again
-    assert unit.status()["rejections_since_start"] == 1
+    # The worker re-evaluates the retained manifest again and again: the same bytes are not
+    # fetched and refused again.
+    for _ in range(5):
+        sub._work.put(("evaluate", None))
+    assert sub.wait_idle()
+    assert unit.status()["rejections_since_start"] == 1 and sub.fetches == 1
 
     big_p, big_e, _ = _list(500, seed=5)
     _publish(mosquitto, hq.bundle(2, big_p, big_e), chunk_bytes=64 * 1024)

@@ -160,6 +160,13 @@ class WatchlistSubscriber:
         if self._worker is not None:
             self._worker.join(timeout)
 
+    def wait_idle(self, timeout: float = 10.0) -> bool:
+        """Wait until the worker has handled everything queued before this call (manifests,
+        chunks, re-evaluations); False if it has not within `timeout` seconds."""
+        done = threading.Event()
+        self._work.put(("caught_up", done))
+        return done.wait(timeout)
+
     def status(self) -> dict[str, Any]:
         with self._lock:
             a = self._assembly
@@ -385,6 +392,9 @@ class WatchlistSubscriber:
             try:
                 if kind == "stop":
                     return
+                if kind == "caught_up":
+                    item.set()
+                    continue
                 if kind == "evaluate":
                     self._evaluate()
                 elif kind == "bundle":
