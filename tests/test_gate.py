@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 
+from edge.analysis import MatchingConfig
 from edge.frame import Frame
-from edge.pipeline import CameraSpec, MatchingConfig, Pipeline
+from edge.pipeline import CameraSpec, Pipeline
 from edge.sinks import MemorySink
 from edge.tracker import TrackerConfig
 from testing.broker import wait_for

@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 
+from edge.analysis import AnalysisConfig, MatchingConfig
 from edge.frame import Frame
-from edge.pipeline import AnalysisConfig, CameraSpec, MatchingConfig, Pipeline
+from edge.pipeline import CameraSpec, Pipeline
 from edge.sinks import JsonlSink, JsonlSinkConfig, MemorySink
 from testing.media import make_face_clip
 from tests.edge_support import (

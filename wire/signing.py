@@ -25,7 +25,6 @@ import base64
 import binascii
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -123,40 +122,22 @@ def generate_unit_key() -> UnitSigner:
 
 def write_unit_key(signer: UnitSigner, path: Path) -> Path:
     """Write the private key as PKCS#8 PEM readable by its owner only; never overwrites a key."""
-    from cryptography.hazmat.primitives import serialization
+    from common import keyfiles
 
-    pem = signer.key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    path = Path(path)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
+        return keyfiles.write_private_key(signer.key, path)
+    except keyfiles.KeyFileError:
         raise SigningError(f"{path} exists: refusing to overwrite a unit's signing key (move it away first)") from None
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)
-    return path
 
 
 def load_unit_key(path: Path) -> UnitSigner:
     """Read a unit's private signing key (PKCS#8 PEM, as `write_unit_key` writes it)."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from common import keyfiles
 
     try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise SigningError(f"signing_key: cannot read {path}: {exc.strerror}") from None
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError) as exc:
-        raise SigningError(
-            f"signing_key: {path} is not an unencrypted PEM private key ({exc}); give the .key file "
-            "deploy/make-credentials wrote"
-        ) from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise SigningError(f"signing_key: {path} holds a {type(key).__name__}, not an Ed25519 key")
-    return UnitSigner.from_key(key)
+        return UnitSigner.from_key(keyfiles.read_private_key(path))
+    except keyfiles.KeyFileError as exc:
+        raise SigningError(f"signing_key: {exc}; give the .key file deploy/make-credentials wrote") from None
 
 
 def public_key_line(site: str, unit_id: str, public_raw: bytes) -> str:

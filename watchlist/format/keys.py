@@ -19,7 +19,6 @@ Key set layout (all integers little-endian)::
 from __future__ import annotations
 
 import hashlib
-import os
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from common import keyfiles
 from watchlist.format import canonical
 from watchlist.format.errors import BundleRejected, KeyFileError
 
@@ -56,32 +56,20 @@ def generate_key() -> Ed25519PrivateKey:
 
 def save_private_key(key: Ed25519PrivateKey, path: Path, passphrase: bytes | None = None) -> None:
     """Write a private key as PKCS#8 PEM, readable by the owner only (encrypted when a passphrase is given)."""
-    enc = serialization.BestAvailableEncryption(passphrase) if passphrase else serialization.NoEncryption()
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, enc)
-    path = Path(path)
-    if path.exists():
-        raise KeyFileError(f"{path} exists: refusing to overwrite a key (move it away first)")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)
+    try:
+        keyfiles.write_private_key(key, path, passphrase)
+    except keyfiles.KeyFileError as exc:
+        raise KeyFileError(str(exc)) from None
 
 
 def load_private_key(path: Path, passphrase: bytes | None = None) -> Ed25519PrivateKey:
     """Read an Ed25519 private key (PKCS#8 PEM) written by `save_private_key`."""
     try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise KeyFileError(f"cannot read private key {path}: {exc.strerror}") from None
-    try:
-        key = serialization.load_pem_private_key(data, password=passphrase)
-    except (ValueError, TypeError) as exc:
+        return keyfiles.read_private_key(path, passphrase)
+    except keyfiles.KeyFileError as exc:
         raise KeyFileError(
-            f"{path} is not a readable private key ({exc}); give the .key file `watchlist keygen` wrote "
-            "(and its passphrase if it has one)"
+            f"{exc}; give the .key file `watchlist keygen` wrote (and its passphrase if it has one)"
         ) from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise KeyFileError(f"{path} holds a {type(key).__name__}, not an Ed25519 key")
-    return key
 
 
 def save_public_key(key: Ed25519PublicKey, path: Path) -> None:
