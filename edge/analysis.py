@@ -70,6 +70,14 @@ class MatchingConfig(StrictModel):
         description="one face alone decides when its score reaches threshold + this share of (1 - threshold)",
     )
     aggregate_faces: int = Field(4, ge=1, le=100, description="best-quality faces of a track averaged into its probe")
+    second_look_fpir: float = Field(
+        0.2,
+        ge=0.0,
+        lt=1.0,
+        description="a face whose best score comes within the level that would alert this share of strangers' "
+        "faces (at this list's size, from the model's calibration) is embedded again with its mirror image and "
+        "judged on both; 0: never",
+    )
     crop: CropConfig = Field(default_factory=CropConfig)
 
     def strict_threshold(self, threshold: float) -> float:
@@ -98,7 +106,7 @@ class FaceEngineLike(Protocol):
 
     def assess(self, image: np.ndarray, detection: Any) -> Any: ...
 
-    def embed(self, items: list[tuple[np.ndarray, Any]]) -> np.ndarray: ...
+    def embed(self, items: list[tuple[np.ndarray, Any]], *, look_again: Any = None) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -215,6 +223,7 @@ class CameraStats:
     frames_skipped: int = 0  # sampled, then replaced by a newer frame before a detector was free
     faces: int = 0
     embedded: int = 0
+    second_looks: int = 0  # faces near a decision embedded again with their mirror image
     embeds_dropped: int = 0  # embed queue full
     rechecks: int = 0  # embeddings that checked a track still holds the same person
     splits: int = 0  # tracks split because a face was someone else's
@@ -237,6 +246,7 @@ class CameraStats:
             "analysed_fps": round(self.analysed_window.rate(now), 2),
             "faces": self.faces,
             "embedded": self.embedded,
+            "second_looks": self.second_looks,
             "embeds_dropped": self.embeds_dropped,
             "rechecks": self.rechecks,
             "splits": self.splits,

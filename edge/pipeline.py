@@ -167,10 +167,13 @@ class Pipeline:
         analysis: AnalysisConfig | None = None,
         clock: Callable[[], float] = time.time,
         keep_reports: bool = False,
+        calibration: Any = None,
     ) -> None:
         """`matcher` is a Matcher, or a callable returning the current one (the watchlist may be replaced
         while running). `keep_reports`: keep every finished track's story (edge.analysis.TrackReport) in
-        the analysers, for diagnostics of a clip."""
+        the analysers, for diagnostics of a clip. `calibration`: the model's engines.calibration.Calibration,
+        which places the second look (``matching.second_look_fpir``); by default the engine's own, and no
+        second look for a model without one."""
         ids = [c.camera_id for c in cameras]
         if len(set(ids)) != len(ids):
             raise ValueError(f"camera ids must be unique, got {ids}")
@@ -195,6 +198,8 @@ class Pipeline:
         self._threads: list[threading.Thread] = []
         self._beats: dict[str, float] = {}
         self.hits_total = 0
+        self.calibration = calibration if calibration is not None else _engine_calibration(engine)
+        self._look_level: tuple[tuple[int, int, float | None], float | None] | None = None
 
     @property
     def matcher(self) -> MatcherLike:
@@ -369,8 +374,26 @@ class Pipeline:
         see `decide` for when that makes a hit.
         """
         try:
-            embeddings = self.engine.embed([(r.candidate.frame.image, r.candidate.detection) for r in batch])
             matcher = self.matcher
+            items = [(r.candidate.frame.image, r.candidate.detection) for r in batch]
+            level = self.second_look_level(matcher)
+            looked: list[np.ndarray] = []
+            if level is None:
+                embeddings = self.engine.embed(items)
+            else:
+
+                def near(plain: np.ndarray) -> np.ndarray:
+                    found = matcher.match(plain, misses=True)
+                    # A person with a lower threshold of their own gets the second look from there.
+                    looked.append(
+                        np.array([m is not None and m.score >= min(level, m.threshold) for m in found], dtype=bool)
+                    )
+                    return looked[-1]
+
+                embeddings = self.engine.embed(items, look_again=near)
+            if looked:
+                for r, again in zip(batch, looked[0]):
+                    self.analysers[r.camera_id].stats.second_looks += int(again)
             same_person = self._same_person(matcher)
             evidence = [self.analysers[r.camera_id].embedded(r, e, same_person) for r, e in zip(batch, embeddings)]
             # A track's probe is matched only when it holds more than the face just embedded.
@@ -434,6 +457,39 @@ class Pipeline:
             hits.append(hit)
         return hits
 
+    def second_look_level(self, matcher: MatcherLike) -> float | None:
+        """The score from which a face is embedded again with its mirror image, for the list `matcher` holds:
+        the threshold that would alert ``matching.second_look_fpir`` of strangers' faces at this list's size
+        (never above the match threshold). None: no second look (turned off, no calibration, no list)."""
+        fpir = self.matching.second_look_fpir
+        threshold = self.matching.threshold
+        if threshold is None:
+            threshold = getattr(matcher, "default_threshold", None)
+        index = getattr(matcher, "index", None)
+        persons = int(getattr(index, "n_persons", 0) or 0)
+        if not fpir or self.calibration is None or threshold is None or persons < 1:
+            return None
+        key = (id(index), persons, threshold)
+        if self._look_level is None or self._look_level[0] != key:
+            from engines.calibration import CalibrationError
+
+            try:
+                per_person = max(1.0, int(index.n_templates) / persons)  # type: ignore[union-attr]
+                level = self.calibration.threshold_for_fpir(fpir, persons, per_person).threshold
+            except CalibrationError as exc:
+                log.warning("no second look: %s", exc)
+                level = None
+            level = None if level is None else min(float(level), float(threshold))
+            log.info(
+                "second look from score %s (%s of strangers' faces at %d persons; threshold %.4f)",
+                "-" if level is None else f"{level:.4f}",
+                f"{fpir:g}",
+                persons,
+                threshold,
+            )
+            self._look_level = (key, level)
+        return self._look_level[1]
+
     def _same_person(self, matcher: MatcherLike) -> float | None:
         # The match threshold is the model's calibrated level for "the same person"; faces of one
         # track (one person, seconds apart, same camera) score well above it, so a face below it is
@@ -466,6 +522,19 @@ class Pipeline:
         """Per-camera figures (see CameraStats.snapshot)."""
         now = time.monotonic()
         return {cid: an.stats.snapshot(now) for cid, an in self.analysers.items()}
+
+
+def _engine_calibration(engine: Any) -> Any:
+    """The calibration of a real FaceEngine's model, or None (a model without one, or a stand-in engine)."""
+    if not hasattr(engine, "embedder") or not hasattr(engine, "config"):
+        return None
+    from engines.calibration import Calibration, CalibrationError
+
+    try:
+        return Calibration.for_engine(engine)
+    except CalibrationError as exc:
+        log.info("no second look for model %s: %s", getattr(engine, "model_id", "?"), exc)
+        return None
 
 
 def _clip_box(box: tuple[float, ...], width: int, height: int) -> tuple[float, float, float, float]:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from engines.backends import Backend
 from engines.errors import ImageError
 from engines.model_spec import EmbedderSpec
+
+# Given a batch's plain embeddings, which faces deserve the mirrored chip too (see Embedder.embed_chips).
+LookAgain = Callable[[np.ndarray], np.ndarray]
 
 
 def preprocess_chips(chips: np.ndarray, spec: EmbedderSpec) -> np.ndarray:
@@ -43,11 +48,14 @@ class Embedder:
         """uint8 RGB chips (N, H, W, 3) -> the model's input tensor."""
         return preprocess_chips(chips, self.spec)
 
-    def embed_chips(self, chips: np.ndarray) -> np.ndarray:
+    def embed_chips(self, chips: np.ndarray, look_again: LookAgain | None = None) -> np.ndarray:
         """Embed aligned chips (N, H, W, 3) uint8 RGB; returns (N, D) float32 rows of unit length.
 
         With flip_average the mirrored chip's embedding is added before normalising, which makes
-        the result less sensitive to pose and lighting asymmetry.
+        the result less sensitive to pose and lighting asymmetry. `look_again` gives the same for
+        some faces only (a "second look"): it gets the plain embeddings and returns a boolean mask
+        of the faces whose mirrored chip should be added too -- those near a decision, where the
+        better embedding is worth its cost.
         """
         chips = np.asarray(chips)
         want = (self.spec.input_height, self.spec.input_width, 3)
@@ -57,17 +65,39 @@ class Embedder:
             )
         if len(chips) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
-        out = np.empty((len(chips), self.dim), dtype=np.float32)
+        raw = self._outputs(chips, self.flip_average)
+        out = self._finish(raw)
+        if look_again is None or self.flip_average:
+            return out
+        mask = np.asarray(look_again(out))
+        if mask.shape != (len(chips),) or mask.dtype != np.bool_:
+            raise ValueError(
+                f"look_again must return a boolean mask of shape ({len(chips)},), got {mask.dtype} {mask.shape}"
+            )
+        again = np.flatnonzero(mask)
+        if again.size:
+            # The same sum as flip_average, so a second look gives exactly the flip-averaged embedding.
+            raw[again] = (raw[again] + self._outputs(chips[again][:, :, ::-1], False)) / 2
+            out[again] = self._finish(raw[again])
+        return out
+
+    def _outputs(self, chips: np.ndarray, flip_average: bool) -> np.ndarray:
+        """The model's raw outputs (N, E) in batches of max_batch, mirrored-averaged with flip_average."""
+        raw = np.empty((len(chips), self.spec.embedding_size), dtype=np.float32)
         for start in range(0, len(chips), self.max_batch):
             part = chips[start : start + self.max_batch]
             emb = self._run(part)
-            if self.flip_average:
+            if flip_average:
                 emb = (emb + self._run(part[:, :, ::-1])) / 2
-            if self.spec.norm_anchor:
-                emb = np.hstack([emb, np.full((len(emb), 1), self.spec.norm_anchor, np.float32)])
-            out[start : start + len(part)] = emb
-        norms = np.linalg.norm(out, axis=1, keepdims=True)
-        return out / np.maximum(norms, 1e-12)
+            raw[start : start + len(part)] = emb
+        return raw
+
+    def _finish(self, raw: np.ndarray) -> np.ndarray:
+        """Raw outputs -> unit-length embeddings (with the norm anchor appended where the model has one)."""
+        if self.spec.norm_anchor:
+            raw = np.hstack([raw, np.full((len(raw), 1), self.spec.norm_anchor, np.float32)])
+        norms = np.linalg.norm(raw, axis=1, keepdims=True)
+        return (raw / np.maximum(norms, 1e-12)).astype(np.float32)
 
     def raw(self, chips: np.ndarray) -> np.ndarray:
         """The model's unnormalised output, for checking a conversion against its source."""

@@ -18,7 +18,7 @@ from engines.backends import Backend, create_backend, tensorrt_available
 from engines.cache import ensure_default_models, int8_embedder, sha256_file
 from engines.config import EngineConfig
 from engines.detector import Detection, MtcnnDetector, cpu_session_factory
-from engines.embedder import Embedder, preprocess_chips
+from engines.embedder import Embedder, LookAgain, preprocess_chips
 from engines.errors import ModelError
 from engines.image import check_image
 from engines.landmarks import ShapePredictor, dlib_box_from_points
@@ -225,8 +225,13 @@ class FaceEngine:
         """Aligned chips (N, H, W, 3) uint8 RGB in the embedder's geometry."""
         return align_faces(image, detections, self.embedder.spec, self.shape_predictor)
 
-    def embed(self, items: Sequence[tuple[np.ndarray, Detection]]) -> np.ndarray:
-        """Embeddings (N, D) for faces from any number of images (for example several cameras), in one batch."""
+    def embed(
+        self, items: Sequence[tuple[np.ndarray, Detection]], *, look_again: LookAgain | None = None
+    ) -> np.ndarray:
+        """Embeddings (N, D) for faces from any number of images (for example several cameras), in one batch.
+
+        `look_again`: a second look for some faces (see Embedder.embed_chips): given the plain
+        embeddings, a boolean mask of the faces to embed with their mirror image too."""
         if not items:
             return np.zeros((0, self.embedding_dim), dtype=np.float32)
         # Faces of one image are checked and aligned together, then all chips go in one batch.
@@ -237,7 +242,7 @@ class FaceEngine:
         chips = np.empty((len(items), spec.input_height, spec.input_width, 3), dtype=np.uint8)
         for img, idx in groups.values():
             chips[idx] = self.align(check_image(img), [items[i][1] for i in idx])
-        return self.embedder.embed_chips(chips)
+        return self.embedder.embed_chips(chips, look_again=look_again)
 
     def analyze(self, image: np.ndarray, embed_rejected: bool = False) -> list[AnalyzedFace]:
         """Detect, judge and embed every face in one image; faces that fail the quality gate

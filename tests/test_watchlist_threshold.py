@@ -157,3 +157,27 @@ def test_the_unit_refuses_a_bundle_below_the_strangers_median(engine: Any, tmp_p
         assert daemon.watchlist.offer(auth.bundle(2, persons, emb)) == 2
     finally:
         daemon.watchlist.close()
+
+
+def test_watchlist_apply_checks_thresholds_against_the_calibration_too(tmp_path: Path) -> None:
+    """USB (`watchlist apply`) refuses what the running unit refuses: a threshold below the strangers' median."""
+    auth = Authority(model_id=MODEL)
+    root = auth.write_root(tmp_path / "root.pub")
+    emb = samples_of(person_centers(1, dim=auth.dim), 1)
+    persons = make_persons(["case-1"], 1)
+    where = ("--store", tmp_path / "unit.db", "--root-key", root, "--model-id", MODEL)
+    auth.threshold = 0.6
+    low = tmp_path / "low.cpwl"
+    low.write_bytes(auth.bundle(1, persons, emb))
+    r = run("apply", low, *where, code=1)
+    assert "rejected (bad_threshold)" in r.output and "default_threshold 0.6" in r.output
+    auth.threshold = CAL.threshold_for_fpir(0.01, 1, 1).threshold
+    ok = tmp_path / "ok.cpwl"
+    ok.write_bytes(auth.bundle(2, persons, emb))
+    assert "applied: watchlist version 2" in run("apply", ok, *where).output
+    # A model without a calibration: checked against (0, 1), with a warning that says so.
+    other = Authority(model_id="someone-elses-model:1", root=auth.root, signing=auth.signing, threshold=0.6)
+    odd = tmp_path / "odd.cpwl"
+    odd.write_bytes(other.bundle(1, persons, emb))
+    r = run("apply", odd, "--store", tmp_path / "other.db", "--root-key", root, "--model-id", "someone-elses-model:1")
+    assert "checked against (0, 1) only" in r.output and "applied: watchlist version 1" in r.output

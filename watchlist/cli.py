@@ -700,8 +700,9 @@ def _unit_config(config: Path | None, store: Path | None, root_key: Path | None,
         raise click.UsageError(f"{config or 'options'}: [watchlist] {exc}") from None
 
 
-def _engine_model_id(config: Path) -> str:
-    """The embedding model id the unit's [engine] table gives (the models are loaded to tell)."""
+def _engine_model_id(config: Path) -> tuple[str, bool]:
+    """The embedding model id the unit's [engine] table gives (the models are loaded to tell), and
+    whether it flip-averages (which calibration applies)."""
     from engines.config import EngineConfig
     from engines.errors import EngineError
     from engines.face_engine import FaceEngine
@@ -713,9 +714,23 @@ def _engine_model_id(config: Path) -> str:
     if spec.get("onnx") and not Path(spec["onnx"]).is_absolute():
         table["embedder"] = spec | {"onnx": str(config.parent / spec["onnx"])}
     try:
-        return FaceEngine.load(EngineConfig(**table)).model_id
+        engine_config = EngineConfig(**table)
+        return FaceEngine.load(engine_config).model_id, engine_config.flip_average
     except (EngineError, ValueError) as exc:
         raise click.UsageError(f"{config}: [engine]: {exc}") from None
+
+
+def _threshold_range(model_id: str, flip_average: bool) -> tuple[float, float]:
+    """The thresholds a bundle for `model_id` may carry: above the strangers' median of the model's
+    calibration (as the running unit checks), or (0, 1) with a warning for a model without one."""
+    from engines.calibration import Calibration, CalibrationError
+    from watchlist.format.verify import MODEL_INDEPENDENT_THRESHOLD_RANGE
+
+    try:
+        return (Calibration.load_for(model_id.split(":", 1)[0], flip_average=flip_average).strangers_median, 1.0)
+    except CalibrationError as exc:
+        click.echo(f"warning: thresholds are checked against (0, 1) only: {exc}", err=True)
+        return MODEL_INDEPENDENT_THRESHOLD_RANGE
 
 
 @main.command("apply")
@@ -745,8 +760,9 @@ def apply_cmd(
     from watchlist.unit.store import UnitStore
 
     cfg = _unit_config(config, store, root_key, max_bytes)
+    flip_average = False
     if model_id is None and config is not None:
-        model_id = _engine_model_id(config)
+        model_id, flip_average = _engine_model_id(config)
     if model_id is None:
         st = UnitStore(cfg.store)
         model_id = st.state().model_id
@@ -756,7 +772,8 @@ def apply_cmd(
                 "this store holds no list yet: give --config (the unit's [engine] decides the model) or --model-id"
             )
     try:
-        wl = Watchlist(cfg, Matcher(), model_id)
+        # The same check of the list's thresholds as the running unit makes, so USB and MQTT agree.
+        wl = Watchlist(cfg, Matcher(), model_id, threshold_range=_threshold_range(model_id, flip_average))
         wl.start()
         version = wl.offer_file(bundle)
     except BundleRejected as exc:

@@ -1,0 +1,129 @@
+"""The second look: faces whose score comes near a decision are embedded again with their mirror
+image (the flip-averaged embedding), the rest once. Real engine, real calibration, real watchlist."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from edge.analysis import MatchingConfig
+from edge.pipeline import CameraSpec, Pipeline
+from edge.sinks import MemorySink
+from testing.media import make_face_clip
+from tests.edge_support import People, matcher_for, signed_store
+from tests.test_pipeline import FPS, SIZE, decode
+
+
+@pytest.fixture(scope="module")
+def items(engine: Any, people: People) -> list[tuple[np.ndarray, Any]]:
+    out = []
+    for image in (people.enrolled_face, people.other_face, people.enrolment_photo):
+        dets = engine.detect(image)
+        assert dets, "the test faces must be found"
+        out.append((image, dets[0]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def flip_engine() -> Any:
+    from engines.config import EngineConfig
+    from engines.face_engine import FaceEngine
+
+    return FaceEngine.load(EngineConfig(flip_average=True))
+
+
+def test_second_look_gives_the_flip_averaged_embedding_to_the_faces_asked(
+    engine: Any, flip_engine: Any, items: list
+) -> None:
+    plain = engine.embed(items)
+    flipped = flip_engine.embed(items)
+    seen: list[np.ndarray] = []
+    mask = np.array([True, False, True])
+
+    def near(embeddings: np.ndarray) -> np.ndarray:
+        seen.append(embeddings.copy())
+        return mask
+
+    got = engine.embed(items, look_again=near)
+    assert len(seen) == 1 and np.allclose(seen[0], plain, atol=1e-6)  # it decides on the plain embeddings
+    np.testing.assert_allclose(got[mask], flipped[mask], atol=1e-6)
+    np.testing.assert_array_equal(got[~mask], plain[~mask])
+    assert not np.allclose(got[0], plain[0], atol=1e-4)  # the mirror image does change the embedding
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
+def test_second_look_mask_is_checked_and_skipped_when_every_face_is_flipped(
+    engine: Any, flip_engine: Any, items: list
+) -> None:
+    with pytest.raises(ValueError, match="boolean mask of shape"):
+        engine.embed(items, look_again=lambda e: np.ones(2, dtype=bool))
+    with pytest.raises(ValueError, match="boolean mask"):
+        engine.embed(items, look_again=lambda e: np.ones(3))
+    calls = []
+    flip_engine.embed(items, look_again=lambda e: calls.append(e) or np.ones(len(e), dtype=bool))
+    assert calls == []  # flip_average already looks at every face twice
+
+
+def _pipeline(engine: Any, matcher: Any, second_look_fpir: float) -> tuple[Pipeline, MemorySink]:
+    sink = MemorySink()
+    pipe = Pipeline(
+        unit_id="unit-t",
+        cameras=[CameraSpec("cam1", None, 5.0)],  # type: ignore[arg-type]
+        engine=engine,
+        matcher=matcher,
+        sinks=[sink],
+        matching=MatchingConfig(cooldown_s=1.0, second_look_fpir=second_look_fpir),
+    )
+    return pipe, sink
+
+
+def test_second_look_level_follows_the_calibration_and_the_list(engine: Any, people: People, tmp_path: Path) -> None:
+    from engines.calibration import Calibration
+
+    matcher = matcher_for(*signed_store(tmp_path, people, threshold=0.999))
+    pipe, _ = _pipeline(engine, matcher, 0.2)
+    cal = Calibration.for_engine(engine)
+    level = pipe.second_look_level(matcher)
+    assert level == pytest.approx(cal.threshold_for_fpir(0.2, 1, 1.0).threshold)
+    assert cal.strangers_median < level < 0.999
+    # Never above the threshold: a list whose threshold is below the level looks again from the threshold.
+    low = matcher_for(*signed_store(tmp_path / "low", people, threshold=cal.strangers_median + 0.001))
+    assert pipe.second_look_level(low) == pytest.approx(cal.strangers_median + 0.001)
+    assert _pipeline(engine, matcher, 0.0)[0].second_look_level(matcher) is None
+    from matching.matcher import Matcher
+
+    assert pipe.second_look_level(Matcher(dim=engine.embedding_dim)) is None  # no list yet
+
+
+def test_pipeline_looks_again_only_at_faces_near_a_decision(engine: Any, people: People, tmp_path: Path) -> None:
+    matcher = matcher_for(*signed_store(tmp_path, people))
+    clip = make_face_clip(
+        tmp_path / "both.mp4",
+        [(people.enrolled_face, 0.0, 3.0, 40, 60, 200), (people.other_face, 0.0, 3.0, 380, 70, 200)],
+        size=SIZE,
+        fps=FPS,
+        seconds=3.0,
+    )
+    frames = decode(clip, "cam1", 1_700_000_000.0, every=2)
+    pipe, sink = _pipeline(engine, matcher, 0.2)
+    level = pipe.second_look_level(matcher)
+    assert level is not None
+    for f in frames:
+        pipe.process_frame(f)
+    st = pipe.stats()["cam1"]
+    assert [h.person_id for h in sink.hits] == [people.enrolled_id]
+    # The enrolled person's faces score above the level and are looked at again; the other person's do not
+    # when they stay below it.
+    other = engine.embed([(people.other_face, engine.detect(people.other_face)[0])])
+    other_near = (matcher.match(other, misses=True)[0].score >= level) if other.size else False
+    assert 1 <= st["second_looks"] <= st["embedded"]
+    if not other_near:
+        assert st["second_looks"] < st["embedded"]
+    off, off_sink = _pipeline(engine, matcher, 0.0)
+    for f in frames:
+        off.process_frame(f)
+    assert off.stats()["cam1"]["second_looks"] == 0
+    assert [h.person_id for h in off_sink.hits] == [people.enrolled_id]
