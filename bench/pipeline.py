@@ -31,6 +31,7 @@ every other lag-dev identity's young photos enrolled as distractor children, in 
 Example:
     python bench/pipeline.py --json bench/results/pipeline.json
     python bench/pipeline.py --no-peer --phases ours,gate --distractors --json /tmp/gate.json
+    python bench/pipeline.py --no-peer --phases ours --distractors --fpir 0.01 --json /tmp/crowded.json
     python bench/pipeline.py --json /tmp/soak.json --no-peer --live-seconds 30 --soak-minutes 30
 """
 
@@ -83,6 +84,23 @@ def run_phase(name: str, plan_path: Path, args: argparse.Namespace, timeout: flo
     if out.returncode != 0:
         raise SystemExit(f"phase {name} failed:\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def calibrated_threshold(plan: dict[str, Any], fpir: float) -> dict[str, Any]:
+    """The threshold `watchlist build --fpir` would choose for the run's list: its persons and templates
+    (with the distractors when the run has them), the default model's calibration, the worst cohort
+    (the enrolled people are enrolled from adult photos, so not every template is a child's)."""
+    from engines.calibration import Calibration
+    from engines.config import EngineConfig
+
+    persons = len(plan["photos"])
+    templates = sum(len(v) for v in plan["photos"].values())
+    if plan.get("distractors"):
+        persons += plan["distractors"]["persons"]
+        templates += plan["distractors"]["templates"]
+    cal = Calibration.load_for("dlib-resnet-v1", flip_average=EngineConfig().flip_average)
+    point = cal.threshold_for_fpir(fpir, persons, templates / persons)
+    return {"fpir_target": fpir, "persons": persons, "templates": templates, **point.as_dict()}
 
 
 def table(results: dict[str, Any]) -> str:
@@ -186,6 +204,13 @@ def main(argv: list[str] | None = None) -> int:
         help="the watchlist's threshold for our pipeline (default: the cosine equivalent to the peer's tolerance)",
     )
     ap.add_argument(
+        "--fpir",
+        type=float,
+        default=None,
+        help="set the threshold as `watchlist build --fpir F` would for the list the run uses (the enrolled "
+        "people, and with --distractors the distractor children too), from the model's calibration",
+    )
+    ap.add_argument(
         "--distractors",
         action="store_true",
         help="also enrol every other lag-dev identity's young photos as distractor children and run the clip "
@@ -197,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
     ap.add_argument("--plan", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.fpir is not None and (args.threshold is not None or not 0 < args.fpir < 1):
+        ap.error("--fpir takes a rate in (0, 1), and not beside --threshold")
 
     if args.phase:
         from edge.daemon import tune_malloc
@@ -210,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         work = Path(tmp)
         plan = prepare(work, args.seconds, distractors=args.distractors)
+        if args.fpir is not None:
+            plan["threshold_from_fpir"] = calibrated_threshold(plan, args.fpir)
+            args.threshold = plan["threshold_from_fpir"]["threshold"]
         plan_path = work / "plan.json"
         plan_path.write_text(json.dumps(plan))
         print(f"clip: {args.seconds:g} s {SIZE[0]}x{SIZE[1]} {FPS} fps; {plan['source']}", file=sys.stderr)
@@ -244,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
             "source": plan["source"],
             "appearances": plan["appearances"],
         },
-        "threshold_cosine": plan["threshold"],
+        "threshold_cosine": plan["threshold"] if args.threshold is None else args.threshold,
+        "threshold_from_fpir": plan.get("threshold_from_fpir"),
         "threshold_calibration": plan["threshold_calibration"],
         "peer_tolerance_euclidean": PEER_TOLERANCE,
         **results,
