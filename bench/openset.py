@@ -624,12 +624,17 @@ def main(argv: list[str] | None = None) -> int:
     S, P_all = scores[default_variant], persons[default_variant]
     one_look = proto.run(P_all)
     flip = proto.run(persons["flip"])
-    cal, source = calibration_for(ours.info["model_id"], config.flip_average, S, proto)
+    second = not config.flip_average and bool(args.second_look)
+    # The gate of the second look is on plain scores; alerts are decided on flip-averaged ones whenever
+    # faces near the threshold are flip-averaged (engines.calibration.Calibration.for_thresholds).
+    gate_cal, _ = calibration_for(ours.info["model_id"], config.flip_average, S, proto)
+    flipped = "flip" if (config.flip_average or second) else "plain"
+    cal, source = calibration_for(ours.info["model_id"], flipped == "flip", scores[flipped], proto)
     base, rows = one_look, [("ours, one look", one_look)]
-    if not config.flip_average and args.second_look:
+    if second:
         # The unit's default: the second look's gate comes from the calibration, as on a unit.
         per_person = len(proto.young) / len(proto.identities)
-        gate = cal.threshold_for_fpir(args.second_look, len(proto.splits[0]), per_person).threshold
+        gate = gate_cal.threshold_for_fpir(args.second_look, len(proto.splits[0]), per_person).threshold
         base = second_look(persons["plain"], persons["flip"], proto, args.second_look, gate=gate)
         results["ours_one_look"] = one_look
         rows = [("ours (default: second look)", base), ("ours, one look", one_look)]

@@ -88,17 +88,16 @@ def run_phase(name: str, plan_path: Path, args: argparse.Namespace, timeout: flo
 
 def calibrated_threshold(plan: dict[str, Any], fpir: float) -> dict[str, Any]:
     """The threshold `watchlist build --fpir` would choose for the run's list: its persons and templates
-    (with the distractors when the run has them), the default model's calibration, the worst cohort
+    (with the distractors when the run has them), the default model's calibration for thresholds, the worst cohort
     (the enrolled people are enrolled from adult photos, so not every template is a child's)."""
     from engines.calibration import Calibration
-    from engines.config import EngineConfig
 
     persons = len(plan["photos"])
     templates = sum(len(v) for v in plan["photos"].values())
     if plan.get("distractors"):
         persons += plan["distractors"]["persons"]
         templates += plan["distractors"]["templates"]
-    cal = Calibration.load_for("dlib-resnet-v1", flip_average=EngineConfig().flip_average)
+    cal = Calibration.for_thresholds("dlib-resnet-v1")
     point = cal.threshold_for_fpir(fpir, persons, templates / persons)
     return {"fpir_target": fpir, "persons": persons, "templates": templates, **point.as_dict()}
 

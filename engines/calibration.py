@@ -227,6 +227,18 @@ class Calibration:
         return cal
 
     @classmethod
+    def for_thresholds(cls, model) -> Calibration:
+        """The calibration a list's threshold is chosen from: the model's flip-averaged one where there is
+        one, else its plain one. A unit judges every face that comes near the threshold on its
+        flip-averaged embedding (the second look, ``[matching] second_look_fpir``, or flip_average), so
+        the scores that decide an alert are flip-averaged scores (on lag-dev the plain calibration's
+        threshold for FPIR 1% gave 1.5% with the second look; the flip-averaged one's, 1%)."""
+        try:
+            return cls.load_for(model, flip_average=True)
+        except CalibrationError:
+            return cls.load_for(model)
+
+    @classmethod
     def for_engine(cls, engine) -> Calibration:
         """The calibration of a loaded FaceEngine's model and flip setting (what `watchlist build` and the
         unit use). A calibration made from other weights of the same model name is used with a warning."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -126,8 +128,6 @@ def test_packaged_default_model_calibration() -> None:
 
 
 def test_a_calibration_serves_only_the_model_and_flip_setting_it_was_made_with(tmp_path) -> None:
-    from types import SimpleNamespace
-
     cal, _ = _normal_calibration(n=1000)
     path = tmp_path / "cal.json"
     cal.save(path)
@@ -247,3 +247,16 @@ def test_the_engine_table_alone_is_read_from_a_unit_config(tmp_path) -> None:
 def _write(path, text: str):
     path.write_text(text)
     return path
+
+
+def test_thresholds_come_from_the_flip_averaged_calibration_where_there_is_one(tmp_path: Path) -> None:
+    """Faces near the threshold are judged on flip-averaged embeddings (the second look), so a list's
+    threshold follows the flip-averaged calibration; a model with only a plain one uses that."""
+    cal = Calibration.for_thresholds("dlib-resnet-v1:0123456789ab")
+    assert cal.flip_average and cal.model == "dlib-resnet-v1"
+    plain = Calibration.load_for("dlib-resnet-v1")
+    assert cal.threshold_for_fpir(0.01, 300, 2).threshold > plain.threshold_for_fpir(0.01, 300, 2).threshold
+    path = tmp_path / "own.json"
+    Calibration.from_scores("test-model", False, {"cross_age": np.linspace(0.5, 0.99, 1000)}, {}).save(path)
+    own = Calibration.for_thresholds(SimpleNamespace(name="test-model", calibration=path))
+    assert not own.flip_average and own.model == "test-model"

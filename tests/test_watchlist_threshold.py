@@ -19,7 +19,7 @@ from watchlist.hq.register import Register
 
 # Synthetic templates filed under the default model's name: its packaged calibration applies.
 MODEL = "dlib-resnet-v1:test"
-CAL = Calibration.load_for("dlib-resnet-v1")
+CAL = Calibration.for_thresholds("dlib-resnet-v1")  # what `watchlist build` chooses from
 
 
 def run(*args: object, code: int = 0):

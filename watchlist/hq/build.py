@@ -76,7 +76,7 @@ def choose_threshold(
     if fpir is not None and threshold is not None:
         raise ThresholdRefused("give --fpir or --threshold, not both")
     try:
-        cal = Calibration.load(calibration_path) if calibration_path else Calibration.load_for(model_id)
+        cal = Calibration.load(calibration_path) if calibration_path else Calibration.for_thresholds(model_id)
     except CalibrationError as exc:
         if threshold is None:
             threshold = register.get_meta(f"threshold:{model_id}")
