@@ -14,6 +14,7 @@ Two ways, one per kind of embedder:
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -201,30 +202,47 @@ def pyramid_down2(image: np.ndarray) -> np.ndarray:
     return (out // 256).astype(np.uint8)
 
 
+@functools.lru_cache(maxsize=8)
+def _chip_grid(rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """Column and row numbers of every chip pixel, flat and read-only; chips come in a few sizes."""
+    cc, rr = np.meshgrid(np.arange(cols, dtype=np.float64), np.arange(rows, dtype=np.float64))
+    cc, rr = cc.ravel(), rr.ravel()
+    cc.flags.writeable = rr.flags.writeable = False
+    return cc, rr
+
+
 def _bilinear(src: np.ndarray, matrix: np.ndarray, rows: int, cols: int) -> np.ndarray:
     """dlib's transform_image with interpolate_bilinear: chip pixel (c, r) takes the image at
     matrix @ (c, r, 1); samples whose 2x2 neighbourhood leaves the image are black; values
     are truncated to uint8 as dlib's assign_pixel does."""
-    out = np.zeros((rows, cols) + src.shape[2:], dtype=np.uint8)
-    if src.shape[0] == 0 or src.shape[1] == 0:
-        return out
+    channels = src.shape[2] if src.ndim == 3 else 1
+    out = np.zeros((channels, rows * cols), dtype=np.uint8)
     h, w = src.shape[:2]
-    cc, rr = np.meshgrid(np.arange(cols, dtype=np.float64), np.arange(rows, dtype=np.float64))
-    x = matrix[0, 0] * cc + matrix[0, 1] * rr + matrix[0, 2]
-    y = matrix[1, 0] * cc + matrix[1, 1] * rr + matrix[1, 2]
-    left = np.floor(x)
-    top = np.floor(y)
-    valid = (left >= 0) & (top >= 0) & (left + 1 < w) & (top + 1 < h)
-    li = np.where(valid, left, 0).astype(np.intp)
-    ti = np.where(valid, top, 0).astype(np.intp)
-    fx = (x - left)[..., None]
-    fy = (y - top)[..., None]
-    # Gather, then convert: converting the whole frame to float64 first cost more than the chip.
-    tl, tr = src[ti, li].astype(np.float64), src[ti, li + 1].astype(np.float64)
-    bl, br = src[ti + 1, li].astype(np.float64), src[ti + 1, li + 1].astype(np.float64)
-    value = (1 - fy) * ((1 - fx) * tl + fx * tr) + fy * ((1 - fx) * bl + fx * br)
-    out[valid] = value[valid].astype(np.uint8)
-    return out
+    if h and w:
+        cc, rr = _chip_grid(rows, cols)
+        x = matrix[0, 0] * cc + matrix[0, 1] * rr + matrix[0, 2]
+        y = matrix[1, 0] * cc + matrix[1, 1] * rr + matrix[1, 2]
+        left = np.floor(x)
+        top = np.floor(y)
+        valid = (left >= 0) & (top >= 0) & (left + 1 < w) & (top + 1 < h)
+        at = None if valid.all() else np.flatnonzero(valid)
+        if at is not None:
+            x, y, left, top = x[at], y[at], left[at], top[at]
+        fx, fy = x - left, y - top
+        gx, gy = 1 - fx, 1 - fy
+        tl = top.astype(np.intp) * w + left.astype(np.intp)
+        bl = tl + w
+        # Contiguous float64 channel planes: each gather is then a 1-D take from one plane and the
+        # arithmetic (dlib's, in its order, so truncating gives its bytes) runs on 1-D float64 arrays.
+        planes = np.moveaxis(src.reshape(h, w, channels), 2, 0).astype(np.float64, order="C").reshape(channels, -1)
+        for k in range(channels):
+            p = planes[k]
+            value = gy * (gx * p.take(tl) + fx * p.take(tl + 1)) + fy * (gx * p.take(bl) + fx * p.take(bl + 1))
+            if at is None:
+                out[k] = value
+            else:
+                out[k, at] = value
+    return np.ascontiguousarray(out.T).reshape((rows, cols) + src.shape[2:])
 
 
 def extract_chip(image: np.ndarray, chip: ChipTransform, size: int | None = None) -> np.ndarray:
