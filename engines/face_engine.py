@@ -69,21 +69,34 @@ def _detector_sessions(config: EngineConfig, cache_dir: Path):
     return make
 
 
-def align_faces(
-    image: np.ndarray, detections: Sequence[Detection], spec: EmbedderSpec, predictor: ShapePredictor | None
+def align_many(
+    items: Sequence[tuple[np.ndarray, Detection]], spec: EmbedderSpec, predictor: ShapePredictor | None
 ) -> np.ndarray:
-    """Aligned chips (N, H, W, 3) uint8 RGB in the geometry `spec` describes."""
-    chips = np.empty((len(detections), spec.input_height, spec.input_width, 3), dtype=np.uint8)
-    if not detections:
-        return chips
+    """Aligned chips (N, H, W, 3) uint8 RGB in the geometry `spec` describes, one per
+    (image, detection) in `items` and in their order; faces may come from any number of images.
+
+    Each image is checked once. With dlib's 5-point alignment the landmarks of all faces are
+    found in one pass (ShapePredictor.predict_batch), then each chip is cut.
+    """
+    chips = np.empty((len(items), spec.input_height, spec.input_width, 3), dtype=np.uint8)
+    by_image: dict[int, list[int]] = {}
+    for i, (image, _) in enumerate(items):
+        by_image.setdefault(id(image), []).append(i)
+    for idx in by_image.values():
+        check_image(items[idx[0]][0])
     if spec.alignment == "dlib5" and predictor is not None:
-        boxes = [dlib_box_from_points(det.landmarks) for det in detections]
-        for i, points in enumerate(predictor.predict_many(image, boxes)):
-            chips[i] = extract_chip(image, dlib_chip_transform(points, size=spec.input_width), spec.input_width)
+        groups = [
+            (items[idx[0]][0], [dlib_box_from_points(items[i][1].landmarks) for i in idx]) for idx in by_image.values()
+        ]
+        order = [i for idx in by_image.values() for i in idx]
+        for i, points in zip(order, predictor.predict_batch(groups), strict=True):
+            chip = dlib_chip_transform(points, size=spec.input_width)
+            chips[i] = extract_chip(items[i][0], chip, spec.input_width)
     else:
         template = np.asarray(spec.template, dtype=np.float32)
-        for i, det in enumerate(detections):
-            chips[i] = align_to_template(image, det.landmarks, template, (spec.input_width, spec.input_height))
+        size = (spec.input_width, spec.input_height)
+        for i, (image, det) in enumerate(items):
+            chips[i] = align_to_template(image, det.landmarks, template, size)
     return chips
 
 
@@ -115,7 +128,7 @@ def _int8_calibration(
         chips = calibration_chips(
             photos if photos is not None else public_domain_photos(),
             detector.detect,
-            lambda img, dets: align_faces(img, dets, spec, predictor),
+            lambda img, dets: align_many([(img, d) for d in dets], spec, predictor),
             count,
             seed,
         )
@@ -223,21 +236,15 @@ class FaceEngine:
 
     def align(self, image: np.ndarray, detections: Sequence[Detection]) -> np.ndarray:
         """Aligned chips (N, H, W, 3) uint8 RGB in the embedder's geometry."""
-        return align_faces(image, detections, self.embedder.spec, self.shape_predictor)
+        return self.align_many([(image, det) for det in detections])
+
+    def align_many(self, items: Sequence[tuple[np.ndarray, Detection]]) -> np.ndarray:
+        """Aligned chips (N, H, W, 3) uint8 RGB for faces of any number of images, in the order of `items`."""
+        return align_many(items, self.embedder.spec, self.shape_predictor)
 
     def embed(self, items: Sequence[tuple[np.ndarray, Detection]]) -> np.ndarray:
         """Embeddings (N, D) for faces from any number of images (for example several cameras), in one batch."""
-        if not items:
-            return np.zeros((0, self.embedding_dim), dtype=np.float32)
-        # Faces of one image are checked and aligned together, then all chips go in one batch.
-        groups: dict[int, tuple[np.ndarray, list[int]]] = {}
-        for i, (img, _) in enumerate(items):
-            groups.setdefault(id(img), (img, []))[1].append(i)
-        spec = self.embedder.spec
-        chips = np.empty((len(items), spec.input_height, spec.input_width, 3), dtype=np.uint8)
-        for img, idx in groups.values():
-            chips[idx] = self.align(check_image(img), [items[i][1] for i in idx])
-        return self.embedder.embed_chips(chips)
+        return self.embedder.embed_chips(self.align_many(items))
 
     def analyze(self, image: np.ndarray, embed_rejected: bool = False) -> list[AnalyzedFace]:
         """Detect, judge and embed every face in one image; faces that fail the quality gate
