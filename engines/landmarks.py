@@ -31,6 +31,9 @@ from engines.errors import ImageError, ModelError
 
 log = logging.getLogger(__name__)
 
+# Shapes of at least this many values (faces x 2 x parts) add leaves in a loop, smaller ones with cumsum.
+_LOOP_SUM_FROM = 64
+
 # dlib marks inf/nan floats with exponents at and above this (float_details).
 _EXP_SPECIAL = 32000
 
@@ -166,11 +169,17 @@ class _Level:
             split = self.split_base + node
             diff = np.take(flat, row + np.take(self.idx1, split)) - np.take(flat, row + np.take(self.idx2, split))
             node = 2 * node + 2 - (diff > np.take(self.thresh, split))
-        # Trees first, so the running sum (cumsum keeps dlib's tree order) adds whole rows.
-        seq = np.empty((self.n_trees + 1,) + shape.shape, dtype=np.float32)
-        seq[0] = shape
-        seq[1:] = np.take(self.leaves, (self.leaf_base + node).T, axis=0)
-        return np.cumsum(seq, axis=0, out=seq)[-1]
+        leaves = np.take(self.leaves, (self.leaf_base + node).T, axis=0)  # (trees, N, 2*parts)
+        # dlib adds the leaves to the shape one tree after another in float; both ways below keep
+        # that order. numpy's cumsum costs ~10 ns a value, an in-place add per tree ~0.5 us a
+        # call: the loop wins from a few faces on.
+        if shape.size < _LOOP_SUM_FROM:
+            seq = np.concatenate([shape[None], leaves])
+            return np.cumsum(seq, axis=0, out=seq)[-1]
+        total = shape.copy()
+        for leaf in leaves:
+            total += leaf
+        return total
 
 
 def _read_level(s: _IntStream, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
