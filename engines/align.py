@@ -150,15 +150,29 @@ def dlib_chip_transform(landmarks5: np.ndarray, size: int = 150, padding: float 
     part order. size=150, padding=0.25 is what dlib's face recognition model expects.
     """
     pts = np.asarray(landmarks5, dtype=np.float64)
-    if pts.shape != (5, 2) or not np.isfinite(pts).all():
+    if pts.shape != (5, 2):
         raise ValueError(f"landmarks5 must be a finite (5, 2) array from the 5-point model, got shape {pts.shape}")
+    return dlib_chip_transforms(pts[None], size, padding)[0]
+
+
+def dlib_chip_transforms(landmarks5: np.ndarray, size: int = 150, padding: float = 0.25) -> list[ChipTransform]:
+    """`dlib_chip_transform` for many faces at once: landmarks5 (N, 5, 2); one fit for all of them,
+    each face's transform the same as alone."""
+    pts = np.asarray(landmarks5, dtype=np.float64)
+    if pts.ndim != 3 or pts.shape[1:] != (5, 2) or not np.isfinite(pts).all():
+        raise ValueError(f"landmarks5 must be finite (N, 5, 2) points from the 5-point model, got shape {pts.shape}")
     if int(size) != size or size <= 0:
         raise ValueError(f"chip size must be a positive whole number of pixels, got {size!r}")
     if not padding >= 0:
         raise ValueError(f"padding must be >= 0, got {padding!r}")
     size = int(size)
     chip_points = (padding + DLIB_TEMPLATE5) / (2 * padding + 1) * size
-    m, t = umeyama(chip_points, pts)
+    fits = zip(*umeyama(np.broadcast_to(chip_points, pts.shape), pts), strict=True)
+    return [_square_chip(m, t, size) for m, t in fits]
+
+
+def _square_chip(m: np.ndarray, t: np.ndarray, size: int) -> ChipTransform:
+    """The size x size chip whose pixels map to the image by x -> m @ x + t."""
     px, py = m[0, 0], m[1, 0]  # m @ (1, 0): the image direction of the chip's x axis
     angle = math.atan2(py, px)
     scale = math.sqrt(px * px + py * py)

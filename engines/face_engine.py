@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.align import align_to_template, dlib_chip_transform, extract_chip
+from engines.align import align_to_template, dlib_chip_transforms, extract_chip
 from engines.backends import Backend, create_backend, tensorrt_available
 from engines.cache import ensure_default_models, int8_embedder, sha256_file
 from engines.config import EngineConfig
@@ -89,8 +89,8 @@ def align_many(
             (items[idx[0]][0], [dlib_box_from_points(items[i][1].landmarks) for i in idx]) for idx in by_image.values()
         ]
         order = [i for idx in by_image.values() for i in idx]
-        for i, points in zip(order, predictor.predict_batch(groups), strict=True):
-            chip = dlib_chip_transform(points, size=spec.input_width)
+        transforms = dlib_chip_transforms(predictor.predict_batch(groups), size=spec.input_width)
+        for i, chip in zip(order, transforms, strict=True):
             chips[i] = extract_chip(items[i][0], chip, spec.input_width)
     else:
         template = np.asarray(spec.template, dtype=np.float32)

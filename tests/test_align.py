@@ -13,6 +13,7 @@ from engines.align import (
     ChipTransform,
     align_to_template,
     dlib_chip_transform,
+    dlib_chip_transforms,
     extract_chip,
     pyramid_down2,
     similarity_transform,
@@ -103,6 +104,16 @@ def test_chip_transform_matches_dlib(predictor, dlib_mod, astronaut):
     np.testing.assert_allclose(ours.rect, (r.left(), r.top(), r.right(), r.bottom()), atol=1e-9)
     assert ours.angle == pytest.approx(theirs.angle, abs=1e-12)
     assert (ours.rows, ours.cols) == (theirs.rows, theirs.cols) == (150, 150)
+
+
+def test_chip_transforms_of_many_faces_equal_each_alone(predictor, astronaut):
+    points = predictor.predict(astronaut, ASTRONAUT_BOX)
+    rng = np.random.default_rng(4)
+    many = np.concatenate([points[None], points + rng.normal(0, 3, (20, 5, 2)), 2.5 * points[None] - 100])
+    together = dlib_chip_transforms(many, size=150)
+    assert together == [dlib_chip_transform(p, size=150) for p in many]
+    with pytest.raises(ValueError, match=r"\(N, 5, 2\)"):
+        dlib_chip_transforms(many[0])
 
 
 def test_image_to_chip_puts_landmarks_on_the_template(predictor, astronaut):
