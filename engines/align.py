@@ -230,7 +230,7 @@ def _bilinear(src: np.ndarray, matrix: np.ndarray, rows: int, cols: int) -> np.n
     matrix @ (c, r, 1); samples whose 2x2 neighbourhood leaves the image are black; values
     are truncated to uint8 as dlib's assign_pixel does."""
     channels = src.shape[2] if src.ndim == 3 else 1
-    out = np.zeros((channels, rows * cols), dtype=np.uint8)
+    out = np.zeros((rows * cols, channels), dtype=np.uint8)
     h, w = src.shape[:2]
     if h and w:
         cc, rr = _chip_grid(rows, cols)
@@ -252,11 +252,12 @@ def _bilinear(src: np.ndarray, matrix: np.ndarray, rows: int, cols: int) -> np.n
         for k in range(channels):
             p = planes[k]
             value = gy * (gx * p.take(tl) + fx * p.take(tl + 1)) + fy * (gx * p.take(bl) + fx * p.take(bl + 1))
+            # Storing into the interleaved chip costs less than transposing planes afterwards.
             if at is None:
-                out[k] = value
+                out[:, k] = value
             else:
-                out[k, at] = value
-    return np.ascontiguousarray(out.T).reshape((rows, cols) + src.shape[2:])
+                out[at, k] = value
+    return out.reshape((rows, cols) + src.shape[2:])
 
 
 def extract_chip(image: np.ndarray, chip: ChipTransform, size: int | None = None) -> np.ndarray:
