@@ -178,6 +178,18 @@ def test_pyramid_down_halves_the_image():
     assert pyramid_down2(img[:8]).shape[:2] == (0, 0)
 
 
+def test_pyramid_down_matches_dlib(dlib_mod, astronaut):
+    """Random images of odd and even sizes (white ones too, the uint16 sums' largest case) and a photo."""
+    rng = np.random.default_rng(2)
+    down = dlib_mod.pyramid_down(2)
+    images = [
+        rng.integers(0, 256, (int(rng.integers(9, 120)), int(rng.integers(9, 120)), 3), np.uint8) for _ in range(20)
+    ]
+    images += [np.full((33, 40, 3), 255, np.uint8), astronaut]
+    for img in images:
+        np.testing.assert_array_equal(pyramid_down2(img), down(img), err_msg=f"image {img.shape}")
+
+
 @pytest.mark.data
 def test_lag_sample_chips_and_embeddings_match_dlib(predictor, dlib_mod, lag_dir):
     """Chips of ~100 real photos against dlib's, and dlib's own embedding of a subset of each."""
