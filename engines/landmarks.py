@@ -164,7 +164,7 @@ class _Level:
         flat = values.ravel()
         row = np.arange(n)[:, None] * values.shape[1]
         node = np.zeros((n, self.n_trees), dtype=np.intp)
-        # Only the splits on each face's path are evaluated: depth of the n_splits per tree.
+        # Only the splits on each face's path are evaluated: `depth` of each tree's n_splits.
         for _ in range(self.depth):
             split = self.split_base + node
             diff = np.take(flat, row + np.take(self.idx1, split)) - np.take(flat, row + np.take(self.idx2, split))
