@@ -14,6 +14,7 @@ Two ways, one per kind of embedder:
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -149,15 +150,29 @@ def dlib_chip_transform(landmarks5: np.ndarray, size: int = 150, padding: float 
     part order. size=150, padding=0.25 is what dlib's face recognition model expects.
     """
     pts = np.asarray(landmarks5, dtype=np.float64)
-    if pts.shape != (5, 2) or not np.isfinite(pts).all():
+    if pts.shape != (5, 2):
         raise ValueError(f"landmarks5 must be a finite (5, 2) array from the 5-point model, got shape {pts.shape}")
+    return dlib_chip_transforms(pts[None], size, padding)[0]
+
+
+def dlib_chip_transforms(landmarks5: np.ndarray, size: int = 150, padding: float = 0.25) -> list[ChipTransform]:
+    """`dlib_chip_transform` for many faces at once: landmarks5 (N, 5, 2); one fit for all of them,
+    each face's transform the same as alone."""
+    pts = np.asarray(landmarks5, dtype=np.float64)
+    if pts.ndim != 3 or pts.shape[1:] != (5, 2) or not np.isfinite(pts).all():
+        raise ValueError(f"landmarks5 must be finite (N, 5, 2) points from the 5-point model, got shape {pts.shape}")
     if int(size) != size or size <= 0:
         raise ValueError(f"chip size must be a positive whole number of pixels, got {size!r}")
     if not padding >= 0:
         raise ValueError(f"padding must be >= 0, got {padding!r}")
     size = int(size)
     chip_points = (padding + DLIB_TEMPLATE5) / (2 * padding + 1) * size
-    m, t = umeyama(chip_points, pts)
+    fits = zip(*umeyama(np.broadcast_to(chip_points, pts.shape), pts), strict=True)
+    return [_square_chip(m, t, size) for m, t in fits]
+
+
+def _square_chip(m: np.ndarray, t: np.ndarray, size: int) -> ChipTransform:
+    """The size x size chip whose pixels map to the image by x -> m @ x + t."""
     px, py = m[0, 0], m[1, 0]  # m @ (1, 0): the image direction of the chip's x axis
     angle = math.atan2(py, px)
     scale = math.sqrt(px * px + py * py)
@@ -192,39 +207,58 @@ def pyramid_down2(image: np.ndarray) -> np.ndarray:
     h, w = image.shape[:2]
     if h <= 8 or w <= 8:
         return np.zeros((0, 0) + image.shape[2:], dtype=np.uint8)
-    img = image.astype(np.uint32)
-    nc = (w - 3) // 2
-    c0 = 2 * np.arange(nc)
-    rows = img[:, c0] + 4 * img[:, c0 + 1] + 6 * img[:, c0 + 2] + 4 * img[:, c0 + 3] + img[:, c0 + 4]
-    r0 = np.arange(2, h - 2, 2)
-    out = rows[r0 - 2] + 4 * rows[r0 - 1] + 6 * rows[r0] + 4 * rows[r0 + 1] + rows[r0 + 2]
-    return (out // 256).astype(np.uint8)
+    # Exact in uint16: the kernel's weights sum to 16 per pass, 16 * 16 * 255 = 65280. The
+    # vertical pass first, on the kept rows only, halves the work of the horizontal one.
+    img = image.astype(np.uint16)
+    nr, nc = (h - 3) // 2, (w - 3) // 2
+    r0, r1, r2, r3, r4 = (img[k : k + 2 * nr : 2] for k in range(5))
+    cols = r0 + 4 * r1 + 6 * r2 + 4 * r3 + r4
+    c0, c1, c2, c3, c4 = (cols[:, k : k + 2 * nc : 2] for k in range(5))
+    return ((c0 + 4 * c1 + 6 * c2 + 4 * c3 + c4) >> 8).astype(np.uint8)
+
+
+@functools.lru_cache(maxsize=8)
+def _chip_grid(rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """Column and row numbers of every chip pixel, flat and read-only; chips come in a few sizes."""
+    cc, rr = np.meshgrid(np.arange(cols, dtype=np.float64), np.arange(rows, dtype=np.float64))
+    cc, rr = cc.ravel(), rr.ravel()
+    cc.flags.writeable = rr.flags.writeable = False
+    return cc, rr
 
 
 def _bilinear(src: np.ndarray, matrix: np.ndarray, rows: int, cols: int) -> np.ndarray:
     """dlib's transform_image with interpolate_bilinear: chip pixel (c, r) takes the image at
     matrix @ (c, r, 1); samples whose 2x2 neighbourhood leaves the image are black; values
     are truncated to uint8 as dlib's assign_pixel does."""
-    out = np.zeros((rows, cols) + src.shape[2:], dtype=np.uint8)
-    if src.shape[0] == 0 or src.shape[1] == 0:
-        return out
+    channels = src.shape[2] if src.ndim == 3 else 1
+    out = np.zeros((rows * cols, channels), dtype=np.uint8)
     h, w = src.shape[:2]
-    cc, rr = np.meshgrid(np.arange(cols, dtype=np.float64), np.arange(rows, dtype=np.float64))
-    x = matrix[0, 0] * cc + matrix[0, 1] * rr + matrix[0, 2]
-    y = matrix[1, 0] * cc + matrix[1, 1] * rr + matrix[1, 2]
-    left = np.floor(x)
-    top = np.floor(y)
-    valid = (left >= 0) & (top >= 0) & (left + 1 < w) & (top + 1 < h)
-    li = np.where(valid, left, 0).astype(np.intp)
-    ti = np.where(valid, top, 0).astype(np.intp)
-    fx = (x - left)[..., None]
-    fy = (y - top)[..., None]
-    # Gather, then convert: converting the whole frame to float64 first cost more than the chip.
-    tl, tr = src[ti, li].astype(np.float64), src[ti, li + 1].astype(np.float64)
-    bl, br = src[ti + 1, li].astype(np.float64), src[ti + 1, li + 1].astype(np.float64)
-    value = (1 - fy) * ((1 - fx) * tl + fx * tr) + fy * ((1 - fx) * bl + fx * br)
-    out[valid] = value[valid].astype(np.uint8)
-    return out
+    if h and w:
+        cc, rr = _chip_grid(rows, cols)
+        x = matrix[0, 0] * cc + matrix[0, 1] * rr + matrix[0, 2]
+        y = matrix[1, 0] * cc + matrix[1, 1] * rr + matrix[1, 2]
+        left = np.floor(x)
+        top = np.floor(y)
+        valid = (left >= 0) & (top >= 0) & (left + 1 < w) & (top + 1 < h)
+        at = None if valid.all() else np.flatnonzero(valid)
+        if at is not None:
+            x, y, left, top = x[at], y[at], left[at], top[at]
+        fx, fy = x - left, y - top
+        gx, gy = 1 - fx, 1 - fy
+        tl = top.astype(np.intp) * w + left.astype(np.intp)
+        bl = tl + w
+        # Contiguous float64 channel planes: each gather is then a 1-D take from one plane and the
+        # arithmetic (dlib's, in its order, so truncating gives its bytes) runs on 1-D float64 arrays.
+        planes = np.moveaxis(src.reshape(h, w, channels), 2, 0).astype(np.float64, order="C").reshape(channels, -1)
+        for k in range(channels):
+            p = planes[k]
+            value = gy * (gx * p.take(tl) + fx * p.take(tl + 1)) + fy * (gx * p.take(bl) + fx * p.take(bl + 1))
+            # Storing into the interleaved chip costs less than transposing planes afterwards.
+            if at is None:
+                out[:, k] = value
+            else:
+                out[at, k] = value
+    return out.reshape((rows, cols) + src.shape[2:])
 
 
 def extract_chip(image: np.ndarray, chip: ChipTransform, size: int | None = None) -> np.ndarray:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.align import align_to_template, dlib_chip_transform, extract_chip
+from engines.align import align_to_template, dlib_chip_transforms, extract_chip
 from engines.backends import Backend, create_backend, tensorrt_available
 from engines.cache import ensure_default_models, int8_embedder, sha256_file
 from engines.config import EngineConfig
@@ -69,21 +69,34 @@ def _detector_sessions(config: EngineConfig, cache_dir: Path):
     return make
 
 
-def align_faces(
-    image: np.ndarray, detections: Sequence[Detection], spec: EmbedderSpec, predictor: ShapePredictor | None
+def align_many(
+    items: Sequence[tuple[np.ndarray, Detection]], spec: EmbedderSpec, predictor: ShapePredictor | None
 ) -> np.ndarray:
-    """Aligned chips (N, H, W, 3) uint8 RGB in the geometry `spec` describes."""
-    chips = np.empty((len(detections), spec.input_height, spec.input_width, 3), dtype=np.uint8)
-    if not detections:
-        return chips
+    """Aligned chips (N, H, W, 3) uint8 RGB in the geometry `spec` describes, one per
+    (image, detection) in `items` and in their order; faces may come from any number of images.
+
+    Each image is checked once. With dlib's 5-point alignment the landmarks of all faces are
+    found in one pass (ShapePredictor.predict_batch), then each chip is cut.
+    """
+    chips = np.empty((len(items), spec.input_height, spec.input_width, 3), dtype=np.uint8)
+    by_image: dict[int, list[int]] = {}
+    for i, (image, _) in enumerate(items):
+        by_image.setdefault(id(image), []).append(i)
+    for idx in by_image.values():
+        check_image(items[idx[0]][0])
     if spec.alignment == "dlib5" and predictor is not None:
-        boxes = [dlib_box_from_points(det.landmarks) for det in detections]
-        for i, points in enumerate(predictor.predict_many(image, boxes)):
-            chips[i] = extract_chip(image, dlib_chip_transform(points, size=spec.input_width), spec.input_width)
+        groups = [
+            (items[idx[0]][0], [dlib_box_from_points(items[i][1].landmarks) for i in idx]) for idx in by_image.values()
+        ]
+        order = [i for idx in by_image.values() for i in idx]
+        transforms = dlib_chip_transforms(predictor.predict_batch(groups), size=spec.input_width)
+        for i, chip in zip(order, transforms, strict=True):
+            chips[i] = extract_chip(items[i][0], chip, spec.input_width)
     else:
         template = np.asarray(spec.template, dtype=np.float32)
-        for i, det in enumerate(detections):
-            chips[i] = align_to_template(image, det.landmarks, template, (spec.input_width, spec.input_height))
+        size = (spec.input_width, spec.input_height)
+        for i, (image, det) in enumerate(items):
+            chips[i] = align_to_template(image, det.landmarks, template, size)
     return chips
 
 
@@ -115,7 +128,7 @@ def _int8_calibration(
         chips = calibration_chips(
             photos if photos is not None else public_domain_photos(),
             detector.detect,
-            lambda img, dets: align_faces(img, dets, spec, predictor),
+            lambda img, dets: align_many([(img, d) for d in dets], spec, predictor),
             count,
             seed,
         )
@@ -223,7 +236,11 @@ class FaceEngine:
 
     def align(self, image: np.ndarray, detections: Sequence[Detection]) -> np.ndarray:
         """Aligned chips (N, H, W, 3) uint8 RGB in the embedder's geometry."""
-        return align_faces(image, detections, self.embedder.spec, self.shape_predictor)
+        return self.align_many([(image, det) for det in detections])
+
+    def align_many(self, items: Sequence[tuple[np.ndarray, Detection]]) -> np.ndarray:
+        """Aligned chips (N, H, W, 3) uint8 RGB for faces of any number of images, in the order of `items`."""
+        return align_many(items, self.embedder.spec, self.shape_predictor)
 
     def embed(
         self, items: Sequence[tuple[np.ndarray, Detection]], *, look_again: LookAgain | None = None
@@ -232,17 +249,7 @@ class FaceEngine:
 
         `look_again`: a second look for some faces (see Embedder.embed_chips): given the plain
         embeddings, a boolean mask of the faces to embed with their mirror image too."""
-        if not items:
-            return np.zeros((0, self.embedding_dim), dtype=np.float32)
-        # Faces of one image are checked and aligned together, then all chips go in one batch.
-        groups: dict[int, tuple[np.ndarray, list[int]]] = {}
-        for i, (img, _) in enumerate(items):
-            groups.setdefault(id(img), (img, []))[1].append(i)
-        spec = self.embedder.spec
-        chips = np.empty((len(items), spec.input_height, spec.input_width, 3), dtype=np.uint8)
-        for img, idx in groups.values():
-            chips[idx] = self.align(check_image(img), [items[i][1] for i in idx])
-        return self.embedder.embed_chips(chips, look_again=look_again)
+        return self.embedder.embed_chips(self.align_many(items), look_again=look_again)
 
     def analyze(self, image: np.ndarray, embed_rejected: bool = False) -> list[AnalyzedFace]:
         """Detect, judge and embed every face in one image; faces that fail the quality gate

@@ -31,6 +31,9 @@ from engines.errors import ImageError, ModelError
 
 log = logging.getLogger(__name__)
 
+# Shapes of at least this many values (faces x 2 x parts) add leaves in a loop, smaller ones with cumsum.
+_LOOP_SUM_FROM = 64
+
 # dlib marks inf/nan floats with exponents at and above this (float_details).
 _EXP_SPECIAL = 32000
 
@@ -154,6 +157,30 @@ class _Level:
         self.split_base = np.arange(self.n_trees) * self.n_splits
         self.leaf_base = np.arange(self.n_trees) * (self.n_splits + 1) - self.n_splits
 
+    def walk(self, values: np.ndarray, shape: np.ndarray) -> np.ndarray:
+        """The next shape estimate (N, 2*parts) float32: `shape` plus the leaf every tree reaches
+        on the sample pixel `values` (N, samples), added tree after tree as dlib does."""
+        n = values.shape[0]
+        flat = values.ravel()
+        row = np.arange(n)[:, None] * values.shape[1]
+        node = np.zeros((n, self.n_trees), dtype=np.intp)
+        # Only the splits on each face's path are evaluated: `depth` of each tree's n_splits.
+        for _ in range(self.depth):
+            split = self.split_base + node
+            diff = np.take(flat, row + np.take(self.idx1, split)) - np.take(flat, row + np.take(self.idx2, split))
+            node = 2 * node + 2 - (diff > np.take(self.thresh, split))
+        leaves = np.take(self.leaves, (self.leaf_base + node).T, axis=0)  # (trees, N, 2*parts)
+        # dlib adds the leaves to the shape one tree after another in float; both ways below keep
+        # that order. numpy's cumsum costs ~10 ns a value, an in-place add per tree ~0.5 us a
+        # call: the loop wins from a few faces on.
+        if shape.size < _LOOP_SUM_FROM:
+            seq = np.concatenate([shape[None], leaves])
+            return np.cumsum(seq, axis=0, out=seq)[-1]
+        total = shape.copy()
+        for leaf in leaves:
+            total += leaf
+        return total
+
 
 def _read_level(s: _IntStream, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """One cascade level: vector<regression_tree>, each tree a vector of splits (idx1, idx2,
@@ -238,13 +265,27 @@ def _flat_pixels(image: object) -> tuple[np.ndarray, int]:
     return image.reshape(-1), (1 if image.ndim == 2 else 3)
 
 
-def _intensity(flat: np.ndarray, channels: int, at: np.ndarray) -> np.ndarray:
-    """dlib's get_pixel_intensity at pixel indices `at`: grey as is, RGB as the truncated
-    integer mean of R, G and B."""
-    if channels == 1:
-        return np.take(flat, at)
-    at = 3 * at
-    return (np.take(flat, at).astype(np.int32) + np.take(flat, at + 1) + np.take(flat, at + 2)) // 3
+class _Pixels:
+    """The images of a batch and which faces (rows) belong to each, for sampling intensities."""
+
+    def __init__(self, images: Sequence[np.ndarray], counts: Sequence[int]) -> None:
+        self.images = [_flat_pixels(image) for image in images]
+        ends = np.cumsum(counts).tolist()
+        self.rows = [slice(end - count, end) for count, end in zip(counts, ends, strict=True)]
+        # Each face's image size, for the is-the-sample-inside test.
+        self.h = np.repeat([float(image.shape[0]) for image in images], counts)[:, None]
+        self.w = np.repeat([float(image.shape[1]) for image in images], counts)[:, None]
+
+    def intensity(self, at: np.ndarray) -> np.ndarray:
+        """dlib's get_pixel_intensity at pixel indices `at` (N, S), each row in its face's image:
+        grey as is, RGB as the truncated integer mean of R, G and B. Returns (N, S) int32."""
+        rgb = np.empty(at.shape + (3,), dtype=np.uint8)
+        for (flat, channels), rows in zip(self.images, self.rows, strict=True):
+            if channels == 1:
+                rgb[rows] = np.take(flat, at[rows])[..., None]  # three equal values average to the grey
+            else:
+                rgb[rows] = np.take(flat.reshape(-1, 3), at[rows], axis=0)
+        return (rgb[..., 0].astype(np.int32) + rgb[..., 1] + rgb[..., 2]) // 3
 
 
 # --------------------------------------------------------------------------------------
@@ -346,46 +387,53 @@ class ShapePredictor:
 
     def predict_many(self, image: np.ndarray, boxes: object, *, subpixel: bool = False) -> np.ndarray:
         """`predict` for several boxes in one image at once; returns (N, num_parts, 2) float32."""
-        flat, channels = _flat_pixels(image)
-        rects = _as_boxes(boxes)
-        h, w = image.shape[:2]
-        n = rects.shape[0]
-        # dlib's unnormalizing_tform: the unit square onto the box.
-        sx, sy = (rects[:, 2] - rects[:, 0])[:, None], (rects[:, 3] - rects[:, 1])[:, None]
-        ox, oy = rects[:, 0, None], rects[:, 1, None]
-        dim = 2 * self.num_parts
-        faces = np.arange(n)[:, None]
-        shape = np.repeat(self.initial_shape.reshape(1, dim), n, axis=0)  # (N, 2*parts) float32
-        for level in self.levels:
-            pq = (shape.astype(np.float64) @ self._basis).astype(np.float32)
-            p, q = pq[:, 0, None], pq[:, 1, None]
-            # float32 products and sums, as dlib computes tform*delta + anchor point.
-            anchor = shape.reshape(n, -1, 2)[:, level.anchor]
-            x = (p * level.dx + -q * level.dy) + anchor[..., 0]
-            y = (q * level.dx + p * level.dy) + anchor[..., 1]
-            px = np.floor(x.astype(np.float64) * sx + ox + 0.5)
-            py = np.floor(y.astype(np.float64) * sy + oy + 0.5)
-            inside = (px >= 0) & (px <= w - 1) & (py >= 0) & (py <= h - 1)
-            at = np.where(inside, py * w + px, 0).astype(np.intp)
-            values = np.where(inside, _intensity(flat, channels, at), 0).astype(np.float32).ravel()
+        return self.predict_batch([(image, boxes)], subpixel=subpixel)
 
-            # Evaluate every split of every tree, then walk the trees on the outcomes.
-            row = faces * level.deltas.shape[0]
-            goes_left = (np.take(values, row + level.idx1) - np.take(values, row + level.idx2) > level.thresh).ravel()
-            base = faces * level.idx1.size + level.split_base
-            node = np.zeros((n, level.n_trees), dtype=np.intp)
-            for _ in range(level.depth):
-                node = 2 * node + 2 - np.take(goes_left, base + node)
-            seq = np.empty((n, level.n_trees + 1, dim), dtype=np.float32)
-            seq[:, 0] = shape
-            seq[:, 1:] = np.take(level.leaves, level.leaf_base + node, axis=0)
-            # dlib adds the trees' leaves one after another in float; cumsum keeps that order.
-            shape = np.cumsum(seq, axis=1)[:, -1]
-        shape = shape.reshape(n, -1, 2).astype(np.float64)
+    def predict_batch(self, items: Sequence[tuple[np.ndarray, object]], *, subpixel: bool = False) -> np.ndarray:
+        """`predict_many` for the boxes of several images in one pass: (total boxes, num_parts, 2)
+        float32, the boxes of items[0] first. Each face's points equal `predict`'s for it.
+
+        items: (image, boxes) pairs, boxes as for `predict_many`. Only the pixel sampling goes
+        image by image; the regression trees are walked for every face at once.
+        """
+        rects = [_as_boxes(boxes) for _, boxes in items]
+        if not rects:
+            return np.zeros((0, self.num_parts, 2), dtype=np.float32)
+        pixels = _Pixels([image for image, _ in items], [len(r) for r in rects])
+        rects = np.concatenate(rects)
+        # dlib's unnormalizing_tform: the unit square onto the box.
+        box = (
+            (rects[:, 2] - rects[:, 0])[:, None],
+            (rects[:, 3] - rects[:, 1])[:, None],
+            rects[:, 0, None],
+            rects[:, 1, None],
+        )
+        shape = np.repeat(self.initial_shape.reshape(1, -1), rects.shape[0], axis=0)  # (N, 2*parts) float32
+        for level in self.levels:
+            shape = level.walk(self._sample(level, shape, pixels, box), shape)
+        sx, sy, ox, oy = box
+        shape = shape.reshape(rects.shape[0], -1, 2).astype(np.float64)
         points = np.stack([shape[..., 0] * sx + ox, shape[..., 1] * sy + oy], axis=-1)
         if not subpixel:
             points = np.floor(points + 0.5)
         return points.astype(np.float32)
+
+    def _sample(self, level: _Level, shape: np.ndarray, pixels: _Pixels, box: tuple[np.ndarray, ...]) -> np.ndarray:
+        """The intensities (N, samples) float32 of a level's sample pixels around each face's
+        current shape (N, 2*parts); 0 where a sample falls outside its image."""
+        sx, sy, ox, oy = box
+        # Summed one coordinate after another (cumsum), so a face's result cannot depend on the
+        # batch it is in, as a BLAS product's summation order might.
+        pq = np.cumsum(shape.astype(np.float64)[:, :, None] * self._basis, axis=1)[:, -1].astype(np.float32)
+        p, q = pq[:, 0, None], pq[:, 1, None]
+        # float32 products and sums, as dlib computes tform*delta + anchor point.
+        x = (p * level.dx + -q * level.dy) + np.take(shape[:, 0::2], level.anchor, axis=1)
+        y = (q * level.dx + p * level.dy) + np.take(shape[:, 1::2], level.anchor, axis=1)
+        px = np.floor(x.astype(np.float64) * sx + ox + 0.5)
+        py = np.floor(y.astype(np.float64) * sy + oy + 0.5)
+        inside = (px >= 0) & (px <= pixels.w - 1) & (py >= 0) & (py <= pixels.h - 1)
+        at = np.where(inside, py * pixels.w + px, 0).astype(np.intp)
+        return np.where(inside, pixels.intensity(at), 0).astype(np.float32)
 
 
 def default_model_path() -> Path:

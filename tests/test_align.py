@@ -13,6 +13,7 @@ from engines.align import (
     ChipTransform,
     align_to_template,
     dlib_chip_transform,
+    dlib_chip_transforms,
     extract_chip,
     pyramid_down2,
     similarity_transform,
@@ -105,6 +106,16 @@ def test_chip_transform_matches_dlib(predictor, dlib_mod, astronaut):
     assert (ours.rows, ours.cols) == (theirs.rows, theirs.cols) == (150, 150)
 
 
+def test_chip_transforms_of_many_faces_equal_each_alone(predictor, astronaut):
+    points = predictor.predict(astronaut, ASTRONAUT_BOX)
+    rng = np.random.default_rng(4)
+    many = np.concatenate([points[None], points + rng.normal(0, 3, (20, 5, 2)), 2.5 * points[None] - 100])
+    together = dlib_chip_transforms(many, size=150)
+    assert together == [dlib_chip_transform(p, size=150) for p in many]
+    with pytest.raises(ValueError, match=r"\(N, 5, 2\)"):
+        dlib_chip_transforms(many[0])
+
+
 def test_image_to_chip_puts_landmarks_on_the_template(predictor, astronaut):
     points = predictor.predict(astronaut, ASTRONAUT_BOX, subpixel=True)
     chip = dlib_chip_transform(points, size=150, padding=0.25)
@@ -140,6 +151,24 @@ def test_chip_past_the_image_edge_matches_dlib(predictor, dlib_mod, astronaut):
     np.testing.assert_array_equal(ours, theirs)
 
 
+def test_random_rotated_chips_match_dlib_extract_image_chip(dlib_mod, astronaut):
+    """Chips of every kind against dlib's own extract_image_chip, to the byte: rotated, scaled up
+    and down (through the pyramid), non-square, and reaching past every edge of the image."""
+    rng = np.random.default_rng(11)
+    crop = np.ascontiguousarray(astronaut[60:300, 140:330])
+    for i in range(60):
+        img = crop if i % 2 else astronaut
+        h, w = img.shape[:2]
+        side = float(rng.uniform(20, 1.2 * min(h, w)))
+        left, top = float(rng.uniform(-0.3 * side, w - 0.7 * side)), float(rng.uniform(-0.3 * side, h - 0.7 * side))
+        rect = (left, top, left + side * float(rng.uniform(0.7, 1.3)), top + side)
+        rows, cols = (150, 150) if i % 3 else (int(rng.integers(10, 200)), int(rng.integers(10, 200)))
+        angle = float(rng.uniform(-math.pi, math.pi))
+        ours = extract_chip(img, ChipTransform(rect=rect, angle=angle, rows=rows, cols=cols))
+        details = dlib_mod.chip_details(dlib_mod.drectangle(*rect), dlib_mod.chip_dims(rows, cols), angle)
+        np.testing.assert_array_equal(ours, dlib_mod.extract_image_chip(img, details), err_msg=f"chip {i}")
+
+
 def test_pyramid_down_halves_the_image():
     img = np.random.default_rng(0).integers(0, 256, (101, 64, 3), dtype=np.uint8)
     down = pyramid_down2(img)
@@ -147,6 +176,18 @@ def test_pyramid_down_halves_the_image():
     flat = np.full((40, 40, 3), 77, dtype=np.uint8)
     assert (pyramid_down2(flat) == 77).all()  # the 5x5 binomial kernel sums to 256
     assert pyramid_down2(img[:8]).shape[:2] == (0, 0)
+
+
+def test_pyramid_down_matches_dlib(dlib_mod, astronaut):
+    """Random images of odd and even sizes (white ones too, the uint16 sums' largest case) and a photo."""
+    rng = np.random.default_rng(2)
+    down = dlib_mod.pyramid_down(2)
+    images = [
+        rng.integers(0, 256, (int(rng.integers(9, 120)), int(rng.integers(9, 120)), 3), np.uint8) for _ in range(20)
+    ]
+    images += [np.full((33, 40, 3), 255, np.uint8), astronaut]
+    for img in images:
+        np.testing.assert_array_equal(pyramid_down2(img), down(img), err_msg=f"image {img.shape}")
 
 
 @pytest.mark.data

@@ -76,6 +76,57 @@ def test_faces_of_several_images_embed_in_one_batch(engine):
     np.testing.assert_allclose(batch[1], one[0], atol=1e-5)
 
 
+def test_align_many_matches_aligning_each_face_alone(engine):
+    """Faces of several images, interleaved, one image twice: the chips align gives face by face,
+    cut from the image with dlib's points (extract_chip of dlib_chip_transform)."""
+    import cv2
+
+    from engines.align import dlib_chip_transform, extract_chip
+    from engines.landmarks import dlib_box_from_points
+
+    img = skdata.astronaut()
+    small = cv2.resize(img, None, fx=0.5, fy=0.5)
+    shifted = np.ascontiguousarray(np.roll(img, (40, -60), axis=(0, 1)))
+    dets = {id(x): engine.detect(x)[0] for x in (img, small, shifted)}
+    items = [(img, dets[id(img)]), (small, dets[id(small)]), (img, dets[id(img)]), (shifted, dets[id(shifted)])]
+    chips = engine.align_many(items)
+    assert chips.shape == (4, 150, 150, 3) and chips.dtype == np.uint8
+    for chip, (image, det) in zip(chips, items, strict=True):
+        np.testing.assert_array_equal(chip, engine.align(image, [det])[0])
+        points = engine.shape_predictor.predict(image, dlib_box_from_points(det.landmarks))
+        np.testing.assert_array_equal(chip, extract_chip(image, dlib_chip_transform(points, 150)))
+    assert engine.align_many([]).shape == (0, 150, 150, 3)
+
+
+def test_align_many_template_alignment():
+    """Embedders aligned to a 5-point template (ArcFace-style) get align_to_template's chips."""
+    from engines.align import ARCFACE_TEMPLATE_112, align_to_template
+    from engines.detector import Detection
+    from engines.face_engine import align_many
+    from engines.model_spec import EmbedderSpec
+
+    spec = EmbedderSpec(
+        name="arcface-like",
+        input_width=112,
+        input_height=112,
+        alignment="template",
+        template=tuple(map(tuple, ARCFACE_TEMPLATE_112.tolist())),
+        embedding_size=512,
+    )
+    img = skdata.astronaut()
+    marks = np.array([[200.0, 115.0], [240.0, 112.0], [222.0, 138.0], [205.0, 158.0], [238.0, 156.0]], np.float32)
+    det = Detection(box=(170.0, 70.0, 270.0, 180.0), score=0.99, landmarks=marks)
+    chips = align_many([(img, det), (img[::-1].copy(), det)], spec, None)
+    assert chips.shape == (2, 112, 112, 3)
+    np.testing.assert_array_equal(chips[0], align_to_template(img, marks, ARCFACE_TEMPLATE_112, (112, 112)))
+
+
+def test_align_many_names_a_bad_image(engine):
+    det = engine.detect(skdata.astronaut())[0]
+    with pytest.raises(ImageError, match="uint8"):
+        engine.align_many([(skdata.astronaut(), det), (np.zeros((10, 10, 3), np.float32), det)])
+
+
 def test_no_faces_in_a_blank_frame(engine):
     assert engine.analyze(np.full((480, 640, 3), 127, np.uint8)) == []
 

@@ -123,6 +123,39 @@ def test_predict_many_equals_one_by_one(predictor, astronaut):
         np.testing.assert_array_equal(got, predictor.predict(astronaut, box))
 
 
+def test_predict_batch_equals_predict_many_per_image(predictor, astronaut):
+    """Faces of several images (RGB and grey, boxes past the edges, one image twice) in one pass:
+    the points predict_many gives image by image, in item order."""
+    import cv2
+
+    grey = np.ascontiguousarray(astronaut.mean(axis=2).astype(np.uint8))
+    small = cv2.resize(astronaut, None, fx=0.5, fy=0.5)
+    crop = np.ascontiguousarray(astronaut[110:, 200:])
+    items = [
+        (astronaut, [ASTRONAUT_BOX, (170.5, 70.25, 270.5, 171.75)]),
+        (grey, [ASTRONAUT_BOX]),
+        (small, [(87.5, 38.0, 132.5, 83.0), (-20.0, -10.0, 60.0, 70.0), (230.0, 200.0, 300.0, 290.0)]),
+        (crop, (175 - 200, 76 - 110, 265 - 200, 166 - 110)),
+        (astronaut, [(126.0, 335.0, 215.0, 425.0)]),
+    ]
+    for subpixel in (False, True):
+        batch = predictor.predict_batch(items, subpixel=subpixel)
+        expected = np.concatenate([predictor.predict_many(img, boxes, subpixel=subpixel) for img, boxes in items])
+        assert batch.shape == (8, 5, 2) and batch.dtype == np.float32
+        np.testing.assert_array_equal(batch, expected)
+        # and each face alone, so the batch changes nothing about a face
+        alone = [
+            predictor.predict(img, box, subpixel=subpixel) for img, boxes in items for box in np.reshape(boxes, (-1, 4))
+        ]
+        np.testing.assert_array_equal(batch, np.stack(alone))
+    assert predictor.predict_batch([]).shape == (0, 5, 2)
+
+
+def test_predict_batch_names_a_bad_image(predictor, astronaut):
+    with pytest.raises(ImageError, match="uint8"):
+        predictor.predict_batch([(astronaut, [ASTRONAUT_BOX]), (astronaut.astype(np.float32), [ASTRONAUT_BOX])])
+
+
 def test_subpixel_rounds_to_dlib_points(predictor, astronaut):
     fine = predictor.predict(astronaut, ASTRONAUT_BOX, subpixel=True)
     assert not np.array_equal(fine, np.round(fine))
