@@ -334,6 +334,9 @@ class Daemon:
                     "hits": an.get("hits", 0),
                     "lag_s": an.get("lag_s", 0.0),
                     "frames_skipped": an.get("frames_skipped", 0),
+                    "frames_full": an.get("frames_full", 0),
+                    "frames_regions": an.get("frames_regions", 0),
+                    "searched_share": an.get("searched_share"),
                     "errors": an.get("errors", 0),
                 }
             )

@@ -1,0 +1,209 @@
+"""Where to look for faces on each analysed frame of a static camera (``[analysis.gating]``).
+
+A checkpoint camera does not move, and most of its picture does not change between two analysed
+frames; running the detector on all of it every time spends most of the unit's CPU on a wall. So
+the whole frame is searched now and then (on schedule, on the first frame, after a gap, when much
+of the picture changed), and otherwise only
+
+  - where the picture changed since the camera's previous analysed frame (grey, shrunk by
+    `motion_scale`, absolute difference above `motion_threshold`, dilated), and
+  - around each face being followed (its last box and where it is heading, grown by its own size),
+
+each region grown so a face in it is whole with context around it, overlapping regions merged into
+disjoint rectangles (so one face is not found twice) and clipped to the frame. When the regions
+would cover most of the frame, the whole frame is searched instead: cutting it up would cost more.
+
+The planner holds one small grey image per camera and no threads; `detect_in_regions` runs any
+detector on the crops and moves what it finds back into frame coordinates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from pydantic import Field
+
+from common.config import StrictModel
+
+Rect = tuple[int, int, int, int]  # x1, y1, x2, y2 in frame pixels, x2/y2 exclusive
+Box = tuple[float, float, float, float]
+
+
+class GatingConfig(StrictModel):
+    """Where the detector runs on each analysed frame (``[analysis.gating]`` in the unit config)."""
+
+    enabled: bool = Field(True, description="search only changed areas and followed faces between full-frame passes")
+    full_frame_interval_s: float = Field(
+        1.0, gt=0.0, le=60.0, description="the whole frame is searched at least this often (seconds of capture time)"
+    )
+    max_gap_s: float = Field(
+        1.0, gt=0.0, le=60.0, description="a frame this long after the camera's previous analysed one is searched whole"
+    )
+    motion_scale: int = Field(
+        8, ge=2, le=32, description="frames are compared shrunk by this factor (one grey cell per N x N pixels)"
+    )
+    motion_threshold: int = Field(
+        12, ge=1, le=255, description="change of a cell's grey level (0-255) between two analysed frames that is motion"
+    )
+    max_motion_share: float = Field(
+        0.5,
+        gt=0.0,
+        le=1.0,
+        description="more of the frame changed than this (light change, camera moved): the whole frame is searched",
+    )
+    max_region_share: float = Field(
+        0.6, gt=0.0, le=1.0, description="regions covering more of the frame than this: the whole frame is searched"
+    )
+    track_growth: float = Field(
+        1.0, ge=0.5, le=5.0, description="a followed face's region: its box grown by this many face sizes on each side"
+    )
+    motion_growth: float = Field(
+        0.75,
+        ge=0.25,
+        le=5.0,
+        description="a changed area is grown on each side by this share of its smaller side, so a face in it has "
+        "context around it",
+    )
+    min_region_px: int = Field(96, ge=48, le=4096, description="a region is at least this wide and high")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where to detect on one frame: the whole frame (`full`) or `regions` (disjoint, maybe none)."""
+
+    full: bool
+    regions: tuple[Rect, ...]
+    share: float  # of the frame's area searched
+    reason: str  # why the whole frame, or "regions"
+
+
+class RegionPlanner:
+    """Plans the detector's regions for one camera's analysed frames, in capture order. Not thread-safe:
+    one camera, one caller at a time (the pipeline's slots see to that)."""
+
+    def __init__(self, config: GatingConfig) -> None:
+        self.config = config
+        self._previous: np.ndarray | None = None
+        self._last_t = float("-inf")
+        self._last_full_t = float("-inf")
+
+    def plan(self, image: np.ndarray, t: float, faces: Sequence[Box] = ()) -> Plan:
+        """Where to detect in `image` (RGB, captured at `t`), given the boxes of the faces followed now."""
+        c = self.config
+        h, w = image.shape[:2]
+        small = _shrunk_grey(image, c.motion_scale)
+        previous, self._previous = self._previous, small
+        last_t, self._last_t = self._last_t, t
+        reason = ""
+        changed = None
+        if previous is None or previous.shape != small.shape:
+            reason = "first frame"
+        elif t - last_t > c.max_gap_s:
+            reason = "gap"
+        elif t - self._last_full_t >= c.full_frame_interval_s:
+            reason = "schedule"
+        else:
+            changed = _motion_mask(previous, small, c.motion_threshold)
+            if float(changed.mean()) > c.max_motion_share:
+                reason = "big change"
+        regions: list[Rect] = []
+        share = 0.0
+        if changed is not None and not reason:
+            regions = [*self._motion_regions(changed, w, h), *(self._face_region(b, w, h) for b in faces)]
+            regions = merge_rects(regions)
+            share = sum((x2 - x1) * (y2 - y1) for x1, y1, x2, y2 in regions) / float(w * h)
+            if share > c.max_region_share:
+                reason = "regions too large"
+        if reason:
+            self._last_full_t = t
+            return Plan(True, ((0, 0, w, h),), 1.0, reason)
+        return Plan(False, tuple(regions), share, "regions")
+
+    def _motion_regions(self, changed: np.ndarray, w: int, h: int) -> list[Rect]:
+        import cv2
+
+        count, _, stats, _ = cv2.connectedComponentsWithStats(changed, connectivity=8)
+        sx, sy = w / changed.shape[1], h / changed.shape[0]
+        out = []
+        for x, y, bw, bh, _area in stats[1:count]:
+            x1, y1, x2, y2 = x * sx, y * sy, (x + bw) * sx, (y + bh) * sy
+            # A face in a changed area is at most as large as the area's smaller side.
+            margin = self.config.motion_growth * min(x2 - x1, y2 - y1)
+            out.append(self._grown(x1 - margin, y1 - margin, x2 + margin, y2 + margin, w, h))
+        return out
+
+    def _face_region(self, box: Box, w: int, h: int) -> Rect:
+        x1, y1, x2, y2 = box
+        # Between analysed frames a face moves by about its own size at most (a walk at 5 fps).
+        margin = self.config.track_growth * max(x2 - x1, y2 - y1)
+        return self._grown(x1 - margin, y1 - margin, x2 + margin, y2 + margin, w, h)
+
+    def _grown(self, x1: float, y1: float, x2: float, y2: float, w: int, h: int) -> Rect:
+        """The rectangle widened about its centre to at least min_region_px, clipped to the frame."""
+        m = self.config.min_region_px
+        cx, cy = (x1 + x2) / 2.0, (y1 + y2) / 2.0
+        half_w, half_h = max(x2 - x1, m) / 2.0, max(y2 - y1, m) / 2.0
+        return _clip((int(cx - half_w), int(cy - half_h), int(np.ceil(cx + half_w)), int(np.ceil(cy + half_h))), w, h)
+
+
+def merge_rects(rects: Sequence[Rect]) -> list[Rect]:
+    """Rectangles that overlap or touch replaced by their bounding rectangle, until none do; the result is
+    disjoint, so a face lies whole in at most one of them."""
+    out = [r for r in rects if r[2] > r[0] and r[3] > r[1]]
+    merged = True
+    while merged:
+        merged = False
+        for i in range(len(out)):
+            for j in range(i + 1, len(out)):
+                a, b = out[i], out[j]
+                if a[0] <= b[2] and b[0] <= a[2] and a[1] <= b[3] and b[1] <= a[3]:
+                    out[i] = (min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3]))
+                    del out[j]
+                    merged = True
+                    break
+            if merged:
+                break
+    return sorted(out)
+
+
+def detect_in_regions(detect: Callable[[np.ndarray], list[Any]], image: np.ndarray, regions: Sequence[Rect]) -> list:
+    """Run `detect` on each region's crop of `image`; its detections (engines.detector.Detection) moved
+    into frame coordinates, highest score first."""
+    found = []
+    for x1, y1, x2, y2 in regions:
+        for det in detect(image[y1:y2, x1:x2]):
+            bx1, by1, bx2, by2 = det.box
+            found.append(
+                dataclasses.replace(
+                    det,
+                    box=(bx1 + x1, by1 + y1, bx2 + x1, by2 + y1),
+                    landmarks=(det.landmarks + np.array([x1, y1], dtype=np.float32)).astype(np.float32),
+                )
+            )
+    found.sort(key=lambda d: d.score, reverse=True)
+    return found
+
+
+def _clip(r: Rect, w: int, h: int) -> Rect:
+    return (max(0, r[0]), max(0, r[1]), min(w, r[2]), min(h, r[3]))
+
+
+def _shrunk_grey(image: np.ndarray, scale: int) -> np.ndarray:
+    import cv2
+
+    h, w = image.shape[:2]
+    small = cv2.resize(image, (max(1, w // scale), max(1, h // scale)), interpolation=cv2.INTER_AREA)
+    return cv2.cvtColor(small, cv2.COLOR_RGB2GRAY) if small.ndim == 3 else small
+
+
+def _motion_mask(previous: np.ndarray, current: np.ndarray, threshold: int) -> np.ndarray:
+    import cv2
+
+    diff = cv2.absdiff(previous, current)
+    mask = (diff >= threshold).astype(np.uint8)
+    # One cell around each changed one: a moving face's edge may change less than its inside.
+    return cv2.dilate(mask, np.ones((3, 3), np.uint8))
