@@ -59,7 +59,7 @@ class GatingConfig(StrictModel):
         0.6, gt=0.0, le=1.0, description="regions covering more of the frame than this: the whole frame is searched"
     )
     track_growth: float = Field(
-        1.0, ge=0.5, le=5.0, description="a followed face's region: its box grown by this many face sizes on each side"
+        0.75, ge=0.5, le=5.0, description="a followed face's region: its box grown by this many face sizes on each side"
     )
     motion_growth: float = Field(
         0.75,
@@ -196,8 +196,10 @@ def _shrunk_grey(image: np.ndarray, scale: int) -> np.ndarray:
     import cv2
 
     h, w = image.shape[:2]
-    small = cv2.resize(image, (max(1, w // scale), max(1, h // scale)), interpolation=cv2.INTER_AREA)
-    return cv2.cvtColor(small, cv2.COLOR_RGB2GRAY) if small.ndim == 3 else small
+    # Every other pixel's green (most of the luminance) then area-averaged: a fifth of the cost of greying
+    # and shrinking the whole frame, and the averaging still smooths sensor noise.
+    green = np.ascontiguousarray(image[::2, ::2, 1] if image.ndim == 3 else image[::2, ::2])
+    return cv2.resize(green, (max(1, w // scale), max(1, h // scale)), interpolation=cv2.INTER_AREA)
 
 
 def _motion_mask(previous: np.ndarray, current: np.ndarray, threshold: int) -> np.ndarray:
