@@ -230,6 +230,16 @@ def _recall_table(results: dict, images: list[np.ndarray], runs: list[tuple[str,
             print(f"{name:<22}{pad:<22}{r['recall']:>8.3f}{r['ms_per_image']:>9.1f}")
 
 
+def _gating(settings: list[str]):
+    from edge.regions import GatingConfig
+
+    pairs = [item.split("=", 1) for item in settings]
+    bad = [item for item, pair in zip(settings, pairs) if len(pair) != 2]
+    if bad:
+        raise SystemExit(f"--gating wants KEY=VALUE, got {' '.join(bad)}")
+    return GatingConfig.model_validate({k: v for k, v in pairs}, strict=False)
+
+
 def _stream_main(args: argparse.Namespace, faces: list[np.ndarray]) -> int:
     from bench.detector_stream import run_stream
 
@@ -255,7 +265,7 @@ def _stream_main(args: argparse.Namespace, faces: list[np.ndarray]) -> int:
         "machine": {"cpu": _cpu_name(), "python": platform.python_version(), "load_average": os.getloadavg()},
         "mtcnn_settings": {"min_face_size": args.min_face, "factor": args.factor, "thresholds": args.thresholds},
         "faces": source,
-        "stream": run_stream(det.detect, faces, args.stream),
+        "stream": run_stream(det.detect, args.min_face, faces, args.stream, _gating(args.gating)),
     }
     results["machine"]["load_average_after"] = os.getloadavg()
     print(f"load average before {results['machine']['load_average']}, after {os.getloadavg()}")
@@ -292,6 +302,13 @@ def main() -> int:
     )
     ap.add_argument(
         "--stream", type=float, default=0.0, help="only the stream measurement, a sequence of this many seconds"
+    )
+    ap.add_argument(
+        "--gating",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="with --stream: [analysis.gating] settings other than the defaults (e.g. motion_growth=0.5)",
     )
     ap.add_argument("--label", default="", help="a name for this run in the JSON (e.g. the commit measured)")
     args = ap.parse_args()

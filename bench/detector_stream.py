@@ -125,10 +125,10 @@ Detector = Callable[[float, np.ndarray], tuple[list, dict]]
 
 def full_frame(detect: Callable[[np.ndarray], list]) -> Detector:
     """Every frame searched whole."""
-    return lambda _t, image: ([d.box for d in detect(image)], {"full": True, "share": 1.0})
+    return lambda _t, image: ([d.box for d in detect(image)], {"full": True, "share": 1.0, "reason": "always"})
 
 
-def gated(detect: Callable[[np.ndarray], list], gating) -> Detector:
+def gated(detect: Callable[[np.ndarray], list], gating, min_face_size: int) -> Detector:
     """As CameraAnalyser does: the planner's regions, the tracker's faces feeding the next plan."""
     from edge.regions import RegionPlanner, detect_in_regions
     from edge.tracker import Observation, Tracker, TrackerConfig
@@ -138,9 +138,9 @@ def gated(detect: Callable[[np.ndarray], list], gating) -> Detector:
     def run(t: float, image: np.ndarray) -> tuple[list, dict]:
         faces = [box for tr in tracker.tracks for box in (tr.box, tr.predicted_box(t))]
         plan = planner.plan(image, t, faces)
-        dets = detect(image) if plan.full else detect_in_regions(detect, image, plan.regions)
+        dets = detect(image) if plan.full else detect_in_regions(detect, image, plan, min_face_size, gating.max_shrink)
         tracker.update([Observation(box=tuple(d.box), score=d.score) for d in dets], t)
-        return [d.box for d in dets], {"full": plan.full, "share": plan.share, "regions": len(plan.regions)}
+        return [d.box for d in dets], {"full": plan.full, "share": plan.share, "reason": plan.reason}
 
     return run
 
@@ -149,6 +149,7 @@ def measure(detector: Detector, background: np.ndarray, people: list[Walker], se
     """Per-frame cost and recall of one way of detecting over the whole sequence."""
     wall, cpu, shares = [], [], []
     present = found = full = 0
+    reasons: dict[str, int] = {}
     seen: set[int] = set()
     ever: set[int] = set()
     for t, frame, rects in frames(background, people, seconds):
@@ -157,6 +158,7 @@ def measure(detector: Detector, background: np.ndarray, people: list[Walker], se
         wall.append(1000 * (time.perf_counter() - t0))
         cpu.append(1000 * (time.thread_time() - c0))
         full += info["full"]
+        reasons[info["reason"]] = reasons.get(info["reason"], 0) + 1
         shares.append(info["share"])
         for i, r in rects.items():
             seen.add(i)
@@ -181,32 +183,36 @@ def measure(detector: Detector, background: np.ndarray, people: list[Walker], se
         "never_found_sizes": [people[i].size for i in never],
         "share_full": full / len(wall),
         "mean_area_searched": statistics.fmean(shares),
+        "frames_by_reason": reasons,
     }
 
 
-def run_stream(detect: Callable[[np.ndarray], list], faces: list[np.ndarray], seconds: float) -> dict:
+def run_stream(
+    detect: Callable[[np.ndarray], list], min_face_size: int, faces: list[np.ndarray], seconds: float, gating=None
+) -> dict:
     """Full-frame and gated detection on the 720p and 1080p sequences; prints a table, returns the figures."""
     from skimage import data as skdata
 
     from edge.regions import GatingConfig
 
-    out: dict = {"fps": STREAM_FPS, "seconds": seconds, "gating": GatingConfig().model_dump()}
+    gating = gating or GatingConfig()
+    out: dict = {"fps": STREAM_FPS, "seconds": seconds, "gating": gating.model_dump()}
     print(f"\nstream: {seconds:g} s at {STREAM_FPS:g} fps, faces of {HEIGHTS} px walking in, standing, walking out")
     print(
         f"{'frame':<11}{'mode':<7}{'ms mean':>8}{'p50':>7}{'p95':>7}{'cpu mean':>9}{'cpu p95':>8}"
-        f"{'found':>12}{'recall':>8}{'never':>7}{'full':>6}{'area':>6}"
+        f"{'found':>12}{'recall':>8}{'never':>7}{'full':>6}{'area':>6}  frames by reason"
     )
     for w, h in ((1280, 720), (1920, 1080)):
         background = cv2.resize(skdata.rocket(), (w, h), interpolation=cv2.INTER_LINEAR)
         people = walkers(faces, w, h, seconds)
         detect(background)  # warm-up
         size = out.setdefault(f"{w}x{h}", {})
-        for mode, detector in (("full", full_frame(detect)), ("gated", gated(detect, GatingConfig()))):
+        for mode, detector in (("full", full_frame(detect)), ("gated", gated(detect, gating, min_face_size))):
             r = size[mode] = measure(detector, background, people, seconds)
             print(
                 f"{f'{w}x{h}':<11}{mode:<7}{r['ms_mean']:>8.1f}{r['ms_p50']:>7.1f}{r['ms_p95']:>7.1f}"
                 f"{r['cpu_ms_mean']:>9.1f}{r['cpu_ms_p95']:>8.1f}{r['faces_found']:>6}/{r['faces_present']:<5}"
                 f"{r['recall']:>8.3f}{r['never_found']:>4}/{r['people']:<3}{r['share_full']:>5.2f}"
-                f"{r['mean_area_searched']:>6.2f}"
+                f"{r['mean_area_searched']:>6.2f}  {r['frames_by_reason']}"
             )
     return out

@@ -306,6 +306,9 @@ class CameraAnalyser:
         self.keep_reports = keep_reports
         self.reports: list[TrackReport] = []
         self.planner = RegionPlanner(gating) if gating is not None and gating.enabled else None
+        # Regions of followed faces only are searched shrunk down to the detector's smallest face; an
+        # engine that does not say its smallest face gets them whole.
+        self._min_face_size = int(getattr(engine, "min_face_size", 0) or 0)
 
     def analyse(self, frame: Frame) -> tuple[list[EmbedRequest], list[int]]:
         """Detect and track the faces of one frame; return the faces to embed and the ids of tracks that ended."""
@@ -375,7 +378,9 @@ class CameraAnalyser:
             )
         if plan.full:
             return self.engine.detect(frame.image)
-        return detect_in_regions(self.engine.detect, frame.image, plan.regions)
+        return detect_in_regions(
+            self.engine.detect, frame.image, plan, self._min_face_size, self.planner.config.max_shrink
+        )
 
     def _plan(self, tr: Any, st: _EmbedState, t: float) -> tuple[Observation | None, str]:
         """Which face of `tr` to embed now and why, or (None, why not)."""

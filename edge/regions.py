@@ -62,13 +62,20 @@ class GatingConfig(StrictModel):
         0.75, ge=0.5, le=5.0, description="a followed face's region: its box grown by this many face sizes on each side"
     )
     motion_growth: float = Field(
-        0.75,
+        0.5,
         ge=0.25,
         le=5.0,
         description="a changed area is grown on each side by this share of its smaller side, so a face in it has "
         "context around it",
     )
     min_region_px: int = Field(96, ge=48, le=4096, description="a region is at least this wide and high")
+    max_shrink: float = Field(
+        4.0,
+        ge=1.0,
+        le=8.0,
+        description="a region holding only followed faces is searched shrunk, its smallest possible face down to "
+        "the detector's smallest, by this factor at most (1: never)",
+    )
 
 
 @dataclass(frozen=True)
@@ -79,6 +86,9 @@ class Plan:
     regions: tuple[Rect, ...]
     share: float  # of the frame's area searched
     reason: str  # why the whole frame, or "regions"
+    # Per region, the smallest face it may hold, px: half the smallest followed face in it (a track's face
+    # may halve between sightings, edge.tracker's max_size_ratio), 0 where anything moved (any size).
+    smallest: tuple[float, ...] = ()
 
 
 class RegionPlanner:
@@ -110,18 +120,19 @@ class RegionPlanner:
             changed = _motion_mask(previous, small, c.motion_threshold)
             if float(changed.mean()) > c.max_motion_share:
                 reason = "big change"
-        regions: list[Rect] = []
+        regions: list[tuple[Rect, float]] = []
         share = 0.0
         if changed is not None and not reason:
-            regions = [*self._motion_regions(changed, w, h), *(self._face_region(b, w, h) for b in faces)]
-            regions = merge_rects(regions)
-            share = sum((x2 - x1) * (y2 - y1) for x1, y1, x2, y2 in regions) / float(w * h)
+            motion = [(r, 0.0) for r in self._motion_regions(changed, w, h)]
+            tracked = [(self._face_region(b, w, h), 0.5 * min(b[2] - b[0], b[3] - b[1])) for b in faces]
+            regions = merge_regions(motion + tracked)
+            share = sum((x2 - x1) * (y2 - y1) for (x1, y1, x2, y2), _ in regions) / float(w * h)
             if share > c.max_region_share:
                 reason = "regions too large"
         if reason:
             self._last_full_t = t
-            return Plan(True, ((0, 0, w, h),), 1.0, reason)
-        return Plan(False, tuple(regions), share, "regions")
+            return Plan(True, ((0, 0, w, h),), 1.0, reason, (0.0,))
+        return Plan(False, tuple(r for r, _ in regions), share, "regions", tuple(s for _, s in regions))
 
     def _motion_regions(self, changed: np.ndarray, w: int, h: int) -> list[Rect]:
         import cv2
@@ -150,18 +161,19 @@ class RegionPlanner:
         return _clip((int(cx - half_w), int(cy - half_h), int(np.ceil(cx + half_w)), int(np.ceil(cy + half_h))), w, h)
 
 
-def merge_rects(rects: Sequence[Rect]) -> list[Rect]:
-    """Rectangles that overlap or touch replaced by their bounding rectangle, until none do; the result is
-    disjoint, so a face lies whole in at most one of them."""
-    out = [r for r in rects if r[2] > r[0] and r[3] > r[1]]
+def merge_regions(regions: Sequence[tuple[Rect, float]]) -> list[tuple[Rect, float]]:
+    """(rectangle, smallest face) pairs whose rectangles overlap or touch replaced by their bounding
+    rectangle and the smaller of the two faces, until none do; the result is disjoint, so a face lies whole
+    in at most one of them."""
+    out = [(r, f) for r, f in regions if r[2] > r[0] and r[3] > r[1]]
     merged = True
     while merged:
         merged = False
         for i in range(len(out)):
             for j in range(i + 1, len(out)):
-                a, b = out[i], out[j]
+                (a, fa), (b, fb) = out[i], out[j]
                 if a[0] <= b[2] and b[0] <= a[2] and a[1] <= b[3] and b[1] <= a[3]:
-                    out[i] = (min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3]))
+                    out[i] = ((min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3])), min(fa, fb))
                     del out[j]
                     merged = True
                     break
@@ -170,18 +182,39 @@ def merge_rects(rects: Sequence[Rect]) -> list[Rect]:
     return sorted(out)
 
 
-def detect_in_regions(detect: Callable[[np.ndarray], list[Any]], image: np.ndarray, regions: Sequence[Rect]) -> list:
-    """Run `detect` on each region's crop of `image`; its detections (engines.detector.Detection) moved
-    into frame coordinates, highest score first."""
+def detect_in_regions(
+    detect: Callable[[np.ndarray], list[Any]],
+    image: np.ndarray,
+    plan: Plan,
+    min_face_size: int = 0,
+    max_shrink: float = 1.0,
+) -> list:
+    """Run `detect` on each of the plan's regions of `image`; its detections (engines.detector.Detection)
+    moved into frame coordinates, highest score first.
+
+    A region whose smallest possible face is larger than the detector's `min_face_size` is shrunk first
+    (by `max_shrink` at most): the detector's pyramid then starts nearer that face's size, and its levels
+    for faces smaller than any the region may hold are never computed.
+    """
+    import cv2
+
+    smallest = plan.smallest or (0.0,) * len(plan.regions)
     found = []
-    for x1, y1, x2, y2 in regions:
-        for det in detect(image[y1:y2, x1:x2]):
+    for (x1, y1, x2, y2), face in zip(plan.regions, smallest):
+        crop = image[y1:y2, x1:x2]
+        f = min(max_shrink, face / min_face_size) if min_face_size > 0 and face > 0 else 1.0
+        if f > 1.25:  # below that, shrinking costs about what it saves
+            size = (max(1, round((x2 - x1) / f)), max(1, round((y2 - y1) / f)))
+            crop = cv2.resize(crop, size, interpolation=cv2.INTER_AREA)
+        sx, sy = (x2 - x1) / crop.shape[1], (y2 - y1) / crop.shape[0]
+        scale = np.array([sx, sy], dtype=np.float32)
+        for det in detect(crop):
             bx1, by1, bx2, by2 = det.box
             found.append(
                 dataclasses.replace(
                     det,
-                    box=(bx1 + x1, by1 + y1, bx2 + x1, by2 + y1),
-                    landmarks=(det.landmarks + np.array([x1, y1], dtype=np.float32)).astype(np.float32),
+                    box=(bx1 * sx + x1, by1 * sy + y1, bx2 * sx + x1, by2 * sy + y1),
+                    landmarks=(det.landmarks * scale + np.array([x1, y1], dtype=np.float32)).astype(np.float32),
                 )
             )
     found.sort(key=lambda d: d.score, reverse=True)

@@ -11,7 +11,7 @@ import pytest
 
 from edge.analysis import CameraAnalyser, MatchingConfig
 from edge.frame import Frame
-from edge.regions import GatingConfig, RegionPlanner, detect_in_regions, merge_rects
+from edge.regions import GatingConfig, RegionPlanner, detect_in_regions, merge_regions
 from edge.tracker import TrackerConfig
 
 W, H = 960, 540
@@ -131,10 +131,12 @@ def test_regions_are_grown_merged_and_clipped(background: np.ndarray) -> None:
     plan = planner.plan(background, 0.4, [(400.0, 300.0, 410.0, 310.0)])
     ((x1, y1, x2, y2),) = plan.regions
     assert x2 - x1 >= 96 and y2 - y1 >= 96 and x1 <= 400 and x2 >= 410
-    assert merge_rects([(0, 0, 10, 10), (20, 0, 30, 10), (9, 5, 21, 6), (50, 50, 60, 60)]) == [
-        (0, 0, 30, 10),
-        (50, 50, 60, 60),
-    ]
+    assert plan.smallest == (5.0,)  # half the followed face
+    # Merged regions may hold the smallest face of any part; where something moved, any face.
+    merged = merge_regions(
+        [((0, 0, 10, 10), 20.0), ((20, 0, 30, 10), 30.0), ((9, 5, 21, 6), 0.0), ((50, 50, 60, 60), 9.0)]
+    )
+    assert merged == [((0, 0, 30, 10), 0.0), ((50, 50, 60, 60), 9.0)]
 
 
 def test_face_where_regions_meet_is_found_once_in_frame_coordinates(
@@ -152,9 +154,26 @@ def test_face_where_regions_meet_is_found_once_in_frame_coordinates(
     x, y = SPOT
     plan = planner.plan(moved, 0.2, [(x, y, x + face.shape[1], y + face.shape[0])])
     assert not plan.full and len(plan.regions) == 1
-    found = detect_in_regions(engine.detect, moved, plan.regions)
+    assert plan.smallest == (0.0,)
+    found = detect_in_regions(engine.detect, moved, plan, engine.min_face_size, 4.0)
     assert len(found) == 1
     # The same face as the whole frame gives, moved back into frame coordinates.
     assert np.allclose(found[0].box, whole[0].box, atol=3.0)
     assert np.allclose(found[0].landmarks, whole[0].landmarks, atol=3.0)
     assert found[0].landmarks.dtype == np.float32
+
+
+def test_region_of_a_followed_face_searched_shrunk(engine: Any, background: np.ndarray, face: np.ndarray) -> None:
+    import cv2
+
+    big = cv2.resize(face, (3 * face.shape[1], 3 * face.shape[0]), interpolation=cv2.INTER_CUBIC)
+    scene = _with_face(background, big, (300, 100))
+    (whole,) = engine.detect(scene)
+    planner = RegionPlanner(GatingConfig())
+    planner.plan(scene, 0.0)
+    plan = planner.plan(scene, 0.2, [whole.box])
+    assert plan.smallest[0] > 1.25 * engine.min_face_size  # worth shrinking
+    (found,) = detect_in_regions(engine.detect, scene, plan, engine.min_face_size, 4.0)
+    side = whole.box[2] - whole.box[0]
+    assert np.allclose(found.box, whole.box, atol=0.08 * side)
+    assert np.allclose(found.landmarks, whole.landmarks, atol=0.08 * side)
