@@ -85,6 +85,17 @@ def run_phase(name: str, plan_path: Path, args: argparse.Namespace, timeout: flo
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _searched(d: dict[str, Any]) -> str:
+    """Where the detector looked (edge.regions), in words."""
+    if "frames_full" not in d:
+        return "-"
+    share = d["searched_share"]
+    return (
+        f"{d['frames_full']} frames searched whole, {d['frames_regions']} in regions, "
+        f"{'-' if share is None else f'{100 * share:.0f}%'} of the frame on average"
+    )
+
+
 def table(results: dict[str, Any]) -> str:
     rows = [("", "ours", "face_recognition loop")]
     o, p = results.get("ours", {}), results.get("peer", {})
@@ -112,6 +123,8 @@ def table(results: dict[str, Any]) -> str:
     lines = ["  ".join(c.ljust(width[i]) for i, c in enumerate(r)).rstrip() for r in rows] if o or p else []
     if "ours" in results and "peer" in results:
         lines.append(f"speed-up: {o['frames_per_s'] / p['frames_per_s']:.1f}x frames/s")
+    if o:
+        lines.append(f"ours: {_searched(o)}")
     for name, v in (results.get("ours") or {}).get("variants", {}).items():
         lines.append(
             f"{name}: {v['correct']}/{v['enrolled_appearances']} appearances found, {v['wrong']} wrong alerts, "
@@ -126,7 +139,7 @@ def table(results: dict[str, Any]) -> str:
                 f"{g['enrolled_hit']}/{g['enrolled']}, wrong {g['wrong']}, repeats {g['repeats']}, "
                 f"{g['embeddings']} embeddings ({g['embeddings_per_clip_second']:.2f}/s of clip; per person "
                 + ", ".join(str(n) for n in g["embeddings_per_person"].values())
-                + ")"
+                + f"); {_searched(g)}"
             )
         six = gt.get("six_in_a_row")
         if six:
@@ -144,6 +157,8 @@ def table(results: dict[str, Any]) -> str:
                 f"{c} {v['analysed_fps']:.2f} fps lag {v['lag_mean_s']:.2f}/{v['lag_max_s']:.2f} s"
                 for c, v in lv["per_camera"].items()
             )
+            + "; "
+            + "; ".join(f"{c} {_searched(v)}" for c, v in lv["per_camera"].items())
             + f"; sustained without growing lag: {lv['sustained_without_growing_lag']}; "
             f"frame-to-hit p50 {lv['frame_to_hit_latency_p50_s']} s p99 {lv['frame_to_hit_latency_p99_s']} s; "
             f"CPU {lv['cpu_cores_used']} cores; peak RSS {lv['peak_rss_mb']:.0f} MB"

@@ -83,6 +83,12 @@ def _variant(name: str) -> tuple[Any, Any]:
     return MatchingConfig(cooldown_s=0.0), AnalysisConfig()
 
 
+def _gating_figures(stats: dict[str, Any]) -> dict[str, Any]:
+    """Where the detector looked (edge.regions): frames searched whole, in regions, and the mean share of
+    the frame searched."""
+    return {k: stats[k] for k in ("frames_full", "frames_regions", "searched_share")}
+
+
 def _run_clip(engine: Any, matcher: Any, frames: list[np.ndarray], plan: dict[str, Any], variant: str) -> dict:
     from edge.frame import Frame
     from edge.pipeline import CameraSpec, Pipeline
@@ -133,6 +139,7 @@ def phase_ours(plan: dict[str, Any], work: Path, args: argparse.Namespace) -> di
         "faces": st["faces"],
         "faces_per_s": st["faces"] / wall,
         "embedded": st["embedded"],
+        **_gating_figures(st),
         "cpu_cores_used": r["cpu"] / wall,
         "peak_rss_mb": r["peak"],
         "hits": r["hits"],
@@ -185,7 +192,8 @@ def phase_gate(plan: dict[str, Any], work: Path, args: argparse.Namespace) -> di
             ("before", MatchingConfig(**LEGACY_MATCHING), TrackerConfig(**LEGACY_TRACKER)),
             ("after", MatchingConfig(), TrackerConfig()),
         ):
-            result, _ = run_gate_clip(engine, scene, matcher, matching, tracker)
+            result, pipe = run_gate_clip(engine, scene, matcher, matching, tracker)
+            result.update(_gating_figures(pipe.stats()["gate"]))
             result["people_checked_of_shown"] = f"{result['people_checked']}/{result['people_shown']}"
             part[name] = result
         if key == "gate":
@@ -355,6 +363,7 @@ def phase_live(plan: dict[str, Any], work: Path, args: argparse.Namespace) -> di
             "lag_last_third_s": round(last, 3),
             "frames_skipped": r["stats"][cam]["frames_skipped"],
             "embeds_dropped": r["stats"][cam]["embeds_dropped"],
+            **_gating_figures(r["stats"][cam]),
         }
     lat = np.array(r["latencies"], dtype=np.float64)
     sustained = all(c["analysed_fps"] >= 0.95 * LIVE_FPS for c in per_cam.values()) and not growing
