@@ -98,6 +98,7 @@ class RegionPlanner:
     def __init__(self, config: GatingConfig) -> None:
         self.config = config
         self._previous: np.ndarray | None = None
+        self._before_previous: np.ndarray | None = None
         self._last_t = float("-inf")
         self._last_full_t = float("-inf")
 
@@ -106,7 +107,8 @@ class RegionPlanner:
         c = self.config
         h, w = image.shape[:2]
         small = _shrunk_grey(image, c.motion_scale)
-        previous, self._previous = self._previous, small
+        before, previous = self._before_previous, self._previous
+        self._before_previous, self._previous = previous, small
         last_t, self._last_t = self._last_t, t
         reason = ""
         changed = None
@@ -117,14 +119,18 @@ class RegionPlanner:
         elif t - self._last_full_t >= c.full_frame_interval_s:
             reason = "schedule"
         else:
-            changed = _motion_mask(previous, small, c.motion_threshold)
+            changed = _motion_mask(previous, small, c.motion_threshold, before)
             if float(changed.mean()) > c.max_motion_share:
                 reason = "big change"
         regions: list[tuple[Rect, float]] = []
         share = 0.0
         if changed is not None and not reason:
-            motion = [(r, 0.0) for r in self._motion_regions(changed, w, h)]
             tracked = [(self._face_region(b, w, h), 0.5 * min(b[2] - b[0], b[3] - b[1])) for b in faces]
+            # Motion wholly inside a followed face's region is taken for that face's own (a walk, a turn
+            # of the head): the region is searched for faces of about its size only.
+            motion = [
+                (r, 0.0) for r in self._motion_regions(changed, w, h) if not any(_within(r, t) for t, _ in tracked)
+            ]
             regions = merge_regions(motion + tracked)
             share = sum((x2 - x1) * (y2 - y1) for (x1, y1, x2, y2), _ in regions) / float(w * h)
             if share > c.max_region_share:
@@ -221,6 +227,10 @@ def detect_in_regions(
     return found
 
 
+def _within(inner: Rect, outer: Rect) -> bool:
+    return outer[0] <= inner[0] and outer[1] <= inner[1] and inner[2] <= outer[2] and inner[3] <= outer[3]
+
+
 def _clip(r: Rect, w: int, h: int) -> Rect:
     return (max(0, r[0]), max(0, r[1]), min(w, r[2]), min(h, r[3]))
 
@@ -235,10 +245,16 @@ def _shrunk_grey(image: np.ndarray, scale: int) -> np.ndarray:
     return cv2.resize(green, (max(1, w // scale), max(1, h // scale)), interpolation=cv2.INTER_AREA)
 
 
-def _motion_mask(previous: np.ndarray, current: np.ndarray, threshold: int) -> np.ndarray:
+def _motion_mask(
+    previous: np.ndarray, current: np.ndarray, threshold: int, before: np.ndarray | None = None
+) -> np.ndarray:
     import cv2
 
-    diff = cv2.absdiff(previous, current)
-    mask = (diff >= threshold).astype(np.uint8)
+    mask = cv2.absdiff(previous, current) >= threshold
+    if before is not None and before.shape == current.shape:
+        # Only what differs from both earlier frames is where something is now: where a walking face
+        # was a frame ago differs from the previous frame alone, and its track's region covers it.
+        mask &= cv2.absdiff(before, current) >= threshold
+    mask = mask.astype(np.uint8)
     # One cell around each changed one: a moving face's edge may change less than its inside.
     return cv2.dilate(mask, np.ones((3, 3), np.uint8))

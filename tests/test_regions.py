@@ -101,7 +101,8 @@ def test_whole_frame_first_on_schedule_after_a_gap_and_on_a_big_change(backgroun
         (11.0, background),  # a second after the last whole frame
         (11.2, background),
         (11.4, np.clip(background.astype(np.int16) + 60, 0, 255).astype(np.uint8)),  # lights on
-        (11.6, background),  # and off again: all of it changed back
+        (11.6, np.clip(background.astype(np.int16) + 60, 0, 255).astype(np.uint8)),  # still on: no change
+        (11.8, background),  # off again: all of it changed back
         (13.0, background),  # 1.4 s without a frame
     ):
         plan = planner.plan(_noisy(image, int(t * 10)), t)
@@ -114,6 +115,7 @@ def test_whole_frame_first_on_schedule_after_a_gap_and_on_a_big_change(backgroun
         "schedule",
         "regions",
         "big change",
+        "regions",
         "big change",
         "gap",
     ]
@@ -177,3 +179,20 @@ def test_region_of_a_followed_face_searched_shrunk(engine: Any, background: np.n
     side = whole.box[2] - whole.box[0]
     assert np.allclose(found.box, whole.box, atol=0.08 * side)
     assert np.allclose(found.landmarks, whole.landmarks, atol=0.08 * side)
+
+
+def test_motion_of_a_followed_face_keeps_its_region_shrinkable(background: np.ndarray) -> None:
+    planner = RegionPlanner(GatingConfig())
+    face_box = (400.0, 280.0, 480.0, 360.0)
+    planner.plan(background, 0.0)
+    planner.plan(background, 0.2)
+    # Something changes inside the followed face's box: the face's own motion, searched for faces of its size.
+    turned = background.copy()
+    turned[300:340, 420:460] = 255
+    plan = planner.plan(turned, 0.4, [face_box])
+    assert len(plan.regions) == 1 and plan.smallest == (40.0,)
+    # Something changes far from it: a region of its own where a face of any size is looked for.
+    arrived = turned.copy()
+    arrived[60:100, 100:140] = 0
+    plan = planner.plan(arrived, 0.6, [face_box])
+    assert len(plan.regions) == 2 and sorted(plan.smallest) == [0.0, 40.0]
