@@ -29,6 +29,9 @@ from pydantic import Field
 
 from common.config import StrictModel
 
+# Capture times are floats: 1.2 - 0.2 is just under 1.0, and a full frame due must not wait a frame longer.
+_SLACK_S = 0.001
+
 Rect = tuple[int, int, int, int]  # x1, y1, x2, y2 in frame pixels, x2/y2 exclusive
 Box = tuple[float, float, float, float]
 
@@ -116,7 +119,7 @@ class RegionPlanner:
             reason = "first frame"
         elif t - last_t > c.max_gap_s:
             reason = "gap"
-        elif t - self._last_full_t >= c.full_frame_interval_s:
+        elif t - self._last_full_t >= c.full_frame_interval_s - _SLACK_S:
             reason = "schedule"
         else:
             changed = _motion_mask(previous, small, c.motion_threshold, before)
