@@ -3,7 +3,8 @@
 A synthetic sequence at 5 analysed frames/s: a still scikit-image photo as the background, light
 sensor noise on every frame, and faces (lag-dev crops, or scikit-image's astronaut without the data)
 of 40..250 px walking in from either side, standing a few seconds and walking out, several at once.
-Per frame: the detection cost (wall and this thread's CPU ms, the gating's own planning included)
+Per frame: the detection cost (wall and this thread's CPU ms, the gating's own planning included, and
+the planning alone)
 and how many of the faces present (whole in the frame, not covered by another) were found; per
 face: whether it was ever found. Run by bench/detector.py --stream SECONDS.
 """
@@ -137,17 +138,24 @@ def gated(detect: Callable[[np.ndarray], list], gating, min_face_size: int) -> D
 
     def run(t: float, image: np.ndarray) -> tuple[list, dict]:
         faces = [box for tr in tracker.tracks for box in (tr.box, tr.predicted_box(t))]
+        c0 = time.thread_time()
         plan = planner.plan(image, t, faces)
+        plan_ms = 1000 * (time.thread_time() - c0)
         dets = detect(image) if plan.full else detect_in_regions(detect, image, plan, min_face_size, gating.max_shrink)
         tracker.update([Observation(box=tuple(d.box), score=d.score) for d in dets], t)
-        return [d.box for d in dets], {"full": plan.full, "share": plan.share, "reason": plan.reason}
+        return [d.box for d in dets], {
+            "full": plan.full,
+            "share": plan.share,
+            "reason": plan.reason,
+            "plan_ms": plan_ms,
+        }
 
     return run
 
 
 def measure(detector: Detector, background: np.ndarray, people: list[Walker], seconds: float) -> dict:
     """Per-frame cost and recall of one way of detecting over the whole sequence."""
-    wall, cpu, shares = [], [], []
+    wall, cpu, shares, plan_ms = [], [], [], []
     present = found = full = 0
     reasons: dict[str, int] = {}
     seen: set[int] = set()
@@ -160,6 +168,7 @@ def measure(detector: Detector, background: np.ndarray, people: list[Walker], se
         full += info["full"]
         reasons[info["reason"]] = reasons.get(info["reason"], 0) + 1
         shares.append(info["share"])
+        plan_ms.append(info.get("plan_ms", 0.0))
         for i, r in rects.items():
             seen.add(i)
             present += 1
@@ -184,6 +193,7 @@ def measure(detector: Detector, background: np.ndarray, people: list[Walker], se
         "share_full": full / len(wall),
         "mean_area_searched": statistics.fmean(shares),
         "frames_by_reason": reasons,
+        "planning_cpu_ms_mean": statistics.fmean(plan_ms),
     }
 
 
@@ -200,7 +210,7 @@ def run_stream(
     print(f"\nstream: {seconds:g} s at {STREAM_FPS:g} fps, faces of {HEIGHTS} px walking in, standing, walking out")
     print(
         f"{'frame':<11}{'mode':<7}{'ms mean':>8}{'p50':>7}{'p95':>7}{'cpu mean':>9}{'cpu p95':>8}"
-        f"{'found':>12}{'recall':>8}{'never':>7}{'full':>6}{'area':>6}  frames by reason"
+        f"{'found':>12}{'recall':>8}{'never':>7}{'full':>6}{'area':>6}{'plan':>6}  frames by reason"
     )
     for w, h in ((1280, 720), (1920, 1080)):
         background = cv2.resize(skdata.rocket(), (w, h), interpolation=cv2.INTER_LINEAR)
@@ -213,6 +223,6 @@ def run_stream(
                 f"{f'{w}x{h}':<11}{mode:<7}{r['ms_mean']:>8.1f}{r['ms_p50']:>7.1f}{r['ms_p95']:>7.1f}"
                 f"{r['cpu_ms_mean']:>9.1f}{r['cpu_ms_p95']:>8.1f}{r['faces_found']:>6}/{r['faces_present']:<5}"
                 f"{r['recall']:>8.3f}{r['never_found']:>4}/{r['people']:<3}{r['share_full']:>5.2f}"
-                f"{r['mean_area_searched']:>6.2f}  {r['frames_by_reason']}"
+                f"{r['mean_area_searched']:>6.2f}{r['planning_cpu_ms_mean']:>6.1f}  {r['frames_by_reason']}"
             )
     return out
