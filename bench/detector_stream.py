@@ -131,17 +131,17 @@ def full_frame(detect: Callable[[np.ndarray], list]) -> Detector:
 
 def gated(detect: Callable[[np.ndarray], list], gating, min_face_size: int) -> Detector:
     """As CameraAnalyser does: the planner's regions, the tracker's faces feeding the next plan."""
-    from edge.regions import RegionPlanner, detect_in_regions
+    from edge.regions import RegionPlanner, detect_in_regions, followed_boxes
     from edge.tracker import Observation, Tracker, TrackerConfig
 
-    planner, tracker = RegionPlanner(gating), Tracker(TrackerConfig())
+    planner, tracker = RegionPlanner(gating, min_face_size), Tracker(TrackerConfig())
 
     def run(t: float, image: np.ndarray) -> tuple[list, dict]:
-        faces = [box for tr in tracker.tracks for box in (tr.box, tr.predicted_box(t))]
+        faces = followed_boxes(tracker.tracks, t, gating.track_missed_frames)
         c0 = time.thread_time()
         plan = planner.plan(image, t, faces)
         plan_ms = 1000 * (time.thread_time() - c0)
-        dets = detect(image) if plan.full else detect_in_regions(detect, image, plan, min_face_size, gating.max_shrink)
+        dets = detect(image) if plan.full else detect_in_regions(detect, image, plan)
         tracker.update([Observation(box=tuple(d.box), score=d.score) for d in dets], t)
         return [d.box for d in dets], {
             "full": plan.full,

@@ -18,7 +18,7 @@ from pydantic import Field
 from common.config import StrictModel
 from edge.frame import Frame
 from edge.hits import CropConfig
-from edge.regions import GatingConfig, RegionPlanner, detect_in_regions
+from edge.regions import GatingConfig, RegionPlanner, detect_in_regions, followed_boxes
 from edge.tracker import Observation, Tracker, TrackerConfig
 
 log = logging.getLogger(__name__)
@@ -305,10 +305,10 @@ class CameraAnalyser:
         self._state: dict[int, _EmbedState] = {}
         self.keep_reports = keep_reports
         self.reports: list[TrackReport] = []
-        self.planner = RegionPlanner(gating) if gating is not None and gating.enabled else None
         # Regions of followed faces only are searched shrunk down to the detector's smallest face; an
         # engine that does not say its smallest face gets them whole.
-        self._min_face_size = int(getattr(engine, "min_face_size", 0) or 0)
+        min_face = int(getattr(engine, "min_face_size", 0) or 0)
+        self.planner = RegionPlanner(gating, min_face) if gating is not None and gating.enabled else None
 
     def analyse(self, frame: Frame) -> tuple[list[EmbedRequest], list[int]]:
         """Detect and track the faces of one frame; return the faces to embed and the ids of tracks that ended."""
@@ -363,8 +363,7 @@ class CameraAnalyser:
             self.stats.searched(True, 1.0)
             return detections
         with self._lock:  # the embedder thread may split a track meanwhile
-            # Where each face was and where it is heading; their regions overlap and are merged.
-            faces = [box for tr in self.tracker.tracks for box in (tr.box, tr.predicted_box(frame.captured_at))]
+            faces = followed_boxes(self.tracker.tracks, frame.captured_at, self.planner.config.track_missed_frames)
         plan = self.planner.plan(frame.image, frame.captured_at, faces)
         self.stats.searched(plan.full, plan.share)
         if log.isEnabledFor(logging.DEBUG):
@@ -378,9 +377,7 @@ class CameraAnalyser:
             )
         if plan.full:
             return self.engine.detect(frame.image)
-        return detect_in_regions(
-            self.engine.detect, frame.image, plan, self._min_face_size, self.planner.config.max_shrink
-        )
+        return detect_in_regions(self.engine.detect, frame.image, plan)
 
     def _plan(self, tr: Any, st: _EmbedState, t: float) -> tuple[Observation | None, str]:
         """Which face of `tr` to embed now and why, or (None, why not)."""

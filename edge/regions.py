@@ -71,6 +71,13 @@ class GatingConfig(StrictModel):
         description="a changed area is grown on each side by this share of its smaller side, so a face in it has "
         "context around it",
     )
+    track_missed_frames: int = Field(
+        1,
+        ge=0,
+        le=100,
+        description="a followed face keeps its region while it was missed on at most this many analysed frames "
+        "in a row",
+    )
     min_region_px: int = Field(96, ge=48, le=4096, description="a region is at least this wide and high")
     max_shrink: float = Field(
         4.0,
@@ -89,17 +96,19 @@ class Plan:
     regions: tuple[Rect, ...]
     share: float  # of the frame's area searched
     reason: str  # why the whole frame, or "regions"
-    # Per region, the smallest face it may hold, px: half the smallest followed face in it (a track's face
-    # may halve between sightings, edge.tracker's max_size_ratio), 0 where anything moved (any size).
-    smallest: tuple[float, ...] = ()
+    # Per region, the factor it is shrunk by before the detector sees it (1: not shrunk).
+    shrink: tuple[float, ...] = ()
 
 
 class RegionPlanner:
     """Plans the detector's regions for one camera's analysed frames, in capture order. Not thread-safe:
     one camera, one caller at a time (the pipeline's slots see to that)."""
 
-    def __init__(self, config: GatingConfig) -> None:
+    def __init__(self, config: GatingConfig, min_face_size: int = 0) -> None:
+        """`min_face_size`: the detector's smallest face, px, down to which regions of followed faces are
+        shrunk (0: never shrink)."""
         self.config = config
+        self.min_face_size = min_face_size
         self._previous: np.ndarray | None = None
         self._before_previous: np.ndarray | None = None
         self._last_t = float("-inf")
@@ -135,13 +144,23 @@ class RegionPlanner:
                 (r, 0.0) for r in self._motion_regions(changed, w, h) if not any(_within(r, t) for t, _ in tracked)
             ]
             regions = merge_regions(motion + tracked)
-            share = sum((x2 - x1) * (y2 - y1) for (x1, y1, x2, y2), _ in regions) / float(w * h)
-            if share > c.max_region_share:
+            shrink = [self._shrink(smallest) for _, smallest in regions]
+            areas = [(x2 - x1) * (y2 - y1) for (x1, y1, x2, y2), _ in regions]
+            share = sum(areas) / float(w * h)
+            # What the detector's work follows: the area it sees, after shrinking.
+            if sum(a / f**2 for a, f in zip(areas, shrink)) > c.max_region_share * w * h:
                 reason = "regions too large"
         if reason:
             self._last_full_t = t
-            return Plan(True, ((0, 0, w, h),), 1.0, reason, (0.0,))
-        return Plan(False, tuple(r for r, _ in regions), share, "regions", tuple(s for _, s in regions))
+            return Plan(True, ((0, 0, w, h),), 1.0, reason, (1.0,))
+        return Plan(False, tuple(r for r, _ in regions), share, "regions", tuple(shrink))
+
+    def _shrink(self, smallest: float) -> float:
+        """The factor a region whose smallest possible face is `smallest` px is shrunk by (1: not at all)."""
+        if self.min_face_size <= 0 or smallest <= 0:
+            return 1.0
+        f = min(self.config.max_shrink, smallest / self.min_face_size)
+        return f if f > 1.25 else 1.0  # below that, shrinking costs about what it saves
 
     def _motion_regions(self, changed: np.ndarray, w: int, h: int) -> list[Rect]:
         import cv2
@@ -170,6 +189,14 @@ class RegionPlanner:
         return _clip((int(cx - half_w), int(cy - half_h), int(np.ceil(cx + half_w)), int(np.ceil(cy + half_h))), w, h)
 
 
+def followed_boxes(tracks: Sequence[Any], t: float, max_missed: int) -> list[Box]:
+    """The boxes to plan regions around for `tracks` (edge.tracker.Track) at time `t`: each track's last box
+    and where it is heading, for tracks missed on at most `max_missed` analysed frames in a row. (A face
+    that walks faster than the tracker follows leaves a trail of tracks that live on for max_age_s; their
+    regions would only cover where it was.)"""
+    return [box for tr in tracks if tr.missed <= max_missed for box in (tr.box, tr.predicted_box(t))]
+
+
 def merge_regions(regions: Sequence[tuple[Rect, float]]) -> list[tuple[Rect, float]]:
     """(rectangle, smallest face) pairs whose rectangles overlap or touch replaced by their bounding
     rectangle and the smaller of the two faces, until none do; the result is disjoint, so a face lies whole
@@ -191,28 +218,20 @@ def merge_regions(regions: Sequence[tuple[Rect, float]]) -> list[tuple[Rect, flo
     return sorted(out)
 
 
-def detect_in_regions(
-    detect: Callable[[np.ndarray], list[Any]],
-    image: np.ndarray,
-    plan: Plan,
-    min_face_size: int = 0,
-    max_shrink: float = 1.0,
-) -> list:
+def detect_in_regions(detect: Callable[[np.ndarray], list[Any]], image: np.ndarray, plan: Plan) -> list:
     """Run `detect` on each of the plan's regions of `image`; its detections (engines.detector.Detection)
     moved into frame coordinates, highest score first.
 
-    A region whose smallest possible face is larger than the detector's `min_face_size` is shrunk first
-    (by `max_shrink` at most): the detector's pyramid then starts nearer that face's size, and its levels
-    for faces smaller than any the region may hold are never computed.
+    A region the plan shrinks is resized first: the detector's pyramid then starts nearer the size of the
+    smallest face the region may hold, and its levels for smaller faces are never computed.
     """
     import cv2
 
-    smallest = plan.smallest or (0.0,) * len(plan.regions)
+    shrink = plan.shrink or (1.0,) * len(plan.regions)
     found = []
-    for (x1, y1, x2, y2), face in zip(plan.regions, smallest):
+    for (x1, y1, x2, y2), f in zip(plan.regions, shrink):
         crop = image[y1:y2, x1:x2]
-        f = min(max_shrink, face / min_face_size) if min_face_size > 0 and face > 0 else 1.0
-        if f > 1.25:  # below that, shrinking costs about what it saves
+        if f > 1.0:
             size = (max(1, round((x2 - x1) / f)), max(1, round((y2 - y1) / f)))
             crop = cv2.resize(crop, size, interpolation=cv2.INTER_AREA)
         sx, sy = (x2 - x1) / crop.shape[1], (y2 - y1) / crop.shape[0]

@@ -133,7 +133,7 @@ def test_regions_are_grown_merged_and_clipped(background: np.ndarray) -> None:
     plan = planner.plan(background, 0.4, [(400.0, 300.0, 410.0, 310.0)])
     ((x1, y1, x2, y2),) = plan.regions
     assert x2 - x1 >= 96 and y2 - y1 >= 96 and x1 <= 400 and x2 >= 410
-    assert plan.smallest == (5.0,)  # half the followed face
+    assert plan.shrink == (1.0,)  # the planner was not told the detector's smallest face
     # Merged regions may hold the smallest face of any part; where something moved, any face.
     merged = merge_regions(
         [((0, 0, 10, 10), 20.0), ((20, 0, 30, 10), 30.0), ((9, 5, 21, 6), 0.0), ((50, 50, 60, 60), 9.0)]
@@ -156,8 +156,8 @@ def test_face_where_regions_meet_is_found_once_in_frame_coordinates(
     x, y = SPOT
     plan = planner.plan(moved, 0.2, [(x, y, x + face.shape[1], y + face.shape[0])])
     assert not plan.full and len(plan.regions) == 1
-    assert plan.smallest == (0.0,)
-    found = detect_in_regions(engine.detect, moved, plan, engine.min_face_size, 4.0)
+    assert plan.shrink == (1.0,)
+    found = detect_in_regions(engine.detect, moved, plan)
     assert len(found) == 1
     # The same face as the whole frame gives, moved back into frame coordinates.
     assert np.allclose(found[0].box, whole[0].box, atol=3.0)
@@ -171,18 +171,18 @@ def test_region_of_a_followed_face_searched_shrunk(engine: Any, background: np.n
     big = cv2.resize(face, (3 * face.shape[1], 3 * face.shape[0]), interpolation=cv2.INTER_CUBIC)
     scene = _with_face(background, big, (300, 100))
     (whole,) = engine.detect(scene)
-    planner = RegionPlanner(GatingConfig())
+    planner = RegionPlanner(GatingConfig(), engine.min_face_size)
     planner.plan(scene, 0.0)
     plan = planner.plan(scene, 0.2, [whole.box])
-    assert plan.smallest[0] > 1.25 * engine.min_face_size  # worth shrinking
-    (found,) = detect_in_regions(engine.detect, scene, plan, engine.min_face_size, 4.0)
+    assert plan.shrink[0] > 1.25
+    (found,) = detect_in_regions(engine.detect, scene, plan)
     side = whole.box[2] - whole.box[0]
     assert np.allclose(found.box, whole.box, atol=0.08 * side)
     assert np.allclose(found.landmarks, whole.landmarks, atol=0.08 * side)
 
 
 def test_motion_of_a_followed_face_keeps_its_region_shrinkable(background: np.ndarray) -> None:
-    planner = RegionPlanner(GatingConfig())
+    planner = RegionPlanner(GatingConfig(), min_face_size=20)
     face_box = (400.0, 280.0, 480.0, 360.0)
     planner.plan(background, 0.0)
     planner.plan(background, 0.2)
@@ -190,9 +190,24 @@ def test_motion_of_a_followed_face_keeps_its_region_shrinkable(background: np.nd
     turned = background.copy()
     turned[300:340, 420:460] = 255
     plan = planner.plan(turned, 0.4, [face_box])
-    assert len(plan.regions) == 1 and plan.smallest == (40.0,)
+    assert len(plan.regions) == 1 and plan.shrink == (2.0,)  # faces of 40 px and up: shrunk by 40 / 20
     # Something changes far from it: a region of its own where a face of any size is looked for.
     arrived = turned.copy()
     arrived[60:100, 100:140] = 0
     plan = planner.plan(arrived, 0.6, [face_box])
-    assert len(plan.regions) == 2 and sorted(plan.smallest) == [0.0, 40.0]
+    assert len(plan.regions) == 2 and sorted(plan.shrink) == [1.0, 2.0]
+
+
+def test_faces_missed_on_several_frames_lose_their_region() -> None:
+    from edge.regions import followed_boxes
+    from edge.tracker import Observation, Tracker
+
+    tracker = Tracker(TrackerConfig())
+    # A face walking faster than the tracker follows: a new track each frame, the old ones live on.
+    for i, t in enumerate((0.0, 0.2, 0.4)):
+        x = 100.0 + 300.0 * i
+        tracker.update([Observation(box=(x, 100.0, x + 60.0, 160.0), score=0.99)], t)
+    assert [tr.missed for tr in tracker.tracks] == [2, 1, 0]
+    boxes = followed_boxes(tracker.tracks, 0.6, max_missed=1)
+    assert len(boxes) == 4 and {b[0] for b in boxes} >= {400.0, 700.0}  # last box and heading, two tracks
+    assert len(followed_boxes(tracker.tracks, 0.6, max_missed=0)) == 2
