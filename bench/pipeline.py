@@ -75,6 +75,7 @@ def run_phase(name: str, plan_path: Path, args: argparse.Namespace, timeout: flo
         args.source,
         "--cameras",
         str(args.cameras),
+        *(["--no-gating"] if args.no_gating else []),
     ]
     if args.threshold is not None:
         cmd += ["--threshold", str(args.threshold)]
@@ -194,6 +195,11 @@ def main(argv: list[str] | None = None) -> int:
         help="live/soak cameras: RTSP streams of the clip or the file",
     )
     ap.add_argument("--cameras", type=int, default=4, help="cameras of the live (and soak) run")
+    ap.add_argument(
+        "--no-gating",
+        action="store_true",
+        help="the ours phase searches every frame whole ([analysis.gating] enabled = false), to compare",
+    )
     ap.add_argument(
         "--threshold",
         type=float,

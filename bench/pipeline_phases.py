@@ -69,18 +69,21 @@ def _with_distractors(matcher: Any, plan: dict[str, Any]) -> Any:
     )
 
 
-def _variant(name: str) -> tuple[Any, Any]:
+def _variant(name: str, gating: bool = True) -> tuple[Any, Any]:
     """(MatchingConfig, AnalysisConfig) of a variant: "after" the unit as it is, "before" as it was
-    (position-only tracks, any one face decides; testing.gate.LEGACY_*)."""
+    (position-only tracks, any one face decides; testing.gate.LEGACY_*); `gating` False searches every
+    frame whole (edge.regions)."""
     from edge.analysis import AnalysisConfig, MatchingConfig
+    from edge.regions import GatingConfig
     from edge.tracker import TrackerConfig
     from testing.gate import LEGACY_MATCHING, LEGACY_TRACKER
 
+    where = GatingConfig(enabled=gating)
     if name == "before":
         return MatchingConfig(cooldown_s=0.0, **LEGACY_MATCHING), AnalysisConfig(
-            tracker=TrackerConfig(**LEGACY_TRACKER)
+            tracker=TrackerConfig(**LEGACY_TRACKER), gating=where
         )
-    return MatchingConfig(cooldown_s=0.0), AnalysisConfig()
+    return MatchingConfig(cooldown_s=0.0), AnalysisConfig(gating=where)
 
 
 def _gating_figures(stats: dict[str, Any]) -> dict[str, Any]:
@@ -89,7 +92,9 @@ def _gating_figures(stats: dict[str, Any]) -> dict[str, Any]:
     return {k: stats[k] for k in ("frames_full", "frames_regions", "searched_share")}
 
 
-def _run_clip(engine: Any, matcher: Any, frames: list[np.ndarray], plan: dict[str, Any], variant: str) -> dict:
+def _run_clip(
+    engine: Any, matcher: Any, frames: list[np.ndarray], plan: dict[str, Any], variant: str, gating: bool = True
+) -> dict:
     from edge.frame import Frame
     from edge.pipeline import CameraSpec, Pipeline
     from edge.sinks import MemorySink
@@ -97,7 +102,7 @@ def _run_clip(engine: Any, matcher: Any, frames: list[np.ndarray], plan: dict[st
     t0 = 1_700_000_000.0
     sink = MemorySink()
 
-    matching, analysis = _variant(variant)
+    matching, analysis = _variant(variant, gating)
     pipe = Pipeline(
         unit_id="bench",
         cameras=[CameraSpec("cam", None, float(FPS))],
@@ -130,7 +135,7 @@ def phase_ours(plan: dict[str, Any], work: Path, args: argparse.Namespace) -> di
     matcher = _watchlist(plan, work, engine, args.threshold)
     frames = decode(plan["clip"])
     engine.analyze(frames[0])  # warm-up, not timed
-    r = _run_clip(engine, matcher, frames, plan, "after")
+    r = _run_clip(engine, matcher, frames, plan, "after", not args.no_gating)
     wall, st = r["seconds"], r["stats"]
     out = {
         "frames": len(frames),
