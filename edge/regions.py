@@ -80,11 +80,12 @@ class GatingConfig(StrictModel):
     )
     min_region_px: int = Field(96, ge=48, le=4096, description="a region is at least this wide and high")
     max_shrink: float = Field(
-        4.0,
+        1.0,
         ge=1.0,
         le=8.0,
         description="a region holding only followed faces is searched shrunk, its smallest possible face down to "
-        "the detector's smallest, by this factor at most (1: never)",
+        "the detector's smallest, by this factor at most (1: never; a small face next to a followed one may "
+        "then wait for the next full frame)",
     )
 
 

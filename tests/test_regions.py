@@ -171,7 +171,7 @@ def test_region_of_a_followed_face_searched_shrunk(engine: Any, background: np.n
     big = cv2.resize(face, (3 * face.shape[1], 3 * face.shape[0]), interpolation=cv2.INTER_CUBIC)
     scene = _with_face(background, big, (300, 100))
     (whole,) = engine.detect(scene)
-    planner = RegionPlanner(GatingConfig(), engine.min_face_size)
+    planner = RegionPlanner(GatingConfig(max_shrink=4.0), engine.min_face_size)
     planner.plan(scene, 0.0)
     plan = planner.plan(scene, 0.2, [whole.box])
     assert plan.shrink[0] > 1.25
@@ -182,7 +182,7 @@ def test_region_of_a_followed_face_searched_shrunk(engine: Any, background: np.n
 
 
 def test_motion_of_a_followed_face_keeps_its_region_shrinkable(background: np.ndarray) -> None:
-    planner = RegionPlanner(GatingConfig(), min_face_size=20)
+    planner = RegionPlanner(GatingConfig(max_shrink=4.0), min_face_size=20)
     face_box = (400.0, 280.0, 480.0, 360.0)
     planner.plan(background, 0.0)
     planner.plan(background, 0.2)
