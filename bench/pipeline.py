@@ -75,7 +75,7 @@ def run_phase(name: str, plan_path: Path, args: argparse.Namespace, timeout: flo
         args.source,
         "--cameras",
         str(args.cameras),
-        *(["--no-gating"] if args.no_gating else []),
+        *(["--gating", *args.gating] if args.gating else []),
     ]
     if args.threshold is not None:
         cmd += ["--threshold", str(args.threshold)]
@@ -196,9 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--cameras", type=int, default=4, help="cameras of the live (and soak) run")
     ap.add_argument(
-        "--no-gating",
-        action="store_true",
-        help="the ours phase searches every frame whole ([analysis.gating] enabled = false), to compare",
+        "--gating",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="[analysis.gating] settings of the ours phase other than the defaults, to compare "
+        "(enabled=false: every frame searched whole)",
     )
     ap.add_argument(
         "--threshold",
@@ -218,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
     ap.add_argument("--plan", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    bad = [kv for kv in args.gating if "=" not in kv]
+    if bad:
+        ap.error(f"--gating wants KEY=VALUE, got {' '.join(bad)}")
 
     if args.phase:
         from edge.daemon import tune_malloc

@@ -69,16 +69,16 @@ def _with_distractors(matcher: Any, plan: dict[str, Any]) -> Any:
     )
 
 
-def _variant(name: str, gating: bool = True) -> tuple[Any, Any]:
+def _variant(name: str, gating: dict[str, str] | None = None) -> tuple[Any, Any]:
     """(MatchingConfig, AnalysisConfig) of a variant: "after" the unit as it is, "before" as it was
-    (position-only tracks, any one face decides; testing.gate.LEGACY_*); `gating` False searches every
-    frame whole (edge.regions)."""
+    (position-only tracks, any one face decides; testing.gate.LEGACY_*); `gating`: [analysis.gating]
+    settings other than the defaults (edge.regions)."""
     from edge.analysis import AnalysisConfig, MatchingConfig
     from edge.regions import GatingConfig
     from edge.tracker import TrackerConfig
     from testing.gate import LEGACY_MATCHING, LEGACY_TRACKER
 
-    where = GatingConfig(enabled=gating)
+    where = GatingConfig.model_validate(gating or {}, strict=False)
     if name == "before":
         return MatchingConfig(cooldown_s=0.0, **LEGACY_MATCHING), AnalysisConfig(
             tracker=TrackerConfig(**LEGACY_TRACKER), gating=where
@@ -93,7 +93,12 @@ def _gating_figures(stats: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run_clip(
-    engine: Any, matcher: Any, frames: list[np.ndarray], plan: dict[str, Any], variant: str, gating: bool = True
+    engine: Any,
+    matcher: Any,
+    frames: list[np.ndarray],
+    plan: dict[str, Any],
+    variant: str,
+    gating: dict[str, str] | None = None,
 ) -> dict:
     from edge.frame import Frame
     from edge.pipeline import CameraSpec, Pipeline
@@ -135,7 +140,7 @@ def phase_ours(plan: dict[str, Any], work: Path, args: argparse.Namespace) -> di
     matcher = _watchlist(plan, work, engine, args.threshold)
     frames = decode(plan["clip"])
     engine.analyze(frames[0])  # warm-up, not timed
-    r = _run_clip(engine, matcher, frames, plan, "after", not args.no_gating)
+    r = _run_clip(engine, matcher, frames, plan, "after", dict(kv.split("=", 1) for kv in args.gating))
     wall, st = r["seconds"], r["stats"]
     out = {
         "frames": len(frames),
