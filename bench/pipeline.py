@@ -4,7 +4,8 @@ Phases, each in its own process so CPU use and peak RSS are its own:
 
   ours   the clip's frames through edge.pipeline (detect, track, embed best faces, match, hits),
          every frame, as fast as it goes: analysed frames/s, faces/s, CPU use, peak RSS, hits
-         judged against the clip's ground truth (correct / wrong / repeated).
+         judged against the clip's ground truth (correct / wrong / repeated), and where the detector
+         looked (edge.regions: frames searched whole or in regions; --gating KEY=VALUE to compare).
   peer   the per-frame loop of face_recognition's own video example (facerec_from_video_file.py):
          face_locations, face_encodings, compare_faces(tolerance=0.5) on every frame; same figures.
          It has no tracking, so each frame with a match is an alert; appearances are judged as ours.
@@ -32,6 +33,7 @@ Example:
     python bench/pipeline.py --json bench/results/pipeline.json
     python bench/pipeline.py --no-peer --phases ours,gate --distractors --json /tmp/gate.json
     python bench/pipeline.py --json /tmp/soak.json --no-peer --live-seconds 30 --soak-minutes 30
+    python bench/pipeline.py --no-peer --phases ours --gating enabled=false   # every frame searched whole
 """
 
 from __future__ import annotations
