@@ -5,16 +5,19 @@ frames; running the detector on all of it every time spends most of the unit's C
 the whole frame is searched now and then (on schedule, on the first frame, after a gap, when much
 of the picture changed), and otherwise only
 
-  - where the picture changed since the camera's previous analysed frame (grey, shrunk by
-    `motion_scale`, absolute difference above `motion_threshold`, dilated), and
-  - around each face being followed (its last box and where it is heading, grown by its own size),
+  - where the picture differs from both of the camera's two previous analysed frames (grey, shrunk
+    by `motion_scale`, absolute difference above `motion_threshold`, dilated): where something is
+    now, and
+  - around each face being followed (its last box and where it is heading, grown by about its size),
 
 each region grown so a face in it is whole with context around it, overlapping regions merged into
 disjoint rectangles (so one face is not found twice) and clipped to the frame. When the regions
 would cover most of the frame, the whole frame is searched instead: cutting it up would cost more.
+Regions holding only followed faces may be searched shrunk (`max_shrink`, off by default).
 
-The planner holds one small grey image per camera and no threads; `detect_in_regions` runs any
-detector on the crops and moves what it finds back into frame coordinates.
+The planner holds two small grey images per camera and no threads; `detect_in_regions` runs any
+detector on the crops and moves what it finds back into frame coordinates. docs/detector.md
+("Motion and track gating") says what this may miss.
 """
 
 from __future__ import annotations
@@ -136,13 +139,16 @@ class RegionPlanner:
             if float(changed.mean()) > c.max_motion_share:
                 reason = "big change"
         regions: list[tuple[Rect, float]] = []
+        shrink: list[float] = []
         share = 0.0
         if changed is not None and not reason:
             tracked = [(self._face_region(b, w, h), 0.5 * min(b[2] - b[0], b[3] - b[1])) for b in faces]
             # Motion wholly inside a followed face's region is taken for that face's own (a walk, a turn
             # of the head): the region is searched for faces of about its size only.
             motion = [
-                (r, 0.0) for r in self._motion_regions(changed, w, h) if not any(_within(r, t) for t, _ in tracked)
+                (r, 0.0)
+                for r in self._motion_regions(changed, w, h)
+                if not any(_within(r, region) for region, _ in tracked)
             ]
             regions = merge_regions(motion + tracked)
             shrink = [self._shrink(smallest) for _, smallest in regions]
