@@ -305,8 +305,8 @@ class CameraAnalyser:
         self._state: dict[int, _EmbedState] = {}
         self.keep_reports = keep_reports
         self.reports: list[TrackReport] = []
-        # Regions of followed faces only are searched shrunk down to the detector's smallest face; an
-        # engine that does not say its smallest face gets them whole.
+        # Regions of followed faces only may be searched shrunk down to the detector's smallest face
+        # ([analysis.gating] max_shrink); an engine that does not say its smallest face gets them whole.
         min_face = int(getattr(engine, "min_face_size", 0) or 0)
         self.planner = RegionPlanner(gating, min_face) if gating is not None and gating.enabled else None
 
