@@ -12,6 +12,9 @@ reported: the development machine is shared, and CPU time is less disturbed by o
 Scenes (--scenes N): N frames per size, each with 7 different lag-dev faces of 40..250 px on
 one of scikit-image's photos without faces, to count how many of the pasted faces the
 MTCNN settings find; and the per-frame cost over all of them.
+Stream (--stream SECONDS): bench/detector_stream.py's synthetic 720p and 1080p sequences at 5 analysed
+fps from a static camera, detected whole every frame and gated (edge.regions), side by side: per-frame
+cost and recall; runs alone (lag-dev faces, or scikit-image's astronaut without the data).
 To compare with an older version of the detector, run this script with PYTHONPATH pointing
 at that version's checkout (it only uses MtcnnDetector, MtcnnConfig and convert_mtcnn). dlib's HOG detector is measured the same way;
 with --mmod also dlib's MMOD CNN (face_recognition's "cnn" model), upsampled once so it
@@ -227,6 +230,52 @@ def _recall_table(results: dict, images: list[np.ndarray], runs: list[tuple[str,
             print(f"{name:<22}{pad:<22}{r['recall']:>8.3f}{r['ms_per_image']:>9.1f}")
 
 
+def _gating(settings: list[str]):
+    from edge.regions import GatingConfig
+
+    pairs = [item.split("=", 1) for item in settings]
+    bad = [item for item, pair in zip(settings, pairs) if len(pair) != 2]
+    if bad:
+        raise SystemExit(f"--gating wants KEY=VALUE, got {' '.join(bad)}")
+    return GatingConfig.model_validate({k: v for k, v in pairs}, strict=False)
+
+
+def _stream_main(args: argparse.Namespace, faces: list[np.ndarray]) -> int:
+    from bench.detector_stream import run_stream
+
+    with tempfile.TemporaryDirectory(prefix="mtcnn-bench-") as tmp:
+        convert_mtcnn(Path(tmp))
+        det = MtcnnDetector(
+            Path(tmp),
+            MtcnnConfig(
+                min_face_size=args.min_face, factor=args.factor, thresholds=tuple(args.thresholds), intra_op_threads=1
+            ),
+        )
+    source = f"{len(faces)} lag-dev faces"
+    if not faces:
+        from skimage import data as skdata
+
+        # No evaluation data: the astronaut's face, cut as tightly as lag-dev's crops are.
+        astronaut = skdata.astronaut()
+        x1, y1, x2, y2 = (int(v) for v in det.detect(astronaut)[0].box)
+        faces, source = [astronaut[max(0, y1) : y2, max(0, x1) : x2]], "scikit-image astronaut"
+    results = {
+        "command": " ".join(["python", "bench/detector.py", *sys.argv[1:]]),
+        "label": args.label,
+        "machine": {"cpu": _cpu_name(), "python": platform.python_version(), "load_average": os.getloadavg()},
+        "mtcnn_settings": {"min_face_size": args.min_face, "factor": args.factor, "thresholds": args.thresholds},
+        "faces": source,
+        "stream": run_stream(det.detect, args.min_face, faces, args.stream, _gating(args.gating)),
+    }
+    results["machine"]["load_average_after"] = os.getloadavg()
+    print(f"load average before {results['machine']['load_average']}, after {os.getloadavg()}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
@@ -251,11 +300,23 @@ def main() -> int:
     ap.add_argument(
         "--paddings", nargs="+", choices=PADDINGS, default=PADDINGS, help="margins to measure MTCNN's recall with"
     )
+    ap.add_argument(
+        "--stream", type=float, default=0.0, help="only the stream measurement, a sequence of this many seconds"
+    )
+    ap.add_argument(
+        "--gating",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="with --stream: [analysis.gating] settings other than the defaults (e.g. motion_growth=0.5)",
+    )
     ap.add_argument("--label", default="", help="a name for this run in the JSON (e.g. the commit measured)")
     args = ap.parse_args()
 
     lag = args.data / "lag-dev" if (args.data / "lag-dev").is_dir() else args.data
     paths = sorted(lag.rglob("*.png"))
+    if args.stream:
+        return _stream_main(args, [_load_rgb(p) for p in paths[:: max(1, len(paths) // 40)]])
     if not paths:
         print(f"SKIP: no lag-dev images under {args.data} (needs ../shared/data/lag-dev, see its README.md)")
         return 0

@@ -4,7 +4,8 @@ Phases, each in its own process so CPU use and peak RSS are its own:
 
   ours   the clip's frames through edge.pipeline (detect, track, embed best faces, match, hits),
          every frame, as fast as it goes: analysed frames/s, faces/s, CPU use, peak RSS, hits
-         judged against the clip's ground truth (correct / wrong / repeated).
+         judged against the clip's ground truth (correct / wrong / repeated), and where the detector
+         looked (edge.regions: frames searched whole or in regions; --gating KEY=VALUE to compare).
   peer   the per-frame loop of face_recognition's own video example (facerec_from_video_file.py):
          face_locations, face_encodings, compare_faces(tolerance=0.5) on every frame; same figures.
          It has no tracking, so each frame with a match is an alert; appearances are judged as ours.
@@ -33,6 +34,7 @@ Example:
     python bench/pipeline.py --no-peer --phases ours,gate --distractors --json /tmp/gate.json
     python bench/pipeline.py --no-peer --phases ours --distractors --fpir 0.01 --json /tmp/crowded.json
     python bench/pipeline.py --json /tmp/soak.json --no-peer --live-seconds 30 --soak-minutes 30
+    python bench/pipeline.py --no-peer --phases ours --gating enabled=false   # every frame searched whole
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ def run_phase(name: str, plan_path: Path, args: argparse.Namespace, timeout: flo
         args.source,
         "--cameras",
         str(args.cameras),
+        *(["--gating", *args.gating] if args.gating else []),
     ]
     if args.threshold is not None:
         cmd += ["--threshold", str(args.threshold)]
@@ -100,6 +103,17 @@ def calibrated_threshold(plan: dict[str, Any], fpir: float) -> dict[str, Any]:
     cal = Calibration.for_thresholds("dlib-resnet-v1")
     point = cal.threshold_for_fpir(fpir, persons, templates / persons)
     return {"fpir_target": fpir, "persons": persons, "templates": templates, **point.as_dict()}
+
+
+def _searched(d: dict[str, Any]) -> str:
+    """Where the detector looked (edge.regions), in words."""
+    if "frames_full" not in d:
+        return "-"
+    share = d["searched_share"]
+    return (
+        f"{d['frames_full']} frames searched whole, {d['frames_regions']} in regions, "
+        f"{'-' if share is None else f'{100 * share:.0f}%'} of the frame on average"
+    )
 
 
 def table(results: dict[str, Any]) -> str:
@@ -129,6 +143,8 @@ def table(results: dict[str, Any]) -> str:
     lines = ["  ".join(c.ljust(width[i]) for i, c in enumerate(r)).rstrip() for r in rows] if o or p else []
     if "ours" in results and "peer" in results:
         lines.append(f"speed-up: {o['frames_per_s'] / p['frames_per_s']:.1f}x frames/s")
+    if o:
+        lines.append(f"ours: {_searched(o)}")
     for name, v in (results.get("ours") or {}).get("variants", {}).items():
         lines.append(
             f"{name}: {v['correct']}/{v['enrolled_appearances']} appearances found, {v['wrong']} wrong alerts, "
@@ -143,7 +159,7 @@ def table(results: dict[str, Any]) -> str:
                 f"{g['enrolled_hit']}/{g['enrolled']}, wrong {g['wrong']}, repeats {g['repeats']}, "
                 f"{g['embeddings']} embeddings ({g['embeddings_per_clip_second']:.2f}/s of clip; per person "
                 + ", ".join(str(n) for n in g["embeddings_per_person"].values())
-                + ")"
+                + f"); {_searched(g)}"
             )
         six = gt.get("six_in_a_row")
         if six:
@@ -161,6 +177,8 @@ def table(results: dict[str, Any]) -> str:
                 f"{c} {v['analysed_fps']:.2f} fps lag {v['lag_mean_s']:.2f}/{v['lag_max_s']:.2f} s"
                 for c, v in lv["per_camera"].items()
             )
+            + "; "
+            + "; ".join(f"{c} {_searched(v)}" for c, v in lv["per_camera"].items())
             + f"; sustained without growing lag: {lv['sustained_without_growing_lag']}; "
             f"frame-to-hit p50 {lv['frame_to_hit_latency_p50_s']} s p99 {lv['frame_to_hit_latency_p99_s']} s; "
             f"CPU {lv['cpu_cores_used']} cores; peak RSS {lv['peak_rss_mb']:.0f} MB"
@@ -197,6 +215,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--cameras", type=int, default=4, help="cameras of the live (and soak) run")
     ap.add_argument(
+        "--gating",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="[analysis.gating] settings of the ours phase other than the defaults, to compare "
+        "(enabled=false: every frame searched whole)",
+    )
+    ap.add_argument(
         "--threshold",
         type=float,
         default=None,
@@ -223,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.fpir is not None and (args.threshold is not None or not 0 < args.fpir < 1):
         ap.error("--fpir takes a rate in (0, 1), and not beside --threshold")
+    bad = [kv for kv in args.gating if "=" not in kv]
+    if bad:
+        ap.error(f"--gating wants KEY=VALUE, got {' '.join(bad)}")
 
     if args.phase:
         from edge.daemon import tune_malloc

@@ -69,21 +69,37 @@ def _with_distractors(matcher: Any, plan: dict[str, Any]) -> Any:
     )
 
 
-def _variant(name: str) -> tuple[Any, Any]:
+def _variant(name: str, gating: dict[str, str] | None = None) -> tuple[Any, Any]:
     """(MatchingConfig, AnalysisConfig) of a variant: "after" the unit as it is, "before" as it was
-    (position-only tracks, any one face decides; testing.gate.LEGACY_*)."""
+    (position-only tracks, any one face decides; testing.gate.LEGACY_*); `gating`: [analysis.gating]
+    settings other than the defaults (edge.regions)."""
     from edge.analysis import AnalysisConfig, MatchingConfig
+    from edge.regions import GatingConfig
     from edge.tracker import TrackerConfig
     from testing.gate import LEGACY_MATCHING, LEGACY_TRACKER
 
+    where = GatingConfig.model_validate(gating or {}, strict=False)
     if name == "before":
         return MatchingConfig(cooldown_s=0.0, **LEGACY_MATCHING), AnalysisConfig(
-            tracker=TrackerConfig(**LEGACY_TRACKER)
+            tracker=TrackerConfig(**LEGACY_TRACKER), gating=where
         )
-    return MatchingConfig(cooldown_s=0.0), AnalysisConfig()
+    return MatchingConfig(cooldown_s=0.0), AnalysisConfig(gating=where)
 
 
-def _run_clip(engine: Any, matcher: Any, frames: list[np.ndarray], plan: dict[str, Any], variant: str) -> dict:
+def _gating_figures(stats: dict[str, Any]) -> dict[str, Any]:
+    """Where the detector looked (edge.regions): frames searched whole, in regions, and the mean share of
+    the frame searched."""
+    return {k: stats[k] for k in ("frames_full", "frames_regions", "searched_share")}
+
+
+def _run_clip(
+    engine: Any,
+    matcher: Any,
+    frames: list[np.ndarray],
+    plan: dict[str, Any],
+    variant: str,
+    gating: dict[str, str] | None = None,
+) -> dict:
     from edge.frame import Frame
     from edge.pipeline import CameraSpec, Pipeline
     from edge.sinks import MemorySink
@@ -91,7 +107,7 @@ def _run_clip(engine: Any, matcher: Any, frames: list[np.ndarray], plan: dict[st
     t0 = 1_700_000_000.0
     sink = MemorySink()
 
-    matching, analysis = _variant(variant)
+    matching, analysis = _variant(variant, gating)
     pipe = Pipeline(
         unit_id="bench",
         cameras=[CameraSpec("cam", None, float(FPS))],
@@ -124,7 +140,7 @@ def phase_ours(plan: dict[str, Any], work: Path, args: argparse.Namespace) -> di
     matcher = _watchlist(plan, work, engine, args.threshold)
     frames = decode(plan["clip"])
     engine.analyze(frames[0])  # warm-up, not timed
-    r = _run_clip(engine, matcher, frames, plan, "after")
+    r = _run_clip(engine, matcher, frames, plan, "after", dict(kv.split("=", 1) for kv in args.gating))
     wall, st = r["seconds"], r["stats"]
     out = {
         "frames": len(frames),
@@ -133,6 +149,7 @@ def phase_ours(plan: dict[str, Any], work: Path, args: argparse.Namespace) -> di
         "faces": st["faces"],
         "faces_per_s": st["faces"] / wall,
         "embedded": st["embedded"],
+        **_gating_figures(st),
         "cpu_cores_used": r["cpu"] / wall,
         "peak_rss_mb": r["peak"],
         "hits": r["hits"],
@@ -185,7 +202,8 @@ def phase_gate(plan: dict[str, Any], work: Path, args: argparse.Namespace) -> di
             ("before", MatchingConfig(**LEGACY_MATCHING), TrackerConfig(**LEGACY_TRACKER)),
             ("after", MatchingConfig(), TrackerConfig()),
         ):
-            result, _ = run_gate_clip(engine, scene, matcher, matching, tracker)
+            result, pipe = run_gate_clip(engine, scene, matcher, matching, tracker)
+            result.update(_gating_figures(pipe.stats()["gate"]))
             result["people_checked_of_shown"] = f"{result['people_checked']}/{result['people_shown']}"
             part[name] = result
         if key == "gate":
@@ -355,6 +373,7 @@ def phase_live(plan: dict[str, Any], work: Path, args: argparse.Namespace) -> di
             "lag_last_third_s": round(last, 3),
             "frames_skipped": r["stats"][cam]["frames_skipped"],
             "embeds_dropped": r["stats"][cam]["embeds_dropped"],
+            **_gating_figures(r["stats"][cam]),
         }
     lat = np.array(r["latencies"], dtype=np.float64)
     sustained = all(c["analysed_fps"] >= 0.95 * LIVE_FPS for c in per_cam.values()) and not growing

@@ -18,6 +18,7 @@ from pydantic import Field
 from common.config import StrictModel
 from edge.frame import Frame
 from edge.hits import CropConfig
+from edge.regions import GatingConfig, RegionPlanner, detect_in_regions, followed_boxes
 from edge.tracker import Observation, Tracker, TrackerConfig
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,7 @@ class AnalysisConfig(StrictModel):
     )
     embed_queue: int = Field(64, ge=1, le=10000, description="faces waiting for the embedder at most; more are dropped")
     tracker: TrackerConfig = Field(default_factory=TrackerConfig)
+    gating: GatingConfig = Field(default_factory=GatingConfig)
 
 
 class FaceEngineLike(Protocol):
@@ -235,10 +237,22 @@ class CameraStats:
     lag_max_s: float = 0.0
     hit_latency_s: deque[float] = field(default_factory=lambda: deque(maxlen=1000))
     analysed_window: _Window = field(default_factory=_Window)
+    frames_full: int = 0  # frames the detector searched whole
+    frames_regions: int = 0  # frames it searched only in regions (edge.regions), maybe none
+    searched_share_sum: float = 0.0  # of the frame's area searched, summed over analysed frames
+
+    def searched(self, full: bool, share: float) -> None:
+        """Count where the detector looked on one frame."""
+        if full:
+            self.frames_full += 1
+        else:
+            self.frames_regions += 1
+        self.searched_share_sum += share
 
     def snapshot(self, now: float) -> dict[str, Any]:
         """A JSON-ready copy of the figures."""
         lat = np.array(list(self.hit_latency_s), dtype=np.float64)
+        searched = self.frames_full + self.frames_regions
         return {
             "frames_sampled": self.frames_sampled,
             "frames_analysed": self.frames_analysed,
@@ -258,6 +272,9 @@ class CameraStats:
             "lag_max_s": round(self.lag_max_s, 3),
             "hit_latency_p50_s": round(float(np.percentile(lat, 50)), 3) if lat.size else None,
             "hit_latency_p99_s": round(float(np.percentile(lat, 99)), 3) if lat.size else None,
+            "frames_full": self.frames_full,
+            "frames_regions": self.frames_regions,
+            "searched_share": round(self.searched_share_sum / searched, 3) if searched else None,
         }
 
 
@@ -283,9 +300,12 @@ class CameraAnalyser:
         matching: MatchingConfig,
         tracker: TrackerConfig,
         *,
+        gating: GatingConfig | None = None,
         keep_reports: bool = False,
     ) -> None:
-        """`keep_reports`: keep the story of every finished track in `reports` (for diagnostics of a clip)."""
+        """`gating`: search only changed areas and followed faces between full-frame passes (edge.regions);
+        None or not enabled: every frame whole. `keep_reports`: keep the story of every finished track in
+        `reports` (for diagnostics of a clip)."""
         self.camera_id = camera_id
         self.engine = engine
         self.matching = matching
@@ -295,11 +315,15 @@ class CameraAnalyser:
         self._state: dict[int, _EmbedState] = {}
         self.keep_reports = keep_reports
         self.reports: list[TrackReport] = []
+        # Regions of followed faces only may be searched shrunk down to the detector's smallest face
+        # ([analysis.gating] max_shrink); an engine that does not say its smallest face gets them whole.
+        min_face = int(getattr(engine, "min_face_size", 0) or 0)
+        self.planner = RegionPlanner(gating, min_face) if gating is not None and gating.enabled else None
 
     def analyse(self, frame: Frame) -> tuple[list[EmbedRequest], list[int]]:
         """Detect and track the faces of one frame; return the faces to embed and the ids of tracks that ended."""
         image = frame.image
-        detections = self.engine.detect(image)
+        detections = self._detect(frame)
         observations = []
         for det in detections:
             q = self.engine.assess(image, det)
@@ -341,6 +365,29 @@ class CameraAnalyser:
                 requests.append(EmbedRequest(self.camera_id, tr.id, obs.data, reason))
             self.stats.faces += len(detections)
         return requests, ended
+
+    def _detect(self, frame: Frame) -> list[Any]:
+        """The faces of a frame: the whole frame searched, or only the regions the planner gives."""
+        if self.planner is None:
+            detections = self.engine.detect(frame.image)
+            self.stats.searched(True, 1.0)
+            return detections
+        with self._lock:  # the embedder thread may split a track meanwhile
+            faces = followed_boxes(self.tracker.tracks, frame.captured_at, self.planner.config.track_missed_frames)
+        plan = self.planner.plan(frame.image, frame.captured_at, faces)
+        self.stats.searched(plan.full, plan.share)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "camera %s frame %d: %s, %d region(s), %.0f%% of the frame",
+                self.camera_id,
+                frame.seq,
+                "whole frame (" + plan.reason + ")" if plan.full else "regions",
+                len(plan.regions),
+                100 * plan.share,
+            )
+        if plan.full:
+            return self.engine.detect(frame.image)
+        return detect_in_regions(self.engine.detect, frame.image, plan)
 
     def _plan(self, tr: Any, st: _EmbedState, t: float) -> tuple[Observation | None, str]:
         """Which face of `tr` to embed now and why, or (None, why not)."""

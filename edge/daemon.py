@@ -334,6 +334,9 @@ class Daemon:
                     "hits": an.get("hits", 0),
                     "lag_s": an.get("lag_s", 0.0),
                     "frames_skipped": an.get("frames_skipped", 0),
+                    "frames_full": an.get("frames_full", 0),
+                    "frames_regions": an.get("frames_regions", 0),
+                    "searched_share": an.get("searched_share"),
                     "errors": an.get("errors", 0),
                 }
             )
@@ -380,7 +383,8 @@ class Daemon:
         """Log one line of figures per camera."""
         for cam in self.status()["cameras"]:
             log.info(
-                "camera %s: %s, %.1f fps in, %.1f fps analysed, faces %d, hits %d, lag %.2f s, skipped %d, errors %d%s",
+                "camera %s: %s, %.1f fps in, %.1f fps analysed, faces %d, hits %d, lag %.2f s, skipped %d, "
+                "searched whole %d / in regions %d (%s of the frame), errors %d%s",
                 cam["id"],
                 "up" if cam["up"] else "DOWN",
                 cam["fps_in"],
@@ -389,6 +393,9 @@ class Daemon:
                 cam["hits"],
                 cam["lag_s"],
                 cam["frames_skipped"],
+                cam["frames_full"],
+                cam["frames_regions"],
+                "-" if cam["searched_share"] is None else f"{100 * cam['searched_share']:.0f}%",
                 cam["errors"],
                 f", last error: {cam['last_error']}" if cam["last_error"] and not cam["up"] else "",
                 extra={"figures": cam},

@@ -188,7 +188,12 @@ class Pipeline:
         self.emitter = HitEmitter(unit_id, self.matching.cooldown_s, self.matching.crop)
         self.analysers = {
             c.camera_id: CameraAnalyser(
-                c.camera_id, engine, self.matching, self.analysis.tracker, keep_reports=keep_reports
+                c.camera_id,
+                engine,
+                self.matching,
+                self.analysis.tracker,
+                gating=self.analysis.gating,
+                keep_reports=keep_reports,
             )
             for c in cameras
         }

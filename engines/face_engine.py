@@ -226,6 +226,11 @@ class FaceEngine:
     def embedding_dim(self) -> int:
         return self.embedder.dim
 
+    @property
+    def min_face_size(self) -> int:
+        """The smallest face the detector looks for, px."""
+        return self.config.detector.min_face_size
+
     def detect(self, image: np.ndarray) -> list[Detection]:
         """Faces in an RGB uint8 image, each with a box, a score and 5 landmarks."""
         return self.detector.detect(image)

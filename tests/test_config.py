@@ -73,6 +73,10 @@ def test_unknown_key_names_file_key_and_allowed_keys(tmp_path: Path) -> None:
     assert "analysis_fps" in msg  # the allowed keys are listed, so the typo is easy to see
     msg = error_of(tmp_path, GOOD + "\n[matching]\ncooldown = 5\n")
     assert re.search(r"unit\.toml: matching\.cooldown: unknown key \(allowed here: .*cooldown_s", msg)
+    msg = error_of(tmp_path, GOOD + "\n[analysis.gating]\nfull_frame_interval = 1\n")
+    assert re.search(
+        r"unit\.toml: analysis\.gating\.full_frame_interval: unknown key \(allowed here: .*full_frame_interval_s", msg
+    )
     msg = error_of(tmp_path, "colour = 1\n" + GOOD)
     assert "unit.toml: colour: unknown key" in msg
 
@@ -111,6 +115,8 @@ template = [[38.3, 51.7], [73.5, 51.5], [56.0, 71.7], [41.5, 92.4], [70.7, 92.2]
         ('[matching]\nthreshold = "high"\n', "matching.threshold"),
         ("[matching]\ncooldown_s = -1\n", "matching.cooldown_s"),
         ("[analysis.tracker]\niou_threshold = 0\n", "analysis.tracker.iou_threshold"),
+        ("[analysis.gating]\nmotion_threshold = 0\n", "analysis.gating.motion_threshold"),
+        ("[analysis.gating]\nmax_region_share = 1.5\n", "analysis.gating.max_region_share"),
     ],
 )
 def test_bad_numbers(tmp_path: Path, snippet: str, key: str) -> None:
@@ -301,3 +307,9 @@ def test_check_config_lists_every_problem(tmp_path: Path) -> None:
     for key in ("outbox.path", "matching.threshold", "matching.min_quality"):
         assert f"unit.toml: {key}:" in out
     assert "Traceback" not in out
+
+
+def test_gating_is_on_unless_turned_off(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, GOOD)).analysis.gating.enabled
+    off = load_config(write(tmp_path, GOOD + "\n[analysis.gating]\nenabled = false\nfull_frame_interval_s = 2\n"))
+    assert not off.analysis.gating.enabled and off.analysis.gating.full_frame_interval_s == 2.0

@@ -52,6 +52,15 @@ def test_check_config_says_the_version_and_whether_a_list_is_applied(tmp_path: P
     assert "watchlist: version 1 (full), 1 persons, 1 templates, expires 20" in out.output, out.output
 
 
+def test_check_config_names_file_and_key_of_a_bad_gating_value(tmp_path: Path) -> None:
+    conf = _config(tmp_path, {"cam": str(tmp_path / "clip.mp4")})
+    (tmp_path / "clip.mp4").write_bytes(b"")
+    conf.write_text(conf.read_text() + "\n[analysis.gating]\nfull_frame_interval_s = 0\n")
+    out = CliRunner().invoke(main, ["check-config", str(conf)])
+    assert out.exit_code != 0
+    assert f"{conf}: analysis.gating.full_frame_interval_s:" in out.output, out.output
+
+
 def test_probe_reads_a_frame_from_each_camera_and_connects_to_the_broker(
     tmp_path: Path, rtsp_server_factory: Any, face_clip: Path, broker_factory: Any
 ) -> None:
