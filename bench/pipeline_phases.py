@@ -373,6 +373,7 @@ def phase_live(plan: dict[str, Any], work: Path, args: argparse.Namespace) -> di
             "lag_last_third_s": round(last, 3),
             "frames_skipped": r["stats"][cam]["frames_skipped"],
             "embeds_dropped": r["stats"][cam]["embeds_dropped"],
+            **{k: r["stats"][cam][k] for k in ("faces", "embedded", "second_looks", "rechecks", "splits")},
             **_gating_figures(r["stats"][cam]),
         }
     lat = np.array(r["latencies"], dtype=np.float64)
