@@ -30,8 +30,10 @@ _PIXEL_MEAN = 127.5
 _PIXEL_SCALE = 0.0078125
 _PNET_CELL = 12
 _PNET_STRIDE = 2
-# R-/O-Net runs are split into chunks so a crowded frame cannot allocate without bound.
-_BATCH = 256
+# R-/O-Net runs are split into chunks so a crowded frame cannot allocate without bound; chunks of 32
+# also ran R-Net's ~240 candidates of a 720p frame in about 0.65-0.9x the time of one batch (cache-sized
+# work), with identical outputs.
+_BATCH = 32
 
 
 class MtcnnConfig(StrictModel):
@@ -333,13 +335,17 @@ class MtcnnDetector:
         idx = np.nonzero(valid)[0]
         # Smallest first, with each one's exact per-axis scale; the frame itself comes last.
         scaled = [(src.shape[1] / w, src.shape[0] / h, src) for src in reversed(sources)]
+        x0s, y0s = x[idx] - 1, y[idx] - 1
+        cws, chs = ex[idx] - x0s, ey[idx] - y0s
+        # Per crop, the first (smallest) source on which it spans `size` pixels both ways: one pass over the
+        # sources for all crops instead of a search per crop (~240 crops a 720p frame).
+        fits = np.array([(cws * sx >= size) & (chs * sy >= size) for sx, sy, _ in scaled]).reshape(len(scaled), -1)
+        pick = np.where(fits.any(axis=0), fits.argmax(axis=0), len(scaled) - 1)
         batch = np.empty((idx.size, size, size, 3), dtype=np.uint8)
         for j, k in enumerate(idx):
             x0, y0 = x[k] - 1, y[k] - 1
             cw, ch = ex[k] - x0, ey[k] - y0
-            sx, sy, src = next(
-                ((sx, sy, src) for sx, sy, src in scaled if cw * sx >= size and ch * sy >= size), scaled[-1]
-            )
+            sx, sy, src = scaled[pick[j]]
             if src is img:
                 # Small boxes, where detail matters most: area-resampled from the frame, as before.
                 batch[j] = cv2.resize(img[y0 : ey[k], x0 : ex[k]], (size, size), interpolation=cv2.INTER_AREA)
