@@ -20,8 +20,10 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 HOST = "127.0.0.1"
 # Reporter settings that make tests quick: short backoff and heartbeat (the protocol is the same).
@@ -43,14 +45,18 @@ def find_mosquitto() -> str | None:
     return None
 
 
-def wait_for(predicate, timeout: float = 15.0, what: str = "condition") -> None:
-    """Poll `predicate` until true; fail the test naming `what` after `timeout` seconds."""
+def wait_for(predicate, timeout: float = 15.0, what: str | Callable[[], object] = "condition") -> Any:
+    """Poll `predicate` until it returns something true and return that; fail the test after `timeout`
+    seconds naming `what` (a callable is called then, so it can describe the state at the failure)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            break
         time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    raise AssertionError(f"timed out after {timeout:g}s waiting for {what() if callable(what) else what}")
 
 
 def free_port() -> int:

@@ -91,7 +91,7 @@ class _Pusher(threading.Thread):
         next_t = time.monotonic()
         while not self.done.is_set():
             if self.mount.stalled.is_set():
-                time.sleep(0.02)
+                self.done.wait(0.02)  # a stalled mount still stops at once
                 next_t = time.monotonic()
                 continue
             data = self.mount.unit(i)

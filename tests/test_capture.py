@@ -14,6 +14,7 @@ from edge.camera.capture import CameraReader, CameraState
 from edge.camera.config import CaptureConfig
 from edge.camera.sources import gstreamer_pipeline, opencv_has_gstreamer
 from edge.camera.urls import classify_url, redact_url
+from testing.broker import wait_for
 from testing.media import background
 from testing.rtsp import SYSTEM_PYTHON, gst_rtsp_problem
 
@@ -21,15 +22,6 @@ BACKENDS = ["pyav", "opencv"]
 
 # Short timeouts keep the suite quick; production defaults are longer (docs/capture.md).
 FAST = dict(open_timeout_s=3.0, read_timeout_s=2.0, stall_timeout_s=2.0, reconnect_min_s=0.2, reconnect_max_s=1.0)
-
-
-def wait_for(predicate, timeout: float, step: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return bool(predicate())
 
 
 @pytest.fixture
@@ -96,7 +88,7 @@ def test_passwords_never_reach_state_or_logs(readers, caplog):
     url = "rtsp://admin:hunter2@127.0.0.1:9/stream"  # port 9 (discard): refused at once
     assert redact_url(url) == "rtsp://admin:***@127.0.0.1:9/stream"
     reader = readers(id="locked", url=url)
-    assert wait_for(lambda: reader.state.last_error is not None, 5)
+    wait_for(lambda: reader.state.last_error is not None, 5, what="reader.state.last_error is not None")
     reader.stop()
     assert "hunter2" not in reader.state.last_error
     assert "hunter2" not in caplog.text
@@ -143,7 +135,7 @@ def test_server_killed_then_restarted_reader_reconnects(backend, rtsp_server, re
     assert before is not None and reader.state.up
 
     rtsp_server.kill()
-    assert wait_for(lambda: not reader.state.up, 4), reader.state
+    wait_for(lambda: not reader.state.up, 4, what=lambda: f"not reader.state.up: {reader.state}")
     down = reader.state
     assert down.last_error and down.since >= before.captured_at
     time.sleep(1.5)  # several refused reconnects while the server is away
@@ -153,7 +145,7 @@ def test_server_killed_then_restarted_reader_reconnects(backend, rtsp_server, re
     rtsp_server.restart()
     after = reader.latest(after_seq=last, timeout=10)
     assert after is not None, reader.state
-    assert wait_for(lambda: reader.state.up, 2)
+    wait_for(lambda: reader.state.up, 2, what="reader.state.up")
     assert reader.latest(after_seq=after.seq, timeout=3) is not None  # frames keep coming
     ups = [s.up for s in seen]
     assert ups[:2] == [True, False] and True in ups[2:], ups
@@ -166,7 +158,7 @@ def test_stalled_stream_is_detected_by_the_watchdog(backend, rtsp_server, reader
     assert reader.latest(timeout=10) is not None, reader.state
     rtsp_server.stall("cam1")
     t0 = time.monotonic()
-    assert wait_for(lambda: not reader.state.up, 1.5 + 1.0), reader.state
+    wait_for(lambda: not reader.state.up, 1.5 + 1.0, what=lambda: f"not reader.state.up: {reader.state}")
     assert time.monotonic() - t0 <= 2.5
     assert "stall_timeout_s=1.5" in reader.state.last_error
     last = reader.latest(timeout=0).seq
@@ -175,9 +167,11 @@ def test_stalled_stream_is_detected_by_the_watchdog(backend, rtsp_server, reader
     assert reader.latest(after_seq=last, timeout=10) is not None, reader.state
     assert reader.state.up and reader.state.reconnects >= 1
     # The abandoned connection is closed once its blocked read returns: no leaked sessions.
-    assert wait_for(lambda: rtsp_server.clients("cam1") == 1, 15), rtsp_server.clients("cam1")
+    wait_for(
+        lambda: rtsp_server.clients("cam1") == 1, 15, what=lambda: f"one client, has {rtsp_server.clients('cam1')}"
+    )
     reader.stop()
-    assert wait_for(lambda: rtsp_server.clients("cam1") == 0, 15), rtsp_server.clients("cam1")
+    wait_for(lambda: rtsp_server.clients("cam1") == 0, 15, what=lambda: f"no client, has {rtsp_server.clients('cam1')}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -186,7 +180,7 @@ def test_garbage_stream_marks_that_camera_down_and_others_keep_running(backend, 
     good = readers(id="cam2", url=rtsp_server.url("cam2"), backend=backend)
     first = good.latest(timeout=10)
     assert first is not None, good.state
-    assert wait_for(lambda: bad.state.reconnects >= 1, 10), bad.state
+    wait_for(lambda: bad.state.reconnects >= 1, 10, what=lambda: f"bad.state.reconnects >= 1: {bad.state}")
 
     seq = first.seq
     for _ in range(10):  # the healthy camera keeps delivering while the bad one fails and retries
@@ -210,7 +204,7 @@ def test_file_plays_at_native_rate_and_loops(face_clip: pathlib.Path, readers):
     reader.stop()
 
     fast = readers(id="fast", url=str(face_clip), realtime=False, width=320)
-    assert wait_for(lambda: fast.finished, 10), fast.state
+    wait_for(lambda: fast.finished, 10, what=lambda: f"fast.finished: {fast.state}")
     assert fast.state.frames == 60 and not fast.state.up and "end of file" in fast.state.last_error
     assert fast.latest(timeout=0).image.shape == (180, 320, 3)
     assert fast.latest(after_seq=59, timeout=0.5) is None
@@ -271,7 +265,7 @@ def test_gstreamer_backend_reports_an_opencv_without_gstreamer(rtsp_server, read
     if opencv_has_gstreamer():
         assert reader.latest(timeout=10) is not None, reader.state
     else:
-        assert wait_for(lambda: reader.state.last_error is not None, 5)
+        wait_for(lambda: reader.state.last_error is not None, 5, what="reader.state.last_error is not None")
         assert "OpenCV built with GStreamer" in reader.state.last_error and not reader.state.up
 
 

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 from common.version import software_version
+from testing.broker import wait_for
 from testing.media import make_face_clip
 from tests.edge_support import People, signed_store
 
@@ -73,16 +74,6 @@ stats_interval_s = 1
     path = tmp / "unit.toml"
     path.write_text(text)
     return path
-
-
-def wait_for(cond: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def read_hits(path: Path) -> list[dict[str, Any]]:

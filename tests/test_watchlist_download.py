@@ -11,12 +11,12 @@ import math
 import time
 import tracemalloc
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from matching.matcher import Matcher
+from testing.broker import wait_for
 from testing.synthetic import Authority, make_persons, person_centers, samples_of
 from watchlist.format.transport import Manifest, chunk_topic, manifest_topic
 from watchlist.unit import subscriber as subscriber_module
@@ -26,15 +26,6 @@ from watchlist.unit.subscriber import WatchlistSubscriber
 
 MODEL = "synthetic:v1"
 TOPIC = "checkpoint/site-9/watchlist"
-
-
-def wait_for(pred: Callable[[], bool], timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 class Publisher:
@@ -92,7 +83,7 @@ def rig(tmp_path: Path, hq: Authority, mosquitto):
     wl.start()
     sub = WatchlistSubscriber(wl, TOPIC, host=mosquitto.host, port=mosquitto.port, tick_interval_s=0.2)
     sub.start()
-    assert wait_for(lambda: sub.connected)
+    wait_for(lambda: sub.connected, what="sub.connected")
     pub = Publisher(mosquitto)
     yield wl, sub, pub
     pub.close()
@@ -110,7 +101,10 @@ def test_a_digest_mismatch_is_fetched_once_until_a_new_manifest(rig, hq: Authori
     real = _bundle(hq, 1)
     # The manifest announces another digest than its chunks give (say, a publish that went wrong).
     pub.bundle(real, announce={"sha256": "ab" * 32})
-    assert wait_for(lambda: sub.fetches == 1 and sub.status()["downloading"] is None)
+    wait_for(
+        lambda: sub.fetches == 1 and sub.status()["downloading"] is None,
+        what='sub.fetches == 1 and sub.status()["downloading"] is None',
+    )
     # Many worker ticks and evaluations later, the same chunks were not fetched again.
     for _ in range(10):
         sub._work.put(("evaluate", None))
@@ -118,7 +112,7 @@ def test_a_digest_mismatch_is_fetched_once_until_a_new_manifest(rig, hq: Authori
     assert sub.fetches == 1 and sub.downloads == 0 and wl.version == 0
     # A new manifest (HQ republishes) is fetched.
     pub.bundle(real)
-    assert wait_for(lambda: wl.version == 1)
+    wait_for(lambda: wl.version == 1, what="wl.version == 1")
     assert sub.fetches == 2
 
 
@@ -133,7 +127,7 @@ def test_a_manifest_announcing_the_size_limit_allocates_only_what_arrives(rig, h
             manifest_topic(TOPIC, "full"),
             Manifest(kind="full", version=1, base_version=None, published_at=time.time(), **announce).to_bytes(),
         )
-        assert wait_for(lambda: sub.status()["downloading"] is not None)
+        wait_for(lambda: sub.status()["downloading"] is not None, what='sub.status()["downloading"] is not None')
         assert sub.wait_idle()
         _, peak = tracemalloc.get_traced_memory()
     finally:
@@ -150,6 +144,9 @@ def test_the_memory_of_refused_bundles_is_bounded(rig) -> None:
     for i in range(limit + 20):
         m = Manifest("full", i + 1, None, 10_000, f"{i:064x}", 4096, 3, time.time())
         pub.send(manifest_topic(TOPIC, "full"), m.to_bytes())
-        assert wait_for(lambda i=i: wl.status()["rejections_since_start"] == i + 1)
+        wait_for(
+            lambda i=i: wl.status()["rejections_since_start"] == i + 1,
+            what='wl.status()["rejections_since_start"] == i + 1',
+        )
     assert len(sub._failed) == limit
     assert f"{limit + 19:064x}" in sub._failed and f"{0:064x}" not in sub._failed

@@ -6,13 +6,13 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from matching.matcher import Matcher
+from testing.broker import wait_for
 from testing.synthetic import Authority, make_persons, person_centers, register_release, samples_of, unit_rows
 from tests.services import missing_service
 from watchlist.format.keys import generate_key, key_id, make_keyset
@@ -25,15 +25,6 @@ from wire.mqtt import MqttConnection
 
 MODEL = "synthetic:v1"
 TOPIC = "checkpoint/site-7/watchlist"
-
-
-def wait_for(pred: Callable[[], bool], timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def _list(n: int, seed: int, prefix: str = "case"):
@@ -59,7 +50,7 @@ def unit(tmp_path: Path, hq: Authority, mosquitto):
         sub = WatchlistSubscriber(wl, TOPIC, host=mosquitto.host, port=mosquitto.port, tick_interval_s=0.5)
         sub.start()
         subs.append(sub)
-        assert wait_for(lambda: sub.connected)
+        wait_for(lambda: sub.connected, what="sub.connected")
         return sub
 
     wl.connect = connect
@@ -79,7 +70,7 @@ def test_full_then_delta_over_mqtt_with_a_unit_that_joins_late(unit: Watchlist, 
     m = _publish(mosquitto, full)
     assert m.chunks > 5  # really chunked
     sub = unit.connect()  # joins after the publication: retained messages bring the list
-    assert wait_for(lambda: unit.version == 1), unit.status()
+    wait_for(lambda: unit.version == 1, what=lambda: f"unit.version == 1: {unit.status()}")
     leaver = unit_rows(centers[[9]])
     assert unit.matcher.match(leaver)[0].person_id == "case-0009"
 
@@ -102,7 +93,7 @@ def test_full_then_delta_over_mqtt_with_a_unit_that_joins_late(unit: Watchlist, 
     new_p, new_e, new_c = _list(3, seed=2, prefix="new")
     t0 = time.monotonic()
     _publish(mosquitto, hq.bundle(2, new_p, new_e, kind="delta", base=1, removed=("case-0009",)))
-    assert wait_for(lambda: unit.version == 2)
+    wait_for(lambda: unit.version == 2, what="unit.version == 2")
     took = time.monotonic() - t0
     stop.set()
     cam.join()
@@ -144,7 +135,7 @@ def test_tampered_and_oversized_bundles_are_refused_once(unit: Watchlist, hq: Au
     data[-300] ^= 1
     sub = unit.connect()
     _publish(mosquitto, bytes(data))
-    assert wait_for(lambda: unit.status()["last_rejection"] is not None)
+    wait_for(lambda: unit.status()["last_rejection"] is not None, what='unit.status()["last_rejection"] is not None')
     assert unit.status()["last_rejection"]["reason"] == "bad_signature" and unit.version == 0
     # The worker re-evaluates the retained manifest again and again: the same bytes are not
     # fetched and refused again.
@@ -155,25 +146,31 @@ def test_tampered_and_oversized_bundles_are_refused_once(unit: Watchlist, hq: Au
 
     big_p, big_e, _ = _list(500, seed=5)
     _publish(mosquitto, hq.bundle(2, big_p, big_e), chunk_bytes=64 * 1024)
-    assert wait_for(lambda: unit.status()["last_rejection"]["reason"] == "oversized")
+    wait_for(
+        lambda: unit.status()["last_rejection"]["reason"] == "oversized",
+        what='unit.status()["last_rejection"]["reason"] == "oversized"',
+    )
     assert unit.version == 0
 
     _publish(mosquitto, hq.bundle(3, persons, emb))
-    assert wait_for(lambda: unit.version == 3)
+    wait_for(lambda: unit.version == 3, what="unit.version == 3")
 
 
 def test_revocation_published_on_the_keyset_topic(unit: Watchlist, hq: Authority, mosquitto) -> None:
     persons, emb, centers = _list(10, seed=6)
     unit.connect()
     _publish(mosquitto, hq.bundle(1, persons, emb))
-    assert wait_for(lambda: unit.version == 1)
+    wait_for(lambda: unit.version == 1, what="unit.version == 1")
     stolen = hq.signing
     revoking = make_keyset(hq.root, 2, [generate_key().public_key()], [key_id(stolen.public_key())])
     publish_keyset(revoking, TOPIC, host=mosquitto.host, port=mosquitto.port)
-    assert wait_for(lambda: unit.status()["keyset_serial"] == 2)
+    wait_for(lambda: unit.status()["keyset_serial"] == 2, what='unit.status()["keyset_serial"] == 2')
     # A bundle from whoever holds the stolen key (with the old key set inside) is refused.
     _publish(mosquitto, hq.bundle(2, persons, np.flipud(emb).copy(), kind="full"))
-    assert wait_for(lambda: (unit.status()["last_rejection"] or {}).get("reason") == "revoked_key")
+    wait_for(
+        lambda: (unit.status()["last_rejection"] or {}).get("reason") == "revoked_key",
+        what='(unit.status()["last_rejection"] or {}).get("reason") == "revoked_key"',
+    )
     assert unit.version == 1 and unit.matcher.match(unit_rows(centers[[0]]))[0].person_id == "case-0000"
 
 
@@ -218,7 +215,7 @@ def test_publish_with_an_account_and_a_unit_that_reads_with_its_site_account(
     sub = WatchlistSubscriber(wl, SECURE_TOPIC, connection=conn, tick_interval_s=0.2)
     sub.start()
     try:
-        assert wait_for(lambda: wl.version == 1), (wl.status(), sub.status())
+        wait_for(lambda: wl.version == 1, what=lambda: f"wl.version == 1: {(wl.status(), sub.status())}")
     finally:
         sub.stop()
         wl.close()
@@ -268,15 +265,15 @@ def test_the_subscriber_follows_disconnects_and_reconnects(unit: Watchlist, hq: 
     sub = WatchlistSubscriber(unit, TOPIC, connection=conn, tick_interval_s=0.2)
     sub.start()
     try:
-        assert wait_for(lambda: sub.connected)
+        wait_for(lambda: sub.connected, what="sub.connected")
         broker.stop()
-        assert wait_for(lambda: not sub.connected), "connected must fall when the broker goes"
+        wait_for(lambda: not sub.connected, what="connected must fall when the broker goes")
         assert sub.status()["state"] == "disconnected"
         broker.start()
-        assert wait_for(lambda: sub.connected), sub.status()
+        wait_for(lambda: sub.connected, what=lambda: f"sub.connected: {sub.status()}")
         persons, emb, _ = _list(5, seed=13)
         _publish(broker, hq.bundle(1, persons, emb))
-        assert wait_for(lambda: unit.version == 1)
+        wait_for(lambda: unit.version == 1, what="unit.version == 1")
     finally:
         sub.stop()
 
@@ -297,11 +294,11 @@ def test_a_manifest_of_size_10_to_the_400_does_not_kill_the_network_thread(
         single.single(
             manifest_topic(TOPIC, "full"), bad, qos=1, retain=True, hostname=mosquitto.host, port=mosquitto.port
         )
-        assert wait_for(lambda: "manifest" in caplog.text)
+        wait_for(lambda: "manifest" in caplog.text, what='"manifest" in caplog.text')
     assert sub.client._thread is not None and sub.client._thread.is_alive()
     persons, emb, _ = _list(5, seed=14)
     _publish(mosquitto, hq.bundle(1, persons, emb))
-    assert wait_for(lambda: unit.version == 1), "the subscriber must still work after the bad manifest"
+    wait_for(lambda: unit.version == 1, what="the subscriber must still work after the bad manifest")
 
 
 def test_a_subscription_the_acl_silently_refuses_is_reported(unit: Watchlist, tmp_path: Path, broker_factory) -> None:
@@ -314,7 +311,7 @@ def test_a_subscription_the_acl_silently_refuses_is_reported(unit: Watchlist, tm
     sub = WatchlistSubscriber(unit, SECURE_TOPIC, connection=conn, tick_interval_s=0.1, silence_warning_s=0.5)
     sub.start()
     try:
-        assert wait_for(lambda: sub.status()["last_error"] is not None)
+        wait_for(lambda: sub.status()["last_error"] is not None, what='sub.status()["last_error"] is not None')
         err = sub.status()["last_error"]
         assert "site-8/watchlist" in err and "ACL" in err and SECURE_TOPIC in err
     finally:
@@ -349,7 +346,7 @@ def test_a_refused_subscription_is_reported_with_its_topic(unit: Watchlist, tmp_
     sub = WatchlistSubscriber(unit, SECURE_TOPIC, connection=conn, tick_interval_s=0.1)
     sub.start()
     try:
-        assert wait_for(lambda: sub.refused), sub.status()
+        wait_for(lambda: sub.refused, what=lambda: f"sub.refused: {sub.status()}")
         assert manifest_topic(SECURE_TOPIC, "full") in sub.refused
         err = sub.status()["last_error"]
         assert "refused the subscription" in err and manifest_topic(SECURE_TOPIC, "full") in err and "ACL" in err
