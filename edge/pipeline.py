@@ -381,32 +381,34 @@ class Pipeline:
         try:
             matcher = self.matcher
             items = [(r.candidate.frame.image, r.candidate.detection) for r in batch]
+            n = len(batch)
             level = self.second_look_level(matcher)
-            looked: list[np.ndarray] = []
+            # With a second look the plain embeddings are matched to choose the faces to look at again;
+            # the others keep that match, and only the faces looked at again are matched anew below.
+            first: list[Match | None] = []
+            again = np.zeros(n, dtype=bool)
             if level is None:
                 embeddings = self.engine.embed(items)
             else:
 
                 def near(plain: np.ndarray) -> np.ndarray:
-                    found = matcher.match(plain, misses=True)
+                    first.extend(matcher.match(plain, misses=True))
                     # A person with a lower threshold of their own gets the second look from there.
-                    looked.append(
-                        np.array([m is not None and m.score >= min(level, m.threshold) for m in found], dtype=bool)
-                    )
-                    return looked[-1]
+                    again[:] = [m is not None and m.score >= min(level, m.threshold) for m in first]
+                    return again.copy()
 
                 embeddings = self.engine.embed(items, look_again=near)
-            if looked:
-                for r, again in zip(batch, looked[0]):
-                    self.analysers[r.camera_id].stats.second_looks += int(again)
+            for r, looked in zip(batch, again):
+                self.analysers[r.camera_id].stats.second_looks += int(looked)
             same_person = self._same_person(matcher)
             evidence = [self.analysers[r.camera_id].embedded(r, e, same_person) for r, e in zip(batch, embeddings)]
+            redo = [i for i in range(n) if not first or again[i]]
             # A track's probe is matched only when it holds more than the face just embedded.
             means = [i for i, ev in enumerate(evidence) if ev.faces > 1]
-            queries = np.asarray(embeddings, dtype=np.float32)
+            queries = np.asarray(embeddings, dtype=np.float32)[redo]
             if means:
                 queries = np.vstack([queries, np.stack([evidence[i].probe for i in means])])
-            found = matcher.match(queries, misses=True)
+            found = matcher.match(queries, misses=True) if len(queries) else []
         except Exception as exc:
             log.warning("embedding/matching a batch of %d faces failed: %s", len(batch), exc)
             for r in batch:
@@ -416,12 +418,14 @@ class Pipeline:
                 an.not_embedded(r, f"embedding failed: {type(exc).__name__}")
             return []
         del embeddings, queries  # never kept beyond the live tracks: only the decision leaves this function
-        n = len(batch)
-        probes = list(found[:n])
+        faces = list(first) if first else [None] * n
+        for k, i in enumerate(redo):
+            faces[i] = found[k]
+        probes = list(faces)
         for k, i in enumerate(means):
-            probes[i] = found[n + k]
+            probes[i] = found[len(redo) + k]
         hits: list[Hit] = []
-        for req, ev, face, probe in zip(batch, evidence, found[:n], probes):
+        for req, ev, face, probe in zip(batch, evidence, faces, probes):
             an = self.analysers[req.camera_id]
             an.stats.embedded += 1
             match, decision = decide(self.matching, face, probe, ev.faces)
@@ -467,9 +471,7 @@ class Pipeline:
         the threshold that would alert ``matching.second_look_fpir`` of strangers' faces at this list's size
         (never above the match threshold). None: no second look (turned off, no calibration, no list)."""
         fpir = self.matching.second_look_fpir
-        threshold = self.matching.threshold
-        if threshold is None:
-            threshold = getattr(matcher, "default_threshold", None)
+        threshold = self._threshold_in_force(matcher)
         index = getattr(matcher, "index", None)
         persons = int(getattr(index, "n_persons", 0) or 0)
         if not fpir or self.calibration is None or threshold is None or persons < 1:
@@ -501,6 +503,10 @@ class Pipeline:
         # taken for someone else. A wrong split costs one embedding; hits stay one per person and cooldown.
         if self.matching.same_person is not None:
             return self.matching.same_person
+        return self._threshold_in_force(matcher)
+
+    def _threshold_in_force(self, matcher: MatcherLike) -> float | None:
+        """The match threshold for a person without one of their own: the unit's, else the list's."""
         if self.matching.threshold is not None:
             return self.matching.threshold
         return getattr(matcher, "default_threshold", None)

@@ -108,12 +108,33 @@ def test_pipeline_looks_again_only_at_faces_near_a_decision(engine: Any, people:
         seconds=3.0,
     )
     frames = decode(clip, "cam1", 1_700_000_000.0, every=2)
-    pipe, sink = _pipeline(engine, matcher, 0.2)
+    rows: list[int] = []
+
+    class Counting:
+        """The real matcher, counting the rows it is asked to match."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(matcher, name)
+
+        def match(self, embeddings: np.ndarray, *, misses: bool = False) -> list:
+            rows.append(len(embeddings))
+            return matcher.match(embeddings, misses=misses)
+
+    pipe, sink = _pipeline(engine, Counting(), 0.2)
     level = pipe.second_look_level(matcher)
     assert level is not None
+    calls = []
     for f in frames:
+        before = len(rows)
         pipe.process_frame(f)
+        if len(rows) > before:
+            calls.append(rows[before:])
     st = pipe.stats()["cam1"]
+    # Each face is matched once, and again only when looked at again (besides its track's probe): in a batch
+    # with a face far from everyone, the second call (if any) holds fewer rows than the first.
+    assert sum(c[0] for c in calls) == st["embedded"]
+    assert any(len(c) == 1 or c[1] < c[0] for c in calls), calls
+    assert all(len(c) <= 2 and sum(c[1:]) <= c[0] * 2 for c in calls), calls
     assert [h.person_id for h in sink.hits] == [people.enrolled_id]
     # The enrolled person's faces score above the level and are looked at again; the other person's do not
     # when they stay below it.
