@@ -204,7 +204,7 @@ class Pipeline:
         self._beats: dict[str, float] = {}
         self.hits_total = 0
         self.calibration = calibration if calibration is not None else _engine_calibration(engine)
-        self._look_level: tuple[tuple[int, int, float | None], float | None] | None = None
+        self._look_level: tuple[tuple[int, int, int, float], float | None] | None = None
 
     @property
     def matcher(self) -> MatcherLike:
@@ -476,12 +476,14 @@ class Pipeline:
         persons = int(getattr(index, "n_persons", 0) or 0)
         if not fpir or self.calibration is None or threshold is None or persons < 1:
             return None
-        key = (id(index), persons, threshold)
+        templates = int(getattr(index, "n_templates", 0) or 0)
+        # What the level follows, all of it (an index's id() could be reused by the next list's).
+        key = (int(getattr(matcher, "version", 0)), persons, templates, float(threshold))
         if self._look_level is None or self._look_level[0] != key:
             from engines.calibration import CalibrationError
 
             try:
-                per_person = max(1.0, int(index.n_templates) / persons)  # type: ignore[union-attr]
+                per_person = max(1.0, templates / persons)
                 level = self.calibration.threshold_for_fpir(fpir, persons, per_person).threshold
             except CalibrationError as exc:
                 log.warning("no second look: %s", exc)
