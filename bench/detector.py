@@ -268,7 +268,7 @@ def _stream_main(args: argparse.Namespace, faces: list[np.ndarray]) -> int:
         "machine": {"cpu": _cpu_name(), "python": platform.python_version(), "load_average": os.getloadavg()},
         "mtcnn_settings": {"min_face_size": args.min_face, "factor": args.factor, "thresholds": args.thresholds},
         "faces": source,
-        "stream": run_stream(det.detect, args.min_face, faces, args.stream, _gating(args.gating)),
+        "stream": run_stream(det.detect, args.min_face, faces, args.stream, _gating(args.gating), det.confirm),
     }
     results["machine"]["load_average_after"] = os.getloadavg()
     print(f"load average before {results['machine']['load_average']}, after {os.getloadavg()}")

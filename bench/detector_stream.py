@@ -4,7 +4,7 @@ A synthetic sequence at 5 analysed frames/s: a still scikit-image photo as the b
 sensor noise on every frame, and faces (lag-dev crops, or scikit-image's astronaut without the data)
 of 40..250 px walking in from either side, standing a few seconds and walking out, several at once.
 Per frame: the detection cost (wall and this thread's CPU ms, the gating's own planning included, and
-the planning alone)
+the planning alone, its look for followed faces where they are heading included; "conf": faces found so)
 and how many of the faces present (whole in the frame, not covered by another) were found; per
 face: whether it was ever found. Run by bench/detector.py --stream SECONDS.
 """
@@ -129,8 +129,9 @@ def full_frame(detect: Callable[[np.ndarray], list]) -> Detector:
     return lambda _t, image: ([d.box for d in detect(image)], {"full": True, "share": 1.0, "reason": "always"})
 
 
-def gated(detect: Callable[[np.ndarray], list], gating, min_face_size: int) -> Detector:
-    """As CameraAnalyser does: the planner's regions, the tracker's faces feeding the next plan."""
+def gated(detect: Callable[[np.ndarray], list], gating, min_face_size: int, confirm=None) -> Detector:
+    """As CameraAnalyser does: the planner's regions, the tracker's faces feeding the next plan, and
+    `confirm(image, boxes)` (the detector's) looking for the followed faces first."""
     from edge.regions import RegionPlanner, detect_in_regions, followed_boxes
     from edge.tracker import Observation, Tracker, TrackerConfig
 
@@ -139,7 +140,8 @@ def gated(detect: Callable[[np.ndarray], list], gating, min_face_size: int) -> D
     def run(t: float, image: np.ndarray) -> tuple[list, dict]:
         faces = followed_boxes(tracker.tracks, t, gating.track_missed_frames)
         c0 = time.thread_time()
-        plan = planner.plan(image, t, faces)
+        look = (lambda boxes: confirm(image, boxes)) if confirm is not None else None
+        plan = planner.plan(image, t, faces, look)
         plan_ms = 1000 * (time.thread_time() - c0)
         dets = detect(image) if plan.full else detect_in_regions(detect, image, plan)
         tracker.update([Observation(box=tuple(d.box), score=d.score) for d in dets], t)
@@ -148,6 +150,7 @@ def gated(detect: Callable[[np.ndarray], list], gating, min_face_size: int) -> D
             "share": plan.share,
             "reason": plan.reason,
             "plan_ms": plan_ms,
+            "confirmed": len(plan.confirmed),
         }
 
     return run
@@ -156,7 +159,7 @@ def gated(detect: Callable[[np.ndarray], list], gating, min_face_size: int) -> D
 def measure(detector: Detector, background: np.ndarray, people: list[Walker], seconds: float) -> dict:
     """Per-frame cost and recall of one way of detecting over the whole sequence."""
     wall, cpu, shares, plan_ms = [], [], [], []
-    present = found = full = 0
+    present = found = full = confirmed = 0
     reasons: dict[str, int] = {}
     seen: set[int] = set()
     ever: set[int] = set()
@@ -166,6 +169,7 @@ def measure(detector: Detector, background: np.ndarray, people: list[Walker], se
         wall.append(1000 * (time.perf_counter() - t0))
         cpu.append(1000 * (time.thread_time() - c0))
         full += info["full"]
+        confirmed += info.get("confirmed", 0)
         reasons[info["reason"]] = reasons.get(info["reason"], 0) + 1
         shares.append(info["share"])
         plan_ms.append(info.get("plan_ms", 0.0))
@@ -194,11 +198,17 @@ def measure(detector: Detector, background: np.ndarray, people: list[Walker], se
         "mean_area_searched": statistics.fmean(shares),
         "frames_by_reason": reasons,
         "planning_cpu_ms_mean": statistics.fmean(plan_ms),
+        "faces_confirmed": confirmed,
     }
 
 
 def run_stream(
-    detect: Callable[[np.ndarray], list], min_face_size: int, faces: list[np.ndarray], seconds: float, gating=None
+    detect: Callable[[np.ndarray], list],
+    min_face_size: int,
+    faces: list[np.ndarray],
+    seconds: float,
+    gating=None,
+    confirm=None,
 ) -> dict:
     """Full-frame and gated detection on the 720p and 1080p sequences; prints a table, returns the figures."""
     from skimage import data as skdata
@@ -210,19 +220,19 @@ def run_stream(
     print(f"\nstream: {seconds:g} s at {STREAM_FPS:g} fps, faces of {HEIGHTS} px walking in, standing, walking out")
     print(
         f"{'frame':<11}{'mode':<7}{'ms mean':>8}{'p50':>7}{'p95':>7}{'cpu mean':>9}{'cpu p95':>8}"
-        f"{'found':>12}{'recall':>8}{'never':>7}{'full':>6}{'area':>6}{'plan':>6}  frames by reason"
+        f"{'found':>12}{'recall':>8}{'never':>7}{'full':>6}{'area':>6}{'plan':>6}{'conf':>6}  frames by reason"
     )
     for w, h in ((1280, 720), (1920, 1080)):
         background = cv2.resize(skdata.rocket(), (w, h), interpolation=cv2.INTER_LINEAR)
         people = walkers(faces, w, h, seconds)
         detect(background)  # warm-up
         size = out.setdefault(f"{w}x{h}", {})
-        for mode, detector in (("full", full_frame(detect)), ("gated", gated(detect, gating, min_face_size))):
+        for mode, detector in (("full", full_frame(detect)), ("gated", gated(detect, gating, min_face_size, confirm))):
             r = size[mode] = measure(detector, background, people, seconds)
             print(
                 f"{f'{w}x{h}':<11}{mode:<7}{r['ms_mean']:>8.1f}{r['ms_p50']:>7.1f}{r['ms_p95']:>7.1f}"
                 f"{r['cpu_ms_mean']:>9.1f}{r['cpu_ms_p95']:>8.1f}{r['faces_found']:>6}/{r['faces_present']:<5}"
                 f"{r['recall']:>8.3f}{r['never_found']:>4}/{r['people']:<3}{r['share_full']:>5.2f}"
-                f"{r['mean_area_searched']:>6.2f}{r['planning_cpu_ms_mean']:>6.1f}  {r['frames_by_reason']}"
+                f"{r['mean_area_searched']:>6.2f}{r['planning_cpu_ms_mean']:>6.1f}{r['faces_confirmed']:>6}  {r['frames_by_reason']}"
             )
     return out

@@ -106,6 +106,9 @@ class FaceEngineLike(Protocol):
 
     def detect(self, image: np.ndarray) -> list[Any]: ...
 
+    # Optional: `confirm(image, boxes)`, a detection or None per box (engines.face_engine.FaceEngine.confirm);
+    # gating then looks for followed faces there before searching their regions.
+
     def assess(self, image: np.ndarray, detection: Any) -> Any: ...
 
     def embed(self, items: list[tuple[np.ndarray, Any]], *, look_again: Any = None) -> np.ndarray: ...
@@ -240,9 +243,11 @@ class CameraStats:
     frames_full: int = 0  # frames the detector searched whole
     frames_regions: int = 0  # frames it searched only in regions (edge.regions), maybe none
     searched_share_sum: float = 0.0  # of the frame's area searched, summed over analysed frames
+    faces_confirmed: int = 0  # followed faces found where they were heading, without a search (edge.regions)
 
-    def searched(self, full: bool, share: float) -> None:
-        """Count where the detector looked on one frame."""
+    def searched(self, full: bool, share: float, confirmed: int = 0) -> None:
+        """Count where the detector looked on one frame (and how many followed faces it confirmed)."""
+        self.faces_confirmed += confirmed
         if full:
             self.frames_full += 1
         else:
@@ -275,6 +280,7 @@ class CameraStats:
             "frames_full": self.frames_full,
             "frames_regions": self.frames_regions,
             "searched_share": round(self.searched_share_sum / searched, 3) if searched else None,
+            "faces_confirmed": self.faces_confirmed,
         }
 
 
@@ -302,9 +308,11 @@ class CameraAnalyser:
         *,
         gating: GatingConfig | None = None,
         keep_reports: bool = False,
+        phase: float = 0.0,
     ) -> None:
         """`gating`: search only changed areas and followed faces between full-frame passes (edge.regions);
-        None or not enabled: every frame whole. `keep_reports`: keep the story of every finished track in
+        None or not enabled: every frame whole. `phase`: where in the full-frame schedule this camera starts
+        (edge.regions.RegionPlanner). `keep_reports`: keep the story of every finished track in
         `reports` (for diagnostics of a clip)."""
         self.camera_id = camera_id
         self.engine = engine
@@ -318,7 +326,7 @@ class CameraAnalyser:
         # Regions of followed faces only may be searched shrunk down to the detector's smallest face
         # ([analysis.gating] max_shrink); an engine that does not say its smallest face gets them whole.
         min_face = int(getattr(engine, "min_face_size", 0) or 0)
-        self.planner = RegionPlanner(gating, min_face) if gating is not None and gating.enabled else None
+        self.planner = RegionPlanner(gating, min_face, phase) if gating is not None and gating.enabled else None
 
     def analyse(self, frame: Frame) -> tuple[list[EmbedRequest], list[int]]:
         """Detect and track the faces of one frame; return the faces to embed and the ids of tracks that ended."""
@@ -374,14 +382,17 @@ class CameraAnalyser:
             return detections
         with self._lock:  # the embedder thread may split a track meanwhile
             faces = followed_boxes(self.tracker.tracks, frame.captured_at, self.planner.config.track_missed_frames)
-        plan = self.planner.plan(frame.image, frame.captured_at, faces)
-        self.stats.searched(plan.full, plan.share)
+        look = getattr(self.engine, "confirm", None)
+        confirm = (lambda boxes: look(frame.image, boxes)) if look is not None else None
+        plan = self.planner.plan(frame.image, frame.captured_at, faces, confirm)
+        self.stats.searched(plan.full, plan.share, len(plan.confirmed))
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
-                "camera %s frame %d: %s, %d region(s), %.0f%% of the frame",
+                "camera %s frame %d: %s, %d face(s) confirmed, %d region(s), %.0f%% of the frame",
                 self.camera_id,
                 frame.seq,
                 "whole frame (" + plan.reason + ")" if plan.full else "regions",
+                len(plan.confirmed),
                 len(plan.regions),
                 100 * plan.share,
             )

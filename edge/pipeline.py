@@ -186,6 +186,10 @@ class Pipeline:
         self.analysis = analysis or AnalysisConfig()
         self.clock = clock
         self.emitter = HitEmitter(unit_id, self.matching.cooldown_s, self.matching.crop)
+        # Cameras started together would all sample at the same instants and all take their scheduled full
+        # frames on the same round: the detectors then idle between bursts they cannot finish in a period.
+        # Each camera starts a share of the way into the period and into the full-frame schedule instead.
+        self._phases = {c.camera_id: i / len(cameras) for i, c in enumerate(cameras)}
         self.analysers = {
             c.camera_id: CameraAnalyser(
                 c.camera_id,
@@ -194,6 +198,7 @@ class Pipeline:
                 self.analysis.tracker,
                 gating=self.analysis.gating,
                 keep_reports=keep_reports,
+                phase=self._phases[c.camera_id],
             )
             for c in cameras
         }
@@ -266,7 +271,7 @@ class Pipeline:
         period = 1.0 / cam.analysis_fps
         stats = self.analysers[cam.camera_id].stats
         last_seq = -1
-        next_t = time.monotonic()
+        next_t = time.monotonic() + period * self._phases[cam.camera_id]
         while not self._stop.is_set():
             self._beats[name] = time.monotonic()
             wait = next_t - time.monotonic()

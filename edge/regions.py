@@ -31,12 +31,20 @@ import numpy as np
 from pydantic import Field
 
 from common.config import StrictModel
+from edge.tracker import iou
 
 # Capture times are floats: 1.2 - 0.2 is just under 1.0, and a full frame due must not wait a frame longer.
 _SLACK_S = 0.001
 
 Rect = tuple[int, int, int, int]  # x1, y1, x2, y2 in frame pixels, x2/y2 exclusive
 Box = tuple[float, float, float, float]
+# Looks for faces at given boxes only: a detection (with .box and .score) or None per box.
+Confirm = Callable[[Sequence[Box]], Sequence[Any]]
+# Boxes overlapping this much are taken for one face: two faces seldom overlap so, and a face that moved half
+# its width between analysed frames still does.
+_FOUND_IOU = 0.3
+# Followed boxes this alike are asked about once.
+_SAME_BOX_IOU = 0.8
 
 
 class GatingConfig(StrictModel):
@@ -81,6 +89,18 @@ class GatingConfig(StrictModel):
         description="a followed face keeps its region while it was missed on at most this many analysed frames "
         "in a row",
     )
+    confirm_followed: bool = Field(
+        True,
+        description="look for each followed face first where it is heading with the detector's last stage alone "
+        "(one crop), and search its region only when it is not found there",
+    )
+    own_motion_growth: float = Field(
+        0.5,
+        ge=0.0,
+        le=5.0,
+        description="motion wholly inside a confirmed face's box grown by this many face sizes on each side is taken "
+        "for that face's own (a step, a turn of the head) and not searched",
+    )
     min_region_px: int = Field(96, ge=48, le=4096, description="a region is at least this wide and high")
     max_shrink: float = Field(
         1.0,
@@ -102,24 +122,37 @@ class Plan:
     reason: str  # why the whole frame, or "regions"
     # Per region, the factor it is shrunk by before the detector sees it (1: not shrunk).
     shrink: tuple[float, ...] = ()
+    # Followed faces found again where they were heading (MtcnnDetector.confirm), in frame pixels.
+    confirmed: tuple[Any, ...] = ()
 
 
 class RegionPlanner:
     """Plans the detector's regions for one camera's analysed frames, in capture order. Not thread-safe:
     one camera, one caller at a time (the pipeline's slots see to that)."""
 
-    def __init__(self, config: GatingConfig, min_face_size: int = 0) -> None:
+    def __init__(self, config: GatingConfig, min_face_size: int = 0, phase: float = 0.0) -> None:
         """`min_face_size`: the detector's smallest face, px, down to which regions of followed faces are
-        shrunk (0: never shrink)."""
+        shrunk (0: never shrink). `phase` (0 to 1): how far into its schedule this camera starts, so the
+        cameras of one unit, started together, take their scheduled full frames in turn instead of all on
+        the same round (the first scheduled one then comes `1 - phase` intervals after the first frame)."""
+        if not 0.0 <= phase < 1.0:
+            raise ValueError(f"phase must be in [0, 1), got {phase}")
         self.config = config
         self.min_face_size = min_face_size
+        self.phase = phase
         self._previous: np.ndarray | None = None
         self._before_previous: np.ndarray | None = None
         self._last_t = float("-inf")
         self._last_full_t = float("-inf")
 
-    def plan(self, image: np.ndarray, t: float, faces: Sequence[Box] = ()) -> Plan:
-        """Where to detect in `image` (RGB, captured at `t`), given the boxes of the faces followed now."""
+    def plan(self, image: np.ndarray, t: float, faces: Sequence[Box] = (), confirm: Confirm | None = None) -> Plan:
+        """Where to detect in `image` (RGB, captured at `t`), given the boxes of the faces followed now.
+
+        `confirm(boxes)`: the detector's look at given boxes only (engines.detector.MtcnnDetector.confirm: a
+        detection or None per box). With it (and ``confirm_followed``), a frame that is not searched whole
+        first looks for the followed faces where they are; only the regions of faces not found there are
+        searched, and motion around a face found is taken for its own. The faces found are the plan's
+        `confirmed`."""
         c = self.config
         h, w = image.shape[:2]
         small = _shrunk_grey(image, c.motion_scale)
@@ -141,14 +174,22 @@ class RegionPlanner:
         regions: list[tuple[Rect, float]] = []
         shrink: list[float] = []
         share = 0.0
+        confirmed: list[Any] = []
         if changed is not None and not reason:
+            if confirm is not None and c.confirm_followed and faces:
+                confirmed = _confirmed(confirm, faces)
+                # A followed box is found when a confirmed face lies over it: a track's last box and where it
+                # is heading are both asked about, and a face that moved may be confirmed from one only.
+                faces = [b for b in faces if not any(iou(b, d.box) >= _FOUND_IOU for d in confirmed)]
             tracked = [(self._face_region(b, w, h), 0.5 * min(b[2] - b[0], b[3] - b[1])) for b in faces]
+            own = [self._own_area(d.box, w, h) for d in confirmed]
             # Motion wholly inside a followed face's region is taken for that face's own (a walk, a turn
-            # of the head): the region is searched for faces of about its size only.
+            # of the head): the region is searched for faces of about its size only. Around a confirmed
+            # face, only motion close to it is its own; anything reaching further is searched.
             motion = [
                 (r, 0.0)
                 for r in self._motion_regions(changed, w, h)
-                if not any(_within(r, region) for region, _ in tracked)
+                if not any(_within(r, region) for region, _ in tracked) and not any(_within(r, a) for a in own)
             ]
             regions = merge_regions(motion + tracked)
             shrink = [self._shrink(smallest) for _, smallest in regions]
@@ -158,9 +199,9 @@ class RegionPlanner:
             if sum(a / f**2 for a, f in zip(areas, shrink)) > c.max_region_share * w * h:
                 reason = "regions too large"
         if reason:
-            self._last_full_t = t
+            self._last_full_t = t - (self.phase * c.full_frame_interval_s if reason == "first frame" else 0.0)
             return Plan(True, ((0, 0, w, h),), 1.0, reason, (1.0,))
-        return Plan(False, tuple(r for r, _ in regions), share, "regions", tuple(shrink))
+        return Plan(False, tuple(r for r, _ in regions), share, "regions", tuple(shrink), tuple(confirmed))
 
     def _shrink(self, smallest: float) -> float:
         """The factor a region whose smallest possible face is `smallest` px is shrunk by (1: not at all)."""
@@ -182,6 +223,11 @@ class RegionPlanner:
             out.append(self._grown(x1 - margin, y1 - margin, x2 + margin, y2 + margin, w, h))
         return out
 
+    def _own_area(self, box: Box, w: int, h: int) -> Rect:
+        x1, y1, x2, y2 = box
+        margin = self.config.own_motion_growth * max(x2 - x1, y2 - y1)
+        return _clip((int(x1 - margin), int(y1 - margin), int(np.ceil(x2 + margin)), int(np.ceil(y2 + margin))), w, h)
+
     def _face_region(self, box: Box, w: int, h: int) -> Rect:
         x1, y1, x2, y2 = box
         # Between analysed frames a face moves by about its own size at most (a walk at 5 fps).
@@ -194,6 +240,21 @@ class RegionPlanner:
         cx, cy = (x1 + x2) / 2.0, (y1 + y2) / 2.0
         half_w, half_h = max(x2 - x1, m) / 2.0, max(y2 - y1, m) / 2.0
         return _clip((int(cx - half_w), int(cy - half_h), int(np.ceil(cx + half_w)), int(np.ceil(cy + half_h))), w, h)
+
+
+def _confirmed(confirm: Confirm, faces: Sequence[Box]) -> list[Any]:
+    """The faces `confirm` finds at the followed boxes, each once: boxes nearly the same (a face standing
+    still is where it is heading) are asked about once, and two boxes finding one face give it once."""
+    asked: list[Box] = []
+    for b in faces:
+        if not any(iou(b, a) >= _SAME_BOX_IOU for a in asked):
+            asked.append(b)
+    found = sorted((d for d in confirm(asked) if d is not None), key=lambda d: d.score, reverse=True)
+    out: list[Any] = []
+    for d in found:
+        if not any(iou(d.box, o.box) >= _FOUND_IOU for o in out):
+            out.append(d)
+    return out
 
 
 def followed_boxes(tracks: Sequence[Any], t: float, max_missed: int) -> list[Box]:
@@ -252,6 +313,9 @@ def detect_in_regions(detect: Callable[[np.ndarray], list[Any]], image: np.ndarr
                     landmarks=(det.landmarks * scale + np.array([x1, y1], dtype=np.float32)).astype(np.float32),
                 )
             )
+    # A face confirmed where it was heading may also lie in a region searched for someone else: it counts once.
+    found = [d for d in found if not any(iou(d.box, c.box) >= _FOUND_IOU for c in plan.confirmed)]
+    found.extend(plan.confirmed)
     found.sort(key=lambda d: d.score, reverse=True)
     return found
 

@@ -14,7 +14,7 @@ smaller x in the image for an upright face (the network's training convention).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from common.config import StrictModel
-from engines.errors import ModelError
+from engines.errors import BoxError, ModelError
 from engines.image import check_image
 
 _PIXEL_MEAN = 127.5
@@ -34,6 +34,8 @@ _PNET_STRIDE = 2
 # also ran R-Net's ~240 candidates of a 720p frame in about 0.65-0.9x the time of one batch (cache-sized
 # work), with identical outputs.
 _BATCH = 32
+# MtcnnDetector.confirm: how much the face found must still overlap the box asked about.
+CONFIRM_MIN_IOU = 0.5
 
 
 class MtcnnConfig(StrictModel):
@@ -164,6 +166,15 @@ def _square(boxes: np.ndarray) -> np.ndarray:
     return out
 
 
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two (x1, y1, x2, y2) boxes."""
+    iw = max(0.0, float(min(a[2], b[2]) - max(a[0], b[0])))
+    ih = max(0.0, float(min(a[3], b[3]) - max(a[1], b[1])))
+    inter = iw * ih
+    union = float((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1])) - inter
+    return inter / union if union > 0 else 0.0
+
+
 def _regress(boxes: np.ndarray, reg: np.ndarray) -> np.ndarray:
     """Apply R-/O-Net box offsets (facenet-pytorch's bbreg, +1 pixel sizes)."""
     out = boxes.copy()
@@ -214,7 +225,7 @@ class MtcnnDetector:
         factory = session_factory or cpu_session_factory(self.config.intra_op_threads)
         self._pnet = factory(Path(models["pnet"]))
         self._rnet = factory(Path(models["rnet"]))
-        self._onet = factory(Path(models["onet"]))
+        self._onet_session = factory(Path(models["onet"]))
 
     def detect(self, image: np.ndarray) -> list[Detection]:
         """Return the faces in an RGB uint8 (H, W, 3) image, highest score first.
@@ -222,7 +233,7 @@ class MtcnnDetector:
         Raises ImageError for anything else (wrong dtype, shape, channel count, empty).
         """
         img = check_image(image, "detector input")
-        t1, t2, t3 = self.config.thresholds
+        t1, t2, _ = self.config.thresholds
 
         proposals = []
         levels, sources = self._pyramid(img)
@@ -241,9 +252,10 @@ class MtcnnDetector:
         boxes = _square(shifted)
 
         # R-Net
-        crops, boxes = self._crops(img, sources, boxes, 24)
-        if boxes.shape[0] == 0:
+        crops, idx = self._crops(img, sources, boxes, 24)
+        if idx.size == 0:
             return []
+        boxes = boxes[idx]
         reg, prob = self._run_batched(self._rnet, crops)
         keep = prob[:, 1] > t2
         boxes, scores, reg = boxes[keep], prob[keep, 1], reg[keep]
@@ -251,22 +263,57 @@ class MtcnnDetector:
         boxes = _square(_regress(boxes[pick], reg[pick]))
 
         # O-Net
-        crops, boxes = self._crops(img, sources, boxes, 48)
-        if boxes.shape[0] == 0:
+        boxes, scores, points = self._onet(img, sources, boxes)
+        pick = nms(boxes, scores, 0.7, mode="min")
+        return [
+            Detection(box=tuple(float(v) for v in boxes[i]), score=float(scores[i]), landmarks=points[i]) for i in pick
+        ]
+
+    def confirm(self, image: np.ndarray, boxes: Sequence[tuple[float, float, float, float]]) -> list[Detection | None]:
+        """For each box (x1, y1, x2, y2), where a face was a moment ago: the face now, or None.
+
+        Runs only MTCNN's last stage, O-Net, on each box squared (as R-Net's boxes are squared before it),
+        with its threshold and regression, so a face that stayed or moved a little is found for one O-Net
+        crop instead of a search of its surroundings. The face is given only if its box still overlaps
+        the one asked about (IoU at least `CONFIRM_MIN_IOU`): O-Net pulls a box towards the face it sees,
+        and one that wandered off is not the face that was followed. A face O-Net does not accept there
+        (gone, turned away, moved too far) gives None: search for it.
+        """
+        img = check_image(image, "detector input")
+        asked = np.asarray(boxes, dtype=np.float32)
+        if asked.size == 0:
             return []
-        reg, marks, prob = self._run_batched(self._onet, crops)
-        keep = prob[:, 1] > t3
-        boxes, scores, reg, marks = boxes[keep], prob[keep, 1], reg[keep], marks[keep]
+        if asked.ndim != 2 or asked.shape[1] != 4 or not np.isfinite(asked).all():
+            raise BoxError(
+                f"confirm() wants (x1, y1, x2, y2) rows of finite numbers, got an array of shape {asked.shape}"
+            )
+        out: list[Detection | None] = [None] * asked.shape[0]
+        found, scores, points, idx = self._onet(img, [img], _square(asked), with_index=True)
+        for k, i in enumerate(idx):
+            if _iou(found[k], asked[i]) >= CONFIRM_MIN_IOU:
+                out[i] = Detection(box=tuple(float(v) for v in found[k]), score=float(scores[k]), landmarks=points[k])
+        return out
+
+    def _onet(
+        self, img: np.ndarray, sources: list[np.ndarray], boxes: np.ndarray, with_index: bool = False
+    ) -> tuple[np.ndarray, ...]:
+        """O-Net on square boxes: the accepted ones regressed, their scores and landmarks (and, with
+        `with_index`, their rows in `boxes`)."""
+        crops, idx = self._crops(img, sources, boxes, 48)
+        if idx.size == 0:
+            empty = (np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros((0, 5, 2), np.float32))
+            return (*empty, idx) if with_index else empty
+        boxes = boxes[idx]
+        reg, marks, prob = self._run_batched(self._onet_session, crops)
+        keep = prob[:, 1] > self.config.thresholds[2]
+        boxes, scores, reg, marks, idx = boxes[keep], prob[keep, 1], reg[keep], marks[keep], idx[keep]
         bw = (boxes[:, 2] - boxes[:, 0] + 1)[:, None]
         bh = (boxes[:, 3] - boxes[:, 1] + 1)[:, None]
         points = np.stack([bw * marks[:, :5] + boxes[:, :1] - 1, bh * marks[:, 5:] + boxes[:, 1:2] - 1], axis=2).astype(
             np.float32
         )
         boxes = _regress(boxes, reg)
-        pick = nms(boxes, scores, 0.7, mode="min")
-        return [
-            Detection(box=tuple(float(v) for v in boxes[i]), score=float(scores[i]), landmarks=points[i]) for i in pick
-        ]
+        return (boxes, scores, points, idx) if with_index else (boxes, scores, points)
 
     def _pyramid(self, img: np.ndarray) -> tuple[list[tuple[float, np.ndarray]], list[np.ndarray]]:
         """P-Net's levels and the images crops are sampled from.
@@ -321,7 +368,7 @@ class MtcnnDetector:
         720p frame; boxes so small that only the frame itself qualifies still are (cheap, and it
         keeps small faces' crops as facenet-pytorch makes them).
 
-        Returns the NCHW batch and the boxes whose clipped crop is non-empty, in the same order.
+        Returns the NCHW batch and the indices of the boxes whose clipped crop is non-empty, in the same order.
         """
         import cv2
 
@@ -360,7 +407,7 @@ class MtcnnDetector:
             batch[j] = cv2.warpAffine(
                 src, m, (size, size), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE
             )
-        return _normalise(batch), boxes[idx]
+        return _normalise(batch), idx
 
     @staticmethod
     def _run_batched(session: Any, batch: np.ndarray) -> list[np.ndarray]:

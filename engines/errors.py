@@ -11,6 +11,10 @@ class ImageError(EngineError, ValueError):
     """An input image is unreadable, empty, or of the wrong type or shape."""
 
 
+class BoxError(EngineError, ValueError):
+    """Boxes given to the detector are not (x1, y1, x2, y2) rows of finite numbers."""
+
+
 class ModelError(EngineError):
     """A model file is missing, corrupt, or does not match its description."""
 

@@ -235,6 +235,10 @@ class FaceEngine:
         """Faces in an RGB uint8 image, each with a box, a score and 5 landmarks."""
         return self.detector.detect(image)
 
+    def confirm(self, image: np.ndarray, boxes: Sequence[tuple[float, float, float, float]]) -> list[Detection | None]:
+        """The face at each box (where one was a moment ago), or None: MtcnnDetector.confirm."""
+        return self.detector.confirm(image, boxes)
+
     def assess(self, image: np.ndarray, detection: Detection) -> Quality:
         """The quality gate's verdict on one detected face."""
         return assess(image, detection.box, detection.landmarks, detection.score, self.config.quality)

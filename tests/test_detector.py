@@ -137,3 +137,39 @@ def test_nms_union_and_min():
     assert nms(boxes, scores, 0.5).tolist() == [3, 0, 2]
     assert nms(boxes, scores, 0.7).tolist() == [3, 0, 1, 2]
     assert nms(boxes, scores, 0.7, mode="min").tolist() == [3, 2]
+
+
+def test_confirm_finds_a_face_where_it_was_and_nothing_where_none_is(detector, astronaut):
+    (whole,) = detector.detect(astronaut)
+    x1, y1, x2, y2 = whole.box
+    side = x2 - x1
+    moved = (x1 + side / 3, y1, x2 + side / 3, y2)  # asked a third of a face to the right of where she is
+    background = (400.0, 380.0, 500.0, 480.0)  # her suit, no face
+    same, shifted, nothing = detector.confirm(astronaut, [whole.box, moved, background])
+    # One O-Net look gives the face the whole search gave: box, landmarks, score.
+    assert same is not None and shifted is not None and nothing is None
+    assert np.allclose(same.box, whole.box, atol=0.08 * side), (same.box, whole.box)
+    assert np.allclose(same.landmarks, whole.landmarks, atol=0.05 * side)
+    assert same.score > 0.95
+    _check_face_geometry(same)
+    # O-Net pulls a box that is off by a third back onto the face.
+    assert abs(shifted.box[0] - x1) < abs(moved[0] - x1) / 2, (shifted.box, whole.box)
+
+
+def test_confirm_refuses_a_face_that_is_not_the_one_asked_about(detector, astronaut):
+    (whole,) = detector.detect(astronaut)
+    x1, y1, x2, y2 = whole.box
+    side = x2 - x1
+    # A box three times the face around it: O-Net may see the face, but its box would overlap the one asked
+    # about too little to be the face that was followed there.
+    (wide,) = detector.confirm(astronaut, [(x1 - side, y1 - side, x2 + side, y2 + side)])
+    assert wide is None
+    assert detector.confirm(astronaut, []) == []
+
+
+@pytest.mark.parametrize("boxes", [[(1.0, 2.0, 3.0)], [(0.0, 0.0, float("nan"), 10.0)], [1.0, 2.0, 3.0, 4.0]])
+def test_confirm_rejects_malformed_boxes(detector, astronaut, boxes):
+    from engines.errors import BoxError
+
+    with pytest.raises(BoxError, match="x1, y1, x2, y2"):
+        detector.confirm(astronaut, boxes)

@@ -218,3 +218,45 @@ def test_slots_keep_only_the_newest_frame_and_serve_cameras_fairly() -> None:
     assert fourth is not None and (fourth.camera_id, fourth.seq) == ("b", 2)
     slots.close()
     assert slots.take(1.0) is None
+
+
+class _StillCamera:
+    """A frame source that always has a new grey picture, and notes when it was first asked for one."""
+
+    def __init__(self, camera_id: str) -> None:
+        import numpy as np
+
+        self.camera_id = camera_id
+        self.first_asked: float | None = None
+        self._seq = 0
+        self._image = np.full((120, 160, 3), 128, np.uint8)
+
+    def latest(self, after_seq: int = -1, timeout: float = 1.0) -> Frame | None:
+        if self.first_asked is None:
+            self.first_asked = time.monotonic()
+        self._seq += 1
+        return Frame(self.camera_id, self._seq, time.time(), self._image)
+
+
+def test_cameras_are_sampled_and_searched_whole_in_turn(engine: Any) -> None:
+    from testing.broker import wait_for
+
+    cams = [_StillCamera(f"cam{i}") for i in range(4)]
+    pipe = Pipeline(
+        unit_id="unit-t",
+        cameras=[CameraSpec(c.camera_id, c, 5.0) for c in cams],
+        engine=engine,
+        matcher=lambda: None,  # type: ignore[arg-type,return-value]
+        sinks=[MemorySink()],
+    )
+    # Each camera a quarter further into the full-frame schedule (edge.regions.RegionPlanner.phase) ...
+    assert [pipe.analysers[c.camera_id].planner.phase for c in cams] == [0.0, 0.25, 0.5, 0.75]
+    started = time.monotonic()
+    pipe.start()
+    try:
+        wait_for(lambda: all(c.first_asked is not None for c in cams), 5.0, "every camera sampled once")
+    finally:
+        pipe.stop()
+    # ... and a quarter of the sampling period (0.2 s at 5 fps) later into its sampling.
+    for i, c in enumerate(cams):
+        assert c.first_asked - started >= 0.05 * i - 0.005, (i, c.first_asked - started)

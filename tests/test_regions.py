@@ -1,6 +1,8 @@
 """Motion and track gating (edge.regions) on real images with the real detector: a face that steps into a
-still scene is found in the frame it appears, a face that stands still stays followed, the whole frame is
-searched on schedule and when much changes, regions are merged and clipped, a face is found once."""
+still scene is found in the frame it appears, a face that stands still stays followed (confirmed where it
+stands, without a search), someone stepping up beside it is still found, the whole frame is searched on
+schedule (cameras of one unit in turn) and when much changes, regions are merged and clipped, a face is
+found once."""
 
 from __future__ import annotations
 
@@ -211,3 +213,111 @@ def test_faces_missed_on_several_frames_lose_their_region() -> None:
     boxes = followed_boxes(tracker.tracks, 0.6, max_missed=1)
     assert len(boxes) == 4 and {b[0] for b in boxes} >= {400.0, 700.0}  # last box and heading, two tracks
     assert len(followed_boxes(tracker.tracks, 0.6, max_missed=0)) == 2
+
+
+def test_standing_face_is_confirmed_where_it_stands_without_a_search(
+    engine: Any, background: np.ndarray, face: np.ndarray
+) -> None:
+    scene = _with_face(background, face)
+    shares = {}
+    for confirm in (True, False):
+        an = _analyser(engine, confirm_followed=confirm)
+        an.analyse(Frame("gate", 0, 100.0, _noisy(background, 0)))
+        an.analyse(Frame("gate", 1, 100.2, _noisy(scene, 1)))  # steps in: found in the changed area
+        (track,) = an.tracker.tracks
+        searched = an.stats.searched_share_sum
+        for seq, t in ((2, 100.4), (3, 100.6)):
+            an.analyse(Frame("gate", seq, t, _noisy(scene, seq)))
+            assert [(tr.id, tr.last_seen) for tr in an.tracker.tracks] == [(track.id, t)]
+        shares[confirm] = an.stats.searched_share_sum - searched
+        assert an.stats.faces_confirmed == (2 if confirm else 0)
+        assert an.stats.snapshot(0.0)["faces_confirmed"] == an.stats.faces_confirmed
+        (whole,) = engine.detect(_noisy(scene, 3))
+        assert np.allclose(an.tracker.tracks[0].box, whole.box, atol=0.1 * FACE)
+    # Confirmed: nothing searched while she stands; without: her region, twice.
+    assert shares[True] == 0.0 and shares[False] > 0.05
+
+
+def test_a_face_that_left_is_searched_for_where_it_was(engine: Any, background: np.ndarray, face: np.ndarray) -> None:
+    scene = _with_face(background, face)
+    an = _analyser(engine)
+    an.analyse(Frame("gate", 0, 100.0, _noisy(scene, 0)))
+    an.analyse(Frame("gate", 1, 100.2, _noisy(scene, 1)))
+    assert an.stats.faces_confirmed == 1
+    searched = an.stats.searched_share_sum
+    # Covered up by something of the background's colour: not confirmed, its region is searched, nothing found.
+    covered = _noisy(background, 2)
+    an.analyse(Frame("gate", 2, 100.4, covered))
+    assert an.stats.faces_confirmed == 1
+    assert an.stats.searched_share_sum > searched
+    assert an.tracker.tracks[0].missed == 1
+
+
+def test_someone_stepping_up_beside_a_confirmed_face_is_found(
+    engine: Any, background: np.ndarray, face: np.ndarray
+) -> None:
+    import cv2
+
+    scene = _with_face(background, face)
+    an = _analyser(engine)
+    an.analyse(Frame("gate", 0, 100.0, _noisy(scene, 0)))
+    an.analyse(Frame("gate", 1, 100.2, _noisy(scene, 1)))
+    # A child's face, two thirds her size, just beside hers: the area that changed there reaches past the one
+    # her own motion can explain (own_motion_growth), so it is searched although she is confirmed.
+    child = cv2.resize(face, (face.shape[1] * 2 // 3, face.shape[0] * 2 // 3), interpolation=cv2.INTER_AREA)
+    at = (SPOT[0] - child.shape[1] - 20, SPOT[1] + face.shape[0] // 2)
+    both = _with_face(scene, child, at)
+    an.analyse(Frame("gate", 2, 100.4, _noisy(both, 2)))
+    assert an.stats.faces_confirmed == 2
+    assert an.stats.frames_full == 1  # found in a region, not by a whole-frame pass
+    boxes = [tr.box for tr in an.tracker.tracks if tr.last_seen == 100.4]
+    assert len(boxes) == 2
+    assert any(_inside(b, at, child) for b in boxes) and any(_inside(b, SPOT, face) for b in boxes)
+
+
+def test_planner_asks_once_per_face_and_searches_only_what_confirmation_leaves(background: np.ndarray) -> None:
+    from types import SimpleNamespace
+
+    here, gone = (400.0, 280.0, 480.0, 360.0), (100.0, 100.0, 160.0, 160.0)
+    asked: list[list[tuple[float, ...]]] = []
+
+    def confirm(boxes):
+        # The detector's answer: the face at `here` is still there, the one at `gone` is not.
+        asked.append(list(boxes))
+        return [SimpleNamespace(box=here, score=0.99) if b[0] > 300 else None for b in boxes]
+
+    planner = RegionPlanner(GatingConfig())
+    planner.plan(background, 0.0)
+    planner.plan(background, 0.2)
+    # Each track gives its last box and where it is heading; a face standing still gives the same box twice.
+    almost = (here[0] + 1, here[1], here[2] + 1, here[3])
+    plan = planner.plan(background, 0.4, [here, almost, gone, gone], confirm)
+    assert asked == [[here, gone]]
+    assert [d.box for d in plan.confirmed] == [here]
+    # Only the face not confirmed is searched for, in its region.
+    assert len(plan.regions) == 1 and plan.regions[0][0] <= gone[0] and plan.regions[0][2] >= gone[2]
+    # Motion at the confirmed face (a turn of the head) is its own; motion further off is searched.
+    turned = background.copy()
+    turned[300:340, 420:460] = 255
+    plan = planner.plan(turned, 0.6, [here], confirm)
+    assert plan.regions == () and not plan.full and plan.share == 0.0
+    beside = turned.copy()
+    beside[300:340, 330:370] = 0  # 50 px left of the face: inside its track's region, outside its own area
+    plan = planner.plan(beside, 0.8, [here], confirm)
+    assert len(plan.regions) == 1 and plan.regions[0][0] < 330
+    # Off: the region of every followed face is searched, as without a detector to confirm with.
+    off = RegionPlanner(GatingConfig(confirm_followed=False))
+    off.plan(background, 0.0)
+    plan = off.plan(background, 0.2, [here], confirm)
+    assert plan.confirmed == () and len(plan.regions) == 1 and len(asked) == 3
+
+
+def test_cameras_take_their_scheduled_full_frames_in_turn(background: np.ndarray) -> None:
+    reasons = {}
+    for phase in (0.0, 0.5):
+        planner = RegionPlanner(GatingConfig(full_frame_interval_s=1.0), phase=phase)
+        reasons[phase] = [planner.plan(background, 10.0 + i / 5).reason for i in range(11)]
+    full = {p: [i for i, r in enumerate(rs) if r != "regions"] for p, rs in reasons.items()}
+    assert full == {0.0: [0, 5, 10], 0.5: [0, 3, 8]}  # at least once a second either way
+    with pytest.raises(ValueError, match="phase"):
+        RegionPlanner(GatingConfig(), phase=1.0)
