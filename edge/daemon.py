@@ -337,6 +337,7 @@ class Daemon:
                     "frames_full": an.get("frames_full", 0),
                     "frames_regions": an.get("frames_regions", 0),
                     "searched_share": an.get("searched_share"),
+                    "faces_confirmed": an.get("faces_confirmed", 0),
                     "errors": an.get("errors", 0),
                 }
             )
@@ -384,7 +385,7 @@ class Daemon:
         for cam in self.status()["cameras"]:
             log.info(
                 "camera %s: %s, %.1f fps in, %.1f fps analysed, faces %d, hits %d, lag %.2f s, skipped %d, "
-                "searched whole %d / in regions %d (%s of the frame), errors %d%s",
+                "searched whole %d / in regions %d (%s of the frame), faces confirmed %d, errors %d%s",
                 cam["id"],
                 "up" if cam["up"] else "DOWN",
                 cam["fps_in"],
@@ -396,6 +397,7 @@ class Daemon:
                 cam["frames_full"],
                 cam["frames_regions"],
                 "-" if cam["searched_share"] is None else f"{100 * cam['searched_share']:.0f}%",
+                cam["faces_confirmed"],
                 cam["errors"],
                 f", last error: {cam['last_error']}" if cam["last_error"] and not cam["up"] else "",
                 extra={"figures": cam},

@@ -52,7 +52,8 @@ def probe_camera(camera: Any) -> ProbeResult:
     def one_frame() -> tuple[int, int, str]:
         source = open_source(cfg)
         try:
-            image, _ = source.read()
+            picture, _ = source.read()
+            image = picture.rgb()
             return image.shape[1], image.shape[0], cfg.backend
         finally:
             source.close()

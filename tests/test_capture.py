@@ -210,6 +210,61 @@ def test_file_plays_at_native_rate_and_loops(face_clip: pathlib.Path, readers):
     assert fast.latest(after_seq=59, timeout=0.5) is None
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_only_the_frames_asked_for_are_converted_each_once(backend, face_clip: pathlib.Path, readers):
+    reader = readers(id="lazy", url=str(face_clip), realtime=False, backend=backend)
+    wait_for(lambda: reader.finished, 10, what=lambda: f"reader.finished: {reader.state}")
+    assert reader.state.frames == 60 and reader.state.converted == 0
+    first = reader.latest(timeout=0)
+    assert first is not None and first.seq == 59 and first.image.shape == (360, 640, 3)
+    assert reader.latest(after_seq=58, timeout=0) is first  # a second consumer gets the same conversion
+    assert reader.state.converted == 1
+
+
+def test_a_picture_that_cannot_be_converted_is_skipped_for_the_next(
+    face_clip: pathlib.Path, readers, monkeypatch, caplog
+):
+    import threading
+
+    import edge.camera.capture as capture
+    from edge.camera.sources import Picture
+
+    real_open = capture.open_source
+    go_on = threading.Event()
+
+    def open_damaging(cfg):
+        # The real source, with its 11th picture damaged and its 12th held back until the test lets it come.
+        source = real_open(cfg)
+        real_read, count = source.read, [0]
+
+        def read():
+            count[0] += 1
+            if count[0] == 12:
+                go_on.wait(10)
+            picture, pts = real_read()
+            if count[0] == 11:
+
+                def broken():
+                    raise ValueError("bad chroma plane")
+
+                picture = Picture(picture.width, picture.height, broken)
+            return picture, pts
+
+        source.read = read
+        return source
+
+    monkeypatch.setattr(capture, "open_source", open_damaging)
+    reader = readers(id="dmg", url=str(face_clip), realtime=False)
+    wait_for(lambda: reader.state.frames == 11, 10, what=lambda: f"11 frames: {reader.state}")
+    with caplog.at_level("WARNING", logger="edge.camera.capture"):
+        assert reader.latest(after_seq=9, timeout=0.3) is None
+    assert "camera dmg: picture 10 could not be converted to RGB (1 so far): bad chroma plane" in caplog.text
+    go_on.set()
+    after = reader.latest(after_seq=9, timeout=5)
+    assert after is not None and after.seq == 11 and after.image.shape == (360, 640, 3)
+    assert reader.state.up
+
+
 def test_looping_file_goes_past_its_end(tmp_path: pathlib.Path, readers):
     from testing.media import astronaut_face, make_face_clip
 

@@ -23,10 +23,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
-
 from edge.camera.config import CaptureConfig
-from edge.camera.sources import EndOfStream, Source, SourceError, open_source
+from edge.camera.sources import EndOfStream, Picture, Source, SourceError, open_source
 from edge.camera.urls import redact_url
 from edge.frame import Frame
 
@@ -51,6 +49,7 @@ class CameraState:
     reconnects: int  # connection attempts after the first
     frames: int  # frames delivered since start
     fps: float  # recent delivery rate; 0 while down
+    converted: int = 0  # frames converted to RGB because a consumer asked for them (the rest never are)
     previous_error: str | None = None  # why it was last down, once it came back
     previous_error_at: float | None = None  # epoch seconds when that error was last seen
 
@@ -110,7 +109,7 @@ class _Session(threading.Thread):
         period = 1.0 / (getattr(source, "fps", None) or 25.0)
         n = 0
         while not self.abandoned.is_set():
-            image, pts = source.read()
+            picture, pts = source.read()
             if self.abandoned.is_set():
                 return
             if pace:
@@ -124,7 +123,7 @@ class _Session(threading.Thread):
             n += 1
             self.last_frame_at = time.monotonic()
             self.delivered += 1
-            self.reader._deliver(self, image)
+            self.reader._deliver(self, picture)
 
 
 class CameraReader:
@@ -134,8 +133,13 @@ class CameraReader:
         self.config = config
         self._on_state = on_state
         self._cond = threading.Condition()
+        # The newest picture, when it arrived, and its frame once someone asked for it (converted to RGB then).
+        self._picture: Picture | None = None
+        self._picture_at = 0.0
         self._frame: Frame | None = None
         self._seq = -1
+        self._converted = 0
+        self._convert_errors = 0
         self._frames = 0
         self._times: deque[float] = deque(maxlen=2000)
         self._up_at = 0.0
@@ -168,16 +172,37 @@ class CameraReader:
     def latest(self, after_seq: int = -1, timeout: float = 1.0) -> Frame | None:
         """The newest frame with seq > `after_seq`, waiting up to `timeout` s; None if none came.
 
-        Frames in between are skipped on purpose: a slow consumer sees the present, not a backlog.
+        Frames in between are skipped on purpose: a slow consumer sees the present, not a backlog. Only
+        the pictures asked for are converted to RGB (here, on the caller's thread, once per picture). A
+        picture that cannot be converted is logged and skipped: the next one is waited for.
         """
         deadline = time.monotonic() + timeout
-        with self._cond:
-            while self._frame is None or self._frame.seq <= after_seq:
-                left = deadline - time.monotonic()
-                if left <= 0 or self._finished.is_set() and self._frame is not None:
-                    return None
-                self._cond.wait(left)
-            return self._frame
+        while True:
+            with self._cond:
+                while self._picture is None or self._seq <= after_seq:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or self._finished.is_set() and self._picture is not None:
+                        return None
+                    self._cond.wait(left)
+                if self._frame is not None and self._frame.seq == self._seq:
+                    return self._frame
+                seq, picture, at = self._seq, self._picture, self._picture_at
+            try:
+                frame = Frame(self.config.id, seq, at, picture.rgb())
+            except Exception as e:  # a damaged picture must not stop the camera's consumers
+                with self._cond:
+                    self._convert_errors += 1
+                    count = self._convert_errors
+                log.warning(
+                    "camera %s: picture %d could not be converted to RGB (%d so far): %s", self.config.id, seq, count, e
+                )
+                after_seq = seq
+                continue
+            with self._cond:
+                self._converted += 1
+                if self._seq == seq:
+                    self._frame = frame
+            return frame
 
     @property
     def state(self) -> CameraState:
@@ -230,18 +255,19 @@ class CameraReader:
             reconnects=self._reconnects,
             frames=self._frames,
             fps=round(fps, 2),
+            converted=self._converted,
             previous_error=self._previous_error,
             previous_error_at=self._previous_error_at,
         )
 
-    def _deliver(self, session: _Session, image: np.ndarray) -> None:
+    def _deliver(self, session: _Session, picture: Picture) -> None:
         notify: CameraState | None = None
         with self._cond:
             if session is not self._session or session.abandoned.is_set():
                 return
             self._seq += 1
             self._frames += 1
-            self._frame = Frame(self.config.id, self._seq, time.time(), image)
+            self._picture, self._picture_at, self._frame = picture, time.time(), None
             self._times.append(time.monotonic())
             if not self._up:
                 waited = time.time() - self._since
@@ -258,8 +284,8 @@ class CameraReader:
                 log.info(
                     "camera %s: up (%dx%d), %s %.1f s, reconnects=%d",
                     self.config.id,
-                    image.shape[1],
-                    image.shape[0],
+                    picture.width,
+                    picture.height,
                     "first frame after" if first else "was down for",
                     waited,
                     self._reconnects,

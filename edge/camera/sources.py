@@ -1,6 +1,8 @@
-"""Camera sources: open a URL, file or device with one backend and read decoded RGB pictures.
+"""Camera sources: open a URL, file or device with one backend and read decoded pictures.
 
-A source is used by one thread at a time and is blocking: `read()` waits for the next picture.
+A source is used by one thread at a time and is blocking: `read()` waits for the next picture. A
+picture is converted to RGB only when asked (`Picture.rgb()`): a unit analyses 5 of the 10-25 frames a
+camera sends each second, and converting the others cost as much CPU as decoding them.
 Each backend bounds its own waits (open and read timeouts through FFmpeg's interrupt callback);
 edge.camera.capture adds a watchdog above that, because a read can still hang in code we do not control.
 
@@ -19,6 +21,9 @@ import re
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -39,29 +44,50 @@ class EndOfStream(SourceError):
     """A video file was read to its end."""
 
 
+@dataclass(frozen=True)
+class Picture:
+    """One decoded picture of `width` x `height`, not yet converted: `rgb()` gives it as RGB uint8 (H, W, 3)."""
+
+    width: int
+    height: int
+    convert: Callable[[], np.ndarray]
+
+    def rgb(self) -> np.ndarray:
+        """The picture in RGB (converted now, at each call)."""
+        return self.convert()
+
+
 class Source(Protocol):
-    """An opened camera. `read()` returns (RGB uint8 picture, presentation time in s or None)."""
+    """An opened camera. `read()` returns (the next picture, its presentation time in s or None)."""
 
     kind: SourceKind
     description: str
 
-    def read(self) -> tuple[np.ndarray, float | None]: ...
+    def read(self) -> tuple[Picture, float | None]: ...
 
     def close(self) -> None: ...
 
 
-def _resize(rgb: np.ndarray, width: int | None, height: int | None) -> np.ndarray:
+def _out_size(w: int, h: int, width: int | None, height: int | None) -> tuple[int, int]:
+    """The size a w x h picture is delivered at, given the camera's `width`/`height` settings (None: keep)."""
     if width is None and height is None:
-        return rgb
+        return w, h
+    return width or max(1, round(w * height / h)), height or max(1, round(h * width / w))  # type: ignore[operator]
+
+
+def _bgr_to_rgb(bgr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     import cv2
 
-    h, w = rgb.shape[:2]
-    tw = width or max(1, round(w * height / h))  # type: ignore[operator]
-    th = height or max(1, round(h * width / w))  # type: ignore[operator]
-    if (tw, th) == (w, h):
+    if bgr.ndim == 2:
+        rgb = cv2.cvtColor(bgr, cv2.COLOR_GRAY2RGB)
+    elif bgr.shape[2] == 4:
+        rgb = cv2.cvtColor(bgr, cv2.COLOR_BGRA2RGB)
+    else:
+        rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    if size == (rgb.shape[1], rgb.shape[0]):
         return rgb
-    interp = cv2.INTER_AREA if tw < w else cv2.INTER_LINEAR
-    return cv2.resize(rgb, (tw, th), interpolation=interp)
+    interp = cv2.INTER_AREA if size[0] < rgb.shape[1] else cv2.INTER_LINEAR
+    return cv2.resize(rgb, size, interpolation=interp)
 
 
 # FFmpeg may probe up to 5 s of a live stream by default and then hands the probed frames over at
@@ -147,7 +173,7 @@ class OpenCVSource:
             return "device missing, busy, or no permission (is the unit's user in the 'video' group?)"
         return "not a readable video file"
 
-    def read(self) -> tuple[np.ndarray, float | None]:
+    def read(self) -> tuple[Picture, float | None]:
         import cv2
 
         t0 = time.monotonic()
@@ -168,15 +194,10 @@ class OpenCVSource:
             # FFmpeg holds the newest packet until the next one starts; a read timeout flushes it,
             # so this old frame is the sign of a stall, not of a live stream.
             raise SourceError(f"no new frame within read_timeout_s={self.cfg.read_timeout_s:g} (stream stalled?)")
-        if bgr.ndim == 2:
-            rgb = cv2.cvtColor(bgr, cv2.COLOR_GRAY2RGB)
-        elif bgr.shape[2] == 4:
-            rgb = cv2.cvtColor(bgr, cv2.COLOR_BGRA2RGB)
-        else:
-            rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
         self._frames += 1
         pts = self._cap.get(cv2.CAP_PROP_POS_MSEC) / 1000.0 if self.kind == "file" else None
-        return _resize(rgb, self.cfg.width, self.cfg.height), pts
+        size = _out_size(bgr.shape[1], bgr.shape[0], self.cfg.width, self.cfg.height)
+        return Picture(size[0], size[1], partial(_bgr_to_rgb, bgr, size)), pts
 
     def close(self) -> None:
         self._cap.release()
@@ -222,7 +243,7 @@ class PyAVSource:
         self._decode_errors = 0
         self._last_decode_error = ""
 
-    def read(self) -> tuple[np.ndarray, float | None]:
+    def read(self) -> tuple[Picture, float | None]:
         import av
 
         errors = 0
@@ -253,8 +274,10 @@ class PyAVSource:
                     ) from None
         self._frames += 1
         frame = self._pending.popleft()
-        rgb = frame.to_ndarray(format="rgb24", width=self._out_w(frame), height=self._out_h(frame))
-        return rgb, (float(frame.time) if frame.time is not None else None)
+        w, h = _out_size(frame.width, frame.height, self.cfg.width, self.cfg.height)
+        # The frame holds its own decoded buffer, so it converts safely on another thread later.
+        picture = Picture(w, h, partial(frame.to_ndarray, format="rgb24", width=w, height=h))
+        return picture, (float(frame.time) if frame.time is not None else None)
 
     def decode_note(self) -> str:
         """'; N packets failed to decode, last: ...' or '' when none did."""
@@ -270,14 +293,6 @@ class PyAVSource:
                 f"{self.decode_note()}"
             )
         return SourceError(f"no new data within {t} (stream stalled?){self.decode_note()}")
-
-    def _out_w(self, frame) -> int:
-        w, h = self.cfg.width, self.cfg.height
-        return w or (round(frame.width * h / frame.height) if h else frame.width)
-
-    def _out_h(self, frame) -> int:
-        w, h = self.cfg.width, self.cfg.height
-        return h or (round(frame.height * w / frame.width) if w else frame.height)
 
     def close(self) -> None:
         self._container.close()
@@ -372,6 +387,7 @@ def open_source(cfg: CaptureConfig) -> Source:
 __all__ = [
     "EndOfStream",
     "OpenCVSource",
+    "Picture",
     "PyAVSource",
     "Source",
     "SourceError",
