@@ -6,7 +6,8 @@ Threads and queues, data flowing one way:
     camera reader (edge.camera.capture, newest frame only)
       -> sampler thread per camera, at the camera's analysis_fps
       -> one slot per camera holding only the newest sampled frame (a slow detector skips frames,
-         it never queues stale ones)
+         it never queues stale ones; after a burst, the sampler first waits up to one period for its
+         waiting frame to be taken, so a brief delay does not lose the frame)
       -> detector worker(s): detect, assess quality, update the camera's tracker, choose which
          tracks to embed (their best-quality face so far; again only if a clearly better face comes)
       -> embed queue (bounded, shared by all cameras)
@@ -120,6 +121,17 @@ class _Slots:
             self._cond.notify()
             return replaced
 
+    def wait_taken(self, camera_id: str, timeout: float) -> bool:
+        """Wait until no frame of `camera_id` waits for a detector; False if one still does after `timeout` s."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while camera_id in self._frames and not self._closed:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+            return True
+
     def take(self, timeout: float) -> Frame | None:
         """The frame of the camera that has waited longest and that no detector works on; None on timeout or close."""
         deadline = time.monotonic() + timeout
@@ -131,6 +143,7 @@ class _Slots:
                     frame = self._frames.pop(cid)
                     del self._waiting_since[cid]
                     self._busy.add(cid)
+                    self._cond.notify_all()  # a sampler may be waiting for this camera's slot
                     return frame
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -277,6 +290,10 @@ class Pipeline:
             wait = next_t - time.monotonic()
             if wait > 0 and self._stop.wait(wait):
                 return
+            # The detectors are behind on this camera: its waiting frame is at most a period old, so let them
+            # take it rather than replace it (a burst then delays frames instead of losing them). Only if it
+            # still waits a period later is it replaced by the newest, and counted as skipped.
+            self._slots.wait_taken(cam.camera_id, period)
             frame = cam.source.latest(after_seq=last_seq, timeout=min(1.0, max(period, 0.1)))
             if frame is None:
                 # Down or finished cameras may answer at once; do not spin on them.

@@ -216,6 +216,17 @@ def test_slots_keep_only_the_newest_frame_and_serve_cameras_fairly() -> None:
     slots.done("b")
     fourth = slots.take(0.1)
     assert fourth is not None and (fourth.camera_id, fourth.seq) == ("b", 2)
+    # A sampler finding its camera's frame still waiting can wait for a detector to take it.
+    import threading
+
+    slots.done("a")
+    slots.put(f("a", 2))
+    assert slots.wait_taken("a", 0.05) is False
+    taker = threading.Thread(target=lambda: slots.take(5.0))
+    taker.start()
+    assert slots.wait_taken("a", 5.0) is True
+    taker.join()
+    assert slots.wait_taken("b", 0.0) is True  # nothing of b's waits
     slots.close()
     assert slots.take(1.0) is None
 
