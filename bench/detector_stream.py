@@ -143,7 +143,7 @@ def gated(detect: Callable[[np.ndarray], list], gating, min_face_size: int, conf
         look = (lambda boxes: confirm(image, boxes)) if confirm is not None else None
         plan = planner.plan(image, t, faces, look)
         plan_ms = 1000 * (time.thread_time() - c0)
-        dets = detect(image) if plan.full else detect_in_regions(detect, image, plan)
+        dets = detect_in_regions(detect, image, plan)
         tracker.update([Observation(box=tuple(d.box), score=d.score) for d in dets], t)
         return [d.box for d in dets], {
             "full": plan.full,

@@ -107,7 +107,8 @@ class FaceEngineLike(Protocol):
     def detect(self, image: np.ndarray) -> list[Any]: ...
 
     # Optional: `confirm(image, boxes)`, a detection or None per box (engines.face_engine.FaceEngine.confirm);
-    # gating then looks for followed faces there before searching their regions.
+    # gating then looks for followed faces there before searching, and `detect(image, exclude=boxes)` is
+    # called with the faces so found.
 
     def assess(self, image: np.ndarray, detection: Any) -> Any: ...
 
@@ -396,8 +397,6 @@ class CameraAnalyser:
                 len(plan.regions),
                 100 * plan.share,
             )
-        if plan.full:
-            return self.engine.detect(frame.image)
         return detect_in_regions(self.engine.detect, frame.image, plan)
 
     def _plan(self, tr: Any, st: _EmbedState, t: float) -> tuple[Observation | None, str]:

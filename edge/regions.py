@@ -151,8 +151,9 @@ class RegionPlanner:
         `confirm(boxes)`: the detector's look at given boxes only (engines.detector.MtcnnDetector.confirm: a
         detection or None per box). With it (and ``confirm_followed``), a frame that is not searched whole
         first looks for the followed faces where they are; only the regions of faces not found there are
-        searched, and motion around a face found is taken for its own. The faces found are the plan's
-        `confirmed`."""
+        searched, and motion around a face found is taken for its own. A frame searched whole on schedule, or
+        because its regions would cover most of it, is searched for everyone but the faces found so. The faces
+        found are the plan's `confirmed` (run the plan with `detect_in_regions`)."""
         c = self.config
         h, w = image.shape[:2]
         small = _shrunk_grey(image, c.motion_scale)
@@ -175,9 +176,11 @@ class RegionPlanner:
         shrink: list[float] = []
         share = 0.0
         confirmed: list[Any] = []
+        # After a gap, on a first frame or a big change, the followed boxes say little of where faces are now.
+        if confirm is not None and c.confirm_followed and faces and reason in ("", "schedule"):
+            confirmed = _confirmed(confirm, faces)
         if changed is not None and not reason:
-            if confirm is not None and c.confirm_followed and faces:
-                confirmed = _confirmed(confirm, faces)
+            if confirmed:
                 # A followed box is found when a confirmed face lies over it: a track's last box and where it
                 # is heading are both asked about, and a face that moved may be confirmed from one only.
                 faces = [b for b in faces if not any(iou(b, d.box) >= _FOUND_IOU for d in confirmed)]
@@ -200,7 +203,7 @@ class RegionPlanner:
                 reason = "regions too large"
         if reason:
             self._last_full_t = t - (self.phase * c.full_frame_interval_s if reason == "first frame" else 0.0)
-            return Plan(True, ((0, 0, w, h),), 1.0, reason, (1.0,))
+            return Plan(True, ((0, 0, w, h),), 1.0, reason, (1.0,), tuple(confirmed))
         return Plan(False, tuple(r for r, _ in regions), share, "regions", tuple(shrink), tuple(confirmed))
 
     def _shrink(self, smallest: float) -> float:
@@ -286,12 +289,13 @@ def merge_regions(regions: Sequence[tuple[Rect, float]]) -> list[tuple[Rect, flo
     return sorted(out)
 
 
-def detect_in_regions(detect: Callable[[np.ndarray], list[Any]], image: np.ndarray, plan: Plan) -> list:
+def detect_in_regions(detect: Callable[..., list[Any]], image: np.ndarray, plan: Plan) -> list:
     """Run `detect` on each of the plan's regions of `image`; its detections (engines.detector.Detection)
-    moved into frame coordinates, highest score first.
+    moved into frame coordinates, with the plan's confirmed faces, highest score first.
 
     A region the plan shrinks is resized first: the detector's pyramid then starts nearer the size of the
-    smallest face the region may hold, and its levels for smaller faces are never computed.
+    smallest face the region may hold, and its levels for smaller faces are never computed. Confirmed faces
+    inside a region are passed to `detect` as ``exclude`` (MtcnnDetector.detect), so they are not found again.
     """
     import cv2
 
@@ -304,7 +308,12 @@ def detect_in_regions(detect: Callable[[np.ndarray], list[Any]], image: np.ndarr
             crop = cv2.resize(crop, size, interpolation=cv2.INTER_AREA)
         sx, sy = (x2 - x1) / crop.shape[1], (y2 - y1) / crop.shape[0]
         scale = np.array([sx, sy], dtype=np.float32)
-        for det in detect(crop):
+        known = [
+            ((b[0] - x1) / sx, (b[1] - y1) / sy, (b[2] - x1) / sx, (b[3] - y1) / sy)
+            for b in (c.box for c in plan.confirmed)
+            if b[0] < x2 and b[2] > x1 and b[1] < y2 and b[3] > y1
+        ]
+        for det in detect(crop, exclude=known) if known else detect(crop):
             bx1, by1, bx2, by2 = det.box
             found.append(
                 dataclasses.replace(

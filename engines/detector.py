@@ -36,6 +36,9 @@ _PNET_STRIDE = 2
 _BATCH = 32
 # MtcnnDetector.confirm: how much the face found must still overlap the box asked about.
 CONFIRM_MIN_IOU = 0.5
+# MtcnnDetector.detect(exclude=...): a candidate box overlapping a known face this much is that face (a square
+# candidate and the face's tight box overlap by 0.6-0.8; a neighbour's candidate much less).
+EXCLUDE_IOU = 0.4
 
 
 class MtcnnConfig(StrictModel):
@@ -175,6 +178,21 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return inter / union if union > 0 else 0.0
 
 
+def _unknown(boxes: np.ndarray, known: np.ndarray) -> np.ndarray:
+    """The rows of `boxes` overlapping none of the `known` boxes by EXCLUDE_IOU or more."""
+    if known.shape[0] == 0 or boxes.shape[0] == 0:
+        return boxes
+    b, k = boxes[:, None, :4], known[None, :, :]
+    iw = np.clip(np.minimum(b[..., 2], k[..., 2]) - np.maximum(b[..., 0], k[..., 0]), 0.0, None)
+    ih = np.clip(np.minimum(b[..., 3], k[..., 3]) - np.maximum(b[..., 1], k[..., 1]), 0.0, None)
+    inter = iw * ih
+    union = (
+        (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1]) + (k[..., 2] - k[..., 0]) * (k[..., 3] - k[..., 1]) - inter
+    )
+    overlap = inter / np.maximum(union, 1e-6)
+    return boxes[(overlap < EXCLUDE_IOU).all(axis=1)]
+
+
 def _regress(boxes: np.ndarray, reg: np.ndarray) -> np.ndarray:
     """Apply R-/O-Net box offsets (facenet-pytorch's bbreg, +1 pixel sizes)."""
     out = boxes.copy()
@@ -227,13 +245,16 @@ class MtcnnDetector:
         self._rnet = factory(Path(models["rnet"]))
         self._onet_session = factory(Path(models["onet"]))
 
-    def detect(self, image: np.ndarray) -> list[Detection]:
+    def detect(self, image: np.ndarray, exclude: Sequence[tuple[float, float, float, float]] = ()) -> list[Detection]:
         """Return the faces in an RGB uint8 (H, W, 3) image, highest score first.
 
+        `exclude`: boxes of faces already found in the image (MtcnnDetector.confirm); candidates overlapping one
+        by `EXCLUDE_IOU` or more are not looked at further, so a known face costs no R-Net or O-Net crops.
         Raises ImageError for anything else (wrong dtype, shape, channel count, empty).
         """
         img = check_image(image, "detector input")
         t1, t2, _ = self.config.thresholds
+        known = np.asarray(exclude, dtype=np.float32).reshape(-1, 4)
 
         proposals = []
         levels, sources = self._pyramid(img)
@@ -249,7 +270,7 @@ class MtcnnDetector:
         bw = boxes[:, 2] - boxes[:, 0]
         bh = boxes[:, 3] - boxes[:, 1]
         shifted = boxes[:, :4] + boxes[:, 5:9] * np.stack([bw, bh, bw, bh], axis=1)
-        boxes = _square(shifted)
+        boxes = _unknown(_square(shifted), known)
 
         # R-Net
         crops, idx = self._crops(img, sources, boxes, 24)
@@ -260,7 +281,7 @@ class MtcnnDetector:
         keep = prob[:, 1] > t2
         boxes, scores, reg = boxes[keep], prob[keep, 1], reg[keep]
         pick = nms(boxes, scores, 0.7)
-        boxes = _square(_regress(boxes[pick], reg[pick]))
+        boxes = _unknown(_square(_regress(boxes[pick], reg[pick])), known)
 
         # O-Net
         boxes, scores, points = self._onet(img, sources, boxes)

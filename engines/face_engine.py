@@ -231,9 +231,10 @@ class FaceEngine:
         """The smallest face the detector looks for, px."""
         return self.config.detector.min_face_size
 
-    def detect(self, image: np.ndarray) -> list[Detection]:
-        """Faces in an RGB uint8 image, each with a box, a score and 5 landmarks."""
-        return self.detector.detect(image)
+    def detect(self, image: np.ndarray, exclude: Sequence[tuple[float, float, float, float]] = ()) -> list[Detection]:
+        """Faces in an RGB uint8 image, each with a box, a score and 5 landmarks; `exclude`: boxes of faces
+        already found there (MtcnnDetector.detect)."""
+        return self.detector.detect(image, exclude)
 
     def confirm(self, image: np.ndarray, boxes: Sequence[tuple[float, float, float, float]]) -> list[Detection | None]:
         """The face at each box (where one was a moment ago), or None: MtcnnDetector.confirm."""

@@ -173,3 +173,17 @@ def test_confirm_rejects_malformed_boxes(detector, astronaut, boxes):
 
     with pytest.raises(BoxError, match="x1, y1, x2, y2"):
         detector.confirm(astronaut, boxes)
+
+
+def test_excluded_faces_are_not_found_again_and_the_others_are(detector, astronaut):
+    import cv2
+
+    # Two faces side by side: the astronaut and her mirror image.
+    pair = np.concatenate([astronaut[:300, 100:400], cv2.flip(astronaut[:300, 100:400], 1)], axis=1)
+    both = detector.detect(pair)
+    assert len(both) == 2
+    left, right = sorted(both, key=lambda d: d.box[0])
+    rest = detector.detect(pair, exclude=[left.box])
+    # The known face costs no crops and comes back no more; her neighbour is found exactly as before.
+    assert len(rest) == 1 and np.allclose(rest[0].box, right.box) and np.allclose(rest[0].landmarks, right.landmarks)
+    assert detector.detect(pair, exclude=[left.box, right.box]) == []

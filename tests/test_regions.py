@@ -321,3 +321,27 @@ def test_cameras_take_their_scheduled_full_frames_in_turn(background: np.ndarray
     assert full == {0.0: [0, 5, 10], 0.5: [0, 3, 8]}  # at least once a second either way
     with pytest.raises(ValueError, match="phase"):
         RegionPlanner(GatingConfig(), phase=1.0)
+
+
+def test_whole_frame_on_schedule_looks_for_everyone_but_the_faces_confirmed(
+    engine: Any, background: np.ndarray, face: np.ndarray
+) -> None:
+    scene = _with_face(background, face)
+    (whole,) = engine.detect(scene)
+    planner = RegionPlanner(GatingConfig(full_frame_interval_s=1.0))
+    planner.plan(scene, 0.0)
+    plan = planner.plan(_noisy(scene, 1), 1.0, [whole.box], lambda boxes: engine.confirm(scene, boxes))
+    assert plan.full and plan.reason == "schedule" and len(plan.confirmed) == 1
+    calls: list[Any] = []
+
+    def detect(image: np.ndarray, exclude: Any = ()) -> list[Any]:
+        calls.append(list(exclude))
+        return engine.detect(image, exclude)
+
+    (found,) = detect_in_regions(detect, scene, plan)
+    # The whole frame is searched, her face excluded from the search and given once, as confirmed.
+    assert calls == [[plan.confirmed[0].box]] and found is plan.confirmed[0]
+    assert np.allclose(found.box, whole.box, atol=0.1 * FACE)
+    # After a gap the followed boxes are not trusted: no confirmation, a plain whole-frame search.
+    plan = planner.plan(scene, 3.0, [whole.box], lambda boxes: engine.confirm(scene, boxes))
+    assert plan.full and plan.reason == "gap" and plan.confirmed == ()
