@@ -112,7 +112,8 @@ def _searched(d: dict[str, Any]) -> str:
     share = d["searched_share"]
     return (
         f"{d['frames_full']} frames searched whole, {d['frames_regions']} in regions, "
-        f"{'-' if share is None else f'{100 * share:.0f}%'} of the frame on average"
+        f"{'-' if share is None else f'{100 * share:.0f}%'} of the frame on average, "
+        f"{d.get('faces_confirmed', 0)} faces confirmed"
     )
 
 

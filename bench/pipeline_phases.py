@@ -87,9 +87,9 @@ def _variant(name: str, gating: dict[str, str] | None = None) -> tuple[Any, Any]
 
 
 def _gating_figures(stats: dict[str, Any]) -> dict[str, Any]:
-    """Where the detector looked (edge.regions): frames searched whole, in regions, and the mean share of
-    the frame searched."""
-    return {k: stats[k] for k in ("frames_full", "frames_regions", "searched_share")}
+    """Where the detector looked (edge.regions): frames searched whole, in regions, the mean share of the
+    frame searched, and the followed faces confirmed without a search."""
+    return {k: stats[k] for k in ("frames_full", "frames_regions", "searched_share", "faces_confirmed")}
 
 
 def _run_clip(
