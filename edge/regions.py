@@ -15,6 +15,10 @@ disjoint rectangles (so one face is not found twice) and clipped to the frame. W
 would cover most of the frame, the whole frame is searched instead: cutting it up would cost more.
 Regions holding only followed faces may be searched shrunk (`max_shrink`, off by default).
 
+Followed faces are first confirmed where they are heading with the detector's last stage alone
+(`confirm_followed`): a face found so needs no region, motion close to it is its own, and the searches
+(regions, or a scheduled whole frame) leave it out.
+
 The planner holds two small grey images per camera and no threads; `detect_in_regions` runs any
 detector on the crops and moves what it finds back into frame coordinates. docs/detector.md
 ("Motion and track gating") says what this may miss.
