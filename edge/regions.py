@@ -15,7 +15,7 @@ disjoint rectangles (so one face is not found twice) and clipped to the frame. W
 would cover most of the frame, the whole frame is searched instead: cutting it up would cost more.
 Regions holding only followed faces may be searched shrunk (`max_shrink`, off by default).
 
-Followed faces are first confirmed where they are heading with the detector's last stage alone
+Followed faces are first confirmed where they are heading with the detector's last two stages alone
 (`confirm_followed`): a face found so needs no region, motion close to it is its own, and the searches
 (regions, or a scheduled whole frame) leave it out.
 
@@ -95,8 +95,8 @@ class GatingConfig(StrictModel):
     )
     confirm_followed: bool = Field(
         True,
-        description="look for each followed face first where it is heading with the detector's last stage alone "
-        "(one crop), and search its region only when it is not found there",
+        description="look for each followed face first where it is heading with the detector's last two stages "
+        "alone (one crop each), and search its region only when it is not found there",
     )
     own_motion_growth: float = Field(
         0.5,

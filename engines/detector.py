@@ -293,12 +293,14 @@ class MtcnnDetector:
     def confirm(self, image: np.ndarray, boxes: Sequence[tuple[float, float, float, float]]) -> list[Detection | None]:
         """For each box (x1, y1, x2, y2), where a face was a moment ago: the face now, or None.
 
-        Runs only MTCNN's last stage, O-Net, on each box squared (as R-Net's boxes are squared before it),
-        with its threshold and regression, so a face that stayed or moved a little is found for one O-Net
-        crop instead of a search of its surroundings. The face is given only if its box still overlaps
-        the one asked about (IoU at least `CONFIRM_MIN_IOU`): O-Net pulls a box towards the face it sees,
-        and one that wandered off is not the face that was followed. A face O-Net does not accept there
-        (gone, turned away, moved too far) gives None: search for it.
+        Runs MTCNN's last two stages on each box squared, as they run on P-Net's proposals: R-Net (its
+        threshold, regression, squaring), then O-Net (its threshold, regression, landmarks). So a face that
+        stayed or moved a little is found for one R-Net and one O-Net crop instead of a search of its
+        surroundings, and it passes the same two checks a searched face passes (a track kept up by
+        confirmations alone is still verified by both networks on every frame). The face is given only if
+        its box still overlaps the one asked about (IoU at least `CONFIRM_MIN_IOU`): the regressions pull a
+        box towards the face they see, and one that wandered off is not the face that was followed. A face
+        not accepted there (gone, turned away, moved too far) gives None: search for it.
         """
         img = check_image(image, "detector input")
         asked = np.asarray(boxes, dtype=np.float32)
@@ -309,10 +311,17 @@ class MtcnnDetector:
                 f"confirm() wants (x1, y1, x2, y2) rows of finite numbers, got an array of shape {asked.shape}"
             )
         out: list[Detection | None] = [None] * asked.shape[0]
-        found, scores, points, idx = self._onet(img, [img], _square(asked), with_index=True)
-        for k, i in enumerate(idx):
-            if _iou(found[k], asked[i]) >= CONFIRM_MIN_IOU:
-                out[i] = Detection(box=tuple(float(v) for v in found[k]), score=float(scores[k]), landmarks=points[k])
+        squared = _square(asked)
+        crops, rows = self._crops(img, [img], squared, 24)
+        if rows.size == 0:
+            return out
+        reg, prob = self._run_batched(self._rnet, crops)
+        keep = prob[:, 1] > self.config.thresholds[1]
+        rows = rows[keep]
+        found, scores, points, k = self._onet(img, [img], _square(_regress(squared[rows], reg[keep])), with_index=True)
+        for j, i in enumerate(rows[k]):
+            if _iou(found[j], asked[i]) >= CONFIRM_MIN_IOU:
+                out[i] = Detection(box=tuple(float(v) for v in found[j]), score=float(scores[j]), landmarks=points[j])
         return out
 
     def _onet(

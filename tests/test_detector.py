@@ -143,7 +143,7 @@ def test_confirm_finds_a_face_where_it_was_and_nothing_where_none_is(detector, a
     (whole,) = detector.detect(astronaut)
     x1, y1, x2, y2 = whole.box
     side = x2 - x1
-    moved = (x1 + side / 3, y1, x2 + side / 3, y2)  # asked a third of a face to the right of where she is
+    moved = (x1 + side / 4, y1, x2 + side / 4, y2)  # asked a quarter of a face to the right of where she is
     background = (400.0, 380.0, 500.0, 480.0)  # her suit, no face
     same, shifted, nothing = detector.confirm(astronaut, [whole.box, moved, background])
     # One O-Net look gives the face the whole search gave: box, landmarks, score.
@@ -152,8 +152,11 @@ def test_confirm_finds_a_face_where_it_was_and_nothing_where_none_is(detector, a
     assert np.allclose(same.landmarks, whole.landmarks, atol=0.05 * side)
     assert same.score > 0.95
     _check_face_geometry(same)
-    # O-Net pulls a box that is off by a third back onto the face.
+    # R-Net's and O-Net's regressions pull a box that is off by a quarter back onto the face ...
     assert abs(shifted.box[0] - x1) < abs(moved[0] - x1) / 2, (shifted.box, whole.box)
+    # ... but a face found half a face away from where it was asked about is not the one followed there.
+    (far,) = detector.confirm(astronaut, [(x1 + side / 2, y1, x2 + side / 2, y2)])
+    assert far is None
 
 
 def test_confirm_refuses_a_face_that_is_not_the_one_asked_about(detector, astronaut):
