@@ -169,28 +169,31 @@ def _square(boxes: np.ndarray) -> np.ndarray:
     return out
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    """Intersection over union of two (x1, y1, x2, y2) boxes."""
-    iw = max(0.0, float(min(a[2], b[2]) - max(a[0], b[0])))
-    ih = max(0.0, float(min(a[3], b[3]) - max(a[1], b[1])))
+def _pairwise_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(N, M) intersection over union of every (x1, y1, x2, y2) row of `a` with every row of `b`."""
+    p, q = a[:, None, :4], b[None, :, :4]
+    iw = np.clip(np.minimum(p[..., 2], q[..., 2]) - np.maximum(p[..., 0], q[..., 0]), 0.0, None)
+    ih = np.clip(np.minimum(p[..., 3], q[..., 3]) - np.maximum(p[..., 1], q[..., 1]), 0.0, None)
     inter = iw * ih
-    union = float((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1])) - inter
-    return inter / union if union > 0 else 0.0
+    union = (p[..., 2] - p[..., 0]) * (p[..., 3] - p[..., 1]) + (q[..., 2] - q[..., 0]) * (q[..., 3] - q[..., 1])
+    return inter / np.maximum(union - inter, 1e-6)
 
 
 def _unknown(boxes: np.ndarray, known: np.ndarray) -> np.ndarray:
     """The rows of `boxes` overlapping none of the `known` boxes by EXCLUDE_IOU or more."""
     if known.shape[0] == 0 or boxes.shape[0] == 0:
         return boxes
-    b, k = boxes[:, None, :4], known[None, :, :]
-    iw = np.clip(np.minimum(b[..., 2], k[..., 2]) - np.maximum(b[..., 0], k[..., 0]), 0.0, None)
-    ih = np.clip(np.minimum(b[..., 3], k[..., 3]) - np.maximum(b[..., 1], k[..., 1]), 0.0, None)
-    inter = iw * ih
-    union = (
-        (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1]) + (k[..., 2] - k[..., 0]) * (k[..., 3] - k[..., 1]) - inter
-    )
-    overlap = inter / np.maximum(union, 1e-6)
-    return boxes[(overlap < EXCLUDE_IOU).all(axis=1)]
+    return boxes[(_pairwise_iou(boxes, known) < EXCLUDE_IOU).all(axis=1)]
+
+
+def _checked_boxes(boxes: Sequence[tuple[float, float, float, float]], what: str) -> np.ndarray:
+    """`boxes` as an (N, 4) float32 array; BoxError unless they are (x1, y1, x2, y2) rows of finite numbers."""
+    arr = np.asarray(boxes, dtype=np.float32)
+    if arr.size == 0:
+        return arr.reshape(0, 4)
+    if arr.ndim != 2 or arr.shape[1] != 4 or not np.isfinite(arr).all():
+        raise BoxError(f"{what} wants (x1, y1, x2, y2) rows of finite numbers, got an array of shape {arr.shape}")
+    return arr
 
 
 def _regress(boxes: np.ndarray, reg: np.ndarray) -> np.ndarray:
@@ -254,7 +257,7 @@ class MtcnnDetector:
         """
         img = check_image(image, "detector input")
         t1, t2, _ = self.config.thresholds
-        known = np.asarray(exclude, dtype=np.float32).reshape(-1, 4)
+        known = _checked_boxes(exclude, "detect(exclude=...)")
 
         proposals = []
         levels, sources = self._pyramid(img)
@@ -303,14 +306,10 @@ class MtcnnDetector:
         not accepted there (gone, turned away, moved too far) gives None: search for it.
         """
         img = check_image(image, "detector input")
-        asked = np.asarray(boxes, dtype=np.float32)
-        if asked.size == 0:
-            return []
-        if asked.ndim != 2 or asked.shape[1] != 4 or not np.isfinite(asked).all():
-            raise BoxError(
-                f"confirm() wants (x1, y1, x2, y2) rows of finite numbers, got an array of shape {asked.shape}"
-            )
+        asked = _checked_boxes(boxes, "confirm()")
         out: list[Detection | None] = [None] * asked.shape[0]
+        if not out:
+            return out
         squared = _square(asked)
         crops, rows = self._crops(img, [img], squared, 24)
         if rows.size == 0:
@@ -319,8 +318,9 @@ class MtcnnDetector:
         keep = prob[:, 1] > self.config.thresholds[1]
         rows = rows[keep]
         found, scores, points, k = self._onet(img, [img], _square(_regress(squared[rows], reg[keep])), with_index=True)
+        still = np.diagonal(_pairwise_iou(found, asked[rows[k]])) >= CONFIRM_MIN_IOU
         for j, i in enumerate(rows[k]):
-            if _iou(found[j], asked[i]) >= CONFIRM_MIN_IOU:
+            if still[j]:
                 out[i] = Detection(box=tuple(float(v) for v in found[j]), score=float(scores[j]), landmarks=points[j])
         return out
 

@@ -171,11 +171,13 @@ def test_confirm_refuses_a_face_that_is_not_the_one_asked_about(detector, astron
 
 
 @pytest.mark.parametrize("boxes", [[(1.0, 2.0, 3.0)], [(0.0, 0.0, float("nan"), 10.0)], [1.0, 2.0, 3.0, 4.0]])
-def test_confirm_rejects_malformed_boxes(detector, astronaut, boxes):
+def test_confirm_and_exclude_reject_malformed_boxes(detector, astronaut, boxes):
     from engines.errors import BoxError
 
-    with pytest.raises(BoxError, match="x1, y1, x2, y2"):
+    with pytest.raises(BoxError, match=r"confirm\(\) wants \(x1, y1, x2, y2\) rows"):
         detector.confirm(astronaut, boxes)
+    with pytest.raises(BoxError, match=r"detect\(exclude=...\) wants \(x1, y1, x2, y2\) rows"):
+        detector.detect(astronaut, exclude=boxes)
 
 
 def test_excluded_faces_are_not_found_again_and_the_others_are(detector, astronaut):
