@@ -6,7 +6,8 @@ of 40..250 px walking in from either side, standing a few seconds and walking ou
 Per frame: the detection cost (wall and this thread's CPU ms, the gating's own planning included, and
 the planning alone, its look for followed faces where they are heading included; "conf": faces found so)
 and how many of the faces present (whole in the frame, not covered by another) were found; per
-face: whether it was ever found. Run by bench/detector.py --stream SECONDS.
+face: whether it was ever found; "tracks": how many tracks the tracker started over the sequence (one
+per person when each face is followed from entry to exit). Run by bench/detector.py --stream SECONDS.
 """
 
 from __future__ import annotations
@@ -125,8 +126,17 @@ Detector = Callable[[float, np.ndarray], tuple[list, dict]]
 
 
 def full_frame(detect: Callable[[np.ndarray], list]) -> Detector:
-    """Every frame searched whole."""
-    return lambda _t, image: ([d.box for d in detect(image)], {"full": True, "share": 1.0, "reason": "always"})
+    """Every frame searched whole (a tracker follows the faces only to count the tracks they make)."""
+    from edge.tracker import Observation, Tracker, TrackerConfig
+
+    tracker = Tracker(TrackerConfig())
+
+    def run(t: float, image: np.ndarray) -> tuple[list, dict]:
+        dets = detect(image)
+        tracker.update([Observation(box=tuple(d.box), score=d.score) for d in dets], t)
+        return [d.box for d in dets], {"full": True, "share": 1.0, "reason": "always", "tracks": tracker.started}
+
+    return run
 
 
 def gated(detect: Callable[[np.ndarray], list], gating, min_face_size: int, confirm=None) -> Detector:
@@ -151,6 +161,7 @@ def gated(detect: Callable[[np.ndarray], list], gating, min_face_size: int, conf
             "reason": plan.reason,
             "plan_ms": plan_ms,
             "confirmed": len(plan.confirmed),
+            "tracks": tracker.started,
         }
 
     return run
@@ -159,7 +170,7 @@ def gated(detect: Callable[[np.ndarray], list], gating, min_face_size: int, conf
 def measure(detector: Detector, background: np.ndarray, people: list[Walker], seconds: float) -> dict:
     """Per-frame cost and recall of one way of detecting over the whole sequence."""
     wall, cpu, shares, plan_ms = [], [], [], []
-    present = found = full = confirmed = 0
+    present = found = full = confirmed = tracks = 0
     reasons: dict[str, int] = {}
     seen: set[int] = set()
     ever: set[int] = set()
@@ -170,6 +181,7 @@ def measure(detector: Detector, background: np.ndarray, people: list[Walker], se
         cpu.append(1000 * (time.thread_time() - c0))
         full += info["full"]
         confirmed += info.get("confirmed", 0)
+        tracks = info["tracks"]
         reasons[info["reason"]] = reasons.get(info["reason"], 0) + 1
         shares.append(info["share"])
         plan_ms.append(info.get("plan_ms", 0.0))
@@ -199,6 +211,8 @@ def measure(detector: Detector, background: np.ndarray, people: list[Walker], se
         "frames_by_reason": reasons,
         "planning_cpu_ms_mean": statistics.fmean(plan_ms),
         "faces_confirmed": confirmed,
+        # The tracker's tracks over the sequence, against "people": a face followed from entry to exit is one.
+        "tracks_started": tracks,
     }
 
 
@@ -220,7 +234,8 @@ def run_stream(
     print(f"\nstream: {seconds:g} s at {STREAM_FPS:g} fps, faces of {HEIGHTS} px walking in, standing, walking out")
     print(
         f"{'frame':<11}{'mode':<7}{'ms mean':>8}{'p50':>7}{'p95':>7}{'cpu mean':>9}{'cpu p95':>8}"
-        f"{'found':>12}{'recall':>8}{'never':>7}{'full':>6}{'area':>6}{'plan':>6}{'conf':>6}  frames by reason"
+        f"{'found':>12}{'recall':>8}{'never':>7}{'full':>6}{'area':>6}{'plan':>6}{'conf':>6}{'tracks':>7}"
+        "  frames by reason"
     )
     for w, h in ((1280, 720), (1920, 1080)):
         background = cv2.resize(skdata.rocket(), (w, h), interpolation=cv2.INTER_LINEAR)
@@ -233,6 +248,7 @@ def run_stream(
                 f"{f'{w}x{h}':<11}{mode:<7}{r['ms_mean']:>8.1f}{r['ms_p50']:>7.1f}{r['ms_p95']:>7.1f}"
                 f"{r['cpu_ms_mean']:>9.1f}{r['cpu_ms_p95']:>8.1f}{r['faces_found']:>6}/{r['faces_present']:<5}"
                 f"{r['recall']:>8.3f}{r['never_found']:>4}/{r['people']:<3}{r['share_full']:>5.2f}"
-                f"{r['mean_area_searched']:>6.2f}{r['planning_cpu_ms_mean']:>6.1f}{r['faces_confirmed']:>6}  {r['frames_by_reason']}"
+                f"{r['mean_area_searched']:>6.2f}{r['planning_cpu_ms_mean']:>6.1f}{r['faces_confirmed']:>6}"
+                f"{r['tracks_started']:>7}  {r['frames_by_reason']}"
             )
     return out

@@ -132,6 +132,11 @@ class Tracker:
         """The live tracks, oldest first."""
         return list(self._tracks.values())
 
+    @property
+    def started(self) -> int:
+        """How many tracks this tracker has started (splits included)."""
+        return self._next_id - 1
+
     def update(self, detections: Sequence[Observation], t: float) -> list[Track]:
         """Match this frame's detections (taken at time `t`, seconds) to tracks; return the live tracks.
 

@@ -66,6 +66,9 @@ def test_far_away_detection_starts_new_track() -> None:
     (a,) = tr.update([obs(100, 100)], 0.0)
     tracks = tr.update([obs(900, 500)], 0.2)
     assert {t.id for t in tracks} == {a.id, a.id + 1}
+    assert tr.started == 2
+    tr.update([obs(902, 500)], 0.4)  # the second face, followed: no new track
+    assert tr.started == 2
 
 
 def test_best_observations_are_kept_by_quality_and_unusable_ones_never() -> None:
