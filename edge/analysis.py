@@ -376,7 +376,8 @@ class CameraAnalyser:
         return requests, ended
 
     def _detect(self, frame: Frame) -> list[Any]:
-        """The faces of a frame: the whole frame searched, or only the regions the planner gives."""
+        """The faces of a frame: the followed faces the planner confirmed where they were heading, and those
+        found searching the whole frame or only the regions it gives (the confirmed ones left out)."""
         if self.planner is None:
             detections = self.engine.detect(frame.image)
             self.stats.searched(True, 1.0)
