@@ -104,7 +104,11 @@ class _Slots:
     """The newest sampled frame of each camera, waiting for a detector; a newer frame replaces an older one."""
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
+        lock = threading.Lock()
+        self._cond = threading.Condition(lock)  # detectors wait here for a frame
+        # Samplers wait here for their camera's frame to be taken: on a condition of their own, so a notify
+        # meant for a detector never wakes a sampler instead, and a take wakes no other detector.
+        self._taken = threading.Condition(lock)
         self._frames: dict[str, Frame] = {}
         # When each camera's slot was filled after it was last emptied: a replaced frame keeps its
         # camera's place in line, or a camera whose frames keep being replaced would never be served.
@@ -129,7 +133,7 @@ class _Slots:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
-                self._cond.wait(left)
+                self._taken.wait(left)
             return True
 
     def take(self, timeout: float) -> Frame | None:
@@ -143,7 +147,7 @@ class _Slots:
                     frame = self._frames.pop(cid)
                     del self._waiting_since[cid]
                     self._busy.add(cid)
-                    self._cond.notify_all()  # a sampler may be waiting for this camera's slot
+                    self._taken.notify_all()
                     return frame
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -160,6 +164,7 @@ class _Slots:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+            self._taken.notify_all()
 
 
 _STOP = object()
