@@ -271,3 +271,37 @@ def test_cameras_are_sampled_and_searched_whole_in_turn(engine: Any) -> None:
     # ... and a quarter of the sampling period (0.2 s at 5 fps) later into its sampling.
     for i, c in enumerate(cams):
         assert c.first_asked - started >= 0.05 * i - 0.005, (i, c.first_asked - started)
+
+
+def test_a_new_frame_wakes_a_waiting_detector_even_while_a_sampler_waits() -> None:
+    import threading
+
+    import numpy as np
+
+    from edge.pipeline import _Slots
+    from testing.broker import wait_for
+
+    img = np.zeros((4, 4, 3), np.uint8)
+    slots = _Slots()
+
+    def waiting() -> int:
+        # Threads blocked in the slots, whichever condition they wait on.
+        return sum(len(c._waiters) for c in {id(c): c for c in (slots._cond, slots._taken)}.values())  # type: ignore[attr-defined]
+
+    slots.put(Frame("a", 0, time.time(), img))
+    assert slots.take(0.1) is not None  # a is being analysed ...
+    slots.put(Frame("a", 1, time.time(), img))  # ... and its next frame waits: a's sampler waits for it to go
+    sampler = threading.Thread(target=lambda: slots.wait_taken("a", 5.0))
+    sampler.start()
+    wait_for(lambda: waiting() == 1, 5.0, "the sampler waiting")
+    got: list[Frame | None] = []
+    detector = threading.Thread(target=lambda: got.append(slots.take(5.0)))
+    detector.start()
+    wait_for(lambda: waiting() == 2, 5.0, "the detector waiting")
+    slots.put(Frame("b", 0, time.time(), img))
+    # The detector gets b's frame at once, not after its 5 s timeout (the put's wake-up went to the sampler).
+    wait_for(lambda: got, 2.0, "the detector to take b's frame")
+    assert got[0] is not None and got[0].camera_id == "b"
+    slots.close()
+    sampler.join()
+    detector.join()
