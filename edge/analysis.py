@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -104,11 +105,11 @@ class FaceEngineLike(Protocol):
 
     model_id: str
 
-    def detect(self, image: np.ndarray) -> list[Any]: ...
+    # `exclude`: boxes of faces already found in the image, not to be found again (MtcnnDetector.detect).
+    def detect(self, image: np.ndarray, exclude: Sequence[Any] = ()) -> list[Any]: ...
 
     # Optional: `confirm(image, boxes)`, a detection or None per box (engines.face_engine.FaceEngine.confirm);
-    # gating then looks for followed faces there before searching, and `detect(image, exclude=boxes)` is
-    # called with the faces so found.
+    # gating then looks for followed faces there before searching, and excludes those it finds.
 
     def assess(self, image: np.ndarray, detection: Any) -> Any: ...
 

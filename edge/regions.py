@@ -299,7 +299,8 @@ def detect_in_regions(detect: Callable[..., list[Any]], image: np.ndarray, plan:
 
     A region the plan shrinks is resized first: the detector's pyramid then starts nearer the size of the
     smallest face the region may hold, and its levels for smaller faces are never computed. Confirmed faces
-    inside a region are passed to `detect` as ``exclude`` (MtcnnDetector.detect), so they are not found again.
+    inside a region are passed to `detect(crop, exclude=boxes)` (MtcnnDetector.detect's signature), so they are
+    not found again.
     """
     import cv2
 
@@ -317,7 +318,7 @@ def detect_in_regions(detect: Callable[..., list[Any]], image: np.ndarray, plan:
             for b in (c.box for c in plan.confirmed)
             if b[0] < x2 and b[2] > x1 and b[1] < y2 and b[3] > y1
         ]
-        for det in detect(crop, exclude=known) if known else detect(crop):
+        for det in detect(crop, exclude=known):
             bx1, by1, bx2, by2 = det.box
             found.append(
                 dataclasses.replace(

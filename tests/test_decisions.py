@@ -84,7 +84,7 @@ class _Engine:
         self.ok = True
         self.face = True
 
-    def detect(self, image: np.ndarray) -> list[_Det]:
+    def detect(self, image: np.ndarray, exclude: object = ()) -> list[_Det]:
         return [_Det((100.0, 100.0, 200.0, 200.0))] if self.face else []
 
     def assess(self, image: np.ndarray, det: _Det) -> _Quality:
