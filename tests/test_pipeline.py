@@ -231,43 +231,50 @@ def test_slots_keep_only_the_newest_frame_and_serve_cameras_fairly() -> None:
     assert slots.take(1.0) is None
 
 
-class _StillCamera:
-    """A frame source that always has a new grey picture, and notes when it was first asked for one."""
+class _FirstAsked:
+    """A real camera reader, noting when the pipeline first asked it for a frame."""
 
-    def __init__(self, camera_id: str) -> None:
-        import numpy as np
-
-        self.camera_id = camera_id
+    def __init__(self, reader: Any) -> None:
+        self.reader = reader
+        self.camera_id = reader.camera_id
         self.first_asked: float | None = None
-        self._seq = 0
-        self._image = np.full((120, 160, 3), 128, np.uint8)
 
     def latest(self, after_seq: int = -1, timeout: float = 1.0) -> Frame | None:
         if self.first_asked is None:
             self.first_asked = time.monotonic()
-        self._seq += 1
-        return Frame(self.camera_id, self._seq, time.time(), self._image)
+        return self.reader.latest(after_seq, timeout)
 
 
-def test_cameras_are_sampled_and_searched_whole_in_turn(engine: Any) -> None:
+def test_cameras_are_sampled_and_searched_whole_in_turn(
+    engine: Any, watchlist: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from edge.camera.capture import CameraReader
+    from edge.camera.config import CaptureConfig
     from testing.broker import wait_for
+    from testing.media import astronaut_face
 
-    cams = [_StillCamera(f"cam{i}") for i in range(4)]
+    clip = make_face_clip(tmp_path / "still.mkv", [(astronaut_face(), 0, 2, 10, 10, 100)], size=(320, 240), seconds=2)
+    readers = [CameraReader(CaptureConfig(id=f"cam{i}", url=str(clip), loop=True)) for i in range(4)]
+    cams = [_FirstAsked(r) for r in readers]
     pipe = Pipeline(
         unit_id="unit-t",
         cameras=[CameraSpec(c.camera_id, c, 5.0) for c in cams],
         engine=engine,
-        matcher=lambda: None,  # type: ignore[arg-type,return-value]
+        matcher=matcher_for(*watchlist),
         sinks=[MemorySink()],
     )
     # Each camera a quarter further into the full-frame schedule (edge.regions.RegionPlanner.phase) ...
     assert [pipe.analysers[c.camera_id].planner.phase for c in cams] == [0.0, 0.25, 0.5, 0.75]
+    for r in readers:
+        r.start()
     started = time.monotonic()
     pipe.start()
     try:
-        wait_for(lambda: all(c.first_asked is not None for c in cams), 5.0, "every camera sampled once")
+        wait_for(lambda: all(c.first_asked is not None for c in cams), 10.0, "every camera sampled once")
     finally:
         pipe.stop()
+        for r in readers:
+            r.stop()
     # ... and a quarter of the sampling period (0.2 s at 5 fps) later into its sampling.
     for i, c in enumerate(cams):
         assert c.first_asked - started >= 0.05 * i - 0.005, (i, c.first_asked - started)
