@@ -275,40 +275,48 @@ def test_someone_stepping_up_beside_a_confirmed_face_is_found(
     assert any(_inside(b, at, child) for b in boxes) and any(_inside(b, SPOT, face) for b in boxes)
 
 
-def test_planner_asks_once_per_face_and_searches_only_what_confirmation_leaves(background: np.ndarray) -> None:
-    from types import SimpleNamespace
+def test_planner_asks_once_per_face_and_searches_only_what_confirmation_leaves(
+    engine: Any, background: np.ndarray, face: np.ndarray
+) -> None:
+    import cv2
 
-    here, gone = (400.0, 280.0, 480.0, 360.0), (100.0, 100.0, 160.0, 160.0)
+    big = cv2.resize(face, (3 * face.shape[1], 3 * face.shape[0]), interpolation=cv2.INTER_CUBIC)
+    scene = _with_face(background, big, (300, 100))
+    (whole,) = engine.detect(scene)
+    here, gone = whole.box, (100.0, 100.0, 160.0, 160.0)  # her face; a followed box where nobody is now
     asked: list[list[tuple[float, ...]]] = []
 
-    def confirm(boxes):
-        # The detector's answer: the face at `here` is still there, the one at `gone` is not.
-        asked.append(list(boxes))
-        return [SimpleNamespace(box=here, score=0.99) if b[0] > 300 else None for b in boxes]
+    def confirm_in(image: np.ndarray):
+        def confirm(boxes):
+            asked.append(list(boxes))
+            return engine.confirm(image, boxes)
+
+        return confirm
 
     planner = RegionPlanner(GatingConfig())
-    planner.plan(background, 0.0)
-    planner.plan(background, 0.2)
+    planner.plan(scene, 0.0)
+    planner.plan(scene, 0.2)
     # Each track gives its last box and where it is heading; a face standing still gives the same box twice.
     almost = (here[0] + 1, here[1], here[2] + 1, here[3])
-    plan = planner.plan(background, 0.4, [here, almost, gone, gone], confirm)
+    plan = planner.plan(scene, 0.4, [here, almost, gone, gone], confirm_in(scene))
     assert asked == [[here, gone]]
-    assert [d.box for d in plan.confirmed] == [here]
+    assert len(plan.confirmed) == 1 and np.allclose(plan.confirmed[0].box, here, atol=0.1 * (here[2] - here[0]))
     # Only the face not confirmed is searched for, in its region.
     assert len(plan.regions) == 1 and plan.regions[0][0] <= gone[0] and plan.regions[0][2] >= gone[2]
-    # Motion at the confirmed face (a turn of the head) is its own; motion further off is searched.
-    turned = background.copy()
-    turned[300:340, 420:460] = 255
-    plan = planner.plan(turned, 0.6, [here], confirm)
-    assert plan.regions == () and not plan.full and plan.share == 0.0
+    # Motion just under her chin (a turn of the head) is her own; motion further off is searched.
+    x1, y1, x2, y2 = (int(v) for v in here)
+    turned = scene.copy()
+    turned[y2 + 2 : y2 + 26, x1 + 10 : x1 + 34] = 255
+    plan = planner.plan(turned, 0.6, [here], confirm_in(turned))
+    assert len(plan.confirmed) == 1 and plan.regions == () and not plan.full and plan.share == 0.0
     beside = turned.copy()
-    beside[300:340, 330:370] = 0  # 50 px left of the face: inside its track's region, outside its own area
-    plan = planner.plan(beside, 0.8, [here], confirm)
-    assert len(plan.regions) == 1 and plan.regions[0][0] < 330
+    beside[y1 : y1 + 24, x1 - 110 : x1 - 86] = 0  # beside her face: outside the area her own motion explains
+    plan = planner.plan(beside, 0.8, [here], confirm_in(beside))
+    assert len(plan.confirmed) == 1 and len(plan.regions) == 1 and plan.regions[0][0] < x1 - 110
     # Off: the region of every followed face is searched, as without a detector to confirm with.
     off = RegionPlanner(GatingConfig(confirm_followed=False))
-    off.plan(background, 0.0)
-    plan = off.plan(background, 0.2, [here], confirm)
+    off.plan(scene, 0.0)
+    plan = off.plan(scene, 0.2, [here], confirm_in(scene))
     assert plan.confirmed == () and len(plan.regions) == 1 and len(asked) == 3
 
 
