@@ -2,7 +2,7 @@
 
 A source is used by one thread at a time and is blocking: `read()` waits for the next picture. A
 picture is converted to RGB only when asked (`Picture.rgb()`): a unit analyses 5 of the 10-25 frames a
-camera sends each second, and converting the others cost as much CPU as decoding them.
+camera sends each second, and converting the others is wasted work (docs/capture.md).
 Each backend bounds its own waits (open and read timeouts through FFmpeg's interrupt callback);
 edge.camera.capture adds a watchdog above that, because a read can still hang in code we do not control.
 

@@ -28,7 +28,7 @@ class OrtBackend:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # No busy-waiting pool threads between runs: the engine aligns the next batch in numpy
         # right after a run, and on a machine with other work a spinning worker took the CPU from
-        # it (alignment 40-60% slower after a run than after a pause, docs/engine.md).
+        # it (alignment markedly slower right after a run than after a pause, docs/engine.md).
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         available = ort.get_available_providers()
         chosen = providers or [p for p in _PREFERRED if p in available]
