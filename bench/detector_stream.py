@@ -150,8 +150,7 @@ def gated(detect: Callable[[np.ndarray], list], gating, min_face_size: int, conf
     def run(t: float, image: np.ndarray) -> tuple[list, dict]:
         faces = followed_boxes(tracker.tracks, t, gating.track_missed_frames)
         c0 = time.thread_time()
-        look = (lambda boxes: confirm(image, boxes)) if confirm is not None else None
-        plan = planner.plan(image, t, faces, look)
+        plan = planner.plan(image, t, faces, confirm)
         plan_ms = 1000 * (time.thread_time() - c0)
         dets = detect_in_regions(detect, image, plan)
         tracker.update([Observation(box=tuple(d.box), score=d.score) for d in dets], t)

@@ -385,9 +385,7 @@ class CameraAnalyser:
             return detections
         with self._lock:  # the embedder thread may split a track meanwhile
             faces = followed_boxes(self.tracker.tracks, frame.captured_at, self.planner.config.track_missed_frames)
-        look = getattr(self.engine, "confirm", None)
-        confirm = (lambda boxes: look(frame.image, boxes)) if look is not None else None
-        plan = self.planner.plan(frame.image, frame.captured_at, faces, confirm)
+        plan = self.planner.plan(frame.image, frame.captured_at, faces, getattr(self.engine, "confirm", None))
         self.stats.searched(plan.full, plan.share, len(plan.confirmed))
         if log.isEnabledFor(logging.DEBUG):
             log.debug(

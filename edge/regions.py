@@ -42,8 +42,8 @@ _SLACK_S = 0.001
 
 Rect = tuple[int, int, int, int]  # x1, y1, x2, y2 in frame pixels, x2/y2 exclusive
 Box = tuple[float, float, float, float]
-# Looks for faces at given boxes only: a detection (with .box and .score) or None per box.
-Confirm = Callable[[Sequence[Box]], Sequence[Any]]
+# Looks for faces in an image at given boxes only: a detection (with .box and .score) or None per box.
+Confirm = Callable[[np.ndarray, Sequence[Box]], Sequence[Any]]
 # Boxes overlapping this much are taken for one face: two faces seldom overlap so, and a face that moved half
 # its width between analysed frames still does.
 _FOUND_IOU = 0.3
@@ -152,7 +152,7 @@ class RegionPlanner:
     def plan(self, image: np.ndarray, t: float, faces: Sequence[Box] = (), confirm: Confirm | None = None) -> Plan:
         """Where to detect in `image` (RGB, captured at `t`), given the boxes of the faces followed now.
 
-        `confirm(boxes)`: the detector's look at given boxes only (engines.detector.MtcnnDetector.confirm: a
+        `confirm(image, boxes)`: the detector's look at given boxes only (engines.detector.MtcnnDetector.confirm: a
         detection or None per box). With it (and ``confirm_followed``), a frame that is not searched whole
         first looks for the followed faces where they are; only the regions of faces not found there are
         searched, and motion around a face found is taken for its own. A frame searched whole on schedule, or
@@ -182,7 +182,7 @@ class RegionPlanner:
         confirmed: list[Any] = []
         # After a gap, on a first frame or a big change, the followed boxes say little of where faces are now.
         if confirm is not None and c.confirm_followed and faces and reason in ("", "schedule"):
-            confirmed = _confirmed(confirm, faces)
+            confirmed = _confirmed(confirm, image, faces)
         if changed is not None and not reason:
             if confirmed:
                 # A followed box is found when a confirmed face lies over it: a track's last box and where it
@@ -249,14 +249,14 @@ class RegionPlanner:
         return _clip((int(cx - half_w), int(cy - half_h), int(np.ceil(cx + half_w)), int(np.ceil(cy + half_h))), w, h)
 
 
-def _confirmed(confirm: Confirm, faces: Sequence[Box]) -> list[Any]:
+def _confirmed(confirm: Confirm, image: np.ndarray, faces: Sequence[Box]) -> list[Any]:
     """The faces `confirm` finds at the followed boxes, each once: boxes nearly the same (a face standing
     still is where it is heading) are asked about once, and two boxes finding one face give it once."""
     asked: list[Box] = []
     for b in faces:
         if not any(iou(b, a) >= _SAME_BOX_IOU for a in asked):
             asked.append(b)
-    found = sorted((d for d in confirm(asked) if d is not None), key=lambda d: d.score, reverse=True)
+    found = sorted((d for d in confirm(image, asked) if d is not None), key=lambda d: d.score, reverse=True)
     out: list[Any] = []
     for d in found:
         if not any(iou(d.box, o.box) >= _FOUND_IOU for o in out):

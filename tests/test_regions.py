@@ -286,19 +286,16 @@ def test_planner_asks_once_per_face_and_searches_only_what_confirmation_leaves(
     here, gone = whole.box, (100.0, 100.0, 160.0, 160.0)  # her face; a followed box where nobody is now
     asked: list[list[tuple[float, ...]]] = []
 
-    def confirm_in(image: np.ndarray):
-        def confirm(boxes):
-            asked.append(list(boxes))
-            return engine.confirm(image, boxes)
-
-        return confirm
+    def confirm(image: np.ndarray, boxes):
+        asked.append(list(boxes))
+        return engine.confirm(image, boxes)
 
     planner = RegionPlanner(GatingConfig())
     planner.plan(scene, 0.0)
     planner.plan(scene, 0.2)
     # Each track gives its last box and where it is heading; a face standing still gives the same box twice.
     almost = (here[0] + 1, here[1], here[2] + 1, here[3])
-    plan = planner.plan(scene, 0.4, [here, almost, gone, gone], confirm_in(scene))
+    plan = planner.plan(scene, 0.4, [here, almost, gone, gone], confirm)
     assert asked == [[here, gone]]
     assert len(plan.confirmed) == 1 and np.allclose(plan.confirmed[0].box, here, atol=0.1 * (here[2] - here[0]))
     # Only the face not confirmed is searched for, in its region.
@@ -307,16 +304,16 @@ def test_planner_asks_once_per_face_and_searches_only_what_confirmation_leaves(
     x1, y1, x2, y2 = (int(v) for v in here)
     turned = scene.copy()
     turned[y2 + 2 : y2 + 26, x1 + 10 : x1 + 34] = 255
-    plan = planner.plan(turned, 0.6, [here], confirm_in(turned))
+    plan = planner.plan(turned, 0.6, [here], confirm)
     assert len(plan.confirmed) == 1 and plan.regions == () and not plan.full and plan.share == 0.0
     beside = turned.copy()
     beside[y1 : y1 + 24, x1 - 110 : x1 - 86] = 0  # beside her face: outside the area her own motion explains
-    plan = planner.plan(beside, 0.8, [here], confirm_in(beside))
+    plan = planner.plan(beside, 0.8, [here], confirm)
     assert len(plan.confirmed) == 1 and len(plan.regions) == 1 and plan.regions[0][0] < x1 - 110
     # Off: the region of every followed face is searched, as without a detector to confirm with.
     off = RegionPlanner(GatingConfig(confirm_followed=False))
     off.plan(scene, 0.0)
-    plan = off.plan(scene, 0.2, [here], confirm_in(scene))
+    plan = off.plan(scene, 0.2, [here], confirm)
     assert plan.confirmed == () and len(plan.regions) == 1 and len(asked) == 3
 
 
@@ -338,7 +335,7 @@ def test_whole_frame_on_schedule_looks_for_everyone_but_the_faces_confirmed(
     (whole,) = engine.detect(scene)
     planner = RegionPlanner(GatingConfig(full_frame_interval_s=1.0))
     planner.plan(scene, 0.0)
-    plan = planner.plan(_noisy(scene, 1), 1.0, [whole.box], lambda boxes: engine.confirm(scene, boxes))
+    plan = planner.plan(_noisy(scene, 1), 1.0, [whole.box], engine.confirm)
     assert plan.full and plan.reason == "schedule" and len(plan.confirmed) == 1
     calls: list[Any] = []
 
@@ -351,5 +348,5 @@ def test_whole_frame_on_schedule_looks_for_everyone_but_the_faces_confirmed(
     assert calls == [[plan.confirmed[0].box]] and found is plan.confirmed[0]
     assert np.allclose(found.box, whole.box, atol=0.1 * FACE)
     # After a gap the followed boxes are not trusted: no confirmation, a plain whole-frame search.
-    plan = planner.plan(scene, 3.0, [whole.box], lambda boxes: engine.confirm(scene, boxes))
+    plan = planner.plan(scene, 3.0, [whole.box], engine.confirm)
     assert plan.full and plan.reason == "gap" and plan.confirmed == ()
