@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ from click.testing import CliRunner
 
 from engines.calibration import PACKAGED_DIR, Calibration, CalibrationError
 from engines.cli import main as engines_cli
+from engines.model_spec import EmbedderSpec
 
 
 def _normal_calibration(n: int = 200_000, seed: int = 0) -> tuple[Calibration, np.ndarray]:
@@ -131,11 +131,11 @@ def test_a_calibration_serves_only_the_model_and_flip_setting_it_was_made_with(t
     cal, _ = _normal_calibration(n=1000)
     path = tmp_path / "cal.json"
     cal.save(path)
-    assert Calibration.load_for(SimpleNamespace(name="test-model", calibration=path)).model == "test-model"
+    assert Calibration.load_for(_spec("test-model", path)).model == "test-model"
     with pytest.raises(CalibrationError, match="flip_average"):
-        Calibration.load_for(SimpleNamespace(name="test-model", calibration=path), flip_average=True)
+        Calibration.load_for(_spec("test-model", path), flip_average=True)
     with pytest.raises(CalibrationError, match="not 'other'"):
-        Calibration.load_for(SimpleNamespace(name="other", calibration=path))
+        Calibration.load_for(_spec("other", path))
 
 
 # ---------------------------------------------------------------- engines calibrate on real photos
@@ -258,5 +258,12 @@ def test_thresholds_come_from_the_flip_averaged_calibration_where_there_is_one(t
     assert cal.threshold_for_fpir(0.01, 300, 2).threshold > plain.threshold_for_fpir(0.01, 300, 2).threshold
     path = tmp_path / "own.json"
     Calibration.from_scores("test-model", False, {"cross_age": np.linspace(0.5, 0.99, 1000)}, {}).save(path)
-    own = Calibration.for_thresholds(SimpleNamespace(name="test-model", calibration=path))
+    own = Calibration.for_thresholds(_spec("test-model", path))
     assert not own.flip_average and own.model == "test-model"
+
+
+def _spec(name: str, calibration: Path) -> EmbedderSpec:
+    """A model description naming its own calibration file (as `[engine.embedder] calibration` does)."""
+    return EmbedderSpec(
+        name=name, input_width=150, input_height=150, alignment="dlib5", embedding_size=128, calibration=calibration
+    )
