@@ -191,7 +191,7 @@ class Pipeline:
         while running). `keep_reports`: keep every finished track's story (edge.analysis.TrackReport) in
         the analysers, for diagnostics of a clip. `calibration`: the model's engines.calibration.Calibration,
         which places the second look (``matching.second_look_fpir``); by default the engine's own, and no
-        second look for a model without one."""
+        second look for a model without one (FaceEngine.calibration)."""
         ids = [c.camera_id for c in cameras]
         if len(set(ids)) != len(ids):
             raise ValueError(f"camera ids must be unique, got {ids}")
@@ -226,7 +226,7 @@ class Pipeline:
         self._threads: list[threading.Thread] = []
         self._beats: dict[str, float] = {}
         self.hits_total = 0
-        self.calibration = calibration if calibration is not None else _engine_calibration(engine)
+        self.calibration = calibration if calibration is not None else getattr(engine, "calibration", None)
         self._look_level: tuple[tuple[int, int, int, float], float | None] | None = None
 
     @property
@@ -562,19 +562,6 @@ class Pipeline:
         """Per-camera figures (see CameraStats.snapshot)."""
         now = time.monotonic()
         return {cid: an.stats.snapshot(now) for cid, an in self.analysers.items()}
-
-
-def _engine_calibration(engine: Any) -> Any:
-    """The calibration of a real FaceEngine's model, or None (a model without one, or a stand-in engine)."""
-    if not hasattr(engine, "embedder") or not hasattr(engine, "config"):
-        return None
-    from engines.calibration import Calibration, CalibrationError
-
-    try:
-        return Calibration.for_engine(engine)
-    except CalibrationError as exc:
-        log.info("no second look for model %s: %s", getattr(engine, "model_id", "?"), exc)
-        return None
 
 
 def _clip_box(box: tuple[float, ...], width: int, height: int) -> tuple[float, float, float, float]:

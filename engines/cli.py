@@ -193,7 +193,7 @@ def compare(
         out["threshold"] = limit
         out["threshold_source"] = source or None
         out["same_person"] = None if limit is None else score >= limit
-        cal = _calibration_or_none(engine)
+        cal = engine.calibration
         if cal is not None:
             out["calibrated"] = _calibrated_meaning(cal, score, limit)
     if as_json:
@@ -242,15 +242,6 @@ def compare(
 
 # List sizes at which `compare` says what a score would mean as a watchlist threshold.
 _COMPARE_LIST_SIZES = (100, 1000, 10000)
-
-
-def _calibration_or_none(engine):  # noqa: ANN001, ANN202
-    from engines.calibration import Calibration, CalibrationError
-
-    try:
-        return Calibration.for_engine(engine)
-    except CalibrationError:
-        return None
 
 
 def _calibrated_meaning(cal, score: float, limit: float | None) -> dict:  # noqa: ANN001

@@ -6,6 +6,7 @@ aligned, judged and embedded the same way at HQ and on the unit.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ import numpy as np
 from engines.align import align_to_template, dlib_chip_transforms, extract_chip
 from engines.backends import Backend, create_backend, tensorrt_available
 from engines.cache import ensure_default_models, int8_embedder, sha256_file
+from engines.calibration import Calibration, CalibrationError
 from engines.config import EngineConfig
 from engines.detector import Detection, MtcnnDetector, cpu_session_factory
 from engines.embedder import Embedder, LookAgain, preprocess_chips
@@ -225,6 +227,16 @@ class FaceEngine:
     @property
     def embedding_dim(self) -> int:
         return self.embedder.dim
+
+    @functools.cached_property
+    def calibration(self) -> Calibration | None:
+        """The calibration of this model and flip setting (Calibration.for_engine), or None when the model has
+        none (logged once): what places a unit's second look and `engines compare`'s calibrated meaning."""
+        try:
+            return Calibration.for_engine(self)
+        except CalibrationError as exc:
+            log.info("model %s has no calibration: %s", self.model_id, exc)
+            return None
 
     @property
     def min_face_size(self) -> int:
