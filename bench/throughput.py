@@ -1,4 +1,4 @@
-"""Faces per second on this CPU: our detection and embedding (batch 1, 8, 32; float32 and int8)
+"""Faces per second on this CPU: our detection, alignment and embedding (batch 1, 8, 32; float32 and int8)
 against the face_recognition package on the same images in the same run, and what fraction of
 the CPU's measured peak the embedder uses.
 
@@ -202,6 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     faces = faces[: max(64, len(items))]
     # Chips aligned once, for the embedder alone: alignment (landmarks, chip) is the same for both.
     chips = np.concatenate([engine.align(img, [d]) for img, d in faces])
+    # Alignment alone (landmarks and chip, FaceEngine.align_many), per face, one face per call and 32 per call.
+    res["alignment_ms_per_face"] = {}
+    for batch in (1, 32):
+        t0 = time.perf_counter()
+        for start in range(0, len(faces), batch):
+            engine.align_many(faces[start : start + batch])
+        res["alignment_ms_per_face"][f"batch_{batch}"] = 1000 * (time.perf_counter() - t0) / len(faces)
     res["embedder_only"] = {}
     for name, eng in embedders.items():
         eng.embed(faces[:8])  # warm-up
@@ -278,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         label = "align+embed faces/s, " + key.replace("_batch_", " batch ").replace("batch_", "batch ")
         p = peer["embedding"]["faces_per_s"] if peer and key == "batch_1" else float("nan")
         print(f"{label:<34}{row['faces_per_s']:>12.1f}{p:>18.1f}")
+    for key, ms in res["alignment_ms_per_face"].items():
+        print(f"{'alignment ms/face, ' + key.replace('_', ' '):<34}{ms:>12.2f}")
     for key, row in res["embedder_only"].items():
         label = "embedder faces/s, " + key.replace("_batch_", " batch ").replace("batch_", "batch ")
         frac = row.get("fraction_of_int8_peak", row.get("fraction_of_fp32_peak", float("nan")))
