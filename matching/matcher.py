@@ -6,9 +6,14 @@ held as 16-bit fixed point, per dimension, around the templates' mean (real embe
 every face on one shared direction: the project's default engine scores two strangers at about
 0.97), split into two byte planes, 256 MB together:
 
-* the high plane (``hi``, uint8 holding ``h + 128``) is scanned for every batch with an int8
-  matrix product (ONNX Runtime's ``MatMulInteger``, whose MLAS kernels use VNNI on x86 and the
-  dot-product instructions on ARM), reading 128 MB instead of 512 MB;
+* the high plane (``hi``, uint8 holding ``h + 128``) is scanned for every batch with an 8-bit
+  integer matrix product (ONNX Runtime's ``MatMulInteger``), reading 128 MB instead of 512 MB.
+  Both operands are *unsigned* bytes around a zero point of 128 (U8U8): every MLAS kernel sums
+  u8 x u8 products exactly in 32 bits (16-bit words and ``vpmaddwd`` on AVX2 and AVX-512 without
+  VNNI, VNNI or AMX where present, ``udot``/``ummla`` on ARM64). The u8 x s8 form it replaced is
+  summed in pairs with int16 saturation (``vpmaddubsw``) on AVX2 and AVX-512 without VNNI, which
+  broke the bound below and lost listed persons on those CPUs (issue 18; ``tests/test_matcher.py``
+  runs under ``qemu-x86_64 -cpu Haswell`` in CI to keep it so);
 * rows are grouped (row ``r`` is in group ``r mod G``, and in a finer group ``r mod 16G``) so each
   query's best groups are found from cheap element-wise maxima instead of a sort of a million
   scores;
@@ -379,7 +384,7 @@ class TemplateIndex:
         maxq = np.abs(qs).max(axis=1)
         sq = np.where(maxq > 0, maxq / 127.0, 1.0)
         qq = np.rint(qs / sq[:, None]).astype(np.int8)
-        y = scorer.coarse(p.hi, np.ascontiguousarray(qq.T))
+        y = scorer.coarse(p.hi, np.ascontiguousarray((qq.astype(np.int16) + 128).astype(np.uint8).T))
         if y.shape[0] > self._n:
             y[self._n :] = np.iinfo(np.int32).min
         groups = y.shape[0] // _GROUP_ROWS
@@ -509,7 +514,8 @@ def _encode_ids(ids: Sequence[str]) -> np.ndarray:
 
 
 class _Scorer:
-    """The coarse pass: int8 x uint8 matrix product in ONNX Runtime (MLAS kernels)."""
+    """The coarse pass: a uint8 x uint8 matrix product around zero points 128 in ONNX Runtime
+    (MLAS kernels), exact in int32 on every CPU (see the module's docstring)."""
 
     def __init__(self, threads: int | None) -> None:
         self.threads = threads
@@ -524,7 +530,8 @@ class _Scorer:
         return self._session
 
     def coarse(self, hi: np.ndarray, qq_t: np.ndarray) -> np.ndarray:
-        """(rows, D) uint8 (value + 128) times (D, Q) int8 -> (rows, Q) int32."""
+        """(rows, D) uint8 (value + 128) times (D, Q) uint8 (value + 128) -> (rows, Q) int32,
+        the product of the values."""
         return self._get().run(None, {"a": hi, "b": qq_t})[0]
 
 
@@ -533,14 +540,17 @@ def _make_session(threads: int | None):  # noqa: ANN202
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(
-        [helper.make_node("MatMulInteger", ["a", "b", "a_zero"], ["y"])],
+        [helper.make_node("MatMulInteger", ["a", "b", "a_zero", "b_zero"], ["y"])],
         "watchlist_coarse",
         [
             helper.make_tensor_value_info("a", TensorProto.UINT8, ["rows", "dim"]),
-            helper.make_tensor_value_info("b", TensorProto.INT8, ["dim", "queries"]),
+            helper.make_tensor_value_info("b", TensorProto.UINT8, ["dim", "queries"]),
         ],
         [helper.make_tensor_value_info("y", TensorProto.INT32, ["rows", "queries"])],
-        initializer=[helper.make_tensor("a_zero", TensorProto.UINT8, [], [128])],
+        initializer=[
+            helper.make_tensor("a_zero", TensorProto.UINT8, [], [128]),
+            helper.make_tensor("b_zero", TensorProto.UINT8, [], [128]),
+        ],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8

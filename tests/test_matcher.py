@@ -219,3 +219,38 @@ def test_swap_under_load_drops_no_calls_and_removal_is_immediate() -> None:
         t.join()
     assert not errors and misses[0] == 0 and calls[0] > 0
     assert matcher.version == 11
+
+
+def test_coarse_pass_is_exact_at_the_extremes() -> None:
+    """The integer kernel itself, on the values that saturate a u8 x s8 pair sum in int16 (high
+    bytes at 0 and 255, query bytes at the ends of their range): every sum must be exact."""
+    from matching.matcher import _Scorer
+
+    rng = np.random.default_rng(3)
+    hi = rng.integers(0, 256, (512, 128)).astype(np.uint8)
+    hi[:64], hi[64:128] = 255, 0
+    hi[128:192, ::2], hi[128:192, 1::2] = 255, 0
+    qq = rng.integers(-127, 128, (128, 16)).astype(np.int16)
+    qq[:, :4], qq[:, 4:8] = 127, -127
+    qq[::2, 8:12], qq[1::2, 8:12] = 127, -127
+    got = _Scorer(threads=1).coarse(hi, np.ascontiguousarray((qq + 128).astype(np.uint8)))
+    want = (hi.astype(np.int64) - 128) @ qq.astype(np.int64)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_search_equals_brute_force_on_worst_case_templates() -> None:
+    """Templates at the corners of their fixed-point range (every high byte 1 or 255) and queries
+    near them (every query byte near +-127): the sums a saturating kernel clips. Each listed
+    person must still come back first, as brute force says."""
+    rng = np.random.default_rng(5)
+    dim, n = 128, 300
+    signs = rng.choice([-1.0, 1.0], size=(n, dim))
+    emb = (signs / np.sqrt(dim)).astype(np.float32)
+    ids = [f"p{i:04d}" for i in range(n)]
+    index = TemplateIndex.build(ids, emb, version=1, model_id="m")
+    q = signs[:40] + rng.normal(0, 0.05, (40, dim))
+    q = (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+    got = Matcher(index).search(q, k=3)
+    want = _brute_force(index, ids, q, 3)
+    assert [[p for p, _ in g] for g in got] == [[p for p, _ in w] for w in want]
+    assert [g[0][0] for g in got] == ids[:40]
