@@ -24,6 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.lag import DEFAULT_DATA, Photo, evaluate, list_photos, require_data  # noqa: E402
+from bench.machine import describe_machine, machine_summary  # noqa: E402
 
 
 def run_ours(photos: list[Photo], flip: bool, config=None) -> tuple[list, dict]:
@@ -117,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         "data": str(root),
         "images": len(photos),
         "identities": len({p.identity for p in photos}),
+        "machine": describe_machine(),
         "citation": "S. Bianco, Large Age-Gap Face Verification by Feature Injection in Deep Networks, PRL 90, 2017",
     }
     rows = []
@@ -147,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(("face_recognition", info))
 
     print(f"\n{len(photos)} images, {results['identities']} identities ({root})")
+    print(machine_summary(results["machine"]))
     print(f"{'method':<18}{'no_face':>8}{'TAR@1e-2':>10}{'TAR@1e-3':>10}{'TAR@1e-4':>10}{'rank-1':>8}{'rank-5':>8}")
     for name, r in rows:
         t = r["tar_at_far"]

@@ -28,6 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.lag import DEFAULT_DATA, list_photos, require_data  # noqa: E402
+from bench.machine import describe_machine, machine_summary  # noqa: E402
 
 
 def main() -> None:
@@ -102,7 +103,9 @@ def main() -> None:
         "ms_per_face_ours": t_ours / n * 1e3,
         "ms_per_face_ours_batch8": t_batch / n * 1e3,
         "ms_per_face_dlib": t_dlib / n * 1e3,
+        "machine": describe_machine(),
     }
+    print(machine_summary(res["machine"]))
     print(f"{n} photos; model load {load_s:.2f} s")
     print(
         f"landmarks: identical to dlib's on {res['landmarks_identical']}/{n}, largest difference "

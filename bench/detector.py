@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -40,6 +39,7 @@ import numpy as np
 # Run as a script (python bench/detector.py), the checkout's root is not on the path by itself.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.machine import describe_machine, machine_summary  # noqa: E402
 from engines.detector import MtcnnConfig, MtcnnDetector  # noqa: E402
 from engines.mtcnn_convert import convert_mtcnn  # noqa: E402
 
@@ -96,16 +96,6 @@ def _mmod(upsample: int) -> Detect:
 
     cnn = dlib.cnn_face_detection_model_v1(face_recognition_models.cnn_face_detector_model_location())
     return lambda img: [(d.rect.left(), d.rect.top(), d.rect.right(), d.rect.bottom()) for d in cnn(img, upsample)]
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _recall(detect: Detect, images: list[np.ndarray], pad: Callable[[np.ndarray], np.ndarray]) -> dict:
@@ -265,12 +255,13 @@ def _stream_main(args: argparse.Namespace, faces: list[np.ndarray]) -> int:
     results = {
         "command": " ".join(["python", "bench/detector.py", *sys.argv[1:]]),
         "label": args.label,
-        "machine": {"cpu": _cpu_name(), "python": platform.python_version(), "load_average": os.getloadavg()},
+        "machine": {**describe_machine(), "load_average": os.getloadavg()},
         "mtcnn_settings": {"min_face_size": args.min_face, "factor": args.factor, "thresholds": args.thresholds},
         "faces": source,
         "stream": run_stream(det.detect, args.min_face, faces, args.stream, _gating(args.gating), det.confirm),
     }
     results["machine"]["load_average_after"] = os.getloadavg()
+    print(machine_summary(results["machine"]))
     print(f"load average before {results['machine']['load_average']}, after {os.getloadavg()}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -340,11 +331,12 @@ def main() -> int:
     results: dict = {
         "command": " ".join(["python", "bench/detector.py", *sys.argv[1:]]),
         "label": args.label,
-        "machine": {"cpu": _cpu_name(), "python": platform.python_version(), "load_average": os.getloadavg()},
+        "machine": {**describe_machine(), "load_average": os.getloadavg()},
         "mtcnn_settings": {"min_face_size": args.min_face, **settings},
         "recall": {},
         "speed": {},
     }
+    print(machine_summary(results["machine"]))
     if not args.no_recall:
         runs = [(name, mtcnn, tuple(args.paddings))]
         if not args.mtcnn_only:

@@ -243,10 +243,12 @@ def run_stream(
         size = out.setdefault(f"{w}x{h}", {})
         for mode, detector in (("full", full_frame(detect)), ("gated", gated(detect, gating, min_face_size, confirm))):
             r = size[mode] = measure(detector, background, people, seconds)
+            # A sequence too short for anyone to walk in has no recall: printed as nan.
+            recall = float("nan") if r["recall"] is None else r["recall"]
             print(
                 f"{f'{w}x{h}':<11}{mode:<7}{r['ms_mean']:>8.1f}{r['ms_p50']:>7.1f}{r['ms_p95']:>7.1f}"
                 f"{r['cpu_ms_mean']:>9.1f}{r['cpu_ms_p95']:>8.1f}{r['faces_found']:>6}/{r['faces_present']:<5}"
-                f"{r['recall']:>8.3f}{r['never_found']:>4}/{r['people']:<3}{r['share_full']:>5.2f}"
+                f"{recall:>8.3f}{r['never_found']:>4}/{r['people']:<3}{r['share_full']:>5.2f}"
                 f"{r['mean_area_searched']:>6.2f}{r['planning_cpu_ms_mean']:>6.1f}{r['faces_confirmed']:>6}"
                 f"{r['tracks_started']:>7}  {r['frames_by_reason']}"
             )

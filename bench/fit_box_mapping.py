@@ -31,6 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.lag import DEFAULT_DATA, list_photos, require_data  # noqa: E402
+from bench.machine import describe_machine  # noqa: E402
 
 
 def _frame(points: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, float]:
@@ -184,6 +185,7 @@ def main() -> None:
             test, lambda r: dlib_box_from_points(r["points"], centre=centre, side=side), sp, facerec
         ),
         "mtcnn_box_on_test": evaluate(test, lambda r: r["mtcnn_box"], sp, facerec),
+        "machine": describe_machine(),
     }
     print(f"faces used {len(rows)} (fit on {len(train)}, checked on {len(test)}); skipped {skipped}")
     print(f"_BOX_CENTRE = ({', '.join(f'{v:.4f}' for v in centre)})")

@@ -26,7 +26,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.machine import describe_machine, machine_summary  # noqa: E402
 from matching.matcher import Matcher, TemplateIndex  # noqa: E402
 from testing.synthetic import ENGINE_LIKE, person_centers, samples_of  # noqa: E402
 
@@ -75,7 +75,6 @@ def main() -> None:
     args = ap.parse_args()
 
     import faiss
-    import onnxruntime
 
     faiss.omp_set_num_threads(args.threads)
     n_persons = -(-args.templates // args.per_person)
@@ -206,16 +205,14 @@ def main() -> None:
         "delta_persons": args.delta_persons,
         "delta_index_swap_s": round(delta_s, 3),
         "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "cpus": os.cpu_count(),
+            **describe_machine(),
             "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
             "numpy": np.__version__,
             "faiss": faiss.__version__,
-            "onnxruntime": onnxruntime.__version__,
         },
     }
     print()
+    print(machine_summary(result["machine"]))
     print(
         f"{len(templates):,} {args.shape} templates x {args.dim}-d, batch {args.batch}, top-{args.k}, {args.threads} threads, "
         f"{nq} queries ({int(is_genuine.sum())} genuine); load average {result['machine']['load_average_1_5_15']}"

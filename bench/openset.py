@@ -45,6 +45,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.lag import DEFAULT_DATA, Photo, list_photos, require_data  # noqa: E402
+from bench.machine import describe_machine, machine_summary  # noqa: E402
 from edge.analysis import MatchingConfig  # noqa: E402
 
 FPIRS = (0.01, 0.03, 0.1)
@@ -610,6 +611,7 @@ def main(argv: list[str] | None = None) -> int:
         "images": len(photos),
         "identities": len(proto.identities),
         "splits": args.splits,
+        "machine": describe_machine(),
         "enrolled_per_split": len(proto.splits[0]),
         "probes": len(proto.adult),
         "templates": len(proto.young),
@@ -678,6 +680,7 @@ def main(argv: list[str] | None = None) -> int:
     results["seconds"] = round(time.perf_counter() - t0, 1)
 
     print(f"\n{len(photos)} images, {len(proto.identities)} identities, {args.splits} splits ({root})")
+    print(machine_summary(results["machine"]))
     print(f"{'method':<34}" + "".join(f"{'FNIR@' + str(f):>12}" for f in FPIRS))
     for name, r in rows:
         print(f"{name:<34}" + "".join(f"{r['fnir_at_fpir'][str(f)]:>12.3f}" for f in FPIRS))

@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -52,6 +51,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.machine import describe_machine, machine_summary  # noqa: E402
 from bench.pipeline_phases import PHASES  # noqa: E402
 from bench.pipeline_scene import FPS, PEER_TOLERANCE, SIZE, prepare  # noqa: E402
 
@@ -289,9 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "pipeline",
         "command": "python bench/pipeline.py " + " ".join(sys.argv[1:]),
         "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "processor": platform.processor(),
+            **describe_machine(),
             # Other work on the machine skews every figure; the load averages say how much there was.
             "loadavg_before": [round(x, 2) for x in load_before],
             "loadavg_after": [round(x, 2) for x in os.getloadavg()],
@@ -311,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if "ours" in results and "peer" in results:
         out["speedup_frames_per_s"] = results["ours"]["frames_per_s"] / results["peer"]["frames_per_s"]
+    print(machine_summary(out["machine"]))
     print(table(results))
     print(f"load average before/after: {out['machine']['loadavg_before']} / {out['machine']['loadavg_after']}")
     if args.json:

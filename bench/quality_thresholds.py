@@ -26,6 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.lag import DEFAULT_DATA, list_photos, require_data  # noqa: E402
+from bench.machine import describe_machine  # noqa: E402
 
 PERCENTILES = (0.2, 0.5, 1, 5, 50, 95, 99, 99.5, 99.8)
 
@@ -86,6 +87,7 @@ def main() -> None:
         "no_face": no_face,
         "seconds": seconds,
         "config": cfg.model_dump(),
+        "machine": describe_machine(),
         "percentiles": {},
         "reject_rate": {},
     }

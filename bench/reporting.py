@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sqlite3
 import subprocess
 import sys
@@ -32,6 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.machine import describe_machine, machine_summary  # noqa: E402
 from bench.store import StoreProbe  # noqa: E402
 from edge.outbox import Outbox, OutboxConfig  # noqa: E402
 from edge.reporter import MqttConfig, MqttReporter  # noqa: E402
@@ -293,9 +293,7 @@ def main() -> int:
     results: dict = {
         "command": "python bench/reporting.py " + " ".join(sys.argv[1:]),
         "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
+            **describe_machine(),
             "sqlite": sqlite3.sqlite_version,
             "mosquitto": subprocess.run([find_mosquitto(), "-h"], capture_output=True, text=True).stdout.split("\n")[0],
         },
@@ -366,6 +364,7 @@ def main() -> int:
         f"crop {len(crop)} bytes, load average "
         f"{results['load_avg_1m_start']:.1f} -> {results['load_avg_1m_end']:.1f})"
     )
+    print(f"  {machine_summary(results['machine'])}")
     for k, v in rows:
         print(f"  {k:<{width}}  {v}")
     if args.json:

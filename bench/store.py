@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -27,7 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from central.store import HitFilter, HitStore
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.machine import describe_machine, machine_summary  # noqa: E402
+from central.store import HitFilter, HitStore  # noqa: E402
 
 
 class StoreProbe:
@@ -146,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             if cluster is not None:
                 cluster.stop()
                 shutil.rmtree(cluster.workdir, ignore_errors=True)
+    print(machine_summary(describe_machine()))
     print(f"{'backend':<18} {'batch':>5} {'hits/s':>9} {'commit p50 ms':>14} {'p99 ms':>8}")
     for r in results:
         print(
@@ -153,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['commit_ms_p99']:>8.2f}"
         )
     if args.json:
-        meta = {"load_avg": os.getloadavg(), "cpus": os.cpu_count(), "python": platform.python_version()}
-        args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+        machine = {**describe_machine(), "load_avg": os.getloadavg()}
+        args.json.write_text(json.dumps({"machine": machine, "results": results}, indent=2) + "\n")
     return 0
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.lag import DEFAULT_DATA, list_photos  # noqa: E402
+from bench.machine import describe_machine, machine_summary  # noqa: E402
 
 
 def _images(n: int) -> tuple[list[np.ndarray], str]:
@@ -187,8 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     det_s = time.perf_counter() - t0
     res: dict = {
         "machine": {
-            "cpu_count": os.cpu_count(),
-            "processor": platform.processor() or platform.machine(),
+            **describe_machine(),
             "load_average_before": os.getloadavg(),
         },
         "images": source,
@@ -274,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
                 row["fraction_of_int8_peak"] = achieved / top["int8_gops"]
     res["machine"]["load_average_after"] = os.getloadavg()
 
-    print(f"\n{source}; backend {res['backend']}; load average {res['machine']['load_average_before'][0]:.2f}")
+    print("\n" + machine_summary(res["machine"]))
+    print(f"{source}; backend {res['backend']}; load average {res['machine']['load_average_before'][0]:.2f}")
     print(f"{'what':<34}{'ours':>12}{'face_recognition':>18}{'GFLOP/s':>10}{'of peak':>9}")
     peer = res.get("peer_face_recognition")
     print(

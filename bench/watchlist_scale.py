@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -31,6 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.machine import describe_machine, machine_summary  # noqa: E402
 from matching.matcher import Matcher  # noqa: E402
 from testing.synthetic import ENGINE_LIKE, Authority, make_persons, person_centers, samples_of  # noqa: E402
 from watchlist.format.keys import parse_keyset  # noqa: E402
@@ -174,13 +174,13 @@ def main() -> None:
         "times_s": tm.t,
         "mqtt": mqtt,
         "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
+            **describe_machine(),
             "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
         },
     }
+    print("\n" + machine_summary(result["machine"]))
     print(
-        f"\n{args.persons:,} persons x {args.photos} photos = {full_b.n_templates:,} templates; index {index_mb:.0f} MB"
+        f"{args.persons:,} persons x {args.photos} photos = {full_b.n_templates:,} templates; index {index_mb:.0f} MB"
     )
     print(
         f"full bundle  {len(full.data) / 2**20:8.1f} MiB   delta ({args.delta} persons) {len(delta.data) / 2**10:8.1f} KiB"
