@@ -49,6 +49,8 @@ SMOKE = {
 NEEDS_MOSQUITTO = {"reporting"}
 
 COMMAND = re.compile(r"\bpython3?\s+(?:\S*/)?bench/(\w+)\.py\b([^\n]*)")
+# In the docs' code a bench file is also cited without `python` (`bench/pipeline.py --phases gate`).
+CITATION = re.compile(r"(?<![\w/.-])(?:python3?\s+)?(?:\S*/)?bench/(\w+)\.py\b([^\n]*)")
 # Where a command line ends: a shell comment, pipe, list or redirection.
 END_OF_COMMAND = re.compile(r"^(#|\||&&|\|\||;|\d?>)")
 FENCE = re.compile(r"^```[^\n]*\n.*?^```", re.M | re.S)
@@ -69,12 +71,16 @@ def help_of(script: str) -> subprocess.CompletedProcess:
     return run_bench(script, "--help", timeout=120)
 
 
-def accepted_flags(script: str) -> set[str]:
-    """The long options in the usage block of the script's --help (argparse lists every one there)."""
+def accepted_flags(script: str) -> dict[str, set[str] | None]:
+    """The long options in the usage block of the script's --help (argparse lists every one there),
+    each with its choices where it has some."""
     out = help_of(script)
     assert out.returncode == 0, out.stderr[-2000:]
     usage = out.stdout.split("\n\n", 1)[0]
-    return set(re.findall(r"(?<![\w-])--[A-Za-z0-9][\w-]*", usage))
+    flags: dict[str, set[str] | None] = {f: None for f in re.findall(r"(?<![\w-])--[A-Za-z0-9][\w-]*", usage)}
+    for flag, choices in re.findall(r"(--[\w-]+) \{([^}]*)\}", usage):
+        flags[flag] = set(choices.split(","))
+    return flags
 
 
 def _blank(match: re.Match) -> str:
@@ -82,8 +88,9 @@ def _blank(match: re.Match) -> str:
 
 
 def cited_commands() -> list[tuple[str, str, list[str]]]:
-    """(where, script, arguments) of every `python bench/X.py ...` in the docs' code: fenced blocks
-    and inline code spans (which may wrap onto the next line), and in the scripts' docstrings."""
+    """(where, file, arguments) of every `python bench/X.py ...` or `bench/X.py ...` in the docs'
+    code: fenced blocks and inline code spans (which may wrap onto the next line); and of every
+    `python bench/X.py ...` in the scripts' docstrings."""
     found = []
     for path in DOCS:
         text = path.read_text()
@@ -91,7 +98,7 @@ def cited_commands() -> list[tuple[str, str, list[str]]]:
         outside = FENCE.sub(_blank, text)
         pieces += [(m.start(), m.group().replace("\n", " ")) for m in re.finditer(r"`[^`]+`", outside)]
         for start, piece in pieces:
-            for m in COMMAND.finditer(piece):
+            for m in CITATION.finditer(piece):
                 line = text.count("\n", 0, start + m.start()) + 1
                 found.append((f"{path.name}:{line}", m.group(1), m.group(2).strip("`").split()))
     for script in SCRIPTS:
@@ -187,10 +194,25 @@ def test_the_docs_cite_bench_commands():
 
 @pytest.mark.parametrize(("where", "script", "args"), CITED, ids=[f"{w} {s}" for w, s, _ in CITED])
 def test_cited_command_uses_only_existing_flags(where, script, args):
-    assert script in SCRIPTS, f"{where} cites bench/{script}.py, which is not a bench script"
+    assert (BENCH / f"{script}.py").is_file(), f"{where} cites bench/{script}.py, which does not exist"
     flags = {a.split("=", 1)[0] for a in args if a.startswith("--")}
-    unknown = sorted(flags - accepted_flags(script))
+    if not flags and script in MODULES:
+        return  # a module named, not run
+    assert script in SCRIPTS, f"{where} runs bench/{script}.py, which is a module, not a script"
+    accepted = accepted_flags(script)
+    unknown = sorted(flags - set(accepted))
     assert not unknown, f"{where}: python bench/{script}.py {' '.join(args)} -- no such option {unknown}"
+    for i, arg in enumerate(args):
+        choices = accepted.get(arg)
+        if choices is None:
+            continue
+        values = []
+        for value in args[i + 1 :]:
+            if value.startswith("--"):
+                break
+            values.append(value)
+        wrong = [v for v in values if v not in choices and v != "..."]
+        assert not wrong, f"{where}: {arg} takes one of {sorted(choices)}, not {wrong}"
 
 
 def test_cpu_model_reads_x86_and_arm_cpuinfo(tmp_path):
