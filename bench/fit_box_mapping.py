@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.lag import DEFAULT_DATA, list_photos, require_data  # noqa: E402
-from bench.machine import describe_machine  # noqa: E402
+from bench.machine import describe_machine, machine_summary  # noqa: E402
 
 
 def _frame(points: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, float]:
@@ -187,6 +187,7 @@ def main() -> None:
         "mtcnn_box_on_test": evaluate(test, lambda r: r["mtcnn_box"], sp, facerec),
         "machine": describe_machine(),
     }
+    print(machine_summary(results["machine"]))
     print(f"faces used {len(rows)} (fit on {len(train)}, checked on {len(test)}); skipped {skipped}")
     print(f"_BOX_CENTRE = ({', '.join(f'{v:.4f}' for v in centre)})")
     print(f"_BOX_SIDE = ({', '.join(f'{v:.4f}' for v in side)})")

@@ -26,7 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.lag import DEFAULT_DATA, list_photos, require_data  # noqa: E402
-from bench.machine import describe_machine  # noqa: E402
+from bench.machine import describe_machine, machine_summary  # noqa: E402
 
 PERCENTILES = (0.2, 0.5, 1, 5, 50, 95, 99, 99.5, 99.8)
 
@@ -91,6 +91,7 @@ def main() -> None:
         "percentiles": {},
         "reject_rate": {},
     }
+    print(machine_summary(summary["machine"]))
     print(f"{len(photos)} photos, {len(orig)} with a face ({no_face} without), {seconds:.0f} s")
     print(f"{'measure':<18}" + "".join(f"{'p' + str(p):>9}" for p in PERCENTILES))
     for k, v in fields.items():
