@@ -9,6 +9,7 @@ docs/*.md and the scripts' own docstrings names a script that exists and only fl
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import re
 import subprocess
@@ -154,8 +155,6 @@ def test_every_bench_file_is_a_script_or_a_module():
 
 @pytest.mark.parametrize("module", MODULES)
 def test_module_imports(module):
-    import importlib
-
     importlib.import_module(f"bench.{module}" if module != "__init__" else "bench")
 
 
