@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 # Bump when a converter's output changes for the same source, so caches convert again.
 DLIB_RESNET_CONVERTER = 1
 MTCNN_CONVERTER = 2
+# Beside an int8 model: preprocessed calibration inputs for the engine's self-check at load.
+INT8_CHECK_INPUTS = "check_inputs.npy"
 
 
 def default_cache_dir() -> Path:
@@ -143,19 +145,23 @@ def int8_embedder(
 
     model_key names the float model and its version (for the default model, its cache folder's
     name); calibration_key the calibration chips (engines.int8_chips.photos_key). make_inputs()
-    gives the preprocessed calibration inputs; it is called only when the model is missing.
+    gives the preprocessed calibration inputs; it is called only when the model is missing. A few
+    of them are kept beside the model for the engine's self-check (int8_check_inputs), so a unit
+    can check the model without the calibration photos.
     """
-    from engines.int8 import INT8_QUANTISER, quantize_embedder
+    from engines.int8 import INT8_QUANTISER, check_inputs, quantize_embedder
 
     final = Path(cache_dir) / f"{model_key}-int8-q{INT8_QUANTISER}-{calibration_key}"
     if rebuild and final.exists():
         shutil.rmtree(final)
-    if not (final / "model.json").is_file():
+    if not ((final / "model.json").is_file() and (final / INT8_CHECK_INPUTS).is_file()):
         log.info("quantising %s to int8 in %s (calibration: %s)", float_onnx, final, calibration_source)
         inputs = make_inputs()
         tmp = _atomic_dir(final)
         try:
             kept = quantize_embedder(float_onnx, tmp / "model.onnx", inputs)
+            checks = check_inputs(inputs)
+            np.save(tmp / INT8_CHECK_INPUTS, checks)
         except Exception:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -167,12 +173,24 @@ def int8_embedder(
                     "calibration": calibration_source,
                     "calibration_inputs": len(inputs),
                     "kept_float": kept,
-                    "format": "QDQ, uint8 activations (min-max), int8 per-channel weights",
+                    "check_inputs": len(checks),
+                    "format": "QDQ, uint8 activations (min-max), 7-bit (-64..64) int8 per-channel weights",
                 }
             )
         )
         _publish(tmp, final)
     return final / "model.onnx"
+
+
+def int8_check_inputs(int8_onnx: Path) -> np.ndarray:
+    """The self-check inputs kept beside an int8 model made by int8_embedder."""
+    path = Path(int8_onnx).parent / INT8_CHECK_INPUTS
+    try:
+        return np.load(path)
+    except (OSError, ValueError) as exc:
+        raise ModelError(
+            f"{path}: cannot read the int8 model's check chips ({exc}); delete {path.parent} to quantise it again"
+        ) from exc
 
 
 def ensure_default_models(cache_dir: Path | None = None, rebuild: bool = False) -> DefaultModels:

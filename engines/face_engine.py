@@ -16,7 +16,7 @@ import numpy as np
 
 from engines.align import align_to_template, dlib_chip_transforms, extract_chip
 from engines.backends import Backend, create_backend, tensorrt_available
-from engines.cache import ensure_default_models, int8_embedder, sha256_file
+from engines.cache import ensure_default_models, int8_check_inputs, int8_embedder, sha256_file
 from engines.calibration import Calibration, CalibrationError
 from engines.config import EngineConfig
 from engines.detector import Detection, MtcnnDetector, cpu_session_factory
@@ -139,6 +139,30 @@ def _int8_calibration(
     return make_inputs, key, source
 
 
+def _self_checked_int8(int8_onnx: Path, float_onnx: Path, threads: int) -> tuple[Backend, str | None]:
+    """(backend, None) for the int8 embedder when it agrees with the float32 one on the check chips kept
+    beside it, else (the float32 backend, why): a CPU whose integer kernels compute other numbers, or a
+    damaged model, must not give wrong embeddings silently."""
+    from engines.cpu import cpu_features
+    from engines.int8 import SELF_CHECK_MIN_COSINE, lowest_cosine
+
+    inputs = int8_check_inputs(int8_onnx)
+    int8 = create_backend(int8_onnx, "onnxruntime", threads=threads)
+    float32 = create_backend(float_onnx, "onnxruntime", threads=threads)
+    cosine = lowest_cosine(int8, float32, inputs)
+    if cosine >= SELF_CHECK_MIN_COSINE:
+        log.info("int8 self-check passed: lowest cosine to float32 %.4f on %d check chips", cosine, len(inputs))
+        return int8, None
+    reason = (
+        f"int8 self-check failed: the int8 embedder {int8_onnx} agrees with float32 only to cosine {cosine:.4f} "
+        f"(needs {SELF_CHECK_MIN_COSINE}) on {len(inputs)} check chips on this CPU (features: "
+        f"{', '.join(cpu_features()) or 'none read'}); running float32 instead. Delete {int8_onnx.parent} to "
+        'quantise again; if it fails again, this CPU\'s int8 kernels differ: set precision = "fp32"'
+    )
+    log.warning(reason)
+    return float32, reason
+
+
 @dataclass(frozen=True)
 class AnalyzedFace:
     """A detected face with its quality verdict and, when it passed, its embedding."""
@@ -167,12 +191,17 @@ class FaceEngine:
         embedder: Embedder,
         model_id: str,
         shape_predictor: ShapePredictor | None,
+        precision_fallback: str | None = None,
     ) -> None:
         self.config = config
         self.detector = detector
         self.embedder = embedder
         self.model_id = model_id
         self.shape_predictor = shape_predictor
+        # Why the embedder runs float32 although int8 was asked for (the self-check failed), else None.
+        self.precision_fallback = precision_fallback
+        # The precision in use: config.precision, but "fp32" after an int8 fallback.
+        self.precision = "fp32" if precision_fallback else config.precision
 
     @classmethod
     def load(cls, config: EngineConfig | None = None) -> FaceEngine:
@@ -202,27 +231,29 @@ class FaceEngine:
         predictor = ShapePredictor.load(models.landmarks) if spec.alignment == "dlib5" else None
         calibration = None
         calibration_key = ""
-        kind = config.backend
+        backend: Backend | None = None
+        fallback = None
         if config.precision == "int8":
             # int8 embeddings stay comparable with float32 ones (docs/engine.md), so the model id
             # does not change and watchlists enrolled in float32 still match.
             calibration, calibration_key, source = _int8_calibration(config, detector, spec, predictor)
-            if kind == "onnxruntime" or (kind == "auto" and tensorrt_available() is not None):
-                onnx_path = int8_embedder(cache_dir, onnx_path, model_key, calibration_key, calibration, source)
-                kind = "onnxruntime"
-        backend = create_backend(
-            onnx_path,
-            kind,
-            threads=config.threads,
-            cache_dir=cache_dir,
-            max_batch=config.max_batch,
-            precision=config.precision,
-            calibration=calibration,
-            calibration_key=calibration_key,
-        )
+            if config.backend == "onnxruntime" or (config.backend == "auto" and tensorrt_available() is not None):
+                int8_path = int8_embedder(cache_dir, onnx_path, model_key, calibration_key, calibration, source)
+                backend, fallback = _self_checked_int8(int8_path, onnx_path, config.threads)
+        if backend is None:
+            backend = create_backend(
+                onnx_path,
+                config.backend,
+                threads=config.threads,
+                cache_dir=cache_dir,
+                max_batch=config.max_batch,
+                precision=config.precision,
+                calibration=calibration,
+                calibration_key=calibration_key,
+            )
         embedder = Embedder(spec, backend, max_batch=config.max_batch, flip_average=config.flip_average)
         log.info("face engine ready: model %s on %s", model_id, backend.name)
-        return cls(config, detector, embedder, model_id, predictor)
+        return cls(config, detector, embedder, model_id, predictor, fallback)
 
     @property
     def embedding_dim(self) -> int:

@@ -1,11 +1,17 @@
-"""Static int8 quantisation of an embedder for ONNX Runtime: QDQ format, per-channel weights.
+"""Static int8 quantisation of an embedder for ONNX Runtime: QDQ format, per-channel 7-bit weights.
 
 ONNX Runtime's quantisation tools first fold the model (dlib's affine layers into the
 convolutions before them), then record every activation's range on calibration chips
-(engines.int8_chips) and write QuantizeLinear/DequantizeLinear pairs around each convolution and
-matrix product: unsigned 8-bit activations, signed 8-bit weights with one scale per output
-channel (min-max ranges). On x86 CPUs with AVX-512 VNNI or AMX, ONNX Runtime runs these as
-integer convolutions. How much accuracy this costs is measured, not assumed:
+(engines.int8_chips) and write QuantizeLinear/DequantizeLinear pairs around each convolution:
+unsigned 8-bit activations, signed weights with one scale per output channel (min-max ranges).
+
+The weights use 7 bits (-64..64, ONNX Runtime's reduce_range) so that the integer arithmetic is
+exact on every x86 CPU. ONNX Runtime's kernels (MLAS) pick their uint8 x int8 instructions by CPU:
+with AVX-512 VNNI, AVX-VNNI or AMX every product is summed in int32, but AVX2 and AVX-512 without
+VNNI first add pairs of products in int16 with saturation (vpmaddubsw). With full 8-bit weights
+such a pair reaches 2 * 255 * 127 = 64,770, past int16's 32,767, and the same model gave other,
+worse embeddings there; with |weight| <= 64 a pair stays within 2 * 255 * 64 = 32,640, so every
+kernel computes the same integers. How much accuracy this costs is measured, not assumed:
 `bench/int8_accuracy.py` and docs/engine.md.
 """
 
@@ -18,17 +24,26 @@ from pathlib import Path
 
 import numpy as np
 
+from engines.backends import Backend
 from engines.errors import ModelError
 
 log = logging.getLogger(__name__)
 
 # Bump when the quantised model made from the same model and chips changes, so caches redo it.
-INT8_QUANTISER = 2
+INT8_QUANTISER = 3
+# The largest |weight| the quantiser writes: a pair of uint8 x weight products must fit int16.
+MAX_WEIGHT = 64
 # Operator types kept in float32: the final projection to the embedding (dlib's 256 -> 128 fully
 # connected layer) costs under 0.1% of the multiply-adds, and in int8 it carried a fifth of the
 # embedding error measured on lag-dev (docs/engine.md).
 KEEP_FLOAT_OPS: tuple[str, ...] = ("MatMul", "Gemm")
 _CALIBRATION_BATCH = 16
+# The engine's self-check at load: the int8 model must agree with the float32 one on the check
+# chips (a few calibration chips kept beside the int8 model) to this cosine of their raw outputs.
+# Measured on dlib's ResNet (docs/engine.md): lowest 0.9989 for a good model, on an AVX2 CPU
+# 0.878 for the earlier 8-bit-weight model.
+SELF_CHECK_MIN_COSINE = 0.99
+CHECK_CHIPS = 8
 
 
 class _Reader:
@@ -44,10 +59,25 @@ class _Reader:
         return next(self._batches, None)
 
 
+def check_inputs(inputs: np.ndarray, count: int = CHECK_CHIPS) -> np.ndarray:
+    """`count` model inputs spread evenly over the calibration inputs, for the self-check."""
+    inputs = np.asarray(inputs, dtype=np.float32)
+    return inputs[np.unique(np.linspace(0, len(inputs) - 1, count).round().astype(int))]
+
+
+def lowest_cosine(int8: Backend, float32: Backend, inputs: np.ndarray) -> float:
+    """The lowest cosine between the int8 and float32 models' raw outputs over `inputs`."""
+    feed = {float32.inputs[0].name: np.ascontiguousarray(inputs, dtype=np.float32)}
+    a = np.asarray(int8.run(feed)[int8.outputs[0].name], np.float64).reshape(len(inputs), -1)
+    b = np.asarray(float32.run(feed)[float32.outputs[0].name], np.float64).reshape(len(inputs), -1)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return float(np.min(np.sum(a * b, axis=1) / np.maximum(norms, 1e-30)))
+
+
 def quantize_embedder(
     float_onnx: Path, out: Path, inputs: np.ndarray, keep_float_ops: Sequence[str] = KEEP_FLOAT_OPS
 ) -> list[str]:
-    """Write an int8 (QDQ, per-channel) copy of the embedder `float_onnx` to `out`.
+    """Write an int8 (QDQ, per-channel, 7-bit weights) copy of the embedder `float_onnx` to `out`.
 
     inputs: preprocessed model inputs (N, ...) float32, N >= 1, to record activation ranges on
     (Embedder.preprocess of calibration chips). keep_float_ops: operator types to leave in
@@ -92,6 +122,7 @@ def quantize_embedder(
             per_channel=True,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
+            reduce_range=True,
             calibrate_method=CalibrationMethod.MinMax,
             nodes_to_exclude=keep,
         )
