@@ -55,7 +55,7 @@ def build(cache_dir: Path | None, rebuild: bool, backend: str, precision: str) -
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
     click.echo(f"detector: {', '.join(str(p) for p in models.detector.values())}")
-    click.echo(f"embedder: {models.embedder} ({engine.model_id}, {engine.embedder.backend.name}, {precision})")
+    click.echo(f"embedder: {models.embedder} ({engine.model_id}, {engine.embedder.backend.name}, {engine.precision})")
     click.echo(f"landmarks: {models.landmarks}")
 
 
