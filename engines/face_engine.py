@@ -191,6 +191,7 @@ class FaceEngine:
         embedder: Embedder,
         model_id: str,
         shape_predictor: ShapePredictor | None,
+        precision: str | None = None,
         precision_fallback: str | None = None,
     ) -> None:
         self.config = config
@@ -198,10 +199,11 @@ class FaceEngine:
         self.embedder = embedder
         self.model_id = model_id
         self.shape_predictor = shape_predictor
+        # The embedder's precision in use: "fp32" where ONNX Runtime runs a float model (fp16 is
+        # TensorRT's) and after an int8 fallback; config.precision otherwise.
+        self.precision = precision or config.precision
         # Why the embedder runs float32 although int8 was asked for (the self-check failed), else None.
         self.precision_fallback = precision_fallback
-        # The precision in use: config.precision, but "fp32" after an int8 fallback.
-        self.precision = "fp32" if precision_fallback else config.precision
 
     @classmethod
     def load(cls, config: EngineConfig | None = None) -> FaceEngine:
@@ -233,13 +235,20 @@ class FaceEngine:
         calibration_key = ""
         backend: Backend | None = None
         fallback = None
+        on_onnxruntime = config.backend == "onnxruntime" or (
+            config.backend == "auto" and tensorrt_available() is not None
+        )
+        precision = config.precision
         if config.precision == "int8":
             # int8 embeddings stay comparable with float32 ones (docs/engine.md), so the model id
             # does not change and watchlists enrolled in float32 still match.
             calibration, calibration_key, source = _int8_calibration(config, detector, spec, predictor)
-            if config.backend == "onnxruntime" or (config.backend == "auto" and tensorrt_available() is not None):
+            if on_onnxruntime:
                 int8_path = int8_embedder(cache_dir, onnx_path, model_key, calibration_key, calibration, source)
                 backend, fallback = _self_checked_int8(int8_path, onnx_path, config.threads)
+                precision = "fp32" if fallback else "int8"
+        elif on_onnxruntime:
+            precision = "fp32"
         if backend is None:
             backend = create_backend(
                 onnx_path,
@@ -253,7 +262,7 @@ class FaceEngine:
             )
         embedder = Embedder(spec, backend, max_batch=config.max_batch, flip_average=config.flip_average)
         log.info("face engine ready: model %s on %s", model_id, backend.name)
-        return cls(config, detector, embedder, model_id, predictor, fallback)
+        return cls(config, detector, embedder, model_id, predictor, precision, fallback)
 
     @property
     def embedding_dim(self) -> int:
