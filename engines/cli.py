@@ -314,3 +314,55 @@ def calibrate(folder: Path, out: Path, config: Path | None, tight_crops: bool, n
         thr, _ = tail.threshold_at(1e-3)
         click.echo(f"{name}: {tail.pairs} stranger pairs, median {tail.median:.4f}, FAR 1e-3 at {thr:.4f}")
     click.echo(f"wrote {out}")
+
+
+@main.command()
+@click.option("--config", type=click.Path(path_type=Path, exists=True, dir_okay=False), help="unit config ([engine])")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None)
+@click.option(
+    "--record",
+    is_flag=True,
+    help="write this engine's outputs as the right answers of its models (float32 on ONNX Runtime's CPU only)",
+)
+@click.option(
+    "--answers",
+    "answers_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="folder of the answers (default: the ones shipped in engines/answers/)",
+)
+def selftest(config: Path | None, cache_dir: Path | None, record: bool, answers_dir: Path | None) -> None:
+    """Run the face models on the known-answer check inputs and compare with their stored answers
+    (what `edge run` does at start); exit status 1 on a wrong answer, naming it and the CPU features.
+
+    --record writes the answers instead (after a model or converter change; then check them on an
+    AVX2-only CPU too, e.g. under `qemu-x86_64 -cpu Haswell`).
+
+    Example: engines selftest --config /etc/checkpoint/unit.toml
+    """
+    from engines.face_engine import FaceEngine
+    from engines.known_answers import ANSWERS_DIR, SelfTestError, check_engine, record_answers
+
+    folder = answers_dir or ANSWERS_DIR
+    try:
+        engine = FaceEngine.load(_engine_config(config, cache_dir))
+        if record:
+            for path in record_answers(engine, folder):
+                click.echo(f"wrote {path}")
+            return
+        report = check_engine(engine, folder)
+    except SelfTestError as exc:
+        click.echo(f"FAILED: {exc}", err=True)
+        sys.exit(1)
+    except EngineError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    for net in report.checks:
+        figure = "1 - cosine" if net == "embedder" else "largest difference"
+        click.echo(f"{net}: OK ({figure} {report.worst[net]:.2e})")
+    for line in report.skipped:
+        click.echo(f"not checked: {line}")
+    click.echo(
+        f"known answers: {len(report.checks)} checks passed at {report.precision} in {report.duration_s:.2f} s; "
+        f"CPU features: {', '.join(report.cpu_features) or 'none read'}"
+    )

@@ -1,0 +1,381 @@
+"""The face engine's known-answer test: its networks run on fixed check inputs and must give the
+answers stored for their models.
+
+Why: ONNX Runtime picks its kernels by CPU (engines/cpu.py), and an integer kernel that is right on
+one CPU can be wrong on another (MLAS's AVX2 uint8 x int8 kernels saturate pair sums in int16). A
+unit or an HQ workstation that computes wrong embeddings matches nobody, or the wrong person, and
+says nothing. So before it trusts its models it runs them on inputs whose right outputs were
+recorded (`engines selftest --record`) and stored in `engines/answers/<model>.json`, one file per
+converted model (the MTCNN networks; the default embedder), shipped with the package.
+
+The check inputs are made here, bit for bit the same on every machine: smooth face-like patterns
+from numpy's PCG64 generator drawn with integer arithmetic only (no floating-point maths that could
+round differently from one CPU or libm to another), plus worst-case pictures (large areas at 0 and
+255, hard edges) where saturating kernels go wrong first. No media file and no optional package
+(scikit-image) is needed.
+
+Tolerances (`TOLERANCES`) let float kernels differ in summation order (AVX2 against AVX-512 FMA,
+ARM NEON), int8 and fp16 models differ from the float32 answers as much as their quantisation
+does, and fail a kernel that saturates.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engines.cpu import cpu_features
+from engines.errors import EngineError
+
+log = logging.getLogger(__name__)
+
+ANSWERS_DIR = Path(__file__).with_name("answers")
+# Bump when check_inputs() makes other inputs: stored answers of an older recipe are then refused.
+RECIPE = 1
+SEED = 20261206
+_PIXEL_MEAN = 127.5  # MTCNN's input normalisation (engines/detector.py)
+_PIXEL_SCALE = 0.0078125
+_PNET_SIDE = 40  # one P-Net map of 15 x 15 cells: every P-Net layer, few stored numbers
+_CROPS = 4  # R-Net and O-Net crops, and embedder chips, per check
+
+
+class SelfTestError(EngineError):
+    """A known-answer check gave a wrong answer: this machine computes the models wrongly and must not
+    be trusted with faces. The message names the check, expected and measured values, the tolerance
+    and the CPU features seen."""
+
+
+class NoAnswers(EngineError):
+    """No stored answers for a model (a custom embedder, or a converter version without a recording)."""
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How far a network's outputs may stray from the stored float32 answers.
+
+    `abs`: largest absolute difference of the detector's probabilities, box offsets and landmarks
+    (all within about [-1, 1]); `cos`: least cosine between the stored and the measured raw embedder
+    output; `norm`: largest relative difference of its length.
+    """
+
+    abs: float
+    cos: float
+    norm: float
+
+
+# float32: the outputs of AVX-512 VNNI and of emulated AVX2 (`qemu-x86_64 -cpu Haswell`) differ by at
+# most 1e-6 (`engines selftest` prints the worst figure); the limits leave room for ARM and other
+# summation orders. int8: the 7-bit int8 embedder is 8.4e-4 from float32 (1 - cosine) on both CPUs;
+# the old 8-bit one, wrong under AVX2, came to 0.977 and 0.94x the length on the harsh chip: the
+# limits sit between (that of the engine's own int8 self-check, engines.int8.SELF_CHECK_MIN_COSINE,
+# for the cosine). fp16 (TensorRT, GPUs): not measured here; fp16's 3 decimal digits, with margin.
+TOLERANCES: dict[str, Tolerance] = {
+    "float32": Tolerance(abs=1e-3, cos=0.9999, norm=1e-3),
+    "fp16": Tolerance(abs=2e-2, cos=0.995, norm=2e-2),
+    "int8": Tolerance(abs=1e-3, cos=0.99, norm=0.03),
+}
+
+
+@dataclass(frozen=True)
+class SelfTestReport:
+    """What a passed known-answer test checked, for the log line and the unit's status."""
+
+    checks: tuple[str, ...]  # e.g. ("pnet", "rnet", "onet", "embedder")
+    skipped: tuple[str, ...]  # what had no stored answers, with why
+    precision: str  # the TOLERANCES key the engine was judged by
+    worst: dict[str, float]  # per check, its worst figure (abs difference, or 1 - cosine)
+    cpu_features: tuple[str, ...]
+    duration_s: float
+
+
+# ---- check inputs --------------------------------------------------------------------------------
+
+
+def _upsample(coarse: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Integer bilinear upsampling of (n, gh, gw, c) int64 to (n, h, w, c): exact on every machine."""
+    n, gh, gw, c = coarse.shape
+    # Source position of each output pixel in 1/256ths of a coarse cell.
+    ys = np.arange(h, dtype=np.int64) * (gh - 1) * 256 // max(1, h - 1)
+    xs = np.arange(w, dtype=np.int64) * (gw - 1) * 256 // max(1, w - 1)
+    y0, fy = np.minimum(ys // 256, gh - 2), ys - np.minimum(ys // 256, gh - 2) * 256
+    x0, fx = np.minimum(xs // 256, gw - 2), xs - np.minimum(xs // 256, gw - 2) * 256
+    top = (
+        coarse[:, y0][:, :, x0] * (256 - fx)[None, None, :, None]
+        + coarse[:, y0][:, :, x0 + 1] * fx[None, None, :, None]
+    )
+    bottom = (
+        coarse[:, y0 + 1][:, :, x0] * (256 - fx)[None, None, :, None]
+        + coarse[:, y0 + 1][:, :, x0 + 1] * fx[None, None, :, None]
+    )
+    return (top * (256 - fy)[None, :, None, None] + bottom * fy[None, :, None, None] + 32768) >> 16
+
+
+def _inside_ellipse(h: int, w: int, cy: int, cx: int, ry: int, rx: int) -> np.ndarray:
+    """(h, w) mask of the ellipse with centre and radii in pixels (integers)."""
+    y = np.arange(h, dtype=np.int64)[:, None] - cy
+    x = np.arange(w, dtype=np.int64)[None, :] - cx
+    return (y * rx) ** 2 + (x * ry) ** 2 <= (rx * ry) ** 2
+
+
+def face_patterns(rng: np.random.Generator, n: int, h: int, w: int) -> np.ndarray:
+    """(n, h, w, 3) uint8: smooth backgrounds with a face-like layout (a lit oval, darker eyes and
+    mouth) at realistic values, the first ones plain, the last one harsh (clipped to 0 and 255,
+    hard-edged blocks): the worst case for a kernel that saturates."""
+    base = _upsample(rng.integers(40, 216, size=(n, 5, 5, 3)), h, w)
+    skin = rng.integers(120, 200, size=(n, 1, 1, 3))
+    face = _inside_ellipse(h, w, h * 55 // 100, w // 2, h * 42 // 100, w * 33 // 100)
+    eyes = _inside_ellipse(h, w, h * 42 // 100, w * 35 // 100, h // 16, w // 10) | _inside_ellipse(
+        h, w, h * 42 // 100, w * 65 // 100, h // 16, w // 10
+    )
+    mouth = _inside_ellipse(h, w, h * 75 // 100, w // 2, h // 20, w * 15 // 100)
+    img = np.where(face[None, :, :, None], (base + 3 * skin) // 4, base)
+    img = np.where((eyes | mouth)[None, :, :, None], img // 3, img)
+    img = img + rng.integers(-8, 9, size=img.shape)
+    harsh = (img[-1] - 128) * 4 + 128
+    blocks = rng.integers(0, 2, size=(8, 8, 3)) * 255
+    ys, xs = np.arange(h) * 8 // h, np.arange(w) * 8 // w
+    img[-1] = np.where(face[:, :, None], harsh, blocks[ys][:, xs])
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def check_inputs(embedder_size: tuple[int, int]) -> dict[str, np.ndarray]:
+    """The check inputs by network: uint8 RGB pictures (N, H, W, 3) -- pnet (1, 40, 40), rnet (4, 24, 24),
+    onet (4, 48, 48), embedder (4, height, width) for the embedder's chip size (height, width)."""
+    rng = np.random.Generator(np.random.PCG64(SEED))
+    return {
+        "pnet": face_patterns(rng, 1, _PNET_SIDE, _PNET_SIDE),
+        "rnet": face_patterns(rng, _CROPS, 24, 24),
+        "onet": face_patterns(rng, _CROPS, 48, 48),
+        "embedder": face_patterns(rng, _CROPS, *embedder_size),
+    }
+
+
+def _mtcnn_input(pictures: np.ndarray) -> np.ndarray:
+    """uint8 NHWC -> the networks' float32 NCHW input, as MtcnnDetector feeds them."""
+    out = np.ascontiguousarray(pictures.transpose(0, 3, 1, 2), dtype=np.float32)
+    return (out - np.float32(_PIXEL_MEAN)) * np.float32(_PIXEL_SCALE)
+
+
+# ---- running the engine's networks ---------------------------------------------------------------
+
+
+def _sessions(engine: Any) -> dict[str, Any]:
+    """The engine's MTCNN sessions (anything with onnxruntime's run(None, feeds)), by network."""
+    det = engine.detector
+    return {"pnet": det._pnet, "rnet": det._rnet, "onet": det._onet_session}
+
+
+def network_outputs(engine: Any, inputs: dict[str, np.ndarray] | None = None) -> dict[str, list[np.ndarray]]:
+    """Every check network's outputs on the check inputs, as float32 arrays: the MTCNN stages' (in
+    their session order: box offsets, [landmarks,] probabilities) and the embedder's raw output."""
+    spec = engine.embedder.spec
+    inputs = inputs if inputs is not None else check_inputs((spec.input_height, spec.input_width))
+    out = {
+        net: [np.asarray(a, dtype=np.float32) for a in session.run(None, {"input": _mtcnn_input(inputs[net])})]
+        for net, session in _sessions(engine).items()
+    }
+    out["embedder"] = [np.asarray(engine.embedder.raw(inputs["embedder"]), dtype=np.float32)]
+    return out
+
+
+# ---- stored answers ------------------------------------------------------------------------------
+
+
+def answers_key(model: str) -> str:
+    """The file stem of a model's answers: its id or cache folder name with only [A-Za-z0-9._-]."""
+    return "".join(c if c.isalnum() or c in "._-" else "-" for c in model)
+
+
+def detector_model(engine: Any) -> str:
+    """The converted MTCNN's cache folder name (weights digest and converter version): its answers' key."""
+    from engines.cache import ensure_default_models
+
+    return ensure_default_models(engine.config.cache_dir).detector["pnet"].parent.name
+
+
+def _precision(session_or_backend: Any, engine: Any, embedder: bool) -> str:
+    """The TOLERANCES key for a network: float32 on ONNX Runtime's CPU provider, int8 for an int8
+    embedder, fp16 on a GPU (TensorRT, or ONNX Runtime's CUDA provider, may use TF32 or fp16)."""
+    if embedder and getattr(engine, "precision", "") == "int8":
+        return "int8"
+    providers = getattr(session_or_backend, "get_providers", None)
+    name = providers()[0] if providers else str(getattr(session_or_backend, "name", ""))
+    return "float32" if "CPUExecutionProvider" in name else "fp16"
+
+
+def _encode(a: np.ndarray) -> dict[str, Any]:
+    return {"shape": list(a.shape), "values": [float(f"{v:.7g}") for v in a.astype(np.float64).ravel()]}
+
+
+def _decode(d: dict[str, Any]) -> np.ndarray:
+    return np.asarray(d["values"], dtype=np.float64).reshape(d["shape"])
+
+
+def record_answers(engine: Any, folder: Path = ANSWERS_DIR) -> list[Path]:
+    """Write the engine's outputs on the check inputs as the right answers of its models (one JSON
+    file for the MTCNN networks, one for the embedder), and return the files written.
+
+    Record only from float32 models on ONNX Runtime's CPU provider (NoAnswers otherwise): the
+    tolerances are measured from float32 answers.
+    """
+    det_session = _sessions(engine)["pnet"]
+    if (
+        _precision(det_session, engine, False) != "float32"
+        or _precision(engine.embedder.backend, engine, True) != "float32"
+    ):
+        raise NoAnswers(
+            f"answers are recorded from float32 models on ONNX Runtime's CPU provider; this engine runs "
+            f"{engine.embedder.backend.name} at precision {getattr(engine, 'precision', '?')}: "
+            'record with [engine] backend = "onnxruntime", precision = "fp32"'
+        )
+    import onnxruntime
+
+    outputs = network_outputs(engine)
+    recorded = {
+        "by": "engines selftest --record",
+        "onnxruntime": onnxruntime.__version__,
+        "machine": platform.machine(),
+        "cpu_features": cpu_features(),
+        "at": time.strftime("%Y-%m-%d", time.gmtime()),
+    }
+    files = {
+        detector_model(engine): {net: [_encode(a) for a in outputs[net]] for net in ("pnet", "rnet", "onet")},
+        engine.model_id: {"embedder": [_encode(a) for a in outputs["embedder"]]},
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for model, nets in files.items():
+        path = folder / f"{answers_key(model)}.json"
+        body = {"model": model, "recipe": RECIPE, "seed": SEED, "recorded": recorded, "outputs": nets}
+        path.write_text(json.dumps(body, separators=(",", ":")) + "\n")
+        written.append(path)
+    return written
+
+
+def load_answers(model: str, folder: Path = ANSWERS_DIR) -> dict[str, list[np.ndarray]]:
+    """The stored outputs of `model` by network; NoAnswers when there are none for it (or for this
+    version of the check inputs)."""
+    path = folder / f"{answers_key(model)}.json"
+    try:
+        body = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise NoAnswers(f"no stored answers for model {model} ({path} is missing)") from None
+    except (OSError, ValueError) as exc:
+        raise NoAnswers(f"{path}: cannot read the stored answers: {exc}") from None
+    if body.get("recipe") != RECIPE or body.get("model") != model:
+        raise NoAnswers(
+            f"{path} holds answers for model {body.get('model')!r}, check inputs version {body.get('recipe')}; "
+            f"this engine needs {model!r}, version {RECIPE}: record them again with `engines selftest --record`"
+        )
+    return {net: [_decode(a) for a in arrays] for net, arrays in body["outputs"].items()}
+
+
+# ---- the check -----------------------------------------------------------------------------------
+
+
+def _features_text(features: Sequence[str]) -> str:
+    return ", ".join(features) or "none read"
+
+
+def _compare_detector(got: list[np.ndarray], want: list[np.ndarray], tol: Tolerance) -> tuple[float, str]:
+    """(worst absolute difference, what was wrong or "") of one MTCNN network's outputs."""
+    if [a.shape for a in got] != [a.shape for a in want]:
+        return float("inf"), f"output shapes {[a.shape for a in got]}, stored {[a.shape for a in want]}"
+    worst, where = 0.0, ""
+    for k, (g, w) in enumerate(zip(got, want)):
+        diff = np.abs(g.astype(np.float64) - w)
+        if not np.all(np.isfinite(diff)):
+            return float("inf"), f"output {k} holds NaN or infinite values"
+        i = int(np.argmax(diff))
+        if diff.flat[i] > worst:
+            worst = float(diff.flat[i])
+            where = f"output {k} at {np.unravel_index(i, w.shape)}: expected {w.flat[i]:.6f}, got {g.flat[i]:.6f}"
+    if worst > tol.abs:
+        return worst, f"{where}, off by {worst:.2e} (tolerance {tol.abs:g})"
+    return worst, ""
+
+
+def _compare_embedder(got: np.ndarray, want: np.ndarray, tol: Tolerance) -> tuple[float, str]:
+    """(worst 1 - cosine, what was wrong or "") of the embedder's raw outputs, chip by chip."""
+    if got.shape != want.shape:
+        return float("inf"), f"output shape {got.shape}, stored {want.shape}"
+    g = got.astype(np.float64)
+    if not np.all(np.isfinite(g)):
+        return float("inf"), "the output holds NaN or infinite values"
+    gn, wn = np.linalg.norm(g, axis=1), np.linalg.norm(want, axis=1)
+    cos = (g * want).sum(axis=1) / np.maximum(gn * wn, 1e-30)
+    ratio = gn / np.maximum(wn, 1e-30)
+    worst = float(1.0 - cos.min())
+    for i in range(len(g)):
+        if cos[i] < tol.cos or abs(ratio[i] - 1.0) > tol.norm:
+            return worst, (
+                f"chip {i}: cosine to the stored output {cos[i]:.6f} (tolerance >= {tol.cos:g}), "
+                f"length {ratio[i]:.4f} of the stored one (tolerance 1 +- {tol.norm:g})"
+            )
+    return worst, ""
+
+
+def check_engine(engine: Any, folder: Path = ANSWERS_DIR) -> SelfTestReport:
+    """Run the engine's networks on the check inputs and compare with the stored answers.
+
+    Raises SelfTestError at the first network whose outputs are outside the tolerance of its
+    precision. A model without stored answers (a custom embedder) is skipped, logged at INFO and
+    named in the report's `skipped`; the others are still checked.
+    """
+    started = time.perf_counter()
+    features = tuple(cpu_features())
+    spec = engine.embedder.spec
+    inputs = check_inputs((spec.input_height, spec.input_width))
+    checks, skipped, worst = [], [], {}
+    precisions = set()
+    models = {"detector": detector_model(engine), "embedder": engine.model_id}
+    stored: dict[str, list[np.ndarray]] = {}
+    for part, model in models.items():
+        try:
+            stored.update(load_answers(model, folder))
+        except NoAnswers as exc:
+            log.info("the %s has no known answers; it is not checked: %s", part, exc)
+            skipped.append(f"{part} {model}: {exc}")
+    sessions = _sessions(engine)
+    for net in ("pnet", "rnet", "onet", "embedder"):
+        if net not in stored:
+            continue
+        if net == "embedder":
+            precision = _precision(engine.embedder.backend, engine, True)
+            tol = TOLERANCES[precision]
+            got = np.asarray(engine.embedder.raw(inputs["embedder"]), dtype=np.float32)
+            worst[net], problem = _compare_embedder(got, stored[net][0], tol)
+            model = engine.model_id
+        else:
+            precision = _precision(sessions[net], engine, False)
+            tol = TOLERANCES[precision]
+            outs = [
+                np.asarray(a, dtype=np.float32) for a in sessions[net].run(None, {"input": _mtcnn_input(inputs[net])})
+            ]
+            worst[net], problem = _compare_detector(outs, stored[net], tol)
+            model = models["detector"]
+        if problem:
+            raise SelfTestError(
+                f"known-answer test failed: {net} ({model}, {precision}) gave a wrong answer on the check inputs: "
+                f"{problem}. CPU features seen: {_features_text(features)}. This machine computes the model "
+                "differently from where its answers were recorded; do not use it for faces until that is "
+                "resolved (docs/edge.md, 'Self-test at start')"
+            )
+        checks.append(net)
+        precisions.add(precision)
+    return SelfTestReport(
+        checks=tuple(checks),
+        skipped=tuple(skipped),
+        precision="+".join(sorted(precisions)) or "-",
+        worst=worst,
+        cpu_features=features,
+        duration_s=time.perf_counter() - started,
+    )
