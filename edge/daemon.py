@@ -43,6 +43,11 @@ _WATCHLIST_TICK_S = 30.0
 _REWARN_S = 600.0
 
 
+# `edge run`'s exit status when the known-answer self-test failed: a CPU that computes wrong answers
+# will not compute right ones after a restart (systemd's RestartPreventExitStatus names it).
+SELFTEST_FAILED = 3
+
+
 class DaemonError(RuntimeError):
     """The unit could not start (models, watchlist, sinks or cameras); the message says what to fix."""
 
@@ -72,6 +77,9 @@ class Daemon:
         self.reporter: Any = None
         # Why the unit stopped on its own (a failure systemd should restart it for); None otherwise.
         self.failure: str | None = None
+        # The known-answer self-test's result (edge.probe.unit_selftest) once it passed; None when the
+        # engine was passed in (tests, benchmarks, the demo), which the daemon does not test.
+        self.selftest: dict[str, Any] | None = None
         self.started_at: float | None = None
         self._stop = threading.Event()
         self._stopped = False
@@ -90,6 +98,8 @@ class Daemon:
             if self.engine is None:
                 self.notifier.status("starting: loading face models")
                 self.engine = _load_engine(cfg)
+                self.notifier.status("starting: known-answer self-test")
+                self.selftest = _selftest(self.engine)
             if self._matcher is None:
                 self.notifier.status("starting: loading the watchlist")
                 self._matcher = self._open_watchlist()
@@ -363,6 +373,7 @@ class Daemon:
             "watchlist": watchlist,
             "hits": self.pipeline.hits_total if self.pipeline is not None else 0,
             "sinks": {s.name: s.stats() for s in self.sinks if s.name != "mqtt"},
+            **({"selftest": self.selftest} if self.selftest is not None else {}),
         }
 
     def status_line(self) -> str:
@@ -402,6 +413,21 @@ class Daemon:
                 f", last error: {cam['last_error']}" if cam["last_error"] and not cam["up"] else "",
                 extra={"figures": cam},
             )
+
+
+class SelfTestFailed(DaemonError):
+    """The known-answer self-test gave a wrong answer: the unit must not run on this machine as it is."""
+
+
+def _selftest(engine: Any) -> dict[str, Any]:
+    from edge.probe import unit_selftest
+    from engines.errors import EngineError
+    from matching.selftest import MatcherSelfTestError
+
+    try:
+        return unit_selftest(engine)
+    except (EngineError, MatcherSelfTestError) as exc:
+        raise SelfTestFailed(f"the unit refuses to start: {exc}") from exc
 
 
 def _load_engine(cfg: UnitConfig) -> Any:
@@ -480,6 +506,9 @@ def run_daemon(config: UnitConfig, config_path: str | Path | None = None) -> int
     try:
         try:
             daemon.start()
+        except SelfTestFailed as exc:
+            log.critical("%s", exc)
+            return SELFTEST_FAILED
         except DaemonError as exc:
             log.error("%s", exc)
             return 1

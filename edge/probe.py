@@ -1,10 +1,12 @@
 """`edge check-config --probe`: try what a config points at before the unit runs on it. Each
 camera is opened and one frame read (its size says what arrives); the broker is connected to
 with the unit's credentials and TLS, under a client id of its own so that a running unit's
-session is left alone."""
+session is left alone. The known-answer self-test of the face models and the matcher
+(`unit_selftest`) runs here too, and at every start of `edge run`."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import uuid
 from dataclasses import dataclass
@@ -12,6 +14,8 @@ from typing import Any
 
 from edge.camera.config import CaptureConfig
 from edge.camera.urls import redact_url
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -113,3 +117,58 @@ def probe_all(cfg: Any) -> list[ProbeResult]:
     if cfg.mqtt is not None:
         results.append(probe_broker(cfg.mqtt, cfg.unit.site, cfg.unit.id))
     return results
+
+
+def unit_selftest(engine: Any, threads: int | None = None) -> dict[str, Any]:
+    """The known-answer self-test of the unit's engine and matcher (engines.known_answers,
+    matching.selftest): its result for the unit's status and heartbeat (passed, what was checked,
+    CPU features, duration, the engine's precision fallback). Raises engines' SelfTestError, or
+    matching's MatcherSelfTestError, naming the wrong answer and the CPU features."""
+    from engines.known_answers import check_engine
+    from matching.selftest import check_matcher
+
+    report = check_engine(engine)
+    matcher = check_matcher(int(engine.embedding_dim), threads, report.cpu_features)
+    fallback = getattr(engine, "precision_fallback", None)
+    duration = report.duration_s + matcher.duration_s
+    log.info(
+        "known-answer self-test passed in %.2f s: %s at %s, matcher top-k on %d worst-case templates%s; CPU features: %s",
+        duration,
+        ", ".join(report.checks) or "no engine network (no stored answers)",
+        report.precision,
+        matcher.templates,
+        f"; embedder precision fell back: {fallback}" if fallback else "",
+        ", ".join(report.cpu_features) or "none read",
+    )
+    return {
+        "passed": True,
+        "checks": [*report.checks, "matcher"],
+        "unchecked": [line.split()[0] for line in report.skipped],
+        "cpu_features": list(report.cpu_features),
+        "duration_s": round(duration, 3),
+        "precision_fallback": fallback,
+    }
+
+
+def selftest_result(cfg: Any) -> ProbeResult:
+    """Load the config's face models and run `unit_selftest` on them, as a probe result."""
+    from engines.errors import EngineError
+    from engines.face_engine import FaceEngine
+    from matching.selftest import MatcherSelfTestError
+
+    try:
+        engine = FaceEngine.load(cfg.engine)
+    except EngineError as exc:
+        return ProbeResult("self-test", False, f"the face models could not be loaded: {exc}")
+    try:
+        st = unit_selftest(engine)
+    except (EngineError, MatcherSelfTestError) as exc:
+        return ProbeResult("self-test", False, str(exc))
+    unchecked = f"; no stored answers for: {', '.join(st['unchecked'])}" if st["unchecked"] else ""
+    fallback = f"; embedder precision fell back: {st['precision_fallback']}" if st["precision_fallback"] else ""
+    return ProbeResult(
+        "self-test",
+        True,
+        f"right answers from {', '.join(st['checks'])} in {st['duration_s']:.2f} s{unchecked}{fallback}; "
+        f"CPU features: {', '.join(st['cpu_features']) or 'none read'}",
+    )

@@ -21,6 +21,7 @@ does, and fail a kernel that saturates.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import platform
@@ -211,6 +212,15 @@ def _precision(session_or_backend: Any, engine: Any, embedder: bool) -> str:
     return "float32" if "CPUExecutionProvider" in name else "fp16"
 
 
+def _digest(inputs: dict[str, np.ndarray], nets: Sequence[str]) -> str:
+    """SHA-256 of the check inputs of `nets`: stored with the answers, so inputs made differently
+    elsewhere (another numpy's generator) are told apart from a wrong kernel."""
+    h = hashlib.sha256()
+    for net in nets:
+        h.update(np.ascontiguousarray(inputs[net]).tobytes())
+    return h.hexdigest()
+
+
 def _encode(a: np.ndarray) -> dict[str, Any]:
     return {"shape": list(a.shape), "values": [float(f"{v:.7g}") for v in a.astype(np.float64).ravel()]}
 
@@ -238,7 +248,9 @@ def record_answers(engine: Any, folder: Path = ANSWERS_DIR) -> list[Path]:
         )
     import onnxruntime
 
-    outputs = network_outputs(engine)
+    spec = engine.embedder.spec
+    inputs = check_inputs((spec.input_height, spec.input_width))
+    outputs = network_outputs(engine, inputs)
     recorded = {
         "by": "engines selftest --record",
         "onnxruntime": onnxruntime.__version__,
@@ -254,15 +266,22 @@ def record_answers(engine: Any, folder: Path = ANSWERS_DIR) -> list[Path]:
     written = []
     for model, nets in files.items():
         path = folder / f"{answers_key(model)}.json"
-        body = {"model": model, "recipe": RECIPE, "seed": SEED, "recorded": recorded, "outputs": nets}
+        body = {
+            "model": model,
+            "recipe": RECIPE,
+            "seed": SEED,
+            "inputs_sha256": _digest(inputs, list(nets)),
+            "recorded": recorded,
+            "outputs": nets,
+        }
         path.write_text(json.dumps(body, separators=(",", ":")) + "\n")
         written.append(path)
     return written
 
 
-def load_answers(model: str, folder: Path = ANSWERS_DIR) -> dict[str, list[np.ndarray]]:
-    """The stored outputs of `model` by network; NoAnswers when there are none for it (or for this
-    version of the check inputs)."""
+def load_answers(model: str, folder: Path = ANSWERS_DIR) -> tuple[dict[str, list[np.ndarray]], str]:
+    """The stored outputs of `model` by network, and the SHA-256 of the inputs they answer; NoAnswers
+    when there are none for it (or for this version of the check inputs)."""
     path = folder / f"{answers_key(model)}.json"
     try:
         body = json.loads(path.read_text())
@@ -275,7 +294,7 @@ def load_answers(model: str, folder: Path = ANSWERS_DIR) -> dict[str, list[np.nd
             f"{path} holds answers for model {body.get('model')!r}, check inputs version {body.get('recipe')}; "
             f"this engine needs {model!r}, version {RECIPE}: record them again with `engines selftest --record`"
         )
-    return {net: [_decode(a) for a in arrays] for net, arrays in body["outputs"].items()}
+    return {net: [_decode(a) for a in arrays] for net, arrays in body["outputs"].items()}, body["inputs_sha256"]
 
 
 # ---- the check -----------------------------------------------------------------------------------
@@ -340,10 +359,19 @@ def check_engine(engine: Any, folder: Path = ANSWERS_DIR) -> SelfTestReport:
     stored: dict[str, list[np.ndarray]] = {}
     for part, model in models.items():
         try:
-            stored.update(load_answers(model, folder))
+            answers, digest = load_answers(model, folder)
         except NoAnswers as exc:
             log.info("the %s has no known answers; it is not checked: %s", part, exc)
             skipped.append(f"{part} {model}: {exc}")
+            continue
+        if _digest(inputs, list(answers)) != digest:
+            raise SelfTestError(
+                f"known-answer test failed: the check inputs made here differ from those the answers of {model} "
+                f"were recorded with (numpy {np.__version__}'s PCG64 generator gave other values); the answers "
+                "cannot be compared. Install the numpy version the project was tested with, or record the answers "
+                "again on a trusted machine (`engines selftest --record`)"
+            )
+        stored.update(answers)
     sessions = _sessions(engine)
     for net in ("pnet", "rnet", "onet", "embedder"):
         if net not in stored:

@@ -125,7 +125,7 @@ def check_matcher(dim: int = 129, threads: int | None = None, cpu_features: Sequ
                 f"worst-case templates, {dim} dimensions): {problem}; expected top {K}: "
                 + ", ".join(f"{p} {s:.6f}" for p, s in expected)
                 + "; found: "
-                + ", ".join(f"{p} {s:.6f}" for p, s in result)
+                + (", ".join(f"{p} {s:.6f}" for p, s in result) or "nobody")
                 + f" (score tolerance {SCORE_TOLERANCE:g}). CPU features seen: {', '.join(cpu_features) or 'none read'}. "
                 "This machine's integer kernels give other sums than the matcher relies on; do not match "
                 "faces with it until that is resolved (docs/edge.md, 'Self-test at start')"

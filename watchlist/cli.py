@@ -52,6 +52,29 @@ def _fail(exc: Exception) -> None:
     sys.exit(2)
 
 
+def _selftest(engine=None) -> None:  # noqa: ANN001 - a FaceEngine, whose module stays a lazy import
+    """The known-answer self-test a unit runs at start (docs/edge.md, "Self-test at start"): the
+    engine's models when one is given, and the matcher. A wrong answer stops the command (exit
+    status 2) with the check, the figures and the CPU features: HQ must not enrol or build on a
+    machine that computes them wrongly."""
+    from engines.cpu import cpu_features
+    from engines.errors import EngineError
+    from engines.known_answers import check_engine
+    from matching.selftest import MatcherSelfTestError, check_matcher
+
+    features = cpu_features()
+    try:
+        checks = list(check_engine(engine).checks) if engine is not None else []
+        dim = int(engine.embedding_dim) if engine is not None else 129
+        check_matcher(dim, cpu_features=features)
+    except (EngineError, MatcherSelfTestError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    logging.getLogger(__name__).info(
+        "known-answer self-test passed: %s; CPU features: %s", ", ".join([*checks, "matcher"]), ", ".join(features)
+    )
+
+
 # ---- keys ---------------------------------------------------------------------------------------
 
 
@@ -207,6 +230,7 @@ def enrol(source: Path, register_path: Path, report_path: Path | None, dry_run: 
         from engines.face_engine import FaceEngine
 
         engine = FaceEngine.load()
+        _selftest(engine)
         report = EnrolmentReport(model_id=engine.model_id, rejected=list(refused), dry_run=dry_run)
         register = None if dry_run else Register(register_path)
         run_enrol(register, engine, entries, report=report)
@@ -309,6 +333,7 @@ def build(
     from watchlist.hq.build import choose_threshold, describe_changes, plan_bundle, release
     from watchlist.hq.register import Register
 
+    _selftest()
     try:
         if out.exists() and not force and not dry_run:
             raise WatchlistError(f"{out} exists: give another --out, or --force to overwrite it")

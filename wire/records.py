@@ -179,9 +179,10 @@ def heartbeat_payload(
     at: float | None = None,
     software_version: str | None = None,
 ) -> bytes:
-    """The periodic heartbeat: the unit's own figures (cameras, fps, watchlist version: whatever
-    the status provider gives), the outbox depth and drop counters, the link's state, and the
-    unit's software version (default: this installation's).
+    """The periodic heartbeat: the unit's own figures (cameras, fps, watchlist version, the
+    known-answer self-test it passed at start under `selftest`: whatever the status provider
+    gives), the outbox depth and drop counters, the link's state, and the unit's software version
+    (default: this installation's).
 
     Free text is cut to what a receiver takes (a camera's error message can be long), so that
     one long message never costs the whole heartbeat."""
