@@ -45,6 +45,7 @@ def _child(tmp: Path, fault: str, *command: str) -> subprocess.CompletedProcess[
     )
 
 
+@pytest.mark.kernels
 def test_the_engine_gives_its_stored_answers_here(engine: Any) -> None:
     report = check_engine(engine)
     assert report.checks == ("pnet", "rnet", "onet", "embedder") and report.skipped == ()
@@ -53,6 +54,7 @@ def test_the_engine_gives_its_stored_answers_here(engine: Any) -> None:
     assert report.worst["embedder"] <= 1 - tol.cos
 
 
+@pytest.mark.kernels
 def test_check_inputs_are_the_recorded_ones_and_hold_the_worst_case() -> None:
     spec_size = (150, 150)
     inputs = check_inputs(spec_size)
@@ -96,6 +98,7 @@ def test_an_embedder_without_answers_is_named_and_the_rest_still_checked(
     assert "the embedder has no known answers" in caplog.text
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("dim", [128, 129, 512])
 def test_the_matcher_equals_brute_force_on_the_worst_case_index(dim: int) -> None:
     check = check_matcher(dim)
