@@ -1,7 +1,7 @@
 """The unit's long-running process: cameras, analysis pipeline, watchlist, hit sinks, systemd.
 
     daemon = Daemon(load_config("/etc/checkpoint/unit.toml"))
-    daemon.start()                     # models, watchlist, sinks, cameras, pipeline; then READY=1
+    daemon.start()                     # sinks, models + self-test, watchlist, cameras, pipeline; then READY=1
     daemon.run()                       # until SIGTERM/SIGINT (or daemon.request_stop())
     daemon.stop()                      # finish faces in flight, flush sinks, release cameras
 
@@ -89,7 +89,8 @@ class Daemon:
     # -- life cycle ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Open sinks, load models and watchlist, start cameras and analysis; then tell systemd READY."""
+        """Open sinks, load models (and run their known-answer self-test: SelfTestFailed on a wrong answer),
+        the watchlist, start cameras and analysis; then tell systemd READY."""
         cfg = self.config
         self.started_at = time.time()
         self.notifier.status("starting: opening sinks")
