@@ -174,3 +174,22 @@ def test_the_heartbeat_carries_the_selftest(engine: Any, payload_schemas: dict[s
     wrong = json.loads(payload)
     wrong["unit"]["selftest"]["passed"] = "yes"
     assert schema_errors(wrong, payload_schemas["heartbeat"])
+
+
+def test_a_started_unit_reports_its_selftest_in_its_status(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from edge.config import load_config
+    from edge.daemon import Daemon
+    from edge.notify import Notifier
+    from engines.cpu import cpu_features
+
+    daemon = Daemon(load_config(_unit_config(tmp_path)), notifier=Notifier(environ={}))
+    with caplog.at_level(logging.INFO, logger="edge.probe"):
+        daemon.start()
+    try:
+        st = daemon.status()["selftest"]
+    finally:
+        daemon.stop()
+    assert st["passed"] and st["checks"] == ["pnet", "rnet", "onet", "embedder", "matcher"] and st["unchecked"] == []
+    assert st["precision_fallback"] is None and st["cpu_features"] == cpu_features()
+    line = next(r.getMessage() for r in caplog.records if "known-answer self-test passed" in r.getMessage())
+    assert "CPU features:" in line
