@@ -3,6 +3,8 @@ image (the flip-averaged embedding), the rest once. Real engine, real calibratio
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -98,11 +100,37 @@ def test_second_look_level_follows_the_calibration_and_the_list(engine: Any, peo
     assert pipe.second_look_level(Matcher(dim=engine.embedding_dim)) is None  # no list yet
 
 
+def _stranger(engine: Any, matcher: Any, below: float, people: People) -> np.ndarray:
+    """Someone not on the list whom the pipeline embeds and who scores below `below` against everyone on it: the
+    other person where the quality gate lets his face through (lag-dev's people), else the first such face of
+    scikit-image's LFW sample (scikit-image's cameraman, the other person without lag-dev, is in profile: the
+    gate turns him away, and he never reaches the embedder)."""
+    import cv2
+    from skimage import data
+
+    def lfw() -> Iterator[np.ndarray]:
+        for face in data.lfw_subset()[:100]:  # the first 100 are faces (25 x 25 grey, cut tight)
+            big = cv2.resize((face * 255).astype(np.uint8), (200, 200), interpolation=cv2.INTER_CUBIC)
+            yield np.stack([cv2.copyMakeBorder(big, 60, 60, 60, 60, cv2.BORDER_REPLICATE)] * 3, axis=-1)
+
+    for image in itertools.chain([people.other_face], lfw()):
+        faces = engine.analyze(image)
+        if len(faces) == 1 and faces[0].quality.ok:
+            (match,) = matcher.match(faces[0].embedding[None], misses=True)
+            if match is None or match.score < below:
+                return image
+    pytest.skip("no face of someone else passes the quality gate")
+
+
 def test_pipeline_looks_again_only_at_faces_near_a_decision(engine: Any, people: People, tmp_path: Path) -> None:
+    from engines.calibration import Calibration
+
     matcher = matcher_for(*signed_store(tmp_path, people))
+    # A stranger far from everyone on the list: below the strangers' median, well under the second look's level.
+    stranger = _stranger(engine, matcher, Calibration.for_engine(engine).strangers_median, people)
     clip = make_face_clip(
         tmp_path / "both.mp4",
-        [(people.enrolled_face, 0.0, 3.0, 40, 60, 200), (people.other_face, 0.0, 3.0, 380, 70, 200)],
+        [(people.enrolled_face, 0.0, 3.0, 40, 60, 200), (stranger, 0.0, 3.0, 380, 70, 200)],
         size=SIZE,
         fps=FPS,
         seconds=3.0,
@@ -136,13 +164,8 @@ def test_pipeline_looks_again_only_at_faces_near_a_decision(engine: Any, people:
     assert any(len(c) == 1 or c[1] < c[0] for c in calls), calls
     assert all(len(c) <= 2 and sum(c[1:]) <= c[0] * 2 for c in calls), calls
     assert [h.person_id for h in sink.hits] == [people.enrolled_id]
-    # The enrolled person's faces score above the level and are looked at again; the other person's do not
-    # when they stay below it.
-    other = engine.embed([(people.other_face, engine.detect(people.other_face)[0])])
-    other_near = (matcher.match(other, misses=True)[0].score >= level) if other.size else False
-    assert 1 <= st["second_looks"] <= st["embedded"]
-    if not other_near:
-        assert st["second_looks"] < st["embedded"]
+    # The enrolled person's faces score above the level and are looked at again; the stranger's are not.
+    assert 1 <= st["second_looks"] < st["embedded"]
     off, off_sink = _pipeline(engine, matcher, 0.0)
     for f in frames:
         off.process_frame(f)
