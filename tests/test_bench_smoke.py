@@ -33,6 +33,8 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SMOKE = {
     "accuracy": "--data {lag} --limit 4 --no-peer --json {json}",
     "alignment_parity": "--data {lag} --limit 4 --json {json}",
+    # Written and compared in one run: the comparison of a run with itself must find no difference.
+    "cpu_agreement": "--data {lag} --limit 2 --out {tmp}/answers.npz --against {tmp}/answers.npz --json {json}",
     "detector": "--data {data} --limit 2 --repeats 1 --mtcnn-only --json {json}",
     "detector --stream": "--data {data} --stream 1 --json {json}",
     "fit_box_mapping": "--data {lag} --json {json}",

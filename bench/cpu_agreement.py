@@ -1,0 +1,165 @@
+"""Do two CPUs give the same answers? Detections and embeddings of the same photos, compared.
+
+The accuracy figures (bench/accuracy.py, openset.py, int8_accuracy.py) take hours under an
+emulator, so they are measured on one machine; they hold on another CPU as far as the engine's
+answers agree there. This measures that agreement: run it once on one CPU with --out, then on the
+other (or under `qemu-x86_64 -cpu Haswell`, an AVX2 CPU without AVX-512) with --against:
+
+    python bench/cpu_agreement.py --limit 60 --out /tmp/native.npz
+    qemu-x86_64 -cpu Haswell .venv/bin/python bench/cpu_agreement.py --limit 60 \\
+        --against /tmp/native.npz --json bench/results/cpu_agreement.json
+
+Photos: the first --limit identities of ../shared/data/lag-dev (one adult and one young photo
+each; --data DIR), or scikit-image's public-domain photos when the data is absent. Each photo's
+central face is detected (margins as bench/accuracy.py) and embedded by the float32 and the int8
+embedder (`--precisions`). Reported against the other run: photos found on one CPU and not the
+other, the largest box and landmark difference in pixels, the lowest cosine between the two
+CPUs' embeddings per precision, and whether each photo's nearest other photo is the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.lag import DEFAULT_DATA, list_photos  # noqa: E402
+from bench.machine import describe_machine, machine_summary  # noqa: E402
+
+
+def photos(data: Path, limit: int) -> list[tuple[str, np.ndarray]]:
+    """(name, RGB image) of the photos to compare: lag-dev's when present, else scikit-image's."""
+    from engines.image import load_image
+
+    if data.is_dir():
+        firsts: dict[tuple[str, bool], Path] = {}
+        for p in list_photos(data):
+            firsts.setdefault((p.identity, p.young), p.path)
+        identities = sorted({ident for ident, _ in firsts})[:limit]
+        return [
+            (str(firsts[(i, young)].relative_to(data)), load_image(firsts[(i, young)]))
+            for i in identities
+            for young in (False, True)
+            if (i, young) in firsts
+        ]
+    from engines.int8_chips import public_domain_photos
+
+    return public_domain_photos()
+
+
+def measure(images: list[tuple[str, np.ndarray]], precisions: list[str]) -> dict[str, np.ndarray]:
+    """Per photo: found flag, box (4), landmarks (10) and one embedding per precision (NaN where no face)."""
+    from engines.cohort import central_face
+    from engines.config import EngineConfig
+    from engines.face_engine import FaceEngine
+
+    engines = {p: FaceEngine.load(EngineConfig(precision=p)) for p in precisions}
+    first = engines[precisions[0]]
+    n = len(images)
+    out: dict[str, np.ndarray] = {
+        "found": np.zeros(n, bool),
+        "box": np.full((n, 4), np.nan),
+        "landmarks": np.full((n, 10), np.nan),
+    }
+    for p, eng in engines.items():
+        out[f"emb_{p}"] = np.full((n, eng.embedding_dim), np.nan, np.float32)
+        out[f"in_use_{p}"] = np.array(eng.precision)
+    for i, (_, img) in enumerate(images):
+        found = central_face(first, img, tight=True)
+        if found is None:
+            continue
+        _, det = found
+        out["found"][i] = True
+        out["box"][i] = np.asarray(det.box, float)[:4]
+        out["landmarks"][i] = np.asarray(det.landmarks, float).reshape(-1)[:10]
+        for p, eng in engines.items():
+            out[f"emb_{p}"][i] = eng.embed([found])[0]
+    return out
+
+
+def compare(mine: dict[str, np.ndarray], other: dict[str, np.ndarray], precisions: list[str]) -> dict:
+    """How far this run's answers are from the other's, on the photos both found a face in."""
+    both = mine["found"] & other["found"]
+    res: dict = {
+        "photos": int(len(mine["found"])),
+        "found_here_only": int((mine["found"] & ~other["found"]).sum()),
+        "found_there_only": int((~mine["found"] & other["found"]).sum()),
+        "box_max_px": float(np.abs(mine["box"][both] - other["box"][both]).max(initial=0.0)),
+        "landmarks_max_px": float(np.abs(mine["landmarks"][both] - other["landmarks"][both]).max(initial=0.0)),
+    }
+    for p in precisions:
+        a, b = mine[f"emb_{p}"][both].astype(np.float64), other[f"emb_{p}"][both].astype(np.float64)
+        cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+        # Nearest other photo by cosine, on each CPU: the answer a search would give.
+        na = _nearest(a)
+        nb = _nearest(b)
+        res[p] = {
+            "in_use_here": str(mine[f"in_use_{p}"]),
+            "in_use_there": str(other[f"in_use_{p}"]),
+            "lowest_cosine": float(cos.min(initial=1.0)),
+            "max_abs_diff": float(np.abs(a - b).max(initial=0.0)),
+            "nearest_photo_same": float(np.mean(na == nb)) if len(na) else 1.0,
+        }
+    return res
+
+
+def _nearest(emb: np.ndarray) -> np.ndarray:
+    if len(emb) < 2:
+        return np.zeros(len(emb), int)
+    u = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    s = u @ u.T
+    np.fill_diagonal(s, -np.inf)
+    return s.argmax(1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--data", type=Path, default=DEFAULT_DATA, help="LAG-layout folder (default: ../shared/data/lag-dev)"
+    )
+    ap.add_argument("--limit", type=int, default=60, help="identities to take (an adult and a young photo each)")
+    ap.add_argument("--precisions", default="fp32,int8", help="embedder precisions to compare, comma-separated")
+    ap.add_argument("--out", type=Path, help="write this run's answers here (.npz) for another CPU to compare with")
+    ap.add_argument("--against", type=Path, help="answers of another run (.npz) to compare with")
+    ap.add_argument("--json", type=Path, help="write the comparison (and this machine) here")
+    args = ap.parse_args(argv)
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    images = photos(args.data, args.limit)
+    mine = measure(images, precisions)
+    machine = describe_machine()
+    print(machine_summary(machine))
+    print(f"{len(images)} photos, a face found in {int(mine['found'].sum())}")
+    if args.out:
+        np.savez(args.out, names=np.array([n for n, _ in images]), **mine)
+        print(f"answers written to {args.out}")
+    if args.against is None:
+        return 0
+    with np.load(args.against) as f:
+        other = {k: f[k] for k in f.files}
+    if list(other["names"]) != [n for n, _ in images]:
+        sys.exit(f"{args.against} holds answers for other photos: rerun both with the same --data and --limit")
+    res = compare(mine, other, precisions)
+    print(
+        f"found on one side only: {res['found_here_only']} here, {res['found_there_only']} there; "
+        f"largest box difference {res['box_max_px']:.4f} px, landmarks {res['landmarks_max_px']:.4f} px"
+    )
+    print(f"{'precision':10} {'in use (here/there)':20} {'lowest cosine':>14} {'max |diff|':>11} {'same nearest':>13}")
+    for p in precisions:
+        r = res[p]
+        print(
+            f"{p:10} {r['in_use_here'] + '/' + r['in_use_there']:20} {r['lowest_cosine']:14.7f} "
+            f"{r['max_abs_diff']:11.2e} {r['nearest_photo_same']:13.4f}"
+        )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"machine": machine, "against": str(args.against), **res}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
