@@ -412,6 +412,9 @@ def units(db_url: str) -> None:
             int(outbox.get(k, 0)) for k in ("crops_dropped_oversized", "crops_dropped_full", "hits_dropped_full")
         )
         error = ((row["heartbeat"] or {}).get("link", {}) or {}).get("last_error") or ""
+        # Why an offline unit went down (a unit that refused to start says why), unless it was told to.
+        if row["health"] == "offline" and row.get("state_reason") not in (None, "", "shutdown"):
+            error = row["state_reason"] + (f"; {error}" if error else "")
         cams = f"{row['cameras_up']}/{row['cameras_total']}" if row["cameras_total"] is not None else "-"
         expires = _utc(row["watchlist_expires_at"])
         if row["watchlist_state"] in ("expiring", "expired"):

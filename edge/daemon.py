@@ -118,6 +118,9 @@ class Daemon:
             for reader in self.readers.values():
                 reader.start()
             self.pipeline.start()
+        except SelfTestFailed as exc:
+            self._shutdown(timeout=5.0, reason=str(exc))
+            raise
         except BaseException:
             self._shutdown(timeout=5.0)
             raise
@@ -194,7 +197,8 @@ class Daemon:
             "unit %s stopped; %d hits this run", self.config.unit.id, self.pipeline.hits_total if self.pipeline else 0
         )
 
-    def _shutdown(self, timeout: float) -> None:
+    def _shutdown(self, timeout: float, reason: str = "shutdown") -> None:
+        """Stop everything; `reason` goes to the sinks (the centre sees it as the 'offline' status's reason)."""
         self._stopped = True
         deadline = time.monotonic() + timeout
         if self.pipeline is not None:
@@ -209,7 +213,7 @@ class Daemon:
             th.join(max(0.5, deadline - time.monotonic()))
         for sink in self.sinks:
             try:
-                sink.close(timeout=max(1.0, deadline - time.monotonic()))
+                sink.close(timeout=max(1.0, deadline - time.monotonic()), reason=reason)
             except Exception as exc:
                 log.error("sink %s did not close cleanly: %s", sink.name, exc)
         if self.subscriber is not None:

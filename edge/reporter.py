@@ -214,13 +214,17 @@ class MqttReporter:
             time.sleep(0.02)
         return self.outbox.depth == 0
 
-    def close(self, timeout: float = 5.0) -> None:
-        """Send what can be sent within `timeout` s, publish 'offline', disconnect. Unsent hits stay
-        in the outbox for the next start."""
+    def close(self, timeout: float = 5.0, reason: str = "shutdown") -> None:
+        """Send what can be sent within `timeout` s, publish 'offline' with `reason`, disconnect.
+        Unsent hits stay in the outbox for the next start. A link still making its first
+        connection (a unit that refuses to start right after opening its sinks) is given the time
+        left to finish it, so the centre learns why the unit is offline."""
         if self._closed:
             return
         self._closed = True
         deadline = time.monotonic() + timeout
+        if not self.link.connected:
+            self.link.wait_connected(max(0.0, deadline - time.monotonic()))
         if self.link.connected:
             self.flush(max(0.0, deadline - time.monotonic()))
         self._stop.set()
@@ -230,7 +234,7 @@ class MqttReporter:
         if self.link.connected:
             info = self.link.client.publish(
                 self.status_topic,
-                records.status_payload(self.site, self.unit_id, "offline", "shutdown", signer=self.signer),
+                records.status_payload(self.site, self.unit_id, "offline", reason, signer=self.signer),
                 qos=1,
                 retain=True,
             )

@@ -31,8 +31,9 @@ class HitSink(Protocol):
     def stats(self) -> dict[str, int | float | str]:
         """Figures for the unit's heartbeat and logs (for example pending, sent, dropped)."""
 
-    def close(self, timeout: float = 5.0) -> None:
-        """Flush what can be flushed within `timeout` seconds and release resources."""
+    def close(self, timeout: float = 5.0, reason: str = "shutdown") -> None:
+        """Flush what can be flushed within `timeout` seconds and release resources. `reason`: why
+        the unit stops, for a sink that tells the centre (the MQTT reporter's 'offline' status)."""
 
 
 class JsonlSinkConfig(StrictModel):
@@ -95,7 +96,7 @@ class JsonlSink:
         """Hits written and failed, and the file written to."""
         return {"written": self._written, "failed": self._failed, "path": str(self.path)}
 
-    def close(self, timeout: float = 5.0) -> None:
+    def close(self, timeout: float = 5.0, reason: str = "shutdown") -> None:
         """Flush and fsync the file, then close it."""
         with self._lock:
             if self._fh is None:
@@ -134,5 +135,5 @@ class MemorySink:
         """How many hits were kept."""
         return {"hits": len(self.hits)}
 
-    def close(self, timeout: float = 5.0) -> None:
+    def close(self, timeout: float = 5.0, reason: str = "shutdown") -> None:
         """Nothing to flush."""

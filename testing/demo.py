@@ -286,7 +286,7 @@ class _ConsoleSink:
     def stats(self) -> dict[str, int | float | str]:
         return {"printed": len(self.hits)}
 
-    def close(self, timeout: float = 5.0) -> None:
+    def close(self, timeout: float = 5.0, reason: str = "shutdown") -> None:
         return None
 
 

@@ -138,6 +138,44 @@ def test_edge_run_refuses_to_start_on_a_faulty_kernel(tmp_path: Path, fault: str
     assert str(SELFTEST_FAILED) in prevent.split("=", 1)[1].split()
 
 
+def test_a_unit_that_refuses_to_start_tells_the_centre_why(tmp_path: Path, mosquitto: Any) -> None:
+    """No silent failure: the retained 'offline' status carries the self-test's reason, and the
+    centre (a real receiver on the broker) shows it, for the unit's journal is not at the centre."""
+    from central.cli import main as receiver_cli
+    from central.receiver import Receiver, ReceiverConfig
+    from central.store import HitStore
+    from testing.broker import wait_for
+
+    store = HitStore(tmp_path / "centre.sqlite")
+    receiver = Receiver(
+        ReceiverConfig(host=mosquitto.host, port=mosquitto.port, client_id="test-centre", reconnect_min_delay_s=0.1),
+        store,
+    )
+    receiver.start()
+    try:
+        wait_for(receiver.subscribed.is_set, what="the receiver subscribed")
+        conf = _unit_config(tmp_path)
+        conf.write_text(
+            conf.read_text() + f'\n[mqtt]\nhost = "{mosquitto.host}"\nport = {mosquitto.port}\n\n'
+            '[outbox]\npath = "outbox.sqlite"\n'
+        )
+        done = _child(tmp_path, "matcher", "edge", "run", "--config", str(conf))
+        assert done.returncode == SELFTEST_FAILED, done.stderr
+        unit = wait_for(
+            lambda: next((u for u in store.units() if u["unit_id"] == "unit-s" and u["state"] == "offline"), None),
+            what="unit-s offline at the centre",
+        )
+    finally:
+        receiver.close()
+        store.close()
+    reason = unit["state_reason"]
+    assert reason.startswith("the unit refuses to start: matcher known-answer test failed"), reason
+    assert "CPU features seen:" in reason and "\n" not in reason
+    listed = CliRunner().invoke(receiver_cli, ["units", "--db", str(tmp_path / "centre.sqlite")])
+    assert listed.exit_code == 0, listed.output
+    assert "site-s/unit-s" in listed.output and "the unit refuses to start: matcher known-answer" in listed.output
+
+
 def test_check_config_runs_the_selftest_and_reports_a_failure(tmp_path: Path, engine: Any) -> None:
     from edge.cli import main
 

@@ -149,11 +149,13 @@ def status_payload(
     software_version: str | None = None,
     signer: RecordSigner | None = None,
 ) -> bytes:
-    """The retained status message ('online' on connect, 'offline' as Last Will or on shutdown),
-    with the unit's software version (default: this installation's), signed by `signer` when one
-    is given."""
+    """The retained status message ('online' on connect, 'offline' as Last Will, on shutdown or
+    when the unit refuses to start), with the unit's software version (default: this
+    installation's), signed by `signer` when one is given. `reason` is made one line of at most
+    MAX_TEXT_CHARS (`status_reason`)."""
     if state not in STATES:
         raise ProtocolError(f"status state must be one of {STATES}, got {state!r}")
+    reason = status_reason(reason)
     body = {
         "schema": STATUS_SCHEMA,
         "v": SCHEMA_VERSION,
@@ -203,6 +205,13 @@ def heartbeat_payload(
             "software_version": software_version or _software_version(),
         }
     )
+
+
+def status_reason(text: str) -> str:
+    """`text` as a status reason the receiver accepts: control and line-separator characters
+    become spaces, runs of spaces one, at most MAX_TEXT_CHARS characters ("..." where cut)."""
+    line = " ".join(re.sub("[" + _BAD_TEXT_CHARS + "]", " ", text).split()) or "unknown"
+    return line if len(line) <= MAX_TEXT_CHARS else line[: MAX_TEXT_CHARS - 3] + "..."
 
 
 def _software_version() -> str:
