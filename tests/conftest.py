@@ -6,16 +6,16 @@ import pathlib
 
 import pytest
 
+from testing.media import LAG_DIR
+
 _FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 pytest_plugins = sorted(f"tests.fixtures.{p.stem}" for p in _FIXTURES.glob("*.py") if not p.stem.startswith("_"))
-
-DATA_DIR = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
-LAG_DIR = DATA_DIR / "lag-dev"
 
 
 @pytest.fixture(scope="session")
 def lag_dir() -> pathlib.Path:
-    """The cross-age evaluation set; tests that need it skip where it is absent."""
+    """The cross-age evaluation set (../shared/data/lag-dev, or under CHECKPOINT_DATA); tests that
+    need it skip where it is absent."""
     if not LAG_DIR.is_dir():
         pytest.skip(f"needs the evaluation data at {LAG_DIR} (../shared/data beside the checkout)")
     return LAG_DIR
