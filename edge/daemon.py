@@ -289,22 +289,27 @@ class Daemon:
             log.error("watchlist check failed: %s", exc)
 
     def warnings(self) -> list[str]:
-        """What the unit should not be running like: no watchlist, or an expired one."""
+        """What the unit should not be running like: no watchlist, or an expired one; an int8
+        embedder that failed its check on this CPU (running float32 instead)."""
+        found = []
+        fallback = getattr(self.engine, "precision_fallback", None)
+        if fallback:
+            found.append(fallback)
         if self.watchlist is None:
-            return []
+            return found
         wl = self.watchlist.status()
         if not wl["version"]:
-            return [
+            found.append(
                 "running with no watchlist: no face can match until a list is applied "
                 "(`watchlist apply FILE --config ...` or a publication on the unit's watchlist topic)"
-            ]
-        if wl["expired"]:
+            )
+        elif wl["expired"]:
             expired = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(wl["expires_at"] or 0))
             doing = (
                 "still matching it (on_expired = warn)" if wl["matching"] else "matching stopped (on_expired = stop)"
             )
-            return [f"watchlist version {wl['version']} expired at {expired}; {doing} until HQ sends a fresh one"]
-        return []
+            found.append(f"watchlist version {wl['version']} expired at {expired}; {doing} until HQ sends a fresh one")
+        return found
 
     def _log_warnings(self) -> None:
         now = time.monotonic()

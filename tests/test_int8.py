@@ -312,6 +312,18 @@ def test_a_broken_int8_model_is_caught_and_the_engine_runs_float32(tmp_path, cap
     img = skdata.astronaut()
     det = fp32.detect(img)[0]
     np.testing.assert_allclose(engine.embed([(img, det)]), fp32.embed([(img, det)]), atol=1e-6)
+    # A unit on that engine says so in every heartbeat's warnings, not only in its start-up log.
+    from edge.config import load_config
+    from edge.daemon import Daemon
+
+    (tmp_path / "root.pub").write_text("0" * 64)
+    conf = tmp_path / "unit.toml"
+    conf.write_text(
+        '[unit]\nid = "u"\nsite = "s"\n\n[[cameras]]\nid = "c"\nurl = "clip.mp4"\n\n'
+        '[watchlist]\nroot_key = "root.pub"\nstore = "wl.db"\n\n[sinks.jsonl]\npath = "hits.jsonl"\n'
+    )
+    (tmp_path / "clip.mp4").write_bytes(b"")
+    assert Daemon(load_config(conf), engine=engine).warnings() == [reason]
 
 
 def test_cpu_features_reads_x86_flags_and_arm_features(tmp_path):
