@@ -248,6 +248,12 @@ class MtcnnDetector:
         self._rnet = factory(Path(models["rnet"]))
         self._onet_session = factory(Path(models["onet"]))
 
+    @property
+    def sessions(self) -> dict[str, Any]:
+        """The three networks' sessions by name (pnet, rnet, onet), for checks of their raw outputs
+        (engines.known_answers)."""
+        return {"pnet": self._pnet, "rnet": self._rnet, "onet": self._onet_session}
+
     def detect(self, image: np.ndarray, exclude: Sequence[tuple[float, float, float, float]] = ()) -> list[Detection]:
         """Return the faces in an RGB uint8 (H, W, 3) image, highest score first.
 

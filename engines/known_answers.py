@@ -170,8 +170,7 @@ def _mtcnn_input(pictures: np.ndarray) -> np.ndarray:
 
 def _sessions(engine: Any) -> dict[str, Any]:
     """The engine's MTCNN sessions (anything with onnxruntime's run(None, feeds)), by network."""
-    det = engine.detector
-    return {"pnet": det._pnet, "rnet": det._rnet, "onet": det._onet_session}
+    return engine.detector.sessions
 
 
 def network_outputs(engine: Any, inputs: dict[str, np.ndarray] | None = None) -> dict[str, list[np.ndarray]]:
