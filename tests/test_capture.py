@@ -260,8 +260,10 @@ def test_a_picture_that_cannot_be_converted_is_skipped_for_the_next(
         assert reader.latest(after_seq=9, timeout=0.3) is None
     assert "camera dmg: picture 10 could not be converted to RGB (1 so far): bad chroma plane" in caplog.text
     go_on.set()
+    # The reader keeps only the newest picture and reads a file as fast as it can once let go, so
+    # the next good frame is the 11th or a later one, never the damaged 10th.
     after = reader.latest(after_seq=9, timeout=5)
-    assert after is not None and after.seq == 11 and after.image.shape == (360, 640, 3)
+    assert after is not None and after.seq >= 11 and after.image.shape == (360, 640, 3)
     assert reader.state.up
 
 
