@@ -9,6 +9,7 @@ so the rule holds however far analysis lags behind.
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import numpy as np
@@ -17,6 +18,8 @@ from pydantic import Field
 from common.config import StrictModel
 from matching.match import Match
 from wire.records import Hit
+
+log = logging.getLogger(__name__)
 
 
 class CropConfig(StrictModel):
@@ -53,25 +56,25 @@ class HitEmitter:
         model_id: str,
         watchlist_version: int,
     ) -> Hit | None:
-        """Return a new Hit for this match, or None if it is below threshold, a repeat, or in cooldown."""
+        """Return a new Hit for this match, or None if it is below threshold, a repeat, or in cooldown.
+
+        The hit is made before its cooldown is recorded, so one that cannot be made (a RecordError
+        from an id the wire refuses) raises without silencing the person's later hits; a crop that
+        cannot be cut or encoded is logged and the hit goes without it."""
         if not match.is_hit:
             return None
         track_key = (camera_id, track_id, match.person_id)
         person_key = (camera_id, match.person_id)
         with self._lock:
-            if track_key in self._hit_tracks:
+            if self._repeat(track_key, person_key, captured_at):
                 return None
-            last = self._last_hit.get(person_key)
-            if last is not None and captured_at - last < self.cooldown_s:
-                # Remember the track so later frames of it are not weighed again.
-                self._hit_tracks.add(track_key)
-                self.suppressed += 1
-                return None
-            self._hit_tracks.add(track_key)
-            self._last_hit[person_key] = captured_at
-            self._prune(captured_at)
-        crop = encode_crop(image, box, self.crop) if image is not None else None
-        return Hit(
+        crop = None
+        if image is not None:
+            try:
+                crop = encode_crop(image, box, self.crop)
+            except (ValueError, RuntimeError) as exc:
+                log.warning("camera %s: hit for %r sent without a crop: %s", camera_id, match.person_id, exc)
+        hit = Hit(
             unit_id=self.unit_id,
             camera_id=camera_id,
             captured_at=captured_at,
@@ -85,6 +88,26 @@ class HitEmitter:
             track_id=track_id,
             crop_jpeg=crop,
         )
+        with self._lock:
+            # Another thread may have hit the same person while the crop was encoded.
+            if self._repeat(track_key, person_key, captured_at):
+                return None
+            self._hit_tracks.add(track_key)
+            self._last_hit[person_key] = captured_at
+            self._prune(captured_at)
+        return hit
+
+    def _repeat(self, track_key: tuple[str, int, str], person_key: tuple[str, str], captured_at: float) -> bool:
+        """Whether this track already hit this person, or the person is in cooldown at this camera
+        (then the track is remembered, so its later frames are not weighed again). Under the lock."""
+        if track_key in self._hit_tracks:
+            return True
+        last = self._last_hit.get(person_key)
+        if last is not None and captured_at - last < self.cooldown_s:
+            self._hit_tracks.add(track_key)
+            self.suppressed += 1
+            return True
+        return False
 
     def forget_track(self, camera_id: str, track_id: int) -> None:
         """Drop what is remembered about a track that ended (its person cooldowns stay)."""

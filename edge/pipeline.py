@@ -475,16 +475,31 @@ class Pipeline:
             det = req.candidate.detection
             box = tuple(float(v) for v in det.box)
             frame = req.candidate.frame
-            hit = self.emitter.offer(
-                camera_id=req.camera_id,
-                track_id=ev.track_id,
-                match=match,
-                box=_clip_box(box, frame.width, frame.height),
-                captured_at=frame.captured_at,
-                image=frame.image,
-                model_id=self.engine.model_id,
-                watchlist_version=int(getattr(matcher, "version", 0)),
-            )
+            try:
+                hit = self.emitter.offer(
+                    camera_id=req.camera_id,
+                    track_id=ev.track_id,
+                    match=match,
+                    box=_clip_box(box, frame.width, frame.height),
+                    captured_at=frame.captured_at,
+                    image=frame.image,
+                    model_id=self.engine.model_id,
+                    watchlist_version=int(getattr(matcher, "version", 0)),
+                )
+            except Exception as exc:  # one hit that cannot be made must not stop every later one
+                an.stats.errors += 1
+                an.stats.last_error = f"a hit for person {match.person_id!r} could not be made: {exc}"
+                log.error(
+                    "camera %s: a hit for person %r (track %d, score %.4f, captured at %.3f) could not be made: %s: %s",
+                    req.camera_id,
+                    match.person_id,
+                    ev.track_id,
+                    match.score,
+                    frame.captured_at,
+                    type(exc).__name__,
+                    exc,
+                )
+                continue
             if hit is None:
                 continue
             self._deliver(hit)

@@ -180,3 +180,26 @@ def test_jsonl_sink_unwritable_path_names_the_file(tmp_path: Path) -> None:
     blocker.write_text("x")
     with pytest.raises(SinkError, match=str(blocker / "hits.jsonl")):
         JsonlSink(JsonlSinkConfig(path=blocker / "hits.jsonl"), "site-a")
+
+
+def test_a_crop_that_cannot_be_cut_loses_the_crop_not_the_hit(caplog: pytest.LogCaptureFixture) -> None:
+    em = HitEmitter("unit-1", cooldown_s=60.0)
+    tiny = np.zeros((4, 4, 3), np.uint8)  # BOX lies outside it: no crop can be cut
+    with caplog.at_level("WARNING", logger="edge.hits"):
+        hit = offer(em, image=tiny)
+    assert hit is not None and hit.crop_jpeg is None
+    assert "sent without a crop" in caplog.text
+    assert offer(em, track=2, t=T0 + 1) is None  # and its cooldown holds as for any hit
+
+
+def test_a_hit_that_cannot_be_made_leaves_no_cooldown_behind() -> None:
+    from wire.errors import RecordError
+
+    em = HitEmitter("unit-1", cooldown_s=60.0)
+    with pytest.raises(RecordError, match="person_id"):
+        offer(em, m=match("case-2024\x9f0173"))
+    # Nothing was recorded for the refused hit: the next frame is not taken for a repeat in
+    # cooldown (it fails the same way, and is counted by the caller, never silently dropped).
+    with pytest.raises(RecordError, match="person_id"):
+        offer(em, m=match("case-2024\x9f0173"), t=T0 + 1)
+    assert em.suppressed == 0

@@ -312,3 +312,52 @@ def test_a_new_frame_wakes_a_waiting_detector_even_while_a_sampler_waits() -> No
     slots.close()
     sampler.join()
     detector.join()
+
+
+def test_a_hit_that_cannot_be_made_is_logged_and_the_next_ones_still_come(
+    engine: Any, people: People, watchlist: tuple[Path, Path], clip: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A listed person whose id the wire refuses (a C1 control character, issue 20) must not stop the
+    embedder: the failure is counted and logged with the match, and later hits still come."""
+    import numpy as np
+
+    from matching.matcher import TemplateIndex
+
+    matcher = matcher_for(*watchlist)
+    good = matcher.index
+    bad_id = "case-2024\x9f0173"
+    templates = good.templates_of(people.enrolled_id)
+    matcher.swap(
+        TemplateIndex.build(
+            [bad_id] * len(templates),
+            templates,
+            thresholds={bad_id: good.threshold_for(people.enrolled_id)},
+            version=good.version,
+            model_id=good.model_id,
+            default_threshold=good.default_threshold,
+        )
+    )
+    t0 = 1_700_000_000.0
+    frames = decode(clip, "cam1", t0, every=2)
+    first, second = [f for f in frames if f.captured_at - t0 < 4.0], [f for f in frames if f.captured_at - t0 >= 4.0]
+    sink = MemorySink()
+    pipe = Pipeline(
+        unit_id="unit-t",
+        cameras=[CameraSpec("cam1", None, 5.0)],  # type: ignore[arg-type]
+        engine=engine,
+        matcher=matcher,
+        sinks=[sink],
+        matching=MatchingConfig(cooldown_s=1.0),
+    )
+    with caplog.at_level("ERROR", logger="edge.pipeline"):
+        for f in first:
+            pipe.process_frame(f)
+    assert sink.hits == []
+    st = pipe.stats()["cam1"]
+    assert st["errors"] >= 1 and repr(bad_id) in st["last_error"]
+    assert any(repr(bad_id) in r.getMessage() and "could not be made" in r.getMessage() for r in caplog.records)
+    matcher.swap(good)  # HQ fixes the id
+    for f in second:
+        pipe.process_frame(f)
+    assert [h.person_id for h in sink.hits] == [people.enrolled_id]
+    assert np.isfinite(sink.hits[0].score)
