@@ -64,7 +64,7 @@ class Hit:
     def __post_init__(self) -> None:
         for name in ("unit_id", "camera_id", "person_id", "model_id", "id"):
             value = getattr(self, name)
-            if not isinstance(value, str) or not value or len(value) > MAX_ID_CHARS or not _TEXT_RE.fullmatch(value):
+            if id_problem(value) is not None:
                 raise RecordError(
                     f"hit: {name} must be a string of 1 to {MAX_ID_CHARS} characters without control characters, "
                     f"got {safe_text(value, 80)!r}"
@@ -205,6 +205,19 @@ def heartbeat_payload(
             "software_version": software_version or _software_version(),
         }
     )
+
+
+def id_problem(value: object) -> str | None:
+    """Why `value` cannot be an id on the wire (person, unit, site, camera, model, hit), or None when
+    it can: the one id rule, 1 to MAX_ID_CHARS characters, none of them a control character, DEL, a
+    Unicode line separator or a lone surrogate. What makes ids (HQ's enrolment and bundles, the
+    unit's config) checks it too, so an id accepted anywhere can always travel in a hit."""
+    if not isinstance(value, str) or not value or len(value) > MAX_ID_CHARS or not _TEXT_RE.fullmatch(value):
+        return (
+            f"must be 1 to {MAX_ID_CHARS} characters without control characters (C0, DEL, C1), "
+            "line separators (U+2028, U+2029) or lone surrogates"
+        )
+    return None
 
 
 def status_reason(text: str) -> str:

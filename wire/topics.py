@@ -11,6 +11,7 @@ from typing import Annotated
 from pydantic import AfterValidator
 
 from wire.errors import ProtocolError
+from wire.records import id_problem
 
 TOPIC_ROOT = "checkpoint/v1"
 KINDS = ("hits", "status", "heartbeat")
@@ -26,6 +27,10 @@ def check_topic_level(value: str, what: str) -> str:
             f"{what} {value!r} cannot be an MQTT topic level: no '/', '+', '#', NUL, leading '$' "
             f"or surrounding spaces (use letters, digits, '-', '_', '.')"
         )
+    # It also travels in every record the unit sends: the wire's id rule holds for it too.
+    problem = id_problem(value)
+    if problem is not None:
+        raise ProtocolError(f"{what} {value!r} {problem} (use letters, digits, '-', '_', '.')")
     return value
 
 

@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from watchlist.format import canonical
 from watchlist.format.errors import BundleRejected
 from watchlist.format.keys import MAX_KEYSET_BYTES, SIGNATURE_BYTES, key_id, signed_message
+from wire.records import id_problem
 
 BUNDLE_MAGIC = b"CPWLBUN1"
 BUNDLE_DOMAIN = b"checkpoint-watchlist-bundle-v1\x00"
@@ -52,7 +53,6 @@ UNIT_NORM_TOLERANCE = 0.01  # float16 storage moves a unit row's length by about
 _NORM_BLOCK = 65536
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
-_ID_RE = re.compile(r"^[^\x00-\x1f\x7f]+$")
 _DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 
@@ -92,9 +92,14 @@ class Person:
 
 
 def check_person_id(pid: object, where: str = "person id") -> str:
-    """Person ids are opaque case numbers: non-empty text, no control characters, <= 64 UTF-8 bytes."""
-    if not isinstance(pid, str) or not pid or not _ID_RE.match(pid) or pid != pid.strip():
-        raise BundleFormatError(f"{where} {pid!r} must be non-empty text without control characters or edge spaces")
+    """Person ids are opaque case numbers: the wire's id rule (`wire.records.id_problem`: no control
+    characters, C1 ones included, nor line separators, so every listed person can travel in a hit),
+    no edge spaces, <= 64 UTF-8 bytes."""
+    if id_problem(pid) is not None or not isinstance(pid, str) or pid != pid.strip():
+        raise BundleFormatError(
+            f"{where} {pid!r} must be non-empty text without control characters (C1 ones included), "
+            "line separators or edge spaces"
+        )
     if len(pid.encode()) > MAX_PERSON_ID_BYTES:
         raise BundleFormatError(f"{where} {pid!r} is longer than {MAX_PERSON_ID_BYTES} bytes")
     return pid

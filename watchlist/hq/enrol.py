@@ -24,6 +24,7 @@ import copy
 import csv
 import datetime as dt
 import hashlib
+import io
 import logging
 import re
 from collections.abc import Callable, Sequence
@@ -114,7 +115,8 @@ def read_manifest(path: Path) -> tuple[list[PhotoEntry], list[dict]]:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise EnrolmentError(f"cannot read manifest {path}: {exc}") from None
-    reader = csv.DictReader(text.splitlines())
+    # Rows end only at CSV line ends: str.splitlines would also split at U+2028 and friends inside a field.
+    reader = csv.DictReader(io.StringIO(text, newline=""))
     missing = {"person_id", "photo"} - set(reader.fieldnames or ())
     if missing:
         raise EnrolmentError(

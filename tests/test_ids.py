@@ -1,0 +1,65 @@
+"""One id rule: what HQ enrols, a bundle lists and a unit's config names can always travel in a hit
+(issue 20: a C1 control character or U+2028 in a person id passed enrolment and the bundle, then
+every hit for that person failed on the unit)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from watchlist.format.bundle import BundleFormatError, check_person_id
+from watchlist.hq.enrol import read_manifest
+from wire.errors import ProtocolError
+from wire.records import MAX_ID_CHARS, Hit, id_problem
+from wire.topics import check_topic_level
+
+REFUSED = ["case-2024\x9f0173", "case\x9b2", "case\u20280173", "case\u2029x", "case\x7f", "tab\there", ""]
+
+
+@pytest.mark.parametrize("value", REFUSED)
+def test_an_id_the_wire_refuses_is_refused_by_enrolment_bundles_and_configs(value: str) -> None:
+    assert id_problem(value) is not None
+    with pytest.raises(BundleFormatError):
+        check_person_id(value)
+    with pytest.raises(ProtocolError):
+        check_topic_level(value, "unit id")
+
+
+def test_every_id_the_bundle_takes_travels_in_a_hit() -> None:
+    for pid in ["case-2024-0173", "Fall 17/2024 (Köln)", "案件-7", "x" * 64]:
+        assert check_person_id(pid) == pid
+        assert (
+            Hit(
+                unit_id="u",
+                camera_id="c",
+                captured_at=1.7e9,
+                person_id=pid,
+                score=0.99,
+                threshold=0.9,
+                margin=0.1,
+                box=(0.0, 0.0, 10.0, 10.0),
+                model_id="m",
+                watchlist_version=1,
+            ).person_id
+            == pid
+        )
+    assert id_problem("x" * MAX_ID_CHARS) is None and id_problem("x" * (MAX_ID_CHARS + 1)) is not None
+
+
+def test_a_manifest_row_is_split_at_csv_line_ends_only(tmp_path: Path) -> None:
+    manifest = tmp_path / "cases.csv"
+    manifest.write_text("person_id,photo,age\ncase-2024\u20280173,a.png,7\ncase-B,b.png,7\n", encoding="utf-8")
+    entries, refused = read_manifest(manifest)
+    # Two rows, not three: the separator inside the first id neither splits it nor makes "0173" a person.
+    assert [e.person_id for e in entries] == ["case-B"]
+    assert [r["where"] for r in refused] == ["cases.csv:2"] and "line separators" in refused[0]["reason"]
+
+
+def test_a_unit_config_names_the_key_of_an_id_the_wire_refuses(tmp_path: Path) -> None:
+    from edge.config import ConfigError, load_config
+
+    conf = tmp_path / "unit.toml"
+    conf.write_text('[unit]\nid = "gate\u20282"\nsite = "s"\n')
+    with pytest.raises(ConfigError, match=r"unit\.id"):
+        load_config(conf)
