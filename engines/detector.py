@@ -244,6 +244,8 @@ class MtcnnDetector:
                 "engines.mtcnn_convert.convert_mtcnn(out_dir)"
             )
         factory = session_factory or cpu_session_factory(self.config.intra_op_threads)
+        # The converted models' folder (in the cache: weights digest and converter version) names them.
+        self.model_name = Path(models["pnet"]).parent.name
         self._pnet = factory(Path(models["pnet"]))
         self._rnet = factory(Path(models["rnet"]))
         self._onet_session = factory(Path(models["onet"]))

@@ -90,7 +90,8 @@ class SelfTestReport:
     """What a passed known-answer test checked, for the log line and the unit's status."""
 
     checks: tuple[str, ...]  # e.g. ("pnet", "rnet", "onet", "embedder")
-    skipped: tuple[str, ...]  # what had no stored answers, with why
+    unchecked: tuple[str, ...]  # the parts ("detector", "embedder") without stored answers
+    skipped: tuple[str, ...]  # for each of them, why
     precision: str  # the TOLERANCES key the engine was judged by
     worst: dict[str, float]  # per check, its worst figure (abs difference, or 1 - cosine)
     cpu_features: tuple[str, ...]
@@ -106,8 +107,8 @@ def _upsample(coarse: np.ndarray, h: int, w: int) -> np.ndarray:
     # Source position of each output pixel in 1/256ths of a coarse cell.
     ys = np.arange(h, dtype=np.int64) * (gh - 1) * 256 // max(1, h - 1)
     xs = np.arange(w, dtype=np.int64) * (gw - 1) * 256 // max(1, w - 1)
-    y0, fy = np.minimum(ys // 256, gh - 2), ys - np.minimum(ys // 256, gh - 2) * 256
-    x0, fx = np.minimum(xs // 256, gw - 2), xs - np.minimum(xs // 256, gw - 2) * 256
+    y0, x0 = np.minimum(ys // 256, gh - 2), np.minimum(xs // 256, gw - 2)
+    fy, fx = ys - y0 * 256, xs - x0 * 256
     top = (
         coarse[:, y0][:, :, x0] * (256 - fx)[None, None, :, None]
         + coarse[:, y0][:, :, x0 + 1] * fx[None, None, :, None]
@@ -168,21 +169,25 @@ def _mtcnn_input(pictures: np.ndarray) -> np.ndarray:
 # ---- running the engine's networks ---------------------------------------------------------------
 
 
-def _sessions(engine: Any) -> dict[str, Any]:
-    """The engine's MTCNN sessions (anything with onnxruntime's run(None, feeds)), by network."""
-    return engine.detector.sessions
+NETWORKS = ("pnet", "rnet", "onet", "embedder")
 
 
-def network_outputs(engine: Any, inputs: dict[str, np.ndarray] | None = None) -> dict[str, list[np.ndarray]]:
-    """Every check network's outputs on the check inputs, as float32 arrays: the MTCNN stages' (in
-    their session order: box offsets, [landmarks,] probabilities) and the embedder's raw output."""
+def network_outputs(
+    engine: Any, inputs: dict[str, np.ndarray] | None = None, nets: Sequence[str] = NETWORKS
+) -> dict[str, list[np.ndarray]]:
+    """The check networks' outputs (`nets`) on the check inputs, as float32 arrays: the MTCNN stages'
+    (in their session order: box offsets, [landmarks,] probabilities) and the embedder's raw output."""
     spec = engine.embedder.spec
     inputs = inputs if inputs is not None else check_inputs((spec.input_height, spec.input_width))
-    out = {
-        net: [np.asarray(a, dtype=np.float32) for a in session.run(None, {"input": _mtcnn_input(inputs[net])})]
-        for net, session in _sessions(engine).items()
-    }
-    out["embedder"] = [np.asarray(engine.embedder.raw(inputs["embedder"]), dtype=np.float32)]
+    sessions = engine.detector.sessions
+    out = {}
+    for net in nets:
+        if net == "embedder":
+            out[net] = [np.asarray(engine.embedder.raw(inputs[net]), dtype=np.float32)]
+        else:
+            out[net] = [
+                np.asarray(a, dtype=np.float32) for a in sessions[net].run(None, {"input": _mtcnn_input(inputs[net])})
+            ]
     return out
 
 
@@ -196,9 +201,7 @@ def answers_key(model: str) -> str:
 
 def detector_model(engine: Any) -> str:
     """The converted MTCNN's cache folder name (weights digest and converter version): its answers' key."""
-    from engines.cache import ensure_default_models
-
-    return ensure_default_models(engine.config.cache_dir).detector["pnet"].parent.name
+    return engine.detector.model_name
 
 
 def _precision(session_or_backend: Any, engine: Any, embedder: bool) -> str:
@@ -235,7 +238,7 @@ def record_answers(engine: Any, folder: Path = ANSWERS_DIR) -> list[Path]:
     Record only from float32 models on ONNX Runtime's CPU provider (NoAnswers otherwise): the
     tolerances are measured from float32 answers.
     """
-    det_session = _sessions(engine)["pnet"]
+    det_session = engine.detector.sessions["pnet"]
     if (
         _precision(det_session, engine, False) != "float32"
         or _precision(engine.embedder.backend, engine, True) != "float32"
@@ -352,7 +355,7 @@ def check_engine(engine: Any, folder: Path = ANSWERS_DIR) -> SelfTestReport:
     features = tuple(cpu_features())
     spec = engine.embedder.spec
     inputs = check_inputs((spec.input_height, spec.input_width))
-    checks, skipped, worst = [], [], {}
+    checks, unchecked, skipped, worst = [], [], [], {}
     precisions = set()
     models = {"detector": detector_model(engine), "embedder": engine.model_id}
     stored: dict[str, list[np.ndarray]] = {}
@@ -361,6 +364,7 @@ def check_engine(engine: Any, folder: Path = ANSWERS_DIR) -> SelfTestReport:
             answers, digest = load_answers(model, folder)
         except NoAnswers as exc:
             log.info("the %s has no known answers; it is not checked: %s", part, exc)
+            unchecked.append(part)
             skipped.append(f"{part} {model}: {exc}")
             continue
         if _digest(inputs, list(answers)) != digest:
@@ -371,23 +375,16 @@ def check_engine(engine: Any, folder: Path = ANSWERS_DIR) -> SelfTestReport:
                 "again on a trusted machine (`engines selftest --record`)"
             )
         stored.update(answers)
-    sessions = _sessions(engine)
-    for net in ("pnet", "rnet", "onet", "embedder"):
-        if net not in stored:
-            continue
+    sessions = engine.detector.sessions
+    outputs = network_outputs(engine, inputs, [net for net in NETWORKS if net in stored])
+    for net, got in outputs.items():
         if net == "embedder":
             precision = _precision(engine.embedder.backend, engine, True)
-            tol = TOLERANCES[precision]
-            got = np.asarray(engine.embedder.raw(inputs["embedder"]), dtype=np.float32)
-            worst[net], problem = _compare_embedder(got, stored[net][0], tol)
+            worst[net], problem = _compare_embedder(got[0], stored[net][0], TOLERANCES[precision])
             model = engine.model_id
         else:
             precision = _precision(sessions[net], engine, False)
-            tol = TOLERANCES[precision]
-            outs = [
-                np.asarray(a, dtype=np.float32) for a in sessions[net].run(None, {"input": _mtcnn_input(inputs[net])})
-            ]
-            worst[net], problem = _compare_detector(outs, stored[net], tol)
+            worst[net], problem = _compare_detector(got, stored[net], TOLERANCES[precision])
             model = models["detector"]
         if problem:
             raise SelfTestError(
@@ -400,6 +397,7 @@ def check_engine(engine: Any, folder: Path = ANSWERS_DIR) -> SelfTestReport:
         precisions.add(precision)
     return SelfTestReport(
         checks=tuple(checks),
+        unchecked=tuple(unchecked),
         skipped=tuple(skipped),
         precision="+".join(sorted(precisions)) or "-",
         worst=worst,
