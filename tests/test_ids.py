@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from testing.hits import make_hit
 from watchlist.format.bundle import BundleFormatError, check_person_id
 from watchlist.hq.enrol import read_manifest
 from wire.errors import ProtocolError
-from wire.records import MAX_ID_CHARS, Hit, id_problem
+from wire.records import MAX_ID_CHARS, id_problem
 from wire.topics import check_topic_level
 
 REFUSED = ["case-2024\x9f0173", "case\x9b2", "case\u20280173", "case\u2029x", "case\x7f", "tab\there", ""]
@@ -29,21 +30,7 @@ def test_an_id_the_wire_refuses_is_refused_by_enrolment_bundles_and_configs(valu
 def test_every_id_the_bundle_takes_travels_in_a_hit() -> None:
     for pid in ["case-2024-0173", "Fall 17/2024 (Köln)", "案件-7", "x" * 64]:
         assert check_person_id(pid) == pid
-        assert (
-            Hit(
-                unit_id="u",
-                camera_id="c",
-                captured_at=1.7e9,
-                person_id=pid,
-                score=0.99,
-                threshold=0.9,
-                margin=0.1,
-                box=(0.0, 0.0, 10.0, 10.0),
-                model_id="m",
-                watchlist_version=1,
-            ).person_id
-            == pid
-        )
+        assert make_hit(person_id=pid).person_id == pid
     assert id_problem("x" * MAX_ID_CHARS) is None and id_problem("x" * (MAX_ID_CHARS + 1)) is not None
 
 
