@@ -12,15 +12,10 @@ float32's, FNIR no more than 0.005 above, and cosine >= 0.99 on every face.
 Data: LAG, S. Bianco, "Large Age-Gap Face Verification by Feature Injection in Deep Networks",
 Pattern Recognition Letters 90, 2017 (evaluation use only).
 
-Another CPU's integer kernels (docs/engine.md): --save-embeddings keeps a run's chips and both
-embedders' raw outputs; --compare-embeddings embeds those chips again (no detection, no data
-needed) and reports how far this machine's outputs are from the saved ones, for example under
-an emulated AVX2 CPU.
+Whether another CPU computes the same embeddings is bench/cpu_agreement.py's question.
 
 Example:
     python bench/int8_accuracy.py --json out/int8_accuracy.json
-    python bench/int8_accuracy.py --limit 20 --save-embeddings /tmp/int8-native.npz
-    qemu-x86_64 -cpu Haswell .venv/bin/python bench/int8_accuracy.py --compare-embeddings /tmp/int8-native.npz
 """
 
 from __future__ import annotations
@@ -143,29 +138,6 @@ def _noise_control(
     return {"seeds": seeds, "noise_sigma": float(err), "delta_ranges": ranges}
 
 
-def _agreement(saved: np.ndarray, now: np.ndarray) -> dict:
-    """How far this machine's raw outputs are from the saved ones, face by face."""
-    cos = np.sum(saved * now, axis=1) / (np.linalg.norm(saved, axis=1) * np.linalg.norm(now, axis=1))
-    return {
-        "faces": len(saved),
-        "bit_identical": int(np.all(saved == now, axis=1).sum()),
-        "max_abs_difference": float(np.abs(saved - now).max()),
-        "lowest_cosine": float(cos.min()),
-    }
-
-
-def compare_with_saved(path: Path, engines: dict) -> dict:
-    """Embed the chips saved by --save-embeddings with each engine and compare with the saved raw outputs."""
-    saved = np.load(path)
-    out = {name: _agreement(saved[name], engine.embedder.raw(saved["chips"])) for name, engine in engines.items()}
-    for name, r in out.items():
-        print(
-            f"{name}: {r['bit_identical']} of {r['faces']} faces bit-identical to {path}, "
-            f"max |difference| {r['max_abs_difference']:.3g}, lowest cosine {r['lowest_cosine']:.6f}"
-        )
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder in the LAG layout")
@@ -179,12 +151,6 @@ def main(argv: list[str] | None = None) -> int:
         "other lag-dev identity (int8_calibration_photos), the guard then also reported on the identities "
         "calibration never saw",
     )
-    ap.add_argument("--save-embeddings", type=Path, help="write the chips and both raw outputs here (.npz)")
-    ap.add_argument(
-        "--compare-embeddings",
-        type=Path,
-        help="only embed the chips of a --save-embeddings file and compare with its outputs (another CPU)",
-    )
     args = ap.parse_args(argv)
 
     from engines.cohort import central_face
@@ -192,21 +158,6 @@ def main(argv: list[str] | None = None) -> int:
     from engines.face_engine import FaceEngine
     from engines.image import load_image
 
-    if args.compare_embeddings:
-        fp32 = FaceEngine.load(EngineConfig(precision="fp32", backend="onnxruntime"))
-        int8 = FaceEngine.load(EngineConfig(precision="int8", backend="onnxruntime"))
-        results = {
-            "command": " ".join(["python", "bench/int8_accuracy.py", *(argv if argv is not None else sys.argv[1:])]),
-            "machine": describe_machine(),
-            "int8_self_check": int8.precision_fallback or "passed",
-        }
-        print(machine_summary(results["machine"]))
-        print(f"int8 self-check: {results['int8_self_check']}")
-        results["agreement"] = compare_with_saved(args.compare_embeddings, {"fp32": fp32, "int8": int8})
-        if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(results, indent=2))
-        return 0
     photos = list_photos(require_data(args.data))
     if args.limit:
         keep = sorted({p.identity for p in photos})[: args.limit]
@@ -234,9 +185,6 @@ def main(argv: list[str] | None = None) -> int:
     for name, engine in (("fp32", fp32), ("int8", int8)):
         final[name] = engine.embedder.embed_chips(batch)
         raw[name] = engine.embedder.raw(batch)
-    if args.save_embeddings:
-        args.save_embeddings.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(args.save_embeddings, chips=batch, **raw)
     cos_final = np.sum(final["fp32"] * final["int8"], axis=1)
     cos_raw = np.sum(raw["fp32"] * raw["int8"], axis=1)
     cos_raw /= np.linalg.norm(raw["fp32"], axis=1) * np.linalg.norm(raw["int8"], axis=1)
