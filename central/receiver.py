@@ -12,6 +12,16 @@ protocol, or whose signature does not hold (`signature_policy`), is quarantined 
 batch of hits fails to commit, its hits are retried one by one: the one the store refuses is
 quarantined with the store's error, the rest are stored. Only when even quarantining fails (the
 store is down) is the batch kept unacknowledged and retried.
+
+Input is bounded before it reaches the store. Hits and status come at QoS 1, so the broker sends at
+most `receive_maximum` of them unacknowledged (MQTT 5 flow control; Mosquitto's
+max_inflight_messages under 3.1.1); they are never dropped here. QoS 0 messages (heartbeats) are
+not flow-controlled, so paho's thread admits them only while fewer than `queue_max` messages and
+`queue_max_bytes` bytes of them wait; a payload over its kind's decode limit
+(`wire.records.MAX_PAYLOAD_BYTES`) and a unit's QoS 0 message sooner than
+`heartbeat_min_interval_s` after its last one are dropped too, before they are parsed. Every such
+drop is counted by reason and by unit (`stats()`) and logged at WARNING at most once a minute. The
+heartbeats of a batch are written in one transaction, only the newest of each unit.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ import queue
 import socket
 import threading
 import time
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +39,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from central.store import HitStore
+from central.store import REJECT_PAYLOAD_BYTES, HitStore
 from wire import records, signing, topics
 from wire.errors import ProtocolError
 from wire.mqtt import MqttConnection, MqttLink
@@ -49,6 +60,18 @@ class ReceiverConfig(MqttConnection):
     shared: bool = Field(default=True, description="use $share/<group>/... (MQTT 5); off: receive every hit")
     receive_maximum: int = Field(default=100, ge=1, le=65535, description="hits the broker may send unacknowledged")
     batch_max: int = Field(default=200, ge=1, le=10000, description="messages committed to the store at once")
+    queue_max: int = Field(
+        default=20000, ge=1, description="QoS 0 messages (heartbeats) waiting for the store; more are dropped, counted"
+    )
+    queue_max_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=records.MAX_HEARTBEAT_BYTES, description="their payload bytes, the same way"
+    )
+    heartbeat_min_interval_s: float = Field(
+        default=1.0,
+        ge=0,
+        description="a unit's heartbeat (any QoS 0 message on its topics) sooner than this after the last one "
+        "taken is dropped, counted (units send one every 30 s by default)",
+    )
     retention_days: float = Field(default=90.0, gt=0, description="hits older than this are purged from the store")
     unit_keys: Path | None = Field(
         default=None, description="unit public keys (a file of key lines or a folder of *.pub files)"
@@ -101,11 +124,77 @@ def signature_policy(verdict: signing.Verdict, known_unit: bool, unsigned: str) 
 @dataclass(frozen=True)
 class _Incoming:
     topic: str
-    payload: bytes
+    payload: bytes  # for an oversized message, only the prefix the rejects table keeps
     mid: int
     qos: int
     retain: bool
     received_at: float
+    size: int  # the payload's full size
+
+
+@dataclass(frozen=True)
+class _Beat:
+    """A decoded heartbeat waiting for its batch's commit; `at` orders it (receive time, or the
+    unit's own time for a retained one replayed on subscribing)."""
+
+    message: _Incoming
+    site: str
+    unit_id: str
+    body: dict[str, Any]
+    at: float
+
+
+DROP_REASONS = ("oversized", "too_frequent", "queue_full", "superseded")
+"""Why the receiver dropped a message without storing it: over its kind's decode limit (QoS 0), a
+unit's QoS 0 message sooner than heartbeat_min_interval_s after its last, no room in the QoS 0 queue,
+a heartbeat replaced by a newer one of its unit in the same batch."""
+OTHER_UNITS = "(other units)"
+MAX_UNITS_COUNTED = 1000
+"""Units named in the per-unit drop counts; drops of any further unit are counted under OTHER_UNITS
+(topics are the sender's choice: the counts must not grow with them)."""
+DROP_LOG_INTERVAL_S = 60.0
+
+
+class Drops:
+    """Messages dropped before the store, by reason and by unit, with a WARNING at most once a
+    `log_interval_s` saying how many since the last one. Thread-safe."""
+
+    def __init__(self, log_interval_s: float = DROP_LOG_INTERVAL_S) -> None:
+        self.by_reason: Counter[str] = Counter({r: 0 for r in DROP_REASONS})
+        self.by_unit: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self._log_interval_s = log_interval_s
+        self._logged_at = -log_interval_s
+        self._since_log: Counter[tuple[str, str]] = Counter()
+
+    def add(self, reason: str, unit: str, n: int = 1) -> None:
+        """Count `n` messages of `unit` ("site/unit") dropped for `reason` (one of DROP_REASONS)."""
+        with self._lock:
+            self.by_reason[reason] += n
+            if unit not in self.by_unit and len(self.by_unit) >= MAX_UNITS_COUNTED:
+                unit = OTHER_UNITS
+            self.by_unit[unit] += n
+            self._since_log[(reason, unit)] += n
+            now = time.monotonic()
+            if now - self._logged_at < self._log_interval_s:
+                return
+            self._logged_at = now
+            top = self._since_log.most_common(5)
+            summary = ", ".join(f"{n} {r} from {safe_text(u, 80)}" for (r, u), n in top)
+            rest = sum(self._since_log.values()) - sum(n for _, n in top)
+            if rest:
+                summary += f" and {rest} more"
+            self._since_log.clear()
+        log.warning(
+            "receiver: dropped messages without storing them: %s (counted in the receiver's stats; "
+            "this warning comes at most once every %gs)",
+            summary,
+            self._log_interval_s,
+        )
+
+    def figures(self) -> dict[str, Any]:
+        with self._lock:
+            return {"dropped": dict(self.by_reason), "dropped_by_unit": dict(self.by_unit)}
 
 
 class Receiver:
@@ -126,12 +215,30 @@ class Receiver:
         self._owns_store = not isinstance(store, HitStore)
         self._on_hit = on_hit
         self._on_unit = on_unit
+        # Unbounded as a container; what enters is bounded in _on_message (QoS 0 by queue_max and
+        # queue_max_bytes, QoS 1 by the broker's flow control).
         self._queue: queue.Queue[_Incoming] = queue.Queue()
+        self._admit = threading.Lock()
+        self.arrived = {"qos0": 0, "acked": 0}
+        self.queued = {"qos0": 0, "qos0_bytes": 0, "acked": 0}
+        self.queued_max = dict(self.queued)
+        # When each unit's (and topic kind's) last QoS 0 message was admitted, oldest first; only
+        # those within heartbeat_min_interval_s are kept.
+        self._last_qos0: OrderedDict[str, float] = OrderedDict()
+        self.drops = Drops()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._next_purge = 0.0
         self.subscribed = threading.Event()
-        self.counts = {"received": 0, "new": 0, "duplicates": 0, "rejected": 0, "status": 0, "heartbeats": 0}
+        self.counts = {
+            "received": 0,
+            "new": 0,
+            "duplicates": 0,
+            "rejected": 0,
+            "status": 0,
+            "heartbeats": 0,
+            "heartbeat_writes": 0,
+        }
         self.link = MqttLink(
             config,
             config.client_id,
@@ -169,7 +276,13 @@ class Receiver:
             self.store.close()
 
     def stats(self) -> dict[str, Any]:
-        return {**self.counts, **self.link.figures()}
+        """Counts of what arrived (`arrived`: QoS 0 and acknowledged messages), was stored,
+        quarantined and dropped (by reason and by unit), the queue's depth now and the most it held
+        (`queued`, `queued_max`), and the link's figures. `heartbeats` are heartbeat messages
+        written, `heartbeat_writes` the transactions they took."""
+        with self._admit:
+            queued = {"arrived": dict(self.arrived), "queued": dict(self.queued), "queued_max": dict(self.queued_max)}
+        return {**self.counts, **self.drops.figures(), **queued, **self.link.figures()}
 
     # --- network thread -----------------------------------------------------------------------
 
@@ -191,7 +304,58 @@ class Receiver:
         self.subscribed.set()
 
     def _on_message(self, msg: Any) -> None:
-        self._queue.put(_Incoming(msg.topic, bytes(msg.payload), msg.mid, msg.qos, bool(msg.retain), time.time()))
+        topic, payload, qos, retain = msg.topic, msg.payload, msg.qos, bool(msg.retain)
+        parts = topic.split("/")
+        unit, kind = ("/".join(parts[2:4]), parts[4]) if len(parts) == 5 else (topic, "")
+        limit = records.MAX_PAYLOAD_BYTES.get(kind)
+        oversized = limit is not None and len(payload) > limit
+        with self._admit:
+            self.arrived["acked" if qos > 0 else "qos0"] += 1
+            if qos > 0:
+                # Never dropped: the broker holds the rest until these are acknowledged. An oversized
+                # one is kept as the prefix the rejects table stores, then quarantined and acknowledged.
+                self._count_queued("acked", 1)
+            else:
+                why = self._qos0_refusal(f"{unit}/{kind}", len(payload), oversized, retain)
+                if why is not None:
+                    self.drops.add(why, unit)
+                    return
+                self._count_queued("qos0", 1)
+                self._count_queued("qos0_bytes", len(payload))
+        kept = bytes(payload[:REJECT_PAYLOAD_BYTES]) if oversized else bytes(payload)
+        self._queue.put(_Incoming(topic, kept, msg.mid, qos, retain, time.time(), len(payload)))
+
+    def _qos0_refusal(self, key: str, size: int, oversized: bool, retain: bool) -> str | None:
+        """Why a QoS 0 message is dropped (a DROP_REASONS word), or None to queue it; under _admit."""
+        if oversized:
+            return "oversized"
+        now = time.monotonic()
+        window = self.config.heartbeat_min_interval_s
+        while self._last_qos0 and now - next(iter(self._last_qos0.values())) >= window:
+            self._last_qos0.popitem(last=False)
+        # A retained message is one the broker replays on (re)subscribing, never a sender's flood:
+        # it neither counts against the unit's interval nor is held to it.
+        if not retain and key in self._last_qos0:
+            return "too_frequent"
+        full = self.queued["qos0"] >= self.config.queue_max
+        if full or self.queued["qos0_bytes"] + size > self.config.queue_max_bytes:
+            return "queue_full"
+        if not retain and window > 0:
+            self._last_qos0[key] = now
+        return None
+
+    def _count_queued(self, what: str, n: int) -> None:
+        self.queued[what] += n
+        self.queued_max[what] = max(self.queued_max[what], self.queued[what])
+
+    def _taken(self, m: _Incoming) -> None:
+        """`m` left the queue for the store thread."""
+        with self._admit:
+            if m.qos > 0:
+                self.queued["acked"] -= 1
+            else:
+                self.queued["qos0"] -= 1
+                self.queued["qos0_bytes"] -= m.size
 
     # --- store thread -------------------------------------------------------------------------
 
@@ -210,6 +374,8 @@ class Receiver:
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
+            for m in batch:
+                self._taken(m)
             while True:
                 try:
                     self._handle(batch)
@@ -232,15 +398,17 @@ class Receiver:
     def _handle(self, batch: list[_Incoming]) -> None:
         hits: list[tuple[_Incoming, tuple[dict[str, Any], bytes | None, float]]] = []
         changes: list[tuple[str, str, str]] = []
+        beats: list[_Beat] = []
         for m in batch:
             try:
-                self._take(m, hits, changes)
+                self._take(m, hits, changes, beats)
             except (ProtocolError, Quarantined) as e:
                 self._quarantine(m, getattr(e, "reason", "protocol"), str(e))
             except Exception as e:  # noqa: BLE001 - a message the checks did not foresee: set aside, not retried
                 log.exception("receiver: unexpected error on a message on %s", safe_text(m.topic))
                 self._quarantine(m, "error", f"{type(e).__name__}: {e}")
         stored, new = self._store_hits(hits)
+        self._store_heartbeats(beats)
         # Acknowledge only now: everything in the batch is committed, as a hit or as a reject.
         for m in batch:
             if m.qos > 0:
@@ -269,9 +437,14 @@ class Receiver:
         m: _Incoming,
         hits: list[tuple[_Incoming, tuple[dict[str, Any], bytes | None, float]]],
         changes: list[tuple[str, str, str]],
+        beats: list[_Beat],
     ) -> None:
-        """Decode and check one message; queue a hit, or apply a status or heartbeat now."""
+        """Decode and check one message; apply a status now, or set a hit or heartbeat aside for
+        the batch's commit."""
         site, unit_id, kind = topics.parse_topic(m.topic)
+        limit = records.MAX_PAYLOAD_BYTES[kind]
+        if m.size > limit:
+            raise ProtocolError(f"{kind} payload of {m.size} bytes is over the limit of {limit} bytes")
         if kind == "hits":
             fields, crop = records.decode_hit(m.payload)
             self._check_origin(fields, site, unit_id)
@@ -295,11 +468,7 @@ class Receiver:
             return
         body = records.decode_heartbeat(m.payload)
         self._check_origin(body, site, unit_id)
-        try:
-            self.store.set_heartbeat(site, unit_id, body, body["at"] if m.retain else m.received_at)
-        except Exception as e:  # noqa: BLE001 - this message, not the store, may be the problem
-            raise Quarantined("store", f"the store refused this heartbeat: {e}") from None
-        self.counts["heartbeats"] += 1
+        beats.append(_Beat(m, site, unit_id, body, body["at"] if m.retain else m.received_at))
 
     def _verify(self, payload: bytes, site: str, unit_id: str, crop: bytes | None) -> str:
         """The record's signature verdict, or Quarantined when the policy refuses it."""
@@ -335,6 +504,45 @@ class Receiver:
                 self._quarantine(m, "store", f"the store refused this hit: {e}")
         return stored, new
 
+    def _store_heartbeats(self, batch: list[_Beat]) -> None:
+        """Write the newest heartbeat of each unit in the batch in one transaction (the others are
+        dropped as superseded); if that fails, one by one, quarantining each the store refuses (as
+        _store_hits does)."""
+        newest: dict[tuple[str, str], _Beat] = {}
+        for b in batch:
+            kept = newest.get((b.site, b.unit_id))
+            if kept is None or kept.at <= b.at:
+                newest[(b.site, b.unit_id)] = b
+        if not newest:
+            return
+        beats = list(newest.values())
+        rows = [(b.site, b.unit_id, b.body, b.at) for b in beats]
+        try:
+            self.store.set_heartbeats(rows)
+            self.counts["heartbeat_writes"] += 1
+            self.counts["heartbeats"] += len(beats)
+            self._count_superseded(batch, beats)
+            return
+        except Exception as e:  # noqa: BLE001 - find the one heartbeat that fails rather than retry all forever
+            log.warning(
+                "receiver: %d heartbeats failed to commit together (%s); storing them one by one", len(beats), e
+            )
+        for b, row in zip(beats, rows):
+            try:
+                self.store.set_heartbeats([row])
+                self.counts["heartbeat_writes"] += 1
+                self.counts["heartbeats"] += 1
+            except Exception as e:  # noqa: BLE001 - quarantine it; if the store is down, that raises too
+                self._quarantine(b.message, "store", f"the store refused this heartbeat: {e}")
+        self._count_superseded(batch, beats)
+
+    def _count_superseded(self, batch: list[_Beat], written: list[_Beat]) -> None:
+        # Counted once the batch is through: a batch retried while the store is down counts them once.
+        kept = {id(b) for b in written}
+        for b in batch:
+            if id(b) not in kept:
+                self.drops.add("superseded", f"{b.site}/{b.unit_id}")
+
     def _quarantine(self, m: _Incoming, reason: str, error: str) -> None:
         log.warning(
             "receiver: quarantined message on %s: %s: %s (kept in the store's rejects table)",
@@ -342,7 +550,7 @@ class Receiver:
             reason,
             safe_text(error, 500),
         )
-        self.store.add_reject(m.topic, m.payload, error, m.received_at, reason=reason)
+        self.store.add_reject(m.topic, m.payload, error, m.received_at, reason=reason, payload_bytes=m.size)
         self.counts["rejected"] += 1
 
     @staticmethod

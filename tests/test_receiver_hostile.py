@@ -253,3 +253,119 @@ def test_console_hit_page_shows_the_signature_verdict_and_survives_impossible_ti
     finally:
         server.stop()
         store.close()
+
+
+def heartbeat(unit: str, site: str = "site-a", watchlist_version: int | None = None) -> bytes:
+    return records.heartbeat_payload(
+        site,
+        unit,
+        interval_s=30.0,
+        uptime_s=1.0,
+        unit={} if watchlist_version is None else {"watchlist": {"version": watchlist_version}},
+        outbox={k: 0 for k in records.HEARTBEAT_OUTBOX_KEYS},
+        link={"state": "connected", "connects": 1, "connect_attempts": 1, "last_error": None},
+    )
+
+
+def test_a_heartbeat_flood_is_dropped_and_counted_while_another_units_hits_are_all_stored(mosquitto, tmp_path):
+    path = tmp_path / "hits.sqlite"
+    store = HitStore(path)
+    rx, got = start_receiver(
+        mosquitto, store, receive_maximum=20, batch_max=10, queue_max=30, heartbeat_min_interval_s=3600
+    )
+    # Another process holds the database's write lock (a console's long write, a slow disk): the
+    # receiver's store thread waits on it while the flood arrives, so the queue is what takes it.
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    flood = publisher(mosquitto, "unit-x")  # one unit's account, flooding at QoS 0
+    hb_x = TOPIC.format(site="site-a", unit="unit-x", kind="heartbeat")
+    flood.publish(hb_x, heartbeat("unit-x"), qos=0).wait_for_publish(5)
+    for _ in range(200):
+        flood.publish(hb_x, heartbeat("unit-x"), qos=0)
+    oversized = b"{" + b" " * records.MAX_HEARTBEAT_BYTES + b"}"
+    for _ in range(20):
+        flood.publish(hb_x, oversized, qos=0)
+    flood.publish(hb_x, heartbeat("unit-x"), qos=0).wait_for_publish(10)
+    fleet = publisher(mosquitto, "fleet")  # 100 other units' heartbeats, one each
+    for n in range(100):
+        fleet.publish(TOPIC.format(site="site-a", unit=f"hb-{n}", kind="heartbeat"), heartbeat(f"hb-{n}"), qos=0)
+    unit_y = publisher(mosquitto, "unit-y")
+    hits = [make_hit("unit-y") for _ in range(60)]
+    sent = [
+        unit_y.publish(TOPIC.format(site="site-a", unit="unit-y", kind="hits"), json.dumps(hit_body(h)), qos=1)
+        for h in hits
+    ]
+    for info in sent:
+        info.wait_for_publish(10)
+    # The broker took every hit before this last heartbeat, so whatever hits it sends the receiver
+    # arrive before it: once it is in, the count of hits delivered unacknowledged is final.
+    fleet.publish(TOPIC.format(site="site-a", unit="last", kind="heartbeat"), heartbeat("last"), qos=0)
+    sent_qos0 = 1 + 200 + 20 + 1 + 100 + 1
+    wait_for(lambda: rx.stats()["arrived"]["qos0"] == sent_qos0, what=lambda: f"the flood: {rx.stats()['arrived']}")
+    assert rx.stats()["arrived"]["acked"] == 20, "QoS 1: the broker sends at most receive_maximum unacknowledged"
+    blocker.execute("ROLLBACK")
+    blocker.close()
+
+    def handled() -> int:
+        s = rx.stats()
+        return s["heartbeats"] + sum(s["dropped"].values())
+
+    wait_for(lambda: len(got) == len(hits) and handled() == sent_qos0, what=lambda: f"all handled: {rx.stats()}")
+    stats = rx.stats()
+    rx.close()
+    for c in (flood, fleet, unit_y):
+        c.loop_stop()
+
+    # Every hit of the other unit is stored: QoS 1 is flow-controlled by the broker, never dropped.
+    assert sorted(g["id"] for g in got) == sorted(h.id for h in hits)
+    assert store.count_hits() == len(hits) and stats["arrived"]["acked"] == len(hits)
+    # The flood: counted by reason and by unit, never stored or quarantined.
+    dropped = stats["dropped"]
+    assert (dropped["oversized"], dropped["too_frequent"]) == (20, 201)
+    assert stats["dropped_by_unit"]["site-a/unit-x"] == 221
+    assert dropped["queue_full"] > 0
+    assert dropped["queue_full"] == sum(n for u, n in stats["dropped_by_unit"].items() if u != "site-a/unit-x")
+    assert store.rejects() == [] and stats["rejected"] == 0
+    # The queue never held more than its bound.
+    assert stats["queued_max"]["qos0"] <= 30
+    assert stats["queued_max"]["qos0_bytes"] <= 30 * (len(heartbeat("unit-x")) + 8), "the time may take more digits"
+    assert stats["queued"] == {"qos0": 0, "qos0_bytes": 0, "acked": 0}
+    # What was taken is stored, many heartbeats to a transaction.
+    beats = [u for u in store.units() if u["heartbeat"] is not None]
+    assert len(beats) == stats["heartbeats"] == 1 + 100 + 1 - dropped["queue_full"] - dropped["superseded"]
+    assert stats["heartbeat_writes"] < stats["heartbeats"] / 2
+    store.close()
+
+
+def test_only_signed_hits_write_watchlist_seen_never_heartbeats(mosquitto, tmp_path):
+    signer, _ = unit_key(tmp_path, "site-a", "unit-1")
+    store = HitStore(tmp_path / "hits.sqlite")
+    rx, got = start_receiver(mosquitto, store, unit_keys=tmp_path / "keys")
+    pub = publisher(mosquitto)
+    # Anyone holding the unit's broker account can send a heartbeat claiming any list version.
+    pub.publish(TOPIC.format(site="site-a", unit="unit-1", kind="heartbeat"), heartbeat("unit-1", watchlist_version=9))
+    wait_for(lambda: store.units() and store.units()[0]["watchlist_version"] == 9, what="the heartbeat shown")
+    hits_topic = TOPIC.format(site="site-a", unit="unit-1", kind="hits")
+    signed = [make_hit("unit-1", watchlist_version=v) for v in (5, 5, 6)]
+    for h in signed:
+        pub.publish(hits_topic, records.hit_payload(records.hit_record(h, "site-a"), None, None, signer=signer), qos=1)
+    # A unit with no registered key: its hit is stored (unsigned), its version is not audited.
+    legacy = make_hit("unit-9", watchlist_version=7)
+    pub.publish(TOPIC.format(site="site-b", unit="unit-9", kind="hits"), json.dumps(hit_body(legacy, "site-b")), qos=1)
+    wait_for(lambda: len(got) == 4, what="four hits stored")
+    rx.close()
+    # A restarted receiver: a version already seen in a stored signed hit is not entered again.
+    rx, got = start_receiver(mosquitto, store, unit_keys=tmp_path / "keys")
+    again = make_hit("unit-1", watchlist_version=6)
+    pub.publish(hits_topic, records.hit_payload(records.hit_record(again, "site-a"), None, None, signer=signer), qos=1)
+    wait_for(lambda: len(got) == 1, what="the hit after the restart")
+    rx.close()
+    pub.loop_stop()
+
+    seen = [e for e in store.audit_entries(limit=None, newest_first=False) if e["action"] == "watchlist_seen"]
+    assert [(e["actor"], e["subject"], json.loads(e["detail"])) for e in seen] == [
+        ("unit:site-a/unit-1", "site-a/unit-1", {"watchlist_version": 5, "hit": signed[0].id}),
+        ("unit:site-a/unit-1", "site-a/unit-1", {"watchlist_version": 6, "hit": signed[2].id}),
+    ]
+    assert store.verify_audit().ok
+    store.close()

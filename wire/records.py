@@ -272,6 +272,11 @@ MAX_TREE_ITEMS = 4096
 """values allowed inside a heartbeat's free-form `unit` object, all levels together."""
 _HIT_OVERHEAD_BYTES = 32 * 1024
 """room in a hit payload for everything but the crop: 6 ids of 128 characters as \\uXXXX escapes and the rest."""
+MAX_HIT_BYTES = 4 * ((MAX_CROP_BYTES + 2) // 3) + _HIT_OVERHEAD_BYTES
+"""a hit payload with the largest crop a receiver takes by default (its base64) and the rest."""
+MAX_PAYLOAD_BYTES = {"hits": MAX_HIT_BYTES, "status": MAX_STATUS_BYTES, "heartbeat": MAX_HEARTBEAT_BYTES}
+"""the decode limit of each topic kind (wire.topics.KINDS): a receiver refuses a larger payload
+before it parses or even queues it."""
 
 # Characters an id or a reason may not contain: C0 and C1 controls, DEL, the Unicode line
 # separators (they forge log and terminal lines) and lone surrogates (not encodable as UTF-8:
