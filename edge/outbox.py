@@ -1,10 +1,21 @@
 """The durable outbox: hits wait here, on disk, until the broker acknowledges them.
 
-SQLite in WAL mode with synchronous=FULL: once `put` returns, the hit survives a kill -9 and a
-power cut. Rows leave only through `ack` (the broker's PUBACK) or the size policy. The outbox is
-bounded by `max_bytes` of stored hit data; when a new hit does not fit, the crops of the oldest
-pending hits go first, hit records last, and every drop is counted (persistently, in the same
-transaction) and logged, so nothing disappears silently.
+SQLite with a persistent rollback journal and synchronous=FULL: once `put` returns, the hit survives a
+kill -9 and a power cut. Rows leave only through `ack` (the broker's PUBACK) or the size policy. The
+outbox is bounded by `max_bytes` of stored hit data and by the room on its disk; when a new hit does
+not fit in either, the crops of the oldest pending hits go first, hit records last, and every drop is
+counted (persistently, in the same transaction) and logged, so nothing disappears silently.
+
+Why a rollback journal and not WAL: a WAL holds every change until a checkpoint copies it into the
+database file, so on a full disk it can hold the space the checkpoint needs, and then nothing, not
+even a delete, can be written (the outbox of issue 20 stayed stuck after space came back). With a
+rollback journal an insert that does not fit is rolled back whole, and a delete only copies the few
+pages it changes into the journal. The journal is kept (``journal_mode=PERSIST``) at a fixed size
+(`JOURNAL_RESERVE`, zeros after its header), so that room is always there for deletes: acknowledged
+hits can be removed and old crops dropped on a disk with no byte left. Pages freed inside the file
+are reused by the next hits. The WAL's shared-memory index was also memory-mapped, and a write to it
+after the file was made immutable (chattr +i) killed the process with SIGBUS; without WAL and with
+``mmap_size=0`` SQLite only uses read() and write(), whose errors come back as errors.
 
 The outbox checks on each put, take and ack that its file and lock file are still the ones it
 opened (same inode): deleted or replaced, it raises OutboxGone rather than accept hits into a
@@ -22,7 +33,7 @@ import os
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import Field, model_validator
@@ -33,6 +44,14 @@ log = logging.getLogger(__name__)
 
 COUNTERS = ("accepted", "sent", "crops_dropped_oversized", "crops_dropped_full", "hits_dropped_full")
 MIN_MAX_BYTES = 64 * 1024
+# Room kept in the rollback journal for the next transaction: a delete of a window of acknowledged
+# hits or a drop of old crops changes a few dozen 4 KiB pages at most (freed pages are not copied).
+JOURNAL_RESERVE = 512 * 1024
+# Acknowledged hits deleted per transaction, so one delete's journal stays inside JOURNAL_RESERVE.
+_ACK_CHUNK = 16
+# Room asked for beyond a new hit's own bytes when the disk is full: its row may need a new table
+# and index page besides the pages of its crop.
+_FULL_DISK_SLACK = 4 * 4096
 
 
 class OutboxConfig(StrictModel):
@@ -103,7 +122,9 @@ class Outbox:
 
     `take` hands out the next rows to publish and remembers them as in flight (they are never
     chosen for dropping: the transport already holds them); `ack` deletes rows the broker
-    acknowledged; `release` puts in-flight rows back to be taken again.
+    acknowledged (a row whose delete failed stays acknowledged and is deleted by the next `ack`);
+    `release` puts in-flight rows back to be taken again. `problem` says what keeps the outbox from
+    working as it should (a full disk, a file it cannot write), None while all is well.
     """
 
     def __init__(self, config: OutboxConfig) -> None:
@@ -116,6 +137,9 @@ class Outbox:
         self._lock_file = self._take_file_lock()
         self.moved_aside: Path | None = None  # where a corrupt file found at start was moved
         self.lost_pending: int | None = None  # how many pending hits that file counted (None: unreadable)
+        self.problem: str | None = None
+        self._problem_kind = ""  # 'full' (the disk had no room) or 'write' (a write failed otherwise)
+        self._journal_warned = False
         try:
             rows, size = self._open_or_replace()
             self._identity = self._file_identity()
@@ -125,21 +149,31 @@ class Outbox:
         self._lock = threading.Lock()
         self._rows = int(rows)
         self._bytes = int(size)
-        self._inflight: set[int] = set()
+        self._inflight: set[int] = set()  # handed out by take, not yet acknowledged
+        self._acked: set[int] = set()  # acknowledged, their delete not yet committed
         self._cursor = 0
         self._closed = False
         self.gone: str | None = None  # why the outbox stopped accepting hits (file deleted or replaced)
+        self._keep_journal_reserve()
         if rows:
             log.info("outbox %s: %d hits (%d bytes) pending from before, sending them first", self.path, rows, size)
 
     def _connect(self) -> tuple[int, int]:
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=10)
-        mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            raise OutboxError(f"outbox.path: {self.path} cannot use WAL journaling (got {mode}); use a local disk")
+        # No memory-mapped I/O: a write to a mapped page of a file that became unwritable is a SIGBUS.
+        self._db.execute("PRAGMA mmap_size=0")
+        mode = self._db.execute("PRAGMA journal_mode=PERSIST").fetchone()[0]
+        if str(mode).lower() != "persist":
+            raise OutboxError(
+                f"outbox.path: {self.path} cannot switch to a rollback journal (still {mode}): an older unit's "
+                "WAL could not be folded into the file; free space on its disk and restart the unit"
+            )
         self._db.execute("PRAGMA synchronous=FULL")
-        # Keep the WAL from growing without bound between checkpoints.
-        self._db.execute("PRAGMA journal_size_limit=8388608")
+        # The journal never shrinks below what it holds in reserve, nor stays larger.
+        self._db.execute(f"PRAGMA journal_size_limit={JOURNAL_RESERVE}")
+        # Freed pages are not overwritten with zeros (Debian builds SQLite with secure_delete on): zeroing
+        # copies every freed page into the journal, so dropping a crop would need as much room as the crop.
+        self._db.execute("PRAGMA secure_delete=FAST")
         problems = [r[0] for r in self._db.execute("PRAGMA quick_check(5)").fetchall()]
         if problems != ["ok"]:
             raise _Corrupt("; ".join(str(p) for p in problems))
@@ -175,7 +209,7 @@ class Outbox:
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
         try:
-            for suffix in ("", "-wal", "-shm"):
+            for suffix in ("", "-journal", "-wal", "-shm"):
                 src = Path(str(self.path) + suffix)
                 if src.exists():
                     os.replace(src, str(aside) + suffix)
@@ -247,17 +281,93 @@ class Outbox:
     def _lock_path(self) -> str:
         return str(self.path) + ".lock"
 
+    @property
+    def journal_path(self) -> Path:
+        """The rollback journal beside the outbox file (kept at JOURNAL_RESERVE bytes)."""
+        return Path(str(self.path) + "-journal")
+
     def _release_file_lock(self) -> None:
         fcntl.flock(self._lock_file, fcntl.LOCK_UN)
         os.close(self._lock_file)
+
+    def _keep_journal_reserve(self) -> None:
+        # Only ever called between transactions: SQLite zeroes a persistent journal's header when a
+        # transaction ends, and a journal whose first byte is zero is no hot journal, so the zeros
+        # written here are room for the next transaction, never something SQLite would play back.
+        path = self.journal_path
+        try:
+            have = path.stat().st_size
+        except FileNotFoundError:
+            have = -1
+        except OSError:
+            return  # the next write reports what is wrong with the folder
+        if have >= JOURNAL_RESERVE:
+            return
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT, os.stat(self.path).st_mode & 0o666)
+            try:
+                have = os.fstat(fd).st_size
+                while have < JOURNAL_RESERVE:
+                    have += os.pwrite(fd, bytes(JOURNAL_RESERVE - have), have)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            if not self._journal_warned:
+                self._journal_warned = True
+                log.warning(
+                    "outbox %s: cannot keep %d KiB of journal room in %s (%s); removing sent hits may fail "
+                    "while its disk stays full",
+                    self.path,
+                    JOURNAL_RESERVE // 1024,
+                    path,
+                    e.strerror or e,
+                )
+            return
+        if self._journal_warned:
+            self._journal_warned = False
+            log.info("outbox %s: journal room of %d KiB kept again", self.path, JOURNAL_RESERVE // 1024)
+
+    # --- problems -----------------------------------------------------------------------------
+
+    def _set_problem(self, kind: str, text: str) -> None:
+        if text != self.problem:
+            log.error("%s", text)
+        self.problem, self._problem_kind = text, kind
+
+    def _wrote(self, *, stored_plainly: bool) -> None:
+        """After a commit: a write problem is over; a full disk is over once a hit was stored without
+        making room for it and the disk has room again. Keeps the journal's reserve."""
+        if self.problem is not None and (self._problem_kind == "write" or (stored_plainly and self._disk_has_room())):
+            log.info("outbox %s writes again (was: %s)", self.path, self.problem)
+            self.problem = None
+        self._keep_journal_reserve()
+
+    def _disk_has_room(self) -> bool:
+        # Hits also fit in pages freed inside the file while the disk stays full; the warning stays
+        # until the disk itself has room, or it would come and go with every other hit.
+        try:
+            st = os.statvfs(self.path.parent)
+        except OSError:
+            return False
+        return st.f_bavail * st.f_frsize >= JOURNAL_RESERVE
+
+    def _failed(self, what: str, e: sqlite3.Error) -> OutboxError:
+        if _is_full(e):
+            hint = "its disk is full even for deletes: free space on it"
+        else:
+            hint = "check the disk and that the file and its folder are writable (ls -l; lsattr for the immutable flag)"
+        self._set_problem("write", f"outbox {self.path}: cannot write ({e}); {hint}")
+        return OutboxError(f"outbox {self.path}: {what}: {e}; {hint}")
 
     # --- producer side ------------------------------------------------------------------------
 
     def put(self, hit_id: str, record: bytes, crop: bytes | None, queued_at: float | None = None) -> int | None:
         """Store one hit durably; returns its sequence number (the existing one if the hit is already
         pending), or None if it was dropped for lack of room (only when every other pending hit is
-        in flight). A crop larger than
-        `max_crop_bytes` is dropped here and counted. Raises OutboxError if the disk write fails."""
+        in flight). A crop larger than `max_crop_bytes` is dropped here and counted. When the hit does
+        not fit in `max_bytes` or on the disk, older crops and then older hits make room (counted).
+        Raises OutboxError if the disk write fails otherwise."""
         queued_at = time.time() if queued_at is None else queued_at
         crop_dropped = None
         with self._lock:
@@ -272,88 +382,170 @@ class Outbox:
                 )
                 crop, crop_dropped = None, "oversized"
                 bumps["crops_dropped_oversized"] = 1
-            size = len(record) + (len(crop) if crop else 0)
+            hit = _NewHit(hit_id, queued_at, record, crop, crop_dropped, bumps)
             try:
-                self._db.execute("BEGIN IMMEDIATE")
-                already = self._db.execute("SELECT seq FROM outbox WHERE hit_id = ?", (hit_id,)).fetchone()
-                if already:
-                    self._db.execute("ROLLBACK")
-                    log.debug("hit %s is already in the outbox; not stored twice", hit_id)
-                    return int(already[0])
-                excess = self._bytes + size - self.config.max_bytes
-                freed = freed_rows = 0
-                if excess > 0:
-                    excess, freed = self._drop_crops(excess, bumps)
-                    if excess > 0 and crop:
-                        log.warning("outbox full: dropping the face crop of new hit %s (%d bytes)", hit_id, len(crop))
-                        excess -= len(crop)
-                        size -= len(crop)
-                        crop, crop_dropped = None, "outbox_full"
-                        bumps["crops_dropped_full"] = bumps.get("crops_dropped_full", 0) + 1
-                    if excess > 0:
-                        excess, freed_rows, freed_bytes = self._drop_records(excess, bumps)
-                        freed += freed_bytes
-                seq = None
-                if excess > 0:
-                    log.error(
-                        "outbox full and every pending hit is in flight: dropping new hit %s (raise outbox.max_bytes)",
-                        hit_id,
-                    )
-                    bumps["hits_dropped_full"] = bumps.get("hits_dropped_full", 0) + 1
-                    del bumps["accepted"]
-                    size = 0
-                else:
-                    seq = self._db.execute(
-                        "INSERT INTO outbox(hit_id, queued_at, record, crop, crop_dropped, size) VALUES (?,?,?,?,?,?)",
-                        (hit_id, queued_at, record, crop, crop_dropped, size),
-                    ).lastrowid
-                self._bump(bumps)
-                self._db.execute("COMMIT")
+                try:
+                    seq = self._insert(hit)
+                    plainly = True
+                except sqlite3.Error as e:
+                    self._rollback()
+                    if not _is_full(e):
+                        raise
+                    seq = self._insert_on_full_disk(hit, e)
+                    plainly = False
             except sqlite3.Error as e:
                 self._rollback()
-                raise OutboxError(f"outbox {self.path}: cannot store hit {hit_id}: {e}") from None
-            self._rows += (1 if seq is not None else 0) - freed_rows
-            self._bytes += size - freed
-            return None if seq is None else int(seq)
+                raise self._failed(f"cannot store hit {hit_id}", e) from None
+            self._wrote(stored_plainly=plainly)
+            return seq
 
-    def _drop_crops(self, excess: int, bumps: dict[str, int]) -> tuple[int, int]:
-        freed = 0
+    def _insert(self, hit: _NewHit) -> int | None:
+        """One transaction: make room within max_bytes (oldest crops, the hit's own crop, oldest
+        records), insert the hit, count. Accounts and logs only once it committed."""
+        crop, crop_dropped, bumps = hit.crop, hit.crop_dropped, dict(hit.bumps)
+        size = len(hit.record) + (len(crop) if crop else 0)
+        self._db.execute("BEGIN IMMEDIATE")
+        already = self._db.execute("SELECT seq FROM outbox WHERE hit_id = ?", (hit.hit_id,)).fetchone()
+        if already:
+            self._db.execute("ROLLBACK")
+            log.debug("hit %s is already in the outbox; not stored twice", hit.hit_id)
+            return int(already[0])
+        drops = _Drops()
+        own_crop = 0
+        excess = self._bytes + size - self.config.max_bytes
+        if excess > 0:
+            excess = self._drop_crops(excess, drops)
+            if excess > 0 and crop:
+                own_crop = len(crop)
+                excess -= own_crop
+                size -= own_crop
+                crop, crop_dropped = None, "outbox_full"
+                bumps["crops_dropped_full"] = bumps.get("crops_dropped_full", 0) + 1
+            if excess > 0:
+                excess = self._drop_records(excess, drops)
+        seq = None
+        if excess > 0:
+            bumps["hits_dropped_full"] = bumps.get("hits_dropped_full", 0) + 1
+            del bumps["accepted"]
+            size = 0
+        else:
+            seq = self._db.execute(
+                "INSERT INTO outbox(hit_id, queued_at, record, crop, crop_dropped, size) VALUES (?,?,?,?,?,?)",
+                (hit.hit_id, hit.queued_at, hit.record, crop, crop_dropped, size),
+            ).lastrowid
+        self._bump(drops.counts(bumps))
+        self._db.execute("COMMIT")
+        self._dropped(drops, "outbox full (outbox.max_bytes)")
+        if own_crop:
+            log.warning("outbox full: dropped the face crop of new hit %s (%d bytes)", hit.hit_id, own_crop)
+        if seq is None:
+            log.error(
+                "outbox full and every pending hit is in flight: dropped new hit %s (raise outbox.max_bytes)",
+                hit.hit_id,
+            )
+            return None
+        self._rows += 1
+        self._bytes += size
+        return int(seq)
+
+    def _insert_on_full_disk(self, hit: _NewHit, error: sqlite3.Error) -> int | None:
+        """The disk has no room for the hit: free pages inside the file, by the same policy as for
+        max_bytes (hits already sent first, then the oldest crops, the hit's own crop, the oldest
+        records), each step committed on its own, until the insert fits."""
+        self._set_problem(
+            "full",
+            f"outbox {self.path}: its disk is full ({error}); a new hit that does not fit makes room by dropping "
+            "the oldest face crops, then the oldest hits: free space on that disk or give outbox.path a larger one",
+        )
+        try:
+            retry = self._delete_acked() > 0
+        except sqlite3.Error:
+            self._rollback()  # the drops below may still fit in the journal's room
+            retry = False
+        need = len(hit.record) + len(hit.crop or b"") + _FULL_DISK_SLACK
+        while True:
+            if retry:
+                try:
+                    return self._insert(hit)
+                except sqlite3.Error as e:
+                    self._rollback()
+                    if not _is_full(e):
+                        raise
+            retry = True
+            if self._free_room(need, crops=True) or (hit.crop is None and self._free_room(need, crops=False)):
+                need *= 2
+            elif hit.crop is not None:
+                log.warning("disk full: dropping the face crop of new hit %s (%d bytes)", hit.hit_id, len(hit.crop))
+                bumps = dict(hit.bumps, crops_dropped_full=hit.bumps.get("crops_dropped_full", 0) + 1)
+                hit = _NewHit(hit.hit_id, hit.queued_at, hit.record, None, "outbox_full", bumps)
+            else:
+                break
+        # Nothing left to drop: every other pending hit is in flight.
+        self._db.execute("BEGIN IMMEDIATE")
+        self._bump({"hits_dropped_full": 1, **{k: n for k, n in hit.bumps.items() if k != "accepted"}})
+        self._db.execute("COMMIT")
+        log.error("disk full and every pending hit is in flight: dropped new hit %s", hit.hit_id)
+        return None
+
+    def _free_room(self, need: int, *, crops: bool) -> bool:
+        """Drop the oldest crops (or records) worth `need` bytes in a transaction of their own; False if
+        there was nothing to drop."""
+        drops = _Drops()
+        self._db.execute("BEGIN IMMEDIATE")
+        if crops:
+            self._drop_crops(need, drops)
+        else:
+            self._drop_records(need, drops)
+        if not drops.crops and not drops.records:
+            self._db.execute("ROLLBACK")
+            return False
+        self._bump(drops.counts({}))
+        self._db.execute("COMMIT")
+        self._dropped(drops, "disk full")
+        return True
+
+    def _busy(self) -> set[int]:
+        # Rows the transport holds or that were sent: never dropped, never handed out again.
+        return self._inflight | self._acked
+
+    def _drop_crops(self, excess: int, drops: _Drops) -> int:
+        busy = self._busy()
         rows = self._db.execute("SELECT seq, hit_id, length(crop) FROM outbox WHERE crop IS NOT NULL ORDER BY seq")
-        victims = []
         for seq, hit_id, n in rows:
             if excess <= 0:
                 break
-            if seq in self._inflight:
+            if seq in busy:
                 continue
-            victims.append((seq, hit_id, n))
+            drops.crops.append((seq, hit_id, n))
             excess -= n
-            freed += n
-        for seq, hit_id, n in victims:
+        for seq, _, n in drops.crops:
             self._db.execute(
                 "UPDATE outbox SET crop = NULL, crop_dropped = 'outbox_full', size = size - ? WHERE seq = ?", (n, seq)
             )
-            log.warning("outbox full: dropped the face crop of pending hit %s (%d bytes)", hit_id, n)
-        if victims:
-            bumps["crops_dropped_full"] = bumps.get("crops_dropped_full", 0) + len(victims)
-        return excess, freed
+        return excess
 
-    def _drop_records(self, excess: int, bumps: dict[str, int]) -> tuple[int, int, int]:
-        freed = 0
-        victims = []
+    def _drop_records(self, excess: int, drops: _Drops) -> int:
+        busy = self._busy()
         for seq, hit_id, n in self._db.execute("SELECT seq, hit_id, size FROM outbox ORDER BY seq"):
             if excess <= 0:
                 break
-            if seq in self._inflight:
+            if seq in busy:
                 continue
-            victims.append((seq, hit_id))
+            drops.records.append((seq, hit_id, n))
             excess -= n
-            freed += n
-        for seq, hit_id in victims:
+        for seq, _, _ in drops.records:
             self._db.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
-            log.error("outbox full: dropped pending hit %s entirely (raise outbox.max_bytes)", hit_id)
-        if victims:
-            bumps["hits_dropped_full"] = bumps.get("hits_dropped_full", 0) + len(victims)
-        return excess, len(victims), freed
+        return excess
+
+    def _dropped(self, drops: _Drops, why: str) -> None:
+        """Account for and log drops that committed."""
+        for _, hit_id, n in drops.crops:
+            log.warning("%s: dropped the face crop of pending hit %s (%d bytes)", why, hit_id, n)
+            self._bytes -= n
+        for _, hit_id, n in drops.records:
+            log.error("%s: dropped pending hit %s entirely", why, hit_id)
+            self._bytes -= n
+        self._rows -= len(drops.records)
 
     def _bump(self, bumps: dict[str, int]) -> None:
         self._db.executemany(
@@ -382,14 +574,15 @@ class Outbox:
             return []
         with self._lock:
             self._check_open()
+            busy = self._busy()
             rows = self._db.execute(
                 "SELECT seq, hit_id, queued_at, record, crop, crop_dropped FROM outbox WHERE seq > ? "
                 "ORDER BY seq LIMIT ?",
-                (self._cursor, limit + len(self._inflight)),
+                (self._cursor, limit + len(busy)),
             ).fetchall()
             out = []
             for seq, hit_id, queued_at, record, crop, dropped in rows:
-                if seq in self._inflight:
+                if seq in busy:
                     continue
                 out.append(OutboxRow(seq, hit_id, queued_at, bytes(record), bytes(crop) if crop else None, dropped))
                 self._inflight.add(seq)
@@ -400,27 +593,44 @@ class Outbox:
             return out
 
     def ack(self, seqs: list[int]) -> int:
-        """Delete rows the broker acknowledged (one transaction); returns how many were still there."""
-        if not seqs:
-            return 0
+        """Delete the rows the broker acknowledged, and those acknowledged before whose delete failed;
+        returns how many rows went. The rows leave the in-flight set at once and are never handed out
+        or dropped again; if their delete fails (OutboxError), they stay acknowledged and the next
+        `ack`, with new rows or none, deletes them."""
         with self._lock:
+            self._acked.update(seqs)
+            self._inflight.difference_update(seqs)
+            if not self._acked:
+                return 0
             self._check_writable()
             try:
-                self._db.execute("BEGIN IMMEDIATE")
-                marks = ",".join("?" * len(seqs))
-                gone = self._db.execute(
-                    f"SELECT COUNT(*), COALESCE(SUM(size), 0) FROM outbox WHERE seq IN ({marks})", seqs
-                ).fetchone()
-                self._db.execute(f"DELETE FROM outbox WHERE seq IN ({marks})", seqs)
-                self._bump({"sent": int(gone[0])})
-                self._db.execute("COMMIT")
+                gone = self._delete_acked()
             except sqlite3.Error as e:
                 self._rollback()
-                raise OutboxError(f"outbox {self.path}: cannot remove acknowledged hits: {e}") from None
-            self._inflight.difference_update(seqs)
-            self._rows -= int(gone[0])
-            self._bytes -= int(gone[1])
-            return int(gone[0])
+                raise self._failed(f"cannot remove {len(self._acked)} acknowledged hits (kept, retried)", e) from None
+            self._wrote(stored_plainly=False)
+            return gone
+
+    def _delete_acked(self) -> int:
+        """Delete acknowledged rows, a few per transaction (each one's journal fits the reserve);
+        returns how many rows went. Rows of a transaction that failed stay acknowledged."""
+        gone = 0
+        pending = sorted(self._acked)
+        for i in range(0, len(pending), _ACK_CHUNK):
+            chunk = pending[i : i + _ACK_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            self._db.execute("BEGIN IMMEDIATE")
+            n, size = self._db.execute(
+                f"SELECT COUNT(*), COALESCE(SUM(size), 0) FROM outbox WHERE seq IN ({marks})", chunk
+            ).fetchone()
+            self._db.execute(f"DELETE FROM outbox WHERE seq IN ({marks})", chunk)
+            self._bump({"sent": int(n)})
+            self._db.execute("COMMIT")
+            self._acked.difference_update(chunk)
+            self._rows -= int(n)
+            self._bytes -= int(size)
+            gone += int(n)
+        return gone
 
     def release(self, seqs: list[int]) -> None:
         """Return in-flight rows to the queue so `take` hands them out again, oldest first."""
@@ -442,6 +652,7 @@ class Outbox:
 
     @property
     def inflight(self) -> int:
+        """Rows handed out by `take` and not yet acknowledged."""
         return len(self._inflight)
 
     def counters(self) -> dict[str, int]:
@@ -478,17 +689,50 @@ class Outbox:
                 self._release_file_lock()
 
 
+@dataclass(frozen=True)
+class _NewHit:
+    """A hit on its way into the outbox, with the counters its storing bumps."""
+
+    hit_id: str
+    queued_at: float
+    record: bytes
+    crop: bytes | None
+    crop_dropped: str | None
+    bumps: dict[str, int]
+
+
+@dataclass
+class _Drops:
+    """Rows chosen in one transaction to make room: (seq, hit id, bytes freed)."""
+
+    crops: list[tuple[int, str, int]] = field(default_factory=list)
+    records: list[tuple[int, str, int]] = field(default_factory=list)
+
+    def counts(self, bumps: dict[str, int]) -> dict[str, int]:
+        """`bumps` with these drops added to their counters."""
+        out = dict(bumps)
+        out["crops_dropped_full"] = out.get("crops_dropped_full", 0) + len(self.crops)
+        out["hits_dropped_full"] = out.get("hits_dropped_full", 0) + len(self.records)
+        return out
+
+
 class _Corrupt(sqlite3.DatabaseError):
     """SQLite's integrity check found damage."""
 
 
-_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
+_SQLITE_CORRUPT, _SQLITE_FULL, _SQLITE_NOTADB = 11, 13, 26
 
 
 def _is_corruption(e: sqlite3.Error) -> bool:
     # Only damage moves a file aside; "cannot open" (permissions, a folder) is the user's to fix.
     code = getattr(e, "sqlite_errorcode", None)
     return isinstance(e, _Corrupt) or (code is not None and code & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB))
+
+
+def _is_full(e: sqlite3.Error) -> bool:
+    """SQLITE_FULL: the disk (ENOSPC) had no room for the write."""
+    code = getattr(e, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF == _SQLITE_FULL
 
 
 def _count_pending(path: Path) -> int | None:

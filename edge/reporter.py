@@ -243,7 +243,10 @@ class MqttReporter:
             except (RuntimeError, ValueError) as e:
                 log.debug("offline status not confirmed: %s", e)
         self.link.stop()
-        self._process_acks()
+        try:
+            self._process_acks()
+        except OutboxError as e:
+            log.warning("mqtt reporter %s: %s; those hits go out again at the next start", self.unit_id, e)
         left = self.outbox.depth
         self.outbox.close()
         if left:
@@ -288,18 +291,29 @@ class MqttReporter:
             if self._stop.is_set():
                 break
             try:
-                self._process_acks()
-                if self.link.connected:
-                    self._publish_pending()
-                    if time.monotonic() >= self._heartbeat_due:
-                        self._send_heartbeat()
-                        self._heartbeat_due = time.monotonic() + self.config.heartbeat_interval_s
+                self._step()
             except OutboxError as e:
                 self.link.note_error(str(e))
                 self._stop.wait(1.0)
             except Exception:  # noqa: BLE001 - the publisher must outlive any single failure
                 log.exception("mqtt reporter %s: publisher step failed; continuing", self.unit_id)
                 self._stop.wait(1.0)
+
+    def _step(self) -> None:
+        ack_error = None
+        try:
+            self._process_acks()
+        except OutboxError as e:
+            # The acknowledged rows are out of the window already and the outbox deletes them on a
+            # later round; publishing the next ones need not wait for that.
+            ack_error = e
+        if self.link.connected:
+            self._publish_pending()
+            if time.monotonic() >= self._heartbeat_due:
+                self._send_heartbeat()
+                self._heartbeat_due = time.monotonic() + self.config.heartbeat_interval_s
+        if ack_error is not None:
+            raise ack_error
 
     def _process_acks(self) -> None:
         acked: list[int] = []
@@ -316,8 +330,6 @@ class MqttReporter:
                 refused.append((seq, reason))
             else:
                 acked.append(seq)
-        if acked:
-            self.outbox.ack(acked)
         if refused:
             self._refused += len(refused)
             self.outbox.release([seq for seq, _ in refused])
@@ -337,7 +349,9 @@ class MqttReporter:
                     f"(check that the broker's ACL lets this user publish there)"
                 )
             self.link.note_error(msg)
-        elif acked:
+        # Every round, with new acknowledgements or none: the outbox also retries deletes that failed.
+        self.outbox.ack(acked)
+        if acked and not refused:
             self._hold_delay = 0.0
             if self.link.last_error and self.link.connected:
                 self.link.last_error = None
@@ -367,6 +381,9 @@ class MqttReporter:
             except Exception as e:  # noqa: BLE001 - a broken provider must not stop heartbeats
                 log.warning("mqtt reporter %s: status provider failed: %s", self.unit_id, e)
                 unit = {"error": f"status provider failed: {e}"}
+        if self.outbox.problem:
+            # The outbox's trouble is the unit's: it shows with the unit's warnings at the centre.
+            unit["warnings"] = [*(unit.get("warnings") or []), self.outbox.problem]
         outbox = self.outbox.stats()
         outbox["inflight"] = self.outbox.inflight
         outbox["refused"] = self._refused

@@ -12,7 +12,7 @@ import textwrap
 import pytest
 from pydantic import ValidationError
 
-from edge.outbox import Outbox, OutboxConfig, OutboxError
+from edge.outbox import JOURNAL_RESERVE, Outbox, OutboxConfig, OutboxError
 from testing.hits import make_hit, noise_jpeg
 from wire import records
 
@@ -174,13 +174,32 @@ def test_a_folder_at_the_outbox_path_gives_a_clear_error(tmp_path):
         Outbox(OutboxConfig(path=tmp_path / "o.sqlite"))
 
 
-def test_wal_and_full_sync_are_on(tmp_path):
+def test_a_persistent_rollback_journal_full_sync_and_no_memory_mapping(tmp_path):
     box = Outbox(OutboxConfig(path=tmp_path / "o.sqlite"))
     put(box, make_hit())
-    con = sqlite3.connect(tmp_path / "o.sqlite")
-    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert box._db.execute("PRAGMA journal_mode").fetchone()[0] == "persist"
     assert box._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
-    con.close()
+    assert box._db.execute("PRAGMA mmap_size").fetchone()[0] == 0
+    # The journal keeps its room for the next delete; no WAL, no memory-mapped shared index.
+    assert box.journal_path.stat().st_size == JOURNAL_RESERVE
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.sqlite", "o.sqlite-journal", "o.sqlite.lock"]
+    box.close()
+
+
+def test_an_outbox_left_in_wal_mode_by_an_older_unit_keeps_its_hits(tmp_path):
+    path = tmp_path / "o.sqlite"
+    old = sqlite3.connect(path, isolation_level=None)
+    assert old.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal"
+    old.executescript(
+        "CREATE TABLE outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, hit_id TEXT NOT NULL UNIQUE, "
+        "queued_at REAL NOT NULL, record BLOB NOT NULL, crop BLOB, crop_dropped TEXT, size INTEGER NOT NULL);"
+        "INSERT INTO outbox(hit_id, queued_at, record, size) VALUES ('old', 1.0, x'7b7d', 2);"
+    )
+    old.close()
+    box = Outbox(OutboxConfig(path=path))
+    assert [r.hit_id for r in box.rows()] == ["old"]
+    assert box._db.execute("PRAGMA journal_mode").fetchone()[0] == "persist"
+    assert not (tmp_path / "o.sqlite-wal").exists() and not (tmp_path / "o.sqlite-shm").exists()
     box.close()
 
 
