@@ -1,5 +1,7 @@
 """A unit's reporter in its own process, for tests that kill it: build an MqttReporter from the
-arguments, submit `--count` hits, say so on stdout, then either wait to be killed or drain.
+arguments, submit `--count` hits, say so on stdout, then either wait to be killed, drain, or follow
+stdin (`--follow`: each line N submits N more hits, as the pipeline does, and answers with one JSON
+line: how many failed and the outbox's problem; end of input closes the reporter). Logs go to stderr.
 
     python tests/reporter_child.py --port 1883 --outbox /tmp/o.sqlite --count 100 --prefix a
 """
@@ -7,6 +9,8 @@ arguments, submit `--count` hits, say so on stdout, then either wait to be kille
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -27,7 +31,9 @@ def main() -> int:
     ap.add_argument("--prefix", default="hit")
     ap.add_argument("--drain", action="store_true", help="wait until the outbox is empty, then exit 0")
     ap.add_argument("--timeout", type=float, default=30.0)
+    ap.add_argument("--follow", action="store_true", help="submit N more hits for each line N on stdin")
     args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
 
     reporter = MqttReporter(
         MqttConfig(
@@ -41,23 +47,39 @@ def main() -> int:
         OutboxConfig(path=args.outbox),
         args.unit,
     )
-    for i in range(args.count):
-        reporter.submit(
-            Hit(
-                unit_id=args.unit,
-                camera_id="cam-1",
-                captured_at=time.time(),
-                person_id=f"person-{i % 7}",
-                score=0.8,
-                threshold=0.6,
-                margin=0.2,
-                box=(10.0, 10.0, 60.0, 70.0),
-                model_id="test-model",
-                watchlist_version=3,
-                id=f"{args.prefix}-{i:05d}",
-            )
+
+    def hit(i: int) -> Hit:
+        return Hit(
+            unit_id=args.unit,
+            camera_id="cam-1",
+            captured_at=time.time(),
+            person_id=f"person-{i % 7}",
+            score=0.8,
+            threshold=0.6,
+            margin=0.2,
+            box=(10.0, 10.0, 60.0, 70.0),
+            model_id="test-model",
+            watchlist_version=3,
+            id=f"{args.prefix}-{i:05d}",
         )
+
+    for i in range(args.count):
+        reporter.submit(hit(i))
     print(f"submitted {args.count}", flush=True)
+    if args.follow:
+        n = args.count
+        for line in sys.stdin:
+            failed = 0
+            for i in range(n, n + int(line)):
+                try:
+                    reporter.submit(hit(i))
+                except Exception as e:  # noqa: BLE001 - as the pipeline does: log, count, go on
+                    logging.getLogger("reporter_child").error("could not keep hit %d: %s", i, e)
+                    failed += 1
+            n += int(line)
+            print(json.dumps({"failed": failed, "problem": reporter.outbox.problem}), flush=True)
+        reporter.close(1.0)
+        return 0
     if args.drain:
         ok = reporter.flush(args.timeout)
         reporter.close(2.0)
