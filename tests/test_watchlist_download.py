@@ -145,8 +145,13 @@ def test_the_memory_of_refused_bundles_is_bounded(rig) -> None:
         m = Manifest("full", i + 1, None, 10_000, f"{i:064x}", 4096, 3, time.time())
         pub.send(manifest_topic(TOPIC, "full"), m.to_bytes())
         wait_for(
-            lambda i=i: wl.status()["rejections_since_start"] == i + 1,
-            what='wl.status()["rejections_since_start"] == i + 1',
+            lambda i=i: wl.status()["rejections_since_start"] + sub.status()["rejections_not_recorded"] == i + 1,
+            what=lambda i=i: (
+                f"refusal {i + 1} counted: {wl.status()['rejections_since_start']} recorded, {sub.status()}"
+            ),
         )
     assert len(sub._failed) == limit
     assert f"{limit + 19:064x}" in sub._failed and f"{0:064x}" not in sub._failed
+    # Each refusal is counted; the store took one write for the reason, not one per announcement.
+    assert [e["reason"] for e in wl.store.events(limit=1000) if e["kind"] == "rejected"] == ["oversized"]
+    assert sub.status()["rejections_not_recorded"] == limit + 19

@@ -174,6 +174,46 @@ def test_revocation_published_on_the_keyset_topic(unit: Watchlist, hq: Authority
     assert unit.version == 1 and unit.matcher.match(unit_rows(centers[[0]]))[0].person_id == "case-0000"
 
 
+def test_a_keyset_flood_is_bounded_counted_and_recorded_once(unit: Watchlist, hq: Authority, mosquitto) -> None:
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from watchlist.format.keys import MAX_KEYSET_BYTES
+
+    sub = unit.connect()
+    flood = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="keyset-flood", protocol=mqtt.MQTTv5)
+    flood.connect(mosquitto.host, mosquitto.port)
+    flood.loop_start()
+    topic = f"{TOPIC}/keyset"
+    garbage = [bytes([n % 251]) * MAX_KEYSET_BYTES for n in range(300)]  # each different, none a key set
+    # While a list is being applied (it holds the list's lock), the sync worker is stuck behind it:
+    # the flood piles up in front of the worker instead of being handled as it comes.
+    with unit._lock:
+        for payload in garbage:
+            flood.publish(topic, payload, qos=1)
+        for _ in range(20):
+            flood.publish(topic, b"\0" * (MAX_KEYSET_BYTES + 1), qos=1)
+        flood.publish(topic, garbage[0], qos=1).wait_for_publish(10)
+        wait_for(lambda: sub.status()["received"]["keyset"] == 321, what=lambda: f"the flood: {sub.status()}")
+        assert sub.status()["queue_max_seen"] <= 2, "one pending key set, not one per message"
+    assert sub.wait_idle()
+    st = sub.status()
+    assert st["dropped"]["keyset_oversized"] == 20
+    refused = unit.status()["rejections_since_start"] + st["rejections_not_recorded"]
+    assert st["dropped"]["keyset_superseded"] + refused == 301, "every key set is either checked or counted"
+    assert st["dropped"]["keyset_superseded"] == 299, "all but the first (the worker was on it) and the last"
+    assert st["queue_max_seen"] <= 2
+    # One store write for the reason, however many came.
+    assert [e["reason"] for e in unit.store.events(limit=1000) if e["kind"] == "rejected"] == ["not_a_bundle"]
+    # The flood wedged nothing: a real key set published next is taken.
+    publish_keyset(
+        make_keyset(hq.root, 2, [hq.signing.public_key()], []), TOPIC, host=mosquitto.host, port=mosquitto.port
+    )
+    wait_for(lambda: unit.status()["keyset_serial"] == 2, what='unit.status()["keyset_serial"] == 2')
+    flood.loop_stop()
+    flood.disconnect()
+
+
 # ---- one MQTT link for every client: accounts, TLS, refusals (issue 11) ----------------------------
 
 SECURE_TOPIC = "checkpoint/v1/site-7/watchlist"  # the deploy/ layout: checkpoint/v1/<site>/watchlist

@@ -9,6 +9,13 @@ error messages. A refused subscription (SUBACK failure) is reported with its top
 grants the subscription but delivers nothing (Mosquitto does that when its ACL forbids reading)
 is reported after `silence_warning_s` without a manifest. No message, however malformed, stops
 paho's network thread.
+
+What arrives is bounded whatever the publisher sends: a key set over MAX_KEYSET_BYTES is dropped
+before it is queued, and only the newest key set waits for the worker (one that arrives while
+another waits replaces it); a burst of manifests queues one re-evaluation. Every message dropped is
+counted in `status()["dropped"]`, which the unit's heartbeat carries, and logged at WARNING at most
+once a minute per kind. A refused key set or announced bundle is stored in the list's events once
+per reason every `rejection_record_interval_s`; the rest are counted, not written.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from watchlist.format.errors import BundleRejected
-from watchlist.format.keys import parse_keyset
+from watchlist.format.keys import MAX_KEYSET_BYTES, parse_keyset
 from watchlist.format.transport import SLOTS, Manifest, chunk_topic, keyset_topic, manifest_topic
 from watchlist.unit.apply import Watchlist
 from wire.mqtt import MqttConnection, MqttLink
@@ -32,6 +39,11 @@ from wire.mqtt import MqttConnection, MqttLink
 log = logging.getLogger(__name__)
 
 FAILED_KEPT = 64  # refused bundle digests remembered; older ones may be fetched (and refused) once more
+DROP_LOG_INTERVAL_S = 60.0
+DROP_REASONS = ("keyset_oversized", "keyset_superseded", "bad_manifest", "bad_chunk")
+"""What the subscriber drops: a key set over MAX_KEYSET_BYTES, a key set replaced by a newer one
+before the worker took it, a manifest that does not parse (or names another slot), a chunk of the
+wrong size or index."""
 
 
 @dataclass
@@ -103,6 +115,7 @@ class WatchlistSubscriber:
         client_id: str | None = None,
         tick_interval_s: float = 30.0,
         silence_warning_s: float = 60.0,
+        rejection_record_interval_s: float = 600.0,
     ) -> None:
         self.watchlist = watchlist
         self.prefix = topic
@@ -128,7 +141,18 @@ class WatchlistSubscriber:
         self._failed = _FailedDigests()  # sha256 of bundles already refused: not fetched again
         # Manifests whose chunks assembled to another digest: not fetched again until a new manifest comes.
         self._mismatched: dict[str, Manifest] = {}
+        # Unbounded as a container; bounded by what goes in: one pending key set and one pending
+        # re-evaluation at most (see _dispatch), one finished download, wait_idle's markers.
         self._work: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._pending_keyset: bytes | None = None
+        self._evaluate_queued = False
+        self.queue_max_seen = 0
+        self.received = {"keyset": 0, "manifest": 0, "chunk": 0}
+        self.dropped = dict.fromkeys(DROP_REASONS, 0)
+        self._drop_logged: dict[str, float] = {}
+        self.rejection_record_interval_s = rejection_record_interval_s
+        self._recorded: dict[str, float] = {}  # rejection reason -> when it was last written to the store
+        self.rejections_not_recorded = 0
         self._worker: threading.Thread | None = None
         self._stop = threading.Event()
         self._pending_subs: dict[int, list[str]] = {}
@@ -185,6 +209,10 @@ class WatchlistSubscriber:
                 },
                 "downloads": self.downloads,
                 "fetches": self.fetches,
+                "received": dict(self.received),
+                "dropped": dict(self.dropped),
+                "rejections_not_recorded": self.rejections_not_recorded,
+                "queue_max_seen": self.queue_max_seen,
             }
 
     # ---- MQTT callbacks (paho's thread) -------------------------------------------------------
@@ -248,13 +276,76 @@ class WatchlistSubscriber:
         parts = rest.split("/")
         if rest == "keyset":
             self._heard_at = time.monotonic()
+            self.received["keyset"] += 1
             if msg.payload:
-                self._work.put(("keyset", bytes(msg.payload)))
+                self._on_keyset(msg.payload)
         elif len(parts) == 2 and parts[0] in SLOTS and parts[1] == "manifest":
             self._heard_at = time.monotonic()
+            self.received["manifest"] += 1
             self._on_manifest(parts[0], bytes(msg.payload))
         elif len(parts) == 3 and parts[0] in SLOTS:
+            self.received["chunk"] += 1
             self._on_chunk(parts[0], parts[1], parts[2], bytes(msg.payload))
+
+    def _on_keyset(self, payload: bytes) -> None:
+        if len(payload) > MAX_KEYSET_BYTES:
+            self._drop("keyset_oversized", f"a key set of {len(payload)} bytes, over {MAX_KEYSET_BYTES}")
+            return
+        with self._lock:
+            replaced = self._pending_keyset is not None
+            self._pending_keyset = bytes(payload)
+        if replaced:
+            self._drop("keyset_superseded", "a key set replaced by a newer one before it was checked")
+        else:
+            self._put(("keyset", None))
+
+    def _put(self, item: tuple[str, Any]) -> None:
+        self._work.put(item)
+        self.queue_max_seen = max(self.queue_max_seen, self._work.qsize())
+
+    def _queue_evaluate(self) -> None:
+        with self._lock:
+            if self._evaluate_queued:
+                return
+            self._evaluate_queued = True
+        self._put(("evaluate", None))
+
+    def _drop(self, reason: str, what: str) -> None:
+        """Count a message dropped for `reason` (DROP_REASONS); WARNING at most once a minute per reason."""
+        with self._lock:
+            self.dropped[reason] += 1
+            total = self.dropped[reason]
+        self._warn_limited(reason, f"dropped {what} on {self.prefix}/# ({reason} so far: {total})")
+
+    def _warn_limited(self, key: str, message: str) -> None:
+        """Log `message` at WARNING unless one under `key` was logged in the last minute."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._drop_logged.get(key, -DROP_LOG_INTERVAL_S) < DROP_LOG_INTERVAL_S:
+                return
+            self._drop_logged[key] = now
+        log.warning("watchlist: %s; logged at most once a minute", message)
+
+    def _reject(self, exc: BundleRejected, source: str) -> None:
+        """Hand a refusal to the list's record (log, count, store) once per reason every
+        rejection_record_interval_s; the others only counted, so a flood of bad key sets or
+        announcements costs no store write each."""
+        now = time.monotonic()
+        last = self._recorded.get(exc.reason)
+        if last is not None and now - last < self.rejection_record_interval_s:
+            self.rejections_not_recorded += 1
+            self._warn_limited(
+                "rejection",
+                f"refused {source} ({exc.reason}): {exc.message}; {self.rejections_not_recorded} refusals counted "
+                f"and not recorded so far (each reason is recorded once every {self.rejection_record_interval_s:g}s)",
+            )
+            return
+        self._recorded[exc.reason] = now
+        if self.rejections_not_recorded:
+            exc = BundleRejected(
+                exc.reason, f"{exc.message} ({self.rejections_not_recorded} refusals not recorded so far)"
+            )
+        self.watchlist.record_rejection(exc, source)
 
     def _on_manifest(self, slot: str, payload: bytes) -> None:
         if not payload:
@@ -262,14 +353,14 @@ class WatchlistSubscriber:
         try:
             m = Manifest.from_bytes(payload)
         except (ValueError, ArithmeticError) as exc:  # 10**400 bytes: OverflowError in the chunk arithmetic
-            log.warning("watchlist: ignoring the %s manifest: %s: %s", slot, type(exc).__name__, exc)
+            self._drop("bad_manifest", f"the {slot} manifest ({type(exc).__name__}: {exc})")
             return
         if m.kind != slot:
-            log.warning("watchlist: the %s manifest announces a %s bundle; ignored", slot, m.kind)
+            self._drop("bad_manifest", f"the {slot} manifest, which announces a {m.kind} bundle")
             return
         with self._lock:
             self._manifests[slot] = m
-        self._work.put(("evaluate", None))
+        self._queue_evaluate()
 
     def _on_chunk(self, slot: str, version: str, index: str, payload: bytes) -> None:
         done: _Assembly | None = None
@@ -278,22 +369,19 @@ class WatchlistSubscriber:
             if a is None or a.slot != slot or str(a.manifest.version) != version or not index.isdigit():
                 return
             i = int(index)
-            if i >= a.manifest.chunks or len(payload) != a.manifest.chunk_len(i):
-                log.warning(
-                    "watchlist: chunk %s of %s bundle %s has %d bytes, expected %s; waiting for a republish",
-                    index,
-                    slot,
-                    version,
-                    len(payload),
-                    a.manifest.chunk_len(i) if i < a.manifest.chunks else "no such chunk",
-                )
-                return
-            a.chunks[i] = payload
-            if a.have == a.manifest.chunks:
-                done, self._assembly = a, None
+            expected = a.manifest.chunk_len(i) if i < a.manifest.chunks else None
+            if expected is None or len(payload) != expected:
+                bad = f"chunk {index} of {slot} bundle {version} of {len(payload)} bytes, expected {expected}"
+            else:
+                bad = None
+                a.chunks[i] = payload
+                if a.have == a.manifest.chunks:
+                    done, self._assembly = a, None
+        if bad is not None:
+            self._drop("bad_chunk", f"{bad} (waiting for a republish)")
         if done is not None:
             self.client.unsubscribe(self.prefix + done.topic)
-            self._work.put(("bundle", done))
+            self._put(("bundle", done))
 
     # ---- decisions and work (worker thread) ---------------------------------------------------
 
@@ -322,7 +410,7 @@ class WatchlistSubscriber:
                 self.fetches += 1
                 self.client.subscribe(self.prefix + self._assembly.topic, qos=1)
         if oversized is not None:
-            self.watchlist.record_rejection(
+            self._reject(
                 BundleRejected(
                     "oversized",
                     f"the {oversized.kind} bundle version {oversized.version} announced is "
@@ -368,12 +456,16 @@ class WatchlistSubscriber:
             log.exception("watchlist: applying %s bundle %d failed; keeping the current list", a.slot, m.version)
             self._failed.add(m.sha256)
 
-    def _keyset(self, data: bytes) -> None:
+    def _keyset(self) -> None:
+        with self._lock:
+            data, self._pending_keyset = self._pending_keyset, None
+        if data is None:
+            return
         source = f"mqtt:{keyset_topic(self.prefix)}"
         try:
             ks = parse_keyset(data, self.watchlist.root_key)
         except BundleRejected as exc:
-            self.watchlist.record_rejection(exc, source)
+            self._reject(exc, source)
             return
         held = self.watchlist.status()["keyset_serial"]
         if held is not None and ks.serial <= held:
@@ -396,12 +488,14 @@ class WatchlistSubscriber:
                     item.set()
                     continue
                 if kind == "evaluate":
+                    with self._lock:
+                        self._evaluate_queued = False
                     self._evaluate()
                 elif kind == "bundle":
                     self._apply(item)
                     self._evaluate()
                 elif kind == "keyset":
-                    self._keyset(item)
+                    self._keyset()
                 self._check_silence()
                 self.watchlist.tick()
             except Exception:
