@@ -7,6 +7,7 @@ import functools
 import getpass
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -47,12 +48,19 @@ def _num(value: Any) -> str:
         return _text(value, 24)
 
 
+# Direction marks and overrides: printed raw they make a terminal show text in another order
+# than it is (U+202E turns "case-1\u202e1-esac" around), so they are shown as escapes too.
+_BIDI = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
 def _text(value: Any, limit: int = 200) -> str:
-    """Unit-supplied text for a terminal: control characters shown as escapes, not obeyed (a
-    newline in a camera id must not start a line of its own)."""
+    """Unit-supplied text for a terminal: control and direction characters shown as escapes, not
+    obeyed (a newline in a camera id must not start a line of its own)."""
     from wire.records import safe_text
 
-    return "-" if value is None else safe_text(value, limit)
+    if value is None:
+        return "-"
+    return _BIDI.sub(lambda m: f"\\u{ord(m.group()):04x}", safe_text(value, limit))
 
 
 def format_hit(row: dict[str, Any]) -> str:
@@ -298,6 +306,14 @@ def run(db_url: str, quiet: bool, **broker: Any) -> None:
 @click.option(
     "--expiry-warning-days", type=float, default=3.0, show_default=True, help="Flag watchlists expiring sooner."
 )
+@click.option(
+    "--trusted-proxy",
+    "trusted_proxies",
+    multiple=True,
+    metavar="ADDRESS",
+    help="A reverse proxy (address or network; repeat for several) whose X-Forwarded-For/-Proto are "
+    "believed. Default: none, the client is the connection's peer.",
+)
 def serve(
     db_url: str,
     no_receiver: bool,
@@ -308,25 +324,32 @@ def serve(
     register: Path | None,
     photos: Path | None,
     expiry_warning_days: float,
+    trusted_proxies: tuple[str, ...],
     **broker: Any,
 ) -> None:
     """Serve the operators' web console, with the receiver in the same process (unless --no-receiver).
 
     Log in with an account made by `checkpoint-receiver user add`. Use --tls-cert/--tls-key (or a
-    TLS proxy in front) for anything beyond localhost: session cookies are then marked Secure.
+    TLS proxy in front) for anything beyond localhost: session cookies are then marked Secure. Behind
+    a proxy, name it with --trusted-proxy so that logins are limited by the real client's address.
 
     \b
     Example:
       checkpoint-receiver serve --db hits.sqlite --host broker.example.org --port 8883 --ca-file ca.pem \\
           --username ops --password-file ops.pw --register /srv/hq/register.sqlite --photos /srv/hq/photos
-      checkpoint-receiver serve --no-receiver --db postgresql://console@db.example.org/checkpoint
+      checkpoint-receiver serve --no-receiver --db postgresql://console@db.example.org/checkpoint \\
+          --trusted-proxy 127.0.0.1
     """
     from central.console import ConsoleSettings, create_app
     from central.register_view import RegisterView, RegisterViewError
-    from central.webserver import ServerError, make_server
+    from central.webserver import ServerError, check_trusted_proxies, make_server
 
     if (tls_cert is None) != (tls_key is None):
         raise click.UsageError("give both --tls-cert and --tls-key (or neither)")
+    try:
+        check_trusted_proxies(trusted_proxies)
+    except ServerError as e:
+        raise click.UsageError(str(e)) from None
     config = None if no_receiver else _receiver_config(broker)
     store = _open_store(db_url, must_exist=False)
     receiver = None
@@ -338,7 +361,9 @@ def serve(
         settings = ConsoleSettings(expiry_warning_s=expiry_warning_days * 86400)
         app = create_app(store, register=view, settings=settings)
         try:
-            server = make_server(app, listen, http_port, tls_cert=tls_cert, tls_key=tls_key)
+            server = make_server(
+                app, listen, http_port, tls_cert=tls_cert, tls_key=tls_key, trusted_proxies=trusted_proxies
+            )
         except ServerError as e:
             raise click.UsageError(str(e)) from None
         if config is not None:
@@ -512,8 +537,11 @@ def review(
       checkpoint-receiver review --db hits.sqlite 3f2a confirm --user alice
       checkpoint-receiver review --db hits.sqlite 3f2a reject --user bob --reason "different person: scar"
     """
-    from central.accounts import check_login
+    from central.accounts import check_login, username_problem
 
+    problem = username_problem(username)
+    if problem:
+        raise click.UsageError(f"--user: this cannot be a user name: {problem}")
     store = _open_store(db_url)
     try:
         full_id = store.resolve_hit_id(hit_id)
@@ -559,7 +587,8 @@ def crop(db_url: str, hit_id: str, out: Path) -> None:
 def purge(db_url: str, older_than_days: float) -> None:
     """Delete old hits, their crops and decisions, and old rejected messages (`run` does this hourly).
 
-    The audit chain is kept.
+    The audit chain is kept, and a purge that deleted anything is entered in it (who, the cut-off,
+    how many hits and rejected messages).
 
     \b
     Example:
@@ -569,7 +598,7 @@ def purge(db_url: str, older_than_days: float) -> None:
         raise click.UsageError("--older-than-days must be > 0")
     store = _open_store(db_url)
     try:
-        n = store.purge(older_than_days * 86400)
+        n = store.purge(older_than_days * 86400, actor=_cli_actor())
     finally:
         store.close()
     click.echo(f"deleted {n} hits")
@@ -591,6 +620,7 @@ def user() -> None:
     \b
     Example:
       checkpoint-receiver user add --db hits.sqlite --role supervisor carol
+      checkpoint-receiver user unlock --db hits.sqlite carol
       checkpoint-receiver user list --db hits.sqlite
     """
 
@@ -663,6 +693,29 @@ def user_disable(db_url: str, username: str) -> None:
     click.echo(f"{username} disabled")
 
 
+@user.command("unlock")
+@DB_OPTION
+@click.argument("username")
+@_store_errors
+def user_unlock(db_url: str, username: str) -> None:
+    """End an account's login lockouts: the consoles forget its failed logins, from every address.
+
+    A lockout holds one name from one address (5 failures in 5 minutes) and lifts by itself after
+    5 minutes; this lifts it now, for instance when the operator mistyped and cannot wait. Entered
+    in the audit chain; the account's sessions stay.
+
+    \b
+    Example:
+      checkpoint-receiver user unlock --db hits.sqlite alice
+    """
+    store = _open_store(db_url)
+    try:
+        store.unlock_user(username, actor=_cli_actor())
+    finally:
+        store.close()
+    click.echo(f"{username}: login lockouts lifted")
+
+
 @user.command("list")
 @DB_OPTION
 def user_list(db_url: str) -> None:
@@ -690,32 +743,77 @@ def audit() -> None:
 
     \b
     Example:
-      checkpoint-receiver audit verify --db hits.sqlite
+      checkpoint-receiver audit head --db hits.sqlite
+      checkpoint-receiver audit verify --db hits.sqlite --expect-head 1234:5f0e...
       checkpoint-receiver audit export --db hits.sqlite --jsonl audit.jsonl
     """
 
 
+def _head(_ctx: click.Context, _param: click.Parameter, value: str | None) -> Any:
+    from central.audit import AuditError, parse_head
+
+    if value is None:
+        return None
+    try:
+        return parse_head(value)
+    except AuditError as e:
+        raise click.BadParameter(str(e)) from None
+
+
 @audit.command("verify")
 @DB_OPTION
-def audit_verify(db_url: str) -> None:
+@click.option(
+    "--expect-head",
+    metavar="COUNT:HASH",
+    callback=_head,
+    default=None,
+    help="A head noted earlier (`audit head`): the chain must still reach it, with that very entry.",
+)
+def audit_verify(db_url: str, expect_head: Any) -> None:
     """Check every entry's hash and link; exit 1 naming the first broken entry.
 
-    Prints the head hash: note it elsewhere, and a later rewrite of everything before it shows.
+    Entries cut from the end leave a chain that checks out: give a head noted earlier with
+    --expect-head and a chain shorter than it, or with another entry at its number, fails too.
+    Prints the head now (COUNT:HASH).
 
     \b
     Example:
-      checkpoint-receiver audit verify --db hits.sqlite
-      audit chain intact: 1234 entries, head 5f0e...
+      checkpoint-receiver audit verify --db hits.sqlite --expect-head 1234:5f0e...
+      audit chain intact: 1240 entries, head 1240:9c1d...
     """
+    from central.audit import Head
+
     store = _open_store(db_url)
     try:
-        verdict = store.verify_audit()
+        verdict = store.verify_audit(expect_head)
     finally:
         store.close()
     if not verdict.ok:
-        click.echo(f"audit chain BROKEN at {verdict.problem}; {verdict.entries} entries before it check out", err=True)
+        click.echo(f"audit chain BROKEN: {verdict.problem} ({verdict.entries} entries check out)", err=True)
         sys.exit(1)
-    click.echo(f"audit chain intact: {verdict.entries} entries, head {verdict.head}")
+    click.echo(f"audit chain intact: {verdict.entries} entries, head {Head(verdict.entries, verdict.head)}")
+
+
+@audit.command("head")
+@DB_OPTION
+def audit_head(db_url: str) -> None:
+    """Print the chain's head, COUNT:HASH (its newest entry's number and hash), to note elsewhere.
+
+    Kept where the database's administrators cannot write (a ticket, a paper log) and given later
+    to `audit verify --expect-head`, it shows entries cut from the end or a rewritten tail. It is
+    read, not checked: `audit verify` checks.
+
+    \b
+    Example:
+      checkpoint-receiver audit head --db hits.sqlite >> /mnt/worm/checkpoint-audit-heads.txt
+      1234:5f0e...
+    """
+    store = _open_store(db_url)
+    try:
+        head = store.audit_head()
+    finally:
+        store.close()
+    click.echo(str(head))
 
 
 @audit.command("export")

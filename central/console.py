@@ -6,8 +6,9 @@ polls the store, so the console sees hits whichever receiver (or process) stored
 
 Security: no page without a session (a random token in an HttpOnly, SameSite=Strict cookie,
 Secure over TLS; the store keeps only its SHA-256); every POST carries the session's CSRF token
-(the login form a token of its own, double-submitted in a cookie); logins are rate-limited;
-everything a unit or HQ sent is escaped, and control characters are shown as escapes.
+(the login form a token of its own, double-submitted in a cookie); logins are rate-limited per
+(name, address) and per address, and names no account can have are refused before they are looked
+up or audited; everything a unit or HQ sent is escaped, and control characters are shown as escapes.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from central import accounts
+from central.audit import Head
 from central.register_view import PHOTO_TYPES, RegisterView
 from central.store import EXPIRY_WARNING_S, REVIEW_STATES, HitFilter, HitStore, StoreError
 
@@ -162,7 +164,11 @@ class Console:
         token = str(form.get("csrf", ""))
         if not token or not hmac.compare_digest(token, sess["csrf"]):
             raise HTTPException(403, "missing or wrong CSRF token: reload the page and try again")
-        return {k: str(v) for k, v in form.items()}
+        values = {k: str(v) for k, v in form.items()}
+        if any("\x00" in v for v in values.values()):
+            # PostgreSQL refuses a NUL in text; the SQLite store would keep it. Neither is wanted.
+            raise HTTPException(400, "a NUL character cannot be stored: remove it and send again")
+        return values
 
     # --- pages ------------------------------------------------------------------------------
 
@@ -185,18 +191,27 @@ class Console:
         if not token or not cookie or not hmac.compare_digest(token, cookie):
             raise HTTPException(403, "missing or wrong CSRF token: reload the login page and try again")
         username, password = str(form.get("username", "")), str(form.get("password", ""))
+        # The peer, or with `serve --trusted-proxy` the client a trusted proxy forwarded for.
         address = request.client.host if request.client else "?"
-        wait = self.limiter.retry_after(username, address)
+        # A name no account can have (1 MB, a NUL, a direction override) is neither looked up (a NUL
+        # breaks PostgreSQL) nor entered in the audit chain; why it was refused is, and the answer is
+        # the usual failure, so the form tells nothing more.
+        refused = accounts.username_problem(username)
+        name = None if refused else username
+        user = None if refused else await anyio.to_thread.run_sync(self.store.user, username)
+        generation = user["changed_at"] if user else None
+        wait = self.limiter.retry_after(name, address, generation)
         if wait > 0:
             return self._login_form(request, f"too many failed logins: try again in {wait:.0f} s", 429)
-        user = await anyio.to_thread.run_sync(self.store.user, username)
         ok = await anyio.to_thread.run_sync(accounts.check_login, user, password)
-        detail = {"address": address, "ok": ok}
-        await anyio.to_thread.run_sync(self.store.audit, username or "?", "login", None, detail)
+        detail: dict[str, Any] = {"address": address, "ok": ok}
+        if refused:
+            detail["name_refused"] = refused
+        await anyio.to_thread.run_sync(self.store.audit, name or "?", "login", None, detail)
         if not ok:
-            self.limiter.failed(username, address)
+            self.limiter.failed(name, address, generation)
             return self._login_form(request, "wrong user name or password, or the account is disabled", 401)
-        self.limiter.succeeded(username)
+        self.limiter.succeeded(username, address)
         session_token, digest = accounts.new_token()
         await anyio.to_thread.run_sync(
             self.store.create_session, digest, username, secrets.token_urlsafe(24), self.settings.session_ttl_s
@@ -338,7 +353,10 @@ class Console:
     def audit_page(self, request: Request) -> Response:
         sess = self.require(request, role="supervisor")
         verdict = self.store.verify_audit()
-        return self.render(request, "audit.html", session=sess, entries=self.store.audit_entries(), verdict=verdict)
+        head = Head(verdict.entries, verdict.head)
+        return self.render(
+            request, "audit.html", session=sess, entries=self.store.audit_entries(), verdict=verdict, head=head
+        )
 
     async def audit_export(self, request: Request) -> Response:
         sess = await anyio.to_thread.run_sync(lambda: self.require(request, role="supervisor"))
@@ -434,6 +452,9 @@ _SECURITY_HEADERS = [
 
 
 class _SecurityHeaders:
+    """Adds the security headers to every response, and answers a request whose address holds a
+    NUL (%00) with 400 before it reaches a page."""
+
     def __init__(self, app: Any) -> None:
         self.app = app
 
@@ -450,6 +471,11 @@ class _SecurityHeaders:
                 message = {**message, "headers": headers}
             await send(message)
 
+        if b"%00" in scope.get("query_string", b""):
+            # No id, filter or name holds a NUL, and PostgreSQL refuses one in any text it is asked
+            # to compare (a 500); the SQLite store would just find nothing.
+            bad = HTMLResponse("<!doctype html><title>400</title><p>a NUL character (%00) in the address</p>", 400)
+            return await bad(scope, receive, send_with_headers)
         await self.app(scope, receive, send_with_headers)
 
 

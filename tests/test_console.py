@@ -204,7 +204,8 @@ def test_cli_user_commands(tmp_path):
         store.close()
     res = runner.invoke(cli, ["audit", "verify", "--db", db])
     assert res.exit_code == 0 and "3 entries" in res.output
-    for command in (["serve"], ["user", "add"], ["user", "disable"], ["user", "passwd"], ["audit", "verify"]):
+    commands = [["serve"], ["purge"], ["user", "add"], ["user", "disable"], ["user", "passwd"], ["user", "unlock"]]
+    for command in (*commands, ["audit", "verify"], ["audit", "head"]):
         assert "Example:" in runner.invoke(cli, [*command, "--help"]).output
 
 

@@ -31,6 +31,7 @@ from testing.console_demo import seed_demo
 from testing.hits import face_jpeg, make_hit
 from tests.services import missing_service
 from wire import records
+from wire.signing import generate_unit_key, public_key_line, write_unit_key
 
 PASSWORDS = {"ana": "ana-password-1", "ben": "ben-password-1", "sam": "sam-password-1"}
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,6 +49,10 @@ def site(tmp_path_factory):
     store.add_user("ana", "operator", accounts.hash_password(PASSWORDS["ana"]), actor="test")
     store.add_user("ben", "operator", accounts.hash_password(PASSWORDS["ben"]), actor="test")
     store.add_user("sam", "supervisor", accounts.hash_password(PASSWORDS["sam"]), actor="test")
+    # unit-1 signs its hits with a key the receiver holds: its list version enters the audit chain.
+    signer = generate_unit_key()
+    key = write_unit_key(signer, tmp / "unit-1.key")
+    (tmp / "unit-keys").write_text(public_key_line("site-a", "unit-1", signer.public_raw) + "\n")
     rx = Receiver(
         ReceiverConfig(
             host=broker.host,
@@ -55,6 +60,7 @@ def site(tmp_path_factory):
             client_id="rx-console",
             reconnect_min_delay_s=0.1,
             reconnect_max_delay_s=0.5,
+            unit_keys=tmp / "unit-keys",
         ),
         store,
     )
@@ -64,7 +70,7 @@ def site(tmp_path_factory):
     server = BackgroundServer(app).start()
     expires = time.time() + 20 * 86400
     reporter = MqttReporter(
-        MqttConfig(host=broker.host, port=broker.port, site="site-a", **FAST),
+        MqttConfig(host=broker.host, port=broker.port, site="site-a", signing_key=key, **FAST),
         OutboxConfig(path=tmp / "outbox.sqlite"),
         "unit-1",
         lambda: {
@@ -213,6 +219,10 @@ def test_audit_chain_verifies_and_fails_after_an_edit(site, new_page):
     login(page, site.url, "sam")
     page.goto(site.url + "/audit")
     expect(page.locator("#verdict")).to_contain_text("Chain intact")
+    # The head, shown in full to be noted elsewhere, is the entry it names (more may have come since).
+    count, digest = page.locator("#head").inner_text().split(":")
+    entries = {e["seq"]: e["hash"] for e in site.store.audit_entries(limit=None)}
+    assert entries[int(count)] == digest
     actions = {e["action"] for e in site.store.audit_entries(limit=None)}
     assert {"user_add", "login", "view_crop", "decision", "watchlist_seen"} <= actions
     db = str(site.tmp / "hits.sqlite")

@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from central.cli import main as cli
+from central.store import HitStore
 from testing.broker import free_port, wait_for
 from testing.hits import make_hit
 from wire import records
@@ -99,10 +100,33 @@ def test_serve_runs_the_receiver_and_the_console_in_one_process(mosquitto, tmp_p
 
 @pytest.mark.parametrize(
     "args, says",
-    [(["--tls-cert", __file__], "--tls-key"), (["--register", "/nonexistent.sqlite"], "does not exist")],
+    [
+        (["--tls-cert", __file__], "--tls-key"),
+        (["--register", "/nonexistent.sqlite"], "does not exist"),
+        (["--trusted-proxy", "proxy.example.org"], "not an IP address or network"),
+    ],
 )
 def test_serve_refuses_bad_options(args, says, tmp_path):
     db = tmp_path / "x.sqlite"
     res = CliRunner().invoke(cli, ["serve", "--no-receiver", "--db", str(db), *args])
     assert res.exit_code == 2 and says in res.output
     assert not db.exists(), "nothing created before the options are checked"
+
+
+def test_serve_believes_forwarded_addresses_only_from_the_trusted_proxy(tmp_path):
+    db = tmp_path / "hits.sqlite"
+    pw = tmp_path / "pw"
+    pw.write_text("ops-password-1")
+    assert CliRunner().invoke(cli, ["user", "add", "--db", str(db), "--password-file", str(pw), "ops"]).exit_code == 0
+    proc, url, _ = start_serve("--no-receiver", "--db", str(db), "--trusted-proxy", "127.0.0.0/8")
+    try:
+        with httpx.Client(base_url=url, headers={"X-Forwarded-For": "198.51.100.7"}) as c:
+            login(c, "ops", "ops-password-1")
+    finally:
+        stop(proc)
+    store = HitStore(db)
+    try:
+        entry = store.audit_entries(limit=1)[0]
+    finally:
+        store.close()
+    assert entry["action"] == "login" and entry["detail"] == '{"address":"198.51.100.7","ok":true}'
