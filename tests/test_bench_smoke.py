@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from bench.machine import cpu_model, describe_machine, machine_summary
+from tests.services import missing_service
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
@@ -38,6 +39,7 @@ SMOKE = {
     "detector": "--data {data} --limit 2 --repeats 1 --mtcnn-only --json {json}",
     "detector --stream": "--data {data} --stream 1 --json {json}",
     "fit_box_mapping": "--data {lag} --json {json}",
+    "fleet": "--units 5 --minutes 0.05 --heartbeat-s 1 --hits-per-unit-hour 3600 --db {tmp}/fleet.sqlite --json {json}",
     "int8_accuracy": "--data {lag} --limit 4 --json {json}",
     "matching": "--templates 2000 --batches 2 --delta-persons 10 --json {json}",
     "openset": "--data {lag} --splits 2 --no-peer --no-levers --json {json}",
@@ -49,7 +51,7 @@ SMOKE = {
     "throughput": "--images 2 --no-peer --no-peak --no-int8 --threads 1 --json {json}",
     "watchlist_scale": "--persons 200 --delta 20 --json {json}",
 }
-NEEDS_MOSQUITTO = {"reporting"}
+NEEDS_MOSQUITTO = {"fleet", "reporting"}
 
 COMMAND = re.compile(r"\bpython3?\s+(?:\S*/)?bench/(\w+)\.py\b([^\n]*)")
 # In the docs' code a bench file is also cited without `python` (`bench/pipeline.py --phases gate`).
@@ -174,7 +176,7 @@ def test_smoke_run(run, fake_data, tmp_path):
         from testing.broker import find_mosquitto
 
         if find_mosquitto() is None:
-            pytest.skip("needs mosquitto (apt-get install -y mosquitto)")
+            missing_service("needs mosquitto (apt-get install -y mosquitto)")
     out_json = tmp_path / "out.json"
     args = SMOKE[run].format(data=fake_data, lag=fake_data / "lag-dev", json=out_json, tmp=tmp_path).split()
     out = run_bench(script, *args)
