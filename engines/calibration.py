@@ -35,6 +35,9 @@ FORMAT = "checkpoint-calibration/1"
 PACKAGED_DIR = Path(__file__).resolve().parent / "calibrations"
 # Tail points per decade of FAR stored in the file; the threshold is interpolated between them.
 _POINTS_PER_DECADE = 8
+# The false-alert rate per face a threshold is usually chosen for (`watchlist build`'s default), named
+# where a threshold is refused so the operator sees a usable one.
+USUAL_FPIR = 0.01
 # Beyond the measured pairs the tail is extrapolated by a straight line in log10(FAR) fitted over
 # this FAR range; a stranger-score tail falls off faster than that, so the threshold errs high.
 _FIT_RANGE = (1e-2, 1e-5)
@@ -239,6 +242,14 @@ class Calibration:
             return cls.load_for(model)
 
     @classmethod
+    def for_engine_config(cls, config) -> Calibration:
+        """The calibration a unit with this EngineConfig uses, without loading its models: its custom
+        embedder's (`[engine.embedder]`), else the default model's, for its flip setting."""
+        from engines.model_spec import DEFAULT_EMBEDDER_NAME
+
+        return cls.load_for(config.embedder or DEFAULT_EMBEDDER_NAME, flip_average=config.flip_average)
+
+    @classmethod
     def for_engine(cls, engine) -> Calibration:
         """The calibration of a loaded FaceEngine's model and flip setting (what `watchlist build` and the
         unit use). A calibration made from other weights of the same model name is used with a warning."""
@@ -276,6 +287,30 @@ class Calibration:
     def strangers_median(self) -> float:
         """The median score of a stranger pair (highest over cohorts): a threshold below it matches strangers."""
         return max(t.median for t in self.cohorts.values())
+
+    @property
+    def threshold_range(self) -> tuple[float, float]:
+        """The open range of thresholds usable with this model: above the strangers' median (at or below
+        it at least every second face of a stranger matches any one template) and below 1 (nobody
+        matches). Every threshold a unit uses is checked against it: a list's, a person's, the unit's own."""
+        return (self.strangers_median, 1.0)
+
+    def threshold_problem(self, threshold: float, list_size: int = 1, templates_per_person: float = 1.0) -> str | None:
+        """Why `threshold` cannot be used with this model (outside `threshold_range`), naming the calibrated
+        level and the false alerts expected with `list_size` persons on the list; None when it can."""
+        lo, hi = self.threshold_range
+        if lo < threshold < hi:
+            return None
+        if threshold >= hi:
+            return f"{threshold:g} is 1 or more, where no face can match; give a value below 1"
+        expected = self.expected_rates(threshold, list_size, templates_per_person)
+        usual = self.threshold_for_fpir(USUAL_FPIR, list_size, templates_per_person)
+        persons = f"{list_size} person{'s' if list_size != 1 else ''}"
+        return (
+            f"{threshold:g} is at or below the strangers' median score {lo:g} for model {self.model} (its "
+            f"calibration): with {persons} on the list {_rate_words(expected.fpir)}; give a value above {lo:g} "
+            f"({usual.threshold:.4f} expects about {USUAL_FPIR:.0%} false alerts with {persons} on the list)"
+        )
 
     def _tails(self, cohort: str | None) -> list[ScoreTail]:
         if cohort is None:

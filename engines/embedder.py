@@ -42,7 +42,7 @@ class Embedder:
     @property
     def dim(self) -> int:
         """Length of the embeddings returned (the model's output, plus one with a norm anchor)."""
-        return self.spec.embedding_size + (1 if self.spec.norm_anchor else 0)
+        return self.spec.embedding_dim
 
     def preprocess(self, chips: np.ndarray) -> np.ndarray:
         """uint8 RGB chips (N, H, W, 3) -> the model's input tensor."""

@@ -24,7 +24,7 @@ from engines.embedder import Embedder, LookAgain, preprocess_chips
 from engines.errors import ModelError
 from engines.image import check_image
 from engines.landmarks import ShapePredictor, dlib_box_from_points
-from engines.model_spec import EmbedderSpec, dlib_resnet_spec
+from engines.model_spec import EmbedderSpec, dlib_resnet_spec, model_id_of
 from engines.quality import Quality, assess
 
 log = logging.getLogger(__name__)
@@ -218,7 +218,7 @@ class FaceEngine:
         if config.embedder is None:
             spec = dlib_resnet_spec(models.channel_means)
             onnx_path = models.embedder
-            model_id = f"{spec.name}:{models.embedder_source_sha256[:12]}"
+            model_id = model_id_of(spec.name, models.embedder_source_sha256)
             model_key = models.embedder.parent.name
         else:
             spec = config.embedder
@@ -228,7 +228,7 @@ class FaceEngine:
                 )
             onnx_path = Path(spec.onnx)
             digest = sha256_file(onnx_path)
-            model_id = f"{spec.name}:{digest[:12]}"
+            model_id = model_id_of(spec.name, digest)
             model_key = f"{spec.name}-{digest[:16]}"
         predictor = ShapePredictor.load(models.landmarks) if spec.alignment == "dlib5" else None
         calibration = None

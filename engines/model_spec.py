@@ -7,6 +7,7 @@ config with an `[engine.embedder]` table and checked against the ONNX file's sig
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -14,6 +15,9 @@ from pydantic import ConfigDict, Field, model_validator
 
 from common.config import StrictModel
 from engines.errors import ModelError
+
+# The built-in embedder's name: the first part of its model id.
+DEFAULT_EMBEDDER_NAME = "dlib-resnet-v1"
 
 # The standard ArcFace 5-point template (left eye, right eye, nose tip, mouth corners) for
 # 112x112 chips, as published with InsightFace.
@@ -55,6 +59,11 @@ class EmbedderSpec(StrictModel):
         description="JSON file of the model's stranger scores, made by `engines calibrate`; "
         "sets the thresholds that give a chosen false-alert rate",
     )
+
+    @property
+    def embedding_dim(self) -> int:
+        """Length of the embeddings the engine returns: the model's output, plus one with a norm anchor."""
+        return self.embedding_size + (1 if self.norm_anchor else 0)
 
     @model_validator(mode="after")
     def _check(self) -> EmbedderSpec:
@@ -103,7 +112,7 @@ class EmbedderSpec(StrictModel):
 def dlib_resnet_spec(channel_means: tuple[float, float, float]) -> EmbedderSpec:
     """The built-in embedder: dlib's ResNet on dlib's own 150x150 face chip."""
     return EmbedderSpec(
-        name="dlib-resnet-v1",
+        name=DEFAULT_EMBEDDER_NAME,
         input_width=150,
         input_height=150,
         colour="rgb",
@@ -119,3 +128,34 @@ def dlib_resnet_spec(channel_means: tuple[float, float, float]) -> EmbedderSpec:
         # follows Euclidean distance closely (exactly as the constant grows without bound).
         norm_anchor=3.0,
     )
+
+
+def model_id_of(name: str, weights_sha256: str) -> str:
+    """A model's id in hits and bundles: its name and the start of its weights' SHA-256."""
+    return f"{name}:{weights_sha256[:12]}"
+
+
+@dataclass(frozen=True)
+class EmbedderIdentity:
+    """What a watchlist must be made with to match on an engine: the model id and the embedding size."""
+
+    model_id: str
+    embedding_dim: int
+
+
+def embedder_identity(spec: EmbedderSpec | None) -> EmbedderIdentity:
+    """The identity of the embedder an `[engine]` table names (`spec`: its `embedder`, None for the
+    built-in one), from its weights file alone: nothing is converted or loaded, so tools that only
+    check a list against a unit (`watchlist apply`) need not load the face engine. Raises ModelError
+    when the weights cannot be read."""
+    from engines.cache import dlib_model_path, sha256_file
+
+    if spec is None:
+        # The built-in model's id hashes dlib's weights (engines.cache), as FaceEngine.load does; its
+        # size does not depend on the converted model's channel means.
+        weights = dlib_model_path("dlib_face_recognition_resnet_model_v1.dat")
+        size = dlib_resnet_spec(channel_means=(0.0, 0.0, 0.0)).embedding_dim
+        return EmbedderIdentity(model_id_of(DEFAULT_EMBEDDER_NAME, sha256_file(weights)), size)
+    if spec.onnx is None or not Path(spec.onnx).is_file():
+        raise ModelError(f"engine.embedder.onnx: model file {spec.onnx} not found; give the path of the ONNX file")
+    return EmbedderIdentity(model_id_of(spec.name, sha256_file(Path(spec.onnx))), spec.embedding_dim)
