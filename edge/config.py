@@ -40,9 +40,10 @@ from edge.camera.config import CaptureConfig
 from edge.outbox import OutboxConfig
 from edge.reporter import MqttConfig
 from edge.sinks import JsonlSinkConfig
+from engines.calibration import Calibration, CalibrationError
 from engines.config import EngineConfig
 from watchlist.unit.config import WatchlistConfig
-from wire.topics import TopicLevel
+from wire.topics import TopicLevel, UnitIdLevel
 
 
 class ConfigError(Exception):
@@ -52,7 +53,9 @@ class ConfigError(Exception):
 class UnitSection(StrictModel):
     """``[unit]``: who this unit is; both ids appear in every hit and in the MQTT topics."""
 
-    id: TopicLevel = Field(description="unit id, unique in the deployment (letters, digits, '-', '_', '.')")
+    id: UnitIdLevel = Field(
+        description="unit id, unique in the deployment (letters, digits, '-', '_', '.'; not 'watchlist')"
+    )
     site: TopicLevel = Field(description="site (station, checkpoint) the unit belongs to; also the MQTT topic level")
 
 
@@ -177,6 +180,8 @@ def _check_all(raw: dict[str, Any], name: str, base_dir: Path | None) -> UnitCon
     if cfg is not None:
         for key, problem in _camera_problems(cfg):
             problems.setdefault(key, problem)
+    for key, problem in _calibration_problems(raw):
+        problems.setdefault(key, problem)
     if problems:
         raise ConfigError("\n".join(f"{name}: {p}" for p in problems.values()))
     assert cfg is not None  # no problem means validation succeeded
@@ -224,18 +229,92 @@ def _number_only(annotation: Any) -> bool:
     return bool(args) and all(a in (int, float) for a in args)
 
 
-# Upper bounds the field models leave open; beyond them a unit would in effect never act again.
-_LONGEST: dict[tuple[str, ...], tuple[float, str]] = {
-    ("matching", "cooldown_s"): (86400.0, "a day"),
-    ("matching", "reembed_interval_s"): (3600.0, "an hour"),
-    ("analysis", "tracker", "max_age_s"): (60.0, "a minute"),
-    ("logging", "stats_interval_s"): (86400.0, "a day"),
-    ("mqtt", "reconnect_min_delay_s"): (3600.0, "an hour"),
-    ("mqtt", "reconnect_max_delay_s"): (3600.0, "an hour"),
+# Sane ranges of the timing keys, where the field models leave them wider: (shortest, longest) in
+# seconds, None where the model's own bound holds. Below the shortest the unit would do little but
+# this (heartbeat_interval_s = 1e-9 sent 4,493 heartbeats in 5 s; a track ending after 1e-9 s makes
+# every face a new track, embedded each frame); beyond the longest it would in effect never act again.
+# "*" stands for every item of a list ([[cameras]]).
+_TIMINGS: dict[tuple[str, ...], tuple[float | None, float | None]] = {
+    ("cameras", "*", "open_timeout_s"): (0.5, None),
+    ("cameras", "*", "read_timeout_s"): (0.1, None),
+    ("cameras", "*", "stall_timeout_s"): (0.1, None),
+    ("cameras", "*", "reconnect_min_s"): (0.1, None),
+    ("cameras", "*", "reconnect_max_s"): (0.1, None),
+    ("analysis", "tracker", "max_age_s"): (0.05, 60.0),
+    ("analysis", "tracker", "change_gap_s"): (0.01, 60.0),
+    ("analysis", "gating", "full_frame_interval_s"): (0.01, None),
+    ("analysis", "gating", "max_gap_s"): (0.01, None),
+    ("matching", "cooldown_s"): (None, 86400.0),  # 0 is a choice: every match a hit
+    ("matching", "reembed_interval_s"): (None, 3600.0),  # 0 is a choice: any better face at once
+    ("matching", "recheck_interval_s"): (0.1, 3600.0),
+    ("mqtt", "connect_timeout_s"): (0.5, None),
+    ("mqtt", "reconnect_min_delay_s"): (0.1, 3600.0),
+    ("mqtt", "reconnect_max_delay_s"): (0.1, 3600.0),
+    ("mqtt", "heartbeat_interval_s"): (1.0, None),
+    ("logging", "stats_interval_s"): (None, 86400.0),
 }
+# Frames analysed per second, at least: fewer leaves a camera in effect unwatched.
+_LEAST_ANALYSIS_FPS = 0.1
 
 
-def _number(raw: dict[str, Any], loc: tuple[str, ...]) -> float | None:
+def _seconds(s: float) -> str:
+    """A duration in words for messages: "a day", "an hour", "a minute", else seconds."""
+    return {86400.0: "a day", 3600.0: "an hour", 60.0: "a minute"}.get(s, f"{s:g} s")
+
+
+def _timing_problems(raw: dict[str, Any]) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    for pattern, (shortest, longest) in _TIMINGS.items():
+        for loc in _expand(raw, pattern):
+            v = _number(raw, loc)
+            key = _dotted(loc)
+            if v is None:
+                continue
+            if shortest is not None and v < shortest:
+                out.append(
+                    (
+                        key,
+                        f"{key}: {v:g} s is shorter than {shortest:g} s: the unit would do little but this; give at least {shortest:g}",
+                    )
+                )
+            elif longest is not None and v > longest:
+                out.append(
+                    (
+                        key,
+                        f"{key}: {v:g} s is longer than {_seconds(longest)} ({longest:g} s); give at most {longest:g}",
+                    )
+                )
+    for loc in _expand(raw, ("cameras", "*", "analysis_fps")):
+        v = _number(raw, loc)
+        if v is not None and 0 < v < _LEAST_ANALYSIS_FPS:
+            key = _dotted(loc)
+            out.append(
+                (
+                    key,
+                    f"{key}: {v:g} frames per second leaves the camera in effect unwatched; give at least "
+                    f"{_LEAST_ANALYSIS_FPS:g} (or enabled = false to keep the camera off)",
+                )
+            )
+    return out
+
+
+def _expand(raw: dict[str, Any], pattern: tuple[str, ...]) -> list[tuple[Any, ...]]:
+    """The locations in `raw` a pattern with "*" (every list item) names."""
+    locs: list[tuple[Any, ...]] = [()]
+    for part in pattern:
+        if part != "*":
+            locs = [loc + (part,) for loc in locs]
+            continue
+        grown = []
+        for loc in locs:
+            items = _raw_value(raw, loc)
+            if isinstance(items, list):
+                grown.extend(loc + (i,) for i in range(len(items)))
+        locs = grown
+    return locs
+
+
+def _number(raw: dict[str, Any], loc: tuple[Any, ...]) -> float | None:
     v = _raw_value(raw, loc)
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
@@ -262,12 +341,7 @@ def _range_problems(raw: dict[str, Any]) -> list[tuple[str, str]]:
                 "give a value in [0, 1] (0 keeps the engine's own checks only)",
             )
         )
-    for loc, (limit, words) in _LONGEST.items():
-        v = _number(raw, loc)
-        if v is not None and v > limit:
-            key = ".".join(loc)
-            out.append((key, f"{key}: {v:g} s is longer than {words} ({limit:g} s); give at most {limit:g}"))
-    return out
+    return out + _timing_problems(raw)
 
 
 def _dotted(loc: tuple[Any, ...]) -> str:
@@ -425,11 +499,14 @@ _VIRTUAL_ROOTS = (Path("/proc"), Path("/sys"), Path("/dev"))
 MAX_ROOT_KEY_BYTES = 64 * 1024
 
 
-def _raw_value(raw: dict[str, Any], loc: tuple[str, ...]) -> Any:
+def _raw_value(raw: dict[str, Any], loc: tuple[Any, ...]) -> Any:
     for part in loc:
-        if not isinstance(raw, dict) or part not in raw:
+        if isinstance(part, int) and isinstance(raw, list) and 0 <= part < len(raw):
+            raw = raw[part]
+        elif isinstance(part, str) and isinstance(raw, dict) and part in raw:
+            raw = raw[part]
+        else:
             return None
-        raw = raw[part]
     return raw
 
 
@@ -525,6 +602,34 @@ def _data_file_problem(path: Path) -> str | None:
     if not parent.is_dir():
         return f"{parent} is a file, so no folder can be made for {path}; correct the path"
     return None
+
+
+def _calibration_problems(raw: dict[str, Any]) -> list[tuple[str, str]]:
+    """The unit's own threshold checked against its model's calibration, by the rule every threshold a
+    unit uses meets (Calibration.threshold_problem; bundles' are checked by it too): `[matching] threshold
+    = 0.5` made every stranger a hit, as strangers score about 0.97 with the default model. A model
+    without calibration keeps the model-independent check (_range_problems); a calibration file the
+    config names must be readable. Read from the raw values, so it is reported alongside other problems."""
+    try:
+        engine = EngineConfig.model_validate(_raw_value(raw, ("engine",)) or {})
+    except ValidationError:
+        return []  # [engine]'s own problems are reported; its model is not known
+    try:
+        cal = Calibration.for_engine_config(engine)
+    except CalibrationError as exc:
+        if engine.embedder is not None and engine.embedder.calibration is not None:
+            return [("engine.embedder.calibration", f"engine.embedder.calibration: {exc}")]
+        return []
+    t = _number(raw, ("matching", "threshold"))
+    problem = None if t is None or t <= 0.0 else cal.threshold_problem(t)
+    if problem is None:
+        return []
+    return [
+        (
+            "matching.threshold",
+            f"matching.threshold: {problem}; or remove the key to use the watchlist's calibrated threshold",
+        )
+    ]
 
 
 def _camera_problems(cfg: UnitConfig) -> list[tuple[str, str]]:

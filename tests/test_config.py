@@ -313,3 +313,62 @@ def test_gating_is_on_unless_turned_off(tmp_path: Path) -> None:
     assert load_config(write(tmp_path, GOOD)).analysis.gating.enabled
     off = load_config(write(tmp_path, GOOD + "\n[analysis.gating]\nenabled = false\nfull_frame_interval_s = 2\n"))
     assert not off.analysis.gating.enabled and off.analysis.gating.full_frame_interval_s == 2.0
+
+
+def test_a_threshold_the_models_calibration_refuses_is_named_with_its_level_and_rate(tmp_path: Path) -> None:
+    """Issue 20, item 3: `[matching] threshold = 0.5` passed and made every stranger a hit (strangers
+    score about 0.97 with the default model); only bundles' thresholds met the calibration."""
+    from engines.calibration import Calibration
+    from engines.config import EngineConfig
+
+    cal = Calibration.for_engine_config(EngineConfig())
+    level = cal.threshold_range[0]
+    msg = error_of(tmp_path, GOOD + "[matching]\nthreshold = 0.5\n")
+    line = next(x for x in msg.splitlines() if "unit.toml: matching.threshold:" in x)
+    assert f"strangers' median score {level:g} for model dlib-resnet-v1" in line
+    assert "nearly every face of a person not on the list raises a false alert" in line
+    assert f"{cal.threshold_for_fpir(0.01, 1).threshold:.4f} expects about 1% false alerts" in line
+    assert "remove the key" in line
+    assert load_config(write(tmp_path, GOOD + f"[matching]\nthreshold = {level + 0.01:.4f}\n")).matching.threshold
+
+    # The configured embedder's calibration decides: with flip_average, the flip-averaged one's level.
+    flip = Calibration.for_engine_config(EngineConfig(flip_average=True)).threshold_range[0]
+    between = (level + flip) / 2
+    assert level < between < flip
+    load_config(write(tmp_path, GOOD + f"[matching]\nthreshold = {between}\n"))
+    msg = error_of(tmp_path, GOOD + f"[engine]\nflip_average = true\n[matching]\nthreshold = {between}\n")
+    assert f"unit.toml: matching.threshold: {between:g} is at or below the strangers' median score {flip:g}" in msg
+
+
+def test_a_calibration_file_the_config_names_must_be_readable(tmp_path: Path) -> None:
+    (tmp_path / "own.onnx").write_bytes(b"")
+    embedder = (
+        '[engine.embedder]\nname = "own"\nonnx = "own.onnx"\ninput_width = 112\ninput_height = 112\n'
+        'alignment = "dlib5"\nembedding_size = 512\ncalibration = "own-calibration.json"\n'
+    )
+    msg = error_of(tmp_path, GOOD + embedder)
+    line = next(x for x in msg.splitlines() if "unit.toml: engine.embedder.calibration:" in x)
+    assert "own-calibration.json: no such calibration file" in line and "engines calibrate" in line
+
+
+def test_timing_keys_have_sane_bounds(tmp_path: Path) -> None:
+    """Issue 20, item 7: heartbeat_interval_s = 1e-9 was accepted (4,493 heartbeats in 5 s)."""
+    text = (
+        GOOD.replace("analysis_fps = 2.5", "analysis_fps = 1e-9\nread_timeout_s = 1e-9")
+        + MQTT
+        + "heartbeat_interval_s = 1e-9\nreconnect_min_delay_s = 1e-9\n"
+        + '\n[outbox]\npath = "outbox"\n\n[analysis.tracker]\nmax_age_s = 1e-9\n'
+        + "\n[matching]\nrecheck_interval_s = 1e-9\n"
+    )
+    msg = error_of(tmp_path, text)
+    for key, least in [
+        ("mqtt.heartbeat_interval_s", "give at least 1"),
+        ("mqtt.reconnect_min_delay_s", "give at least 0.1"),
+        ("cameras[1].read_timeout_s", "give at least 0.1"),
+        ("cameras[1].analysis_fps", "give at least 0.1"),
+        ("analysis.tracker.max_age_s", "give at least 0.05"),
+        ("matching.recheck_interval_s", "give at least 0.1"),
+    ]:
+        line = next(x for x in msg.splitlines() if f"unit.toml: {key}: 1e-09 " in x)
+        assert least in line, line
+    assert "cameras[0]" not in msg  # the bound is checked per camera

@@ -89,3 +89,16 @@ def test_probe_reads_a_frame_from_each_camera_and_connects_to_the_broker(
     broker.stop()
     out = CliRunner().invoke(main, ["check-config", "--probe", str(good)])
     assert out.exit_code == 1 and "broker: FAILED: " in out.output and "connection refused by" in out.output, out.output
+
+
+def test_check_config_refuses_a_threshold_below_the_models_calibrated_level(tmp_path: Path) -> None:
+    """Issue 20, item 3: `edge check-config` (and `edge run`, which loads the config the same way; the
+    daemon checks again against the engine it loaded, tests/test_daemon.py) refuses the unit's own
+    threshold where the model's calibration says strangers would match."""
+    conf = _config(tmp_path, {"cam": str(tmp_path / "clip.mp4")})
+    (tmp_path / "clip.mp4").write_bytes(b"")
+    conf.write_text(conf.read_text() + "\n[matching]\nthreshold = 0.5\n")
+    out = CliRunner().invoke(main, ["check-config", str(conf)])
+    assert out.exit_code == 2, out.output
+    assert f"{conf}: matching.threshold: 0.5 is at or below the strangers' median score" in out.output
+    assert "raises a false alert" in out.output

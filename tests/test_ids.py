@@ -50,3 +50,20 @@ def test_a_unit_config_names_the_key_of_an_id_the_wire_refuses(tmp_path: Path) -
     conf.write_text('[unit]\nid = "gate\u20282"\nsite = "s"\n')
     with pytest.raises(ConfigError, match=r"unit\.id"):
         load_config(conf)
+
+
+def test_a_unit_may_not_be_called_by_a_word_its_topic_level_reserves(tmp_path: Path) -> None:
+    """Issue 20, item 7: unit id 'watchlist' was accepted; checkpoint/v1/<site>/watchlist/ is the site's
+    watchlist, and the site's reader account is '<site>/watchlist'."""
+    from edge.config import ConfigError, load_config
+    from wire.topics import RESERVED_UNIT_IDS, topic
+
+    with pytest.raises(ProtocolError, match="'watchlist' is reserved"):
+        check_topic_level("watchlist", "unit id", RESERVED_UNIT_IDS)
+    with pytest.raises(ProtocolError, match="reserved"):
+        topic("site-1", "watchlist", "hits")
+    assert topic("watchlist", "gate-1", "hits") == "checkpoint/v1/watchlist/gate-1/hits"  # a site may be
+    conf = tmp_path / "unit.toml"
+    conf.write_text('[unit]\nid = "watchlist"\nsite = "s"\n')
+    with pytest.raises(ConfigError, match=r"unit\.toml: unit\.id: unit id 'watchlist' is reserved"):
+        load_config(conf)

@@ -1,7 +1,8 @@
 """MQTT topics of protocol v1: ``checkpoint/v1/<site>/<unit>/<hits|status|heartbeat>``.
 
 A site, unit or group id is one topic level; `TopicLevel` is that rule as a pydantic type, for the
-config models of every role.
+config models of every role, and `UnitIdLevel` the same for a unit id, which may also not be one of
+the words `RESERVED_UNIT_IDS` gives a meaning at that level.
 """
 
 from __future__ import annotations
@@ -15,10 +16,19 @@ from wire.records import id_problem
 
 TOPIC_ROOT = "checkpoint/v1"
 KINDS = ("hits", "status", "heartbeat")
+# Words that already mean something where a unit id stands, and what. HQ publishes a site's list
+# under checkpoint/v1/<site>/watchlist/#, and the site's reader account is "<site>/watchlist"
+# (deploy/mosquitto/acl): a unit of that name would publish into the list's topics, and its account
+# would be the reader's.
+RESERVED_UNIT_IDS: dict[str, str] = {
+    "watchlist": "checkpoint/v1/<site>/watchlist/ is where HQ publishes the site's watchlist",
+}
 
 
-def check_topic_level(value: str, what: str) -> str:
-    """Return `value` if it can be one MQTT topic level (a site or unit id), else raise ProtocolError."""
+def check_topic_level(value: str, what: str, reserved: dict[str, str] | None = None) -> str:
+    """Return `value` if it can be one MQTT topic level (a site or unit id), else raise ProtocolError.
+
+    `reserved`: words that level may not be, each with why (RESERVED_UNIT_IDS for a unit id)."""
     if not isinstance(value, str) or not value:
         raise ProtocolError(f"{what} must be a non-empty string, got {value!r}")
     bad = [c for c in "/+#\x00" if c in value]
@@ -31,6 +41,8 @@ def check_topic_level(value: str, what: str) -> str:
     problem = id_problem(value)
     if problem is not None:
         raise ProtocolError(f"{what} {value!r} {problem} (use letters, digits, '-', '_', '.')")
+    if reserved and value in reserved:
+        raise ProtocolError(f"{what} {value!r} is reserved ({reserved[value]}); choose another")
     return value
 
 
@@ -38,7 +50,7 @@ def topic(site: str, unit_id: str, kind: str) -> str:
     """The topic a unit publishes `kind` ('hits', 'status', 'heartbeat') on."""
     if kind not in KINDS:
         raise ProtocolError(f"unknown topic kind {kind!r}; expected one of {', '.join(KINDS)}")
-    return f"{TOPIC_ROOT}/{check_topic_level(site, 'site')}/{check_topic_level(unit_id, 'unit id')}/{kind}"
+    return f"{TOPIC_ROOT}/{check_topic_level(site, 'site')}/{check_topic_level(unit_id, 'unit id', RESERVED_UNIT_IDS)}/{kind}"
 
 
 def parse_topic(name: str) -> tuple[str, str, str]:
@@ -56,5 +68,15 @@ def _topic_level(value: str) -> str:
         raise ValueError(str(e)) from None
 
 
+def _unit_id_level(value: str) -> str:
+    try:
+        return check_topic_level(value, "unit id", RESERVED_UNIT_IDS)
+    except ProtocolError as e:
+        raise ValueError(str(e)) from None
+
+
 TopicLevel = Annotated[str, AfterValidator(_topic_level)]
-"""A config value that must be one MQTT topic level (site, unit id, subscription group)."""
+"""A config value that must be one MQTT topic level (site, subscription group)."""
+
+UnitIdLevel = Annotated[str, AfterValidator(_unit_id_level)]
+"""A unit id in a config: one MQTT topic level and none of RESERVED_UNIT_IDS."""
