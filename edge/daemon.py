@@ -243,13 +243,21 @@ class Daemon:
         from watchlist.format.verify import MODEL_INDEPENDENT_THRESHOLD_RANGE
         from watchlist.unit.apply import Watchlist
 
-        matcher = Matcher(threshold=self.config.matching.threshold, dim=int(self.engine.embedding_dim))
+        threshold = self.config.matching.threshold
+        matcher = Matcher(threshold=threshold, dim=int(self.engine.embedding_dim))
         try:
-            # A bundle threshold at or below the strangers' median would make most passers-by alerts.
-            threshold_range = (Calibration.for_engine(self.engine).strangers_median, 1.0)
+            # A threshold at or below the strangers' median would make most passers-by alerts: the list's
+            # are checked as bundles arrive, the unit's own here (the config check made it for the model
+            # the config names; this is the calibration of the engine that actually loaded).
+            cal = Calibration.for_engine(self.engine)
+            threshold_range = cal.threshold_range
         except CalibrationError as exc:
-            log.warning("bundle thresholds are checked against (0, 1) only: %s", exc)
+            log.warning("thresholds are checked against (0, 1) only: %s", exc)
             threshold_range = MODEL_INDEPENDENT_THRESHOLD_RANGE
+        else:
+            problem = None if threshold is None else cal.threshold_problem(threshold)
+            if problem is not None:
+                raise DaemonError(f"[matching] threshold {problem}; or remove it to use the watchlist's threshold")
         try:
             self.watchlist = Watchlist(
                 self.config.watchlist,
@@ -289,8 +297,9 @@ class Daemon:
             log.error("watchlist check failed: %s", exc)
 
     def warnings(self) -> list[str]:
-        """What the unit should not be running like: no watchlist, or an expired one; an int8
-        embedder that failed its check on this CPU (running float32 instead)."""
+        """What the unit should not be running like: no watchlist, an expired one, or one it cannot match
+        with (made with another model or embedding size); an int8 embedder that failed its check on
+        this CPU (running float32 instead)."""
         found = []
         fallback = getattr(self.engine, "precision_fallback", None)
         if fallback:
@@ -298,7 +307,9 @@ class Daemon:
         if self.watchlist is None:
             return found
         wl = self.watchlist.status()
-        if not wl["version"]:
+        if wl["halted"]:
+            found.append(wl["halted"])
+        elif not wl["version"]:
             found.append(
                 "running with no watchlist: no face can match until a list is applied "
                 "(`watchlist apply FILE --config ...` or a publication on the unit's watchlist topic)"

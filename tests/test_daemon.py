@@ -300,7 +300,7 @@ store = "{store}"
 [mqtt]
 host = "{host}"
 port = {port}
-heartbeat_interval_s = 0.5
+heartbeat_interval_s = 1
 reconnect_min_delay_s = 0.1
 reconnect_max_delay_s = 0.5
 
@@ -406,3 +406,67 @@ def test_unit_stops_when_its_outbox_is_deleted_under_it(
     finally:
         daemon.request_stop()
         daemon.stop()
+
+
+def test_a_held_list_of_another_size_is_a_warning_and_a_full_bundle_replaces_it(
+    engine: Any, loop_clip: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 20, item 4: a signed list of the wrong size in the store made every face fail, and the
+    correct list was then refused as wrong_dimension. The unit now names it (log and heartbeat
+    warnings), matches nothing meanwhile without failing a face, and a full bundle replaces it."""
+    import logging
+
+    from edge.config import load_config
+    from edge.daemon import Daemon
+    from edge.notify import Notifier
+    from matching.matcher import Matcher
+    from testing.synthetic import Authority, make_persons, person_centers, samples_of
+    from watchlist.unit.apply import Watchlist
+    from watchlist.unit.config import WatchlistConfig
+
+    hq = Authority(model_id=engine.model_id, dim=64, threshold=0.99)
+    root, store = hq.write_root(tmp_path / "root.pub"), tmp_path / "wl.db"
+    persons = make_persons(["case-1"], 1)
+    held = Watchlist(WatchlistConfig(root_key=root, store=store), Matcher(dim=64), engine.model_id)  # size unknown
+    held.start()
+    held.offer(hq.bundle(1, persons, samples_of(person_centers(1, dim=64), 1)))
+    held.close()
+
+    daemon = Daemon(
+        load_config(unit_toml(tmp_path, root, store, {"gate": str(loop_clip)})),
+        engine=engine,
+        notifier=Notifier(environ={}),
+    )
+    with caplog.at_level(logging.WARNING):
+        daemon.start()
+    try:
+        size = f"holds 64-d embeddings, this unit's engine makes {engine.embedding_dim}-d ones"
+        assert any(size in w and "full bundle" in w for w in daemon.status()["warnings"])
+        assert any(size in r.getMessage() for r in caplog.records)
+        wait_for(lambda: daemon.pipeline.stats()["gate"]["embedded"] > 0, 30, "a face embedded")
+        assert daemon.pipeline.stats()["gate"]["errors"] == 0  # no face fails against the held list
+
+        hq.dim = int(engine.embedding_dim)
+        assert daemon.watchlist.offer(hq.bundle(2, persons, samples_of(person_centers(1, dim=hq.dim), 1))) == 2
+        assert not [w for w in daemon.status()["warnings"] if "-d embeddings" in w]
+        assert daemon.status()["watchlist"]["version"] == 2
+    finally:
+        daemon.stop()
+
+
+def test_the_unit_refuses_its_own_threshold_below_the_engines_calibrated_level(
+    engine: Any, people: People, tmp_path: Path
+) -> None:
+    """Issue 20, item 3: the daemon checks `[matching] threshold` against the calibration of the engine
+    it loaded, also for a config made without the file check (a config object built in code)."""
+    from edge.config import load_config
+    from edge.daemon import Daemon, DaemonError
+    from edge.notify import Notifier
+
+    root_pub, store = signed_store(tmp_path, people)
+    cfg = load_config(unit_toml(tmp_path, root_pub, store, {"gate": "rtsp://127.0.0.1:1/none"}))
+    cfg.matching = cfg.matching.model_copy(update={"threshold": 0.5})
+    daemon = Daemon(cfg, engine=engine, notifier=Notifier(environ={}))
+    with pytest.raises(DaemonError, match=r"\[matching\] threshold 0\.5 is at or below the strangers' median"):
+        daemon.start()
+    assert daemon.pipeline is None  # refused before any camera was opened

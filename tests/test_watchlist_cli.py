@@ -131,19 +131,50 @@ def test_encrypted_keys_need_their_passphrase(tmp_path: Path, monkeypatch) -> No
     run("rotate", "--dir", keys, "--passphrase-env", "HQ_PASS")
 
 
-def test_apply_of_a_link_to_dev_zero_is_refused_not_read_forever(tmp_path: Path) -> None:
+def test_apply_refuses_what_is_not_a_regular_file_before_opening_it(tmp_path: Path) -> None:
+    import os
     import subprocess
     import sys
 
     keys = tmp_path / "keys"
     run("keygen", "--dir", keys)
-    link = tmp_path / "list.cpwl"
-    link.symlink_to("/dev/zero")
-    args = ["apply", str(link), "--store", str(tmp_path / "unit.db"), "--root-key", str(keys / "root.pub")]
-    args += ["--model-id", MODEL, "--max-bytes", str(1 << 20)]
-    code = "import sys; from watchlist.cli import main; sys.exit(main())"
-    # A subprocess with a timeout: before the bounded read this command read /dev/zero until memory ran out.
-    done = subprocess.run(
-        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1]
-    )
-    assert done.returncode == 1 and "rejected (oversized)" in done.stderr, done.stderr
+    fifo, link = tmp_path / "fifo.cpwl", tmp_path / "list.cpwl"
+    os.mkfifo(fifo)  # nobody writes to it: opening it would wait for ever (issue 20, item 7)
+    link.symlink_to("/dev/zero")  # before the bounded read this was read until memory ran out
+    for path, kind in ((fifo, "a FIFO"), (link, "a character device")):
+        args = ["apply", str(path), "--store", str(tmp_path / "unit.db"), "--root-key", str(keys / "root.pub")]
+        args += ["--model-id", MODEL, "--max-bytes", str(1 << 20)]
+        code = "import sys; from watchlist.cli import main; sys.exit(main())"
+        # A subprocess with a timeout: a command that hangs fails the test instead of stopping it.
+        done = subprocess.run(
+            [sys.executable, "-c", code, *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=Path(__file__).parents[1],
+        )
+        assert done.returncode == 2 and f"is {kind}, not a regular file" in done.stderr, done.stderr
+    assert not (tmp_path / "unit.db").exists()
+
+
+def test_apply_with_a_unit_config_checks_the_engines_model_and_size(tmp_path: Path) -> None:
+    """Issue 20, item 4: `watchlist apply --config` passed the engine's model but not its size, so a
+    signed list of another size was applied and blinded the unit. The size comes from the config and
+    the model's weights (no engine loaded); a list of another size is refused, one of the right size applied."""
+    from engines.model_spec import embedder_identity
+    from testing.synthetic import Authority
+
+    unit = embedder_identity(None)  # the config's [engine] is empty: the default model
+    hq = Authority(model_id=unit.model_id, dim=64, threshold=0.99)
+    hq.write_root(tmp_path / "root.pub")
+    conf = tmp_path / "unit.toml"
+    conf.write_text('[engine]\n[watchlist]\nroot_key = "root.pub"\nstore = "unit.db"\n')
+    persons = make_persons(["case-1", "case-2"], 1)
+    (tmp_path / "v1.cpwl").write_bytes(hq.bundle(1, persons, samples_of(person_centers(2, dim=64), 1)))
+    r = run("apply", tmp_path / "v1.cpwl", "--config", conf, ok=False)
+    assert r.exit_code == 1 and "rejected (wrong_dimension)" in r.output
+    assert f"this unit's engine makes {unit.embedding_dim}-d ones" in r.output
+
+    hq.dim = unit.embedding_dim
+    (tmp_path / "v2.cpwl").write_bytes(hq.bundle(2, persons, samples_of(person_centers(2, dim=hq.dim), 1)))
+    assert "applied: watchlist version 2 (2 persons" in run("apply", tmp_path / "v2.cpwl", "--config", conf).output

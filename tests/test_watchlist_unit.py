@@ -11,9 +11,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from matching.matcher import Matcher
 from testing.synthetic import Authority, make_persons, person_centers, samples_of, unit_rows
+from watchlist.format.errors import BundleRejected
 from watchlist.unit.apply import Watchlist
 from watchlist.unit.config import WatchlistConfig
 from watchlist.unit.store import UnitStore
@@ -255,3 +257,36 @@ def test_sigkill_during_apply_leaves_old_or_new_never_a_mix(tmp_path: Path) -> N
     assert wl.matcher.version == content[0] and wl.matcher.index.n_templates == content[2]
     wl.close()
     assert os.path.exists(path)
+
+
+def test_a_held_list_of_another_size_is_named_matches_nothing_and_a_full_bundle_replaces_it(tmp_path: Path) -> None:
+    """Issue 20, item 4: a signed list of the wrong size, applied where the engine's size was not known
+    (`watchlist apply --config` before it passed it), blinded the unit and then blocked the fix."""
+    hq = Authority(model_id=MODEL, dim=64, threshold=0.5)
+    persons, emb, centers = _list(3, seed=5)
+    emb64 = samples_of(person_centers(3, dim=64, seed=5), 3, seed=6)
+    blind = _unit(tmp_path, hq)  # no embedding_dim: as `watchlist apply` without the engine's size
+    assert blind.offer(hq.bundle(1, persons, emb64)) == 1
+    blind.close()
+
+    wl = Watchlist(
+        WatchlistConfig(root_key=tmp_path / "root.pub", store=tmp_path / "wl.db"), Matcher(), MODEL, embedding_dim=128
+    )
+    wl.start()
+    st = wl.status()
+    assert st["version"] == 1 and not st["matching"]
+    assert "64-d" in st["halted"] and "128-d" in st["halted"] and "full bundle" in st["halted"]
+    # Faces of the engine's size meet an empty index of that size: no match, and no failure per face.
+    probe = unit_rows(person_centers(1, dim=128, seed=5))
+    assert wl.matcher.match(probe) == [None]
+
+    # A delta cannot change a list of another size; a full bundle of the engine's size replaces it.
+    hq.dim = 128
+    with pytest.raises(BundleRejected) as exc:
+        wl.offer(hq.bundle(2, persons[:1], emb[:3], kind="delta", base=1))
+    assert exc.value.reason == "wrong_dimension" and "send a full bundle" in exc.value.message
+    assert wl.offer(hq.bundle(2, persons, emb)) == 2
+    st = wl.status()
+    assert st["halted"] is None and st["matching"]
+    assert wl.matcher.match(unit_rows(centers[[0]]))[0].person_id == "case-00000"
+    wl.close()

@@ -725,37 +725,49 @@ def _unit_config(config: Path | None, store: Path | None, root_key: Path | None,
         raise click.UsageError(f"{config or 'options'}: [watchlist] {exc}") from None
 
 
-def _engine_model_id(config: Path) -> tuple[str, bool]:
-    """The embedding model id the unit's [engine] table gives (the models are loaded to tell), and
-    whether it flip-averages (which calibration applies)."""
-    from engines.config import EngineConfig
+def _unit_engine(config: Path):  # noqa: ANN202 - (EmbedderIdentity, EngineConfig), engines stay lazy imports
+    """The embedder the unit's [engine] table names, as (its model id and embedding size, the table).
+    Both come from the config and the weights file alone: the face engine is not loaded."""
+    from engines.config import EngineConfigError, load_engine_config
     from engines.errors import EngineError
-    from engines.face_engine import FaceEngine
+    from engines.model_spec import embedder_identity
 
-    table = dict(tomllib.loads(config.read_text()).get("engine") or {})
-    if table.get("cache_dir") and not Path(table["cache_dir"]).is_absolute():
-        table["cache_dir"] = str(config.parent / table["cache_dir"])
-    spec = dict(table.get("embedder") or {})
-    if spec.get("onnx") and not Path(spec["onnx"]).is_absolute():
-        table["embedder"] = spec | {"onnx": str(config.parent / spec["onnx"])}
     try:
-        engine_config = EngineConfig(**table)
-        return FaceEngine.load(engine_config).model_id, engine_config.flip_average
-    except (EngineError, ValueError) as exc:
+        engine = load_engine_config(config)
+    except EngineConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    try:
+        return embedder_identity(engine.embedder), engine
+    except EngineError as exc:
         raise click.UsageError(f"{config}: [engine]: {exc}") from None
 
 
-def _threshold_range(model_id: str, flip_average: bool) -> tuple[float, float]:
-    """The thresholds a bundle for `model_id` may carry: above the strangers' median of the model's
-    calibration (as the running unit checks), or (0, 1) with a warning for a model without one."""
+def _threshold_range(model_id: str, engine=None) -> tuple[float, float]:  # noqa: ANN001 - an EngineConfig
+    """The thresholds a bundle for `model_id` may carry: the calibration's range (the rule the running
+    unit applies) for the unit's [engine] table where given, else for the model id; (0, 1) with a
+    warning for a model without one."""
     from engines.calibration import Calibration, CalibrationError
     from watchlist.format.verify import MODEL_INDEPENDENT_THRESHOLD_RANGE
 
     try:
-        return (Calibration.load_for(model_id.split(":", 1)[0], flip_average=flip_average).strangers_median, 1.0)
+        cal = Calibration.for_engine_config(engine) if engine is not None else Calibration.load_for(model_id)
+        return cal.threshold_range
     except CalibrationError as exc:
         click.echo(f"warning: thresholds are checked against (0, 1) only: {exc}", err=True)
         return MODEL_INDEPENDENT_THRESHOLD_RANGE
+
+
+def _not_a_regular_file(path: Path) -> str | None:
+    """What `path` is when it is not a regular file (after links), else None: decided before the file is
+    opened, since opening a FIFO waits for a writer that may never come."""
+    import stat
+
+    mode = path.stat().st_mode
+    if stat.S_ISREG(mode):
+        return None
+    kinds = [(stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")]
+    kinds.append((stat.S_ISSOCK, "a socket"))
+    return next((what for test, what in kinds if test(mode)), "not a regular file")
 
 
 @main.command("apply")
@@ -775,8 +787,11 @@ def apply_cmd(
 ) -> None:
     """Verify and apply a bundle or key set file on a unit (USB, scp). A running unit picks it up within its tick.
 
-    The embedding model is the one the unit's [engine] table (in --config) gives; --model-id
-    overrides it; with neither, the applied list's.
+    The embedding model and the size of its embeddings are those the unit's [engine] table (in
+    --config) gives, read from the config and the model's weights without loading the engine: a list
+    for another model or size is refused. --model-id overrides the model (the size is then not
+    checked); with neither, the applied list's model. BUNDLE must be a regular file (a FIFO or a
+    device is refused before it is opened).
 
     Example: watchlist apply /media/usb/watchlist-v12-full.cpwl --config /etc/checkpoint/unit.toml
     """
@@ -784,10 +799,16 @@ def apply_cmd(
     from watchlist.unit.apply import Watchlist
     from watchlist.unit.store import UnitStore
 
+    kind = _not_a_regular_file(bundle)
+    if kind is not None:
+        raise click.UsageError(f"{bundle} is {kind}, not a regular file; copy the bundle into a file and apply that")
     cfg = _unit_config(config, store, root_key, max_bytes)
-    flip_average = False
+    engine, embedding_dim = None, None
     if model_id is None and config is not None:
-        model_id, flip_average = _engine_model_id(config)
+        # The unit's engine decides the model and the size of its embeddings: a list of another size
+        # is refused here rather than blinding the unit (every face would fail to match).
+        identity, engine = _unit_engine(config)
+        model_id, embedding_dim = identity.model_id, identity.embedding_dim
     if model_id is None:
         st = UnitStore(cfg.store)
         model_id = st.state().model_id
@@ -798,7 +819,13 @@ def apply_cmd(
             )
     try:
         # The same check of the list's thresholds as the running unit makes, so USB and MQTT agree.
-        wl = Watchlist(cfg, Matcher(), model_id, threshold_range=_threshold_range(model_id, flip_average))
+        wl = Watchlist(
+            cfg,
+            Matcher(),
+            model_id,
+            embedding_dim=embedding_dim,
+            threshold_range=_threshold_range(model_id, engine),
+        )
         wl.start()
         version = wl.offer_file(bundle)
     except BundleRejected as exc:

@@ -179,12 +179,17 @@ def _check_dimension(bundle: Bundle, trust: UnitTrust) -> None:
             f"bundle {bundle.version} holds {dim}-d embeddings, this unit's engine makes {trust.expected_dim}-d "
             f"ones for model {trust.expected_model_id!r}; HQ must enrol with the unit's model",
         )
-    if trust.applied_dim is not None and trust.applied_model_id == bundle.model_id and dim != trust.applied_dim:
-        raise BundleRejected(
-            "wrong_dimension",
-            f"bundle {bundle.version} holds {dim}-d embeddings of model {bundle.model_id!r}, the applied list "
-            f"of that model is {trust.applied_dim}-d; one model has one embedding size",
-        )
+    # Where the engine's size is not known, the applied list's stands in for it. Where it is, a full
+    # bundle of that size replaces a list of another (one that blinds the unit); a delta must still
+    # fit the list it changes.
+    stands_in = trust.expected_dim is None or bundle.kind == "delta"
+    if stands_in and trust.applied_dim is not None and trust.applied_model_id == bundle.model_id:
+        if dim != trust.applied_dim:
+            raise BundleRejected(
+                "wrong_dimension",
+                f"bundle {bundle.version} holds {dim}-d embeddings of model {bundle.model_id!r}, the applied "
+                f"list of that model is {trust.applied_dim}-d; one model has one embedding size: send a full bundle",
+            )
 
 
 def _check_thresholds(bundle: Bundle, allowed: tuple[float, float]) -> None:

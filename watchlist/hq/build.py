@@ -92,7 +92,7 @@ def choose_threshold(
             f"{calibration_path}: the calibration is for model {cal.model!r}, the list holds {model_id!r}: "
             "give the calibration of the list's model"
         )
-    median = cal.strangers_median
+    median = cal.threshold_range[0]
     low = register.db.execute(
         "SELECT person_id, threshold FROM persons WHERE threshold IS NOT NULL AND threshold <= ? AND person_id IN "
         "(SELECT person_id FROM templates WHERE model_id = ?) ORDER BY person_id",
@@ -114,11 +114,11 @@ def choose_threshold(
         except CalibrationError as exc:
             raise ThresholdRefused(f"--fpir {target}: {exc}") from None
         return ThresholdChoice(point.threshold, target, point, cohort, None)
-    if not threshold > median:
+    problem = cal.threshold_problem(float(threshold), persons, per)
+    if problem is not None:
         raise ThresholdRefused(
-            f"--threshold {threshold} is at or below the strangers' median score {median:.4f} for model "
-            f"{cal.model}: at least every second passer-by would be an alert. Leave --threshold out and give "
-            f"the false-alert rate per face instead (--fpir, default {DEFAULT_FPIR})"
+            f"--threshold {problem}. Or leave --threshold out and give the false-alert rate per face instead "
+            f"(--fpir, default {DEFAULT_FPIR})"
         )
     point = cal.expected_rates(float(threshold), persons, per, cohort)
     warning = None

@@ -27,7 +27,7 @@ from watchlist.format.verify import (
     verify_keyset,
 )
 from watchlist.unit.config import WatchlistConfig
-from watchlist.unit.store import UnitStore
+from watchlist.unit.store import StoreState, UnitStore
 
 log = logging.getLogger(__name__)
 
@@ -119,12 +119,8 @@ class Watchlist:
         self._refresh()
         st = self._state
         self._current = self.store.load_index()
-        self._halt_reason = None
-        if st.version and st.model_id != self.model_id:
-            self._halt_reason = (
-                f"the applied list (version {st.version}) holds embeddings of model {st.model_id!r}, this unit "
-                f"runs {self.model_id!r}: matching nothing until HQ sends a full bundle for this model"
-            )
+        self._halt_reason = self._unusable(st)
+        if self._halt_reason is not None:
             log.error("watchlist: %s", self._halt_reason)
         self._publish()
         log.info(
@@ -134,6 +130,25 @@ class Watchlist:
             self._current.n_persons,
             self._current.n_templates,
         )
+
+    def _unusable(self, st: StoreState) -> str | None:
+        """Why the applied list cannot be matched with this unit's engine (another model, or another
+        embedding size: every face would fail), or None. The list stays in the store, and a full
+        bundle for the unit's model replaces it."""
+        if not st.version:
+            return None
+        fix = "matching nothing until a full bundle for this unit's model is applied (HQ, or `watchlist apply`)"
+        if st.model_id != self.model_id:
+            return (
+                f"the applied list (version {st.version}) holds embeddings of model {st.model_id!r}, this unit "
+                f"runs {self.model_id!r}: {fix}"
+            )
+        if self.embedding_dim is not None and st.embedding_dim != self.embedding_dim:
+            return (
+                f"the applied list (version {st.version}) holds {st.embedding_dim}-d embeddings, this unit's "
+                f"engine makes {self.embedding_dim}-d ones for model {self.model_id!r}: {fix}"
+            )
+        return None
 
     def tick(self) -> None:
         """Re-check what changes with time: expiry, and a list applied to the store by another
@@ -166,10 +181,10 @@ class Watchlist:
             self._expired_warned = False
         if stop:
             if self._matching:
+                # Empty, in the engine's size where known: the held list may be of another size.
+                dim = self.embedding_dim or self._current.dim
                 self.matcher.swap(
-                    TemplateIndex.empty(
-                        self._current.dim, version=self._current.version, model_id=self._current.model_id
-                    )
+                    TemplateIndex.empty(dim, version=self._current.version, model_id=self._current.model_id)
                 )
         elif self.matcher.index is not self._current:
             self.matcher.swap(self._current)
