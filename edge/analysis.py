@@ -551,6 +551,11 @@ class CameraAnalyser:
 
 
 def _why_unusable(quality: Any, score: float, matching: MatchingConfig) -> str:
+    # The gate's failures name the measured value and the limit; an engine that gives only reason codes
+    # is shown those.
+    failures = tuple(getattr(quality, "failures", ()) or ())
+    if failures:
+        return "quality: " + "; ".join(failures)
     reasons = tuple(getattr(quality, "reasons", ()) or ())
     if reasons:
         return "quality: " + ", ".join(reasons)

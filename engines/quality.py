@@ -72,6 +72,9 @@ class Quality:
     yaw: float
     pitch: float
     detector_score: float
+    # Each failed check in words, naming the measured value and the limit ("face 36.4 px, needs at least 40";
+    # "blurred: sharpness 0.0102, needs at least 0.015"), for logs, `edge analyse` and enrolment reports: a bare "too small" says nothing to act on.
+    failures: tuple[str, ...] = ()
 
 
 def _ramp(value: float, threshold: float, good: float) -> float:
@@ -156,15 +159,24 @@ def assess(
     sharp = sharpness(image, lm)
     det = float(score)
 
-    reasons = []
+    reasons, failures = [], []
     if eye_dist < cfg.min_eye_distance_px or height < cfg.min_face_height_px:
         reasons.append("too_small")
+        if height < cfg.min_face_height_px:
+            failures.append(f"face {height:.1f} px, needs at least {cfg.min_face_height_px:g}")
+        if eye_dist < cfg.min_eye_distance_px:
+            failures.append(f"eyes {eye_dist:.1f} px apart, needs at least {cfg.min_eye_distance_px:g}")
     if sharp < cfg.min_sharpness:
         reasons.append("blurred")
+        failures.append(f"blurred: sharpness {sharp:.4f}, needs at least {cfg.min_sharpness:g}")
     if not (abs(yaw) <= cfg.max_yaw and abs(pitch) <= cfg.max_pitch):
         reasons.append("not_frontal")
+        failures.append(
+            f"not frontal: yaw {yaw:+.2f} (limit +-{cfg.max_yaw:g}), pitch {pitch:+.2f} (limit +-{cfg.max_pitch:g})"
+        )
     if det < cfg.min_detector_score:
         reasons.append("low_score")
+        failures.append(f"detector confidence {det:.2f}, needs at least {cfg.min_detector_score:g}")
 
     size_q = _ramp(eye_dist, cfg.min_eye_distance_px, _GOOD_EYES * cfg.min_eye_distance_px)
     sharp_q = _ramp(sharp, cfg.min_sharpness, _GOOD_SHARPNESS * cfg.min_sharpness)
@@ -182,4 +194,5 @@ def assess(
         yaw=yaw,
         pitch=pitch,
         detector_score=det,
+        failures=tuple(failures),
     )

@@ -221,24 +221,19 @@ class PhotoVerdict:
         }
 
 
-def quality_reasons(quality: Any, config: Any) -> list[str]:
-    """The quality gate's failures, each naming the measured value and the limit."""
-    out = []
-    if "too_small" in quality.reasons:
-        if quality.face_height_px < config.min_face_height_px:
-            out.append(f"face {quality.face_height_px:.0f} px, needs at least {config.min_face_height_px:.0f}")
-        if quality.eye_distance_px < config.min_eye_distance_px:
-            out.append(f"eyes {quality.eye_distance_px:.0f} px apart, needs at least {config.min_eye_distance_px:.0f}")
-    if "blurred" in quality.reasons:
-        out.append(f"blurred: sharpness {quality.sharpness:.3f}, needs at least {config.min_sharpness:g}")
-    if "not_frontal" in quality.reasons:
-        out.append(
-            f"not frontal: yaw {quality.yaw:+.2f} (limit +-{config.max_yaw:g}), "
-            f"pitch {quality.pitch:+.2f} (limit +-{config.max_pitch:g})"
-        )
-    if "low_score" in quality.reasons:
-        out.append(f"detector confidence {quality.detector_score:.2f}, needs at least {config.min_detector_score:g}")
-    return out or [f"quality gate: {', '.join(quality.reasons)}"]
+def _failures(quality: Any) -> list[str]:
+    """The quality gate's failures, each naming the measured value and the limit (engines.quality)."""
+    return list(quality.failures) or [f"quality gate: {', '.join(quality.reasons)}"]
+
+
+def _below_detector(quality: Any, engine: EngineLike) -> str:
+    """Why a face only the finer look found is refused although it may pass the gate: the engine's
+    detector does not look for faces that small (a 68.6 px face was refused as a bare 'too small')."""
+    least = engine.detector.config.min_face_size  # type: ignore[attr-defined] - _finer_look found it there
+    return (
+        f"too small: face {quality.face_height_px:.1f} px, the detector looks for faces from {least} px "
+        "(engine.detector.min_face_size); use a photo where the face is larger"
+    )
 
 
 def _gate_config(engine: EngineLike) -> Any:
@@ -287,7 +282,9 @@ def judge_photo(engine: EngineLike, image: np.ndarray) -> PhotoVerdict:
         det, q = small[0]
         v.faces, v.face_px, v.eye_distance_px = len(small), q.face_height_px, q.eye_distance_px
         v.quality, v.detector_score = q.score, q.detector_score
-        v.reasons.append("too small: " + "; ".join(quality_reasons(q, gate)) if q.reasons else "too small")
+        v.reasons.append(
+            "too small: " + "; ".join(q.failures) if "too_small" in q.reasons else _below_detector(q, engine)
+        )
         return v
     main = faces[0]
     q = main.quality
@@ -311,7 +308,7 @@ def judge_photo(engine: EngineLike, image: np.ndarray) -> PhotoVerdict:
             f"{v.face_px:.0f} px face; check that the enrolled face is the missing person"
         )
     if not q.ok or main.embedding is None:
-        v.reasons.extend(quality_reasons(q, gate))
+        v.reasons.extend(_failures(q))
         return v
     v.embedding = np.asarray(main.embedding, dtype=np.float32)
     return v
