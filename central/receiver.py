@@ -6,8 +6,8 @@ receiver knows every unit. Each message is acknowledged to the broker only after
 to the store (manual PUBACK): a receiver that dies mid-way gets the message again, and the store
 drops the duplicate by hit id.
 
-Every message ends either stored or quarantined (the store's `rejects` table, with a reason), and
-is acknowledged either way; one bad message never holds up the others. A message that breaks the
+Every message taken ends either stored or quarantined (the store's `rejects` table, with a reason),
+and is acknowledged either way (a QoS 0 one may be dropped before it is taken: below); one bad message never holds up the others. A message that breaks the
 protocol, or whose signature does not hold (`signature_policy`), is quarantined at once. When a
 batch of hits fails to commit, its hits are retried one by one: the one the store refuses is
 quarantined with the store's error, the rest are stored. Only when even quarantining fails (the
@@ -407,8 +407,10 @@ class Receiver:
             except Exception as e:  # noqa: BLE001 - a message the checks did not foresee: set aside, not retried
                 log.exception("receiver: unexpected error on a message on %s", safe_text(m.topic))
                 self._quarantine(m, "error", f"{type(e).__name__}: {e}")
-        stored, new = self._store_hits(hits)
+        # Heartbeats before hits: should the store fail after them, the batch is retried with none of
+        # its hits stored yet, so each new hit still reaches on_hit (a retry would see a duplicate).
         self._store_heartbeats(beats)
+        stored, new = self._store_hits(hits)
         # Acknowledge only now: everything in the batch is committed, as a hit or as a reject.
         for m in batch:
             if m.qos > 0:
