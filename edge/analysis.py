@@ -223,7 +223,9 @@ class _Window:
 
 @dataclass
 class CameraStats:
-    """Running figures of one camera's analysis."""
+    """Running figures of one camera's analysis. The sampler, detector and embedder threads add to them
+    and the heartbeat reads them, so every change goes through a method that holds the lock, and
+    `snapshot` reads them under it (a figure read alone is one attribute, safe as it is)."""
 
     frames_sampled: int = 0
     frames_analysed: int = 0
@@ -246,18 +248,50 @@ class CameraStats:
     frames_regions: int = 0  # frames it searched only in regions (edge.regions), maybe none
     searched_share_sum: float = 0.0  # of the frame's area searched, summed over analysed frames
     faces_confirmed: int = 0  # followed faces found where they were heading, without a search (edge.regions)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def count(self, **added: int) -> None:
+        """Add to counters by name: ``stats.count(faces=3, embedded=1)``."""
+        with self._lock:
+            for name, n in added.items():
+                setattr(self, name, getattr(self, name) + n)
+
+    def failed(self, error: str) -> None:
+        """Count an error and keep its text as the last one."""
+        with self._lock:
+            self.errors += 1
+            self.last_error = error
+
+    def analysed(self, lag_s: float, now: float) -> None:
+        """Count an analysed frame, `lag_s` behind capture, finished at `now` (monotonic)."""
+        with self._lock:
+            self.frames_analysed += 1
+            self.analysed_window.add(now)
+            self.lag_s = lag_s
+            self.lag_max_s = max(self.lag_max_s, lag_s)
+
+    def hit(self, latency_s: float) -> None:
+        """Count a hit delivered `latency_s` after its face was captured."""
+        with self._lock:
+            self.hits += 1
+            self.hit_latency_s.append(latency_s)
 
     def searched(self, full: bool, share: float, confirmed: int = 0) -> None:
         """Count where the detector looked on one frame (and how many followed faces it confirmed)."""
-        self.faces_confirmed += confirmed
-        if full:
-            self.frames_full += 1
-        else:
-            self.frames_regions += 1
-        self.searched_share_sum += share
+        with self._lock:
+            self.faces_confirmed += confirmed
+            if full:
+                self.frames_full += 1
+            else:
+                self.frames_regions += 1
+            self.searched_share_sum += share
 
     def snapshot(self, now: float) -> dict[str, Any]:
-        """A JSON-ready copy of the figures."""
+        """A JSON-ready copy of the figures, all taken at one moment."""
+        with self._lock:
+            return self._snapshot(now)
+
+    def _snapshot(self, now: float) -> dict[str, Any]:
         lat = np.array(list(self.hit_latency_s), dtype=np.float64)
         searched = self.frames_full + self.frames_regions
         return {
@@ -373,7 +407,7 @@ class CameraAnalyser:
                 st.pending = True
                 st.why_not = None
                 requests.append(EmbedRequest(self.camera_id, tr.id, obs.data, reason))
-            self.stats.faces += len(detections)
+            self.stats.count(faces=len(detections))
         return requests, ended
 
     def _detect(self, frame: Frame) -> list[Any]:
@@ -512,10 +546,10 @@ class CameraAnalyser:
                             TrackReport(self.camera_id, new.id, new.first_seen, new.last_seen, split_from=split_from)
                         )
             if split_from is not None:
-                self.stats.splits += 1
+                self.stats.count(splits=1)
             if req.reason.startswith("re-check") and st.embeds > 0 and split_from is None:
                 st.rechecks += 1
-                self.stats.rechecks += 1
+                self.stats.count(rechecks=1)
             else:
                 st.embeds += 1
             st.last_embed_t = t

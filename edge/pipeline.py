@@ -306,9 +306,7 @@ class Pipeline:
                     return
                 continue
             last_seq = frame.seq
-            stats.frames_sampled += 1
-            if self._slots.put(frame):
-                stats.frames_skipped += 1
+            stats.count(frames_sampled=1, frames_skipped=int(self._slots.put(frame)))
             next_t += period
             now = time.monotonic()
             if next_t < now:
@@ -330,8 +328,7 @@ class Pipeline:
         try:
             requests, ended = an.analyse(frame)
         except Exception as exc:  # one bad frame or engine hiccup must not stop the camera's analysis
-            an.stats.errors += 1
-            an.stats.last_error = f"{type(exc).__name__}: {exc}"
+            an.stats.failed(f"{type(exc).__name__}: {exc}")
             log.warning("camera %s: analysis of frame %d failed: %s", frame.camera_id, frame.seq, exc)
             return
         for tid in ended:
@@ -340,14 +337,9 @@ class Pipeline:
             try:
                 self._embed_q.put_nowait(req)
             except queue.Full:
-                an.stats.embeds_dropped += 1
+                an.stats.count(embeds_dropped=1)
                 an.not_embedded(req, "embed queue full")
-        lag = self.clock() - frame.captured_at
-        st = an.stats
-        st.frames_analysed += 1
-        st.analysed_window.add(time.monotonic())
-        st.lag_s = lag
-        st.lag_max_s = max(st.lag_max_s, lag)
+        an.stats.analysed(self.clock() - frame.captured_at, time.monotonic())
 
     def _embed_loop(self, name: str) -> None:
         stopping = False
@@ -388,14 +380,11 @@ class Pipeline:
     def process_frame(self, frame: Frame) -> list[Hit]:
         """Analyse one frame and embed/match what it asks for, synchronously; return the hits (also sent to sinks)."""
         an = self.analysers[frame.camera_id]
-        an.stats.frames_sampled += 1
+        an.stats.count(frames_sampled=1)
         requests, ended = an.analyse(frame)
         for tid in ended:
             self.emitter.forget_track(frame.camera_id, tid)
-        lag = self.clock() - frame.captured_at
-        an.stats.frames_analysed += 1
-        an.stats.analysed_window.add(time.monotonic())
-        an.stats.lag_s, an.stats.lag_max_s = lag, max(an.stats.lag_max_s, lag)
+        an.stats.analysed(self.clock() - frame.captured_at, time.monotonic())
         return self.process_batch(requests) if requests else []
 
     def process_batch(self, batch: list[EmbedRequest]) -> list[Hit]:
@@ -426,7 +415,7 @@ class Pipeline:
 
                 embeddings = self.engine.embed(items, look_again=near)
             for r, looked in zip(batch, again):
-                self.analysers[r.camera_id].stats.second_looks += int(looked)
+                self.analysers[r.camera_id].stats.count(second_looks=int(looked))
             same_person = self._same_person(matcher)
             evidence = [self.analysers[r.camera_id].embedded(r, e, same_person) for r, e in zip(batch, embeddings)]
             redo = [i for i in range(n) if not first or again[i]]
@@ -440,8 +429,7 @@ class Pipeline:
             log.warning("embedding/matching a batch of %d faces failed: %s", len(batch), exc)
             for r in batch:
                 an = self.analysers[r.camera_id]
-                an.stats.errors += 1
-                an.stats.last_error = f"{type(exc).__name__}: {exc}"
+                an.stats.failed(f"{type(exc).__name__}: {exc}")
                 an.not_embedded(r, f"embedding failed: {type(exc).__name__}")
             return []
         del embeddings, queries  # never kept beyond the live tracks: only the decision leaves this function
@@ -454,7 +442,7 @@ class Pipeline:
         hits: list[Hit] = []
         for req, ev, face, probe in zip(batch, evidence, faces, probes):
             an = self.analysers[req.camera_id]
-            an.stats.embedded += 1
+            an.stats.count(embedded=1)
             match, decision = decide(self.matching, face, probe, ev.faces)
             best = match or (probe if ev.faces > 1 else face)
             an.decided(ev.track_id, best, decision, match is not None)
@@ -471,7 +459,7 @@ class Pipeline:
                 )
             if match is None:
                 continue
-            an.stats.matched += 1
+            an.stats.count(matched=1)
             det = req.candidate.detection
             box = tuple(float(v) for v in det.box)
             frame = req.candidate.frame
@@ -487,8 +475,7 @@ class Pipeline:
                     watchlist_version=int(getattr(matcher, "version", 0)),
                 )
             except Exception as exc:  # one hit that cannot be made must not stop every later one
-                an.stats.errors += 1
-                an.stats.last_error = f"a hit for person {match.person_id!r} could not be made: {exc}"
+                an.stats.failed(f"a hit for person {match.person_id!r} could not be made: {exc}")
                 log.error(
                     "camera %s: a hit for person %r (track %d, score %.4f, captured at %.3f) could not be made: %s: %s",
                     req.camera_id,
@@ -503,8 +490,7 @@ class Pipeline:
             if hit is None:
                 continue
             self._deliver(hit)
-            an.stats.hits += 1
-            an.stats.hit_latency_s.append(self.clock() - hit.captured_at)
+            an.stats.hit(self.clock() - hit.captured_at)
             hits.append(hit)
         return hits
 
