@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from central import accounts
 from central import audit as audit_chain
 from central.migrations import migrate
 from wire.records import safe_text
@@ -217,6 +218,7 @@ class HitStore(abc.ABC):
         cols = ",".join(HIT_COLUMNS)
         one = "(" + ",".join("?" * len(HIT_COLUMNS)) + ")"
         with self._tx() as q:
+            first_of_version = self._new_signed_versions(q, rows)
             # Multi-row statements: one round trip per chunk instead of three per hit (PostgreSQL).
             for chunk in _chunks(rows, 500):
                 args = [row.get(c) for row in chunk for c in HIT_COLUMNS]
@@ -249,7 +251,36 @@ class HitStore(abc.ABC):
                     f"last_seen = {self.greatest}(coalesce(units.last_seen, 0), excluded.last_seen)",
                     (site, unit_id, seen, n),
                 )
+            for row in first_of_version:
+                self._audit(
+                    q,
+                    f"unit:{row['site']}/{row['unit_id']}",
+                    "watchlist_seen",
+                    f"{row['site']}/{row['unit_id']}",
+                    {"watchlist_version": row["watchlist_version"], "hit": row["id"]},
+                )
         return new
+
+    def _new_signed_versions(self, q: Runner, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The first row of each (unit, watchlist version) among `rows` that is validly signed while no
+        stored validly signed hit of that unit carries that version: what goes into the audit chain as
+        `watchlist_seen`. Only a signed record may write an audit entry (a heartbeat, unsigned, could
+        be sent by anyone holding the unit's broker account). Called before `rows` are inserted."""
+        first: dict[tuple[str, str, int], dict[str, Any]] = {}
+        for row in rows:
+            if row.get("signature") == "valid" and row.get("watchlist_version") is not None:
+                first.setdefault((row["site"], row["unit_id"], row["watchlist_version"]), row)
+        stored = (
+            "SELECT 1 AS x FROM hits WHERE site = ? AND unit_id = ? AND watchlist_version = ? "
+            "AND signature = 'valid' LIMIT 1"
+        )
+        new = {key: row for key, row in first.items() if not q(stored, key)}
+        if new:
+            # Look again under the audit lock: a receiver sharing this database may have stored such a
+            # hit since, and it held that lock until it committed.
+            self._lock_audit(q)
+            new = {key: row for key, row in new.items() if not q(stored, key)}
+        return list(new.values())
 
     def add_hit(self, fields: dict[str, Any], crop: bytes | None, received_at: float | None = None) -> bool:
         """Store one decoded hit; True if new."""
@@ -278,23 +309,22 @@ class HitStore(abc.ABC):
             return q.rowcount == 1
 
     def set_heartbeat(self, site: str, unit_id: str, body: dict[str, Any], at: float) -> None:
-        """Record a unit's latest heartbeat (older ones than stored are ignored). A watchlist version
-        the unit had not reported before goes into the audit chain."""
-        facts = heartbeat_facts(body)
-        with self._tx() as q:
-            before = q(
-                f"SELECT watchlist_version FROM units WHERE site = ? AND unit_id = ?{self.for_update}", (site, unit_id)
-            )
-            q(
-                "INSERT INTO units(site, unit_id, last_seen, last_heartbeat_at, heartbeat_interval_s, heartbeat, "
-                "software_version, watchlist_version, watchlist_expires_at) VALUES (?,?,?,?,?,?,?,?,?) "
-                "ON CONFLICT (site, unit_id) DO UPDATE SET "
-                "last_heartbeat_at = excluded.last_heartbeat_at, "
-                "heartbeat_interval_s = excluded.heartbeat_interval_s, heartbeat = excluded.heartbeat, "
-                "software_version = excluded.software_version, watchlist_version = excluded.watchlist_version, "
-                "watchlist_expires_at = excluded.watchlist_expires_at, "
-                f"last_seen = {self.greatest}(coalesce(units.last_seen, 0), excluded.last_seen) "
-                "WHERE coalesce(units.last_heartbeat_at, 0) <= excluded.last_heartbeat_at",
+        """Record a unit's latest heartbeat (older ones than stored are ignored)."""
+        self.set_heartbeats([(site, unit_id, body, at)])
+
+    def set_heartbeats(self, beats: Sequence[tuple[str, str, dict[str, Any], float]]) -> None:
+        """Record heartbeats (site, unit_id, body, at) in one transaction: of several from one unit
+        the newest counts, and one older than the unit's stored heartbeat is ignored. Heartbeats are
+        not signed, so they only feed the fleet page and never the audit chain."""
+        newest: dict[tuple[str, str], tuple[dict[str, Any], float]] = {}
+        for site, unit_id, body, at in beats:
+            kept = newest.get((site, unit_id))
+            if kept is None or at >= kept[1]:
+                newest[(site, unit_id)] = (body, at)
+        rows = []
+        for (site, unit_id), (body, at) in sorted(newest.items()):
+            facts = heartbeat_facts(body)
+            rows.append(
                 (
                     site,
                     unit_id,
@@ -305,26 +335,41 @@ class HitStore(abc.ABC):
                     facts["software_version"],
                     facts["watchlist_version"],
                     facts["watchlist_expires_at"],
-                ),
+                )
             )
-            version = facts["watchlist_version"]
-            applied = q.rowcount == 1
-            if applied and version is not None and (not before or before[0]["watchlist_version"] != version):
-                self._audit(
-                    q,
-                    f"unit:{site}/{unit_id}",
-                    "watchlist_seen",
-                    f"{site}/{unit_id}",
-                    {"watchlist_version": version, "expires_at": facts["watchlist_expires_at"]},
+        one = "(" + ",".join("?" * 9) + ")"
+        with self._tx() as q:
+            # One multi-row statement per chunk (units are unique in it: PostgreSQL refuses to update
+            # one row twice in a statement), so a batch of a thousand units costs one round trip.
+            for chunk in _chunks(rows, 500):
+                q(
+                    "INSERT INTO units(site, unit_id, last_seen, last_heartbeat_at, heartbeat_interval_s, heartbeat, "
+                    "software_version, watchlist_version, watchlist_expires_at) VALUES "
+                    + ",".join([one] * len(chunk))
+                    + " ON CONFLICT (site, unit_id) DO UPDATE SET "
+                    "last_heartbeat_at = excluded.last_heartbeat_at, "
+                    "heartbeat_interval_s = excluded.heartbeat_interval_s, heartbeat = excluded.heartbeat, "
+                    "software_version = excluded.software_version, watchlist_version = excluded.watchlist_version, "
+                    "watchlist_expires_at = excluded.watchlist_expires_at, "
+                    f"last_seen = {self.greatest}(coalesce(units.last_seen, 0), excluded.last_seen) "
+                    "WHERE coalesce(units.last_heartbeat_at, 0) <= excluded.last_heartbeat_at",
+                    [v for row in chunk for v in row],
                 )
 
     def add_reject(
-        self, topic: str, payload: bytes, error: str, received_at: float | None = None, reason: str = "protocol"
+        self,
+        topic: str,
+        payload: bytes,
+        error: str,
+        received_at: float | None = None,
+        reason: str = "protocol",
+        payload_bytes: int | None = None,
     ) -> None:
         """Quarantine a message that was not stored, with why (`reason`: a short word such as
         'protocol', 'store', 'unsigned', 'bad_signature'; `error`: the full sentence), for someone to
         look at. Only the first REJECT_PAYLOAD_BYTES of the payload are kept (its full size beside
-        them), topic and error are cut and escaped, and the table keeps the newest MAX_REJECTS rows."""
+        them: `payload_bytes` when the caller kept only a prefix), topic and error are cut and
+        escaped, and the table keeps the newest MAX_REJECTS rows."""
         with self._tx() as q:
             q(
                 "INSERT INTO rejects(received_at, topic, reason, error, payload, payload_bytes) VALUES (?,?,?,?,?,?)",
@@ -334,7 +379,7 @@ class HitStore(abc.ABC):
                     safe_text(reason, 64),
                     safe_text(error, REJECT_TEXT_CHARS),
                     bytes(payload[:REJECT_PAYLOAD_BYTES]),
-                    len(payload),
+                    len(payload) if payload_bytes is None else payload_bytes,
                 ),
             )
             q("DELETE FROM rejects WHERE id <= (SELECT max(id) FROM rejects) - ?", (self.max_rejects,))
@@ -524,9 +569,11 @@ class HitStore(abc.ABC):
             self.audit(actor, "export", None, {"what": "hits", "count": n, "since": since, "with_crops": with_crops})
         return n
 
-    def purge(self, older_than_s: float, now: float | None = None) -> int:
+    def purge(self, older_than_s: float, now: float | None = None, *, actor: str = "receiver") -> int:
         """Delete hits (with crops and reviews) and rejects received more than `older_than_s` ago,
-        and expired sessions; returns hits deleted. The audit chain is kept."""
+        and expired sessions; returns hits deleted. The audit chain is kept, and a purge that
+        deleted hits or rejects is entered in it as `actor`'s (the receiver's hourly retention by
+        default), with how many of each and the cut-off."""
         now = time.time() if now is None else now
         cutoff = now - older_than_s
         old = "SELECT id FROM hits WHERE received_at < ?"
@@ -536,7 +583,11 @@ class HitStore(abc.ABC):
             q("DELETE FROM hits WHERE received_at < ?", (cutoff,))
             n = q.rowcount
             q("DELETE FROM rejects WHERE received_at < ?", (cutoff,))
+            rejects = q.rowcount
             q("DELETE FROM sessions WHERE expires_at < ?", (now,))
+            if n or rejects:
+                detail = {"older_than_days": older_than_s / 86400, "cutoff": cutoff, "hits": n, "rejects": rejects}
+                self._audit(q, actor, "purge", None, detail)
         return int(n)
 
     # --- accounts and sessions ----------------------------------------------------------------
@@ -545,8 +596,12 @@ class HitStore(abc.ABC):
         """Register an operator or supervisor (the password already hashed)."""
         if role not in ROLES:
             raise StoreError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
-        if not username or username != username.strip() or any(ord(c) < 32 for c in username):
-            raise StoreError(f"user name {username!r} must be non-empty, without spaces around or control characters")
+        problem = accounts.username_problem(username)
+        if problem:
+            raise StoreError(
+                f"this user name cannot be used: {problem} (at most {accounts.MAX_USERNAME_CHARS} characters, "
+                "no control or direction characters, no spaces around)"
+            )
         with self._tx() as q:
             q(
                 "INSERT INTO users(username, role, password_hash, active, created_at) VALUES (?,?,?,1,?) "
@@ -565,16 +620,26 @@ class HitStore(abc.ABC):
         """Stop a user from logging in or deciding, and end their sessions."""
         self._change_user(username, "active = 0, changed_at = ?", (), actor, "user_disable")
 
-    def _change_user(self, username: str, sets: str, args: tuple, actor: str, action: str) -> None:
+    def unlock_user(self, username: str, *, actor: str) -> None:
+        """End the login lockouts of a user: moving `changed_at` makes consoles forget the failed
+        logins they counted for the name (their sessions stay)."""
+        self._change_user(username, "changed_at = ?", (), actor, "user_unlock", end_sessions=False)
+
+    def _change_user(
+        self, username: str, sets: str, args: tuple, actor: str, action: str, *, end_sessions: bool = True
+    ) -> None:
         with self._tx() as q:
             q(f"UPDATE users SET {sets} WHERE username = ?", (*args, time.time(), username))
             if q.rowcount != 1:
                 raise StoreError(f"no user {username!r} (see `checkpoint-receiver user add`)")
-            q("DELETE FROM sessions WHERE username = ?", (username,))
+            if end_sessions:
+                q("DELETE FROM sessions WHERE username = ?", (username,))
             self._audit(q, actor, action, username, {})
 
     def user(self, username: str) -> dict[str, Any] | None:
-        rows = self._read("SELECT username, role, password_hash, active FROM users WHERE username = ?", (username,))
+        rows = self._read(
+            "SELECT username, role, password_hash, active, changed_at FROM users WHERE username = ?", (username,)
+        )
         return rows[0] if rows else None
 
     def users(self) -> list[dict[str, Any]]:
@@ -631,9 +696,17 @@ class HitStore(abc.ABC):
             yield from rows
             after = rows[-1]["seq"]
 
-    def verify_audit(self) -> audit_chain.Verdict:
-        """Check every entry's hash and its link to the one before."""
-        return audit_chain.verify(self.iter_audit())
+    def verify_audit(self, expect: audit_chain.Head | None = None) -> audit_chain.Verdict:
+        """Check every entry's hash and its link to the one before, and that the chain still holds
+        the head `expect` noted earlier (so a cut or rewritten tail shows)."""
+        return audit_chain.verify(self.iter_audit(), expect)
+
+    def audit_head(self) -> audit_chain.Head:
+        """The newest entry's number and hash (0 and GENESIS when the chain is empty), unchecked."""
+        rows = self._read("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
+        if not rows:
+            return audit_chain.Head(0, audit_chain.GENESIS)
+        return audit_chain.Head(int(rows[0]["seq"]), rows[0]["hash"])
 
     def export_audit_jsonl(self, fh: IO[str], *, actor: str | None = None) -> int:
         """Write the audit chain oldest first as JSON lines (with hashes, so a copy can be verified);

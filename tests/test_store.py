@@ -160,7 +160,7 @@ def test_audit_chain_verifies_and_shows_an_edit_or_a_deletion(store):
     assert [json.loads(line)["seq"] for line in out.getvalue().splitlines()] == [1, 2, 3, 5]
 
 
-def test_heartbeats_give_fleet_facts_and_audit_each_new_watchlist_version(store):
+def test_heartbeats_give_fleet_facts_and_signed_hits_audit_each_new_watchlist_version(store):
     now = time.time()
     store.set_unit_status("site-a", "unit-1", "online", "connected", now, now)
     body = {
@@ -182,8 +182,20 @@ def test_heartbeats_give_fleet_facts_and_audit_each_new_watchlist_version(store)
     assert (unit["watchlist_version"], unit["watchlist_state"], unit["outbox_pending"]) == (7, "expiring", 5)
     assert store.units(now=now, expiry_warning_s=60)[0]["watchlist_state"] == "ok"
     assert store.units(now=now + 7200)[0]["watchlist_state"] == "expired"
-    seen = [e for e in store.audit_entries(limit=None) if e["action"] == "watchlist_seen"]
-    assert len(seen) == 1 and seen[0]["subject"] == "site-a/unit-1", "an older heartbeat (v8) is ignored"
+    assert store.units(now=now)[0]["watchlist_version"] == 7, "an older heartbeat (v8) is ignored"
+    # Heartbeats are unsigned: only a validly signed hit enters a unit's new list version in the audit chain.
+    assert [e for e in store.audit_entries(limit=None) if e["action"] == "watchlist_seen"] == []
+    hits = [
+        dict(records.hit_record(make_hit("unit-1", watchlist_version=v), "site-a"), signature=sig)
+        for v, sig in ((7, "unsigned"), (7, "valid"), (7, "valid"), (8, "valid"))
+    ]
+    store.add_hits([(h, None, now) for h in hits[:3]])
+    store.add_hits([(h, None, now) for h in hits[1:]])  # a duplicate delivery of two of them, and v8
+    seen = [e for e in store.audit_entries(limit=None, newest_first=False) if e["action"] == "watchlist_seen"]
+    assert [(e["subject"], json.loads(e["detail"])) for e in seen] == [
+        ("site-a/unit-1", {"watchlist_version": 7, "hit": hits[1]["id"]}),
+        ("site-a/unit-1", {"watchlist_version": 8, "hit": hits[3]["id"]}),
+    ]
     # The unit's version may also come flat in `unit`, as older units send it.
     assert heartbeat_facts({"unit": {"watchlist_version": 4, "software_version": "x"}})["watchlist_version"] == 4
 
@@ -209,7 +221,8 @@ def test_purge_keeps_the_audit_chain(store):
     store.decide(fields["id"], "ana", "confirm")
     assert store.purge(90 * 86400) == 1
     assert store.count_hits() == 0 and store.crop(fields["id"]) is None and store.reviews(fields["id"]) == []
-    assert store.verify_audit().ok and store.verify_audit().entries == 3
+    assert store.verify_audit().ok and store.verify_audit().entries == 4
+    assert store.audit_entries(limit=1)[0]["action"] == "purge", "the purge itself is entered"
 
 
 def test_a_version_1_sqlite_store_is_migrated_in_place(tmp_path):
