@@ -7,7 +7,6 @@ import functools
 import getpass
 import logging
 import os
-import re
 import signal
 import sys
 import threading
@@ -48,11 +47,6 @@ def _num(value: Any) -> str:
         return _text(value, 24)
 
 
-# Direction marks and overrides: printed raw they make a terminal show text in another order
-# than it is (U+202E turns "case-1\u202e1-esac" around), so they are shown as escapes too.
-_BIDI = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
-
-
 def _text(value: Any, limit: int = 200) -> str:
     """Unit-supplied text for a terminal: control and direction characters shown as escapes, not
     obeyed (a newline in a camera id must not start a line of its own)."""
@@ -60,7 +54,7 @@ def _text(value: Any, limit: int = 200) -> str:
 
     if value is None:
         return "-"
-    return _BIDI.sub(lambda m: f"\\u{ord(m.group()):04x}", safe_text(value, limit))
+    return safe_text(value, limit)
 
 
 def format_hit(row: dict[str, Any]) -> str:

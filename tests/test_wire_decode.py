@@ -201,6 +201,8 @@ def test_safe_text_escapes_what_could_forge_a_line() -> None:
     assert records.safe_text("cam\n2025 HIT x") == "cam\\n2025 HIT x"
     assert records.safe_text("a\x1b[2Jb\u2028c\ud800") == "a\\x1b[2Jb\\u2028c\\ud800"
     assert records.safe_text("back\\slash") == "back\\\\slash"
+    # Direction overrides would make a log show "case-1\u202e1-esac" as another id.
+    assert records.safe_text("case-1\u202e1-esac \u2066x\u200f") == "case-1\\u202e1-esac \\u2066x\\u200f"
     assert records.safe_text("x" * 300, limit=10) == "x" * 10 + "..."
     assert records.safe_text("Zürich gate-2") == "Zürich gate-2"
 

@@ -285,7 +285,11 @@ _BAD_TEXT_CHARS = "\\x00-\\x1f\\x7f-\\x9f\\u2028\\u2029\\ud800-\\udfff"
 TEXT_PATTERN = "^[^" + _BAD_TEXT_CHARS + "]*$"
 _TEXT_RE = re.compile("[^" + _BAD_TEXT_CHARS + "]*")
 _SURROGATES_RE = re.compile("[\\ud800-\\udfff]")
-_CONTROL_RE = re.compile("[" + _BAD_TEXT_CHARS + "\\\\]")
+# Direction marks and overrides are allowed in text (names in right-to-left scripts need them) but,
+# printed raw, make a terminal or log show it in another order than it is (U+202E turns
+# "case-1\u202e1-esac" around), so safe_text shows them as escapes too.
+_BIDI_CHARS = "\\u061c\\u200e\\u200f\\u202a-\\u202e\\u2066-\\u2069"
+_CONTROL_RE = re.compile("[" + _BAD_TEXT_CHARS + _BIDI_CHARS + "\\\\]")
 
 
 def b64_length(n_bytes: int) -> int:
@@ -294,8 +298,9 @@ def b64_length(n_bytes: int) -> int:
 
 
 def safe_text(value: Any, limit: int = 200) -> str:
-    """`value` for a log line or a terminal: control characters, line separators, surrogates and
-    backslashes escaped (``\\n``, ``\\x1b``, ``\\u2028``), cut to `limit` characters with '...'.
+    """`value` for a log line or a terminal: control characters, line separators, direction marks
+    and overrides, surrogates and backslashes escaped (``\\n``, ``\\x1b``, ``\\u2028``, ``\\u202e``),
+    cut to `limit` characters with '...'.
 
     A received id printed as it came could forge a whole line of output (a newline) or drive the
     terminal (escape sequences); this is what the receiver prints instead."""
