@@ -1,7 +1,7 @@
 """Benchmark of hit reporting: outbox -> Mosquitto -> checkpoint-receiver, all real, on this machine.
 
 Measures
-  * outbox write cost per hit (Outbox.put, WAL + synchronous=FULL: one fsync per hit),
+  * outbox write cost per hit (Outbox.put: rollback journal + synchronous=FULL, three fsyncs per hit),
   * sustained hits/s from MqttReporter.submit to rows committed in the receiver's store: SQLite,
     and PostgreSQL (a temporary cluster, fsync on) where Debian's postgresql is installed,
   * publish-to-receive latency p50/p99 (queued_at in the unit -> received_at in the receiver) at a
