@@ -149,11 +149,10 @@ class Daemon:
         deadline = time.monotonic() + max_seconds if max_seconds is not None else None
         while not self._stop.wait(tick):
             now = time.monotonic()
+            if self._pipeline_failed():
+                return
             if wd_every is not None and now >= next_wd:
-                if self.pipeline.healthy(_HUNG_AFTER_S):
-                    self.notifier.watchdog()
-                else:
-                    log.error("analysis threads are hung or dead; withholding the systemd watchdog ping")
+                self.notifier.watchdog()
                 next_wd = now + wd_every
             if self.watchlist is not None and now >= next_watchlist:
                 self._tick_watchlist()
@@ -171,6 +170,18 @@ class Daemon:
                 return
             if deadline is not None and now >= deadline:
                 return
+
+    def _pipeline_failed(self) -> bool:
+        """True (and `failure` set) once a pipeline thread died or hung: the cameras may still run, but
+        nothing is analysed or matched any more, so the unit stops with a failure and whatever runs
+        it (systemd's Restart=, or an operator reading the exit status) starts it afresh. Checked on
+        every tick, with or without systemd's watchdog."""
+        problems = self.pipeline.problems(_HUNG_AFTER_S)
+        if not problems:
+            return False
+        self.failure = "; ".join(problems)
+        log.critical("unit %s stopping: %s", self.config.unit.id, self.failure)
+        return True
 
     def _outbox_gone(self) -> bool:
         """True (and `failure` set) once the outbox file was deleted or replaced under the unit: no hit
@@ -191,7 +202,8 @@ class Daemon:
             return
         self.notifier.stopping("stopping: flushing hits")
         log.info("unit %s stopping", self.config.unit.id)
-        self._shutdown(timeout)
+        # A unit that stops on its own failure tells the centre why in its 'offline' status.
+        self._shutdown(timeout, reason=self.failure or "shutdown")
         self.log_figures()
         log.info(
             "unit %s stopped; %d hits this run", self.config.unit.id, self.pipeline.hits_total if self.pipeline else 0
@@ -297,13 +309,16 @@ class Daemon:
             log.error("watchlist check failed: %s", exc)
 
     def warnings(self) -> list[str]:
-        """What the unit should not be running like: no watchlist, an expired one, or one it cannot match
-        with (made with another model or embedding size); an int8 embedder that failed its check on
-        this CPU (running float32 instead)."""
-        found = []
+        """What the unit should not be running like: a pipeline thread dead or hung; an int8 embedder
+        that failed its check on this CPU (running float32 instead); an outbox that cannot write (disk
+        full, file not writable); no watchlist, an expired one, or one it cannot match with (made with
+        another model or embedding size)."""
+        found = self.pipeline.problems(_HUNG_AFTER_S) if self.pipeline is not None else []
         fallback = getattr(self.engine, "precision_fallback", None)
         if fallback:
             found.append(fallback)
+        if self.reporter is not None and self.reporter.outbox.problem:
+            found.append(self.reporter.outbox.problem)
         if self.watchlist is None:
             return found
         wl = self.watchlist.status()
@@ -387,6 +402,10 @@ class Daemon:
             "software_version": software_version(),
             "started_at": round(self.started_at or 0.0, 3),
             "warnings": self.warnings(),
+            "pipeline": {
+                "healthy": self.pipeline is not None and self.pipeline.healthy(_HUNG_AFTER_S),
+                "problems": self.pipeline.problems(_HUNG_AFTER_S) if self.pipeline is not None else [],
+            },
             "model_id": getattr(self.engine, "model_id", None),
             "cameras": cameras,
             "cameras_up": sum(c["up"] for c in cameras),

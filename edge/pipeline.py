@@ -225,6 +225,7 @@ class Pipeline:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._beats: dict[str, float] = {}
+        self._deaths: dict[str, str] = {}  # thread name -> the error it died of
         self.hits_total = 0
         self.calibration = calibration if calibration is not None else getattr(engine, "calibration", None)
         self._look_level: tuple[tuple[int, int, int, float], float | None] | None = None
@@ -255,8 +256,9 @@ class Pipeline:
     def _guard(self, name: str, target: Callable[..., None], *args: Any) -> None:
         try:
             target(name, *args)
-        except Exception:
-            # A thread that dies silently would stop analysis without a trace; the watchdog sees it via beats.
+        except Exception as exc:
+            # A thread that dies silently would stop analysis without a trace: the daemon reads why in problems().
+            self._deaths[name] = f"{type(exc).__name__}: {exc}"
             log.exception("pipeline thread %s failed", name)
             raise
 
@@ -278,12 +280,24 @@ class Pipeline:
         if alive:
             log.warning("pipeline threads still running after %.1f s: %s", timeout, ", ".join(alive))
 
-    def healthy(self, max_silence_s: float = 10.0) -> bool:
-        """True if every pipeline thread is alive and went round its loop within `max_silence_s`."""
+    def problems(self, max_silence_s: float = 10.0) -> list[str]:
+        """What stops the pipeline doing its job: each thread that died (with the error it died of) or
+        has not gone round its loop within `max_silence_s`; empty while all run, and after stop()."""
+        if self._stop.is_set():
+            return []
         now = time.monotonic()
-        return bool(self._threads) and all(
-            th.is_alive() and now - self._beats.get(th.name, 0.0) <= max_silence_s for th in self._threads
-        )
+        found = []
+        for th in self._threads:
+            if not th.is_alive():
+                found.append(f"pipeline thread {th.name} died: {self._deaths.get(th.name, 'it returned')}")
+            elif now - self._beats.get(th.name, 0.0) > max_silence_s:
+                silent = now - self._beats.get(th.name, 0.0)
+                found.append(f"pipeline thread {th.name} is hung: no round of its loop for {silent:.0f} s")
+        return found
+
+    def healthy(self, max_silence_s: float = 10.0) -> bool:
+        """True if the pipeline runs (started, not stopped) and `problems` finds none."""
+        return bool(self._threads) and not self._stop.is_set() and not self.problems(max_silence_s)
 
     def _sample_loop(self, name: str, cam: CameraSpec) -> None:
         period = 1.0 / cam.analysis_fps

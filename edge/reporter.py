@@ -381,9 +381,11 @@ class MqttReporter:
             except Exception as e:  # noqa: BLE001 - a broken provider must not stop heartbeats
                 log.warning("mqtt reporter %s: status provider failed: %s", self.unit_id, e)
                 unit = {"error": f"status provider failed: {e}"}
-        if self.outbox.problem:
-            # The outbox's trouble is the unit's: it shows with the unit's warnings at the centre.
-            unit["warnings"] = [*(unit.get("warnings") or []), self.outbox.problem]
+        warnings = list(unit.get("warnings") or [])
+        if self.outbox.problem and self.outbox.problem not in warnings:
+            # The outbox's trouble is the unit's: it shows with the unit's warnings at the centre (a
+            # daemon's own warnings already name it; a bare reporter's status provider may not).
+            unit["warnings"] = [*warnings, self.outbox.problem]
         outbox = self.outbox.stats()
         outbox["inflight"] = self.outbox.inflight
         outbox["refused"] = self._refused
