@@ -96,14 +96,16 @@ class _Converter:
         t = self.graph.Tensors(i)
         return t.ShapeAsNumpy().tolist() if t.ShapeLength() else []
 
-    def check_float(self, i: int, allowed: tuple[str, ...] = ("FLOAT32",)) -> None:
+    def check_float(self, i: int) -> None:
+        """Refuse tensor i unless it is plain float32 (not another type, not quantised)."""
         t = self.graph.Tensors(i)
         kind = self.type_names.get(t.Type(), str(t.Type()))
         q = t.Quantization()
-        if kind not in allowed or (q is not None and q.ScaleLength()):
+        quantised = q is not None and q.ScaleLength() > 0
+        if kind != "FLOAT32" or quantised:
             raise TfliteConversionError(
-                f"{self.source}: tensor {self.names[i]!r} is {kind}{' quantised' if q is not None and q.ScaleLength() else ''}; "
-                f"only float32 models are converted (use the model's float version)"
+                f"{self.source}: tensor {self.names[i]!r} is {kind}{' quantised' if quantised else ''}; "
+                "only float32 models are converted (use the model's float version)"
             )
 
     def constant(self, i: int) -> np.ndarray | None:

@@ -5,19 +5,16 @@ from __future__ import annotations
 
 import importlib
 
+import flatbuffers
 import numpy as np
 import pytest
+import tflite
+from tflite.ActivationFunctionType import ActivationFunctionType as Act
+from tflite.BuiltinOperator import BuiltinOperator as Op
+from tflite.BuiltinOptions import BuiltinOptions as Opts
+from tflite.Padding import Padding
 
-pytest.importorskip("tflite", reason="the TFLite schema package: pip install tflite")
-
-import flatbuffers  # noqa: E402
-import tflite  # noqa: E402
-from tflite.ActivationFunctionType import ActivationFunctionType as Act  # noqa: E402
-from tflite.BuiltinOperator import BuiltinOperator as Op  # noqa: E402
-from tflite.BuiltinOptions import BuiltinOptions as Opts  # noqa: E402
-from tflite.Padding import Padding  # noqa: E402
-
-from engines.tflite_convert import TfliteConversionError, convert_tflite  # noqa: E402
+from engines.tflite_convert import TfliteConversionError, convert_tflite
 
 
 def _schema(name: str):
