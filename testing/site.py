@@ -1,13 +1,16 @@
 """The site of docs/protocol.md "Deployment", as tests run it: Mosquitto started on
-deploy/mosquitto/checkpoint.conf and deploy/mosquitto/acl themselves (only the folder of the
-certificates and the port are replaced), accounts made by deploy/make-credentials, and `Probe`, a
-bare client over the one MQTT link that reports PUBACK and SUBACK reasons. Used by
-tests/test_deploy.py and tests/test_site.py."""
+deploy/mosquitto/checkpoint.conf (only the folder of the certificates and the port are replaced) with
+deploy/mosquitto/acl installed into that folder, accounts made by deploy/make-credentials (which
+appends the readers' and receivers' blocks to that ACL), and `Probe`, a bare client over the one
+MQTT link that reports PUBACK and SUBACK reasons. Used by tests/test_deploy.py, tests/test_site.py
+and tests/test_edge_check_config.py."""
 
 from __future__ import annotations
 
 import getpass
+import grp
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -29,14 +32,17 @@ DEPLOY = ROOT / "deploy"
 INSTALL_DIR = "/etc/mosquitto/checkpoint/"
 
 
-def render_conf(broker_dir: Path, work: Path, port: int, require_certificate: bool = False) -> str:
+def render_conf(
+    broker_dir: Path, work: Path, port: int, require_certificate: bool = False, own_user: bool = False
+) -> str:
     """deploy/mosquitto/checkpoint.conf with its install folder and port replaced, plus what Debian's
-    main mosquitto.conf adds (persistence, log); the ACL is the repository's file itself."""
+    main mosquitto.conf adds (persistence, log). As root, Mosquitto is told to stay the current user
+    (who can read a private tmp folder), unless `own_user`: then it drops to its own user, as
+    Debian's service does."""
     text = (DEPLOY / "mosquitto" / "checkpoint.conf").read_text()
     for old in (f"{INSTALL_DIR}acl", INSTALL_DIR, "listener 8883\n", "require_certificate false\n"):
         if old not in text:
             raise SiteError(f"deploy/mosquitto/checkpoint.conf no longer has {old!r}: update testing/site.py")
-    text = text.replace(f"{INSTALL_DIR}acl", str(DEPLOY / "mosquitto" / "acl"))
     text = text.replace(INSTALL_DIR, f"{broker_dir}/")
     text = text.replace("listener 8883\n", f"listener {port} {HOST}\n")
     if require_certificate:
@@ -47,7 +53,7 @@ def render_conf(broker_dir: Path, work: Path, port: int, require_certificate: bo
         f"log_dest file {work}/mosquitto.log",
         "log_type all",
     ]
-    if os.geteuid() == 0:
+    if os.geteuid() == 0 and not own_user:
         lines.append(f"user {getpass.getuser()}")
     return "\n".join(lines) + "\n" + text
 
@@ -62,21 +68,33 @@ def make_credentials(*args: object) -> str:
     return done.stdout
 
 
-def make_site_credentials(creds: Path) -> Path:
+def install_acl(broker_dir: Path) -> Path:
+    """deploy/mosquitto/acl copied into the broker's folder, as the install steps do; make-credentials
+    appends the readers' and receivers' blocks to this copy."""
+    broker_dir.mkdir(parents=True, exist_ok=True)
+    return Path(shutil.copyfile(DEPLOY / "mosquitto" / "acl", broker_dir / "acl"))
+
+
+def make_site_credentials(creds: Path, broker_group: str | None = None) -> Path:
     """The accounts of the two-site test deployment, made by deploy/make-credentials into `creds`: the
-    CA and broker certificate (broker/), units site-a/unit-1 and site-b/unit-2 (unit-1/, unit-2/: password,
-    signing key, client certificate), each site's watchlist reader (site-a/, site-b/), hq/ and receiver/.
-    Returns the unit keys file the centre loads."""
+    CA and broker certificate (broker/, with the ACL), units site-a/unit-1 and site-b/unit-2 (unit-1/,
+    unit-2/: password, watchlist reader password, signing key, client certificate), hq/, and two
+    receivers, receiver/ and receiver-2/. The broker's files go to `broker_group` (default: this
+    process's group, whom a Mosquitto that stays this user can read). Returns the unit keys file the
+    centre loads."""
     broker_dir, passwd, unit_keys = creds / "broker", creds / "broker" / "passwd", creds / "unit-keys"
-    make_credentials("ca", "--out", broker_dir, "--broker-host", HOST, "--broker-host", "localhost")
-    common = ["--passwd", passwd, "--ca-dir", broker_dir, "--client-cert"]
+    group = ["--broker-group", broker_group or grp.getgrgid(os.getegid()).gr_name]
+    install_acl(broker_dir)
+    make_credentials("ca", "--out", broker_dir, "--broker-host", HOST, "--broker-host", "localhost", *group)
+    common = ["--passwd", passwd, "--ca-dir", broker_dir, "--client-cert", *group]
+    acl = ["--acl", broker_dir / "acl"]
     for site_id, unit in (("site-a", "unit-1"), ("site-b", "unit-2")):
         make_credentials(
-            "unit", "--site", site_id, "--unit", unit, "--out", creds / unit, "--unit-keys", unit_keys, *common
+            "unit", "--site", site_id, "--unit", unit, "--out", creds / unit, "--unit-keys", unit_keys, *common, *acl
         )
-        make_credentials("site", "--site", site_id, "--out", creds / site_id, *common)
     make_credentials("hq", "--out", creds / "hq", *common)
-    make_credentials("receiver", "--out", creds / "receiver", *common)
+    make_credentials("receiver", "--out", creds / "receiver", *common, *acl)
+    make_credentials("receiver", "--name", "receiver-2", "--out", creds / "receiver-2", *common, *acl)
     return unit_keys
 
 
@@ -105,34 +123,38 @@ class Site:
         files = {
             "unit-1": ("site-a/unit-1", "unit-1/mqtt.pw"),
             "unit-2": ("site-b/unit-2", "unit-2/mqtt.pw"),
-            "reader-a": ("site-a/watchlist", "site-a/watchlist.pw"),
-            "reader-b": ("site-b/watchlist", "site-b/watchlist.pw"),
+            "reader-a": ("site-a/unit-1/watchlist", "unit-1/watchlist.pw"),
+            "reader-b": ("site-b/unit-2/watchlist", "unit-2/watchlist.pw"),
             "hq": ("hq", "hq/hq.pw"),
             "receiver": ("receiver", "receiver/receiver.pw"),
+            "receiver-2": ("receiver-2", "receiver-2/receiver-2.pw"),
         }
         user, pw = files[who]
         return self.conn(user, self.creds / pw)
 
 
-def start_deployed_broker(workdir: Path, creds: Path, require_certificate: bool = False) -> MosquittoBroker:
+def start_deployed_broker(
+    workdir: Path, creds: Path, require_certificate: bool = False, own_user: bool = False
+) -> MosquittoBroker:
+    """Mosquitto on the deployed files in `creds`/broker (`render_conf`), its state and log in `workdir`."""
     broker = MosquittoBroker(workdir, port=free_port())
-    broker.conf_path.write_text(render_conf(creds / "broker", workdir, broker.port, require_certificate))
+    broker.conf_path.write_text(render_conf(creds / "broker", workdir, broker.port, require_certificate, own_user))
     return broker.start()
 
 
 class Probe:
     """A bare client over the one MQTT link: publish and wait for the PUBACK's reason, collect messages."""
 
-    def __init__(self, conn: MqttConnection) -> None:
+    def __init__(self, conn: MqttConnection, client_id: str | None = None, clean_start: bool = True) -> None:
         self.messages: list[tuple[str, bytes]] = []
         self.acks: dict[int, Any] = {}
         self.subacks: dict[int, list[Any]] = {}
         self._cond = threading.Condition()
         self.link = MqttLink(
             conn,
-            f"probe-{uuid.uuid4().hex[:8]}",
+            client_id or f"probe-{uuid.uuid4().hex[:8]}",
             name="probe",
-            clean_start=True,
+            clean_start=clean_start,
             on_message=self._message,
             on_publish=self._published,
             on_suback=self._subscribed,
@@ -169,6 +191,13 @@ class Probe:
         _rc, mid = self.link.client.subscribe(topic, qos=1)
         with self._cond:
             assert self._cond.wait_for(lambda: mid in self.subacks, 10), f"no SUBACK for {topic}"
+
+    def wait_messages(self, count: int, timeout: float = 10) -> list[tuple[str, bytes]]:
+        """The messages once at least `count` have arrived (AssertionError naming how many did, else)."""
+        with self._cond:
+            arrived = self._cond.wait_for(lambda: len(self.messages) >= count, timeout)
+            assert arrived, f"{len(self.messages)} of {count} messages arrived"
+            return list(self.messages)
 
     def topics(self) -> list[str]:
         with self._cond:

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from edge.cli import main
 from edge.config import ConfigError, load_config
+from wire.signing import generate_unit_key, write_unit_key
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -188,8 +189,10 @@ def test_mqtt_site_comes_from_unit_and_must_agree(tmp_path: Path) -> None:
 def test_example_config_is_valid(tmp_path: Path) -> None:
     text = (REPO / "systemd" / "unit.example.toml").read_text()
     # The example names files of an installed unit; point them at stand-ins here.
-    for name in ("mqtt-password", "hq-ca.pem", "hq-root.pub"):
+    for name in ("mqtt.pw", "watchlist.pw", "ca.pem", "hq-root.pub"):
         (tmp_path / name).write_text("x\n")
+    write_unit_key(generate_unit_key(), tmp_path / "signing.key")
+    for name in ("mqtt.pw", "watchlist.pw", "ca.pem", "hq-root.pub", "signing.key"):
         text = text.replace(f"/etc/checkpoint/{name}", str(tmp_path / name))
     cfg = load_config(write(tmp_path, text))
     assert [c.id for c in cfg.enabled_cameras] == ["gate-a-1", "gate-a-2"]
