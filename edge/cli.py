@@ -39,7 +39,11 @@ def _load_or_exit(path: str) -> UnitConfig:
 
 @main.command("check-config")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--probe", is_flag=True, help="also read one frame from each camera and connect to the broker")
+@click.option(
+    "--probe",
+    is_flag=True,
+    help="also read one frame from each camera, publish on the unit's hits topic and read the watchlist manifest",
+)
 @click.option(
     "--selftest",
     is_flag=True,
@@ -52,9 +56,12 @@ def check_config(file: Path, probe: bool, selftest: bool) -> None:
     Every problem names the file and the key, for example
     `unit.toml: cameras[1].url: camera url scheme 'http' is not supported ...`.
 
-    With --probe each enabled camera is opened and one frame read (its size is printed), and the
-    broker is connected to with the unit's credentials (under a client id of its own, so a running
-    unit is not disturbed); exit status 1 when any of them failed. With --selftest the config's face
+    Without [mqtt] signing_key it warns: the centre quarantines unsigned hits from units whose key it
+    holds. With --probe each enabled camera is opened and one frame read (its size is printed); the
+    unit's account publishes a probe message on its hits topic (the broker must acknowledge it, not
+    refuse it); the watchlist reader's account reads HQ's manifest on [watchlist] topic; and a
+    missing signing_key fails. The broker ties a client id to its account, so it is not probed while
+    the unit runs (stop it first). Exit status 1 when any of them failed. With --selftest the config's face
     models are loaded and the known-answer self-test that `edge run` runs at start is run (the models
     and the matcher on check inputs with stored right answers); exit status 1 on a wrong answer.
 
@@ -81,6 +88,11 @@ def check_config(file: Path, probe: bool, selftest: bool) -> None:
     if cfg.sinks.jsonl is not None:
         sinks.append(f"jsonl {cfg.sinks.jsonl.path}")
     click.echo(f"  hits go to: {', '.join(sinks)}")
+    if cfg.mqtt is not None and cfg.mqtt.signing_key is None:
+        click.echo(
+            "  warning: [mqtt] has no signing_key: the centre quarantines this unit's hits as 'unsigned' once it "
+            'holds its key (make-credentials unit registers it); set signing_key = "/etc/checkpoint/signing.key"'
+        )
     selftest_ok = True
     if selftest:
         from edge.probe import selftest_result

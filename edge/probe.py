@@ -1,15 +1,24 @@
 """`edge check-config --probe`: try what a config points at before the unit runs on it. Each
-camera is opened and one frame read (its size says what arrives); the broker is connected to
-with the unit's credentials and TLS, under a client id of its own so that a running unit's
-session is left alone. The known-answer self-test of the face models and the matcher
-(`unit_selftest`) runs here too, and at every start of `edge run`."""
+camera is opened and one frame read (its size says what arrives). With [mqtt]: the unit's account
+connects (TLS, credentials) and publishes one probe message on its hits topic, which must be
+acknowledged, not refused by the ACL (receivers set it aside as a malformed hit); the watchlist
+reader's account connects and must find HQ's retained manifest on [watchlist] topic; and a unit
+without `signing_key` fails, since the centre refuses unsigned hits from units it holds a key for.
+The site broker binds a client id to its account (deploy/mosquitto/checkpoint.conf), so these
+connections would cut a running unit off: the broker is not probed while the unit holds its
+outbox. The unit's account resumes the unit's own session without clearing it or acknowledging
+what waits there. The known-answer self-test of the face models and the matcher (`unit_selftest`)
+runs here too, and at every start of `edge run`."""
 
 from __future__ import annotations
 
+import fcntl
+import json
 import logging
+import os
 import threading
-import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from edge.camera.config import CaptureConfig
@@ -72,50 +81,198 @@ def probe_camera(camera: Any) -> ProbeResult:
     return ProbeResult(what, True, f"{redact_url(cfg.url)}: one frame, {w}x{h}, via {cfg.backend}")
 
 
+class _Session:
+    """One short MQTT connection of the probe: connect, wait for the CONNACK, and record PUBACKs,
+    UNSUBACKs and messages."""
+
+    def __init__(self, conn: Any, client_id: str, keep_session: bool) -> None:
+        from wire.mqtt import build_client, connect_properties
+
+        self.conn = conn
+        self.where = f"{conn.host}:{conn.port}"
+        self._cond = threading.Condition()
+        self.connack: Any = None
+        self.acks: dict[int, Any] = {}
+        self.unsubacks: set[int] = set()
+        self.messages: list[tuple[str, bytes]] = []
+        # manual_ack: what the broker holds for the unit's session is delivered here but never
+        # acknowledged, so it stays there for the unit.
+        self.client = build_client(conn, client_id, manual_ack=True, clean=not keep_session)
+        self._properties = connect_properties(conn, keep_session=keep_session)
+        self._keep = keep_session
+        self.client.on_connect = lambda _c, _u, _f, reason, _p=None: self._note("connack", reason)
+        self.client.on_publish = lambda _c, _u, mid, reason, _p: self._note("ack", (mid, reason))
+        self.client.on_unsubscribe = lambda _c, _u, mid, _r, _p: self._note("unsuback", mid)
+        self.client.on_message = lambda _c, _u, msg: self._note("message", (msg.topic, bytes(msg.payload)))
+
+    def _note(self, kind: str, value: Any) -> None:
+        with self._cond:
+            if kind == "connack":
+                self.connack = value
+            elif kind == "ack":
+                self.acks[value[0]] = value[1]
+            elif kind == "unsuback":
+                self.unsubacks.add(value)
+            else:
+                self.messages.append(value)
+            self._cond.notify_all()
+
+    def wait(self, predicate: Any) -> bool:
+        with self._cond:
+            return self._cond.wait_for(predicate, self.conn.connect_timeout_s)
+
+    def open(self) -> str | None:
+        """Connect; None, or what went wrong."""
+        from wire.mqtt import _REFUSAL_HINTS, describe_connect_error
+
+        kwargs: dict[str, Any] = {"keepalive": 30}
+        if self.conn.protocol == "5":
+            kwargs.update(clean_start=not self._keep, properties=self._properties)
+        try:
+            self.client.connect(self.conn.host, self.conn.port, **kwargs)
+        except (OSError, ValueError) as exc:
+            return describe_connect_error(exc, self.conn)
+        self.client.loop_start()
+        if not self.wait(lambda: self.connack is not None):
+            return describe_connect_error(TimeoutError(), self.conn)
+        if self.connack.is_failure:
+            hint = _REFUSAL_HINTS.get(self.connack.value, "")
+            return f"{self.where} refused the connection: {self.connack}" + (f" ({hint})" if hint else "")
+        return None
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def unit_running(outbox_path: Path) -> bool:
+    """Whether a unit holds the outbox at `outbox_path` (its lock file is locked), i.e. is running."""
+    try:
+        fd = os.open(f"{outbox_path}.lock", os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 def probe_broker(mqtt: Any, site: str, unit_id: str) -> ProbeResult:
-    """Connect to the [mqtt] broker as the unit would (TLS, credentials), then disconnect."""
-    from wire.mqtt import _REFUSAL_HINTS, build_client, describe_connect_error
+    """Connect as the unit (TLS, credentials, in its own session) and publish one probe message on its
+    hits topic: OK when the broker acknowledges it, FAILED with the reason when it refuses."""
+    from wire import topics
 
-    where = f"{mqtt.host}:{mqtt.port}"
+    hits = topics.topic(site, unit_id, "hits")
     try:
-        client = build_client(mqtt, f"checkpoint-{site}-{unit_id}-probe-{uuid.uuid4().hex[:6]}")
+        session = _Session(mqtt, mqtt.client_id or f"checkpoint-{site}-{unit_id}", keep_session=True)
     except ValueError as exc:
-        return ProbeResult("broker", False, f"{where}: {exc}")
-    answered = threading.Event()
-    result: dict[str, Any] = {}
-
-    def on_connect(_c: Any, _u: Any, _flags: Any, reason: Any, _props: Any = None) -> None:
-        result["reason"] = reason
-        answered.set()
-
-    client.on_connect = on_connect
+        return ProbeResult("broker", False, f"{mqtt.host}:{mqtt.port}: {exc}")
     try:
-        client.connect(mqtt.host, mqtt.port, keepalive=30)
-    except (OSError, ValueError) as exc:
-        return ProbeResult("broker", False, describe_connect_error(exc, mqtt))
-    client.loop_start()
-    try:
-        if not answered.wait(mqtt.connect_timeout_s):
-            return ProbeResult("broker", False, describe_connect_error(TimeoutError(), mqtt))
-        reason = result["reason"]
+        problem = session.open()
+        if problem is not None:
+            return ProbeResult("broker", False, problem)
+        probe = {"probe": "edge check-config --probe", "site": site, "unit_id": unit_id}
+        info = session.client.publish(hits, json.dumps(probe).encode(), qos=1)
+        if not session.wait(lambda: info.mid in session.acks):
+            return ProbeResult("broker", False, f"{session.where} did not acknowledge a message on {hits}")
+        reason = session.acks[info.mid]
         if reason.is_failure:
-            hint = _REFUSAL_HINTS.get(reason.value, "")
             return ProbeResult(
-                "broker", False, f"{where} refused the connection: {reason}" + (f" ({hint})" if hint else "")
+                "broker",
+                False,
+                f"{session.where} refused a message on {hits}: {reason} (the broker's ACL must let "
+                f"{mqtt.username} publish there: the site's ACL gives account '<site>/<unit>' its own "
+                f'topics, so set [mqtt] username = "{site}/{unit_id}")',
             )
         tls = ", TLS" if mqtt.tls is not None else ""
         user = f", as {mqtt.username}" if mqtt.username else ""
-        return ProbeResult("broker", True, f"connected to {where} (MQTT {mqtt.protocol}{tls}{user})")
+        return ProbeResult(
+            "broker",
+            True,
+            f"connected to {session.where} (MQTT {mqtt.protocol}{tls}{user}); {hits} accepted ({reason})",
+        )
     finally:
-        client.disconnect()
-        client.loop_stop()
+        session.close()
+
+
+def probe_watchlist(mqtt: Any, prefix: str) -> ProbeResult:
+    """Connect as the watchlist reader and read HQ's retained manifest of the full list under `prefix`
+    ([watchlist] topic): OK with its version, FAILED when the login fails or no manifest comes."""
+    from watchlist.format.transport import Manifest, manifest_topic
+
+    conn = mqtt.watchlist_connection()
+    where = f"watchlist {prefix}"
+    # Read with the unit's own account (no reader account configured), the probe must not clear the
+    # unit's session, which the broker keys by that account.
+    own = conn.username == mqtt.username
+    client_id = (mqtt.client_id or f"checkpoint-{mqtt.site}-probe") if own else f"{conn.username}-probe"
+    try:
+        session = _Session(conn, client_id, keep_session=own)
+    except ValueError as exc:
+        return ProbeResult(where, False, f"{conn.host}:{conn.port}: {exc}")
+    try:
+        problem = session.open()
+        if problem is not None:
+            return ProbeResult(where, False, f"as {conn.username}: {problem}")
+        topic = manifest_topic(prefix, "full")
+        session.client.subscribe(topic, qos=1)
+        # A retained message is sent right after its SUBACK, so once the UNSUBACK that follows is
+        # here, a manifest on the topic would be here too.
+        _rc, mid = session.client.unsubscribe(topic)
+        if not session.wait(lambda: mid in session.unsubacks):
+            return ProbeResult(where, False, f"{session.where} did not answer the subscription to {topic}")
+        if not session.messages:
+            return ProbeResult(
+                where,
+                False,
+                f"no manifest on {topic}: either HQ has published no list for this site yet, or the broker's "
+                f"ACL does not let {conn.username} read it (the site's ACL serves checkpoint/v1/<site>/watchlist)",
+            )
+        try:
+            manifest = Manifest.from_bytes(session.messages[0][1])
+        except ValueError as exc:
+            return ProbeResult(where, False, f"the manifest on {topic} does not parse: {exc}")
+        return ProbeResult(where, True, f"read as {conn.username}: full list version {manifest.version} on offer")
+    finally:
+        session.close()
+
+
+def probe_signing(mqtt: Any) -> ProbeResult:
+    """FAILED when [mqtt] has no signing_key: the centre refuses (quarantines as `unsigned`) the hits
+    of a unit whose key it holds, and holds the key of every unit make-credentials made."""
+    if mqtt.signing_key is None:
+        return ProbeResult(
+            "signing",
+            False,
+            "[mqtt] has no signing_key: hits go unsigned and the centre quarantines them as 'unsigned'; "
+            'set signing_key = "/etc/checkpoint/signing.key" (make-credentials unit wrote it, with its line in mqtt.toml)',
+        )
+    return ProbeResult("signing", True, f"hits and status are signed with {mqtt.signing_key}")
 
 
 def probe_all(cfg: Any) -> list[ProbeResult]:
-    """Every enabled camera, then the broker (when [mqtt] is configured)."""
+    """Every enabled camera, then (when [mqtt] is configured) signing, the unit's account and the
+    watchlist reader's, unless the unit is running."""
     results = [probe_camera(cam) for cam in cfg.enabled_cameras]
-    if cfg.mqtt is not None:
-        results.append(probe_broker(cfg.mqtt, cfg.unit.site, cfg.unit.id))
+    if cfg.mqtt is None:
+        return results
+    results.append(probe_signing(cfg.mqtt))
+    if unit_running(cfg.outbox.path):
+        results.append(
+            ProbeResult(
+                "broker",
+                False,
+                f"not probed: the unit is running (it holds {cfg.outbox.path}); the broker binds a client id to "
+                "its account, so the probe would cut it off: stop it first (systemctl stop checkpoint-edge)",
+            )
+        )
+        return results
+    results.append(probe_broker(cfg.mqtt, cfg.unit.site, cfg.unit.id))
+    if cfg.watchlist.topic is not None:
+        results.append(probe_watchlist(cfg.mqtt, cfg.watchlist.topic))
     return results
 
 
