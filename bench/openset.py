@@ -128,22 +128,41 @@ def person_matrix(S: np.ndarray, young_person: np.ndarray, n_persons: int) -> np
 
 @dataclass
 class Embedded:
-    """Embeddings per variant for every photo (rows of NaN where no face was found)."""
+    """Embeddings per variant for every photo (rows of NaN where no face was found); for an ensemble,
+    also each member's own variants (`members`, by model name) and how they are joined (`weights`, `flips`)."""
 
     variants: dict[str, np.ndarray]
     ok: np.ndarray
     info: dict = field(default_factory=dict)
+    members: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    weights: dict[str, float] = field(default_factory=dict)
+    flips: dict[str, bool] = field(default_factory=dict)
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def embed_ours(photos: list[Photo], config, levers: bool) -> Embedded:
-    """Our engine's embeddings of each photo's central face, plain, mirrored-averaged and multi-crop.
+def fuse_variants(members: dict[str, dict[str, np.ndarray]], weights: dict[str, float], flips: dict[str, bool]):
+    """The ensemble's variants from its members' (engines/ensemble.py): sqrt(weight) times each member's unit
+    embedding, concatenated; in a flipped variant a member without `flip` keeps its plain embedding."""
+    total = sum(weights.values())
+    out = {}
+    for variant in next(iter(members.values())):
+        parts = []
+        for name, w in weights.items():
+            own = variant if flips[name] or variant == "plain" else variant.replace("flip", "").strip("_") or "plain"
+            parts.append(np.sqrt(w / total) * members[name][own])
+        out[variant] = np.hstack(parts)
+    return out
 
-    The model runs once per chip variant; the variants are combined as the Embedder combines a chip
-    and its mirror (average the model's outputs, then add the norm anchor and normalise).
+
+def embed_ours(photos: list[Photo], config, levers: bool) -> Embedded:
+    """Our engine's embeddings of each photo's central face, plain, mirrored-averaged and multi-crop; for an
+    ensemble each member's too, joined as the engine joins them.
+
+    Each member's model runs once per chip variant; the variants are combined as the Embedder combines a
+    chip and its mirror (average the model's outputs, then add the norm anchor and normalise).
     """
     import cv2
 
@@ -152,10 +171,9 @@ def embed_ours(photos: list[Photo], config, levers: bool) -> Embedded:
     from engines.image import load_image
 
     engine = FaceEngine.load(config.model_copy(update={"flip_average": False}))
-    spec = engine.embedder.spec
-    size = spec.input_width
     jitters = _JITTERS if levers else _JITTERS[:1]
-    raw = np.full((len(photos), len(jitters), 2, spec.embedding_size), np.nan, np.float32)
+    specs = [m.embedder.spec for m in engine.members]
+    raws = [np.full((len(photos), len(jitters), 2, s.embedding_size), np.nan, np.float32) for s in specs]
     t_det = t_emb = 0.0
     for i, p in enumerate(photos):
         t0 = time.perf_counter()
@@ -164,27 +182,36 @@ def embed_ours(photos: list[Photo], config, levers: bool) -> Embedded:
         t_det += t1 - t0
         if found is None:
             continue
-        chip = engine.align(found[0], [found[1]])[0]
-        chips = []
-        for dx, dy, scale in jitters:
-            m = cv2.getRotationMatrix2D((size / 2, size / 2), 0, scale)
-            m[:, 2] += (dx, dy)
-            c = cv2.warpAffine(chip, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
-            chips += [c, c[:, ::-1]]
-        t2 = time.perf_counter()
-        raw[i] = engine.embedder.raw(np.ascontiguousarray(np.stack(chips))).reshape(len(jitters), 2, -1)
-        t_emb += time.perf_counter() - t2
-    ok = ~np.isnan(raw[:, 0, 0, 0])
+        for m, spec, raw, chip in zip(engine.members, specs, raws, engine.member_chips([found])):
+            size = spec.input_width
+            chips = []
+            for dx, dy, scale in jitters:
+                mat = cv2.getRotationMatrix2D((size / 2, size / 2), 0, scale)
+                mat[:, 2] += (dx, dy)
+                c = cv2.warpAffine(
+                    chip[0], mat, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101
+                )
+                chips += [c, c[:, ::-1]]
+            raw[i] = m.embedder.raw(np.ascontiguousarray(np.stack(chips))).reshape(len(jitters), 2, -1)
+        t_emb += time.perf_counter() - t1
+    ok = ~np.isnan(raws[0][:, 0, 0, 0])
 
-    def finish(x: np.ndarray) -> np.ndarray:
-        if spec.norm_anchor:
-            x = np.concatenate([x, np.full((len(x), 1), spec.norm_anchor, np.float32)], axis=1)
-        return np.where(ok[:, None], _unit(np.nan_to_num(x)), np.nan)
+    def variants_of(spec, raw: np.ndarray) -> dict[str, np.ndarray]:
+        def finish(x: np.ndarray) -> np.ndarray:
+            if spec.norm_anchor:
+                x = np.concatenate([x, np.full((len(x), 1), spec.norm_anchor, np.float32)], axis=1)
+            return np.where(ok[:, None], _unit(np.nan_to_num(x)), np.nan)
 
-    variants = {"plain": finish(raw[:, 0, 0]), "flip": finish(raw[:, 0].mean(axis=1))}
-    if levers:
-        variants["multicrop"] = finish(raw[:, :, 0].mean(axis=1))
-        variants["multicrop_flip"] = finish(raw.mean(axis=(1, 2)))
+        out = {"plain": finish(raw[:, 0, 0]), "flip": finish(raw[:, 0].mean(axis=1))}
+        if levers:
+            out["multicrop"] = finish(raw[:, :, 0].mean(axis=1))
+            out["multicrop_flip"] = finish(raw.mean(axis=(1, 2)))
+        return out
+
+    members = {m.name: variants_of(spec, raw) for m, spec, raw in zip(engine.members, specs, raws)}
+    weights = {m.name: m.weight for m in engine.members}
+    flips = {m.name: m.flip for m in engine.members}
+    variants = fuse_variants(members, weights, flips) if len(members) > 1 else next(iter(members.values()))
     chips_run = ok.sum() * len(jitters) * 2
     ms_chip = 1000 * t_emb / max(1, chips_run)
     return Embedded(
@@ -192,11 +219,15 @@ def embed_ours(photos: list[Photo], config, levers: bool) -> Embedded:
         ok,
         {
             "model_id": engine.model_id,
+            "members": {m.name: {"model_id": m.model_id, "weight": m.weight, "flip": m.flip} for m in engine.members},
             "no_face": int((~ok).sum()),
             "detect_ms_per_image": round(1000 * t_det / len(photos), 2),
             "embed_ms_per_chip": round(ms_chip, 2),
             "embed_cost_chips_per_face": {"plain": 1, "flip": 2, "multicrop": 5, "multicrop_flip": 10},
         },
+        members if len(members) > 1 else {},
+        weights,
+        flips,
     )
 
 
@@ -231,6 +262,19 @@ def neg_euclid(A: np.ndarray, B: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- the protocol
+
+
+def identity_half(identity: str) -> str:
+    """'a' or 'b': a fixed split of identities in two halves, by a hash of the name (the same on every machine),
+    so that what is chosen on one half (an ensemble's weights) is reported on the other."""
+    import hashlib
+
+    return "ab"[hashlib.sha256(identity.encode()).digest()[0] & 1]
+
+
+def select_half(photos: list[Photo], half: str | None) -> list[Photo]:
+    """The photos of identities in `half` ('a' or 'b'), or all of them for None."""
+    return photos if half is None else [p for p in photos if identity_half(p.identity) == half]
 
 
 class Protocol:
@@ -556,6 +600,29 @@ def second_look(
     return out
 
 
+def member_rows(ours: Embedded, proto: Protocol, second_look_fpir: float) -> dict:
+    """Each member of an ensemble alone, from the same photos and chips: one look, every face flipped, and
+    (where `second_look_fpir`) its default, the second look gated by its own calibration (or, without a
+    packaged one, by this run's stranger pairs)."""
+    out = {}
+    n_id = len(proto.identities)
+    per_person = len(proto.young) / n_id
+    for name, variants in ours.members.items():
+        scores = {v: cosine(variants[v][proto.adult], variants[v][proto.young]) for v in ("plain", "flip")}
+        persons = {v: person_matrix(scores[v], proto.young_person, n_id) for v in scores}
+        r = {"one_look": proto.run(persons["plain"]), "flip": proto.run(persons["flip"])}
+        if second_look_fpir:
+            model_id = ours.info["members"][name]["model_id"]
+            cal, source = calibration_for(model_id, False, scores["plain"], proto)
+            gate = cal.threshold_for_fpir(second_look_fpir, len(proto.splits[0]), per_person).threshold
+            r["default"] = second_look(persons["plain"], persons["flip"], proto, second_look_fpir, gate=gate)
+            r["default"]["gate_calibration"] = source
+        else:
+            r["default"] = r["one_look"]
+        out[name] = {"default": r.pop("default"), **r}
+    return out
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -573,6 +640,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", type=Path, help="unit config file; its [engine] table is used (default: defaults)")
     ap.add_argument("--splits", type=int, default=20, help="random identity splits to average over")
     ap.add_argument("--limit", type=int, default=0, help="use only the first N identities (quick runs)")
+    ap.add_argument(
+        "--half",
+        choices=("a", "b"),
+        help="only the identities of one fixed half (identity_half): the ensemble's weights were chosen on a, "
+        "its figures are reported on b",
+    )
     ap.add_argument("--no-peer", action="store_true", help="skip the face_recognition comparison")
     ap.add_argument("--no-levers", action="store_true", help="skip multi-crop (5x the embedding work)")
     ap.add_argument(
@@ -595,7 +668,7 @@ def main(argv: list[str] | None = None) -> int:
     except EngineConfigError as exc:
         sys.exit(f"error: {exc}")
     root = require_data(args.data)
-    photos = list_photos(root)
+    photos = select_half(list_photos(root), args.half)
     if args.limit:
         keep = sorted({p.identity for p in photos})[: args.limit]
         photos = [p for p in photos if p.identity in keep]
@@ -610,6 +683,7 @@ def main(argv: list[str] | None = None) -> int:
         "data": str(root),
         "images": len(photos),
         "identities": len(proto.identities),
+        "identity_half": args.half or "all",
         "splits": args.splits,
         "machine": describe_machine(),
         "enrolled_per_split": len(proto.splits[0]),
@@ -647,6 +721,11 @@ def main(argv: list[str] | None = None) -> int:
     results.update(base)
     results["ours_flip"] = flip
     rows.append(("ours + flip", flip))
+    if ours.members:
+        results["members"] = member_rows(ours, proto, args.second_look)
+        for name, r in results["members"].items():
+            rows += [(f"{name} alone{'' if k == 'default' else ', ' + k.replace('_', ' ')}", r[k]) for k in r]
+            results["members"][name]["ours_vs_member_default"] = paired(base, r["default"])
     if not args.no_peer:
         peer = embed_peer(photos)
         if peer is None:
@@ -681,9 +760,9 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\n{len(photos)} images, {len(proto.identities)} identities, {args.splits} splits ({root})")
     print(machine_summary(results["machine"]))
-    print(f"{'method':<34}" + "".join(f"{'FNIR@' + str(f):>12}" for f in FPIRS))
+    print(f"{'method':<46}" + "".join(f"{'FNIR@' + str(f):>12}" for f in FPIRS))
     for name, r in rows:
-        print(f"{name:<34}" + "".join(f"{r['fnir_at_fpir'][str(f)]:>12.3f}" for f in FPIRS))
+        print(f"{name:<46}" + "".join(f"{r['fnir_at_fpir'][str(f)]:>12.3f}" for f in FPIRS))
     print("\nFNIR at FPIR 0.01 as the list grows (synthetic extra distractor templates):")
     for k, v in results["scaling"]["list"].items():
         print(f"  +{int(k):>7} templates: FNIR {v['fnir_at_fpir_0.01']:.3f} (threshold {v['threshold']:.4f})")

@@ -244,10 +244,11 @@ class Calibration:
     @classmethod
     def for_engine_config(cls, config) -> Calibration:
         """The calibration a unit with this EngineConfig uses, without loading its models: its custom
-        embedder's (`[engine.embedder]`), else the default model's, for its flip setting."""
-        from engines.model_spec import DEFAULT_EMBEDDER_NAME
+        embedder's (`[engine.embedder]`), else its ensemble's (default or `[engine] ensemble`), for its
+        flip setting."""
+        from engines.ensemble import calibration_model
 
-        return cls.load_for(config.embedder or DEFAULT_EMBEDDER_NAME, flip_average=config.flip_average)
+        return cls.load_for(calibration_model(config), flip_average=config.flip_average)
 
     @classmethod
     def for_engine(cls, engine) -> Calibration:

@@ -372,7 +372,7 @@ def selftest(config: Path | None, cache_dir: Path | None, record: bool, answers_
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
     for net in report.checks:
-        figure = "1 - cosine" if net == "embedder" else "largest difference"
+        figure = "1 - cosine" if net.startswith("embedder") else "largest difference"
         click.echo(f"{net}: OK ({figure} {report.worst[net]:.2e})")
     for line in report.skipped:
         click.echo(f"not checked: {line}")

@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from common.config import StrictModel
 from engines.detector import MtcnnConfig
+from engines.ensemble import DEFAULT_MEMBERS, EnsembleMember, check_members
 from engines.model_spec import EmbedderSpec
 from engines.quality import QualityConfig
 
@@ -31,7 +32,29 @@ class EngineConfig(StrictModel):
     flip_average: bool = Field(False, description="average each face's embedding with its mirror image's")
     detector: MtcnnConfig = Field(default_factory=MtcnnConfig)
     quality: QualityConfig = Field(default_factory=QualityConfig)
-    embedder: EmbedderSpec | None = Field(None, description="a custom embedder; the default is dlib's ResNet")
+    embedder: EmbedderSpec | None = Field(None, description="a custom embedder instead of the default models")
+    ensemble: tuple[EnsembleMember, ...] | None = Field(
+        None,
+        description="the embedders a face is embedded by and their weights (engines/ensemble.py); "
+        "default: DEFAULT_MEMBERS; one member is that model alone (ensemble = ['dlib-resnet-v1'])",
+    )
+    ensemble_calibration: Path | None = Field(
+        None, description="the ensemble's calibration file (`engines calibrate`); default: the packaged one"
+    )
+
+    @model_validator(mode="after")
+    def _one_model_choice(self) -> EngineConfig:
+        if self.embedder is not None and self.ensemble is not None:
+            raise ValueError("give either [engine.embedder] or [engine] ensemble, not both")
+        if self.ensemble is not None:
+            check_members(self.ensemble)
+        return self
+
+    def members(self) -> tuple[EnsembleMember, ...]:
+        """The embedders this config names: its custom embedder alone, else its ensemble, else the default."""
+        if self.embedder is not None:
+            return (EnsembleMember(embedder=self.embedder),)
+        return self.ensemble if self.ensemble is not None else DEFAULT_MEMBERS
 
 
 class EngineConfigError(ValueError):
@@ -41,7 +64,8 @@ class EngineConfigError(ValueError):
 def load_engine_config(path: str | Path) -> EngineConfig:
     """Only the `[engine]` table of a unit config file (TOML), for tools that need no other part of it.
 
-    Relative paths (cache_dir, embedder.onnx, embedder.calibration) resolve against the file's folder.
+    Relative paths (cache_dir, embedder.onnx, embedder.calibration, the same in ensemble members,
+    ensemble_calibration) resolve against the file's folder.
     Example: ``cfg = load_engine_config("/etc/checkpoint/unit.toml")``
     """
     import tomllib
@@ -60,11 +84,15 @@ def load_engine_config(path: str | Path) -> EngineConfig:
     base = path.resolve().parent
     if "cache_dir" in table:
         table["cache_dir"] = base / Path(table["cache_dir"]).expanduser()
-    emb = table.get("embedder")
-    if isinstance(emb, dict):
-        for key in ("onnx", "calibration"):
-            if isinstance(emb.get(key), str):
-                emb[key] = base / Path(emb[key]).expanduser()
+    if isinstance(table.get("ensemble_calibration"), str):
+        table["ensemble_calibration"] = base / Path(table["ensemble_calibration"]).expanduser()
+    members = table.get("ensemble")
+    specs = [table.get("embedder")] + [m.get("embedder") for m in members or () if isinstance(m, dict)]
+    for emb in specs:
+        if isinstance(emb, dict):
+            for key in ("onnx", "calibration"):
+                if isinstance(emb.get(key), str):
+                    emb[key] = base / Path(emb[key]).expanduser()
     try:
         return EngineConfig.model_validate(table)
     except ValidationError as exc:

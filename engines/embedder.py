@@ -65,8 +65,8 @@ class Embedder:
             )
         if len(chips) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
-        raw = self._outputs(chips, self.flip_average)
-        out = self._finish(raw)
+        raw = self.outputs(chips, self.flip_average)
+        out = self.finish(raw)
         if look_again is None or self.flip_average:
             return out
         mask = np.asarray(look_again(out))
@@ -77,11 +77,11 @@ class Embedder:
         again = np.flatnonzero(mask)
         if again.size:
             # The same sum as flip_average, so a second look gives exactly the flip-averaged embedding.
-            raw[again] = (raw[again] + self._outputs(chips[again][:, :, ::-1], False)) / 2
-            out[again] = self._finish(raw[again])
+            raw[again] = (raw[again] + self.outputs(chips[again][:, :, ::-1], False)) / 2
+            out[again] = self.finish(raw[again])
         return out
 
-    def _outputs(self, chips: np.ndarray, flip_average: bool) -> np.ndarray:
+    def outputs(self, chips: np.ndarray, flip_average: bool) -> np.ndarray:
         """The model's raw outputs (N, E) in batches of max_batch, mirrored-averaged with flip_average."""
         raw = np.empty((len(chips), self.spec.embedding_size), dtype=np.float32)
         for start in range(0, len(chips), self.max_batch):
@@ -92,7 +92,7 @@ class Embedder:
             raw[start : start + len(part)] = emb
         return raw
 
-    def _finish(self, raw: np.ndarray) -> np.ndarray:
+    def finish(self, raw: np.ndarray) -> np.ndarray:
         """Raw outputs -> unit-length embeddings (with the norm anchor appended where the model has one)."""
         if self.spec.norm_anchor:
             raw = np.hstack([raw, np.full((len(raw), 1), self.spec.norm_anchor, np.float32)])

@@ -16,15 +16,26 @@ import numpy as np
 
 from engines.align import align_to_template, dlib_chip_transforms, extract_chip
 from engines.backends import Backend, create_backend, tensorrt_available
-from engines.cache import ensure_default_models, int8_check_inputs, int8_embedder, sha256_file
+from engines.cache import DefaultModels, ensure_default_models, int8_check_inputs, int8_embedder, sha256_file
 from engines.calibration import Calibration, CalibrationError
 from engines.config import EngineConfig
 from engines.detector import Detection, MtcnnDetector, cpu_session_factory
 from engines.embedder import Embedder, LookAgain, preprocess_chips
+from engines.ensemble import (
+    EnsembleEmbedder,
+    EnsembleMember,
+    EnsembleSpec,
+    Member,
+    describe,
+    ensemble_model_id,
+    ensemble_name,
+    normalised_weights,
+    npm_member_spec,
+)
 from engines.errors import ModelError
 from engines.image import check_image
 from engines.landmarks import ShapePredictor, dlib_box_from_points
-from engines.model_spec import EmbedderSpec, dlib_resnet_spec, model_id_of
+from engines.model_spec import DEFAULT_EMBEDDER_NAME, EmbedderSpec, dlib_resnet_spec, model_id_of
 from engines.quality import Quality, assess
 
 log = logging.getLogger(__name__)
@@ -163,6 +174,61 @@ def _self_checked_int8(int8_onnx: Path, float_onnx: Path, threads: int) -> tuple
     return float32, reason
 
 
+def _resolve_member(
+    member: EnsembleMember, models: DefaultModels, cache_dir: Path
+) -> tuple[EmbedderSpec, Path, str, str]:
+    """(spec, ONNX path, model id, cache key) of one embedder a config names."""
+    if member.model == DEFAULT_EMBEDDER_NAME:
+        spec = dlib_resnet_spec(models.channel_means)
+        return spec, models.embedder, model_id_of(spec.name, models.embedder_source_sha256), models.embedder.parent.name
+    if member.model is not None:
+        spec = npm_member_spec(member.model, cache_dir)
+    else:
+        spec = member.embedder  # type: ignore[assignment]
+        if spec.onnx is None or not Path(spec.onnx).is_file():
+            raise ModelError(f"engine.embedder.onnx: model file {spec.onnx} not found; give the path of the ONNX file")
+    onnx_path = Path(spec.onnx)  # type: ignore[arg-type]
+    digest = sha256_file(onnx_path)
+    return spec, onnx_path, model_id_of(spec.name, digest), f"{spec.name}-{digest[:16]}"
+
+
+def _member_backend(
+    config: EngineConfig,
+    detector: MtcnnDetector,
+    predictor: ShapePredictor | None,
+    spec: EmbedderSpec,
+    onnx_path: Path,
+    model_key: str,
+    cache_dir: Path,
+    on_onnxruntime: bool,
+) -> tuple[Backend, str, str | None]:
+    """(backend, precision in use, why int8 fell back or None) of one embedder."""
+    calibration = None
+    calibration_key = ""
+    precision = config.precision
+    if config.precision == "int8":
+        # int8 embeddings stay comparable with float32 ones (docs/engine.md), so the model id
+        # does not change and watchlists enrolled in float32 still match.
+        calibration, calibration_key, source = _int8_calibration(config, detector, spec, predictor)
+        if on_onnxruntime:
+            int8_path = int8_embedder(cache_dir, onnx_path, model_key, calibration_key, calibration, source)
+            backend, fallback = _self_checked_int8(int8_path, onnx_path, config.threads)
+            return backend, "fp32" if fallback else "int8", fallback
+    elif on_onnxruntime:
+        precision = "fp32"
+    backend = create_backend(
+        onnx_path,
+        config.backend,
+        threads=config.threads,
+        cache_dir=cache_dir,
+        max_batch=config.max_batch,
+        precision=config.precision,
+        calibration=calibration,
+        calibration_key=calibration_key,
+    )
+    return backend, precision, None
+
+
 @dataclass(frozen=True)
 class AnalyzedFace:
     """A detected face with its quality verdict and, when it passed, its embedding."""
@@ -188,11 +254,12 @@ class FaceEngine:
         self,
         config: EngineConfig,
         detector: MtcnnDetector,
-        embedder: Embedder,
+        embedder: Embedder | EnsembleEmbedder,
         model_id: str,
         shape_predictor: ShapePredictor | None,
         precision: str | None = None,
         precision_fallback: str | None = None,
+        members: Sequence[Member] = (),
     ) -> None:
         self.config = config
         self.detector = detector
@@ -200,10 +267,20 @@ class FaceEngine:
         self.model_id = model_id
         self.shape_predictor = shape_predictor
         # The embedder's precision in use: "fp32" where ONNX Runtime runs a float model (fp16 is
-        # TensorRT's) and after an int8 fallback; config.precision otherwise.
+        # TensorRT's) and after an int8 fallback; config.precision otherwise. An ensemble whose members
+        # run at different precisions (one fell back) names both, e.g. "fp32+int8".
         self.precision = precision or config.precision
         # Why the embedder runs float32 although int8 was asked for (the self-check failed), else None.
         self.precision_fallback = precision_fallback
+        # The embedders a face goes through: one for a single model, each member of an ensemble.
+        self.members: list[Member] = list(members) or [
+            Member(embedder.spec.name, model_id, embedder, 1.0, True, self.precision, precision_fallback)
+        ]
+
+    @property
+    def is_ensemble(self) -> bool:
+        """Whether faces are embedded by several models (engines/ensemble.py)."""
+        return isinstance(self.embedder, EnsembleEmbedder)
 
     @classmethod
     def load(cls, config: EngineConfig | None = None) -> FaceEngine:
@@ -214,55 +291,36 @@ class FaceEngine:
         detector = MtcnnDetector(
             models.detector, config.detector, session_factory=_detector_sessions(config, cache_dir)
         )
-        spec: EmbedderSpec
-        if config.embedder is None:
-            spec = dlib_resnet_spec(models.channel_means)
-            onnx_path = models.embedder
-            model_id = model_id_of(spec.name, models.embedder_source_sha256)
-            model_key = models.embedder.parent.name
-        else:
-            spec = config.embedder
-            if spec.onnx is None or not Path(spec.onnx).is_file():
-                raise ModelError(
-                    f"engine.embedder.onnx: model file {spec.onnx} not found; give the path of the ONNX file"
-                )
-            onnx_path = Path(spec.onnx)
-            digest = sha256_file(onnx_path)
-            model_id = model_id_of(spec.name, digest)
-            model_key = f"{spec.name}-{digest[:16]}"
-        predictor = ShapePredictor.load(models.landmarks) if spec.alignment == "dlib5" else None
-        calibration = None
-        calibration_key = ""
-        backend: Backend | None = None
-        fallback = None
+        choices = config.members()
+        resolved = [_resolve_member(m, models, cache_dir) for m in choices]
+        needs_landmarks = any(spec.alignment == "dlib5" for spec, *_ in resolved)
+        predictor = ShapePredictor.load(models.landmarks) if needs_landmarks else None
         on_onnxruntime = config.backend == "onnxruntime" or (
             config.backend == "auto" and tensorrt_available() is not None
         )
-        precision = config.precision
-        if config.precision == "int8":
-            # int8 embeddings stay comparable with float32 ones (docs/engine.md), so the model id
-            # does not change and watchlists enrolled in float32 still match.
-            calibration, calibration_key, source = _int8_calibration(config, detector, spec, predictor)
-            if on_onnxruntime:
-                int8_path = int8_embedder(cache_dir, onnx_path, model_key, calibration_key, calibration, source)
-                backend, fallback = _self_checked_int8(int8_path, onnx_path, config.threads)
-                precision = "fp32" if fallback else "int8"
-        elif on_onnxruntime:
-            precision = "fp32"
-        if backend is None:
-            backend = create_backend(
-                onnx_path,
-                config.backend,
-                threads=config.threads,
-                cache_dir=cache_dir,
-                max_batch=config.max_batch,
-                precision=config.precision,
-                calibration=calibration,
-                calibration_key=calibration_key,
+        members = []
+        weights = normalised_weights(choices) if len(choices) > 1 else [1.0]
+        for choice, weight, (spec, onnx_path, model_id, model_key) in zip(choices, weights, resolved, strict=True):
+            backend, precision, fallback = _member_backend(
+                config, detector, predictor, spec, onnx_path, model_key, cache_dir, on_onnxruntime
             )
-        embedder = Embedder(spec, backend, max_batch=config.max_batch, flip_average=config.flip_average)
-        log.info("face engine ready: model %s on %s", model_id, backend.name)
-        return cls(config, detector, embedder, model_id, predictor, precision, fallback)
+            embedder = Embedder(spec, backend, max_batch=config.max_batch, flip_average=config.flip_average)
+            members.append(Member(spec.name, model_id, embedder, weight, choice.flip, precision, fallback))
+            log.info("embedder %s on %s (%s, weight %g)", model_id, backend.name, precision, weight)
+        if len(members) == 1:
+            m = members[0]
+            log.info("face engine ready: model %s", m.model_id)
+            return cls(config, detector, m.embedder, m.model_id, predictor, m.precision, m.precision_fallback)
+        ids = [m.model_id for m in members]
+        spec = EnsembleSpec(ensemble_name(choices), config.ensemble_calibration)
+        embedder = EnsembleEmbedder(
+            members, spec, lambda items, s: align_many(items, s, predictor), flip_average=config.flip_average
+        )
+        model_id = ensemble_model_id(choices, ids)
+        precision = "+".join(sorted({m.precision for m in members}))
+        fallback = "; ".join(f"{m.name}: {m.precision_fallback}" for m in members if m.precision_fallback) or None
+        log.info("face engine ready: ensemble %s of %s", model_id, describe(choices))
+        return cls(config, detector, embedder, model_id, predictor, precision, fallback, members)
 
     @property
     def embedding_dim(self) -> int:
@@ -301,8 +359,15 @@ class FaceEngine:
         return self.align_many([(image, det) for det in detections])
 
     def align_many(self, items: Sequence[tuple[np.ndarray, Detection]]) -> np.ndarray:
-        """Aligned chips (N, H, W, 3) uint8 RGB for faces of any number of images, in the order of `items`."""
-        return align_many(items, self.embedder.spec, self.shape_predictor)
+        """Aligned chips (N, H, W, 3) uint8 RGB for faces of any number of images, in the order of `items`,
+        in the embedder's geometry (an ensemble's first member's; `member_chips` gives each member's)."""
+        return align_many(items, self.members[0].embedder.spec, self.shape_predictor)
+
+    def member_chips(self, items: Sequence[tuple[np.ndarray, Detection]]) -> list[np.ndarray]:
+        """Each member's aligned chips for `items` (one array for a single model), aligned once per geometry."""
+        if isinstance(self.embedder, EnsembleEmbedder):
+            return self.embedder.chips(items)
+        return [self.align_many(items)]
 
     def embed(
         self, items: Sequence[tuple[np.ndarray, Detection]], *, look_again: LookAgain | None = None
@@ -310,7 +375,10 @@ class FaceEngine:
         """Embeddings (N, D) for faces from any number of images (for example several cameras), in one batch.
 
         `look_again`: a second look for some faces (see Embedder.embed_chips): given the plain
-        embeddings, a boolean mask of the faces to embed with their mirror image too."""
+        embeddings, a boolean mask of the faces to embed with their mirror image too. An ensemble
+        embeds them with each member and joins the members' embeddings (engines/ensemble.py)."""
+        if isinstance(self.embedder, EnsembleEmbedder):
+            return self.embedder.embed(items, look_again)
         return self.embedder.embed_chips(self.align_many(items), look_again=look_again)
 
     def analyze(self, image: np.ndarray, embed_rejected: bool = False) -> list[AnalyzedFace]:

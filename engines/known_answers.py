@@ -173,17 +173,19 @@ NETWORKS = ("pnet", "rnet", "onet", "embedder")
 
 
 def network_outputs(
-    engine: Any, inputs: dict[str, np.ndarray] | None = None, nets: Sequence[str] = NETWORKS
+    engine: Any, inputs: dict[str, np.ndarray] | None = None, nets: Sequence[str] = NETWORKS, member: Any = None
 ) -> dict[str, list[np.ndarray]]:
     """The check networks' outputs (`nets`) on the check inputs, as float32 arrays: the MTCNN stages'
-    (in their session order: box offsets, [landmarks,] probabilities) and the embedder's raw output."""
-    spec = engine.embedder.spec
+    (in their session order: box offsets, [landmarks,] probabilities) and the embedder's raw output
+    (`member`'s, one of engine.members; default the first)."""
+    embedder = (member or engine.members[0]).embedder
+    spec = embedder.spec
     inputs = inputs if inputs is not None else check_inputs((spec.input_height, spec.input_width))
     sessions = engine.detector.sessions
     out = {}
     for net in nets:
         if net == "embedder":
-            out[net] = [np.asarray(engine.embedder.raw(inputs[net]), dtype=np.float32)]
+            out[net] = [np.asarray(embedder.raw(inputs[net]), dtype=np.float32)]
         else:
             out[net] = [
                 np.asarray(a, dtype=np.float32) for a in sessions[net].run(None, {"input": _mtcnn_input(inputs[net])})
@@ -204,10 +206,11 @@ def detector_model(engine: Any) -> str:
     return engine.detector.model_name
 
 
-def _precision(session_or_backend: Any, engine: Any, embedder: bool) -> str:
+def _precision(session_or_backend: Any, precision: str) -> str:
     """The TOLERANCES key for a network: float32 on ONNX Runtime's CPU provider, int8 for an int8
-    embedder, fp16 on a GPU (TensorRT, or ONNX Runtime's CUDA provider, may use TF32 or fp16)."""
-    if embedder and getattr(engine, "precision", "") == "int8":
+    embedder (`precision`: the one it runs at), fp16 on a GPU (TensorRT, or ONNX Runtime's CUDA
+    provider, may use TF32 or fp16)."""
+    if precision == "int8":
         return "int8"
     providers = getattr(session_or_backend, "get_providers", None)
     name = providers()[0] if providers else str(getattr(session_or_backend, "name", ""))
@@ -231,28 +234,33 @@ def _decode(d: dict[str, Any]) -> np.ndarray:
     return np.asarray(d["values"], dtype=np.float64).reshape(d["shape"])
 
 
+def _member_inputs(member: Any) -> dict[str, np.ndarray]:
+    spec = member.embedder.spec
+    return check_inputs((spec.input_height, spec.input_width))
+
+
+def _check_name(engine: Any, member: Any) -> str:
+    """A member's check in reports: "embedder" for a single model, "embedder:<name>" in an ensemble."""
+    return "embedder" if len(engine.members) == 1 else f"embedder:{member.name}"
+
+
 def record_answers(engine: Any, folder: Path = ANSWERS_DIR) -> list[Path]:
     """Write the engine's outputs on the check inputs as the right answers of its models (one JSON
-    file for the MTCNN networks, one for the embedder), and return the files written.
+    file for the MTCNN networks, one for each embedder), and return the files written.
 
     Record only from float32 models on ONNX Runtime's CPU provider (NoAnswers otherwise): the
     tolerances are measured from float32 answers.
     """
     det_session = engine.detector.sessions["pnet"]
-    if (
-        _precision(det_session, engine, False) != "float32"
-        or _precision(engine.embedder.backend, engine, True) != "float32"
-    ):
-        raise NoAnswers(
-            f"answers are recorded from float32 models on ONNX Runtime's CPU provider; this engine runs "
-            f"{engine.embedder.backend.name} at precision {getattr(engine, 'precision', '?')}: "
-            'record with [engine] backend = "onnxruntime", precision = "fp32"'
-        )
+    for m in engine.members:
+        if _precision(det_session, "") != "float32" or _precision(m.embedder.backend, m.precision) != "float32":
+            raise NoAnswers(
+                f"answers are recorded from float32 models on ONNX Runtime's CPU provider; embedder {m.model_id} "
+                f"runs on {m.embedder.backend.name} at precision {m.precision}: "
+                'record with [engine] backend = "onnxruntime", precision = "fp32"'
+            )
     import onnxruntime
 
-    spec = engine.embedder.spec
-    inputs = check_inputs((spec.input_height, spec.input_width))
-    outputs = network_outputs(engine, inputs)
     recorded = {
         "by": "engines selftest --record",
         "onnxruntime": onnxruntime.__version__,
@@ -260,21 +268,23 @@ def record_answers(engine: Any, folder: Path = ANSWERS_DIR) -> list[Path]:
         "cpu_features": cpu_features(),
         "at": time.strftime("%Y-%m-%d", time.gmtime()),
     }
-    files = {
-        detector_model(engine): {net: [_encode(a) for a in outputs[net]] for net in ("pnet", "rnet", "onet")},
-        engine.model_id: {"embedder": [_encode(a) for a in outputs["embedder"]]},
-    }
+    detector_inputs = _member_inputs(engine.members[0])
+    detector_out = network_outputs(engine, detector_inputs, ("pnet", "rnet", "onet"))
+    files = {detector_model(engine): (detector_inputs, detector_out)}
+    for m in engine.members:
+        inputs = _member_inputs(m)
+        files[m.model_id] = (inputs, network_outputs(engine, inputs, ("embedder",), m))
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    for model, nets in files.items():
+    for model, (inputs, outputs) in files.items():
         path = folder / f"{answers_key(model)}.json"
         body = {
             "model": model,
             "recipe": RECIPE,
             "seed": SEED,
-            "inputs_sha256": _digest(inputs, list(nets)),
+            "inputs_sha256": _digest(inputs, list(outputs)),
             "recorded": recorded,
-            "outputs": nets,
+            "outputs": {net: [_encode(a) for a in arrays] for net, arrays in outputs.items()},
         }
         path.write_text(json.dumps(body, separators=(",", ":")) + "\n")
         written.append(path)
@@ -345,7 +355,8 @@ def _compare_embedder(got: np.ndarray, want: np.ndarray, tol: Tolerance) -> tupl
 
 
 def check_engine(engine: Any, folder: Path = ANSWERS_DIR) -> SelfTestReport:
-    """Run the engine's networks on the check inputs and compare with the stored answers.
+    """Run the engine's networks on the check inputs and compare with the stored answers: the MTCNN
+    networks and each embedder (every member of an ensemble, by its own model id).
 
     Raises SelfTestError at the first network whose outputs are outside the tolerance of its
     precision. A model without stored answers (a custom embedder) is skipped, logged at INFO and
@@ -353,13 +364,13 @@ def check_engine(engine: Any, folder: Path = ANSWERS_DIR) -> SelfTestReport:
     """
     started = time.perf_counter()
     features = tuple(cpu_features())
-    spec = engine.embedder.spec
-    inputs = check_inputs((spec.input_height, spec.input_width))
     checks, unchecked, skipped, worst = [], [], [], {}
     precisions = set()
-    models = {"detector": detector_model(engine), "embedder": engine.model_id}
-    stored: dict[str, list[np.ndarray]] = {}
-    for part, model in models.items():
+    sessions = engine.detector.sessions
+    # (part, model, the member whose embedder it is or None for the detector)
+    parts = [("detector", detector_model(engine), None)]
+    parts += [(_check_name(engine, m), m.model_id, m) for m in engine.members]
+    for part, model, member in parts:
         try:
             answers, digest = load_answers(model, folder)
         except NoAnswers as exc:
@@ -367,6 +378,7 @@ def check_engine(engine: Any, folder: Path = ANSWERS_DIR) -> SelfTestReport:
             unchecked.append(part)
             skipped.append(f"{part} {model}: {exc}")
             continue
+        inputs = _member_inputs(member or engine.members[0])
         if _digest(inputs, list(answers)) != digest:
             raise SelfTestError(
                 f"known-answer test failed: the check inputs made here differ from those the answers of {model} "
@@ -374,27 +386,26 @@ def check_engine(engine: Any, folder: Path = ANSWERS_DIR) -> SelfTestReport:
                 "cannot be compared. Install the numpy version the project was tested with, or record the answers "
                 "again on a trusted machine (`engines selftest --record`)"
             )
-        stored.update(answers)
-    sessions = engine.detector.sessions
-    outputs = network_outputs(engine, inputs, [net for net in NETWORKS if net in stored])
-    for net, got in outputs.items():
-        if net == "embedder":
-            precision = _precision(engine.embedder.backend, engine, True)
-            worst[net], problem = _compare_embedder(got[0], stored[net][0], TOLERANCES[precision])
-            model = engine.model_id
-        else:
-            precision = _precision(sessions[net], engine, False)
-            worst[net], problem = _compare_detector(got, stored[net], TOLERANCES[precision])
-            model = models["detector"]
-        if problem:
-            raise SelfTestError(
-                f"known-answer test failed: {net} ({model}, {precision}) gave a wrong answer on the check inputs: "
-                f"{problem}. CPU features seen: {_features_text(features)}. This machine computes the model "
-                "differently from where its answers were recorded; do not use it for faces until that is "
-                "resolved (docs/edge.md, 'Self-test at start')"
-            )
-        checks.append(net)
-        precisions.add(precision)
+        nets = [net for net in NETWORKS if net in answers]
+        for net, got in network_outputs(engine, inputs, nets, member).items():
+            if net == "embedder":
+                precision = _precision(member.embedder.backend, member.precision)
+                name = part
+                figure, problem = _compare_embedder(got[0], answers[net][0], TOLERANCES[precision])
+            else:
+                precision = _precision(sessions[net], "")
+                name = net
+                figure, problem = _compare_detector(got, answers[net], TOLERANCES[precision])
+            if problem:
+                raise SelfTestError(
+                    f"known-answer test failed: {name} ({model}, {precision}) gave a wrong answer on the check "
+                    f"inputs: {problem}. CPU features seen: {_features_text(features)}. This machine computes the "
+                    "model differently from where its answers were recorded; do not use it for faces until that is "
+                    "resolved (docs/edge.md, 'Self-test at start')"
+                )
+            worst[name] = figure
+            checks.append(name)
+            precisions.add(precision)
     return SelfTestReport(
         checks=tuple(checks),
         unchecked=tuple(unchecked),
