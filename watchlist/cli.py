@@ -729,15 +729,15 @@ def _unit_engine(config: Path):  # noqa: ANN202 - (EmbedderIdentity, EngineConfi
     """The embedder the unit's [engine] table names, as (its model id and embedding size, the table).
     Both come from the config and the weights file alone: the face engine is not loaded."""
     from engines.config import EngineConfigError, load_engine_config
+    from engines.ensemble import config_identity
     from engines.errors import EngineError
-    from engines.model_spec import embedder_identity
 
     try:
         engine = load_engine_config(config)
     except EngineConfigError as exc:
         raise click.UsageError(str(exc)) from None
     try:
-        return embedder_identity(engine.embedder), engine
+        return config_identity(engine), engine
     except EngineError as exc:
         raise click.UsageError(f"{config}: [engine]: {exc}") from None
 
