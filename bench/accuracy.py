@@ -36,6 +36,8 @@ def run_ours(photos: list[Photo], flip: bool, config=None) -> tuple[list, dict]:
 
     engine = FaceEngine.load((config or EngineConfig()).model_copy(update={"flip_average": flip}))
     embs: list[np.ndarray | None] = []
+    # An ensemble's members alone, on the same faces (their flip as the engine's flip_average).
+    members: dict[str, list[np.ndarray | None]] = {m.name: [] for m in engine.members} if engine.is_ensemble else {}
     no_face = 0
     t_det = t_emb = 0.0
     for p in photos:
@@ -47,11 +49,17 @@ def run_ours(photos: list[Photo], flip: bool, config=None) -> tuple[list, dict]:
         if found is None:
             no_face += 1
             embs.append(None)
+            for alone in members.values():
+                alone.append(None)
             continue
         embs.append(engine.embed([found])[0])
         t_emb += time.perf_counter() - t1
+        if members:
+            for m, chips in zip(engine.members, engine.member_chips([found])):
+                members[m.name].append(m.embedder.embed_chips(chips)[0])
     n = len(photos)
     return embs, {
+        "members_embeddings": members,
         "no_face": no_face,
         "no_face_rate": no_face / n,
         "model_id": engine.model_id,
@@ -98,10 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder in the LAG layout")
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--limit", type=int, default=0, help="use only the first N identities (quick runs)")
+    ap.add_argument(
+        "--half", choices=("a", "b"), help="only one fixed half of the identities (bench/openset.py identity_half)"
+    )
     ap.add_argument("--no-peer", action="store_true", help="skip the face_recognition comparison")
     ap.add_argument("--config", type=Path, help="unit config file; its [engine] table is used (default: defaults)")
     args = ap.parse_args(argv)
 
+    from bench.openset import select_half
     from engines.config import EngineConfig, EngineConfigError, load_engine_config
 
     try:
@@ -110,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(f"error: {exc}")
 
     root = require_data(args.data)
-    photos = list_photos(root)
+    photos = select_half(list_photos(root), args.half)
     if args.limit:
         keep = sorted({p.identity for p in photos})[: args.limit]
         photos = [p for p in photos if p.identity in keep]
@@ -118,16 +130,22 @@ def main(argv: list[str] | None = None) -> int:
         "data": str(root),
         "images": len(photos),
         "identities": len({p.identity for p in photos}),
+        "identity_half": args.half or "all",
         "machine": describe_machine(),
         "citation": "S. Bianco, Large Age-Gap Face Verification by Feature Injection in Deep Networks, PRL 90, 2017",
     }
     rows = []
     for flip in (False, True):
         embs, info = run_ours(photos, flip, config)
+        members = info.pop("members_embeddings")
         info.update(evaluate(photos, embs, _cosine))
         key = "ours_flip" if flip else "ours"
         results[key] = info
         rows.append((key, info))
+        for name, alone in members.items():
+            r = {"no_face": sum(e is None for e in alone), **evaluate(photos, alone, _cosine)}
+            results.setdefault("members", {})[f"{name}{'_flip' if flip else ''}"] = r
+            rows.append((f"{name}{' +flip' if flip else ''}", r))
     # The headline figures are the configuration's own flip setting; `ours_flip` / `ours` show the other.
     chosen = "ours_flip" if config.flip_average else "ours"
     for k in ("no_face", "tar_at_far", "rank1", "rank5"):
@@ -150,11 +168,11 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\n{len(photos)} images, {results['identities']} identities ({root})")
     print(machine_summary(results["machine"]))
-    print(f"{'method':<18}{'no_face':>8}{'TAR@1e-2':>10}{'TAR@1e-3':>10}{'TAR@1e-4':>10}{'rank-1':>8}{'rank-5':>8}")
+    print(f"{'method':<30}{'no_face':>8}{'TAR@1e-2':>10}{'TAR@1e-3':>10}{'TAR@1e-4':>10}{'rank-1':>8}{'rank-5':>8}")
     for name, r in rows:
         t = r["tar_at_far"]
         print(
-            f"{name:<18}{r['no_face']:>8}{t['1e-2']:>10.3f}{t['1e-3']:>10.3f}{t['1e-4']:>10.3f}{r['rank1']:>8.3f}{r['rank5']:>8.3f}"
+            f"{name:<30}{r['no_face']:>8}{t['1e-2']:>10.3f}{t['1e-3']:>10.3f}{t['1e-4']:>10.3f}{r['rank1']:>8.3f}{r['rank5']:>8.3f}"
         )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -215,3 +215,17 @@ def test_a_list_built_for_another_set_is_refused(tmp_path: Path) -> None:
         assert info.value.reason == "wrong_model"
     finally:
         unit.close()
+
+
+def test_the_packaged_calibration_of_the_measured_ensemble_gives_its_thresholds() -> None:
+    """bench/configs/ensemble.toml's calibrations ship (engines calibrate, docs/engine.md), so `watchlist build
+    --fpir` picks a list's threshold for it from the model id alone, as for dlib's model."""
+    config = load_engine_config(Path(__file__).resolve().parents[1] / "bench" / "configs" / "ensemble.toml")
+    name = ensemble_name(config.members())
+    plain = Calibration.for_engine_config(config)
+    flipped = Calibration.for_thresholds(f"{name}:e44786a2324b")
+    assert plain.model == flipped.model == name and flipped.flip_average and not plain.flip_average
+    small, large = (flipped.threshold_for_fpir(0.01, n, 2).threshold for n in (100, 10_000))
+    assert plain.strangers_median < small < large < 1
+    # The rule every threshold meets holds for it: below its strangers' median (0.87) is refused.
+    assert plain.threshold_problem(0.5) is not None and plain.threshold_problem(small) is None
