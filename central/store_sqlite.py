@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,7 @@ class SqliteHitStore(HitStore):
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
             conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
+            self._set_wal(conn)
             # A hit is acknowledged to the broker only after it is committed here; FULL makes that hold
             # through a power cut.
             conn.execute("PRAGMA synchronous=FULL")
@@ -56,6 +57,21 @@ class SqliteHitStore(HitStore):
         except (sqlite3.Error, OSError) as e:
             raise StoreError(f"cannot open hit store {self.path}: {e}") from None
         self.conn = conn
+
+    @staticmethod
+    def _set_wal(conn: sqlite3.Connection, wait_s: float = 30.0) -> None:
+        """Put the file in WAL mode. Receivers started together on a new file race to switch it, and
+        the loser gets "database is locked" at once (SQLite's busy timeout does not cover that
+        switch), so it tries again until the winner is done, within the same 30 s as any lock."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.02)
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[Runner]:

@@ -77,3 +77,45 @@ def test_two_receivers_in_one_group_store_every_hit_once_in_postgresql(broker, p
         assert store.verify_audit().ok
     finally:
         store.close()
+
+
+OPEN_STORE = """
+import sys
+from central.store import HitStore
+sys.stdin.readline()  # all processes start opening at once
+HitStore(sys.argv[1]).close()
+print("opened")
+"""
+
+
+def test_receivers_started_together_on_a_new_sqlite_file_all_open_it(tmp_path):
+    """Receivers started at once on a new SQLite file race to switch it to WAL; the losers used to
+    fail at once with 'database is locked'."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for attempt in range(3):
+        path = tmp_path / f"new-{attempt}.sqlite"
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", OPEN_STORE, str(path)],
+                cwd=root,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(6)
+        ]
+        # Each child has imported the store before it reads this line: they open together.
+        for p in procs:
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        results = [p.communicate(timeout=60) for p in procs]
+        failed = [err for (out, err), p in zip(results, procs) if p.returncode != 0 or out.strip() != "opened"]
+        assert not failed, failed[0][-2000:]
+        store = HitStore(path)
+        assert store.count_hits() == 0
+        store.close()
