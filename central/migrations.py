@@ -83,6 +83,20 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             "WHERE payload IS NOT NULL",
         ],
     ),
+    (
+        4,
+        "fleet health: the outbox backlog's history, HQ's latest watchlist per site",
+        [
+            # Since when a unit's outbox has held hits without a break, and how many it held then: a
+            # backlog that grows or never drains is judged against them (central/health.py).
+            "ALTER TABLE units ADD COLUMN backlog_since {REAL}",
+            "ALTER TABLE units ADD COLUMN backlog_from {INT}",
+            # The newest version HQ announced for each site (its retained manifests), and when the
+            # centre first saw it: a unit running an older list longer than a grace period is behind.
+            "CREATE TABLE watchlist_published (site TEXT PRIMARY KEY, version {INT} NOT NULL, "
+            "published_at {REAL}, seen_at {REAL} NOT NULL, topic TEXT NOT NULL)",
+        ],
+    ),
 ]
 
 LATEST = MIGRATIONS[-1][0]

@@ -54,7 +54,7 @@ def decoded(**kw):
 
 def test_backend_is_chosen_by_url(store, store_url):
     assert type(store).__name__ == ("SqliteHitStore" if store_url.startswith("sqlite") else "PostgresHitStore")
-    assert store.schema_version == 3
+    assert store.schema_version == 4
     with pytest.raises(StoreError, match="unknown store URL"):
         HitStore("mysql://x/y")
 
@@ -248,7 +248,7 @@ def test_a_version_1_sqlite_store_is_migrated_in_place(tmp_path):
     conn.commit()
     conn.close()
     store = HitStore(path)
-    assert store.schema_version == 3
+    assert store.schema_version == 4
     assert store.reviews("h1") == [{"username": "duty", "decision": "reject", "reason": "no", "at": 3.0}]
     assert [(r["payload"], r["payload_bytes"]) for r in store.rejects()] == [(b"y" * 4096, 10_000)]
     store.close()

@@ -1,0 +1,268 @@
+"""A unit's health on the fleet page: one level (ok, amber, red) and the reasons for it.
+
+`evaluate` is one function over what the store holds about a unit (its status, its latest
+heartbeat, the outbox backlog's history, its watchlist) and what the centre knows beside it (the
+latest watchlist HQ published for the unit's site): every fact that can make a row amber or red is
+judged here, so the fleet page, `checkpoint-receiver units` and anything else show the same
+reasons, and a new fact (refused hits, a canary) is one more check in this function.
+
+Everything in a heartbeat came from the unit and is hostile until checked: values of the wrong type
+are ignored, and text is cut and its control and direction characters escaped (`safe_text`) before it
+becomes a reason; pages escape it again as HTML.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from central.publications import MANIFEST_SUBSCRIPTION
+from wire.records import safe_text
+
+LEVELS = ("ok", "amber", "red")
+"""From good to bad; a unit's level is its worst reason's."""
+REASON_CHARS = 300
+"""A unit's text (a camera's error, a warning) is cut to this in a reason."""
+
+
+@dataclass(frozen=True)
+class Reason:
+    """Why a unit is not fully well: `level` (amber or red) and a sentence for operators."""
+
+    level: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Health:
+    """A unit's level and the reasons for it, worst first (none when ok)."""
+
+    level: str
+    reasons: list[Reason] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class HealthSettings:
+    """Where amber and red begin.
+
+    `behind_grace_s`: how long a unit may run an older list than HQ's latest publication for its
+    site before it counts as behind (units fetch a list within a minute on a sound link).
+    `backlog_grace_s`: how long hits may wait in a unit's outbox, growing, before it shows;
+    `backlog_stuck_s`: how long they may wait at all. `skew_amber_s`/`skew_red_s`: how far a unit's
+    clock may be from the centre's (hits' capture times and list expiry are judged by the unit's
+    clock). `expiry_warning_s`: a list expiring sooner is amber."""
+
+    expiry_warning_s: float = 3 * 86400.0
+    behind_grace_s: float = 900.0
+    backlog_grace_s: float = 120.0
+    backlog_stuck_s: float = 600.0
+    skew_amber_s: float = 30.0
+    skew_red_s: float = 300.0
+
+
+def evaluate(
+    unit: dict[str, Any],
+    now: float,
+    published: dict[str, Any] | None = None,
+    settings: HealthSettings | None = None,
+) -> Health:
+    """The health of one unit row of the store (`HitStore.units` gives `health`, `state_reason`,
+    `heartbeat`, `last_heartbeat_at`, `heartbeat_interval_s`, `watchlist_version`,
+    `watchlist_expires_at`, `backlog_since`, `backlog_from`), with `published` the latest list HQ
+    published for its site (`version`, `seen_at`: when the centre first saw it), if known."""
+    settings = settings or HealthSettings()
+    reasons: list[Reason] = []
+    state = unit.get("health")
+    if state == "offline":
+        reasons.append(Reason("red", f"offline: {_text(unit.get('state_reason') or 'no reason given')}"))
+    elif state == "stale":
+        interval = unit.get("heartbeat_interval_s") or 0
+        reasons.append(
+            Reason(
+                "red",
+                f"silent: no heartbeat for {_span(now - (unit.get('last_heartbeat_at') or now))} "
+                f"(one expected every {interval:g} s)",
+            )
+        )
+    elif state != "online":
+        reasons.append(Reason("amber", "no status from the unit yet"))
+    # An offline or silent unit's heartbeat tells how it was, not how it is: its state says enough.
+    if state in ("online", "unknown"):
+        beat = unit.get("heartbeat") if isinstance(unit.get("heartbeat"), dict) else {}
+        figures = beat.get("unit") if isinstance(beat.get("unit"), dict) else {}
+        reasons += _cameras(figures)
+        reasons += _pipeline_and_warnings(figures)
+        reasons += _watchlist(unit, figures, now, published, settings)
+        reasons += _outbox(unit, beat, now, settings)
+        reasons += _clock(unit, beat, settings)
+    reasons.sort(key=lambda r: -LEVELS.index(r.level))
+    level = reasons[0].level if reasons else "ok"
+    return Health(level, reasons)
+
+
+def centre_problems(units: list[dict[str, Any]], published: dict[str, dict[str, Any]]) -> list[str]:
+    """What the centre cannot judge, in sentences for above the fleet: a site whose units run a newer
+    list than any publication the centre saw for it. Then whether they are behind HQ is unknown, most
+    likely because the receiver's broker account may not read HQ's manifests: Mosquitto grants such a
+    subscription and silently delivers nothing, so this is the only sign of it."""
+    running: dict[str, int] = {}
+    for unit in units:
+        version = _int(unit.get("watchlist_version"))
+        if version:
+            running[unit["site"]] = max(running.get(unit["site"], 0), version)
+    out = []
+    for site, version in sorted(running.items()):
+        seen = _int((published.get(site) or {}).get("version")) or 0
+        if version > seen:
+            heard = f"the newest the centre saw is v{seen}" if seen else "the centre saw no publication for it"
+            out.append(
+                f"site {_text(site, 128)}: units run watchlist v{version} but {heard}, so no unit there can be "
+                f"shown behind HQ's list (the receivers' broker account needs read on {MANIFEST_SUBSCRIPTION})"
+            )
+    return out
+
+
+def _cameras(figures: dict[str, Any]) -> list[Reason]:
+    cameras = [c for c in _list(figures.get("cameras")) if isinstance(c, dict)]
+    total, up = _int(figures.get("cameras_total")), _int(figures.get("cameras_up"))
+    down = [c for c in cameras if c.get("up") is False]
+    if cameras:
+        total, up = len(cameras), len(cameras) - len(down)
+    if total is None or up is None or up >= total:
+        return []
+    # Every camera down is a blind unit; some down, a unit that misses part of what it should see.
+    level = "red" if up <= 0 else "amber"
+    if not down:
+        return [Reason(level, f"{total - up} of {total} cameras down")]
+    out = []
+    for c in down:
+        error = c.get("last_error")
+        why = f": {_text(error)}" if isinstance(error, str) and error else ""
+        out.append(Reason(level, f"camera {_text(c.get('id', '?'), 64)} down{why}"))
+    return out
+
+
+def _pipeline_and_warnings(figures: dict[str, Any]) -> list[Reason]:
+    out = []
+    pipeline = figures.get("pipeline") if isinstance(figures.get("pipeline"), dict) else {}
+    problems = [p for p in _list(pipeline.get("problems")) if isinstance(p, str)]
+    for p in problems:
+        out.append(Reason("red", f"pipeline: {_text(p)}"))
+    if pipeline.get("healthy") is False and not problems:
+        out.append(Reason("red", "pipeline: not healthy (the unit names no problem)"))
+    watchlist = figures.get("watchlist") if isinstance(figures.get("watchlist"), dict) else {}
+    halted = watchlist.get("halted") if isinstance(watchlist.get("halted"), str) else None
+    # The unit repeats its pipeline problems and a halted list in its warnings: said once, above and
+    # in _watchlist.
+    said = set(problems) | {halted}
+    for w in _list(figures.get("warnings")):
+        if isinstance(w, str) and w and w not in said:
+            out.append(Reason("amber", f"unit warns: {_text(w)}"))
+    return out
+
+
+def _watchlist(
+    unit: dict[str, Any],
+    figures: dict[str, Any],
+    now: float,
+    published: dict[str, Any] | None,
+    settings: HealthSettings,
+) -> list[Reason]:
+    out = []
+    watchlist = figures.get("watchlist") if isinstance(figures.get("watchlist"), dict) else {}
+    version = _int(unit.get("watchlist_version"))
+    if watchlist.get("matching") is False:
+        halted = watchlist.get("halted")
+        why = f": {_text(halted)}" if isinstance(halted, str) and halted else ""
+        out.append(Reason("red", f"watchlist: matching stopped{why}"))
+    elif version == 0:
+        out.append(Reason("red", "no watchlist: no face can match"))
+    expires = _number(unit.get("watchlist_expires_at"))
+    if version and expires is not None:
+        if expires <= now:
+            out.append(Reason("red", f"watchlist v{version} expired {_span(now - expires)} ago"))
+        elif expires - now <= settings.expiry_warning_s:
+            out.append(Reason("amber", f"watchlist v{version} expires in {_span(expires - now)}"))
+    sync = watchlist.get("sync") if isinstance(watchlist.get("sync"), dict) else {}
+    error = sync.get("last_error")
+    if isinstance(error, str) and error:
+        out.append(Reason("amber", f"watchlist updates fail: {_text(error)}"))
+    refused = [t for t in _list(sync.get("refused")) if isinstance(t, str)]
+    if refused:
+        out.append(Reason("amber", f"watchlist updates: the broker refused {_text(', '.join(refused))} (its ACL)"))
+    if published and version is not None:
+        latest, seen = _int(published.get("version")), _number(published.get("seen_at"))
+        if latest is not None and seen is not None and version < latest and now - seen > settings.behind_grace_s:
+            out.append(
+                Reason("amber", f"watchlist v{version} behind HQ's v{latest} (published {_span(now - seen)} ago)")
+            )
+    return out
+
+
+def _outbox(unit: dict[str, Any], beat: dict[str, Any], now: float, settings: HealthSettings) -> list[Reason]:
+    out = []
+    outbox = beat.get("outbox") if isinstance(beat.get("outbox"), dict) else {}
+    pending = _int(outbox.get("pending"))
+    since, start = _number(unit.get("backlog_since")), _int(unit.get("backlog_from"))
+    if pending and since is not None and start is not None:
+        waited = now - since
+        if pending > start and waited > settings.backlog_grace_s:
+            out.append(
+                Reason(
+                    "amber",
+                    f"outbox backlog growing: {pending} hits waiting, {start} when it began {_span(waited)} ago",
+                )
+            )
+        elif waited > settings.backlog_stuck_s:
+            out.append(Reason("amber", f"outbox backlog not draining: {pending} hits waiting for {_span(waited)}"))
+    link = beat.get("link") if isinstance(beat.get("link"), dict) else {}
+    error = link.get("last_error")
+    if isinstance(error, str) and error:
+        out.append(Reason("amber", f"reporting: {_text(error)}"))
+    return out
+
+
+def _clock(unit: dict[str, Any], beat: dict[str, Any], settings: HealthSettings) -> list[Reason]:
+    # `last_heartbeat_at` is when the centre received the heartbeat (for a retained one replayed on
+    # subscribing, at most that): the difference is how far the unit's clock is off, give or take the
+    # network's delay.
+    claimed, received = _number(beat.get("at")), _number(unit.get("last_heartbeat_at"))
+    if claimed is None or received is None:
+        return []
+    skew = claimed - received
+    if abs(skew) <= settings.skew_amber_s:
+        return []
+    level = "red" if abs(skew) > settings.skew_red_s else "amber"
+    way = "ahead of" if skew > 0 else "behind"
+    return [Reason(level, f"clock {_span(abs(skew))} {way} the centre's (hit times and list expiry are off)")]
+
+
+def _text(value: Any, limit: int = REASON_CHARS) -> str:
+    return safe_text(value, limit)
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def _span(seconds: float) -> str:
+    """A duration for a sentence: 45 s, 12 min, 3.5 h, 4 days."""
+    s = max(0.0, seconds)
+    if s < 90:
+        return f"{s:.0f} s"
+    if s < 5400:
+        return f"{s / 60:.0f} min"
+    if s < 2 * 86400:
+        return f"{s / 3600:.1f} h"
+    return f"{s / 86400:.0f} days"
