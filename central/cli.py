@@ -410,39 +410,50 @@ def export(db_url: str, jsonl: Path, since: dt.datetime | None, with_crops: bool
 @main.command()
 @DB_OPTION
 def units(db_url: str) -> None:
-    """List the units heard from: health (online/offline/stale/unknown), last seen, cameras, watchlist, software, outbox.
+    """List the units heard from: health (online/offline/stale/unknown), level (ok/amber/red) and why,
+    last seen, cameras, watchlist, software, outbox.
+
+    What the centre cannot judge (no watchlist publication seen for a site whose units run a list:
+    the receiver's account may not read HQ's manifests) is said first. The reasons are the fleet
+    page's (central/health.py).
 
     \b
     Example:
       checkpoint-receiver units --db hits.sqlite
     """
+    from central.health import centre_problems
+
     store = _open_store(db_url)
     try:
         rows = store.units()
+        published = store.publications()
     finally:
         store.close()
+    for problem in centre_problems(rows, published):
+        # Escaped already, as the reasons below.
+        click.echo(f"centre: {problem}")
     click.echo(
-        f"{'UNIT':<32} {'HEALTH':<8} {'LAST SEEN':<21} {'CAMS':>5} {'LIST':>5} {'EXPIRES':<21} {'SOFTWARE':<12} "
-        f"{'HITS':>6} {'PENDING':>8} {'DROPPED':>8}  ERROR"
+        f"{'UNIT':<32} {'HEALTH':<8} {'LEVEL':<6} {'LAST SEEN':<21} {'CAMS':>5} {'LIST':>5} {'EXPIRES':<21} "
+        f"{'SOFTWARE':<12} {'HITS':>6} {'PENDING':>8} {'DROPPED':>8}  WHY"
     )
     for row in rows:
         outbox = (row["heartbeat"] or {}).get("outbox", {})
         dropped = sum(
             int(outbox.get(k, 0)) for k in ("crops_dropped_oversized", "crops_dropped_full", "hits_dropped_full")
         )
-        error = ((row["heartbeat"] or {}).get("link", {}) or {}).get("last_error") or ""
-        # Why an offline unit went down (a unit that refused to start says why), unless it was told to.
-        if row["health"] == "offline" and row.get("state_reason") not in (None, "", "shutdown"):
-            error = row["state_reason"] + (f"; {error}" if error else "")
         cams = f"{row['cameras_up']}/{row['cameras_total']}" if row["cameras_total"] is not None else "-"
         expires = _utc(row["watchlist_expires_at"])
         if row["watchlist_state"] in ("expiring", "expired"):
             expires += "!"
+        why = "; ".join(r.text for r in row["reasons"]) or "-"
         click.echo(
-            f"{_text(row['site'] + '/' + row['unit_id']):<32} {row['health']:<8} {_utc(row['last_seen']):<21} "
+            f"{_text(row['site'] + '/' + row['unit_id']):<32} {row['health']:<8} {row['level']:<6} "
+            f"{_utc(row['last_seen']):<21} "
             f"{cams:>5} {row['watchlist_version'] if row['watchlist_version'] is not None else '-':>5} "
             f"{expires:<21} {_text(row['software_version'] or '-'):<12} "
-            f"{row['hits'] or 0:>6} {outbox.get('pending', '-'):>8} {dropped if outbox else '-':>8}  {_text(error)}"
+            f"{row['hits'] or 0:>6} {outbox.get('pending', '-'):>8} {dropped if outbox else '-':>8}  "
+            # Escaped already: central/health.py makes every piece of unit text in a reason safe.
+            f"{why}"
         )
 
 

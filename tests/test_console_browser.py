@@ -205,7 +205,7 @@ def test_fleet_shows_a_unit_going_offline_when_its_reporter_is_killed(site, new_
         child.send_signal(signal.SIGKILL)
         child.wait(10)
         expect(unit9.locator(".badge").first).to_have_text("offline", timeout=15000)
-        expect(unit9).to_have_class("unit health-offline watchlist-unknown")
+        expect(unit9).to_have_class("unit level-red health-offline watchlist-unknown")
     finally:
         if child.poll() is None:
             child.kill()
