@@ -165,10 +165,13 @@ def test_list_a_register_a_bundle_and_a_unit(hq: dict) -> None:
 def test_apply_takes_the_model_from_the_units_engine(tmp_path: Path) -> None:
     from engines.face_engine import FaceEngine
 
-    model = FaceEngine.load().model_id
+    engine = FaceEngine.load()
+    model = engine.model_id
     keys, reg = tmp_path / "keys", tmp_path / "hq.db"
     run("keygen", "--dir", keys)
-    Register(reg).add_persons(make_persons(["case-1"], 1), samples_of(person_centers(1), 1), model_id=model)
+    # Embeddings of the engine's size: apply checks a list's size against the unit's engine too.
+    centers = person_centers(1, dim=engine.embedding_dim)
+    Register(reg).add_persons(make_persons(["case-1"], 1), samples_of(centers, 1), model_id=model)
     run("build", "--register", reg, "--keys", keys, "--out", tmp_path / "v1.cpwl")  # calibrated: --fpir 0.01
     conf = tmp_path / "unit.toml"
     conf.write_text('[engine]\nthreads = 1\n[watchlist]\nroot_key = "keys/root.pub"\nstore = "wl.db"\n')
@@ -178,7 +181,7 @@ def test_apply_takes_the_model_from_the_units_engine(tmp_path: Path) -> None:
     assert "rejected (wrong_model)" in r.output
     conf.write_text('[engine]\nthreds = 1\n[watchlist]\nroot_key = "keys/root.pub"\nstore = "wl2.db"\n')
     r = run("apply", tmp_path / "v1.cpwl", "--config", conf, code=2)
-    assert "[engine]" in r.output and "threds" in r.output
+    assert f"{conf}: engine.threds" in r.output  # the file and the key
 
 
 def test_publishing_over_mqtt_is_recorded(hq: dict, mosquitto) -> None:
