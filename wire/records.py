@@ -1,10 +1,11 @@
-"""The records that travel between units and operators (protocol v1): the Hit and its JSON payloads.
+"""The records that travel between units and operators (protocol v1): the Hit and its JSON payloads,
+and the receivers' verdicts on them.
 
 Topics are in wire.topics. Every
 payload is a JSON object carrying ``schema`` (which message it is) and ``v`` (its version), so a
 receiver can refuse what it does not understand instead of misreading it. The face crop travels
 inside the hit as base64 JPEG: one message, one PUBACK, nothing to reassemble (docs/protocol.md
-says why). JSON Schemas for the three payloads are in wire/schemas/; `decode_*` here check the
+says why). JSON Schemas for the four payloads are in wire/schemas/; `decode_*` here check the
 same rules.
 """
 
@@ -27,6 +28,9 @@ SCHEMA_VERSION = 1
 HIT_SCHEMA = "checkpoint/hit"
 STATUS_SCHEMA = "checkpoint/status"
 HEARTBEAT_SCHEMA = "checkpoint/heartbeat"
+VERDICT_SCHEMA = "checkpoint/verdict"
+OUTCOMES = ("stored", "duplicate", "refused")
+"""What a receiver did with a hit: stored it, already held it (by id), or quarantined it (with why)."""
 CROP_DROP_REASONS = ("oversized", "outbox_full", "not_kept")
 STATES = ("online", "offline")
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -207,6 +211,46 @@ def heartbeat_payload(
     )
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """A receiver's answer on one hit: its id, the outcome (one of OUTCOMES) and, for 'refused', the
+    short reason word the centre's rejects table keeps ('unsigned', 'protocol', ...) and its sentence."""
+
+    hit_id: str
+    outcome: str
+    reason: str | None = None
+    error: str | None = None
+
+
+def verdict_payload(site: str, unit_id: str, verdicts: list[Verdict], at: float | None = None) -> bytes:
+    """The message that answers up to MAX_VERDICTS of one unit's hits on its verdicts topic. The
+    error sentence is made one line of at most MAX_TEXT_CHARS; a refusal always carries a reason."""
+    if not 1 <= len(verdicts) <= MAX_VERDICTS:
+        raise ProtocolError(f"a verdict message holds 1 to {MAX_VERDICTS} verdicts, got {len(verdicts)}")
+    items = []
+    for v in verdicts:
+        if v.outcome not in OUTCOMES:
+            raise ProtocolError(f"verdict outcome must be one of {OUTCOMES}, got {v.outcome!r}")
+        refused = v.outcome == "refused"
+        items.append(
+            {
+                "id": v.hit_id,
+                "outcome": v.outcome,
+                "reason": status_reason(v.reason or "unknown")[:MAX_ID_CHARS] if refused else None,
+                "error": status_reason(v.error or v.reason or "unknown") if refused else None,
+            }
+        )
+    body = {
+        "schema": VERDICT_SCHEMA,
+        "v": SCHEMA_VERSION,
+        "site": site,
+        "unit_id": unit_id,
+        "at": float(time.time() if at is None else at),
+        "verdicts": items,
+    }
+    return encode_record(body)
+
+
 def id_problem(value: object) -> str | None:
     """Why `value` cannot be an id on the wire (person, unit, site, camera, model, hit), or None when
     it can: the one id rule, 1 to MAX_ID_CHARS characters, none of them a control character, DEL, a
@@ -274,6 +318,10 @@ _HIT_OVERHEAD_BYTES = 32 * 1024
 """room in a hit payload for everything but the crop: 6 ids of 128 characters as \\uXXXX escapes and the rest."""
 MAX_HIT_BYTES = 4 * ((MAX_CROP_BYTES + 2) // 3) + _HIT_OVERHEAD_BYTES
 """a hit payload with the largest crop a receiver takes by default (its base64) and the rest."""
+MAX_VERDICTS = 100
+"""verdicts in one verdict message (a receiver splits a larger batch)."""
+MAX_VERDICT_BYTES = 1024 * 1024
+"""a verdict message: MAX_VERDICTS ids and error sentences, even written with \\uXXXX escapes."""
 MAX_PAYLOAD_BYTES = {"hits": MAX_HIT_BYTES, "status": MAX_STATUS_BYTES, "heartbeat": MAX_HEARTBEAT_BYTES}
 """the decode limit of each topic kind (wire.topics.KINDS): a receiver refuses a larger payload
 before it parses or even queues it."""
@@ -465,6 +513,20 @@ HEARTBEAT_OUTBOX_KEYS = (
     "inflight",
     "refused",
 )
+HEARTBEAT_VERDICT_KEYS = (
+    "awaiting_verdict",
+    "quarantined_kept",
+    "verdicts_stored",
+    "verdicts_duplicate",
+    "quarantined",
+    "quarantined_dropped",
+    "resent",
+    "unconfirmed",
+    "awaiting_dropped",
+    "verdicts_ignored",
+)
+"""Optional outbox figures of units that wait for the centre's verdicts (docs/protocol.md, "Verdicts");
+older units send none, so a receiver takes them when present."""
 LINK_STATES = ("idle", "connecting", "connected", "disconnected", "closed")
 SIGNATURE_FIELDS = ("key_id", "sig")
 """Optional on hits and status (wire/signing.py): checked for shape here, for truth by verify_record."""
@@ -617,6 +679,38 @@ def decode_heartbeat(payload: bytes) -> dict[str, Any]:
         if not isinstance(error, str) or len(error) > MAX_TEXT_CHARS or _SURROGATES_RE.search(error):
             raise ProtocolError(f"{HEARTBEAT_SCHEMA} payload key 'link.last_error' must be null or text")
     out["unit"] = body["unit"]
-    out["outbox"] = {k: outbox[k] for k in HEARTBEAT_OUTBOX_KEYS}
+    for key in HEARTBEAT_VERDICT_KEYS:
+        if key in outbox:
+            _COUNT.check(HEARTBEAT_SCHEMA, f"outbox.{key}", outbox[key])
+    out["outbox"] = {k: outbox[k] for k in (*HEARTBEAT_OUTBOX_KEYS, *HEARTBEAT_VERDICT_KEYS) if k in outbox}
     out["link"] = {k: link.get(k) for k in ("state", "connects", "connect_attempts", "last_error")}
+    return out
+
+
+_VERDICT_FIELDS: dict[str, FieldRule] = {"site": _ID, "unit_id": _ID, "at": _TIME}
+
+
+def decode_verdict(payload: bytes) -> dict[str, Any]:
+    """Check a verdict message and return its fields, `verdicts` as a list of Verdict (ProtocolError
+    naming the field otherwise). Whether the verdicts are about hits the unit holds is the unit's check."""
+    body = _load(payload, VERDICT_SCHEMA, MAX_VERDICT_BYTES)
+    out = _check_fields(body, VERDICT_SCHEMA, _VERDICT_FIELDS)
+    items = body.get("verdicts")
+    if not isinstance(items, list) or not 1 <= len(items) <= MAX_VERDICTS:
+        raise ProtocolError(f"{VERDICT_SCHEMA} payload key 'verdicts' must be a list of 1 to {MAX_VERDICTS} objects")
+    verdicts = []
+    for i, item in enumerate(items):
+        where = f"verdicts[{i}]"
+        if not isinstance(item, dict):
+            raise ProtocolError(f"{VERDICT_SCHEMA} payload key {where!r} must be an object")
+        _ID.check(VERDICT_SCHEMA, f"{where}.id", item.get("id"))
+        FieldRule("id", choices=OUTCOMES).check(VERDICT_SCHEMA, f"{where}.outcome", item.get("outcome"))
+        reason, error = item.get("reason"), item.get("error")
+        if item["outcome"] == "refused":
+            _ID.check(VERDICT_SCHEMA, f"{where}.reason", reason)
+            FieldRule("text").check(VERDICT_SCHEMA, f"{where}.error", error)
+        elif reason is not None or error is not None:
+            raise ProtocolError(f"{VERDICT_SCHEMA} payload key {where!r}: only a refusal carries a reason and error")
+        verdicts.append(Verdict(item["id"], item["outcome"], reason, error))
+    out["verdicts"] = verdicts
     return out

@@ -1,4 +1,5 @@
-"""MQTT topics of protocol v1: ``checkpoint/v1/<site>/<unit>/<hits|status|heartbeat>``.
+"""MQTT topics of protocol v1: ``checkpoint/v1/<site>/<unit>/<hits|status|heartbeat>`` from a unit,
+``checkpoint/v1/<site>/<unit>/verdicts`` from the centre's receivers to that unit.
 
 A site, unit or group id is one topic level; `TopicLevel` is that rule as a pydantic type, for the
 config models of every role, and `UnitIdLevel` the same for a unit id, which may also not be one of
@@ -16,6 +17,10 @@ from wire.records import id_problem
 
 TOPIC_ROOT = "checkpoint/v1"
 KINDS = ("hits", "status", "heartbeat")
+"""What a unit publishes (and a receiver subscribes to)."""
+VERDICTS = "verdicts"
+"""What the receivers answer a unit's hits with; the unit reads it, only the receiver account writes it
+(deploy/mosquitto/acl). Not one of KINDS: a receiver never takes a message from there."""
 # Words that already mean something where a unit id stands, and what. HQ publishes a site's list
 # under checkpoint/v1/<site>/watchlist/#, and the site's reader account is "<site>/watchlist"
 # (deploy/mosquitto/acl): a unit of that name would publish into the list's topics, and its account
@@ -51,6 +56,11 @@ def topic(site: str, unit_id: str, kind: str) -> str:
     if kind not in KINDS:
         raise ProtocolError(f"unknown topic kind {kind!r}; expected one of {', '.join(KINDS)}")
     return f"{TOPIC_ROOT}/{check_topic_level(site, 'site')}/{check_topic_level(unit_id, 'unit id', RESERVED_UNIT_IDS)}/{kind}"
+
+
+def verdict_topic(site: str, unit_id: str) -> str:
+    """The topic the receivers publish the verdicts on a unit's hits on, and the unit reads."""
+    return f"{TOPIC_ROOT}/{check_topic_level(site, 'site')}/{check_topic_level(unit_id, 'unit id', RESERVED_UNIT_IDS)}/{VERDICTS}"
 
 
 def parse_topic(name: str) -> tuple[str, str, str]:
