@@ -22,12 +22,22 @@ not flow-controlled, so paho's thread admits them only while fewer than `queue_m
 `heartbeat_min_interval_s` after its last one are dropped too, before they are parsed. Every such
 drop is counted by reason and by unit (`stats()`) and logged at WARNING at most once a minute. The
 heartbeats of a batch are written in one transaction, only the newest of each unit.
+
+Every hit taken is answered to its unit on ``checkpoint/v1/<site>/<unit>/verdicts`` (the unit of the
+topic it came on, never of its payload): 'stored', 'duplicate' or 'refused' with the quarantine's
+reason, batched per unit, at QoS 1, once the batch is committed and before the hits are acknowledged
+to the broker. A receiver that dies in between gets the hits again and answers 'duplicate'; a
+verdict lost otherwise is made up by the unit, which sends a hit again when its verdict is overdue.
+The broker must let the receiver's account write there (deploy/mosquitto/acl); a refusal is counted
+(`verdicts_refused`) and shown in `last_error`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
+import re
 import socket
 import threading
 import time
@@ -197,8 +207,25 @@ class Drops:
             return {"dropped": dict(self.by_reason), "dropped_by_unit": dict(self.by_unit)}
 
 
+# A hit's id where its payload cannot be decoded (not JSON, oversized and cut to its prefix): the unit
+# writes "id" third, so the prefix the rejects table keeps holds it. Only ever used to address a
+# verdict to the unit of the topic the message came on, which ignores ids it does not hold.
+_ID_IN_PAYLOAD = re.compile(rb'"id"\s*:\s*"([^"\\]{1,128})"')
+
+
+def hit_id_of(payload: bytes) -> str | None:
+    """The id a hit message claims, if one can be read from it (decoded or not), else None."""
+    try:
+        body = json.loads(payload)
+        found = body.get("id") if isinstance(body, dict) else None
+    except (ValueError, RecursionError):
+        m = _ID_IN_PAYLOAD.search(payload)
+        found = m.group(1).decode("utf-8", "replace") if m else None
+    return found if isinstance(found, str) and records.id_problem(found) is None else None
+
+
 class Receiver:
-    """Subscribes, stores, acknowledges. `on_hit(row)` is called once per new hit (not for
+    """Subscribes, stores, answers each hit's unit with its verdict, acknowledges. `on_hit(row)` is called once per new hit (not for
     duplicates), `on_unit(site, unit_id, state)` when a unit's status changes."""
 
     def __init__(
@@ -238,7 +265,13 @@ class Receiver:
             "status": 0,
             "heartbeats": 0,
             "heartbeat_writes": 0,
+            "verdicts": 0,
+            "verdicts_refused": 0,
+            "verdicts_unheard": 0,
+            "verdicts_unaddressed": 0,
         }
+        # Hits of the batch being handled that were quarantined: (message, reason, error).
+        self._refused: list[tuple[_Incoming, str, str]] = []
         self.link = MqttLink(
             config,
             config.client_id,
@@ -248,6 +281,7 @@ class Receiver:
             on_connected=self._on_connected,
             on_message=self._on_message,
             on_subscribe=self._on_subscribe,
+            on_publish=self._on_publish,
         )
 
     @property
@@ -302,6 +336,19 @@ class Receiver:
             return
         log.info("receiver %s: subscribed to %s", self.config.client_id, ", ".join(topics))
         self.subscribed.set()
+
+    def _on_publish(self, _mid: int, reason: Any) -> None:
+        # Verdicts are all this link publishes.
+        if getattr(reason, "is_failure", False):
+            self.counts["verdicts_refused"] += 1
+            self.link.note_error(
+                f"the broker refused a verdict message: {reason} (the broker's ACL must let this receiver's "
+                "account write checkpoint/v1/+/+/verdicts: see deploy/mosquitto/acl); units keep their hits "
+                "and send them again"
+            )
+        elif getattr(reason, "value", 0) == 0x10:
+            # A unit older than verdicts subscribes to none: nobody to tell, nothing lost.
+            self.counts["verdicts_unheard"] += 1
 
     def _on_message(self, msg: Any) -> None:
         topic, payload, qos, retain = msg.topic, msg.payload, msg.qos, bool(msg.retain)
@@ -399,6 +446,7 @@ class Receiver:
         hits: list[tuple[_Incoming, tuple[dict[str, Any], bytes | None, float]]] = []
         changes: list[tuple[str, str, str]] = []
         beats: list[_Beat] = []
+        self._refused = []
         for m in batch:
             try:
                 self._take(m, hits, changes, beats)
@@ -411,7 +459,9 @@ class Receiver:
         # its hits stored yet, so each new hit still reaches on_hit (a retry would see a duplicate).
         self._store_heartbeats(beats)
         stored, new = self._store_hits(hits)
-        # Acknowledge only now: everything in the batch is committed, as a hit or as a reject.
+        # Everything in the batch is committed, as a hit or as a reject: tell the units, then
+        # acknowledge (a receiver that dies in between gets the hits again and answers 'duplicate').
+        self._send_verdicts(stored, new)
         for m in batch:
             if m.qos > 0:
                 self.link.client.ack(m.mid, m.qos)
@@ -433,6 +483,36 @@ class Receiver:
                     self._on_hit(dict(fields, received_at=received_at, has_crop=crop is not None))
                 except Exception:  # noqa: BLE001 - a display problem must not stop storing
                     log.exception("receiver: on_hit handler failed for hit %s", safe_text(fields["id"]))
+
+    def _send_verdicts(self, stored: list[tuple[dict[str, Any], bytes | None, float]], new: list[bool]) -> None:
+        """Publish the batch's verdicts, one message per unit (split at MAX_VERDICTS), QoS 1."""
+        by_unit: dict[tuple[str, str], list[records.Verdict]] = {}
+        for (fields, _, _), is_new in zip(stored, new):
+            verdict = records.Verdict(fields["id"], "stored" if is_new else "duplicate")
+            by_unit.setdefault((fields["site"], fields["unit_id"]), []).append(verdict)
+        for m, reason, error in self._refused:
+            hit_id = hit_id_of(m.payload)
+            try:
+                site, unit_id, _ = topics.parse_topic(m.topic)
+            except ProtocolError:
+                site = unit_id = ""
+            if hit_id is None or not site:
+                # Nobody to tell: the unit sends it again when its verdict is overdue, and it is
+                # quarantined again (its rejects show it).
+                self.counts["verdicts_unaddressed"] += 1
+                continue
+            by_unit.setdefault((site, unit_id), []).append(records.Verdict(hit_id, "refused", reason, error))
+        for (site, unit_id), verdicts in by_unit.items():
+            try:
+                topic = topics.verdict_topic(site, unit_id)
+            except ProtocolError:
+                self.counts["verdicts_unaddressed"] += len(verdicts)
+                continue
+            for i in range(0, len(verdicts), records.MAX_VERDICTS):
+                part = verdicts[i : i + records.MAX_VERDICTS]
+                self.link.client.publish(topic, records.verdict_payload(site, unit_id, part), qos=1)
+                self.counts["verdicts"] += len(part)
+        self._refused = []
 
     def _take(
         self,
@@ -554,6 +634,8 @@ class Receiver:
         )
         self.store.add_reject(m.topic, m.payload, error, m.received_at, reason=reason, payload_bytes=m.size)
         self.counts["rejected"] += 1
+        if m.topic.endswith("/hits"):
+            self._refused.append((m, reason, error))
 
     @staticmethod
     def _check_origin(body: dict[str, Any], site: str, unit_id: str) -> None:

@@ -1,8 +1,14 @@
-"""Report hits over MQTT without losing any: outbox on disk first, publish from a thread, delete on PUBACK.
+"""Report hits over MQTT without losing any: outbox on disk first, publish from a thread, delete on
+the centre's verdict.
 
 `MqttReporter` is the unit's `HitSink` for MQTT. `submit` stores the hit in the SQLite outbox and
-returns; a publisher thread sends pending hits in order with QoS 1 and removes each one only when
-the broker acknowledges it. paho-mqtt's network thread keeps the connection (persistent session,
+returns; a publisher thread sends pending hits in order with QoS 1; the broker's PUBACK makes a hit
+await its verdict, and the receiver's verdict on ``checkpoint/v1/<site>/<unit>/verdicts`` removes it
+('stored', 'duplicate') or keeps it with the centre's reason ('refused': logged at ERROR, counted in
+the heartbeat, named in its warnings). Verdicts are checked like anything from outside: only the
+receiver account may write that topic (deploy/mosquitto/acl), a message must decode and name this
+unit, and a verdict about a hit the outbox does not hold is ignored (counted). edge/outbox.py says
+when a hit without a verdict is sent again, and how a unit behaves with receivers older than verdicts. paho-mqtt's network thread keeps the connection (persistent session,
 capped exponential reconnect backoff, TLS, username/password, Last Will). Connection problems never
 raise out of here: they show in `state`, `last_error` and the log, and the reporter keeps retrying.
 
@@ -23,6 +29,7 @@ from pydantic import Field, field_validator
 
 from edge.outbox import Outbox, OutboxConfig, OutboxError
 from wire import records, topics
+from wire.errors import ProtocolError
 from wire.mqtt import MqttConnection, MqttLink
 from wire.records import Hit
 from wire.signing import SigningError, UnitSigner, load_unit_key
@@ -31,6 +38,9 @@ from wire.topics import TopicLevel
 log = logging.getLogger(__name__)
 
 NO_MATCHING_SUBSCRIBERS = 0x10
+# Verdict messages waiting for the publisher thread; more are dropped (counted as ignored) and the
+# hits they were about are sent again when overdue. Only the receiver account can write the topic.
+MAX_QUEUED_VERDICTS = 256
 
 
 class MqttConfig(MqttConnection):
@@ -128,6 +138,7 @@ class MqttReporter:
         self.hits_topic = topics.topic(self.site, self.unit_id, "hits")
         self.status_topic = topics.topic(self.site, self.unit_id, "status")
         self.heartbeat_topic = topics.topic(self.site, self.unit_id, "heartbeat")
+        self.verdict_topic = topics.verdict_topic(self.site, self.unit_id)
         self._status_provider = status_provider
         self.signer = config.signer()
         self.outbox = outbox if isinstance(outbox, Outbox) else Outbox(outbox)
@@ -141,6 +152,12 @@ class MqttReporter:
         self._hold_until = 0.0
         self._hold_delay = 0.0
         self._refused = 0
+        self._verdicts: deque[bytes] = deque()
+        # Verdict messages dropped in paho's thread (written there only) and how many of those the
+        # publisher thread has counted in the outbox (written there only).
+        self._verdicts_dropped = 0
+        self._verdicts_dropped_counted = 0
+        self._drop_logged_at = -60.0
         self._thread: threading.Thread | None = None
         client_id = config.client_id or f"checkpoint-{self.site}-{self.unit_id}"
         try:
@@ -155,6 +172,8 @@ class MqttReporter:
                 max_inflight=config.inflight_window + 1,
                 on_connected=self._on_connected,
                 on_publish=self._on_publish,
+                on_message=self._on_message,
+                on_subscribe=self._on_subscribe,
             )
         except Exception:
             self.outbox.close()
@@ -206,13 +225,20 @@ class MqttReporter:
         """The latest connection or delivery problem, None while all is well."""
         return self.link.last_error
 
-    def flush(self, timeout: float) -> bool:
-        """Wait up to `timeout` s until the outbox is empty; True if it is."""
+    def flush(self, timeout: float, *, verdicts: bool | None = None) -> bool:
+        """Wait up to `timeout` s until every hit is delivered: acknowledged by the broker and, when
+        `verdicts` (default: whenever the outbox expects them), answered by the centre. Hits the
+        centre refused are kept and do not count. True once delivered."""
+        wait_verdicts = self.outbox.expects_verdicts if verdicts is None else verdicts
         deadline = time.monotonic() + timeout
-        while self.outbox.depth and time.monotonic() < deadline:
+
+        def left() -> int:
+            return self.outbox.unsent + (self.outbox.awaiting if wait_verdicts else 0)
+
+        while left() and time.monotonic() < deadline:
             self._wake.set()
             time.sleep(0.02)
-        return self.outbox.depth == 0
+        return left() == 0
 
     def close(self, timeout: float = 5.0, reason: str = "shutdown") -> None:
         """Send what can be sent within `timeout` s, publish 'offline' with `reason`, disconnect.
@@ -245,6 +271,7 @@ class MqttReporter:
         self.link.stop()
         try:
             self._process_acks()
+            self._process_verdicts()
         except OutboxError as e:
             log.warning("mqtt reporter %s: %s; those hits go out again at the next start", self.unit_id, e)
         left = self.outbox.depth
@@ -255,6 +282,9 @@ class MqttReporter:
     # --- paho callbacks (network thread) ------------------------------------------------------
 
     def _on_connected(self, _session_present: bool, _properties: Any) -> None:
+        # Again on every connect: the broker keeps the session's subscription, and queues verdicts
+        # sent while the unit was away, but a new or expired session has none.
+        self.link.client.subscribe(self.verdict_topic, qos=1)
         self.link.client.publish(
             self.status_topic,
             records.status_payload(self.site, self.unit_id, "online", "connected", signer=self.signer),
@@ -267,6 +297,38 @@ class MqttReporter:
 
     def _on_publish(self, mid: int, reason: Any) -> None:
         self._acks.append((mid, reason))
+        self._wake.set()
+
+    def _on_subscribe(self, reasons: list[Any]) -> None:
+        refused = [str(r) for r in reasons if getattr(r, "is_failure", False)]
+        if refused:
+            self.link.note_error(
+                f"the broker refused the subscription to {self.verdict_topic} ({', '.join(refused)}): no verdict "
+                "can reach this unit, so its hits are sent again when overdue; the broker's ACL must let this "
+                "unit's account read checkpoint/v1/<site>/<unit>/# (deploy/mosquitto/acl)"
+            )
+
+    def _on_message(self, msg: Any) -> None:
+        # paho's thread: no parsing, no disk. Only this unit's verdict topic is subscribed to; anything
+        # else, or an oversized payload, is dropped here and counted by the publisher thread.
+        payload = bytes(msg.payload) if len(msg.payload) <= records.MAX_VERDICT_BYTES else b""
+        if msg.topic != self.verdict_topic or not payload or len(self._verdicts) >= MAX_QUEUED_VERDICTS:
+            self._verdicts_dropped += 1
+            if time.monotonic() - self._drop_logged_at < 60:
+                return  # counted; logged at most once a minute
+            self._drop_logged_at = time.monotonic()
+            log.warning(
+                "mqtt reporter %s: dropped a message on %s (%d bytes): not this unit's verdict topic, over %d "
+                "bytes, or %d verdict messages already waiting (counted as ignored verdicts; this warning comes "
+                "at most once a minute)",
+                self.unit_id,
+                records.safe_text(msg.topic),
+                len(msg.payload),
+                records.MAX_VERDICT_BYTES,
+                MAX_QUEUED_VERDICTS,
+            )
+            return
+        self._verdicts.append(payload)
         self._wake.set()
 
     # --- publisher thread ---------------------------------------------------------------------
@@ -303,8 +365,10 @@ class MqttReporter:
         ack_error = None
         try:
             self._process_acks()
+            self._process_verdicts()
+            self.outbox.expire()
         except OutboxError as e:
-            # The acknowledged rows are out of the window already and the outbox deletes them on a
+            # The acknowledged rows are out of the window already and the outbox writes them on a
             # later round; publishing the next ones need not wait for that.
             ack_error = e
         if self.link.connected:
@@ -356,6 +420,38 @@ class MqttReporter:
             if self.link.last_error and self.link.connected:
                 self.link.last_error = None
 
+    def _process_verdicts(self) -> None:
+        """Apply the verdict messages that arrived: each must decode and name this unit; the outbox
+        ignores verdicts about hits it does not hold."""
+        dropped = self._verdicts_dropped
+        ignored = dropped - self._verdicts_dropped_counted
+        verdicts: list[records.Verdict] = []
+        while self._verdicts:
+            payload = self._verdicts.popleft()
+            try:
+                body = records.decode_verdict(payload)
+            except ProtocolError as e:
+                ignored += 1
+                log.warning("mqtt reporter %s: ignored a verdict message that is not one: %s", self.unit_id, e)
+                continue
+            if (body["site"], body["unit_id"]) != (self.site, self.unit_id):
+                ignored += 1
+                log.warning(
+                    "mqtt reporter %s: ignored a verdict message for %s/%s on this unit's topic",
+                    self.unit_id,
+                    records.safe_text(body["site"]),
+                    records.safe_text(body["unit_id"]),
+                )
+                continue
+            verdicts += body["verdicts"]
+        self.outbox.count_ignored(ignored)
+        self._verdicts_dropped_counted = dropped
+        outcome = self.outbox.apply_verdicts(verdicts)
+        if outcome.ignored:
+            log.debug(
+                "mqtt reporter %s: %d verdicts about hits not held (answered before)", self.unit_id, outcome.ignored
+            )
+
     def _publish_pending(self) -> None:
         import paho.mqtt.client as mqtt
 
@@ -382,10 +478,13 @@ class MqttReporter:
                 log.warning("mqtt reporter %s: status provider failed: %s", self.unit_id, e)
                 unit = {"error": f"status provider failed: {e}"}
         warnings = list(unit.get("warnings") or [])
-        if self.outbox.problem and self.outbox.problem not in warnings:
-            # The outbox's trouble is the unit's: it shows with the unit's warnings at the centre (a
-            # daemon's own warnings already name it; a bare reporter's status provider may not).
-            unit["warnings"] = [*warnings, self.outbox.problem]
+        for trouble in (self.outbox.problem, self.outbox.refusal):
+            if trouble and trouble not in warnings:
+                # The outbox's trouble is the unit's: it shows with the unit's warnings at the centre (a
+                # daemon's own warnings already name a write problem; a bare reporter's status provider may not).
+                warnings.append(trouble)
+        if warnings:
+            unit["warnings"] = warnings
         outbox = self.outbox.stats()
         outbox["inflight"] = self.outbox.inflight
         outbox["refused"] = self._refused

@@ -129,9 +129,9 @@ def test_hits_status_and_heartbeat_follow_the_schemas(mosquitto, tmp_path, colle
     assert rx.store.crop(hits[0].id) == face
     assert rx.store.crop(hits[1].id) is None
     kinds = Counter(t.rsplit("/", 1)[1] for t, _, _ in raw)
-    assert kinds["hits"] == 2 and kinds["status"] >= 2 and kinds["heartbeat"] >= 1
+    assert kinds["hits"] == 2 and kinds["status"] >= 2 and kinds["heartbeat"] >= 1 and kinds["verdicts"] >= 1
     for t, payload, _ in raw:
-        kind = {"hits": "hit"}.get(t.rsplit("/", 1)[1], t.rsplit("/", 1)[1])
+        kind = {"hits": "hit", "verdicts": "verdict"}.get(t.rsplit("/", 1)[1], t.rsplit("/", 1)[1])
         body = json.loads(payload)
         assert schema_errors(body, payload_schemas[kind]) == [], (t, body)
         assert t.startswith("checkpoint/v1/site-a/unit-1/")

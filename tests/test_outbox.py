@@ -26,7 +26,8 @@ def put(box: Outbox, hit) -> int | None:
 
 
 def test_rows_come_out_in_order_and_leave_only_on_ack(tmp_path):
-    box = Outbox(OutboxConfig(path=tmp_path / "o.sqlite"))
+    # PUBACK-only (verdicts = "off"); tests/test_outbox_verdicts.py covers the wait for verdicts.
+    box = Outbox(OutboxConfig(path=tmp_path / "o.sqlite", verdicts="off"))
     hits = [make_hit(id=f"h{i}") for i in range(6)]
     for h in hits:
         put(box, h)
@@ -43,7 +44,7 @@ def test_rows_come_out_in_order_and_leave_only_on_ack(tmp_path):
 
 
 def test_pending_rows_and_counters_survive_reopen(tmp_path):
-    cfg = OutboxConfig(path=tmp_path / "o.sqlite")
+    cfg = OutboxConfig(path=tmp_path / "o.sqlite", verdicts="off")
     box = Outbox(cfg)
     crop = noise_jpeg(3000)
     for i in range(3):

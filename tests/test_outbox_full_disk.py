@@ -28,6 +28,7 @@ from testing.broker import FAST, MosquittoBroker, find_mosquitto, wait_for
 from testing.hits import make_hit, noise_jpeg
 from tests.services import missing_service
 from wire import records
+from wire.records import Verdict
 
 REPO = Path(__file__).resolve().parents[1]
 CHILD = Path(__file__).with_name("reporter_child.py")
@@ -152,10 +153,14 @@ def test_a_full_disk_drops_old_crops_first_then_old_hits_and_counts_every_drop(s
         # whole (a hit goes only once its crop is gone).
         assert counters["crops_dropped_full"] == sum(r.crop is None for r in rows) + counters["hits_dropped_full"]
 
-        # Delivery on the full disk: every acknowledged row is deleted, then new hits fit again.
+        # Delivery on the full disk: every acknowledged row awaits its verdict (a change of no row's
+        # size), the verdicts delete them, then new hits fit again.
         while box.depth:
-            assert box.ack([r.seq for r in box.take(16)]) > 0
-        assert box.counters()["sent"] == len(kept) and free_bytes(disk) < len(crop)
+            sent = box.take(16)
+            assert box.ack([r.seq for r in sent]) == len(sent) > 0
+            assert box.apply_verdicts([Verdict(r.hit_id, "stored") for r in sent]).deleted == len(sent)
+        assert box.counters()["sent"] == box.counters()["verdicts_stored"] == len(kept)
+        assert free_bytes(disk) < len(crop)
         put(box, make_hit(id="after", crop=crop))
         (row,) = box.rows()
         assert row.crop == crop and row.crop_dropped is None
@@ -165,9 +170,37 @@ def test_a_full_disk_drops_old_crops_first_then_old_hits_and_counts_every_drop(s
     small_disk(scenario, 3)
 
 
-def test_an_acknowledged_hit_whose_delete_fails_leaves_the_window_and_is_deleted_later(small_disk):
+def test_on_a_full_disk_hits_awaiting_a_verdict_make_room_first(small_disk):
     def scenario(disk: Path) -> None:
         box = Outbox(OutboxConfig(path=disk / "o.sqlite"))
+        crop = noise_jpeg(60_000)
+        sent = [f"a{i:02d}" for i in range(20)]  # 1.2 MB the broker acknowledged
+        for hid in sent:
+            put(box, make_hit(id=hid, crop=crop))
+        assert box.ack([r.seq for r in box.take(100)]) == len(sent)
+        new: list[str] = []
+        while box.counters()["awaiting_dropped"] == 0:
+            assert len(new) < 200, "the disk should be full long before this"
+            new.append(f"p{len(new):03d}")
+            put(box, make_hit(id=new[-1], crop=crop))
+        rows = box.rows()
+        counters = box.counters()
+        pending = [r for r in rows if r.state == "pending"]
+        assert [r.hit_id for r in pending] == new and all(r.crop == crop for r in pending), "new hits kept whole"
+        assert counters["crops_dropped_full"] == counters["hits_dropped_full"] == 0
+        awaiting = [r.hit_id for r in rows if r.state == "awaiting_verdict"]
+        assert awaiting == sent[len(sent) - len(awaiting) :], "the oldest hits awaiting a verdict go first"
+        assert counters["awaiting_dropped"] == len(sent) - len(awaiting) > 0
+        assert box.stats()["awaiting_verdict"] == len(awaiting)
+        box.close()
+
+    small_disk(scenario, 3)
+
+
+def test_an_acknowledged_hit_whose_delete_fails_leaves_the_window_and_is_deleted_later(small_disk):
+    def scenario(disk: Path) -> None:
+        # Deleted on PUBACK (verdicts = "off"): the delete is what fails here.
+        box = Outbox(OutboxConfig(path=disk / "o.sqlite", verdicts="off"))
         for i in range(3):
             put(box, make_hit(id=f"h{i}"))
         first, second = box.take(2)
@@ -264,8 +297,8 @@ def test_a_unit_on_a_full_disk_keeps_reporting_and_recovers_without_a_restart(sm
             assert [h["id"] for h in got] == ids
             assert [h["crop_dropped"] for h in got] == ["outbox_full"] * cropless + [None] * (len(ids) - cropless)
             assert all(h["has_crop"] == (h["crop_dropped"] is None) for h in got)
-            # Every acknowledged hit left the outbox although the disk is still full.
-            wait_for(lambda: reporter.outbox.depth == 0, 30, "the outbox emptied by PUBACKs")
+            # Every hit the receiver stored left the outbox although the disk is still full.
+            wait_for(lambda: reporter.outbox.depth == 0, 30, "the outbox emptied by the receiver's verdicts")
             assert reporter.outbox.counters()["sent"] == len(ids) and free_bytes(disk) < len(crop)
             beats = len(spy.beats)
             wait_for(
