@@ -74,6 +74,14 @@ def lowest_cosine(int8: Backend, float32: Backend, inputs: np.ndarray) -> float:
     return float(np.min(np.sum(a * b, axis=1) / np.maximum(norms, 1e-30)))
 
 
+# The first opset whose DequantizeLinear takes `axis` (per-channel weight scales).
+_PER_CHANNEL_OPSET = 13
+
+
+def _default_opset(model) -> int:  # noqa: ANN001 - an onnx.ModelProto; onnx stays a local import
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
 def quantize_embedder(
     float_onnx: Path, out: Path, inputs: np.ndarray, keep_float_ops: Sequence[str] = KEEP_FLOAT_OPS
 ) -> list[str]:
@@ -104,6 +112,12 @@ def quantize_embedder(
         # Folds constant Mul/Add into the convolutions so each one gets one per-channel weight scale.
         quant_pre_process(str(float_onnx), str(folded), skip_symbolic_shape=True)
         model = onnx.load(str(folded))
+        if _default_opset(model) < _PER_CHANNEL_OPSET:
+            # Per-channel scales need DequantizeLinear's `axis`, which ONNX has from opset 13 on; fr_feature.onnx
+            # (docs/models.md) was exported at opset 9, and its quantised copy would not load.
+            from onnx import version_converter
+
+            model = version_converter.convert_version(model, _PER_CHANNEL_OPSET)
         # Nodes are excluded by name, and many exported models leave names empty.
         names = {n.name for n in model.graph.node}
         for i, node in enumerate(model.graph.node):

@@ -396,3 +396,30 @@ def test_tensorrt_int8_engine_calibrates_and_caches_its_table(tmp_path):
     assert _cosines(ref, got).min() > 0.99
     with pytest.raises(BackendError, match="calibration"):
         create_backend(src, "tensorrt", cache_dir=tmp_path / "other", precision="int8")
+
+
+def test_a_model_exported_at_an_old_opset_is_quantised_into_one_that_loads(tmp_path) -> None:
+    """fr_feature.onnx (docs/models.md) is opset 9, whose DequantizeLinear has no per-channel `axis`: its int8
+    copy would not load unless the opset is raised first."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["y"])],
+        "old",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 8, 8])],
+        [w],
+    )
+    old = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)])
+    old.ir_version = 7
+    onnx.save(old, tmp_path / "old.onnx")
+    x = rng.normal(0, 1, (16, 3, 8, 8)).astype(np.float32)
+    quantize_embedder(tmp_path / "old.onnx", tmp_path / "int8.onnx", x)
+    session = ort.InferenceSession(str(tmp_path / "int8.onnx"), providers=["CPUExecutionProvider"])
+    want = ort.InferenceSession(str(tmp_path / "old.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = session.run(None, {"x": x})[0]
+    assert np.abs(got - want).max() < 0.1 * np.abs(want).max()
