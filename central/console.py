@@ -40,6 +40,7 @@ from starlette.staticfiles import StaticFiles
 
 from central import accounts
 from central.audit import Head
+from central.health import centre_problems
 from central.register_view import PHOTO_TYPES, RegisterView
 from central.store import EXPIRY_WARNING_S, REVIEW_STATES, HitFilter, HitStore, StoreError
 
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
 SESSION_COOKIE = "cp_session"
 LOGIN_COOKIE = "cp_login"
+QUARANTINE_ROWS = 200  # the newest quarantined messages the quarantine page lists
 # Control characters, DEL and C1, and the bidirectional overrides that can make text read backwards.
 _INVISIBLE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
@@ -341,14 +343,28 @@ class Console:
 
     def fleet_page(self, request: Request) -> Response:
         sess = self.require(request)
-        return self.render(request, "fleet.html", session=sess, units=self._units())
+        return self.render(request, "fleet.html", session=sess, quarantined=self.store.count_rejects(), **self._fleet())
 
     def fleet_rows(self, request: Request) -> Response:
         self.require(request, page=False)
-        return self.render(request, "_fleet_rows.html", units=self._units())
+        return self.render(request, "_fleet_rows.html", **self._fleet())
 
-    def _units(self) -> list[dict[str, Any]]:
-        return self.store.units(expiry_warning_s=self.settings.expiry_warning_s)
+    def _fleet(self) -> dict[str, Any]:
+        units = self.store.units(expiry_warning_s=self.settings.expiry_warning_s)
+        return {"units": units, "problems": centre_problems(units, self.store.publications())}
+
+    def quarantine_page(self, request: Request) -> Response:
+        """Supervisors: the messages the receivers quarantined (refused hits among them), newest first,
+        with the reason and the receiver's sentence; the units keep refused hits with the same reason."""
+        sess = self.require(request, role="supervisor")
+        return self.render(
+            request,
+            "quarantine.html",
+            session=sess,
+            rejects=self.store.latest_rejects(QUARANTINE_ROWS),
+            total=self.store.count_rejects(),
+            shown=QUARANTINE_ROWS,
+        )
 
     def audit_page(self, request: Request) -> Response:
         sess = self.require(request, role="supervisor")
@@ -499,6 +515,7 @@ def create_app(
         Route("/person/photo", console.photo),
         Route("/fleet", console.fleet_page),
         Route("/fleet/rows", console.fleet_rows),
+        Route("/quarantine", console.quarantine_page),
         Route("/audit", console.audit_page),
         Route("/audit/export", console.audit_export, methods=["POST"]),
         Route("/events", console.events),

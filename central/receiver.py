@@ -49,6 +49,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from central.publications import MANIFEST_SUBSCRIPTION, manifest_site, read_manifest
 from central.store import REJECT_PAYLOAD_BYTES, HitStore
 from wire import records, signing, topics
 from wire.errors import ProtocolError
@@ -103,7 +104,13 @@ class ReceiverConfig(MqttConnection):
         hits = f"{topics.TOPIC_ROOT}/+/+/hits"
         if self.shared and self.protocol == "5":
             hits = f"$share/{self.group}/{hits}"
-        return [hits, f"{topics.TOPIC_ROOT}/+/+/status", f"{topics.TOPIC_ROOT}/+/+/heartbeat"]
+        # HQ's watchlist manifests (not their chunks): the fleet page shows units behind HQ's list.
+        return [
+            hits,
+            f"{topics.TOPIC_ROOT}/+/+/status",
+            f"{topics.TOPIC_ROOT}/+/+/heartbeat",
+            MANIFEST_SUBSCRIPTION,
+        ]
 
 
 class Quarantined(Exception):
@@ -521,8 +528,18 @@ class Receiver:
         changes: list[tuple[str, str, str]],
         beats: list[_Beat],
     ) -> None:
-        """Decode and check one message; apply a status now, or set a hit or heartbeat aside for
-        the batch's commit."""
+        """Decode and check one message; apply a status or an HQ manifest now, or set a hit or
+        heartbeat aside for the batch's commit."""
+        hq_site = manifest_site(m.topic)
+        if hq_site is not None:
+            announced = read_manifest(m.topic, m.payload)
+            if announced is not None:
+                version, published_at = announced
+                # A retained manifest replayed on subscribing was published before: HQ's time, if earlier.
+                seen = min(published_at or m.received_at, m.received_at) if m.retain else m.received_at
+                if self.store.set_publication(hq_site, version, published_at, seen, m.topic):
+                    log.info("HQ published watchlist v%d for site %s", version, safe_text(hq_site))
+            return
         site, unit_id, kind = topics.parse_topic(m.topic)
         limit = records.MAX_PAYLOAD_BYTES[kind]
         if m.size > limit:
@@ -550,7 +567,9 @@ class Receiver:
             return
         body = records.decode_heartbeat(m.payload)
         self._check_origin(body, site, unit_id)
-        beats.append(_Beat(m, site, unit_id, body, body["at"] if m.retain else m.received_at))
+        # Ordered by receive time; a retained one replayed on subscribing by its own time if earlier, so
+        # a unit that died long ago shows as silent, and one stamped in the future holds back nothing.
+        beats.append(_Beat(m, site, unit_id, body, min(body["at"], m.received_at) if m.retain else m.received_at))
 
     def _verify(self, payload: bytes, site: str, unit_id: str, crop: bytes | None) -> str:
         """The record's signature verdict, or Quarantined when the policy refuses it."""

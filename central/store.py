@@ -26,6 +26,7 @@ from typing import IO, Any
 
 from central import accounts
 from central import audit as audit_chain
+from central.health import HealthSettings, evaluate
 from central.migrations import migrate
 from wire.records import safe_text
 
@@ -293,7 +294,9 @@ class HitStore(abc.ABC):
         `at` is what the unit's own clock said, kept for reference only. Statuses are ordered by
         receive time, never by the unit's clock: a status claiming a time ten years ahead does not keep
         a dead unit online when its Last Will arrives later. A `replay` (a retained message delivered
-        again on subscribe) of the state already stored changes nothing. True if applied."""
+        again on subscribe) of the state already stored changes nothing, and a replay is no sign of
+        life: it moves `last_seen` to the unit's own time at most, never to when it was replayed. True
+        if applied."""
         same = " AND (units.state <> excluded.state OR coalesce(units.state_reason, '') <> excluded.state_reason)"
         with self._tx() as q:
             q(
@@ -304,7 +307,7 @@ class HitStore(abc.ABC):
                 "state_claimed_at = excluded.state_claimed_at, "
                 f"last_seen = {self.greatest}(coalesce(units.last_seen, 0), excluded.last_seen) "
                 "WHERE coalesce(units.state_at, 0) <= excluded.state_at" + (same if replay else ""),
-                (site, unit_id, state, reason, seen_at, at, seen_at),
+                (site, unit_id, state, reason, seen_at, at, min(at, seen_at) if replay else seen_at),
             )
             return q.rowcount == 1
 
@@ -314,8 +317,12 @@ class HitStore(abc.ABC):
 
     def set_heartbeats(self, beats: Sequence[tuple[str, str, dict[str, Any], float]]) -> None:
         """Record heartbeats (site, unit_id, body, at) in one transaction: of several from one unit
-        the newest counts, and one older than the unit's stored heartbeat is ignored. Heartbeats are
-        not signed, so they only feed the fleet page and never the audit chain."""
+        the newest counts, and one older than the unit's stored heartbeat is ignored. `at` orders them:
+        the receive time, which the receiver caps a retained one's own time at, so a heartbeat stamped
+        in the future cannot hold back the ones after it (nor can one stored in the future before
+        heartbeats were ordered so). Heartbeats are not signed, so they only feed the fleet page and
+        never the audit chain. Keeps since when the outbox has held hits without a break and how many
+        it held then (`backlog_since`, `backlog_from`), for central/health.py."""
         newest: dict[tuple[str, str], tuple[dict[str, Any], float]] = {}
         for site, unit_id, body, at in beats:
             kept = newest.get((site, unit_id))
@@ -335,25 +342,33 @@ class HitStore(abc.ABC):
                     facts["software_version"],
                     facts["watchlist_version"],
                     facts["watchlist_expires_at"],
+                    at if facts["outbox_pending"] else None,
+                    facts["outbox_pending"] or None,
                 )
             )
-        one = "(" + ",".join("?" * 9) + ")"
+        one = "(" + ",".join("?" * 11) + ")"
+        future = time.time() + 60
         with self._tx() as q:
             # One multi-row statement per chunk (units are unique in it: PostgreSQL refuses to update
             # one row twice in a statement), so a batch of a thousand units costs one round trip.
             for chunk in _chunks(rows, 500):
                 q(
                     "INSERT INTO units(site, unit_id, last_seen, last_heartbeat_at, heartbeat_interval_s, heartbeat, "
-                    "software_version, watchlist_version, watchlist_expires_at) VALUES "
+                    "software_version, watchlist_version, watchlist_expires_at, backlog_since, backlog_from) VALUES "
                     + ",".join([one] * len(chunk))
                     + " ON CONFLICT (site, unit_id) DO UPDATE SET "
                     "last_heartbeat_at = excluded.last_heartbeat_at, "
                     "heartbeat_interval_s = excluded.heartbeat_interval_s, heartbeat = excluded.heartbeat, "
                     "software_version = excluded.software_version, watchlist_version = excluded.watchlist_version, "
                     "watchlist_expires_at = excluded.watchlist_expires_at, "
+                    "backlog_since = CASE WHEN excluded.backlog_since IS NULL THEN NULL "
+                    "ELSE coalesce(units.backlog_since, excluded.backlog_since) END, "
+                    "backlog_from = CASE WHEN excluded.backlog_from IS NULL THEN NULL "
+                    "ELSE coalesce(units.backlog_from, excluded.backlog_from) END, "
                     f"last_seen = {self.greatest}(coalesce(units.last_seen, 0), excluded.last_seen) "
-                    "WHERE coalesce(units.last_heartbeat_at, 0) <= excluded.last_heartbeat_at",
-                    [v for row in chunk for v in row],
+                    "WHERE coalesce(units.last_heartbeat_at, 0) <= excluded.last_heartbeat_at "
+                    "OR units.last_heartbeat_at > ?",
+                    [v for row in chunk for v in row] + [future],
                 )
 
     def add_reject(
@@ -518,11 +533,31 @@ class HitStore(abc.ABC):
             r["payload"] = bytes(r["payload"]) if r["payload"] is not None else None
         return rows
 
-    def units(self, now: float | None = None, expiry_warning_s: float = EXPIRY_WARNING_S) -> list[dict[str, Any]]:
+    def count_rejects(self) -> int:
+        """How many quarantined messages the rejects table holds."""
+        return int(self._read("SELECT COUNT(*) AS n FROM rejects")[0]["n"])
+
+    def latest_rejects(self, limit: int = 200) -> list[dict[str, Any]]:
+        """The newest `limit` quarantined messages, newest first, without their payloads: id,
+        received_at, topic, reason, error, payload_bytes (for the console's quarantine page)."""
+        return self._read(
+            "SELECT id, received_at, topic, reason, error, payload_bytes FROM rejects ORDER BY id DESC LIMIT ?",
+            (int(limit),),
+        )
+
+    def units(
+        self,
+        now: float | None = None,
+        expiry_warning_s: float = EXPIRY_WARNING_S,
+        settings: HealthSettings | None = None,
+    ) -> list[dict[str, Any]]:
         """Every unit heard from, with `health`: 'offline' (said so, or its Last Will), 'stale' (no
-        heartbeat for 3 intervals), 'online', or 'unknown'; and `watchlist_state`: 'expired',
-        'expiring' (within `expiry_warning_s`), 'ok' or 'unknown'."""
+        heartbeat for 3 intervals), 'online', or 'unknown'; `watchlist_state`: 'expired',
+        'expiring' (within `expiry_warning_s`), 'ok' or 'unknown'; and `level` ('ok', 'amber', 'red')
+        with its `reasons` (central/health.py, against HQ's latest list for the unit's site)."""
         now = time.time() if now is None else now
+        settings = settings or HealthSettings(expiry_warning_s=expiry_warning_s)
+        published = self.publications()
         out = []
         for row in self._read("SELECT * FROM units ORDER BY site, unit_id"):
             row["heartbeat"] = json.loads(row["heartbeat"]) if row.get("heartbeat") else None
@@ -549,8 +584,28 @@ class HitStore(abc.ABC):
                 row["watchlist_state"] = "expiring"
             else:
                 row["watchlist_state"] = "ok"
+            judged = evaluate(row, now, published.get(row["site"]), settings)
+            row["level"], row["reasons"] = judged.level, judged.reasons
             out.append(row)
         return out
+
+    def set_publication(self, site: str, version: int, published_at: float | None, seen_at: float, topic: str) -> bool:
+        """Record a watchlist version HQ announced for `site` (its retained manifest on `topic`), seen
+        at `seen_at`, if newer than the one recorded; True if it was."""
+        with self._tx() as q:
+            q(
+                "INSERT INTO watchlist_published(site, version, published_at, seen_at, topic) VALUES (?,?,?,?,?) "
+                "ON CONFLICT (site) DO UPDATE SET version = excluded.version, published_at = excluded.published_at, "
+                "seen_at = excluded.seen_at, topic = excluded.topic "
+                "WHERE watchlist_published.version < excluded.version",
+                (site, version, published_at, seen_at, topic),
+            )
+            return q.rowcount == 1
+
+    def publications(self) -> dict[str, dict[str, Any]]:
+        """HQ's latest watchlist per site, as recorded by `set_publication`: version, published_at
+        (HQ's clock), seen_at (when the centre first saw it), topic."""
+        return {r["site"]: r for r in self._read("SELECT * FROM watchlist_published")}
 
     def export_jsonl(
         self, fh: IO[str], *, since: float | None = None, with_crops: bool = False, actor: str | None = None

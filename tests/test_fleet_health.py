@@ -392,14 +392,15 @@ def test_the_receiver_reads_hqs_manifests_and_a_unit_behind_them_turns_amber(mos
 RECEIVER_MANIFESTS_ACL_LINE = f"topic read {MANIFEST_SUBSCRIPTION}"
 
 
-@pytest.mark.parametrize("granted", [False, True], ids=["deploy-acl-as-is", "with-the-manifest-line"])
+@pytest.mark.parametrize("granted", [False, True], ids=["acl-without-the-manifest-line", "deploy-acl-as-is"])
 def test_manifests_the_brokers_acl_withholds_show_as_what_the_centre_cannot_judge(broker_factory, tmp_path, granted):
-    """deploy/mosquitto/acl as it is gives the receiver no read on HQ's manifests, and Mosquitto grants
-    the subscription and delivers nothing: the receiver still takes every unit's messages, and the
-    fleet says what it cannot judge. With the line added, the receiver reads them."""
+    """deploy/mosquitto/acl gives the receiver read on HQ's manifests. A site's older ACL without
+    that line makes Mosquitto grant the subscription and deliver nothing: the receiver still takes
+    every unit's messages, and the fleet says what it cannot judge."""
     acl = (ROOT / "deploy" / "mosquitto" / "acl").read_text()
-    if granted:
-        acl = acl.replace("user receiver\n", f"user receiver\n{RECEIVER_MANIFESTS_ACL_LINE}\n")
+    assert RECEIVER_MANIFESTS_ACL_LINE + "\n" in acl
+    if not granted:
+        acl = acl.replace(RECEIVER_MANIFESTS_ACL_LINE + "\n", "")
     users = {"receiver": "receiver-pw-1", "hq": "hq-pw-1", "site-a/unit-1": "unit-pw-1"}
     broker = broker_factory(users=users, acl=acl).start()
     db = tmp_path / "hits.sqlite"
