@@ -61,6 +61,10 @@ class HealthSettings:
     skew_red_s: float = 300.0
 
 
+REFUSAL_WARNING = "the centre refused "
+"""How a unit's warning about hits the centre refused begins (edge/outbox.py Outbox.refusal)."""
+
+
 def evaluate(
     unit: dict[str, Any],
     now: float,
@@ -157,7 +161,8 @@ def _pipeline_and_warnings(figures: dict[str, Any]) -> list[Reason]:
     # in _watchlist.
     said = set(problems) | {halted}
     for w in _list(figures.get("warnings")):
-        if isinstance(w, str) and w and w not in said:
+        # The unit's own sentence about refused hits: said in red from its outbox figures (_outbox).
+        if isinstance(w, str) and w and w not in said and not w.startswith(REFUSAL_WARNING):
             out.append(Reason("amber", f"unit warns: {_text(w)}"))
     return out
 
@@ -216,6 +221,10 @@ def _outbox(unit: dict[str, Any], beat: dict[str, Any], now: float, settings: He
             )
         elif waited > settings.backlog_stuck_s:
             out.append(Reason("amber", f"outbox backlog not draining: {pending} hits waiting for {_span(waited)}"))
+    kept = _int(outbox.get("quarantined_kept"))
+    if kept:
+        # Hits the centre refused (unsigned, a bad signature, ...): no operator saw them, so red.
+        out.append(Reason("red", f"hits refused by the centre: {kept} kept at the unit (see Quarantine)"))
     link = beat.get("link") if isinstance(beat.get("link"), dict) else {}
     error = link.get("last_error")
     if isinstance(error, str) and error:

@@ -289,7 +289,7 @@ class Daemon:
             self.subscriber = WatchlistSubscriber(
                 self.watchlist,
                 wl_cfg.topic,
-                connection=mqtt.watchlist_connection(),
+                connection=mqtt.watchlist_connection(self.config.unit.id),
                 client_id=f"checkpoint-{self.config.unit.site}-{self.config.unit.id}-watchlist",
             )
             self.subscriber.start()
@@ -311,14 +311,14 @@ class Daemon:
     def warnings(self) -> list[str]:
         """What the unit should not be running like: a pipeline thread dead or hung; an int8 embedder
         that failed its check on this CPU (running float32 instead); an outbox that cannot write (disk
-        full, file not writable); no watchlist, an expired one, or one it cannot match with (made with
+        full, file not writable) or holds hits the centre refused; no watchlist, an expired one, or one it cannot match with (made with
         another model or embedding size)."""
         found = self.pipeline.problems(_HUNG_AFTER_S) if self.pipeline is not None else []
         fallback = getattr(self.engine, "precision_fallback", None)
         if fallback:
             found.append(fallback)
-        if self.reporter is not None and self.reporter.outbox.problem:
-            found.append(self.reporter.outbox.problem)
+        if self.reporter is not None:
+            found += [t for t in (self.reporter.outbox.problem, self.reporter.outbox.refusal) if t]
         if self.watchlist is None:
             return found
         wl = self.watchlist.status()

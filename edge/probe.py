@@ -198,12 +198,12 @@ def probe_broker(mqtt: Any, site: str, unit_id: str) -> ProbeResult:
         session.close()
 
 
-def probe_watchlist(mqtt: Any, prefix: str) -> ProbeResult:
+def probe_watchlist(mqtt: Any, prefix: str, unit_id: str) -> ProbeResult:
     """Connect as the watchlist reader and read HQ's retained manifest of the full list under `prefix`
     ([watchlist] topic): OK with its version, FAILED when the login fails or no manifest comes."""
     from watchlist.format.transport import Manifest, manifest_topic
 
-    conn = mqtt.watchlist_connection()
+    conn = mqtt.watchlist_connection(unit_id)
     where = f"watchlist {prefix}"
     # Read with the unit's own account (no reader account configured), the probe must not clear the
     # unit's session, which the broker keys by that account.
@@ -272,7 +272,7 @@ def probe_all(cfg: Any) -> list[ProbeResult]:
         return results
     results.append(probe_broker(cfg.mqtt, cfg.unit.site, cfg.unit.id))
     if cfg.watchlist.topic is not None:
-        results.append(probe_watchlist(cfg.mqtt, cfg.watchlist.topic))
+        results.append(probe_watchlist(cfg.mqtt, cfg.watchlist.topic, cfg.unit.id))
     return results
 
 

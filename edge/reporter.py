@@ -64,8 +64,9 @@ class MqttConfig(MqttConnection):
 
     watchlist_username: str | None = Field(
         default=None,
-        description="broker account the watchlist link uses; default '<site>/watchlist' when "
-        "watchlist_password_file is set (deploy/mosquitto/acl: one read-only account per site)",
+        description="broker account the watchlist link uses; default '<site>/<unit>/watchlist' when "
+        "watchlist_password_file is set (deploy/make-credentials unit makes it: one read-only account per unit, "
+        "since the broker binds each client id to its account)",
     )
     watchlist_password_file: Path | None = Field(
         default=None,
@@ -79,13 +80,13 @@ class MqttConfig(MqttConnection):
             raise ValueError(f"watchlist_password_file: no such file {str(v)!r}")
         return None if v is None else Path(v).expanduser()
 
-    def watchlist_connection(self) -> MqttConnection:
-        """The connection for the watchlist subscriber: this one, with the site's watchlist account
-        when watchlist_password_file is set."""
+    def watchlist_connection(self, unit_id: str) -> MqttConnection:
+        """The connection for unit `unit_id`'s watchlist subscriber: this one, with the unit's
+        watchlist reader account when watchlist_password_file is set."""
         fields = self.model_dump(include=set(MqttConnection.model_fields))
         if self.watchlist_password_file is not None:
             fields.update(
-                username=self.watchlist_username or f"{self.site}/watchlist",
+                username=self.watchlist_username or f"{self.site}/{unit_id}/watchlist",
                 password=None,
                 password_file=self.watchlist_password_file,
             )

@@ -87,7 +87,7 @@ def test_units_report_receivers_read_hq_writes_and_a_site_reads_its_list(site: S
     )
     wl.start()
     sub = WatchlistSubscriber(
-        wl, "checkpoint/v1/site-a/watchlist", connection=cfg.watchlist_connection(), tick_interval_s=0.2
+        wl, "checkpoint/v1/site-a/watchlist", connection=cfg.watchlist_connection("unit-1"), tick_interval_s=0.2
     )
     sub.start()
     try:

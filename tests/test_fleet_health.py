@@ -165,6 +165,15 @@ def test_clock_skew_and_a_backlog_that_grows_or_never_drains():
     assert texts(evaluate(stuck, NOW)) == ["amber: outbox backlog not draining: 3 hits waiting for 15 min"]
 
 
+def test_hits_the_centre_refused_and_the_unit_keeps_are_red_and_said_once():
+    unit = figures(warnings=["the centre refused 2 hits (latest: unsigned: ...); they are kept in the outbox ..."])
+    refused = row(unit)
+    refused["heartbeat"]["outbox"]["quarantined_kept"] = 2
+    health = evaluate(refused, NOW)
+    assert health.level == "red"
+    assert texts(health) == ["red: hits refused by the centre: 2 kept at the unit (see Quarantine)"]
+
+
 def test_hostile_figures_are_ignored_or_escaped():
     hostile = figures(cameras=[("gate\u202e", False, "bad\x1b[2J\nforged line" + "x" * 5000)])
     hostile["pipeline"] = "not an object"

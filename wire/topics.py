@@ -22,9 +22,8 @@ VERDICTS = "verdicts"
 """What the receivers answer a unit's hits with; the unit reads it, only the receiver account writes it
 (deploy/mosquitto/acl). Not one of KINDS: a receiver never takes a message from there."""
 # Words that already mean something where a unit id stands, and what. HQ publishes a site's list
-# under checkpoint/v1/<site>/watchlist/#, and the site's reader account is "<site>/watchlist"
-# (deploy/mosquitto/acl): a unit of that name would publish into the list's topics, and its account
-# would be the reader's.
+# under checkpoint/v1/<site>/watchlist/# (deploy/mosquitto/acl): a unit of that name would publish
+# into the list's topics, and read them with its own account.
 RESERVED_UNIT_IDS: dict[str, str] = {
     "watchlist": "checkpoint/v1/<site>/watchlist/ is where HQ publishes the site's watchlist",
 }
