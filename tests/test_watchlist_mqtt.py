@@ -60,8 +60,18 @@ def unit(tmp_path: Path, hq: Authority, mosquitto):
     wl.close()
 
 
-def _publish(broker, data: bytes, chunk_bytes: int = 4096) -> Manifest:
-    return publish_bundle(data, TOPIC, host=broker.host, port=broker.port, chunk_bytes=chunk_bytes)
+def _publish(broker, data: bytes, chunk_bytes: int = 4096, snapshot: bytes | None = None) -> Manifest:
+    return publish_bundle(data, TOPIC, snapshot=snapshot, host=broker.host, port=broker.port, chunk_bytes=chunk_bytes)
+
+
+def _after(persons, emb, removed=(), added=None):
+    """The persons and rows of a list after removing `removed` and adding `added` (persons, rows)."""
+    keep = [i for i, p in enumerate(persons) if p.person_id not in removed]
+    rows = emb.reshape(len(persons), -1, emb.shape[1])[keep].reshape(-1, emb.shape[1])
+    persons = tuple(persons[i] for i in keep)
+    if added is not None:
+        persons, rows = persons + tuple(added[0]), np.concatenate([rows, added[1]])
+    return persons, rows
 
 
 def test_full_then_delta_over_mqtt_with_a_unit_that_joins_late(unit: Watchlist, hq: Authority, mosquitto) -> None:
@@ -92,7 +102,12 @@ def test_full_then_delta_over_mqtt_with_a_unit_that_joins_late(unit: Watchlist, 
     cam.start()
     new_p, new_e, new_c = _list(3, seed=2, prefix="new")
     t0 = time.monotonic()
-    _publish(mosquitto, hq.bundle(2, new_p, new_e, kind="delta", base=1, removed=("case-0009",)))
+    after = _after(persons, emb, ("case-0009",), (new_p, new_e))
+    _publish(
+        mosquitto,
+        hq.bundle(2, new_p, new_e, kind="delta", base=1, removed=("case-0009",)),
+        snapshot=hq.bundle(2, *after),
+    )
     wait_for(lambda: unit.version == 2, what="unit.version == 2")
     took = time.monotonic() - t0
     stop.set()
@@ -101,7 +116,12 @@ def test_full_then_delta_over_mqtt_with_a_unit_that_joins_late(unit: Watchlist, 
     assert unit.matcher.match(leaver) == [None]
     assert unit.matcher.match(unit_rows(new_c[[2]]))[0].person_id == "new-0002"
     assert took < 5.0  # "within seconds of the bundle's arrival"
-    assert sub.downloads == 2 and unit.status()["rejections_since_start"] == 0
+    # The full snapshot of version 2 went out after the delta: a unit in step did not fetch it.
+    # Manifests seen: full 1 (retained at the start), then delta 2 and full 2.
+    wait_for(lambda: sub.status()["received"]["manifest"] == 3, what=lambda: f"three manifests: {sub.status()}")
+    assert sub.wait_idle()
+    assert sub.downloads == 2 and sub.fetches == 2 and unit.status()["rejections_since_start"] == 0
+    assert sub.status()["behind"] is None
 
 
 def test_old_chunks_are_cleared_when_a_new_version_is_published(hq: Authority, mosquitto) -> None:

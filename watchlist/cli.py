@@ -476,6 +476,13 @@ def _iso(epoch: float | None) -> str:
 @click.option(
     "--export", "export_dir", type=click.Path(path_type=Path), help="write a copy into this folder (USB, scp)"
 )
+@click.option(
+    "--keys",
+    "keys_dir",
+    type=click.Path(path_type=Path, exists=True),
+    help="key folder: a delta over MQTT goes with the full snapshot of its version, signed with it",
+)
+@click.option("--passphrase-env", help="environment variable holding the key passphrase")
 def publish(
     bundle: Path,
     register_path: Path | None,
@@ -491,22 +498,26 @@ def publish(
     chunk_bytes: int,
     timeout: float,
     export_dir: Path | None,
+    keys_dir: Path | None,
+    passphrase_env: str | None,
 ) -> None:
     """Publish a bundle to a site's watchlist topic (retained, QoS 1, chunked) and/or as a file
     (--export), and record it in the register as published: later deltas are built against it.
-    A key set file goes to the keyset topic. A broker that refuses the account, the certificate or
-    a topic fails at once.
+    A delta over MQTT needs --keys: the full snapshot of its version is signed from the register
+    and published with it, so a unit that missed a delta catches up. A key set file goes to the
+    keyset topic. A broker that refuses the account, the certificate or a topic fails at once.
 
     \b
     Examples:
       watchlist publish v12.cpwl --register hq.db --topic checkpoint/v1/site-1/watchlist --host broker.hq \\
-          --port 8883 --username hq --password-file /secure/hq.pw --ca-file /secure/ca.pem
+          --port 8883 --username hq --password-file /secure/hq.pw --ca-file /secure/ca.pem --keys /secure/hq-keys
       watchlist publish v12.cpwl --register hq.db --export /media/usb
     """
     from pydantic import ValidationError
 
-    from watchlist.format.bundle import sha256_hex
+    from watchlist.format.bundle import peek, sha256_hex
     from watchlist.format.keys import KEYSET_MAGIC
+    from watchlist.hq.build import sign_snapshot
     from watchlist.hq.publish import export_file, publish_bundle, publish_keyset
     from watchlist.hq.register import Register
     from wire.mqtt import MqttConnection
@@ -535,11 +546,24 @@ def publish(
         digest = sha256_hex(data)
         reg.release_with_sha256(digest)  # before anything goes out: is it one of this register's releases?
         if topic is not None:
-            m = publish_bundle(data, topic, connection=connection, chunk_bytes=chunk_bytes, timeout=timeout)
+            snapshot = None
+            if peek(data)["kind"] == "delta":
+                if keys_dir is None:
+                    raise click.UsageError(
+                        "give --keys: a delta over MQTT goes with the full snapshot of its version, signed at "
+                        "publishing, or a unit that missed a delta would stay on its old list"
+                    )
+                kd = _KeyDir(keys_dir, _passphrase(passphrase_env))
+                snapshot = sign_snapshot(reg, data, kd.current_signing(), kd.keyset())
+            m = publish_bundle(
+                data, topic, snapshot=snapshot, connection=connection, chunk_bytes=chunk_bytes, timeout=timeout
+            )
             version = reg.mark_published(digest, f"mqtt://{host}:{port}/{topic}")
             click.echo(
                 f"{m.kind} bundle version {m.version} published on {topic}/{m.kind} ({m.chunks} chunks, {m.size} bytes)"
             )
+            if snapshot is not None:
+                click.echo(f"full snapshot of version {m.version} published on {topic}/full ({len(snapshot)} bytes)")
         if export_dir is not None:
             path = export_file(data, export_dir)
             version = reg.mark_published(digest, f"file:{path}")

@@ -9,8 +9,10 @@ Topics under the site's prefix (``[watchlist] topic`` on the unit)::
     <prefix>/keyset                    retained: the current key set (rotation, revocation)
 
 Chunks go first and the manifest last, so a unit that sees a manifest finds its chunks; the
-previous version's chunks are then cleared (an empty retained message deletes one). The manifest
-is not trusted by units beyond deciding what to download: the bundle's signature decides.
+previous version's chunks are then cleared (an empty retained message deletes one). A delta is
+always followed by the full bundle of the same version on the full slot (watchlist.hq.publish),
+so a unit that missed a delta catches up from it. The manifest is not trusted by units beyond
+deciding what to download: the bundle's signature decides.
 """
 
 from __future__ import annotations

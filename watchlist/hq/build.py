@@ -10,7 +10,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from common.files import atomic_write
-from watchlist.format.bundle import Bundle, encode_bundle, sha256_hex
+from watchlist.format.bundle import Bundle, encode_bundle, frame, parse_verified, sha256_hex
 from watchlist.format.errors import RegisterError
 from watchlist.format.keys import KeySet, key_id
 from watchlist.hq.register import Register
@@ -251,13 +251,7 @@ def release(
 ) -> Release:
     """Sign `bundle`, write it to `out` (atomically: a unit copying the folder never sees half a
     file), and record the release in the register (with `choice`, how its threshold was chosen)."""
-    kid = key_id(signing_key.public_key())
-    if kid not in keyset.signing_keys:
-        raise RegisterError(
-            f"signing key {kid} is not in key set {keyset.serial}: rotate (`watchlist rotate`) "
-            "or use the current signing key"
-        )
-    data = encode_bundle(bundle, signing_key, keyset.envelope)
+    kid, data = _sign(bundle, signing_key, keyset)
     digest = sha256_hex(data)
     if out is not None:
         atomic_write(out, data)
@@ -269,3 +263,61 @@ def release(
         # Fixed from the first release on: a delta must encode rows the way the units' lists do.
         register.set_meta(f"offset:{bundle.model_id}", [float(v) for v in bundle.embedding_offset])
     return Release(bundle, data, digest, out, skipped)
+
+
+def _sign(bundle: Bundle, signing_key: Ed25519PrivateKey, keyset: KeySet) -> tuple[str, bytes]:
+    kid = key_id(signing_key.public_key())
+    if kid not in keyset.signing_keys:
+        raise RegisterError(
+            f"signing key {kid} is not in key set {keyset.serial}: rotate (`watchlist rotate`) "
+            "or use the current signing key"
+        )
+    return kid, encode_bundle(bundle, signing_key, keyset.envelope)
+
+
+def sign_snapshot(register: Register, delta: bytes, signing_key: Ed25519PrivateKey, keyset: KeySet) -> bytes:
+    """The full bundle of the list that the released `delta` leaves on units, signed: the same
+    version, times, model, offset and threshold, every person as the release recorded them. It
+    travels with the delta so that a unit that missed a delta (or cannot apply one) catches up.
+
+    The register keeps digests, not old embeddings, so the snapshot comes from its current state:
+    RegisterError when that state is no longer the release's (persons enrolled, changed or
+    removed since the delta was built), naming them.
+
+    Example: ``sign_snapshot(Register("hq.db"), Path("v12.cpwl").read_bytes(), key, keyset)``
+    """
+    b = parse_verified(frame(delta))
+    if b.kind != "delta":
+        raise RegisterError(f"version {b.version} is a full bundle: it is its own snapshot")
+    released = register.release_digests(b.version)
+    # Names travel only with --with-names, and they are part of each person's digest: a delta that
+    # carries persons says which; an empty one leaves both to try.
+    names = [any(p.name is not None for p in b.persons)] if b.persons else [False, True]
+    tries = []
+    for with_names in names:
+        snap = register.snapshot(b.model_id, with_names=with_names, offset=b.embedding_offset)
+        moved = sorted(p for p in set(snap.digests) | set(released) if snap.digests.get(p) != released.get(p))
+        tries.append((len(moved), moved, snap))
+        if not moved:
+            break
+    _, moved, snap = min(tries, key=lambda t: t[0])
+    if moved:
+        named = ", ".join(moved[:10]) + (" ..." if len(moved) > 10 else "")
+        raise RegisterError(
+            f"the register changed since version {b.version} was built ({len(moved)} persons enrolled, changed or "
+            f"removed since: {named}), so the full snapshot of version {b.version} cannot be made from it: build a "
+            "new delta (`watchlist build --delta`) and publish that"
+        )
+    full = Bundle(
+        kind="full",
+        version=b.version,
+        created_at=b.created_at,
+        expires_at=b.expires_at,
+        model_id=b.model_id,
+        embedding_dim=b.embedding_dim,
+        default_threshold=b.default_threshold,
+        persons=snap.persons,
+        embeddings=snap.embeddings,
+        embedding_offset=snap.offset,
+    )
+    return _sign(full, signing_key, keyset)[1]

@@ -91,18 +91,19 @@ class _Connection:
                 raise PublishError(f"lost the connection while publishing {what}: {self.link.last_error}")
             return table.pop(mid)
 
-    def retained(self, topic: str, grace: float = 0.5) -> bytes | None:
-        """The retained message on `topic`, if any (retained messages follow the SUBACK at once)."""
-        _rc, mid = self.link.client.subscribe(topic, qos=1)
-        reasons = self._wait(self._subacks, mid, f"the subscription to {topic}")
-        if any(getattr(r, "is_failure", False) for r in reasons):
+    def retained(self, topics: list[str], grace: float = 0.5) -> dict[str, bytes]:
+        """The retained messages on `topics` that have one (retained messages follow the SUBACK at once)."""
+        _rc, mid = self.link.client.subscribe([(t, 1) for t in topics])
+        reasons = self._wait(self._subacks, mid, f"the subscription to {', '.join(topics)}")
+        refused = [t for t, r in zip(topics, reasons) if getattr(r, "is_failure", False)]
+        if refused:
             raise PublishError(
-                f"the broker refused the subscription to {topic} ({reasons[0]}): not authorised to read it; "
-                f"the broker's ACL must let {self.conn.username or 'this user'} read the watchlist topics"
+                f"the broker refused the subscription to {', '.join(refused)} ({reasons[0]}): not authorised to read "
+                f"it; the broker's ACL must let {self.conn.username or 'this user'} read the watchlist topics"
             )
         time.sleep(grace)
-        self.link.client.unsubscribe(topic)
-        return self._retained.get(topic)
+        self.link.client.unsubscribe(topics)
+        return {t: self._retained[t] for t in topics if self._retained.get(t)}
 
     def publish(self, topic: str, payload: bytes) -> None:
         info = self.link.client.publish(topic, payload, qos=1, retain=True)
@@ -121,67 +122,107 @@ def _connection(connection: MqttConnection | None, host: str, port: int) -> Mqtt
     return connection if connection is not None else MqttConnection(host=host, port=port)
 
 
+def _manifest(data: bytes, chunk_bytes: int) -> Manifest:
+    if data[:8] == KEYSET_MAGIC:
+        raise PublishError("that is a key set, not a bundle: publish it with publish_keyset")
+    h = peek(data)
+    if h["kind"] not in SLOTS:
+        raise PublishError(f"bundle kind {h['kind']!r} is neither full nor delta")
+    return Manifest(
+        kind=h["kind"],
+        version=int(h["version"]),
+        base_version=h.get("base_version"),
+        size=len(data),
+        sha256=sha256_hex(data),
+        chunk_bytes=chunk_bytes,
+        chunks=math.ceil(len(data) / chunk_bytes),
+        published_at=time.time(),
+    )
+
+
 def publish_bundle(
     data: bytes,
     prefix: str,
     *,
+    snapshot: bytes | None = None,
     host: str = "localhost",
     port: int = 1883,
     connection: MqttConnection | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     timeout: float = 30.0,
 ) -> Manifest:
-    """Publish a bundle (retained, QoS 1, in chunks) under `prefix`; returns the manifest sent.
+    """Publish a bundle (retained, QoS 1, in chunks) under `prefix`; returns its manifest.
+
+    A delta goes with `snapshot`, the full bundle of the same version (``watchlist publish --keys``
+    signs it), published right after it on the full slot: a unit that missed a delta, or cannot
+    apply one, then catches up from the snapshot. A delta alone, or a bundle older than the one
+    retained on its slot, raises PublishError before anything is sent: either would leave units
+    behind with no way forward.
 
     `connection`: the broker, credentials and TLS (default: plain MQTT to `host`:`port`). A broker
     that refuses the connection or a topic raises PublishError at once, naming the cause.
+
+    Example::
+
+        publish_bundle(Path("v12.cpwl").read_bytes(), "checkpoint/v1/site-1/watchlist",
+                       snapshot=Path("v12-full.cpwl").read_bytes(), host="broker.hq")
     """
-    if data[:8] == KEYSET_MAGIC:
-        raise PublishError("that is a key set, not a bundle: publish it with publish_keyset")
-    h = peek(data)
-    slot = h["kind"]
-    if slot not in SLOTS:
-        raise PublishError(f"bundle kind {slot!r} is neither full nor delta")
-    chunks = math.ceil(len(data) / chunk_bytes)
-    manifest = Manifest(
-        kind=slot,
-        version=int(h["version"]),
-        base_version=h.get("base_version"),
-        size=len(data),
-        sha256=sha256_hex(data),
-        chunk_bytes=chunk_bytes,
-        chunks=chunks,
-        published_at=time.time(),
-    )
+    manifest = _manifest(data, chunk_bytes)
+    bundles = [(manifest, data)]
+    if manifest.kind == "delta":
+        if snapshot is None:
+            raise PublishError(
+                f"delta version {manifest.version} needs the full snapshot of version {manifest.version} with it: "
+                "published alone it leaves the retained full snapshot behind, and a unit that missed a delta "
+                "stays on its old list (`watchlist publish --keys DIR` signs the snapshot from the register)"
+            )
+        full = _manifest(snapshot, chunk_bytes)
+        if full.kind != "full" or full.version != manifest.version:
+            raise PublishError(
+                f"the snapshot given is a {full.kind} bundle version {full.version}, not the full bundle of "
+                f"version {manifest.version}"
+            )
+        # The delta first: units in step see its manifest before the (much larger) snapshot's and
+        # take the delta; once applied, the snapshot of the same version is not newer and is skipped.
+        bundles.append((full, snapshot))
+    elif snapshot is not None:
+        raise PublishError("a snapshot goes with a delta only; a full bundle is its own snapshot")
     conn = _Connection(_connection(connection, host, port), timeout)
     try:
-        previous = None
-        raw = conn.retained(manifest_topic(prefix, slot))
-        if raw:
+        retained = conn.retained([manifest_topic(prefix, m.kind) for m, _ in bundles])
+        previous: dict[str, Manifest] = {}
+        for topic, raw in retained.items():
             try:
-                previous = Manifest.from_bytes(raw)
+                previous[topic] = Manifest.from_bytes(raw)
             except (ValueError, ArithmeticError):  # a size of 10**400 overflows the chunk arithmetic
-                log.warning("the retained manifest on %s is not valid; replacing it", manifest_topic(prefix, slot))
-        mv = memoryview(data)
-        for i in range(chunks):
-            conn.publish(
-                chunk_topic(prefix, slot, manifest.version, i), bytes(mv[i * chunk_bytes : (i + 1) * chunk_bytes])
-            )
-        conn.publish(manifest_topic(prefix, slot), manifest.to_bytes())
-        if previous is not None and previous.version != manifest.version:
-            for i in range(previous.chunks):
-                conn.publish(chunk_topic(prefix, slot, previous.version, i), b"")
+                log.warning("the retained manifest on %s is not valid; replacing it", topic)
+        for m, _ in bundles:
+            old = previous.get(manifest_topic(prefix, m.kind))
+            if old is not None and old.version > m.version:
+                raise PublishError(
+                    f"{manifest_topic(prefix, m.kind)} already announces version {old.version}, newer than "
+                    f"this version {m.version}: units would ignore it (publish the latest release instead)"
+                )
+        for m, payload in bundles:
+            _send(conn, prefix, m, payload, previous.get(manifest_topic(prefix, m.kind)))
     finally:
         conn.close()
-    log.info(
-        "published %s bundle version %d (%d bytes, %d chunks) under %s",
-        slot,
-        manifest.version,
-        len(data),
-        chunks,
-        prefix,
-    )
     return manifest
+
+
+def _send(conn: _Connection, prefix: str, m: Manifest, data: bytes, previous: Manifest | None) -> None:
+    """Chunks first, the manifest last (a unit that sees it finds its chunks); then clear the
+    previous version's chunks."""
+    mv = memoryview(data)
+    for i in range(m.chunks):
+        conn.publish(chunk_topic(prefix, m.kind, m.version, i), bytes(mv[i * m.chunk_bytes : (i + 1) * m.chunk_bytes]))
+    conn.publish(manifest_topic(prefix, m.kind), m.to_bytes())
+    if previous is not None and previous.version != m.version:
+        for i in range(previous.chunks):
+            conn.publish(chunk_topic(prefix, m.kind, previous.version, i), b"")
+    log.info(
+        "published %s bundle version %d (%d bytes, %d chunks) under %s", m.kind, m.version, m.size, m.chunks, prefix
+    )
 
 
 def publish_keyset(

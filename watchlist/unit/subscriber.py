@@ -16,6 +16,13 @@ another waits replaces it); a burst of manifests queues one re-evaluation. Every
 counted in `status()["dropped"]`, which the unit's heartbeat carries, and logged at WARNING at most
 once a minute per kind. A refused key set or announced bundle is stored in the list's events once
 per reason every `rejection_record_interval_s`; the rest are counted, not written.
+
+The unit never waits for ever on one announcement: a download that gets no chunk for
+`download_stall_s` while connected is given up (and tried again after a reconnect, or when a new
+manifest comes), a full bundle newer than the delta on offer is taken instead of the delta, and a
+delta that cannot be applied leaves the full snapshot to bring the unit forward. While the unit
+holds an older version than announced, `status()["behind"]` says which, why, and since when, and
+the log says so once per reason.
 """
 
 from __future__ import annotations
@@ -54,6 +61,9 @@ class _Assembly:
     slot: str
     manifest: Manifest
     chunks: dict[int, bytes] = field(default_factory=dict)
+    # When the last chunk came (or the download started, or the link came back): a download that
+    # makes no progress for download_stall_s is given up.
+    progress_at: float = field(default_factory=time.monotonic)
 
     @property
     def topic(self) -> str:
@@ -67,6 +77,15 @@ class _Assembly:
         data = b"".join(self.chunks[i] for i in range(self.manifest.chunks))
         self.chunks.clear()
         return data
+
+
+@dataclass(frozen=True)
+class _GivenUp:
+    """An announcement the unit stopped trying to download, and why (for the log and status)."""
+
+    manifest: Manifest
+    why: str
+    retry_on_reconnect: bool = False
 
 
 class _FailedDigests:
@@ -116,6 +135,7 @@ class WatchlistSubscriber:
         tick_interval_s: float = 30.0,
         silence_warning_s: float = 60.0,
         rejection_record_interval_s: float = 600.0,
+        download_stall_s: float = 30.0,
     ) -> None:
         self.watchlist = watchlist
         self.prefix = topic
@@ -123,6 +143,9 @@ class WatchlistSubscriber:
         self.host, self.port = self.connection.host, self.connection.port
         self.tick_interval_s = tick_interval_s
         self.silence_warning_s = silence_warning_s
+        # Retained chunks follow the subscription at once, and 30 s is 30 one-MiB chunks even at
+        # 1 MB/s: a download idle that long while connected is waiting for chunks that are not there.
+        self.download_stall_s = download_stall_s
         # A clean session: everything this reader needs is retained, and a kept session would make the
         # broker queue every chunk of every publication while the unit is off.
         self.link = MqttLink(
@@ -139,8 +162,11 @@ class WatchlistSubscriber:
         self._manifests: dict[str, Manifest] = {}
         self._assembly: _Assembly | None = None
         self._failed = _FailedDigests()  # sha256 of bundles already refused: not fetched again
-        # Manifests whose chunks assembled to another digest: not fetched again until a new manifest comes.
-        self._mismatched: dict[str, Manifest] = {}
+        # Per slot, the announcement given up and why: chunks that assembled to another digest, a
+        # refusal, an oversized announcement (not fetched again until a new manifest comes), or a
+        # stalled download (retry_on_reconnect: a new connection brings the retained chunks again).
+        self._given_up: dict[str, _GivenUp] = {}
+        self._behind: dict[str, Any] | None = None
         # Unbounded as a container; bounded by what goes in: one pending key set and one pending
         # re-evaluation at most (see _dispatch), one finished download, wait_idle's markers.
         self._work: queue.Queue[tuple[str, Any]] = queue.Queue()
@@ -207,6 +233,7 @@ class WatchlistSubscriber:
                     "chunks": a.manifest.chunks,
                     "received": a.have,
                 },
+                "behind": None if self._behind is None else dict(self._behind),
                 "downloads": self.downloads,
                 "fetches": self.fetches,
                 "received": dict(self.received),
@@ -220,10 +247,17 @@ class WatchlistSubscriber:
     def _on_connect(self, _session_present: bool, _properties: Any) -> None:
         self._connected_at = time.monotonic()
         self._silence_reported = False
-        topics = [manifest_topic(self.prefix, s) for s in SLOTS] + [keyset_topic(self.prefix)]
+        # The delta's manifest first: the broker sends retained messages in the order subscribed, so a
+        # unit in step sees the delta before the full snapshot of the same version and never starts
+        # downloading the (much larger) snapshot.
+        topics = [manifest_topic(self.prefix, s) for s in ("delta", "full")] + [keyset_topic(self.prefix)]
         with self._lock:
             if self._assembly is not None:
                 topics.append(self.prefix + self._assembly.topic)
+                self._assembly.progress_at = time.monotonic()  # no chunk could come while the link was down
+            for slot, g in list(self._given_up.items()):
+                if g.retry_on_reconnect:
+                    del self._given_up[slot]
         self._subscribe(topics)
         log.info("watchlist: listening on %s/# at %s:%d", self.prefix, self.host, self.port)
 
@@ -375,6 +409,7 @@ class WatchlistSubscriber:
             else:
                 bad = None
                 a.chunks[i] = payload
+                a.progress_at = time.monotonic()
                 if a.have == a.manifest.chunks:
                     done, self._assembly = a, None
         if bad is not None:
@@ -386,21 +421,24 @@ class WatchlistSubscriber:
     # ---- decisions and work (worker thread) ---------------------------------------------------
 
     def _evaluate(self) -> None:
-        """Start fetching the bundle that moves this unit forward, if one is announced."""
+        """Start fetching the bundle that moves this unit forward, if one is announced: the delta on
+        the applied version, unless a newer full bundle is announced (a stuck or stale delta must
+        not hold the unit back from it); else a full bundle newer than the applied version."""
         applied = self.watchlist.version
         limit = self.watchlist.config.max_bundle_bytes
         with self._lock:
             delta, full = self._manifests.get("delta"), self._manifests.get("full")
-            want: Manifest | None = None
-            if delta and delta.base_version == applied and delta.version > applied and self._worth_fetching(delta):
-                want = delta
-            elif full and full.version > applied and self._worth_fetching(full):
-                want = full
+            if not (delta and delta.base_version == applied and delta.version > applied and self._worth(delta)):
+                delta = None
+            if not (full and full.version > applied and self._worth(full)):
+                full = None
+            want = delta if delta is not None and (full is None or delta.version >= full.version) else full
             a = self._assembly
             if want is None or (a is not None and a.manifest == want):
                 return
             if want.size > limit:
                 self._failed.add(want.sha256)
+                self._given_up[want.kind] = _GivenUp(want, f"is {want.size} bytes, over max_bundle_bytes ({limit})")
                 oversized = want
             else:
                 oversized = None
@@ -427,8 +465,26 @@ class WatchlistSubscriber:
                 want.chunks,
             )
 
-    def _worth_fetching(self, m: Manifest) -> bool:
-        return m.sha256 not in self._failed and self._mismatched.get(m.kind) != m
+    def _worth(self, m: Manifest) -> bool:
+        given_up = self._given_up.get(m.kind)
+        return m.sha256 not in self._failed and (given_up is None or given_up.manifest != m)
+
+    def _check_stall(self) -> None:
+        """Give up a download that got no chunk for download_stall_s while connected (its chunks
+        are not on the broker: lost, or never published), so that another bundle can move the unit."""
+        with self._lock:
+            a = self._assembly
+            if a is None or not self.connected or time.monotonic() - a.progress_at < self.download_stall_s:
+                return
+            self._assembly = None
+            why = (
+                f"stalled: {a.have} of {a.manifest.chunks} chunks came, then none for {self.download_stall_s:g}s "
+                "(they are not on the broker; HQ must publish it again)"
+            )
+            self._given_up[a.slot] = _GivenUp(a.manifest, why, retry_on_reconnect=True)
+        self.client.unsubscribe(self.prefix + a.topic)
+        log.warning("watchlist: the download of %s bundle version %d %s", a.slot, a.manifest.version, why)
+        self._evaluate()
 
     def _apply(self, a: _Assembly) -> None:
         m = a.manifest
@@ -439,7 +495,7 @@ class WatchlistSubscriber:
             # progress, or a bad publisher). Fetching again would give the same bytes: wait for the
             # next manifest, which replaces this one.
             with self._lock:
-                self._mismatched[m.kind] = m
+                self._given_up[m.kind] = _GivenUp(m, "assembled to another digest than its manifest announces")
             log.warning(
                 "watchlist: %s bundle %d assembled with another digest than its manifest announces; "
                 "not fetching it again until a new manifest is published",
@@ -450,11 +506,65 @@ class WatchlistSubscriber:
         self.downloads += 1
         try:
             self.watchlist.offer(data, source=source)
-        except BundleRejected:
+        except BundleRejected as exc:
             self._failed.add(m.sha256)  # already logged and recorded by Watchlist
-        except Exception:
+            with self._lock:
+                self._given_up[m.kind] = _GivenUp(m, f"was refused ({exc.reason}): {exc.message}")
+        except Exception as exc:
             log.exception("watchlist: applying %s bundle %d failed; keeping the current list", a.slot, m.version)
             self._failed.add(m.sha256)
+            with self._lock:
+                self._given_up[m.kind] = _GivenUp(m, f"failed to apply: {type(exc).__name__}: {exc}")
+
+    def _why_behind(self, applied: int) -> tuple[str, bool]:
+        """Why the unit holds `applied` while a newer version is announced (each slot's story), and
+        whether it is stuck (False: a download is under way)."""
+        with self._lock:
+            a = self._assembly
+            if a is not None:
+                return f"downloading the {a.slot} bundle version {a.manifest.version}", False
+            parts = []
+            for slot in SLOTS:
+                m, g = self._manifests.get(slot), self._given_up.get(slot)
+                if m is None:
+                    parts.append(f"no {slot} bundle is announced")
+                elif g is not None and g.manifest == m:
+                    parts.append(f"the {slot} bundle version {m.version} {g.why}")
+                elif m.sha256 in self._failed:
+                    parts.append(f"the {slot} bundle version {m.version} was refused before")
+                elif m.version <= applied:
+                    parts.append(f"the {slot} bundle announced is version {m.version}, not newer")
+                elif slot == "delta" and m.base_version != applied:
+                    parts.append(f"the delta version {m.version} applies to version {m.base_version}, not to this one")
+            return "; ".join(parts), True
+
+    def _update_behind(self) -> None:
+        """Keep status()["behind"] true: the version held, the newest announced, why the unit is
+        not on it and since when; log a WARNING when the unit is stuck (once per reason), INFO when
+        it has caught up."""
+        applied = self.watchlist.version
+        with self._lock:
+            announced = max((m.version for m in self._manifests.values()), default=0)
+        before = self._behind
+        if announced <= applied:
+            if before is not None:
+                log.info("watchlist: caught up: version %d, the newest announced", applied)
+            with self._lock:
+                self._behind = None
+            return
+        reason, stuck = self._why_behind(applied)
+        changed = before is None or before["reason"] != reason or before["version"] != applied
+        with self._lock:
+            self._behind = {
+                "version": applied,
+                "announced": announced,
+                "reason": reason,
+                "since": before["since"] if before is not None else round(time.time(), 3),
+            }
+        if changed and stuck:
+            log.warning(
+                "watchlist: behind: holding version %d while version %d is announced: %s", applied, announced, reason
+            )
 
     def _keyset(self) -> None:
         with self._lock:
@@ -476,15 +586,19 @@ class WatchlistSubscriber:
             pass  # logged and recorded by Watchlist
 
     def _run(self) -> None:
+        # Wake often enough to notice a stalled download in time; the list's own checks keep their pace.
+        poll = min(self.tick_interval_s, self.download_stall_s / 4)
+        next_tick = time.monotonic() + self.tick_interval_s
         while not self._stop.is_set():
             try:
-                kind, item = self._work.get(timeout=self.tick_interval_s)
+                kind, item = self._work.get(timeout=poll)
             except queue.Empty:
-                kind, item = "tick", None
+                kind, item = "idle", None
             try:
                 if kind == "stop":
                     return
                 if kind == "caught_up":
+                    self._update_behind()
                     item.set()
                     continue
                 if kind == "evaluate":
@@ -496,7 +610,13 @@ class WatchlistSubscriber:
                     self._evaluate()
                 elif kind == "keyset":
                     self._keyset()
+                else:  # idle: a list applied from a file meanwhile may make an announced delta fit
+                    self._evaluate()
+                self._check_stall()
                 self._check_silence()
-                self.watchlist.tick()
+                if kind != "idle" or time.monotonic() >= next_tick:
+                    self.watchlist.tick()
+                    next_tick = time.monotonic() + self.tick_interval_s
+                self._update_behind()
             except Exception:
                 log.exception("watchlist: the sync worker hit an error handling %s; continuing", kind)
