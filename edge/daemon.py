@@ -311,7 +311,8 @@ class Daemon:
     def warnings(self) -> list[str]:
         """What the unit should not be running like: a pipeline thread dead or hung; an int8 embedder
         that failed its check on this CPU (running float32 instead); an outbox that cannot write (disk
-        full, file not writable) or holds hits the centre refused; no watchlist, an expired one, or one it cannot match with (made with
+        full, file not writable) or holds hits the centre refused; a list update it cannot take (behind
+        HQ's announced version); no watchlist, an expired one, or one it cannot match with (made with
         another model or embedding size)."""
         found = self.pipeline.problems(_HUNG_AFTER_S) if self.pipeline is not None else []
         fallback = getattr(self.engine, "precision_fallback", None)
@@ -319,6 +320,12 @@ class Daemon:
             found.append(fallback)
         if self.reporter is not None:
             found += [t for t in (self.reporter.outbox.problem, self.reporter.outbox.refusal) if t]
+        behind = self.subscriber.status().get("behind") if self.subscriber is not None else None
+        if behind and behind.get("stuck"):
+            found.append(
+                f"watchlist: holding version {behind['version']} while HQ announces version {behind['announced']}: "
+                f"{behind['reason']}"
+            )
         if self.watchlist is None:
             return found
         wl = self.watchlist.status()

@@ -38,6 +38,7 @@ SMOKE = {
     "cpu_agreement": "--data {lag} --limit 2 --out {tmp}/answers.npz --against {tmp}/answers.npz --json {json}",
     "detector": "--data {data} --limit 2 --repeats 1 --mtcnn-only --json {json}",
     "detector --stream": "--data {data} --stream 1 --json {json}",
+    "ensemble_weights": "--data {lag} --half a --config bench/configs/ensemble.toml --step 0.5 --splits 2 --json {json}",
     "fit_box_mapping": "--data {lag} --json {json}",
     "fleet": "--units 5 --minutes 0.05 --heartbeat-s 1 --hits-per-unit-hour 3600 --db {tmp}/fleet.sqlite --json {json}",
     "int8_accuracy": "--data {lag} --limit 4 --json {json}",

@@ -560,6 +560,8 @@ class WatchlistSubscriber:
                 "announced": announced,
                 "reason": reason,
                 "since": before["since"] if before is not None else round(time.time(), 3),
+                # False while the newer version is on its way (downloading): not yet worth a warning.
+                "stuck": stuck,
             }
         if changed and stuck:
             log.warning(
