@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 import threading
 
-from edge.analysis import CameraStats
+from edge.stats import CameraStats
 
 ROUNDS = 20000
 
