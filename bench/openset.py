@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.lag import DEFAULT_DATA, Photo, list_photos, require_data  # noqa: E402
 from bench.machine import describe_machine, machine_summary  # noqa: E402
-from edge.analysis import MatchingConfig  # noqa: E402
+from edge.decision import DecisionConfig  # noqa: E402
 
 FPIRS = (0.01, 0.03, 0.1)
 SCALING = (0, 1_000, 10_000, 100_000)
@@ -651,7 +651,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--second-look",
         type=float,
-        default=MatchingConfig().second_look_fpir,
+        default=DecisionConfig().second_look_fpir,
         help="the unit's [matching] second_look_fpir: faces above the calibrated threshold for this FPIR are "
         "flip-averaged (default: the unit's default; 0: off)",
     )

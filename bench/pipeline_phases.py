@@ -70,20 +70,21 @@ def _with_distractors(matcher: Any, plan: dict[str, Any]) -> Any:
 
 
 def _variant(name: str, gating: dict[str, str] | None = None) -> tuple[Any, Any]:
-    """(MatchingConfig, AnalysisConfig) of a variant: "after" the unit as it is, "before" as it was
+    """(DecisionConfig, AnalysisConfig) of a variant: "after" the unit as it is, "before" as it was
     (position-only tracks, any one face decides; testing.gate.LEGACY_*); `gating`: [analysis.gating]
     settings other than the defaults (edge.regions)."""
-    from edge.analysis import AnalysisConfig, MatchingConfig
+    from edge.analysis import AnalysisConfig
+    from edge.decision import DecisionConfig
     from edge.regions import GatingConfig
     from edge.tracker import TrackerConfig
     from testing.gate import LEGACY_MATCHING, LEGACY_TRACKER
 
     where = GatingConfig.model_validate(gating or {}, strict=False)
     if name == "before":
-        return MatchingConfig(cooldown_s=0.0, **LEGACY_MATCHING), AnalysisConfig(
+        return DecisionConfig(cooldown_s=0.0, **LEGACY_MATCHING), AnalysisConfig(
             tracker=TrackerConfig(**LEGACY_TRACKER), gating=where
         )
-    return MatchingConfig(cooldown_s=0.0), AnalysisConfig(gating=where)
+    return DecisionConfig(cooldown_s=0.0), AnalysisConfig(gating=where)
 
 
 def _gating_figures(stats: dict[str, Any]) -> dict[str, Any]:
@@ -171,7 +172,7 @@ def phase_ours(plan: dict[str, Any], work: Path, args: argparse.Namespace) -> di
 
 def phase_gate(plan: dict[str, Any], work: Path, args: argparse.Namespace) -> dict[str, Any]:
     """The gate scenario (testing/gate.py) at 5 fps, as the unit was (before) and is (after)."""
-    from edge.analysis import MatchingConfig
+    from edge.decision import DecisionConfig
     from edge.tracker import TrackerConfig
     from engines.face_engine import FaceEngine
     from matching.matcher import Matcher
@@ -199,8 +200,8 @@ def phase_gate(plan: dict[str, Any], work: Path, args: argparse.Namespace) -> di
         wl.close()
         part: dict[str, Any] = {"scene": scene.plan()}
         for name, matching, tracker in (
-            ("before", MatchingConfig(**LEGACY_MATCHING), TrackerConfig(**LEGACY_TRACKER)),
-            ("after", MatchingConfig(), TrackerConfig()),
+            ("before", DecisionConfig(**LEGACY_MATCHING), TrackerConfig(**LEGACY_TRACKER)),
+            ("after", DecisionConfig(), TrackerConfig()),
         ):
             result, pipe = run_gate_clip(engine, scene, matcher, matching, tracker)
             result.update(_gating_figures(pipe.stats()["gate"]))
@@ -277,9 +278,10 @@ def _live(
     source: str,
     cameras: int = LIVE_CAMERAS,
 ) -> dict[str, Any]:
-    from edge.analysis import AnalysisConfig, MatchingConfig
+    from edge.analysis import AnalysisConfig
     from edge.camera.capture import CameraReader
     from edge.camera.config import CaptureConfig
+    from edge.decision import DecisionConfig
     from edge.pipeline import CameraSpec, Pipeline
     from edge.sinks import MemorySink
     from engines.face_engine import FaceEngine
@@ -299,7 +301,7 @@ def _live(
         engine=engine,
         matcher=matcher,
         sinks=[counted],
-        matching=MatchingConfig(cooldown_s=0.0),
+        matching=DecisionConfig(cooldown_s=0.0),
         analysis=AnalysisConfig(detect_workers=detect_workers),
     )
     for r in readers:

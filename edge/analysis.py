@@ -1,7 +1,8 @@
 """One camera's analysis: detect, judge quality, track, and decide which faces to embed.
 
-Its config tables (``[matching]``, ``[analysis]``) sit beside it. The threads that call it are in
-edge.pipeline; this module holds no threads of its own.
+Its config table ``[analysis]`` sits beside it; the embed policy reads ``[matching]``
+(edge.decision.DecisionConfig). The threads that call it are in edge.pipeline; this module holds
+no threads of its own.
 """
 
 from __future__ import annotations
@@ -10,81 +11,20 @@ import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from pydantic import Field
 
 from common.config import StrictModel
+from edge.decision import Decision, DecisionConfig
+from edge.faces import Candidate, EmbedReason, EmbedRequest, Evidence
 from edge.frame import Frame
-from edge.hits import CropConfig
 from edge.regions import GatingConfig, RegionPlanner, detect_in_regions, followed_boxes
 from edge.stats import CameraStats
-from edge.tracker import Observation, Tracker, TrackerConfig
+from edge.tracker import Observation, Track, Tracker, TrackerConfig
 
 log = logging.getLogger(__name__)
-
-
-class MatchingConfig(StrictModel):
-    """Which faces are embedded and when a match becomes a hit (``[matching]`` in the unit config)."""
-
-    threshold: float | None = Field(
-        None,
-        gt=-1.0,
-        lt=1.0,
-        description="cosine similarity a face needs to match a person; per-person overrides come from the "
-        "watchlist; unset: the watchlist's default",
-    )
-    cooldown_s: float = Field(60.0, ge=0.0, description="no second hit for a person on a camera within this time")
-    min_quality: float = Field(
-        0.0, ge=0.0, description="least face quality score (besides passing the engine's quality checks) to embed"
-    )
-    max_embeds_per_track: int = Field(3, ge=1, le=100, description="embeddings per track at most")
-    reembed_min_gain: float = Field(
-        0.05, ge=0.0, description="quality a later face must gain over the last embedded one to be embedded too"
-    )
-    reembed_interval_s: float = Field(0.5, ge=0.0, description="least time between two embeddings of one track")
-    same_person: float | None = Field(
-        None,
-        gt=-1.0,
-        lt=1.0,
-        description="cosine below which a track's new face is taken for another person and the track is split; "
-        "unset: the match threshold in force (the model's level for 'same person')",
-    )
-    recheck_interval_s: float = Field(
-        2.0, gt=0.0, description="a track that matched or used its budget is embedded again this often while it stays"
-    )
-    max_rechecks_per_track: int = Field(
-        30, ge=0, le=10000, description="such re-check embeddings per track at most (0: never re-check)"
-    )
-    decision: Literal["track", "face"] = Field(
-        "track",
-        description="track: a hit needs the mean of the track's best faces above threshold, or one face above a "
-        "stricter level; face: any one face above threshold (the behaviour before tracks had evidence)",
-    )
-    min_track_faces: int = Field(
-        2, ge=1, le=100, description="faces a track's mean needs before it may decide alone (decision = track)"
-    )
-    single_face_strictness: float = Field(
-        0.25,
-        ge=0.0,
-        le=1.0,
-        description="one face alone decides when its score reaches threshold + this share of (1 - threshold)",
-    )
-    aggregate_faces: int = Field(4, ge=1, le=100, description="best-quality faces of a track averaged into its probe")
-    second_look_fpir: float = Field(
-        0.2,
-        ge=0.0,
-        lt=1.0,
-        description="a face whose best score comes within the level that would alert this share of strangers' "
-        "faces (at this list's size, from the model's calibration) is embedded again with its mirror image and "
-        "judged on both; 0: never",
-    )
-    crop: CropConfig = Field(default_factory=CropConfig)
-
-    def strict_threshold(self, threshold: float) -> float:
-        """The score one face needs to decide alone, for a person whose threshold is `threshold`."""
-        return threshold + self.single_face_strictness * (1.0 - threshold)
 
 
 class AnalysisConfig(StrictModel):
@@ -116,36 +56,6 @@ class FaceEngineLike(Protocol):
     def embed(self, items: list[tuple[np.ndarray, Any]], *, look_again: Any = None) -> np.ndarray: ...
 
 
-@dataclass(frozen=True)
-class Candidate:
-    """A detected face kept by a track: the frame it is in and the engine's detection."""
-
-    frame: Frame
-    detection: Any
-    quality: float
-    rejected: str = ""  # why the face may not be embedded ("" when it may)
-
-
-@dataclass(frozen=True)
-class EmbedRequest:
-    """A track's face sent to the embedder, and why this face (first, better, re-check ...)."""
-
-    camera_id: str
-    track_id: int
-    candidate: Candidate
-    reason: str = "first"
-
-
-@dataclass(frozen=True)
-class Evidence:
-    """What a track has shown after one more embedding: its probe (the mean of its best faces) and how many."""
-
-    track_id: int  # the track the face belongs to now (a new one when it was split off)
-    faces: int
-    probe: np.ndarray  # unit length
-    split_from: int | None = None
-
-
 @dataclass
 class TrackReport:
     """A track's story, for diagnostics (``edge analyse``) and the DEBUG log: when, how often embedded, the
@@ -175,6 +85,7 @@ class _EmbedState:
     embedded_quality: float = float("-inf")
     pending: bool = False
     settled: bool = False
+    change: str | None = None  # a sign of another person the tracker saw (edge.tracker.Track.change), not yet checked
     faces: list[tuple[float, np.ndarray]] = field(default_factory=list)  # (quality, embedding), best first
     why_not: str | None = None
 
@@ -216,7 +127,7 @@ class CameraAnalyser:
         self,
         camera_id: str,
         engine: FaceEngineLike,
-        matching: MatchingConfig,
+        matching: DecisionConfig,
         tracker: TrackerConfig,
         *,
         gating: GatingConfig | None = None,
@@ -264,26 +175,29 @@ class CameraAnalyser:
         t = frame.captured_at
         requests: list[EmbedRequest] = []
         with self._lock:
-            tracks = self.tracker.update(observations, t)
-            ended = [tr.id for tr in self.tracker.ended]
-            for tr in self.tracker.ended:
+            update = self.tracker.update(observations, t)
+            ended = [tr.id for tr in update.ended]
+            for tr in update.ended:
                 self._finish(tr.id, tr.last_seen)
-            for tr in tracks:
+            for tr in update.live:
+                st = self._state.get(tr.id)
+                if st is not None and tr.change is not None:
+                    st.change = tr.change  # checked when the policy allows, maybe frames later
                 if tr.last_seen != t:
                     continue
-                st = self._state.get(tr.id)
                 if st is None:
                     st = self._state[tr.id] = _EmbedState(
                         TrackReport(self.camera_id, tr.id, tr.first_seen, t, split_from=tr.split_from)
                     )
                 st.report.last_seen = t
-                obs, reason = self._plan(tr, st, t)
-                if obs is None:
-                    self._note_not_embedded(tr.id, st, reason)
+                plan = self._plan(tr, st, t)
+                if isinstance(plan, str):
+                    self._note_not_embedded(tr.id, st, plan)
                     continue
+                obs, reason, detail = plan
                 st.pending = True
                 st.why_not = None
-                requests.append(EmbedRequest(self.camera_id, tr.id, obs.data, reason))
+                requests.append(EmbedRequest(self.camera_id, tr.id, obs.data, reason, detail))
             self.stats.count(faces=len(detections))
         return requests, ended
 
@@ -310,50 +224,51 @@ class CameraAnalyser:
             )
         return detect_in_regions(self.engine.detect, frame.image, plan)
 
-    def _plan(self, tr: Any, st: _EmbedState, t: float) -> tuple[Observation | None, str]:
-        """Which face of `tr` to embed now and why, or (None, why not)."""
+    def _plan(self, tr: Track, st: _EmbedState, t: float) -> tuple[Observation, EmbedReason, str] | str:
+        """Which face of `tr` to embed now, why and what the tracker saw (for a re-check after a change);
+        or, as text, why none."""
         m = self.matching
         if st.pending:
-            return None, "waiting for the embedder"
+            return "waiting for the embedder"
         latest = tr.last if tr.last.usable else None
         if latest is None and not tr.best:
-            return None, _rejected(tr.last)
+            return _rejected(tr.last)
         if st.embeds == 0:
-            tr.change = None  # nothing embedded yet to compare with: the first face is checked anyway
-            return tr.best_observation, "first face"
-        if tr.change is not None:
+            st.change = None  # nothing embedded yet to compare with: the first face is checked anyway
+            return tr.best[0], EmbedReason.FIRST, ""
+        if st.change is not None:
             # A flag that keeps coming (flicker, a face the detector keeps losing) must not cost an
             # embedding per frame: the flag waits for reembed_interval_s and counts as a re-check.
             if st.rechecks >= m.max_rechecks_per_track:
-                tr.change = None
-                return None, "re-check budget used"
+                st.change = None
+                return "re-check budget used"
             if t - st.last_embed_t < m.reembed_interval_s:
-                return None, f"embedded lately (check after {tr.change} waits)"
+                return f"embedded lately (check after {st.change} waits)"
             if latest is None:
-                return None, f"{_rejected(tr.last)} (after {tr.change})"
+                return f"{_rejected(tr.last)} (after {st.change})"
             # The face now may be someone else's: check it, not the best face of whoever was here before.
-            change, tr.change = tr.change, None
-            return latest, f"re-check: {change}"
+            change, st.change = st.change, None
+            return latest, EmbedReason.CHANGE, change
         if st.settled or st.embeds >= m.max_embeds_per_track:
             if st.rechecks >= m.max_rechecks_per_track:
-                return None, "re-check budget used"
+                return "re-check budget used"
             if t - st.last_embed_t < m.recheck_interval_s:
-                return None, "matched" if st.settled else "budget used"
+                return "matched" if st.settled else "budget used"
             if latest is None:
-                return None, _rejected(tr.last)
-            return latest, "re-check: periodic"
+                return _rejected(tr.last)
+            return latest, EmbedReason.PERIODIC, ""
         if t - st.last_embed_t < m.reembed_interval_s:
-            return None, "embedded lately"
+            return "embedded lately"
         best = tr.best_observation
         if m.decision == "track" and len(st.faces) < m.min_track_faces:
             # The track's mean needs a few faces before it may decide: take the face now (the best one
             # may be the face already embedded).
             if latest is None:
-                return None, _rejected(tr.last)
-            return latest, "more faces for the track's mean"
+                return _rejected(tr.last)
+            return latest, EmbedReason.MORE_FACES, ""
         if best is not None and best.quality >= st.embedded_quality + m.reembed_min_gain:
-            return best, "better face"
-        return None, "no better face"
+            return best, EmbedReason.BETTER, ""
+        return "no better face"
 
     def _note_not_embedded(self, track_id: int, st: _EmbedState, why: str) -> None:
         st.report.not_embedded[why] = st.report.not_embedded.get(why, 0) + 1
@@ -413,7 +328,7 @@ class CameraAnalyser:
                             self.camera_id,
                             req.track_id,
                             t,
-                            req.reason,
+                            req.why,
                             similarity,
                             same_person,
                             new.id,
@@ -424,7 +339,7 @@ class CameraAnalyser:
                         )
             if split_from is not None:
                 self.stats.count(splits=1)
-            if req.reason.startswith("re-check") and st.embeds > 0 and split_from is None:
+            if req.reason.is_recheck and st.embeds > 0 and split_from is None:
                 st.rechecks += 1
                 self.stats.count(rechecks=1)
             else:
@@ -438,8 +353,9 @@ class CameraAnalyser:
             probe = _mean_unit([e for _, e in st.faces])
             return Evidence(track_id, len(st.faces), probe, split_from)
 
-    def decided(self, track_id: int, best: Any, decision: str, hit: bool) -> None:
-        """Record the decision on a track's latest evidence (`best`: the Match of the best person, hit or not)."""
+    def decided(self, track_id: int, decision: Decision) -> None:
+        """Record the decision on a track's latest evidence in its state and its story."""
+        hit, best = decision.match is not None, decision.best
         with self._lock:
             st = self._state.get(track_id)
             if st is None:
@@ -450,7 +366,7 @@ class CameraAnalyser:
                 return  # the track's story is its hit
             if best is not None and (hit or rep.best_score is None or best.score > rep.best_score):
                 rep.best_person, rep.best_score, rep.threshold = best.person_id, float(best.score), best.threshold
-            rep.decision, rep.hit = decision, hit
+            rep.decision, rep.hit = decision.text, hit
 
     def not_embedded(self, req: EmbedRequest, why: str = "embed queue full") -> None:
         """A request was dropped before embedding; the track may ask again."""
@@ -461,7 +377,7 @@ class CameraAnalyser:
                 self._note_not_embedded(req.track_id, st, why)
 
 
-def _why_unusable(quality: Any, score: float, matching: MatchingConfig) -> str:
+def _why_unusable(quality: Any, score: float, matching: DecisionConfig) -> str:
     # The gate's failures name the measured value and the limit; an engine that gives only reason codes
     # is shown those.
     failures = tuple(getattr(quality, "failures", ()) or ())

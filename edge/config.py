@@ -5,8 +5,8 @@ Each module defines the model of its own table beside its code; this module only
     [unit]            UnitSection            (here)
     [[cameras]]       CameraConfig           (edge.camera.capture.CaptureConfig + name, enabled, analysis_fps)
     [engine]          EngineConfig           (engines.config)
-    [analysis]        AnalysisConfig         (edge.pipeline; [analysis.tracker]: edge.tracker.TrackerConfig)
-    [matching]        MatchingConfig         (edge.pipeline; [matching.crop]: edge.hits.CropConfig)
+    [analysis]        AnalysisConfig         (edge.analysis; [analysis.tracker]: edge.tracker.TrackerConfig)
+    [matching]        DecisionConfig         (edge.decision; [matching.crop]: edge.hits.CropConfig)
     [watchlist]       WatchlistConfig        (watchlist.unit.config)
     [mqtt]            MqttConfig             (edge.reporter; optional)
     [outbox]          OutboxConfig           (edge.outbox; used with [mqtt])
@@ -35,8 +35,9 @@ from pydantic import (
 )
 
 from common.config import StrictModel
-from edge.analysis import AnalysisConfig, MatchingConfig
+from edge.analysis import AnalysisConfig
 from edge.camera.config import CaptureConfig
+from edge.decision import DecisionConfig
 from edge.outbox import OutboxConfig
 from edge.reporter import MqttConfig
 from edge.sinks import JsonlSinkConfig
@@ -97,7 +98,7 @@ class UnitConfig(StrictModel):
     cameras: list[CameraConfig] = Field(min_length=1)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
-    matching: MatchingConfig = Field(default_factory=MatchingConfig)
+    matching: DecisionConfig = Field(default_factory=DecisionConfig)
     watchlist: WatchlistConfig
     mqtt: MqttConfig | None = None
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)

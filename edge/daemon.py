@@ -26,8 +26,9 @@ from typing import Any
 
 from common.version import software_version
 from edge.config import CameraConfig, LoggingConfig, UnitConfig
+from edge.decision import MatcherLike
 from edge.notify import Notifier
-from edge.pipeline import CameraSpec, MatcherLike, Pipeline
+from edge.pipeline import CameraSpec, Pipeline
 from edge.sinks import HitSink, JsonlSink
 
 log = logging.getLogger(__name__)

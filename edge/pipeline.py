@@ -1,5 +1,5 @@
-"""Frames in, hits out: the threads that sample each camera, run its analysis (edge.analysis), embed
-and match in batches, and emit hits.
+"""Frames in, hits out: the threads that sample each camera, run its analysis (edge.analysis), have
+each embed batch decided (edge.decision), and emit hits.
 
 Threads and queues, data flowing one way:
 
@@ -11,8 +11,8 @@ Threads and queues, data flowing one way:
       -> detector worker(s): detect, assess quality, update the camera's tracker, choose which
          tracks to embed (their best-quality face so far; again only if a clearly better face comes)
       -> embed queue (bounded, shared by all cameras)
-      -> embedder thread: batches faces of all cameras, embeds, matches, turns matches into hits,
-         hands hits to the sinks.
+      -> embedder thread: batches faces of all cameras, has edge.decision.decide_batch embed, match and
+         decide each track, turns hits into wire Hits (edge.hits) and hands them to the sinks.
 
 Faces that match nothing are dropped in the embedder thread at once: their embedding and image
 are never stored or sent. A track's best face (a reference to its frame) is held in memory only
@@ -29,60 +29,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import numpy as np
-
-from edge.analysis import AnalysisConfig, CameraAnalyser, EmbedRequest, FaceEngineLike, MatchingConfig
+from edge.analysis import AnalysisConfig, CameraAnalyser, FaceEngineLike
+from edge.decision import DecisionConfig, MatcherLike, SecondLook, decide_batch, same_person_level
+from edge.faces import EmbedRequest
 from edge.frame import Frame
 from edge.hits import HitEmitter
 from edge.sinks import HitSink
-from matching.match import Match
 from wire.records import Hit
 
 log = logging.getLogger(__name__)
-
-
-class MatcherLike(Protocol):
-    """What the pipeline needs from matching.matcher.Matcher."""
-
-    version: int
-
-    def match(self, embeddings: np.ndarray, *, misses: bool = False) -> list[Match | None]: ...
-
-
-def decide(matching: MatchingConfig, face: Match | None, probe: Match | None, faces: int) -> tuple[Match | None, str]:
-    """Whether a track's evidence makes a hit: (the match to report, or None; the decision in words).
-
-    `face` is the best person for the newest face, `probe` for the mean of the track's best `faces`
-    faces (both given even below threshold). With ``decision = "face"`` any face at its person's
-    threshold hits. With ``"track"`` (the default) a hit needs the track's mean at threshold once it
-    holds `min_track_faces` faces, or one face at the stricter level (`strict_threshold`): one
-    face of a stranger reaches a threshold by chance far more often than the mean of several.
-    """
-    if matching.decision == "face" or faces < 1:
-        if face is not None and face.is_hit:
-            return face, f"hit: face {face.score:.4f} >= {face.threshold:.4f}"
-        return None, _miss(face)
-    if probe is not None and probe.is_hit and faces >= matching.min_track_faces:
-        return probe, f"hit: mean of {faces} faces {probe.score:.4f} >= {probe.threshold:.4f}"
-    if face is not None and face.is_hit:
-        strict = matching.strict_threshold(face.threshold)
-        if face.score >= strict:
-            return face, f"hit: one face {face.score:.4f} >= strict {strict:.4f}"
-        if faces < matching.min_track_faces:
-            return None, f"waiting: one face {face.score:.4f} >= {face.threshold:.4f}, needs {matching.min_track_faces}"
-    return None, _miss(probe if faces > 1 else face)
-
-
-def _miss(m: Match | None) -> str:
-    if m is None:
-        return "no hit: nobody on the list"
-    return f"no hit: best {m.person_id} {m.score:.4f} < {m.threshold:.4f} (short by {m.threshold - m.score:.4f})"
-
-
-def _describe(m: Match | None) -> str:
-    if m is None:
-        return "-"
-    return f"{m.person_id} {m.score:.4f}/{m.threshold:.4f} margin {m.margin:.4f}"
 
 
 class FrameSource(Protocol):
@@ -181,7 +136,7 @@ class Pipeline:
         engine: FaceEngineLike,
         matcher: MatcherLike | Callable[[], MatcherLike],
         sinks: Sequence[HitSink],
-        matching: MatchingConfig | None = None,
+        matching: DecisionConfig | None = None,
         analysis: AnalysisConfig | None = None,
         clock: Callable[[], float] = time.time,
         keep_reports: bool = False,
@@ -200,7 +155,7 @@ class Pipeline:
         self.engine = engine
         self._matcher = matcher if callable(matcher) and not hasattr(matcher, "match") else (lambda: matcher)
         self.sinks = list(sinks)
-        self.matching = matching or MatchingConfig()
+        self.matching = matching or DecisionConfig()
         self.analysis = analysis or AnalysisConfig()
         self.clock = clock
         self.emitter = HitEmitter(unit_id, self.matching.cooldown_s, self.matching.crop)
@@ -227,8 +182,9 @@ class Pipeline:
         self._beats: dict[str, float] = {}
         self._deaths: dict[str, str] = {}  # thread name -> the error it died of
         self.hits_total = 0
-        self.calibration = calibration if calibration is not None else getattr(engine, "calibration", None)
-        self._look_level: tuple[tuple[int, int, int, float], float | None] | None = None
+        self.second_look = SecondLook(
+            self.matching, calibration if calibration is not None else getattr(engine, "calibration", None)
+        )
 
     @property
     def matcher(self) -> MatcherLike:
@@ -402,43 +358,19 @@ class Pipeline:
         return self.process_batch(requests) if requests else []
 
     def process_batch(self, batch: list[EmbedRequest]) -> list[Hit]:
-        """Embed a batch of faces (any cameras), weigh each track's evidence, emit hits to the sinks; drop the
-        rest at once.
-
-        Each face is matched alone and as part of its track's probe (the mean of the track's best faces);
-        see `decide` for when that makes a hit.
-        """
+        """Embed a batch of faces (any cameras), decide each track (edge.decision.decide_batch), emit hits to
+        the sinks; drop the rest at once."""
         try:
             matcher = self.matcher
-            items = [(r.candidate.frame.image, r.candidate.detection) for r in batch]
-            n = len(batch)
-            level = self.second_look_level(matcher)
-            # With a second look the plain embeddings are matched to choose the faces to look at again;
-            # the others keep that match, and only the faces looked at again are matched anew below.
-            first: list[Match | None] = []
-            again = np.zeros(n, dtype=bool)
-            if level is None:
-                embeddings = self.engine.embed(items)
-            else:
-
-                def near(plain: np.ndarray) -> np.ndarray:
-                    first.extend(matcher.match(plain, misses=True))
-                    # A person with a lower threshold of their own gets the second look from there.
-                    again[:] = [m is not None and m.score >= min(level, m.threshold) for m in first]
-                    return again.copy()
-
-                embeddings = self.engine.embed(items, look_again=near)
-            for r, looked in zip(batch, again):
-                self.analysers[r.camera_id].stats.count(second_looks=int(looked))
-            same_person = self._same_person(matcher)
-            evidence = [self.analysers[r.camera_id].embedded(r, e, same_person) for r, e in zip(batch, embeddings)]
-            redo = [i for i in range(n) if not first or again[i]]
-            # A track's probe is matched only when it holds more than the face just embedded.
-            means = [i for i, ev in enumerate(evidence) if ev.faces > 1]
-            queries = np.asarray(embeddings, dtype=np.float32)[redo]
-            if means:
-                queries = np.vstack([queries, np.stack([evidence[i].probe for i in means])])
-            found = matcher.match(queries, misses=True) if len(queries) else []
+            same_person = same_person_level(self.matching, matcher)
+            decisions = decide_batch(
+                self.matching,
+                self.engine,
+                matcher,
+                batch,
+                self.second_look.level(matcher),
+                lambda r, e: self.analysers[r.camera_id].embedded(r, e, same_person),
+            )
         except Exception as exc:
             log.warning("embedding/matching a batch of %d faces failed: %s", len(batch), exc)
             for r in batch:
@@ -446,31 +378,14 @@ class Pipeline:
                 an.stats.failed(f"{type(exc).__name__}: {exc}")
                 an.not_embedded(r, f"embedding failed: {type(exc).__name__}")
             return []
-        del embeddings, queries  # never kept beyond the live tracks: only the decision leaves this function
-        faces = list(first) if first else [None] * n
-        for k, i in enumerate(redo):
-            faces[i] = found[k]
-        probes = list(faces)
-        for k, i in enumerate(means):
-            probes[i] = found[len(redo) + k]
         hits: list[Hit] = []
-        for req, ev, face, probe in zip(batch, evidence, faces, probes):
+        for d in decisions:
+            req, match = d.request, d.decision.match
             an = self.analysers[req.camera_id]
-            an.stats.count(embedded=1)
-            match, decision = decide(self.matching, face, probe, ev.faces)
-            best = match or (probe if ev.faces > 1 else face)
-            an.decided(ev.track_id, best, decision, match is not None)
+            an.stats.count(embedded=1, second_looks=int(d.looked_again))
+            an.decided(d.track_id, d.decision)
             if log.isEnabledFor(logging.DEBUG):
-                log.debug(
-                    "camera %s track %d (%s): face %s; mean of %d %s; %s",
-                    req.camera_id,
-                    ev.track_id,
-                    req.reason,
-                    _describe(face),
-                    ev.faces,
-                    _describe(probe),
-                    decision,
-                )
+                log.debug("camera %s track %d (%s): %s", req.camera_id, d.track_id, req.why, d.describe())
             if match is None:
                 continue
             an.stats.count(matched=1)
@@ -480,7 +395,7 @@ class Pipeline:
             try:
                 hit = self.emitter.offer(
                     camera_id=req.camera_id,
-                    track_id=ev.track_id,
+                    track_id=d.track_id,
                     match=match,
                     box=_clip_box(box, frame.width, frame.height),
                     captured_at=frame.captured_at,
@@ -494,7 +409,7 @@ class Pipeline:
                     "camera %s: a hit for person %r (track %d, score %.4f, captured at %.3f) could not be made: %s: %s",
                     req.camera_id,
                     match.person_id,
-                    ev.track_id,
+                    d.track_id,
                     match.score,
                     frame.captured_at,
                     type(exc).__name__,
@@ -507,53 +422,6 @@ class Pipeline:
             an.stats.hit(self.clock() - hit.captured_at)
             hits.append(hit)
         return hits
-
-    def second_look_level(self, matcher: MatcherLike) -> float | None:
-        """The score from which a face is embedded again with its mirror image, for the list `matcher` holds:
-        the threshold that would alert ``matching.second_look_fpir`` of strangers' faces at this list's size
-        (never above the match threshold). None: no second look (turned off, no calibration, no list)."""
-        fpir = self.matching.second_look_fpir
-        threshold = self._threshold_in_force(matcher)
-        index = getattr(matcher, "index", None)
-        persons = int(getattr(index, "n_persons", 0) or 0)
-        if not fpir or self.calibration is None or threshold is None or persons < 1:
-            return None
-        templates = int(getattr(index, "n_templates", 0) or 0)
-        # What the level follows, all of it (an index's id() could be reused by the next list's).
-        key = (int(getattr(matcher, "version", 0)), persons, templates, float(threshold))
-        if self._look_level is None or self._look_level[0] != key:
-            from engines.calibration import CalibrationError
-
-            try:
-                per_person = max(1.0, templates / persons)
-                level = self.calibration.threshold_for_fpir(fpir, persons, per_person).threshold
-            except CalibrationError as exc:
-                log.warning("no second look: %s", exc)
-                level = None
-            level = None if level is None else min(float(level), float(threshold))
-            log.info(
-                "second look from score %s (%s of strangers' faces at %d persons; threshold %.4f)",
-                "-" if level is None else f"{level:.4f}",
-                f"{fpir:g}",
-                persons,
-                threshold,
-            )
-            self._look_level = (key, level)
-        return self._look_level[1]
-
-    def _same_person(self, matcher: MatcherLike) -> float | None:
-        # The match threshold is the model's calibrated level for "the same person"; faces of one
-        # track (one person, seconds apart, same camera) score well above it, so a face below it is
-        # taken for someone else. A wrong split costs one embedding; hits stay one per person and cooldown.
-        if self.matching.same_person is not None:
-            return self.matching.same_person
-        return self._threshold_in_force(matcher)
-
-    def _threshold_in_force(self, matcher: MatcherLike) -> float | None:
-        """The match threshold for a person without one of their own: the unit's, else the list's."""
-        if self.matching.threshold is not None:
-            return self.matching.threshold
-        return getattr(matcher, "default_threshold", None)
 
     def _deliver(self, hit: Hit) -> None:
         self.hits_total += 1

@@ -10,9 +10,9 @@ detection) so the caller can embed the best one.
 Position alone cannot tell one person from the next at a gate, where people step one after
 another into the same spot. So the tracker also flags cheap signs that the face it continues may
 belong to someone else -- a gap with no face, a jump in face size, a change in a small grey patch
-of the face (the observation's ``cue``) -- in ``Track.change``. It never decides on them alone:
-the caller embeds the face and, if it does not look like the track's earlier faces, calls
-``split`` to end the track and start a new one in its place.
+of the face (the observation's ``cue``) -- in ``Track.change``, for the update that saw them. It
+never decides on them alone: the caller embeds the face and, if it does not look like the track's
+earlier faces, calls ``split`` to end the track and start a new one in its place.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ class Track:
     best: list[Observation] = field(default_factory=list)
     velocity: tuple[float, float] = (0.0, 0.0)  # centre motion, pixels per second
     missed: int = 0  # analysed frames in a row without this track's face
-    change: str | None = None  # why the latest face may be someone else (gap, size, look); cleared by the caller
+    change: str | None = None  # why this update's face may be someone else (gap, size, look); None: no sign, or unseen
     split_from: int | None = None  # the track this one was split from (same place, another person)
 
     @property
@@ -95,6 +95,14 @@ class Track:
         dx, dy = self.velocity[0] * dt, self.velocity[1] * dt
         x1, y1, x2, y2 = self.box
         return (x1 + dx, y1 + dy, x2 + dx, y2 + dy)
+
+
+@dataclass(frozen=True)
+class Update:
+    """What one frame did to a camera's tracks."""
+
+    live: list[Track]  # the live tracks, oldest first
+    ended: list[Track]  # the tracks that ended in this update, or were split since the one before
 
 
 def iou(a: Box, b: Box) -> float:
@@ -124,7 +132,6 @@ class Tracker:
         self._tracks: dict[int, Track] = {}
         self._next_id = 1
         self._last_t: float | None = None
-        self.ended: list[Track] = []
         self._split_ended: list[Track] = []
 
     @property
@@ -137,20 +144,18 @@ class Tracker:
         """How many tracks this tracker has started (splits included)."""
         return self._next_id - 1
 
-    def update(self, detections: Sequence[Observation], t: float) -> list[Track]:
-        """Match this frame's detections (taken at time `t`, seconds) to tracks; return the live tracks.
-
-        Tracks that ended in this call (or were split since the last one) are in `self.ended` until
-        the next call. A detection that continues no track starts a new one.
+    def update(self, detections: Sequence[Observation], t: float) -> Update:
+        """Match this frame's detections (taken at time `t`, seconds) to tracks; return the live tracks and
+        those that ended. A detection that continues no track starts a new one.
         """
         cfg = self.config
         if self._last_t is not None and t < self._last_t:
             # Frames arrive in order per camera; a clock step backwards must not age out every track.
             t = self._last_t
         self._last_t = t
-        self.ended = self._split_ended + [tr for tr in self._tracks.values() if t - tr.last_seen > cfg.max_age_s]
+        ended = self._split_ended + [tr for tr in self._tracks.values() if t - tr.last_seen > cfg.max_age_s]
         self._split_ended = []
-        for tr in self.ended:
+        for tr in ended:
             self._tracks.pop(tr.id, None)
 
         tracks = list(self._tracks.values())
@@ -192,11 +197,12 @@ class Tracker:
 
         for tid in unmatched_tracks:
             self._tracks[tid].missed += 1
+            self._tracks[tid].change = None
         for tid, i in pairs:
             self._continue(self._tracks[tid], detections[i], t)
         for i in sorted(unmatched_dets):
             self._start(detections[i], t)
-        return self.tracks
+        return Update(self.tracks, ended)
 
     def _sizes_compatible(self, a: Box, b: Box) -> bool:
         ratio = _width(a) / _width(b)
@@ -209,8 +215,8 @@ class Tracker:
 
     def split(self, track_id: int, t: float) -> Track | None:
         """End track `track_id` and start a new one in its place from its latest face (seen at `t` or
-        later): the face there is someone else's. The old track is in `self.ended` after the next
-        `update`. Returns the new track, or None if `track_id` is no longer live."""
+        later): the face there is someone else's. The old track is in the next update's `ended`.
+        Returns the new track, or None if `track_id` is no longer live."""
         old = self._tracks.pop(track_id, None)
         if old is None:
             return None
@@ -242,9 +248,7 @@ class Tracker:
             vx, vy = (nx - ox) / dt, (ny - oy) / dt
             # Smooth the velocity: detector boxes jitter by a few pixels from frame to frame.
             tr.velocity = (0.5 * tr.velocity[0] + 0.5 * vx, 0.5 * tr.velocity[1] + 0.5 * vy)
-        change = self._change(tr, det, dt)
-        if change is not None:
-            tr.change = change
+        tr.change = self._change(tr, det, dt)
         tr.box = det.box
         tr.last_seen = t
         tr.last = det

@@ -1,13 +1,15 @@
-"""Track-level decisions (edge.pipeline.decide), the matcher's near misses, and the per-track
-embedding policy (edge.analysis.CameraAnalyser) without a face engine: why a track hits or not."""
+"""The matcher's near misses and the per-track embedding policy (edge.analysis.CameraAnalyser)
+without a face engine: why a track's face is embedded or not. The decisions on embedded faces are
+tests/test_decision.py's."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from edge.analysis import CameraAnalyser, MatchingConfig, appearance_cue
-from edge.pipeline import decide
+from edge.analysis import CameraAnalyser, appearance_cue
+from edge.decision import Decision, DecisionConfig
+from edge.faces import EmbedReason
 from edge.tracker import TrackerConfig
 from matching.match import Match
 from matching.matcher import Matcher, TemplateIndex
@@ -15,26 +17,6 @@ from matching.matcher import Matcher, TemplateIndex
 
 def m(score: float, person: str = "p1", threshold: float = 0.9) -> Match:
     return Match(person_id=person, score=score, threshold=threshold, second_score=-1.0)
-
-
-def test_track_decision_needs_the_mean_of_faces_or_one_strict_face() -> None:
-    cfg = MatchingConfig(min_track_faces=2, single_face_strictness=0.5)  # strict level: 0.95 at threshold 0.9
-    match, why = decide(cfg, m(0.92), m(0.92), faces=1)
-    assert match is None and why.startswith("waiting"), why
-    match, why = decide(cfg, m(0.96), m(0.96), faces=1)
-    assert match is not None and match.score == 0.96 and "strict" in why
-    match, why = decide(cfg, m(0.92), m(0.91), faces=2)
-    assert match is not None and match.score == 0.91 and "mean of 2" in why
-    match, why = decide(cfg, m(0.93), m(0.88), faces=3)
-    assert match is None and "short by 0.0200" in why, why
-    match, why = decide(cfg, None, None, faces=1)
-    assert match is None and "nobody" in why
-
-
-def test_face_decision_is_any_face_at_threshold() -> None:
-    cfg = MatchingConfig(decision="face")
-    assert decide(cfg, m(0.9), m(0.5), faces=3)[0] is not None
-    assert decide(cfg, m(0.89), m(0.99), faces=3)[0] is None
 
 
 def test_matcher_gives_near_misses_only_when_asked() -> None:
@@ -103,20 +85,20 @@ def _frame(t: float) -> object:
 def test_policy_splits_on_another_person_and_rechecks_settled_tracks(caplog: pytest.LogCaptureFixture) -> None:
     eng = _Engine()
     an = CameraAnalyser(
-        "cam", eng, MatchingConfig(recheck_interval_s=1.0, max_rechecks_per_track=1), TrackerConfig(), keep_reports=True
+        "cam", eng, DecisionConfig(recheck_interval_s=1.0, max_rechecks_per_track=1), TrackerConfig(), keep_reports=True
     )
     a = np.zeros(8, np.float32)
     a[0] = 1.0
     b = np.zeros(8, np.float32)
     b[1] = 1.0
     (req,), _ = an.analyse(_frame(0.0))
-    assert req.reason == "first face"
+    assert req.reason is EmbedReason.FIRST and req.why == "first face"
     ev = an.embedded(req, a, same_person=0.9)
     assert ev.faces == 1 and ev.split_from is None
-    an.decided(ev.track_id, m(0.95, "p1"), "hit: one face", True)
+    an.decided(ev.track_id, Decision(m(0.95, "p1"), m(0.95, "p1"), "hit: one face"))
     assert an.analyse(_frame(0.2))[0] == []  # matched: no embedding until the re-check is due
     (req,), _ = an.analyse(_frame(1.2))
-    assert req.reason == "re-check: periodic"
+    assert req.reason is EmbedReason.PERIODIC and req.why == "re-check: periodic"
     ev2 = an.embedded(req, b, same_person=0.9)
     assert ev2.split_from == ev.track_id and ev2.track_id != ev.track_id and ev2.faces == 1
     _, ended = an.analyse(_frame(1.4))
@@ -134,15 +116,17 @@ def test_policy_splits_on_another_person_and_rechecks_settled_tracks(caplog: pyt
 
 def test_a_gap_flags_a_check_that_waits_for_the_reembed_interval() -> None:
     eng = _Engine()
-    an = CameraAnalyser("cam", eng, MatchingConfig(reembed_interval_s=0.5), TrackerConfig(change_gap_s=0.3))
+    an = CameraAnalyser("cam", eng, DecisionConfig(reembed_interval_s=0.5), TrackerConfig(change_gap_s=0.3))
     (req,), _ = an.analyse(_frame(0.0))
-    an.decided(an.embedded(req, np.eye(8, dtype=np.float32)[0], same_person=0.9).track_id, m(0.95), "hit", True)
+    an.decided(
+        an.embedded(req, np.eye(8, dtype=np.float32)[0], same_person=0.9).track_id, Decision(m(0.95), m(0.95), "hit")
+    )
     eng.face = False
     assert an.analyse(_frame(0.2))[0] == []
     eng.face = True
     assert an.analyse(_frame(0.4))[0] == []  # the face is back after a gap, but an embedding was 0.4 s ago
     (req,), _ = an.analyse(_frame(0.6))
-    assert req.reason == "re-check: gap 0.40 s", req.reason
+    assert req.reason is EmbedReason.CHANGE and req.why == "re-check: gap 0.40 s", req.why
     ev = an.embedded(req, np.eye(8, dtype=np.float32)[0], same_person=0.9)
     assert ev.split_from is None and ev.faces == 2  # the same person: no split, one more face for the mean
     assert an.stats.rechecks == 1 and an.stats.splits == 0

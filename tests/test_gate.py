@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from edge.analysis import MatchingConfig
+from edge.decision import DecisionConfig
 from edge.frame import Frame
 from edge.pipeline import CameraSpec, Pipeline
 from edge.sinks import MemorySink
@@ -59,7 +59,7 @@ def scene_without_data(engine: Any, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 def run_file(
-    engine: Any, scene: GateScene, tmp: Path, matching: MatchingConfig, tracker: TrackerConfig | None = None
+    engine: Any, scene: GateScene, tmp: Path, matching: DecisionConfig, tracker: TrackerConfig | None = None
 ) -> tuple[dict[str, Any], Pipeline]:
     """The clip's frames at 5 fps through the pipeline, synchronously; the judged result."""
     return run_gate_clip(engine, scene, _matcher(engine, scene, tmp), matching, tracker)
@@ -73,7 +73,7 @@ def assert_every_person_checked(result: dict[str, Any], scene: GateScene) -> Non
 
 
 def test_gate_clip_every_person_checked_and_enrolled_hit_once(engine: Any, scene: GateScene, tmp_path: Path) -> None:
-    result, pipe = run_file(engine, scene, tmp_path, MatchingConfig())
+    result, pipe = run_file(engine, scene, tmp_path, DecisionConfig())
     assert_every_person_checked(result, scene)
     # Checking everyone does not mean embedding every frame: a few faces per person, re-checks included.
     assert result["embeddings"] <= 4 * result["people_shown"], result
@@ -85,7 +85,7 @@ def test_gate_clip_every_person_checked_and_enrolled_hit_once(engine: Any, scene
 
 def test_gate_clip_without_the_evaluation_data(engine: Any, scene_without_data: GateScene, tmp_path: Path) -> None:
     assert scene_without_data.source.startswith("scikit-image")
-    result, _ = run_file(engine, scene_without_data, tmp_path, MatchingConfig())
+    result, _ = run_file(engine, scene_without_data, tmp_path, DecisionConfig())
     assert_every_person_checked(result, scene_without_data)
 
 
@@ -93,7 +93,7 @@ def test_position_only_tracking_misses_the_next_person(
     engine: Any, scene_without_data: GateScene, tmp_path: Path
 ) -> None:
     # The unit as it was: no change cues, no re-checks, no splits, any face decides.
-    legacy, blind = MatchingConfig(**LEGACY_MATCHING), TrackerConfig(**LEGACY_TRACKER)
+    legacy, blind = DecisionConfig(**LEGACY_MATCHING), TrackerConfig(**LEGACY_TRACKER)
     result, _ = run_file(engine, scene_without_data, tmp_path, legacy, blind)
     assert result["enrolled_hit"] < 5 and result["unchecked"], result
 
@@ -123,7 +123,7 @@ def test_gate_over_rtsp(engine: Any, scene: GateScene, rtsp_server_factory: Any,
         engine=engine,
         matcher=_matcher(engine, scene, tmp_path),
         sinks=[sink],
-        matching=MatchingConfig(),
+        matching=DecisionConfig(),
     )
     embeds: list[float] = []
     real = pipe.process_batch

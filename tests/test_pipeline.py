@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from edge.analysis import AnalysisConfig, MatchingConfig
+from edge.analysis import AnalysisConfig
+from edge.decision import DecisionConfig
 from edge.frame import Frame
 from edge.pipeline import CameraSpec, Pipeline
 from edge.sinks import JsonlSink, JsonlSinkConfig, MemorySink
@@ -63,7 +64,7 @@ def decode(path: Path, camera_id: str, t0: float, every: int = 1) -> list[Frame]
     return frames
 
 
-def run_sync(engine: Any, matcher: Any, frames: list[Frame], matching: MatchingConfig) -> tuple[Pipeline, MemorySink]:
+def run_sync(engine: Any, matcher: Any, frames: list[Frame], matching: DecisionConfig) -> tuple[Pipeline, MemorySink]:
     sink = MemorySink()
     cams = sorted({f.camera_id for f in frames})
     pipe = Pipeline(
@@ -92,14 +93,14 @@ def test_enrolled_person_hit_once_per_appearance_and_nobody_else(
     matcher = matcher_for(*watchlist)
     t0 = 1_700_000_000.0
     frames = decode(clip, "cam1", t0, every=2)  # 5 analysed frames per second
-    pipe, sink = run_sync(engine, matcher, frames, MatchingConfig(cooldown_s=1.0))
+    pipe, sink = run_sync(engine, matcher, frames, DecisionConfig(cooldown_s=1.0))
     assert [h.person_id for h in sink.hits] == [people.enrolled_id] * 2, (people.source, sink.hits)
     assert sorted(appearance_of(h, t0) for h in sink.hits) == [0, 1]
     st = pipe.stats()["cam1"]
     assert st["frames_analysed"] == len(frames) == 40
     # Faces were seen on most frames, but each track was embedded only on a few of its best faces.
     assert st["faces"] >= 45  # 51 face-frames in the clip at 5 fps
-    assert 2 <= st["embedded"] <= 3 * MatchingConfig().max_embeds_per_track
+    assert 2 <= st["embedded"] <= 3 * DecisionConfig().max_embeds_per_track
     for hit in sink.hits:
         assert hit.unit_id == "unit-t" and hit.camera_id == "cam1" and hit.model_id == engine.model_id
         assert hit.watchlist_version == 1 and hit.threshold == pytest.approx(people.threshold)
@@ -115,7 +116,7 @@ def test_cooldown_covers_the_second_appearance(
 ) -> None:
     matcher = matcher_for(*watchlist)
     frames = decode(clip, "cam1", 1_700_000_000.0, every=2)
-    _, sink = run_sync(engine, matcher, frames, MatchingConfig(cooldown_s=60.0))
+    _, sink = run_sync(engine, matcher, frames, DecisionConfig(cooldown_s=60.0))
     assert [h.person_id for h in sink.hits] == [people.enrolled_id]
 
 
@@ -126,7 +127,7 @@ def test_unmatched_person_alone_gives_nothing(
     other = make_face_clip(
         tmp_path / "other.mp4", [(people.other_face, 0.0, 3.0, 200, 60, 220)], size=SIZE, fps=FPS, seconds=3.0
     )
-    pipe, sink = run_sync(engine, matcher, decode(other, "cam1", 1_700_000_000.0, every=2), MatchingConfig())
+    pipe, sink = run_sync(engine, matcher, decode(other, "cam1", 1_700_000_000.0, every=2), DecisionConfig())
     assert sink.hits == []
     st = pipe.stats()["cam1"]
     assert st["faces"] >= 10 and st["matched"] == 0
@@ -150,7 +151,7 @@ def test_threaded_pipeline_two_cameras_to_jsonl(
         engine=engine,
         matcher=matcher,
         sinks=[sink],
-        matching=MatchingConfig(cooldown_s=1.0),
+        matching=DecisionConfig(cooldown_s=1.0),
         analysis=AnalysisConfig(embed_wait_ms=400.0),
     )
     batches: list[set[str]] = []
@@ -339,7 +340,7 @@ def test_a_hit_that_cannot_be_made_is_logged_and_the_next_ones_still_come(
     frames = decode(clip, "cam1", t0, every=2)
     first, second = [f for f in frames if f.captured_at - t0 < 4.0], [f for f in frames if f.captured_at - t0 >= 4.0]
     with caplog.at_level("ERROR", logger="edge.pipeline"):
-        pipe, sink = run_sync(engine, matcher, first, MatchingConfig(cooldown_s=1.0))
+        pipe, sink = run_sync(engine, matcher, first, DecisionConfig(cooldown_s=1.0))
     assert sink.hits == []
     st = pipe.stats()["cam1"]
     assert st["errors"] >= 1 and repr(bad_id) in st["last_error"]

@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edge.analysis import CameraAnalyser, MatchingConfig
+from edge.analysis import CameraAnalyser
+from edge.decision import DecisionConfig
 from edge.frame import Frame
 from edge.regions import GatingConfig, RegionPlanner, detect_in_regions, merge_regions
 from edge.tracker import TrackerConfig
@@ -56,7 +57,7 @@ def _inside(box: tuple[float, ...], at: tuple[int, int], face: np.ndarray) -> bo
 
 
 def _analyser(engine: Any, **gating: Any) -> CameraAnalyser:
-    return CameraAnalyser("gate", engine, MatchingConfig(), TrackerConfig(), gating=GatingConfig(**gating))
+    return CameraAnalyser("gate", engine, DecisionConfig(), TrackerConfig(), gating=GatingConfig(**gating))
 
 
 def _big_face(engine: Any, face: np.ndarray, sides: float) -> np.ndarray:

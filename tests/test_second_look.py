@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edge.analysis import MatchingConfig
+from edge.decision import DecisionConfig
 from edge.pipeline import CameraSpec, Pipeline
 from edge.sinks import MemorySink
 from testing.media import make_face_clip
@@ -77,7 +77,7 @@ def _pipeline(engine: Any, matcher: Any, second_look_fpir: float) -> tuple[Pipel
         engine=engine,
         matcher=matcher,
         sinks=[sink],
-        matching=MatchingConfig(cooldown_s=1.0, second_look_fpir=second_look_fpir),
+        matching=DecisionConfig(cooldown_s=1.0, second_look_fpir=second_look_fpir),
     )
     return pipe, sink
 
@@ -88,16 +88,16 @@ def test_second_look_level_follows_the_calibration_and_the_list(engine: Any, peo
     matcher = matcher_for(*signed_store(tmp_path, people, threshold=0.999))
     pipe, _ = _pipeline(engine, matcher, 0.2)
     cal = Calibration.for_engine(engine)
-    level = pipe.second_look_level(matcher)
+    level = pipe.second_look.level(matcher)
     assert level == pytest.approx(cal.threshold_for_fpir(0.2, 1, 1.0).threshold)
     assert cal.strangers_median < level < 0.999
     # Never above the threshold: a list whose threshold is below the level looks again from the threshold.
     low = matcher_for(*signed_store(tmp_path / "low", people, threshold=cal.strangers_median + 0.001))
-    assert pipe.second_look_level(low) == pytest.approx(cal.strangers_median + 0.001)
-    assert _pipeline(engine, matcher, 0.0)[0].second_look_level(matcher) is None
+    assert pipe.second_look.level(low) == pytest.approx(cal.strangers_median + 0.001)
+    assert _pipeline(engine, matcher, 0.0)[0].second_look.level(matcher) is None
     from matching.matcher import Matcher
 
-    assert pipe.second_look_level(Matcher(dim=engine.embedding_dim)) is None  # no list yet
+    assert pipe.second_look.level(Matcher(dim=engine.embedding_dim)) is None  # no list yet
 
 
 def _stranger(engine: Any, matcher: Any, below: float, people: People) -> np.ndarray:
@@ -149,7 +149,7 @@ def test_pipeline_looks_again_only_at_faces_near_a_decision(engine: Any, people:
             return matcher.match(embeddings, misses=misses)
 
     pipe, sink = _pipeline(engine, Counting(), 0.2)
-    level = pipe.second_look_level(matcher)
+    level = pipe.second_look.level(matcher)
     assert level is not None
     calls = []
     for f in frames:

@@ -28,7 +28,7 @@ def test_two_faces_walking_keep_their_ids() -> None:
         # One face walks right fast (half a face width per frame, so overlap alone would lose it), one walks left.
         a = obs(100 + 40 * k, 100)
         b = obs(1100 - 30 * k, 400)
-        tracks = tr.update([b, a] if k % 2 else [a, b], t)
+        tracks = tr.update([b, a] if k % 2 else [a, b], t).live
         by_box = {tk.last.box: tk.id for tk in tracks if tk.last_seen == t}
         ids.append((by_box[a.box], by_box[b.box]))
     assert len(set(ids)) == 1, f"ids changed along the way: {ids}"
@@ -42,7 +42,7 @@ def test_crossing_faces_do_not_swap_when_sizes_differ() -> None:
         t = k * 0.2
         big = obs(100 + 60 * k, 200, size=160)
         small = obs(500 - 30 * k, 240, size=50)
-        tracks = tr.update([big, small], t)
+        tracks = tr.update([big, small], t).live
         ids = {tk.last.box: tk.id for tk in tracks if tk.last_seen == t}
         first.setdefault("big", ids[big.box])
         first.setdefault("small", ids[small.box])
@@ -51,20 +51,22 @@ def test_crossing_faces_do_not_swap_when_sizes_differ() -> None:
 
 def test_track_survives_short_gap_and_ends_after_max_age() -> None:
     tr = Tracker(TrackerConfig(max_age_s=1.0))
-    (t1,) = tr.update([obs(100, 100)], 0.0)
-    assert tr.update([], 0.5) and not tr.ended  # missed detections for 0.5 s: still alive
-    (again,) = tr.update([obs(104, 100)], 0.8)
+    (t1,) = tr.update([obs(100, 100)], 0.0).live
+    update = tr.update([], 0.5)
+    assert update.live and not update.ended  # missed detections for 0.5 s: still alive
+    (again,) = tr.update([obs(104, 100)], 0.8).live
     assert again.id == t1.id and again.observations == 2
-    assert tr.update([], 2.0) == []
-    assert [t.id for t in tr.ended] == [t1.id]
-    (new,) = tr.update([obs(104, 100)], 2.2)
+    update = tr.update([], 2.0)
+    assert update.live == []
+    assert [t.id for t in update.ended] == [t1.id]
+    (new,) = tr.update([obs(104, 100)], 2.2).live
     assert new.id != t1.id, "a face after the track ended starts a new track"
 
 
 def test_far_away_detection_starts_new_track() -> None:
     tr = Tracker()
-    (a,) = tr.update([obs(100, 100)], 0.0)
-    tracks = tr.update([obs(900, 500)], 0.2)
+    (a,) = tr.update([obs(100, 100)], 0.0).live
+    tracks = tr.update([obs(900, 500)], 0.2).live
     assert {t.id for t in tracks} == {a.id, a.id + 1}
     assert tr.started == 2
     tr.update([obs(902, 500)], 0.4)  # the second face, followed: no new track
@@ -85,15 +87,16 @@ def test_best_observations_are_kept_by_quality_and_unusable_ones_never() -> None
 
 def test_track_without_usable_face_has_no_best() -> None:
     tr = Tracker()
-    (track,) = tr.update([obs(100, 100, usable=False)], 0.0)
+    (track,) = tr.update([obs(100, 100, usable=False)], 0.0).live
     assert track.best_observation is None
 
 
 def test_clock_step_backwards_does_not_end_tracks() -> None:
     tr = Tracker(TrackerConfig(max_age_s=1.0))
-    (a,) = tr.update([obs(100, 100)], 100.0)
-    (b,) = tr.update([obs(102, 100)], 50.0)
-    assert b.id == a.id and not tr.ended
+    (a,) = tr.update([obs(100, 100)], 100.0).live
+    update = tr.update([obs(102, 100)], 50.0)
+    (b,) = update.live
+    assert b.id == a.id and not update.ended
 
 
 def test_bad_tracker_config_is_rejected() -> None:
@@ -112,23 +115,21 @@ def cue(seed: int) -> np.ndarray:
 def test_gap_size_jump_and_another_look_flag_a_possible_change_of_person() -> None:
     tr = Tracker(TrackerConfig(change_gap_s=0.3, change_size_ratio=1.25, change_min_cue=0.7))
     a, b = cue(1), cue(2)
-    (track,) = tr.update([obs(100, 100, data="a0")], 0.0)
-    track = tr.update([obs(102, 100)], 0.2)[0]
+    (track,) = tr.update([obs(100, 100, data="a0")], 0.0).live
+    track = tr.update([obs(102, 100)], 0.2).live[0]
     assert track.change is None, "a face in the next frame, same size, no cue: nothing to check"
     tr.update([], 0.4)  # an analysed frame without the face
-    track = tr.update([obs(102, 100)], 0.6)[0]
+    track = tr.update([obs(102, 100)], 0.6).live[0]
     assert track.change is not None and track.change.startswith("gap")
-    track.change = None
-    track = tr.update([obs(100, 100, size=110)], 0.8)[0]
+    track = tr.update([obs(100, 100, size=110)], 0.8).live[0]
     assert track.change is not None and track.change.startswith("size")
-    track.change = None
     base = Observation(box=(100, 100, 210, 210), score=0.99, quality=0.5, cue=a)
-    tr.update([base], 1.0)
+    assert tr.update([base], 1.0).live[0].change is None, "a sign holds for the update that saw it alone"
     same = Observation(box=(101, 100, 211, 210), score=0.99, quality=0.5, cue=a * 0.9 + b * 0.1)
-    track = tr.update([same], 1.2)[0]
+    track = tr.update([same], 1.2).live[0]
     assert track.change is None
     other = Observation(box=(101, 100, 211, 210), score=0.99, quality=0.5, cue=b)
-    track = tr.update([other], 1.4)[0]
+    track = tr.update([other], 1.4).live[0]
     assert track.change is not None and track.change.startswith("look")
     assert [t.id for t in tr.tracks] == [track.id], "the tracker flags; it does not split on its own"
 
@@ -136,18 +137,19 @@ def test_gap_size_jump_and_another_look_flag_a_possible_change_of_person() -> No
 def test_slow_frames_alone_are_no_gap() -> None:
     tr = Tracker(TrackerConfig(change_gap_s=0.3))
     tr.update([obs(100, 100)], 0.0)
-    track = tr.update([obs(101, 100)], 0.9)[0]  # the detector was slow; no frame went by without the face
+    track = tr.update([obs(101, 100)], 0.9).live[0]  # the detector was slow; no frame went by without the face
     assert track.change is None
 
 
 def test_split_ends_the_track_and_continues_in_a_new_one() -> None:
     tr = Tracker()
-    (old,) = tr.update([obs(100, 100, data="first person")], 0.0)
+    (old,) = tr.update([obs(100, 100, data="first person")], 0.0).live
     tr.update([obs(101, 100, data="second person")], 0.2)
     new = tr.split(old.id, 0.2)
     assert new is not None and new.id != old.id and new.split_from == old.id
     assert [o.data for o in new.best] == ["second person"], "the new track keeps no face of the one before"
     assert tr.split(old.id, 0.2) is None
-    tracks = tr.update([obs(102, 100)], 0.4)
-    assert [t.id for t in tracks] == [new.id] and [t.id for t in tr.ended] == [old.id]
-    assert tr.update([obs(103, 100)], 0.6) and tr.ended == []
+    update = tr.update([obs(102, 100)], 0.4)
+    assert [t.id for t in update.live] == [new.id] and [t.id for t in update.ended] == [old.id]
+    update = tr.update([obs(103, 100)], 0.6)
+    assert update.live and update.ended == []
