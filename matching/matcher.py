@@ -36,12 +36,17 @@ import logging
 import math
 import os
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+from numpy.typing import NDArray
 
 from matching.match import Match
+
+if TYPE_CHECKING:
+    from onnxruntime import InferenceSession
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +66,10 @@ class MatcherError(ValueError):
 
 @dataclass(frozen=True)
 class _Planes:
-    hi: np.ndarray  # (rows_padded, D) uint8, high byte + 128
-    lo: np.ndarray  # (rows_padded, D) int8, low byte
-    center: np.ndarray  # (D,) float32
-    scale: np.ndarray  # (D,) float32; value = center + scale * (256 * (hi - 128) + lo)
+    hi: NDArray[np.uint8]  # (rows_padded, D), high byte + 128
+    lo: NDArray[np.int8]  # (rows_padded, D), low byte
+    center: NDArray[np.float32]  # (D,)
+    scale: NDArray[np.float32]  # (D,); value = center + scale * (256 * (hi - 128) + lo)
     hmax: float  # largest L2 norm of a row's high byte vector (hi - 128)
 
 
@@ -72,21 +77,24 @@ def _padded_rows(n: int) -> int:
     return max(1, math.ceil(n / _GROUP_ROWS)) * _GROUP_ROWS
 
 
-def _chunks(emb: np.ndarray, offset: np.ndarray | None):
+def _chunks(emb: np.ndarray, offset: NDArray[np.float32] | None) -> Iterator[tuple[int, NDArray[np.float32]]]:
     """Rows of `emb` (+ `offset`) as float32, a chunk at a time (bounded extra memory)."""
     for start in range(0, emb.shape[0], _BUILD_CHUNK):
         chunk = np.asarray(emb[start : start + _BUILD_CHUNK], dtype=np.float32)
         yield start, chunk if offset is None else chunk + offset
 
 
-def _mean(emb: np.ndarray, offset: np.ndarray | None) -> np.ndarray:
+def _mean(emb: np.ndarray, offset: NDArray[np.float32] | None) -> NDArray[np.float32]:
     total = np.zeros(emb.shape[1], np.float64)
     for _, chunk in _chunks(emb, offset):
         total += chunk.sum(axis=0, dtype=np.float64)
-    return (total / max(1, emb.shape[0])).astype(np.float32)
+    # numpy's stubs give reductions and mixed scalar-array arithmetic as Any: such locals here are
+    # annotated so the function's declared dtype is checked where it is made.
+    mean: NDArray[np.float32] = (total / max(1, emb.shape[0])).astype(np.float32)
+    return mean
 
 
-def _spread(emb: np.ndarray, offset: np.ndarray | None, center: np.ndarray) -> np.ndarray:
+def _spread(emb: np.ndarray, offset: NDArray[np.float32] | None, center: NDArray[np.float32]) -> NDArray[np.float32]:
     """Per dimension, the largest distance of a value from `center`."""
     out = np.zeros(emb.shape[1], np.float32)
     for _, chunk in _chunks(emb, offset):
@@ -97,10 +105,11 @@ def _spread(emb: np.ndarray, offset: np.ndarray | None, center: np.ndarray) -> n
     return out
 
 
-def _ranges(spread: np.ndarray) -> np.ndarray:
+def _ranges(spread: NDArray[np.float32]) -> NDArray[np.float32]:
     """Each dimension's fixed-point range: its spread rounded up to a step, so most deltas fit it
     (one that does not makes `with_changes` requantize)."""
-    return np.maximum(_MIN_RANGE, np.ceil(spread / _RANGE_STEP) * _RANGE_STEP).astype(np.float32)
+    ranges: NDArray[np.float32] = np.maximum(_MIN_RANGE, np.ceil(spread / _RANGE_STEP) * _RANGE_STEP).astype(np.float32)
+    return ranges
 
 
 def _quantize_into(
@@ -351,11 +360,12 @@ class TemplateIndex:
             return float(self._person_thresholds[code])
         return self.default_threshold if global_threshold is None else float(global_threshold)
 
-    def dequantize(self, rows: np.ndarray) -> np.ndarray:
+    def dequantize(self, rows: np.ndarray) -> NDArray[np.float32]:
         """The stored templates at `rows` as float32 (n, D): exactly the values searches score."""
         p = self._planes
         v = (p.hi[rows].astype(np.int32) - 128) * 256 + p.lo[rows]
-        return p.center + v.astype(np.float32) * p.scale
+        values: NDArray[np.float32] = p.center + v.astype(np.float32) * p.scale
+        return values
 
     def templates_of(self, person_id: str) -> np.ndarray:
         """The stored templates of one person (k, D) float32; empty when they are not in the index."""
@@ -415,7 +425,7 @@ class TemplateIndex:
         rows = (group_ids[None, :] + groups * np.arange(_GROUP_ROWS)[:, None]).ravel()
         return rows[rows < self._n]
 
-    def _exact(self, qs: np.ndarray, base: float, rows: np.ndarray) -> np.ndarray:
+    def _exact(self, qs: NDArray[np.float32], base: float, rows: np.ndarray) -> NDArray[np.float32]:
         """Exact scores q.center + sum_d (q_d scale_d) v_d of `rows` in float32.
 
         Row-wise products summed per row (not a BLAS gemv, whose blocking varies with the number
@@ -427,7 +437,8 @@ class TemplateIndex:
         v *= 256.0
         v += p.lo[rows]
         v *= qs
-        return v.sum(axis=1) + np.float32(base)
+        scores: NDArray[np.float32] = v.sum(axis=1) + np.float32(base)
+        return scores
 
     def _best_per_person(self, rows: np.ndarray, scores: np.ndarray, k: int) -> list[tuple[int, float]]:
         order = np.lexsort((rows, -scores))
@@ -469,7 +480,9 @@ class TemplateIndex:
         return out
 
 
-def _coarse_bound(qs: np.ndarray, qq: np.ndarray, sq: np.ndarray, hmax: float) -> np.ndarray:
+def _coarse_bound(
+    qs: NDArray[np.float64], qq: NDArray[np.int8], sq: NDArray[np.float64], hmax: float
+) -> NDArray[np.float64]:
     """Per query, the most the coarse score can differ from the exact one.
 
     With qs = q * scale, exact - q.center = sum qs_d v_d, v_d = 256 h_d + l_d, |l_d| <= 128, and
@@ -478,7 +491,8 @@ def _coarse_bound(qs: np.ndarray, qq: np.ndarray, sq: np.ndarray, hmax: float) -
     slack covers float32 rounding.
     """
     f = qs - sq[:, None] * qq.astype(np.float64)
-    return 128.0 * np.abs(qs).sum(axis=1) + 256.0 * np.sqrt((f * f).sum(axis=1)) * hmax + 1e-5
+    bound: NDArray[np.float64] = 128.0 * np.abs(qs).sum(axis=1) + 256.0 * np.sqrt((f * f).sum(axis=1)) * hmax + 1e-5
+    return bound
 
 
 def _thresholds_array(persons: np.ndarray, thresholds: Mapping[str, float]) -> np.ndarray:
@@ -492,7 +506,7 @@ def _thresholds_array(persons: np.ndarray, thresholds: Mapping[str, float]) -> n
     return pt
 
 
-def _check_offset(offset: np.ndarray | None, dim: int) -> np.ndarray | None:
+def _check_offset(offset: np.ndarray | None, dim: int) -> NDArray[np.float32] | None:
     if offset is None:
         return None
     off = np.asarray(offset, dtype=np.float32).reshape(-1)
@@ -519,23 +533,25 @@ class _Scorer:
 
     def __init__(self, threads: int | None) -> None:
         self.threads = threads
-        self._session = None
+        self._session: InferenceSession | None = None
         self._lock = threading.Lock()
 
-    def _get(self):  # noqa: ANN202 - onnxruntime's session type stays a local import
+    def _get(self) -> InferenceSession:
         if self._session is None:
             with self._lock:
                 if self._session is None:
                     self._session = _make_session(self.threads)
         return self._session
 
-    def coarse(self, hi: np.ndarray, qq_t: np.ndarray) -> np.ndarray:
+    def coarse(self, hi: NDArray[np.uint8], qq_t: NDArray[np.uint8]) -> NDArray[np.int32]:
         """(rows, D) uint8 (value + 128) times (D, Q) uint8 (value + 128) -> (rows, Q) int32,
         the product of the values."""
-        return self._get().run(None, {"a": hi, "b": qq_t})[0]
+        # ONNX Runtime has no type information: its outputs are Any.
+        y: NDArray[np.int32] = self._get().run(None, {"a": hi, "b": qq_t})[0]
+        return y
 
 
-def _make_session(threads: int | None):  # noqa: ANN202
+def _make_session(threads: int | None) -> InferenceSession:
     import onnxruntime as ort
     from onnx import TensorProto, helper
 

@@ -184,6 +184,7 @@ def build_client(
     # An exception in one of our callbacks must not kill paho's network thread.
     client.suppress_exceptions = True
     client.max_inflight_messages_set(max_inflight)
+    # paho annotates the delays as int but only doubles, caps and adds them to a clock: fractions work.
     client.reconnect_delay_set(conn.reconnect_min_delay_s, conn.reconnect_max_delay_s)  # type: ignore[arg-type]
     client.connect_timeout = conn.connect_timeout_s
     if conn.username:
@@ -214,7 +215,8 @@ def connect_properties(conn: MqttConnection, receive_maximum: int | None = None,
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
 
-    props = Properties(PacketTypes.CONNECT)
+    # paho's Properties.__init__ has no annotations.
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
     props.SessionExpiryInterval = conn.session_expiry_s if keep_session else 0
     if receive_maximum:
         props.ReceiveMaximum = receive_maximum
@@ -309,7 +311,7 @@ class MqttLink:
         self.state = "closed"
         try:
             self.client.disconnect()
-        except Exception as e:  # noqa: BLE001 - a failing disconnect must not block shutdown
+        except Exception as e:  # a failing disconnect must not block shutdown
             log.debug("%s: disconnect: %s", self.name, e)
         self.client.loop_stop()
 
@@ -368,7 +370,7 @@ class MqttLink:
         if self._on_connected is not None:
             try:
                 self._on_connected(bool(flags.session_present), properties)
-            except Exception:  # noqa: BLE001 - keep the network thread alive
+            except Exception:  # keep the network thread alive
                 log.exception("%s: on-connect handler failed", self.name)
 
     def _handle_connect_fail(self, _client: Any, _userdata: Any) -> None:

@@ -28,10 +28,13 @@ import json
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from wire.errors import ProtocolError
 from wire.records import HIT_SCHEMA, load_json_object
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 DOMAIN = b"checkpoint-record-v1\x00"
 KEY_LINE_TAG = "checkpoint-unit-key"
@@ -60,7 +63,7 @@ def key_id_of(public_raw: bytes) -> str:
     return hashlib.sha256(public_raw).hexdigest()[:16]
 
 
-def _public_raw(key: Any) -> bytes:
+def _public_raw(key: Ed25519PublicKey) -> bytes:
     from cryptography.hazmat.primitives import serialization
 
     return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
@@ -87,11 +90,11 @@ def canonical_bytes(record: dict[str, Any], crop: bytes | None = _FROM_RECORD) -
 class UnitSigner:
     """A unit's private key and its id; `sign` adds ``key_id`` and ``sig`` to a record."""
 
-    key: Any  # cryptography's Ed25519PrivateKey
+    key: Ed25519PrivateKey
     key_id: str
 
     @classmethod
-    def from_key(cls, key: Any) -> UnitSigner:
+    def from_key(cls, key: Ed25519PrivateKey) -> UnitSigner:
         return cls(key, key_id_of(_public_raw(key.public_key())))
 
     @property
@@ -165,7 +168,7 @@ class KnownKeys:
     """
 
     def __init__(self, keys: list[UnitKey] | None = None) -> None:
-        self._by_unit: dict[tuple[str, str], dict[str, Any]] = {}
+        self._by_unit: dict[tuple[str, str], dict[str, Ed25519PublicKey]] = {}
         for k in keys or []:
             self.add(k)
 
@@ -180,7 +183,7 @@ class KnownKeys:
         """True when at least one key is registered for this unit (unsigned hits from it are then suspect)."""
         return bool(self._by_unit.get((site, unit_id)))
 
-    def key(self, site: str, unit_id: str, key_id: str) -> Any | None:
+    def key(self, site: str, unit_id: str, key_id: str) -> Ed25519PublicKey | None:
         return self._by_unit.get((site, unit_id), {}).get(key_id)
 
     def __len__(self) -> int:

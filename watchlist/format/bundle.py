@@ -26,7 +26,7 @@ import hashlib
 import re
 import struct
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, TypeVar, overload
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -67,7 +67,7 @@ class Template:
     photo_date: str | None = None  # YYYY-MM-DD
     age: int | None = None  # the person's age in the photo, years
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {"photo_date": self.photo_date, "age": self.age}
 
 
@@ -81,7 +81,7 @@ class Person:
     priority: int = 0
     threshold: float | None = None  # overrides the list's default threshold for this person
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {
             "id": self.person_id,
             "name": self.name,
@@ -215,7 +215,7 @@ class Bundle:
         """The person id of each embedding row."""
         return [p.person_id for p in self.persons for _ in p.templates]
 
-    def header(self) -> dict:
+    def header(self) -> dict[str, Any]:
         """The header as signed (before canonical encoding)."""
         return {
             "format": FORMAT,
@@ -312,7 +312,7 @@ def frame(data: bytes | memoryview) -> Framed:
     return Framed(keyset, header, blob, kid, mv[:pos], bytes(mv[pos:]))
 
 
-def _person_from_json(d: dict, cache: dict[tuple, Template]) -> Person:
+def _person_from_json(d: dict[str, Any], cache: dict[tuple[Any, Any], Template]) -> Person:
     # Most templates share a (date, age) pair with others; one object each keeps a large list light.
     templates = []
     for t in d["templates"]:
@@ -332,7 +332,11 @@ def _person_from_json(d: dict, cache: dict[tuple, Template]) -> Person:
     )
 
 
-def _int_in(h: dict, key: str, lo: int, hi: int, *, null: bool = False) -> int | None:
+@overload
+def _int_in(h: dict[str, Any], key: str, lo: int, hi: int, *, null: Literal[False] = False) -> int: ...
+@overload
+def _int_in(h: dict[str, Any], key: str, lo: int, hi: int, *, null: bool) -> int | None: ...
+def _int_in(h: dict[str, Any], key: str, lo: int, hi: int, *, null: bool = False) -> int | None:
     v = h[key]
     if v is None and null:
         return None
@@ -348,7 +352,7 @@ def _short(v: object) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _check_sizes(h: dict) -> tuple[int, int]:
+def _check_sizes(h: dict[str, Any]) -> tuple[int, int]:
     """The header's numbers that size or order anything, bounded before they are used."""
     _int_in(h, "version", 1, MAX_VERSION)
     _int_in(h, "base_version", 0, MAX_VERSION, null=True)
@@ -367,7 +371,7 @@ def _check_sizes(h: dict) -> tuple[int, int]:
     listed = sum(len(p["templates"]) for p in persons)
     if listed != n:
         raise ValueError(f"persons list {listed} templates, the header says {n}")
-    return dim, n  # type: ignore[return-value]
+    return dim, n
 
 
 def _check_unit_norm(emb: np.ndarray, offset: np.ndarray | None) -> None:
@@ -418,7 +422,7 @@ def parse_verified(framed: Framed) -> Bundle:
             raise ValueError(f"embedding_offset must be null or a list of {dim} numbers in [-2, 2]")
         off = None if offset is None else np.array(offset, dtype=np.float32)
         _check_unit_norm(emb, off)
-        cache: dict[tuple, Template] = {}
+        cache: dict[tuple[Any, Any], Template] = {}
         return Bundle(
             kind=h["kind"],
             version=h["version"],
@@ -446,7 +450,10 @@ def _short_text(exc: Exception) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def _as_float(v: object) -> object:
+_T = TypeVar("_T")
+
+
+def _as_float(v: _T) -> _T | float:
     # JSON has one number type; a threshold written as 1 or 0 is read as a float, anything else is left
     # for Bundle to refuse. A huge integer has no float: OverflowError, reported as malformed.
     return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
@@ -457,7 +464,7 @@ def sha256_hex(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def peek(data: bytes | memoryview) -> dict:
+def peek(data: bytes | memoryview) -> dict[str, Any]:
     """The header of a bundle without verifying it -- for HQ's own tools (publishing, inspecting),
     never for a decision on a unit."""
     framed = frame(data)
