@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 
 from testing.media import lag_people, load_rgb
+from tests.services import missing_model
 
 
 @functools.lru_cache(maxsize=1)
@@ -30,13 +30,14 @@ def _engine() -> Any:
 
 def engine_or_skip() -> Any:
     """The default face engine, or a skip when the package that ships the detector's weights is
-    absent. Any other failure to load is a failure of the tests that need it, not a skip."""
+    absent (a failure under CI=true, which installs it). Any other failure to load is a failure of
+    the tests that need it, not a skip."""
     from engines.mtcnn_convert import MtcnnWeightsError
 
     try:
         return _engine()
     except MtcnnWeightsError as exc:
-        pytest.skip(f"the face engine needs the detector weights: {exc}")
+        missing_model(f"the face engine needs the detector weights: {exc}")
 
 
 @dataclass(frozen=True)
@@ -101,12 +102,14 @@ def _people() -> People:
     e_face = _embedding(engine, face)
     other_faces = engine.analyze(other, embed_rejected=True)
     if e_enrol is None or e_face is None or len(other_faces) != 1:
-        pytest.skip("the engine does not find the scikit-image faces the tests fall back on")
+        missing_model("the engine does not find the scikit-image faces the tests fall back on")
     genuine, impostor = float(e_face @ e_enrol), float(other_faces[0].embedding @ e_enrol)
     return People("scikit-image", (genuine + impostor) / 2, "astronaut", face, enrol, other)
 
 
 def people_or_skip() -> People:
+    """The people of the clips, or a skip (a failure under CI=true) when the engine is missing or does
+    not find the faces."""
     engine_or_skip()
     return _people()
 

@@ -1,4 +1,9 @@
-"""What a test does when a service it needs (Mosquitto, the RTSP server, PostgreSQL, Chromium) is missing."""
+"""What a test does when something it needs is missing: a service (Mosquitto, the RTSP server,
+PostgreSQL, Chromium), or a model or face the engine must find.
+
+Each skips on a developer's machine, where the thing may simply not be installed; under CI
+(CI=true) each fails instead, since CI installs every service and builds every model (.ci/run):
+there a skip would hide a broken install or a regression behind a passing run."""
 
 from __future__ import annotations
 
@@ -7,8 +12,19 @@ import os
 import pytest
 
 
-def missing_service(reason: str) -> None:
-    """Skip the test with `reason`; under CI (CI=true) fail it instead, since CI installs every service."""
+def _skip_or_fail(reason: str, under_ci: str) -> None:
     if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"{reason} (CI=true: CI must install and start every service the tests use)", pytrace=False)
+        pytest.fail(f"{reason} (CI=true: {under_ci})", pytrace=False)
     pytest.skip(reason)
+
+
+def missing_service(reason: str) -> None:
+    """Skip the test with `reason`; under CI fail it instead."""
+    _skip_or_fail(reason, "CI must install and start every service the tests use")
+
+
+def missing_model(reason: str) -> None:
+    """Skip the test with `reason` (a model not built, its weights not installed, a face the engine
+    does not find); under CI fail it instead: CI installs the weights and runs `engines build`, so
+    there the model is present and a face it no longer finds is a regression of the detector."""
+    _skip_or_fail(reason, "CI installs and builds every model the tests use, so this is a regression, not an absence")
