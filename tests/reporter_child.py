@@ -1,7 +1,9 @@
 """A unit's reporter in its own process, for tests that kill it: build an MqttReporter from the
-arguments, submit `--count` hits, say so on stdout, then either wait to be killed, drain, or follow
-stdin (`--follow`: each line N submits N more hits, as the pipeline does, and answers with one JSON
-line: how many failed and the outbox's problem; end of input closes the reporter). Logs go to stderr.
+arguments, submit `--count` hits, say so on stdout, then either wait to be killed, drain (with
+`--marker ID`, then send one more hit with that id: a test that sees it arrive knows that nothing sent
+before it is still on its way), or follow stdin (`--follow`: each line N submits N more hits, as the
+pipeline does, and answers with one JSON line: how many failed and the outbox's problem; end of input
+closes the reporter). Logs go to stderr.
 
     python tests/reporter_child.py --port 1883 --outbox /tmp/o.sqlite --count 100 --prefix a
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -30,6 +33,7 @@ def main() -> int:
     ap.add_argument("--count", type=int, default=0)
     ap.add_argument("--prefix", default="hit")
     ap.add_argument("--drain", action="store_true", help="wait until the outbox is empty, then exit 0")
+    ap.add_argument("--marker", help="with --drain: once drained, send one more hit with this id and drain again")
     ap.add_argument("--timeout", type=float, default=30.0)
     ap.add_argument("--follow", action="store_true", help="submit N more hits for each line N on stdin")
     args = ap.parse_args()
@@ -48,7 +52,7 @@ def main() -> int:
         args.unit,
     )
 
-    def hit(i: int) -> Hit:
+    def hit(i: int, hit_id: str | None = None) -> Hit:
         return Hit(
             unit_id=args.unit,
             camera_id="cam-1",
@@ -60,7 +64,7 @@ def main() -> int:
             box=(10.0, 10.0, 60.0, 70.0),
             model_id="test-model",
             watchlist_version=3,
-            id=f"{args.prefix}-{i:05d}",
+            id=hit_id or f"{args.prefix}-{i:05d}",
         )
 
     for i in range(args.count):
@@ -82,11 +86,14 @@ def main() -> int:
         return 0
     if args.drain:
         ok = reporter.flush(args.timeout)
+        if ok and args.marker:
+            reporter.submit(hit(args.count, args.marker))
+            ok = reporter.flush(args.timeout)
         reporter.close(2.0)
         print("drained" if ok else "not drained", flush=True)
         return 0 if ok else 1
-    while True:
-        time.sleep(1.0)
+    signal.pause()  # until the test kills this process
+    return 1
 
 
 if __name__ == "__main__":

@@ -323,14 +323,17 @@ def test_hits_and_heartbeat_reach_a_real_broker(
 
     config = mqtt_unit_toml(tmp_path, people, loop_clip, "unit-mq", mosquitto.host, mosquitto.port)
     got: list[tuple[str, bytes]] = []
+    subscribed = threading.Event()
     sub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="test-operator", protocol=mqtt.MQTTv5)
     sub.on_message = lambda _c, _u, msg: got.append((msg.topic, bytes(msg.payload)))
+    sub.on_subscribe = lambda *_: subscribed.set()
     sub.connect(mosquitto.host, mosquitto.port)
     sub.subscribe("checkpoint/v1/test-site/unit-mq/#", qos=1)
     sub.loop_start()
     daemon = Daemon(load_config(config), engine=engine, notifier=Notifier(environ={}))
     try:
-        time.sleep(0.3)
+        # Subscribed before the unit starts, so `got` holds everything it sends, from its first status.
+        assert subscribed.wait(10), "the broker did not confirm the test's subscription"
         daemon.start()
         wait_for(lambda: [p for t, p in got if t.endswith("/hits")], 20, "a hit over MQTT")
         # The first heartbeat goes out with the link, before the cameras are opened: wait for one after.
@@ -341,7 +344,16 @@ def test_hits_and_heartbeat_reach_a_real_broker(
         )
     finally:
         daemon.stop()
-        time.sleep(0.3)
+    try:
+        # The unit's last message: the 'offline' status its clean shutdown publishes.
+        wait_for(
+            lambda: [
+                p for t, p in list(got) if t.endswith("/status") and records.decode_status(p)["state"] == "offline"
+            ],
+            10,
+            "the offline status",
+        )
+    finally:
         sub.loop_stop()
         sub.disconnect()
     hit, crop = records.decode_hit(next(p for t, p in got if t.endswith("/hits")))

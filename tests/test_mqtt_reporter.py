@@ -9,7 +9,6 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -160,7 +159,6 @@ def test_broker_outage_every_hit_arrives_exactly_once(mosquitto, tmp_path, colle
             h = make_hit(crop=noise_jpeg(2_000))
             reporter.submit(h)
             sent.append(h.id)
-            time.sleep(0.005)
 
     produce(40)
     wait_for(lambda: len(rx.ids) >= 10, what="first hits arriving")
@@ -168,37 +166,59 @@ def test_broker_outage_every_hit_arrives_exactly_once(mosquitto, tmp_path, colle
     produce(60)  # while the broker is down: these wait in the outbox on disk
     wait_for(lambda: reporter.state != "connected", what="reporter noticing the outage")
     assert reporter.outbox.depth >= 60
-    time.sleep(2.0)
+    # Retried, not given up: two more refused attempts while the broker stays down.
+    attempts = reporter.link.connect_attempts
+    wait_for(lambda: reporter.link.connect_attempts >= attempts + 2, what="attempts to reconnect during the outage")
     assert reporter.last_error and "refused" in reporter.last_error
     mosquitto.start()
     produce(40)
     wait_for(lambda: len(rx.ids) >= len(sent), timeout=30, what="all hits after the restart")
     assert reporter.flush(10)
-    time.sleep(0.5)  # anything duplicated would arrive by now
+    # A duplicate of a hit would be published before the marker, on the same topic, QoS and
+    # connection, and the broker keeps that order to the receiver's session: once the marker is in,
+    # nothing sent earlier is still on its way.
+    marker = make_hit()
+    reporter.submit(marker)
+    wait_for(lambda: marker.id in rx.ids, what="the marker hit sent last")
     reporter.close()
+    ids = rx.ids[:]
+    assert ids.pop() == marker.id, "the marker came last"
 
-    assert sorted(rx.ids) == sorted(sent), "every hit exactly once"
-    assert Counter(rx.ids).most_common(1)[0][1] == 1
-    assert rx.store.count_hits() == len(sent)
+    assert sorted(ids) == sorted(sent), "every hit exactly once"
+    assert Counter(ids).most_common(1)[0][1] == 1
+    assert rx.store.count_hits() == len(sent) + 1
     # Order is kept except where the broker refused a publish while the receiver's shared
-    # subscription was not yet back (docs/records.md, "Delivery guarantees"): a refused hit is
+    # subscription was not yet back (docs/protocol.md, "Delivery guarantees"): a refused hit is
     # retried after later ones. What must hold: the held hits come after those sent before.
-    pos = {hid: i for i, hid in enumerate(rx.ids)}
+    pos = {hid: i for i, hid in enumerate(ids)}
     assert max(pos[h] for h in sent[:10]) < min(pos[h] for h in sent[40:100])
     assert reporter.link.connects >= 2
 
 
 def test_kill_9_with_hits_pending_then_restart_delivers_all(mosquitto, tmp_path, collect):
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
     outbox = tmp_path / "child-outbox.sqlite"
     args = [sys.executable, str(CHILD), "--port", str(mosquitto.port), "--outbox", str(outbox)]
+    # The unit's retained status, watched without subscribing to hits: 'online' means it connected,
+    # and so left its Last Will with the broker before the kill.
+    status: list[bytes] = []
+    spy = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="status-spy", protocol=mqtt.MQTTv5)
+    spy.on_message = lambda _c, _u, m: status.append(bytes(m.payload))
+    spy.connect(mosquitto.host, mosquitto.port)
+    spy.subscribe("checkpoint/v1/site-a/unit-1/status", qos=1)
+    spy.loop_start()
     # No receiver yet: the broker answers "no matching subscribers", so the hits stay pending.
     child = subprocess.Popen(args + ["--count", "50", "--prefix", "k"], stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout.readline().strip() == "submitted 50"
-        time.sleep(0.5)
+        wait_for(lambda: any(b'"online"' in p for p in status), what="the child unit online")
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait(10)
+        spy.loop_stop()
+        spy.disconnect()
     assert child.returncode == -signal.SIGKILL
     con = sqlite3.connect(outbox)
     pending = [r[0] for r in con.execute("SELECT hit_id FROM outbox ORDER BY seq")]
@@ -209,11 +229,14 @@ def test_kill_9_with_hits_pending_then_restart_delivers_all(mosquitto, tmp_path,
     # The broker sent the Last Will when the process died; the retained status says so.
     wait_for(lambda: [u["health"] for u in rx.store.units()] == ["offline"], what="unit shown offline")
 
-    done = subprocess.run(args + ["--drain", "--timeout", "20"], capture_output=True, text=True, timeout=60)
+    # The marker goes out after the 50 are delivered, on the same topic, QoS and connection: the
+    # broker keeps that order, so once it is in, a duplicate of any of the 50 would be in too.
+    done = subprocess.run(
+        args + ["--drain", "--timeout", "20", "--marker", "k-marker"], capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stdout + done.stderr
-    wait_for(lambda: len(rx.ids) >= 50, what="50 hits after the restart")
-    time.sleep(0.3)
-    assert rx.ids == [f"k-{i:05d}" for i in range(50)], "all, once, in order"
+    wait_for(lambda: "k-marker" in rx.ids, what="50 hits and the marker after the restart")
+    assert rx.ids == [f"k-{i:05d}" for i in range(50)] + ["k-marker"], "all, once, in order"
 
 
 def test_unreachable_broker_is_retried_and_reported(broker_factory, tmp_path):

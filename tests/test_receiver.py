@@ -102,11 +102,17 @@ def test_bad_messages_are_kept_aside_acknowledged_and_do_not_stop_the_receiver(m
         assert rej["payload"] == payload
     assert "upgrade" in rejects[1]["error"]
 
-    # They were acknowledged: the same persistent session does not get them again.
+    # They were acknowledged: the same persistent session does not get them again. The broker resends
+    # a session's unacknowledged messages first on reconnect, and keeps one publisher's order on a
+    # topic and QoS, so a marker published now arrives after any of them.
     rx, got = start_receiver(mosquitto, store)
-    time.sleep(0.5)
+    marker = make_hit()
+    pub.publish("checkpoint/v1/site-a/unit-1/hits", hit_message(marker), qos=1).wait_for_publish(5)
+    wait_for(lambda: got, what="the marker hit")
+    pub.loop_stop()
     rx.close()
-    assert len(store.rejects()) == len(bad) and got == []
+    assert [g["id"] for g in got] == [marker.id]
+    assert len(store.rejects()) == len(bad)
     store.close()
 
 
@@ -118,12 +124,26 @@ def test_shared_subscription_splits_hits_between_receivers(mosquitto, tmp_path):
     hits = [make_hit() for _ in range(40)]
     for h in hits:
         pub.publish("checkpoint/v1/site-a/unit-1/hits", hit_message(h), qos=1)
-    wait_for(lambda: len(got_a) + len(got_b) == 40, what="40 hits across both receivers")
-    time.sleep(0.3)
+    wait_for(lambda: len(got_a) + len(got_b) >= 40, what="40 hits across both receivers")
+    # A copy of a hit given to both would be queued in each session before any later message. Each
+    # session gets its share in the publisher's order, but a marker reaches only one of them: send
+    # markers, one at a time, until each receiver has had one; then nothing of the 40 is on its way.
+    markers: set[str] = set()
+
+    def ids(got: list[dict]) -> set[str]:
+        return {g["id"] for g in got}
+
+    while not (ids(got_a) & markers and ids(got_b) & markers):
+        assert len(markers) < 10, "one receiver took every marker: the broker does not split the group"
+        marker = make_hit()
+        markers.add(marker.id)
+        pub.publish("checkpoint/v1/site-a/unit-1/hits", hit_message(marker), qos=1).wait_for_publish(5)
+        wait_for(lambda m=marker.id: m in ids(got_a) | ids(got_b), what="the marker")
     pub.loop_stop()
     a.close()
     b.close()
-    ids_a, ids_b = {g["id"] for g in got_a}, {g["id"] for g in got_b}
+    ids_a, ids_b = ids(got_a) - markers, ids(got_b) - markers
+    assert len(got_a) + len(got_b) == 40 + len(markers)
     assert ids_a | ids_b == {h.id for h in hits}
     assert not ids_a & ids_b
     assert ids_a and ids_b, "both receivers should take a share"
@@ -292,20 +312,21 @@ def test_cli_run_prints_one_line_per_new_hit_and_stops_on_sigterm(mosquitto, tmp
     try:
         wait_for(lambda: "cli-rx 1 checkpoint/v1/+/+/heartbeat" in mosquitto.log_text(), what="CLI receiver subscribed")
         pub = publisher(mosquitto)
-        hits = [make_hit(person_id="person-42") for _ in range(3)]
-        for h in hits + hits[:1]:  # one duplicate
+        hits = [make_hit(person_id="person-42") for _ in range(4)]
+        # One duplicate, then the last hit as a marker: same publisher, topic and QoS, so it arrives
+        # after the duplicate, and a line printed for the duplicate would come before its line.
+        for h in hits[:3] + hits[:1] + hits[3:]:
             pub.publish("checkpoint/v1/site-a/unit-1/hits", hit_message(h), qos=1).wait_for_publish(5)
         pub.loop_stop()
-        lines = [proc.stdout.readline() for _ in range(3)]
-        time.sleep(0.3)
+        lines = [proc.stdout.readline() for _ in range(4)]
     finally:
         proc.send_signal(signal.SIGTERM)
         rest, err = proc.communicate(timeout=15)
     assert proc.returncode == 0, err
-    assert rest == "", "no line for the duplicate"
-    for h, line in zip(hits, lines):
-        assert " HIT " in line and "site-a/unit-1" in line and "person=person-42" in line and h.id in line
-    assert "3 new hits, 1 duplicates dropped" in err
+    assert rest == ""
+    for h, line in zip(hits, lines, strict=True):
+        assert " HIT " in line and "site-a/unit-1" in line and "person=person-42" in line and h.id in line, line
+    assert "4 new hits, 1 duplicates dropped" in err
 
 
 def test_cli_run_rejects_bad_options_with_the_key(tmp_path):
