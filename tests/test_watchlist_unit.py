@@ -169,28 +169,39 @@ def test_list_applied_by_another_process_is_picked_up(tmp_path: Path) -> None:
     wl.close()
 
 
+# Applies the bundle with SQLite's statement trace on. On reaching `stop` (the n-th template insert,
+# or the COMMIT after the inserts), it says "at <stop>" and holds there until the test's SIGKILL, so
+# the kill lands at that statement whatever the machine's speed; "commit running" says so at the COMMIT
+# and goes on, so the kill lands during or after the commit. After the apply it says "applied" and
+# waits for the kill too.
 _CHILD = textwrap.dedent("""
-    import os, signal, sys, time
+    import signal, sys
     from pathlib import Path
     from matching.matcher import Matcher
     from watchlist.unit.apply import Watchlist
     from watchlist.unit.config import WatchlistConfig
 
-    store, root, bundle, kill_after = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    store, root, bundle, stop = sys.argv[1:5]
     wl = Watchlist(WatchlistConfig(root_key=root, store=store), Matcher(), "synthetic:v1")
     wl.start()
-    inserts = [0]
+    inserts = 0
     def trace(stmt):
+        global inserts
         if stmt.startswith("INSERT INTO templates"):
-            inserts[0] += 1
-            if inserts[0] == kill_after:
-                os.kill(os.getpid(), signal.SIGKILL)
-    if kill_after > 0:
-        wl.store.db.conn.set_trace_callback(trace)
-    print("applying", flush=True)
+            inserts += 1
+            at = f"insert {inserts}"
+        elif stmt == "COMMIT" and inserts:
+            at = "commit"
+        else:
+            return
+        if stop in (at, at + " running"):
+            print("at", stop, flush=True)
+            if stop == at:
+                signal.pause()
+    wl.store.db.conn.set_trace_callback(trace)
     wl.offer(Path(bundle).read_bytes(), source="child")
     print("applied", flush=True)
-    time.sleep(60)
+    signal.pause()
 """)
 
 
@@ -221,35 +232,33 @@ def test_sigkill_during_apply_leaves_old_or_new_never_a_mix(tmp_path: Path) -> N
         wl.close()
         return path
 
-    def run_child(path: Path, kill_after: int) -> subprocess.Popen:
-        return subprocess.Popen(
-            [sys.executable, "-c", _CHILD, str(path), str(root), str(bundle), str(kill_after)],
+    def killed_at(stop: str) -> tuple[Path, tuple[int, frozenset[str], int]]:
+        path = fresh_store()
+        child = subprocess.Popen(
+            [sys.executable, "-c", _CHILD, str(path), str(root), str(bundle), stop],
             cwd=REPO,
             stdout=subprocess.PIPE,
             text=True,
         )
+        try:
+            said = child.stdout.readline().strip()
+        finally:
+            child.send_signal(signal.SIGKILL)
+            child.wait(30)
+            child.stdout.close()
+        assert said == ("applied" if stop == "applied" else f"at {stop}"), f"the child never reached {stop!r}"
+        return path, _store_content(path)
 
-    # Killed inside the transaction, half the new templates written.
-    path = fresh_store()
-    child = run_child(path, kill_after=4500)
-    assert child.wait(60) == -signal.SIGKILL
-    assert "applied" not in child.stdout.read()
-    assert _store_content(path) == old
-
-    # Killed at moments spread over the whole apply, from outside: always one version or the other.
-    seen = set()
-    for delay in (0.0, 0.05, 0.15, 0.3, 0.6, 1.2):
-        path = fresh_store()
-        child = run_child(path, kill_after=0)
-        assert child.stdout.readline().strip() == "applying"
-        time.sleep(delay)
-        child.send_signal(signal.SIGKILL)
-        child.wait(30)
-        child.stdout.close()
-        content = _store_content(path)
-        assert content in (old, new), f"mixed store after a kill at +{delay}s: version {content[0]}"
-        seen.add(content[0])
-    assert 1 in seen  # at least one kill landed before the commit
+    # Killed before the commit, at the first, a middle and the last template, and just before the
+    # COMMIT runs: the old list, whole. After the apply: the new list, whole.
+    for stop in ("insert 1", "insert 4500", "insert 9000", "commit"):
+        path, content = killed_at(stop)
+        assert content == old, f"killed at {stop}: version {content[0]}, {content[2]} templates"
+    path, content = killed_at("applied")
+    assert content == new
+    # Killed while the commit writes: one list or the other, never a mix.
+    path, content = killed_at("commit running")
+    assert content in (old, new), f"mixed store after a kill during the commit: version {content[0]}"
 
     # And a unit restarted on a crashed store runs the list the store holds.
     wl = Watchlist(WatchlistConfig(root_key=root, store=path), Matcher(), MODEL)
