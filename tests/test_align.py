@@ -20,6 +20,7 @@ from engines.align import (
 )
 from engines.errors import ImageError, ModelError
 from engines.landmarks import ShapePredictor, default_model_path
+from tests.services import missing_model
 
 ASTRONAUT_BOX = (175, 76, 265, 166)
 
@@ -29,7 +30,7 @@ def predictor() -> ShapePredictor:
     try:
         return ShapePredictor.load(default_model_path())
     except ModelError as exc:
-        pytest.skip(str(exc))
+        missing_model(str(exc))
 
 
 @pytest.fixture(scope="module")

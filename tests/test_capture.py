@@ -17,6 +17,7 @@ from edge.camera.urls import classify_url, redact_url
 from testing.broker import wait_for
 from testing.media import background
 from testing.rtsp import SYSTEM_PYTHON, gst_rtsp_problem
+from tests.services import missing_service
 
 BACKENDS = ["pyav", "opencv"]
 
@@ -317,7 +318,7 @@ def test_gstreamer_pipeline_runs_with_a_software_decoder(rtsp_server):
     """The same pipeline with avdec_h264 in place of nvv4l2decoder, run by GStreamer itself."""
     problem = gst_rtsp_problem("rtspsrc", "avdec_h264")
     if problem:
-        pytest.skip(problem)
+        missing_service(problem)
     pipe = gstreamer_pipeline("rtsp", rtsp_server.url("cam1"), decoder="avdec_h264", width=320, height=180)
     out = subprocess.run([SYSTEM_PYTHON, "-c", _PULL, pipe], capture_output=True, text=True, timeout=30)
     assert out.stdout.split() == ["3", "BGR", "320"], out.stdout + out.stderr

@@ -10,6 +10,7 @@ import pytest
 from engines.detector import Detection, MtcnnConfig, MtcnnDetector, nms, pyramid_scales
 from engines.errors import ImageError, ModelError
 from engines.mtcnn_convert import MtcnnWeightsError, convert_mtcnn, find_mtcnn_weights
+from tests.services import missing_model
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +18,7 @@ def model_dir(tmp_path_factory) -> Path:
     try:
         sources = find_mtcnn_weights()
     except MtcnnWeightsError as exc:
-        pytest.skip(f"needs facenet-pytorch's MTCNN weights: pip install --no-deps facenet-pytorch ({exc})")
+        missing_model(f"needs facenet-pytorch's MTCNN weights: pip install --no-deps facenet-pytorch ({exc})")
     out = tmp_path_factory.mktemp("mtcnn")
     convert_mtcnn(out, sources)
     return out

@@ -18,6 +18,7 @@ from engines.ensemble import DEFAULT_MEMBERS, config_identity, ensemble_model_id
 from engines.known_answers import SelfTestError, check_engine
 from engines.model_spec import DEFAULT_EMBEDDER_NAME
 from engines.npm_models import NPM_MODELS
+from tests.services import missing_model
 
 skdata = pytest.importorskip("skimage.data", reason="scikit-image ships the public-domain test photos")
 
@@ -36,7 +37,7 @@ def _config(**kw) -> EngineConfig:
 def engines():
     """The ensemble and each of its members loaded alone."""
     if not HAVE_NPM:
-        pytest.skip("the npm embedders are not in the cache: run `engines build`")
+        missing_model("the npm embedders are not in the cache: run `engines build`")
     from engines.face_engine import FaceEngine
 
     alone = {n: FaceEngine.load(EngineConfig(backend="onnxruntime", ensemble=[n])) for n in WEIGHTS}

@@ -10,6 +10,7 @@ import pytest
 
 from engines.errors import ImageError, ModelError
 from engines.landmarks import ShapePredictor, default_model_path, dlib_box_from_points
+from tests.services import missing_model
 
 # dlib 20.0.1's shape_predictor on skimage's astronaut (public domain, NASA) for the box dlib's
 # HOG detector finds there; kept so the numpy port is checked even where dlib is absent.
@@ -22,7 +23,7 @@ def model_path() -> Path:
     try:
         return default_model_path()
     except ModelError as exc:
-        pytest.skip(str(exc))
+        missing_model(str(exc))
 
 
 @pytest.fixture(scope="module")
@@ -253,7 +254,7 @@ def mtcnn(tmp_path_factory):
     try:
         sources = find_mtcnn_weights()
     except MtcnnWeightsError as exc:
-        pytest.skip(f"needs facenet-pytorch's MTCNN weights: pip install --no-deps facenet-pytorch ({exc})")
+        missing_model(f"needs facenet-pytorch's MTCNN weights: pip install --no-deps facenet-pytorch ({exc})")
     return MtcnnDetector(convert_mtcnn(tmp_path_factory.mktemp("mtcnn"), sources), MtcnnConfig(min_face_size=40))
 
 

@@ -15,6 +15,7 @@ import pytest
 
 from engines.mtcnn_convert import MtcnnWeightsError, build_mtcnn_graph, convert_mtcnn, find_mtcnn_weights
 from engines.torch_legacy import TorchFileError, load_state_dict
+from tests.services import missing_model
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,7 @@ def sources() -> dict[str, Path]:
     try:
         return find_mtcnn_weights()
     except MtcnnWeightsError as exc:
-        pytest.skip(f"needs facenet-pytorch's MTCNN weights: pip install --no-deps facenet-pytorch ({exc})")
+        missing_model(f"needs facenet-pytorch's MTCNN weights: pip install --no-deps facenet-pytorch ({exc})")
 
 
 @pytest.fixture(scope="module")

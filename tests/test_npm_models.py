@@ -20,6 +20,7 @@ from engines import npm_models
 from engines.cache import default_cache_dir, ensure_npm_models, npm_model_dir
 from engines.errors import ModelError
 from engines.npm_models import NPM_MODELS, ChecksumError, NpmError, NpmModel, embedder_spec, free_onnx_batch
+from tests.services import missing_model
 
 REPO = Path(__file__).resolve().parents[1]
 EMBEDDING = 5
@@ -272,7 +273,7 @@ def test_the_real_model_when_built(model):
 
     path = npm_model_dir(default_cache_dir(), model) / "model.onnx"
     if not path.is_file():
-        pytest.skip(f"{model.key} is not converted in {default_cache_dir()}: run `engines build`")
+        missing_model(f"{model.key} is not converted in {default_cache_dir()}: run `engines build`")
     engine = FaceEngine.load(EngineConfig(embedder=embedder_spec(model, path)))
     images = [astronaut_face(), np.ascontiguousarray(astronaut_face()[:, ::-1]), lfw_face(3)]
     dets = [max(engine.detector.detect(img), key=lambda d: d.score) for img in images]

@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from engines.errors import ImageError
 from engines.quality import REASONS, Quality, QualityConfig, assess, face_geometry
+from tests.services import missing_model
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,7 @@ def mtcnn(tmp_path_factory):
     try:
         sources = find_mtcnn_weights()
     except MtcnnWeightsError as exc:
-        pytest.skip(f"needs facenet-pytorch's MTCNN weights: pip install --no-deps facenet-pytorch ({exc})")
+        missing_model(f"needs facenet-pytorch's MTCNN weights: pip install --no-deps facenet-pytorch ({exc})")
     return MtcnnDetector(convert_mtcnn(tmp_path_factory.mktemp("mtcnn"), sources), MtcnnConfig(min_face_size=40))
 
 

@@ -16,6 +16,7 @@ from edge.pipeline import CameraSpec, Pipeline
 from edge.sinks import MemorySink
 from testing.media import make_face_clip
 from tests.edge_support import People, matcher_for, signed_store
+from tests.services import missing_model
 from tests.test_pipeline import FPS, SIZE, decode
 
 
@@ -119,7 +120,7 @@ def _stranger(engine: Any, matcher: Any, below: float, people: People) -> np.nda
             (match,) = matcher.match(faces[0].embedding[None], misses=True)
             if match is None or match.score < below:
                 return image
-    pytest.skip("no face of someone else passes the quality gate")
+    missing_model("no face of someone else passes the quality gate")
 
 
 def test_pipeline_looks_again_only_at_faces_near_a_decision(engine: Any, people: People, tmp_path: Path) -> None:
