@@ -97,6 +97,35 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             "published_at {REAL}, seen_at {REAL} NOT NULL, topic TEXT NOT NULL)",
         ],
     ),
+    (
+        5,
+        "sightings: the hits of one person at one unit close in time, decided once",
+        [
+            # One row per sighting (central/store.py, SIGHTING_GAP_S); its id is its first hit's. The
+            # decision lives here and is copied to every hit of the sighting, so a later hit of a decided
+            # sighting shows the decision instead of asking two operators again.
+            "CREATE TABLE sightings (id TEXT PRIMARY KEY, site TEXT NOT NULL, unit_id TEXT NOT NULL, "
+            "person_id TEXT NOT NULL, first_at {REAL} NOT NULL, last_at {REAL} NOT NULL, "
+            "created_at {REAL} NOT NULL, last_received_at {REAL} NOT NULL, hits {INT} NOT NULL, "
+            "best_hit_id TEXT NOT NULL, best_score {REAL}, last_camera_id TEXT, last_track_id {INT}, "
+            "review_state TEXT NOT NULL DEFAULT 'pending', decided_at {REAL}, decided_score {REAL})",
+            # Hits stored before are not grouped after the fact: each becomes a sighting of its own,
+            # with its decision.
+            "INSERT INTO sightings(id, site, unit_id, person_id, first_at, last_at, created_at, last_received_at, "
+            "hits, best_hit_id, best_score, last_camera_id, last_track_id, review_state, decided_at, decided_score) "
+            "SELECT id, site, unit_id, person_id, captured_at, captured_at, received_at, received_at, 1, id, score, "
+            "camera_id, track_id, review_state, reviewed_at, score FROM hits",
+            "ALTER TABLE hits ADD COLUMN sighting_id TEXT",
+            "UPDATE hits SET sighting_id = id",
+            "CREATE INDEX idx_hits_sighting_id ON hits(sighting_id)",
+            "CREATE INDEX idx_sightings_unit_person_last_at ON sightings(site, unit_id, person_id, last_at)",
+            "CREATE INDEX idx_sightings_review_state_created_at ON sightings(review_state, created_at)",
+            "CREATE INDEX idx_sightings_last_received_at ON sightings(last_received_at)",
+            "ALTER TABLE reviews ADD COLUMN sighting_id TEXT",
+            "UPDATE reviews SET sighting_id = hit_id",
+            "CREATE INDEX idx_reviews_sighting_id ON reviews(sighting_id)",
+        ],
+    ),
 ]
 
 LATEST = MIGRATIONS[-1][0]

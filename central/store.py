@@ -16,6 +16,8 @@ from __future__ import annotations
 import abc
 import base64
 import contextlib
+import csv
+import datetime as dt
 import json
 import threading
 import time
@@ -65,6 +67,14 @@ REJECT_PAYLOAD_BYTES = 4096
 MAX_REJECTS = 10_000
 """The rejects table keeps the newest this many rows (and none older than the hit retention)."""
 REJECT_TEXT_CHARS = 1000
+SIGHTING_GAP_S = 300.0
+"""A hit joins a sighting of the same person at the same unit when it was captured within this long
+of the sighting's span: one person lingering in view gave 19 hits in 13 minutes, a few tens of
+seconds apart, and each asked two operators. Five minutes chains those and a tracker losing and
+finding the face again, while someone passing the same unit an hour later is asked about again."""
+SIGHTING_TRACK_S = 1800.0
+"""A hit on the camera and track of a sighting's latest hit continues it up to this long after it:
+the tracker held the face the whole time (track ids restart with the unit, hence a limit)."""
 
 
 class StoreError(RuntimeError):
@@ -252,6 +262,7 @@ class HitStore(abc.ABC):
                     f"last_seen = {self.greatest}(coalesce(units.last_seen, 0), excluded.last_seen)",
                     (site, unit_id, seen, n),
                 )
+            self._group_sightings(q, [row for row, _ in first])
             for row in first_of_version:
                 self._audit(
                     q,
@@ -262,6 +273,96 @@ class HitStore(abc.ABC):
                 )
         return new
 
+    def _group_sightings(self, q: Runner, rows: list[dict[str, Any]]) -> None:
+        """Put each newly stored hit into a sighting (SIGHTING_GAP_S, SIGHTING_TRACK_S), oldest capture
+        first: the open sighting of its person at its unit that it falls into, or a new one named by
+        the hit. A hit joining a decided sighting takes its decision; a rejection covers only the
+        faces the operator saw, so a hit scoring above the best of them starts a new sighting."""
+        if not rows:
+            return
+        # Receivers sharing a PostgreSQL store group under one lock, so one person's hits arriving at
+        # two receivers at once cannot open two sightings.
+        self._lock_audit(q)
+        keys = {(r["site"], r["unit_id"], r["person_id"]) for r in rows}
+        low = min(r["captured_at"] for r in rows) - max(SIGHTING_GAP_S, SIGHTING_TRACK_S)
+        high = max(r["captured_at"] for r in rows) + SIGHTING_GAP_S
+        known: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+        for key in keys:
+            known[key] = q(
+                "SELECT * FROM sightings WHERE site = ? AND unit_id = ? AND person_id = ? AND last_at >= ? "
+                "AND first_at <= ?",
+                (*key, low, high),
+            )
+        new_ids: set[str] = set()
+        changed: dict[str, dict[str, Any]] = {}
+        placed: list[tuple[str, str, str]] = []  # hit id, sighting id, review state
+        for row in sorted(rows, key=lambda r: (r["captured_at"], r["id"])):
+            found = known[(row["site"], row["unit_id"], row["person_id"])]
+            joins = [s for s in found if _continues(s, row)]
+            if joins:
+                sighting = min(joins, key=lambda s: abs(s["last_at"] - row["captured_at"]))
+                sighting["hits"] += 1
+                sighting["first_at"] = min(sighting["first_at"], row["captured_at"])
+                sighting["last_received_at"] = max(sighting["last_received_at"], row["received_at"])
+                if row["captured_at"] >= sighting["last_at"]:
+                    sighting["last_at"] = row["captured_at"]
+                    sighting["last_camera_id"], sighting["last_track_id"] = row["camera_id"], row.get("track_id")
+                if (row.get("score") or 0) > (sighting["best_score"] or 0):
+                    sighting["best_hit_id"], sighting["best_score"] = row["id"], row.get("score")
+            else:
+                sighting = {
+                    "id": row["id"],
+                    "site": row["site"],
+                    "unit_id": row["unit_id"],
+                    "person_id": row["person_id"],
+                    "first_at": row["captured_at"],
+                    "last_at": row["captured_at"],
+                    "created_at": row["received_at"],
+                    "last_received_at": row["received_at"],
+                    "hits": 1,
+                    "best_hit_id": row["id"],
+                    "best_score": row.get("score"),
+                    "last_camera_id": row["camera_id"],
+                    "last_track_id": row.get("track_id"),
+                    "review_state": "pending",
+                    "decided_at": None,
+                    "decided_score": None,
+                }
+                found.append(sighting)
+                new_ids.add(sighting["id"])
+            changed[sighting["id"]] = sighting
+            placed.append((row["id"], sighting["id"], sighting["review_state"]))
+        for sid, s in changed.items():
+            if sid in new_ids:
+                cols = list(s)
+                q(f"INSERT INTO sightings({','.join(cols)}) VALUES ({','.join('?' * len(cols))})", [s[c] for c in cols])
+            else:
+                q(
+                    "UPDATE sightings SET first_at = ?, last_at = ?, last_received_at = ?, hits = ?, best_hit_id = ?, "
+                    "best_score = ?, last_camera_id = ?, last_track_id = ? WHERE id = ?",
+                    (
+                        s["first_at"],
+                        s["last_at"],
+                        s["last_received_at"],
+                        s["hits"],
+                        s["best_hit_id"],
+                        s["best_score"],
+                        s["last_camera_id"],
+                        s["last_track_id"],
+                        sid,
+                    ),
+                )
+        for chunk in _chunks(placed, 300):
+            sighting_case = " ".join(["WHEN ? THEN ?"] * len(chunk))
+            state_case = " ".join(["WHEN ? THEN ?"] * len(chunk))
+            q(
+                f"UPDATE hits SET sighting_id = CASE id {sighting_case} END, "
+                f"review_state = CASE id {state_case} END WHERE id IN ({','.join('?' * len(chunk))})",
+                [v for hid, sid, _ in chunk for v in (hid, sid)]
+                + [v for hid, _, state in chunk for v in (hid, state)]
+                + [hid for hid, _, _ in chunk],
+            )
+
     def _new_signed_versions(self, q: Runner, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The first row of each (unit, watchlist version) among `rows` that is validly signed while no
         stored validly signed hit of that unit carries that version: what goes into the audit chain as
@@ -269,7 +370,8 @@ class HitStore(abc.ABC):
         be sent by anyone holding the unit's broker account). Called before `rows` are inserted."""
         first: dict[tuple[str, str, int], dict[str, Any]] = {}
         for row in rows:
-            if row.get("signature") == "valid" and row.get("watchlist_version") is not None:
+            # Version 0 is a unit without a list (each restart until its list loads): nothing to record.
+            if row.get("signature") == "valid" and (row.get("watchlist_version") or 0) > 0:
                 first.setdefault((row["site"], row["unit_id"], row["watchlist_version"]), row)
         stored = (
             "SELECT 1 AS x FROM hits WHERE site = ? AND unit_id = ? AND watchlist_version = ? "
@@ -401,31 +503,39 @@ class HitStore(abc.ABC):
 
     # --- two-person review --------------------------------------------------------------------
 
-    def decide(self, hit_id: str, username: str, decision: str, reason: str | None = None) -> str:
-        """Record one operator's decision on a pending hit and return the hit's state after it.
+    def decide(
+        self, hit_id: str, username: str, decision: str, reason: str | None = None, *, closed: str | None = None
+    ) -> str:
+        """Record one operator's decision on the sighting of a hit and return its state after it.
 
-        A hit becomes `confirmed` only when two different operators have confirmed it; one
-        `reject` (with a reason) closes it as `rejected`. Every step is a new row in `reviews`
-        and an entry in the audit chain; a closed hit takes no further decisions.
+        A sighting (and every hit in it) becomes `confirmed` only when two different operators have
+        confirmed it; one `reject` (with a reason) closes it as `rejected`. Every step is a new row
+        in `reviews` and an entry in the audit chain; a closed sighting takes no further decisions.
+        `closed`: why the case is closed at HQ (the person was removed from the list), which refuses
+        a confirmation.
         """
         if decision not in DECISIONS:
             raise StoreError(f"decision must be one of {', '.join(DECISIONS)}, got {decision!r}")
         reason = (reason or "").strip() or None
         if decision == "reject" and not reason:
             raise StoreError("a rejection needs a reason (say why this is not the person)")
+        if decision == "confirm" and closed:
+            raise StoreError(f"case closed: {closed}; a closed case cannot be confirmed")
         with self._tx() as q:
             user = q("SELECT active FROM users WHERE username = ?", (username,))
             if not user or not user[0]["active"]:
                 raise StoreError(f"no active user {username!r}: decisions are taken by registered operators only")
-            hit = q(f"SELECT review_state FROM hits WHERE id = ?{self.for_update}", (hit_id,))
+            hit = q("SELECT sighting_id FROM hits WHERE id = ?", (hit_id,))
             if not hit:
                 raise StoreError(f"no hit with id {hit_id!r} in {self.location}")
-            state = hit[0]["review_state"]
+            sid = hit[0]["sighting_id"]
+            sighting = q(f"SELECT review_state, hits, best_score FROM sightings WHERE id = ?{self.for_update}", (sid,))
+            state = sighting[0]["review_state"]
             if state != "pending":
-                raise StoreError(f"hit {hit_id} is already {state}; a closed hit takes no further decisions")
+                raise StoreError(f"hit {hit_id} is already {state}; a closed sighting takes no further decisions")
             confirmers = {
                 r["username"]
-                for r in q("SELECT username FROM reviews WHERE hit_id = ? AND decision = 'confirm'", (hit_id,))
+                for r in q("SELECT username FROM reviews WHERE sighting_id = ? AND decision = 'confirm'", (sid,))
             }
             if decision == "confirm" and username in confirmers:
                 raise StoreError(
@@ -433,21 +543,32 @@ class HitStore(abc.ABC):
                 )
             now = time.time()
             q(
-                "INSERT INTO reviews(hit_id, username, decision, reason, at) VALUES (?,?,?,?,?)",
-                (hit_id, username, decision, reason, now),
+                "INSERT INTO reviews(hit_id, sighting_id, username, decision, reason, at) VALUES (?,?,?,?,?,?)",
+                (hit_id, sid, username, decision, reason, now),
             )
             new_state = "rejected" if decision == "reject" else "confirmed" if confirmers else "pending"
             if new_state != "pending":
                 q(
-                    "UPDATE hits SET review_state = ?, reviewed_by = ?, reviewed_at = ?, review_note = ? WHERE id = ?",
-                    (new_state, username, now, reason, hit_id),
+                    "UPDATE sightings SET review_state = ?, decided_at = ?, decided_score = best_score WHERE id = ?",
+                    (new_state, now, sid),
                 )
-            self._audit(q, username, "decision", hit_id, {"decision": decision, "reason": reason, "state": new_state})
+                q(
+                    "UPDATE hits SET review_state = ?, reviewed_by = ?, reviewed_at = ?, review_note = ? "
+                    "WHERE sighting_id = ?",
+                    (new_state, username, now, reason, sid),
+                )
+            detail = {"decision": decision, "reason": reason, "state": new_state, "sighting": sid}
+            detail["hits"] = int(sighting[0]["hits"])
+            self._audit(q, username, "decision", hit_id, detail)
         return new_state
 
     def reviews(self, hit_id: str) -> list[dict[str, Any]]:
-        """Every decision on a hit, oldest first."""
-        return self._read("SELECT username, decision, reason, at FROM reviews WHERE hit_id = ? ORDER BY id", (hit_id,))
+        """Every decision on a hit's sighting, oldest first (with the hit each was taken on)."""
+        return self._read(
+            "SELECT r.hit_id, r.username, r.decision, r.reason, r.at FROM reviews r "
+            "JOIN hits h ON h.sighting_id = r.sighting_id WHERE h.id = ? ORDER BY r.id",
+            (hit_id,),
+        )
 
     # --- reading ------------------------------------------------------------------------------
 
@@ -511,6 +632,80 @@ class HitStore(abc.ABC):
         if review_state is None:
             return int(self._read("SELECT COUNT(*) AS n FROM hits")[0]["n"])
         return int(self._read("SELECT COUNT(*) AS n FROM hits WHERE review_state = ?", (review_state,))[0]["n"])
+
+    def sightings(self, *, limit: int | None = 100, where: HitFilter | None = None) -> list[dict[str, Any]]:
+        """Sightings with the latest activity first, each with its best hit's camera, crop flag,
+        threshold and margin (`best_*`). `where` narrows to sightings holding a matching hit; its
+        review state is the sighting's."""
+        flt = where or HitFilter()
+        hit_clause, args = HitFilter(**{**flt.__dict__, "review_state": None}).where()
+        conds = []
+        if hit_clause:
+            conds.append(f"s.id IN (SELECT sighting_id FROM hits{hit_clause})")
+        if flt.review_state is not None:
+            conds.append("s.review_state = ?")
+            args.append(flt.review_state)
+        sql = (
+            "SELECT s.*, h.camera_id AS best_camera_id, h.has_crop AS best_has_crop, h.threshold AS best_threshold, "
+            "h.margin AS best_margin, h.captured_at AS best_captured_at FROM sightings s "
+            "JOIN hits h ON h.id = s.best_hit_id" + (" WHERE " + " AND ".join(conds) if conds else "")
+        )
+        sql += " ORDER BY s.last_received_at DESC, s.id DESC"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(int(limit))
+        rows = self._read(sql, args)
+        for r in rows:
+            r["best_has_crop"] = bool(r["best_has_crop"])
+        return rows
+
+    def sighting(self, sighting_id: str) -> dict[str, Any] | None:
+        """One sighting's row, or None."""
+        rows = self._read("SELECT * FROM sightings WHERE id = ?", (sighting_id,))
+        return rows[0] if rows else None
+
+    def sighting_hits(self, sighting_id: str) -> list[dict[str, Any]]:
+        """The hits of a sighting, in capture order."""
+        rows = self._read("SELECT * FROM hits WHERE sighting_id = ? ORDER BY captured_at, id", (sighting_id,))
+        return [self._hit_row(r) for r in rows]
+
+    def desk(self, overdue_after_s: float, now: float | None = None) -> dict[str, Any]:
+        """What waits for the operators: `pending` sightings, how many of them have waited longer than
+        `overdue_after_s` since their first hit arrived (`overdue`), and the newest pending one's id,
+        first arrival and person (`newest`, `newest_at`, `newest_person`)."""
+        now = time.time() if now is None else now
+        row = self._read(
+            "SELECT COUNT(*) AS n, SUM(CASE WHEN created_at < ? THEN 1 ELSE 0 END) AS late, MAX(created_at) AS newest "
+            "FROM sightings WHERE review_state = 'pending'",
+            (now - overdue_after_s,),
+        )[0]
+        newest = self._read(
+            "SELECT id, person_id FROM sightings WHERE review_state = 'pending' ORDER BY created_at DESC, id DESC LIMIT 1"
+        )
+        return {
+            "pending": int(row["n"] or 0),
+            "overdue": int(row["late"] or 0),
+            "newest": newest[0]["id"] if newest else None,
+            "newest_at": row["newest"],
+            "newest_person": newest[0]["person_id"] if newest else None,
+        }
+
+    def camera_names(self) -> dict[tuple[str, str, str], str]:
+        """Each camera's name as its unit's latest heartbeat gives it ((site, unit, camera id) -> name),
+        cut to 80 characters; cameras without one are left out."""
+        names: dict[tuple[str, str, str], str] = {}
+        for row in self._read("SELECT site, unit_id, heartbeat FROM units WHERE heartbeat IS NOT NULL"):
+            try:
+                body = json.loads(row["heartbeat"])
+            except ValueError:
+                continue
+            unit = body.get("unit") if isinstance(body, dict) and isinstance(body.get("unit"), dict) else {}
+            cameras = unit.get("cameras") if isinstance(unit.get("cameras"), list) else []
+            for cam in cameras[:64]:
+                if isinstance(cam, dict) and isinstance(cam.get("id"), str) and isinstance(cam.get("name"), str):
+                    if cam["name"].strip():
+                        names[(row["site"], row["unit_id"], cam["id"])] = cam["name"].strip()[:80]
+        return names
 
     def distinct(self, column: str) -> list[str]:
         """The values seen in a hit column that the list filters on (person, camera, unit)."""
@@ -610,11 +805,14 @@ class HitStore(abc.ABC):
     def export_jsonl(
         self, fh: IO[str], *, since: float | None = None, with_crops: bool = False, actor: str | None = None
     ) -> int:
-        """Write hits oldest first, one JSON object per line, with their decisions; crops as base64 if
-        asked. The export is entered in the audit chain as `actor`'s. Returns the count."""
+        """Write hits oldest first, one JSON object per line, with their sighting's decisions; times
+        as ISO 8601 UTC (`captured_at`, `queued_at`, `received_at`, `reviewed_at`, a review's `at`);
+        crops as base64 if asked. The export is entered in the audit chain as `actor`'s. Returns the
+        count."""
         n = 0
         for row in self.hits(limit=None, since=since, newest_first=False):
-            row["reviews"] = self.reviews(row["id"])
+            row = _iso_times(row)
+            row["reviews"] = [_iso_times(r) for r in self.reviews(row["id"])]
             if with_crops:
                 crop = self.crop(row["id"])
                 row["crop_jpeg_b64"] = base64.b64encode(crop).decode("ascii") if crop else None
@@ -622,6 +820,26 @@ class HitStore(abc.ABC):
             n += 1
         if actor:
             self.audit(actor, "export", None, {"what": "hits", "count": n, "since": since, "with_crops": with_crops})
+        return n
+
+    def export_csv(self, fh: IO[str], *, since: float | None = None, actor: str | None = None) -> int:
+        """Write hits oldest first as CSV (a header, then one row per hit; EXPORT_CSV_COLUMNS), times as
+        ISO 8601 UTC, the sighting's decisions in one cell (`who decision at: reason; ...`). Cells a
+        spreadsheet would run as a formula (=, +, -, @ first) are quoted with a leading '. The export is
+        entered in the audit chain as `actor`'s. Returns the count."""
+        out = csv.writer(fh)
+        out.writerow(EXPORT_CSV_COLUMNS)
+        n = 0
+        for row in self.hits(limit=None, since=since, newest_first=False):
+            row = _iso_times(row)
+            row["decisions"] = "; ".join(
+                f"{r['username']} {r['decision']} {r['at']}" + (f": {r['reason']}" if r["reason"] else "")
+                for r in (_iso_times(r) for r in self.reviews(row["id"]))
+            )
+            out.writerow([_csv_cell(row.get(c)) for c in EXPORT_CSV_COLUMNS])
+            n += 1
+        if actor:
+            self.audit(actor, "export", None, {"what": "hits", "format": "csv", "count": n, "since": since})
         return n
 
     def purge(self, older_than_s: float, now: float | None = None, *, actor: str = "receiver") -> int:
@@ -637,6 +855,12 @@ class HitStore(abc.ABC):
             q(f"DELETE FROM reviews WHERE hit_id IN ({old})", (cutoff,))
             q("DELETE FROM hits WHERE received_at < ?", (cutoff,))
             n = q.rowcount
+            # A sighting goes with its last hit; one that lost its best hit shows its best remaining one.
+            q("DELETE FROM sightings WHERE NOT EXISTS (SELECT 1 FROM hits WHERE hits.sighting_id = sightings.id)")
+            q(
+                "UPDATE sightings SET best_hit_id = (SELECT id FROM hits WHERE hits.sighting_id = sightings.id "
+                "ORDER BY score DESC, id LIMIT 1) WHERE NOT EXISTS (SELECT 1 FROM hits WHERE hits.id = sightings.best_hit_id)"
+            )
             q("DELETE FROM rejects WHERE received_at < ?", (cutoff,))
             rejects = q.rowcount
             q("DELETE FROM sessions WHERE expires_at < ?", (now,))
@@ -719,10 +943,33 @@ class HitStore(abc.ABC):
         )
         if not rows or rows[0]["expires_at"] < now or now - rows[0]["last_seen"] > idle_s:
             return None
-        if now - rows[0]["last_seen"] > 30:
+        # Written at most every 30 s (every quarter of a shorter idle timeout): an open console page
+        # touches its session through its event stream, which must land well within the timeout.
+        if now - rows[0]["last_seen"] > min(30.0, idle_s / 4):
             with self._tx() as q:
                 q("UPDATE sessions SET last_seen = ? WHERE token_hash = ?", (now, token_hash))
         return rows[0]
+
+    def session_owner(self, token_hash: str) -> str | None:
+        """Whose session this token was, live or ended by time (ended by logout, a new password or
+        a disabled account, it is gone), or None."""
+        rows = self._read(
+            "SELECT s.username FROM sessions s JOIN users u ON u.username = s.username "
+            "WHERE s.token_hash = ? AND u.active = 1",
+            (token_hash,),
+        )
+        return rows[0]["username"] if rows else None
+
+    def on_duty(self, within_s: float, now: float | None = None) -> list[dict[str, Any]]:
+        """Who is on duty: users with a live session seen within `within_s` (an open console page keeps
+        it fresh), each once, by name: username, role, since (their earliest such session's start)."""
+        now = time.time() if now is None else now
+        return self._read(
+            "SELECT s.username, u.role, MIN(s.created_at) AS since FROM sessions s "
+            "JOIN users u ON u.username = s.username WHERE u.active = 1 AND s.last_seen >= ? AND s.expires_at > ? "
+            "GROUP BY s.username, u.role ORDER BY s.username",
+            (now - within_s, now),
+        )
 
     def end_session(self, token_hash: str) -> None:
         with self._tx() as q:
@@ -768,11 +1015,72 @@ class HitStore(abc.ABC):
         the export itself is entered as `actor`'s afterwards. Returns the count written."""
         n = 0
         for row in self.iter_audit():
+            # `at` stays as stored (the hash covers it); `at_utc` beside it is for people.
+            row["at_utc"] = iso_time(row["at"])
             fh.write(json.dumps(row, separators=(",", ":"), ensure_ascii=False) + "\n")
             n += 1
         if actor:
             self.audit(actor, "export", None, {"what": "audit", "count": n})
         return n
+
+
+EXPORT_CSV_COLUMNS = (
+    "id",
+    "sighting_id",
+    "site",
+    "unit_id",
+    "camera_id",
+    "person_id",
+    "captured_at",
+    "received_at",
+    "score",
+    "threshold",
+    "margin",
+    "model_id",
+    "watchlist_version",
+    "signature",
+    "review_state",
+    "decisions",
+)
+_TIME_FIELDS = ("captured_at", "queued_at", "received_at", "reviewed_at", "at")
+
+
+def iso_time(ts: float | None) -> str | None:
+    """A time as ISO 8601 UTC with milliseconds (2025-03-01T12:00:00.250Z); None stays None, and a
+    time no calendar holds is given as its number."""
+    if ts is None:
+        return None
+    try:
+        return dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    except (OverflowError, OSError, ValueError):
+        return str(ts)
+
+
+def _iso_times(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: iso_time(v) if k in _TIME_FIELDS else v for k, v in row.items()}
+
+
+def _csv_cell(value: Any) -> Any:
+    # Ids and reasons come from units and operators: a cell starting with = + - @ would run as a
+    # formula in a spreadsheet.
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return "" if value is None else value
+
+
+def _continues(sighting: dict[str, Any], row: dict[str, Any]) -> bool:
+    """Whether the hit `row` belongs to `sighting` (same person and unit already): captured within
+    SIGHTING_GAP_S of its span, or on its latest hit's camera and track within SIGHTING_TRACK_S."""
+    if sighting["review_state"] == "rejected" and (row.get("score") or 0) > (sighting["decided_score"] or 0):
+        return False
+    at = row["captured_at"]
+    if sighting["first_at"] - SIGHTING_GAP_S <= at <= sighting["last_at"] + SIGHTING_GAP_S:
+        return True
+    same_track = row.get("track_id") is not None and (row["camera_id"], row["track_id"]) == (
+        sighting["last_camera_id"],
+        sighting["last_track_id"],
+    )
+    return same_track and sighting["last_at"] <= at <= sighting["last_at"] + SIGHTING_TRACK_S
 
 
 def _chunks(seq: list, size: int) -> Iterator[list]:

@@ -146,9 +146,10 @@ def test_cli_review_uses_the_two_person_rule_and_short_ids(tmp_path):
     store = HitStore(db)
     for user in ("ana", "ben"):
         store.add_user(user, "operator", accounts.hash_password(f"{user}-password-1"), actor="test")
-    for hit_id in ("aa11" + "0" * 28, "aa22" + "0" * 28):
+    # Two persons: hits of one person at one unit close in time would be one sighting, decided once.
+    for hit_id, person in (("aa11" + "0" * 28, "person-7"), ("aa22" + "0" * 28, "person-8")):
         fields, crop = records.decode_hit(
-            records.hit_payload(records.hit_record(make_hit(id=hit_id), "site-a"), None, None)
+            records.hit_payload(records.hit_record(make_hit(id=hit_id, person_id=person), "site-a"), None, None)
         )
         store.add_hit(fields, crop)
     store.close()

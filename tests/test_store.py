@@ -12,6 +12,7 @@ import time
 import pytest
 
 from central import accounts
+from central.migrations import LATEST
 from central.store import HitFilter, HitStore, StoreError, heartbeat_facts
 from testing.hits import face_jpeg, make_hit
 from wire import records
@@ -54,7 +55,7 @@ def decoded(**kw):
 
 def test_backend_is_chosen_by_url(store, store_url):
     assert type(store).__name__ == ("SqliteHitStore" if store_url.startswith("sqlite") else "PostgresHitStore")
-    assert store.schema_version == 4
+    assert store.schema_version == LATEST
     with pytest.raises(StoreError, match="unknown store URL"):
         HitStore("mysql://x/y")
 
@@ -248,8 +249,12 @@ def test_a_version_1_sqlite_store_is_migrated_in_place(tmp_path):
     conn.commit()
     conn.close()
     store = HitStore(path)
-    assert store.schema_version == 4
-    assert store.reviews("h1") == [{"username": "duty", "decision": "reject", "reason": "no", "at": 3.0}]
+    assert store.schema_version == LATEST
+    assert store.reviews("h1") == [
+        {"hit_id": "h1", "username": "duty", "decision": "reject", "reason": "no", "at": 3.0}
+    ]
+    # Hits stored before sightings each become a sighting of their own, with their decision.
+    assert store.sighting("h1")["review_state"] == "rejected" and store.hit("h1")["sighting_id"] == "h1"
     assert [(r["payload"], r["payload_bytes"]) for r in store.rejects()] == [(b"y" * 4096, 10_000)]
     store.close()
     conn = sqlite3.connect(path)
@@ -283,3 +288,89 @@ def test_quarantine_is_bounded_and_status_follows_receive_time(store):
     fields, crop = decoded()
     store.add_hit(dict(fields, signature="valid"), crop)
     assert store.hit(fields["id"])["signature"] == "valid"
+
+
+def test_hits_of_one_person_at_one_unit_close_in_time_form_one_sighting(store):
+    t0 = 1_700_000_000.0
+    ids = []
+    # One person in view: 19 hits 41 s apart (13 minutes), as measured at a station, one of them best.
+    for k in range(19):
+        fields, crop = decoded(
+            person_id="case-1", captured_at=t0 + 41 * k, score=0.9 if k == 7 else 0.7, track_id=k, crop=face_jpeg()
+        )
+        store.add_hits([(fields, crop, t0 + 41 * k + 1)])
+        ids.append(fields["id"])
+    # Another person at the unit, the same person at another unit, and the same person 20 minutes on.
+    other = [decoded(person_id="case-2", captured_at=t0 + 60)[0], decoded(person_id="case-1", unit_id="unit-2")[0]]
+    later, _ = decoded(person_id="case-1", captured_at=t0 + 41 * 18 + 1200, track_id=99)
+    # The same track past the gap continues the sighting: the tracker held the face throughout.
+    same_track, _ = decoded(person_id="case-3", captured_at=t0, track_id=5)
+    held, _ = decoded(person_id="case-3", captured_at=t0 + 900, track_id=5)
+    store.add_hits([(f, None, t0 + 2000) for f in (*other, later, same_track, held)])
+    sightings = {s["id"]: s for s in store.sightings(limit=None)}
+    assert len(sightings) == 5
+    first = sightings[ids[0]]
+    assert first["hits"] == 19 and first["best_hit_id"] == ids[7] and first["best_has_crop"]
+    assert {h["id"] for h in store.sighting_hits(ids[0])} == set(ids)
+    assert sightings[same_track["id"]]["hits"] == 2
+    assert later["id"] in sightings
+    assert [s["id"] for s in store.sightings(where=HitFilter(person_id="case-1", unit_id="unit-1"))] == [
+        later["id"],
+        ids[0],
+    ]
+    # Waiting longer than 10 minutes since its first hit arrived: only the 19-hit sighting.
+    desk = store.desk(overdue_after_s=600, now=t0 + 2000)
+    assert (desk["pending"], desk["overdue"]) == (5, 1)
+
+
+def test_one_two_person_decision_covers_the_sighting_and_later_hits_show_it(store):
+    t0 = time.time() - 600
+    a, _ = decoded(person_id="case-1", captured_at=t0, score=0.8)
+    b, _ = decoded(person_id="case-1", captured_at=t0 + 30, score=0.7)
+    store.add_hits([(a, None, t0 + 1), (b, None, t0 + 31)])
+    assert store.decide(b["id"], "ana", "confirm") == "pending"
+    with pytest.raises(StoreError, match="second, different operator"):
+        store.decide(a["id"], "ana", "confirm")  # the same sighting, whichever hit is open
+    assert store.decide(a["id"], "ben", "confirm") == "confirmed"
+    assert {store.hit(h["id"])["review_state"] for h in (a, b)} == {"confirmed"}
+    c, _ = decoded(person_id="case-1", captured_at=t0 + 90, score=0.95)
+    store.add_hit(c, None)
+    assert store.hit(c["id"])["review_state"] == "confirmed" and store.hit(c["id"])["sighting_id"] == a["id"]
+    assert [r["username"] for r in store.reviews(c["id"])] == ["ana", "ben"]
+    with pytest.raises(StoreError, match="already confirmed"):
+        store.decide(c["id"], "ana", "reject", "no")
+    decisions = [e for e in store.audit_entries(limit=None) if e["action"] == "decision"]
+    assert len(decisions) == 2 and json.loads(decisions[0]["detail"])["sighting"] == a["id"]
+
+
+def test_a_rejection_covers_only_the_faces_seen(store):
+    t0 = time.time() - 600
+    a, _ = decoded(person_id="case-1", captured_at=t0, score=0.7)
+    store.add_hit(a, None)
+    assert store.decide(a["id"], "ana", "reject", "not her") == "rejected"
+    weaker, _ = decoded(person_id="case-1", captured_at=t0 + 30, score=0.65)
+    stronger, _ = decoded(person_id="case-1", captured_at=t0 + 60, score=0.85)
+    store.add_hits([(weaker, None, t0 + 31), (stronger, None, t0 + 61)])
+    assert store.hit(weaker["id"])["review_state"] == "rejected"
+    assert store.hit(stronger["id"])["review_state"] == "pending"
+    assert store.hit(stronger["id"])["sighting_id"] == stronger["id"]
+
+
+def test_a_closed_case_cannot_be_confirmed(store):
+    fields, _ = decoded(person_id="case-1")
+    store.add_hit(fields, None)
+    with pytest.raises(StoreError, match="case closed"):
+        store.decide(fields["id"], "ana", "confirm", closed="HQ removed case-1 in version 5")
+    assert store.reviews(fields["id"]) == []
+
+
+def test_watchlist_version_0_is_not_audited(store):
+    fields, _ = decoded(watchlist_version=0)
+    store.add_hit({**fields, "signature": "valid"}, None)
+    assert [e for e in store.audit_entries(limit=None) if e["action"] == "watchlist_seen"] == []
+
+
+def test_camera_names_come_from_heartbeats(store):
+    body = {"unit": {"cameras": [{"id": "cam-1", "name": " Platform 1 <north> "}, {"id": "cam-2", "name": ""}, "x"]}}
+    store.set_heartbeat("site-a", "unit-1", body, time.time())
+    assert store.camera_names() == {("site-a", "unit-1", "cam-1"): "Platform 1 <north>"}
