@@ -381,30 +381,50 @@ def serve(
     "--jsonl",
     "jsonl",
     type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
-    required=True,
-    help="Output file, '-' for stdout.",
+    default=None,
+    help="JSON lines output file, '-' for stdout.",
+)
+@click.option(
+    "--csv",
+    "csv_out",
+    type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
+    default=None,
+    help="CSV output file (one row per hit, decisions in one cell), '-' for stdout.",
 )
 @click.option("--since", type=TIME, default=None, help="Only hits received at or after this UTC time.")
-@click.option("--with-crops", is_flag=True, help="Include face crops as base64 JPEG (crop_jpeg_b64).")
-def export(db_url: str, jsonl: Path, since: dt.datetime | None, with_crops: bool) -> None:
-    """Write the stored hits with their decisions, oldest first, as JSON lines (entered in the audit chain).
+@click.option("--with-crops", is_flag=True, help="Include face crops as base64 JPEG (crop_jpeg_b64; JSON lines only).")
+def export(db_url: str, jsonl: Path | None, csv_out: Path | None, since: dt.datetime | None, with_crops: bool) -> None:
+    """Write the stored hits with their sighting's decisions, oldest first, as JSON lines or CSV, times in
+    ISO 8601 UTC (entered in the audit chain).
 
     \b
     Example:
       checkpoint-receiver export --db hits.sqlite --jsonl hits.jsonl --since 2025-01-01
+      checkpoint-receiver export --db hits.sqlite --csv hits.csv
       checkpoint-receiver export --db hits.sqlite --jsonl - | head -1
     """
+    if (jsonl is None) == (csv_out is None):
+        raise click.UsageError("give one of --jsonl FILE or --csv FILE")
+    if csv_out is not None and with_crops:
+        raise click.UsageError("--with-crops goes with --jsonl (a CSV cell is no place for a JPEG)")
     store = _open_store(db_url)
     since_ts = since.replace(tzinfo=dt.timezone.utc).timestamp() if since else None
+    out = jsonl if jsonl is not None else csv_out
+
+    def write(fh: Any) -> int:
+        if jsonl is not None:
+            return store.export_jsonl(fh, since=since_ts, with_crops=with_crops, actor=_cli_actor())
+        return store.export_csv(fh, since=since_ts, actor=_cli_actor())
+
     try:
-        if str(jsonl) == "-":
-            n = store.export_jsonl(sys.stdout, since=since_ts, with_crops=with_crops, actor=_cli_actor())
+        if str(out) == "-":
+            n = write(sys.stdout)
         else:
-            with open(jsonl, "w", encoding="utf-8") as fh:
-                n = store.export_jsonl(fh, since=since_ts, with_crops=with_crops, actor=_cli_actor())
+            with open(out, "w", encoding="utf-8", newline="") as fh:
+                n = write(fh)
     finally:
         store.close()
-    click.echo(f"exported {n} hits to {jsonl}", err=True)
+    click.echo(f"exported {n} hits to {out}", err=True)
 
 
 @main.command()

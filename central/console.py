@@ -42,7 +42,7 @@ from central import accounts
 from central.audit import Head
 from central.health import centre_problems
 from central.register_view import PHOTO_TYPES, RegisterView
-from central.store import EXPIRY_WARNING_S, REVIEW_STATES, HitFilter, HitStore, StoreError
+from central.store import EXPIRY_WARNING_S, REVIEW_STATES, SIGHTING_GAP_S, HitFilter, HitStore, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ HERE = Path(__file__).resolve().parent
 SESSION_COOKIE = "cp_session"
 LOGIN_COOKIE = "cp_login"
 QUARANTINE_ROWS = 200  # the newest quarantined messages the quarantine page lists
+URGENT_PRIORITY = 7  # HQ's priorities run 0-9; from 7 a new sighting sounds the urgent alert (as p7-p9 show red)
 # Control characters, DEL and C1, and the bidirectional overrides that can make text read backwards.
 _INVISIBLE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
@@ -65,6 +66,12 @@ class ConsoleSettings:
     poll_s: float = 0.5
     expiry_warning_s: float = EXPIRY_WARNING_S
     hits_per_page: int = 100
+    # A sighting pending longer than this since its first hit arrived is marked and counted as
+    # overdue: the desk's escalation (Genetec and XProtect escalate an unacknowledged alarm likewise).
+    overdue_after_s: float = 300.0
+    # An operator whose console page was open within this long is on duty (an open page keeps its
+    # session's last_seen fresh at least every 30 s).
+    on_duty_s: float = 120.0
 
 
 def visible(value: Any) -> str:
@@ -107,6 +114,31 @@ def until(ts: float | None, now: float | None = None) -> str:
     return f"in {s / 3600:.1f} h" if s < 2 * 86400 else f"in {s / 86400:.1f} days"
 
 
+def duration(seconds: float | None) -> str:
+    """A span in words: 45 s, 13 min, 2.5 h."""
+    s = max(0.0, float(seconds or 0))
+    if s < 90:
+        return f"{s:.0f} s"
+    if s < 5400:
+        return f"{s / 60:.0f} min"
+    return f"{s / 3600:.1f} h"
+
+
+def waited(ts: float | None) -> str:
+    """How long since `ts`, as a duration."""
+    return duration(time.time() - ts) if ts else "-"
+
+
+def when(ts: float | None) -> Markup:
+    """A time as UTC text in a <time> element that console.js gives the browser's local time beside
+    (the centre does not know each site's time zone)."""
+    text = utc(ts)
+    if text.startswith("(") or text == "-":
+        return Markup.escape(text)
+    iso = dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat(timespec="seconds")
+    return Markup('<time class="when" datetime="{}">{} UTC</time>').format(iso, text)
+
+
 def _qs(value: Any) -> str:
     return quote("" if value is None else str(value), safe="")
 
@@ -117,7 +149,9 @@ def _environment() -> jinja2.Environment:
         autoescape=True,
         undefined=jinja2.StrictUndefined,
     )
-    env.filters.update(visible=visible, utc=utc, ago=ago, until=until, q=_qs)
+    env.filters.update(
+        visible=visible, utc=utc, ago=ago, until=until, q=_qs, duration=duration, waited=waited, when=when
+    )
     return env
 
 
@@ -135,8 +169,22 @@ class Console:
     # --- rendering and sessions -----------------------------------------------------------------
 
     def render(self, request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
+        if context.get("session") and "desk" not in context:
+            # The header's live desk line: pending and overdue sightings, who is on duty.
+            context["desk"] = self.desk()
+            context["on_duty"] = self.store.on_duty(self.settings.on_duty_s)
         html = self.env.get_template(name).render(request=request, **context)
         return HTMLResponse(html, status_code=status)
+
+    def desk(self) -> dict[str, Any]:
+        """What waits (central.store.HitStore.desk), with the newest pending sighting's priority (from
+        HQ's register) so the page can sound louder for an urgent case."""
+        desk = self.store.desk(self.settings.overdue_after_s)
+        person = self.register.people({desk["newest_person"]}) if desk["newest_person"] else {}
+        priority = person[desk["newest_person"]].priority if desk["newest_person"] in person else None
+        desk["urgent"] = priority is not None and priority >= URGENT_PRIORITY
+        del desk["newest_person"]  # never sent to the page: the stream carries counts and an id only
+        return desk
 
     def secure(self, request: Request) -> bool:
         if self.settings.secure_cookies is not None:
@@ -181,7 +229,15 @@ class Console:
 
     def _login_form(self, request: Request, error: str | None = None, status: int = 200) -> Response:
         token = secrets.token_urlsafe(24)
-        resp = self.render(request, "login.html", status, csrf=token, error=error, next=_safe_next(request))
+        waiting = None
+        old = request.cookies.get(SESSION_COOKIE)
+        if old and self.store.session_owner(accounts.token_hash(old)):
+            # Only a browser whose session just ended learns how many sightings wait, not anyone who
+            # can reach the login page.
+            waiting = self.store.desk(self.settings.overdue_after_s)
+        resp = self.render(
+            request, "login.html", status, csrf=token, error=error, next=_safe_next(request), waiting=waiting
+        )
         resp.set_cookie(
             LOGIN_COOKIE, token, max_age=1800, httponly=True, samesite="strict", secure=self.secure(request), path="/"
         )
@@ -222,7 +278,9 @@ class Console:
         resp.set_cookie(
             SESSION_COOKIE,
             session_token,
-            max_age=int(self.settings.session_ttl_s),
+            # The cookie outlives the session by an hour (the store refuses it from the session's end):
+            # the login page it then lands on can tell its owner how many sightings wait.
+            max_age=int(self.settings.session_ttl_s) + 3600,
             httponly=True,
             samesite="strict",
             secure=self.secure(request),
@@ -258,30 +316,35 @@ class Console:
         )
         return flt, raw
 
-    def _hit_rows(self, flt: HitFilter) -> list[dict[str, Any]]:
-        rows = self.store.hits(limit=self.settings.hits_per_page, where=flt)
+    def _closed(self, person_id: str, site: str) -> str | None:
+        published = self.store.publications().get(site)
+        return self.register.case_closed(person_id, published["version"] if published else None)
+
+    def _sighting_rows(self, flt: HitFilter) -> list[dict[str, Any]]:
+        rows = self.store.sightings(limit=self.settings.hits_per_page, where=flt)
         people = self.register.people({r["person_id"] for r in rows})
+        cameras = self.store.camera_names()
+        late = time.time() - self.settings.overdue_after_s
         for r in rows:
             r["person"] = people.get(r["person_id"])
+            r["camera_name"] = cameras.get((r["site"], r["unit_id"], r["best_camera_id"]))
+            r["overdue"] = r["review_state"] == "pending" and r["created_at"] < late
+            r["closed"] = self._closed(r["person_id"], r["site"]) if r["review_state"] == "pending" else None
         return rows
+
+    def _rows_context(self, request: Request) -> dict[str, Any]:
+        flt, raw = self._filter(request)
+        return dict(sightings=self._sighting_rows(flt), f=raw, overdue_after=self.settings.overdue_after_s)
 
     def hits_page(self, request: Request) -> Response:
         sess = self.require(request)
-        flt, raw = self._filter(request)
         return self.render(
-            request,
-            "hits.html",
-            session=sess,
-            hits=self._hit_rows(flt),
-            f=raw,
-            states=REVIEW_STATES,
-            pending=self.store.count_hits("pending"),
+            request, "hits.html", session=sess, states=REVIEW_STATES, gap=SIGHTING_GAP_S, **self._rows_context(request)
         )
 
     def hits_rows(self, request: Request) -> Response:
         self.require(request, page=False)
-        flt, _ = self._filter(request)
-        return self.render(request, "_hit_rows.html", hits=self._hit_rows(flt))
+        return self.render(request, "_hit_rows.html", **self._rows_context(request))
 
     def _hit_context(self, request: Request, sess: dict[str, Any]) -> dict[str, Any]:
         hit_id = request.query_params.get("id", "")
@@ -292,7 +355,21 @@ class Console:
         person = self.register.person(hit["person_id"])
         reviews = self.store.reviews(hit["id"])
         confirmed_by = {r["username"] for r in reviews if r["decision"] == "confirm"}
-        return dict(session=sess, hit=hit, unit=unit, person=person, reviews=reviews, confirmed_by=confirmed_by)
+        sighting = self.store.sighting(hit["sighting_id"])
+        closed = self._closed(hit["person_id"], hit["site"]) if sighting["review_state"] == "pending" else None
+        camera = self.store.camera_names().get((hit["site"], hit["unit_id"], hit["camera_id"]))
+        return dict(
+            session=sess,
+            hit=hit,
+            unit=unit,
+            person=person,
+            reviews=reviews,
+            confirmed_by=confirmed_by,
+            sighting=sighting,
+            others=[h for h in self.store.sighting_hits(sighting["id"]) if h["id"] != hit["id"]][:24],
+            closed=closed,
+            camera_name=camera,
+        )
 
     def hit_page(self, request: Request) -> Response:
         sess = self.require(request)
@@ -307,21 +384,35 @@ class Console:
         form = await self.form(request, sess)
         hit_id, decision = form.get("id", ""), form.get("decision", "")
         try:
-            await anyio.to_thread.run_sync(self.store.decide, hit_id, sess["username"], decision, form.get("reason"))
+            hit = await anyio.to_thread.run_sync(self.store.hit, hit_id)
+            closed = await anyio.to_thread.run_sync(self._closed, hit["person_id"], hit["site"]) if hit else None
+            await anyio.to_thread.run_sync(
+                lambda: self.store.decide(hit_id, sess["username"], decision, form.get("reason"), closed=closed)
+            )
         except StoreError as e:
             ctx = await anyio.to_thread.run_sync(self._hit_context, _with_query(request, hit_id), sess)
             return self.render(request, "hit.html", 409, error=str(e), **ctx)
         return RedirectResponse("/hit?id=" + _qs(hit_id), 303)
 
     def crop(self, request: Request) -> Response:
+        """A hit's crop as opened on its hit page: entered in the audit chain once per session and hit."""
+        return self._jpeg(request, audited=True)
+
+    def thumb(self, request: Request) -> Response:
+        """A crop as a thumbnail in the sighting list and the sighting's strip: not audited (the list
+        refreshes with every hit; an entry per thumbnail buried the decisions), the crop opened on the
+        hit page is."""
+        return self._jpeg(request, audited=False)
+
+    def _jpeg(self, request: Request, *, audited: bool) -> Response:
         sess = self.require(request, page=False)
         hit_id = request.query_params.get("id", "")
         jpeg = self.store.crop(hit_id)
         if jpeg is None:
             raise HTTPException(404, "no crop for this hit")
         key = (sess["token_hash"], hit_id)
-        if key not in self._crop_views:
-            # One entry per session and hit: the list refreshes its thumbnails often.
+        if audited and key not in self._crop_views:
+            # One entry per session and hit: a reload of the hit page is the same view.
             self.store.audit(sess["username"], "view_crop", hit_id, {})
             if len(self._crop_views) > 100_000:
                 self._crop_views.clear()
@@ -381,36 +472,65 @@ class Console:
 
     async def hits_export(self, request: Request) -> Response:
         sess = await anyio.to_thread.run_sync(lambda: self.require(request, role="supervisor"))
-        await self.form(request, sess)
-        return await self._download(request, sess, "hits")
+        form = await self.form(request, sess)
+        return await self._download(request, sess, "hits-csv" if form.get("format") == "csv" else "hits")
 
     async def _download(self, request: Request, sess: dict[str, Any], what: str) -> Response:
         buf = io.StringIO()
+        actor = sess["username"]
         if what == "audit":
-            await anyio.to_thread.run_sync(lambda: self.store.export_audit_jsonl(buf, actor=sess["username"]))
+            await anyio.to_thread.run_sync(lambda: self.store.export_audit_jsonl(buf, actor=actor))
+        elif what == "hits-csv":
+            await anyio.to_thread.run_sync(lambda: self.store.export_csv(buf, actor=actor))
         else:
-            await anyio.to_thread.run_sync(lambda: self.store.export_jsonl(buf, actor=sess["username"]))
+            await anyio.to_thread.run_sync(lambda: self.store.export_jsonl(buf, actor=actor))
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        if what == "hits-csv":
+            name, ext, media = "hits", "csv", "text/csv"
+        else:
+            name, ext, media = what, "jsonl", "application/x-ndjson"
         return Response(
             buf.getvalue(),
-            media_type="application/x-ndjson",
-            headers={"Content-Disposition": f'attachment; filename="checkpoint-{what}-{stamp}.jsonl"'},
+            media_type=media,
+            headers={"Content-Disposition": f'attachment; filename="checkpoint-{name}-{stamp}.{ext}"'},
         )
 
     async def events(self, request: Request) -> Response:
-        await anyio.to_thread.run_sync(lambda: self.require(request, page=False))
-        return StreamingResponse(self._event_stream(request), media_type="text/event-stream")
+        sess = await anyio.to_thread.run_sync(lambda: self.require(request, page=False))
+        return StreamingResponse(self._event_stream(request, sess), media_type="text/event-stream")
 
-    async def _event_stream(self, request: Request) -> AsyncIterator[str]:
+    async def _event_stream(self, request: Request, sess: dict[str, Any]) -> AsyncIterator[str]:
         last_hits, last_units = await anyio.to_thread.run_sync(self.store.change_marker)
-        last_units_sent = time.monotonic()
+        last_units_sent = last_session = time.monotonic()
+        last_desk = await anyio.to_thread.run_sync(self.desk)
+        # An open page keeps its session alive (up to the session's absolute limit): the stream
+        # touches it well within the idle timeout, so the first hit after a quiet hour refreshes the
+        # list instead of turning the page into the login form.
+        touch_every = max(self.settings.poll_s, min(30.0, self.settings.session_idle_s / 4))
+        # ... and looks again the moment the session's absolute limit passes, to send the page away.
+        expires = float(sess["expires_at"])
         yield "retry: 1000\n\n"
+        yield f"event: desk\ndata: {json.dumps(last_desk)}\n\n"
         while not await request.is_disconnected():
             await asyncio.sleep(self.settings.poll_s)
+            if time.monotonic() - last_session >= touch_every or time.time() >= expires:
+                last_session = time.monotonic()
+                alive = await anyio.to_thread.run_sync(
+                    self.store.session, sess["token_hash"], self.settings.session_idle_s
+                )
+                if alive is None:
+                    # Ended (its absolute limit, logout, password change): the page goes to the login.
+                    yield "event: ended\ndata: {}\n\n"
+                    return
             hits, units = await anyio.to_thread.run_sync(self.store.change_marker)
-            if hits != last_hits:
+            desk = await anyio.to_thread.run_sync(self.desk)
+            if hits != last_hits or desk["overdue"] != last_desk["overdue"]:
+                # A sighting turning overdue changes its row: the list refreshes as for a new hit.
                 last_hits = hits
                 yield f"event: hits\ndata: {json.dumps({'at': time.time()})}\n\n"
+            if desk != last_desk:
+                last_desk = desk
+                yield f"event: desk\ndata: {json.dumps(desk)}\n\n"
             # Health turns stale with time alone, so the fleet is refreshed now and then as well.
             if units != last_units or time.monotonic() - last_units_sent > 10:
                 last_units, last_units_sent = units, time.monotonic()
@@ -511,6 +631,7 @@ def create_app(
         Route("/hit", console.hit_page),
         Route("/hit/panel", console.hit_panel),
         Route("/hit/crop", console.crop),
+        Route("/hit/thumb", console.thumb),
         Route("/hit/decide", console.decide, methods=["POST"]),
         Route("/person/photo", console.photo),
         Route("/fleet", console.fleet_page),

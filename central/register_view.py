@@ -97,6 +97,39 @@ class RegisterView:
             log.warning("cannot read the register %s: %s", self.register, e)
         return out
 
+    def case_closed(self, person_id: str, published: int | None = None) -> str | None:
+        """Why the case is closed, or None: HQ listed the person in a release and the list the units
+        now get (`published`, the version the centre last saw HQ publish for the site, else the
+        register's newest release) no longer holds them, so HQ removed them (found, or withdrawn).
+        A person never released is not a closed case but an unknown one, and a register without
+        releases (or none given) closes nothing."""
+        if self.register is None:
+            return None
+        try:
+            conn = self._connect()
+            try:
+                tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                if not {"releases", "release_persons"} <= tables:
+                    return None
+                known = {int(r[0]) for r in conn.execute("SELECT version FROM releases")}
+                latest = published if published in known else max(known, default=None)
+                if latest is None:
+                    return None
+                listed = conn.execute(
+                    "SELECT MAX(version) FROM release_persons WHERE person_id = ? AND version <= ?", (person_id, latest)
+                ).fetchone()[0]
+                if listed is None or listed == latest:
+                    return None
+                removed_in = conn.execute(
+                    "SELECT MIN(version) FROM releases WHERE version > ? AND version <= ?", (listed, latest)
+                ).fetchone()[0]
+            finally:
+                conn.close()
+        except sqlite3.Error as e:
+            log.warning("cannot read the register %s: %s", self.register, e)
+            return None
+        return f"HQ removed this person from the watchlist in version {removed_in}"
+
     def _photos(self, person_id: str) -> list[Path]:
         if self.photos is None:
             return []

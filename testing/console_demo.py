@@ -21,13 +21,21 @@ DEMO_USERS = (
     ("ben", "operator", "demo-ben-password"),
     ("sam", "supervisor", "demo-sam-password"),
 )
-# (person id, name, priority); the last one is not in the register (a case closed at HQ).
+# (person id, name, priority); the last one HQ removed from the list in version 42 (a case closed).
 DEMO_PERSONS = (
     ("case-2024-0173", "Mila Novak", 9),
     ("case-2023-0412", "Jonas Berger", 6),
     ("case-2022-0088", "Lea Horvat", 3),
     ("case-2019-0007", None, 0),
 )
+CAMERA_NAMES = {
+    "platform-1": "Platform 1, north stairs",
+    "platform-2": "Platform 2, lifts",
+    "concourse": "Main concourse, ticket hall",
+    "entrance": "East entrance",
+    "belt-4": "Baggage belt 4",
+    "stairs": "Underpass stairs",
+}
 DEMO_UNITS = (
     # site, unit, cameras up/total, watchlist expires in (days), software, health
     ("station-north", "gate-1", 4, 4, 6.0, "0.4.2", "online"),
@@ -84,7 +92,16 @@ def _register(path: Path, photos: Path, faces: list[tuple[np.ndarray, np.ndarray
         "threshold REAL, updated_at REAL NOT NULL);"
         "CREATE TABLE templates (id INTEGER PRIMARY KEY, person_id TEXT NOT NULL, model_id TEXT NOT NULL, "
         "photo_sha256 TEXT NOT NULL, photo_date TEXT, age INTEGER, embedding BLOB NOT NULL, enrolled_at REAL NOT NULL);"
+        "CREATE TABLE releases (version INTEGER PRIMARY KEY, kind TEXT NOT NULL);"
+        "CREATE TABLE release_persons (version INTEGER NOT NULL, person_id TEXT NOT NULL, digest TEXT NOT NULL, "
+        "PRIMARY KEY (version, person_id));"
     )
+    # Version 41 listed all four persons; 42, the one the sites run, no longer lists the last.
+    conn.executemany("INSERT INTO releases VALUES (?, 'full')", [(41,), (42,)])
+    for version, persons in ((41, DEMO_PERSONS), (42, DEMO_PERSONS[:3])):
+        conn.executemany(
+            "INSERT INTO release_persons VALUES (?,?,?)", [(version, pid, "0" * 64) for pid, _, _ in persons]
+        )
     now = time.time()
     for i, (pid, name, priority) in enumerate(DEMO_PERSONS[:3]):
         conn.execute("INSERT INTO persons VALUES (?,?,?,NULL,?)", (pid, name, priority, now))
@@ -124,11 +141,14 @@ def seed_demo(folder: Path, *, now: float | None = None) -> DemoData:
                 "unit": {
                     "cameras_up": up,
                     "cameras_total": total,
+                    "cameras": [{"id": cid, "name": name, "up": True} for cid, name in CAMERA_NAMES.items()],
                     "watchlist": {"version": 42, "expires_at": now + expires_days * 86400},
                 },
                 "outbox": {"pending": 17 if health == "offline" else 0},
             }
             store.set_heartbeat(site, unit, body, at)
+        for site in sorted({u[0] for u in DEMO_UNITS}):
+            store.set_publication(site, 42, now - 86400, now - 86400, f"checkpoint/v1/{site}/watchlist/full/manifest")
         plan = [
             (0, "station-north", "gate-1", "platform-1", 0.74, 0.29, []),
             (1, "station-north", "gate-2", "concourse", 0.66, 0.12, [("ana", "confirm", None)]),
@@ -145,9 +165,22 @@ def seed_demo(folder: Path, *, now: float | None = None) -> DemoData:
             (3, "station-south", "platform-3", "stairs", 0.63, 0.09, []),
             (1, "station-north", "gate-2", "entrance", 0.69, 0.18, []),
         ]
+        # One person lingering in view: five hits 40 s apart, one sighting, waiting for its first confirmation.
+        plan += [
+            (
+                0,
+                "station-north",
+                "gate-2",
+                "concourse",
+                0.70 + 0.01 * j,
+                0.26,
+                [("ana", "confirm", None)] if j == 4 else [],
+            )
+            for j in range(5)
+        ]
         for k, (person, site, unit, camera, score, margin, decisions) in enumerate(plan):
             hit_id = uuid.UUID(int=0xC0FFEE00 + k).hex
-            captured = now - 60 * (len(plan) - k) * 7
+            captured = now - 60 * (6 - k) * 7 if k < 6 else now - 200 + 40 * (k - 6)
             fields = {
                 "id": hit_id,
                 "site": site,

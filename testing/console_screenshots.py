@@ -13,15 +13,16 @@ import argparse
 import logging
 import os
 import shutil
+import sqlite3
 import sys
 import tempfile
 from pathlib import Path
 
 from central.console import create_app
 from central.register_view import RegisterView
-from central.store import HitStore
+from central.store import HitFilter, HitStore
 from central.webserver import BackgroundServer
-from testing.console_demo import DEMO_USERS, seed_demo
+from testing.console_demo import DEMO_PERSONS, DEMO_USERS, seed_demo
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,8 @@ class ScreenshotError(RuntimeError):
 
 
 def take(out: Path, chromium: str | None = None) -> list[Path]:
-    """Write login.png, hits.png, hit.png, fleet.png and audit.png into `out`; returns the paths."""
+    """Write login.png, hits.png, hit.png (a 1280x720 screen, as an operator sees it), hit-closed.png,
+    login-ended.png, fleet.png and audit.png into `out`; returns the paths."""
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
@@ -45,18 +47,20 @@ def take(out: Path, chromium: str | None = None) -> list[Path]:
         data = seed_demo(Path(tmp))
         store = HitStore(data.db)
         server = BackgroundServer(create_app(store, register=RegisterView(data.register, data.photos))).start()
-        one_confirmation = next(h["id"] for h in store.hits(review_state="pending") if len(store.reviews(h["id"])) == 1)
+        # The lingering person's sighting (five hits), waiting for its second confirmation.
+        lingering = next(s for s in store.sightings(where=HitFilter(review_state="pending")) if s["hits"] > 1)
+        closed = next(s for s in store.sightings() if s["person_id"] == DEMO_PERSONS[3][0])
         user, _, password = next(u for u in DEMO_USERS if u[1] == "supervisor")
         try:
             with sync_playwright() as p:
                 browser = p.chromium.launch(
                     executable_path=exe, args=["--no-sandbox"] if os.geteuid() == 0 else [], headless=True
                 )
-                page = browser.new_context(viewport={"width": 1280, "height": 760}).new_page()
+                page = browser.new_context(viewport={"width": 1280, "height": 720}).new_page()
 
-                def shot(name: str) -> None:
+                def shot(name: str, full_page: bool = True) -> None:
                     path = out / f"{name}.png"
-                    page.screenshot(path=str(path), full_page=True)
+                    page.screenshot(path=str(path), full_page=full_page)
                     written.append(path)
 
                 page.goto(server.url + "/login")
@@ -67,13 +71,23 @@ def take(out: Path, chromium: str | None = None) -> list[Path]:
                 page.wait_for_url("**/hits")
                 page.wait_for_load_state("networkidle")
                 shot("hits")
-                page.goto(f"{server.url}/hit?id={one_confirmation}")
+                page.goto(f"{server.url}/hit?id={lingering['best_hit_id']}")
                 page.wait_for_load_state("networkidle")
-                shot("hit")
+                shot("hit", full_page=False)
+                page.goto(f"{server.url}/hit?id={closed['best_hit_id']}")
+                page.wait_for_load_state("networkidle")
+                shot("hit-closed", full_page=False)
                 page.goto(server.url + "/fleet")
                 shot("fleet")
                 page.goto(server.url + "/audit")
                 shot("audit")
+                # A session that ran out (its 12 hours): the login page says what waits.
+                conn = sqlite3.connect(data.db)
+                with conn:
+                    conn.execute("UPDATE sessions SET expires_at = 0")
+                conn.close()
+                page.goto(server.url + "/login")
+                shot("login-ended")
                 browser.close()
         finally:
             server.stop()

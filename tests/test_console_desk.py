@@ -1,0 +1,328 @@
+"""The operators' desk (issue 21) in Debian's Chromium via Playwright, against a real receiver fed by
+a real Mosquitto and a real unit reporter: sightings decided once, the live count and tab title, a
+sound and a desktop notification on a new sighting, escalation, sessions that follow an open page,
+the login page after a session's end, who is on duty, the hit page's decision above the fold at
+1280x720 with the camera's name and local time, closed cases, audit without noise, CSV exports."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from central import accounts
+from central.console import ConsoleSettings, create_app
+from central.receiver import Receiver, ReceiverConfig
+from central.register_view import RegisterView
+from central.store import HitStore
+from central.webserver import BackgroundServer
+from edge.outbox import OutboxConfig
+from edge.reporter import MqttConfig, MqttReporter
+from testing.broker import FAST, MosquittoBroker, find_mosquitto, wait_for
+from testing.console_demo import DEMO_PERSONS, seed_demo
+from testing.hits import face_jpeg, make_hit
+from tests.services import missing_service
+from wire.signing import generate_unit_key, public_key_line, write_unit_key
+
+PASSWORDS = {"ana": "ana-password-1", "ben": "ben-password-1", "sam": "sam-password-1"}
+CAMERA_NAME = "Platform 1 <north> stairs"
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """Broker, store with three accounts, receiver, the console over HTTP, and one signing unit whose
+    heartbeat names its camera. `serve(**settings)` starts another console on the same store."""
+    if find_mosquitto() is None:
+        missing_service("needs the mosquitto broker binary (apt-get install -y mosquitto mosquitto-clients)")
+    tmp = tmp_path_factory.mktemp("desk")
+    broker = MosquittoBroker(tmp / "broker").start()
+    demo = seed_demo(tmp / "demo")  # its register (releases: case-2019-0007 removed in 42) and photos
+    store = HitStore(tmp / "hits.sqlite")
+    for name, role in (("ana", "operator"), ("ben", "operator"), ("sam", "supervisor")):
+        store.add_user(name, role, accounts.hash_password(PASSWORDS[name]), actor="test")
+    signer = generate_unit_key()
+    key = write_unit_key(signer, tmp / "unit-1.key")
+    (tmp / "unit-keys").write_text(public_key_line("site-a", "unit-1", signer.public_raw) + "\n")
+    rx = Receiver(
+        ReceiverConfig(
+            host=broker.host,
+            port=broker.port,
+            client_id="rx-desk",
+            reconnect_min_delay_s=0.1,
+            reconnect_max_delay_s=0.5,
+            unit_keys=tmp / "unit-keys",
+        ),
+        store,
+    )
+    rx.start()
+    wait_for(rx.subscribed.is_set, what="receiver subscribed")
+    register = RegisterView(demo.register, demo.photos)
+    servers = []
+
+    def serve(**settings) -> str:
+        app = create_app(store, register=register, settings=ConsoleSettings(poll_s=0.25, **settings))
+        servers.append(BackgroundServer(app).start())
+        return servers[-1].url
+
+    url = serve()
+    reporter = MqttReporter(
+        MqttConfig(host=broker.host, port=broker.port, site="site-a", signing_key=key, **FAST),
+        OutboxConfig(path=tmp / "outbox.sqlite"),
+        "unit-1",
+        lambda: {"cameras_up": 1, "cameras_total": 1, "cameras": [{"id": "platform-1", "name": CAMERA_NAME}]},
+    )
+    wait_for(lambda: store.camera_names(), what="the unit's heartbeat with its camera names")
+    yield SimpleNamespace(broker=broker, store=store, rx=rx, url=url, serve=serve, reporter=reporter, tmp=tmp)
+    reporter.close()
+    for server in servers:
+        server.stop()
+    rx.close()
+    store.close()
+    broker.kill()
+
+
+@pytest.fixture
+def page_for(chromium):
+    """page_for(url, user, **context options) -> a logged-in page in its own browser context."""
+    contexts = []
+
+    def make(url: str, user: str, **options):
+        ctx = chromium.new_context(**{"viewport": {"width": 1280, "height": 720}, **options})
+        ctx.set_default_timeout(15000)
+        contexts.append(ctx)
+        page = ctx.new_page()
+        page.goto(url + "/hits")
+        page.fill("input[name=username]", user)
+        page.fill("input[name=password]", PASSWORDS[user])
+        page.click("button[type=submit]")
+        page.wait_for_url("**/hits")
+        return page
+
+    yield make
+    for ctx in contexts:
+        ctx.close()
+
+
+def send(site, **fields) -> str:
+    hit = make_hit(crop=face_jpeg(), camera_id="platform-1", **fields)
+    site.reporter.submit(hit)
+    wait_for(lambda: site.store.hit(hit.id) is not None, what=f"hit {hit.id} stored")
+    return hit.id
+
+
+def test_hits_of_one_person_are_one_sighting_decided_once(site, page_for):
+    from playwright.sync_api import expect
+
+    ana, ben = page_for(site.url, "ana"), page_for(site.url, "ben")
+    t0 = time.time()
+    first = send(site, person_id="case-2022-0088", captured_at=t0, score=0.70, track_id=1)
+    row = ana.locator(f"tr[data-sighting-id='{first}']")
+    expect(row).to_be_visible()
+    ids = [first] + [
+        send(site, person_id="case-2022-0088", captured_at=t0 + 40 * k, score=0.70 + 0.02 * k, track_id=1 + k)
+        for k in (1, 2)
+    ]
+    # One row for the three hits, live, its crop the best hit's; nobody is asked three times.
+    expect(row).to_have_attribute("data-hits", "3")
+    expect(row.locator("td.count")).to_contain_text("3 hits")
+    expect(row).to_have_attribute("data-hit-id", ids[2])
+    assert ana.locator("tr.sighting[data-sighting-id]").filter(has_text="case-2022-0088").count() == 1
+
+    ana.goto(f"{site.url}/hit?id={ids[0]}")
+    ana.click("button.confirm")
+    expect(ana.locator("#state")).to_have_text("pending")
+    ben.goto(f"{site.url}/hit?id={ids[1]}")  # another hit of the same sighting
+    expect(ben.locator("button.confirm")).to_be_enabled()
+    ben.click("button.confirm")
+    expect(ben.locator("#state")).to_have_text("confirmed")
+    expect(ana.locator("#state")).to_have_text("confirmed")
+    assert {site.store.hit(h)["review_state"] for h in ids} == {"confirmed"}
+
+    # A later hit of the decided sighting shows the decision instead of asking again.
+    later = send(site, person_id="case-2022-0088", captured_at=t0 + 150, score=0.72, track_id=9)
+    ana.goto(f"{site.url}/hits")
+    expect(ana.locator(f"tr[data-sighting-id='{first}']")).to_have_attribute("data-hits", "4")
+    ana.goto(f"{site.url}/hit?id={later}")
+    expect(ana.locator("#state")).to_have_text("confirmed")
+    expect(ana.locator("#after-decision")).to_be_visible()
+    expect(ana.locator("button.confirm")).to_have_count(0)
+    decisions = [e for e in site.store.audit_entries(limit=None) if e["action"] == "decision"]
+    assert [json.loads(e["detail"])["sighting"] for e in decisions[:2]] == [first, first]
+
+
+def test_a_new_sighting_updates_count_and_title_sounds_and_notifies(site, page_for):
+    from playwright.sync_api import expect
+
+    page = page_for(site.url, "ana", permissions=["notifications"])
+    page.click("#sound-toggle")  # a click: browsers play audio only after one
+    expect(page.locator("#sound-toggle")).to_have_text("Sound on")
+    page.click("#notify-toggle")
+    expect(page.locator("#notify-toggle")).to_have_text("Desktop alerts on")
+    before = int(page.locator("#pending-count").inner_text())
+    send(site, person_id="case-2024-0173", unit_id="unit-1", captured_at=time.time() - 3600)  # priority 9
+    expect(page.locator("#pending-count")).to_have_text(str(before + 1))
+    expect(page).to_have_title(f"({before + 1}) Sightings · checkpoint console")
+    # Playwright's wait_for_function evaluates a string, which the console's CSP forbids; evaluate does not.
+    wait_for(lambda: page.evaluate("window.checkpointDesk.alerts.some(a => a.kind === 'sound')"), what="a sound")
+    alerts = page.evaluate("window.checkpointDesk.alerts")
+    sound = next(a for a in alerts if a["kind"] == "sound")
+    # It played (the oscillator ran to its end in a running context), the urgent level for priority 9.
+    assert sound == {"kind": "sound", "urgent": True, "gain": 0.9, "state": "running"}
+    assert {"kind": "notification", "urgent": True} in alerts
+
+    # Muted by this operator: the next sighting is counted but silent; the choice survives a reload.
+    page.click("#sound-toggle")
+    page.reload()
+    expect(page.locator("#sound-toggle")).to_have_text("Sound off")
+    n = int(page.locator("#pending-count").inner_text())
+    send(site, person_id="case-2023-0412", captured_at=time.time() - 3000)  # priority 6
+    expect(page.locator("#pending-count")).to_have_text(str(n + 1))
+    wait_for(
+        lambda: page.evaluate("window.checkpointDesk.alerts.some(a => a.kind === 'notification' && !a.urgent)"),
+        what="a notification",
+    )
+    assert [a for a in page.evaluate("window.checkpointDesk.alerts") if a["kind"] == "sound"] == []
+
+
+def test_a_sighting_pending_too_long_is_marked_and_counted(site, page_for):
+    from playwright.sync_api import expect
+
+    url = site.serve(overdue_after_s=2.0)
+    page = page_for(url, "ben")
+    sid = send(site, person_id="case-2022-0088", unit_id="unit-1", captured_at=time.time() - 7200)
+    row = page.locator(f"tr[data-sighting-id='{sid}']")
+    expect(row).to_be_visible()
+    # Two seconds on it turns overdue without a reload: marked, and counted in the header.
+    expect(row).to_have_class("hit sighting state-pending overdue")
+    expect(row.locator(".badge.overdue")).to_contain_text("waiting")
+    expect(page.locator("#overdue")).to_be_visible()
+    assert int(page.locator("#overdue-count").inner_text()) >= 1
+    assert "!)" in page.title()
+
+
+def test_an_open_page_keeps_its_session_and_a_hit_after_the_idle_time_shows(site, page_for):
+    from playwright.sync_api import expect
+
+    url = site.serve(session_idle_s=2.0)
+    page = page_for(url, "ana")
+    page.evaluate("window.__notReloaded = true")
+    started = time.time()
+    # The page sits idle well past the idle timeout; only its event stream touches the session.
+    wait_for(
+        lambda: any(
+            s["last_seen"] > started + 4.0
+            for s in site.store._read("SELECT last_seen FROM sessions WHERE username = 'ana'")
+        ),
+        timeout=20,
+        what="the open page's stream kept the session alive past twice the idle timeout",
+    )
+    hit_id = send(site, person_id="case-2023-0412", captured_at=time.time() - 5000)
+    expect(page.locator(f"tr[data-hit-id='{hit_id}']")).to_be_visible()
+    assert "/hits" in page.url and page.evaluate("window.__notReloaded") is True
+
+
+def test_an_ended_session_lands_on_a_login_page_that_says_what_waits(site, page_for):
+    from playwright.sync_api import expect
+
+    url = site.serve(session_ttl_s=3.0)
+    page = page_for(url, "ben")
+    page.wait_for_url("**/login?next=*", timeout=20000)
+    waiting = site.store.desk(300)["pending"]
+    expect(page.locator("#waiting")).to_contain_text(f"{waiting} sighting")
+    expect(page.locator("#waiting")).to_contain_text("Your session ended")
+    # Someone who never had a session learns nothing from the login page.
+    other = page.context.browser.new_context()
+    try:
+        fresh = other.new_page()
+        fresh.goto(url + "/login")
+        expect(fresh.locator("input[name=username]")).to_be_visible()
+        assert fresh.locator("#waiting").count() == 0
+    finally:
+        other.close()
+
+
+def test_who_is_on_duty_is_in_the_header(site, page_for):
+    from playwright.sync_api import expect
+
+    ana = page_for(site.url, "ana")
+    page_for(site.url, "ben")
+    ana.reload()
+    expect(ana.locator("#on-duty")).to_contain_text("ana")
+    expect(ana.locator("#on-duty")).to_contain_text("ben")
+
+
+def test_the_hit_page_decides_above_the_fold_with_camera_name_and_local_time(site, page_for):
+    from playwright.sync_api import expect
+
+    page = page_for(site.url, "ana", timezone_id="Europe/Vienna")
+    hit_id = send(site, person_id="case-2024-0173", unit_id="unit-1", captured_at=time.time() - 9000)
+    page.goto(f"{site.url}/hit?id={hit_id}")
+    # Wholly inside the 1280x720 screen, nothing to scroll to (the panel may be re-rendered live: expect waits).
+    for control in ("button.confirm", "button.reject", "input[name=reason]", "#state"):
+        expect(page.locator(control)).to_be_in_viewport(ratio=1.0)
+    expect(page.locator("figcaption .camera-name")).to_have_text(CAMERA_NAME)  # text, not markup
+    expect(page.locator("figcaption time.when")).to_contain_text("UTC")
+    expect(page.locator("figcaption time.when .local")).to_contain_text("Europe/Vienna")
+
+
+def test_a_pending_sighting_of_a_removed_person_is_a_closed_case(site, page_for):
+    from playwright.sync_api import expect
+
+    removed = DEMO_PERSONS[3][0]  # listed in release 41, gone from 42
+    page = page_for(site.url, "ana")
+    hit_id = send(site, person_id=removed, captured_at=time.time() - 12000)
+    row = page.locator(f"tr[data-hit-id='{hit_id}']")
+    expect(row.locator(".badge.closed")).to_have_text("case closed")
+    page.goto(f"{site.url}/hit?id={hit_id}")
+    expect(page.locator("#closed")).to_have_text("case closed")
+    expect(page.locator("#closed-note")).to_contain_text("version 42")
+    expect(page.locator("button.confirm")).to_have_count(0)
+    # A confirmation sent anyway (a form kept from before) is refused.
+    csrf = site.store._read("SELECT csrf FROM sessions WHERE username = 'ana' ORDER BY created_at DESC LIMIT 1")
+    res = page.request.post(
+        f"{site.url}/hit/decide", form={"csrf": csrf[0]["csrf"], "id": hit_id, "decision": "confirm"}
+    )
+    assert res.status == 409 and "case closed" in res.text()
+    assert site.store.reviews(hit_id) == [] and site.store.hit(hit_id)["review_state"] == "pending"
+
+
+def test_audit_has_crops_opened_on_the_hit_page_once_and_no_version_0(site, page_for):
+    from playwright.sync_api import expect
+
+    page = page_for(site.url, "sam")
+    before = site.store.audit_head().count
+    hit_id = send(site, person_id="case-2023-0412", watchlist_version=0, captured_at=time.time() - 15000)
+    expect(page.locator(f"tr[data-hit-id='{hit_id}'] img")).to_be_visible()
+    thumb = f"document.querySelector(\"tr[data-hit-id='{hit_id}'] img\").naturalWidth > 0"
+    wait_for(lambda: page.evaluate(thumb), what="the thumbnail loaded")
+    new = [e for e in site.store.audit_entries(limit=None) if e["seq"] > before]
+    assert [e["action"] for e in new] == [], "a list view and its thumbnails write nothing"
+    for _ in range(2):
+        page.goto(f"{site.url}/hit?id={hit_id}")
+        wait_for(lambda: page.evaluate("document.querySelector('figure.big img').naturalWidth > 0"), what="the crop")
+    new = [e for e in site.store.audit_entries(limit=None) if e["seq"] > before]
+    assert [(e["action"], e["subject"]) for e in new] == [("view_crop", hit_id)]
+
+
+def test_exports_carry_iso_times_and_come_as_csv(site, page_for):
+    page = page_for(site.url, "sam")
+    page.goto(site.url + "/audit")
+    with page.expect_download() as dl:
+        page.click("text=Export hits with decisions (CSV)")
+    download = dl.value
+    assert download.suggested_filename.endswith(".csv")
+    rows = list(csv.DictReader(io.StringIO(open(download.path(), encoding="utf-8").read())))
+    assert len(rows) == site.store.count_hits()
+    confirmed = next(r for r in rows if r["review_state"] == "confirmed")
+    assert confirmed["captured_at"].endswith("Z") and confirmed["captured_at"][:2] == "20"
+    assert "ana confirm 20" in confirmed["decisions"] and "ben confirm" in confirmed["decisions"]
+    with page.expect_download() as dl:
+        page.click("text=Export hits with decisions (JSON lines)")
+    line = json.loads(open(dl.value.path(), encoding="utf-8").readline())
+    assert line["received_at"].endswith("Z") and "T" in line["received_at"]
+    actions = [json.loads(e["detail"]) for e in site.store.audit_entries(limit=3) if e["action"] == "export"]
+    assert {"what": "hits", "format": "csv", "count": len(rows), "since": None} in actions
