@@ -4,6 +4,7 @@ roles, escaping, and the checkpoint-receiver commands around accounts and review
 
 from __future__ import annotations
 
+import csv
 import re
 import ssl
 
@@ -233,3 +234,21 @@ def test_the_console_on_a_postgresql_store(postgres_url):
     finally:
         server.stop()
         store.close()
+
+
+def test_cli_export_csv_with_iso_times(tmp_path):
+    db = str(tmp_path / "hits.sqlite")
+    store = HitStore(db)
+    # A hostile person id that a spreadsheet would run as a formula.
+    hit = make_hit(person_id='=HYPERLINK("x")', captured_at=1_700_000_000.25)
+    fields, crop = records.decode_hit(records.hit_payload(records.hit_record(hit, "site-a"), None, None))
+    store.add_hit(fields, crop, received_at=1_700_000_001.0)
+    store.close()
+    out = tmp_path / "hits.csv"
+    res = CliRunner().invoke(cli, ["export", "--db", db, "--csv", str(out)])
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader(out.open(encoding="utf-8")))
+    assert rows[0]["captured_at"] == "2023-11-14T22:13:20.250Z" and rows[0]["received_at"] == "2023-11-14T22:13:21.000Z"
+    assert rows[0]["person_id"] == '\'=HYPERLINK("x")' and rows[0]["sighting_id"] == hit.id
+    res = CliRunner().invoke(cli, ["export", "--db", db, "--csv", str(out), "--with-crops"])
+    assert res.exit_code == 2 and "--with-crops goes with --jsonl" in res.output
