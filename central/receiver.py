@@ -308,11 +308,14 @@ class Receiver:
         self.link.start()
 
     def close(self, timeout: float = 5.0) -> None:
-        """Disconnect, store what already arrived, and close the store if this receiver opened it."""
-        self.link.stop()
+        """Store and acknowledge what already arrived, then disconnect, and close the store if this
+        receiver opened it. In that order: an acknowledgement sent after the disconnect is lost, and
+        the broker would hand the batch to the group again (stored twice as a duplicate, quarantined
+        twice)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        self.link.stop()
         if self._owns_store:
             self.store.close()
 
