@@ -34,6 +34,11 @@ OUTCOMES = ("stored", "duplicate", "refused")
 CROP_DROP_REASONS = ("oversized", "outbox_full", "not_kept")
 STATES = ("online", "offline")
 JPEG_MAGIC = b"\xff\xd8\xff"
+CANARY_PERSON_ID = "checkpoint-canary"
+"""The reserved id of the canary person HQ puts into every list (docs/edge.md, "The canary"): a
+public-domain photo, not a missing person. A hit on it is the unit's end-to-end check, flagged
+``canary`` on the wire; receivers record it per unit and never show it to operators, whichever
+camera it came from. No real person may be enrolled under this id (watchlist/hq/enrol.py)."""
 # The payloads' JSON Schemas, installed with this package.
 SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
 
@@ -64,6 +69,7 @@ class Hit:
     track_id: int = -1
     crop_jpeg: bytes | None = None
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    canary: bool = False  # the unit's own end-to-end check (CANARY_PERSON_ID), never an operator's hit
 
     def __post_init__(self) -> None:
         for name in ("unit_id", "camera_id", "person_id", "model_id", "id"):
@@ -80,6 +86,10 @@ class Hit:
             raise RecordError(f"hit {self.id}: captured_at must be seconds since the epoch, got {self.captured_at}")
         if int(self.watchlist_version) < 0:
             raise RecordError(f"hit {self.id}: watchlist_version must be >= 0")
+        if self.canary != (self.person_id == CANARY_PERSON_ID):
+            # A canary flag on a listed person would hide a real hit from operators; a canary hit
+            # without it would show them the canary.
+            raise RecordError(f"hit {self.id}: canary must be set exactly for person {CANARY_PERSON_ID!r}")
 
 
 def _clamp(value: float, bound: float) -> float:
@@ -107,6 +117,8 @@ def hit_record(hit: Hit, site: str, queued_at: float | None = None) -> dict[str,
         "model_id": hit.model_id,
         "watchlist_version": int(hit.watchlist_version),
         "track_id": int(hit.track_id),
+        # Only on canary hits: the records of every other hit stay byte for byte as before.
+        **({"canary": True} if hit.canary else {}),
     }
 
 
@@ -635,6 +647,12 @@ def decode_hit(payload: bytes, *, max_crop_bytes: int = MAX_CROP_BYTES) -> tuple
         if not crop.startswith(JPEG_MAGIC):
             raise ProtocolError(f"{HIT_SCHEMA} payload key 'crop_jpeg_b64' is not a JPEG (does not start FF D8 FF)")
     out["crop_dropped"] = dropped
+    canary = body.get("canary", False)
+    if not isinstance(canary, bool):
+        raise ProtocolError(f"{HIT_SCHEMA} payload key 'canary' must be true or false, got {safe_text(canary, 80)!r}")
+    # The reserved person id alone also makes a canary: a unit older than the flag that matched the
+    # canary person (its picture held up to a camera) must not show it to operators either.
+    out["canary"] = canary or out["person_id"] == CANARY_PERSON_ID
     return out, crop
 
 
