@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from watchlist.format import canonical
 from watchlist.format.errors import BundleRejected
 from watchlist.format.keys import MAX_KEYSET_BYTES, SIGNATURE_BYTES, key_id, signed_message
-from wire.records import id_problem
+from wire.records import CANARY_PERSON_ID, id_problem
 
 BUNDLE_MAGIC = b"CPWLBUN1"
 BUNDLE_DOMAIN = b"checkpoint-watchlist-bundle-v1\x00"
@@ -81,14 +81,24 @@ class Person:
     priority: int = 0
     threshold: float | None = None  # overrides the list's default threshold for this person
 
+    @property
+    def canary(self) -> bool:
+        """The canary person (wire.records.CANARY_PERSON_ID): the units' end-to-end check, not a missing
+        person. Flagged ``"canary": true`` in the header; a unit never shows its hits to operators."""
+        return self.person_id == CANARY_PERSON_ID
+
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "id": self.person_id,
             "name": self.name,
             "priority": self.priority,
             "threshold": self.threshold,
             "templates": [t.to_json() for t in self.templates],
         }
+        if self.canary:
+            # Only on the canary: every other person's JSON, and so its digest, is as before the flag.
+            out["canary"] = True
+        return out
 
 
 def check_person_id(pid: object, where: str = "person id") -> str:
@@ -211,6 +221,11 @@ class Bundle:
         """The stored rows of `persons[i]` (float16, before the offset is added)."""
         return self.embeddings[self._offsets[i] : self._offsets[i + 1]]
 
+    @property
+    def has_canary(self) -> bool:
+        """Whether the canary person is among `persons`."""
+        return any(p.canary for p in self.persons)
+
     def template_person_ids(self) -> list[str]:
         """The person id of each embedding row."""
         return [p.person_id for p in self.persons for _ in p.templates]
@@ -323,6 +338,10 @@ def _person_from_json(d: dict[str, Any], cache: dict[tuple[Any, Any], Template])
         if tpl is None:
             tpl = cache[key] = Template(photo_date=key[0], age=key[1])
         templates.append(tpl)
+    # Format 1 readers before the flag ignore it; readers since refuse a flag that disagrees with the
+    # reserved id, so a listed person can never be hidden from operators as a canary.
+    if d.get("canary", False) is not (d["id"] == CANARY_PERSON_ID):
+        raise ValueError(f"person {_short(d.get('id'))}: canary must be true exactly for {CANARY_PERSON_ID!r}")
     return Person(
         person_id=d["id"],
         templates=tuple(templates),

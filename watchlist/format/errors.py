@@ -40,6 +40,7 @@ REASONS = {
     "rollback": "not newer than the version the unit holds",
     "wrong_base": "a delta against another version than the one the unit holds",
     "expired": "past its expiry time",
+    "no_canary": "a list without the canary person, on a unit whose canary is on ([canary] in its config)",
 }
 
 

@@ -51,6 +51,8 @@ class UnitTrust:
     applied_model_id: str | None = None
     applied_offset: tuple[float, ...] | None = None  # what the applied list's stored rows are relative to
     keyset: KeySet | None = None  # the newest key set the unit has accepted
+    require_canary: bool = False  # the unit runs the canary: a list must hold the canary person
+    applied_has_canary: bool = False  # the applied list holds the canary person (a delta may keep it)
 
 
 @dataclass(frozen=True)
@@ -159,9 +161,30 @@ def verify_bundle(data: bytes | memoryview, trust: UnitTrust, now: float) -> Ver
             f"delta {bundle.version} encodes embeddings around another offset than the applied list; "
             "it needs the full bundle",
         )
+    if trust.require_canary:
+        _check_canary(bundle, trust)
     if bundle.expires_at <= now:
         raise BundleRejected("expired", f"bundle {bundle.version} expired at {bundle.expires_at} (now {int(now)})")
     return Verified(bundle, keyset, kid, sha256_hex(data), len(data))
+
+
+def _check_canary(bundle: Bundle, trust: UnitTrust) -> None:
+    """A unit that runs the canary takes no list that leaves it without the canary person: with
+    such a list its canary would fail for ever and it would match on a list nobody checks."""
+    from wire.records import CANARY_PERSON_ID
+
+    if bundle.kind == "full":
+        kept = bundle.has_canary
+    else:
+        kept = bundle.has_canary or (trust.applied_has_canary and CANARY_PERSON_ID not in bundle.removed)
+    if not kept:
+        what = f"full bundle {bundle.version}" if bundle.kind == "full" else f"delta {bundle.version}"
+        raise BundleRejected(
+            "no_canary",
+            f"{what} leaves no canary person ({CANARY_PERSON_ID!r}) on the list, and this unit runs the canary: "
+            "HQ must enrol it (`watchlist enrol-canary`) and build again; or turn the unit's canary off "
+            "([canary] enabled = false) while HQ's tools are older than the canary",
+        )
 
 
 def _bounded(ks: KeySet) -> KeySet:

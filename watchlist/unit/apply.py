@@ -28,6 +28,7 @@ from watchlist.format.verify import (
 )
 from watchlist.unit.config import WatchlistConfig
 from watchlist.unit.store import StoreState, UnitStore
+from wire.records import CANARY_PERSON_ID
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +81,15 @@ class Watchlist:
         embedding_dim: int | None = None,
         threshold_range: tuple[float, float] = MODEL_INDEPENDENT_THRESHOLD_RANGE,
         clock: Callable[[], float] = time.time,
+        require_canary: bool = False,
     ) -> None:
         """`embedding_dim`: the size of the embeddings the unit's engine makes (bundles of another size are
         refused; None where no engine is loaded, as in `watchlist apply`). `threshold_range`: the open range
-        of thresholds calibrated for the model (engines.calibration); the default is model-independent."""
+        of thresholds calibrated for the model (engines.calibration); the default is model-independent.
+        `require_canary`: the unit runs the canary (edge/canary.py), so a list that leaves no canary
+        person is refused (`no_canary`)."""
         self.config = config
+        self.require_canary = require_canary
         self.matcher = matcher
         self.model_id = model_id
         self.embedding_dim = embedding_dim
@@ -100,6 +105,7 @@ class Watchlist:
         self._last_rejection: dict[str, Any] | None = None
         self._rejections = 0
         self._applied = 0
+        self._canary_of: tuple[TemplateIndex, bool] | None = None
         self._state = self.store.state()
         self._keyset = self._held_keyset()
 
@@ -206,7 +212,18 @@ class Watchlist:
             applied_model_id=st.model_id,
             applied_offset=st.embedding_offset,
             keyset=self._keyset,
+            require_canary=self.require_canary,
+            applied_has_canary=self.has_canary,
         )
+
+    @property
+    def has_canary(self) -> bool:
+        """Whether the applied list holds the canary person (looked up once per index: the heartbeat asks
+        often, and a large list's ids take a while to decode)."""
+        index = self._current
+        if self._canary_of is None or self._canary_of[0] is not index:
+            self._canary_of = (index, CANARY_PERSON_ID in index.persons())
+        return self._canary_of[1]
 
     def _held_keyset(self) -> KeySet | None:
         env = self.store.keyset_envelope()
@@ -347,6 +364,7 @@ class Watchlist:
             "applied_since_start": self._applied,
             "rejections_since_start": self._rejections,
             "last_rejection": self._last_rejection,
+            "canary": self.has_canary,
         }
 
     def close(self) -> None:
