@@ -251,6 +251,37 @@ def enrol(source: Path, register_path: Path, report_path: Path | None, dry_run: 
     sys.exit(report.exit_status())
 
 
+@main.command("enrol-canary")
+@click.option(
+    "--register", "register_path", type=click.Path(path_type=Path), required=True, help="HQ register (SQLite)"
+)
+@click.option(
+    "--cache-dir", type=click.Path(path_type=Path), default=None, help="model cache holding the canary picture"
+)
+def enrol_canary_command(register_path: Path, cache_dir: Path | None) -> None:
+    """Enrol the canary person into the register with this machine's engine, so every list built
+    from it holds the canary that units check themselves with (docs/edge.md, The canary). The
+    picture is the pinned one `engines build` caches. Run it once per model; again is harmless.
+
+    Example: watchlist enrol-canary --register hq.db
+    """
+    from engines.cache import default_cache_dir
+    from engines.canary_media import ensure_canary_picture, load_canary_picture
+    from engines.errors import EngineError
+    from engines.face_engine import FaceEngine
+    from watchlist.hq.enrol import enrol_canary
+    from watchlist.hq.register import Register
+
+    try:
+        photo = load_canary_picture(ensure_canary_picture(cache_dir or default_cache_dir()))
+        engine = FaceEngine.load()
+        _selftest(engine)
+        new = enrol_canary(Register(register_path), engine, photo)
+    except (WatchlistError, EngineError) as exc:
+        _fail(exc)
+    click.echo(f"canary person enrolled for model {engine.model_id}: {new} new templates")
+
+
 @main.command()
 @click.argument("person_ids", nargs=-1, required=True)
 @click.option("--register", "register_path", type=click.Path(path_type=Path, exists=True), required=True)
@@ -330,7 +361,7 @@ def build(
 
     Example: watchlist build --register hq.db --keys /secure/hq-keys --out v12.cpwl --delta --fpir 0.01
     """
-    from watchlist.hq.build import choose_threshold, describe_changes, plan_bundle, release
+    from watchlist.hq.build import canary_problem, choose_threshold, describe_changes, plan_bundle, release
     from watchlist.hq.register import Register
 
     _selftest()
@@ -359,6 +390,9 @@ def build(
             with_names=with_names,
         )
         _print_threshold(choice, model_id)
+        no_canary = canary_problem(reg, model_id)
+        if no_canary:
+            click.echo(f"WARNING: {no_canary}", err=True)
         if dry_run:
             _print_changes(bundle, describe_changes(reg, bundle, digests), out)
             return

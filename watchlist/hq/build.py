@@ -131,6 +131,22 @@ def choose_threshold(
     return ThresholdChoice(float(threshold), None, point, cohort, warning)
 
 
+def canary_problem(register: Register, model_id: str) -> str | None:
+    """Why a list of `model_id` built now would hold no canary person (units with their canary on
+    refuse it), or None."""
+    from wire.records import CANARY_PERSON_ID
+
+    row = register.db.execute(
+        "SELECT 1 FROM templates WHERE person_id = ? AND model_id = ? LIMIT 1", [CANARY_PERSON_ID, model_id]
+    ).fetchone()
+    if row is not None:
+        return None
+    return (
+        f"the register holds no canary person for model {model_id}, so this list has none and units with their "
+        "canary on refuse it (no_canary): run `watchlist enrol-canary --register ...` and build again"
+    )
+
+
 def describe_changes(register: Register, bundle: Bundle, digests: dict[str, str]) -> dict:
     """What `bundle` changes on a unit holding the latest published release (a delta: its base):
     the ids it adds, changes and removes."""

@@ -37,6 +37,7 @@ import numpy as np
 from watchlist.format.bundle import BundleFormatError, check_person_id
 from watchlist.format.errors import EnrolmentError
 from watchlist.hq.register import Register
+from wire.records import CANARY_PERSON_ID
 
 log = logging.getLogger(__name__)
 
@@ -351,6 +352,17 @@ def enrol(
                 )
             d.setdefault(key, value)
         base = {"where": e.where, "person_id": e.person_id, "photo": str(e.photo)}
+        if e.person_id == CANARY_PERSON_ID:
+            # Its hits are hidden from operators: a missing person under this id would never be seen.
+            report.rejected.append(
+                {
+                    **base,
+                    "reason": f"{CANARY_PERSON_ID!r} is reserved for the units' canary (`watchlist enrol-canary`): "
+                    "give the person another id",
+                    "reasons": [],
+                }
+            )
+            continue
         try:
             raw = e.photo.read_bytes()
             image = load(e.photo)
@@ -385,6 +397,31 @@ def enrol(
             report.warnings.append(f"person {pid}: no usable photo, not enrolled")
     log.info("enrolment: %s", report.summary())
     return report
+
+
+def enrol_canary(register: Register, engine: EngineLike, photo: np.ndarray) -> int:
+    """Enrol the canary person (wire.records.CANARY_PERSON_ID) from the pinned canary `photo`
+    (engines.canary_media) with HQ's engine, so every list built for the engine's model holds it;
+    returns how many templates were new (0 when it was enrolled before). Raises EnrolmentError
+    when the engine finds no usable face in it (the engine is then broken: the photo is fixed)."""
+    from engines.canary_media import enrolment_pictures
+
+    embeddings = []
+    for i, picture in enumerate(enrolment_pictures(photo)):
+        v = judge_photo(engine, picture)
+        if v.embedding is None:
+            raise EnrolmentError(
+                f"the canary picture {i} is refused by the engine ({'; '.join(v.reasons)}): the pinned picture is "
+                "fixed, so the engine or its models are not what they should be (`engines selftest`)"
+            )
+        embeddings.append((hashlib.sha256(np.ascontiguousarray(picture).tobytes()).hexdigest(), v.embedding))
+    register.upsert_person(CANARY_PERSON_ID, name=None, priority=0, threshold=None)
+    new = sum(
+        register.add_template(CANARY_PERSON_ID, emb, model_id=engine.model_id, photo_sha256=digest)
+        for digest, emb in embeddings
+    )
+    log.info("canary person enrolled for model %s: %d new templates", engine.model_id, new)
+    return new
 
 
 def entries_from(source: Path) -> tuple[list[PhotoEntry], list[dict]]:
