@@ -37,6 +37,7 @@ from pydantic import (
 from common.config import StrictModel
 from edge.analysis import AnalysisConfig
 from edge.camera.config import CaptureConfig
+from edge.canary import CANARY_CAMERA_ID, CanaryConfig
 from edge.decision import DecisionConfig
 from edge.outbox import OutboxConfig
 from edge.reporter import MqttConfig
@@ -104,9 +105,21 @@ class UnitConfig(StrictModel):
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)
     sinks: SinksConfig = Field(default_factory=SinksConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    canary: CanaryConfig = Field(default_factory=CanaryConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> UnitConfig:
+        if self.canary.enabled:
+            if any(c.id == CANARY_CAMERA_ID for c in self.cameras):
+                raise ValueError(
+                    f"camera id {CANARY_CAMERA_ID!r} is the canary's while [canary] is enabled: give the camera another id"
+                )
+            if self.canary.interval_s <= 2 * self.analysis.tracker.max_age_s:
+                # One run's track must have ended before the next begins, or the next run makes no new hit.
+                raise ValueError(
+                    f"[canary] interval_s ({self.canary.interval_s:g}) must exceed twice analysis.tracker.max_age_s "
+                    f"({self.analysis.tracker.max_age_s:g})"
+                )
         if self.mqtt is None and self.sinks.jsonl is None:
             raise ValueError("hits would go nowhere: configure [mqtt] or [sinks.jsonl] (or both)")
         if self.watchlist.topic and self.mqtt is None:

@@ -25,11 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from common.version import software_version
+from edge.canary import CANARY_CAMERA_ID, CANARY_FPS, Canary
 from edge.config import CameraConfig, LoggingConfig, UnitConfig
 from edge.decision import MatcherLike
 from edge.notify import Notifier
 from edge.pipeline import CameraSpec, Pipeline
 from edge.sinks import HitSink, JsonlSink
+from wire.records import CANARY_PERSON_ID
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +78,7 @@ class Daemon:
         self.watchlist: Any = None
         self.subscriber: Any = None
         self.reporter: Any = None
+        self.canary: Canary | None = None
         # Why the unit stopped on its own (a failure systemd should restart it for); None otherwise.
         self.failure: str | None = None
         # The known-answer self-test's result (edge.probe.unit_selftest) once it passed; None when the
@@ -107,18 +110,25 @@ class Daemon:
                 self._matcher = self._open_watchlist()
             self.notifier.status("starting: cameras")
             self.readers = {cam.id: self._open_camera(cam) for cam in cfg.enabled_cameras}
+            cameras = [CameraSpec(c.id, self.readers[c.id], c.analysis_fps) for c in cfg.enabled_cameras]
+            if cfg.canary.enabled:
+                self.canary = self._open_canary()
+                # One more camera, read by the pipeline like the others: the canary takes the camera path.
+                cameras.append(CameraSpec(CANARY_CAMERA_ID, self.canary.source, CANARY_FPS))
             self.pipeline = Pipeline(
                 unit_id=cfg.unit.id,
-                cameras=[CameraSpec(c.id, self.readers[c.id], c.analysis_fps) for c in cfg.enabled_cameras],
+                cameras=cameras,
                 engine=self.engine,
                 matcher=self._matcher,
-                sinks=self.sinks,
+                sinks=[*self.sinks, *([self.canary] if self.canary is not None else [])],
                 matching=cfg.matching,
                 analysis=cfg.analysis,
             )
             for reader in self.readers.values():
                 reader.start()
             self.pipeline.start()
+            if self.canary is not None:
+                self.canary.tick()  # the first run at start
         except SelfTestFailed as exc:
             self._shutdown(timeout=5.0, reason=str(exc))
             raise
@@ -152,6 +162,8 @@ class Daemon:
             now = time.monotonic()
             if self._pipeline_failed():
                 return
+            if self.canary is not None:
+                self.canary.tick()
             if wd_every is not None and now >= next_wd:
                 self.notifier.watchdog()
                 next_wd = now + wd_every
@@ -278,6 +290,7 @@ class Daemon:
                 model_id=self.engine.model_id,
                 embedding_dim=int(self.engine.embedding_dim),
                 threshold_range=threshold_range,
+                require_canary=self.config.canary.enabled,
             )
             # A list made with another model is refused by Watchlist itself: it matches nothing and says why.
             self.watchlist.start()
@@ -295,6 +308,39 @@ class Daemon:
             )
             self.subscriber.start()
         return matcher
+
+    def _open_canary(self) -> Canary:
+        """The canary with its frames made from the cached picture; without the picture it runs no
+        check and fails at once, saying why (the unit itself still runs its cameras)."""
+        from engines.cache import default_cache_dir
+        from engines.canary_media import CanaryPictureError, canary_frames, ensure_canary_picture, load_canary_picture
+
+        cfg = self.config
+        unavailable = None
+        frames = []
+        try:
+            path = ensure_canary_picture(cfg.engine.cache_dir or default_cache_dir(), fetch=False)
+            frames = canary_frames(load_canary_picture(path), cfg.canary.frames)
+        except (CanaryPictureError, OSError) as exc:
+            unavailable = f"no canary pictures: {exc}"
+        canary = Canary(
+            cfg.canary,
+            frames,
+            stats=lambda: self.pipeline.stats().get(CANARY_CAMERA_ID, {}) if self.pipeline is not None else {},
+            has_canary=self._list_has_canary,
+            list_version=lambda: int(getattr(self.pipeline.matcher, "version", 0)) if self.pipeline else 0,
+            expects_verdicts=self.reporter is not None,
+            unavailable=unavailable,
+        )
+        if self.reporter is not None:
+            self.reporter.on_verdicts = canary.verdicts
+        return canary
+
+    def _list_has_canary(self) -> bool | None:
+        if self.watchlist is not None:
+            return bool(self.watchlist.has_canary)
+        persons = getattr(getattr(self.pipeline.matcher, "index", None), "persons", None) if self.pipeline else None
+        return None if persons is None else CANARY_PERSON_ID in persons()
 
     def _open_camera(self, cam: CameraConfig) -> Any:
         from edge.camera.capture import CameraReader
@@ -321,6 +367,9 @@ class Daemon:
             found.append(fallback)
         if self.reporter is not None:
             found += [t for t in (self.reporter.outbox.problem, self.reporter.outbox.refusal) if t]
+        canary = self.canary.warning() if self.canary is not None else None
+        if canary:
+            found.append(canary)
         behind = self.subscriber.status().get("behind") if self.subscriber is not None else None
         if behind and behind.get("stuck"):
             found.append(
@@ -422,6 +471,7 @@ class Daemon:
             "hits": self.pipeline.hits_total if self.pipeline is not None else 0,
             "sinks": {s.name: s.stats() for s in self.sinks if s.name != "mqtt"},
             **({"selftest": self.selftest} if self.selftest is not None else {}),
+            **({"canary": self.canary.status()} if self.canary is not None else {}),
         }
 
     def status_line(self) -> str:

@@ -17,7 +17,7 @@ from pydantic import Field
 
 from common.config import StrictModel
 from matching.match import Match
-from wire.records import Hit
+from wire.records import CANARY_PERSON_ID, Hit
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,7 @@ class HitEmitter:
             watchlist_version=int(watchlist_version),
             track_id=track_id,
             crop_jpeg=crop,
+            canary=match.person_id == CANARY_PERSON_ID,
         )
         with self._lock:
             # Another thread may have hit the same person while the crop was encoded.
@@ -103,7 +104,8 @@ class HitEmitter:
         if track_key in self._hit_tracks:
             return True
         last = self._last_hit.get(person_key)
-        if last is not None and captured_at - last < self.cooldown_s:
+        # The canary comes back every interval on purpose; once per track is its only limit.
+        if last is not None and captured_at - last < self.cooldown_s and person_key[1] != CANARY_PERSON_ID:
             self._hit_tracks.add(track_key)
             self.suppressed += 1
             return True

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from edge.analysis import AnalysisConfig, CameraAnalyser, FaceEngineLike
+from edge.canary import CANARY_CAMERA_ID
 from edge.decision import DecisionConfig, MatcherLike, SecondLook, decide_batch, same_person_level
 from edge.faces import EmbedRequest
 from edge.frame import Frame
@@ -416,12 +417,28 @@ class Pipeline:
                     exc,
                 )
                 continue
-            if hit is None:
+            if hit is None or not self._canary_in_place(hit):
                 continue
             self._deliver(hit)
             an.stats.hit(self.clock() - hit.captured_at)
             hits.append(hit)
         return hits
+
+    def _canary_in_place(self, hit: Hit) -> bool:
+        """The canary person is reported from the canary's own frames only, and those report nobody
+        else: a canary picture held up to a real camera is no check of the unit (and never an
+        operator's hit), and a listed person matched on the canary's picture is a wrong match."""
+        if hit.canary == (hit.camera_id == CANARY_CAMERA_ID):
+            return True
+        if hit.canary:
+            log.warning("camera %s: the canary person was seen (its picture held up?); not reported", hit.camera_id)
+        else:
+            log.error(
+                "the canary's picture matched listed person %s (score %.3f); not reported: check the list and threshold",
+                hit.person_id,
+                hit.score,
+            )
+        return False
 
     def _deliver(self, hit: Hit) -> None:
         self.hits_total += 1

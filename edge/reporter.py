@@ -141,6 +141,9 @@ class MqttReporter:
         self.heartbeat_topic = topics.topic(self.site, self.unit_id, "heartbeat")
         self.verdict_topic = topics.verdict_topic(self.site, self.unit_id)
         self._status_provider = status_provider
+        # Called with each batch of this unit's verdicts after the outbox applied them (the canary
+        # learns there whether the centre stored its hit); in the publisher thread, so it must be quick.
+        self.on_verdicts: Callable[[list[records.Verdict]], None] | None = None
         self.signer = config.signer()
         self.outbox = outbox if isinstance(outbox, Outbox) else Outbox(outbox)
         self._started_at = time.monotonic()
@@ -448,6 +451,8 @@ class MqttReporter:
         self.outbox.count_ignored(ignored)
         self._verdicts_dropped_counted = dropped
         outcome = self.outbox.apply_verdicts(verdicts)
+        if self.on_verdicts is not None and verdicts:
+            self.on_verdicts(verdicts)
         if outcome.ignored:
             log.debug(
                 "mqtt reporter %s: %d verdicts about hits not held (answered before)", self.unit_id, outcome.ignored
