@@ -61,6 +61,8 @@ class HealthSettings:
     skew_red_s: float = 300.0
 
 
+CANARY_WARNING = "canary failed: "
+"""How a unit's warning about its failed canary begins (edge/canary.py Canary.warning): said in red by _canary."""
 REFUSAL_WARNING = "the centre refused "
 """How a unit's warning about hits the centre refused begins (edge/outbox.py Outbox.refusal)."""
 
@@ -100,6 +102,7 @@ def evaluate(
         reasons += _watchlist(unit, figures, now, published, settings)
         reasons += _outbox(unit, beat, now, settings)
         reasons += _clock(unit, beat, settings)
+        reasons += _canary(unit, beat, figures, now)
     reasons.sort(key=lambda r: -LEVELS.index(r.level))
     level = reasons[0].level if reasons else "ok"
     return Health(level, reasons)
@@ -162,8 +165,44 @@ def _pipeline_and_warnings(figures: dict[str, Any]) -> list[Reason]:
     said = set(problems) | {halted}
     for w in _list(figures.get("warnings")):
         # The unit's own sentence about refused hits: said in red from its outbox figures (_outbox).
-        if isinstance(w, str) and w and w not in said and not w.startswith(REFUSAL_WARNING):
+        if (
+            isinstance(w, str)
+            and w
+            and w not in said
+            and not w.startswith(REFUSAL_WARNING)
+            and not w.startswith(CANARY_WARNING)
+        ):
             out.append(Reason("amber", f"unit warns: {_text(w)}"))
+    return out
+
+
+CANARY_LATE_INTERVALS = 2
+"""A unit whose last canary reached the centre longer ago than this many of its canary intervals is red."""
+
+
+def _canary(unit: dict[str, Any], beat: dict[str, Any], figures: dict[str, Any], now: float) -> list[Reason]:
+    """Red when the unit says its canary failed (with the unit's reason), or when no canary reached the
+    centre for `CANARY_LATE_INTERVALS` intervals (the interval comes in the heartbeat; a unit that sends
+    no ``canary`` figures runs none and is not judged on it). The unit's own warning about the failure
+    is not repeated in amber (_pipeline_and_warnings)."""
+    canary = figures.get("canary") if isinstance(figures.get("canary"), dict) else None
+    interval = _number(canary.get("interval_s")) if canary is not None else None
+    if canary is None or interval is None or interval <= 0:
+        return []
+    out = []
+    if canary.get("state") == "failed":
+        reason = canary.get("reason") if isinstance(canary.get("reason"), str) else "the unit gives no reason"
+        out.append(Reason("red", f"canary failed: {_text(reason)}"))
+    last = _number(unit.get("last_canary_at"))
+    late = CANARY_LATE_INTERVALS * interval
+    if last is not None and now - last > late:
+        out.append(
+            Reason(
+                "red", f"canary late: the last one passed {_span(now - last)} ago (one expected every {interval:g} s)"
+            )
+        )
+    elif last is None and (_number(beat.get("uptime_s")) or 0) > late:
+        out.append(Reason("red", f"canary late: none has reached the centre (one expected every {interval:g} s)"))
     return out
 
 

@@ -276,6 +276,7 @@ class Receiver:
             "verdicts_refused": 0,
             "verdicts_unheard": 0,
             "verdicts_unaddressed": 0,
+            "canaries": 0,
         }
         # Hits of the batch being handled that were quarantined: (message, reason, error).
         self._refused: list[tuple[_Incoming, str, str]] = []
@@ -468,10 +469,11 @@ class Receiver:
         # Heartbeats before hits: should the store fail after them, the batch is retried with none of
         # its hits stored yet, so each new hit still reaches on_hit (a retry would see a duplicate).
         self._store_heartbeats(beats)
-        stored, new = self._store_hits(hits)
-        # Everything in the batch is committed, as a hit or as a reject: tell the units, then
+        canaries = self._store_canaries([h for h in hits if h[1][0]["canary"]])
+        stored, new = self._store_hits([h for h in hits if not h[1][0]["canary"]])
+        # Everything in the batch is committed, as a hit, a canary or a reject: tell the units, then
         # acknowledge (a receiver that dies in between gets the hits again and answers 'duplicate').
-        self._send_verdicts(stored, new)
+        self._send_verdicts(stored + canaries, new + [True] * len(canaries))
         for m in batch:
             if m.qos > 0:
                 self.link.client.ack(m.mid, m.qos)
@@ -607,6 +609,35 @@ class Receiver:
             except Exception as e:  # noqa: BLE001 - quarantine it; if the store is down, that raises too
                 self._quarantine(m, "store", f"the store refused this hit: {e}")
         return stored, new
+
+    def _store_canaries(
+        self, canaries: list[tuple[_Incoming, tuple[dict[str, Any], bytes | None, float]]]
+    ) -> list[tuple[dict[str, Any], bytes | None, float]]:
+        """Record each unit's canary hits (never stored as hits: operators never see the canary) and
+        return those recorded. A canary counts only signed by a unit whose key the centre holds: it
+        vouches for the unit's credentials too. Others are quarantined, and their unit's canary fails."""
+        taken = []
+        for m, item in canaries:
+            fields = item[0]
+            if fields["signature"] != str(signing.Verdict.VALID):
+                self._quarantine(
+                    m,
+                    "canary_unsigned",
+                    f"canary hit of {safe_text(fields['site'])}/{safe_text(fields['unit_id'])} with signature "
+                    f"{fields['signature']}: a canary counts only signed by a unit whose key the centre holds "
+                    "(--unit-keys)",
+                )
+                continue
+            taken.append((m, item))
+        if taken:
+            try:
+                self.store.record_canaries([(f["site"], f["unit_id"], at) for _, (f, _, at) in taken])
+            except Exception as e:  # noqa: BLE001 - quarantined like a hit the store refuses
+                for m, _ in taken:
+                    self._quarantine(m, "store", f"the store refused this canary: {e}")
+                return []
+            self.counts["canaries"] += len(taken)
+        return [item for _, item in taken]
 
     def _store_heartbeats(self, batch: list[_Beat]) -> None:
         """Write the newest heartbeat of each unit in the batch in one transaction (the others are
