@@ -126,6 +126,14 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             "CREATE INDEX idx_reviews_sighting_id ON reviews(sighting_id)",
         ],
     ),
+    (
+        6,
+        "the canary: when each unit's last canary hit reached the centre",
+        [
+            # The centre's receive time: health compares it with the centre's clock (docs/edge.md, The canary).
+            "ALTER TABLE units ADD COLUMN last_canary_at {REAL}",
+        ],
+    ),
 ]
 
 LATEST = MIGRATIONS[-1][0]

@@ -473,6 +473,20 @@ class HitStore(abc.ABC):
                     [v for row in chunk for v in row] + [future],
                 )
 
+    def record_canaries(self, canaries: Sequence[tuple[str, str, float]]) -> None:
+        """Record units' canary hits (site, unit_id, received_at) in one transaction: a unit's
+        `last_canary_at` only moves forward (a resent old canary does not make a late unit look well).
+        A canary is never a hit: nothing goes into `hits` (docs/edge.md, The canary)."""
+        rows = sorted({(site, unit_id): at for site, unit_id, at in sorted(canaries, key=lambda c: c[2])}.items())
+        with self._tx() as q:
+            for (site, unit_id), at in rows:
+                q(
+                    "INSERT INTO units(site, unit_id, last_canary_at) VALUES (?,?,?) ON CONFLICT (site, unit_id) "
+                    f"DO UPDATE SET last_canary_at = {self.greatest}(coalesce(units.last_canary_at, 0), "
+                    "excluded.last_canary_at)",
+                    (site, unit_id, at),
+                )
+
     def add_reject(
         self,
         topic: str,
