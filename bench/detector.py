@@ -39,9 +39,9 @@ import numpy as np
 # Run as a script (python bench/detector.py), the checkout's root is not on the path by itself.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.machine import describe_machine, machine_summary  # noqa: E402
-from engines.detector import MtcnnConfig, MtcnnDetector  # noqa: E402
-from engines.mtcnn_convert import convert_mtcnn  # noqa: E402
+from bench.machine import describe_machine, machine_summary
+from engines.detector import MtcnnConfig, MtcnnDetector
+from engines.mtcnn_convert import convert_mtcnn
 
 PASTE_HEIGHTS = (40, 55, 75, 100, 140, 190, 250)
 Detect = Callable[[np.ndarray], list[tuple[float, float, float, float]]]

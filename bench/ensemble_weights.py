@@ -25,9 +25,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.lag import DEFAULT_DATA, list_photos, require_data  # noqa: E402
-from bench.machine import describe_machine  # noqa: E402
-from bench.openset import FPIRS, Protocol, cosine, embed_ours, person_matrix, select_half  # noqa: E402
+from bench.lag import DEFAULT_DATA, list_photos, require_data
+from bench.machine import describe_machine
+from bench.openset import FPIRS, Protocol, cosine, embed_ours, person_matrix, select_half
 
 # The candidates' members when no --config is given: the built-in models, each at weight 1.
 ALL_BUILT_IN = '[engine]\nensemble = ["dlib-resnet-v1", "faceplugin-fr-feature", "expo-mobilefacenet"]\n'

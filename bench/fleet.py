@@ -48,13 +48,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.machine import describe_machine, machine_summary  # noqa: E402
-from testing.broker import MosquittoBroker, find_mosquitto  # noqa: E402
-from testing.hits import noise_jpeg  # noqa: E402
-from testing.postgres import PostgresCluster, find_pg_bin  # noqa: E402
-from wire import records, topics  # noqa: E402
-from wire.records import Hit  # noqa: E402
-from wire.signing import UnitSigner, generate_unit_key, public_key_line  # noqa: E402
+from bench.machine import describe_machine, machine_summary
+from testing.broker import MosquittoBroker, find_mosquitto
+from testing.hits import noise_jpeg
+from testing.postgres import PostgresCluster, find_pg_bin
+from wire import records, topics
+from wire.records import Hit
+from wire.signing import UnitSigner, generate_unit_key, public_key_line
 
 SITE = "fleet"
 MEMORY_SAMPLE_S = 2.0
@@ -433,7 +433,7 @@ class Poller(threading.Thread):
             while not self._halt.wait(self.poll_s):
                 self.poll(reader, since)
                 since = time.time() - 5.0
-        except BaseException as e:  # noqa: BLE001 - handed to the main thread by check_alive
+        except BaseException as e:  # handed to the main thread by check_alive
             self.error = e
         finally:
             reader.close()

@@ -30,8 +30,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.lag import DEFAULT_DATA, Photo, evaluate, list_photos, require_data  # noqa: E402
-from bench.machine import describe_machine, machine_summary  # noqa: E402
+from bench.lag import DEFAULT_DATA, Photo, evaluate, list_photos, require_data
+from bench.machine import describe_machine, machine_summary
 
 GUARD_DELTA = 0.005
 GUARD_COSINE = 0.99

@@ -34,9 +34,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.machine import describe_machine, machine_summary  # noqa: E402
-from matching.matcher import Matcher, TemplateIndex  # noqa: E402
-from testing.synthetic import ENGINE_LIKE, person_centers, samples_of  # noqa: E402
+from bench.machine import describe_machine, machine_summary
+from matching.matcher import Matcher, TemplateIndex
+from testing.synthetic import ENGINE_LIKE, person_centers, samples_of
 
 SHAPES = {"engine-like": ENGINE_LIKE, "sphere": {"shared": 0.0, "spread": 0.55}}
 

@@ -44,9 +44,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.lag import DEFAULT_DATA, Photo, list_photos, require_data  # noqa: E402
-from bench.machine import describe_machine, machine_summary  # noqa: E402
-from edge.decision import DecisionConfig  # noqa: E402
+from bench.lag import DEFAULT_DATA, Photo, list_photos, require_data
+from bench.machine import describe_machine, machine_summary
+from edge.decision import DecisionConfig
 
 FPIRS = (0.01, 0.03, 0.1)
 SCALING = (0, 1_000, 10_000, 100_000)

@@ -31,16 +31,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.machine import describe_machine, machine_summary  # noqa: E402
-from bench.store import StoreProbe  # noqa: E402
-from edge.outbox import Outbox, OutboxConfig  # noqa: E402
-from edge.reporter import MqttConfig, MqttReporter  # noqa: E402
-from testing.broker import MosquittoBroker, find_mosquitto  # noqa: E402
-from testing.hits import noise_jpeg  # noqa: E402
-from testing.postgres import PostgresCluster, find_pg_bin  # noqa: E402
-from wire import records  # noqa: E402
-from wire.records import Hit  # noqa: E402
-from wire.signing import KnownKeys, generate_unit_key, public_key_line, verify_record, write_unit_key  # noqa: E402
+from bench.machine import describe_machine, machine_summary
+from bench.store import StoreProbe
+from edge.outbox import Outbox, OutboxConfig
+from edge.reporter import MqttConfig, MqttReporter
+from testing.broker import MosquittoBroker, find_mosquitto
+from testing.hits import noise_jpeg
+from testing.postgres import PostgresCluster, find_pg_bin
+from wire import records
+from wire.records import Hit
+from wire.signing import KnownKeys, generate_unit_key, public_key_line, verify_record, write_unit_key
 
 
 def make_hit(tag: str, crop: bytes | None) -> Hit:
@@ -100,7 +100,7 @@ class ReceiverProcess:
                 return None  # the receiver creates its SQLite store as it starts
             try:
                 self._probe = StoreProbe(self.db)
-            except Exception:  # noqa: BLE001 - not created yet (the receiver makes it on start)
+            except Exception:  # not created yet (the receiver makes it on start)
                 return None
         return self._probe
 

@@ -28,8 +28,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.machine import describe_machine, machine_summary  # noqa: E402
-from central.store import HitFilter, HitStore  # noqa: E402
+from bench.machine import describe_machine, machine_summary
+from central.store import HitFilter, HitStore
 
 
 class StoreProbe:

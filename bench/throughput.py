@@ -29,8 +29,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.lag import DEFAULT_DATA, list_photos  # noqa: E402
-from bench.machine import describe_machine, machine_summary  # noqa: E402
+from bench.lag import DEFAULT_DATA, list_photos
+from bench.machine import describe_machine, machine_summary
 
 
 def _images(n: int) -> tuple[list[np.ndarray], str]:

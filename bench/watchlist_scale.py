@@ -32,16 +32,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.machine import describe_machine, machine_summary  # noqa: E402
-from matching.matcher import Matcher  # noqa: E402
-from testing.synthetic import ENGINE_LIKE, Authority, make_persons, person_centers, samples_of  # noqa: E402
-from watchlist.format.keys import parse_keyset  # noqa: E402
-from watchlist.format.verify import UnitTrust, verify_bundle  # noqa: E402
-from watchlist.hq.build import plan_bundle, release, sign_snapshot  # noqa: E402
-from watchlist.hq.register import Register  # noqa: E402
-from watchlist.unit.apply import Watchlist, index_for  # noqa: E402
-from watchlist.unit.config import WatchlistConfig  # noqa: E402
-from watchlist.unit.store import UnitStore  # noqa: E402
+from bench.machine import describe_machine, machine_summary
+from matching.matcher import Matcher
+from testing.synthetic import ENGINE_LIKE, Authority, make_persons, person_centers, samples_of
+from watchlist.format.keys import parse_keyset
+from watchlist.format.verify import UnitTrust, verify_bundle
+from watchlist.hq.build import plan_bundle, release, sign_snapshot
+from watchlist.hq.register import Register
+from watchlist.unit.apply import Watchlist, index_for
+from watchlist.unit.config import WatchlistConfig
+from watchlist.unit.store import UnitStore
 
 MODEL = "synthetic:v1"
 
@@ -50,7 +50,7 @@ class Timer:
     def __init__(self) -> None:
         self.t: dict[str, float] = {}
 
-    def __call__(self, name: str):  # noqa: ANN204
+    def __call__(self, name: str):
         timer = self
 
         class _Ctx:

@@ -438,7 +438,7 @@ class Receiver:
                 try:
                     self._handle(batch)
                     break
-                except Exception as e:  # noqa: BLE001 - retry rather than drop an unacknowledged batch
+                except Exception as e:  # retry rather than drop an unacknowledged batch
                     self.link.note_error(f"cannot write to the hit store {self.store.location}: {e}")
                     if self._stop.wait(1.0):
                         return
@@ -463,7 +463,7 @@ class Receiver:
                 self._take(m, hits, changes, beats)
             except (ProtocolError, Quarantined) as e:
                 self._quarantine(m, getattr(e, "reason", "protocol"), str(e))
-            except Exception as e:  # noqa: BLE001 - a message the checks did not foresee: set aside, not retried
+            except Exception as e:  # a message the checks did not foresee: set aside, not retried
                 log.exception("receiver: unexpected error on a message on %s", safe_text(m.topic))
                 self._quarantine(m, "error", f"{type(e).__name__}: {e}")
         # Heartbeats before hits: should the store fail after them, the batch is retried with none of
@@ -482,7 +482,7 @@ class Receiver:
             if self._on_unit is not None:
                 try:
                     self._on_unit(*change)
-                except Exception:  # noqa: BLE001 - a display problem must not stop storing
+                except Exception:  # a display problem must not stop storing
                     log.exception("receiver: on_unit handler failed for %s/%s", change[0], change[1])
         for (fields, crop, received_at), is_new in zip(stored, new):
             if not is_new:
@@ -493,7 +493,7 @@ class Receiver:
             if self._on_hit is not None:
                 try:
                     self._on_hit(dict(fields, received_at=received_at, has_crop=crop is not None))
-                except Exception:  # noqa: BLE001 - a display problem must not stop storing
+                except Exception:  # a display problem must not stop storing
                     log.exception("receiver: on_hit handler failed for hit %s", safe_text(fields["id"]))
 
     def _send_verdicts(self, stored: list[tuple[dict[str, Any], bytes | None, float]], new: list[bool]) -> None:
@@ -563,7 +563,7 @@ class Receiver:
                 applied = self.store.set_unit_status(
                     site, unit_id, body["state"], body["reason"], body["at"], m.received_at, replay=m.retain
                 )
-            except Exception as e:  # noqa: BLE001 - this message, not the store, may be the problem
+            except Exception as e:  # this message, not the store, may be the problem
                 raise Quarantined("store", f"the store refused this status: {e}") from None
             if applied:
                 changes.append((site, unit_id, body["state"]))
@@ -598,7 +598,7 @@ class Receiver:
         items = [item for _, item in hits]
         try:
             return items, self.store.add_hits(items)
-        except Exception as e:  # noqa: BLE001 - find the one hit that fails rather than retry all forever
+        except Exception as e:  # find the one hit that fails rather than retry all forever
             log.warning("receiver: a batch of %d hits failed to commit (%s); storing them one by one", len(hits), e)
         stored: list[tuple[dict[str, Any], bytes | None, float]] = []
         new: list[bool] = []
@@ -606,7 +606,7 @@ class Receiver:
             try:
                 new.append(self.store.add_hits([item])[0])
                 stored.append(item)
-            except Exception as e:  # noqa: BLE001 - quarantine it; if the store is down, that raises too
+            except Exception as e:  # quarantine it; if the store is down, that raises too
                 self._quarantine(m, "store", f"the store refused this hit: {e}")
         return stored, new
 
@@ -632,7 +632,7 @@ class Receiver:
         if taken:
             try:
                 self.store.record_canaries([(f["site"], f["unit_id"], at) for _, (f, _, at) in taken])
-            except Exception as e:  # noqa: BLE001 - quarantined like a hit the store refuses
+            except Exception as e:  # quarantined like a hit the store refuses
                 for m, _ in taken:
                     self._quarantine(m, "store", f"the store refused this canary: {e}")
                 return []
@@ -658,7 +658,7 @@ class Receiver:
             self.counts["heartbeats"] += len(beats)
             self._count_superseded(batch, beats)
             return
-        except Exception as e:  # noqa: BLE001 - find the one heartbeat that fails rather than retry all forever
+        except Exception as e:  # find the one heartbeat that fails rather than retry all forever
             log.warning(
                 "receiver: %d heartbeats failed to commit together (%s); storing them one by one", len(beats), e
             )
@@ -667,7 +667,7 @@ class Receiver:
                 self.store.set_heartbeats([row])
                 self.counts["heartbeat_writes"] += 1
                 self.counts["heartbeats"] += 1
-            except Exception as e:  # noqa: BLE001 - quarantine it; if the store is down, that raises too
+            except Exception as e:  # quarantine it; if the store is down, that raises too
                 self._quarantine(b.message, "store", f"the store refused this heartbeat: {e}")
         self._count_superseded(batch, beats)
 

@@ -361,7 +361,7 @@ class MqttReporter:
             except OutboxError as e:
                 self.link.note_error(str(e))
                 self._stop.wait(1.0)
-            except Exception:  # noqa: BLE001 - the publisher must outlive any single failure
+            except Exception:  # the publisher must outlive any single failure
                 log.exception("mqtt reporter %s: publisher step failed; continuing", self.unit_id)
                 self._stop.wait(1.0)
 
@@ -480,7 +480,7 @@ class MqttReporter:
         if self._status_provider is not None:
             try:
                 unit = dict(self._status_provider())
-            except Exception as e:  # noqa: BLE001 - a broken provider must not stop heartbeats
+            except Exception as e:  # a broken provider must not stop heartbeats
                 log.warning("mqtt reporter %s: status provider failed: %s", self.unit_id, e)
                 unit = {"error": f"status provider failed: {e}"}
         warnings = list(unit.get("warnings") or [])

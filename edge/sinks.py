@@ -65,7 +65,7 @@ class JsonlSink:
         self._failed = 0
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fh: IO[str] | None = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (kept open until close)
+            self._fh: IO[str] | None = open(self.path, "a", encoding="utf-8")  # (kept open until close)
         except OSError as exc:
             raise SinkError(f"jsonl sink: cannot open {self.path} for appending: {exc}") from exc
 
@@ -84,7 +84,7 @@ class JsonlSink:
                     fh.close()
                     self._fh = None
                     self._rotate()
-                    fh = self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+                    fh = self._fh = open(self.path, "a", encoding="utf-8")
                 fh.write(line)
                 fh.flush()
             except OSError as exc:

@@ -130,7 +130,7 @@ def _compare_threshold(threshold: float | None, config: Path | None) -> tuple[fl
     return None, ""
 
 
-def _engine_config(config: Path | None, cache_dir: Path | None):  # noqa: ANN202
+def _engine_config(config: Path | None, cache_dir: Path | None):
     from engines.config import EngineConfig
 
     table: dict = {}
@@ -152,7 +152,7 @@ def _engine_config(config: Path | None, cache_dir: Path | None):  # noqa: ANN202
         raise click.UsageError(f"{config}: [engine]: {exc}") from None
 
 
-def _face_summary(face, gate_reasons: tuple[str, ...]) -> dict:  # noqa: ANN001
+def _face_summary(face, gate_reasons: tuple[str, ...]) -> dict:
     q = face.quality
     return {
         "box": [round(v, 1) for v in face.box],
@@ -262,7 +262,7 @@ def compare(
 _COMPARE_LIST_SIZES = (100, 1000, 10000)
 
 
-def _calibrated_meaning(cal, score: float, limit: float | None) -> dict:  # noqa: ANN001
+def _calibrated_meaning(cal, score: float, limit: float | None) -> dict:
     """What `score` means by the model's calibration (one photo per person, the worst cohort)."""
     far, extrapolated = cal.far(score)
     fpir = {str(n): cal.expected_rates(score, n).fpir for n in _COMPARE_LIST_SIZES}

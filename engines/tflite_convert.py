@@ -122,7 +122,7 @@ class _Converter:
         self.check_float(i)
         return np.frombuffer(buf.DataAsNumpy().tobytes(), dtype="<f4").reshape(self.shape(i)).astype(np.float32)
 
-    def options(self, op, kind: str):  # noqa: ANN001, ANN201
+    def options(self, op, kind: str):
         table = op.BuiltinOptions()
         if table is None:
             return None
@@ -169,7 +169,7 @@ class _Converter:
 
     # ---- ops -------------------------------------------------------------------------------------
 
-    def convert(self):  # noqa: ANN201
+    def convert(self):
         from onnx import TensorProto, checker, helper
 
         (inp,) = self.graph.InputsAsNumpy().tolist()
@@ -208,7 +208,7 @@ class _Converter:
         checker.check_model(model)
         return model
 
-    def _conv(self, op, ins: list[int], out: int, depthwise: bool) -> None:  # noqa: ANN001
+    def _conv(self, op, ins: list[int], out: int, depthwise: bool) -> None:
         x, w_i = ins[0], ins[1]
         w = self.constant(w_i)
         if w is None:
@@ -266,13 +266,13 @@ class _Converter:
         else:
             raise TfliteConversionError(f"{self.source}: fused activation {kind} is not converted")
 
-    def op_conv_2d(self, op, ins: list[int], out: int) -> None:  # noqa: ANN001
+    def op_conv_2d(self, op, ins: list[int], out: int) -> None:
         self._conv(op, ins, out, depthwise=False)
 
-    def op_depthwise_conv_2d(self, op, ins: list[int], out: int) -> None:  # noqa: ANN001
+    def op_depthwise_conv_2d(self, op, ins: list[int], out: int) -> None:
         self._conv(op, ins, out, depthwise=True)
 
-    def _binary(self, op, ins: list[int], out: int, onnx_op: str, options: str) -> None:  # noqa: ANN001
+    def _binary(self, op, ins: list[int], out: int, onnx_op: str, options: str) -> None:
         a, b = ins
         # Compute in NCHW when an operand is a 4-d activation held that way; constants follow suit.
         layout = "nchw" if any("nchw" in self.values.get(i, {}) for i in (a, b)) else "nhwc"
@@ -291,13 +291,13 @@ class _Converter:
         code = opts.FusedActivationFunction() if opts is not None else self.tfl.ActivationFunctionType.NONE
         self._fuse(code, self.node(onnx_op, operands, f"{result}/{onnx_op.lower()}"), result)
 
-    def op_add(self, op, ins: list[int], out: int) -> None:  # noqa: ANN001
+    def op_add(self, op, ins: list[int], out: int) -> None:
         self._binary(op, ins, out, "Add", "AddOptions")
 
-    def op_sub(self, op, ins: list[int], out: int) -> None:  # noqa: ANN001
+    def op_sub(self, op, ins: list[int], out: int) -> None:
         self._binary(op, ins, out, "Sub", "SubOptions")
 
-    def op_mul(self, op, ins: list[int], out: int) -> None:  # noqa: ANN001
+    def op_mul(self, op, ins: list[int], out: int) -> None:
         self._binary(op, ins, out, "Mul", "MulOptions")
 
     def _unary(self, ins: list[int], out: int, onnx_op: str) -> None:
@@ -305,13 +305,13 @@ class _Converter:
         layout = "nchw" if "nchw" in self.values.get(x, {}) else "nhwc"
         self.node(onnx_op, [self.value(x, layout)], self.produce(out, layout))
 
-    def op_relu(self, op, ins: list[int], out: int) -> None:  # noqa: ANN001
+    def op_relu(self, op, ins: list[int], out: int) -> None:
         self._unary(ins, out, "Relu")
 
-    def op_abs(self, op, ins: list[int], out: int) -> None:  # noqa: ANN001
+    def op_abs(self, op, ins: list[int], out: int) -> None:
         self._unary(ins, out, "Abs")
 
-    def op_reshape(self, op, ins: list[int], out: int) -> None:  # noqa: ANN001
+    def op_reshape(self, op, ins: list[int], out: int) -> None:
         x = ins[0]
         src, dst = self.shape(x), self.shape(out)
         if not dst or not src or dst[0] != src[0] or src[0] != self.batch:
@@ -325,7 +325,7 @@ class _Converter:
         self.node("Reshape", [self.value(x, "nhwc"), shape], self.produce(out, "nhwc"))
 
 
-def convert_tflite(data: bytes, source: str = "<bytes>"):  # noqa: ANN201
+def convert_tflite(data: bytes, source: str = "<bytes>"):
     """An ONNX ModelProto equivalent to the float32 TFLite model `data`, with a free batch dimension.
 
     Raises TfliteConversionError naming the op or tensor it cannot convert.

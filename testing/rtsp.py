@@ -135,7 +135,7 @@ class RtspServer:
 
     def _spawn(self) -> None:
         self._lines = queue.Queue()
-        log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it from here
+        log = open(self.log_path, "ab")  # the child owns it from here
         self._proc = subprocess.Popen(
             [SYSTEM_PYTHON, str(SERVER_SCRIPT), "--host", self.host, "--port", str(self.port), *self._args],
             stdin=subprocess.PIPE,

@@ -77,7 +77,7 @@ def main() -> int:
             for i in range(n, n + int(line)):
                 try:
                     reporter.submit(hit(i))
-                except Exception as e:  # noqa: BLE001 - as the pipeline does: log, count, go on
+                except Exception as e:  # as the pipeline does: log, count, go on
                     logging.getLogger("reporter_child").error("could not keep hit %d: %s", i, e)
                     failed += 1
             n += int(line)

@@ -52,7 +52,7 @@ def _fail(exc: Exception) -> None:
     sys.exit(2)
 
 
-def _selftest(engine=None) -> None:  # noqa: ANN001 - a FaceEngine, whose module stays a lazy import
+def _selftest(engine=None) -> None:  # a FaceEngine, whose module stays a lazy import
     """The known-answer self-test a unit runs at start (docs/edge.md, "Self-test at start"): the
     engine's models when one is given, and the matcher. A wrong answer stops the command (exit
     status 2) with the check, the figures and the CPU features: HQ must not enrol or build on a
@@ -85,23 +85,23 @@ class _KeyDir:
         self.path = Path(path)
         self.passphrase = passphrase
 
-    def root(self):  # noqa: ANN201
+    def root(self):
         from watchlist.format.keys import load_private_key
 
         return load_private_key(self.path / "root.key", self.passphrase)
 
-    def keyset(self):  # noqa: ANN201
+    def keyset(self):
         from watchlist.format.keys import load_public_key, parse_keyset, read_keyset_file
 
         return parse_keyset(read_keyset_file(self.path / "keyset.bin"), load_public_key(self.path / "root.pub"))
 
-    def current_signing(self):  # noqa: ANN201
+    def current_signing(self):
         from watchlist.format.keys import load_private_key
 
         kid = (self.path / "signing.current").read_text().strip()
         return load_private_key(self.path / f"signing-{kid}.key", self.passphrase)
 
-    def new_signing(self):  # noqa: ANN201
+    def new_signing(self):
         from watchlist.format.keys import generate_key, key_id, save_private_key
 
         key = generate_key()
@@ -409,7 +409,7 @@ def build(
         click.echo(f"warning: {len(skipped)} persons have no template of model {model_id} and are not in the list")
 
 
-def _print_threshold(choice, model_id: str) -> None:  # noqa: ANN001
+def _print_threshold(choice, model_id: str) -> None:
     if choice.fpir_target is not None:
         how = f"chosen for at most {choice.fpir_target:g} false alerts per face of someone not on the list"
     elif choice.point is not None:
@@ -429,7 +429,7 @@ def _print_threshold(choice, model_id: str) -> None:  # noqa: ANN001
         click.echo(f"WARNING: {choice.warning}", err=True)
 
 
-def _print_changes(bundle, changes: dict, out: Path) -> None:  # noqa: ANN001
+def _print_changes(bundle, changes: dict, out: Path) -> None:
     what = (
         f"delta {bundle.base_version}->{bundle.version}" if bundle.kind == "delta" else f"full version {bundle.version}"
     )
@@ -732,7 +732,7 @@ def list_cmd(
         click.echo(line)
 
 
-def _unit_rows(store_path: Path):  # noqa: ANN202
+def _unit_rows(store_path: Path):
     """The persons of a unit's store as listing rows, and its state."""
     from watchlist.hq.listing import person_row
     from watchlist.unit.store import UnitStore
@@ -756,7 +756,7 @@ def _unit_rows(store_path: Path):  # noqa: ANN202
 # ---- unit side -----------------------------------------------------------------------------------
 
 
-def _unit_config(config: Path | None, store: Path | None, root_key: Path | None, max_bytes: int | None):  # noqa: ANN202
+def _unit_config(config: Path | None, store: Path | None, root_key: Path | None, max_bytes: int | None):
     from watchlist.unit.config import WatchlistConfig
 
     values: dict = {}
@@ -783,7 +783,7 @@ def _unit_config(config: Path | None, store: Path | None, root_key: Path | None,
         raise click.UsageError(f"{config or 'options'}: [watchlist] {exc}") from None
 
 
-def _unit_engine(config: Path):  # noqa: ANN202 - (EmbedderIdentity, EngineConfig), engines stay lazy imports
+def _unit_engine(config: Path):  # (EmbedderIdentity, EngineConfig), engines stay lazy imports
     """The embedder the unit's [engine] table names, as (its model id and embedding size, the table).
     Both come from the config and the weights file alone: the face engine is not loaded."""
     from engines.config import EngineConfigError, load_engine_config
@@ -800,7 +800,7 @@ def _unit_engine(config: Path):  # noqa: ANN202 - (EmbedderIdentity, EngineConfi
         raise click.UsageError(f"{config}: [engine]: {exc}") from None
 
 
-def _threshold_range(model_id: str, engine=None) -> tuple[float, float]:  # noqa: ANN001 - an EngineConfig
+def _threshold_range(model_id: str, engine=None) -> tuple[float, float]:  # an EngineConfig
     """The thresholds a bundle for `model_id` may carry: the calibration's range (the rule the running
     unit applies) for the unit's [engine] table where given, else for the model id; (0, 1) with a
     warning for a model without one."""

@@ -159,7 +159,7 @@ def _int8_calibrator(trt, cuda, feed: CalibrationFeed):
         def get_batch_size(self) -> int:
             return feed.batch_size
 
-        def get_batch(self, names):  # noqa: ARG002  (one input)
+        def get_batch(self, names):  # (one input)
             batch = feed.next_batch()
             if batch is None:
                 return None

@@ -301,7 +301,7 @@ class WatchlistSubscriber:
     def _on_message(self, msg: Any) -> None:
         try:
             self._dispatch(msg)
-        except Exception as exc:  # noqa: BLE001 - one bad message must not stop the network thread
+        except Exception as exc:  # one bad message must not stop the network thread
             log.warning("watchlist: ignoring a message on %s: %s: %s", msg.topic, type(exc).__name__, exc)
 
     def _dispatch(self, msg: Any) -> None:
