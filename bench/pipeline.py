@@ -16,15 +16,19 @@ Phases, each in its own process so CPU use and peak RSS are its own:
   live   --cameras N (4) cameras (the clip served over RTSP by the test RTSP server, looped, 1280x720, 10 fps
          each; or the file itself with --source file) analysed at 5 fps each by the threaded
          pipeline for --live-seconds: analysed fps per camera, lag behind live over time (is it
-         growing?), frame-to-hit latency p50/p99, CPU use, RSS.
+         growing?), frame-to-hit latency p50/p99, CPU use and CPU per analysed frame, RSS, and where
+         the time went (wall time in detection, confirmation, alignment and each model's network).
   soak   (only with --soak-minutes N) the live setup for N minutes: RSS growth after the first minute.
 
 The clip: a still 1280x720 scene where people come and go; from the evaluation set
 (../shared/data/lag-dev: enrolled persons are enrolled from one adult photo and appear in the
 clip with another) when present, else scikit-image's astronaut (enrolled from an altered copy)
-and cameraman. Both pipelines enrol the same photos. Both run dlib's ResNet; the peer decides by
-Euclidean distance (tolerance 0.5), ours by cosine: our threshold is the cosine that decides as
-tolerance 0.5 does, fitted on 40 lag-dev photos in the same run (0.99 without the data).
+and cameraman. Both pipelines enrol the same photos. The peer runs dlib's ResNet and decides by
+Euclidean distance (tolerance 0.5); ours runs the embedder of --config's `[engine]` table (the
+default model without it) and decides by cosine: our threshold is the cosine that decides as
+tolerance 0.5 does, fitted on 40 lag-dev photos in the same run (0.99 without the data), or with
+--fpir the one `watchlist build --fpir` would choose from the configured model's calibration (the
+fair way to compare two models: each at the same false-alert rate).
 
 With --distractors, the ours phase also runs the clip before/after (as above), with and without
 every other lag-dev identity's young photos enrolled as distractor children, in the same run.
@@ -35,6 +39,7 @@ Example:
     python bench/pipeline.py --no-peer --phases ours --distractors --fpir 0.01 --json /tmp/crowded.json
     python bench/pipeline.py --json /tmp/soak.json --no-peer --live-seconds 30 --soak-minutes 30
     python bench/pipeline.py --no-peer --phases ours --gating enabled=false   # every frame searched whole
+    python bench/pipeline.py --no-peer --phases live --cameras 8 --config bench/configs/dlib.toml --json /tmp/dlib8.json
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.machine import describe_machine, machine_summary  # noqa: E402
-from bench.pipeline_phases import PHASES  # noqa: E402
+from bench.pipeline_phases import PHASES, engine_config  # noqa: E402
 from bench.pipeline_scene import FPS, PEER_TOLERANCE, SIZE, prepare  # noqa: E402
 
 # -- driver ----------------------------------------------------------------------------------------
@@ -79,6 +84,7 @@ def run_phase(name: str, plan_path: Path, args: argparse.Namespace, timeout: flo
         "--cameras",
         str(args.cameras),
         *(["--gating", *args.gating] if args.gating else []),
+        *(["--config", str(args.config)] if args.config else []),
     ]
     if args.threshold is not None:
         cmd += ["--threshold", str(args.threshold)]
@@ -89,20 +95,28 @@ def run_phase(name: str, plan_path: Path, args: argparse.Namespace, timeout: flo
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def calibrated_threshold(plan: dict[str, Any], fpir: float) -> dict[str, Any]:
+def calibrated_threshold(plan: dict[str, Any], fpir: float, config: Any) -> dict[str, Any]:
     """The threshold `watchlist build --fpir` would choose for the run's list: its persons and templates
-    (with the distractors when the run has them), the default model's calibration for thresholds, the worst cohort
-    (the enrolled people are enrolled from adult photos, so not every template is a child's)."""
+    (with the distractors when the run has them), the calibration for thresholds of the model `config`
+    (an EngineConfig) names, the worst cohort (the enrolled people are enrolled from adult photos, so not
+    every template is a child's)."""
     from engines.calibration import Calibration
+    from engines.ensemble import calibration_model
 
     persons = len(plan["photos"])
     templates = sum(len(v) for v in plan["photos"].values())
     if plan.get("distractors"):
         persons += plan["distractors"]["persons"]
         templates += plan["distractors"]["templates"]
-    cal = Calibration.for_thresholds("dlib-resnet-v1")
+    cal = Calibration.for_thresholds(calibration_model(config))
     point = cal.threshold_for_fpir(fpir, persons, templates / persons)
-    return {"fpir_target": fpir, "persons": persons, "templates": templates, **point.as_dict()}
+    return {
+        "fpir_target": fpir,
+        "calibration": cal.model,
+        "persons": persons,
+        "templates": templates,
+        **point.as_dict(),
+    }
 
 
 def _searched(d: dict[str, Any]) -> str:
@@ -184,6 +198,14 @@ def table(results: dict[str, Any]) -> str:
             f"frame-to-hit p50 {lv['frame_to_hit_latency_p50_s']} s p99 {lv['frame_to_hit_latency_p99_s']} s; "
             f"CPU {lv['cpu_cores_used']} cores; peak RSS {lv['peak_rss_mb']:.0f} MB"
         )
+        lines.append(
+            f"live, per analysed frame: CPU {lv['cpu_ms_per_analysed_frame']:.1f} ms; wall time in "
+            + ", ".join(
+                f"{stage} {v['ms_per_frame']:.1f} ms"
+                + (f" ({v['ms_per_face']:.1f} ms/face, {v['faces']} faces)" if "ms_per_face" in v else "")
+                for stage, v in lv["stages"].items()
+            )
+        )
     sk = results.get("soak")
     if sk:
         lines.append(
@@ -198,6 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--seconds", type=float, default=16.0, help="clip length (10 fps, 1280x720)")
+    ap.add_argument(
+        "--config",
+        type=Path,
+        help="unit config file; its [engine] table chooses our models, e.g. bench/configs/ensemble.toml "
+        "(default: the default models)",
+    )
     ap.add_argument("--no-peer", action="store_true", help="skip the face_recognition loop (it is slow)")
     ap.add_argument("--peer-every", type=int, default=1, help="the peer analyses every Nth frame (default: all)")
     ap.add_argument("--live-seconds", type=float, default=60.0, help="length of the live run (0: skip)")
@@ -263,11 +291,12 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result, default=float))
         return 0
 
+    config = engine_config(args)
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         work = Path(tmp)
-        plan = prepare(work, args.seconds, distractors=args.distractors)
+        plan = prepare(work, args.seconds, config, distractors=args.distractors)
         if args.fpir is not None:
-            plan["threshold_from_fpir"] = calibrated_threshold(plan, args.fpir)
+            plan["threshold_from_fpir"] = calibrated_threshold(plan, args.fpir, config)
             args.threshold = plan["threshold_from_fpir"]["threshold"]
         plan_path = work / "plan.json"
         plan_path.write_text(json.dumps(plan))
@@ -301,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
             "source": plan["source"],
             "appearances": plan["appearances"],
         },
+        "engine": {"config": str(args.config) if args.config else None, **plan["engine"]},
         "threshold_cosine": plan["threshold"] if args.threshold is None else args.threshold,
         "threshold_from_fpir": plan.get("threshold_from_fpir"),
         "threshold_calibration": plan["threshold_calibration"],
@@ -310,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     if "ours" in results and "peer" in results:
         out["speedup_frames_per_s"] = results["ours"]["frames_per_s"] / results["peer"]["frames_per_s"]
     print(machine_summary(out["machine"]))
+    print(f"our model: {plan['engine']['model_id']} ({plan['engine']['members']}; {plan['engine']['precision']})")
     print(table(results))
     print(f"load average before/after: {out['machine']['loadavg_before']} / {out['machine']['loadavg_after']}")
     if args.json:

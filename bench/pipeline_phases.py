@@ -16,13 +16,71 @@ import numpy as np
 
 from bench.pipeline_scene import FPS, PEER_TOLERANCE, SIZE, decode, judge
 
-LIVE_CAMERAS = 4
 LIVE_FPS = 5.0
 
 
 def _usage() -> tuple[float, float]:
     ru = resource.getrusage(resource.RUSAGE_SELF)
     return ru.ru_utime + ru.ru_stime, ru.ru_maxrss / 1024.0
+
+
+def engine_config(args: argparse.Namespace) -> Any:
+    """The EngineConfig of the run: --config's `[engine]` table, else the defaults."""
+    from engines.config import EngineConfig, load_engine_config
+
+    return load_engine_config(args.config) if args.config else EngineConfig()
+
+
+class StageClock:
+    """Wall time spent in each stage of a live run, summed over the threads that run it: detection
+    (searches and confirmations), and per embed batch the alignment and each model's network, so a run
+    says where its time went. Wall, not CPU time: ONNX Runtime runs a network on its own pool threads,
+    which the calling thread's CPU time would leave out."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        self.faces: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def wrap(self, stage: str, fn: Any, faces_arg: bool = False) -> Any:
+        """`fn`, timed under `stage`; `faces_arg`: its first argument's length counts faces."""
+
+        def timed(*a: Any, **kw: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                dt = time.perf_counter() - t0
+                with self._lock:
+                    self.seconds[stage] = self.seconds.get(stage, 0.0) + dt
+                    self.calls[stage] = self.calls.get(stage, 0) + 1
+                    if faces_arg:
+                        self.faces[stage] = self.faces.get(stage, 0) + len(a[0])
+
+        return timed
+
+    def instrument(self, engine: Any) -> None:
+        """Time `engine`'s detection, its embed calls, their alignment and each member's network."""
+        engine.detect = self.wrap("detect", engine.detect)
+        engine.confirm = self.wrap("confirm", engine.confirm)
+        engine.embed = self.wrap("embed (all)", engine.embed, faces_arg=True)
+        if engine.is_ensemble:
+            engine.embedder._align = self.wrap("embed: align", engine.embedder._align, faces_arg=True)
+        else:
+            engine.align_many = self.wrap("embed: align", engine.align_many, faces_arg=True)
+        for m in engine.members:
+            m.embedder.outputs = self.wrap(f"embed: network {m.name}", m.embedder.outputs, faces_arg=True)
+
+    def report(self, frames: int) -> dict[str, dict[str, float]]:
+        """Per stage: seconds, calls, ms per analysed frame and, where counted, faces and ms per face."""
+        out = {}
+        for stage, sec in sorted(self.seconds.items()):
+            row = {"seconds": round(sec, 2), "calls": self.calls[stage], "ms_per_frame": round(1e3 * sec / frames, 2)}
+            if self.faces.get(stage):
+                row.update(faces=self.faces[stage], ms_per_face=round(1e3 * sec / self.faces[stage], 2))
+            out[stage] = row
+        return out
 
 
 def _rss_mb() -> float:
@@ -137,7 +195,7 @@ def _run_clip(
 def phase_ours(plan: dict[str, Any], work: Path, args: argparse.Namespace) -> dict[str, Any]:
     from engines.face_engine import FaceEngine
 
-    engine = FaceEngine.load()
+    engine = FaceEngine.load(engine_config(args))
     matcher = _watchlist(plan, work, engine, args.threshold)
     frames = decode(plan["clip"])
     engine.analyze(frames[0])  # warm-up, not timed
@@ -181,8 +239,8 @@ def phase_gate(plan: dict[str, Any], work: Path, args: argparse.Namespace) -> di
     from watchlist.unit.apply import Watchlist
     from watchlist.unit.config import WatchlistConfig
 
-    engine = FaceEngine.load()
-    out: dict[str, Any] = {"analysis_fps": FPS / 2}
+    engine = FaceEngine.load(engine_config(args))
+    out: dict[str, Any] = {"analysis_fps": FPS / 2, "model_id": engine.model_id}
     # The gate scenario, then the case issue 9 measured (six enrolled people, 2.5 s each, 0.5 s apart).
     for key, scene in (
         ("gate", gate_scene(engine, work / "gate.mp4")),
@@ -276,7 +334,9 @@ def _live(
     sample_every: float,
     detect_workers: int,
     source: str,
-    cameras: int = LIVE_CAMERAS,
+    cameras: int,
+    config: Any,
+    threshold: float | None,
 ) -> dict[str, Any]:
     from edge.analysis import AnalysisConfig
     from edge.camera.capture import CameraReader
@@ -286,8 +346,10 @@ def _live(
     from edge.sinks import MemorySink
     from engines.face_engine import FaceEngine
 
-    engine = FaceEngine.load()
-    matcher = _watchlist(plan, work, engine)
+    engine = FaceEngine.load(config)
+    matcher = _watchlist(plan, work, engine, threshold)
+    clock = StageClock()
+    clock.instrument(engine)
     urls, server, source_note = _cameras(plan, work, source, cameras)
     readers = [
         CameraReader(CaptureConfig(id=f"cam{i}", url=url, realtime=True, loop=True)) for i, url in enumerate(urls)
@@ -345,11 +407,24 @@ def _live(
         "stats": stats,
         "latencies": latencies,
         "hits": len(counted.hits),
+        "model_id": engine.model_id,
+        "threshold": matcher.default_threshold,
+        "stages": clock.report(max(1, sum(s["frames_analysed"] for s in stats.values()))),
     }
 
 
 def phase_live(plan: dict[str, Any], work: Path, args: argparse.Namespace) -> dict[str, Any]:
-    r = _live(plan, work, args.live_seconds, 1.0, args.detect_workers, args.source, args.cameras)
+    r = _live(
+        plan,
+        work,
+        args.live_seconds,
+        1.0,
+        args.detect_workers,
+        args.source,
+        args.cameras,
+        engine_config(args),
+        args.threshold,
+    )
     samples = r["samples"]
     # Judge the steady state: skip the first 5 s (models warming, cameras connecting).
     steady = [s for s in samples if s["t"] >= 5.0]
@@ -382,11 +457,13 @@ def phase_live(plan: dict[str, Any], work: Path, args: argparse.Namespace) -> di
     sustained = all(c["analysed_fps"] >= 0.95 * LIVE_FPS for c in per_cam.values()) and not growing
     return {
         "cameras": args.cameras,
+        "model_id": r["model_id"],
         "source": r["source"],
         "detect_workers": args.detect_workers,
         "resolution": f"{SIZE[0]}x{SIZE[1]}",
         "stream_fps": FPS,
         "analysis_fps": LIVE_FPS,
+        "threshold": r["threshold"],
         "seconds": round(r["wall"], 1),
         "per_camera": per_cam,
         "sustained_without_growing_lag": sustained,
@@ -394,13 +471,28 @@ def phase_live(plan: dict[str, Any], work: Path, args: argparse.Namespace) -> di
         "frame_to_hit_latency_p50_s": round(float(np.percentile(lat, 50)), 3) if lat.size else None,
         "frame_to_hit_latency_p99_s": round(float(np.percentile(lat, 99)), 3) if lat.size else None,
         "cpu_cores_used": round(r["cpu"] / r["wall"], 2),
+        # Comparable across loads where rates are not: the process's CPU per frame it analysed.
+        "cpu_ms_per_analysed_frame": round(
+            1e3 * r["cpu"] / max(1, sum(s["frames_analysed"] for s in r["stats"].values())), 2
+        ),
+        "stages": r["stages"],
         "peak_rss_mb": round(r["peak"], 1),
         "note": f"CPU includes decoding {args.cameras} H.264 720p streams at 10 fps (a Jetson decodes in hardware)",
     }
 
 
 def phase_soak(plan: dict[str, Any], work: Path, args: argparse.Namespace) -> dict[str, Any]:
-    r = _live(plan, work, args.soak_minutes * 60.0, 10.0, args.detect_workers, args.source, args.cameras)
+    r = _live(
+        plan,
+        work,
+        args.soak_minutes * 60.0,
+        10.0,
+        args.detect_workers,
+        args.source,
+        args.cameras,
+        engine_config(args),
+        args.threshold,
+    )
     rss = [(s["t"], s["rss_mb"]) for s in r["samples"]]
     # RSS swings by tens of MB as frames and batches come and go: compare averages, not two samples.
     # Start: the second minute (models loaded, caches filled); end: the last tenth of the run.

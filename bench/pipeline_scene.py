@@ -36,13 +36,10 @@ def _pad(face: np.ndarray, margin: float = 0.35) -> np.ndarray:
     return cv2.copyMakeBorder(face, m, m, m, m, cv2.BORDER_REPLICATE)
 
 
-def _usable_people(candidates: list[Any]) -> list[Any]:
+def _usable_people(engine: Any, candidates: list[Any]) -> list[Any]:
     """3 persons whose two adult photos both show one face that passes the quality gate (enrolled
     from one, shown in the other), then 3 persons with one such photo (never enrolled)."""
-    from engines.face_engine import FaceEngine
     from testing.media import load_rgb
-
-    engine = FaceEngine.load()
 
     def good(path: Path) -> bool:
         faces = engine.analyze(_pad(load_rgb(path)))
@@ -59,19 +56,19 @@ def _usable_people(candidates: list[Any]) -> list[Any]:
     return []
 
 
-def equivalent_threshold(photos: list[Path]) -> dict[str, Any]:
+def equivalent_threshold(engine: Any, photos: list[Path]) -> dict[str, Any]:
     """Our cosine threshold that decides as the peer's Euclidean tolerance does, measured on `photos`.
 
-    Both pipelines run dlib's ResNet; ours compares unit-length (norm-anchored) embeddings by
-    cosine, the peer raw descriptors by Euclidean distance. Over every pair of the photos, cosine
-    is fitted as a + b * distance^2; the threshold is the fit at the peer's tolerance.
+    The peer compares dlib's raw descriptors by Euclidean distance; ours compares `engine`'s unit-length
+    embeddings by cosine. Over every pair of the photos, cosine is fitted as a + b * distance^2; the
+    threshold is the fit at the peer's tolerance. With dlib's ResNet (norm-anchored) the fit is close to
+    exact; with another model it is a regression (its `corr` says how close), so compare models with
+    --fpir instead.
     """
     import face_recognition
 
-    from engines.face_engine import FaceEngine
     from testing.media import load_rgb
 
-    engine = FaceEngine.load()
     ours, peer = [], []
     for path in photos:
         img = _pad(load_rgb(path))
@@ -97,19 +94,19 @@ def equivalent_threshold(photos: list[Path]) -> dict[str, Any]:
     }
 
 
-def distractor_templates(work: Path, exclude: set[str]) -> dict[str, Any]:
-    """Every lag-dev identity's young photos (but `exclude`'s), embedded as the accuracy bench does,
-    saved to `work`/distractors.npz: the watchlist's missing children who are not in the clip."""
+def distractor_templates(work: Path, exclude: set[str], config: Any) -> dict[str, Any]:
+    """Every lag-dev identity's young photos (but `exclude`'s), embedded as the accuracy bench does by the
+    models of `config` (an EngineConfig), saved to `work`/distractors.npz: the watchlist's missing children
+    who are not in the clip."""
     from bench.accuracy import run_ours
     from bench.lag import DEFAULT_DATA, list_photos
-    from engines.config import EngineConfig
     from testing.media import LAG_DIR
 
     root = LAG_DIR if LAG_DIR.is_dir() else DEFAULT_DATA
     if not root.is_dir():
         raise SystemExit(f"--distractors needs the evaluation data at {root} (../shared/data/lag-dev)")
     photos = [p for p in list_photos(root) if p.young and p.identity not in exclude]
-    embs, info = run_ours(photos, flip=EngineConfig().flip_average)
+    embs, info = run_ours(photos, flip=config.flip_average, config=config)
     kept = [(p.identity, e) for p, e in zip(photos, embs) if e is not None]
     path = work / "distractors.npz"
     np.savez(
@@ -126,17 +123,22 @@ def distractor_templates(work: Path, exclude: set[str]) -> dict[str, Any]:
     }
 
 
-def prepare(work: Path, seconds: float, distractors: bool = False) -> dict[str, Any]:
+def prepare(work: Path, seconds: float, config: Any, distractors: bool = False) -> dict[str, Any]:
     """Write the clip and the enrolment photos into `work`; return the plan (ground truth and paths).
-    `distractors`: also embed every other lag-dev identity's young photos (see distractor_templates)."""
+    `config`: the EngineConfig of our pipeline; `distractors`: also embed every other lag-dev identity's
+    young photos (see distractor_templates)."""
     import cv2
 
+    from engines.ensemble import describe
+    from engines.face_engine import FaceEngine
     from testing.media import lag_people, load_rgb, make_face_clip
+
+    engine = FaceEngine.load(config)
 
     photos: dict[str, list[str]] = {}
     placements = []
     appearances: list[Appearance] = []
-    people = _usable_people(lag_people(60, seed=11))
+    people = _usable_people(engine, lag_people(60, seed=11))
     shown_names = {p.name for p in people}
     slots = [(80, 140), (520, 120), (940, 160)]
     if len(people) == 6:
@@ -175,9 +177,15 @@ def prepare(work: Path, seconds: float, distractors: bool = False) -> dict[str, 
             placements.append((img, t0, t1, x, 150, 300))
             appearances.append(Appearance(who, who == "astronaut", t0, t1, x, 150, 300))
     clip = make_face_clip(work / "clip.mp4", placements, size=SIZE, fps=FPS, seconds=seconds)
-    calibration = equivalent_threshold([p.adult[0] for p in lag_people(40, seed=5)])
-    extra = distractor_templates(work, shown_names) if distractors else None
+    calibration = equivalent_threshold(engine, [p.adult[0] for p in lag_people(40, seed=5)])
+    extra = distractor_templates(work, shown_names, config) if distractors else None
     return {
+        "engine": {
+            "model_id": engine.model_id,
+            "members": describe(config.members()),
+            "precision": engine.precision,
+            "embedding_dim": engine.embedding_dim,
+        },
         "distractors": extra,
         "clip": str(clip),
         "photos": photos,
