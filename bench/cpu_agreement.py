@@ -55,11 +55,15 @@ def photos(data: Path, limit: int) -> list[tuple[str, np.ndarray]]:
 
 
 def load_engines(precisions: list[str]) -> dict:
-    """The default engine at each precision (ONNX Runtime on this CPU)."""
+    """dlib's ResNet at each precision (ONNX Runtime on this CPU), whatever the default model is: the
+    comparison is of one network's kernels across CPUs."""
     from engines.config import EngineConfig
     from engines.face_engine import FaceEngine
 
-    return {p: FaceEngine.load(EngineConfig(precision=p, backend="onnxruntime")) for p in precisions}
+    return {
+        p: FaceEngine.load(EngineConfig(ensemble=("dlib-resnet-v1",), precision=p, backend="onnxruntime"))
+        for p in precisions
+    }
 
 
 def measure(images: list[tuple[str, np.ndarray]], engines: dict) -> dict[str, np.ndarray]:

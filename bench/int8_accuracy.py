@@ -172,8 +172,12 @@ def main(argv: list[str] | None = None) -> int:
                 if p.identity not in held_out:
                     link = calib_dir / f"{p.identity}{'-y' if p.young else ''}-{p.path.name}"
                     link.symlink_to(p.path.resolve())
-        fp32 = FaceEngine.load(EngineConfig(precision="fp32", backend="onnxruntime"))
-        int8 = FaceEngine.load(EngineConfig(precision="int8", backend="onnxruntime", int8_calibration_photos=calib_dir))
+        # dlib's ResNet alone, whatever the default model is: the guard is about its int8 copy.
+        dlib = ("dlib-resnet-v1",)
+        fp32 = FaceEngine.load(EngineConfig(ensemble=dlib, precision="fp32", backend="onnxruntime"))
+        int8 = FaceEngine.load(
+            EngineConfig(ensemble=dlib, precision="int8", backend="onnxruntime", int8_calibration_photos=calib_dir)
+        )
 
     chips: list[np.ndarray | None] = []
     for p in photos:

@@ -172,12 +172,14 @@ def main(argv: list[str] | None = None) -> int:
     from engines.face_engine import FaceEngine
 
     images, source = _images(args.images)
-    engine = FaceEngine.load(EngineConfig(threads=args.threads))
+    # dlib's ResNet alone, whatever the default model is: the peer's face_encodings runs the same network.
+    dlib = ("dlib-resnet-v1",)
+    engine = FaceEngine.load(EngineConfig(ensemble=dlib, threads=args.threads))
     # Warm up so one-off initialisation is not timed.
     engine.analyze(images[0])
     embedders = {"float32": engine}
     if not args.no_int8:
-        embedders["int8"] = FaceEngine.load(EngineConfig(precision="int8", threads=args.threads))
+        embedders["int8"] = FaceEngine.load(EngineConfig(ensemble=dlib, precision="int8", threads=args.threads))
 
     t0 = time.perf_counter()
     items = []

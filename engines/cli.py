@@ -70,7 +70,10 @@ def build(cache_dir: Path | None, rebuild: bool, backend: str, precision: str, m
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
     click.echo(f"detector: {', '.join(str(p) for p in models.detector.values())}")
-    click.echo(f"embedder: {models.embedder} ({engine.model_id}, {engine.embedder.backend.name}, {engine.precision})")
+    click.echo(f"embedder: {engine.model_id} ({engine.precision}); dlib's ResNet converted: {models.embedder}")
+    # The default model is an ensemble (engines/ensemble.py): each member runs on its own backend.
+    for m in engine.members:
+        click.echo(f"  member: {m.model_id}, weight {m.weight:g}, {m.embedder.backend.name}, {m.precision}")
     click.echo(f"landmarks: {models.landmarks}")
     click.echo(f"canary picture: {canary} (docs/edge.md, The canary)")
     for name, path in extra.items():

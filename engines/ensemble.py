@@ -76,8 +76,15 @@ class EnsembleMember(StrictModel):
         return self.model or self.embedder.name  # type: ignore[union-attr]
 
 
-# The default embedders of a unit: each face embedded by these members with these weights (docs/engine.md).
-DEFAULT_MEMBERS: tuple[EnsembleMember, ...] = (EnsembleMember(model=DEFAULT_EMBEDDER_NAME),)
+# The default embedders of a unit: each face embedded by these members with these weights (docs/engine.md;
+# bench/configs/ensemble.toml names the same set). The weights were chosen on half a of lag-dev's identities
+# (bench/ensemble_weights.py); the npm members skip the mirror image, which barely helps them. dlib alone is
+# `ensemble = ["dlib-resnet-v1"]`.
+DEFAULT_MEMBERS: tuple[EnsembleMember, ...] = (
+    EnsembleMember(model=DEFAULT_EMBEDDER_NAME, weight=0.90),
+    EnsembleMember(model="faceplugin-fr-feature", weight=0.05, flip=False),
+    EnsembleMember(model="expo-mobilefacenet", weight=0.05, flip=False),
+)
 
 
 def check_members(members: Sequence[EnsembleMember]) -> None:

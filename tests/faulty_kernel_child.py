@@ -79,14 +79,16 @@ def install_matcher_fault() -> None:
 
 
 def install_embedder_fault() -> None:
-    """Wrap the embedder of every FaceEngine loaded in a SaturatingBackend."""
+    """Wrap the (first) embedder of every FaceEngine loaded in a SaturatingBackend."""
     from engines.face_engine import FaceEngine
 
     real = FaceEngine.load.__func__
 
     def load(cls: type, config: Any = None) -> Any:
         engine = real(cls, config)
-        engine.embedder.backend = SaturatingBackend(engine.embedder.backend)
+        # The first member: the model itself, or dlib's ResNet in the default ensemble.
+        member = engine.members[0].embedder
+        member.backend = SaturatingBackend(member.backend)
         return engine
 
     FaceEngine.load = classmethod(load)

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from engines.calibration import PACKAGED_DIR, Calibration, CalibrationError
 from engines.cli import main as engines_cli
+from engines.ensemble import DEFAULT_MEMBERS, ensemble_name
 from engines.model_spec import EmbedderSpec
 
 
@@ -184,7 +185,8 @@ def test_engines_calibrate_writes_a_calibration_of_real_photos(strangers_folder,
     assert res.exit_code == 0, res.output
     assert "2 people, 24 photos with a face" in res.output
     cal = Calibration.load(out)
-    assert cal.model == "dlib-resnet-v1" and cal.flip_average is False
+    # The config names no model, so the calibration is the default ensemble's, filed under its name.
+    assert cal.model == ensemble_name(DEFAULT_MEMBERS) and cal.flip_average is False
     assert set(cal.cohorts) == {"all"} and cal.cohorts["all"].pairs == 144
     assert cal.description["command"].startswith("engines calibrate ")
     assert (

@@ -230,3 +230,14 @@ def test_the_packaged_calibration_of_the_measured_ensemble_gives_its_thresholds(
     assert plain.strangers_median < small < large < 1
     # The rule every threshold meets holds for it: below its strangers' median (0.87) is refused.
     assert plain.threshold_problem(0.5) is not None and plain.threshold_problem(small) is None
+
+
+def test_the_default_model_is_the_measured_ensemble_with_its_calibrations() -> None:
+    """The default (DEFAULT_MEMBERS) is the set whose accuracy and speed docs/engine.md gives, under
+    bench/configs/ensemble.toml's name, so an empty [engine] table finds its packaged calibrations
+    (plain and flip-averaged); a change of weights or members would leave units without one."""
+    config = load_engine_config(Path(__file__).resolve().parents[1] / "bench" / "configs" / "ensemble.toml")
+    assert config.members() == DEFAULT_MEMBERS
+    for flip in (False, True):
+        cal = Calibration.for_engine_config(EngineConfig(flip_average=flip))
+        assert cal.model == ensemble_name(DEFAULT_MEMBERS) and cal.flip_average is flip

@@ -16,6 +16,11 @@ from engines.face_engine import FaceEngine
 skdata = pytest.importorskip("skimage.data", reason="scikit-image ships the public-domain test photo")
 
 
+# dlib's ResNet alone: these tests are about its conversion, cache and 129-d embeddings, in a fresh cache
+# that holds no npm model (the default ensemble's other members come from `engines build`).
+DLIB = ("dlib-resnet-v1",)
+
+
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("model-cache")
@@ -23,7 +28,7 @@ def cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(cache_dir):
-    return FaceEngine.load(EngineConfig(cache_dir=cache_dir, backend="onnxruntime"))
+    return FaceEngine.load(EngineConfig(cache_dir=cache_dir, backend="onnxruntime", ensemble=DLIB))
 
 
 def test_conversion_cache_is_keyed_by_source_hash(engine, cache_dir):
@@ -32,7 +37,7 @@ def test_conversion_cache_is_keyed_by_source_hash(engine, cache_dir):
     assert any(f.startswith("mtcnn-") for f in folders)
     onnx_file = next(cache_dir.glob("dlib-resnet-v1-*/model.onnx"))
     before = onnx_file.stat().st_mtime_ns
-    FaceEngine.load(EngineConfig(cache_dir=cache_dir, backend="onnxruntime"))
+    FaceEngine.load(EngineConfig(cache_dir=cache_dir, backend="onnxruntime", ensemble=DLIB))
     assert onnx_file.stat().st_mtime_ns == before, "a second load reuses the cached conversion"
     assert engine.model_id.startswith("dlib-resnet-v1:")
 
@@ -147,17 +152,17 @@ def test_bad_images_are_named(engine, bad, message):
 
 def test_corrupt_cached_model_is_named_and_rebuild_fixes_it(tmp_path):
     cache = tmp_path / "cache"
-    FaceEngine.load(EngineConfig(cache_dir=cache, backend="onnxruntime"))
+    FaceEngine.load(EngineConfig(cache_dir=cache, backend="onnxruntime", ensemble=DLIB))
     onnx_file = next(cache.glob("dlib-resnet-v1-*/model.onnx"))
     onnx_file.write_bytes(b"garbage")
     with pytest.raises(ModelError, match="corrupt"):
-        FaceEngine.load(EngineConfig(cache_dir=cache, backend="onnxruntime"))
+        FaceEngine.load(EngineConfig(cache_dir=cache, backend="onnxruntime", ensemble=DLIB))
     result = CliRunner().invoke(
         engines_cli, ["build", "--cache-dir", str(cache), "--rebuild", "--backend", "onnxruntime"]
     )
     assert result.exit_code == 0, result.output
     assert "dlib-resnet-v1:" in result.output
-    FaceEngine.load(EngineConfig(cache_dir=cache, backend="onnxruntime"))
+    FaceEngine.load(EngineConfig(cache_dir=cache, backend="onnxruntime", ensemble=DLIB))
 
 
 def test_custom_embedder_missing_file_is_named(tmp_path):
@@ -175,14 +180,15 @@ def test_custom_embedder_missing_file_is_named(tmp_path):
         FaceEngine.load(EngineConfig(cache_dir=tmp_path / "c", embedder=spec))
 
 
-def test_cli_analyze_prints_faces(tmp_path, cache_dir):
+def test_cli_analyze_prints_faces(tmp_path):
+    """With the default cache, where `engines build` put the default ensemble's npm members."""
     import cv2
 
     path = tmp_path / "astronaut.png"
     cv2.imwrite(str(path), skdata.astronaut()[:, :, ::-1])
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff not really")
-    result = CliRunner().invoke(engines_cli, ["analyze", str(path), str(bad), "--cache-dir", str(cache_dir)])
+    result = CliRunner().invoke(engines_cli, ["analyze", str(path), str(bad)])
     lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert len(lines) == 1 and lines[0]["quality_ok"]
     assert result.exit_code == 1  # the broken file is reported

@@ -23,6 +23,10 @@ from engines.int8 import MAX_WEIGHT, quantize_embedder
 onnx = pytest.importorskip("onnx")
 skdata = pytest.importorskip("skimage.data", reason="scikit-image ships the public-domain calibration photos")
 
+# dlib's ResNet alone, whatever the default model is: these tests are about its int8 copy (the default
+# ensemble's npm members fall back to float32: docs/engine.md).
+DLIB = ("dlib-resnet-v1",)
+
 
 def _conv_embedder(path, size=32, dim=16):
     """A real small convolutional embedder: conv-relu-conv-relu, global pooling, a projection."""
@@ -189,7 +193,7 @@ def test_quantiser_refuses_an_empty_calibration_set(tmp_path):
 def test_calibration_chips_are_aligned_faces_and_repeatable():
     from engines.int8_chips import calibration_chips, photos_key, public_domain_photos, public_photos_key
 
-    engine = FaceEngine.load(EngineConfig(backend="onnxruntime", precision="fp32"))
+    engine = FaceEngine.load(EngineConfig(backend="onnxruntime", ensemble=DLIB, precision="fp32"))
     photos = public_domain_photos()
     a = calibration_chips(photos, engine.detect, engine.align, count=6, seed=3)
     b = calibration_chips(photos, engine.detect, engine.align, count=6, seed=3)
@@ -222,8 +226,8 @@ def test_precision_is_checked():
 
 @pytest.fixture(scope="module")
 def engines_fp32_int8():
-    fp32 = FaceEngine.load(EngineConfig(backend="onnxruntime", precision="fp32"))
-    int8 = FaceEngine.load(EngineConfig(backend="onnxruntime", precision="int8"))
+    fp32 = FaceEngine.load(EngineConfig(backend="onnxruntime", ensemble=DLIB, precision="fp32"))
+    int8 = FaceEngine.load(EngineConfig(backend="onnxruntime", ensemble=DLIB, precision="int8"))
     return fp32, int8
 
 
@@ -300,7 +304,7 @@ def test_a_broken_int8_model_is_caught_and_the_engine_runs_float32(tmp_path, cap
     fp32, _ = engines_fp32_int8
     cache = _cache_with_broken_int8(tmp_path)
     with caplog.at_level(logging.WARNING, logger="engines.face_engine"):
-        engine = FaceEngine.load(EngineConfig(backend="onnxruntime", precision="int8", cache_dir=cache))
+        engine = FaceEngine.load(EngineConfig(backend="onnxruntime", ensemble=DLIB, precision="int8", cache_dir=cache))
     assert engine.precision == "fp32"
     reason = engine.precision_fallback
     assert reason and "self-check failed" in reason and "features:" in reason

@@ -39,6 +39,12 @@ def _unit_config(tmp: Path) -> Path:
     return path
 
 
+def _embedder_checks(engine: Any) -> tuple[str, ...]:
+    """The embedder checks of `engine` in a report: "embedder" for one model, one per member of an ensemble
+    (the default model is one: engines.ensemble.DEFAULT_MEMBERS)."""
+    return ("embedder",) if len(engine.members) == 1 else tuple(f"embedder:{m.name}" for m in engine.members)
+
+
 def _child(tmp: Path, fault: str, *command: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, str(CHILD), fault, *command], cwd=tmp, capture_output=True, text=True, timeout=240
@@ -48,10 +54,10 @@ def _child(tmp: Path, fault: str, *command: str) -> subprocess.CompletedProcess[
 @pytest.mark.kernels
 def test_the_engine_gives_its_stored_answers_here(engine: Any) -> None:
     report = check_engine(engine)
-    assert report.checks == ("pnet", "rnet", "onet", "embedder") and report.skipped == ()
+    assert report.checks == ("pnet", "rnet", "onet", *_embedder_checks(engine)) and report.skipped == ()
     tol = TOLERANCES[report.precision]
     assert max(report.worst[n] for n in ("pnet", "rnet", "onet")) <= tol.abs
-    assert report.worst["embedder"] <= 1 - tol.cos
+    assert max(report.worst[n] for n in _embedder_checks(engine)) <= 1 - tol.cos
 
 
 @pytest.mark.kernels
@@ -77,13 +83,15 @@ def test_check_inputs_are_the_recorded_ones_and_hold_the_worst_case() -> None:
 
 
 def test_a_saturating_embedder_fails_naming_the_check_and_the_cpu(engine: Any) -> None:
-    real = engine.embedder.backend
-    engine.embedder.backend = SaturatingBackend(real)
+    # The first member (dlib's ResNet; the model itself where there is one).
+    member = engine.members[0].embedder
+    real = member.backend
+    member.backend = SaturatingBackend(real)
     try:
         with pytest.raises(SelfTestError) as err:
             check_engine(engine)
     finally:
-        engine.embedder.backend = real
+        member.backend = real
     text = str(err.value)
     assert "embedder" in text and "cosine to the stored output" in text and "CPU features seen:" in text
 
@@ -96,8 +104,11 @@ def test_an_embedder_without_answers_is_named_and_the_rest_still_checked(
     with caplog.at_level(logging.INFO, logger="engines.known_answers"):
         report = check_engine(engine, tmp_path)
     assert report.checks == ("pnet", "rnet", "onet")
-    assert len(report.skipped) == 1 and report.skipped[0].startswith(f"embedder {engine.model_id}")
-    assert "the embedder has no known answers" in caplog.text
+    assert [s.split(":", 1)[0] if engine.is_ensemble else s.split(" ", 1)[0] for s in report.skipped] == [
+        "embedder"
+    ] * len(engine.members)
+    assert all(f" {m.model_id}: " in s for m, s in zip(engine.members, report.skipped))
+    assert all(f"the {name} has no known answers" in caplog.text for name in _embedder_checks(engine))
 
 
 @pytest.mark.kernels
@@ -184,7 +195,8 @@ def test_check_config_runs_the_selftest_and_reports_a_failure(tmp_path: Path, en
     conf = _unit_config(tmp_path)
     ok = CliRunner().invoke(main, ["check-config", "--selftest", str(conf)])
     assert ok.exit_code == 0, ok.output
-    assert "self-test: OK: right answers from pnet, rnet, onet, embedder, matcher" in ok.output
+    checks = ", ".join(("pnet", "rnet", "onet", *_embedder_checks(engine), "matcher"))
+    assert f"self-test: OK: right answers from {checks}" in ok.output
     bad = _child(tmp_path, "matcher", "edge", "check-config", "--selftest", str(conf))
     assert bad.returncode == 1, bad.stdout + bad.stderr
     assert "self-test: FAILED: matcher known-answer test failed" in bad.stdout
@@ -229,7 +241,8 @@ def test_a_started_unit_reports_its_selftest_in_its_status(tmp_path: Path, caplo
         st = daemon.status()["selftest"]
     finally:
         daemon.stop()
-    assert st["passed"] and st["checks"] == ["pnet", "rnet", "onet", "embedder", "matcher"] and st["unchecked"] == []
+    checks = ["pnet", "rnet", "onet", *_embedder_checks(daemon.engine), "matcher"]
+    assert st["passed"] and st["checks"] == checks and st["unchecked"] == []
     assert st["precision_fallback"] is None and st["cpu_features"] == cpu_features()
     line = next(r.getMessage() for r in caplog.records if "known-answer self-test passed" in r.getMessage())
     assert "CPU features:" in line

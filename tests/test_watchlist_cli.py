@@ -161,10 +161,11 @@ def test_apply_with_a_unit_config_checks_the_engines_model_and_size(tmp_path: Pa
     """Issue 20, item 4: `watchlist apply --config` passed the engine's model but not its size, so a
     signed list of another size was applied and blinded the unit. The size comes from the config and
     the model's weights (no engine loaded); a list of another size is refused, one of the right size applied."""
-    from engines.model_spec import embedder_identity
+    from engines.config import EngineConfig
+    from engines.ensemble import config_identity
     from testing.synthetic import Authority
 
-    unit = embedder_identity(None)  # the config's [engine] is empty: the default model
+    unit = config_identity(EngineConfig())  # the config's [engine] is empty: the default model
     hq = Authority(model_id=unit.model_id, dim=64, threshold=0.99)
     hq.write_root(tmp_path / "root.pub")
     conf = tmp_path / "unit.toml"
