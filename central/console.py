@@ -124,6 +124,18 @@ def duration(seconds: float | None) -> str:
     return f"{s / 3600:.1f} h"
 
 
+def stranger_words(rate: float) -> str:
+    """A hit's calibrated stranger rate (docs/protocol.md) in words, N to 2 significant figures:
+    "About 1 in 12,000 faces of people not on the list score this high against someone on it"."""
+    tail = "of people not on the list score this high against someone on it"
+    if rate * 1.5 >= 1:
+        return f"Nearly all faces {tail}"
+    # Below this the figure is the calibration's extrapolation far past any measured stranger.
+    if rate < 1e-12:
+        return f"Fewer than 1 in {10**12:,} faces {tail}"
+    return f"About 1 in {float(f'{1 / rate:.2g}'):,.0f} faces {tail}"
+
+
 def waited(ts: float | None) -> str:
     """How long since `ts`, as a duration."""
     return duration(time.time() - ts) if ts else "-"
@@ -150,7 +162,15 @@ def _environment() -> jinja2.Environment:
         undefined=jinja2.StrictUndefined,
     )
     env.filters.update(
-        visible=visible, utc=utc, ago=ago, until=until, q=_qs, duration=duration, waited=waited, when=when
+        visible=visible,
+        utc=utc,
+        ago=ago,
+        until=until,
+        q=_qs,
+        duration=duration,
+        waited=waited,
+        when=when,
+        stranger_words=stranger_words,
     )
     return env
 

@@ -134,6 +134,15 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             "ALTER TABLE units ADD COLUMN last_canary_at {REAL}",
         ],
     ),
+    (
+        7,
+        "hits: the unit's calibrated stranger rate for the hit's score",
+        [
+            # NULL for hits stored before and for units that send none: the console then shows the raw
+            # score alone (docs/protocol.md, The calibrated stranger rate).
+            "ALTER TABLE hits ADD COLUMN stranger_rate {REAL}",
+        ],
+    ),
 ]
 
 LATEST = MIGRATIONS[-1][0]

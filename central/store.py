@@ -58,6 +58,7 @@ HIT_COLUMNS = (
     "crop_dropped",
     "schema_version",
     "signature",
+    "stranger_rate",
 )
 SIGNATURE_VERDICTS = ("valid", "unsigned", "unknown_unit")
 """What a stored hit's `signature` column may say (hits with any other verdict are quarantined);

@@ -10,7 +10,9 @@ so the rule holds however far analysis lags behind.
 from __future__ import annotations
 
 import logging
+import math
 import threading
+from typing import Any
 
 import numpy as np
 from pydantic import Field
@@ -55,8 +57,10 @@ class HitEmitter:
         image: np.ndarray | None,
         model_id: str,
         watchlist_version: int,
+        stranger_rate: float | None = None,
     ) -> Hit | None:
         """Return a new Hit for this match, or None if it is below threshold, a repeat, or in cooldown.
+        `stranger_rate`: the calibrated figure the hit carries (`stranger_rate()`), None when there is none.
 
         The hit is made before its cooldown is recorded, so one that cannot be made (a RecordError
         from an id the wire refuses) raises without silencing the person's later hits; a crop that
@@ -88,6 +92,7 @@ class HitEmitter:
             track_id=track_id,
             crop_jpeg=crop,
             canary=match.person_id == CANARY_PERSON_ID,
+            stranger_rate=stranger_rate,
         )
         with self._lock:
             # Another thread may have hit the same person while the crop was encoded.
@@ -120,6 +125,26 @@ class HitEmitter:
         stale = [k for k, t in self._last_hit.items() if now - t >= self.cooldown_s]
         for k in stale:
             del self._last_hit[k]
+
+
+def stranger_rate(calibration: Any, score: float, persons: int, templates: int) -> float | None:
+    """The share of faces of people not on the list that score at least `score` against someone on a
+    list of `persons` persons holding `templates` templates, by the model's `calibration`
+    (engines.calibration.Calibration; its worst cohort): the expected false-alert rate per face were
+    `score` the threshold. None without a calibration or a list, or where the calibration cannot place it.
+
+    The whole list's rate, not the matched person's alone: the unit compared the face with every
+    person on the list, so a stranger reaches this score against *someone* about `persons` times as
+    often as against one given person, and the smaller figure would overstate the evidence."""
+    if calibration is None or persons < 1:
+        return None
+    try:
+        rate = calibration.expected_rates(float(score), persons, max(1.0, templates / persons)).fpir
+    except Exception as exc:  # the figure is an aid: the hit goes without it rather than not at all
+        log.warning("hit sent without a calibrated stranger rate: %s: %s", type(exc).__name__, exc)
+        return None
+    # Clamped into the wire's [0, 1]: the figure comes from interpolated logarithms.
+    return min(1.0, max(0.0, float(rate))) if math.isfinite(rate) else None
 
 
 def crop_box(

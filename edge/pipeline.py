@@ -34,7 +34,7 @@ from edge.canary import CANARY_CAMERA_ID
 from edge.decision import DecisionConfig, MatcherLike, SecondLook, decide_batch, same_person_level
 from edge.faces import EmbedRequest
 from edge.frame import Frame
-from edge.hits import HitEmitter
+from edge.hits import HitEmitter, stranger_rate
 from edge.sinks import HitSink
 from wire.records import Hit
 
@@ -363,6 +363,8 @@ class Pipeline:
         the sinks; drop the rest at once."""
         try:
             matcher = self.matcher
+            # The list these faces are matched against, for the hits' calibrated stranger rate.
+            index = getattr(matcher, "index", None)
             same_person = same_person_level(self.matching, matcher)
             decisions = decide_batch(
                 self.matching,
@@ -403,6 +405,13 @@ class Pipeline:
                     image=frame.image,
                     model_id=self.engine.model_id,
                     watchlist_version=int(getattr(matcher, "version", 0)),
+                    # The calibration that places the second look, at the size of the list matched against.
+                    stranger_rate=stranger_rate(
+                        self.second_look.calibration,
+                        match.score,
+                        int(getattr(index, "n_persons", 0) or 0),
+                        int(getattr(index, "n_templates", 0) or 0),
+                    ),
                 )
             except Exception as exc:  # one hit that cannot be made must not stop every later one
                 an.stats.failed(f"a hit for person {match.person_id!r} could not be made: {exc}")

@@ -326,3 +326,25 @@ def test_exports_carry_iso_times_and_come_as_csv(site, page_for):
     assert line["received_at"].endswith("Z") and "T" in line["received_at"]
     actions = [json.loads(e["detail"]) for e in site.store.audit_entries(limit=3) if e["action"] == "export"]
     assert {"what": "hits", "format": "csv", "count": len(rows), "since": None} in actions
+
+
+def test_the_hit_page_says_the_score_in_words_from_the_units_calibration(site, page_for):
+    from playwright.sync_api import expect
+
+    page = page_for(site.url, "ana")
+    # Signed by the unit, through the broker and the receiver, as a unit with a calibration sends it.
+    rated = send(site, person_id="case-2021-0311", score=0.991, stranger_rate=1 / 12_345)
+    stored = site.store.hit(rated)
+    assert stored["stranger_rate"] == pytest.approx(1 / 12_345) and stored["signature"] == "valid"
+    page.goto(f"{site.url}/hit?id={rated}")
+    expect(page.locator("#stranger-rate")).to_have_text(
+        "About 1 in 12,000 faces of people not on the list score this high against someone on it "
+        "(model dlib-resnet-v1 calibration)"
+    )
+    expect(page.locator("#stranger-rate")).to_be_in_viewport(ratio=1.0)
+    # An older unit (or a model without a calibration) sends none: the raw score alone, and why.
+    older = send(site, person_id="case-2021-0311", score=0.991, captured_at=time.time() + 1)
+    assert site.store.hit(older)["stranger_rate"] is None
+    page.goto(f"{site.url}/hit?id={older}")
+    expect(page.locator("#stranger-rate")).to_contain_text("The unit sent no calibrated figure for this score")
+    expect(page.locator(".facts")).to_contain_text("0.991 against threshold 0.600")

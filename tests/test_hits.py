@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from edge.hits import CropConfig, HitEmitter, crop_box
+from edge.hits import CropConfig, HitEmitter, crop_box, stranger_rate
 from edge.sinks import HitSink, JsonlSink, JsonlSinkConfig, SinkError
 from matching.match import Match
 from testing.hits import schema_errors
@@ -203,3 +203,45 @@ def test_a_hit_that_cannot_be_made_leaves_no_cooldown_behind() -> None:
     with pytest.raises(RecordError, match="person_id"):
         offer(em, m=match("case-2024\x9f0173"), t=T0 + 1)
     assert em.suppressed == 0
+
+
+def test_the_hit_carries_the_calibrated_stranger_rate_of_its_score_signed(payload_schemas: dict[str, Any]) -> None:
+    from engines.calibration import Calibration
+    from wire.signing import KnownKeys, Verdict, generate_unit_key, public_key_line, verify_record
+
+    cal = Calibration.load_for("dlib-resnet-v1")
+    # 600 persons with 1,200 templates: the list-wide rate, not the one person's (600 times smaller).
+    rate = stranger_rate(cal, 0.99, 600, 1200)
+    assert rate == pytest.approx(cal.expected_rates(0.99, 600, 2.0).fpir)
+    assert rate > 100 * cal.expected_rates(0.99, 1, 2.0).fpir
+    assert stranger_rate(None, 0.99, 600, 1200) is None and stranger_rate(cal, 0.99, 0, 0) is None
+
+    em = HitEmitter("unit-1", cooldown_s=0.0)
+    hit = em.offer(
+        camera_id="cam1",
+        track_id=1,
+        match=match(score=0.99),
+        box=BOX,
+        captured_at=T0,
+        image=None,
+        model_id="dlib-resnet-v1",
+        watchlist_version=7,
+        stranger_rate=rate,
+    )
+    assert hit is not None and hit.stranger_rate == rate
+    record = records.hit_record(hit, "site-a")
+    assert (
+        record["stranger_rate"] == rate
+        and schema_errors(record | {"crop_jpeg_b64": None, "crop_dropped": None}, payload_schemas["hit"]) == []
+    )
+    # Inside the signature: a receiver that finds it changed finds the signature broken.
+    signer = generate_unit_key()
+    keys = KnownKeys.parse(public_key_line("site-a", "unit-1", signer.public_raw))
+    signed = signer.sign(record, None)
+    assert verify_record(json.dumps(signed).encode(), keys) == Verdict.VALID
+    forged = json.dumps(signed | {"stranger_rate": rate / 1000}).encode()
+    assert verify_record(forged, keys) != Verdict.VALID
+    # Without a calibration the record is byte for byte an older unit's: no key at all.
+    assert "stranger_rate" not in records.hit_record(offer(HitEmitter("unit-1"), t=T0), "site-a")
+    with pytest.raises(records.RecordError, match="stranger_rate"):
+        Hit(**{**hit.__dict__, "stranger_rate": float("nan")})

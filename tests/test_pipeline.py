@@ -106,6 +106,10 @@ def test_enrolled_person_hit_once_per_appearance_and_nobody_else(
         assert hit.watchlist_version == 1 and hit.threshold == pytest.approx(people.threshold)
         assert hit.score >= hit.threshold and hit.margin == pytest.approx(hit.score + 1.0)  # nobody second
         assert hit.crop_jpeg is not None and hit.crop_jpeg[:3] == b"\xff\xd8\xff"
+        # The score in the calibration's terms, for the list matched against (its persons, their templates).
+        index = matcher.index
+        expected = engine.calibration.expected_rates(hit.score, index.n_persons, index.n_templates / index.n_persons)
+        assert hit.stranger_rate == pytest.approx(expected.fpir)
     # Frame-to-hit: the hit of each appearance comes from one of its first analysed frames.
     firsts = sorted(h.captured_at - t0 for h in sink.hits)
     assert firsts[0] <= 0.5 + 0.6 and 5.0 <= firsts[1] <= 5.0 + 0.6

@@ -255,6 +255,8 @@ def test_a_version_1_sqlite_store_is_migrated_in_place(tmp_path):
     ]
     # Hits stored before sightings each become a sighting of their own, with their decision.
     assert store.sighting("h1")["review_state"] == "rejected" and store.hit("h1")["sighting_id"] == "h1"
+    # Hits from before the calibrated stranger rate have none (the console then shows the raw score only).
+    assert store.hit("h1")["stranger_rate"] is None
     assert [(r["payload"], r["payload_bytes"]) for r in store.rejects()] == [(b"y" * 4096, 10_000)]
     store.close()
     conn = sqlite3.connect(path)

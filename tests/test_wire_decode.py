@@ -89,6 +89,11 @@ BAD: list[tuple[str, str, bytes, str]] = [
     ("box out of range", "hit", with_("hit", "box", [0, 0, 1e9, 10]), "box"),
     ("box with NaN", "hit", raw_with("hit", "box", "[0, 0, NaN, 10]"), "box"),
     ("oversized crop", "hit", with_("hit", "crop_jpeg_b64", HUGE_CROP), "crop_jpeg_b64"),
+    ("stranger_rate 1.5", "hit", with_("hit", "stranger_rate", 1.5), "stranger_rate"),
+    ("stranger_rate -0.1", "hit", with_("hit", "stranger_rate", -0.1), "stranger_rate"),
+    ("stranger_rate a string", "hit", with_("hit", "stranger_rate", "1 in 12000"), "stranger_rate"),
+    ("stranger_rate null", "hit", with_("hit", "stranger_rate", None), "stranger_rate"),
+    ("NaN stranger_rate", "hit", raw_with("hit", "stranger_rate", "NaN"), "stranger_rate"),
     ("bad key_id", "hit", with_("hit", "key_id", "../../etc"), "key_id"),
     ("bad sig", "hit", with_("hit", "sig", "x" * 5000), "sig"),
     ("lone surrogate in reason", "status", with_("status", "reason", "bye \udc80"), "reason"),
@@ -108,7 +113,7 @@ BAD: list[tuple[str, str, bytes, str]] = [
 
 # Refused by decode but beyond what the schema keywords can say: the schema check sees a payload that is
 # not JSON at all (NaN, Infinity, nesting Python cannot even parse) or one the schema cannot bound.
-NOT_JSON_FOR_A_SCHEMA = {"NaN score", "Infinity threshold", "box with NaN"}
+NOT_JSON_FOR_A_SCHEMA = {"NaN score", "Infinity threshold", "box with NaN", "NaN stranger_rate"}
 
 
 @pytest.mark.parametrize(("case", "kind", "payload", "field"), BAD, ids=[b[0] for b in BAD])
@@ -182,6 +187,15 @@ def test_unknown_keys_are_dropped() -> None:
     assert "key_id" not in fields
 
 
+def test_a_stranger_rate_in_range_is_kept_and_an_older_units_hit_has_none(payload_schemas) -> None:
+    for rate in (0, 1, 8.3e-5):
+        payload = with_("hit", "stranger_rate", rate)
+        assert records.decode_hit(payload)[0]["stranger_rate"] == rate
+        assert schema_errors(json.loads(payload), payload_schemas["hit"]) == []
+    assert "stranger_rate" not in good_hit()
+    assert records.decode_hit(json.dumps(good_hit()).encode())[0]["stranger_rate"] is None
+
+
 def test_schema_limits_are_the_decoders(payload_schemas) -> None:
     hit = payload_schemas["hit"]["properties"]
     for key in ("id", "site", "unit_id", "camera_id", "person_id", "model_id"):
@@ -191,6 +205,8 @@ def test_schema_limits_are_the_decoders(payload_schemas) -> None:
         if rule.kind in ("number", "integer"):
             lo = "exclusiveMinimum" if rule.lo_exclusive else "minimum"
             assert (hit[key][lo], hit[key]["maximum"]) == (rule.lo, rule.hi), key
+    rate = records.STRANGER_RATE
+    assert (hit["stranger_rate"]["minimum"], hit["stranger_rate"]["maximum"]) == (rate.lo, rate.hi) == (0, 1)
     assert hit["crop_jpeg_b64"]["maxLength"] == records.b64_length(records.MAX_CROP_BYTES)
     status = payload_schemas["status"]["properties"]
     assert status["reason"]["maxLength"] == records.MAX_TEXT_CHARS

@@ -70,6 +70,9 @@ class Hit:
     crop_jpeg: bytes | None = None
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     canary: bool = False  # the unit's own end-to-end check (CANARY_PERSON_ID), never an operator's hit
+    # The share of faces of people not on the list that score at least `score` against someone on the
+    # list, by the model's calibration at the list's size (edge.hits.stranger_rate); None: no calibration.
+    stranger_rate: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("unit_id", "camera_id", "person_id", "model_id", "id"):
@@ -90,6 +93,9 @@ class Hit:
             # A canary flag on a listed person would hide a real hit from operators; a canary hit
             # without it would show them the canary.
             raise RecordError(f"hit {self.id}: canary must be set exactly for person {CANARY_PERSON_ID!r}")
+        if self.stranger_rate is not None and not 0.0 <= self.stranger_rate <= 1.0:
+            # NaN fails this comparison too: the receiver would refuse either.
+            raise RecordError(f"hit {self.id}: stranger_rate must be a share in [0, 1], got {self.stranger_rate}")
 
 
 def _clamp(value: float, bound: float) -> float:
@@ -119,6 +125,8 @@ def hit_record(hit: Hit, site: str, queued_at: float | None = None) -> dict[str,
         "track_id": int(hit.track_id),
         # Only on canary hits: the records of every other hit stay byte for byte as before.
         **({"canary": True} if hit.canary else {}),
+        # Only where the unit has a calibration: without one the record is as an older unit's.
+        **({"stranger_rate": float(hit.stranger_rate)} if hit.stranger_rate is not None else {}),
     }
 
 
@@ -499,6 +507,8 @@ HIT_FIELDS: dict[str, FieldRule] = {
     "watchlist_version": _COUNT,
     "track_id": FieldRule("integer", -1, MAX_COUNT),
 }
+STRANGER_RATE = FieldRule("number", 0, 1)
+"""A hit's optional `stranger_rate` (units from before it, and units without a calibration, send none)."""
 STATUS_FIELDS: dict[str, FieldRule] = {
     "site": _ID,
     "unit_id": _ID,
@@ -653,6 +663,10 @@ def decode_hit(payload: bytes, *, max_crop_bytes: int = MAX_CROP_BYTES) -> tuple
     # The reserved person id alone also makes a canary: a unit older than the flag that matched the
     # canary person (its picture held up to a camera) must not show it to operators either.
     out["canary"] = canary or out["person_id"] == CANARY_PERSON_ID
+    rate = body.get("stranger_rate")
+    if "stranger_rate" in body:
+        STRANGER_RATE.check(HIT_SCHEMA, "stranger_rate", rate)
+    out["stranger_rate"] = rate
     return out, crop
 
 
