@@ -25,15 +25,23 @@ Also measured in the same run:
   fpir_model - how well the calibration (engines/calibration.py) holds: the FPIR it predicts at each
                measured threshold, and the FPIR and FNIR at the threshold it picks per list size
 
+--record-misses measures only the miss curve (FNIR at a grid of fixed thresholds, this protocol's
+definition, mean over the splits) for the model's one-look and flip-averaged scores, and writes it as the
+`misses` section of the model's packaged calibrations (engines/calibrations/<model>.json and
+<model>+flip.json), which `watchlist build` and `watchlist inspect` print as the expected miss rate.
+
 Example:
     python bench/openset.py --data ../shared/data/lag-dev --json bench/results/openset.json
     python bench/openset.py --config /etc/checkpoint/unit.toml --json out/openset-mymodel.json
+    python bench/openset.py --data ../shared/data/lag-dev --config bench/configs/dlib.toml --no-peer \
+        --no-levers --record-misses
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 import warnings
@@ -111,6 +119,54 @@ def rates_at_threshold(
     """(FNIR, FPIR) at a given threshold, for one split."""
     strangers, own, rival = _search(person_scores, truth, extra_max)
     return _fnir(own, rival, threshold), float(np.mean(strangers > threshold))
+
+
+def miss_curve(P_all: np.ndarray, proto: Protocol, thresholds: np.ndarray) -> np.ndarray:
+    """FNIR at each of `thresholds` (fixed, not set per split), mean over the splits: the share of enrolled
+    persons' adult probes whose own person is not first over the split's list or not above the threshold,
+    exactly as `_fnir`. At a fixed threshold the list's size matters only through the rank-1 requirement
+    (a bigger list holds more rivals), so the curve belongs to this protocol's list size."""
+    per = []
+    for enrolled in proto.splits:
+        _, truth = proto.split_truth(enrolled)
+        _, own, rival = _search(P_all[:, enrolled], truth, None)
+        per.append([_fnir(own, rival, float(t)) for t in thresholds])
+    return np.mean(per, axis=0)
+
+
+def record_misses(persons: dict[str, np.ndarray], proto: Protocol, model_id: str, command: str) -> dict:
+    """Write the miss curve of the one-look (`persons["plain"]`) and flip-averaged scores into the model's
+    packaged calibrations (made from the same weights), as their `misses` section; returns what was written.
+
+    The grid runs in steps of 0.001 from 0.05 below the strangers' median (thresholds at or below the
+    median are refused anyway) to 1.0 (nobody found)."""
+    from engines.calibration import Calibration, MissCurve
+
+    name = model_id.split(":", 1)[0]
+    per_person = len(proto.young) / len(proto.identities)
+    written = {}
+    for variant, flip in (("plain", False), ("flip", True)):
+        cal = Calibration.load_for(name, flip_average=flip)
+        made_with = cal.description.get("model_id")
+        if made_with != model_id:
+            sys.exit(f"error: the packaged calibration of {name} was made with {made_with}, this run is {model_id}")
+        lo = np.floor((cal.strangers_median - 0.05) * 1000) / 1000
+        grid = np.round(np.arange(lo, 1.0 + 5e-4, 0.001), 3)
+        curve = MissCurve(
+            threshold=grid,
+            fnir=miss_curve(persons[variant], proto, grid),
+            list_size=len(proto.splits[0]),
+            templates_per_person=round(per_person, 3),
+            probes=int(np.mean([(proto.split_truth(e)[1] >= 0).sum() for e in proto.splits])),
+            splits=len(proto.splits),
+            source="lag-dev open-set, cross-age (child photos listed, adult probes): the only cross-age set",
+            note=cal.description.get("note", ""),
+            command=command,
+        )
+        path = Calibration.packaged_path(name, flip)
+        cal.with_misses(curve).save(path)
+        written[str(path)] = curve.as_dict()
+    return written
 
 
 def person_matrix(S: np.ndarray, young_person: np.ndarray, n_persons: int) -> np.ndarray:
@@ -655,6 +711,12 @@ def main(argv: list[str] | None = None) -> int:
         help="the unit's [matching] second_look_fpir: faces above the calibrated threshold for this FPIR are "
         "flip-averaged (default: the unit's default; 0: off)",
     )
+    ap.add_argument(
+        "--record-misses",
+        action="store_true",
+        help="measure only the miss curve at fixed thresholds, one look and flip-averaged, and write it into the "
+        "model's packaged calibrations (engines/calibrations/) as their misses section",
+    )
     args = ap.parse_args(argv)
     if args.splits < 1:
         ap.error("--splits must be at least 1")
@@ -697,6 +759,16 @@ def main(argv: list[str] | None = None) -> int:
     n_id = len(proto.identities)
     scores = {v: cosine(ours.variants[v][proto.adult], ours.variants[v][proto.young]) for v in ("plain", "flip")}
     persons = {v: person_matrix(scores[v], proto.young_person, n_id) for v in scores}
+    if args.record_misses:
+        command = "python " + shlex.join(["bench/openset.py", *(sys.argv[1:] if argv is None else argv)])
+        results["misses"] = record_misses(persons, proto, ours.info["model_id"], command)
+        for path, m in results["misses"].items():
+            at = {t: f for t, f in zip(m["threshold"], m["fnir"])}
+            print(f"{path}: " + ", ".join(f"FNIR {at[t]:.3f} at {t}" for t in m["threshold"][::25]))
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(results, indent=2))
+        return 0
     S, P_all = scores[default_variant], persons[default_variant]
     one_look = proto.run(P_all)
     flip = proto.run(persons["flip"])

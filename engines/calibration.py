@@ -16,10 +16,18 @@ measured comparison.
 The calibration file (JSON, made by `engines calibrate`) holds only figures: score quantiles of
 stranger pairs for each cohort (for example adult probes against child templates, and adult
 against adult), how many pairs and people they came from, and the command and date that made it.
+
+It may also hold the other side, `misses` (MissCurve, written by `bench/openset.py --record-misses`):
+the share of listed persons missed (FNIR) at a grid of thresholds, measured open-set on a labelled set
+(a listed person is found only when their own person ranks first over the list AND scores above the
+threshold). At a fixed threshold that share does not depend on the FPIR wanted, and on the list's size
+only through the rank-1 requirement (more persons, more rivals), so it is recorded with the list size
+it was measured at. Files without the section still load: the miss rate is then unknown.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import logging
@@ -173,6 +181,67 @@ def _strictly_increasing(score: np.ndarray, log_far: np.ndarray) -> tuple[np.nda
 
 
 @dataclass(frozen=True)
+class MissCurve:
+    """Listed persons' miss rate (FNIR) measured open-set at fixed thresholds, and where it comes from."""
+
+    threshold: np.ndarray  # increasing
+    fnir: np.ndarray  # non-decreasing, the mean over the measurement's identity splits
+    list_size: int  # persons on the list it was measured with
+    templates_per_person: float
+    probes: int  # listed persons' probes per split
+    splits: int
+    source: str  # the data and protocol, in words
+    note: str = ""  # the data's licence and citation
+    command: str = ""
+    date: str = ""
+
+    def at(self, threshold: float) -> float | None:
+        """FNIR at `threshold`, interpolated linearly between grid points; None below the grid (not measured).
+        Above the grid's top the top value holds (the grid ends at 1.0, where nobody is found)."""
+        if threshold < self.threshold[0]:
+            return None
+        return float(np.interp(threshold, self.threshold, self.fnir))
+
+    def as_dict(self) -> dict:
+        return {
+            "source": self.source,
+            "note": self.note,
+            "command": self.command,
+            "date": self.date or _dt.date.today().isoformat(),
+            "list_size": self.list_size,
+            "templates_per_person": self.templates_per_person,
+            "probes": self.probes,
+            "splits": self.splits,
+            "threshold": [round(float(t), 6) for t in self.threshold],
+            "fnir": [round(float(f), 5) for f in self.fnir],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str) -> MissCurve:
+        try:
+            out = cls(
+                np.asarray(d["threshold"], np.float64),
+                np.asarray(d["fnir"], np.float64),
+                int(d["list_size"]),
+                float(d["templates_per_person"]),
+                int(d["probes"]),
+                int(d["splits"]),
+                str(d["source"]),
+                str(d.get("note", "")),
+                str(d.get("command", "")),
+                str(d.get("date", "")),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CalibrationError(f"{where}: malformed ({exc}); measure it again with bench/openset.py") from None
+        t, f = out.threshold, out.fnir
+        if len(t) != len(f) or len(t) < 2 or np.any(np.diff(t) <= 0) or np.any(np.diff(f) < 0):
+            raise CalibrationError(f"{where}: thresholds must rise and miss rates must not fall along them")
+        if np.any((f < 0) | (f > 1)):
+            raise CalibrationError(f"{where}: a miss rate lies outside [0, 1]")
+        return out
+
+
+@dataclass(frozen=True)
 class Calibration:
     """A model's stranger scores, per cohort, and the operating points they give.
 
@@ -187,6 +256,7 @@ class Calibration:
     flip_average: bool
     cohorts: dict[str, ScoreTail]
     description: dict  # where the scores came from: data, people, photos, command, date
+    misses: MissCurve | None = None  # listed persons' miss rate by threshold, where measured
 
     # ---- loading and saving
     @classmethod
@@ -204,7 +274,19 @@ class Calibration:
         cohorts = {k: ScoreTail.from_dict(v, f"{path}: cohorts.{k}") for k, v in (d.get("cohorts") or {}).items()}
         if not cohorts:
             raise CalibrationError(f"{path}: the calibration holds no cohort")
-        return cls(str(d.get("model", "")), bool(d.get("flip_average", False)), cohorts, dict(d.get("description", {})))
+        misses = MissCurve.from_dict(d["misses"], f"{path}: misses") if d.get("misses") is not None else None
+        return cls(
+            str(d.get("model", "")),
+            bool(d.get("flip_average", False)),
+            cohorts,
+            dict(d.get("description", {})),
+            misses,
+        )
+
+    @staticmethod
+    def packaged_path(name: str, flip_average: bool = False) -> Path:
+        """Where the calibration packaged for model `name` and flip setting lies (it may not exist)."""
+        return PACKAGED_DIR / f"{name}{'+flip' if flip_average else ''}.json"
 
     @classmethod
     def load_for(cls, model, flip_average: bool = False) -> Calibration:
@@ -213,7 +295,7 @@ class Calibration:
         path = getattr(model, "calibration", None)
         name = getattr(model, "name", None) or str(model).split(":", 1)[0]
         if path is None:
-            path = PACKAGED_DIR / f"{name}{'+flip' if flip_average else ''}.json"
+            path = cls.packaged_path(name, flip_average)
             if not path.is_file():
                 raise CalibrationError(
                     f"no calibration for model {name!r}{' with flip_average' if flip_average else ''}: "
@@ -271,6 +353,8 @@ class Calibration:
             "description": self.description,
             "cohorts": {k: v.as_dict() for k, v in self.cohorts.items()},
         }
+        if self.misses is not None:
+            d["misses"] = self.misses.as_dict()
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(d, indent=1) + "\n", encoding="utf-8")
 
@@ -283,7 +367,37 @@ class Calibration:
         desc.setdefault("date", _dt.date.today().isoformat())
         return cls(model, flip_average, {k: ScoreTail.from_scores(v) for k, v in cohorts.items()}, desc)
 
+    def with_misses(self, misses: MissCurve) -> Calibration:
+        """This calibration with `misses` as its miss curve (the strangers' side unchanged)."""
+        return dataclasses.replace(self, misses=misses)
+
     # ---- figures
+    def expected_miss_rate(self, threshold: float) -> float | None:
+        """The share of listed persons expected to be missed at `threshold` (FNIR, interpolated from the
+        `misses` section, at the list size it was measured with); None when the calibration has no such
+        section or the threshold lies below its grid."""
+        return None if self.misses is None else self.misses.at(threshold)
+
+    def expected_summary(
+        self, threshold: float, list_size: int, templates_per_person: float = 1.0, cohort: str | None = None
+    ) -> str:
+        """Both rates in one line for HQ: strangers' faces alerted at this list size (FPIR) and listed persons
+        missed (FNIR, from the `misses` section, with its source), or that the miss rate is not calibrated."""
+        point = self.expected_rates(threshold, list_size, templates_per_person, cohort)
+        line = f"expected: about {_percent(point.fpir)} of strangers' faces alerted at list size {list_size}"
+        if point.extrapolated:
+            line += " (beyond the measured strangers: on the safe side)"
+        m = self.misses
+        if m is None:
+            return line + "; miss rate: not calibrated for this model"
+        miss = m.at(threshold)
+        if miss is None:
+            return line + f"; miss rate: not measured at this threshold (measured from {m.threshold[0]:g} up)"
+        return (
+            f"{line}; about {_percent(miss)} of listed persons missed "
+            f"({m.source}; measured with {m.list_size} persons listed, bench/openset.py)"
+        )
+
     @property
     def strangers_median(self) -> float:
         """The median score of a stranger pair (highest over cohorts): a threshold below it matches strangers."""
@@ -375,6 +489,11 @@ def _at_least_one(p: float, n: float) -> float:
     if p >= 1:
         return 1.0
     return float(-math.expm1(n * math.log1p(-p)))
+
+
+def _percent(p: float) -> str:
+    """A rate as a percentage to 2 significant figures ("1%", "0.25%", "60%")."""
+    return f"{float(f'{100 * p:.2g}'):g}%"
 
 
 def _rate_words(p: float) -> str:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from engines.calibration import PACKAGED_DIR, Calibration, CalibrationError
+from engines.calibration import PACKAGED_DIR, Calibration, CalibrationError, MissCurve
 from engines.cli import main as engines_cli
 from engines.ensemble import DEFAULT_MEMBERS, ensemble_name
 from engines.model_spec import EmbedderSpec
@@ -269,3 +269,77 @@ def _spec(name: str, calibration: Path) -> EmbedderSpec:
     return EmbedderSpec(
         name=name, input_width=150, input_height=150, alignment="dlib5", embedding_size=128, calibration=calibration
     )
+
+
+def _misses() -> MissCurve:
+    return MissCurve(
+        threshold=np.array([0.96, 0.97, 0.98, 0.99, 1.0]),
+        fnir=np.array([0.2, 0.3, 0.5, 0.9, 1.0]),
+        list_size=309,
+        templates_per_person=1.9,
+        probes=600,
+        splits=20,
+        source="cross-age test figures",
+        note="made up for the test",
+    )
+
+
+def test_the_miss_rate_is_interpolated_from_the_misses_section(tmp_path) -> None:
+    cal, _ = _normal_calibration()
+    assert cal.misses is None and cal.expected_miss_rate(0.98) is None
+    with_misses = cal.with_misses(_misses())
+    assert with_misses.expected_miss_rate(0.975) == pytest.approx(0.4)
+    assert with_misses.expected_miss_rate(0.99) == pytest.approx(0.9)
+    assert with_misses.expected_miss_rate(0.9) is None  # below the measured grid: not known
+    # The section survives a round trip through the file, the strangers' side unchanged.
+    path = tmp_path / "cal.json"
+    with_misses.save(path)
+    back = Calibration.load(path)
+    assert back.expected_miss_rate(0.985) == pytest.approx(0.7)
+    assert back.misses is not None and back.misses.source == "cross-age test figures" and back.misses.list_size == 309
+    assert back.threshold_for_fpir(0.01, 600).threshold == pytest.approx(cal.threshold_for_fpir(0.01, 600).threshold)
+
+
+def test_the_summary_tells_both_rates_or_that_misses_are_not_calibrated() -> None:
+    cal, _ = _normal_calibration()
+    fpir = cal.expected_rates(0.98, 12, 2).fpir
+    plain = cal.expected_summary(0.98, 12, 2)
+    assert plain.startswith(f"expected: about {100 * fpir:.2g}% of strangers' faces alerted at list size 12")
+    assert plain.endswith("; miss rate: not calibrated for this model")
+    both = cal.with_misses(_misses()).expected_summary(0.98, 12, 2)
+    assert "about 50% of listed persons missed (cross-age test figures; measured with 309 persons listed" in both
+    low = cal.with_misses(_misses()).expected_summary(0.95, 12, 2)
+    assert "miss rate: not measured at this threshold (measured from 0.96 up)" in low
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"fnir": [0.5, 0.4, 0.6, 0.9, 1.0]}, "must not fall"),
+        ({"threshold": [0.96, 0.96, 0.98, 0.99, 1.0]}, "must rise"),
+        ({"fnir": [0.2, 0.3, 0.5, 0.9, 1.5]}, "outside"),
+        ({"list_size": None}, "malformed"),
+    ],
+)
+def test_a_malformed_misses_section_is_a_named_error(tmp_path, change, message) -> None:
+    cal, _ = _normal_calibration()
+    path = tmp_path / "cal.json"
+    cal.with_misses(_misses()).save(path)
+    d = json.loads(path.read_text())
+    d["misses"].update(change)
+    path.write_text(json.dumps(d))
+    with pytest.raises(CalibrationError, match=message):
+        Calibration.load(path)
+
+
+@pytest.mark.parametrize("name", ["dlib-resnet-v1", ensemble_name(DEFAULT_MEMBERS)])
+@pytest.mark.parametrize("flip", [False, True])
+def test_the_shipped_calibrations_of_the_default_and_dlib_carry_measured_misses(name, flip) -> None:
+    """Measured on lag-dev by bench/openset.py --record-misses: the command and the data's licence are named,
+    and more listed persons are missed as the threshold rises, nearly all at 1."""
+    m = Calibration.load_for(name, flip_average=flip).misses
+    assert m is not None
+    assert "lag-dev" in m.source and "cross-age" in m.source
+    assert "bench/openset.py" in m.command and "--record-misses" in m.command and "evaluation use only" in m.note
+    assert m.list_size > 100 and m.splits >= 10
+    assert 0 < m.fnir[0] < 0.5 and m.fnir[-1] > 0.99

@@ -48,7 +48,7 @@ def test_build_chooses_the_threshold_from_the_false_alert_rate(hq: dict) -> None
     expected = CAL.threshold_for_fpir(0.01, 12, 2, cohort="cross_age")
     out = run(*hq["build"], "--out", d / "v1.cpwl").output  # default --fpir 0.01
     assert f"threshold {expected.threshold:.4f} (chosen for at most 0.01 false alerts per face" in out
-    assert f"expected: FPIR per face {expected.fpir:.3g} at 12 listed" in out
+    assert f"calibrated: FPIR per face {expected.fpir:.3g} at 12 listed" in out
     assert "cross_age strangers" in out and "faces of people not on the list raises a false alert" in out
     assert _default_threshold(d / "v1.cpwl") == pytest.approx(expected.threshold, abs=1e-6)
     assert expected.threshold > CAL.strangers_median
@@ -66,6 +66,48 @@ def test_build_chooses_the_threshold_from_the_false_alert_rate(hq: dict) -> None
     assert rel[1]["threshold"] == pytest.approx(strict, abs=1e-6)
     table = run("releases", "--register", hq["reg"]).output.splitlines()
     assert table[2].split()[-3:-1] == [f"{strict:.4f}", "0.001"]
+
+
+def test_build_and_inspect_tell_both_expected_rates(hq: dict) -> None:
+    """HQ sees the false alerts at the list's size and the listed persons missed at the same threshold,
+    the latter from the calibration's misses section (measured on lag-dev), with its source."""
+    d = hq["dir"]
+    op = CAL.threshold_for_fpir(0.01, 12, 2, cohort="cross_age")
+    miss = CAL.expected_miss_rate(op.threshold)
+    assert miss is not None and 0 < miss < 1
+    line = CAL.expected_summary(op.threshold, 12, 2, "cross_age")
+    assert f"of listed persons missed ({CAL.misses.source}" in line and "lag-dev" in line
+    assert f"expected: about {100 * op.fpir:.2g}% of strangers' faces alerted at list size 12;" in line
+    assert f"about {100 * miss:.2g}% of listed persons missed" in line
+    assert line in run(*hq["build"], "--out", d / "v1.cpwl").output
+    assert line in run("inspect", d / "v1.cpwl").output
+    assert json.loads(run("inspect", d / "v1.cpwl", "--json").output)["expected"] == line
+
+    # A stricter rate: a higher threshold, more listed persons missed.
+    strict = CAL.threshold_for_fpir(0.001, 12, 2, cohort="cross_age").threshold
+    assert CAL.expected_miss_rate(strict) > miss
+    assert (
+        CAL.expected_summary(strict, 12, 2, "cross_age")
+        in run(*hq["build"], "--out", d / "v2.cpwl", "--fpir", "0.001").output
+    )
+
+    # A delta holds only the changes: its list's size, so its rates, are not known from it.
+    Register(hq["reg"]).upsert_person("case-3", priority=2)
+    run(*hq["build"], "--out", d / "v3.cpwl", "--delta", "--base", "2")
+    assert "expected rates: not known from a delta" in run("inspect", d / "v3.cpwl").output
+
+
+def test_a_calibration_without_misses_says_the_miss_rate_is_not_calibrated(hq: dict) -> None:
+    d = hq["dir"]
+    bare = Calibration.for_thresholds("dlib-resnet-v1")
+    Calibration(bare.model, bare.flip_average, bare.cohorts, bare.description).save(d / "bare.json")
+    out = run(*hq["build"], "--out", d / "v1.cpwl", "--calibration", d / "bare.json").output
+    assert "of strangers' faces alerted at list size 12; miss rate: not calibrated for this model" in out
+    # An uncalibrated model's list: inspect says there is no calibration to tell any rate.
+    keys, reg = d / "keys", d / "own.db"
+    Register(reg).add_persons(make_persons(["case-1"], 1), samples_of(person_centers(1), 1), model_id="own-model:1")
+    run("build", "--register", reg, "--keys", keys, "--out", d / "own.cpwl", "--threshold", "0.5")
+    assert "expected rates: model own-model:1 has no packaged calibration" in run("inspect", d / "own.cpwl").output
 
 
 def test_an_adult_list_takes_the_worst_cohort(tmp_path: Path) -> None:

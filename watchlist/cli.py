@@ -420,8 +420,9 @@ def _print_threshold(choice, model_id: str) -> None:
     p = choice.point
     if p is not None:
         cohort = f", {choice.cohort} strangers" if choice.cohort else ""
+        click.echo(f"  {choice.summary}")
         click.echo(
-            f"  expected: FPIR per face {p.fpir:.3g} at {p.list_size} listed, FAR per pair {p.far_pair:.3g}{cohort}"
+            f"  calibrated: FPIR per face {p.fpir:.3g} at {p.list_size} listed, FAR per pair {p.far_pair:.3g}{cohort}"
             + (" (extrapolated beyond the measured strangers: on the safe side)" if p.extrapolated else "")
         )
         click.echo(f"  {p.describe()}")
@@ -613,7 +614,9 @@ def publish(
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 def inspect_cmd(bundle: Path, root_key: Path | None, as_json: bool) -> None:
     """Show what a bundle holds: kind, version, base, dates (ISO 8601 UTC), model, threshold, the
-    person ids with their template counts (names only if the bundle carries them), removed ids.
+    person ids with their template counts (names only if the bundle carries them), removed ids, and
+    for a full list the rates its model's calibration expects at its threshold and size: strangers'
+    faces alerted, and listed persons missed where the calibration measured misses.
 
     With --root-key the signature and the key chain up to that root key are verified, as a unit
     would, but without a unit's state: a delta can be checked before it is published. Exit status
@@ -624,11 +627,14 @@ def inspect_cmd(bundle: Path, root_key: Path | None, as_json: bool) -> None:
     from watchlist.format.bundle import peek, sha256_hex
     from watchlist.format.keys import load_public_key
     from watchlist.format.verify import verify_signed
+    from watchlist.hq.build import bundle_expectation
     from watchlist.hq.listing import describe_bundle, format_rows
 
     data = bundle.read_bytes()
     try:
-        out = describe_bundle(peek(data)) | {"bytes": len(data), "sha256": sha256_hex(data)}
+        header = peek(data)
+        out = describe_bundle(header) | {"bytes": len(data), "sha256": sha256_hex(data)}
+        out["expected"] = bundle_expectation(header)
     except (WatchlistError, BundleRejected) as exc:
         _fail(exc)
     failure = None
@@ -653,6 +659,7 @@ def inspect_cmd(bundle: Path, root_key: Path | None, as_json: bool) -> None:
             f"  model {out['model_id']} ({out['embedding_dim']} dims), default threshold {out['default_threshold']}"
         )
         click.echo(f"  {len(out['persons'])} persons, {out['templates']} templates, {out['bytes']} bytes")
+        click.echo(f"  {out['expected']}")
         sig = out["signature"]
         if sig["valid"]:
             click.echo(f"  signature: valid (key {sig['signing_key_id']}, key set {sig['keyset_serial']})")

@@ -35,6 +35,7 @@ class ThresholdChoice:
     point: object | None  # engines.calibration.OperatingPoint; None where the model has no calibration
     cohort: str | None
     warning: str | None  # a loud warning to print (expected false alerts far above the usual)
+    summary: str | None = None  # both expected rates in words (Calibration.expected_summary); None uncalibrated
 
     def as_dict(self) -> dict:
         """What the register keeps with the release."""
@@ -113,7 +114,8 @@ def choose_threshold(
             point = cal.threshold_for_fpir(target, persons, per, cohort)
         except CalibrationError as exc:
             raise ThresholdRefused(f"--fpir {target}: {exc}") from None
-        return ThresholdChoice(point.threshold, target, point, cohort, None)
+        summary = cal.expected_summary(point.threshold, persons, per, cohort)
+        return ThresholdChoice(point.threshold, target, point, cohort, None, summary)
     problem = cal.threshold_problem(float(threshold), persons, per)
     if problem is not None:
         raise ThresholdRefused(
@@ -128,7 +130,31 @@ def choose_threshold(
             f"list ({persons} persons): far above the usual 1%; `--fpir 0.01` gives "
             f"{cal.threshold_for_fpir(DEFAULT_FPIR, persons, per, cohort).threshold:.4f}"
         )
-    return ThresholdChoice(float(threshold), None, point, cohort, warning)
+    summary = cal.expected_summary(float(threshold), persons, per, cohort)
+    return ThresholdChoice(float(threshold), None, point, cohort, warning, summary)
+
+
+def bundle_expectation(header: dict) -> str:
+    """Both expected rates of a full bundle, in words, from its model's packaged calibration (the one
+    `watchlist build` chooses from), its default threshold and its persons; a delta holds only the
+    changes, so its list's size and rates are not known from it."""
+    from engines.calibration import Calibration, CalibrationError
+
+    if header.get("kind") == "delta":
+        return "expected rates: not known from a delta (it holds only the changes): inspect a full list"
+    model_id = str(header.get("model_id"))
+    try:
+        cal = Calibration.for_thresholds(model_id)
+    except CalibrationError:
+        return f"expected rates: model {model_id} has no packaged calibration"
+    persons = header.get("persons", [])
+    n = max(len(persons), 1)
+    per = max(sum(len(p.get("templates", [])) for p in persons) / n, 1.0)
+    ages = [t["age"] for p in persons for t in p.get("templates", []) if t.get("age") is not None]
+    # As list_shape: a list of children's photos meets adults' faces, the cross-age strangers.
+    children = bool(ages) and all(a < CHILD_AGE for a in ages)
+    cohort = "cross_age" if children and "cross_age" in cal.cohorts else None
+    return cal.expected_summary(float(header["default_threshold"]), n, per, cohort)
 
 
 def canary_problem(register: Register, model_id: str) -> str | None:
