@@ -1,9 +1,10 @@
 """Read-only access to HQ's register, so operators see who a hit is said to be.
 
 Names, priorities and enrolment photos stay at the centre: units carry only case ids and
-templates. The console opens the register SQLite file read-only (`persons`: name, priority;
-`templates`: photo date and age per enrolled photo) and, where given, HQ's enrolment folder
-laid out as `<folder>/<person_id>/<photo>` (the layout `watchlist enrol` reads).
+templates. The console reads the register SQLite file read-only through
+`watchlist.format.register_read` (the queries HQ's own code reads it with, tested against a
+register HQ's writer made) and, where given, HQ's enrolment folder laid out as
+`<folder>/<person_id>/<photo>` (the layout `watchlist enrol` reads).
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ import logging
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import watchlist.format.register_read as register_read
+from watchlist.format.register_read import RegisterReadError, TemplateRecord
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +34,7 @@ class PersonInfo:
     person_id: str
     name: str | None
     priority: int
-    templates: list[dict] = field(default_factory=list)
+    templates: list[TemplateRecord] = field(default_factory=list)
     photos: list[Path] = field(default_factory=list)
 
 
@@ -40,95 +44,64 @@ class RegisterView:
     def __init__(self, register: Path | None, photos: Path | None = None) -> None:
         self.register = register
         self.photos = photos
-        if register is not None and not Path(register).is_file():
-            raise RegisterViewError(f"no register at {register} (give HQ's register.sqlite, read access is enough)")
+        if register is not None:
+            # Opened once here so that a missing file or a register of another layout stops the
+            # console at start, with the reason, rather than on every hit page.
+            try:
+                register_read.open_read_only(register).close()
+            except RegisterReadError as e:
+                raise RegisterViewError(f"{e} (give HQ's register.sqlite, read access is enough)") from None
         if photos is not None and not Path(photos).is_dir():
             raise RegisterViewError(f"no photo folder at {photos} (HQ's enrolment folder <folder>/<person_id>/...)")
-
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(f"file:{Path(self.register).resolve()}?mode=ro", uri=True, timeout=5)
-        conn.row_factory = sqlite3.Row
-        return conn
 
     def person(self, person_id: str) -> PersonInfo | None:
         """The person with this id, or None where the register does not hold them (or is not given)."""
         if self.register is None:
             return None
         try:
-            conn = self._connect()
+            conn = register_read.open_read_only(self.register)
             try:
-                row = conn.execute(
-                    "SELECT person_id, name, priority FROM persons WHERE person_id = ?", (person_id,)
-                ).fetchone()
-                if row is None:
+                record = register_read.persons(conn, [person_id]).get(person_id)
+                if record is None:
                     return None
-                templates = [
-                    dict(r)
-                    for r in conn.execute(
-                        "SELECT photo_date, age, model_id FROM templates WHERE person_id = ? ORDER BY photo_date, age",
-                        (person_id,),
-                    )
-                ]
+                templates = register_read.templates(conn, person_id)
             finally:
                 conn.close()
-        except sqlite3.Error as e:
+        except (sqlite3.Error, RegisterReadError) as e:
             raise RegisterViewError(f"cannot read the register {self.register}: {e}") from None
-        return PersonInfo(row["person_id"], row["name"], int(row["priority"] or 0), templates, self._photos(person_id))
+        return PersonInfo(record.person_id, record.name, record.priority, templates, self._photos(person_id))
 
     def people(self, person_ids: set[str]) -> dict[str, PersonInfo]:
         """Names and priorities of several persons (without photos), for the hit list."""
         if self.register is None or not person_ids:
             return {}
-        ids = sorted(person_ids)
-        out: dict[str, PersonInfo] = {}
         try:
-            conn = self._connect()
+            conn = register_read.open_read_only(self.register)
             try:
-                for i in range(0, len(ids), 500):
-                    chunk = ids[i : i + 500]
-                    marks = ",".join("?" * len(chunk))
-                    for r in conn.execute(
-                        f"SELECT person_id, name, priority FROM persons WHERE person_id IN ({marks})", chunk
-                    ):
-                        out[r["person_id"]] = PersonInfo(r["person_id"], r["name"], int(r["priority"] or 0))
+                records = register_read.persons(conn, person_ids)
             finally:
                 conn.close()
-        except sqlite3.Error as e:
+        except (sqlite3.Error, RegisterReadError) as e:
             log.warning("cannot read the register %s: %s", self.register, e)
-        return out
+            return {}
+        return {pid: PersonInfo(r.person_id, r.name, r.priority) for pid, r in records.items()}
 
     def case_closed(self, person_id: str, published: int | None = None) -> str | None:
         """Why the case is closed, or None: HQ listed the person in a release and the list the units
         now get (`published`, the version the centre last saw HQ publish for the site, else the
-        register's newest release) no longer holds them, so HQ removed them (found, or withdrawn).
-        A person never released is not a closed case but an unknown one, and a register without
-        releases (or none given) closes nothing."""
+        register's newest release) no longer holds them, so HQ removed them (found, or withdrawn)."""
         if self.register is None:
             return None
         try:
-            conn = self._connect()
+            conn = register_read.open_read_only(self.register)
             try:
-                tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-                if not {"releases", "release_persons"} <= tables:
-                    return None
-                known = {int(r[0]) for r in conn.execute("SELECT version FROM releases")}
-                latest = published if published in known else max(known, default=None)
-                if latest is None:
-                    return None
-                listed = conn.execute(
-                    "SELECT MAX(version) FROM release_persons WHERE person_id = ? AND version <= ?", (person_id, latest)
-                ).fetchone()[0]
-                if listed is None or listed == latest:
-                    return None
-                removed_in = conn.execute(
-                    "SELECT MIN(version) FROM releases WHERE version > ? AND version <= ?", (listed, latest)
-                ).fetchone()[0]
+                version = register_read.removed_in(conn, person_id, published)
             finally:
                 conn.close()
-        except sqlite3.Error as e:
+        except (sqlite3.Error, RegisterReadError) as e:
             log.warning("cannot read the register %s: %s", self.register, e)
             return None
-        return f"HQ removed this person from the watchlist in version {removed_in}"
+        return None if version is None else f"HQ removed this person from the watchlist in version {version}"
 
     def _photos(self, person_id: str) -> list[Path]:
         if self.photos is None:

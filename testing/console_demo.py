@@ -4,8 +4,8 @@ images are public-domain photos shipped with scikit-image where it is installed,
 
 from __future__ import annotations
 
+import hashlib
 import json
-import sqlite3
 import time
 import uuid
 from dataclasses import dataclass
@@ -28,6 +28,8 @@ DEMO_PERSONS = (
     ("case-2022-0088", "Lea Horvat", 3),
     ("case-2019-0007", None, 0),
 )
+DEMO_MODEL = "dlib-resnet-v1"
+DEMO_DIM = 128
 CAMERA_NAMES = {
     "platform-1": "Platform 1, north stairs",
     "platform-2": "Platform 2, lifts",
@@ -84,38 +86,54 @@ def _jpeg(img: np.ndarray, size: tuple[int, int] | None = None) -> bytes:
     return buf.tobytes() if ok else b""
 
 
-def _register(path: Path, photos: Path, faces: list[tuple[np.ndarray, np.ndarray]]) -> None:
-    # The subset of HQ's register layout (watchlist register) that the console reads.
-    conn = sqlite3.connect(path)
-    conn.executescript(
-        "CREATE TABLE persons (person_id TEXT PRIMARY KEY, name TEXT, priority INTEGER NOT NULL DEFAULT 0, "
-        "threshold REAL, updated_at REAL NOT NULL);"
-        "CREATE TABLE templates (id INTEGER PRIMARY KEY, person_id TEXT NOT NULL, model_id TEXT NOT NULL, "
-        "photo_sha256 TEXT NOT NULL, photo_date TEXT, age INTEGER, embedding BLOB NOT NULL, enrolled_at REAL NOT NULL);"
-        "CREATE TABLE releases (version INTEGER PRIMARY KEY, kind TEXT NOT NULL);"
-        "CREATE TABLE release_persons (version INTEGER NOT NULL, person_id TEXT NOT NULL, digest TEXT NOT NULL, "
-        "PRIMARY KEY (version, person_id));"
-    )
-    # Version 41 listed all four persons; 42, the one the sites run, no longer lists the last.
-    conn.executemany("INSERT INTO releases VALUES (?, 'full')", [(41,), (42,)])
-    for version, persons in ((41, DEMO_PERSONS), (42, DEMO_PERSONS[:3])):
-        conn.executemany(
-            "INSERT INTO release_persons VALUES (?,?,?)", [(version, pid, "0" * 64) for pid, _, _ in persons]
-        )
-    now = time.time()
-    for i, (pid, name, priority) in enumerate(DEMO_PERSONS[:3]):
-        conn.execute("INSERT INTO persons VALUES (?,?,?,NULL,?)", (pid, name, priority, now))
-        folder = photos / pid
-        folder.mkdir(parents=True)
-        for j, (date, age) in enumerate((("2016-05-01", 7), ("2019-09-12", 10))):
-            (folder / f"{date}_front.jpg").write_bytes(_jpeg(faces[i][1 - j], (160, 200)))
-            conn.execute(
-                "INSERT INTO templates(person_id, model_id, photo_sha256, photo_date, age, embedding, enrolled_at) "
-                "VALUES (?,?,?,?,?,?,?)",
-                (pid, "dlib-resnet-v1", f"{i}{j}" * 32, date, age, b"\0" * 512, now),
+def _register(path: Path, photos: Path, faces: list[tuple[np.ndarray, np.ndarray]], now: float) -> None:
+    # Written by HQ's own Register, so the console runs on the layout HQ really writes: release 41
+    # lists all four persons; HQ then removes the last (a case closed) and releases 42, the version
+    # the sites run. The releases are recorded without signing a bundle (nothing here verifies one).
+    from watchlist.format.bundle import Bundle
+    from watchlist.hq.register import Register
+
+    rng = np.random.default_rng(11)
+    reg = Register(path)
+    try:
+        for i, (pid, name, priority) in enumerate(DEMO_PERSONS):
+            reg.upsert_person(pid, name=name, priority=priority)
+            closed = i == len(DEMO_PERSONS) - 1  # HQ deletes a closed case's photos with its record
+            for j, (date, age) in enumerate((("2016-05-01", 7), ("2019-09-12", 10))):
+                jpeg = _jpeg(faces[i][1 - j], (160, 200))
+                if not closed:
+                    (photos / pid).mkdir(parents=True, exist_ok=True)
+                    (photos / pid / f"{date}_front.jpg").write_bytes(jpeg)
+                emb = rng.standard_normal(DEMO_DIM).astype(np.float32)
+                reg.add_template(
+                    pid,
+                    emb / np.linalg.norm(emb),
+                    model_id=DEMO_MODEL,
+                    photo_sha256=hashlib.sha256(jpeg).hexdigest(),
+                    photo_date=date,
+                    age=age,
+                )
+        for version in (41, 42):
+            if version == 42:
+                reg.remove_persons([DEMO_PERSONS[-1][0]])
+            snap = reg.snapshot(DEMO_MODEL)
+            created = int(now) - 86400 * (43 - version)
+            bundle = Bundle(
+                kind="full",
+                version=version,
+                created_at=created,
+                expires_at=created + 7 * 86400,
+                model_id=DEMO_MODEL,
+                embedding_dim=DEMO_DIM,
+                default_threshold=0.6,
+                persons=snap.persons,
+                embeddings=snap.embeddings,
+                embedding_offset=snap.offset,
             )
-    conn.commit()
-    conn.close()
+            digest = hashlib.sha256(f"demo release {version}".encode()).hexdigest()
+            reg.record_release(bundle, snap.digests, size=0, sha256=digest, signing_key_id="demo")
+    finally:
+        reg.close()
 
 
 def seed_demo(folder: Path, *, now: float | None = None) -> DemoData:
@@ -125,7 +143,7 @@ def seed_demo(folder: Path, *, now: float | None = None) -> DemoData:
     faces = _faces()
     photos = folder / "photos"
     register = folder / "register.sqlite"
-    _register(register, photos, faces)
+    _register(register, photos, faces, now)
     db = folder / "hits.sqlite"
     store = HitStore(db)
     try:
@@ -193,7 +211,7 @@ def seed_demo(folder: Path, *, now: float | None = None) -> DemoData:
                 "threshold": 0.6,
                 "margin": margin,
                 "box": [10.0, 10.0, 120.0, 150.0],
-                "model_id": "dlib-resnet-v1",
+                "model_id": DEMO_MODEL,
                 "watchlist_version": 42,
                 "track_id": k,
                 "crop_dropped": None,

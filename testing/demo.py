@@ -1,4 +1,4 @@
-"""`checkpoint-demo`: the whole loop on generated data, with nothing but the installed packages.
+"""`python -m testing.demo` (from the checkout; testing/ is in no install): the whole loop on generated data, with nothing but the installed packages.
 
 1. A video (MPEG-4, 960x540, 10 fps) of a still scene in which two people come and go, made from
    public-domain photos that ship with scikit-image: the NASA astronaut (Eileen Collins), who
@@ -230,7 +230,7 @@ def apply_watchlist(store: Path, root_pub: Path, bundle: Path, model_id: str, di
         wl.close()
 
 
-CONFIG_TEMPLATE = """# Written by `checkpoint-demo`. Check it with: edge check-config {name}
+CONFIG_TEMPLATE = """# Written by `python -m testing.demo`. Check it with: edge check-config {name}
 [unit]
 id = "demo-unit"
 site = "demo-site"
@@ -305,7 +305,7 @@ def run_demo(
 
     # Quiet unless asked: the demo prints what matters; --verbose shows the unit's own log.
     configure_logging(LoggingConfig(level="INFO" if verbose else "ERROR"))
-    echo(f"checkpoint-demo: working in {out_dir}")
+    echo(f"demo: working in {out_dir}")
     apps = timeline(seconds)
     video = make_video(out_dir / "demo.mp4", seconds, apps)
     echo(
@@ -419,8 +419,8 @@ def main(out_dir: Path, seconds: float, verbose: bool, console: bool, http_port:
 
     \b
     Examples:
-      checkpoint-demo --out /tmp/edge-demo
-      checkpoint-demo --console          # then open http://127.0.0.1:8080
+      python -m testing.demo --out /tmp/edge-demo
+      python -m testing.demo --console   # then open http://127.0.0.1:8080
     """
     if console:
         from testing.console_demo import serve_demo

@@ -1,4 +1,4 @@
-"""`checkpoint-receiver serve` as operators start it, and the console demo (`checkpoint-demo --console`) in one command, and the console with
+"""`checkpoint-receiver serve` as operators start it, and the console demo (`python -m testing.demo --console`) in one command, and the console with
 the receiver in one process, fed by a real Mosquitto."""
 
 from __future__ import annotations
