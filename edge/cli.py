@@ -1,4 +1,4 @@
-"""`edge`: the unit's command line: check a config, run the unit."""
+"""`edge`: the unit's command line: check a config, run the unit, its watchlist (edge.watchlist_cli)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import click
 
 from common.version import VERSION_MESSAGE, software_version
 from edge.config import ConfigError, UnitConfig, load_config
+from edge.watchlist_cli import watchlist
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -20,7 +21,11 @@ def main() -> None:
     Examples:
       edge check-config /etc/checkpoint/unit.toml
       edge run --config /etc/checkpoint/unit.toml
+      edge watchlist apply /media/usb/watchlist-v12-full.cpwl --config /etc/checkpoint/unit.toml
     """
+
+
+main.add_command(watchlist)
 
 
 def _load_or_exit(path: str) -> UnitConfig:
@@ -122,7 +127,7 @@ def _watchlist_state(store: Path) -> str:
     import time
 
     if not Path(store).is_file():
-        return "no list applied yet (the store is created at first start); apply one: watchlist apply FILE --config ..."
+        return "no list applied yet (the store is created at first start); apply one: edge watchlist apply FILE --config ..."
     from watchlist.format.errors import WatchlistError
     from watchlist.unit.store import UnitStore
 
@@ -135,7 +140,7 @@ def _watchlist_state(store: Path) -> str:
     finally:
         s.close()
     if not st.version:
-        return "no list applied yet; apply one: watchlist apply FILE --config ..."
+        return "no list applied yet; apply one: edge watchlist apply FILE --config ..."
     expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(st.expires_at)) if st.expires_at else "never"
     expired = " (EXPIRED)" if st.expires_at and st.expires_at <= time.time() else ""
     return f"version {st.version} ({st.kind}), {persons} persons, {templates} templates, expires {expires}{expired}"

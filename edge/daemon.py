@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 _HUNG_AFTER_S = 30.0
 # glibc's mallopt parameter number for the mmap threshold (malloc.h).
 _M_MMAP_THRESHOLD = -3
-# How often the watchlist re-checks its expiry and a store changed by `watchlist apply` from outside.
+# How often the watchlist re-checks its expiry and a store changed by `edge watchlist apply` from outside.
 _WATCHLIST_TICK_S = 30.0
 # A warning that still holds is logged again this often (the heartbeat carries it all the time).
 _REWARN_S = 600.0
@@ -384,7 +384,7 @@ class Daemon:
         elif not wl["version"]:
             found.append(
                 "running with no watchlist: no face can match until a list is applied "
-                "(`watchlist apply FILE --config ...` or a publication on the unit's watchlist topic)"
+                "(`edge watchlist apply FILE --config ...` or a publication on the unit's watchlist topic)"
             )
         elif wl["expired"]:
             expired = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(wl["expires_at"] or 0))

@@ -217,7 +217,7 @@ def build_watchlist(
 
 
 def apply_watchlist(store: Path, root_pub: Path, bundle: Path, model_id: str, dim: int) -> int:
-    """Verify and apply a bundle into a unit's store, as `watchlist apply` does; the version applied."""
+    """Verify and apply a bundle into a unit's store, as `edge watchlist apply` does; the version applied."""
     from matching.matcher import Matcher
     from watchlist.unit.apply import Watchlist
     from watchlist.unit.config import WatchlistConfig

@@ -224,10 +224,10 @@ def test_the_unit_warns_while_it_has_no_list_or_an_expired_one(
 ) -> None:
     import logging
 
+    from edge.cli import main as edge_cli
     from edge.config import load_config
     from edge.daemon import Daemon
     from edge.notify import Notifier
-    from watchlist.cli import main as watchlist_cli
 
     srv = rtsp_server_factory({"gate": loop_clip})
     root_pub, filled = signed_store(tmp_path / "hq", people)
@@ -241,11 +241,21 @@ def test_the_unit_warns_while_it_has_no_list_or_an_expired_one(
         (warning,) = daemon.status()["warnings"]
         assert warning.startswith("running with no watchlist: no face can match")
         assert [r for r in caplog.records if r.levelno == logging.WARNING and "no watchlist" in r.getMessage()]
-        # The list arrives (here from a file, as `watchlist apply` does): the warning clears.
+        # The list arrives (here from a file, as `edge watchlist apply` does): the warning clears.
         bundle = tmp_path / "hq" / "watchlist-v1.cpwl"
         applied = CliRunner().invoke(
-            watchlist_cli,
-            ["apply", str(bundle), "--store", str(empty), "--root-key", str(root_pub), "--model-id", engine.model_id],
+            edge_cli,
+            [
+                "watchlist",
+                "apply",
+                str(bundle),
+                "--store",
+                str(empty),
+                "--root-key",
+                str(root_pub),
+                "--model-id",
+                engine.model_id,
+            ],
         )
         assert applied.exit_code == 0, applied.output
         daemon._tick_watchlist()

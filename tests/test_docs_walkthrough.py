@@ -47,6 +47,7 @@ def test_the_walkthrough_parses_into_blocks() -> None:
     commands = " ".join(blocks)
     for sub in ("keygen", "enrol", "build", "inspect", "list", "publish", "remove", "releases", "--delta"):
         assert f"watchlist {sub}" in commands or sub in commands
+    assert "edge watchlist apply" in commands and "edge watchlist list" in commands  # the unit's side
 
 
 def test_the_hq_walkthrough_runs_as_documented(tmp_path: Path) -> None:
@@ -56,9 +57,10 @@ def test_the_hq_walkthrough_runs_as_documented(tmp_path: Path) -> None:
     _photos(work / "photos")
     shim = tmp_path / "bin"
     shim.mkdir()
-    # The documented command, running this checkout's code with this interpreter.
-    (shim / "watchlist").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m watchlist.cli "$@"\n')
-    (shim / "watchlist").chmod(0o755)
+    # The documented commands (HQ's `watchlist`, the unit's `edge`), running this checkout's code with this interpreter.
+    for name, module in (("watchlist", "watchlist.cli"), ("edge", "edge.cli")):
+        (shim / name).write_text(f'#!/bin/sh\nexec "{sys.executable}" -m {module} "$@"\n')
+        (shim / name).chmod(0o755)
     env = dict(os.environ, PATH=f"{shim}:{os.environ['PATH']}", PYTHONPATH=str(ROOT), COLUMNS="120")
     transcript = []
     for block in walkthrough_blocks(DOC.read_text()):
@@ -83,14 +85,11 @@ def test_the_hq_walkthrough_runs_as_documented(tmp_path: Path) -> None:
     assert "another face ignored" in out  # the portrait's second face: enrolled with a warning
     assert "REFUSED  cases.csv:4 case-2024-0175" in out and "needs at least 40" in out
     assert "exit status 1: some photos refused" in out
-    # The first build enrolled the canary person (docs/watchlist.md, The canary person): one more
-    # person, with two templates, on every list.
-    assert "canary person enrolled for model" in out
-    assert "applied: watchlist version 1 (3 persons, 4 templates)" in out
+    assert "applied: watchlist version 1 (2 persons, 2 templates)" in out
     assert "not in the register (check the ids): case-2024-9999" in out and "exit status 1: unknown id" in out
     assert "dry run: would write delta 1->2" in out and "removed 1: case-2024-0174" in out
     assert "delta bundle, version 2 (delta from version 1)" in out and "signature: valid" in out
-    assert "applied: watchlist version 2 (2 persons, 3 templates)" in out
+    assert "applied: watchlist version 2 (1 persons, 1 templates)" in out
     releases = [line.split() for line in out.splitlines() if re.match(r"^\s+[12]\s+(full|delta)\s", line)]
     assert [(r[0], r[1], r[-1].split(":")[0]) for r in releases] == [("1", "full", "file"), ("2", "delta", "file")]
     assert sorted(p.name for p in (work / "usb").iterdir()) == [

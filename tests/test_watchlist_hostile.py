@@ -133,7 +133,7 @@ def test_rows_of_another_dimension_than_the_engine(unit: Watchlist, hq: Authorit
 
 
 def test_rows_of_another_dimension_than_the_applied_list_without_an_engine(tmp_path: Path, hq: Authority) -> None:
-    # `watchlist apply` has no engine loaded: the applied list of the same model still fixes the size.
+    # `edge watchlist apply` has no engine loaded: the applied list of the same model still fixes the size.
     cfg = WatchlistConfig(root_key=hq.write_root(tmp_path / "root.pub"), store=tmp_path / "wl.db")
     wl = Watchlist(cfg, Matcher(), MODEL)
     wl.start()

@@ -10,19 +10,23 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from edge.cli import main as edge_main
 from testing.synthetic import make_persons, person_centers, samples_of
 from watchlist.cli import main
-from watchlist.format.bundle import frame, parse_verified
 from watchlist.hq.register import Register
-from wire.records import CANARY_PERSON_ID
 
 MODEL = "synthetic:v1"
 
 
-def run(*args: object, code: int = 0):
-    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+def run(*args: object, code: int = 0, command=main):
+    result = CliRunner().invoke(command, [str(a) for a in args], catch_exceptions=False)
     assert result.exit_code == code, result.output
     return result
+
+
+def edge_wl(*args: object, code: int = 0):
+    """`edge watchlist ...`: the unit's side."""
+    return run("watchlist", *args, code=code, command=edge_main)
 
 
 @pytest.fixture
@@ -33,7 +37,7 @@ def hq(tmp_path: Path) -> dict:
     persons = make_persons(names, 2)
     Register(reg).add_persons(persons, samples_of(person_centers(6), 2), model_id=MODEL)
     Register(reg).upsert_person("case-0", name="Ann B.", priority=3)
-    build = ("build", "--register", reg, "--keys", keys, "--threshold", "0.5", "--no-canary")
+    build = ("build", "--register", reg, "--keys", keys, "--threshold", "0.5")
     return {"keys": keys, "reg": reg, "build": build, "dir": tmp_path}
 
 
@@ -73,8 +77,8 @@ def test_an_unpublished_build_never_becomes_a_delta_base(hq: dict, tmp_path: Pat
     assert "delta 1->3" in run(*hq["build"], "--out", d / "v3.cpwl", "--delta").output
     run("publish", d / "v3.cpwl", "--register", reg, "--export", d / "usb")
     unit = ("--store", d / "unit.db", "--root-key", hq["keys"] / "root.pub", "--model-id", MODEL)
-    run("apply", d / "usb" / "watchlist-v1-full.cpwl", *unit)
-    assert "version 3 (5 persons" in run("apply", d / "usb" / "watchlist-v3-delta-from-1.cpwl", *unit).output
+    edge_wl("apply", d / "usb" / "watchlist-v1-full.cpwl", *unit)
+    assert "version 3 (5 persons" in edge_wl("apply", d / "usb" / "watchlist-v3-delta-from-1.cpwl", *unit).output
     assert "delta 3->4" in run(*hq["build"], "--out", d / "v4.cpwl", "--delta").output
 
     table = run("releases", "--register", reg).output.splitlines()
@@ -156,9 +160,12 @@ def test_list_a_register_a_bundle_and_a_unit(hq: dict) -> None:
 
     conf = d / "unit.toml"
     conf.write_text(f'[watchlist]\nroot_key = "{hq["keys"] / "root.pub"}"\nstore = "unit.db"\n')
-    assert "version 0 (no list)" in run("list", "--config", conf).output
-    run("apply", d / "v1.cpwl", "--config", conf, "--model-id", MODEL)
-    unit = run("list", "--config", conf).output
+    # Nothing is created by looking: a store made by root here would shut the unit's user out.
+    assert "no watchlist store there" in edge_wl("list", "--config", conf, code=2).output
+    assert not (d / "unit.db").exists()
+    assert "moved: use `edge watchlist list" in run("list", "--config", conf, code=2).output
+    edge_wl("apply", d / "v1.cpwl", "--config", conf, "--model-id", MODEL)
+    unit = edge_wl("list", "--config", conf).output
     assert unit.startswith(f"unit store {d / 'unit.db'}: version 1 (full), expires 20")
     assert "7 persons, 13 templates" in unit and "case-9" in unit
     assert run("list", "--register", reg, d / "v1.cpwl", code=2).exit_code == 2
@@ -174,21 +181,15 @@ def test_apply_takes_the_model_from_the_units_engine(tmp_path: Path) -> None:
     # Embeddings of the engine's size: apply checks a list's size against the unit's engine too.
     centers = person_centers(1, dim=engine.embedding_dim)
     Register(reg).add_persons(make_persons(["case-1"], 1), samples_of(centers, 1), model_id=model)
-    # Calibrated (--fpir 0.01); the register has no canary person yet, so build enrols it with this engine.
-    out = run("build", "--register", reg, "--keys", keys, "--out", tmp_path / "v1.cpwl").output
-    assert f"canary person enrolled for model {model}: 2 new templates" in out and "note:" not in out
-    listed = parse_verified(frame((tmp_path / "v1.cpwl").read_bytes())).persons
-    assert sorted((p.person_id, p.canary) for p in listed) == [("case-1", False), (CANARY_PERSON_ID, True)]
-    out = run("build", "--register", reg, "--keys", keys, "--out", tmp_path / "v1b.cpwl").output
-    assert "canary person enrolled" not in out  # once per model, as enrol-canary
+    run("build", "--register", reg, "--keys", keys, "--out", tmp_path / "v1.cpwl")  # calibrated: --fpir 0.01
     conf = tmp_path / "unit.toml"
     conf.write_text('[engine]\nthreads = 1\n[watchlist]\nroot_key = "keys/root.pub"\nstore = "wl.db"\n')
-    assert "applied: watchlist version 1" in run("apply", tmp_path / "v1.cpwl", "--config", conf).output
+    assert "applied: watchlist version 1" in edge_wl("apply", tmp_path / "v1.cpwl", "--config", conf).output
     # --model-id still overrides: a wrong one is refused as a unit would.
-    r = run("apply", tmp_path / "v1.cpwl", "--config", conf, "--model-id", "other:1", code=1)
+    r = edge_wl("apply", tmp_path / "v1.cpwl", "--config", conf, "--model-id", "other:1", code=1)
     assert "rejected (wrong_model)" in r.output
     conf.write_text('[engine]\nthreds = 1\n[watchlist]\nroot_key = "keys/root.pub"\nstore = "wl2.db"\n')
-    r = run("apply", tmp_path / "v1.cpwl", "--config", conf, code=2)
+    r = edge_wl("apply", tmp_path / "v1.cpwl", "--config", conf, code=2)
     assert f"{conf}: engine.threds" in r.output  # the file and the key
 
 
@@ -214,16 +215,3 @@ def test_a_register_from_before_publications_opens_and_records(hq: dict) -> None
     assert reg.latest_published_version() is None and reg.releases()[0]["published_at"] is None
     run("publish", hq["dir"] / "v1.cpwl", "--register", hq["reg"], "--export", hq["dir"] / "usb")
     assert Register(hq["reg"]).latest_published_version() == 1
-
-
-def test_build_refuses_a_list_without_the_canary_it_cannot_enrol(hq: dict) -> None:
-    """A synthetic model has no engine here: build says so and names --no-canary, writing nothing."""
-    d = hq["dir"]
-    build = [a for a in hq["build"] if a != "--no-canary"]
-    r = run(*build, "--out", d / "v1.cpwl", code=2)
-    assert f"the register holds no canary person for model {MODEL}" in r.output and "--no-canary" in r.output
-    assert "enrol-canary" in r.output and not (d / "v1.cpwl").exists() and Register(hq["reg"]).releases() == []
-    dry = run(*build, "--out", d / "v1.cpwl", "--dry-run").output  # a dry run writes nothing, enrols nothing
-    assert "the build without --dry-run enrols it first" in dry
-    out = run(*hq["build"], "--out", d / "v1.cpwl").output
-    assert "full version 1" in out and "(--no-canary)" in out

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
+from edge.cli import main as edge_main
 from engines.calibration import Calibration
 from testing.synthetic import Authority, make_persons, person_centers, samples_of
 from watchlist.cli import main
@@ -19,15 +20,18 @@ from watchlist.hq.register import Register
 
 # Synthetic templates filed under the default model's name: its packaged calibration applies.
 MODEL = "dlib-resnet-v1:test"
-# Synthetic embeddings: no engine here could enrol the canary person for this model.
-BUILD = ("build", "--no-canary")
 CAL = Calibration.for_thresholds("dlib-resnet-v1")  # what `watchlist build` chooses from
 
 
-def run(*args: object, code: int = 0):
-    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+def run(*args: object, code: int = 0, command=main):
+    result = CliRunner().invoke(command, [str(a) for a in args], catch_exceptions=False)
     assert result.exit_code == code, result.output
     return result
+
+
+def edge_wl(*args: object, code: int = 0):
+    """`edge watchlist ...`: the unit's side."""
+    return run("watchlist", *args, code=code, command=edge_main)
 
 
 @pytest.fixture()
@@ -38,7 +42,7 @@ def hq(tmp_path: Path) -> dict:
     Register(reg).add_persons(
         make_persons([f"case-{i}" for i in range(12)], 2), samples_of(person_centers(12), 2), model_id=MODEL
     )
-    return {"dir": tmp_path, "reg": reg, "build": (*BUILD, "--register", reg, "--keys", keys)}
+    return {"dir": tmp_path, "reg": reg, "build": ("build", "--register", reg, "--keys", keys)}
 
 
 def _default_threshold(path: Path) -> float:
@@ -108,7 +112,7 @@ def test_a_calibration_without_misses_says_the_miss_rate_is_not_calibrated(hq: d
     # An uncalibrated model's list: inspect says there is no calibration to tell any rate.
     keys, reg = d / "keys", d / "own.db"
     Register(reg).add_persons(make_persons(["case-1"], 1), samples_of(person_centers(1), 1), model_id="own-model:1")
-    run(*BUILD, "--register", reg, "--keys", keys, "--out", d / "own.cpwl", "--threshold", "0.5")
+    run("build", "--register", reg, "--keys", keys, "--out", d / "own.cpwl", "--threshold", "0.5")
     assert "expected rates: model own-model:1 has no packaged calibration" in run("inspect", d / "own.cpwl").output
 
 
@@ -117,7 +121,7 @@ def test_an_adult_list_takes_the_worst_cohort(tmp_path: Path) -> None:
     run("keygen", "--dir", keys)
     adults = tuple(Person(f"case-{i}", (Template(age=35),)) for i in range(30))
     Register(reg).add_persons(adults, samples_of(person_centers(30), 1), model_id=MODEL)
-    run(*BUILD, "--register", reg, "--keys", keys, "--out", tmp_path / "v1.cpwl")
+    run("build", "--register", reg, "--keys", keys, "--out", tmp_path / "v1.cpwl")
     worst = CAL.threshold_for_fpir(0.01, 30, 1).threshold
     assert _default_threshold(tmp_path / "v1.cpwl") == pytest.approx(worst, abs=1e-6)
 
@@ -153,14 +157,14 @@ def test_a_model_without_calibration_needs_a_threshold(tmp_path: Path) -> None:
     keys, reg = tmp_path / "keys", tmp_path / "hq.db"
     run("keygen", "--dir", keys)
     Register(reg).add_persons(make_persons(["case-1"], 1), samples_of(person_centers(1), 1), model_id="own-model:1")
-    r = run(*BUILD, "--register", reg, "--keys", keys, "--out", tmp_path / "v1.cpwl", code=2)
+    r = run("build", "--register", reg, "--keys", keys, "--out", tmp_path / "v1.cpwl", code=2)
     assert "give --threshold" in r.output and "engines calibrate" in r.output
-    out = run(*BUILD, "--register", reg, "--keys", keys, "--out", tmp_path / "v1.cpwl", "--threshold", "0.5").output
+    out = run("build", "--register", reg, "--keys", keys, "--out", tmp_path / "v1.cpwl", "--threshold", "0.5").output
     assert "no calibration: no rates known" in out
     other = Calibration.load_for("dlib-resnet-v1")
     other.save(tmp_path / "other.json")
     r = run(
-        *BUILD,
+        "build",
         "--register",
         reg,
         "--keys",
@@ -204,7 +208,7 @@ def test_the_unit_refuses_a_bundle_below_the_strangers_median(engine: Any, tmp_p
 
 
 def test_watchlist_apply_checks_thresholds_against_the_calibration_too(tmp_path: Path) -> None:
-    """USB (`watchlist apply`) refuses what the running unit refuses: a threshold below the strangers' median."""
+    """USB (`edge watchlist apply`) refuses what the running unit refuses: a threshold below the strangers' median."""
     auth = Authority(model_id=MODEL)
     root = auth.write_root(tmp_path / "root.pub")
     emb = samples_of(person_centers(1, dim=auth.dim), 1)
@@ -213,15 +217,17 @@ def test_watchlist_apply_checks_thresholds_against_the_calibration_too(tmp_path:
     auth.threshold = 0.6
     low = tmp_path / "low.cpwl"
     low.write_bytes(auth.bundle(1, persons, emb))
-    r = run("apply", low, *where, code=1)
+    r = edge_wl("apply", low, *where, code=1)
     assert "rejected (bad_threshold)" in r.output and "default_threshold 0.6" in r.output
     auth.threshold = CAL.threshold_for_fpir(0.01, 1, 1).threshold
     ok = tmp_path / "ok.cpwl"
     ok.write_bytes(auth.bundle(2, persons, emb))
-    assert "applied: watchlist version 2" in run("apply", ok, *where).output
+    assert "applied: watchlist version 2" in edge_wl("apply", ok, *where).output
     # A model without a calibration: checked against (0, 1), with a warning that says so.
     other = Authority(model_id="someone-elses-model:1", root=auth.root, signing=auth.signing, threshold=0.6)
     odd = tmp_path / "odd.cpwl"
     odd.write_bytes(other.bundle(1, persons, emb))
-    r = run("apply", odd, "--store", tmp_path / "other.db", "--root-key", root, "--model-id", "someone-elses-model:1")
+    r = edge_wl(
+        "apply", odd, "--store", tmp_path / "other.db", "--root-key", root, "--model-id", "someone-elses-model:1"
+    )
     assert "checked against (0, 1) only" in r.output and "applied: watchlist version 1" in r.output

@@ -146,7 +146,8 @@ def test_list_applied_by_another_process_is_picked_up(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "watchlist.cli",
+            "edge.cli",
+            "watchlist",
             "apply",
             str(bundle),
             "--store",
@@ -270,11 +271,12 @@ def test_sigkill_during_apply_leaves_old_or_new_never_a_mix(tmp_path: Path) -> N
 
 def test_a_held_list_of_another_size_is_named_matches_nothing_and_a_full_bundle_replaces_it(tmp_path: Path) -> None:
     """Issue 20, item 4: a signed list of the wrong size, applied where the engine's size was not known
-    (`watchlist apply --config` before it passed it), blinded the unit and then blocked the fix."""
+    (`edge watchlist apply --config`, then `watchlist apply`, before it passed it), blinded the unit and
+    then blocked the fix."""
     hq = Authority(model_id=MODEL, dim=64, threshold=0.5)
     persons, emb, centers = _list(3, seed=5)
     emb64 = samples_of(person_centers(3, dim=64, seed=5), 3, seed=6)
-    blind = _unit(tmp_path, hq)  # no embedding_dim: as `watchlist apply` without the engine's size
+    blind = _unit(tmp_path, hq)  # no embedding_dim: as `edge watchlist apply` without the engine's size
     assert blind.offer(hq.bundle(1, persons, emb64)) == 1
     blind.close()
 

@@ -1,4 +1,5 @@
-"""``watchlist``: HQ's tools (keys, enrolment, bundles, publishing) and the unit's (apply, status)."""
+"""``watchlist``: HQ's tools (keys, enrolment, bundles, publishing). The unit's are `edge watchlist`
+(edge/watchlist_cli.py); their old spellings here say so."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import time
 from pathlib import Path
 
 import click
-import tomllib
 
 from common.files import atomic_write
 from common.version import VERSION_MESSAGE, software_version
@@ -41,7 +41,13 @@ def _passphrase(env: str | None) -> bytes | None:
 @click.version_option(software_version(), message=VERSION_MESSAGE)
 @click.option("-v", "--verbose", is_flag=True, help="log progress")
 def main(verbose: bool) -> None:
-    """Signed watchlist tools: keys, enrolment, bundles and publishing at HQ; apply and status on a unit."""
+    """Signed watchlist tools at HQ: keys, enrolment, bundles and publishing. On a unit: `edge watchlist`
+    (apply, status, list).
+
+    \b
+    Example:
+      watchlist build --register hq.db --keys /secure/hq-keys --out v12.cpwl --delta
+    """
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -336,12 +342,6 @@ def remove(person_ids: tuple[str, ...], register_path: Path) -> None:
 @click.option("--model-id", help="embedding model (default: the only one in the register)")
 @click.option("--with-names", is_flag=True, help="ship display names to units (default: case numbers only)")
 @click.option("--passphrase-env", help="environment variable holding the key passphrase")
-@click.option(
-    "--no-canary",
-    is_flag=True,
-    help="do not enrol the canary person when the register lacks it: only for lists that never reach a unit "
-    "with its canary on (which refuses them)",
-)
 def build(
     register_path: Path,
     keys_dir: Path,
@@ -357,7 +357,6 @@ def build(
     model_id: str | None,
     with_names: bool,
     passphrase_env: str | None,
-    no_canary: bool,
 ) -> None:
     """Build and sign the next bundle (full, or --delta) from the register, and record it as a release.
 
@@ -365,20 +364,10 @@ def build(
     raise a false alert) and the list's size, by the model's calibration; it is printed with the
     rates it gives. A delta applies to the latest *published* release unless --base says otherwise.
     --out is never overwritten without --force; --dry-run prints what would change on the units.
-    Every list holds the canary person (docs/edge.md, The canary): a register without it for the
-    model gets it first, enrolled with this machine's engine as `enrol-canary` does; where that
-    engine is missing or of another model the build refuses, unless --no-canary.
 
     Example: watchlist build --register hq.db --keys /secure/hq-keys --out v12.cpwl --delta --fpir 0.01
     """
-    from watchlist.hq.build import (
-        canary_problem,
-        choose_threshold,
-        describe_changes,
-        ensure_canary,
-        plan_bundle,
-        release,
-    )
+    from watchlist.hq.build import canary_problem, choose_threshold, describe_changes, plan_bundle, release
     from watchlist.hq.register import Register
 
     _selftest()
@@ -393,11 +382,6 @@ def build(
                     f"the register holds templates of {len(models)} models ({', '.join(models)}): give --model-id"
                 )
             model_id = models[0]
-        if not no_canary and not dry_run:
-            # Before the threshold: the canary is one of the list's persons, as after enrol-canary.
-            added = ensure_canary(reg, model_id, check=_selftest)
-            if added:
-                click.echo(f"canary person enrolled for model {model_id}: {added} new templates")
         choice = choose_threshold(reg, model_id, fpir=fpir, threshold=threshold, calibration_path=calibration_path)
         if threshold is not None and choice.point is None and not dry_run:
             reg.set_meta(f"threshold:{model_id}", threshold)  # an uncalibrated model's number, kept for next builds
@@ -412,10 +396,9 @@ def build(
             with_names=with_names,
         )
         _print_threshold(choice, model_id)
-        missing = canary_problem(reg, model_id)
-        if missing:
-            then = "--no-canary" if no_canary else "the build without --dry-run enrols it first"
-            click.echo(f"note: {missing} ({then})", err=True)
+        no_canary = canary_problem(reg, model_id)
+        if no_canary:
+            click.echo(f"WARNING: {no_canary}", err=True)
         if dry_run:
             _print_changes(bundle, describe_changes(reg, bundle, digests), out)
             return
@@ -699,25 +682,26 @@ def inspect_cmd(bundle: Path, root_key: Path | None, as_json: bool) -> None:
 @main.command("list")
 @click.argument("bundle", required=False, type=click.Path(path_type=Path, exists=True, dir_okay=False))
 @click.option("--register", "register_path", type=click.Path(path_type=Path, exists=True), help="HQ register")
-@click.option("--config", type=click.Path(path_type=Path, exists=True), help="a unit's TOML: its applied list")
-@click.option("--store", type=click.Path(path_type=Path, exists=True), help="a unit's watchlist store")
+@click.option("--config", type=click.Path(path_type=Path), hidden=True, help="moved: edge watchlist list")
+@click.option("--store", type=click.Path(path_type=Path), hidden=True, help="moved: edge watchlist list")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 def list_cmd(
     bundle: Path | None, register_path: Path | None, config: Path | None, store: Path | None, as_json: bool
 ) -> None:
-    """Who is on a list: HQ's register (--register), a bundle (BUNDLE) or a unit (--config or --store):
-    person ids, priorities, templates with ages or photo dates, and the version.
+    """Who is on a list: HQ's register (--register) or a bundle file (BUNDLE): person ids, priorities,
+    templates with ages or photo dates, and the version. A unit's applied list: `edge watchlist list`.
 
     \b
     Examples:
       watchlist list --register hq.db
       watchlist list v12.cpwl
-      watchlist list --config /etc/checkpoint/unit.toml
     """
-    from watchlist.hq.listing import describe_bundle, format_rows, iso_utc, rows_from_register
+    from watchlist.hq.listing import describe_bundle, format_rows, rows_from_register
 
-    if sum(x is not None for x in (bundle, register_path, config or store)) != 1:
-        raise click.UsageError("give one of: BUNDLE, --register, --config (or --store)")
+    if config is not None or store is not None:
+        _moved("list", "--config /etc/checkpoint/unit.toml")
+    if (bundle is None) == (register_path is None):
+        raise click.UsageError("give one of: BUNDLE, --register")
     try:
         if bundle is not None:
             from watchlist.format.bundle import peek
@@ -728,7 +712,7 @@ def list_cmd(
                 f" (delta from {d['base_version']}, removes {len(d['removed'])})" if d["kind"] == "delta" else ""
             )
             meta = {"source": str(bundle), "version": d["version"], "kind": d["kind"], "removed": d["removed"]}
-        elif register_path is not None:
+        else:
             from watchlist.hq.register import Register
 
             reg = Register(register_path)
@@ -744,14 +728,6 @@ def list_cmd(
                 "latest_release": rels[-1]["version"] if rels else None,
                 "latest_published": published,
             }
-        else:
-            store_path = store if store is not None else _unit_config(config, None, None, None).store
-            rows, st = _unit_rows(store_path)
-            what = (
-                f"unit store {store_path}: version {st.version} ({st.kind or 'no list'}), "
-                f"expires {iso_utc(st.expires_at) or '-'}"
-            )
-            meta = {"source": str(store_path), "version": st.version, "expires_at": iso_utc(st.expires_at)}
     except (WatchlistError, BundleRejected) as exc:
         _fail(exc)
     if as_json:
@@ -762,227 +738,32 @@ def list_cmd(
         click.echo(line)
 
 
-def _unit_rows(store_path: Path):
-    """The persons of a unit's store as listing rows, and its state."""
-    from watchlist.hq.listing import person_row
-    from watchlist.unit.store import UnitStore
-
-    st = UnitStore(store_path)
-    try:
-        templates: dict[str, list] = {}
-        for pid, date, age in st.db.execute("SELECT person_id, photo_date, age FROM templates ORDER BY id"):
-            templates.setdefault(pid, []).append((date, age))
-        rows = [
-            person_row(pid, name=name, priority=prio, threshold=thr, templates=templates.get(pid, []))
-            for pid, name, prio, thr in st.db.execute(
-                "SELECT person_id, name, priority, threshold FROM persons ORDER BY person_id"
-            )
-        ]
-        return rows, st.state()
-    finally:
-        st.close()
+# ---- moved to the unit's command line ------------------------------------------------------------
 
 
-# ---- unit side -----------------------------------------------------------------------------------
-
-
-def _unit_config(config: Path | None, store: Path | None, root_key: Path | None, max_bytes: int | None):
-    from watchlist.unit.config import WatchlistConfig
-
-    values: dict = {}
-    if config is not None:
-        try:
-            doc = tomllib.loads(config.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise click.UsageError(f"{config}: {exc}") from None
-        values = dict(doc.get("watchlist") or {})
-        if not values:
-            raise click.UsageError(f"{config} has no [watchlist] table")
-        for key in ("root_key", "store"):
-            if key in values and not Path(values[key]).is_absolute():
-                values[key] = str(config.parent / values[key])
-    if store is not None:
-        values["store"] = store
-    if root_key is not None:
-        values["root_key"] = root_key
-    if max_bytes is not None:
-        values["max_bundle_bytes"] = max_bytes
-    try:
-        return WatchlistConfig(**values)
-    except Exception as exc:
-        raise click.UsageError(f"{config or 'options'}: [watchlist] {exc}") from None
-
-
-def _unit_engine(config: Path):  # (EmbedderIdentity, EngineConfig), engines stay lazy imports
-    """The embedder the unit's [engine] table names, as (its model id and embedding size, the table).
-    Both come from the config and the weights file alone: the face engine is not loaded."""
-    from engines.config import EngineConfigError, load_engine_config
-    from engines.ensemble import config_identity
-    from engines.errors import EngineError
-
-    try:
-        engine = load_engine_config(config)
-    except EngineConfigError as exc:
-        raise click.UsageError(str(exc)) from None
-    try:
-        return config_identity(engine), engine
-    except EngineError as exc:
-        raise click.UsageError(f"{config}: [engine]: {exc}") from None
-
-
-def _threshold_range(model_id: str, engine=None) -> tuple[float, float]:  # an EngineConfig
-    """The thresholds a bundle for `model_id` may carry: the calibration's range (the rule the running
-    unit applies) for the unit's [engine] table where given, else for the model id; (0, 1) with a
-    warning for a model without one."""
-    from engines.calibration import Calibration, CalibrationError
-    from watchlist.format.verify import MODEL_INDEPENDENT_THRESHOLD_RANGE
-
-    try:
-        cal = Calibration.for_engine_config(engine) if engine is not None else Calibration.load_for(model_id)
-        return cal.threshold_range
-    except CalibrationError as exc:
-        click.echo(f"warning: thresholds are checked against (0, 1) only: {exc}", err=True)
-        return MODEL_INDEPENDENT_THRESHOLD_RANGE
-
-
-def _not_a_regular_file(path: Path) -> str | None:
-    """What `path` is when it is not a regular file (after links), else None: decided before the file is
-    opened, since opening a FIFO waits for a writer that may never come."""
-    import stat
-
-    mode = path.stat().st_mode
-    if stat.S_ISREG(mode):
-        return None
-    kinds = [(stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")]
-    kinds.append((stat.S_ISSOCK, "a socket"))
-    return next((what for test, what in kinds if test(mode)), "not a regular file")
-
-
-@main.command("apply")
-@click.argument("bundle", type=click.Path(path_type=Path, exists=True, dir_okay=False))
-@click.option("--config", type=click.Path(path_type=Path, exists=True), help="unit TOML ([watchlist] is read)")
-@click.option("--store", type=click.Path(path_type=Path), help="the unit's watchlist store")
-@click.option("--root-key", type=click.Path(path_type=Path, exists=True), help="HQ's root public key")
-@click.option("--model-id", help="override the embedding model id (default: from --config's [engine])")
-@click.option("--max-bytes", type=int, help="largest bundle accepted")
-def apply_cmd(
-    bundle: Path,
-    config: Path | None,
-    store: Path | None,
-    root_key: Path | None,
-    model_id: str | None,
-    max_bytes: int | None,
-) -> None:
-    """Verify and apply a bundle or key set file on a unit (USB, scp). A running unit picks it up within its tick.
-
-    The embedding model and the size of its embeddings are those the unit's [engine] table (in
-    --config) gives, read from the config and the model's weights without loading the engine: a list
-    for another model or size is refused. --model-id overrides the model (the size is then not
-    checked); with neither, the applied list's model. BUNDLE must be a regular file (a FIFO or a
-    device is refused before it is opened).
-
-    Example: watchlist apply /media/usb/watchlist-v12-full.cpwl --config /etc/checkpoint/unit.toml
-    """
-    from matching.matcher import Matcher
-    from watchlist.unit.apply import Watchlist
-    from watchlist.unit.store import UnitStore
-
-    kind = _not_a_regular_file(bundle)
-    if kind is not None:
-        raise click.UsageError(f"{bundle} is {kind}, not a regular file; copy the bundle into a file and apply that")
-    cfg = _unit_config(config, store, root_key, max_bytes)
-    engine, embedding_dim = None, None
-    if model_id is None and config is not None:
-        # The unit's engine decides the model and the size of its embeddings: a list of another size
-        # is refused here rather than blinding the unit (every face would fail to match).
-        identity, engine = _unit_engine(config)
-        model_id, embedding_dim = identity.model_id, identity.embedding_dim
-    if model_id is None:
-        st = UnitStore(cfg.store)
-        model_id = st.state().model_id
-        st.close()
-        if model_id is None:
-            raise click.UsageError(
-                "this store holds no list yet: give --config (the unit's [engine] decides the model) or --model-id"
-            )
-    try:
-        # The same check of the list's thresholds as the running unit makes, so USB and MQTT agree.
-        wl = Watchlist(
-            cfg,
-            Matcher(),
-            model_id,
-            embedding_dim=embedding_dim,
-            threshold_range=_threshold_range(model_id, engine),
-        )
-        wl.start()
-        version = wl.offer_file(bundle)
-    except BundleRejected as exc:
-        click.echo(f"rejected ({exc.reason}): {exc.message}", err=True)
-        sys.exit(1)
-    except WatchlistError as exc:
-        _fail(exc)
-    if wl.status()["applied_since_start"] == 0:
-        click.echo(f"key set {wl.status()['keyset_serial']} accepted; watchlist version {version} unchanged")
-        return
+def _moved(command: str, example: str) -> None:
+    """A unit's spelling from before `edge watchlist`: say where it went and stop (exit status 2)."""
     click.echo(
-        f"applied: watchlist version {version} ({wl.current_index.n_persons} persons, "
-        f"{wl.current_index.n_templates} templates)"
+        f"moved: use `edge watchlist {command} {example}` (the unit's watchlist commands are under `edge`; "
+        "`watchlist` keeps HQ's)",
+        err=True,
     )
+    sys.exit(2)
 
 
-@main.command()
-@click.option("--config", type=click.Path(path_type=Path, exists=True), help="unit TOML ([watchlist] is read)")
-@click.option("--store", type=click.Path(path_type=Path, exists=True), help="the unit's watchlist store")
-@click.option("--json", "as_json", is_flag=True, help="print JSON")
-def status(config: Path | None, store: Path | None, as_json: bool) -> None:
-    """The applied watchlist version, its expiry, and the latest applies and rejections.
+_ANY_ARGS = {"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []}
 
-    Example: watchlist status --store /var/lib/checkpoint/watchlist.db
-    """
-    from watchlist.unit.store import UnitStore
 
-    if store is None:
-        if config is None:
-            raise click.UsageError("give --store or --config")
-        doc = tomllib.loads(config.read_text()).get("watchlist") or {}
-        store = Path(doc.get("store", "/var/lib/checkpoint/watchlist.db"))
-        if not store.is_absolute():
-            store = config.parent / store
-    try:
-        s = UnitStore(store)
-    except WatchlistError as exc:
-        _fail(exc)
-    st = s.state()
-    persons, templates = s.counts()
-    now = time.time()
-    out = {
-        "store": str(store),
-        "version": st.version,
-        "kind": st.kind,
-        "model_id": st.model_id,
-        "persons": persons,
-        "templates": templates,
-        "created_at": st.created_at,
-        "expires_at": st.expires_at,
-        "expired": bool(st.expires_at is not None and now >= st.expires_at),
-        "signing_key_id": st.signing_key_id,
-        "applied_at": st.applied_at,
-        "events": s.events(10),
-    }
-    if as_json:
-        click.echo(json.dumps(out, indent=2))
-        return
-    click.echo(
-        f"version {st.version} ({st.kind or 'none'}), model {st.model_id}, {persons} persons, {templates} templates"
-    )
-    if st.expires_at:
-        left = st.expires_at - now
-        click.echo(f"expires {_iso(st.expires_at)}" + (" (EXPIRED)" if left <= 0 else f" (in {left / 3600:.1f} h)"))
-    for e in out["events"]:
-        when = _iso(e["at"])
-        click.echo(
-            f"  {when} {e['kind']} {e['version'] or ''} {e['reason'] or ''} {e['detail'] or ''} [{e['source'] or ''}]"
-        )
+@main.command("apply", hidden=True, context_settings=_ANY_ARGS)
+def apply_moved() -> None:
+    """Moved: edge watchlist apply FILE --config /etc/checkpoint/unit.toml (exit status 2)."""
+    _moved("apply", "FILE --config /etc/checkpoint/unit.toml")
+
+
+@main.command("status", hidden=True, context_settings=_ANY_ARGS)
+def status_moved() -> None:
+    """Moved: edge watchlist status --config /etc/checkpoint/unit.toml (exit status 2)."""
+    _moved("status", "--config /etc/checkpoint/unit.toml")
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ class UnitTrust:
     root_key: Ed25519PublicKey
     expected_model_id: str  # the unit's embedding model
     max_bundle_bytes: int
-    expected_dim: int | None = None  # the unit's engine's embedding size (None: not known, e.g. `watchlist apply`)
+    expected_dim: int | None = None  # the unit's engine's embedding size (None: not known, e.g. `edge watchlist apply`)
     threshold_range: tuple[float, float] = MODEL_INDEPENDENT_THRESHOLD_RANGE  # open interval
     applied_dim: int | None = None
     applied_version: int = 0  # 0: no list applied yet

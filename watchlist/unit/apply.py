@@ -1,6 +1,6 @@
 """The unit's watchlist: verify an offered bundle, apply it to the store, swap the matcher's index.
 
-Bundles arrive from MQTT (watchlist.unit.subscriber) or as files (``watchlist apply``, USB or scp); both end
+Bundles arrive from MQTT (watchlist.unit.subscriber) or as files (``edge watchlist apply``, USB or scp); both end
 in `Watchlist.offer`. A rejected bundle is logged with its reason, recorded in the store's event
 log and in `status()`, and changes nothing.
 """
@@ -84,7 +84,7 @@ class Watchlist:
         require_canary: bool = False,
     ) -> None:
         """`embedding_dim`: the size of the embeddings the unit's engine makes (bundles of another size are
-        refused; None where no engine is loaded, as in `watchlist apply`). `threshold_range`: the open range
+        refused; None where no engine is loaded, as in `edge watchlist apply`). `threshold_range`: the open range
         of thresholds calibrated for the model (engines.calibration); the default is model-independent.
         `require_canary`: the unit runs the canary (edge/canary.py), so a list that leaves no canary
         person is refused (`no_canary`)."""
@@ -143,7 +143,7 @@ class Watchlist:
         bundle for the unit's model replaces it."""
         if not st.version:
             return None
-        fix = "matching nothing until a full bundle for this unit's model is applied (HQ, or `watchlist apply`)"
+        fix = "matching nothing until a full bundle for this unit's model is applied (HQ, or `edge watchlist apply`)"
         if st.model_id != self.model_id:
             return (
                 f"the applied list (version {st.version}) holds embeddings of model {st.model_id!r}, this unit "
@@ -158,7 +158,7 @@ class Watchlist:
 
     def tick(self) -> None:
         """Re-check what changes with time: expiry, and a list applied to the store by another
-        process (``watchlist apply`` from a USB stick while the unit runs)."""
+        process (``edge watchlist apply`` from a USB stick while the unit runs)."""
         with self._lock:
             self._refresh()
             if self._state.version != self._current.version:
@@ -343,7 +343,7 @@ class Watchlist:
         return self._current
 
     def status(self) -> dict[str, Any]:
-        """Figures for the heartbeat and `watchlist status` (read from memory: never waits for an apply)."""
+        """Figures for the heartbeat and `edge watchlist status` (read from memory: never waits for an apply)."""
         st = self._state
         now = self.clock()
         ks = self._keyset

@@ -34,7 +34,7 @@ class WatchlistConfig(StrictModel):
     topic: str | None = Field(
         None,
         description="MQTT topic prefix HQ publishes this site's watchlist under (e.g. checkpoint/v1/<site>/watchlist); "
-        "unset: no live updates, bundles arrive as files (`watchlist apply`)",
+        "unset: no live updates, bundles arrive as files (`edge watchlist apply`)",
     )
     on_expired: Literal["warn", "stop"] = Field(
         "warn",

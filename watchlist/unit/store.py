@@ -20,6 +20,7 @@ from common.sqlite import open_database
 from matching.matcher import TemplateIndex
 from watchlist.format.bundle import Bundle
 from watchlist.format.errors import StoreError
+from watchlist.format.listing import person_row
 from watchlist.format.verify import Verified
 
 SCHEMA_VERSION = 1
@@ -151,6 +152,21 @@ class UnitStore:
     def person_ids(self) -> list[str]:
         """The person ids of the applied list, sorted."""
         return [r[0] for r in self.db.execute("SELECT person_id FROM persons ORDER BY person_id").fetchall()]
+
+    def persons(self) -> list[dict]:
+        """Who is on the applied list, sorted by person id: one watchlist.format.listing.person_row
+        each (id, name where the bundle carried names, priority, threshold override, and the photo
+        date or age of each template). For people and scripts (`edge watchlist list`); the matcher
+        reads load_index() instead."""
+        templates: dict[str, list[tuple[str | None, int | None]]] = {}
+        for pid, date, age in self.db.execute("SELECT person_id, photo_date, age FROM templates ORDER BY id"):
+            templates.setdefault(pid, []).append((date, age))
+        return [
+            person_row(pid, name=name, priority=prio, threshold=thr, templates=templates.get(pid, []))
+            for pid, name, prio, thr in self.db.execute(
+                "SELECT person_id, name, priority, threshold FROM persons ORDER BY person_id"
+            )
+        ]
 
     def _template_rows(self) -> Iterator[list[tuple[str, bytes]]]:
         cur = self.db.execute("SELECT person_id, embedding FROM templates ORDER BY id")
