@@ -85,11 +85,14 @@ def test_the_hq_walkthrough_runs_as_documented(tmp_path: Path) -> None:
     assert "another face ignored" in out  # the portrait's second face: enrolled with a warning
     assert "REFUSED  cases.csv:4 case-2024-0175" in out and "needs at least 40" in out
     assert "exit status 1: some photos refused" in out
-    assert "applied: watchlist version 1 (2 persons, 2 templates)" in out
+    # The first build enrolled the canary person (docs/watchlist.md, The canary person): one more
+    # person, with two templates, on every list.
+    assert "canary person enrolled for model" in out
+    assert "applied: watchlist version 1 (3 persons, 4 templates)" in out
     assert "not in the register (check the ids): case-2024-9999" in out and "exit status 1: unknown id" in out
     assert "dry run: would write delta 1->2" in out and "removed 1: case-2024-0174" in out
     assert "delta bundle, version 2 (delta from version 1)" in out and "signature: valid" in out
-    assert "applied: watchlist version 2 (1 persons, 1 templates)" in out
+    assert "applied: watchlist version 2 (2 persons, 3 templates)" in out
     releases = [line.split() for line in out.splitlines() if re.match(r"^\s+[12]\s+(full|delta)\s", line)]
     assert [(r[0], r[1], r[-1].split(":")[0]) for r in releases] == [("1", "full", "file"), ("2", "delta", "file")]
     assert sorted(p.name for p in (work / "usb").iterdir()) == [

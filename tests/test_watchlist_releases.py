@@ -13,7 +13,9 @@ from click.testing import CliRunner
 from edge.cli import main as edge_main
 from testing.synthetic import make_persons, person_centers, samples_of
 from watchlist.cli import main
+from watchlist.format.bundle import frame, parse_verified
 from watchlist.hq.register import Register
+from wire.records import CANARY_PERSON_ID
 
 MODEL = "synthetic:v1"
 
@@ -37,7 +39,7 @@ def hq(tmp_path: Path) -> dict:
     persons = make_persons(names, 2)
     Register(reg).add_persons(persons, samples_of(person_centers(6), 2), model_id=MODEL)
     Register(reg).upsert_person("case-0", name="Ann B.", priority=3)
-    build = ("build", "--register", reg, "--keys", keys, "--threshold", "0.5")
+    build = ("build", "--register", reg, "--keys", keys, "--threshold", "0.5", "--no-canary")
     return {"keys": keys, "reg": reg, "build": build, "dir": tmp_path}
 
 
@@ -181,7 +183,13 @@ def test_apply_takes_the_model_from_the_units_engine(tmp_path: Path) -> None:
     # Embeddings of the engine's size: apply checks a list's size against the unit's engine too.
     centers = person_centers(1, dim=engine.embedding_dim)
     Register(reg).add_persons(make_persons(["case-1"], 1), samples_of(centers, 1), model_id=model)
-    run("build", "--register", reg, "--keys", keys, "--out", tmp_path / "v1.cpwl")  # calibrated: --fpir 0.01
+    # Calibrated (--fpir 0.01); the register has no canary person yet, so build enrols it with this engine.
+    out = run("build", "--register", reg, "--keys", keys, "--out", tmp_path / "v1.cpwl").output
+    assert f"canary person enrolled for model {model}: 2 new templates" in out and "note:" not in out
+    listed = parse_verified(frame((tmp_path / "v1.cpwl").read_bytes())).persons
+    assert sorted((p.person_id, p.canary) for p in listed) == [("case-1", False), (CANARY_PERSON_ID, True)]
+    out = run("build", "--register", reg, "--keys", keys, "--out", tmp_path / "v1b.cpwl").output
+    assert "canary person enrolled" not in out  # once per model, as enrol-canary
     conf = tmp_path / "unit.toml"
     conf.write_text('[engine]\nthreads = 1\n[watchlist]\nroot_key = "keys/root.pub"\nstore = "wl.db"\n')
     assert "applied: watchlist version 1" in edge_wl("apply", tmp_path / "v1.cpwl", "--config", conf).output
@@ -215,3 +223,16 @@ def test_a_register_from_before_publications_opens_and_records(hq: dict) -> None
     assert reg.latest_published_version() is None and reg.releases()[0]["published_at"] is None
     run("publish", hq["dir"] / "v1.cpwl", "--register", hq["reg"], "--export", hq["dir"] / "usb")
     assert Register(hq["reg"]).latest_published_version() == 1
+
+
+def test_build_refuses_a_list_without_the_canary_it_cannot_enrol(hq: dict) -> None:
+    """A synthetic model has no engine here: build says so and names --no-canary, writing nothing."""
+    d = hq["dir"]
+    build = [a for a in hq["build"] if a != "--no-canary"]
+    r = run(*build, "--out", d / "v1.cpwl", code=2)
+    assert f"the register holds no canary person for model {MODEL}" in r.output and "--no-canary" in r.output
+    assert "enrol-canary" in r.output and not (d / "v1.cpwl").exists() and Register(hq["reg"]).releases() == []
+    dry = run(*build, "--out", d / "v1.cpwl", "--dry-run").output  # a dry run writes nothing, enrols nothing
+    assert "the build without --dry-run enrols it first" in dry
+    out = run(*hq["build"], "--out", d / "v1.cpwl").output
+    assert "full version 1" in out and "(--no-canary)" in out

@@ -89,7 +89,7 @@ def test_a_unit_offline_across_two_deltas_converges_from_the_snapshot(tmp_path: 
     Register(reg).add_persons(
         make_persons([f"case-{i}" for i in range(6)], 2), samples_of(centers[:6], 2), model_id=MODEL
     )
-    build = ("build", "--register", reg, "--keys", hq_keys, "--threshold", "0.5")
+    build = ("build", "--register", reg, "--keys", hq_keys, "--threshold", "0.5", "--no-canary")
     publish = ("--register", reg, "--topic", TOPIC, "--host", mosquitto.host, "--port", mosquitto.port)
     publish += ("--chunk-bytes", 4096, "--keys", hq_keys)
     unit = Unit(tmp_path, hq_keys / "root.pub", mosquitto)
@@ -133,7 +133,7 @@ def test_publishing_a_delta_needs_its_snapshot_from_an_unchanged_register(
 ) -> None:
     reg = tmp_path / "hq.db"
     Register(reg).add_persons(make_persons(["a", "b", "c"], 2), samples_of(person_centers(3), 2), model_id=MODEL)
-    build = ("build", "--register", reg, "--keys", hq_keys, "--threshold", "0.5")
+    build = ("build", "--register", reg, "--keys", hq_keys, "--threshold", "0.5", "--no-canary")
     publish = ("--register", reg, "--topic", TOPIC, "--host", mosquitto.host, "--port", mosquitto.port)
     _cli(*build, "--out", tmp_path / "v1.cpwl")
     _cli("publish", tmp_path / "v1.cpwl", *publish)

@@ -20,6 +20,8 @@ from watchlist.hq.register import Register
 
 # Synthetic templates filed under the default model's name: its packaged calibration applies.
 MODEL = "dlib-resnet-v1:test"
+# Synthetic embeddings: no engine here could enrol the canary person for this model.
+BUILD = ("build", "--no-canary")
 CAL = Calibration.for_thresholds("dlib-resnet-v1")  # what `watchlist build` chooses from
 
 
@@ -42,7 +44,7 @@ def hq(tmp_path: Path) -> dict:
     Register(reg).add_persons(
         make_persons([f"case-{i}" for i in range(12)], 2), samples_of(person_centers(12), 2), model_id=MODEL
     )
-    return {"dir": tmp_path, "reg": reg, "build": ("build", "--register", reg, "--keys", keys)}
+    return {"dir": tmp_path, "reg": reg, "build": (*BUILD, "--register", reg, "--keys", keys)}
 
 
 def _default_threshold(path: Path) -> float:
@@ -112,7 +114,7 @@ def test_a_calibration_without_misses_says_the_miss_rate_is_not_calibrated(hq: d
     # An uncalibrated model's list: inspect says there is no calibration to tell any rate.
     keys, reg = d / "keys", d / "own.db"
     Register(reg).add_persons(make_persons(["case-1"], 1), samples_of(person_centers(1), 1), model_id="own-model:1")
-    run("build", "--register", reg, "--keys", keys, "--out", d / "own.cpwl", "--threshold", "0.5")
+    run(*BUILD, "--register", reg, "--keys", keys, "--out", d / "own.cpwl", "--threshold", "0.5")
     assert "expected rates: model own-model:1 has no packaged calibration" in run("inspect", d / "own.cpwl").output
 
 
@@ -121,7 +123,7 @@ def test_an_adult_list_takes_the_worst_cohort(tmp_path: Path) -> None:
     run("keygen", "--dir", keys)
     adults = tuple(Person(f"case-{i}", (Template(age=35),)) for i in range(30))
     Register(reg).add_persons(adults, samples_of(person_centers(30), 1), model_id=MODEL)
-    run("build", "--register", reg, "--keys", keys, "--out", tmp_path / "v1.cpwl")
+    run(*BUILD, "--register", reg, "--keys", keys, "--out", tmp_path / "v1.cpwl")
     worst = CAL.threshold_for_fpir(0.01, 30, 1).threshold
     assert _default_threshold(tmp_path / "v1.cpwl") == pytest.approx(worst, abs=1e-6)
 
@@ -157,14 +159,14 @@ def test_a_model_without_calibration_needs_a_threshold(tmp_path: Path) -> None:
     keys, reg = tmp_path / "keys", tmp_path / "hq.db"
     run("keygen", "--dir", keys)
     Register(reg).add_persons(make_persons(["case-1"], 1), samples_of(person_centers(1), 1), model_id="own-model:1")
-    r = run("build", "--register", reg, "--keys", keys, "--out", tmp_path / "v1.cpwl", code=2)
+    r = run(*BUILD, "--register", reg, "--keys", keys, "--out", tmp_path / "v1.cpwl", code=2)
     assert "give --threshold" in r.output and "engines calibrate" in r.output
-    out = run("build", "--register", reg, "--keys", keys, "--out", tmp_path / "v1.cpwl", "--threshold", "0.5").output
+    out = run(*BUILD, "--register", reg, "--keys", keys, "--out", tmp_path / "v1.cpwl", "--threshold", "0.5").output
     assert "no calibration: no rates known" in out
     other = Calibration.load_for("dlib-resnet-v1")
     other.save(tmp_path / "other.json")
     r = run(
-        "build",
+        *BUILD,
         "--register",
         reg,
         "--keys",

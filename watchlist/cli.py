@@ -342,6 +342,12 @@ def remove(person_ids: tuple[str, ...], register_path: Path) -> None:
 @click.option("--model-id", help="embedding model (default: the only one in the register)")
 @click.option("--with-names", is_flag=True, help="ship display names to units (default: case numbers only)")
 @click.option("--passphrase-env", help="environment variable holding the key passphrase")
+@click.option(
+    "--no-canary",
+    is_flag=True,
+    help="do not enrol the canary person when the register lacks it: only for lists that never reach a unit "
+    "with its canary on (which refuses them)",
+)
 def build(
     register_path: Path,
     keys_dir: Path,
@@ -357,6 +363,7 @@ def build(
     model_id: str | None,
     with_names: bool,
     passphrase_env: str | None,
+    no_canary: bool,
 ) -> None:
     """Build and sign the next bundle (full, or --delta) from the register, and record it as a release.
 
@@ -364,10 +371,20 @@ def build(
     raise a false alert) and the list's size, by the model's calibration; it is printed with the
     rates it gives. A delta applies to the latest *published* release unless --base says otherwise.
     --out is never overwritten without --force; --dry-run prints what would change on the units.
+    Every list holds the canary person (docs/edge.md, The canary): a register without it for the
+    model gets it first, enrolled with this machine's engine as `enrol-canary` does; where that
+    engine is missing or of another model the build refuses, unless --no-canary.
 
     Example: watchlist build --register hq.db --keys /secure/hq-keys --out v12.cpwl --delta --fpir 0.01
     """
-    from watchlist.hq.build import canary_problem, choose_threshold, describe_changes, plan_bundle, release
+    from watchlist.hq.build import (
+        canary_problem,
+        choose_threshold,
+        describe_changes,
+        ensure_canary,
+        plan_bundle,
+        release,
+    )
     from watchlist.hq.register import Register
 
     _selftest()
@@ -382,6 +399,11 @@ def build(
                     f"the register holds templates of {len(models)} models ({', '.join(models)}): give --model-id"
                 )
             model_id = models[0]
+        if not no_canary and not dry_run:
+            # Before the threshold: the canary is one of the list's persons, as after enrol-canary.
+            added = ensure_canary(reg, model_id, check=_selftest)
+            if added:
+                click.echo(f"canary person enrolled for model {model_id}: {added} new templates")
         choice = choose_threshold(reg, model_id, fpir=fpir, threshold=threshold, calibration_path=calibration_path)
         if threshold is not None and choice.point is None and not dry_run:
             reg.set_meta(f"threshold:{model_id}", threshold)  # an uncalibrated model's number, kept for next builds
@@ -396,9 +418,10 @@ def build(
             with_names=with_names,
         )
         _print_threshold(choice, model_id)
-        no_canary = canary_problem(reg, model_id)
-        if no_canary:
-            click.echo(f"WARNING: {no_canary}", err=True)
+        missing = canary_problem(reg, model_id)
+        if missing:
+            then = "--no-canary" if no_canary else "the build without --dry-run enrols it first"
+            click.echo(f"note: {missing} ({then})", err=True)
         if dry_run:
             _print_changes(bundle, describe_changes(reg, bundle, digests), out)
             return

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -24,6 +26,11 @@ CHILD_AGE = 18
 
 class ThresholdRefused(RegisterError):
     """A threshold HQ must not ship: below the strangers' median, or none given for an uncalibrated model."""
+
+
+class CanaryRefused(RegisterError):
+    """A list that would lack the canary person, which this machine cannot enrol: build refuses it
+    unless told --no-canary."""
 
 
 @dataclass(frozen=True)
@@ -157,20 +164,71 @@ def bundle_expectation(header: dict) -> str:
     return cal.expected_summary(float(header["default_threshold"]), n, per, cohort)
 
 
-def canary_problem(register: Register, model_id: str) -> str | None:
-    """Why a list of `model_id` built now would hold no canary person (units with their canary on
-    refuse it), or None."""
+def has_canary(register: Register, model_id: str) -> bool:
+    """Whether the register holds the canary person (wire.records.CANARY_PERSON_ID) for `model_id`."""
     from wire.records import CANARY_PERSON_ID
 
     row = register.db.execute(
         "SELECT 1 FROM templates WHERE person_id = ? AND model_id = ? LIMIT 1", [CANARY_PERSON_ID, model_id]
     ).fetchone()
-    if row is not None:
+    return row is not None
+
+
+def canary_problem(register: Register, model_id: str) -> str | None:
+    """Why a list of `model_id` built now would hold no canary person (units with their canary on
+    refuse it), or None."""
+    if has_canary(register, model_id):
         return None
     return (
         f"the register holds no canary person for model {model_id}, so this list has none and units with their "
-        "canary on refuse it (no_canary): run `watchlist enrol-canary --register ...` and build again"
+        "canary on refuse it (no_canary)"
     )
+
+
+def ensure_canary(
+    register: Register,
+    model_id: str,
+    *,
+    cache_dir: Path | None = None,
+    check: Callable[[Any], None] | None = None,
+) -> int:
+    """Put the canary person into the register for `model_id` if it is not there, so every release
+    holds it: enrolled as `watchlist enrol-canary` does (watchlist.hq.enrol.enrol_canary), with this
+    machine's engine, after `check(engine)` (the known-answer self-test). Returns the templates
+    added (0: it was there). Raises CanaryRefused when this machine has no engine of `model_id`
+    (none at all, as on a signing machine, or another model's): the message names enrol-canary and
+    --no-canary."""
+    if has_canary(register, model_id):
+        return 0
+    from engines.cache import default_cache_dir
+    from engines.canary_media import ensure_canary_picture, load_canary_picture
+    from engines.errors import EngineError
+    from engines.face_engine import FaceEngine
+    from watchlist.hq.enrol import enrol_canary
+
+    way_out = (
+        "run `watchlist enrol-canary --register ...` where HQ enrols with that model, or give --no-canary for a "
+        "list that will never reach a unit with its canary on ([canary] enabled)"
+    )
+    try:
+        engine = FaceEngine.load()
+    except EngineError as exc:
+        raise CanaryRefused(
+            f"the register holds no canary person for model {model_id}, and this machine cannot enrol it "
+            f"(no face engine: {exc}): {way_out}"
+        ) from None
+    if engine.model_id != model_id:
+        raise CanaryRefused(
+            f"the register holds no canary person for model {model_id}, and this machine's engine is of model "
+            f"{engine.model_id}, so it cannot enrol it: {way_out}"
+        )
+    if check is not None:
+        check(engine)
+    try:
+        photo = load_canary_picture(ensure_canary_picture(cache_dir or default_cache_dir()))
+    except EngineError as exc:
+        raise CanaryRefused(f"the canary person for model {model_id} cannot be enrolled: {exc}") from None
+    return enrol_canary(register, engine, photo)
 
 
 def describe_changes(register: Register, bundle: Bundle, digests: dict[str, str]) -> dict:

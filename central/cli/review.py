@@ -1,0 +1,87 @@
+"""`review` and `crop`: an operator's decision on a hit, and a hit's face, from the shell."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from central.cli.common import DB_OPTION, cli_actor, open_store, safe
+
+
+def _operator_password(username: str, password_file: Path | None) -> str:
+    if password_file is not None:
+        return password_file.read_text().strip()
+    env = os.environ.get("CHECKPOINT_OPERATOR_PASSWORD")
+    if env:
+        return env
+    return click.prompt(f"password of {username}", hide_input=True)
+
+
+@click.command()
+@DB_OPTION
+@click.argument("hit_id")
+@click.argument("decision", type=click.Choice(["confirm", "reject"]))
+@click.option("--user", "username", required=True, help="Your operator account (see `user add`).")
+@click.option(
+    "--password-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="File with your password (else env CHECKPOINT_OPERATOR_PASSWORD, else a prompt).",
+)
+@click.option("--reason", default=None, help="Why (required to reject).")
+def review(
+    db_url: str, hit_id: str, decision: str, username: str, password_file: Path | None, reason: str | None
+) -> None:
+    """Confirm or reject a hit as a logged-in operator; the same rules as the console.
+
+    A hit is confirmed only when two different operators have confirmed it; one rejection (with a
+    reason) closes it. The first characters of a hit id are enough when they name one hit.
+
+    \b
+    Example:
+      checkpoint-receiver review --db hits.sqlite 3f2a confirm --user alice
+      checkpoint-receiver review --db hits.sqlite 3f2a reject --user bob --reason "different person: scar"
+    """
+    from central.accounts import check_login, username_problem
+
+    problem = username_problem(username)
+    if problem:
+        raise click.UsageError(f"--user: this cannot be a user name: {problem}")
+    store = open_store(db_url)
+    try:
+        full_id = store.resolve_hit_id(hit_id)
+        if not check_login(store.user(username), _operator_password(username, password_file)):
+            store.audit(username, "login", None, {"via": "cli review", "ok": False})
+            raise click.ClickException(f"wrong password for {username}, or no such active user")
+        state = store.decide(full_id, username, decision, reason)
+    finally:
+        store.close()
+    waiting = " (a second operator must confirm it)" if decision == "confirm" and state == "pending" else ""
+    click.echo(f"hit {safe(full_id)}: {state}{waiting}")
+
+
+@click.command()
+@DB_OPTION
+@click.argument("hit_id")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="JPEG file to write.")
+def crop(db_url: str, hit_id: str, out: Path) -> None:
+    """Write a hit's face crop to a JPEG file (entered in the audit chain as a view of the crop).
+
+    \b
+    Example:
+      checkpoint-receiver crop --db hits.sqlite 3f2a --out face.jpg
+    """
+    store = open_store(db_url)
+    try:
+        full_id = store.resolve_hit_id(hit_id)
+        jpeg = store.crop(full_id)
+        if jpeg is not None:
+            store.audit(cli_actor(), "view_crop", full_id, {"out": str(out)})
+    finally:
+        store.close()
+    if jpeg is None:
+        raise click.ClickException(f"hit {safe(full_id)} came without a crop")
+    out.write_bytes(jpeg)
+    click.echo(f"wrote {len(jpeg)} bytes to {out}")
