@@ -55,25 +55,11 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from common.config import StrictModel
-from wire.records import Verdict
+from wire.records import OUTBOX_COUNTERS, OUTBOX_VERDICT_COUNTERS, Verdict
 
 log = logging.getLogger(__name__)
 
-COUNTERS = (
-    "accepted",
-    "sent",
-    "crops_dropped_oversized",
-    "crops_dropped_full",
-    "hits_dropped_full",
-    "verdicts_stored",
-    "verdicts_duplicate",
-    "quarantined",
-    "quarantined_dropped",
-    "resent",
-    "unconfirmed",
-    "awaiting_dropped",
-    "verdicts_ignored",
-)
+COUNTERS = (*OUTBOX_COUNTERS, *OUTBOX_VERDICT_COUNTERS)
 # Row states. 0 -> 1 (the broker's PUBACK) changes no row's size: SQLite stores the integers 0 and 1
 # in the record header alone, so marking hits sent needs no new page on a full disk.
 PENDING, AWAITING, QUARANTINED = 0, 1, 2

@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 import tomllib
@@ -20,6 +22,12 @@ from watchlist.format.errors import BundleRejected, WatchlistError
 
 CONFIG_HELP = "the unit's TOML config ([watchlist] and [engine] are read)"
 STORE_HELP = "the unit's watchlist store (default: [watchlist] store in --config)"
+
+
+def _unit_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The --config and --store options that name a unit's watchlist store."""
+    f = click.option("--store", type=click.Path(path_type=Path), help=STORE_HELP)(f)
+    return click.option("--config", type=click.Path(path_type=Path, exists=True, dir_okay=False), help=CONFIG_HELP)(f)
 
 
 @click.group("watchlist")
@@ -147,8 +155,7 @@ def _not_a_regular_file(path: Path) -> str | None:
 
 @watchlist.command("apply")
 @click.argument("bundle", type=click.Path(path_type=Path, exists=True, dir_okay=False))
-@click.option("--config", type=click.Path(path_type=Path, exists=True, dir_okay=False), help=CONFIG_HELP)
-@click.option("--store", type=click.Path(path_type=Path), help=STORE_HELP)
+@_unit_options
 @click.option("--root-key", type=click.Path(path_type=Path, exists=True), help="HQ's root public key (over --config)")
 @click.option("--model-id", help="override the embedding model id (default: from --config's [engine])")
 @click.option("--max-bytes", type=int, help="largest bundle accepted (over --config)")
@@ -221,8 +228,7 @@ def apply_cmd(
 
 
 @watchlist.command("status")
-@click.option("--config", type=click.Path(path_type=Path, exists=True, dir_okay=False), help=CONFIG_HELP)
-@click.option("--store", type=click.Path(path_type=Path), help=STORE_HELP)
+@_unit_options
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 def status(config: Path | None, store: Path | None, as_json: bool) -> None:
     """The applied watchlist version, its model, expiry, and the latest applies and rejections.
@@ -275,8 +281,7 @@ def status(config: Path | None, store: Path | None, as_json: bool) -> None:
 
 
 @watchlist.command("list")
-@click.option("--config", type=click.Path(path_type=Path, exists=True, dir_okay=False), help=CONFIG_HELP)
-@click.option("--store", type=click.Path(path_type=Path), help=STORE_HELP)
+@_unit_options
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 def list_cmd(config: Path | None, store: Path | None, as_json: bool) -> None:
     """Who is on the unit's applied list: person ids, priorities, templates with ages or photo dates,

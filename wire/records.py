@@ -523,21 +523,15 @@ HEARTBEAT_FIELDS: dict[str, FieldRule] = {
     "interval_s": FieldRule("number", 0, 86400, lo_exclusive=True),
     "uptime_s": FieldRule("number", 0, 1e10),
 }
-HEARTBEAT_OUTBOX_KEYS = (
-    "pending",
-    "pending_bytes",
-    "max_bytes",
+OUTBOX_COUNTERS = (
     "accepted",
     "sent",
     "crops_dropped_oversized",
     "crops_dropped_full",
     "hits_dropped_full",
-    "inflight",
-    "refused",
 )
-HEARTBEAT_VERDICT_KEYS = (
-    "awaiting_verdict",
-    "quarantined_kept",
+"""The outbox's running counters that every unit reports (edge/outbox.py keeps them by these names)."""
+OUTBOX_VERDICT_COUNTERS = (
     "verdicts_stored",
     "verdicts_duplicate",
     "quarantined",
@@ -547,6 +541,9 @@ HEARTBEAT_VERDICT_KEYS = (
     "awaiting_dropped",
     "verdicts_ignored",
 )
+"""The outbox's running counters of the verdict exchange (edge/outbox.py keeps them by these names)."""
+HEARTBEAT_OUTBOX_KEYS = ("pending", "pending_bytes", "max_bytes", *OUTBOX_COUNTERS, "inflight", "refused")
+HEARTBEAT_VERDICT_KEYS = ("awaiting_verdict", "quarantined_kept", *OUTBOX_VERDICT_COUNTERS)
 """Optional outbox figures of units that wait for the centre's verdicts (docs/protocol.md, "Verdicts");
 older units send none, so a receiver takes them when present."""
 LINK_STATES = ("idle", "connecting", "connected", "disconnected", "closed")
