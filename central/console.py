@@ -336,8 +336,10 @@ class Console:
         )
         return flt, raw
 
-    def _closed(self, person_id: str, site: str) -> str | None:
-        published = self.store.publications().get(site)
+    def _closed(self, person_id: str, site: str, publications: dict[str, dict[str, Any]] | None = None) -> str | None:
+        """Why the person's case is closed (central.register_view.RegisterView.case_closed), against the
+        list HQ last published for `site`; `publications` (HitStore.publications) when already read."""
+        published = (self.store.publications() if publications is None else publications).get(site)
         return self.register.case_closed(person_id, published["version"] if published else None)
 
     def _sighting_rows(self, flt: HitFilter) -> list[dict[str, Any]]:
@@ -345,11 +347,14 @@ class Console:
         people = self.register.people({r["person_id"] for r in rows})
         cameras = self.store.camera_names()
         late = time.time() - self.settings.overdue_after_s
+        # Read once per page or poll, not once per pending row.
+        publications = self.store.publications() if any(r["review_state"] == "pending" for r in rows) else {}
         for r in rows:
             r["person"] = people.get(r["person_id"])
             r["camera_name"] = cameras.get((r["site"], r["unit_id"], r["best_camera_id"]))
             r["overdue"] = r["review_state"] == "pending" and r["created_at"] < late
-            r["closed"] = self._closed(r["person_id"], r["site"]) if r["review_state"] == "pending" else None
+            pending = r["review_state"] == "pending"
+            r["closed"] = self._closed(r["person_id"], r["site"], publications) if pending else None
         return rows
 
     def _rows_context(self, request: Request) -> dict[str, Any]:
@@ -461,8 +466,9 @@ class Console:
         return self.render(request, "_fleet_rows.html", **self._fleet())
 
     def _fleet(self) -> dict[str, Any]:
-        units = self.store.units(expiry_warning_s=self.settings.expiry_warning_s)
-        return {"units": units, "problems": centre_problems(units, self.store.publications())}
+        published = self.store.publications()  # one read for both the units' health and the centre's problems
+        units = self.store.units(expiry_warning_s=self.settings.expiry_warning_s, published=published)
+        return {"units": units, "problems": centre_problems(units, published)}
 
     def quarantine_page(self, request: Request) -> Response:
         """Supervisors: the messages the receivers quarantined (refused hits among them), newest first,

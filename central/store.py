@@ -760,14 +760,16 @@ class HitStore(abc.ABC):
         now: float | None = None,
         expiry_warning_s: float = EXPIRY_WARNING_S,
         settings: HealthSettings | None = None,
+        published: dict[str, dict[str, Any]] | None = None,
     ) -> list[dict[str, Any]]:
         """Every unit heard from, with `health`: 'offline' (said so, or its Last Will), 'stale' (no
         heartbeat for 3 intervals), 'online', or 'unknown'; `watchlist_state`: 'expired',
         'expiring' (within `expiry_warning_s`), 'ok' or 'unknown'; and `level` ('ok', 'amber', 'red')
-        with its `reasons` (central/health.py, against HQ's latest list for the unit's site)."""
+        with its `reasons` (central/health.py, against HQ's latest list for the unit's site: `published`,
+        `publications()` when already read)."""
         now = time.time() if now is None else now
         settings = settings or HealthSettings(expiry_warning_s=expiry_warning_s)
-        published = self.publications()
+        published = self.publications() if published is None else published
         out = []
         for row in self._read("SELECT * FROM units ORDER BY site, unit_id"):
             row["heartbeat"] = json.loads(row["heartbeat"]) if row.get("heartbeat") else None
