@@ -35,7 +35,6 @@ import os
 import random
 import selectors
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -49,6 +48,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.machine import describe_machine, machine_summary
+from bench.reporting import ReceiverProcess
 from testing.broker import MosquittoBroker, find_mosquitto
 from testing.hits import noise_jpeg
 from testing.postgres import PostgresCluster, find_pg_bin
@@ -105,56 +105,6 @@ class StoreReader:
 
     def close(self) -> None:
         self._conn.close()
-
-
-class ReceiverProcess:
-    """`checkpoint-receiver run` in its own process, with its log in a file."""
-
-    def __init__(self, broker: MosquittoBroker, db: str, keys: Path, log: Path, client_id: str) -> None:
-        self.client_id = client_id
-        self._log = open(log, "w")
-        self.log_path = log
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "central.cli",
-                "run",
-                "--host",
-                broker.host,
-                "--port",
-                str(broker.port),
-                "--db",
-                db,
-                "--client-id",
-                client_id,
-                "--unit-keys",
-                str(keys),
-                "--unsigned",
-                "reject",
-                "--quiet",
-                "--reconnect-max-delay",
-                "0.5",
-            ],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            cwd=str(Path(__file__).resolve().parents[1]),
-        )
-
-    def check_alive(self) -> None:
-        if self.proc.poll() is not None:
-            tail = self.log_path.read_text()[-2000:]
-            raise RuntimeError(f"receiver {self.client_id} exited ({self.proc.returncode}):\n{tail}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
 
 
 @dataclass(eq=False)  # one per connection, kept in sets by identity
@@ -478,7 +428,13 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         keys = work / "unit-keys.txt"
         keys.write_text("".join(public_key_line(SITE, u.unit_id, u.signer.public_raw) + "\n" for u in units))
         receivers = [
-            ReceiverProcess(broker, db, keys, work / f"rx-{i}.log", f"rx-{chr(ord('a') + i)}")
+            ReceiverProcess(
+                broker,
+                db,
+                work / f"rx-{i}.log",
+                f"rx-{chr(ord('a') + i)}",
+                extra_args=("--unit-keys", str(keys), "--unsigned", "reject"),
+            )
             for i in range(args.receivers)
         ]
         wait_subscribed(broker, receivers, timeout=60)
@@ -525,7 +481,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         reader.close()
     finally:
         for r in receivers:
-            r.stop()
+            r.stop(timeout=30)
         broker.kill()
         if cluster is not None:
             cluster.stop()

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -66,8 +67,12 @@ def pct(values: list[float], q: float) -> float:
 class ReceiverProcess:
     """checkpoint-receiver in its own process; progress is read from its store (SQLite or PostgreSQL)."""
 
-    def __init__(self, broker: MosquittoBroker, db: str, log: Path, client_id: str) -> None:
+    def __init__(
+        self, broker: MosquittoBroker, db: str, log: Path, client_id: str, extra_args: Sequence[str] = ()
+    ) -> None:
         self.db = db
+        self.client_id = client_id
+        self.log_path = log
         self._log = open(log, "w")
         self.proc = subprocess.Popen(
             [
@@ -83,6 +88,7 @@ class ReceiverProcess:
                 db,
                 "--client-id",
                 client_id,
+                *extra_args,
                 "--quiet",
                 "--reconnect-max-delay",
                 "0.5",
@@ -92,6 +98,11 @@ class ReceiverProcess:
             cwd=str(Path(__file__).resolve().parents[1]),
         )
         self._probe: StoreProbe | None = None
+
+    def check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            tail = self.log_path.read_text()[-2000:]
+            raise RuntimeError(f"receiver {self.client_id} exited ({self.proc.returncode}):\n{tail}")
 
     def probe(self) -> StoreProbe | None:
         """The store, once the receiver has created it."""
@@ -125,12 +136,12 @@ class ReceiverProcess:
     def last_received_at(self, tag: str) -> float:
         return self.probe().last_received_at(tag)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 15) -> None:
         if self._probe is not None:
             self._probe.close()
         self.proc.terminate()
         try:
-            self.proc.wait(15)
+            self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
