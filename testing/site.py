@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from central.receiver import ReceiverConfig
 from testing.broker import HOST, MosquittoBroker, free_port
 from wire.mqtt import MqttConnection, MqttLink
 
@@ -131,6 +132,20 @@ class Site:
         }
         user, pw = files[who]
         return self.conn(user, self.creds / pw)
+
+    def receiver_config(self, client_id: str, **overrides: Any) -> ReceiverConfig:
+        """checkpoint-receiver's config on this site: the `receiver` account over TLS, the units' keys."""
+        return ReceiverConfig(
+            host=HOST,
+            port=self.broker.port,
+            client_id=client_id,
+            username="receiver",
+            password_file=self.creds / "receiver" / "receiver.pw",
+            tls={"ca_file": self.creds / "broker" / "ca.pem"},
+            reconnect_min_delay_s=0.1,
+            unit_keys=self.unit_keys,
+            **overrides,
+        )
 
 
 def start_deployed_broker(

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from central.health import evaluate
-from central.receiver import Receiver, ReceiverConfig
+from central.receiver import Receiver
 from central.store import HitStore
 from testing.broker import HOST, wait_for
 from testing.site import Site, make_site_credentials, start_deployed_broker
@@ -138,16 +138,7 @@ verdict_timeout_s = 10
 
 def receiver(site: Site, store: HitStore) -> Receiver:
     rx = Receiver(
-        ReceiverConfig(
-            host=HOST,
-            port=site.broker.port,
-            client_id="rx-canary",
-            username="receiver",
-            password_file=site.creds / "receiver" / "receiver.pw",
-            tls={"ca_file": site.creds / "broker" / "ca.pem"},
-            reconnect_min_delay_s=0.1,
-            unit_keys=site.unit_keys,
-        ),
+        site.receiver_config("rx-canary"),
         store,
     )
     rx.start()

@@ -16,10 +16,8 @@ from types import SimpleNamespace
 import pytest
 from click.testing import CliRunner
 
-from central import accounts
 from central.cli import main as cli
 from central.console import ConsoleSettings, create_app, visible
-from central.receiver import Receiver, ReceiverConfig
 from central.register_view import RegisterView
 from central.store import HitStore
 from central.webserver import BackgroundServer
@@ -29,11 +27,10 @@ from edge.reporter import MqttConfig, MqttReporter
 from testing.broker import FAST, MosquittoBroker, find_mosquitto, wait_for
 from testing.console_demo import seed_demo
 from testing.hits import face_jpeg, make_hit
+from tests.console_support import add_users, login, signing_unit, start_receiver
 from tests.services import missing_service
 from wire import records
-from wire.signing import generate_unit_key, public_key_line, write_unit_key
 
-PASSWORDS = {"ana": "ana-password-1", "ben": "ben-password-1", "sam": "sam-password-1"}
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -46,26 +43,10 @@ def site(tmp_path_factory):
     broker = MosquittoBroker(tmp / "broker").start()
     demo = seed_demo(tmp / "demo")  # for its register and enrolment photos only
     store = HitStore(tmp / "hits.sqlite")
-    store.add_user("ana", "operator", accounts.hash_password(PASSWORDS["ana"]), actor="test")
-    store.add_user("ben", "operator", accounts.hash_password(PASSWORDS["ben"]), actor="test")
-    store.add_user("sam", "supervisor", accounts.hash_password(PASSWORDS["sam"]), actor="test")
+    add_users(store, "ana", "ben", "sam")
     # unit-1 signs its hits with a key the receiver holds: its list version enters the audit chain.
-    signer = generate_unit_key()
-    key = write_unit_key(signer, tmp / "unit-1.key")
-    (tmp / "unit-keys").write_text(public_key_line("site-a", "unit-1", signer.public_raw) + "\n")
-    rx = Receiver(
-        ReceiverConfig(
-            host=broker.host,
-            port=broker.port,
-            client_id="rx-console",
-            reconnect_min_delay_s=0.1,
-            reconnect_max_delay_s=0.5,
-            unit_keys=tmp / "unit-keys",
-        ),
-        store,
-    )
-    rx.start()
-    wait_for(rx.subscribed.is_set, what="receiver subscribed")
+    key = signing_unit(tmp)
+    rx = start_receiver(broker, store, "rx-console", reconnect_max_delay_s=0.5, unit_keys=tmp / "unit-keys")
     app = create_app(store, register=RegisterView(demo.register, demo.photos), settings=ConsoleSettings(poll_s=0.25))
     server = BackgroundServer(app).start()
     expires = time.time() + 20 * 86400
@@ -85,15 +66,6 @@ def site(tmp_path_factory):
     rx.close()
     store.close()
     broker.kill()
-
-
-def login(page, url: str, user: str) -> None:
-    page.goto(url + "/hits")
-    assert "/login" in page.url, "no page without a session"
-    page.fill("input[name=username]", user)
-    page.fill("input[name=password]", PASSWORDS[user])
-    page.click("button[type=submit]")
-    page.wait_for_url("**/hits")
 
 
 def send(site, **fields) -> str:

@@ -14,9 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from central import accounts
 from central.console import ConsoleSettings, create_app
-from central.receiver import Receiver, ReceiverConfig
 from central.register_view import RegisterView
 from central.store import HitStore
 from central.webserver import BackgroundServer
@@ -25,10 +23,9 @@ from edge.reporter import MqttConfig, MqttReporter
 from testing.broker import FAST, MosquittoBroker, find_mosquitto, wait_for
 from testing.console_demo import DEMO_PERSONS, seed_demo
 from testing.hits import face_jpeg, make_hit
+from tests.console_support import PASSWORDS, add_users, signing_unit, start_receiver
 from tests.services import missing_service
-from wire.signing import generate_unit_key, public_key_line, write_unit_key
 
-PASSWORDS = {"ana": "ana-password-1", "ben": "ben-password-1", "sam": "sam-password-1"}
 CAMERA_NAME = "Platform 1 <north> stairs"
 
 
@@ -42,24 +39,9 @@ def site(tmp_path_factory):
     broker = MosquittoBroker(tmp / "broker").start()
     demo = seed_demo(tmp / "demo")  # its register (releases: case-2019-0007 removed in 42) and photos
     store = HitStore(tmp / "hits.sqlite")
-    for name, role in (("ana", "operator"), ("ben", "operator"), ("sam", "supervisor")):
-        store.add_user(name, role, accounts.hash_password(PASSWORDS[name]), actor="test")
-    signer = generate_unit_key()
-    key = write_unit_key(signer, tmp / "unit-1.key")
-    (tmp / "unit-keys").write_text(public_key_line("site-a", "unit-1", signer.public_raw) + "\n")
-    rx = Receiver(
-        ReceiverConfig(
-            host=broker.host,
-            port=broker.port,
-            client_id="rx-desk",
-            reconnect_min_delay_s=0.1,
-            reconnect_max_delay_s=0.5,
-            unit_keys=tmp / "unit-keys",
-        ),
-        store,
-    )
-    rx.start()
-    wait_for(rx.subscribed.is_set, what="receiver subscribed")
+    add_users(store, "ana", "ben", "sam")
+    key = signing_unit(tmp)
+    rx = start_receiver(broker, store, "rx-desk", reconnect_max_delay_s=0.5, unit_keys=tmp / "unit-keys")
     register = RegisterView(demo.register, demo.photos)
     servers = []
 

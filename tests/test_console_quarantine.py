@@ -7,19 +7,16 @@ from __future__ import annotations
 
 import pytest
 
-from central import accounts
 from central.console import ConsoleSettings, create_app
-from central.receiver import Receiver, ReceiverConfig
 from central.store import HitStore
 from central.webserver import BackgroundServer
 from edge.outbox import OutboxConfig
 from edge.reporter import MqttConfig, MqttReporter
 from testing.broker import FAST, MosquittoBroker, find_mosquitto, wait_for
 from testing.hits import make_hit
+from tests.console_support import add_users, login, start_receiver
 from tests.services import missing_service
 from wire.signing import generate_unit_key, public_key_line
-
-PASSWORDS = {"ana": "ana-password-1", "sam": "sam-password-1"}
 
 
 @pytest.fixture
@@ -28,22 +25,10 @@ def centre(tmp_path):
         missing_service("needs the mosquitto broker binary (apt-get install -y mosquitto mosquitto-clients)")
     broker = MosquittoBroker(tmp_path / "broker").start()
     store = HitStore(tmp_path / "hits.sqlite")
-    store.add_user("ana", "operator", accounts.hash_password(PASSWORDS["ana"]), actor="test")
-    store.add_user("sam", "supervisor", accounts.hash_password(PASSWORDS["sam"]), actor="test")
+    add_users(store, "ana", "sam")
     # unit-1's key is registered at the centre; the unit runs without it.
     (tmp_path / "unit-keys").write_text(public_key_line("site-a", "unit-1", generate_unit_key().public_raw) + "\n")
-    rx = Receiver(
-        ReceiverConfig(
-            host=broker.host,
-            port=broker.port,
-            client_id="rx-quarantine",
-            reconnect_min_delay_s=0.1,
-            unit_keys=tmp_path / "unit-keys",
-        ),
-        store,
-    )
-    rx.start()
-    wait_for(rx.subscribed.is_set, what="receiver subscribed")
+    rx = start_receiver(broker, store, "rx-quarantine", unit_keys=tmp_path / "unit-keys")
     server = BackgroundServer(create_app(store, settings=ConsoleSettings(poll_s=0.25))).start()
     reporter = MqttReporter(
         MqttConfig(host=broker.host, port=broker.port, site="site-a", **FAST),
@@ -58,14 +43,6 @@ def centre(tmp_path):
         rx.close()
         store.close()
         broker.kill()
-
-
-def login(page, url: str, user: str) -> None:
-    page.goto(url + "/login")
-    page.fill("input[name=username]", user)
-    page.fill("input[name=password]", PASSWORDS[user])
-    page.click("button[type=submit]")
-    page.wait_for_url("**/hits")
 
 
 def test_quarantined_messages_are_counted_on_the_fleet_page_and_listed_for_supervisors(centre, new_page):

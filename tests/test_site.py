@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from central.receiver import Receiver, ReceiverConfig
+from central.receiver import Receiver
 from central.store import HitStore
 from testing.broker import HOST, make_tls_files, wait_for
 from testing.media import make_face_clip
@@ -122,17 +122,7 @@ def test_the_secured_site_end_to_end(
 
     store = HitStore(tmp_path / "hits.sqlite")
     rx = Receiver(
-        ReceiverConfig(
-            host=HOST,
-            port=site.broker.port,
-            client_id="rx-site",
-            username="receiver",
-            password_file=site.creds / "receiver" / "receiver.pw",
-            tls={"ca_file": site.creds / "broker" / "ca.pem"},
-            reconnect_min_delay_s=0.1,
-            unit_keys=site.unit_keys,
-            unsigned="reject",
-        ),
+        site.receiver_config("rx-site", unsigned="reject"),
         store,
     )
     rx.start()

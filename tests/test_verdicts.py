@@ -16,13 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from central.receiver import Receiver, ReceiverConfig
+from central.receiver import Receiver
 from central.store import HitStore
 from edge.outbox import OutboxConfig
 from edge.reporter import MqttConfig, MqttReporter
-from testing.broker import FAST, HOST, wait_for
+from testing.broker import FAST, wait_for
 from testing.hits import make_hit
 from testing.site import Probe, Site, make_site_credentials, start_deployed_broker
+from tests import console_support
 from wire import records
 from wire.records import Verdict
 
@@ -58,20 +59,7 @@ def plain_reporter(broker, tmp_path: Path, **outbox) -> MqttReporter:
 
 
 def start_receiver(broker, store: HitStore, **kw) -> Receiver:
-    rx = Receiver(
-        ReceiverConfig(
-            host=broker.host,
-            port=broker.port,
-            client_id="rx",
-            reconnect_min_delay_s=0.1,
-            reconnect_max_delay_s=0.5,
-            **kw,
-        ),
-        store,
-    )
-    rx.start()
-    wait_for(rx.subscribed.is_set, what="receiver subscribed")
-    return rx
+    return console_support.start_receiver(broker, store, "rx", reconnect_max_delay_s=0.5, **kw)
 
 
 class OldReceiver:
@@ -96,16 +84,7 @@ def test_a_hit_the_centre_refuses_stays_at_the_unit_with_its_reason(site: Site, 
     no signing_key. Before, the outbox was empty once the broker acknowledged the hit."""
     store = HitStore(tmp_path / "hits.sqlite")
     rx = Receiver(
-        ReceiverConfig(
-            host=HOST,
-            port=site.broker.port,
-            client_id="rx-site",
-            username="receiver",
-            password_file=site.creds / "receiver" / "receiver.pw",
-            tls={"ca_file": site.creds / "broker" / "ca.pem"},
-            reconnect_min_delay_s=0.1,
-            unit_keys=site.unit_keys,
-        ),
+        site.receiver_config("rx-site"),
         store,
     )
     rx.start()
