@@ -195,6 +195,42 @@ def test_garbage_stream_marks_that_camera_down_and_others_keep_running(backend, 
     assert good.state.up
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_hung_camera_does_not_hold_up_the_others_opening(backend, rtsp_server, readers):
+    """OpenCV serialises FFmpeg opens process-wide unless told FFmpeg is thread-safe: one camera
+    whose open hangs would keep every other camera of the unit dark for its whole open timeout."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted = threading.Event()
+    held: list[socket.socket] = []
+
+    def accept_and_say_nothing() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            held.append(conn)
+            accepted.set()
+
+    threading.Thread(target=accept_and_say_nothing, daemon=True).start()
+    try:
+        port = listener.getsockname()[1]
+        hung = readers(id="hung", url=f"rtsp://127.0.0.1:{port}/cam", backend=backend, open_timeout_s=60.0)
+        assert accepted.wait(10), hung.state
+        good = readers(id="cam2", url=rtsp_server.url("cam2"), backend=backend)
+        first = good.latest(timeout=20)
+        assert first is not None, good.state
+        state = hung.state
+        assert not state.up and state.reconnects == 0 and state.last_error is None, state  # still opening
+    finally:
+        listener.close()
+        for conn in held:
+            conn.close()
+
+
 # -- files --------------------------------------------------------------------------------------
 
 

@@ -125,6 +125,10 @@ class OpenCVSource:
     """OpenCV VideoCapture: FFmpeg for URLs and files, V4L2 for devices, GStreamer for pipelines."""
 
     def __init__(self, cfg: CaptureConfig, kind: SourceKind, target: str | int, pipeline: str | None = None) -> None:
+        # OpenCV holds one process-wide lock around every FFmpeg open unless told that FFmpeg is
+        # thread-safe (it is since FFmpeg 4): without this, one camera whose open hangs keeps every
+        # other camera of the unit dark until that open times out. An installer's own value wins.
+        os.environ.setdefault("OPENCV_FFMPEG_IS_THREAD_SAFE", "1")
         import cv2
 
         self.kind = kind
