@@ -140,7 +140,7 @@ class LoginLimiter:
         return len(self._entries)
 
     def _keys(self, name: str | None, address: str) -> list[tuple[tuple[str | None, str], int]]:
-        keys = [((None, address), self.address_attempts)]
+        keys: list[tuple[tuple[str | None, str], int]] = [((None, address), self.address_attempts)]
         if name is not None:
             keys.append(((name, address), self.pair_attempts))
         return keys

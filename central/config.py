@@ -14,11 +14,11 @@ Example (deploy/centre.example.toml is a complete one)::
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import tomllib
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from central.console import ConsoleSettings
@@ -26,6 +26,11 @@ from central.receiver import ReceiverConfig
 from central.store import EXPIRY_WARNING_S
 from common.config import StrictModel
 from wire.mqtt import MqttConnection
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: tomli is the same parser before it joined the standard library
+    import tomli as tomllib  # type: ignore[import-not-found]
 
 DEFAULT_DB = "checkpoint-hits.sqlite"
 

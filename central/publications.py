@@ -56,5 +56,6 @@ def read_manifest(topic: str, payload: bytes) -> tuple[int, float | None] | None
     if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= MAX_VERSION:
         raise ProtocolError("watchlist manifest 'version' must be a whole number from 1")
     published = body.get("published_at")
-    ok = isinstance(published, (int, float)) and not isinstance(published, bool) and math.isfinite(published)
-    return version, float(published) if ok and published > 0 else None
+    if isinstance(published, (int, float)) and not isinstance(published, bool) and math.isfinite(published):
+        return version, float(published) if published > 0 else None
+    return version, None

@@ -40,13 +40,13 @@ def export(db_url: str, jsonl: Path | None, csv_out: Path | None, since: dt.date
       checkpoint-receiver export --db hits.sqlite --csv hits.csv
       checkpoint-receiver export --db hits.sqlite --jsonl - | head -1
     """
-    if (jsonl is None) == (csv_out is None):
+    out = jsonl if jsonl is not None else csv_out
+    if out is None or (jsonl is not None and csv_out is not None):
         raise click.UsageError("give one of --jsonl FILE or --csv FILE")
     if csv_out is not None and with_crops:
         raise click.UsageError("--with-crops goes with --jsonl (a CSV cell is no place for a JPEG)")
     store = open_store(db_url)
     since_ts = since.replace(tzinfo=dt.timezone.utc).timestamp() if since else None
-    out = jsonl if jsonl is not None else csv_out
 
     def write(fh: Any) -> int:
         if jsonl is not None:
