@@ -22,8 +22,8 @@ from typing import Any
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from central.console import ConsoleSettings
+from central.fleet import EXPIRY_WARNING_S
 from central.receiver import ReceiverConfig
-from central.store import EXPIRY_WARNING_S
 from common.config import StrictModel
 from wire.mqtt import MqttConnection
 

@@ -40,9 +40,9 @@ from starlette.staticfiles import StaticFiles
 
 from central import accounts
 from central.audit import Head
-from central.health import centre_problems
+from central.fleet import EXPIRY_WARNING_S, read_fleet
 from central.register_view import PHOTO_TYPES, RegisterView
-from central.store import EXPIRY_WARNING_S, REVIEW_STATES, SIGHTING_GAP_S, HitFilter, HitStore, StoreError
+from central.store import REVIEW_STATES, SIGHTING_GAP_S, HitFilter, HitStore, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -466,9 +466,8 @@ class Console:
         return self.render(request, "_fleet_rows.html", **self._fleet())
 
     def _fleet(self) -> dict[str, Any]:
-        published = self.store.publications()  # one read for both the units' health and the centre's problems
-        units = self.store.units(expiry_warning_s=self.settings.expiry_warning_s, published=published)
-        return {"units": units, "problems": centre_problems(units, published)}
+        fleet = read_fleet(self.store, self.settings.expiry_warning_s)
+        return {"units": fleet.units, "problems": fleet.problems}
 
     def quarantine_page(self, request: Request) -> Response:
         """Supervisors: the messages the receivers quarantined (refused hits among them), newest first,

@@ -88,7 +88,7 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
         "fleet health: the outbox backlog's history, HQ's latest watchlist per site",
         [
             # Since when a unit's outbox has held hits without a break, and how many it held then: a
-            # backlog that grows or never drains is judged against them (central/health.py).
+            # backlog that grows or never drains is judged against them (central/fleet.py).
             "ALTER TABLE units ADD COLUMN backlog_since {REAL}",
             "ALTER TABLE units ADD COLUMN backlog_from {INT}",
             # The newest version HQ announced for each site (its retained manifests), and when the

@@ -28,15 +28,13 @@ from typing import IO, Any
 
 from central import accounts
 from central import audit as audit_chain
-from central.health import HealthSettings, evaluate
+from central.fleet import EXPIRY_WARNING_S, HealthSettings, heartbeat_facts, unit_row
 from central.migrations import migrate
 from wire.records import safe_text
 
 REVIEW_STATES = ("pending", "confirmed", "rejected")
 DECISIONS = ("confirm", "reject")
 ROLES = ("operator", "supervisor")
-STALE_AFTER_INTERVALS = 3.0
-EXPIRY_WARNING_S = 3 * 86400.0
 
 HIT_COLUMNS = (
     "id",
@@ -425,7 +423,7 @@ class HitStore(abc.ABC):
         in the future cannot hold back the ones after it (nor can one stored in the future before
         heartbeats were ordered so). Heartbeats are not signed, so they only feed the fleet page and
         never the audit chain. Keeps since when the outbox has held hits without a break and how many
-        it held then (`backlog_since`, `backlog_from`), for central/health.py."""
+        it held then (`backlog_since`, `backlog_from`), for central/fleet.py."""
         newest: dict[tuple[str, str], tuple[dict[str, Any], float]] = {}
         for site, unit_id, body, at in beats:
             kept = newest.get((site, unit_id))
@@ -762,44 +760,16 @@ class HitStore(abc.ABC):
         settings: HealthSettings | None = None,
         published: dict[str, dict[str, Any]] | None = None,
     ) -> list[dict[str, Any]]:
-        """Every unit heard from, with `health`: 'offline' (said so, or its Last Will), 'stale' (no
-        heartbeat for 3 intervals), 'online', or 'unknown'; `watchlist_state`: 'expired',
-        'expiring' (within `expiry_warning_s`), 'ok' or 'unknown'; and `level` ('ok', 'amber', 'red')
-        with its `reasons` (central/health.py, against HQ's latest list for the unit's site: `published`,
-        `publications()` when already read)."""
+        """Every unit heard from, by site and unit, as the fleet shows it (central/fleet.py `unit_row`:
+        `health`, `watchlist_state` with `expiry_warning_s`, `level` and `reasons`), against HQ's latest
+        list for the unit's site: `published`, `publications()` when already read."""
         now = time.time() if now is None else now
         settings = settings or HealthSettings(expiry_warning_s=expiry_warning_s)
         published = self.publications() if published is None else published
-        out = []
-        for row in self._read("SELECT * FROM units ORDER BY site, unit_id"):
-            row["heartbeat"] = json.loads(row["heartbeat"]) if row.get("heartbeat") else None
-            interval = row.get("heartbeat_interval_s") or 0
-            last_hb = row.get("last_heartbeat_at")
-            if row.get("state") == "offline":
-                health = "offline"
-            elif last_hb and interval and now - last_hb > STALE_AFTER_INTERVALS * interval:
-                health = "stale"
-            elif row.get("state") == "online":
-                health = "online"
-            else:
-                health = "unknown"
-            row["health"] = health
-            facts = heartbeat_facts(row["heartbeat"] or {})
-            row["cameras_up"], row["cameras_total"] = facts["cameras_up"], facts["cameras_total"]
-            row["outbox_pending"] = facts["outbox_pending"]
-            expires = row.get("watchlist_expires_at")
-            if not expires:
-                row["watchlist_state"] = "unknown"
-            elif expires <= now:
-                row["watchlist_state"] = "expired"
-            elif expires - now <= expiry_warning_s:
-                row["watchlist_state"] = "expiring"
-            else:
-                row["watchlist_state"] = "ok"
-            judged = evaluate(row, now, published.get(row["site"]), settings)
-            row["level"], row["reasons"] = judged.level, judged.reasons
-            out.append(row)
-        return out
+        return [
+            unit_row(row, now, published.get(row["site"]), settings, expiry_warning_s)
+            for row in self._read("SELECT * FROM units ORDER BY site, unit_id")
+        ]
 
     def set_publication(self, site: str, version: int, published_at: float | None, seen_at: float, topic: str) -> bool:
         """Record a watchlist version HQ announced for `site` (its retained manifest on `topic`), seen
@@ -1103,28 +1073,3 @@ def _continues(sighting: dict[str, Any], row: dict[str, Any]) -> bool:
 def _chunks(seq: list, size: int) -> Iterator[list]:
     for i in range(0, len(seq), size):
         yield seq[i : i + size]
-
-
-def heartbeat_facts(body: dict[str, Any]) -> dict[str, Any]:
-    """What the fleet page needs from a heartbeat, wherever the unit put it: `software_version` at
-    the top level (or in `unit`), cameras up/total, the watchlist version and expiry (in
-    `unit.watchlist` as the daemon reports it, or flat in `unit`), the outbox backlog."""
-    unit = body.get("unit") if isinstance(body.get("unit"), dict) else {}
-    watchlist = unit.get("watchlist") if isinstance(unit.get("watchlist"), dict) else {}
-
-    def pick(*values: Any, kind: type | tuple[type, ...]) -> Any:
-        for v in values:
-            if isinstance(v, kind) and not isinstance(v, bool):
-                return v
-        return None
-
-    software = pick(body.get("software_version"), unit.get("software_version"), kind=str)
-    outbox = body.get("outbox") if isinstance(body.get("outbox"), dict) else {}
-    return {
-        "software_version": software[:64] if software else None,
-        "watchlist_version": pick(watchlist.get("version"), unit.get("watchlist_version"), kind=int),
-        "watchlist_expires_at": pick(watchlist.get("expires_at"), unit.get("watchlist_expires_at"), kind=(int, float)),
-        "cameras_up": pick(unit.get("cameras_up"), kind=int),
-        "cameras_total": pick(unit.get("cameras_total"), kind=int),
-        "outbox_pending": pick(outbox.get("pending"), kind=int),
-    }

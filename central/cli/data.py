@@ -72,21 +72,21 @@ def units(db_url: str) -> None:
 
     What the centre cannot judge (no watchlist publication seen for a site whose units run a list:
     the receiver's account may not read HQ's manifests) is said first. The reasons are the fleet
-    page's (central/health.py).
+    page's (central/fleet.py).
 
     \b
     Example:
       checkpoint-receiver units --db hits.sqlite
     """
-    from central.health import centre_problems
+    from central.fleet import read_fleet
 
     store = open_store(db_url)
     try:
-        rows = store.units()
-        published = store.publications()
+        fleet = read_fleet(store)
     finally:
         store.close()
-    for problem in centre_problems(rows, published):
+    rows = fleet.units
+    for problem in fleet.problems:
         # Escaped already, as the reasons below.
         click.echo(f"centre: {problem}")
     click.echo(
@@ -109,7 +109,7 @@ def units(db_url: str) -> None:
             f"{cams:>5} {row['watchlist_version'] if row['watchlist_version'] is not None else '-':>5} "
             f"{expires:<21} {safe(row['software_version'] or '-'):<12} "
             f"{row['hits'] or 0:>6} {outbox.get('pending', '-'):>8} {dropped if outbox else '-':>8}  "
-            # Escaped already: central/health.py makes every piece of unit text in a reason safe.
+            # Escaped already: central/fleet.py makes every piece of unit text in a reason safe.
             f"{why}"
         )
 

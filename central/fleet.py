@@ -1,10 +1,14 @@
-"""A unit's health on the fleet page: one level (ok, amber, red) and the reasons for it.
+"""The fleet: each unit's row as the fleet page and `checkpoint-receiver units` show it, and its
+health, one level (ok, amber, red) with the reasons for it.
 
 `evaluate` is one function over what the store holds about a unit (its status, its latest
 heartbeat, the outbox backlog's history, its watchlist) and what the centre knows beside it (the
 latest watchlist HQ published for the unit's site): every fact that can make a row amber or red is
 judged here, so the fleet page, `checkpoint-receiver units` and anything else show the same
-reasons, and a new fact (refused hits, a canary) is one more check in this function.
+reasons, and a new fact (refused hits, a canary) is one more check in this function. `unit_row`
+turns a stored unit into the row they show (its state in a word, its cameras, its list, its
+health); `read_fleet` reads every unit and what the centre cannot judge, with HQ's publications read
+once for both.
 
 Everything in a heartbeat came from the unit and is hostile until checked: values of the wrong type
 are ignored, and text is cut and its control and direction characters escaped (`safe_text`) before it
@@ -13,17 +17,25 @@ becomes a reason; pages escape it again as HTML.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from central.publications import MANIFEST_SUBSCRIPTION
 from wire.records import safe_text
+
+if TYPE_CHECKING:
+    from central.store import HitStore
 
 LEVELS = ("ok", "amber", "red")
 """From good to bad; a unit's level is its worst reason's."""
 REASON_CHARS = 300
 """A unit's text (a camera's error, a warning) is cut to this in a reason."""
+STALE_AFTER_INTERVALS = 3.0
+"""A unit that sent no heartbeat for this many of its intervals is `stale` (silent)."""
+EXPIRY_WARNING_S = 3 * 86400.0
+"""A unit's watchlist expiring sooner than this is flagged."""
 
 
 @dataclass(frozen=True)
@@ -53,7 +65,7 @@ class HealthSettings:
     clock may be from the centre's (hits' capture times and list expiry are judged by the unit's
     clock). `expiry_warning_s`: a list expiring sooner is amber."""
 
-    expiry_warning_s: float = 3 * 86400.0
+    expiry_warning_s: float = EXPIRY_WARNING_S
     behind_grace_s: float = 900.0
     backlog_grace_s: float = 120.0
     backlog_stuck_s: float = 600.0
@@ -95,8 +107,8 @@ def evaluate(
         reasons.append(Reason("amber", "no status from the unit yet"))
     # An offline or silent unit's heartbeat tells how it was, not how it is: its state says enough.
     if state in ("online", "unknown"):
-        beat = unit.get("heartbeat") if isinstance(unit.get("heartbeat"), dict) else {}
-        figures = beat.get("unit") if isinstance(beat.get("unit"), dict) else {}
+        beat = _dict(unit.get("heartbeat"))
+        figures = _dict(beat.get("unit"))
         reasons += _cameras(figures)
         reasons += _pipeline_and_warnings(figures)
         reasons += _watchlist(unit, figures, now, published, settings)
@@ -130,6 +142,89 @@ def centre_problems(units: list[dict[str, Any]], published: dict[str, dict[str, 
     return out
 
 
+@dataclass(frozen=True)
+class Fleet:
+    """Every unit's row (`unit_row`), by site and unit, and what the centre cannot judge (`centre_problems`)."""
+
+    units: list[dict[str, Any]]
+    problems: list[str]
+
+
+def read_fleet(store: HitStore, expiry_warning_s: float = EXPIRY_WARNING_S) -> Fleet:
+    """The fleet as the store holds it now, with HQ's publications read once for both the units'
+    health and the centre's problems."""
+    published = store.publications()
+    units = store.units(expiry_warning_s=expiry_warning_s, published=published)
+    return Fleet(units, centre_problems(units, published))
+
+
+def unit_row(
+    row: dict[str, Any],
+    now: float,
+    published: dict[str, Any] | None,
+    settings: HealthSettings,
+    expiry_warning_s: float = EXPIRY_WARNING_S,
+) -> dict[str, Any]:
+    """A unit as the store keeps it (its `units` row, the heartbeat as JSON text) made the fleet's row,
+    in place: the heartbeat decoded; `health`: 'offline' (said so, or its Last Will), 'stale' (no
+    heartbeat for STALE_AFTER_INTERVALS intervals), 'online', or 'unknown'; cameras up and total and
+    the outbox backlog (`heartbeat_facts`); `watchlist_state`: 'expired', 'expiring' (within
+    `expiry_warning_s`), 'ok' or 'unknown'; and `level` with its `reasons` (`evaluate`, against
+    `published`, HQ's latest list for the unit's site)."""
+    row["heartbeat"] = json.loads(row["heartbeat"]) if row.get("heartbeat") else None
+    interval = row.get("heartbeat_interval_s") or 0
+    last_hb = row.get("last_heartbeat_at")
+    if row.get("state") == "offline":
+        health = "offline"
+    elif last_hb and interval and now - last_hb > STALE_AFTER_INTERVALS * interval:
+        health = "stale"
+    elif row.get("state") == "online":
+        health = "online"
+    else:
+        health = "unknown"
+    row["health"] = health
+    facts = heartbeat_facts(row["heartbeat"] or {})
+    row["cameras_up"], row["cameras_total"] = facts["cameras_up"], facts["cameras_total"]
+    row["outbox_pending"] = facts["outbox_pending"]
+    expires = row.get("watchlist_expires_at")
+    if not expires:
+        row["watchlist_state"] = "unknown"
+    elif expires <= now:
+        row["watchlist_state"] = "expired"
+    elif expires - now <= expiry_warning_s:
+        row["watchlist_state"] = "expiring"
+    else:
+        row["watchlist_state"] = "ok"
+    judged = evaluate(row, now, published, settings)
+    row["level"], row["reasons"] = judged.level, judged.reasons
+    return row
+
+
+def heartbeat_facts(body: dict[str, Any]) -> dict[str, Any]:
+    """What the fleet page needs from a heartbeat, wherever the unit put it: `software_version` at
+    the top level (or in `unit`), cameras up/total, the watchlist version and expiry (in
+    `unit.watchlist` as the daemon reports it, or flat in `unit`), the outbox backlog."""
+    unit = _dict(body.get("unit"))
+    watchlist = _dict(unit.get("watchlist"))
+
+    def pick(*values: Any, kind: type | tuple[type, ...]) -> Any:
+        for v in values:
+            if isinstance(v, kind) and not isinstance(v, bool):
+                return v
+        return None
+
+    software = pick(body.get("software_version"), unit.get("software_version"), kind=str)
+    outbox = _dict(body.get("outbox"))
+    return {
+        "software_version": software[:64] if software else None,
+        "watchlist_version": pick(watchlist.get("version"), unit.get("watchlist_version"), kind=int),
+        "watchlist_expires_at": pick(watchlist.get("expires_at"), unit.get("watchlist_expires_at"), kind=(int, float)),
+        "cameras_up": pick(unit.get("cameras_up"), kind=int),
+        "cameras_total": pick(unit.get("cameras_total"), kind=int),
+        "outbox_pending": pick(outbox.get("pending"), kind=int),
+    }
+
+
 def _cameras(figures: dict[str, Any]) -> list[Reason]:
     cameras = [c for c in _list(figures.get("cameras")) if isinstance(c, dict)]
     total, up = _int(figures.get("cameras_total")), _int(figures.get("cameras_up"))
@@ -152,13 +247,13 @@ def _cameras(figures: dict[str, Any]) -> list[Reason]:
 
 def _pipeline_and_warnings(figures: dict[str, Any]) -> list[Reason]:
     out = []
-    pipeline = figures.get("pipeline") if isinstance(figures.get("pipeline"), dict) else {}
+    pipeline = _dict(figures.get("pipeline"))
     problems = [p for p in _list(pipeline.get("problems")) if isinstance(p, str)]
     for p in problems:
         out.append(Reason("red", f"pipeline: {_text(p)}"))
     if pipeline.get("healthy") is False and not problems:
         out.append(Reason("red", "pipeline: not healthy (the unit names no problem)"))
-    watchlist = figures.get("watchlist") if isinstance(figures.get("watchlist"), dict) else {}
+    watchlist = _dict(figures.get("watchlist"))
     halted = watchlist.get("halted") if isinstance(watchlist.get("halted"), str) else None
     # The unit repeats its pipeline problems and a halted list in its warnings: said once, above and
     # in _watchlist.
@@ -185,9 +280,11 @@ def _canary(unit: dict[str, Any], beat: dict[str, Any], figures: dict[str, Any],
     centre for `CANARY_LATE_INTERVALS` intervals (the interval comes in the heartbeat; a unit that sends
     no ``canary`` figures runs none and is not judged on it). The unit's own warning about the failure
     is not repeated in amber (_pipeline_and_warnings)."""
-    canary = figures.get("canary") if isinstance(figures.get("canary"), dict) else None
-    interval = _number(canary.get("interval_s")) if canary is not None else None
-    if canary is None or interval is None or interval <= 0:
+    canary = figures.get("canary")
+    if not isinstance(canary, dict):
+        return []
+    interval = _number(canary.get("interval_s"))
+    if interval is None or interval <= 0:
         return []
     out = []
     if canary.get("state") == "failed":
@@ -214,7 +311,7 @@ def _watchlist(
     settings: HealthSettings,
 ) -> list[Reason]:
     out = []
-    watchlist = figures.get("watchlist") if isinstance(figures.get("watchlist"), dict) else {}
+    watchlist = _dict(figures.get("watchlist"))
     version = _int(unit.get("watchlist_version"))
     if watchlist.get("matching") is False:
         halted = watchlist.get("halted")
@@ -228,7 +325,7 @@ def _watchlist(
             out.append(Reason("red", f"watchlist v{version} expired {_span(now - expires)} ago"))
         elif expires - now <= settings.expiry_warning_s:
             out.append(Reason("amber", f"watchlist v{version} expires in {_span(expires - now)}"))
-    sync = watchlist.get("sync") if isinstance(watchlist.get("sync"), dict) else {}
+    sync = _dict(watchlist.get("sync"))
     error = sync.get("last_error")
     if isinstance(error, str) and error:
         out.append(Reason("amber", f"watchlist updates fail: {_text(error)}"))
@@ -246,7 +343,7 @@ def _watchlist(
 
 def _outbox(unit: dict[str, Any], beat: dict[str, Any], now: float, settings: HealthSettings) -> list[Reason]:
     out = []
-    outbox = beat.get("outbox") if isinstance(beat.get("outbox"), dict) else {}
+    outbox = _dict(beat.get("outbox"))
     pending = _int(outbox.get("pending"))
     since, start = _number(unit.get("backlog_since")), _int(unit.get("backlog_from"))
     if pending and since is not None and start is not None:
@@ -264,7 +361,7 @@ def _outbox(unit: dict[str, Any], beat: dict[str, Any], now: float, settings: He
     if kept:
         # Hits the centre refused (unsigned, a bad signature, ...): no operator saw them, so red.
         out.append(Reason("red", f"hits refused by the centre: {kept} kept at the unit (see Quarantine)"))
-    link = beat.get("link") if isinstance(beat.get("link"), dict) else {}
+    link = _dict(beat.get("link"))
     error = link.get("last_error")
     if isinstance(error, str) and error:
         out.append(Reason("amber", f"reporting: {_text(error)}"))
@@ -292,6 +389,10 @@ def _text(value: Any, limit: int = REASON_CHARS) -> str:
 
 def _list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else []
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
 
 
 def _int(value: Any) -> int | None:
