@@ -12,10 +12,9 @@ paho's network thread.
 
 What arrives is bounded whatever the publisher sends: a key set over MAX_KEYSET_BYTES is dropped
 before it is queued, and only the newest key set waits for the worker (one that arrives while
-another waits replaces it); a burst of manifests queues one re-evaluation. Every message dropped is
-counted in `status()["dropped"]`, which the unit's heartbeat carries, and logged at WARNING at most
-once a minute per kind. A refused key set or announced bundle is stored in the list's events once
-per reason every `rejection_record_interval_s`; the rest are counted, not written.
+another waits replaces it); a burst of manifests queues one re-evaluation. What is dropped or
+refused is counted in `status()` (the unit's heartbeat carries it) and logged and recorded at a
+bounded rate (watchlist/unit/refusals.py).
 
 The unit never waits for ever on one announcement: a download that gets no chunk for
 `download_stall_s` while connected is given up (and tried again after a reconnect, or when a new
@@ -33,79 +32,17 @@ import queue
 import threading
 import time
 import uuid
-from collections import OrderedDict
-from dataclasses import dataclass, field
 from typing import Any
 
 from watchlist.format.errors import BundleRejected
 from watchlist.format.keys import MAX_KEYSET_BYTES, parse_keyset
 from watchlist.format.transport import SLOTS, Manifest, chunk_topic, keyset_topic, manifest_topic
 from watchlist.unit.apply import Watchlist
+from watchlist.unit.download import FAILED_KEPT, Assembly, FailedDigests, GivenUp, bundle_to_fetch, why_behind
+from watchlist.unit.refusals import Refusals
 from wire.mqtt import MqttConnection, MqttLink
 
 log = logging.getLogger(__name__)
-
-FAILED_KEPT = 64  # refused bundle digests remembered; older ones may be fetched (and refused) once more
-DROP_LOG_INTERVAL_S = 60.0
-DROP_REASONS = ("keyset_oversized", "keyset_superseded", "bad_manifest", "bad_chunk")
-"""What the subscriber drops: a key set over MAX_KEYSET_BYTES, a key set replaced by a newer one
-before the worker took it, a manifest that does not parse (or names another slot), a chunk of the
-wrong size or index."""
-
-
-@dataclass
-class _Assembly:
-    """A bundle being downloaded. Chunks are kept as they arrive: the (unsigned) manifest's size is
-    never allocated up front, so a manifest alone cannot make the unit reserve memory."""
-
-    slot: str
-    manifest: Manifest
-    chunks: dict[int, bytes] = field(default_factory=dict)
-    # When the last chunk came (or the download started, or the link came back): a download that
-    # makes no progress for download_stall_s is given up.
-    progress_at: float = field(default_factory=time.monotonic)
-
-    @property
-    def topic(self) -> str:
-        return chunk_topic("", self.slot, self.manifest.version, "+")
-
-    @property
-    def have(self) -> int:
-        return len(self.chunks)
-
-    def assembled(self) -> bytes:
-        data = b"".join(self.chunks[i] for i in range(self.manifest.chunks))
-        self.chunks.clear()
-        return data
-
-
-@dataclass(frozen=True)
-class _GivenUp:
-    """An announcement the unit stopped trying to download, and why (for the log and status)."""
-
-    manifest: Manifest
-    why: str
-    retry_on_reconnect: bool = False
-
-
-class _FailedDigests:
-    """The digests of bundles refused (or announced wrongly), newest `limit` of them: not fetched again."""
-
-    def __init__(self, limit: int = FAILED_KEPT) -> None:
-        self.limit = limit
-        self._digests: OrderedDict[str, None] = OrderedDict()
-
-    def add(self, digest: str) -> None:
-        self._digests[digest] = None
-        self._digests.move_to_end(digest)
-        while len(self._digests) > self.limit:
-            self._digests.popitem(last=False)
-
-    def __contains__(self, digest: object) -> bool:
-        return digest in self._digests
-
-    def __len__(self) -> int:
-        return len(self._digests)
 
 
 class WatchlistSubscriber:
@@ -160,12 +97,12 @@ class WatchlistSubscriber:
         self.client = self.link.client
         self._lock = threading.Lock()
         self._manifests: dict[str, Manifest] = {}
-        self._assembly: _Assembly | None = None
-        self._failed = _FailedDigests()  # sha256 of bundles already refused: not fetched again
+        self._assembly: Assembly | None = None
+        self._failed = FailedDigests(FAILED_KEPT)  # sha256 of bundles already refused: not fetched again
         # Per slot, the announcement given up and why: chunks that assembled to another digest, a
         # refusal, an oversized announcement (not fetched again until a new manifest comes), or a
         # stalled download (retry_on_reconnect: a new connection brings the retained chunks again).
-        self._given_up: dict[str, _GivenUp] = {}
+        self._given_up: dict[str, GivenUp] = {}
         self._behind: dict[str, Any] | None = None
         # Unbounded as a container; bounded by what goes in: one pending key set and one pending
         # re-evaluation at most (see _dispatch), one finished download, wait_idle's markers.
@@ -174,11 +111,7 @@ class WatchlistSubscriber:
         self._evaluate_queued = False
         self.queue_max_seen = 0
         self.received = {"keyset": 0, "manifest": 0, "chunk": 0}
-        self.dropped = dict.fromkeys(DROP_REASONS, 0)
-        self._drop_logged: dict[str, float] = {}
-        self.rejection_record_interval_s = rejection_record_interval_s
-        self._recorded: dict[str, float] = {}  # rejection reason -> when it was last written to the store
-        self.rejections_not_recorded = 0
+        self.refusals = Refusals(topic, watchlist.record_rejection, record_interval_s=rejection_record_interval_s)
         self._worker: threading.Thread | None = None
         self._stop = threading.Event()
         self._pending_subs: dict[int, list[str]] = {}
@@ -218,6 +151,7 @@ class WatchlistSubscriber:
         return done.wait(timeout)
 
     def status(self) -> dict[str, Any]:
+        dropped, not_recorded = self.refusals.counts()
         with self._lock:
             a = self._assembly
             return {
@@ -237,8 +171,8 @@ class WatchlistSubscriber:
                 "downloads": self.downloads,
                 "fetches": self.fetches,
                 "received": dict(self.received),
-                "dropped": dict(self.dropped),
-                "rejections_not_recorded": self.rejections_not_recorded,
+                "dropped": dropped,
+                "rejections_not_recorded": not_recorded,
                 "queue_max_seen": self.queue_max_seen,
             }
 
@@ -323,13 +257,13 @@ class WatchlistSubscriber:
 
     def _on_keyset(self, payload: bytes) -> None:
         if len(payload) > MAX_KEYSET_BYTES:
-            self._drop("keyset_oversized", f"a key set of {len(payload)} bytes, over {MAX_KEYSET_BYTES}")
+            self.refusals.drop("keyset_oversized", f"a key set of {len(payload)} bytes, over {MAX_KEYSET_BYTES}")
             return
         with self._lock:
             replaced = self._pending_keyset is not None
             self._pending_keyset = bytes(payload)
         if replaced:
-            self._drop("keyset_superseded", "a key set replaced by a newer one before it was checked")
+            self.refusals.drop("keyset_superseded", "a key set replaced by a newer one before it was checked")
         else:
             self._put(("keyset", None))
 
@@ -344,60 +278,23 @@ class WatchlistSubscriber:
             self._evaluate_queued = True
         self._put(("evaluate", None))
 
-    def _drop(self, reason: str, what: str) -> None:
-        """Count a message dropped for `reason` (DROP_REASONS); WARNING at most once a minute per reason."""
-        with self._lock:
-            self.dropped[reason] += 1
-            total = self.dropped[reason]
-        self._warn_limited(reason, f"dropped {what} on {self.prefix}/# ({reason} so far: {total})")
-
-    def _warn_limited(self, key: str, message: str) -> None:
-        """Log `message` at WARNING unless one under `key` was logged in the last minute."""
-        now = time.monotonic()
-        with self._lock:
-            if now - self._drop_logged.get(key, -DROP_LOG_INTERVAL_S) < DROP_LOG_INTERVAL_S:
-                return
-            self._drop_logged[key] = now
-        log.warning("watchlist: %s; logged at most once a minute", message)
-
-    def _reject(self, exc: BundleRejected, source: str) -> None:
-        """Hand a refusal to the list's record (log, count, store) once per reason every
-        rejection_record_interval_s; the others only counted, so a flood of bad key sets or
-        announcements costs no store write each."""
-        now = time.monotonic()
-        last = self._recorded.get(exc.reason)
-        if last is not None and now - last < self.rejection_record_interval_s:
-            self.rejections_not_recorded += 1
-            self._warn_limited(
-                "rejection",
-                f"refused {source} ({exc.reason}): {exc.message}; {self.rejections_not_recorded} refusals counted "
-                f"and not recorded so far (each reason is recorded once every {self.rejection_record_interval_s:g}s)",
-            )
-            return
-        self._recorded[exc.reason] = now
-        if self.rejections_not_recorded:
-            exc = BundleRejected(
-                exc.reason, f"{exc.message} ({self.rejections_not_recorded} refusals not recorded so far)"
-            )
-        self.watchlist.record_rejection(exc, source)
-
     def _on_manifest(self, slot: str, payload: bytes) -> None:
         if not payload:
             return
         try:
             m = Manifest.from_bytes(payload)
         except (ValueError, ArithmeticError) as exc:  # 10**400 bytes: OverflowError in the chunk arithmetic
-            self._drop("bad_manifest", f"the {slot} manifest ({type(exc).__name__}: {exc})")
+            self.refusals.drop("bad_manifest", f"the {slot} manifest ({type(exc).__name__}: {exc})")
             return
         if m.kind != slot:
-            self._drop("bad_manifest", f"the {slot} manifest, which announces a {m.kind} bundle")
+            self.refusals.drop("bad_manifest", f"the {slot} manifest, which announces a {m.kind} bundle")
             return
         with self._lock:
             self._manifests[slot] = m
         self._queue_evaluate()
 
     def _on_chunk(self, slot: str, version: str, index: str, payload: bytes) -> None:
-        done: _Assembly | None = None
+        done: Assembly | None = None
         with self._lock:
             a = self._assembly
             if a is None or a.slot != slot or str(a.manifest.version) != version or not index.isdigit():
@@ -413,7 +310,7 @@ class WatchlistSubscriber:
                 if a.have == a.manifest.chunks:
                     done, self._assembly = a, None
         if bad is not None:
-            self._drop("bad_chunk", f"{bad} (waiting for a republish)")
+            self.refusals.drop("bad_chunk", f"{bad} (waiting for a republish)")
         if done is not None:
             self.client.unsubscribe(self.prefix + done.topic)
             self._put(("bundle", done))
@@ -421,34 +318,27 @@ class WatchlistSubscriber:
     # ---- decisions and work (worker thread) ---------------------------------------------------
 
     def _evaluate(self) -> None:
-        """Start fetching the bundle that moves this unit forward, if one is announced: the delta on
-        the applied version, unless a newer full bundle is announced (a stuck or stale delta must
-        not hold the unit back from it); else a full bundle newer than the applied version."""
+        """Start fetching the bundle that moves this unit forward, if one is announced (bundle_to_fetch)."""
         applied = self.watchlist.version
         limit = self.watchlist.config.max_bundle_bytes
         with self._lock:
-            delta, full = self._manifests.get("delta"), self._manifests.get("full")
-            if not (delta and delta.base_version == applied and delta.version > applied and self._worth(delta)):
-                delta = None
-            if not (full and full.version > applied and self._worth(full)):
-                full = None
-            want = delta if delta is not None and (full is None or delta.version >= full.version) else full
+            want = bundle_to_fetch(applied, self._manifests, self._given_up, self._failed)
             a = self._assembly
             if want is None or (a is not None and a.manifest == want):
                 return
             if want.size > limit:
                 self._failed.add(want.sha256)
-                self._given_up[want.kind] = _GivenUp(want, f"is {want.size} bytes, over max_bundle_bytes ({limit})")
+                self._given_up[want.kind] = GivenUp(want, f"is {want.size} bytes, over max_bundle_bytes ({limit})")
                 oversized = want
             else:
                 oversized = None
                 if a is not None:
                     self.client.unsubscribe(self.prefix + a.topic)
-                self._assembly = _Assembly(want.kind, want)
+                self._assembly = Assembly(want.kind, want)
                 self.fetches += 1
                 self.client.subscribe(self.prefix + self._assembly.topic, qos=1)
         if oversized is not None:
-            self._reject(
+            self.refusals.reject(
                 BundleRejected(
                     "oversized",
                     f"the {oversized.kind} bundle version {oversized.version} announced is "
@@ -465,10 +355,6 @@ class WatchlistSubscriber:
                 want.chunks,
             )
 
-    def _worth(self, m: Manifest) -> bool:
-        given_up = self._given_up.get(m.kind)
-        return m.sha256 not in self._failed and (given_up is None or given_up.manifest != m)
-
     def _check_stall(self) -> None:
         """Give up a download that got no chunk for download_stall_s while connected (its chunks
         are not on the broker: lost, or never published), so that another bundle can move the unit."""
@@ -481,12 +367,12 @@ class WatchlistSubscriber:
                 f"stalled: {a.have} of {a.manifest.chunks} chunks came, then none for {self.download_stall_s:g}s "
                 "(they are not on the broker; HQ must publish it again)"
             )
-            self._given_up[a.slot] = _GivenUp(a.manifest, why, retry_on_reconnect=True)
+            self._given_up[a.slot] = GivenUp(a.manifest, why, retry_on_reconnect=True)
         self.client.unsubscribe(self.prefix + a.topic)
         log.warning("watchlist: the download of %s bundle version %d %s", a.slot, a.manifest.version, why)
         self._evaluate()
 
-    def _apply(self, a: _Assembly) -> None:
+    def _apply(self, a: Assembly) -> None:
         m = a.manifest
         source = f"mqtt:{chunk_topic(self.prefix, a.slot, m.version, '*')}"
         data = a.assembled()
@@ -495,7 +381,7 @@ class WatchlistSubscriber:
             # progress, or a bad publisher). Fetching again would give the same bytes: wait for the
             # next manifest, which replaces this one.
             with self._lock:
-                self._given_up[m.kind] = _GivenUp(m, "assembled to another digest than its manifest announces")
+                self._given_up[m.kind] = GivenUp(m, "assembled to another digest than its manifest announces")
             log.warning(
                 "watchlist: %s bundle %d assembled with another digest than its manifest announces; "
                 "not fetching it again until a new manifest is published",
@@ -509,34 +395,12 @@ class WatchlistSubscriber:
         except BundleRejected as exc:
             self._failed.add(m.sha256)  # already logged and recorded by Watchlist
             with self._lock:
-                self._given_up[m.kind] = _GivenUp(m, f"was refused ({exc.reason}): {exc.message}")
+                self._given_up[m.kind] = GivenUp(m, f"was refused ({exc.reason}): {exc.message}")
         except Exception as exc:
             log.exception("watchlist: applying %s bundle %d failed; keeping the current list", a.slot, m.version)
             self._failed.add(m.sha256)
             with self._lock:
-                self._given_up[m.kind] = _GivenUp(m, f"failed to apply: {type(exc).__name__}: {exc}")
-
-    def _why_behind(self, applied: int) -> tuple[str, bool]:
-        """Why the unit holds `applied` while a newer version is announced (each slot's story), and
-        whether it is stuck (False: a download is under way)."""
-        with self._lock:
-            a = self._assembly
-            if a is not None:
-                return f"downloading the {a.slot} bundle version {a.manifest.version}", False
-            parts = []
-            for slot in SLOTS:
-                m, g = self._manifests.get(slot), self._given_up.get(slot)
-                if m is None:
-                    parts.append(f"no {slot} bundle is announced")
-                elif g is not None and g.manifest == m:
-                    parts.append(f"the {slot} bundle version {m.version} {g.why}")
-                elif m.sha256 in self._failed:
-                    parts.append(f"the {slot} bundle version {m.version} was refused before")
-                elif m.version <= applied:
-                    parts.append(f"the {slot} bundle announced is version {m.version}, not newer")
-                elif slot == "delta" and m.base_version != applied:
-                    parts.append(f"the delta version {m.version} applies to version {m.base_version}, not to this one")
-            return "; ".join(parts), True
+                self._given_up[m.kind] = GivenUp(m, f"failed to apply: {type(exc).__name__}: {exc}")
 
     def _update_behind(self) -> None:
         """Keep status()["behind"] true: the version held, the newest announced, why the unit is
@@ -552,7 +416,8 @@ class WatchlistSubscriber:
             with self._lock:
                 self._behind = None
             return
-        reason, stuck = self._why_behind(applied)
+        with self._lock:
+            reason, stuck = why_behind(applied, self._assembly, self._manifests, self._given_up, self._failed)
         changed = before is None or before["reason"] != reason or before["version"] != applied
         with self._lock:
             self._behind = {
@@ -577,7 +442,7 @@ class WatchlistSubscriber:
         try:
             ks = parse_keyset(data, self.watchlist.root_key)
         except BundleRejected as exc:
-            self._reject(exc, source)
+            self.refusals.reject(exc, source)
             return
         held = self.watchlist.status()["keyset_serial"]
         if held is not None and ks.serial <= held:
