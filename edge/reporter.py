@@ -7,7 +7,7 @@ await its verdict, and the receiver's verdict on ``checkpoint/v1/<site>/<unit>/v
 ('stored', 'duplicate') or keeps it with the centre's reason ('refused': logged at ERROR, counted in
 the heartbeat, named in its warnings). Verdicts are checked like anything from outside: only the
 receiver account may write that topic (deploy/mosquitto/acl), a message must decode and name this
-unit, and a verdict about a hit the outbox does not hold is ignored (counted). edge/outbox.py says
+unit, and a verdict about a hit the outbox does not hold is ignored (counted). edge/outbox/verdicts.py says
 when a hit without a verdict is sent again, and how a unit behaves with receivers older than verdicts. paho-mqtt's network thread keeps the connection (persistent session,
 capped exponential reconnect backoff, TLS, username/password, Last Will). Connection problems never
 raise out of here: they show in `state`, `last_error` and the log, and the reporter keeps retrying.
