@@ -6,16 +6,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from common.files import atomic_write
-from watchlist.format.bundle import Bundle, encode_bundle, frame, parse_verified, sha256_hex
+from watchlist.format.bundle import Bundle, Person, encode_bundle, frame, parse_verified, sha256_hex
 from watchlist.format.errors import RegisterError
 from watchlist.format.keys import KeySet, key_id
 from watchlist.hq.register import Register
+
+if TYPE_CHECKING:
+    from engines.calibration import OperatingPoint
 
 DEFAULT_VALID_FOR_S = 7 * 24 * 3600
 DEFAULT_FPIR = 0.01
@@ -39,7 +42,7 @@ class ThresholdChoice:
 
     threshold: float
     fpir_target: float | None  # None: an explicit --threshold
-    point: object | None  # engines.calibration.OperatingPoint; None where the model has no calibration
+    point: OperatingPoint | None  # None where the model has no calibration
     cohort: str | None
     warning: str | None  # a loud warning to print (expected false alerts far above the usual)
     summary: str | None = None  # both expected rates in words (Calibration.expected_summary); None uncalibrated
@@ -87,7 +90,8 @@ def choose_threshold(
         cal = Calibration.load(calibration_path) if calibration_path else Calibration.for_thresholds(model_id)
     except CalibrationError as exc:
         if threshold is None:
-            threshold = register.get_meta(f"threshold:{model_id}")
+            stored = register.get_meta(f"threshold:{model_id}")  # what an earlier build was given
+            threshold = float(stored) if isinstance(stored, (int, float)) else None
         if threshold is None or fpir is not None:
             raise ThresholdRefused(
                 f"model {model_id} has no calibration ({exc}), so no threshold follows from a false-alert rate: "
@@ -279,18 +283,32 @@ def plan_bundle(
     if not snap.persons and kind == "full" and not register.model_ids():
         raise RegisterError("the register holds no templates: enrol persons first (`watchlist enrol`)")
     dim = snap.embeddings.shape[1] if snap.persons else _dim_of(register, model_id)
-    common = dict(
-        version=version,
-        created_at=created,
-        expires_at=created + int(valid_for_s),
-        model_id=model_id,
-        embedding_dim=dim,
-        default_threshold=float(default_threshold),
-        embedding_offset=snap.offset,
-    )
+
+    def make(
+        kind: Literal["full", "delta"],
+        persons: tuple[Person, ...],
+        embeddings: np.ndarray,
+        base_version: int | None = None,
+        removed: tuple[str, ...] = (),
+    ) -> Bundle:
+        return Bundle(
+            kind=kind,
+            version=version,
+            created_at=created,
+            expires_at=created + int(valid_for_s),
+            model_id=model_id,
+            embedding_dim=dim,
+            default_threshold=float(default_threshold),
+            persons=persons,
+            embeddings=embeddings,
+            base_version=base_version,
+            removed=removed,
+            embedding_offset=snap.offset,
+        )
+
     if kind == "full":
         return (
-            Bundle(kind="full", persons=snap.persons, embeddings=snap.embeddings, **common),
+            make("full", snap.persons, snap.embeddings),
             snap.digests,
             snap.skipped,
         )
@@ -323,7 +341,7 @@ def plan_bundle(
     offsets = np.concatenate([[0], np.cumsum([len(p.templates) for p in snap.persons])])
     rows = [snap.embeddings[offsets[i] : offsets[i + 1]] for i in changed]
     emb = np.concatenate(rows) if rows else np.zeros((0, dim), np.float16)
-    bundle = Bundle(kind="delta", base_version=base, persons=persons, embeddings=emb, removed=removed, **common)
+    bundle = make("delta", persons, emb, base_version=base, removed=removed)
     return bundle, snap.digests, snap.skipped
 
 
@@ -333,9 +351,9 @@ def _dim_of(register: Register, model_id: str) -> int:
     ).fetchone()
     if row is None:
         dim = register.get_meta(f"dim:{model_id}")
-        if dim is None:
+        if not isinstance(dim, int):  # None: never set (each release records its model's dimension)
             raise RegisterError(f"no template of model {model_id!r} was ever enrolled")
-        return int(dim)
+        return dim
     return int(row[0]) // 4
 
 

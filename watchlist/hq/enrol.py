@@ -54,6 +54,8 @@ class EngineLike(Protocol):
 
     def analyze(self, image: np.ndarray) -> list[Any]: ...
 
+    def assess(self, image: np.ndarray, detection: Any) -> Any: ...
+
 
 @dataclass(frozen=True)
 class PhotoEntry:
@@ -230,11 +232,16 @@ def _failures(quality: Any) -> list[str]:
 def _below_detector(quality: Any, engine: EngineLike) -> str:
     """Why a face only the finer look found is refused although it may pass the gate: the engine's
     detector does not look for faces that small (a 68.6 px face was refused as a bare 'too small')."""
-    least = engine.detector.config.min_face_size  # type: ignore[attr-defined] - _finer_look found it there
+    least = _detector_config(engine).min_face_size  # _finer_look found the face with it: it is there
     return (
         f"too small: face {quality.face_height_px:.1f} px, the detector looks for faces from {least} px "
         "(engine.detector.min_face_size); use a photo where the face is larger"
     )
+
+
+def _detector_config(engine: EngineLike) -> Any:
+    """The settings of the engine's detector (engines.detector.MtcnnConfig), None where it has none."""
+    return getattr(getattr(engine, "detector", None), "config", None)
 
 
 def _gate_config(engine: EngineLike) -> Any:
@@ -255,8 +262,8 @@ def _finer_look(engine: EngineLike, image: np.ndarray) -> list[Any]:
     detector minimum equals it), but "face 22 px, needs at least 40" tells the clerk what to do.
     """
     detector = getattr(engine, "detector", None)
-    config = getattr(detector, "config", None)
-    if config is None or getattr(config, "min_face_size", FINEST_FACE_PX) <= FINEST_FACE_PX:
+    config = _detector_config(engine)
+    if detector is None or config is None or getattr(config, "min_face_size", FINEST_FACE_PX) <= FINEST_FACE_PX:
         return []
     fine = copy.copy(detector)
     fine.config = config.model_copy(update={"min_face_size": FINEST_FACE_PX})
@@ -336,7 +343,9 @@ def enrol(
     written (a dry run): the report says what would be enrolled.
     """
     if load is None:
-        from engines.image import load_image as load
+        from engines.image import load_image
+
+        load = load_image
     report = report or EnrolmentReport(model_id=engine.model_id)
     accepted: dict[str, list[tuple[PhotoEntry, np.ndarray, str, dict]]] = {}
     details: dict[str, dict[str, Any]] = {}

@@ -114,7 +114,7 @@ class Register:
             self.path,
             marker_table="releases",
             schema=_SCHEMA,
-            schema_version=SCHEMA_VERSION,
+            schema_version=str(SCHEMA_VERSION),
             error=RegisterError,
             what="register",
             not_ours="not a watchlist register",
@@ -300,7 +300,11 @@ class Register:
                 )
             )
             blocks.append(np.frombuffer(b"".join(b for _, _, b in rows), dtype="<f4").reshape(len(rows), -1))
-        dim = blocks[0].shape[1] if blocks else int(self.get_meta(f"dim:{model_id}", 0) or 0)
+        if blocks:
+            dim = blocks[0].shape[1]
+        else:
+            stored = self.get_meta(f"dim:{model_id}")  # each release records its model's dimension
+            dim = stored if isinstance(stored, int) else 0
         absolute = np.concatenate(blocks) if blocks else np.zeros((0, dim), np.float32)
         if offset is None:
             offset = self.offset(model_id)

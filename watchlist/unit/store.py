@@ -96,7 +96,7 @@ class UnitStore:
             self.path,
             marker_table="meta",
             schema=_SCHEMA,
-            schema_version=SCHEMA_VERSION,
+            schema_version=str(SCHEMA_VERSION),
             error=StoreError,
             what="watchlist store",
             not_ours="not a watchlist store; point [watchlist] store elsewhere",
