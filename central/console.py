@@ -42,7 +42,9 @@ from central import accounts
 from central.audit import Head
 from central.fleet import EXPIRY_WARNING_S, read_fleet
 from central.register_view import PHOTO_TYPES, RegisterView
-from central.store import REVIEW_STATES, SIGHTING_GAP_S, HitFilter, HitStore, StoreError
+from central.review import REVIEW_STATES
+from central.store import HitFilter, HitStore, StoreError
+from central.store_sightings import SIGHTING_GAP_S
 
 log = logging.getLogger(__name__)
 

@@ -101,9 +101,9 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
         5,
         "sightings: the hits of one person at one unit close in time, decided once",
         [
-            # One row per sighting (central/store.py, SIGHTING_GAP_S); its id is its first hit's. The
-            # decision lives here and is copied to every hit of the sighting, so a later hit of a decided
-            # sighting shows the decision instead of asking two operators again.
+            # One row per sighting (central/store_sightings.py, SIGHTING_GAP_S); its id is its first hit's.
+            # The decision lives here and is copied to every hit of the sighting, so a later hit of a
+            # decided sighting shows the decision instead of asking two operators again.
             "CREATE TABLE sightings (id TEXT PRIMARY KEY, site TEXT NOT NULL, unit_id TEXT NOT NULL, "
             "person_id TEXT NOT NULL, first_at {REAL} NOT NULL, last_at {REAL} NOT NULL, "
             "created_at {REAL} NOT NULL, last_received_at {REAL} NOT NULL, hits {INT} NOT NULL, "
@@ -155,7 +155,7 @@ def migrate(q: Callable[..., list[dict[str, Any]]], dialect: str) -> int:
     done = {int(r["version"]) for r in q("SELECT version FROM schema_version")}
     newer = [v for v in done if v > LATEST]
     if newer:
-        from central.store import StoreError
+        from central.store_core import StoreError
 
         raise StoreError(
             f"the store has schema version {max(newer)}; this checkpoint-receiver knows up to {LATEST} (upgrade it)"

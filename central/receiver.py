@@ -50,7 +50,8 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from central.publications import MANIFEST_SUBSCRIPTION, manifest_site, read_manifest
-from central.store import REJECT_PAYLOAD_BYTES, HitStore
+from central.store import HitStore, open_store
+from central.store_intake import REJECT_PAYLOAD_BYTES
 from wire import records, signing, topics
 from wire.errors import ProtocolError
 from wire.mqtt import MqttConnection, MqttLink
@@ -245,7 +246,7 @@ class Receiver:
     ) -> None:
         self.config = config
         self.known_keys = signing.KnownKeys.load(config.unit_keys) if config.unit_keys else signing.KnownKeys()
-        self.store = store if isinstance(store, HitStore) else HitStore(store)
+        self.store = store if isinstance(store, HitStore) else open_store(store)
         self._owns_store = not isinstance(store, HitStore)
         self._on_hit = on_hit
         self._on_unit = on_unit

@@ -14,7 +14,8 @@ import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from central.store import HitStore, Runner, StoreError
+from central.store import HitStore
+from central.store_core import Runner, StoreError
 
 log = logging.getLogger(__name__)
 

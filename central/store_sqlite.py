@@ -9,7 +9,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from central.store import HitStore, Runner, StoreError
+from central.store import HitStore
+from central.store_core import Runner, StoreError
 
 
 def sqlite_path(url: str | Path) -> Path:

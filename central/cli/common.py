@@ -72,10 +72,10 @@ def cli_actor() -> str:
 def open_store(db_url: str, must_exist: bool = True) -> Any:
     """The store at `db_url`; a SQLite file that is not there is refused (exit 1) unless the command
     makes one (`run`, `serve`, `user add`), so a mistyped --db does not read an empty new store."""
-    from central.store import HitStore
+    from central.store import open_store as open_url
     from central.store_sqlite import sqlite_path
 
     path = None if db_url.startswith(("postgresql://", "postgres://")) else sqlite_path(db_url)
     if must_exist and path is not None and not path.exists():
         raise click.ClickException(f"no hit store at {path} (give --db, or run `checkpoint-receiver run` first)")
-    return HitStore(db_url)
+    return open_url(db_url)

@@ -1,0 +1,239 @@
+"""Sightings in the hit store: hits of one person at one unit close together in time, grouped as they
+are stored (`group_sightings`), read as the operators' list, and decided as one under the two-person
+rule (`central/review.py` says what a decision may do; `SightingStore.decide` records it).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from central import review
+from central.store_core import HitFilter, Runner, StoreCore, StoreError, chunks
+
+SIGHTING_GAP_S = 300.0
+"""A hit joins a sighting of the same person at the same unit when it was captured within this long
+of the sighting's span: one person lingering in view gave 19 hits in 13 minutes, a few tens of
+seconds apart, and each asked two operators. Five minutes chains those and a tracker losing and
+finding the face again, while someone passing the same unit an hour later is asked about again."""
+SIGHTING_TRACK_S = 1800.0
+"""A hit on the camera and track of a sighting's latest hit continues it up to this long after it:
+the tracker held the face the whole time (track ids restart with the unit, hence a limit)."""
+
+
+def group_sightings(q: Runner, rows: list[dict[str, Any]]) -> None:
+    """Put each newly stored hit into a sighting (SIGHTING_GAP_S, SIGHTING_TRACK_S), oldest capture
+    first: the open sighting of its person at its unit that it falls into, or a new one named by
+    the hit. A hit joining a decided sighting takes its decision; a rejection covers only the
+    faces the operator saw, so a hit scoring above the best of them starts a new sighting. The
+    caller holds the audit lock (receivers sharing a database group one at a time)."""
+    if not rows:
+        return
+    keys = {(r["site"], r["unit_id"], r["person_id"]) for r in rows}
+    low = min(r["captured_at"] for r in rows) - max(SIGHTING_GAP_S, SIGHTING_TRACK_S)
+    high = max(r["captured_at"] for r in rows) + SIGHTING_GAP_S
+    known: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for key in keys:
+        known[key] = q(
+            "SELECT * FROM sightings WHERE site = ? AND unit_id = ? AND person_id = ? AND last_at >= ? "
+            "AND first_at <= ?",
+            (*key, low, high),
+        )
+    new_ids: set[str] = set()
+    changed: dict[str, dict[str, Any]] = {}
+    placed: list[tuple[str, str, str]] = []  # hit id, sighting id, review state
+    for row in sorted(rows, key=lambda r: (r["captured_at"], r["id"])):
+        found = known[(row["site"], row["unit_id"], row["person_id"])]
+        joins = [s for s in found if _continues(s, row)]
+        if joins:
+            sighting = min(joins, key=lambda s: abs(s["last_at"] - row["captured_at"]))
+            sighting["hits"] += 1
+            sighting["first_at"] = min(sighting["first_at"], row["captured_at"])
+            sighting["last_received_at"] = max(sighting["last_received_at"], row["received_at"])
+            if row["captured_at"] >= sighting["last_at"]:
+                sighting["last_at"] = row["captured_at"]
+                sighting["last_camera_id"], sighting["last_track_id"] = row["camera_id"], row.get("track_id")
+            if (row.get("score") or 0) > (sighting["best_score"] or 0):
+                sighting["best_hit_id"], sighting["best_score"] = row["id"], row.get("score")
+        else:
+            sighting = {
+                "id": row["id"],
+                "site": row["site"],
+                "unit_id": row["unit_id"],
+                "person_id": row["person_id"],
+                "first_at": row["captured_at"],
+                "last_at": row["captured_at"],
+                "created_at": row["received_at"],
+                "last_received_at": row["received_at"],
+                "hits": 1,
+                "best_hit_id": row["id"],
+                "best_score": row.get("score"),
+                "last_camera_id": row["camera_id"],
+                "last_track_id": row.get("track_id"),
+                "review_state": "pending",
+                "decided_at": None,
+                "decided_score": None,
+            }
+            found.append(sighting)
+            new_ids.add(sighting["id"])
+        changed[sighting["id"]] = sighting
+        placed.append((row["id"], sighting["id"], sighting["review_state"]))
+    for sid, s in changed.items():
+        if sid in new_ids:
+            cols = list(s)
+            q(f"INSERT INTO sightings({','.join(cols)}) VALUES ({','.join('?' * len(cols))})", [s[c] for c in cols])
+        else:
+            q(
+                "UPDATE sightings SET first_at = ?, last_at = ?, last_received_at = ?, hits = ?, best_hit_id = ?, "
+                "best_score = ?, last_camera_id = ?, last_track_id = ? WHERE id = ?",
+                (
+                    s["first_at"],
+                    s["last_at"],
+                    s["last_received_at"],
+                    s["hits"],
+                    s["best_hit_id"],
+                    s["best_score"],
+                    s["last_camera_id"],
+                    s["last_track_id"],
+                    sid,
+                ),
+            )
+    for chunk in chunks(placed, 300):
+        sighting_case = " ".join(["WHEN ? THEN ?"] * len(chunk))
+        state_case = " ".join(["WHEN ? THEN ?"] * len(chunk))
+        q(
+            f"UPDATE hits SET sighting_id = CASE id {sighting_case} END, "
+            f"review_state = CASE id {state_case} END WHERE id IN ({','.join('?' * len(chunk))})",
+            [v for hid, sid, _ in chunk for v in (hid, sid)]
+            + [v for hid, _, state in chunk for v in (hid, state)]
+            + [hid for hid, _, _ in chunk],
+        )
+
+
+def _continues(sighting: dict[str, Any], row: dict[str, Any]) -> bool:
+    """Whether the hit `row` belongs to `sighting` (same person and unit already): captured within
+    SIGHTING_GAP_S of its span, or on its latest hit's camera and track within SIGHTING_TRACK_S."""
+    if sighting["review_state"] == "rejected" and (row.get("score") or 0) > (sighting["decided_score"] or 0):
+        return False
+    at = row["captured_at"]
+    if sighting["first_at"] - SIGHTING_GAP_S <= at <= sighting["last_at"] + SIGHTING_GAP_S:
+        return True
+    same_track = row.get("track_id") is not None and (row["camera_id"], row["track_id"]) == (
+        sighting["last_camera_id"],
+        sighting["last_track_id"],
+    )
+    return same_track and sighting["last_at"] <= at <= sighting["last_at"] + SIGHTING_TRACK_S
+
+
+class SightingStore(StoreCore):
+    """Sightings and their decisions (`central.store.HitStore` is one)."""
+
+    def decide(
+        self, hit_id: str, username: str, decision: str, reason: str | None = None, *, closed: str | None = None
+    ) -> str:
+        """Record one operator's decision on the sighting of a hit and return its state after it.
+
+        What a decision may do is the two-person rule's (central/review.py: two different operators
+        confirm, one rejection with a reason closes, a decided sighting takes no more, ReviewRefused
+        otherwise). Every step is a new row in `reviews` and an entry in the audit chain. `closed`:
+        why the case is closed at HQ (the person was removed from the list), which refuses a
+        confirmation.
+        """
+        reason = review.check_decision(decision, reason, closed)
+        with self._tx() as q:
+            user = q("SELECT active FROM users WHERE username = ?", (username,))
+            review.check_operator(username, bool(user and user[0]["active"]))
+            hit = q("SELECT sighting_id FROM hits WHERE id = ?", (hit_id,))
+            if not hit:
+                raise StoreError(f"no hit with id {hit_id!r} in {self.location}")
+            sid = hit[0]["sighting_id"]
+            sighting = q(f"SELECT review_state, hits, best_score FROM sightings WHERE id = ?{self.for_update}", (sid,))
+            confirmers = {
+                r["username"]
+                for r in q("SELECT username FROM reviews WHERE sighting_id = ? AND decision = 'confirm'", (sid,))
+            }
+            new_state = review.outcome(hit_id, sighting[0]["review_state"], decision, username, confirmers)
+            now = time.time()
+            q(
+                "INSERT INTO reviews(hit_id, sighting_id, username, decision, reason, at) VALUES (?,?,?,?,?,?)",
+                (hit_id, sid, username, decision, reason, now),
+            )
+            if new_state != "pending":
+                q(
+                    "UPDATE sightings SET review_state = ?, decided_at = ?, decided_score = best_score WHERE id = ?",
+                    (new_state, now, sid),
+                )
+                q(
+                    "UPDATE hits SET review_state = ?, reviewed_by = ?, reviewed_at = ?, review_note = ? "
+                    "WHERE sighting_id = ?",
+                    (new_state, username, now, reason, sid),
+                )
+            detail = {"decision": decision, "reason": reason, "state": new_state, "sighting": sid}
+            detail["hits"] = int(sighting[0]["hits"])
+            self._audit(q, username, "decision", hit_id, detail)
+        return new_state
+
+    def reviews(self, hit_id: str) -> list[dict[str, Any]]:
+        """Every decision on a hit's sighting, oldest first (with the hit each was taken on)."""
+        return self._read(
+            "SELECT r.hit_id, r.username, r.decision, r.reason, r.at FROM reviews r "
+            "JOIN hits h ON h.sighting_id = r.sighting_id WHERE h.id = ? ORDER BY r.id",
+            (hit_id,),
+        )
+
+    def sightings(self, *, limit: int | None = 100, where: HitFilter | None = None) -> list[dict[str, Any]]:
+        """Sightings with the latest activity first, each with its best hit's camera, crop flag,
+        threshold and margin (`best_*`). `where` narrows to sightings holding a matching hit; its
+        review state is the sighting's."""
+        flt = where or HitFilter()
+        hit_clause, args = HitFilter(**{**flt.__dict__, "review_state": None}).where()
+        conds = []
+        if hit_clause:
+            conds.append(f"s.id IN (SELECT sighting_id FROM hits{hit_clause})")
+        if flt.review_state is not None:
+            conds.append("s.review_state = ?")
+            args.append(flt.review_state)
+        sql = (
+            "SELECT s.*, h.camera_id AS best_camera_id, h.has_crop AS best_has_crop, h.threshold AS best_threshold, "
+            "h.margin AS best_margin, h.captured_at AS best_captured_at FROM sightings s "
+            "JOIN hits h ON h.id = s.best_hit_id" + (" WHERE " + " AND ".join(conds) if conds else "")
+        )
+        sql += " ORDER BY s.last_received_at DESC, s.id DESC"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(int(limit))
+        rows = self._read(sql, args)
+        for r in rows:
+            r["best_has_crop"] = bool(r["best_has_crop"])
+        return rows
+
+    def sighting(self, sighting_id: str) -> dict[str, Any] | None:
+        """One sighting's row, or None."""
+        rows = self._read("SELECT * FROM sightings WHERE id = ?", (sighting_id,))
+        return rows[0] if rows else None
+
+    def sighting_hits(self, sighting_id: str) -> list[dict[str, Any]]:
+        """The hits of a sighting, in capture order."""
+        rows = self._read("SELECT * FROM hits WHERE sighting_id = ? ORDER BY captured_at, id", (sighting_id,))
+        return [self._hit_row(r) for r in rows]
+
+    def desk(self, overdue_after_s: float, now: float | None = None) -> dict[str, Any]:
+        """What waits for the operators: `pending` sightings, how many of them have waited longer than
+        `overdue_after_s` since their first hit arrived (`overdue`), and the newest pending one's id,
+        first arrival and person (`newest`, `newest_at`, `newest_person`)."""
+        now = time.time() if now is None else now
+        row = self._read(
+            "SELECT COUNT(*) AS n, SUM(CASE WHEN created_at < ? THEN 1 ELSE 0 END) AS late, MAX(created_at) AS newest "
+            "FROM sightings WHERE review_state = 'pending'",
+            (now - overdue_after_s,),
+        )[0]
+        newest = self._read(
+            "SELECT id, person_id FROM sightings WHERE review_state = 'pending' ORDER BY created_at DESC, id DESC LIMIT 1"
+        )
+        return {
+            "pending": int(row["n"] or 0),
+            "overdue": int(row["late"] or 0),
+            "newest": newest[0]["id"] if newest else None,
+            "newest_at": row["newest"],
+            "newest_person": newest[0]["person_id"] if newest else None,
+        }
