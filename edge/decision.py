@@ -99,7 +99,8 @@ class DecisionConfig(StrictModel):
 class MatcherLike(Protocol):
     """What the decisions need from matching.matcher.Matcher."""
 
-    version: int
+    @property
+    def version(self) -> int: ...
 
     def match(self, embeddings: np.ndarray, *, misses: bool = False) -> list[Match | None]: ...
 
@@ -244,7 +245,7 @@ def match_faces_and_probes(
     if means:
         queries = np.vstack([queries, np.stack([evidence[i].probe for i in means])])
     found = matcher.match(queries, misses=True) if len(queries) else []
-    faces = list(first) if first else [None] * n
+    faces: list[Match | None] = list(first) if first else [None] * n
     for k, i in enumerate(redo):
         faces[i] = found[k]
     probes = list(faces)

@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from edge.analysis import AnalysisConfig, CameraAnalyser, FaceEngineLike
 from edge.canary import CANARY_CAMERA_ID
@@ -154,7 +154,7 @@ class Pipeline:
         self.unit_id = unit_id
         self.cameras = list(cameras)
         self.engine = engine
-        self._matcher = matcher if callable(matcher) and not hasattr(matcher, "match") else (lambda: matcher)
+        self._matcher = _current(matcher)
         self.sinks = list(sinks)
         self.matching = matching or DecisionConfig()
         self.analysis = analysis or AnalysisConfig()
@@ -479,3 +479,11 @@ def _clip_box(box: tuple[float, ...], width: int, height: int) -> tuple[float, f
     x1, y1 = min(max(0.0, x1), width - 1.0), min(max(0.0, y1), height - 1.0)
     x2, y2 = max(min(float(width), x2), x1 + 1.0), max(min(float(height), y2), y1 + 1.0)
     return (x1, y1, x2, y2)
+
+
+def _current(matcher: MatcherLike | Callable[[], MatcherLike]) -> Callable[[], MatcherLike]:
+    """`matcher` as a callable that returns the matcher in use: a Matcher stays the one in use."""
+    if callable(matcher) and not hasattr(matcher, "match"):
+        return matcher
+    fixed = cast(MatcherLike, matcher)
+    return lambda: fixed

@@ -357,11 +357,10 @@ def _motion_mask(
 ) -> np.ndarray:
     import cv2
 
-    mask = cv2.absdiff(previous, current) >= threshold
+    changed = cv2.absdiff(previous, current) >= threshold
     if before is not None and before.shape == current.shape:
         # Only what differs from both earlier frames is where something is now: where a walking face
         # was a frame ago differs from the previous frame alone, and its track's region covers it.
-        mask &= cv2.absdiff(before, current) >= threshold
-    mask = mask.astype(np.uint8)
+        changed &= cv2.absdiff(before, current) >= threshold
     # One cell around each changed one: a moving face's edge may change less than its inside.
-    return cv2.dilate(mask, np.ones((3, 3), np.uint8))
+    return cv2.dilate(changed.astype(np.uint8), np.ones((3, 3), np.uint8))

@@ -16,9 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import click
-import tomllib
 
 from watchlist.format.errors import BundleRejected, WatchlistError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: tomli is the same parser before it joined the standard library
+    import tomli as tomllib  # type: ignore[import-not-found]
 
 CONFIG_HELP = "the unit's TOML config ([watchlist] and [engine] are read)"
 STORE_HELP = "the unit's watchlist store (default: [watchlist] store in --config)"

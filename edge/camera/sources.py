@@ -135,6 +135,7 @@ class OpenCVSource:
         self.cfg = cfg
         self.description = f"opencv:{redact_url(target)}" if pipeline is None else "gstreamer pipeline"
         params: list[int] = []
+        arg: str | int
         if pipeline is not None:
             if not opencv_has_gstreamer():
                 raise SourceError(
