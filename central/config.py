@@ -23,7 +23,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from central.console import ConsoleSettings
 from central.fleet import EXPIRY_WARNING_S
-from central.receiver import ReceiverConfig
+from central.receiver_config import ReceiverConfig
 from common.config import StrictModel
 from wire.mqtt import MqttConnection
 

@@ -30,88 +30,34 @@ to the broker. A receiver that dies in between gets the hits again and answers '
 verdict lost otherwise is made up by the unit, which sends a hit again when its verdict is overdue.
 The broker must let the receiver's account write there (deploy/mosquitto/acl); a refusal is counted
 (`verdicts_refused`) and shown in `last_error`.
+
+The parts, one job each: `central/receiver_config.py` (ReceiverConfig), `central/admission.py` (the
+queue between the network and store threads, its bounds and drops), `central/heartbeats.py` (a
+batch's heartbeats, the newest of each unit), `central/verdicts.py` (the verdict messages); this
+module subscribes, decodes, checks and stores, and acknowledges.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import queue
-import re
-import socket
 import threading
 import time
-from collections import Counter, OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import Field, model_validator
-
-from central.publications import MANIFEST_SUBSCRIPTION, manifest_site, read_manifest
+from central.admission import Admission, Incoming
+from central.heartbeats import Beat, write_heartbeats
+from central.publications import manifest_site, read_manifest
+from central.receiver_config import ReceiverConfig
 from central.store import HitStore, open_store
-from central.store_intake import REJECT_PAYLOAD_BYTES
+from central.verdicts import verdict_messages
 from wire import records, signing, topics
 from wire.errors import ProtocolError
-from wire.mqtt import MqttConnection, MqttLink
+from wire.mqtt import MqttLink
 from wire.records import safe_text
-from wire.topics import TopicLevel
 
 log = logging.getLogger(__name__)
-
-
-class ReceiverConfig(MqttConnection):
-    """How the receiver reaches the broker and which subscriptions it makes."""
-
-    client_id: str = Field(
-        default_factory=lambda: f"checkpoint-receiver-{socket.gethostname()}",
-        description="stable and different for each receiver (the broker keeps its session by this id)",
-    )
-    group: TopicLevel = Field(default="checkpoint-receivers", description="shared-subscription group that splits hits")
-    shared: bool = Field(default=True, description="use $share/<group>/... (MQTT 5); off: receive every hit")
-    receive_maximum: int = Field(default=100, ge=1, le=65535, description="hits the broker may send unacknowledged")
-    batch_max: int = Field(default=200, ge=1, le=10000, description="messages committed to the store at once")
-    queue_max: int = Field(
-        default=20000, ge=1, description="QoS 0 messages (heartbeats) waiting for the store; more are dropped, counted"
-    )
-    queue_max_bytes: int = Field(
-        default=64 * 1024 * 1024, ge=records.MAX_HEARTBEAT_BYTES, description="their payload bytes, the same way"
-    )
-    heartbeat_min_interval_s: float = Field(
-        default=1.0,
-        ge=0,
-        description="a unit's heartbeat (any QoS 0 message on its topics) sooner than this after the last one "
-        "taken is dropped, counted (units send one every 30 s by default)",
-    )
-    retention_days: float = Field(default=90.0, gt=0, description="hits older than this are purged from the store")
-    unit_keys: Path | None = Field(
-        default=None, description="unit public keys (a file of key lines or a folder of *.pub files)"
-    )
-    unsigned: Literal["accept", "reject"] = Field(
-        default="accept",
-        description="hits and status not verifiably signed from units with no registered key: accept "
-        "(stored with their verdict, while units migrate) or reject (quarantined). Units with a registered "
-        "key must always sign validly.",
-    )
-
-    @model_validator(mode="after")
-    def _reject_needs_keys(self) -> ReceiverConfig:
-        if self.unsigned == "reject" and self.unit_keys is None:
-            raise ValueError("unsigned = reject quarantines every hit unless unit_keys names the units' public keys")
-        return self
-
-    def subscriptions(self) -> list[str]:
-        hits = f"{topics.TOPIC_ROOT}/+/+/hits"
-        if self.shared and self.protocol == "5":
-            hits = f"$share/{self.group}/{hits}"
-        # HQ's watchlist manifests (not their chunks): the fleet page shows units behind HQ's list.
-        return [
-            hits,
-            f"{topics.TOPIC_ROOT}/+/+/status",
-            f"{topics.TOPIC_ROOT}/+/+/heartbeat",
-            MANIFEST_SUBSCRIPTION,
-        ]
 
 
 class Quarantined(Exception):
@@ -139,99 +85,6 @@ def signature_policy(verdict: signing.Verdict, known_unit: bool, unsigned: str) 
     return str(verdict)
 
 
-@dataclass(frozen=True)
-class _Incoming:
-    topic: str
-    payload: bytes  # for an oversized message, only the prefix the rejects table keeps
-    mid: int
-    qos: int
-    retain: bool
-    received_at: float
-    size: int  # the payload's full size
-
-
-@dataclass(frozen=True)
-class _Beat:
-    """A decoded heartbeat waiting for its batch's commit; `at` orders it (receive time, or the
-    unit's own time for a retained one replayed on subscribing)."""
-
-    message: _Incoming
-    site: str
-    unit_id: str
-    body: dict[str, Any]
-    at: float
-
-
-DROP_REASONS = ("oversized", "too_frequent", "queue_full", "superseded")
-"""Why the receiver dropped a message without storing it: over its kind's decode limit (QoS 0), a
-unit's QoS 0 message sooner than heartbeat_min_interval_s after its last, no room in the QoS 0 queue,
-a heartbeat replaced by a newer one of its unit in the same batch."""
-OTHER_UNITS = "(other units)"
-MAX_UNITS_COUNTED = 1000
-"""Units named in the per-unit drop counts; drops of any further unit are counted under OTHER_UNITS
-(topics are the sender's choice: the counts must not grow with them)."""
-DROP_LOG_INTERVAL_S = 60.0
-
-
-class Drops:
-    """Messages dropped before the store, by reason and by unit, with a WARNING at most once a
-    `log_interval_s` saying how many since the last one. Thread-safe."""
-
-    def __init__(self, log_interval_s: float = DROP_LOG_INTERVAL_S) -> None:
-        self.by_reason: Counter[str] = Counter({r: 0 for r in DROP_REASONS})
-        self.by_unit: Counter[str] = Counter()
-        self._lock = threading.Lock()
-        self._log_interval_s = log_interval_s
-        self._logged_at = -log_interval_s
-        self._since_log: Counter[tuple[str, str]] = Counter()
-
-    def add(self, reason: str, unit: str, n: int = 1) -> None:
-        """Count `n` messages of `unit` ("site/unit") dropped for `reason` (one of DROP_REASONS)."""
-        with self._lock:
-            self.by_reason[reason] += n
-            if unit not in self.by_unit and len(self.by_unit) >= MAX_UNITS_COUNTED:
-                unit = OTHER_UNITS
-            self.by_unit[unit] += n
-            self._since_log[(reason, unit)] += n
-            now = time.monotonic()
-            if now - self._logged_at < self._log_interval_s:
-                return
-            self._logged_at = now
-            top = self._since_log.most_common(5)
-            summary = ", ".join(f"{n} {r} from {safe_text(u, 80)}" for (r, u), n in top)
-            rest = sum(self._since_log.values()) - sum(n for _, n in top)
-            if rest:
-                summary += f" and {rest} more"
-            self._since_log.clear()
-        log.warning(
-            "receiver: dropped messages without storing them: %s (counted in the receiver's stats; "
-            "this warning comes at most once every %gs)",
-            summary,
-            self._log_interval_s,
-        )
-
-    def figures(self) -> dict[str, Any]:
-        with self._lock:
-            return {"dropped": dict(self.by_reason), "dropped_by_unit": dict(self.by_unit)}
-
-
-# A hit's id where its payload cannot be decoded (not JSON, oversized and cut to its prefix): the unit
-# writes "id" third, so the prefix the rejects table keeps holds it. Only ever used to address a
-# verdict to the unit of the topic the message came on, which ignores ids it does not hold.
-_ID_IN_PAYLOAD = re.compile(rb'"id"\s*:\s*"([^"\\]{1,128})"')
-
-
-def hit_id_of(payload: bytes) -> str | None:
-    """The id a hit message claims, if one can be read from it (decoded or not), else None."""
-    try:
-        body = json.loads(payload)
-        found = body.get("id") if isinstance(body, dict) else None
-    except (ValueError, RecursionError):
-        m = _ID_IN_PAYLOAD.search(payload)
-        found = m.group(1).decode("utf-8", "replace") if m else None
-    return found if isinstance(found, str) and records.id_problem(found) is None else None
-
-
 class Receiver:
     """Subscribes, stores, answers each hit's unit with its verdict, acknowledges. `on_hit(row)` is called once per new hit (not for
     duplicates), `on_unit(site, unit_id, state)` when a unit's status changes."""
@@ -250,17 +103,7 @@ class Receiver:
         self._owns_store = not isinstance(store, HitStore)
         self._on_hit = on_hit
         self._on_unit = on_unit
-        # Unbounded as a container; what enters is bounded in _on_message (QoS 0 by queue_max and
-        # queue_max_bytes, QoS 1 by the broker's flow control).
-        self._queue: queue.Queue[_Incoming] = queue.Queue()
-        self._admit = threading.Lock()
-        self.arrived = {"qos0": 0, "acked": 0}
-        self.queued = {"qos0": 0, "qos0_bytes": 0, "acked": 0}
-        self.queued_max = dict(self.queued)
-        # When each unit's (and topic kind's) last QoS 0 message was admitted, oldest first; only
-        # those within heartbeat_min_interval_s are kept.
-        self._last_qos0: OrderedDict[str, float] = OrderedDict()
-        self.drops = Drops()
+        self.admission = Admission(config)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._next_purge = 0.0
@@ -280,7 +123,7 @@ class Receiver:
             "canaries": 0,
         }
         # Hits of the batch being handled that were quarantined: (message, reason, error).
-        self._refused: list[tuple[_Incoming, str, str]] = []
+        self._refused: list[tuple[Incoming, str, str]] = []
         self.link = MqttLink(
             config,
             config.client_id,
@@ -288,7 +131,7 @@ class Receiver:
             manual_ack=True,
             receive_maximum=config.receive_maximum,
             on_connected=self._on_connected,
-            on_message=self._on_message,
+            on_message=self.admission.admit,
             on_subscribe=self._on_subscribe,
             on_publish=self._on_publish,
         )
@@ -326,9 +169,7 @@ class Receiver:
         quarantined and dropped (by reason and by unit), the queue's depth now and the most it held
         (`queued`, `queued_max`), and the link's figures. `heartbeats` are heartbeat messages
         written, `heartbeat_writes` the transactions they took."""
-        with self._admit:
-            queued = {"arrived": dict(self.arrived), "queued": dict(self.queued), "queued_max": dict(self.queued_max)}
-        return {**self.counts, **self.drops.figures(), **queued, **self.link.figures()}
+        return {**self.counts, **self.admission.figures(), **self.link.figures()}
 
     # --- network thread -----------------------------------------------------------------------
 
@@ -362,79 +203,16 @@ class Receiver:
             # A unit older than verdicts subscribes to none: nobody to tell, nothing lost.
             self.counts["verdicts_unheard"] += 1
 
-    def _on_message(self, msg: Any) -> None:
-        topic, payload, qos, retain = msg.topic, msg.payload, msg.qos, bool(msg.retain)
-        parts = topic.split("/")
-        unit, kind = ("/".join(parts[2:4]), parts[4]) if len(parts) == 5 else (topic, "")
-        limit = records.MAX_PAYLOAD_BYTES.get(kind)
-        oversized = limit is not None and len(payload) > limit
-        with self._admit:
-            self.arrived["acked" if qos > 0 else "qos0"] += 1
-            if qos > 0:
-                # Never dropped: the broker holds the rest until these are acknowledged. An oversized
-                # one is kept as the prefix the rejects table stores, then quarantined and acknowledged.
-                self._count_queued("acked", 1)
-            else:
-                why = self._qos0_refusal(f"{unit}/{kind}", len(payload), oversized, retain)
-                if why is not None:
-                    self.drops.add(why, unit)
-                    return
-                self._count_queued("qos0", 1)
-                self._count_queued("qos0_bytes", len(payload))
-        kept = bytes(payload[:REJECT_PAYLOAD_BYTES]) if oversized else bytes(payload)
-        self._queue.put(_Incoming(topic, kept, msg.mid, qos, retain, time.time(), len(payload)))
-
-    def _qos0_refusal(self, key: str, size: int, oversized: bool, retain: bool) -> str | None:
-        """Why a QoS 0 message is dropped (a DROP_REASONS word), or None to queue it; under _admit."""
-        if oversized:
-            return "oversized"
-        now = time.monotonic()
-        window = self.config.heartbeat_min_interval_s
-        while self._last_qos0 and now - next(iter(self._last_qos0.values())) >= window:
-            self._last_qos0.popitem(last=False)
-        # A retained message is one the broker replays on (re)subscribing, never a sender's flood:
-        # it neither counts against the unit's interval nor is held to it.
-        if not retain and key in self._last_qos0:
-            return "too_frequent"
-        full = self.queued["qos0"] >= self.config.queue_max
-        if full or self.queued["qos0_bytes"] + size > self.config.queue_max_bytes:
-            return "queue_full"
-        if not retain and window > 0:
-            self._last_qos0[key] = now
-        return None
-
-    def _count_queued(self, what: str, n: int) -> None:
-        self.queued[what] += n
-        self.queued_max[what] = max(self.queued_max[what], self.queued[what])
-
-    def _taken(self, m: _Incoming) -> None:
-        """`m` left the queue for the store thread."""
-        with self._admit:
-            if m.qos > 0:
-                self.queued["acked"] -= 1
-            else:
-                self.queued["qos0"] -= 1
-                self.queued["qos0_bytes"] -= m.size
-
     # --- store thread -------------------------------------------------------------------------
 
     def _run(self) -> None:
         while True:
-            try:
-                first = self._queue.get(timeout=0.5)
-            except queue.Empty:
+            batch = self.admission.batch(self.config.batch_max, timeout=0.5)
+            if not batch:
                 if self._stop.is_set():
                     return
                 self._maybe_purge()
                 continue
-            batch = [first]
-            while len(batch) < self.config.batch_max:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            for m in batch:
-                self._taken(m)
             while True:
                 try:
                     self._handle(batch)
@@ -454,10 +232,10 @@ class Receiver:
         if n:
             log.info("receiver: purged %d hits older than %g days", n, self.config.retention_days)
 
-    def _handle(self, batch: list[_Incoming]) -> None:
-        hits: list[tuple[_Incoming, tuple[dict[str, Any], bytes | None, float]]] = []
+    def _handle(self, batch: list[Incoming]) -> None:
+        hits: list[tuple[Incoming, tuple[dict[str, Any], bytes | None, float]]] = []
         changes: list[tuple[str, str, str]] = []
-        beats: list[_Beat] = []
+        beats: list[Beat] = []
         self._refused = []
         for m in batch:
             try:
@@ -498,41 +276,20 @@ class Receiver:
                     log.exception("receiver: on_hit handler failed for hit %s", safe_text(fields["id"]))
 
     def _send_verdicts(self, stored: list[tuple[dict[str, Any], bytes | None, float]], new: list[bool]) -> None:
-        """Publish the batch's verdicts, one message per unit (split at MAX_VERDICTS), QoS 1."""
-        by_unit: dict[tuple[str, str], list[records.Verdict]] = {}
-        for (fields, _, _), is_new in zip(stored, new):
-            verdict = records.Verdict(fields["id"], "stored" if is_new else "duplicate")
-            by_unit.setdefault((fields["site"], fields["unit_id"]), []).append(verdict)
-        for m, reason, error in self._refused:
-            hit_id = hit_id_of(m.payload)
-            try:
-                site, unit_id, _ = topics.parse_topic(m.topic)
-            except ProtocolError:
-                site = unit_id = ""
-            if hit_id is None or not site:
-                # Nobody to tell: the unit sends it again when its verdict is overdue, and it is
-                # quarantined again (its rejects show it).
-                self.counts["verdicts_unaddressed"] += 1
-                continue
-            by_unit.setdefault((site, unit_id), []).append(records.Verdict(hit_id, "refused", reason, error))
-        for (site, unit_id), verdicts in by_unit.items():
-            try:
-                topic = topics.verdict_topic(site, unit_id)
-            except ProtocolError:
-                self.counts["verdicts_unaddressed"] += len(verdicts)
-                continue
-            for i in range(0, len(verdicts), records.MAX_VERDICTS):
-                part = verdicts[i : i + records.MAX_VERDICTS]
-                self.link.client.publish(topic, records.verdict_payload(site, unit_id, part), qos=1)
-                self.counts["verdicts"] += len(part)
+        """Publish the batch's verdicts (central/verdicts.py), one message per unit, QoS 1."""
+        messages, unaddressed = verdict_messages(stored, new, self._refused)
+        self.counts["verdicts_unaddressed"] += unaddressed
+        for message in messages:
+            self.link.client.publish(message.topic, message.payload, qos=1)
+            self.counts["verdicts"] += message.count
         self._refused = []
 
     def _take(
         self,
-        m: _Incoming,
-        hits: list[tuple[_Incoming, tuple[dict[str, Any], bytes | None, float]]],
+        m: Incoming,
+        hits: list[tuple[Incoming, tuple[dict[str, Any], bytes | None, float]]],
         changes: list[tuple[str, str, str]],
-        beats: list[_Beat],
+        beats: list[Beat],
     ) -> None:
         """Decode and check one message; apply a status or an HQ manifest now, or set a hit or
         heartbeat aside for the batch's commit."""
@@ -575,7 +332,7 @@ class Receiver:
         self._check_origin(body, site, unit_id)
         # Ordered by receive time; a retained one replayed on subscribing by its own time if earlier, so
         # a unit that died long ago shows as silent, and one stamped in the future holds back nothing.
-        beats.append(_Beat(m, site, unit_id, body, min(body["at"], m.received_at) if m.retain else m.received_at))
+        beats.append(Beat(m, site, unit_id, body, min(body["at"], m.received_at) if m.retain else m.received_at))
 
     def _verify(self, payload: bytes, site: str, unit_id: str, crop: bytes | None) -> str:
         """The record's signature verdict, or Quarantined when the policy refuses it."""
@@ -590,7 +347,7 @@ class Receiver:
         return str(verdict)
 
     def _store_hits(
-        self, hits: list[tuple[_Incoming, tuple[dict[str, Any], bytes | None, float]]]
+        self, hits: list[tuple[Incoming, tuple[dict[str, Any], bytes | None, float]]]
     ) -> tuple[list[tuple[dict[str, Any], bytes | None, float]], list[bool]]:
         """Commit the hits in one transaction; if that fails, one by one, quarantining each hit the
         store refuses with its error. Returns the hits stored and, for each, whether it was new."""
@@ -612,7 +369,7 @@ class Receiver:
         return stored, new
 
     def _store_canaries(
-        self, canaries: list[tuple[_Incoming, tuple[dict[str, Any], bytes | None, float]]]
+        self, canaries: list[tuple[Incoming, tuple[dict[str, Any], bytes | None, float]]]
     ) -> list[tuple[dict[str, Any], bytes | None, float]]:
         """Record each unit's canary hits (never stored as hits: operators never see the canary) and
         return those recorded. A canary counts only signed by a unit whose key the centre holds: it
@@ -640,46 +397,12 @@ class Receiver:
             self.counts["canaries"] += len(taken)
         return [item for _, item in taken]
 
-    def _store_heartbeats(self, batch: list[_Beat]) -> None:
-        """Write the newest heartbeat of each unit in the batch in one transaction (the others are
-        dropped as superseded); if that fails, one by one, quarantining each the store refuses (as
-        _store_hits does)."""
-        newest: dict[tuple[str, str], _Beat] = {}
-        for b in batch:
-            kept = newest.get((b.site, b.unit_id))
-            if kept is None or kept.at <= b.at:
-                newest[(b.site, b.unit_id)] = b
-        if not newest:
-            return
-        beats = list(newest.values())
-        rows = [(b.site, b.unit_id, b.body, b.at) for b in beats]
-        try:
-            self.store.set_heartbeats(rows)
-            self.counts["heartbeat_writes"] += 1
-            self.counts["heartbeats"] += len(beats)
-            self._count_superseded(batch, beats)
-            return
-        except Exception as e:  # find the one heartbeat that fails rather than retry all forever
-            log.warning(
-                "receiver: %d heartbeats failed to commit together (%s); storing them one by one", len(beats), e
-            )
-        for b, row in zip(beats, rows):
-            try:
-                self.store.set_heartbeats([row])
-                self.counts["heartbeat_writes"] += 1
-                self.counts["heartbeats"] += 1
-            except Exception as e:  # quarantine it; if the store is down, that raises too
-                self._quarantine(b.message, "store", f"the store refused this heartbeat: {e}")
-        self._count_superseded(batch, beats)
+    def _store_heartbeats(self, batch: list[Beat]) -> None:
+        """Write the batch's heartbeats (central/heartbeats.py), then count those superseded."""
+        for b in write_heartbeats(self.store, batch, self.counts, self._quarantine):
+            self.admission.drops.add("superseded", f"{b.site}/{b.unit_id}")
 
-    def _count_superseded(self, batch: list[_Beat], written: list[_Beat]) -> None:
-        # Counted once the batch is through: a batch retried while the store is down counts them once.
-        kept = {id(b) for b in written}
-        for b in batch:
-            if id(b) not in kept:
-                self.drops.add("superseded", f"{b.site}/{b.unit_id}")
-
-    def _quarantine(self, m: _Incoming, reason: str, error: str) -> None:
+    def _quarantine(self, m: Incoming, reason: str, error: str) -> None:
         log.warning(
             "receiver: quarantined message on %s: %s: %s (kept in the store's rejects table)",
             safe_text(m.topic),
