@@ -220,8 +220,8 @@ def pyramid_down2(image: np.ndarray) -> np.ndarray:
 @functools.lru_cache(maxsize=8)
 def _chip_grid(rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
     """Column and row numbers of every chip pixel, flat and read-only; chips come in a few sizes."""
-    cc, rr = np.meshgrid(np.arange(cols, dtype=np.float64), np.arange(rows, dtype=np.float64))
-    cc, rr = cc.ravel(), rr.ravel()
+    grid_c, grid_r = np.meshgrid(np.arange(cols, dtype=np.float64), np.arange(rows, dtype=np.float64))
+    cc, rr = grid_c.ravel(), grid_r.ravel()
     cc.flags.writeable = rr.flags.writeable = False
     return cc, rr
 

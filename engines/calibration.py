@@ -127,8 +127,8 @@ class ScoreTail:
             # score is non-decreasing along far's decreasing order; interpolate log10(far) in score.
             s, lf = _strictly_increasing(self.score, np.log10(self.far))
             return float(10 ** np.interp(threshold, s, lf)), False
-        lf = self.tail_intercept + self.tail_slope * threshold
-        return float(min(10**lf, self.far[-1])), True
+        tail_lf = self.tail_intercept + self.tail_slope * threshold
+        return float(min(10**tail_lf, self.far[-1])), True
 
     def threshold_at(self, far: float) -> tuple[float, bool]:
         """(the threshold at which a share `far` of stranger pairs scores above it, extrapolated?)."""

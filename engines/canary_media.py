@@ -179,6 +179,8 @@ def load_canary_picture(path: Path, picture: PinnedPicture = CANARY_PICTURE) -> 
     if _checked(data, picture, str(path)) is None:
         raise CanaryPictureError(f"{path} is not the pinned canary picture: delete it and run `engines build`")
     bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if bgr is None:  # the pinned bytes: only an OpenCV built without its PNG codec gets here
+        raise CanaryPictureError(f"{path}: this OpenCV cannot decode the canary picture (a PNG)")
     return np.ascontiguousarray(bgr[:, :, ::-1])
 
 

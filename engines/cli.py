@@ -125,7 +125,10 @@ def _compare_threshold(threshold: float | None, config: Path | None) -> tuple[fl
     if threshold is not None:
         return threshold, "--threshold"
     if config is not None:
-        import tomllib
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:  # Python 3.10: tomli is the same parser before it joined the standard library
+            import tomli as tomllib  # type: ignore[import-not-found]
 
         value = (tomllib.loads(config.read_text()).get("matching") or {}).get("threshold")
         if value is not None:
@@ -138,7 +141,10 @@ def _engine_config(config: Path | None, cache_dir: Path | None):
 
     table: dict = {}
     if config is not None:
-        import tomllib
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:  # Python 3.10: tomli is the same parser before it joined the standard library
+            import tomli as tomllib  # type: ignore[import-not-found]
 
         table = dict(tomllib.loads(config.read_text()).get("engine") or {})
         for key in ("cache_dir",):
@@ -207,8 +213,8 @@ def compare(
         out["images"][str(path)] = {"faces": [_face_summary(f, f.quality.reasons) for f in faces]}
     missing = [str(p) for p, faces in found.items() if not faces]
     limit, source = _compare_threshold(threshold, config)
-    if not missing:
-        a, b = (found[p][0].embedding for p in (image_a, image_b))
+    a, b = (found[p][0].embedding if found[p] else None for p in (image_a, image_b))
+    if a is not None and b is not None:  # a face in each photo: embed_rejected embedded every face found
         score = float(np.dot(a, b))
         out["score"] = round(score, 4)
         out["threshold"] = limit

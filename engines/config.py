@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Literal
 
@@ -68,7 +69,10 @@ def load_engine_config(path: str | Path) -> EngineConfig:
     ensemble_calibration) resolve against the file's folder.
     Example: ``cfg = load_engine_config("/etc/checkpoint/unit.toml")``
     """
-    import tomllib
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # Python 3.10: tomli is the same parser before it joined the standard library
+        import tomli as tomllib  # type: ignore[import-not-found]
     from pydantic import ValidationError
 
     path = Path(path)

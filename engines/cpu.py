@@ -70,7 +70,8 @@ def _runtime_features() -> set[str] | None:
         from numpy._core._multiarray_umath import __cpu_features__ as found
     except ImportError:
         try:
-            from numpy.core._multiarray_umath import __cpu_features__ as found
+            # numpy 1.x: the same name, before numpy 2 moved its core to numpy._core.
+            from numpy.core._multiarray_umath import __cpu_features__ as found  # type: ignore[no-redef]
         except ImportError:
             return None
     return {ours for name, ours in _NUMPY_NAMES.items() if found.get(name)}

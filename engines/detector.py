@@ -121,7 +121,8 @@ def nms(boxes: np.ndarray, scores: np.ndarray, threshold: float, mode: str = "un
         # OpenCV wants positive float32 scores: pass each box's rank, which keeps ties in index order.
         ranks = np.empty(len(scores), dtype=np.float32)
         ranks[np.argsort(-scores, kind="stable")] = np.arange(len(scores), 0, -1)
-        keep = cv2.dnn.NMSBoxes(rects.astype(np.float64), ranks, 0.0, float(threshold))
+        # OpenCV's stubs name Sequence types here; the function takes numpy arrays, without copying them to lists.
+        keep = cv2.dnn.NMSBoxes(rects.astype(np.float64), ranks, 0.0, float(threshold))  # type: ignore[arg-type]
         return np.asarray(keep, dtype=np.intp).reshape(-1)
     return nms_reference(boxes, scores, threshold, mode)
 
@@ -184,6 +185,12 @@ def _unknown(boxes: np.ndarray, known: np.ndarray) -> np.ndarray:
     if known.shape[0] == 0 or boxes.shape[0] == 0:
         return boxes
     return boxes[(_pairwise_iou(boxes, known) < EXCLUDE_IOU).all(axis=1)]
+
+
+def _as_box(row: np.ndarray) -> tuple[float, float, float, float]:
+    """One (x1, y1, x2, y2) row of boxes as the floats a Detection holds."""
+    x1, y1, x2, y2 = (float(v) for v in row)
+    return x1, y1, x2, y2
 
 
 def _checked_boxes(boxes: Sequence[tuple[float, float, float, float]], what: str) -> np.ndarray:
@@ -297,9 +304,7 @@ class MtcnnDetector:
         # O-Net
         boxes, scores, points = self._onet(img, sources, boxes)
         pick = nms(boxes, scores, 0.7, mode="min")
-        return [
-            Detection(box=tuple(float(v) for v in boxes[i]), score=float(scores[i]), landmarks=points[i]) for i in pick
-        ]
+        return [Detection(box=_as_box(boxes[i]), score=float(scores[i]), landmarks=points[i]) for i in pick]
 
     def confirm(self, image: np.ndarray, boxes: Sequence[tuple[float, float, float, float]]) -> list[Detection | None]:
         """For each box (x1, y1, x2, y2), where a face was a moment ago: the face now, or None.
@@ -329,7 +334,7 @@ class MtcnnDetector:
         still = np.diagonal(_pairwise_iou(found, asked[rows[k]])) >= CONFIRM_MIN_IOU
         for j, i in enumerate(rows[k]):
             if still[j]:
-                out[i] = Detection(box=tuple(float(v) for v in found[j]), score=float(scores[j]), landmarks=points[j])
+                out[i] = Detection(box=_as_box(found[j]), score=float(scores[j]), landmarks=points[j])
         return out
 
     def _onet(

@@ -8,6 +8,8 @@ Strings are a length integer and raw bytes; booleans are the characters '1' and 
 
 from __future__ import annotations
 
+import builtins
+
 import numpy as np
 
 from engines.errors import ModelError
@@ -72,7 +74,7 @@ class DlibReader:
             raise self._fail(f"bad boolean byte 0x{ch:02x}")
         return ch == 0x31
 
-    def string(self, max_len: int = 4096) -> str:
+    def string(self, max_len: builtins.int = 4096) -> str:
         n = self.int()
         if not 0 <= n <= max_len:
             raise self._fail(f"implausible string length {n}")
@@ -127,8 +129,9 @@ class DlibReader:
         raw = self._take(4 * count)
         return np.frombuffer(bytes(raw), dtype="<f4").reshape(n, k, nr, nc).astype(np.float32)
 
-    def alias_tensor(self) -> tuple[int, int, int, int]:
+    def alias_tensor(self) -> tuple[builtins.int, builtins.int, builtins.int, builtins.int]:
         version = self.int()
         if version != 1:
             raise self._fail(f"unsupported alias_tensor version {version}")
-        return tuple(self.int() for _ in range(4))  # type: ignore[return-value]
+        n, k, nr, nc = (self.int() for _ in range(4))
+        return n, k, nr, nc

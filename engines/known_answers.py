@@ -367,8 +367,8 @@ def check_engine(engine: Any, folder: Path = ANSWERS_DIR) -> SelfTestReport:
     checks, unchecked, skipped, worst = [], [], [], {}
     precisions = set()
     sessions = engine.detector.sessions
-    # (part, model, the member whose embedder it is or None for the detector)
-    parts = [("detector", detector_model(engine), None)]
+    # (part, model, the member whose embedder it is or None for the detector); members are the engine's (Any)
+    parts: list[tuple[str, str, Any]] = [("detector", detector_model(engine), None)]
     parts += [(_check_name(engine, m), m.model_id, m) for m in engine.members]
     for part, model, member in parts:
         try:

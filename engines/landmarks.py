@@ -20,6 +20,7 @@ model was trained on (dlib's HOG detector boxes); see bench/fit_box_mapping.py.
 
 from __future__ import annotations
 
+import builtins
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -107,13 +108,13 @@ class _IntStream:
     def int(self) -> int:
         return int(self.take(1)[0])
 
-    def count(self, what: str, limit: int) -> int:
+    def count(self, what: str, limit: builtins.int) -> builtins.int:
         n = self.int()
         if not 0 <= n <= limit:
             raise self.fail(f"implausible {what} {n}")
         return n
 
-    def floats(self, n: int) -> np.ndarray:
+    def floats(self, n: builtins.int) -> np.ndarray:
         pairs = self.take(2 * n).reshape(n, 2)
         return _ldexp(pairs[:, 0], pairs[:, 1], self)
 
@@ -396,11 +397,11 @@ class ShapePredictor:
         items: (image, boxes) pairs, boxes as for `predict_many`. Only the pixel sampling goes
         image by image; the regression trees are walked for every face at once.
         """
-        rects = [_as_boxes(boxes) for _, boxes in items]
-        if not rects:
+        per_image = [_as_boxes(boxes) for _, boxes in items]
+        if not per_image:
             return np.zeros((0, self.num_parts, 2), dtype=np.float32)
-        pixels = _Pixels([image for image, _ in items], [len(r) for r in rects])
-        rects = np.concatenate(rects)
+        pixels = _Pixels([image for image, _ in items], [len(r) for r in per_image])
+        rects = np.concatenate(per_image)
         # dlib's unnormalizing_tform: the unit square onto the box.
         box = (
             (rects[:, 2] - rects[:, 0])[:, None],

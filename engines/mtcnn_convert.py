@@ -238,7 +238,7 @@ def build_mtcnn_graph(net: str, weights: dict[str, np.ndarray]):
         raise MtcnnWeightsError(f"{net}: source file holds weights this architecture does not use: {unused}")
 
     size = _INPUT_SIZE[net]
-    in_shape = ["N", 3, "H", "W"] if size is None else ["N", 3, size, size]
+    in_shape: list[str | int] = ["N", 3, "H", "W"] if size is None else ["N", 3, size, size]
     graph = helper.make_graph(
         nodes,
         f"mtcnn_{net}",

@@ -82,11 +82,11 @@ def batch_profiles(
             out[name] = dynamic_bounds[name]
             continue
         rest = shape[1:]
-        if not all(isinstance(d, int) and d > 0 for d in rest):
+        fixed = tuple(d for d in rest if isinstance(d, int) and d > 0)
+        if len(fixed) != len(rest):
             raise BackendError(
                 f"input {name!r} has dynamic non-batch dimensions {shape}; give their bounds for the TensorRT profile"
             )
-        fixed = tuple(int(d) for d in rest)
         out[name] = ((1, *fixed), (opt, *fixed), (max_batch, *fixed))
     return out
 
@@ -265,7 +265,7 @@ class TensorRTBackend:
         else:
             log.info("building TensorRT engine for %s (%s, %s); this takes minutes once", onnx_path, precision, gpu)
             feed = None
-            if precision == "int8":
+            if precision == "int8" and calibration is not None:  # int8 without calibration is refused above
                 opt_batch = next(iter(profiles.values()))[1][0]
                 feed = CalibrationFeed(calibration, opt_batch, engine_path.with_suffix(".calib"))
             data = self._build(onnx_path, precision, profiles, workspace_mb, contexts, feed)
@@ -278,7 +278,8 @@ class TensorRTBackend:
         self.name = f"tensorrt[{gpu},{precision}]"
         self._profiles = profiles
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        ins, outs = [], []
+        ins: list[TensorInfo] = []
+        outs: list[TensorInfo] = []
         for n in names:
             info = TensorInfo(
                 n, tuple(self.engine.get_tensor_shape(n)), str(trt.nptype(self.engine.get_tensor_dtype(n)))
@@ -326,6 +327,8 @@ class TensorRTBackend:
             if not builder.platform_has_fast_int8:
                 log.warning("this GPU has no fast INT8; building an FP16 engine")
                 config.set_flag(trt.BuilderFlag.FP16)
+            elif feed is None:
+                raise BackendError(f"{onnx_path}: a TensorRT int8 engine needs calibration inputs; none were given")
             else:
                 # Layers without an int8 kernel fall back to FP16 rather than FP32.
                 config.set_flag(trt.BuilderFlag.INT8)
