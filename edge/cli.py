@@ -165,7 +165,8 @@ def run(config_path: Path) -> None:
     Example:
       edge run --config /etc/checkpoint/unit.toml
     """
-    from edge.daemon import configure_logging, run_daemon
+    from edge.daemon import run_daemon
+    from edge.process import configure_logging
 
     cfg = _load_or_exit(str(config_path))
     configure_logging(cfg.logging)

@@ -9,15 +9,15 @@ Every `logging.stats_interval_s` it logs one line per camera (analysed fps, face
 behind live) and sets the systemd STATUS line; it sends WATCHDOG=1 only while every analysis
 thread is going round its loop, so a hung unit is restarted by systemd. `status()` is the unit's
 part of the MQTT heartbeat.
+
+The checks at start (models, self-test, threshold, canary pictures) are edge.startup's; the figures'
+pieces and the STATUS line edge.unit_status's; the process's logging and malloc edge.process's.
 """
 
 from __future__ import annotations
 
-import ctypes
-import json
 import logging
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -26,11 +26,14 @@ from typing import Any
 
 from common.version import software_version
 from edge.canary import CANARY_CAMERA_ID, CANARY_FPS, Canary
-from edge.config import CameraConfig, LoggingConfig, UnitConfig
+from edge.config import CameraConfig, UnitConfig
 from edge.decision import MatcherLike
 from edge.notify import Notifier
 from edge.pipeline import CameraSpec, Pipeline
+from edge.process import tune_malloc
 from edge.sinks import HitSink, JsonlSink
+from edge.startup import DaemonError, SelfTestFailed, canary_frames, load_engine, selftest, threshold_range
+from edge.unit_status import camera_status, status_line, watchlist_status, watchlist_warnings
 from wire.records import CANARY_PERSON_ID
 
 log = logging.getLogger(__name__)
@@ -38,8 +41,6 @@ log = logging.getLogger(__name__)
 # A thread that has not gone round its loop for this long counts as hung (its loops wake every
 # second or so even with nothing to do; an embed batch on a slow CPU takes well under this).
 _HUNG_AFTER_S = 30.0
-# glibc's mallopt parameter number for the mmap threshold (malloc.h).
-_M_MMAP_THRESHOLD = -3
 # How often the watchlist re-checks its expiry and a store changed by `edge watchlist apply` from outside.
 _WATCHLIST_TICK_S = 30.0
 # A warning that still holds is logged again this often (the heartbeat carries it all the time).
@@ -49,10 +50,6 @@ _REWARN_S = 600.0
 # `edge run`'s exit status when the known-answer self-test failed: a CPU that computes wrong answers
 # will not compute right ones after a restart (systemd's RestartPreventExitStatus names it).
 SELFTEST_FAILED = 3
-
-
-class DaemonError(RuntimeError):
-    """The unit could not start (models, watchlist, sinks or cameras); the message says what to fix."""
 
 
 class Daemon:
@@ -102,9 +99,9 @@ class Daemon:
         try:
             if self.engine is None:
                 self.notifier.status("starting: loading face models")
-                self.engine = _load_engine(cfg)
+                self.engine = load_engine(cfg)
                 self.notifier.status("starting: known-answer self-test")
-                self.selftest = _selftest(self.engine)
+                self.selftest = selftest(self.engine)
             if self._matcher is None:
                 self.notifier.status("starting: loading the watchlist")
                 self._matcher = self._open_watchlist()
@@ -189,7 +186,7 @@ class Daemon:
         nothing is analysed or matched any more, so the unit stops with a failure and whatever runs
         it (systemd's Restart=, or an operator reading the exit status) starts it afresh. Checked on
         every tick, with or without systemd's watchdog."""
-        problems = self.pipeline.problems(_HUNG_AFTER_S)
+        problems = self.pipeline.problems(_HUNG_AFTER_S) if self.pipeline is not None else []
         if not problems:
             return False
         self.failure = "; ".join(problems)
@@ -262,34 +259,19 @@ class Daemon:
         return sinks
 
     def _open_watchlist(self) -> MatcherLike:
-        from engines.calibration import Calibration, CalibrationError
         from matching.matcher import Matcher
         from watchlist.format.errors import WatchlistError
-        from watchlist.format.verify import MODEL_INDEPENDENT_THRESHOLD_RANGE
         from watchlist.unit.apply import Watchlist
 
-        threshold = self.config.matching.threshold
-        matcher = Matcher(threshold=threshold, dim=int(self.engine.embedding_dim))
-        try:
-            # A threshold at or below the strangers' median would make most passers-by alerts: the list's
-            # are checked as bundles arrive, the unit's own here (the config check made it for the model
-            # the config names; this is the calibration of the engine that actually loaded).
-            cal = Calibration.for_engine(self.engine)
-            threshold_range = cal.threshold_range
-        except CalibrationError as exc:
-            log.warning("thresholds are checked against (0, 1) only: %s", exc)
-            threshold_range = MODEL_INDEPENDENT_THRESHOLD_RANGE
-        else:
-            problem = None if threshold is None else cal.threshold_problem(threshold)
-            if problem is not None:
-                raise DaemonError(f"[matching] threshold {problem}; or remove it to use the watchlist's threshold")
+        matcher = Matcher(threshold=self.config.matching.threshold, dim=int(self.engine.embedding_dim))
+        usable = threshold_range(self.config, self.engine)
         try:
             self.watchlist = Watchlist(
                 self.config.watchlist,
                 matcher,
                 model_id=self.engine.model_id,
                 embedding_dim=int(self.engine.embedding_dim),
-                threshold_range=threshold_range,
+                threshold_range=usable,
                 require_canary=self.config.canary.enabled,
             )
             # A list made with another model is refused by Watchlist itself: it matches nothing and says why.
@@ -312,17 +294,8 @@ class Daemon:
     def _open_canary(self) -> Canary:
         """The canary with its frames made from the cached picture; without the picture it runs no
         check and fails at once, saying why (the unit itself still runs its cameras)."""
-        from engines.cache import default_cache_dir
-        from engines.canary_media import CanaryPictureError, canary_frames, ensure_canary_picture, load_canary_picture
-
         cfg = self.config
-        unavailable = None
-        frames = []
-        try:
-            path = ensure_canary_picture(cfg.engine.cache_dir or default_cache_dir(), fetch=False)
-            frames = canary_frames(load_canary_picture(path), cfg.canary.frames)
-        except (CanaryPictureError, OSError) as exc:
-            unavailable = f"no canary pictures: {exc}"
+        frames, unavailable = canary_frames(cfg)
         canary = Canary(
             cfg.canary,
             frames,
@@ -371,27 +344,7 @@ class Daemon:
         if canary:
             found.append(canary)
         behind = self.subscriber.status().get("behind") if self.subscriber is not None else None
-        if behind and behind.get("stuck"):
-            found.append(
-                f"watchlist: holding version {behind['version']} while HQ announces version {behind['announced']}: "
-                f"{behind['reason']}"
-            )
-        if self.watchlist is None:
-            return found
-        wl = self.watchlist.status()
-        if wl["halted"]:
-            found.append(wl["halted"])
-        elif not wl["version"]:
-            found.append(
-                "running with no watchlist: no face can match until a list is applied "
-                "(`edge watchlist apply FILE --config ...` or a publication on the unit's watchlist topic)"
-            )
-        elif wl["expired"]:
-            expired = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(wl["expires_at"] or 0))
-            doing = (
-                "still matching it (on_expired = warn)" if wl["matching"] else "matching stopped (on_expired = stop)"
-            )
-            found.append(f"watchlist version {wl['version']} expired at {expired}; {doing} until HQ sends a fresh one")
+        found += watchlist_warnings(behind, self.watchlist.status() if self.watchlist is not None else None)
         return found
 
     def _log_warnings(self) -> None:
@@ -417,44 +370,12 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         """The unit's figures for the heartbeat: cameras (up/down since, last error, fps, lag), watchlist, hits."""
         per_cam = self.pipeline.stats() if self.pipeline is not None else {}
-        cameras = []
-        for cid, reader in self.readers.items():
-            st = reader.state
-            an = per_cam.get(cid, {})
-            cameras.append(
-                {
-                    "id": cid,
-                    "name": self._camera_names.get(cid, ""),
-                    "up": st.up,
-                    "since": round(st.since, 3),
-                    "last_error": st.last_error,
-                    "previous_error": st.previous_error,
-                    "previous_error_at": None if st.previous_error_at is None else round(st.previous_error_at, 3),
-                    "reconnects": st.reconnects,
-                    "fps_in": st.fps,
-                    "fps_analysed": an.get("analysed_fps", 0.0),
-                    "faces": an.get("faces", 0),
-                    "hits": an.get("hits", 0),
-                    "lag_s": an.get("lag_s", 0.0),
-                    "frames_skipped": an.get("frames_skipped", 0),
-                    "frames_full": an.get("frames_full", 0),
-                    "frames_regions": an.get("frames_regions", 0),
-                    "searched_share": an.get("searched_share"),
-                    "faces_confirmed": an.get("faces_confirmed", 0),
-                    "errors": an.get("errors", 0),
-                }
-            )
+        cameras = [
+            camera_status(cid, self._camera_names.get(cid, ""), reader.state, per_cam.get(cid, {}))
+            for cid, reader in self.readers.items()
+        ]
         matcher = self.pipeline.matcher if self.pipeline is not None else None
-        index = getattr(matcher, "index", None)
-        watchlist: dict[str, Any] = {
-            "version": int(getattr(matcher, "version", 0)),
-            "model_id": getattr(matcher, "model_id", None),
-            "persons": int(getattr(index, "n_persons", 0)),
-        }
-        if self.watchlist is not None:
-            watchlist.update(self.watchlist.status())
-        if self.subscriber is not None:
-            watchlist["sync"] = self.subscriber.status()
+        watchlist = watchlist_status(matcher, self.watchlist, self.subscriber)
         return {
             "software_version": software_version(),
             "started_at": round(self.started_at or 0.0, 3),
@@ -476,18 +397,7 @@ class Daemon:
 
     def status_line(self) -> str:
         """One line for `systemctl status`: cameras up, analysed fps, hits, watchlist version."""
-        st = self.status()
-        fps = sum(c["fps_analysed"] for c in st["cameras"])
-        down = [c["id"] for c in st["cameras"] if not c["up"]]
-        parts = [
-            f"{st['cameras_up']}/{st['cameras_total']} cameras up",
-            f"{fps:.1f} fps analysed",
-            f"{st['hits']} hits",
-            f"watchlist v{st['watchlist']['version']}",
-        ]
-        if down:
-            parts.append("down: " + ",".join(down))
-        return "; ".join(parts)
+        return status_line(self.status())
 
     def log_figures(self) -> None:
         """Log one line of figures per camera."""
@@ -511,83 +421,6 @@ class Daemon:
                 f", last error: {cam['last_error']}" if cam["last_error"] and not cam["up"] else "",
                 extra={"figures": cam},
             )
-
-
-class SelfTestFailed(DaemonError):
-    """The known-answer self-test gave a wrong answer: the unit must not run on this machine as it is."""
-
-
-def _selftest(engine: Any) -> dict[str, Any]:
-    from edge.probe import unit_selftest
-    from engines.errors import EngineError
-    from matching.selftest import MatcherSelfTestError
-
-    try:
-        return unit_selftest(engine)
-    except (EngineError, MatcherSelfTestError) as exc:
-        raise SelfTestFailed(f"the unit refuses to start: {exc}") from exc
-
-
-def _load_engine(cfg: UnitConfig) -> Any:
-    from engines.errors import EngineError
-    from engines.face_engine import FaceEngine
-
-    try:
-        return FaceEngine.load(cfg.engine)
-    except EngineError as exc:
-        raise DaemonError(f"face models could not be loaded: {exc}") from exc
-
-
-class JsonLogFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, thread, and any `figures` attached."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {
-            "ts": round(record.created, 3),
-            "level": record.levelname,
-            "logger": record.name,
-            "thread": record.threadName,
-            "msg": record.getMessage(),
-        }
-        figures = getattr(record, "figures", None)
-        if figures is not None:
-            out["figures"] = figures
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str)
-
-
-def configure_logging(cfg: LoggingConfig) -> None:
-    """Set up the root logger: text (systemd's journal adds the time) or JSON lines, to stderr."""
-    handler = logging.StreamHandler()
-    if cfg.format == "json":
-        handler.setFormatter(JsonLogFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s"))
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    root.addHandler(handler)
-    root.setLevel(cfg.level)
-
-
-def tune_malloc(threshold: int = 128 * 1024) -> bool:
-    """Have glibc serve blocks above `threshold` bytes by mmap, so freed frames go back to the OS.
-
-    By default glibc raises its mmap threshold after the first large block is freed (up to 32 MB);
-    after that, decoded frames (2-3 MB each) come from the heaps of the many threads that allocate
-    and free them, which fragment: with 4 cameras the unit's RSS grew by about 1 MB/s without end
-    (`python bench/pipeline.py --phases none --soak-minutes 5`). A fixed threshold keeps it flat.
-    Returns False where there is no glibc `mallopt` (other C libraries manage memory their own way).
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    return bool(mallopt(_M_MMAP_THRESHOLD, int(threshold)))
 
 
 def run_daemon(config: UnitConfig, config_path: str | Path | None = None) -> int:
