@@ -49,9 +49,9 @@ class CanaryConfig(StrictModel):
     """``[canary]`` in the unit config."""
 
     enabled: bool = Field(
-        False,
-        description="run the canary; a unit with it on refuses watchlists without the canary person, so turn it "
-        "on once HQ's lists carry it (docs/edge.md, The canary: upgrade order)",
+        True,
+        description="run the canary; a unit with it on refuses watchlists without the canary person, so HQ's lists "
+        "must carry it before units are upgraded (docs/edge.md, The canary: upgrade order)",
     )
     interval_s: float = Field(600.0, ge=5.0, le=86400.0, description="a canary run at start and then this often")
     verdict_timeout_s: float = Field(

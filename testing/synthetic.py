@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from watchlist.format.bundle import Bundle, Person, Template, encode_bundle
 from watchlist.format.keys import generate_key, key_id, make_keyset, save_public_key
+from wire.records import CANARY_PERSON_ID
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
@@ -68,6 +69,15 @@ def samples_of(centers: np.ndarray, per_center: int, spread: float = 0.55, seed:
 def make_persons(ids: list[str], per_person: int) -> tuple[Person, ...]:
     ages = (4, 9, 14, 20)
     return tuple(Person(pid, tuple(Template(age=ages[j % len(ages)]) for j in range(per_person))) for pid in ids)
+
+
+def with_canary(persons: tuple[Person, ...], embeddings: np.ndarray) -> tuple[tuple[Person, ...], np.ndarray]:
+    """`persons` and their `embeddings` with the canary person (wire.records.CANARY_PERSON_ID) added last,
+    one template in a direction of its own: a list that a unit with its canary on accepts (without it,
+    `no_canary`). The template is no face's, so that unit's canary runs fail at matching, saying so."""
+    dim = embeddings.shape[1]
+    template = unit_rows(np.random.default_rng(20250119).standard_normal((1, dim), dtype=np.float32))
+    return (*persons, Person(CANARY_PERSON_ID, (Template(),))), np.vstack([embeddings, template])
 
 
 @dataclass
@@ -117,8 +127,12 @@ class Authority:
         signing: Ed25519PrivateKey | None = None,
         keyset: bytes | None = None,
         offset: np.ndarray | None = None,
+        canary: bool = False,
     ) -> bytes:
-        """A signed bundle of `persons` with `embeddings` (absolute values; stored around `offset`)."""
+        """A signed bundle of `persons` with `embeddings` (absolute values; stored around `offset`);
+        `canary`: with the canary person too (`with_canary`), as HQ's lists carry it for units."""
+        if canary:
+            persons, embeddings = with_canary(persons, embeddings)
         created = int(time.time()) if created_at is None else created_at
         b = Bundle(
             kind=kind,

@@ -464,7 +464,7 @@ def test_demo_command_runs_the_whole_loop(engine: Any, tmp_path: Path) -> None:
 def test_tune_malloc_where_glibc_is() -> None:
     import platform
 
-    from edge.daemon import tune_malloc
+    from edge.process import tune_malloc
 
     result = tune_malloc()
     assert isinstance(result, bool)
@@ -519,7 +519,7 @@ def test_a_held_list_of_another_size_is_a_warning_and_a_full_bundle_replaces_it(
     persons = make_persons(["case-1"], 1)
     held = Watchlist(WatchlistConfig(root_key=root, store=store), Matcher(dim=64), engine.model_id)  # size unknown
     held.start()
-    held.offer(hq.bundle(1, persons, samples_of(person_centers(1, dim=64), 1)))
+    held.offer(hq.bundle(1, persons, samples_of(person_centers(1, dim=64), 1), canary=True))
     held.close()
 
     daemon = Daemon(
@@ -537,7 +537,10 @@ def test_a_held_list_of_another_size_is_a_warning_and_a_full_bundle_replaces_it(
         assert daemon.pipeline.stats()["gate"]["errors"] == 0  # no face fails against the held list
 
         hq.dim = int(engine.embedding_dim)
-        assert daemon.watchlist.offer(hq.bundle(2, persons, samples_of(person_centers(1, dim=hq.dim), 1))) == 2
+        assert (
+            daemon.watchlist.offer(hq.bundle(2, persons, samples_of(person_centers(1, dim=hq.dim), 1), canary=True))
+            == 2
+        )
         assert not [w for w in daemon.status()["warnings"] if "-d embeddings" in w]
         assert daemon.status()["watchlist"]["version"] == 2
     finally:

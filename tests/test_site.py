@@ -75,6 +75,12 @@ ca_file = "{site.creds / "broker" / "ca.pem"}"
 
 [outbox]
 path = "{folder / "outbox.sqlite"}"
+
+[canary]
+# Off: this site is about accounts, TLS and the ACL, and its list is built without the canary person,
+# whose picture (scikit-image's astronaut) is the clip's person where lag-dev is absent. The canary on
+# the deployed site is tests/test_canary.py's.
+enabled = false
 """)
     return path
 

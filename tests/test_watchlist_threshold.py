@@ -201,10 +201,10 @@ def test_the_unit_refuses_a_bundle_below_the_strangers_median(engine: Any, tmp_p
         persons = make_persons(["case-1"], 1)
         auth.threshold = 0.6
         with pytest.raises(BundleRejected) as exc:
-            daemon.watchlist.offer(auth.bundle(1, persons, emb))
+            daemon.watchlist.offer(auth.bundle(1, persons, emb, canary=True))
         assert exc.value.reason == "bad_threshold" and "default_threshold 0.6" in str(exc.value)
         auth.threshold = CAL.threshold_for_fpir(0.01, 1, 1).threshold
-        assert daemon.watchlist.offer(auth.bundle(2, persons, emb)) == 2
+        assert daemon.watchlist.offer(auth.bundle(2, persons, emb, canary=True)) == 2
     finally:
         daemon.watchlist.close()
 
