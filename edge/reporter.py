@@ -5,12 +5,13 @@ the centre's verdict.
 returns; a publisher thread sends pending hits in order with QoS 1; the broker's PUBACK makes a hit
 await its verdict, and the receiver's verdict on ``checkpoint/v1/<site>/<unit>/verdicts`` removes it
 ('stored', 'duplicate') or keeps it with the centre's reason ('refused': logged at ERROR, counted in
-the heartbeat, named in its warnings). Verdicts are checked like anything from outside: only the
-receiver account may write that topic (deploy/mosquitto/acl), a message must decode and name this
-unit, and a verdict about a hit the outbox does not hold is ignored (counted). edge/outbox/verdicts.py says
-when a hit without a verdict is sent again, and how a unit behaves with receivers older than verdicts. paho-mqtt's network thread keeps the connection (persistent session,
-capped exponential reconnect backoff, TLS, username/password, Last Will). Connection problems never
-raise out of here: they show in `state`, `last_error` and the log, and the reporter keeps retrying.
+the heartbeat, named in its warnings). Verdict messages come in through edge/verdict_inbox.py, which
+checks them like anything from outside; a verdict about a hit the outbox does not hold is ignored
+(counted). edge/outbox/verdicts.py says when a hit without a verdict is sent again, and how a unit
+behaves with receivers older than verdicts. paho-mqtt's network thread keeps the connection
+(persistent session, capped exponential reconnect backoff, TLS, username/password, Last Will).
+Connection problems never raise out of here: they show in `state`, `last_error` and the log, and the
+reporter keeps retrying.
 
 The connection itself is wire.mqtt's `MqttLink`, the same one the receiver and the watchlist tools use.
 """
@@ -28,8 +29,8 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from edge.outbox import Outbox, OutboxConfig, OutboxError
+from edge.verdict_inbox import VerdictInbox
 from wire import records, topics
-from wire.errors import ProtocolError
 from wire.mqtt import MqttConnection, MqttLink
 from wire.records import Hit
 from wire.signing import SigningError, UnitSigner, load_unit_key
@@ -38,9 +39,6 @@ from wire.topics import TopicLevel
 log = logging.getLogger(__name__)
 
 NO_MATCHING_SUBSCRIBERS = 0x10
-# Verdict messages waiting for the publisher thread; more are dropped (counted as ignored) and the
-# hits they were about are sent again when overdue. Only the receiver account can write the topic.
-MAX_QUEUED_VERDICTS = 256
 
 
 class MqttConfig(MqttConnection):
@@ -156,12 +154,7 @@ class MqttReporter:
         self._hold_until = 0.0
         self._hold_delay = 0.0
         self._refused = 0
-        self._verdicts: deque[bytes] = deque()
-        # Verdict messages dropped in paho's thread (written there only) and how many of those the
-        # publisher thread has counted in the outbox (written there only).
-        self._verdicts_dropped = 0
-        self._verdicts_dropped_counted = 0
-        self._drop_logged_at = -60.0
+        self._inbox = VerdictInbox(self.site, self.unit_id, self.verdict_topic)
         self._thread: threading.Thread | None = None
         client_id = config.client_id or f"checkpoint-{self.site}-{self.unit_id}"
         try:
@@ -314,26 +307,9 @@ class MqttReporter:
 
     def _on_message(self, msg: Any) -> None:
         # paho's thread: no parsing, no disk. Only this unit's verdict topic is subscribed to; anything
-        # else, or an oversized payload, is dropped here and counted by the publisher thread.
-        payload = bytes(msg.payload) if len(msg.payload) <= records.MAX_VERDICT_BYTES else b""
-        if msg.topic != self.verdict_topic or not payload or len(self._verdicts) >= MAX_QUEUED_VERDICTS:
-            self._verdicts_dropped += 1
-            if time.monotonic() - self._drop_logged_at < 60:
-                return  # counted; logged at most once a minute
-            self._drop_logged_at = time.monotonic()
-            log.warning(
-                "mqtt reporter %s: dropped a message on %s (%d bytes): not this unit's verdict topic, over %d "
-                "bytes, or %d verdict messages already waiting (counted as ignored verdicts; this warning comes "
-                "at most once a minute)",
-                self.unit_id,
-                records.safe_text(msg.topic),
-                len(msg.payload),
-                records.MAX_VERDICT_BYTES,
-                MAX_QUEUED_VERDICTS,
-            )
-            return
-        self._verdicts.append(payload)
-        self._wake.set()
+        # else, or an oversized payload, is dropped by the inbox and counted by the publisher thread.
+        if self._inbox.offer(msg):
+            self._wake.set()
 
     # --- publisher thread ---------------------------------------------------------------------
 
@@ -427,29 +403,7 @@ class MqttReporter:
     def _process_verdicts(self) -> None:
         """Apply the verdict messages that arrived: each must decode and name this unit; the outbox
         ignores verdicts about hits it does not hold."""
-        dropped = self._verdicts_dropped
-        ignored = dropped - self._verdicts_dropped_counted
-        verdicts: list[records.Verdict] = []
-        while self._verdicts:
-            payload = self._verdicts.popleft()
-            try:
-                body = records.decode_verdict(payload)
-            except ProtocolError as e:
-                ignored += 1
-                log.warning("mqtt reporter %s: ignored a verdict message that is not one: %s", self.unit_id, e)
-                continue
-            if (body["site"], body["unit_id"]) != (self.site, self.unit_id):
-                ignored += 1
-                log.warning(
-                    "mqtt reporter %s: ignored a verdict message for %s/%s on this unit's topic",
-                    self.unit_id,
-                    records.safe_text(body["site"]),
-                    records.safe_text(body["unit_id"]),
-                )
-                continue
-            verdicts += body["verdicts"]
-        self.outbox.count_ignored(ignored)
-        self._verdicts_dropped_counted = dropped
+        verdicts = self._inbox.take(self.outbox.count_ignored)
         outcome = self.outbox.apply_verdicts(verdicts)
         if self.on_verdicts is not None and verdicts:
             self.on_verdicts(verdicts)
