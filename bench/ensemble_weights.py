@@ -5,7 +5,8 @@ score of weights w is sum_i w_i cos_i, so each candidate is scored from the memb
 without embedding again. Candidates: every weight vector on a grid of the simplex (--step). Each is
 judged by the open-set protocol of bench/openset.py on that half (random identity splits): FNIR at
 FPIR 0.01, 0.03 and 0.1, with one look and with every face flip-averaged; the objective is the mean
-of those six figures (lower is better). The other half (bench/openset.py --half b) is where the
+of those six figures (lower is better). For each member the JSON also keeps the best candidate that
+gives it a weight and the best that leaves it out (`with_and_without`): what that member adds. The other half (bench/openset.py --half b) is where the
 chosen weights are reported, so no figure is measured on the photos the weights were chosen on.
 
 Example:
@@ -97,11 +98,23 @@ def main(argv: list[str] | None = None) -> int:
         "members": ours.info["members"],
         "chosen": best,
         "alone": [r for r in rows if max(r["weights"].values()) == 1.0],
+        # What each member adds: the best candidate that gives it a weight against the best that leaves it out.
+        "with_and_without": {
+            m: {
+                "with": next(r for r in rows if r["weights"][m] > 0),
+                "without": next(r for r in rows if r["weights"][m] == 0),
+            }
+            for m in names
+        },
         "top": rows[:15],
         "seconds": round(time.perf_counter() - t0, 1),
     }
     print(f"{len(photos)} images, {n_id} identities (half {args.half}), {args.splits} splits")
-    for label, r in [("chosen", best)] + [("alone", r) for r in results["alone"]] + [("next", r) for r in rows[1:8]]:
+    # "with" / "without": the best candidates that give the member whose weight differs a share, or none.
+    adds = [(kind, r[kind]) for r in results["with_and_without"].values() for kind in ("with", "without")]
+    for label, r in (
+        [("chosen", best)] + [("alone", r) for r in results["alone"]] + [("next", r) for r in rows[1:8]] + adds
+    ):
         w = ", ".join(f"{k} {v:.2f}" for k, v in r["weights"].items())
         plain = " / ".join(f"{x:.3f}" for x in r["plain"])
         flip = " / ".join(f"{x:.3f}" for x in r["flip"])
