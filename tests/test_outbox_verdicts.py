@@ -1,7 +1,7 @@
 """The outbox keeps a hit the broker acknowledged until the centre's verdict (issue 19, item 2): stored
 and duplicate delete it, refused keeps it with the reason under a limit, overdue ones go out again
 (with a growing wait), an outbox whose receivers never answer falls back to the broker's PUBACK, and
-hits awaiting a verdict are the first to make room. edge/outbox.py, no broker."""
+hits awaiting a verdict are the first to make room. edge/outbox/, no broker."""
 
 from __future__ import annotations
 

@@ -530,7 +530,7 @@ OUTBOX_COUNTERS = (
     "crops_dropped_full",
     "hits_dropped_full",
 )
-"""The outbox's running counters that every unit reports (edge/outbox.py keeps them by these names)."""
+"""The outbox's running counters that every unit reports (edge/outbox/ keeps them by these names)."""
 OUTBOX_VERDICT_COUNTERS = (
     "verdicts_stored",
     "verdicts_duplicate",
@@ -541,7 +541,7 @@ OUTBOX_VERDICT_COUNTERS = (
     "awaiting_dropped",
     "verdicts_ignored",
 )
-"""The outbox's running counters of the verdict exchange (edge/outbox.py keeps them by these names)."""
+"""The outbox's running counters of the verdict exchange (edge/outbox/ keeps them by these names)."""
 HEARTBEAT_OUTBOX_KEYS = ("pending", "pending_bytes", "max_bytes", *OUTBOX_COUNTERS, "inflight", "refused")
 HEARTBEAT_VERDICT_KEYS = ("awaiting_verdict", "quarantined_kept", *OUTBOX_VERDICT_COUNTERS)
 """Optional outbox figures of units that wait for the centre's verdicts (docs/protocol.md, "Verdicts");
