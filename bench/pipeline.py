@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--gating wants KEY=VALUE, got {' '.join(bad)}")
 
     if args.phase:
-        from edge.daemon import tune_malloc
+        from edge.process import tune_malloc
 
         tune_malloc()  # as `edge run` does
         plan = json.loads(args.plan.read_text())

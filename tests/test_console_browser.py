@@ -17,7 +17,8 @@ import pytest
 from click.testing import CliRunner
 
 from central.cli import main as cli
-from central.console import ConsoleSettings, create_app, visible
+from central.console import ConsoleSettings, create_app
+from central.console_text import visible
 from central.register_view import RegisterView
 from central.store import HitStore
 from central.webserver import BackgroundServer

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from central.cli import main as cli
-from central.health import HealthSettings, centre_problems, evaluate
+from central.fleet import HealthSettings, centre_problems, evaluate
 from central.publications import MANIFEST_SUBSCRIPTION
 from central.receiver import Receiver, ReceiverConfig
 from central.store import HitStore

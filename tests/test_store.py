@@ -12,8 +12,9 @@ import time
 import pytest
 
 from central import accounts
+from central.fleet import heartbeat_facts
 from central.migrations import LATEST
-from central.store import HitFilter, HitStore, StoreError, heartbeat_facts
+from central.store import HitFilter, HitStore, StoreError
 from testing.hits import face_jpeg, make_hit
 from wire import records
 
