@@ -197,9 +197,10 @@ class MosquittoBroker:
         max_inflight: int = 20,
         acl: str | None = None,
     ) -> None:
-        self.binary = binary or find_mosquitto()
-        if self.binary is None:
+        found = binary or find_mosquitto()
+        if found is None:
             raise BrokerError("mosquitto is not installed (apt-get install -y mosquitto mosquitto-clients)")
+        self.binary: str = found
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.host = HOST

@@ -136,7 +136,7 @@ def make_video(path: Path, seconds: float, appearances: Sequence[Appearance], si
 
     bg = background(size)
     resized = {id(a): _resize_h(a.image, a.height) for a in appearances}
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), FPS, size)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"mp4v"), FPS, size)
     if not writer.isOpened():
         raise DemoError(f"cannot write the demo video {path} with OpenCV")
     try:

@@ -58,7 +58,7 @@ def make_hit(unit_id: str = "unit-1", crop: bytes | None = None, **overrides: An
     return Hit(**fields)
 
 
-_TYPES = {
+_TYPES: dict[str, type | tuple[type, ...]] = {
     "string": str,
     "number": (int, float),
     "integer": int,

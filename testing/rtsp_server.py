@@ -206,8 +206,8 @@ def parse_mount(spec: str):
         w, _, h = size.partition("x")
         return PatternMount(name, int(w), int(h), int(fps or 10))
     if kind.startswith("garbage"):
-        fps = float(kind.split(":", 1)[1]) if ":" in kind else 10.0
-        return GarbageMount(name, fps)
+        rate = float(kind.split(":", 1)[1]) if ":" in kind else 10.0
+        return GarbageMount(name, rate)
     raise SystemExit(f"rtsp_server: unknown mount kind in {spec!r} (file:PATH, pattern[:WxH@FPS], garbage[:FPS])")
 
 
