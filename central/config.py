@@ -14,7 +14,6 @@ Example (deploy/centre.example.toml is a complete one)::
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,13 +23,9 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from central.console import ConsoleSettings
 from central.fleet import EXPIRY_WARNING_S
 from central.receiver_config import ReceiverConfig
+from common import toml
 from common.config import StrictModel
 from wire.mqtt import MqttConnection
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # Python 3.10: tomli is the same parser before it joined the standard library
-    import tomli as tomllib  # type: ignore[import-not-found]
 
 DEFAULT_DB = "checkpoint-hits.sqlite"
 
@@ -127,12 +122,12 @@ def load_centre_config(
     if path is not None:
         name = str(path)
         try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+            raw = toml.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"{name}: no such config file") from None
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"{name}: cannot read the config file: {e}") from None
-        except tomllib.TOMLDecodeError as e:
+        except toml.TOMLDecodeError as e:
             raise ConfigError(f"{name}: TOML syntax error: {e}") from None
         except RecursionError:
             raise ConfigError(f"{name}: nested too deeply to read; check that this is the centre's config") from None

@@ -23,12 +23,12 @@ model's calibration rules out); edge.config_keys puts each problem into words un
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from common import toml
 from common.config import StrictModel
 from edge.analysis import AnalysisConfig
 from edge.camera.config import CaptureConfig
@@ -50,11 +50,6 @@ from edge.sinks import JsonlSinkConfig
 from engines.config import EngineConfig
 from watchlist.unit.config import WatchlistConfig
 from wire.topics import TopicLevel, UnitIdLevel
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # Python 3.10: tomli is the same parser before it joined the standard library
-    import tomli as tomllib  # type: ignore[import-not-found]
 
 
 class ConfigError(Exception):
@@ -165,8 +160,8 @@ def parse_config(text: str, name: str = "<config>", base_dir: Path | None = None
     Every problem found is reported in one ConfigError, one line each (file: key: what and what to do).
     """
     try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
+        raw = toml.loads(text)
+    except toml.TOMLDecodeError as exc:
         raise ConfigError(f"{name}: TOML syntax error: {exc}") from None
     except RecursionError:
         raise ConfigError(

@@ -17,12 +17,8 @@ from typing import Any
 
 import click
 
+from common import toml
 from watchlist.format.errors import BundleRejected, WatchlistError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # Python 3.10: tomli is the same parser before it joined the standard library
-    import tomli as tomllib  # type: ignore[import-not-found]
 
 CONFIG_HELP = "the unit's TOML config ([watchlist] and [engine] are read)"
 STORE_HELP = "the unit's watchlist store (default: [watchlist] store in --config)"
@@ -56,8 +52,8 @@ def _fail(exc: Exception) -> None:
 def _watchlist_table(config: Path) -> dict:
     """The config's [watchlist] table, its paths made absolute against the config's folder (as the unit reads them)."""
     try:
-        doc = tomllib.loads(config.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+        doc = toml.loads(config.read_text())
+    except (OSError, toml.TOMLDecodeError) as exc:
         raise click.UsageError(f"{config}: {exc}") from None
     values = dict(doc.get("watchlist") or {})
     if not values:

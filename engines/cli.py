@@ -125,12 +125,9 @@ def _compare_threshold(threshold: float | None, config: Path | None) -> tuple[fl
     if threshold is not None:
         return threshold, "--threshold"
     if config is not None:
-        if sys.version_info >= (3, 11):
-            import tomllib
-        else:  # Python 3.10: tomli is the same parser before it joined the standard library
-            import tomli as tomllib  # type: ignore[import-not-found]
+        from common import toml
 
-        value = (tomllib.loads(config.read_text()).get("matching") or {}).get("threshold")
+        value = (toml.loads(config.read_text()).get("matching") or {}).get("threshold")
         if value is not None:
             return float(value), f"{config} [matching] threshold"
     return None, ""
@@ -141,12 +138,9 @@ def _engine_config(config: Path | None, cache_dir: Path | None):
 
     table: dict = {}
     if config is not None:
-        if sys.version_info >= (3, 11):
-            import tomllib
-        else:  # Python 3.10: tomli is the same parser before it joined the standard library
-            import tomli as tomllib  # type: ignore[import-not-found]
+        from common import toml
 
-        table = dict(tomllib.loads(config.read_text()).get("engine") or {})
+        table = dict(toml.loads(config.read_text()).get("engine") or {})
         for key in ("cache_dir",):
             if table.get(key) and not Path(table[key]).is_absolute():
                 table[key] = str(config.parent / table[key])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Literal
 
@@ -69,18 +68,16 @@ def load_engine_config(path: str | Path) -> EngineConfig:
     ensemble_calibration) resolve against the file's folder.
     Example: ``cfg = load_engine_config("/etc/checkpoint/unit.toml")``
     """
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # Python 3.10: tomli is the same parser before it joined the standard library
-        import tomli as tomllib  # type: ignore[import-not-found]
     from pydantic import ValidationError
+
+    from common import toml
 
     path = Path(path)
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        raw = toml.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise EngineConfigError(f"{path}: no such config file") from None
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, toml.TOMLDecodeError) as exc:
         raise EngineConfigError(f"{path}: cannot read the config file: {exc}") from None
     table = raw.get("engine", {})
     if not isinstance(table, dict):
