@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
+from central import review
 from central.console_core import ConsoleCore
 from central.console_text import qs, visible
 from central.register_view import PHOTO_TYPES
@@ -46,8 +47,9 @@ class HitPages(ConsoleCore):
     def _closed(self, person_id: str, site: str, publications: dict[str, dict[str, Any]] | None = None) -> str | None:
         """Why the person's case is closed (central.register_view.RegisterView.case_closed), against the
         list HQ last published for `site`; `publications` (HitStore.publications) when already read."""
-        published = (self.store.publications() if publications is None else publications).get(site)
-        return self.register.case_closed(person_id, published["version"] if published else None)
+        return review.case_closed(
+            self.register, person_id, site, self.store.publications() if publications is None else publications
+        )
 
     def _sighting_rows(self, flt: HitFilter) -> list[dict[str, Any]]:
         rows = self.store.sightings(limit=self.settings.hits_per_page, where=flt)

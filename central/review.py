@@ -10,6 +10,8 @@ decision in one transaction, as a row in `reviews` and an entry in the audit cha
 
 from __future__ import annotations
 
+from typing import Any, Protocol
+
 from central.store_core import StoreError
 
 REVIEW_STATES = ("pending", "confirmed", "rejected")
@@ -32,6 +34,22 @@ def check_decision(decision: str, reason: str | None, closed: str | None) -> str
     if decision == "confirm" and closed:
         raise ReviewRefused(f"case closed: {closed}; a closed case cannot be confirmed")
     return reason
+
+
+class ClosedCases(Protocol):
+    """What tells a closed case (central.register_view.RegisterView)."""
+
+    def case_closed(self, person_id: str, published: int | None = None) -> str | None: ...
+
+
+def case_closed(
+    register: ClosedCases, person_id: str, site: str, publications: dict[str, dict[str, Any]]
+) -> str | None:
+    """Why `person_id`'s case is closed at HQ, or None: judged against the list HQ last published for
+    `site` (`publications`, HitStore.publications), else the register's newest release. The console
+    and `checkpoint-receiver review` ask this one question, so both refuse with the same words."""
+    published = publications.get(site)
+    return register.case_closed(person_id, published["version"] if published else None)
 
 
 def check_operator(username: str, active: bool) -> None:

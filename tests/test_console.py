@@ -18,7 +18,7 @@ from central.console import ConsoleSettings, create_app
 from central.register_view import RegisterView
 from central.store import HitStore
 from central.webserver import BackgroundServer
-from testing.console_demo import DEMO_USERS, seed_demo
+from testing.console_demo import DEMO_PERSONS, DEMO_USERS, seed_demo
 from testing.hits import face_jpeg, make_hit
 from wire import records
 
@@ -178,6 +178,49 @@ def test_cli_review_uses_the_two_person_rule_and_short_ids(tmp_path):
     assert res.exit_code == 0 and "rejected" in res.output
     res = runner.invoke(cli, ["hits", "--db", db, "--state", "confirmed"])
     assert "aa11" in res.output and "aa22" not in res.output
+
+
+def test_cli_review_refuses_a_closed_case_as_the_console_does(tmp_path):
+    data = seed_demo(tmp_path / "demo")  # its register: HQ removed DEMO_PERSONS[3] in version 42
+    db = str(tmp_path / "hits.sqlite")
+    store = HitStore(db)
+    store.add_user("ana", "operator", accounts.hash_password("ana-password-1"), actor="test")
+    removed = make_hit(id="cc11" + "0" * 28, person_id=DEMO_PERSONS[3][0])
+    listed = make_hit(id="dd11" + "0" * 28, person_id=DEMO_PERSONS[0][0])
+    for hit in (removed, listed):
+        store.add_hit(*records.decode_hit(records.hit_payload(records.hit_record(hit, "site-a"), None, None)))
+    store.close()
+    runner = CliRunner()
+    env = {"CHECKPOINT_OPERATOR_PASSWORD": "ana-password-1"}
+
+    def review(*args: str):
+        return runner.invoke(cli, ["review", "--db", db, *args, "--user", "ana"], env=env)
+
+    res = review("--register", str(data.register), "cc11", "confirm")
+    said = "case closed: HQ removed this person from the watchlist in version 42; a closed case cannot be confirmed"
+    assert res.exit_code == 1 and said in res.output, res.output
+    # The console refuses it in the same words (its 409 page shows the store's sentence).
+    console = HitStore(db)
+    try:
+        from central.review import ReviewRefused, case_closed
+
+        closed = case_closed(RegisterView(data.register), removed.person_id, "site-a", console.publications())
+        with pytest.raises(ReviewRefused) as refused:
+            console.decide(removed.id, "ana", "confirm", closed=closed)
+        assert str(refused.value) == said
+        assert console.reviews(removed.id) == []
+    finally:
+        console.close()
+    # The register from centre.toml's [console] table does the same; a listed person is confirmed.
+    (tmp_path / "centre.toml").write_text(f'[console]\nregister = "{data.register}"\n')
+    res = review("--config", str(tmp_path / "centre.toml"), "cc11", "confirm")
+    assert res.exit_code == 1 and said in res.output
+    res = review("--config", str(tmp_path / "centre.toml"), "dd11", "confirm")
+    assert res.exit_code == 0 and "pending" in res.output and "note:" not in res.output
+    # Rejecting a closed case stays possible (it closes the sighting); without a register it is said
+    # that the question was not asked.
+    res = review("cc11", "reject", "--reason", "closed at HQ")
+    assert res.exit_code == 0 and "rejected" in res.output
 
 
 def test_cli_user_commands(tmp_path):

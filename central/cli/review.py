@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from central.cli.common import DB_OPTION, cli_actor, open_store, safe
+from central.cli.receive import CONFIG_OPTION, centre_config
 
 
 def _operator_password(username: str, password_file: Path | None) -> str:
@@ -21,41 +22,78 @@ def _operator_password(username: str, password_file: Path | None) -> str:
 
 @click.command()
 @DB_OPTION
+@CONFIG_OPTION
 @click.argument("hit_id")
 @click.argument("decision", type=click.Choice(["confirm", "reject"]))
 @click.option("--user", "username", required=True, help="Your operator account (see `user add`).")
 @click.option(
     "--password-file",
+    "operator_password_file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     default=None,
     help="File with your password (else env CHECKPOINT_OPERATOR_PASSWORD, else a prompt).",
 )
 @click.option("--reason", default=None, help="Why (required to reject).")
+@click.option(
+    "--register",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    envvar="CHECKPOINT_REGISTER",
+    help="HQ's register (SQLite, read-only; env CHECKPOINT_REGISTER; default: [console] register of --config): "
+    "a confirmation of a case HQ closed is refused, as in the console.",
+)
+@click.pass_context
 def review(
-    db_url: str, hit_id: str, decision: str, username: str, password_file: Path | None, reason: str | None
+    ctx: click.Context,
+    config_file: Path | None,
+    hit_id: str,
+    decision: str,
+    username: str,
+    operator_password_file: Path | None,
+    reason: str | None,
+    **_given: object,
 ) -> None:
     """Confirm or reject a hit as a logged-in operator; the same rules as the console.
 
     A hit is confirmed only when two different operators have confirmed it; one rejection (with a
-    reason) closes it. The first characters of a hit id are enough when they name one hit.
+    reason) closes it; a case HQ closed (the person removed from the list) cannot be confirmed, which
+    needs HQ's register (--register, or the config file's). The first characters of a hit id are
+    enough when they name one hit.
 
     \b
     Example:
-      checkpoint-receiver review --db hits.sqlite 3f2a confirm --user alice
-      checkpoint-receiver review --db hits.sqlite 3f2a reject --user bob --reason "different person: scar"
+      checkpoint-receiver review --db hits.sqlite --register /srv/hq/register.sqlite 3f2a confirm --user alice
+      checkpoint-receiver review --config /etc/checkpoint/centre.toml 3f2a reject --user bob --reason "different person: scar"
     """
     from central.accounts import check_login, username_problem
+    from central.register_view import RegisterView, RegisterViewError
+    from central.review import case_closed
 
     problem = username_problem(username)
     if problem:
         raise click.UsageError(f"--user: this cannot be a user name: {problem}")
-    store = open_store(db_url)
+    config = centre_config(ctx, config_file)
+    try:
+        register = RegisterView(config.console.register_path)
+    except RegisterViewError as e:
+        raise click.UsageError(f"--register: {e}") from None
+    store = open_store(config.db)
     try:
         full_id = store.resolve_hit_id(hit_id)
-        if not check_login(store.user(username), _operator_password(username, password_file)):
+        if not check_login(store.user(username), _operator_password(username, operator_password_file)):
             store.audit(username, "login", None, {"via": "cli review", "ok": False})
             raise click.ClickException(f"wrong password for {username}, or no such active user")
-        state = store.decide(full_id, username, decision, reason)
+        closed = None
+        if decision == "confirm":
+            hit = store.hit(full_id)
+            closed = case_closed(register, hit["person_id"], hit["site"], store.publications())
+            if register.register is None:
+                click.echo(
+                    "note: no --register (nor [console] register in --config): whether HQ closed this case is "
+                    "not checked; the console checks it",
+                    err=True,
+                )
+        state = store.decide(full_id, username, decision, reason, closed=closed)
     finally:
         store.close()
     waiting = " (a second operator must confirm it)" if decision == "confirm" and state == "pending" else ""
