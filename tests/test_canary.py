@@ -1,21 +1,23 @@
-"""The canary (issue 19, item 1): a real unit daemon with the real engine on the deployed site (TLS,
-accounts, ACL, signed hits), a real receiver, HQ's own enrolment of the canary person from the pinned
-picture. The canary passes end to end and shows at the centre without ever becoming a hit; a dead
-camera does not stop it; a missing signing key, a list without the canary, a blocked ACL and wrong
-embeddings each make it fail with the step named, and the fleet page shows the unit red with that
-reason, in Chromium."""
+"""The canary (issue 19): a real unit daemon with the real engine on the deployed site (TLS, accounts,
+ACL, signed hits), a real receiver, HQ's own enrolment of the canary person from the pinned picture.
+The canary, on by default, passes end to end and shows at the centre without ever becoming a hit; a
+dead camera does not stop it; a missing signing key, a list without the canary, a blocked ACL and
+wrong embeddings each make it fail with the step named. In Chromium, a unit with a missing signing
+key, an empty list, a blocked ACL, a wrong kernel or a dead camera shows red on the fleet page
+within one canary period, with the reason."""
 
 from __future__ import annotations
 
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from central.health import evaluate
+from central.fleet import evaluate
 from central.receiver import Receiver
 from central.store import HitStore
 from testing.broker import HOST, wait_for
@@ -89,12 +91,24 @@ def unit_store(tmp: Path, hq: dict[str, Any], engine: Any, bundle: str) -> Path:
 
 
 def unit_config(
-    tmp: Path, site: Site, hq: dict[str, Any], store: Path, *, sign: bool = True, site_id: str = "site-a"
+    tmp: Path,
+    site: Site,
+    hq: dict[str, Any],
+    store: Path,
+    *,
+    sign: bool = True,
+    site_id: str = "site-a",
+    camera: Path | None = None,
+    interval_s: float = 6,
+    verdict_timeout_s: float = 10,
 ) -> Any:
+    """unit-1's config on the site; its one camera, `gate`, is dead, or a video file played round and
+    round (`camera`: the unit has nothing wrong but what a test makes wrong)."""
     from edge.config import parse_config
 
     creds = site.creds
     key = f'signing_key = "{creds / "unit-1" / "signing.key"}"' if sign else ""
+    gate = f'url = "{DEAD_CAMERA}"' if camera is None else f'url = "{camera}"\nloop = true\nanalysis_fps = 1'
     return parse_config(
         f"""
 [unit]
@@ -103,7 +117,7 @@ site = "{site_id}"
 
 [[cameras]]
 id = "gate"
-url = "{DEAD_CAMERA}"
+{gate}
 open_timeout_s = 1
 reconnect_max_s = 1
 
@@ -128,9 +142,8 @@ verdicts = "require"
 verdict_timeout_s = 5
 
 [canary]
-enabled = true
-interval_s = 6
-verdict_timeout_s = 10
+interval_s = {interval_s}
+verdict_timeout_s = {verdict_timeout_s}
 """,
         base_dir=tmp,
     )
@@ -156,6 +169,20 @@ def canary_of(store: HitStore) -> dict[str, Any]:
 
 def reasons(store: HitStore) -> list[str]:
     return [r.text for r in evaluate(unit_row(store), time.time()).reasons]
+
+
+class Turned:
+    """An engine whose embedder's output is rolled by one place: unit length, wrong, as a wrong integer
+    kernel makes embeddings while the detector still finds the faces."""
+
+    def __init__(self, engine: Any) -> None:
+        self._engine = engine
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    def embed(self, *a: Any, **k: Any) -> np.ndarray:
+        return np.roll(self._engine.embed(*a, **k), 1, axis=-1)
 
 
 class Running:
@@ -210,39 +237,112 @@ def test_the_canary_passes_end_to_end_every_interval_and_never_becomes_a_hit(
         assert not [w for w in run.daemon.warnings() if w.startswith("canary")]
 
 
-def test_a_missing_signing_key_turns_the_unit_red_with_the_centres_refusal_in_chromium(
-    site: Site, hq: dict[str, Any], engine: Any, tmp_path: Path, new_page: Any
+@dataclass(frozen=True)
+class Cause:
+    """One way a unit goes wrong, and the reason the fleet page must show in red for it."""
+
+    reason: str | re.Pattern[str]  # a red reason on the unit's row holds it
+    sign: bool = True  # the unit has its signing key
+    listed: bool = True  # the unit holds a list with the canary (else none at all)
+    hits_allowed: bool = True  # the broker's ACL lets the unit write its hits
+    turned: bool = False  # the engine's embeddings are wrong, as a wrong kernel makes them
+    camera_dead: bool = False  # its one camera is dead (else it shows an empty scene)
+    canary_passes: bool = False
+
+
+CAUSES = {
+    "missing signing key": Cause("canary failed: the centre refused the canary hit: unsigned", sign=False),
+    "empty list": Cause(
+        f"canary failed: the canary person was not matched: the list in force (version 0) does not hold "
+        f"{CANARY_PERSON_ID!r}",
+        listed=False,
+    ),
+    "blocked ACL": Cause(
+        re.compile(r"canary failed: the canary hit \S+ got no verdict from the centre"), hits_allowed=False
+    ),
+    "wrong kernel": Cause("canary failed: the canary person was not matched although the list holds it", turned=True),
+    "dead camera": Cause("camera gate down", camera_dead=True, canary_passes=True),
+}
+# A run at start, then one every PERIOD_S: each cause must show within the first period. A run fails
+# VERDICT_TIMEOUT_S after it began when nothing answered; that leaves the rest of the period for the
+# heartbeat (every second) and the page.
+PERIOD_S, VERDICT_TIMEOUT_S = 15.0, 8.0
+HITS_ACL_LINE = "pattern write checkpoint/v1/%u/hits\n"
+
+
+@pytest.fixture(scope="module")
+def empty_scene(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A short clip of a scene with nobody in it, for a camera that works."""
+    from testing.media import make_face_clip
+
+    return make_face_clip(tmp_path_factory.mktemp("scene") / "empty.mp4", [], size=(320, 240), fps=5, seconds=2)
+
+
+@pytest.mark.parametrize("cause", list(CAUSES.values()), ids=list(CAUSES))
+def test_each_cause_turns_the_unit_red_with_its_reason_within_one_period_in_chromium(
+    cause: Cause,
+    hq: dict[str, Any],
+    engine: Any,
+    empty_scene: Path,
+    tmp_path: Path,
+    mosquitto_bin: str,
+    new_page: Any,
 ) -> None:
+    """Issue 19's target: a unit with a missing signing key, an empty list, a blocked ACL, a wrong kernel
+    or a dead camera shows red on the fleet page within one canary period, with the reason; the real
+    unit daemon, Mosquitto on the deployed files, receiver and console, the page updating live."""
     from playwright.sync_api import expect
 
-    from central import accounts
     from central.console import ConsoleSettings, create_app
     from central.webserver import BackgroundServer
+    from tests.console_support import add_users, login
 
-    config = unit_config(tmp_path, site, hq, unit_store(tmp_path, hq, engine, "with"), sign=False)
-    with Running(site, tmp_path, config, engine) as run:
-        wait_for(lambda: canary_of(run.store).get("state") == "failed", 40, "the unit reporting its canary failed")
-        assert "the centre refused the canary hit: unsigned" in canary_of(run.store)["reason"]
-        assert unit_row(run.store).get("last_canary_at") is None and run.store.hits(limit=None) == []
-        red = [r for r in evaluate(unit_row(run.store), time.time()).reasons if r.text.startswith("canary failed")]
-        assert red and red[0].level == "red", reasons(run.store)
-        run.store.add_user("ana", "operator", accounts.hash_password("ana-password-1"), actor="test")
-        server = BackgroundServer(create_app(run.store, settings=ConsoleSettings(poll_s=0.25))).start()
-        try:
-            page = new_page()
-            page.goto(server.url + "/fleet")
-            page.fill("input[name=username]", "ana")
-            page.fill("input[name=password]", "ana-password-1")
-            page.click("button[type=submit]")
-            page.goto(server.url + "/fleet")
-            row = page.locator("tr[data-unit='site-a/unit-1']")
-            # Its status is unsigned too, so quarantined: the centre knows it only from its heartbeat.
-            expect(row).to_have_class(re.compile(r"\blevel-red\b"))
-            expect(row.locator("li.reason.red").filter(has_text="canary failed")).to_contain_text(
-                "the centre refused the canary hit: unsigned"
-            )
-        finally:
-            server.stop()
+    creds = tmp_path / "creds"
+    unit_keys = make_site_credentials(creds)
+    if not cause.hits_allowed:
+        # The ACL as a broker's could be, wrong: the unit may send its heartbeats but not its hits.
+        acl = creds / "broker" / "acl"
+        assert HITS_ACL_LINE in acl.read_text()
+        acl.write_text(acl.read_text().replace(HITS_ACL_LINE, ""))
+    site = Site(start_deployed_broker(tmp_path / "broker", creds), creds, unit_keys)
+    store = unit_store(tmp_path, hq, engine, "with") if cause.listed else tmp_path / "never-applied.db"
+    config = unit_config(
+        tmp_path,
+        site,
+        hq,
+        store,
+        sign=cause.sign,
+        camera=None if cause.camera_dead else empty_scene,
+        interval_s=PERIOD_S,
+        verdict_timeout_s=VERDICT_TIMEOUT_S,
+    )
+    try:
+        run = Running(site, tmp_path, config, Turned(engine) if cause.turned else engine)
+        started = time.monotonic()
+
+        def left_ms() -> float:
+            return max(1.0, (started + PERIOD_S - time.monotonic()) * 1000)
+
+        with run:
+            add_users(run.store, "ana")
+            server = BackgroundServer(create_app(run.store, settings=ConsoleSettings(poll_s=0.25))).start()
+            try:
+                page = new_page()
+                login(page, server.url, "ana")
+                page.goto(server.url + "/fleet")  # then live: the rows follow the store
+                row = page.locator("tr[data-unit='site-a/unit-1']")
+                expect(row).to_have_class(re.compile(r"\blevel-red\b"), timeout=left_ms())
+                expect(row.locator("li.reason.red").filter(has_text=cause.reason)).to_have_count(1, timeout=left_ms())
+                if cause.canary_passes:
+                    expect(row.locator(".canary")).to_contain_text("last canary passed", timeout=left_ms())
+                    assert not [r for r in reasons(run.store) if "canary" in r], reasons(run.store)
+                else:
+                    assert run.daemon.canary.failures >= 1 and unit_row(run.store).get("last_canary_at") is None
+                assert run.store.hits(limit=None) == []  # the canary never becomes an operator's hit
+            finally:
+                server.stop()
+    finally:
+        site.broker.stop()
 
 
 def test_a_list_without_the_canary_is_refused_and_one_held_from_before_fails_the_canary(
@@ -304,16 +404,7 @@ def test_wrong_embeddings_fail_the_canary_at_matching(engine: Any, tmp_path: Pat
         )
     )
 
-    class Turned:
-        """The engine with its embedder's output rolled by one place: unit length, wrong."""
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(engine, name)
-
-        def embed(self, *a: Any, **k: Any) -> np.ndarray:
-            return np.roll(engine.embed(*a, **k), 1, axis=-1)
-
-    for eng, passes in ((engine, True), (Turned(), False)):
+    for eng, passes in ((engine, True), (Turned(engine), False)):
         canary = Canary(
             CanaryConfig(enabled=True, interval_s=600, verdict_timeout_s=0.5),
             canary_frames(photo),
