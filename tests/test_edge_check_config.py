@@ -121,7 +121,7 @@ def site(tmp_path: Path, mosquitto_bin: str):
     unit_keys = make_site_credentials(creds)
     broker = start_deployed_broker(tmp_path / "broker", creds)
     hq = Authority(model_id="synthetic:v1", threshold=0.5)
-    bundle = hq.bundle(1, make_persons(["p1"], 1), samples_of(person_centers(1, seed=1), 1, seed=2))
+    bundle = hq.bundle(1, make_persons(["p1"], 1), samples_of(person_centers(1, seed=1), 1, seed=2), canary=True)
     publish_bundle(bundle, "checkpoint/v1/site-a/watchlist", connection=Site(broker, creds, unit_keys).account("hq"))
     yield Site(broker, creds, unit_keys, hq)
     broker.stop()
