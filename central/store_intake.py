@@ -99,7 +99,10 @@ class IntakeStore(StoreCore):
                 # Receivers sharing a PostgreSQL store group under one lock, so one person's hits arriving
                 # at two receivers at once cannot open two sightings.
                 self._lock_audit(q)
-                group_sightings(q, [row for row, _ in first])
+                for merge in group_sightings(q, [row for row, _ in first]):
+                    # Operators see a sighting they may have opened vanish into another: the chain says why.
+                    detail = {"merged": merge["merged"], "hit": merge["hit"], "hits": merge["hits"]}
+                    self._audit(q, "receiver", "sighting_merged", merge["kept"], detail)
             for row in first_of_version:
                 self._audit(
                     q,

@@ -21,14 +21,18 @@ SIGHTING_TRACK_S = 1800.0
 the tracker held the face the whole time (track ids restart with the unit, hence a limit)."""
 
 
-def group_sightings(q: Runner, rows: list[dict[str, Any]]) -> None:
+def group_sightings(q: Runner, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Put each newly stored hit into a sighting (SIGHTING_GAP_S, SIGHTING_TRACK_S), oldest capture
     first: the open sighting of its person at its unit that it falls into, or a new one named by
     the hit. A hit joining a decided sighting takes its decision; a rejection covers only the
-    faces the operator saw, so a hit scoring above the best of them starts a new sighting. The
-    caller holds the audit lock (receivers sharing a database group one at a time)."""
+    faces the operator saw, so a hit scoring above the best of them starts a new sighting. A hit
+    that continues two or more pending sightings joins them into one (`_merge`); one that
+    continues a pending and a decided sighting joins the pending one, so it is asked about, and the
+    decided one stays as decided. Returns the merges, for the audit chain: the sighting kept, those
+    merged into it, the hit that joined them and the hits the sighting holds now. The caller holds
+    the audit lock (receivers sharing a database group one at a time)."""
     if not rows:
-        return
+        return []
     keys = {(r["site"], r["unit_id"], r["person_id"]) for r in rows}
     low = min(r["captured_at"] for r in rows) - max(SIGHTING_GAP_S, SIGHTING_TRACK_S)
     high = max(r["captured_at"] for r in rows) + SIGHTING_GAP_S
@@ -41,20 +45,35 @@ def group_sightings(q: Runner, rows: list[dict[str, Any]]) -> None:
         )
     new_ids: set[str] = set()
     changed: dict[str, dict[str, Any]] = {}
-    placed: list[tuple[str, str, str]] = []  # hit id, sighting id, review state
+    merged_into: dict[str, str] = {}  # a sighting merged away -> the one that holds its hits now
+    merges: list[dict[str, Any]] = []
+    placed: list[tuple[str, str]] = []  # hit id, sighting id
     for row in sorted(rows, key=lambda r: (r["captured_at"], r["id"])):
         found = known[(row["site"], row["unit_id"], row["person_id"])]
         joins = [s for s in found if _continues(s, row)]
+        # Never silently into a decided sighting while a pending one would take the hit: asked about
+        # there, it cannot be confirmed or rejected by a decision taken on other faces.
+        pending = [s for s in joins if s["review_state"] == "pending"]
+        joins = pending or joins
+        if len(pending) > 1:
+            kept = _merge(q, pending, new_ids)
+            if kept is not None:
+                for gone in pending:
+                    if gone is not kept:
+                        found.remove(gone)
+                        changed.pop(gone["id"], None)
+                        merged_into[gone["id"]] = kept["id"]
+                merges.append(
+                    {
+                        "kept": kept["id"],
+                        "merged": sorted(s["id"] for s in pending if s is not kept),
+                        "hit": row["id"],
+                    }
+                )
+                joins = [kept]
         if joins:
             sighting = min(joins, key=lambda s: abs(s["last_at"] - row["captured_at"]))
-            sighting["hits"] += 1
-            sighting["first_at"] = min(sighting["first_at"], row["captured_at"])
-            sighting["last_received_at"] = max(sighting["last_received_at"], row["received_at"])
-            if row["captured_at"] >= sighting["last_at"]:
-                sighting["last_at"] = row["captured_at"]
-                sighting["last_camera_id"], sighting["last_track_id"] = row["camera_id"], row.get("track_id")
-            if (row.get("score") or 0) > (sighting["best_score"] or 0):
-                sighting["best_hit_id"], sighting["best_score"] = row["id"], row.get("score")
+            _add(sighting, row)
         else:
             sighting = {
                 "id": row["id"],
@@ -77,18 +96,23 @@ def group_sightings(q: Runner, rows: list[dict[str, Any]]) -> None:
             found.append(sighting)
             new_ids.add(sighting["id"])
         changed[sighting["id"]] = sighting
-        placed.append((row["id"], sighting["id"], sighting["review_state"]))
+        placed.append((row["id"], sighting["id"]))
+    for merge in merges:
+        while merge["kept"] in merged_into:  # merged again by a later hit of the batch
+            merge["kept"] = merged_into[merge["kept"]]
+    by_id = {s["id"]: s for s in changed.values()}
     for sid, s in changed.items():
         if sid in new_ids:
             cols = list(s)
             q(f"INSERT INTO sightings({','.join(cols)}) VALUES ({','.join('?' * len(cols))})", [s[c] for c in cols])
         else:
             q(
-                "UPDATE sightings SET first_at = ?, last_at = ?, last_received_at = ?, hits = ?, best_hit_id = ?, "
-                "best_score = ?, last_camera_id = ?, last_track_id = ? WHERE id = ?",
+                "UPDATE sightings SET first_at = ?, last_at = ?, created_at = ?, last_received_at = ?, hits = ?, "
+                "best_hit_id = ?, best_score = ?, last_camera_id = ?, last_track_id = ? WHERE id = ?",
                 (
                     s["first_at"],
                     s["last_at"],
+                    s["created_at"],
                     s["last_received_at"],
                     s["hits"],
                     s["best_hit_id"],
@@ -98,7 +122,12 @@ def group_sightings(q: Runner, rows: list[dict[str, Any]]) -> None:
                     sid,
                 ),
             )
-    for chunk in chunks(placed, 300):
+    final = []
+    for hid, sid in placed:
+        while sid in merged_into:
+            sid = merged_into[sid]
+        final.append((hid, sid, by_id[sid]["review_state"]))
+    for chunk in chunks(final, 300):
         sighting_case = " ".join(["WHEN ? THEN ?"] * len(chunk))
         state_case = " ".join(["WHEN ? THEN ?"] * len(chunk))
         q(
@@ -108,6 +137,59 @@ def group_sightings(q: Runner, rows: list[dict[str, Any]]) -> None:
             + [v for hid, _, state in chunk for v in (hid, state)]
             + [hid for hid, _, _ in chunk],
         )
+    for merge in merges:
+        merge["hits"] = int(by_id[merge["kept"]]["hits"])
+    return merges
+
+
+def _add(sighting: dict[str, Any], row: dict[str, Any]) -> None:
+    """Count the hit `row` into `sighting` (its span, latest camera and track, best hit)."""
+    sighting["hits"] += 1
+    sighting["first_at"] = min(sighting["first_at"], row["captured_at"])
+    sighting["last_received_at"] = max(sighting["last_received_at"], row["received_at"])
+    if row["captured_at"] >= sighting["last_at"]:
+        sighting["last_at"] = row["captured_at"]
+        sighting["last_camera_id"], sighting["last_track_id"] = row["camera_id"], row.get("track_id")
+    if (row.get("score") or 0) > (sighting["best_score"] or 0):
+        sighting["best_hit_id"], sighting["best_score"] = row["id"], row.get("score")
+
+
+def _merge(q: Runner, pending: list[dict[str, Any]], new_ids: set[str]) -> dict[str, Any] | None:
+    """Join pending sightings of one person at one unit into the oldest (first to arrive), which
+    keeps its id; its counts, span and best hit are those of them all, and the others' hits and
+    confirmations move to it. None, and nothing changed, when their confirmations come from two or
+    more different operators: joined, the sighting would hold two confirmations that no operator
+    gave on it as a whole (each saw only a part), so they stay apart and each is decided on its own."""
+    stored = [s["id"] for s in pending if s["id"] not in new_ids]
+    confirmers: set[str] = set()
+    if stored:
+        marks = ",".join("?" * len(stored))
+        confirmers = {
+            r["username"]
+            for r in q(f"SELECT username FROM reviews WHERE sighting_id IN ({marks}) AND decision = 'confirm'", stored)
+        }
+    if len(confirmers) > 1:
+        return None
+    kept = min(pending, key=lambda s: (s["created_at"], s["first_at"], s["id"]))
+    for other in pending:
+        if other is kept:
+            continue
+        kept["hits"] += other["hits"]
+        kept["first_at"] = min(kept["first_at"], other["first_at"])
+        kept["created_at"] = min(kept["created_at"], other["created_at"])
+        kept["last_received_at"] = max(kept["last_received_at"], other["last_received_at"])
+        if other["last_at"] > kept["last_at"]:
+            kept["last_at"] = other["last_at"]
+            kept["last_camera_id"], kept["last_track_id"] = other["last_camera_id"], other["last_track_id"]
+        if (other["best_score"] or 0) > (kept["best_score"] or 0):
+            kept["best_hit_id"], kept["best_score"] = other["best_hit_id"], other["best_score"]
+        if other["id"] in new_ids:
+            new_ids.discard(other["id"])  # made by this batch: never written, its hits are re-placed
+            continue
+        q("UPDATE hits SET sighting_id = ? WHERE sighting_id = ?", (kept["id"], other["id"]))
+        q("UPDATE reviews SET sighting_id = ? WHERE sighting_id = ?", (kept["id"], other["id"]))
+        q("DELETE FROM sightings WHERE id = ?", (other["id"],))
+    return kept
 
 
 def _continues(sighting: dict[str, Any], row: dict[str, Any]) -> bool:

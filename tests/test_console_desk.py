@@ -136,6 +136,26 @@ def test_hits_of_one_person_are_one_sighting_decided_once(site, page_for):
     assert [json.loads(e["detail"])["sighting"] for e in decisions[:2]] == [first, first]
 
 
+def test_a_hit_joining_two_pending_sightings_merges_them_live(site, page_for):
+    from playwright.sync_api import expect
+
+    page = page_for(site.url, "ben")
+    t0 = time.time() - 20000
+    # Track 1 (sighting A), another track ten minutes on (B), then track 1 again near B: one sighting.
+    a = send(site, person_id="case-2021-0311", captured_at=t0, score=0.70, track_id=41)
+    b = send(site, person_id="case-2021-0311", captured_at=t0 + 600, score=0.90, track_id=42)
+    expect(page.locator(f"tr[data-sighting-id='{b}']")).to_be_visible()
+    bridge = send(site, person_id="case-2021-0311", captured_at=t0 + 650, score=0.75, track_id=41)
+    row = page.locator(f"tr[data-sighting-id='{a}']")
+    expect(row).to_have_attribute("data-hits", "3")
+    expect(row).to_have_attribute("data-hit-id", b)  # the best crop of all three
+    expect(page.locator(f"tr[data-sighting-id='{b}']")).to_have_count(0)
+    page.goto(f"{site.url}/hit?id={bridge}")
+    expect(page.locator("#sighting")).to_contain_text("3 hits")
+    merged = [e for e in site.store.audit_entries(limit=5) if e["action"] == "sighting_merged"]
+    assert merged and merged[0]["subject"] == a and json.loads(merged[0]["detail"])["merged"] == [b]
+
+
 def test_a_new_sighting_updates_count_and_title_sounds_and_notifies(site, page_for):
     from playwright.sync_api import expect
 

@@ -346,6 +346,76 @@ def test_one_two_person_decision_covers_the_sighting_and_later_hits_show_it(stor
     assert len(decisions) == 2 and json.loads(decisions[0]["detail"])["sighting"] == a["id"]
 
 
+def _two_sightings_and_a_bridge(t0: float):
+    """Track 1 at t0 (sighting A), another track 10 minutes on (B, past the gap), and a hit of track 1
+    near B: it continues A (its track) and B (its time)."""
+    a, _ = decoded(person_id="case-1", camera_id="cam-1", track_id=1, captured_at=t0, score=0.70)
+    b, _ = decoded(person_id="case-1", camera_id="cam-2", track_id=2, captured_at=t0 + 600, score=0.90)
+    bridge, _ = decoded(person_id="case-1", camera_id="cam-1", track_id=1, captured_at=t0 + 650, score=0.75)
+    return a, b, bridge
+
+
+def test_a_hit_that_continues_two_pending_sightings_merges_them(store):
+    t0 = time.time() - 3000
+    a, b, bridge = _two_sightings_and_a_bridge(t0)
+    store.add_hits([(a, None, t0 + 1)])
+    store.add_hits([(b, None, t0 + 601)])
+    assert store.decide(b["id"], "ana", "confirm") == "pending"  # one confirmation, on B
+    store.add_hits([(bridge, None, t0 + 651)])
+    # One sighting, the older id kept, counts, span and best hit of all three.
+    kept = store.sighting(a["id"])
+    assert store.sighting(b["id"]) is None
+    assert (kept["hits"], kept["best_hit_id"], kept["first_at"], kept["last_at"]) == (3, b["id"], t0, t0 + 650)
+    assert kept["created_at"] == t0 + 1 and kept["review_state"] == "pending"
+    assert {h["id"] for h in store.sighting_hits(a["id"])} == {a["id"], b["id"], bridge["id"]}
+    assert [s["id"] for s in store.sightings(limit=None)] == [a["id"]]
+    # B's confirmation is the merged sighting's: another operator's confirms it, the same one's is refused.
+    assert [(r["username"], r["hit_id"]) for r in store.reviews(bridge["id"])] == [("ana", b["id"])]
+    with pytest.raises(StoreError, match="second, different operator"):
+        store.decide(a["id"], "ana", "confirm")
+    merged = [e for e in store.audit_entries(limit=None) if e["action"] == "sighting_merged"]
+    assert [(e["actor"], e["subject"], json.loads(e["detail"])) for e in merged] == [
+        ("receiver", a["id"], {"merged": [b["id"]], "hit": bridge["id"], "hits": 3})
+    ]
+    assert store.decide(bridge["id"], "ben", "confirm") == "confirmed"
+    assert {store.hit(h["id"])["review_state"] for h in (a, b, bridge)} == {"confirmed"}
+    assert store.verify_audit().ok
+
+
+def test_sightings_merge_within_one_batch_too(store):
+    t0 = time.time() - 3000
+    a, b, bridge = _two_sightings_and_a_bridge(t0)
+    store.add_hits([(bridge, None, t0 + 700), (b, None, t0 + 700), (a, None, t0 + 700)])
+    assert [(s["id"], s["hits"]) for s in store.sightings(limit=None)] == [(a["id"], 3)]
+    assert {store.hit(h["id"])["sighting_id"] for h in (a, b, bridge)} == {a["id"]}
+    merged = [json.loads(e["detail"]) for e in store.audit_entries(limit=None) if e["action"] == "sighting_merged"]
+    assert merged == [{"merged": [b["id"]], "hit": bridge["id"], "hits": 3}]
+
+
+def test_decided_sightings_and_split_confirmations_are_never_merged(store):
+    t0 = time.time() - 3000
+    # A decided (two confirmations), B pending: the hit goes to B, asked about; A stays as decided.
+    a, b, bridge = _two_sightings_and_a_bridge(t0)
+    store.add_hits([(a, None, t0 + 1), (b, None, t0 + 601)])
+    store.decide(a["id"], "ana", "confirm")
+    store.decide(a["id"], "ben", "confirm")
+    store.add_hits([(bridge, None, t0 + 651)])
+    assert store.hit(bridge["id"])["sighting_id"] == b["id"]
+    assert store.hit(bridge["id"])["review_state"] == "pending"
+    assert (store.sighting(a["id"])["hits"], store.sighting(a["id"])["review_state"]) == (1, "confirmed")
+    # A confirmed by ana alone and B by ben alone: joined, two operators would have confirmed a sighting
+    # each saw only part of; they stay apart and the hit joins the nearer one.
+    t1 = t0 - 86400
+    c, d, bridge2 = _two_sightings_and_a_bridge(t1)
+    store.add_hits([(c, None, t1 + 1), (d, None, t1 + 601)])
+    store.decide(c["id"], "ana", "confirm")
+    store.decide(d["id"], "ben", "confirm")
+    store.add_hits([(bridge2, None, t1 + 651)])
+    assert store.sighting(c["id"])["hits"] == 1 and store.sighting(d["id"])["hits"] == 2
+    assert store.hit(bridge2["id"])["sighting_id"] == d["id"]
+    assert [e for e in store.audit_entries(limit=None) if e["action"] == "sighting_merged"] == []
+
+
 def test_a_rejection_covers_only_the_faces_seen(store):
     t0 = time.time() - 600
     a, _ = decoded(person_id="case-1", captured_at=t0, score=0.7)
