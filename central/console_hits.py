@@ -55,12 +55,14 @@ class HitPages(ConsoleCore):
         rows = self.store.sightings(limit=self.settings.hits_per_page, where=flt)
         people = self.register.people({r["person_id"] for r in rows})
         cameras = self.store.camera_names()
+        zones = self.store.unit_zones()
         late = time.time() - self.settings.overdue_after_s
         # Read once per page or poll, not once per pending row.
         publications = self.store.publications() if any(r["review_state"] == "pending" for r in rows) else {}
         for r in rows:
             r["person"] = people.get(r["person_id"])
             r["camera_name"] = cameras.get((r["site"], r["unit_id"], r["best_camera_id"]))
+            r["zone"] = zones.get((r["site"], r["unit_id"]))
             r["overdue"] = r["review_state"] == "pending" and r["created_at"] < late
             pending = r["review_state"] == "pending"
             r["closed"] = self._closed(r["person_id"], r["site"], publications) if pending else None
@@ -94,6 +96,7 @@ class HitPages(ConsoleCore):
             raise HTTPException(404, "no such hit")
         closed = self._closed(hit["person_id"], hit["site"]) if sighting["review_state"] == "pending" else None
         camera = self.store.camera_names().get((hit["site"], hit["unit_id"], hit["camera_id"]))
+        zone = self.store.unit_zones().get((hit["site"], hit["unit_id"]))
         return dict(
             session=sess,
             hit=hit,
@@ -105,6 +108,7 @@ class HitPages(ConsoleCore):
             others=[h for h in self.store.sighting_hits(sighting["id"]) if h["id"] != hit["id"]][:24],
             closed=closed,
             camera_name=camera,
+            zone=zone,
         )
 
     def hit_page(self, request: Request) -> Response:

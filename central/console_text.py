@@ -1,4 +1,4 @@
-"""How the console writes values for people: times (UTC, with the browser's local time beside),
+"""How the console writes values for people: times (UTC, with the site's or the browser's local time beside),
 spans, stranger rates in words, text with its invisible characters shown; the Jinja2 environment
 that gives them to the templates as filters.
 """
@@ -14,6 +14,8 @@ from urllib.parse import quote
 
 import jinja2
 from markupsafe import Markup
+
+from wire.timezones import is_zone
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 # Control characters, DEL and C1, and the bidirectional overrides that can make text read backwards.
@@ -87,14 +89,23 @@ def waited(ts: float | None) -> str:
     return duration(time.time() - ts) if ts else "-"
 
 
-def when(ts: float | None) -> Markup:
-    """A time as UTC text in a <time> element that console.js gives the browser's local time beside
-    (the centre does not know each site's time zone)."""
+def when(ts: float | None, zone: str | None = None) -> Markup:
+    """A time as UTC text in a <time> element, with the site's local time beside it when `zone` (the
+    unit's IANA zone from its heartbeat, `HitStore.unit_zones`) is one; without it console.js adds
+    the browser's local time, labelled as the browser's."""
     text = utc(ts)
     if ts is None or text.startswith("(") or text == "-":
         return Markup.escape(text)
-    iso = dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat(timespec="seconds")
-    return Markup('<time class="when" datetime="{}">{} UTC</time>').format(iso, text)
+    at = dt.datetime.fromtimestamp(ts, dt.timezone.utc)
+    iso = at.isoformat(timespec="seconds")
+    if zone is None or not is_zone(zone):  # checked again: a zone stored before the receiver checked it
+        return Markup('<time class="when" datetime="{}">{} UTC</time>').format(iso, text)
+    from zoneinfo import ZoneInfo
+
+    local = at.astimezone(ZoneInfo(zone))
+    return Markup(
+        '<time class="when" datetime="{}">{} UTC<span class="site" data-zone="{}"> · {} {} at the site ({})</span></time>'
+    ).format(iso, text, zone, local.strftime("%Y-%m-%d %H:%M:%S"), local.tzname() or "", zone)
 
 
 def qs(value: Any) -> str:

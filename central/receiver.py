@@ -56,6 +56,7 @@ from wire import records, signing, topics
 from wire.errors import ProtocolError
 from wire.mqtt import MqttLink
 from wire.records import safe_text
+from wire.timezones import is_zone
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,9 @@ class Receiver:
             "verdicts_unheard": 0,
             "verdicts_unaddressed": 0,
             "canaries": 0,
+            "timezones_ignored": 0,
         }
+        self._zone_warned: set[tuple[str, str]] = set()  # units whose unusable time zone was logged
         # Hits of the batch being handled that were quarantined: (message, reason, error).
         self._refused: list[tuple[Incoming, str, str]] = []
         self.link = MqttLink(
@@ -330,9 +333,29 @@ class Receiver:
             return
         body = records.decode_heartbeat(m.payload)
         self._check_origin(body, site, unit_id)
+        self._check_zone(body, site, unit_id)
         # Ordered by receive time; a retained one replayed on subscribing by its own time if earlier, so
         # a unit that died long ago shows as silent, and one stamped in the future holds back nothing.
         beats.append(Beat(m, site, unit_id, body, min(body["at"], m.received_at) if m.retain else m.received_at))
+
+    def _check_zone(self, body: dict[str, Any], site: str, unit_id: str) -> None:
+        """Drop a heartbeat's ``unit.timezone`` that is no IANA zone (wire.timezones), counted as
+        `timezones_ignored` and logged once per unit: the heartbeat is kept, the console shows the
+        operator's zone for that site instead, and the string is never shown."""
+        zone = body["unit"].get("timezone")
+        if zone is None or is_zone(zone):
+            return
+        del body["unit"]["timezone"]
+        self.counts["timezones_ignored"] += 1
+        if (site, unit_id) not in self._zone_warned and len(self._zone_warned) < 10_000:
+            self._zone_warned.add((site, unit_id))
+            log.warning(
+                "receiver: unit %s/%s states a time zone that is no IANA zone (%s); ignored, its times are "
+                "shown in UTC and the operator's zone",
+                safe_text(site),
+                safe_text(unit_id),
+                safe_text(zone, 80),
+            )
 
     def _verify(self, payload: bytes, site: str, unit_id: str, crop: bytes | None) -> str:
         """The record's signature verdict, or Quarantined when the policy refuses it."""

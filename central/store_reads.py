@@ -12,6 +12,7 @@ from typing import Any
 from central import review
 from central.fleet import EXPIRY_WARNING_S, HealthSettings, unit_row
 from central.store_core import HitFilter, StoreCore, StoreError
+from wire.timezones import is_zone
 
 
 class ReadStore(StoreCore):
@@ -71,22 +72,40 @@ class ReadStore(StoreCore):
             return int(self._read("SELECT COUNT(*) AS n FROM hits")[0]["n"])
         return int(self._read("SELECT COUNT(*) AS n FROM hits WHERE review_state = ?", (review_state,))[0]["n"])
 
-    def camera_names(self) -> dict[tuple[str, str, str], str]:
-        """Each camera's name as its unit's latest heartbeat gives it ((site, unit, camera id) -> name),
-        cut to 80 characters; cameras without one are left out."""
-        names: dict[tuple[str, str, str], str] = {}
+    def _unit_statuses(self) -> list[tuple[str, str, dict[str, Any]]]:
+        """(site, unit, the `unit` object of its latest heartbeat) of every unit that sent one."""
+        out = []
         for row in self._read("SELECT site, unit_id, heartbeat FROM units WHERE heartbeat IS NOT NULL"):
             try:
                 body = json.loads(row["heartbeat"])
             except ValueError:
                 continue
             unit = body.get("unit") if isinstance(body, dict) else None
-            cameras = unit.get("cameras") if isinstance(unit, dict) else None
+            if isinstance(unit, dict):
+                out.append((row["site"], row["unit_id"], unit))
+        return out
+
+    def camera_names(self) -> dict[tuple[str, str, str], str]:
+        """Each camera's name as its unit's latest heartbeat gives it ((site, unit, camera id) -> name),
+        cut to 80 characters; cameras without one are left out."""
+        names: dict[tuple[str, str, str], str] = {}
+        for site, unit_id, unit in self._unit_statuses():
+            cameras = unit.get("cameras")
             for cam in cameras[:64] if isinstance(cameras, list) else []:
                 if isinstance(cam, dict) and isinstance(cam.get("id"), str) and isinstance(cam.get("name"), str):
                     if cam["name"].strip():
-                        names[(row["site"], row["unit_id"], cam["id"])] = cam["name"].strip()[:80]
+                        names[(site, unit_id, cam["id"])] = cam["name"].strip()[:80]
         return names
+
+    def unit_zones(self) -> dict[tuple[str, str], str]:
+        """Each unit's IANA time zone as its latest heartbeat states it (``unit.timezone``), (site, unit)
+        -> zone; units that state none, or something that is no zone, are left out (the receiver
+        already drops and counts those: `Receiver.stats()['timezones_ignored']`)."""
+        return {
+            (site, unit_id): unit["timezone"]
+            for site, unit_id, unit in self._unit_statuses()
+            if is_zone(unit.get("timezone"))
+        }
 
     def distinct(self, column: str) -> list[str]:
         """The values seen in a hit column that the list filters on (person, camera, unit)."""

@@ -49,6 +49,7 @@ from edge.reporter import MqttConfig
 from edge.sinks import JsonlSinkConfig
 from engines.config import EngineConfig
 from watchlist.unit.config import WatchlistConfig
+from wire.timezones import zone_problem
 from wire.topics import TopicLevel, UnitIdLevel
 
 
@@ -63,6 +64,19 @@ class UnitSection(StrictModel):
         description="unit id, unique in the deployment (letters, digits, '-', '_', '.'; not 'watchlist')"
     )
     site: TopicLevel = Field(description="site (station, checkpoint) the unit belongs to; also the MQTT topic level")
+    timezone: str | None = Field(
+        None,
+        description="the site's IANA time zone (Europe/Vienna), sent in the heartbeat so operators see the site's "
+        "local time beside UTC; unset: the system's (TZ, /etc/localtime)",
+    )
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, v: str | None) -> str | None:
+        problem = None if v is None else zone_problem(v)
+        if problem:
+            raise ValueError(f"{v!r} {problem}")
+        return v
 
 
 class CameraConfig(CaptureConfig):

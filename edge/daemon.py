@@ -33,7 +33,7 @@ from edge.pipeline import CameraSpec, Pipeline
 from edge.process import tune_malloc
 from edge.sinks import HitSink, JsonlSink
 from edge.startup import DaemonError, SelfTestFailed, canary_frames, load_engine, selftest, threshold_range
-from edge.unit_status import camera_status, status_line, watchlist_status, watchlist_warnings
+from edge.unit_status import camera_status, site_zone, status_line, watchlist_status, watchlist_warnings
 from wire.records import CANARY_PERSON_ID
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,7 @@ class Daemon:
         self._stop = threading.Event()
         self._stopped = False
         self._camera_names = {c.id: c.name for c in config.cameras}
+        self._timezone = site_zone(config.unit.timezone)
         self._warned: dict[str, float] = {}  # warning -> when it was last logged (monotonic)
 
     # -- life cycle ----------------------------------------------------------------------------
@@ -385,6 +386,8 @@ class Daemon:
                 "problems": self.pipeline.problems(_HUNG_AFTER_S) if self.pipeline is not None else [],
             },
             "model_id": getattr(self.engine, "model_id", None),
+            # The site's IANA zone: operators see its local time beside UTC (absent when unknown).
+            **({"timezone": self._timezone} if self._timezone is not None else {}),
             "cameras": cameras,
             "cameras_up": sum(c["up"] for c in cameras),
             "cameras_total": len(cameras),

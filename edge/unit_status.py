@@ -1,10 +1,60 @@
 """The unit's figures as the heartbeat carries them (edge.daemon.Daemon.status), in pieces: one
-camera's, the watchlist's, the warnings about the list, and the one-line summary for systemd's STATUS."""
+camera's, the watchlist's, the warnings about the list, the site's time zone, and the one-line
+summary for systemd's STATUS."""
 
 from __future__ import annotations
 
+import logging
+import os
 import time
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
+
+from wire.timezones import is_zone
+
+log = logging.getLogger(__name__)
+
+
+def site_zone(configured: str | None) -> str | None:
+    """The zone the unit states in its heartbeat (``unit.timezone``): `configured` (``[unit] timezone``,
+    checked when the config was read), else the system's (`system_zone`); None when neither names one,
+    and the centre then shows the operator's own local time beside UTC."""
+    if configured is not None:
+        return configured
+    zone = system_zone()
+    if zone is None:
+        log.info(
+            "the system names no IANA time zone (TZ, /etc/localtime, /etc/timezone): the centre shows this site's "
+            "times in UTC and the operator's zone; set [unit] timezone to show the site's"
+        )
+    return zone
+
+
+def system_zone(
+    environ: Mapping[str, str] = os.environ,
+    localtime: Path = Path("/etc/localtime"),
+    timezone_file: Path = Path("/etc/timezone"),
+) -> str | None:
+    """The system's IANA time zone name: TZ (``Europe/Vienna`` or ``:Europe/Vienna``), else the zone
+    /etc/localtime links to (``.../zoneinfo/Europe/Vienna``), else /etc/timezone (Debian's); None
+    when none of them names one the time zone database holds (a POSIX rule in TZ, a copied file)."""
+    tz = environ.get("TZ", "").strip().removeprefix(":")
+    if tz:
+        return tz if is_zone(tz) else None  # TZ rules the C library's time: no other source counts then
+    try:
+        target = str(localtime.readlink()) if localtime.is_symlink() else ""
+    except OSError:
+        target = ""
+    if "zoneinfo/" in target:
+        name = target.split("zoneinfo/", 1)[1]
+        if is_zone(name):
+            return name
+    try:
+        name = timezone_file.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return name if is_zone(name) else None
 
 
 def camera_status(camera_id: str, name: str, state: Any, figures: dict[str, Any]) -> dict[str, Any]:

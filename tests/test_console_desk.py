@@ -271,6 +271,38 @@ def test_the_hit_page_decides_above_the_fold_with_camera_name_and_local_time(sit
     expect(page.locator("figcaption time.when .local")).to_contain_text("Europe/Vienna")
 
 
+def test_the_sites_local_time_is_beside_utc_where_the_unit_states_its_zone(site, page_for):
+    from playwright.sync_api import expect
+
+    tokyo = MqttReporter(
+        MqttConfig(host=site.broker.host, port=site.broker.port, site="site-a", **FAST),
+        OutboxConfig(path=site.tmp / "tokyo-outbox.sqlite"),
+        "unit-tokyo",
+        lambda: {"cameras_up": 1, "cameras_total": 1, "timezone": "Asia/Tokyo"},
+    )
+    try:
+        wait_for(lambda: ("site-a", "unit-tokyo") in site.store.unit_zones(), what="unit-tokyo's zone")
+        page = page_for(site.url, "ana", timezone_id="America/New_York")
+        at = 1_767_261_600.0  # 2026-01-01 10:00:00 UTC, 19:00 in Tokyo
+        hit = make_hit(unit_id="unit-tokyo", crop=face_jpeg(), person_id="case-2023-0412", captured_at=at)
+        tokyo.submit(hit)
+        wait_for(lambda: site.store.hit(hit.id) is not None, what="the Tokyo unit's hit stored")
+        row = page.locator(f"tr[data-hit-id='{hit.id}'] td.time")
+        expect(row.locator(".site")).to_contain_text("2026-01-01 19:00:00 JST at the site (Asia/Tokyo)")
+        expect(row.locator(".local")).to_have_count(0)  # the site's time, not the operator's
+        page.goto(f"{site.url}/hit?id={hit.id}")
+        caption = page.locator("figcaption time.when")
+        expect(caption).to_contain_text("2026-01-01 10:00:00 UTC")
+        expect(caption.locator(".site")).to_contain_text("19:00:00 JST at the site (Asia/Tokyo)")
+        # A unit that states no zone: the browser's, said to be the browser's.
+        other = send(site, person_id="case-2023-0412", captured_at=at)
+        page.goto(f"{site.url}/hit?id={other}")
+        expect(page.locator("figcaption time.when .local")).to_contain_text("America/New_York (your browser's zone)")
+        expect(page.locator("figcaption time.when .site")).to_have_count(0)
+    finally:
+        tokyo.close()
+
+
 def test_a_pending_sighting_of_a_removed_person_is_a_closed_case(site, page_for):
     from playwright.sync_api import expect
 

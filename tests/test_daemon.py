@@ -296,6 +296,7 @@ def mqtt_unit_toml(tmp: Path, people: People, clip: Path, unit_id: str, host: st
 [unit]
 id = "{unit_id}"
 site = "test-site"
+timezone = "Asia/Tokyo"
 
 [[cameras]]
 id = "lobby"
@@ -373,6 +374,7 @@ def test_hits_and_heartbeat_reach_a_real_broker(
     beats = [b for b in beats if b["unit"]["cameras"]]
     unit = beats[-1]["unit"]
     assert unit["cameras"][0]["id"] == "lobby" and unit["watchlist"]["version"] == 1
+    assert unit["timezone"] == "Asia/Tokyo"  # the site's zone, for the operators' local time
     assert {"up", "since", "last_error", "fps_analysed", "lag_s"} <= set(unit["cameras"][0])
     states = [records.decode_status(p)["state"] for t, p in got if t.endswith("/status")]
     assert states[0] == "online" and states[-1] == "offline"

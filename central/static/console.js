@@ -11,16 +11,17 @@
   var user = body.dataset.user || "";
   var baseTitle = document.title;
 
-  // Local time beside UTC: the centre does not know each site's zone, the browser knows its own.
+  // Local time beside UTC: the site's when its unit stated its zone (the server writes it), else the
+  // browser's own, said to be the browser's.
   function localTimes(root) {
     var zone = Intl.DateTimeFormat().resolvedOptions().timeZone || "local";
     root.querySelectorAll("time.when[datetime]").forEach(function (t) {
-      if (t.querySelector(".local")) return;
+      if (t.querySelector(".local, .site")) return;
       var d = new Date(t.getAttribute("datetime"));
       if (isNaN(d.getTime())) return;
       var span = document.createElement("span");
       span.className = "local";
-      span.textContent = " · " + d.toLocaleString([], { hour12: false }) + " " + zone;
+      span.textContent = " · " + d.toLocaleString([], { hour12: false }) + " " + zone + " (your browser's zone)";
       t.appendChild(span);
     });
   }
