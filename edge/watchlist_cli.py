@@ -81,6 +81,20 @@ def _unit_config(config: Path | None, store: Path | None, root_key: Path | None,
         raise click.UsageError(f"{config or 'options'}: [watchlist] {exc}") from None
 
 
+def _canary_required(config: Path) -> bool:
+    """Whether the unit `config` describes runs the canary ([canary] enabled, on by default): such a
+    unit refuses a list without the canary person, from USB as from MQTT."""
+    from edge.canary import CanaryConfig
+
+    try:
+        table = toml.loads(config.read_text()).get("canary") or {}
+        return CanaryConfig(**table).enabled
+    except (OSError, toml.TOMLDecodeError) as exc:
+        raise click.UsageError(f"{config}: {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise click.UsageError(f"{config}: [canary] {exc}") from None
+
+
 def _store_path(config: Path | None, store: Path | None) -> Path:
     """The store `status` and `list` read: --store, else the config's, else WatchlistConfig's default
     (reading needs no root key, so the table is not validated whole)."""
@@ -174,7 +188,9 @@ def apply_cmd(
     for another model or size is refused. --model-id overrides the model (the size is then not
     checked); with neither, the applied list's model. BUNDLE must be a regular file (a FIFO or a
     device is refused before it is opened). Exit status: 0 applied, 1 rejected (the reason is
-    printed), 2 a usage, config or store error.
+    printed), 2 a usage, config or store error. A unit whose --config runs the canary ([canary]
+    enabled, the default) refuses a list without the canary person, as it does over MQTT; with
+    --store alone that is not checked.
 
     \b
     Example:
@@ -210,6 +226,7 @@ def apply_cmd(
             model_id,
             embedding_dim=embedding_dim,
             threshold_range=_threshold_range(model_id, engine),
+            require_canary=config is not None and _canary_required(config),
         )
         wl.start()
         version = wl.offer_file(bundle)

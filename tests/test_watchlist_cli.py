@@ -102,7 +102,10 @@ def test_unit_config_file_is_read(tmp_path: Path) -> None:
     reg.add_persons(make_persons(["case-1"], 1), samples_of(person_centers(1), 1), model_id=MODEL)
     run(*BUILD, "--register", tmp_path / "hq.db", "--keys", keys, "--out", tmp_path / "v1.cpwl", "--threshold", "0.5")
     conf = tmp_path / "unit.toml"
-    conf.write_text('[watchlist]\nroot_key = "keys/root.pub"\nstore = "state/wl.db"\non_expired = "stop"\n')
+    # Built --no-canary (synthetic embeddings), so this unit does not run the canary.
+    conf.write_text(
+        '[watchlist]\nroot_key = "keys/root.pub"\nstore = "state/wl.db"\non_expired = "stop"\n[canary]\nenabled = false\n'
+    )
     edge_wl("apply", tmp_path / "v1.cpwl", "--config", conf, "--model-id", MODEL)
     assert (tmp_path / "state" / "wl.db").exists()
     assert "version 1 (full)" in edge_wl("status", "--config", conf).output
@@ -207,5 +210,31 @@ def test_apply_with_a_unit_config_checks_the_engines_model_and_size(tmp_path: Pa
     assert f"this unit's engine makes {unit.embedding_dim}-d ones" in r.output
 
     hq.dim = unit.embedding_dim
-    (tmp_path / "v2.cpwl").write_bytes(hq.bundle(2, persons, samples_of(person_centers(2, dim=hq.dim), 1)))
-    assert "applied: watchlist version 2 (2 persons" in edge_wl("apply", tmp_path / "v2.cpwl", "--config", conf).output
+    bundle = hq.bundle(2, persons, samples_of(person_centers(2, dim=hq.dim), 1), canary=True)
+    (tmp_path / "v2.cpwl").write_bytes(bundle)  # the two and the canary person
+    assert "applied: watchlist version 2 (3 persons" in edge_wl("apply", tmp_path / "v2.cpwl", "--config", conf).output
+
+
+def test_apply_with_a_unit_config_that_runs_the_canary_refuses_a_list_without_it(tmp_path: Path) -> None:
+    """A unit runs the canary by default and refuses lists without the canary person over MQTT; a
+    list applied from USB with `--config` meets the same rule, and a unit that turned it off takes it."""
+    from engines.config import EngineConfig
+    from engines.ensemble import config_identity
+    from testing.synthetic import Authority
+
+    unit = config_identity(EngineConfig())
+    hq = Authority(model_id=unit.model_id, dim=unit.embedding_dim, threshold=0.99)
+    hq.write_root(tmp_path / "root.pub")
+    conf = tmp_path / "unit.toml"
+    conf.write_text('[engine]\n[watchlist]\nroot_key = "root.pub"\nstore = "unit.db"\n')
+    persons = make_persons(["case-1", "case-2"], 1)
+    (tmp_path / "v1.cpwl").write_bytes(hq.bundle(1, persons, samples_of(person_centers(2, dim=hq.dim), 1)))
+    r = edge_wl("apply", tmp_path / "v1.cpwl", "--config", conf, ok=False)
+    assert r.exit_code == 1 and "rejected (no_canary)" in r.output
+
+    conf.write_text(conf.read_text() + "[canary]\nenabled = false\n")
+    assert "applied: watchlist version 1 (2 persons" in edge_wl("apply", tmp_path / "v1.cpwl", "--config", conf).output
+
+    conf.write_text(conf.read_text() + "colour = 1\n")
+    r = edge_wl("apply", tmp_path / "v1.cpwl", "--config", conf, ok=False)
+    assert r.exit_code == 2 and "[canary]" in r.output and "colour" in r.output

@@ -161,7 +161,10 @@ def test_list_a_register_a_bundle_and_a_unit(hq: dict) -> None:
     assert all(p["name"] is None for p in bundle["persons"])  # built without --with-names
 
     conf = d / "unit.toml"
-    conf.write_text(f'[watchlist]\nroot_key = "{hq["keys"] / "root.pub"}"\nstore = "unit.db"\n')
+    # Built --no-canary (synthetic embeddings), so this unit does not run the canary.
+    conf.write_text(
+        f'[watchlist]\nroot_key = "{hq["keys"] / "root.pub"}"\nstore = "unit.db"\n[canary]\nenabled = false\n'
+    )
     # Nothing is created by looking: a store made by root here would shut the unit's user out.
     assert "no watchlist store there" in edge_wl("list", "--config", conf, code=2).output
     assert not (d / "unit.db").exists()
