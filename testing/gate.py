@@ -26,7 +26,16 @@ from typing import Any
 
 import numpy as np
 
-from testing.media import astronaut_face, lag_people, lfw_face, load_rgb, make_face_clip, walk, with_margin
+from testing.media import (
+    FacePlacement,
+    astronaut_face,
+    lag_people,
+    lfw_face,
+    load_rgb,
+    make_face_clip,
+    walk,
+    with_margin,
+)
 
 SIZE = (1280, 720)
 FPS = 10
@@ -149,7 +158,7 @@ def choose_people(
 def gate_scene(engine: Any, path: str | pathlib.Path, use_data: bool = True) -> GateScene:
     """Compose the gate clip at `path` (see the module's docstring) with people the engine tells apart."""
     source, people, genuine, impostor = choose_people(engine, len(ENROLLED), use_data)
-    placements = []
+    placements: list[FacePlacement] = []
     appearances = []
     t = 0.5
     x, y = SPOT
@@ -226,7 +235,9 @@ def judge_gate(
     hit (once or more) while shown; repeats: hits beyond the first per person; wrong: hits naming
     someone not shown at that time (or not enrolled). `slack`: seconds of leeway at each end of an
     appearance (frame times of a file need only float rounding; a stream's need more)."""
-    checked, found, per_person = set(), set(), {}
+    checked: set[str] = set()
+    found: set[str] = set()
+    per_person: dict[str, int] = {}
     wrong = repeats = 0
     for e in embeds:
         t, cx = e if isinstance(e, tuple) else (e, None)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -118,7 +119,7 @@ class Authority:
         persons: tuple[Person, ...],
         embeddings: np.ndarray,
         *,
-        kind: str = "full",
+        kind: Literal["full", "delta"] = "full",
         base: int | None = None,
         removed: tuple[str, ...] = (),
         model_id: str | None = None,
