@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from central import accounts
-from central.store import HitStore
+from central.store import open_store
 
 DEMO_USERS = (
     ("ana", "operator", "demo-ana-password"),
@@ -145,7 +145,7 @@ def seed_demo(folder: Path, *, now: float | None = None) -> DemoData:
     register = folder / "register.sqlite"
     _register(register, photos, faces, now)
     db = folder / "hits.sqlite"
-    store = HitStore(db)
+    store = open_store(db)
     try:
         for name, role, password in DEMO_USERS:
             store.add_user(name, role, accounts.hash_password(password), actor="demo")
@@ -167,7 +167,7 @@ def seed_demo(folder: Path, *, now: float | None = None) -> DemoData:
             store.set_heartbeat(site, unit, body, at)
         for site in sorted({u[0] for u in DEMO_UNITS}):
             store.set_publication(site, 42, now - 86400, now - 86400, f"checkpoint/v1/{site}/watchlist/full/manifest")
-        plan = [
+        plan: list[tuple[int, str, str, str, float, float, list[tuple[str, str, str | None]]]] = [
             (0, "station-north", "gate-1", "platform-1", 0.74, 0.29, []),
             (1, "station-north", "gate-2", "concourse", 0.66, 0.12, [("ana", "confirm", None)]),
             (2, "airport", "arrivals-1", "belt-4", 0.61, 0.04, [("ben", "reject", "different person: older, no scar")]),

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from central.console import create_app
 from central.register_view import RegisterView
-from central.store import HitFilter, HitStore
+from central.store import HitFilter, open_store
 from central.webserver import BackgroundServer
 from testing.console_demo import DEMO_PERSONS, DEMO_USERS, seed_demo
 
@@ -45,7 +45,7 @@ def take(out: Path, chromium: str | None = None) -> list[Path]:
     written: list[Path] = []
     with tempfile.TemporaryDirectory(prefix="checkpoint-shots-") as tmp:
         data = seed_demo(Path(tmp))
-        store = HitStore(data.db)
+        store = open_store(data.db)
         server = BackgroundServer(create_app(store, register=RegisterView(data.register, data.photos))).start()
         # The lingering person's sighting (five hits), waiting for its second confirmation.
         lingering = next(s for s in store.sightings(where=HitFilter(review_state="pending")) if s["hits"] > 1)
