@@ -51,8 +51,8 @@ def describe(err: Any, raw: dict[str, Any], root: type[BaseModel]) -> str:
     msg = msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
     if not loc:
         return msg
-    if _has(raw, loc) and kind not in ("model_type", "dict_type", "list_type"):
-        value = _get(raw, loc)
+    value = raw_value(raw, loc)  # TOML has no null: None means the key is absent
+    if value is not None and kind not in ("model_type", "dict_type", "list_type"):
         if isinstance(value, (dict, list)):
             return f"{key}: {msg}"
         shown = repr(value)
@@ -100,23 +100,6 @@ def default_of(model: type[BaseModel], loc: tuple[str, ...]) -> Any:
         model = sub
     field = model.model_fields[loc[-1]]
     return None if field.is_required() else field.get_default(call_default_factory=True)
-
-
-def _has(raw: Any, loc: tuple[Any, ...]) -> bool:
-    for part in loc:
-        if isinstance(part, int) and isinstance(raw, list) and 0 <= part < len(raw):
-            raw = raw[part]
-        elif isinstance(part, str) and isinstance(raw, dict) and part in raw:
-            raw = raw[part]
-        else:
-            return False
-    return True
-
-
-def _get(raw: Any, loc: tuple[Any, ...]) -> Any:
-    for part in loc:
-        raw = raw[part]
-    return raw
 
 
 def raw_value(raw: dict[str, Any], loc: tuple[Any, ...]) -> Any:
