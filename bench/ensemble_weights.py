@@ -6,11 +6,17 @@ without embedding again. Candidates: every weight vector on a grid of the simple
 judged by the open-set protocol of bench/openset.py on that half (random identity splits): FNIR at
 FPIR 0.01, 0.03 and 0.1, with one look and with every face flip-averaged; the objective is the mean
 of those six figures (lower is better). For each member the JSON also keeps the best candidate that
-gives it a weight and the best that leaves it out (`with_and_without`): what that member adds. The other half (bench/openset.py --half b) is where the
-chosen weights are reported, so no figure is measured on the photos the weights were chosen on.
+gives it a weight and the best that leaves it out (`with_and_without`): what that member adds. The
+other half (bench/openset.py --half b) is where the chosen weights are reported, so no figure is
+measured on the photos the weights were chosen on.
+
+With --add-to-default the grid is replaced by a line search: the default ensemble's weights
+(engines.ensemble.DEFAULT_MEMBERS) with each other member of --config added at a few shares, to tell
+whether a candidate member adds anything to the default (docs/engine.md).
 
 Example:
     python bench/ensemble_weights.py --data ../shared/data/lag-dev --half a --json out/ensemble-weights.json
+    python bench/ensemble_weights.py --data ../shared/data/lag-dev --half a --add-to-default --config bench/configs/ensemble-candidates.toml --json out/ensemble-added.json
 """
 
 from __future__ import annotations
@@ -40,12 +46,37 @@ def simplex(n: int, step: float) -> list[tuple[float, ...]]:
     return [tuple(c / k for c in combo) for combo in itertools.product(range(k + 1), repeat=n) if sum(combo) == k]
 
 
+# --add-to-default: the shares tried for a member added to the default ensemble (the default's own weights
+# scaled by 1 - share). Fine at the low end: a member whose scores spread little moves the sum only at a
+# large weight, one whose scores spread widely at a small one, and the grid's 0.05 steps can skip past both.
+ADDED_SHARES = (0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2)
+
+
+def added_to_default(names: list[str], defaults: dict[str, float]) -> list[tuple[float, ...]]:
+    """The default ensemble's weights alone, then with each member outside it added at each of ADDED_SHARES."""
+    total = sum(defaults.values())
+    base = [defaults.get(n, 0.0) / total for n in names]
+    out = [tuple(base)]
+    for i, n in enumerate(names):
+        if n in defaults:
+            continue
+        for share in ADDED_SHARES:
+            out.append(tuple(share if j == i else b * (1 - share) for j, b in enumerate(base)))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder in the LAG layout")
     ap.add_argument("--half", choices=("a", "b"), default="a", help="the identities the weights are chosen on")
     ap.add_argument("--config", type=Path, help="unit config whose [engine] ensemble lists the members")
     ap.add_argument("--step", type=float, default=0.05, help="grid step of the weights")
+    ap.add_argument(
+        "--add-to-default",
+        action="store_true",
+        help="instead of the grid: the default ensemble's weights with each other listed member added at "
+        "shares from 0.0025 to 0.2 (what a new member adds to the default)",
+    )
     ap.add_argument("--splits", type=int, default=20)
     ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args(argv)
@@ -73,8 +104,20 @@ def main(argv: list[str] | None = None) -> int:
         v: np.stack([cosine(ours.members[m][v][proto.adult], ours.members[m][v][proto.young]) for m in names])
         for v in ("plain", "flip")
     }
+    defaults: dict[str, float] = {}
+    if args.add_to_default:
+        from engines.ensemble import DEFAULT_MEMBERS
+
+        defaults = {m.name: m.weight for m in DEFAULT_MEMBERS}
+        if not set(defaults) < set(names):
+            sys.exit(
+                f"error: {config_path}: --add-to-default needs the default's members ({', '.join(defaults)}) and more"
+            )
+        candidates = added_to_default(names, defaults)
+    else:
+        candidates = simplex(len(names), args.step)
     rows = []
-    for w in simplex(len(names), args.step):
+    for w in candidates:
         figures = {}
         for v, S in scores.items():
             # A photo without a face scores -inf with every member; 0 * -inf would make it NaN.
@@ -101,21 +144,28 @@ def main(argv: list[str] | None = None) -> int:
         # What each member adds: the best candidate that gives it a weight against the best that leaves it out.
         "with_and_without": {
             m: {
-                "with": next(r for r in rows if r["weights"][m] > 0),
-                "without": next(r for r in rows if r["weights"][m] == 0),
+                "with": next((r for r in rows if r["weights"][m] > 0), None),
+                "without": next((r for r in rows if r["weights"][m] == 0), None),
             }
             for m in names
+        },
+        # --add-to-default: each added member's candidates by its share (the first is the default alone).
+        "added": {
+            m: sorted((r for r in rows if r["weights"][m] > 0), key=lambda r: r["weights"][m])
+            for m in names
+            if args.add_to_default and m not in defaults
         },
         "top": rows[:15],
         "seconds": round(time.perf_counter() - t0, 1),
     }
     print(f"{len(photos)} images, {n_id} identities (half {args.half}), {args.splits} splits")
     # "with" / "without": the best candidates that give the member whose weight differs a share, or none.
-    adds = [(kind, r[kind]) for r in results["with_and_without"].values() for kind in ("with", "without")]
+    adds = [(k, r[k]) for r in results["with_and_without"].values() for k in ("with", "without") if r[k]]
+    added = [("added", r) for member_rows in results["added"].values() for r in member_rows]
     for label, r in (
-        [("chosen", best)] + [("alone", r) for r in results["alone"]] + [("next", r) for r in rows[1:8]] + adds
+        [("chosen", best)] + [("alone", r) for r in results["alone"]] + [("next", r) for r in rows[1:8]] + adds + added
     ):
-        w = ", ".join(f"{k} {v:.2f}" for k, v in r["weights"].items())
+        w = ", ".join(f"{k} {v:.4g}" for k, v in r["weights"].items())
         plain = " / ".join(f"{x:.3f}" for x in r["plain"])
         flip = " / ".join(f"{x:.3f}" for x in r["flip"])
         print(f"{label:<7} {w:<70} one look {plain}  flip {flip}  objective {r['objective']:.4f}")
