@@ -11,7 +11,7 @@ Secure over TLS; the store keeps only its SHA-256); every POST carries the sessi
 up or audited; everything a unit or HQ sent is escaped, and control characters are shown as escapes.
 
 `Console` is its page groups, one module each: `console_login` (login, logout), `console_hits`
-(sightings, a hit and its decision, crops), `console_admin` (fleet, quarantine, audit, exports),
+(sightings, a hit and its decision, crops and context frames), `console_admin` (fleet, quarantine, audit, exports),
 all over `console_core` (settings, rendering, sessions, forms); `console_text` writes values for
 people. This module adds the event stream, the security headers and the routes.
 """
@@ -155,6 +155,7 @@ def create_app(
         Route("/hit", console.hit_page),
         Route("/hit/panel", console.hit_panel),
         Route("/hit/crop", console.crop),
+        Route("/hit/context", console.context),
         Route("/hit/thumb", console.thumb),
         Route("/hit/decide", console.decide, methods=["POST"]),
         Route("/person/photo", console.photo),

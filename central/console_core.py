@@ -53,7 +53,7 @@ class ConsoleCore:
         self.settings = settings
         self.env = environment()
         self.limiter = accounts.LoginLimiter()
-        self._crop_views: set[tuple[str, str]] = set()
+        self._crop_views: set[tuple[str, str, str]] = set()  # (session, crop or context, hit) viewed
 
     # --- rendering and sessions -----------------------------------------------------------------
 

@@ -1,5 +1,5 @@
 """The console's sightings and hits: the live list with its filters, a hit's page with the decision
-panel (the two-person rule: central/review.py), crops, thumbnails and HQ's photos of the person.
+panel (the two-person rule: central/review.py), crops, context frames, thumbnails and HQ's photos of the person.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from central.store_sightings import SIGHTING_GAP_S
 
 
 class HitPages(ConsoleCore):
-    """/hits, /hits/rows, /hit, /hit/panel, /hit/decide, /hit/crop, /hit/thumb, /person/photo."""
+    """/hits, /hits/rows, /hit, /hit/panel, /hit/decide, /hit/crop, /hit/context, /hit/thumb, /person/photo."""
 
     def _filter(self, request: Request) -> tuple[HitFilter, dict[str, str]]:
         p = request.query_params
@@ -144,16 +144,21 @@ class HitPages(ConsoleCore):
         hit page is."""
         return self._jpeg(request, audited=False)
 
-    def _jpeg(self, request: Request, *, audited: bool) -> Response:
+    def context(self, request: Request) -> Response:
+        """A hit's context frame (the whole scene, with bystanders), opened on its hit page only: entered
+        in the audit chain as `view_context` once per session and hit, like the crop."""
+        return self._jpeg(request, audited=True, what="context")
+
+    def _jpeg(self, request: Request, *, audited: bool, what: str = "crop") -> Response:
         sess = self.require(request, page=False)
         hit_id = request.query_params.get("id", "")
-        jpeg = self.store.crop(hit_id)
+        jpeg = self.store.crop(hit_id) if what == "crop" else self.store.context_frame(hit_id)
         if jpeg is None:
-            raise HTTPException(404, "no crop for this hit")
-        key = (sess["token_hash"], hit_id)
+            raise HTTPException(404, f"no {what} for this hit")
+        key = (sess["token_hash"], what, hit_id)
         if audited and key not in self._crop_views:
             # One entry per session and hit: a reload of the hit page is the same view.
-            self.store.audit(sess["username"], "view_crop", hit_id, {})
+            self.store.audit(sess["username"], f"view_{what}", hit_id, {})
             if len(self._crop_views) > 100_000:
                 self._crop_views.clear()
             self._crop_views.add(key)

@@ -104,7 +104,8 @@ def when(ts: float | None, zone: str | None = None) -> Markup:
 
     local = at.astimezone(ZoneInfo(zone))
     return Markup(
-        '<time class="when" datetime="{}">{} UTC<span class="site" data-zone="{}"> · {} {} at the site ({})</span></time>'
+        '<time class="when" datetime="{}">{} UTC<span class="site" data-zone="{}"> · {} {} at the site'
+        '<span class="zone-name"> ({})</span></span></time>'
     ).format(iso, text, zone, local.strftime("%Y-%m-%d %H:%M:%S"), local.tzname() or "", zone)
 
 

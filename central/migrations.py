@@ -143,6 +143,16 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             "ALTER TABLE hits ADD COLUMN stranger_rate {REAL}",
         ],
     ),
+    (
+        8,
+        "hits: the optional context frame, kept like crops",
+        [
+            # Beside crops, and purged with them: the whole frame shows bystanders (docs/privacy.md).
+            "CREATE TABLE context_frames (hit_id TEXT PRIMARY KEY REFERENCES hits(id), jpeg {BLOB}, bytes {INT})",
+            "ALTER TABLE hits ADD COLUMN has_context {INT} NOT NULL DEFAULT 0",
+            "ALTER TABLE hits ADD COLUMN context_dropped TEXT",
+        ],
+    ),
 ]
 
 LATEST = MIGRATIONS[-1][0]

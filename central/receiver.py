@@ -123,6 +123,7 @@ class Receiver:
             "verdicts_unaddressed": 0,
             "canaries": 0,
             "timezones_ignored": 0,
+            "contexts_stripped": 0,
         }
         self._zone_warned: set[tuple[str, str]] = set()  # units whose unusable time zone was logged
         # Hits of the batch being handled that were quarantined: (message, reason, error).
@@ -274,7 +275,8 @@ class Receiver:
             self.counts["new"] += 1
             if self._on_hit is not None:
                 try:
-                    self._on_hit(dict(fields, received_at=received_at, has_crop=crop is not None))
+                    row = {k: v for k, v in fields.items() if k != "context_jpeg"}
+                    self._on_hit(dict(row, received_at=received_at, has_crop=crop is not None))
                 except Exception:  # a display problem must not stop storing
                     log.exception("receiver: on_hit handler failed for hit %s", safe_text(fields["id"]))
 
@@ -313,7 +315,18 @@ class Receiver:
         if kind == "hits":
             fields, crop = records.decode_hit(m.payload)
             self._check_origin(fields, site, unit_id)
+            # Verified on the payload as sent, its context frame included, before a too large frame is left out.
             fields["signature"] = self._verify(m.payload, site, unit_id, crop)
+            stripped = fields.pop("context_refused", None)
+            if stripped is not None:
+                self.counts["contexts_stripped"] += 1
+                log.warning(
+                    "receiver: hit %s of %s/%s: %s",
+                    safe_text(fields["id"]),
+                    safe_text(site),
+                    safe_text(unit_id),
+                    stripped,
+                )
             hits.append((m, (fields, crop, m.received_at)))
             return
         if kind == "status":

@@ -11,7 +11,7 @@ connect, how to run a transaction, and the few words that differ (`central/store
 `central/store_postgres.py`). The schema is versioned (`central/migrations.py`).
 
 Everything here has a retention limit except the audit chain, which is the record of who did
-what: `purge` removes hits, crops, reviews and rejects older than it.
+what: `purge` removes hits, crops, context frames, reviews and rejects older than it.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class HitStore(IntakeStore, AccountStore, ExportStore):
         return super().__new__(cls)
 
     def purge(self, older_than_s: float, now: float | None = None, *, actor: str = "receiver") -> int:
-        """Delete hits (with crops and reviews) and rejects received more than `older_than_s` ago,
+        """Delete hits (with crops, context frames and reviews) and rejects received more than `older_than_s` ago,
         and expired sessions; returns hits deleted. The audit chain is kept, and a purge that
         deleted hits or rejects is entered in it as `actor`'s (the receiver's hourly retention by
         default), with how many of each and the cut-off."""
@@ -73,6 +73,7 @@ class HitStore(IntakeStore, AccountStore, ExportStore):
         old = "SELECT id FROM hits WHERE received_at < ?"
         with self._tx() as q:
             q(f"DELETE FROM crops WHERE hit_id IN ({old})", (cutoff,))
+            q(f"DELETE FROM context_frames WHERE hit_id IN ({old})", (cutoff,))
             q(f"DELETE FROM reviews WHERE hit_id IN ({old})", (cutoff,))
             q("DELETE FROM hits WHERE received_at < ?", (cutoff,))
             n = q.rowcount

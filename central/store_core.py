@@ -139,6 +139,7 @@ class StoreCore(abc.ABC):
         row = dict(row)
         row["box"] = json.loads(row["box"]) if row.get("box") else None
         row["has_crop"] = bool(row.get("has_crop"))
+        row["has_context"] = bool(row.get("has_context"))
         return row
 
 

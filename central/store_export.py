@@ -54,7 +54,7 @@ class ExportStore(ReadStore, SightingStore, AuditStore):
     ) -> int:
         """Write hits oldest first, one JSON object per line, with their sighting's decisions; times
         as ISO 8601 UTC (`captured_at`, `queued_at`, `received_at`, `reviewed_at`, a review's `at`);
-        crops as base64 if asked. The export is entered in the audit chain as `actor`'s. Returns the
+        crops (and context frames) as base64 if asked. The export is entered in the audit chain as `actor`'s. Returns the
         count."""
         n = 0
         for row in self.hits(limit=None, since=since, newest_first=False):
@@ -63,6 +63,8 @@ class ExportStore(ReadStore, SightingStore, AuditStore):
             if with_crops:
                 crop = self.crop(row["id"])
                 row["crop_jpeg_b64"] = base64.b64encode(crop).decode("ascii") if crop else None
+                context = self.context_frame(row["id"]) if row["has_context"] else None
+                row["context_jpeg_b64"] = base64.b64encode(context).decode("ascii") if context else None
             fh.write(json.dumps(row, separators=(",", ":")) + "\n")
             n += 1
         if actor:

@@ -35,6 +35,8 @@ HIT_COLUMNS = (
     "schema_version",
     "signature",
     "stranger_rate",
+    "has_context",
+    "context_dropped",
 )
 SIGNATURE_VERDICTS = ("valid", "unsigned", "unknown_unit")
 """What a stored hit's `signature` column may say (hits with any other verdict are quarantined);
@@ -49,13 +51,15 @@ class IntakeStore(StoreCore):
 
     def add_hits(self, items: list[tuple[dict[str, Any], bytes | None, float]]) -> list[bool]:
         """Store decoded hits (fields, crop, received_at) in one transaction; for each, True if it
-        was new, False if a hit with that id was already stored (a duplicate delivery)."""
+        was new, False if a hit with that id was already stored (a duplicate delivery). A hit's
+        context frame, where it has one, is its fields' `context_jpeg` (wire.records.decode_hit)."""
         rows = []
         for fields, crop, received_at in items:
             row = dict(fields)
             row["received_at"] = received_at
             row["box"] = json.dumps(fields["box"])
             row["has_crop"] = 1 if crop else 0
+            row["has_context"] = 1 if fields.get("context_jpeg") else 0
             row["schema_version"] = fields.get("v")
             rows.append(row)
         inserted: set[str] = set()
@@ -82,6 +86,14 @@ class IntakeStore(StoreCore):
                 q(
                     "INSERT INTO crops(hit_id, jpeg, bytes) VALUES " + ",".join(["(?,?,?)"] * len(crops)),
                     [v for item in crops for v in item],
+                )
+            with_context = [
+                (row["id"], row["context_jpeg"], len(row["context_jpeg"])) for row, _ in first if row["has_context"]
+            ]
+            for frames in chunks(with_context, 100):
+                q(
+                    "INSERT INTO context_frames(hit_id, jpeg, bytes) VALUES " + ",".join(["(?,?,?)"] * len(frames)),
+                    [v for item in frames for v in item],
                 )
             per_unit: dict[tuple[str, str], tuple[int, float]] = {}
             for row, _ in first:

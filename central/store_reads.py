@@ -66,6 +66,11 @@ class ReadStore(StoreCore):
         rows = self._read("SELECT jpeg FROM crops WHERE hit_id = ?", (hit_id,))
         return bytes(rows[0]["jpeg"]) if rows else None
 
+    def context_frame(self, hit_id: str) -> bytes | None:
+        """The context frame JPEG of a hit (the whole scene, downscaled), or None if it came without one."""
+        rows = self._read("SELECT jpeg FROM context_frames WHERE hit_id = ?", (hit_id,))
+        return bytes(rows[0]["jpeg"]) if rows else None
+
     def count_hits(self, review_state: str | None = None) -> int:
         """How many hits are stored (in this review state, if given)."""
         if review_state is None:

@@ -25,11 +25,20 @@ log = logging.getLogger(__name__)
 
 
 class CropConfig(StrictModel):
-    """The face picture a hit carries (``[matching.crop]`` in the unit config)."""
+    """The pictures a hit carries (``[matching.crop]`` in the unit config): the face crop, and the
+    context frame where it is turned on."""
 
     margin: float = Field(0.25, ge=0.0, le=2.0, description="margin around the face box, in box sizes")
     max_px: int = Field(256, ge=32, le=2048, description="longest side of the JPEG, pixels")
     jpeg_quality: int = Field(90, ge=30, le=100)
+    # Off by default: the whole frame shows everyone else in view (docs/privacy.md says who should turn it on).
+    context_frame: bool = Field(
+        False,
+        description="also send the whole frame, downscaled, with the face's box drawn (shows bystanders: see "
+        "docs/privacy.md before turning it on)",
+    )
+    context_max_px: int = Field(640, ge=160, le=1920, description="longest side of the context frame, pixels")
+    context_jpeg_quality: int = Field(75, ge=30, le=100)
 
 
 class HitEmitter:
@@ -72,12 +81,19 @@ class HitEmitter:
         with self._lock:
             if self._repeat(track_key, person_key, captured_at):
                 return None
-        crop = None
+        crop = context = None
         if image is not None:
             try:
                 crop = encode_crop(image, box, self.crop)
             except (ValueError, RuntimeError) as exc:
                 log.warning("camera %s: hit for %r sent without a crop: %s", camera_id, match.person_id, exc)
+            if self.crop.context_frame:
+                try:
+                    context = encode_context(image, box, self.crop)
+                except (ValueError, RuntimeError) as exc:
+                    log.warning(
+                        "camera %s: hit for %r sent without a context frame: %s", camera_id, match.person_id, exc
+                    )
         hit = Hit(
             unit_id=self.unit_id,
             camera_id=camera_id,
@@ -93,6 +109,7 @@ class HitEmitter:
             crop_jpeg=crop,
             canary=match.person_id == CANARY_PERSON_ID,
             stranger_rate=stranger_rate,
+            context_jpeg=context,
         )
         with self._lock:
             # Another thread may have hit the same person while the crop was encoded.
@@ -176,3 +193,29 @@ def encode_crop(image: np.ndarray, box: tuple[float, float, float, float], confi
             crop, (max(1, round(crop.shape[1] * s)), max(1, round(crop.shape[0] * s))), interpolation=cv2.INTER_AREA
         )
     return encode_jpeg(crop, config.jpeg_quality)
+
+
+CONTEXT_BOX_RGB = (255, 48, 32)
+"""The face's box on a context frame: a red that stays visible on grey station scenes."""
+
+
+def encode_context(image: np.ndarray, box: tuple[float, float, float, float], config: CropConfig) -> bytes:
+    """JPEG bytes of the whole RGB uint8 frame, downscaled to `context_max_px` on its longest side,
+    with the face's `box` drawn: what stood around the face (clothing, companions) for the operator."""
+    import cv2
+
+    from engines.image import encode_jpeg
+
+    h, w = int(image.shape[0]), int(image.shape[1])
+    if h < 1 or w < 1:
+        raise ValueError(f"no frame to send as context ({w}x{h})")
+    s = min(1.0, config.context_max_px / max(h, w))
+    frame = image
+    if s < 1.0:
+        frame = cv2.resize(image, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
+    else:
+        frame = image.copy()  # drawn on: never the camera's own frame, which other hits may still use
+    x1, y1, x2, y2 = (round(v * s) for v in box)
+    thick = max(2, round(max(frame.shape[:2]) / 320))
+    cv2.rectangle(frame, (x1, y1), (x2, y2), CONTEXT_BOX_RGB, thick)
+    return encode_jpeg(frame, config.context_jpeg_quality)

@@ -198,7 +198,7 @@ class MqttReporter:
             )
         now = time.time()
         record = records.encode_record(records.hit_record(hit, self.site, queued_at=now))
-        self.outbox.put(hit.id, record, hit.crop_jpeg, queued_at=now)
+        self.outbox.put(hit.id, record, hit.crop_jpeg, queued_at=now, context=hit.context_jpeg)
         self._wake.set()
 
     def stats(self) -> dict[str, int | float | str]:
@@ -419,7 +419,14 @@ class MqttReporter:
             return
         rows = self.outbox.take(self._window() - self.outbox.inflight)
         for i, row in enumerate(rows):
-            payload = records.hit_payload(row.record, row.crop, row.crop_dropped, signer=self.signer)
+            payload = records.hit_payload(
+                row.record,
+                row.crop,
+                row.crop_dropped,
+                signer=self.signer,
+                context=row.context,
+                context_dropped=row.context_dropped,
+            )
             info = self.link.client.publish(self.hits_topic, payload, qos=1)
             if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
                 # paho did not take it (queue full): give this row and the rest back, try again later.

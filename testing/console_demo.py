@@ -77,6 +77,28 @@ def _faces() -> list[tuple[np.ndarray, np.ndarray]]:
         return [(img, img) for img in plain]
 
 
+def _scene(face: np.ndarray) -> bytes:
+    """A context frame as a unit sends one (edge.hits.encode_context): a 1280x720 scene, the person
+    (`face`'s picture) beside a bystander (scikit-image's cameraman, where installed), the face boxed."""
+    import cv2
+
+    from edge.hits import CropConfig, encode_context
+
+    frame = np.empty((720, 1280, 3), dtype=np.uint8)
+    frame[:] = np.linspace(150, 95, 720, dtype=np.uint8)[:, None, None]  # a hall's grey, lighter above
+    frame[560:] = (118, 112, 104)  # the floor
+    person = cv2.resize(face, (300, 340), interpolation=cv2.INTER_AREA)
+    frame[180:520, 380:680] = person
+    try:
+        from skimage import data
+
+        bystander = cv2.resize(np.stack([data.camera()] * 3, axis=-1), (320, 320), interpolation=cv2.INTER_AREA)
+        frame[240:560, 820:1140] = bystander
+    except ImportError:
+        frame[240:560, 820:1140] = 70
+    return encode_context(frame, (420.0, 200.0, 640.0, 480.0), CropConfig(context_frame=True))
+
+
 def _jpeg(img: np.ndarray, size: tuple[int, int] | None = None) -> bytes:
     import cv2
 
@@ -161,6 +183,8 @@ def seed_demo(folder: Path, *, now: float | None = None) -> DemoData:
                     "cameras_total": total,
                     "cameras": [{"id": cid, "name": name, "up": True} for cid, name in CAMERA_NAMES.items()],
                     "watchlist": {"version": 42, "expires_at": now + expires_days * 86400},
+                    # The stations state their zone; the airport's unit (older software) does not.
+                    **({"timezone": "Europe/Vienna"} if site.startswith("station") else {}),
                 },
                 "outbox": {"pending": 17 if health == "offline" else 0},
             }
@@ -196,6 +220,7 @@ def seed_demo(folder: Path, *, now: float | None = None) -> DemoData:
             )
             for j in range(5)
         ]
+        scene = _scene(faces[0][1])  # the lingering person's unit sends context frames
         for k, (person, site, unit, camera, score, margin, decisions) in enumerate(plan):
             hit_id = uuid.UUID(int=0xC0FFEE00 + k).hex
             captured = now - 60 * (6 - k) * 7 if k < 6 else now - 200 + 40 * (k - 6)
@@ -216,6 +241,8 @@ def seed_demo(folder: Path, *, now: float | None = None) -> DemoData:
                 "track_id": k,
                 "crop_dropped": None,
                 "v": 1,
+                "context_jpeg": scene if k >= 6 else None,
+                "context_dropped": None,
             }
             store.add_hit(fields, _jpeg(faces[person][0], (128, 160)), received_at=captured + 0.4)
             for user, decision, reason in decisions:

@@ -25,6 +25,7 @@ from testing.console_demo import DEMO_PERSONS, seed_demo
 from testing.hits import face_jpeg, make_hit
 from tests.console_support import PASSWORDS, add_users, signing_unit, start_receiver
 from tests.services import missing_service
+from wire import records
 
 CAMERA_NAME = "Platform 1 <north> stairs"
 
@@ -340,6 +341,46 @@ def test_audit_has_crops_opened_on_the_hit_page_once_and_no_version_0(site, page
         wait_for(lambda: page.evaluate("document.querySelector('figure.big img').naturalWidth > 0"), what="the crop")
     new = [e for e in site.store.audit_entries(limit=None) if e["seq"] > before]
     assert [(e["action"], e["subject"]) for e in new] == [("view_crop", hit_id)]
+
+
+def test_the_context_frame_is_beside_the_crop_on_the_hit_page_only_and_audited_once(site, page_for):
+    from playwright.sync_api import expect
+
+    from edge.hits import CropConfig, encode_context
+    from tests.test_context_frame import scene
+
+    page = page_for(site.url, "sam")
+    requested: list[str] = []
+    page.on("request", lambda r: requested.append(r.url))
+    before = site.store.audit_head().count
+    frame = encode_context(scene(), (500.0, 200.0, 650.0, 400.0), CropConfig(context_frame=True))
+    hit_id = send(site, person_id="case-2022-0088", captured_at=time.time() - 25000, context_jpeg=frame)
+    expect(page.locator(f"tr[data-hit-id='{hit_id}'] img")).to_be_visible()
+    assert not [u for u in requested if "/hit/context" in u], "the list never shows the scene"
+    for _ in range(2):
+        page.goto(f"{site.url}/hit?id={hit_id}")
+        img = page.locator("figure.context img")
+        expect(img).to_be_visible()
+        wait_for(
+            lambda: page.evaluate("document.querySelector('figure.context img').naturalWidth") == 640, what="frame"
+        )
+        # Beside the crop, and the decision still wholly in the 1280x720 screen.
+        crop_box, frame_box = page.locator("figure.big img").bounding_box(), img.bounding_box()
+        assert frame_box["x"] > crop_box["x"] + crop_box["width"]
+        for control in ("button.confirm", "button.reject", "input[name=reason]"):
+            expect(page.locator(control)).to_be_in_viewport(ratio=1.0)
+    new = [e for e in site.store.audit_entries(limit=None) if e["seq"] > before and e["action"].startswith("view_")]
+    assert sorted((e["action"], e["subject"]) for e in new) == [("view_context", hit_id), ("view_crop", hit_id)]
+    # A hit whose frame the outbox had to drop says so instead.
+    dropped = make_hit(
+        crop=face_jpeg(), camera_id="platform-1", person_id="case-2022-0088", captured_at=time.time() - 30000
+    )
+    record = records.hit_payload(
+        records.hit_record(dropped, "site-a"), dropped.crop_jpeg, None, context_dropped="outbox_full"
+    )
+    site.store.add_hit(*records.decode_hit(record))
+    page.goto(f"{site.url}/hit?id={dropped.id}")
+    expect(page.locator("#context-frame")).to_have_text("The unit's context frame was not kept (outbox_full).")
 
 
 def test_exports_carry_iso_times_and_come_as_csv(site, page_for):

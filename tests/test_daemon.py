@@ -304,6 +304,10 @@ url = "{clip}"
 loop = true
 analysis_fps = 5
 
+[matching.crop]
+context_frame = true
+context_max_px = 320
+
 [watchlist]
 root_key = "{root_pub}"
 store = "{store}"
@@ -370,6 +374,12 @@ def test_hits_and_heartbeat_reach_a_real_broker(
     hit, crop = records.decode_hit(next(p for t, p in got if t.endswith("/hits")))
     assert hit["person_id"] == people.enrolled_id and hit["camera_id"] == "lobby" and hit["site"] == "test-site"
     assert crop is not None and crop[:3] == b"\xff\xd8\xff"
+    # The context frame the config turned on: the whole 640x360 clip frame at 320 px, with the face's box.
+    import cv2
+    import numpy as np
+
+    frame = cv2.imdecode(np.frombuffer(hit["context_jpeg"], np.uint8), cv2.IMREAD_COLOR)
+    assert frame.shape == (180, 320, 3) and hit["context_dropped"] is None
     beats = [records.decode_heartbeat(p) for t, p in got if t.endswith("/heartbeat")]
     beats = [b for b in beats if b["unit"]["cameras"]]
     unit = beats[-1]["unit"]

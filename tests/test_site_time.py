@@ -77,7 +77,8 @@ def test_the_systems_zone_from_tz_localtime_or_etc_timezone(tmp_path: Path):
 def test_the_site_time_is_written_beside_utc():
     at = 1_735_725_600.0  # 2025-01-01 10:00:00 UTC
     html = str(when(at, "Europe/Vienna"))
-    assert "2025-01-01 10:00:00 UTC" in html and "2025-01-01 11:00:00 CET at the site (Europe/Vienna)" in html
+    assert "2025-01-01 10:00:00 UTC" in html and "2025-01-01 11:00:00 CET at the site" in html
+    assert '<span class="zone-name"> (Europe/Vienna)</span>' in html
     assert 'class="site"' in html
     # Anything else is no zone: UTC alone, and the page adds the browser's time, labelled as such.
     for bad in ("<b>x</b>", "Europe/Wien", "../x"):

@@ -32,6 +32,7 @@ VERDICT_SCHEMA = "checkpoint/verdict"
 OUTCOMES = ("stored", "duplicate", "refused")
 """What a receiver did with a hit: stored it, already held it (by id), or quarantined it (with why)."""
 CROP_DROP_REASONS = ("oversized", "outbox_full", "not_kept")
+"""Why a hit's crop (`crop_dropped`) or context frame (`context_dropped`) is missing."""
 STATES = ("online", "offline")
 JPEG_MAGIC = b"\xff\xd8\xff"
 CANARY_PERSON_ID = "checkpoint-canary"
@@ -73,6 +74,9 @@ class Hit:
     # The share of faces of people not on the list that score at least `score` against someone on the
     # list, by the model's calibration at the list's size (edge.hits.stranger_rate); None: no calibration.
     stranger_rate: float | None = None
+    # The whole frame, downscaled, with the face's box drawn (edge.hits.encode_context): only where the
+    # unit's [matching.crop] context_frame is on; it shows bystanders (docs/privacy.md).
+    context_jpeg: bytes | None = None
 
     def __post_init__(self) -> None:
         for name in ("unit_id", "camera_id", "person_id", "model_id", "id"):
@@ -85,6 +89,8 @@ class Hit:
         object.__setattr__(self, "box", _check_box(self.box, f"hit {self.id}"))
         if self.crop_jpeg is not None and not bytes(self.crop_jpeg[:3]) == JPEG_MAGIC:
             raise RecordError(f"hit {self.id}: crop_jpeg must be JPEG bytes (starting FF D8 FF)")
+        if self.context_jpeg is not None and not bytes(self.context_jpeg[:3]) == JPEG_MAGIC:
+            raise RecordError(f"hit {self.id}: context_jpeg must be JPEG bytes (starting FF D8 FF)")
         if not math.isfinite(self.captured_at) or self.captured_at <= 0:
             raise RecordError(f"hit {self.id}: captured_at must be seconds since the epoch, got {self.captured_at}")
         if int(self.watchlist_version) < 0:
@@ -145,14 +151,27 @@ def hit_payload(
     crop: bytes | None,
     crop_dropped: str | None,
     signer: RecordSigner | None = None,
+    *,
+    context: bytes | None = None,
+    context_dropped: str | None = None,
 ) -> bytes:
-    """The complete hit message: the stored record plus the crop (base64) or why it is missing,
-    signed by `signer` when one is given (after the crop is in: the signature covers its digest)."""
+    """The complete hit message: the stored record plus the crop (base64) or why it is missing, and
+    the context frame (base64) or why it is missing when the unit sends one, signed by `signer` when
+    one is given (after the crop and frame are in: the signature covers them).
+
+    A hit without a context frame (`context` and `context_dropped` both None) carries neither key,
+    byte for byte the message of a unit older than context frames."""
     body = json.loads(record) if isinstance(record, (bytes, str)) else dict(record)
-    if crop_dropped is not None and crop_dropped not in CROP_DROP_REASONS:
-        raise ProtocolError(f"crop_dropped must be one of {CROP_DROP_REASONS}, got {crop_dropped!r}")
+    for what, reason in (("crop_dropped", crop_dropped), ("context_dropped", context_dropped)):
+        if reason is not None and reason not in CROP_DROP_REASONS:
+            raise ProtocolError(f"{what} must be one of {CROP_DROP_REASONS}, got {reason!r}")
     body.pop("crop_jpeg_b64", None)
     body["crop_dropped"] = crop_dropped
+    if context is not None or context_dropped is not None:
+        # Inline in the signed text, not by a digest as the crop is: a receiver older than context frames
+        # signs over every key it gets, so it still verifies a hit that carries one.
+        body["context_dropped"] = context_dropped
+        body["context_jpeg_b64"] = base64.b64encode(context).decode("ascii") if context else None
     if signer is not None:
         body = signer.sign({**body, "crop_jpeg_b64": None}, crop or None)
         del body["crop_jpeg_b64"]
@@ -320,6 +339,9 @@ MAX_TEXT_CHARS = 1024
 """free text (a status reason, strings in a heartbeat)."""
 MAX_CROP_BYTES = 256 * 1024
 """the crop a receiver takes by default: the outbox's default max_crop_bytes."""
+MAX_CONTEXT_BYTES = MAX_CROP_BYTES
+"""the context frame a receiver keeps by default: the same bound as a crop (the outbox's max_crop_bytes
+bounds both); a larger one is stripped from its hit, which is stored without it."""
 MAX_TIME = 4102444800.0
 """2100-01-01 UTC: later times are a broken clock or an attack (1e300 crashes date formatting)."""
 MAX_COUNT = 2**53 - 1
@@ -336,8 +358,8 @@ MAX_TREE_ITEMS = 4096
 """values allowed inside a heartbeat's free-form `unit` object, all levels together."""
 _HIT_OVERHEAD_BYTES = 32 * 1024
 """room in a hit payload for everything but the crop: 6 ids of 128 characters as \\uXXXX escapes and the rest."""
-MAX_HIT_BYTES = 4 * ((MAX_CROP_BYTES + 2) // 3) + _HIT_OVERHEAD_BYTES
-"""a hit payload with the largest crop a receiver takes by default (its base64) and the rest."""
+MAX_HIT_BYTES = 4 * ((MAX_CROP_BYTES + 2) // 3) + 4 * ((MAX_CONTEXT_BYTES + 2) // 3) + _HIT_OVERHEAD_BYTES
+"""a hit payload with the largest crop and context frame a receiver takes by default (their base64) and the rest."""
 MAX_VERDICTS = 100
 """verdicts in one verdict message (a receiver splits a larger batch)."""
 MAX_VERDICT_BYTES = 1024 * 1024
@@ -542,10 +564,14 @@ OUTBOX_VERDICT_COUNTERS = (
     "verdicts_ignored",
 )
 """The outbox's running counters of the verdict exchange (edge/outbox/ keeps them by these names)."""
+OUTBOX_CONTEXT_COUNTERS = ("contexts_dropped_oversized", "contexts_dropped_full")
+"""The outbox's running counters of context frames dropped (edge/outbox/ keeps them by these names);
+optional in the heartbeat: units older than context frames send none."""
 HEARTBEAT_OUTBOX_KEYS = ("pending", "pending_bytes", "max_bytes", *OUTBOX_COUNTERS, "inflight", "refused")
-HEARTBEAT_VERDICT_KEYS = ("awaiting_verdict", "quarantined_kept", *OUTBOX_VERDICT_COUNTERS)
-"""Optional outbox figures of units that wait for the centre's verdicts (docs/protocol.md, "Verdicts");
-older units send none, so a receiver takes them when present."""
+HEARTBEAT_VERDICT_KEYS = ("awaiting_verdict", "quarantined_kept", *OUTBOX_VERDICT_COUNTERS, *OUTBOX_CONTEXT_COUNTERS)
+"""Optional outbox figures of units that wait for the centre's verdicts (docs/protocol.md, "Verdicts")
+and of units that count context frames dropped; older units send none, so a receiver takes them
+when present."""
 LINK_STATES = ("idle", "connecting", "connected", "disconnected", "closed")
 SIGNATURE_FIELDS = ("key_id", "sig")
 """Optional on hits and status (wire/signing.py): checked for shape here, for truth by verify_record."""
@@ -616,8 +642,14 @@ def _check_payload_box(body: dict[str, Any], schema: str) -> list[float]:
     return box
 
 
-def decode_hit(payload: bytes, *, max_crop_bytes: int = MAX_CROP_BYTES) -> tuple[dict[str, Any], bytes | None]:
+def decode_hit(
+    payload: bytes, *, max_crop_bytes: int = MAX_CROP_BYTES, max_context_bytes: int = MAX_CONTEXT_BYTES
+) -> tuple[dict[str, Any], bytes | None]:
     """Check a hit message and return (its fields without the crop, the crop JPEG bytes or None).
+
+    The context frame, when the hit carries one, is in the fields as `context_jpeg` (JPEG bytes or
+    None) with `context_dropped`; a frame over `max_context_bytes` is stripped (`context_dropped`
+    "oversized") and `context_refused` says so, for the receiver to count: the hit itself is kept.
 
     Raises ProtocolError naming the field for anything the hit schema forbids (ranges, sizes,
     control characters) and for what JSON allows but no store can keep (huge integers, NaN,
@@ -625,35 +657,15 @@ def decode_hit(payload: bytes, *, max_crop_bytes: int = MAX_CROP_BYTES) -> tuple
     body = _load(
         payload,
         HIT_SCHEMA,
-        b64_length(max_crop_bytes) + _HIT_OVERHEAD_BYTES,
-        f" (crop_jpeg_b64 of at most {max_crop_bytes} bytes, ids of at most {MAX_ID_CHARS} characters)",
+        b64_length(max_crop_bytes) + b64_length(max_context_bytes) + _HIT_OVERHEAD_BYTES,
+        f" (crop_jpeg_b64 and context_jpeg_b64 of at most {max_crop_bytes} and {max_context_bytes} bytes, "
+        f"ids of at most {MAX_ID_CHARS} characters)",
     )
     out = _check_fields(body, HIT_SCHEMA, HIT_FIELDS)
     out["box"] = _check_payload_box(body, HIT_SCHEMA)
     _check_signature_fields(body, HIT_SCHEMA)
-    dropped = body.get("crop_dropped")
-    if dropped is not None and dropped not in CROP_DROP_REASONS:
-        raise ProtocolError(
-            f"{HIT_SCHEMA} payload key 'crop_dropped' must be null or one of {CROP_DROP_REASONS}, "
-            f"got {safe_text(dropped, 80)!r}"
-        )
-    b64 = body.get("crop_jpeg_b64")
-    crop = None
-    if b64 is not None:
-        if not isinstance(b64, str):
-            raise ProtocolError(f"{HIT_SCHEMA} payload key 'crop_jpeg_b64' must be a base64 string or null")
-        if len(b64) > b64_length(max_crop_bytes):
-            raise ProtocolError(
-                f"{HIT_SCHEMA} payload key 'crop_jpeg_b64' holds about {len(b64) * 3 // 4} bytes, over the crop "
-                f"limit of {max_crop_bytes} bytes"
-            )
-        try:
-            crop = base64.b64decode(b64, validate=True)
-        except (binascii.Error, ValueError) as e:
-            raise ProtocolError(f"{HIT_SCHEMA} payload key 'crop_jpeg_b64' is not valid base64: {e}") from None
-        if not crop.startswith(JPEG_MAGIC):
-            raise ProtocolError(f"{HIT_SCHEMA} payload key 'crop_jpeg_b64' is not a JPEG (does not start FF D8 FF)")
-    out["crop_dropped"] = dropped
+    out["crop_dropped"] = _drop_reason(body, "crop_dropped")
+    crop = _jpeg_b64(body, "crop_jpeg_b64", max_crop_bytes)
     canary = body.get("canary", False)
     if not isinstance(canary, bool):
         raise ProtocolError(f"{HIT_SCHEMA} payload key 'canary' must be true or false, got {safe_text(canary, 80)!r}")
@@ -664,7 +676,48 @@ def decode_hit(payload: bytes, *, max_crop_bytes: int = MAX_CROP_BYTES) -> tuple
     if "stranger_rate" in body:
         STRANGER_RATE.check(HIT_SCHEMA, "stranger_rate", rate)
     out["stranger_rate"] = rate
+    out["context_dropped"] = _drop_reason(body, "context_dropped")
+    out["context_jpeg"] = None
+    b64 = body.get("context_jpeg_b64")
+    if isinstance(b64, str) and len(b64) > b64_length(max_context_bytes):
+        out["context_dropped"] = "oversized"
+        out["context_refused"] = (
+            f"context frame of about {len(b64) * 3 // 4} bytes is over the limit of {max_context_bytes} bytes: "
+            "the hit is stored without it"
+        )
+    else:
+        out["context_jpeg"] = _jpeg_b64(body, "context_jpeg_b64", max_context_bytes)
     return out, crop
+
+
+def _drop_reason(body: dict[str, Any], key: str) -> str | None:
+    """A hit's `crop_dropped` or `context_dropped`: null or one of CROP_DROP_REASONS."""
+    reason = body.get(key)
+    if reason is not None and reason not in CROP_DROP_REASONS:
+        raise ProtocolError(
+            f"{HIT_SCHEMA} payload key {key!r} must be null or one of {CROP_DROP_REASONS}, got {safe_text(reason, 80)!r}"
+        )
+    return reason
+
+
+def _jpeg_b64(body: dict[str, Any], key: str, max_bytes: int) -> bytes | None:
+    """The JPEG bytes of a hit's `crop_jpeg_b64` or `context_jpeg_b64` (None when null or absent)."""
+    b64 = body.get(key)
+    if b64 is None:
+        return None
+    if not isinstance(b64, str):
+        raise ProtocolError(f"{HIT_SCHEMA} payload key {key!r} must be a base64 string or null")
+    if len(b64) > b64_length(max_bytes):
+        raise ProtocolError(
+            f"{HIT_SCHEMA} payload key {key!r} holds about {len(b64) * 3 // 4} bytes, over the limit of {max_bytes} bytes"
+        )
+    try:
+        jpeg = base64.b64decode(b64, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ProtocolError(f"{HIT_SCHEMA} payload key {key!r} is not valid base64: {e}") from None
+    if not jpeg.startswith(JPEG_MAGIC):
+        raise ProtocolError(f"{HIT_SCHEMA} payload key {key!r} is not a JPEG (does not start FF D8 FF)")
+    return jpeg
 
 
 def _optional_version(body: dict[str, Any], schema: str, out: dict[str, Any]) -> None:

@@ -29,7 +29,11 @@ from central.cli.common import DB_OPTION, TIME, cli_actor, format_hit, open_stor
     help="CSV output file (one row per hit, decisions in one cell), '-' for stdout.",
 )
 @click.option("--since", type=TIME, default=None, help="Only hits received at or after this UTC time.")
-@click.option("--with-crops", is_flag=True, help="Include face crops as base64 JPEG (crop_jpeg_b64; JSON lines only).")
+@click.option(
+    "--with-crops",
+    is_flag=True,
+    help="Include face crops and context frames as base64 JPEG (crop_jpeg_b64, context_jpeg_b64; JSON lines only).",
+)
 def export(db_url: str, jsonl: Path | None, csv_out: Path | None, since: dt.datetime | None, with_crops: bool) -> None:
     """Write the stored hits with their sighting's decisions, oldest first, as JSON lines or CSV, times in
     ISO 8601 UTC (entered in the audit chain).

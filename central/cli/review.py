@@ -1,4 +1,4 @@
-"""`review` and `crop`: an operator's decision on a hit, and a hit's face, from the shell."""
+"""`review` and `crop`: an operator's decision on a hit, and a hit's face (or context frame), from the shell."""
 
 from __future__ import annotations
 
@@ -104,22 +104,28 @@ def review(
 @DB_OPTION
 @click.argument("hit_id")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="JPEG file to write.")
-def crop(db_url: str, hit_id: str, out: Path) -> None:
-    """Write a hit's face crop to a JPEG file (entered in the audit chain as a view of the crop).
+@click.option(
+    "--context", is_flag=True, help="The hit's context frame (the whole scene, bystanders too) instead of the face."
+)
+def crop(db_url: str, hit_id: str, out: Path, context: bool) -> None:
+    """Write a hit's face crop, or its context frame, to a JPEG file (entered in the audit chain as a
+    view of the crop, `view_crop`, or of the frame, `view_context`).
 
     \b
     Example:
       checkpoint-receiver crop --db hits.sqlite 3f2a --out face.jpg
+      checkpoint-receiver crop --db hits.sqlite 3f2a --context --out scene.jpg
     """
+    what = "context frame" if context else "crop"
     store = open_store(db_url)
     try:
         full_id = store.resolve_hit_id(hit_id)
-        jpeg = store.crop(full_id)
+        jpeg = store.context_frame(full_id) if context else store.crop(full_id)
         if jpeg is not None:
-            store.audit(cli_actor(), "view_crop", full_id, {"out": str(out)})
+            store.audit(cli_actor(), "view_context" if context else "view_crop", full_id, {"out": str(out)})
     finally:
         store.close()
     if jpeg is None:
-        raise click.ClickException(f"hit {safe(full_id)} came without a crop")
+        raise click.ClickException(f"hit {safe(full_id)} came without a {what}")
     out.write_bytes(jpeg)
     click.echo(f"wrote {len(jpeg)} bytes to {out}")

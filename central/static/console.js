@@ -21,7 +21,8 @@
       if (isNaN(d.getTime())) return;
       var span = document.createElement("span");
       span.className = "local";
-      span.textContent = " · " + d.toLocaleString([], { hour12: false }) + " " + zone + " (your browser's zone)";
+      // sv-SE writes YYYY-MM-DD HH:MM:SS, as the server writes UTC and the site's time.
+      span.textContent = " · " + d.toLocaleString("sv-SE", { hour12: false }) + " " + zone + " (your browser's zone)";
       t.appendChild(span);
     });
   }

@@ -32,11 +32,11 @@ import sqlite3
 import time
 from pathlib import Path
 
-from wire.records import OUTBOX_COUNTERS, OUTBOX_VERDICT_COUNTERS
+from wire.records import OUTBOX_CONTEXT_COUNTERS, OUTBOX_COUNTERS, OUTBOX_VERDICT_COUNTERS
 
 log = logging.getLogger(__name__)
 
-COUNTERS = (*OUTBOX_COUNTERS, *OUTBOX_VERDICT_COUNTERS)
+COUNTERS = (*OUTBOX_COUNTERS, *OUTBOX_VERDICT_COUNTERS, *OUTBOX_CONTEXT_COUNTERS)
 # Row states. 0 -> 1 (the broker's PUBACK) changes no row's size: SQLite stores the integers 0 and 1
 # in the record header alone, so marking hits sent needs no new page on a full disk.
 PENDING, AWAITING, QUARANTINED = 0, 1, 2
@@ -56,7 +56,9 @@ CREATE TABLE IF NOT EXISTS outbox (
     size INTEGER NOT NULL,
     state INTEGER NOT NULL DEFAULT 0,
     reason TEXT,
-    error TEXT
+    error TEXT,
+    context BLOB,
+    context_dropped TEXT
 );
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
@@ -124,8 +126,15 @@ class OutboxFile:
             raise _Corrupt("; ".join(str(p) for p in problems))
         self.db.executescript(_SCHEMA)
         columns = {r[1] for r in self.db.execute("PRAGMA table_info(outbox)")}
-        # An outbox from before verdicts: its rows are all pending. Adding a column rewrites no row.
-        for column, decl in (("state", "INTEGER NOT NULL DEFAULT 0"), ("reason", "TEXT"), ("error", "TEXT")):
+        # An outbox from before verdicts (its rows are all pending) or before context frames (none has
+        # one). Adding a column rewrites no row.
+        for column, decl in (
+            ("state", "INTEGER NOT NULL DEFAULT 0"),
+            ("reason", "TEXT"),
+            ("error", "TEXT"),
+            ("context", "BLOB"),
+            ("context_dropped", "TEXT"),
+        ):
             if column not in columns:
                 self.db.execute(f"ALTER TABLE outbox ADD COLUMN {column} {decl}")
         self.db.executemany("INSERT OR IGNORE INTO counters(name, value) VALUES (?, 0)", [(c,) for c in COUNTERS])

@@ -19,11 +19,15 @@ from wire.records import Verdict
 
 log = logging.getLogger(__name__)
 
+_ROW = "seq, hit_id, queued_at, record, crop, crop_dropped, context, context_dropped"
+"""The columns `_row` makes an OutboxRow of."""
+
 
 @dataclass(frozen=True)
 class OutboxRow:
     """One hit: the record (JSON bytes, without crop), its crop, why a crop is missing, its state
-    (a STATE_NAMES value) and, when the centre refused it, the reason word and the centre's sentence."""
+    (a STATE_NAMES value), when the centre refused it the reason word and the centre's sentence, and
+    its context frame or why the frame is missing (both None for a hit made without one)."""
 
     seq: int
     hit_id: str
@@ -34,6 +38,8 @@ class OutboxRow:
     state: str = "pending"
     reason: str | None = None
     error: str | None = None
+    context: bytes | None = None
+    context_dropped: str | None = None
 
 
 class Outbox:
@@ -128,14 +134,22 @@ class Outbox:
 
     # --- producer side ------------------------------------------------------------------------
 
-    def put(self, hit_id: str, record: bytes, crop: bytes | None, queued_at: float | None = None) -> int | None:
+    def put(
+        self,
+        hit_id: str,
+        record: bytes,
+        crop: bytes | None,
+        queued_at: float | None = None,
+        *,
+        context: bytes | None = None,
+    ) -> int | None:
         """Store one hit durably; returns its sequence number (the existing one if the hit is already
         pending), or None if it was dropped for lack of room (only when every other pending hit is
-        in flight). A crop larger than `max_crop_bytes` is dropped here and counted. When the hit does
-        not fit in `max_bytes` or on the disk, older crops and then older hits make room (counted).
-        Raises OutboxError if the disk write fails otherwise."""
+        in flight). A crop or context frame larger than `max_crop_bytes` is dropped here and counted.
+        When the hit does not fit in `max_bytes` or on the disk, older context frames, then older
+        crops, then older hits make room (counted). Raises OutboxError if the disk write fails otherwise."""
         queued_at = time.time() if queued_at is None else queued_at
-        crop_dropped = None
+        crop_dropped = context_dropped = None
         with self._lock:
             self._check_writable()
             bumps: dict[str, int] = {"accepted": 1}
@@ -148,7 +162,16 @@ class Outbox:
                 )
                 crop, crop_dropped = None, "oversized"
                 bumps["crops_dropped_oversized"] = 1
-            hit = NewHit(hit_id, queued_at, record, crop, crop_dropped, bumps)
+            if context is not None and len(context) > self.config.max_crop_bytes:
+                log.warning(
+                    "hit %s: context frame of %d bytes is over outbox.max_crop_bytes (%d); sending the hit without it",
+                    hit_id,
+                    len(context),
+                    self.config.max_crop_bytes,
+                )
+                context, context_dropped = None, "oversized"
+                bumps["contexts_dropped_oversized"] = 1
+            hit = NewHit(hit_id, queued_at, record, crop, crop_dropped, bumps, context, context_dropped)
             try:
                 try:
                     seq = self._room.insert(hit)
@@ -176,16 +199,15 @@ class Outbox:
             self._check_open()
             busy = self._tally.busy()
             rows = self._db.execute(
-                "SELECT seq, hit_id, queued_at, record, crop, crop_dropped FROM outbox WHERE seq > ? AND state = ? "
-                "ORDER BY seq LIMIT ?",
+                f"SELECT {_ROW} FROM outbox WHERE seq > ? AND state = ? ORDER BY seq LIMIT ?",
                 (self._cursor, PENDING, limit + len(busy)),
             ).fetchall()
             out = []
-            for seq, hit_id, queued_at, record, crop, dropped in rows:
-                if seq in busy:
+            for row in rows:
+                if row[0] in busy:
                     continue
-                out.append(OutboxRow(seq, hit_id, queued_at, bytes(record), bytes(crop) if crop else None, dropped))
-                self._tally.inflight.add(seq)
+                out.append(_row(row, "pending"))
+                self._tally.inflight.add(row[0])
                 if len(out) == limit:
                     break
             if out:
@@ -200,18 +222,12 @@ class Outbox:
             return []
         marks = ",".join("?" * len(due))
         out = []
-        for seq, hit_id, queued_at, record, crop, dropped in self._db.execute(
-            "SELECT seq, hit_id, queued_at, record, crop, crop_dropped FROM outbox "
-            f"WHERE seq IN ({marks}) AND state = ? ORDER BY seq",
-            (*due, AWAITING),
+        for row in self._db.execute(
+            f"SELECT {_ROW} FROM outbox WHERE seq IN ({marks}) AND state = ? ORDER BY seq", (*due, AWAITING)
         ):
-            out.append(
-                OutboxRow(
-                    seq, hit_id, queued_at, bytes(record), bytes(crop) if crop else None, dropped, "awaiting_verdict"
-                )
-            )
-            self._tally.inflight.add(seq)
-            self._tally.resending.add(seq)
+            out.append(_row(row, "awaiting_verdict"))
+            self._tally.inflight.add(row[0])
+            self._tally.resending.add(row[0])
         log.info(
             "outbox %s: no verdict from the centre on %d hits within their wait; sending them again "
             "(a receiver that holds one answers 'duplicate')",
@@ -393,11 +409,8 @@ class Outbox:
         with self._lock:
             self._check_open()
             return [
-                OutboxRow(seq, h, q, bytes(r), bytes(c) if c else None, d, STATE_NAMES.get(st, str(st)), rs, er)
-                for seq, h, q, r, c, d, st, rs, er in self._db.execute(
-                    "SELECT seq, hit_id, queued_at, record, crop, crop_dropped, state, reason, error FROM outbox "
-                    "ORDER BY seq"
-                )
+                _row(row[:8], STATE_NAMES.get(row[8], str(row[8])), row[9], row[10])
+                for row in self._db.execute(f"SELECT {_ROW}, state, reason, error FROM outbox ORDER BY seq")
             ]
 
     def close(self) -> None:
@@ -407,3 +420,21 @@ class Outbox:
                 return
             self._closed = True
             self._file.close()
+
+
+def _row(row: tuple, state: str, reason: str | None = None, error: str | None = None) -> OutboxRow:
+    """An OutboxRow of the `_ROW` columns."""
+    seq, hit_id, queued_at, record, crop, crop_dropped, context, context_dropped = row
+    return OutboxRow(
+        seq,
+        hit_id,
+        queued_at,
+        bytes(record),
+        bytes(crop) if crop else None,
+        crop_dropped,
+        state,
+        reason,
+        error,
+        bytes(context) if context else None,
+        context_dropped,
+    )

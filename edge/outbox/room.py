@@ -2,8 +2,10 @@
 
 The outbox is bounded by `max_bytes` of stored hit data (all three states) and by the room on its
 disk; when a new hit does not fit in either, rows go in this order: hits awaiting a verdict (the
-broker acknowledged them, which was all a unit had before verdicts), quarantined hits, the crops of
-the oldest pending hits, the new hit's own crop, pending hit records last. Rows the transport holds
+broker acknowledged them, which was all a unit had before verdicts), quarantined hits, the context
+frames of the oldest pending hits, the new hit's own context frame, the crops of the oldest pending
+hits, the new hit's own crop, pending hit records last. Context frames go before any crop: a
+frame helps the operator, the face is what the decision is taken on. Rows the transport holds
 (in flight, or acknowledged and not yet written) are never chosen. Every drop is counted
 (persistently, in the same transaction) and logged, so nothing disappears silently.
 """
@@ -13,7 +15,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from edge.outbox.config import OutboxConfig
 from edge.outbox.file import AWAITING, PENDING, QUARANTINED, OutboxFile, is_full
@@ -36,12 +38,15 @@ class NewHit:
     crop: bytes | None
     crop_dropped: str | None
     bumps: dict[str, int]
+    context: bytes | None = None
+    context_dropped: str | None = None
 
 
 @dataclass
 class _Drops:
     """Rows chosen in one transaction to make room: (seq, hit id, bytes freed)."""
 
+    contexts: list[tuple[int, str, int]] = field(default_factory=list)
     crops: list[tuple[int, str, int]] = field(default_factory=list)
     records: list[tuple[int, str, int]] = field(default_factory=list)
     awaiting: list[tuple[int, str, int]] = field(default_factory=list)
@@ -49,11 +54,12 @@ class _Drops:
 
     def any(self) -> bool:
         """Whether anything was chosen."""
-        return bool(self.crops or self.records or self.awaiting or self.quarantined)
+        return bool(self.contexts or self.crops or self.records or self.awaiting or self.quarantined)
 
     def counts(self, bumps: dict[str, int]) -> dict[str, int]:
         """`bumps` with these drops added to their counters."""
         out = dict(bumps)
+        out["contexts_dropped_full"] = out.get("contexts_dropped_full", 0) + len(self.contexts)
         out["crops_dropped_full"] = out.get("crops_dropped_full", 0) + len(self.crops)
         out["hits_dropped_full"] = out.get("hits_dropped_full", 0) + len(self.records)
         out["awaiting_dropped"] = out.get("awaiting_dropped", 0) + len(self.awaiting)
@@ -75,11 +81,13 @@ class Room:
 
     def insert(self, hit: NewHit) -> int | None:
         """One transaction: make room within max_bytes (hits awaiting a verdict, quarantined hits,
-        oldest crops, the hit's own crop, oldest records), insert the hit, count; returns its
+        oldest context frames, the hit's own frame, oldest crops, the hit's own crop, oldest records),
+        insert the hit, count; returns its
         sequence number (the existing one if the hit is already held), None when it was dropped.
         Accounts and logs only once it committed."""
         crop, crop_dropped, bumps = hit.crop, hit.crop_dropped, dict(hit.bumps)
-        size = len(hit.record) + (len(crop) if crop else 0)
+        context, context_dropped = hit.context, hit.context_dropped
+        size = len(hit.record) + (len(crop) if crop else 0) + (len(context) if context else 0)
         self._db.execute("BEGIN IMMEDIATE")
         already = self._db.execute("SELECT seq FROM outbox WHERE hit_id = ?", (hit.hit_id,)).fetchone()
         if already:
@@ -87,13 +95,21 @@ class Room:
             log.debug("hit %s is already in the outbox; not stored twice", hit.hit_id)
             return int(already[0])
         drops = _Drops()
-        own_crop = 0
+        own_crop = own_context = 0
         excess = self._tally.size + size - self._config.max_bytes
         for state in (AWAITING, QUARANTINED):
             if excess > 0:
                 excess = self._drop_rows(excess, drops, state)
         if excess > 0:
-            excess = self._drop_crops(excess, drops)
+            excess = self._drop_pictures(excess, drops, "context")
+            if excess > 0 and context:
+                own_context = len(context)
+                excess -= own_context
+                size -= own_context
+                context, context_dropped = None, "outbox_full"
+                bumps["contexts_dropped_full"] = bumps.get("contexts_dropped_full", 0) + 1
+        if excess > 0:
+            excess = self._drop_pictures(excess, drops, "crop")
             if excess > 0 and crop:
                 own_crop = len(crop)
                 excess -= own_crop
@@ -109,12 +125,15 @@ class Room:
             size = 0
         else:
             seq = self._db.execute(
-                "INSERT INTO outbox(hit_id, queued_at, record, crop, crop_dropped, size) VALUES (?,?,?,?,?,?)",
-                (hit.hit_id, hit.queued_at, hit.record, crop, crop_dropped, size),
+                "INSERT INTO outbox(hit_id, queued_at, record, crop, crop_dropped, context, context_dropped, size) "
+                "VALUES (?,?,?,?,?,?,?,?)",
+                (hit.hit_id, hit.queued_at, hit.record, crop, crop_dropped, context, context_dropped, size),
             ).lastrowid
         self._file.bump(drops.counts(bumps))
         self._db.execute("COMMIT")
         self._dropped(drops, "outbox full (outbox.max_bytes)")
+        if own_context:
+            log.warning("outbox full: dropped the context frame of new hit %s (%d bytes)", hit.hit_id, own_context)
         if own_crop:
             log.warning("outbox full: dropped the face crop of new hit %s (%d bytes)", hit.hit_id, own_crop)
         if seq is None:
@@ -130,8 +149,8 @@ class Room:
     def insert_on_full_disk(self, hit: NewHit, error: sqlite3.Error) -> int | None:
         """The disk has no room for the hit: free pages inside the file, by the same policy as for
         max_bytes (hits already acknowledged and awaiting a verdict first, then quarantined hits, the
-        oldest crops, the hit's own crop, the oldest records), each step committed on its own, until
-        the insert fits."""
+        oldest context frames, the hit's own frame, the oldest crops, the hit's own crop, the oldest
+        records), each step committed on its own, until the insert fits."""
         self._file.set_problem(
             "full",
             f"outbox {self._file.path}: its disk is full ({error}); a new hit that does not fit makes room by "
@@ -144,7 +163,7 @@ class Room:
         except sqlite3.Error:
             self._file.rollback()  # the drops below may still fit in the journal's room
             retry = False
-        need = len(hit.record) + len(hit.crop or b"") + _FULL_DISK_SLACK
+        need = len(hit.record) + len(hit.crop or b"") + len(hit.context or b"") + _FULL_DISK_SLACK
         while True:
             if retry:
                 try:
@@ -157,14 +176,21 @@ class Room:
             if (
                 self._free_room(need, "awaiting")
                 or self._free_room(need, "quarantined")
-                or self._free_room(need, "crops")
-                or (hit.crop is None and self._free_room(need, "records"))
+                or self._free_room(need, "contexts")
+                or (hit.context is None and self._free_room(need, "crops"))
+                or (hit.context is None and hit.crop is None and self._free_room(need, "records"))
             ):
                 need *= 2
+            elif hit.context is not None:
+                log.warning(
+                    "disk full: dropping the context frame of new hit %s (%d bytes)", hit.hit_id, len(hit.context)
+                )
+                bumps = dict(hit.bumps, contexts_dropped_full=hit.bumps.get("contexts_dropped_full", 0) + 1)
+                hit = replace(hit, context=None, context_dropped="outbox_full", bumps=bumps)
             elif hit.crop is not None:
                 log.warning("disk full: dropping the face crop of new hit %s (%d bytes)", hit.hit_id, len(hit.crop))
                 bumps = dict(hit.bumps, crops_dropped_full=hit.bumps.get("crops_dropped_full", 0) + 1)
-                hit = NewHit(hit.hit_id, hit.queued_at, hit.record, None, "outbox_full", bumps)
+                hit = replace(hit, crop=None, crop_dropped="outbox_full", bumps=bumps)
             else:
                 break
         # Nothing left to drop: every other pending hit is in flight.
@@ -175,12 +201,12 @@ class Room:
         return None
 
     def _free_room(self, need: int, what: str) -> bool:
-        """Drop the oldest hits awaiting a verdict, quarantined hits, crops or pending records (`what`)
-        worth `need` bytes in a transaction of their own; False if there was nothing to drop."""
+        """Drop the oldest hits awaiting a verdict, quarantined hits, context frames, crops or pending
+        records (`what`) worth `need` bytes in a transaction of their own; False if there was nothing to drop."""
         drops = _Drops()
         self._db.execute("BEGIN IMMEDIATE")
-        if what == "crops":
-            self._drop_crops(need, drops)
+        if what in ("contexts", "crops"):
+            self._drop_pictures(need, drops, "context" if what == "contexts" else "crop")
         elif what == "records":
             self._drop_records(need, drops)
         else:
@@ -193,21 +219,25 @@ class Room:
         self._dropped(drops, "disk full")
         return True
 
-    def _drop_crops(self, excess: int, drops: _Drops) -> int:
+    def _drop_pictures(self, excess: int, drops: _Drops, column: str) -> int:
+        """The `column` ("context" frames or "crop"s) of the oldest pending hits, worth `excess` bytes."""
         busy = self._tally.busy()
+        chosen = drops.contexts if column == "context" else drops.crops
         rows = self._db.execute(
-            "SELECT seq, hit_id, length(crop) FROM outbox WHERE crop IS NOT NULL AND state = ? ORDER BY seq", (PENDING,)
+            f"SELECT seq, hit_id, length({column}) FROM outbox WHERE {column} IS NOT NULL AND state = ? ORDER BY seq",
+            (PENDING,),
         )
         for seq, hit_id, n in rows:
             if excess <= 0:
                 break
             if seq in busy:
                 continue
-            drops.crops.append((seq, hit_id, n))
+            chosen.append((seq, hit_id, n))
             excess -= n
-        for seq, _, n in drops.crops:
+        for seq, _, n in chosen:
             self._db.execute(
-                "UPDATE outbox SET crop = NULL, crop_dropped = 'outbox_full', size = size - ? WHERE seq = ?", (n, seq)
+                f"UPDATE outbox SET {column} = NULL, {column}_dropped = 'outbox_full', size = size - ? WHERE seq = ?",
+                (n, seq),
             )
         return excess
 
@@ -246,6 +276,9 @@ class Room:
     def _dropped(self, drops: _Drops, why: str) -> None:
         """Account for and log drops that committed."""
         tally = self._tally
+        for _, hit_id, n in drops.contexts:
+            log.warning("%s: dropped the context frame of pending hit %s (%d bytes)", why, hit_id, n)
+            tally.size -= n
         for _, hit_id, n in drops.crops:
             log.warning("%s: dropped the face crop of pending hit %s (%d bytes)", why, hit_id, n)
             tally.size -= n
