@@ -95,6 +95,9 @@ def test_on_the_wire_optional_signed_and_bounded(payload_schemas):
             records.decode_hit(json.dumps(dict(body, context_jpeg_b64=bad)).encode())
     with pytest.raises(ProtocolError, match="context_dropped"):
         records.decode_hit(json.dumps(dict(body, context_dropped="<script>")).encode())
+    limit = payload_schemas["hit"]["properties"]["context_jpeg_b64"]["maxLength"]
+    assert limit == records.b64_length(records.MAX_CONTEXT_BYTES)
+    assert records.MAX_PAYLOAD_BYTES["hits"] >= 2 * limit + 32 * 1024  # a full crop and a full frame fit
     big = noise_jpeg(records.MAX_CONTEXT_BYTES + 40_000)
     fields, _ = records.decode_hit(records.hit_payload(record, None, None, context=big))
     assert fields["context_jpeg"] is None and fields["context_dropped"] == "oversized"
@@ -202,6 +205,20 @@ def test_through_broker_and_receiver_stored_stripped_and_purged_like_crops(mosqu
         lines = {json.loads(line)["id"]: json.loads(line) for line in out.getvalue().splitlines()}
         assert base64.b64decode(lines[with_frame.id]["context_jpeg_b64"]) == frame
         assert lines[without.id]["context_jpeg_b64"] is None
+        # `crop --context` writes it out, entered in the audit chain as a view of the frame.
+        from click.testing import CliRunner
+
+        from central.cli import main as cli
+
+        res = CliRunner().invoke(
+            cli, ["crop", "--db", store.location, with_frame.id, "--context", "--out", str(tmp_path / "scene.jpg")]
+        )
+        assert res.exit_code == 0, res.output
+        assert (tmp_path / "scene.jpg").read_bytes() == frame
+        res = CliRunner().invoke(cli, ["crop", "--db", store.location, without.id, "--context", "--out", "x.jpg"])
+        assert res.exit_code == 1 and "came without a context frame" in res.output
+        views = [e for e in store.audit_entries(limit=None) if e["action"] == "view_context"]
+        assert [e["subject"] for e in views] == [with_frame.id]
         assert store.purge(0, now=time.time() + 10) == 3
         assert store.context_frame(with_frame.id) is None
         assert store._read("SELECT COUNT(*) AS n FROM context_frames")[0]["n"] == 0

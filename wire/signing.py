@@ -12,7 +12,9 @@ the record as JSON with sorted keys, no spaces and ASCII escapes, with every fie
 (so ``key_id``, ``site`` and ``unit_id`` are covered). A hit's crop is covered by its digest: its
 ``crop_jpeg_b64`` is replaced by ``crop_sha256``, the hex SHA-256 of the JPEG bytes (null when
 there is no crop), so the signature does not depend on how the base64 is written and the outbox
-may still drop a crop before the hit is sent (the unit signs when it publishes).
+may still drop a crop before the hit is sent (the unit signs when it publishes). A hit's context
+frame (``context_jpeg_b64``) is covered as the text it is, like any other field: a receiver older
+than context frames canonicalises every key it gets, and must still verify such a hit.
 
 `verify_record` is what a receiver calls; it returns a `Verdict`. It binds the signature to the
 ``site`` and ``unit_id`` inside the record: the receiver must also check that they match the topic
