@@ -161,6 +161,16 @@ def test_an_outbox_from_before_context_frames_is_taken_over(tmp_path):
     rows = box.rows()
     assert [(r.hit_id, r.context is not None) for r in rows] == [("h0", False), ("h1", True)]
     assert box.counters()["contexts_dropped_full"] == 0
+    held = sum(len(r.record) + len(r.crop or b"") + len(r.context or b"") for r in rows)
+    box.close()
+    # A frame goes with its hit, whichever way the hit leaves (here: acknowledged, verdicts off).
+    box = Outbox(OutboxConfig(path=path, verdicts="off"))
+    assert box.pending_bytes == held  # the frame counted beside its hit's row, after a reopen too
+    box.ack([r.seq for r in box.take(10)])
+    assert box.rows() == [] and box.pending_bytes == 0
+    left = sqlite3.connect(path)
+    assert left.execute("SELECT COUNT(*) FROM contexts").fetchone()[0] == 0
+    left.close()
     box.close()
 
 

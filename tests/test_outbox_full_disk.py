@@ -170,6 +170,31 @@ def test_a_full_disk_drops_old_crops_first_then_old_hits_and_counts_every_drop(s
     small_disk(scenario, 3)
 
 
+def test_a_full_disk_drops_context_frames_before_any_crop(small_disk):
+    def scenario(disk: Path) -> None:
+        box = Outbox(OutboxConfig(path=disk / "o.sqlite"))  # the disk limits, not max_bytes
+        crop, frame = noise_jpeg(20_000, seed=1), noise_jpeg(40_000, seed=2)
+        ids = [f"f{i:03d}" for i in range(60)]  # 3.6 MB of crops and frames for a 3 MiB disk
+        for hid in ids:
+            hit = make_hit(id=hid, crop=crop, context_jpeg=frame)
+            assert box.put(hid, records.encode_record(records.hit_record(hit, "site-a")), crop, context=frame)
+        rows = box.rows()
+        assert [r.hit_id for r in rows] == ids and all(r.crop == crop for r in rows), "no crop goes while a frame can"
+        dropped = sum(r.context is None for r in rows)
+        # The oldest frames went, the newest stayed; each drop counted.
+        assert 0 < dropped < len(ids) and free_bytes(disk) < len(frame)
+        assert [r.context_dropped for r in rows] == ["outbox_full"] * dropped + [None] * (len(ids) - dropped)
+        counts = box.counters()
+        assert (counts["contexts_dropped_full"], counts["crops_dropped_full"], counts["hits_dropped_full"]) == (
+            dropped,
+            0,
+            0,
+        )
+        box.close()
+
+    small_disk(scenario, 3)
+
+
 def test_on_a_full_disk_hits_awaiting_a_verdict_make_room_first(small_disk):
     def scenario(disk: Path) -> None:
         box = Outbox(OutboxConfig(path=disk / "o.sqlite"))

@@ -6,8 +6,9 @@ broker acknowledges it, then *awaiting* the centre's verdict, which deletes it o
 
     config.py     [outbox]: OutboxConfig
     outbox.py     Outbox: put, take, ack, release, verdicts and figures under one lock; OutboxRow
-    file.py       the SQLite file: schema, rollback journal and its reserve, lock, corrupt files moved
-                  aside, a file deleted or replaced while open (OutboxGone), write problems, counters
+    file.py       the SQLite file: schema (a hit's context frame in a table of its own), rollback
+                  journal and its reserve, lock, corrupt files moved aside, a file deleted or
+                  replaced while open (OutboxGone), write problems, counters
     room.py       the bounds (max_bytes, the disk) and the order in which rows go when a hit does not fit
     verdicts.py   the verdict wait: PUBACKs, verdicts, resends when overdue, `verdicts = "auto"` expiry
     tally.py      what the outbox holds, counted in memory, and the rows the transport has

@@ -56,12 +56,20 @@ CREATE TABLE IF NOT EXISTS outbox (
     size INTEGER NOT NULL,
     state INTEGER NOT NULL DEFAULT 0,
     reason TEXT,
-    error TEXT,
-    context BLOB,
-    context_dropped TEXT
+    error TEXT
 );
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS contexts (seq INTEGER PRIMARY KEY, frame BLOB, dropped TEXT);
+CREATE TRIGGER IF NOT EXISTS contexts_go_with_their_hit AFTER DELETE ON outbox
+    BEGIN DELETE FROM contexts WHERE seq = old.seq; END;
+CREATE VIEW IF NOT EXISTS held AS
+    SELECT outbox.seq AS seq, outbox.hit_id AS hit_id, outbox.state AS state,
+           outbox.size + COALESCE(length(contexts.frame), 0) AS size
+    FROM outbox LEFT JOIN contexts ON contexts.seq = outbox.seq;
 """
+# A hit's context frame lives in its own table, not in the hit's row: SQLite rewrites a whole row on
+# any change of its size, and on a full disk the row's crop could not be written again to drop the
+# frame beside it. `size` in `outbox` is the record and crop; `held` adds the frame, for the bounds.
 
 
 class OutboxError(RuntimeError):
@@ -126,19 +134,13 @@ class OutboxFile:
             raise _Corrupt("; ".join(str(p) for p in problems))
         self.db.executescript(_SCHEMA)
         columns = {r[1] for r in self.db.execute("PRAGMA table_info(outbox)")}
-        # An outbox from before verdicts (its rows are all pending) or before context frames (none has
-        # one). Adding a column rewrites no row.
-        for column, decl in (
-            ("state", "INTEGER NOT NULL DEFAULT 0"),
-            ("reason", "TEXT"),
-            ("error", "TEXT"),
-            ("context", "BLOB"),
-            ("context_dropped", "TEXT"),
-        ):
+        # An outbox from before verdicts: its rows are all pending. Adding a column rewrites no row.
+        # (One from before context frames gets their table from _SCHEMA, empty.)
+        for column, decl in (("state", "INTEGER NOT NULL DEFAULT 0"), ("reason", "TEXT"), ("error", "TEXT")):
             if column not in columns:
                 self.db.execute(f"ALTER TABLE outbox ADD COLUMN {column} {decl}")
         self.db.executemany("INSERT OR IGNORE INTO counters(name, value) VALUES (?, 0)", [(c,) for c in COUNTERS])
-        rows, size = self.db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM outbox").fetchone()
+        rows, size = self.db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM held").fetchone()
         return int(rows), int(size)
 
     def _open_or_replace(self) -> tuple[int, int]:

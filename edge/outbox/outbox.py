@@ -19,8 +19,9 @@ from wire.records import Verdict
 
 log = logging.getLogger(__name__)
 
-_ROW = "seq, hit_id, queued_at, record, crop, crop_dropped, context, context_dropped"
-"""The columns `_row` makes an OutboxRow of."""
+_ROW = "o.seq, o.hit_id, o.queued_at, o.record, o.crop, o.crop_dropped, c.frame, c.dropped"
+"""The columns `_row` makes an OutboxRow of, from `_ROWS`."""
+_ROWS = "outbox o LEFT JOIN contexts c ON c.seq = o.seq"
 
 
 @dataclass(frozen=True)
@@ -199,7 +200,7 @@ class Outbox:
             self._check_open()
             busy = self._tally.busy()
             rows = self._db.execute(
-                f"SELECT {_ROW} FROM outbox WHERE seq > ? AND state = ? ORDER BY seq LIMIT ?",
+                f"SELECT {_ROW} FROM {_ROWS} WHERE o.seq > ? AND o.state = ? ORDER BY o.seq LIMIT ?",
                 (self._cursor, PENDING, limit + len(busy)),
             ).fetchall()
             out = []
@@ -223,7 +224,7 @@ class Outbox:
         marks = ",".join("?" * len(due))
         out = []
         for row in self._db.execute(
-            f"SELECT {_ROW} FROM outbox WHERE seq IN ({marks}) AND state = ? ORDER BY seq", (*due, AWAITING)
+            f"SELECT {_ROW} FROM {_ROWS} WHERE o.seq IN ({marks}) AND o.state = ? ORDER BY o.seq", (*due, AWAITING)
         ):
             out.append(_row(row, "awaiting_verdict"))
             self._tally.inflight.add(row[0])
@@ -410,7 +411,7 @@ class Outbox:
             self._check_open()
             return [
                 _row(row[:8], STATE_NAMES.get(row[8], str(row[8])), row[9], row[10])
-                for row in self._db.execute(f"SELECT {_ROW}, state, reason, error FROM outbox ORDER BY seq")
+                for row in self._db.execute(f"SELECT {_ROW}, o.state, o.reason, o.error FROM {_ROWS} ORDER BY o.seq")
             ]
 
     def close(self) -> None:

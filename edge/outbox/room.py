@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
 from edge.outbox.config import OutboxConfig
@@ -87,7 +87,8 @@ class Room:
         Accounts and logs only once it committed."""
         crop, crop_dropped, bumps = hit.crop, hit.crop_dropped, dict(hit.bumps)
         context, context_dropped = hit.context, hit.context_dropped
-        size = len(hit.record) + (len(crop) if crop else 0) + (len(context) if context else 0)
+        size = len(hit.record) + (len(crop) if crop else 0)  # the row's `size`; the frame is beside it
+        frame = len(context) if context else 0
         self._db.execute("BEGIN IMMEDIATE")
         already = self._db.execute("SELECT seq FROM outbox WHERE hit_id = ?", (hit.hit_id,)).fetchone()
         if already:
@@ -96,20 +97,20 @@ class Room:
             return int(already[0])
         drops = _Drops()
         own_crop = own_context = 0
-        excess = self._tally.size + size - self._config.max_bytes
+        excess = self._tally.size + size + frame - self._config.max_bytes
         for state in (AWAITING, QUARANTINED):
             if excess > 0:
                 excess = self._drop_rows(excess, drops, state)
         if excess > 0:
-            excess = self._drop_pictures(excess, drops, "context")
+            excess = self._drop_contexts(excess, drops)
             if excess > 0 and context:
-                own_context = len(context)
+                own_context = frame
                 excess -= own_context
-                size -= own_context
+                frame = 0
                 context, context_dropped = None, "outbox_full"
                 bumps["contexts_dropped_full"] = bumps.get("contexts_dropped_full", 0) + 1
         if excess > 0:
-            excess = self._drop_pictures(excess, drops, "crop")
+            excess = self._drop_crops(excess, drops)
             if excess > 0 and crop:
                 own_crop = len(crop)
                 excess -= own_crop
@@ -122,13 +123,16 @@ class Room:
         if excess > 0:
             bumps["hits_dropped_full"] = bumps.get("hits_dropped_full", 0) + 1
             del bumps["accepted"]
-            size = 0
+            size = frame = 0
         else:
             seq = self._db.execute(
-                "INSERT INTO outbox(hit_id, queued_at, record, crop, crop_dropped, context, context_dropped, size) "
-                "VALUES (?,?,?,?,?,?,?,?)",
-                (hit.hit_id, hit.queued_at, hit.record, crop, crop_dropped, context, context_dropped, size),
+                "INSERT INTO outbox(hit_id, queued_at, record, crop, crop_dropped, size) VALUES (?,?,?,?,?,?)",
+                (hit.hit_id, hit.queued_at, hit.record, crop, crop_dropped, size),
             ).lastrowid
+            if context is not None or context_dropped is not None:
+                self._db.execute(
+                    "INSERT INTO contexts(seq, frame, dropped) VALUES (?,?,?)", (seq, context, context_dropped)
+                )
         self._file.bump(drops.counts(bumps))
         self._db.execute("COMMIT")
         self._dropped(drops, "outbox full (outbox.max_bytes)")
@@ -143,7 +147,7 @@ class Room:
             )
             return None
         self._tally.rows += 1
-        self._tally.size += size
+        self._tally.size += size + frame
         return int(seq)
 
     def insert_on_full_disk(self, hit: NewHit, error: sqlite3.Error) -> int | None:
@@ -205,8 +209,10 @@ class Room:
         records (`what`) worth `need` bytes in a transaction of their own; False if there was nothing to drop."""
         drops = _Drops()
         self._db.execute("BEGIN IMMEDIATE")
-        if what in ("contexts", "crops"):
-            self._drop_pictures(need, drops, "context" if what == "contexts" else "crop")
+        if what == "contexts":
+            self._drop_contexts(need, drops)
+        elif what == "crops":
+            self._drop_crops(need, drops)
         elif what == "records":
             self._drop_records(need, drops)
         else:
@@ -219,14 +225,34 @@ class Room:
         self._dropped(drops, "disk full")
         return True
 
-    def _drop_pictures(self, excess: int, drops: _Drops, column: str) -> int:
-        """The `column` ("context" frames or "crop"s) of the oldest pending hits, worth `excess` bytes."""
-        busy = self._tally.busy()
-        chosen = drops.contexts if column == "context" else drops.crops
+    def _drop_contexts(self, excess: int, drops: _Drops) -> int:
+        """The context frames of the oldest pending hits, worth `excess` bytes (their own rows: the
+        hits' rows, crops and all, stay as they are)."""
         rows = self._db.execute(
-            f"SELECT seq, hit_id, length({column}) FROM outbox WHERE {column} IS NOT NULL AND state = ? ORDER BY seq",
+            "SELECT c.seq, o.hit_id, length(c.frame) FROM contexts c JOIN outbox o ON o.seq = c.seq "
+            "WHERE c.frame IS NOT NULL AND o.state = ? ORDER BY c.seq",
             (PENDING,),
         )
+        excess = self._choose(rows, excess, drops.contexts)
+        for seq, _, _ in drops.contexts:
+            self._db.execute("UPDATE contexts SET frame = NULL, dropped = 'outbox_full' WHERE seq = ?", (seq,))
+        return excess
+
+    def _drop_crops(self, excess: int, drops: _Drops) -> int:
+        rows = self._db.execute(
+            "SELECT seq, hit_id, length(crop) FROM outbox WHERE crop IS NOT NULL AND state = ? ORDER BY seq", (PENDING,)
+        )
+        excess = self._choose(rows, excess, drops.crops)
+        for seq, _, n in drops.crops:
+            self._db.execute(
+                "UPDATE outbox SET crop = NULL, crop_dropped = 'outbox_full', size = size - ? WHERE seq = ?", (n, seq)
+            )
+        return excess
+
+    def _choose(self, rows: Iterable[tuple[int, str, int]], excess: int, chosen: list[tuple[int, str, int]]) -> int:
+        """Add to `chosen` the first `rows` (seq, hit id, bytes) the transport does not hold, worth
+        `excess` bytes; returns what is still to free."""
+        busy = self._tally.busy()
         for seq, hit_id, n in rows:
             if excess <= 0:
                 break
@@ -234,17 +260,12 @@ class Room:
                 continue
             chosen.append((seq, hit_id, n))
             excess -= n
-        for seq, _, n in chosen:
-            self._db.execute(
-                f"UPDATE outbox SET {column} = NULL, {column}_dropped = 'outbox_full', size = size - ? WHERE seq = ?",
-                (n, seq),
-            )
         return excess
 
     def _drop_records(self, excess: int, drops: _Drops) -> int:
         busy = self._tally.busy()
         for seq, hit_id, n in self._db.execute(
-            "SELECT seq, hit_id, size FROM outbox WHERE state = ? ORDER BY seq", (PENDING,)
+            "SELECT seq, hit_id, size FROM held WHERE state = ? ORDER BY seq", (PENDING,)
         ):
             if excess <= 0:
                 break
@@ -261,7 +282,7 @@ class Room:
         busy = self._tally.busy()
         chosen = drops.awaiting if state == AWAITING else drops.quarantined
         for seq, hit_id, n in self._db.execute(
-            "SELECT seq, hit_id, size FROM outbox WHERE state = ? ORDER BY seq", (state,)
+            "SELECT seq, hit_id, size FROM held WHERE state = ? ORDER BY seq", (state,)
         ):
             if excess <= 0:
                 break

@@ -74,7 +74,7 @@ class VerdictBook:
             chunk = pending[i : i + _ACK_CHUNK]
             marks = ",".join("?" * len(chunk))
             self._db.execute("BEGIN IMMEDIATE")
-            found = self._db.execute(f"SELECT seq, state, size FROM outbox WHERE seq IN ({marks})", chunk).fetchall()
+            found = self._db.execute(f"SELECT seq, state, size FROM held WHERE seq IN ({marks})", chunk).fetchall()
             fresh = [(seq, size) for seq, state, size in found if state == PENDING]
             again = [seq for seq, state, _ in found if state == AWAITING]
             fresh_marks = ",".join("?" * len(fresh))
@@ -114,7 +114,7 @@ class VerdictBook:
         for i in range(0, len(ids), 500):
             part = ids[i : i + 500]
             rows += self._db.execute(
-                f"SELECT seq, hit_id, state, size FROM outbox WHERE hit_id IN ({','.join('?' * len(part))})", part
+                f"SELECT seq, hit_id, state, size FROM held WHERE hit_id IN ({','.join('?' * len(part))})", part
             ).fetchall()
         held = {hit_id: (seq, state, size) for seq, hit_id, state, size in rows}
         bumps: dict[str, int] = {}
@@ -152,7 +152,7 @@ class VerdictBook:
             dropped = [
                 (int(seq), hit_id, int(size))
                 for seq, hit_id, size in self._db.execute(
-                    "SELECT seq, hit_id, size FROM outbox WHERE state = ? ORDER BY seq LIMIT ?", (QUARANTINED, over)
+                    "SELECT seq, hit_id, size FROM held WHERE state = ? ORDER BY seq LIMIT ?", (QUARANTINED, over)
                 )
             ]
             self._db.executemany("DELETE FROM outbox WHERE seq = ?", [(seq,) for seq, _, _ in dropped])
@@ -193,7 +193,7 @@ class VerdictBook:
             marks = ",".join("?" * len(chunk))
             self._db.execute("BEGIN IMMEDIATE")
             n, size = self._db.execute(
-                f"SELECT COUNT(*), COALESCE(SUM(size), 0) FROM outbox WHERE seq IN ({marks}) AND state = ?",
+                f"SELECT COUNT(*), COALESCE(SUM(size), 0) FROM held WHERE seq IN ({marks}) AND state = ?",
                 (*chunk, AWAITING),
             ).fetchone()
             self._db.execute(f"DELETE FROM outbox WHERE seq IN ({marks}) AND state = ?", (*chunk, AWAITING))
