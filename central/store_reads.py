@@ -91,15 +91,18 @@ class ReadStore(StoreCore):
         return out
 
     def camera_names(self) -> dict[tuple[str, str, str], str]:
-        """Each camera's name as its unit's latest heartbeat gives it ((site, unit, camera id) -> name),
-        cut to 80 characters; cameras without one are left out."""
+        """Each camera's name and place as its unit's latest heartbeat gives them ((site, unit, camera
+        id) -> "name · location"), each cut to 80 characters; cameras with neither are left out."""
         names: dict[tuple[str, str, str], str] = {}
         for site, unit_id, unit in self._unit_statuses():
             cameras = unit.get("cameras")
             for cam in cameras[:64] if isinstance(cameras, list) else []:
-                if isinstance(cam, dict) and isinstance(cam.get("id"), str) and isinstance(cam.get("name"), str):
-                    if cam["name"].strip():
-                        names[(site, unit_id, cam["id"])] = cam["name"].strip()[:80]
+                if not isinstance(cam, dict) or not isinstance(cam.get("id"), str):
+                    continue
+                parts = [cam.get(k) for k in ("name", "location")]
+                label = " · ".join(p.strip()[:80] for p in parts if isinstance(p, str) and p.strip())
+                if label:
+                    names[(site, unit_id, cam["id"])] = label
         return names
 
     def unit_zones(self) -> dict[tuple[str, str], str]:

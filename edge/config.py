@@ -82,7 +82,12 @@ class UnitSection(StrictModel):
 class CameraConfig(CaptureConfig):
     """``[[cameras]]``: one camera; the capture settings plus how the unit analyses it."""
 
-    name: str = Field("", description="a human name for the camera, shown to operators")
+    name: str = Field("", max_length=80, description="a human name for the camera, shown to operators")
+    location: str = Field(
+        "",
+        max_length=80,
+        description="where the camera is (platform, gate, which way it looks), shown to operators beside its name",
+    )
     enabled: bool = Field(True, description="false keeps the camera in the file but does not read it")
     analysis_fps: float = Field(
         5.0, gt=0.0, le=60.0, description="frames per second analysed (sampled from the stream)"

@@ -84,7 +84,7 @@ class Daemon:
         self.started_at: float | None = None
         self._stop = threading.Event()
         self._stopped = False
-        self._camera_names = {c.id: c.name for c in config.cameras}
+        self._camera_labels = {c.id: (c.name, c.location) for c in config.cameras}
         self._timezone = site_zone(config.unit.timezone)
         self._warned: dict[str, float] = {}  # warning -> when it was last logged (monotonic)
 
@@ -372,7 +372,7 @@ class Daemon:
         """The unit's figures for the heartbeat: cameras (up/down since, last error, fps, lag), watchlist, hits."""
         per_cam = self.pipeline.stats() if self.pipeline is not None else {}
         cameras = [
-            camera_status(cid, self._camera_names.get(cid, ""), reader.state, per_cam.get(cid, {}))
+            camera_status(cid, *self._camera_labels.get(cid, ("", "")), reader.state, per_cam.get(cid, {}))
             for cid, reader in self.readers.items()
         ]
         matcher = self.pipeline.matcher if self.pipeline is not None else None

@@ -57,12 +57,13 @@ def system_zone(
     return name if is_zone(name) else None
 
 
-def camera_status(camera_id: str, name: str, state: Any, figures: dict[str, Any]) -> dict[str, Any]:
+def camera_status(camera_id: str, name: str, location: str, state: Any, figures: dict[str, Any]) -> dict[str, Any]:
     """One camera: its reader's `state` (up or down since when, errors, reconnects, fps in) and the
     analysis `figures` of its pipeline (edge.stats.CameraStats.snapshot; empty before any)."""
     return {
         "id": camera_id,
         "name": name,
+        "location": location,
         "up": state.up,
         "since": round(state.since, 3),
         "last_error": state.last_error,

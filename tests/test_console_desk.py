@@ -28,6 +28,7 @@ from tests.services import missing_service
 from wire import records
 
 CAMERA_NAME = "Platform 1 <north> stairs"
+CAMERA_PLACE = "east end, looking at the doors"
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,11 @@ def site(tmp_path_factory):
         MqttConfig(host=broker.host, port=broker.port, site="site-a", signing_key=key, **FAST),
         OutboxConfig(path=tmp / "outbox.sqlite"),
         "unit-1",
-        lambda: {"cameras_up": 1, "cameras_total": 1, "cameras": [{"id": "platform-1", "name": CAMERA_NAME}]},
+        lambda: {
+            "cameras_up": 1,
+            "cameras_total": 1,
+            "cameras": [{"id": "platform-1", "name": CAMERA_NAME, "location": CAMERA_PLACE}],
+        },
     )
     wait_for(lambda: store.camera_names(), what="the unit's heartbeat with its camera names")
     yield SimpleNamespace(broker=broker, store=store, rx=rx, url=url, serve=serve, reporter=reporter, tmp=tmp)
@@ -267,7 +272,7 @@ def test_the_hit_page_decides_above_the_fold_with_camera_name_and_local_time(sit
     # Wholly inside the 1280x720 screen, nothing to scroll to (the panel may be re-rendered live: expect waits).
     for control in ("button.confirm", "button.reject", "input[name=reason]", "#state"):
         expect(page.locator(control)).to_be_in_viewport(ratio=1.0)
-    expect(page.locator("figcaption .camera-name")).to_have_text(CAMERA_NAME)  # text, not markup
+    expect(page.locator("figcaption .camera-name")).to_have_text(f"{CAMERA_NAME} · {CAMERA_PLACE}")  # text, not markup
     expect(page.locator("figcaption time.when")).to_contain_text("UTC")
     expect(page.locator("figcaption time.when .local")).to_contain_text("Europe/Vienna")
 

@@ -300,6 +300,8 @@ timezone = "Asia/Tokyo"
 
 [[cameras]]
 id = "lobby"
+name = "Lobby"
+location = "main entrance, looking in"
 url = "{clip}"
 loop = true
 analysis_fps = 5
@@ -384,6 +386,8 @@ def test_hits_and_heartbeat_reach_a_real_broker(
     beats = [b for b in beats if b["unit"]["cameras"]]
     unit = beats[-1]["unit"]
     assert unit["cameras"][0]["id"] == "lobby" and unit["watchlist"]["version"] == 1
+    # Name and place, for the operators (central.store_reads.camera_names).
+    assert (unit["cameras"][0]["name"], unit["cameras"][0]["location"]) == ("Lobby", "main entrance, looking in")
     assert unit["timezone"] == "Asia/Tokyo"  # the site's zone, for the operators' local time
     assert {"up", "since", "last_error", "fps_analysed", "lag_s"} <= set(unit["cameras"][0])
     states = [records.decode_status(p)["state"] for t, p in got if t.endswith("/status")]

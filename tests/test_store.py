@@ -444,6 +444,17 @@ def test_watchlist_version_0_is_not_audited(store):
 
 
 def test_camera_names_come_from_heartbeats(store):
-    body = {"unit": {"cameras": [{"id": "cam-1", "name": " Platform 1 <north> "}, {"id": "cam-2", "name": ""}, "x"]}}
-    store.set_heartbeat("site-a", "unit-1", body, time.time())
-    assert store.camera_names() == {("site-a", "unit-1", "cam-1"): "Platform 1 <north>"}
+    cameras = [
+        {"id": "cam-1", "name": " Platform 1 <north> "},
+        {"id": "cam-2", "name": ""},
+        {"id": "cam-3", "name": "Gate 4", "location": "east hall, looking at the barriers"},
+        {"id": "cam-4", "location": "car park exit"},
+        {"id": "cam-5", "name": 7, "location": ["x"]},
+        "x",
+    ]
+    store.set_heartbeat("site-a", "unit-1", {"unit": {"cameras": cameras}}, time.time())
+    assert store.camera_names() == {
+        ("site-a", "unit-1", "cam-1"): "Platform 1 <north>",
+        ("site-a", "unit-1", "cam-3"): "Gate 4 · east hall, looking at the barriers",
+        ("site-a", "unit-1", "cam-4"): "car park exit",
+    }
