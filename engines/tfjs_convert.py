@@ -257,6 +257,8 @@ class _Converter:
     def convert(self, outputs: list[str]) -> Any:
         from onnx import TensorProto, checker, helper, shape_inference
 
+        # The outputs keep their TF names: no node inside takes them, an Identity gives them at the end.
+        self.used_names.update(outputs)
         for node in self.order(outputs):
             op = node["op"]
             handler = getattr(self, f"op_{op}", None)
@@ -276,9 +278,8 @@ class _Converter:
             v = self.values[out]
             if v.const is not None:
                 raise TfjsConversionError(f"{self.source}: output {out!r} is a constant")
-            src = self.get(out, "tf")
-            final = self.node("Identity", [src], out) if src != out else src
-            out_infos.append((final, v.rank))
+            self.onnx_nodes.append(helper.make_node("Identity", [self.get(out, "tf")], [out], name=out))
+            out_infos.append((out, v.rank))
         graph = helper.make_graph(
             self.onnx_nodes,
             "tfjs",
