@@ -41,16 +41,10 @@ def utc(ts: float | None) -> str:
 
 
 def ago(ts: float | None, now: float | None = None) -> str:
+    """How long ago `ts` was, in words ("never" without one)."""
     if not ts:
         return "never"
-    s = max(0.0, (time.time() if now is None else now) - ts)
-    if s < 90:
-        return f"{s:.0f} s ago"
-    if s < 5400:
-        return f"{s / 60:.0f} min ago"
-    if s < 2 * 86400:
-        return f"{s / 3600:.1f} h ago"
-    return f"{s / 86400:.0f} days ago"
+    return f"{duration((time.time() if now is None else now) - ts)} ago"
 
 
 def until(ts: float | None, now: float | None = None) -> str:
@@ -63,13 +57,15 @@ def until(ts: float | None, now: float | None = None) -> str:
 
 
 def duration(seconds: float | None) -> str:
-    """A span in words: 45 s, 13 min, 2.5 h."""
+    """A span in words: 45 s, 13 min, 2.5 h, 4 days (the fleet's reasons use it too)."""
     s = max(0.0, float(seconds or 0))
     if s < 90:
         return f"{s:.0f} s"
     if s < 5400:
         return f"{s / 60:.0f} min"
-    return f"{s / 3600:.1f} h"
+    if s < 2 * 86400:
+        return f"{s / 3600:.1f} h"
+    return f"{s / 86400:.0f} days"
 
 
 def stranger_words(rate: float) -> str:

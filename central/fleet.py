@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from central.console_text import duration
 from central.publications import MANIFEST_SUBSCRIPTION
 from wire.records import safe_text
 
@@ -99,7 +100,7 @@ def evaluate(
         reasons.append(
             Reason(
                 "red",
-                f"silent: no heartbeat for {_span(now - (unit.get('last_heartbeat_at') or now))} "
+                f"silent: no heartbeat for {duration(now - (unit.get('last_heartbeat_at') or now))} "
                 f"(one expected every {interval:g} s)",
             )
         )
@@ -295,7 +296,8 @@ def _canary(unit: dict[str, Any], beat: dict[str, Any], figures: dict[str, Any],
     if last is not None and now - last > late:
         out.append(
             Reason(
-                "red", f"canary late: the last one passed {_span(now - last)} ago (one expected every {interval:g} s)"
+                "red",
+                f"canary late: the last one passed {duration(now - last)} ago (one expected every {interval:g} s)",
             )
         )
     elif last is None and (_number(beat.get("uptime_s")) or 0) > late:
@@ -322,9 +324,9 @@ def _watchlist(
     expires = _number(unit.get("watchlist_expires_at"))
     if version and expires is not None:
         if expires <= now:
-            out.append(Reason("red", f"watchlist v{version} expired {_span(now - expires)} ago"))
+            out.append(Reason("red", f"watchlist v{version} expired {duration(now - expires)} ago"))
         elif expires - now <= settings.expiry_warning_s:
-            out.append(Reason("amber", f"watchlist v{version} expires in {_span(expires - now)}"))
+            out.append(Reason("amber", f"watchlist v{version} expires in {duration(expires - now)}"))
     sync = _dict(watchlist.get("sync"))
     error = sync.get("last_error")
     if isinstance(error, str) and error:
@@ -336,7 +338,7 @@ def _watchlist(
         latest, seen = _int(published.get("version")), _number(published.get("seen_at"))
         if latest is not None and seen is not None and version < latest and now - seen > settings.behind_grace_s:
             out.append(
-                Reason("amber", f"watchlist v{version} behind HQ's v{latest} (published {_span(now - seen)} ago)")
+                Reason("amber", f"watchlist v{version} behind HQ's v{latest} (published {duration(now - seen)} ago)")
             )
     return out
 
@@ -352,11 +354,11 @@ def _outbox(unit: dict[str, Any], beat: dict[str, Any], now: float, settings: He
             out.append(
                 Reason(
                     "amber",
-                    f"outbox backlog growing: {pending} hits waiting, {start} when it began {_span(waited)} ago",
+                    f"outbox backlog growing: {pending} hits waiting, {start} when it began {duration(waited)} ago",
                 )
             )
         elif waited > settings.backlog_stuck_s:
-            out.append(Reason("amber", f"outbox backlog not draining: {pending} hits waiting for {_span(waited)}"))
+            out.append(Reason("amber", f"outbox backlog not draining: {pending} hits waiting for {duration(waited)}"))
     kept = _int(outbox.get("quarantined_kept"))
     if kept:
         # Hits the centre refused (unsigned, a bad signature, ...): no operator saw them, so red.
@@ -380,7 +382,7 @@ def _clock(unit: dict[str, Any], beat: dict[str, Any], settings: HealthSettings)
         return []
     level = "red" if abs(skew) > settings.skew_red_s else "amber"
     way = "ahead of" if skew > 0 else "behind"
-    return [Reason(level, f"clock {_span(abs(skew))} {way} the centre's (hit times and list expiry are off)")]
+    return [Reason(level, f"clock {duration(abs(skew))} {way} the centre's (hit times and list expiry are off)")]
 
 
 def _text(value: Any, limit: int = REASON_CHARS) -> str:
@@ -403,15 +405,3 @@ def _number(value: Any) -> float | None:
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         return float(value)
     return None
-
-
-def _span(seconds: float) -> str:
-    """A duration for a sentence: 45 s, 12 min, 3.5 h, 4 days."""
-    s = max(0.0, seconds)
-    if s < 90:
-        return f"{s:.0f} s"
-    if s < 5400:
-        return f"{s / 60:.0f} min"
-    if s < 2 * 86400:
-        return f"{s / 3600:.1f} h"
-    return f"{s / 86400:.0f} days"
