@@ -11,7 +11,7 @@ Secure over TLS; the store keeps only its SHA-256); every POST carries the sessi
 up or audited; everything a unit or HQ sent is escaped, and control characters are shown as escapes.
 
 `Console` is its page groups, one module each: `console_login` (login, logout), `console_hits`
-(sightings, a hit and its decision, crops and context frames), `console_admin` (fleet, quarantine, audit, exports),
+(sightings, a hit and its decision, crops and context frames, a sighting's case report), `console_admin` (fleet, quarantine, audit, exports),
 all over `console_core` (settings, rendering, sessions, forms); `console_text` writes values for
 people. This module adds the event stream, the security headers and the routes.
 """
@@ -125,7 +125,9 @@ class _SecurityHeaders:
         async def send_with_headers(message: Any) -> None:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
-                headers += _SECURITY_HEADERS
+                # A page that states its own policy (the case report) keeps it; two would both apply.
+                own = {name.lower() for name, _ in headers} & {b"content-security-policy"}
+                headers += [h for h in _SECURITY_HEADERS if h[0] not in own]
                 if not scope["path"].startswith("/static/"):
                     headers.append((b"cache-control", b"no-store"))
                 message = {**message, "headers": headers}
@@ -159,6 +161,7 @@ def create_app(
         Route("/hit/thumb", console.thumb),
         Route("/hit/decide", console.decide, methods=["POST"]),
         Route("/person/photo", console.photo),
+        Route("/sighting/report", console.report),
         Route("/fleet", console.fleet_page),
         Route("/fleet/rows", console.fleet_rows),
         Route("/quarantine", console.quarantine_page),

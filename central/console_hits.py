@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
-from central import review
+from central import case_report, review
 from central.console_core import ConsoleCore
 from central.console_text import qs, visible
 from central.register_view import PHOTO_TYPES
@@ -24,7 +24,8 @@ from central.store_sightings import SIGHTING_GAP_S
 
 
 class HitPages(ConsoleCore):
-    """/hits, /hits/rows, /hit, /hit/panel, /hit/decide, /hit/crop, /hit/context, /hit/thumb, /person/photo."""
+    """/hits, /hits/rows, /hit, /hit/panel, /hit/decide, /hit/crop, /hit/context, /hit/thumb, /person/photo,
+    /sighting/report."""
 
     def _filter(self, request: Request) -> tuple[HitFilter, dict[str, str]]:
         p = request.query_params
@@ -133,6 +134,22 @@ class HitPages(ConsoleCore):
             ctx = await anyio.to_thread.run_sync(self._hit_context, _with_query(request, hit_id), sess)
             return self.render(request, "hit.html", 409, error=str(e), **ctx)
         return RedirectResponse("/hit?id=" + qs(hit_id), 303)
+
+    def report(self, request: Request) -> Response:
+        """A sighting's printable case report (central/case_report.py; `id` a sighting's id or one of
+        its hits'), for any logged-in user: entered in the audit chain as `view_report` once per
+        opening; the crops, frames and photos inside it are not entered one by one."""
+        sess = self.require(request)
+        try:
+            report = case_report.build(
+                self.store, self.register, request.query_params.get("id", ""), actor=sess["username"], via="console"
+            )
+        except case_report.NoSuchSighting:
+            raise HTTPException(404, "no such sighting") from None
+        response = self.render(request, "report.html", session=sess, r=report, css=case_report.css())
+        # Its images are data: URIs and its style inline (so a saved copy stands alone): allowed here only.
+        response.headers["content-security-policy"] = case_report.console_csp()
+        return response
 
     def crop(self, request: Request) -> Response:
         """A hit's crop as opened on its hit page: entered in the audit chain once per session and hit."""

@@ -90,18 +90,23 @@ class RegisterView:
         """Why the case is closed, or None: HQ listed the person in a release and the list the units
         now get (`published`, the version the centre last saw HQ publish for the site, else the
         register's newest release) no longer holds them, so HQ removed them (found, or withdrawn)."""
+        version = self.removed_in(person_id, published)
+        return None if version is None else f"HQ removed this person from the watchlist in version {version}"
+
+    def removed_in(self, person_id: str, published: int | None = None) -> int | None:
+        """The release that took the person off the list the units now get (see `case_closed`), or
+        None: still listed, never listed, no register, or one that cannot be read (logged)."""
         if self.register is None:
             return None
         try:
             conn = register_read.open_read_only(self.register)
             try:
-                version = register_read.removed_in(conn, person_id, published)
+                return register_read.removed_in(conn, person_id, published)
             finally:
                 conn.close()
         except (sqlite3.Error, RegisterReadError) as e:
             log.warning("cannot read the register %s: %s", self.register, e)
             return None
-        return None if version is None else f"HQ removed this person from the watchlist in version {version}"
 
     def _photos(self, person_id: str) -> list[Path]:
         if self.photos is None:

@@ -299,6 +299,20 @@ class SightingStore(StoreCore):
         rows = self._read("SELECT * FROM hits WHERE sighting_id = ? ORDER BY captured_at, id", (sighting_id,))
         return [self._hit_row(r) for r in rows]
 
+    def sighting_audit(self, sighting_id: str, limit: int | None = None) -> list[dict[str, Any]]:
+        """The audit entries about a sighting, oldest first: those whose subject is the sighting (a
+        merge into it, a case report opened) or one of its hits (decisions, crops and frames opened);
+        the first `limit` when given."""
+        sql = (
+            "SELECT * FROM audit WHERE subject = ? OR subject IN (SELECT id FROM hits WHERE sighting_id = ?) "
+            "ORDER BY seq"
+        )
+        args: list[Any] = [sighting_id, sighting_id]
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(int(limit))
+        return self._read(sql, args)
+
     def desk(self, overdue_after_s: float, now: float | None = None) -> dict[str, Any]:
         """What waits for the operators: `pending` sightings, how many of them have waited longer than
         `overdue_after_s` since their first hit arrived (`overdue`), and the newest pending one's id,

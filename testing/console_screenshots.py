@@ -32,8 +32,9 @@ class ScreenshotError(RuntimeError):
 
 
 def take(out: Path, chromium: str | None = None) -> list[Path]:
-    """Write login.png, hits.png, hit.png (a 1280x720 screen, as an operator sees it), hit-closed.png,
-    login-ended.png, fleet.png and audit.png into `out`; returns the paths."""
+    """Write login.png, hits.png, hit.png (a 1280x720 screen, as an operator sees it), report.png (that
+    sighting's case report as printed on A4), hit-closed.png, login-ended.png, fleet.png and audit.png
+    into `out`; returns the paths."""
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
@@ -74,6 +75,13 @@ def take(out: Path, chromium: str | None = None) -> list[Path]:
                 page.goto(f"{server.url}/hit?id={lingering['best_hit_id']}")
                 page.wait_for_load_state("networkidle")
                 shot("hit", full_page=False)
+                # Its case report as printed: A4 portrait's width, print media (the console's header left out).
+                page.set_viewport_size({"width": 794, "height": 1123})
+                page.emulate_media(media="print")
+                page.goto(f"{server.url}/sighting/report?id={lingering['id']}")
+                shot("report")
+                page.emulate_media(media="screen")
+                page.set_viewport_size({"width": 1280, "height": 720})
                 page.goto(f"{server.url}/hit?id={closed['best_hit_id']}")
                 page.wait_for_load_state("networkidle")
                 shot("hit-closed", full_page=False)

@@ -1,6 +1,6 @@
 """`checkpoint-receiver`: run the operators' receiver and console, and look into the store.
 
-One module per job: receive.py (`run`, `serve`), review.py (`review`, `crop`), users.py (`user`),
+One module per job: receive.py (`run`, `serve`), review.py (`review`, `crop`), report.py (`report`), users.py (`user`),
 audit.py (`audit`), data.py (`hits`, `units`, `export`, `purge`); common.py holds what they share.
 The exit status is decided here, once for every command (docs/console.md, "Exit status").
 """
@@ -16,6 +16,7 @@ import click
 from central.cli.audit import audit
 from central.cli.data import export, hits, purge, units
 from central.cli.receive import run, serve
+from central.cli.report import report
 from central.cli.review import crop, review
 from central.cli.users import user
 from common.version import VERSION_MESSAGE, software_version
@@ -60,5 +61,5 @@ def main(verbose: int) -> None:
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-for _command in (run, serve, review, crop, hits, units, export, purge, user, audit):
+for _command in (run, serve, review, crop, report, hits, units, export, purge, user, audit):
     main.add_command(_command)
