@@ -268,3 +268,35 @@ def test_the_command_line_writes_the_same_report_to_a_file_that_stands_alone(sit
     missing = CliRunner().invoke(cli, ["report", "--db", str(site.tmp / "hits.sqlite"), "nobody", "--out", str(out)])
     assert missing.exit_code == 1 and "no sighting with id 'nobody'" in missing.output
     assert CliRunner().invoke(cli, ["report", "--db", str(site.tmp / "hits.sqlite"), sid]).exit_code == 2
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_the_report_reads_the_same_from_either_store(backend, request, tmp_path):
+    from central import accounts, case_report
+    from central.console_text import environment
+
+    url = f"sqlite:///{tmp_path}/hits.sqlite" if backend == "sqlite" else request.getfixturevalue("postgres_url")
+    store = HitStore(url)
+    try:
+        store.add_user("ana", "operator", accounts.hash_password("ana-password-1"), actor="test")
+        t0 = time.time() - 600
+        ids = []
+        for k, person in enumerate(("case-1", "case-1", "case-2")):
+            hit = make_hit(crop=face_jpeg(), person_id=person, captured_at=t0 + 30 * k)
+            store.add_hit(
+                *records.decode_hit(records.hit_payload(records.hit_record(hit, "site-a"), hit.crop_jpeg, None))
+            )
+            ids.append(hit.id)
+        store.decide(ids[2], "ana", "reject", "another person")  # the other sighting: not in this report
+        store.decide(ids[1], "ana", "reject", "a poster of her, not her")
+        report = case_report.build(store, RegisterView(None), ids[1], actor="cli:test", via="cli")
+        assert report.sighting["id"] == ids[0] and [h["id"] for h in report.hits] == ids[:2]
+        assert [(e["action"], e["subject"]) for e in report.audit] == [("decision", ids[1]), ("view_report", ids[0])]
+        assert report.state.startswith("Rejected by ana") and report.closed is None and report.person is None
+        assert all(h["crop"].src.startswith("data:image/jpeg;base64,") for h in report.hits)
+        html = case_report.render_file(environment(), report)
+        assert "a poster of her, not her" in html and "another person" not in html
+        with pytest.raises(case_report.NoSuchSighting, match="no sighting with id 'nothing'"):
+            case_report.build(store, RegisterView(None), "nothing", actor="cli:test", via="cli")
+    finally:
+        store.close()
