@@ -15,6 +15,7 @@ from urllib.parse import quote
 import jinja2
 from markupsafe import Markup
 
+from central.fleet import duration
 from wire.timezones import is_zone
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -54,18 +55,6 @@ def until(ts: float | None, now: float | None = None) -> str:
     if s <= 0:
         return f"expired {ago(ts, now)}"
     return f"in {s / 3600:.1f} h" if s < 2 * 86400 else f"in {s / 86400:.1f} days"
-
-
-def duration(seconds: float | None) -> str:
-    """A span in words: 45 s, 13 min, 2.5 h, 4 days (the fleet's reasons use it too)."""
-    s = max(0.0, float(seconds or 0))
-    if s < 90:
-        return f"{s:.0f} s"
-    if s < 5400:
-        return f"{s / 60:.0f} min"
-    if s < 2 * 86400:
-        return f"{s / 3600:.1f} h"
-    return f"{s / 86400:.0f} days"
 
 
 def stranger_words(rate: float) -> str:

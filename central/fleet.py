@@ -22,7 +22,6 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from central.console_text import duration
 from central.publications import MANIFEST_SUBSCRIPTION
 from wire.records import safe_text
 
@@ -405,3 +404,15 @@ def _number(value: Any) -> float | None:
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         return float(value)
     return None
+
+
+def duration(seconds: float | None) -> str:
+    """A span in words: 45 s, 13 min, 2.5 h, 4 days (the fleet's reasons, and the console's pages)."""
+    s = max(0.0, float(seconds or 0))
+    if s < 90:
+        return f"{s:.0f} s"
+    if s < 5400:
+        return f"{s / 60:.0f} min"
+    if s < 2 * 86400:
+        return f"{s / 3600:.1f} h"
+    return f"{s / 86400:.0f} days"
