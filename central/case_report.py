@@ -50,9 +50,9 @@ class Embedded:
 
 @dataclass(frozen=True)
 class Closure:
-    """A case HQ closed: the release that removed the person, and when HQ published it where the
-    centre saw that (`exact`: the list HQ last published for the site is that release; otherwise
-    `on` is when HQ published the later list the centre judged against)."""
+    """A case HQ closed: the release that removed the person, and when (`exact`: HQ's own date of
+    that release from its register, or the centre's record of its publication; otherwise `on` is
+    when HQ published the later list the centre judged against)."""
 
     version: int
     on: float | None
@@ -215,9 +215,12 @@ def _closure(register: RegisterView, store: HitStore, sighting: dict[str, Any]) 
     """Whether HQ closed the case, asked for every sighting (a confirmed one too: the investigator
     learns the person was found or withdrawn since), against the list HQ last published for the site."""
     published = store.publications().get(sighting["site"])
-    version = register.removed_in(sighting["person_id"], published["version"] if published else None)
-    if version is None:
+    removal = register.removal(sighting["person_id"], published["version"] if published else None)
+    if removal is None:
         return None
+    version, released = removal
+    if released is not None:
+        return Closure(version, float(released), True)
     if published is None:
         return Closure(version, None, False)
     return Closure(version, published["published_at"] or published["seen_at"], published["version"] == version)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,18 +91,24 @@ class RegisterView:
         """Why the case is closed, or None: HQ listed the person in a release and the list the units
         now get (`published`, the version the centre last saw HQ publish for the site, else the
         register's newest release) no longer holds them, so HQ removed them (found, or withdrawn)."""
-        version = self.removed_in(person_id, published)
-        return None if version is None else f"HQ removed this person from the watchlist in version {version}"
+        removal = self.removal(person_id, published)
+        if removal is None:
+            return None
+        version, at = removal
+        on = "" if at is None else f" on {time.strftime('%Y-%m-%d', time.gmtime(at))} (UTC)"
+        return f"HQ removed this person from the watchlist in version {version}{on}"
 
-    def removed_in(self, person_id: str, published: int | None = None) -> int | None:
-        """The release that took the person off the list the units now get (see `case_closed`), or
-        None: still listed, never listed, no register, or one that cannot be read (logged)."""
+    def removal(self, person_id: str, published: int | None = None) -> tuple[int, int | None] | None:
+        """The release that took the person off the list the units now get (see `case_closed`) and
+        when HQ built it (None where the register lacks the date), or None: still listed, never
+        listed, no register, or one that cannot be read (logged)."""
         if self.register is None:
             return None
         try:
             conn = register_read.open_read_only(self.register)
             try:
-                return register_read.removed_in(conn, person_id, published)
+                version = register_read.removed_in(conn, person_id, published)
+                return None if version is None else (version, register_read.released_at(conn, version))
             finally:
                 conn.close()
         except (sqlite3.Error, RegisterReadError) as e:

@@ -163,8 +163,10 @@ def test_the_report_holds_the_person_hits_decisions_and_audit_lines_and_its_open
     expect(other.locator("input[name=username]")).to_be_visible()
 
 
-def test_a_closed_case_says_so_with_the_date_hq_published_the_list(site, new_page):
+def test_a_closed_case_says_so_with_the_date_hq_released_the_list(site, new_page):
     from playwright.sync_api import expect
+
+    from watchlist.format import register_read
 
     removed = DEMO_PERSONS[3][0]  # listed in release 41, gone from 42
     published = float(int(time.time()) - 3 * 86400)
@@ -173,7 +175,12 @@ def test_a_closed_case_says_so_with_the_date_hq_published_the_list(site, new_pag
     page = new_page()
     login(page, site.url, "ana")
     page.goto(f"{site.url}/sighting/report?id={hit_id}")
-    day = f"{dt.datetime.fromtimestamp(published, dt.timezone.utc):%Y-%m-%d %H:%M:%S}"
+    # HQ's own date of release 42, from its register (not when the centre saw it published).
+    conn = register_read.open_read_only(site.demo.register)
+    released = register_read.released_at(conn, 42)
+    conn.close()
+    assert released is not None and released != published
+    day = f"{dt.datetime.fromtimestamp(released, dt.timezone.utc):%Y-%m-%d %H:%M:%S}"
     expect(page.locator("#report-closed")).to_have_text(f"case closed by HQ on {day} UTC")
     expect(page.locator("#report-case")).to_contain_text("removed this person from the watchlist in version 42")
     expect(page.locator("#report-state")).to_have_text("pending")

@@ -197,7 +197,11 @@ def test_cli_review_refuses_a_closed_case_as_the_console_does(tmp_path):
         return runner.invoke(cli, ["review", "--db", db, *args, "--user", "ana"], env=env)
 
     res = review("--register", str(data.register), "cc11", "confirm")
-    said = "case closed: HQ removed this person from the watchlist in version 42; a closed case cannot be confirmed"
+    why = RegisterView(data.register).case_closed(removed.person_id)
+    assert why is not None and re.fullmatch(
+        r"HQ removed this person from the watchlist in version 42 on \d{4}-\d\d-\d\d \(UTC\)", why
+    )
+    said = f"case closed: {why}; a closed case cannot be confirmed"
     assert res.exit_code == 1 and said in res.output, res.output
     # The console refuses it in the same words (its 409 page shows the store's sentence).
     console = HitStore(db)

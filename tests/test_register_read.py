@@ -72,6 +72,7 @@ def test_the_reader_reads_what_hq_writes(register: Path) -> None:
         assert register_read.removed_in(conn, "case-2", published=1) is None
         assert register_read.removed_in(conn, "case-1") is None
         assert register_read.removed_in(conn, "case-3") is None  # never released: unknown, not closed
+        assert (register_read.released_at(conn, 2), register_read.released_at(conn, 9)) == (1_700_000_002, None)
         # Read-only at the file: the centre cannot change HQ's register even by mistake.
         with pytest.raises(sqlite3.OperationalError, match="readonly"):
             conn.execute("DELETE FROM persons")
@@ -93,7 +94,8 @@ def test_the_console_shows_what_hq_wrote(register: Path, tmp_path: Path) -> None
         "case-1": "Mila Novak",
         "case-3": "Lea Horvat",
     }
-    assert view.case_closed("case-2") == "HQ removed this person from the watchlist in version 2"
+    # Release 2 was built at 1_700_000_002: 2023-11-14 UTC.
+    assert view.case_closed("case-2") == "HQ removed this person from the watchlist in version 2 on 2023-11-14 (UTC)"
     assert view.case_closed("case-1") is None
 
 

@@ -122,3 +122,10 @@ def removed_in(conn: sqlite3.Connection, person_id: str, published: int | None =
         return None
     row = conn.execute("SELECT MIN(version) FROM releases WHERE version > ? AND version <= ?", (listed, latest))
     return int(row.fetchone()[0])
+
+
+def released_at(conn: sqlite3.Connection, version: int) -> int | None:
+    """When HQ built release `version` (its bundle's created_at, Unix seconds), or None if the
+    register has no such release."""
+    row = conn.execute("SELECT created_at FROM releases WHERE version = ?", (version,)).fetchone()
+    return None if row is None else int(row[0])
