@@ -19,6 +19,7 @@ from edge.decision import DecisionConfig
 from edge.frame import Frame
 from edge.pipeline import CameraSpec, Pipeline
 from edge.sinks import JsonlSink, JsonlSinkConfig, MemorySink
+from testing.broker import wait_for
 from testing.media import make_face_clip
 from tests.edge_support import (
     People,
@@ -169,16 +170,17 @@ def test_threaded_pipeline_two_cameras_to_jsonl(
     for r in readers:
         r.start()
     pipe.start()
-    deadline = time.monotonic() + 20
-    while not all(r.finished for r in readers) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    time.sleep(0.5)
+    out = tmp_path / "hits.jsonl"
+    wait_for(lambda: all(r.finished for r in readers), 20, what="both clips read to their end")
+    # The sink flushes each hit: the four the clips make (two per camera, 1 s cooldown) are the event;
+    # one more made before the stop would still show in the count asserted below.
+    wait_for(lambda: out.is_file() and len(out.read_text().splitlines()) >= 4, 20, what="four hits in hits.jsonl")
     pipe.stop()
     for r in readers:
         r.stop()
     sink.close()
     assert pipe.healthy() is False  # stopped threads are not healthy
-    lines = [json.loads(x) for x in (tmp_path / "hits.jsonl").read_text().splitlines()]
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
     by_cam = {c: [x for x in lines if x["camera_id"] == c] for c in ("cam1", "cam2")}
     assert all(x["person_id"] == people.enrolled_id for x in lines)
     assert [len(v) for v in by_cam.values()] == [2, 2], lines
