@@ -91,7 +91,10 @@ class ConsoleCore:
         sess = self.session(request)
         if sess is None:
             if page:
-                raise HTTPException(303, headers={"Location": "/login?next=" + qs(request.url.path)})
+                # The whole address, query too: a hit or report link opened after the session ended
+                # leads back to that hit after the login, not to a page without its id.
+                here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+                raise HTTPException(303, headers={"Location": "/login?next=" + qs(here)})
             raise HTTPException(401, "log in first")
         if role is not None and sess["role"] != role:
             raise HTTPException(403, f"this page is for {role}s")

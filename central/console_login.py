@@ -103,7 +103,8 @@ class LoginPages(ConsoleCore):
 
 def safe_next(request: Request, value: Any = None) -> str:
     target = str(value if value is not None else request.query_params.get("next", "/hits"))
-    # Only paths on this site: no scheme, no host, no protocol-relative //.
-    if not target.startswith("/") or target.startswith("//") or "\\" in target:
+    # Only paths on this site: no scheme, no host, no protocol-relative //, nothing that could end
+    # the Location header.
+    if not target.startswith("/") or target.startswith("//") or "\\" in target or not target.isprintable():
         return "/hits"
     return target

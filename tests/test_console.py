@@ -5,6 +5,7 @@ roles, escaping, and the checkpoint-receiver commands around accounts and review
 from __future__ import annotations
 
 import csv
+import html
 import re
 import ssl
 
@@ -115,6 +116,26 @@ def test_login_is_rate_limited_and_next_stays_on_site(demo):
             "/login", data={"csrf": token, "username": "sam", "password": password("sam"), "next": "//evil.example/"}
         )
         assert r.status_code == 303 and r.headers["location"] == "/hits"
+    with httpx.Client(base_url=url) as c:
+        token = csrf_of(c.get("/login").text)
+        r = c.post(
+            "/login",
+            data={"csrf": token, "username": "sam", "password": password("sam"), "next": "/x\r\nSet-Cookie: a=b"},
+        )
+        assert (
+            r.status_code == 303 and r.headers["location"] == "/hits" and "a=b" not in r.headers.get("set-cookie", "")
+        )
+    # A hit's link opened without a session comes back to that hit, with its id, after the login.
+    with httpx.Client(base_url=url) as c:
+        r = c.get("/hit?id=c0ffee06&x=1")
+        assert r.status_code == 303 and r.headers["location"] == "/login?next=%2Fhit%3Fid%3Dc0ffee06%26x%3D1"
+        page = c.get(r.headers["location"]).text
+        token = csrf_of(page)
+        nxt = re.search(r'name="next" value="([^"]+)"', page).group(1)
+        r = c.post(
+            "/login", data={"csrf": token, "username": "sam", "password": password("sam"), "next": html.unescape(nxt)}
+        )
+        assert r.status_code == 303 and r.headers["location"] == "/hit?id=c0ffee06&x=1"
     with httpx.Client(base_url=url) as c:
         for _ in range(5):
             assert login(c, "ben", "wrong-password").status_code == 401
