@@ -118,7 +118,7 @@ class Room:
                 crop, crop_dropped = None, "outbox_full"
                 bumps["crops_dropped_full"] = bumps.get("crops_dropped_full", 0) + 1
             if excess > 0:
-                excess = self._drop_records(excess, drops)
+                excess = self._drop_rows(excess, drops, PENDING)
         seq = None
         if excess > 0:
             bumps["hits_dropped_full"] = bumps.get("hits_dropped_full", 0) + 1
@@ -214,7 +214,7 @@ class Room:
         elif what == "crops":
             self._drop_crops(need, drops)
         elif what == "records":
-            self._drop_records(need, drops)
+            self._drop_rows(need, drops, PENDING)
         else:
             self._drop_rows(need, drops, AWAITING if what == "awaiting" else QUARANTINED)
         if not drops.any():
@@ -262,34 +262,11 @@ class Room:
             excess -= n
         return excess
 
-    def _drop_records(self, excess: int, drops: _Drops) -> int:
-        busy = self._tally.busy()
-        for seq, hit_id, n in self._db.execute(
-            "SELECT seq, hit_id, size FROM held WHERE state = ? ORDER BY seq", (PENDING,)
-        ):
-            if excess <= 0:
-                break
-            if seq in busy:
-                continue
-            drops.records.append((seq, hit_id, n))
-            excess -= n
-        for seq, _, _ in drops.records:
-            self._db.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
-        return excess
-
     def _drop_rows(self, excess: int, drops: _Drops, state: int) -> int:
-        """Whole rows of `state` (AWAITING or QUARANTINED), oldest first, worth `excess` bytes."""
-        busy = self._tally.busy()
-        chosen = drops.awaiting if state == AWAITING else drops.quarantined
-        for seq, hit_id, n in self._db.execute(
-            "SELECT seq, hit_id, size FROM held WHERE state = ? ORDER BY seq", (state,)
-        ):
-            if excess <= 0:
-                break
-            if seq in busy:
-                continue
-            chosen.append((seq, hit_id, n))
-            excess -= n
+        """Whole rows of `state` (PENDING, AWAITING or QUARANTINED), oldest first, worth `excess` bytes."""
+        chosen = {PENDING: drops.records, AWAITING: drops.awaiting, QUARANTINED: drops.quarantined}[state]
+        rows = self._db.execute("SELECT seq, hit_id, size FROM held WHERE state = ? ORDER BY seq", (state,))
+        excess = self._choose(rows, excess, chosen)
         for seq, _, _ in chosen:
             self._db.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
         return excess
