@@ -29,6 +29,36 @@ CONFIG_OPTION = click.option(
     help="centre.toml (see deploy/centre.example.toml); flags and environment variables given override it.",
 )
 
+# HQ's register and enrolment photos for the commands an operator runs beside the console (review,
+# report); `serve` has its own, without the environment variable.
+REGISTER_OPTION = click.option(
+    "--register",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    envvar="CHECKPOINT_REGISTER",
+    help="HQ's register (SQLite, read-only; env CHECKPOINT_REGISTER; default: [console] register of --config): "
+    "names, priorities and the cases HQ closed (a confirmation of one is refused, as in the console).",
+)
+PHOTOS_OPTION = click.option(
+    "--photos",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="HQ's enrolment folder (<folder>/<person_id>/<photo>; default: [console] photos of --config).",
+)
+
+
+def register_view(config: Any, photos: bool = True) -> Any:
+    """HQ's register (and its enrolment photos) as `config` ([console], with the flags over it) names
+    them, read-only; a UsageError naming the flags when they cannot be read."""
+    from central.register_view import RegisterView, RegisterViewError
+
+    flags = "--register/--photos" if photos else "--register"
+    try:
+        return RegisterView(config.console.register_path, config.console.photos if photos else None)
+    except RegisterViewError as e:
+        raise click.UsageError(f"{flags}: {e}") from None
+
+
 # The flag of each option that sets one key of centre.toml: "table.key" (docs/console.md lists them).
 FLAG_KEYS: dict[str, tuple[str, str]] = {
     "db_url": ("--db", "store.db"),
@@ -272,15 +302,11 @@ def serve(ctx: click.Context, config_file: Path | None, **_given: Any) -> None:
           --trusted-proxy 127.0.0.1
     """
     from central.console import create_app
-    from central.register_view import RegisterView, RegisterViewError
     from central.webserver import ServerError, make_server
 
     config = centre_config(ctx, config_file)
     console = config.console
-    try:
-        view = RegisterView(console.register_path, console.photos)
-    except RegisterViewError as e:
-        raise click.UsageError(str(e)) from None
+    view = register_view(config)
     store = open_store(config.db, must_exist=False)
     receiver = None
     try:

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from central.cli.common import DB_OPTION, cli_actor, open_store, safe
-from central.cli.receive import CONFIG_OPTION, centre_config
+from central.cli.receive import CONFIG_OPTION, PHOTOS_OPTION, REGISTER_OPTION, centre_config, register_view
 
 
 @click.command()
@@ -15,20 +15,8 @@ from central.cli.receive import CONFIG_OPTION, centre_config
 @CONFIG_OPTION
 @click.argument("sighting_id")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="HTML file to write.")
-@click.option(
-    "--register",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    envvar="CHECKPOINT_REGISTER",
-    help="HQ's register (SQLite, read-only; env CHECKPOINT_REGISTER; default: [console] register of --config): "
-    "the person's name and priority, and whether HQ closed the case.",
-)
-@click.option(
-    "--photos",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    default=None,
-    help="HQ's enrolment folder (<folder>/<person_id>/<photo>; default: [console] photos of --config).",
-)
+@REGISTER_OPTION
+@PHOTOS_OPTION
 @click.pass_context
 def report(ctx: click.Context, config_file: Path | None, sighting_id: str, out: Path, **_given: object) -> None:
     """Write a sighting's case report: the person, the hits with their crops and scenes, HQ's
@@ -45,13 +33,9 @@ def report(ctx: click.Context, config_file: Path | None, sighting_id: str, out: 
     """
     from central import case_report
     from central.console_text import environment
-    from central.register_view import RegisterView, RegisterViewError
 
     config = centre_config(ctx, config_file)
-    try:
-        register = RegisterView(config.console.register_path, config.console.photos)
-    except RegisterViewError as e:
-        raise click.UsageError(f"--register/--photos: {e}") from None
+    register = register_view(config)
     store = open_store(config.db)
     try:
         found = case_report.build(store, register, sighting_id, actor=cli_actor(), via="cli", detail={"out": str(out)})

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from central.cli.common import DB_OPTION, cli_actor, open_store, safe
-from central.cli.receive import CONFIG_OPTION, centre_config
+from central.cli.receive import CONFIG_OPTION, REGISTER_OPTION, centre_config, register_view
 
 
 def _operator_password(username: str, password_file: Path | None) -> str:
@@ -34,14 +34,7 @@ def _operator_password(username: str, password_file: Path | None) -> str:
     help="File with your password (else env CHECKPOINT_OPERATOR_PASSWORD, else a prompt).",
 )
 @click.option("--reason", default=None, help="Why (required to reject).")
-@click.option(
-    "--register",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    envvar="CHECKPOINT_REGISTER",
-    help="HQ's register (SQLite, read-only; env CHECKPOINT_REGISTER; default: [console] register of --config): "
-    "a confirmation of a case HQ closed is refused, as in the console.",
-)
+@REGISTER_OPTION
 @click.pass_context
 def review(
     ctx: click.Context,
@@ -66,17 +59,13 @@ def review(
       checkpoint-receiver review --config /etc/checkpoint/centre.toml 3f2a reject --user bob --reason "different person: scar"
     """
     from central.accounts import check_login, username_problem
-    from central.register_view import RegisterView, RegisterViewError
     from central.review import case_closed
 
     problem = username_problem(username)
     if problem:
         raise click.UsageError(f"--user: this cannot be a user name: {problem}")
     config = centre_config(ctx, config_file)
-    try:
-        register = RegisterView(config.console.register_path)
-    except RegisterViewError as e:
-        raise click.UsageError(f"--register: {e}") from None
+    register = register_view(config, photos=False)
     store = open_store(config.db)
     try:
         full_id = store.resolve_hit_id(hit_id)
