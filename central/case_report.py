@@ -162,7 +162,7 @@ def build(
     hits = store.sighting_hits(sid)
     store.audit(actor, "view_report", sid, {"via": via, "hits": len(hits), **(detail or {})})
     site, unit = sighting["site"], sighting["unit_id"]
-    names = store.camera_names()
+    names, zones = store.unit_labels((site, unit))
     budget = _Budget()
     person = register.person(sighting["person_id"])
     photos = [(p.name, _photo(p, budget)) for p in (person.photos[:PHOTOS_MAX] if person else [])]
@@ -190,7 +190,7 @@ def build(
         audit=audit[:AUDIT_MAX_LINES],
         audit_more=len(audit) > AUDIT_MAX_LINES,
         audit_head=f"{head.count}:{head.hash}",
-        zone=store.unit_zones().get((site, unit)),
+        zone=zones.get((site, unit)),
         cameras=list(dict.fromkeys(h["camera_name"] or h["camera_id"] for h in hits)),
         generated_by=actor,
         generated_at=time.time(),

@@ -55,8 +55,7 @@ class HitPages(ConsoleCore):
     def _sighting_rows(self, flt: HitFilter) -> list[dict[str, Any]]:
         rows = self.store.sightings(limit=self.settings.hits_per_page, where=flt)
         people = self.register.people({r["person_id"] for r in rows})
-        cameras = self.store.camera_names()
-        zones = self.store.unit_zones()
+        cameras, zones = self.store.unit_labels()
         late = time.time() - self.settings.overdue_after_s
         # Read once per page or poll, not once per pending row.
         publications = self.store.publications() if any(r["review_state"] == "pending" for r in rows) else {}
@@ -88,7 +87,9 @@ class HitPages(ConsoleCore):
         hit = self.store.hit(hit_id)
         if hit is None:
             raise HTTPException(404, "no such hit")
-        unit = next((u for u in self.store.units() if (u["site"], u["unit_id"]) == (hit["site"], hit["unit_id"])), None)
+        # This hit's unit alone: the page and its live panel must not judge the whole fleet per poll.
+        where = (hit["site"], hit["unit_id"])
+        unit = next(iter(self.store.units(unit=where)), None)
         person = self.register.person(hit["person_id"])
         reviews = self.store.reviews(hit["id"])
         confirmed_by = {r["username"] for r in reviews if r["decision"] == "confirm"}
@@ -96,8 +97,9 @@ class HitPages(ConsoleCore):
         if sighting is None:  # purged between the two reads: every stored hit is in a sighting
             raise HTTPException(404, "no such hit")
         closed = self._closed(hit["person_id"], hit["site"]) if sighting["review_state"] == "pending" else None
-        camera = self.store.camera_names().get((hit["site"], hit["unit_id"], hit["camera_id"]))
-        zone = self.store.unit_zones().get((hit["site"], hit["unit_id"]))
+        cameras, zones = self.store.unit_labels(where)
+        camera = cameras.get((*where, hit["camera_id"]))
+        zone = zones.get(where)
         return dict(
             session=sess,
             hit=hit,

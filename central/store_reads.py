@@ -77,10 +77,13 @@ class ReadStore(StoreCore):
             return int(self._read("SELECT COUNT(*) AS n FROM hits")[0]["n"])
         return int(self._read("SELECT COUNT(*) AS n FROM hits WHERE review_state = ?", (review_state,))[0]["n"])
 
-    def _unit_statuses(self) -> list[tuple[str, str, dict[str, Any]]]:
-        """(site, unit, the `unit` object of its latest heartbeat) of every unit that sent one."""
+    def _unit_statuses(self, unit: tuple[str, str] | None = None) -> list[tuple[str, str, dict[str, Any]]]:
+        """(site, unit, the `unit` object of its latest heartbeat) of every unit that sent one, or of
+        `unit` (site, unit id) alone."""
         out = []
-        for row in self._read("SELECT site, unit_id, heartbeat FROM units WHERE heartbeat IS NOT NULL"):
+        sql = "SELECT site, unit_id, heartbeat FROM units WHERE heartbeat IS NOT NULL"
+        rows = self._read(sql + " AND site = ? AND unit_id = ?", unit) if unit is not None else self._read(sql)
+        for row in rows:
             try:
                 body = json.loads(row["heartbeat"])
             except ValueError:
@@ -90,12 +93,17 @@ class ReadStore(StoreCore):
                 out.append((row["site"], row["unit_id"], unit))
         return out
 
-    def camera_names(self) -> dict[tuple[str, str, str], str]:
-        """Each camera's name and place as its unit's latest heartbeat gives them ((site, unit, camera
-        id) -> "name · location"), each cut to 80 characters; cameras with neither are left out."""
+    def unit_labels(
+        self, unit: tuple[str, str] | None = None
+    ) -> tuple[dict[tuple[str, str, str], str], dict[tuple[str, str], str]]:
+        """`camera_names` and `unit_zones` from one read of the heartbeats (of `unit` alone, if given):
+        a page needs both, and each heartbeat is parsed once."""
         names: dict[tuple[str, str, str], str] = {}
-        for site, unit_id, unit in self._unit_statuses():
-            cameras = unit.get("cameras")
+        zones: dict[tuple[str, str], str] = {}
+        for site, unit_id, status in self._unit_statuses(unit):
+            if is_zone(status.get("timezone")):
+                zones[(site, unit_id)] = status["timezone"]
+            cameras = status.get("cameras")
             for cam in cameras[:64] if isinstance(cameras, list) else []:
                 if not isinstance(cam, dict) or not isinstance(cam.get("id"), str):
                     continue
@@ -103,17 +111,18 @@ class ReadStore(StoreCore):
                 label = " · ".join(p.strip()[:80] for p in parts if isinstance(p, str) and p.strip())
                 if label:
                     names[(site, unit_id, cam["id"])] = label
-        return names
+        return names, zones
+
+    def camera_names(self) -> dict[tuple[str, str, str], str]:
+        """Each camera's name and place as its unit's latest heartbeat gives them ((site, unit, camera
+        id) -> "name · location"), each cut to 80 characters; cameras with neither are left out."""
+        return self.unit_labels()[0]
 
     def unit_zones(self) -> dict[tuple[str, str], str]:
         """Each unit's IANA time zone as its latest heartbeat states it (``unit.timezone``), (site, unit)
         -> zone; units that state none, or something that is no zone, are left out (the receiver
         already drops and counts those: `Receiver.stats()['timezones_ignored']`)."""
-        return {
-            (site, unit_id): unit["timezone"]
-            for site, unit_id, unit in self._unit_statuses()
-            if is_zone(unit.get("timezone"))
-        }
+        return self.unit_labels()[1]
 
     def distinct(self, column: str) -> list[str]:
         """The values seen in a hit column that the list filters on (person, camera, unit)."""
@@ -154,17 +163,22 @@ class ReadStore(StoreCore):
         expiry_warning_s: float = EXPIRY_WARNING_S,
         settings: HealthSettings | None = None,
         published: dict[str, dict[str, Any]] | None = None,
+        unit: tuple[str, str] | None = None,
     ) -> list[dict[str, Any]]:
-        """Every unit heard from, by site and unit, as the fleet shows it (central/fleet.py `unit_row`:
-        `health`, `watchlist_state` with `expiry_warning_s`, `level` and `reasons`), against HQ's latest
-        list for the unit's site: `published`, `publications()` when already read."""
+        """Every unit heard from (or `unit`, (site, unit id), alone), by site and unit, as the fleet
+        shows it (central/fleet.py `unit_row`: `health`, `watchlist_state` with `expiry_warning_s`,
+        `level` and `reasons`), against HQ's latest list for the unit's site: `published`,
+        `publications()` when already read."""
         now = time.time() if now is None else now
         settings = settings or HealthSettings(expiry_warning_s=expiry_warning_s)
         published = self.publications() if published is None else published
-        return [
-            unit_row(row, now, published.get(row["site"]), settings, expiry_warning_s)
-            for row in self._read("SELECT * FROM units ORDER BY site, unit_id")
-        ]
+        sql = "SELECT * FROM units"
+        rows = (
+            self._read(sql + " WHERE site = ? AND unit_id = ?", unit)
+            if unit
+            else self._read(sql + " ORDER BY site, unit_id")
+        )
+        return [unit_row(row, now, published.get(row["site"]), settings, expiry_warning_s) for row in rows]
 
     def publications(self) -> dict[str, dict[str, Any]]:
         """HQ's latest watchlist per site, as recorded by `set_publication`: version, published_at

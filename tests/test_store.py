@@ -458,3 +458,11 @@ def test_camera_names_come_from_heartbeats(store):
         ("site-a", "unit-1", "cam-3"): "Gate 4 · east hall, looking at the barriers",
         ("site-a", "unit-1", "cam-4"): "car park exit",
     }
+    # One unit's labels and fleet row, read alone (a hit page asks for its own unit only).
+    other = {"unit": {"timezone": "Asia/Tokyo", "cameras": [{"id": "cam-1", "name": "Other"}]}}
+    store.set_heartbeat("site-b", "unit-9", other, time.time())
+    names, zones = store.unit_labels(("site-b", "unit-9"))
+    assert names == {("site-b", "unit-9", "cam-1"): "Other"} and zones == {("site-b", "unit-9"): "Asia/Tokyo"}
+    assert set(store.camera_names()) == {*store.unit_labels(("site-a", "unit-1"))[0], *names}
+    assert [(u["site"], u["unit_id"]) for u in store.units(unit=("site-b", "unit-9"))] == [("site-b", "unit-9")]
+    assert store.units(unit=("site-b", "nobody")) == []
