@@ -10,25 +10,20 @@ from __future__ import annotations
 import datetime as dt
 import re
 import time
-from types import SimpleNamespace
 from zoneinfo import ZoneInfo
 
 import pytest
 from click.testing import CliRunner
 
 from central.cli import main as cli
-from central.console import ConsoleSettings, create_app
 from central.console_text import visible
 from central.register_view import RegisterView
 from central.store import HitStore
-from central.webserver import BackgroundServer
-from edge.outbox import OutboxConfig
-from edge.reporter import MqttConfig, MqttReporter
-from testing.broker import FAST, MosquittoBroker, find_mosquitto, wait_for
-from testing.console_demo import DEMO_PERSONS, seed_demo
+from testing.broker import wait_for
+from testing.console_demo import DEMO_PERSONS
 from testing.hits import face_jpeg, make_hit
-from tests.console_support import add_users, login, signing_unit, start_receiver
-from tests.services import missing_service
+from tests.console_support import console_site, login
+from tests.console_support import send as send_hit
 from wire import records
 
 CAMERA_NAME = "Platform 1 <north> stairs"
@@ -40,42 +35,19 @@ ZONE = "Asia/Tokyo"
 def site(tmp_path_factory):
     """Broker, store with three accounts, receiver, the console over HTTP with HQ's register and
     photos (the demo's), and one signing unit in Tokyo whose heartbeat names its camera."""
-    if find_mosquitto() is None:
-        missing_service("needs the mosquitto broker binary (apt-get install -y mosquitto mosquitto-clients)")
-    tmp = tmp_path_factory.mktemp("report")
-    broker = MosquittoBroker(tmp / "broker").start()
-    demo = seed_demo(tmp / "demo")  # its register (case-2019-0007 removed in 42) and enrolment photos
-    store = HitStore(tmp / "hits.sqlite")
-    add_users(store, "ana", "ben", "sam")
-    key = signing_unit(tmp)
-    rx = start_receiver(broker, store, "rx-report", reconnect_max_delay_s=0.5, unit_keys=tmp / "unit-keys")
-    app = create_app(store, register=RegisterView(demo.register, demo.photos), settings=ConsoleSettings(poll_s=0.25))
-    server = BackgroundServer(app).start()
-    reporter = MqttReporter(
-        MqttConfig(host=broker.host, port=broker.port, site="site-a", signing_key=key, **FAST),
-        OutboxConfig(path=tmp / "outbox.sqlite"),
-        "unit-1",
-        lambda: {
-            "cameras_up": 1,
-            "cameras_total": 1,
-            "timezone": ZONE,
-            "cameras": [{"id": "platform-1", "name": CAMERA_NAME, "location": CAMERA_PLACE}],
-        },
-    )
-    wait_for(lambda: ("site-a", "unit-1") in store.unit_zones(), what="the unit's heartbeat with its zone")
-    yield SimpleNamespace(store=store, url=server.url, reporter=reporter, tmp=tmp, demo=demo)
-    reporter.close()
-    server.stop()
-    rx.close()
-    store.close()
-    broker.kill()
+    status = {
+        "cameras_up": 1,
+        "cameras_total": 1,
+        "timezone": ZONE,
+        "cameras": [{"id": "platform-1", "name": CAMERA_NAME, "location": CAMERA_PLACE}],
+    }
+    with console_site(tmp_path_factory.mktemp("report"), "report", lambda: status) as site:
+        wait_for(lambda: ("site-a", "unit-1") in site.store.unit_zones(), what="the unit's heartbeat with its zone")
+        yield site
 
 
 def send(site, **fields) -> str:
-    hit = make_hit(crop=face_jpeg(), **{"camera_id": "platform-1", **fields})
-    site.reporter.submit(hit)
-    wait_for(lambda: site.store.hit(hit.id) is not None, what=f"hit {hit.id} stored")
-    return hit.id
+    return send_hit(site, **{"camera_id": "platform-1", **fields})
 
 
 def at_the_site(ts: float) -> str:

@@ -11,25 +11,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
 
 from central.cli import main as cli
-from central.console import ConsoleSettings, create_app
 from central.console_text import visible
-from central.register_view import RegisterView
-from central.store import HitStore
-from central.webserver import BackgroundServer
 from common.version import software_version
-from edge.outbox import OutboxConfig
-from edge.reporter import MqttConfig, MqttReporter
-from testing.broker import FAST, MosquittoBroker, find_mosquitto, wait_for
-from testing.console_demo import seed_demo
 from testing.hits import face_jpeg, make_hit
-from tests.console_support import add_users, login, signing_unit, start_receiver
-from tests.services import missing_service
+from tests.console_support import console_site, login, send
 from wire import records
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,42 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     """Broker, store with three accounts, receiver, console over HTTP, and one unit reporting."""
-    if find_mosquitto() is None:
-        missing_service("needs the mosquitto broker binary (apt-get install -y mosquitto mosquitto-clients)")
-    tmp = tmp_path_factory.mktemp("console")
-    broker = MosquittoBroker(tmp / "broker").start()
-    demo = seed_demo(tmp / "demo")  # for its register and enrolment photos only
-    store = HitStore(tmp / "hits.sqlite")
-    add_users(store, "ana", "ben", "sam")
-    # unit-1 signs its hits with a key the receiver holds: its list version enters the audit chain.
-    key = signing_unit(tmp)
-    rx = start_receiver(broker, store, "rx-console", reconnect_max_delay_s=0.5, unit_keys=tmp / "unit-keys")
-    app = create_app(store, register=RegisterView(demo.register, demo.photos), settings=ConsoleSettings(poll_s=0.25))
-    server = BackgroundServer(app).start()
     expires = time.time() + 20 * 86400
-    reporter = MqttReporter(
-        MqttConfig(host=broker.host, port=broker.port, site="site-a", signing_key=key, **FAST),
-        OutboxConfig(path=tmp / "outbox.sqlite"),
-        "unit-1",
-        lambda: {
-            "cameras_up": 1,
-            "cameras_total": 2,
-            "watchlist": {"version": 3, "expires_at": expires},
-        },
-    )
-    yield SimpleNamespace(broker=broker, store=store, rx=rx, url=server.url, reporter=reporter, tmp=tmp)
-    reporter.close()
-    server.stop()
-    rx.close()
-    store.close()
-    broker.kill()
-
-
-def send(site, **fields) -> str:
-    hit = make_hit(crop=face_jpeg(), **fields)
-    site.reporter.submit(hit)
-    wait_for(lambda: site.store.hit(hit.id) is not None, what=f"hit {hit.id} stored")
-    return hit.id
+    status = {"cameras_up": 1, "cameras_total": 2, "watchlist": {"version": 3, "expires_at": expires}}
+    with console_site(tmp_path_factory.mktemp("console"), "console", lambda: status) as site:
+        yield site
 
 
 def test_a_hit_appears_live_and_needs_two_operators_to_confirm(site, new_page):
